@@ -1,0 +1,342 @@
+"""The public hooks: :class:`Checkpointer` saves and loads a training state from a training loop.
+
+A save runs in named phases (see :mod:`ucp.dist.collective`): *capture* (flatten the state, checksum
+every local piece, all-gather what each rank holds), *prepare* (rank 0 clears a stale partial save),
+*write* (each rank writes the pieces the save plan gives it, one safetensors file, fsynced) and
+*commit* (rank 0 writes the fragment table and atomically commits the manifest, then prunes). A
+failure anywhere raises the same error on every rank and leaves no manifest, so the previous
+checkpoint stays the newest complete one.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from ucp import __version__
+from ucp.codecs.checksum import crc32c
+from ucp.dist.collective import Collective
+from ucp.errors import OptionsError, UcpError
+from ucp.options import CheckpointOptions, check_keep
+from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas
+from ucp.snapshot import values
+from ucp.snapshot.capture import Geometry, Piece, model_pieces, optimizer_param_fqns, optimizer_pieces, param_names, tensor_piece
+from ucp.snapshot.rng import capture_rng
+from ucp.spec.dtypes import DTYPES
+from ucp.spec.fragment import Fragment
+from ucp.spec.keys import extra_key
+from ucp.spec.layout import Layout
+from ucp.spec.manifest import Manifest
+from ucp.storage import directory as store
+from ucp.storage.manifest_io import commit_manifest
+from ucp.storage.safetensors_file import Entry, write_file
+
+__all__ = ["Checkpointer", "CheckpointOptions", "SaveResult", "LoadResult"]
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save produced: the step, its directory, bytes this job wrote, wall time."""
+
+    step: int
+    path: Path
+    nbytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load restored.
+
+    Attributes:
+        step: the checkpoint's step.
+        source: which tier it came from (``"durable"``: a checkpoint on storage).
+        path: the checkpoint directory.
+        extras: the user extras saved with it.
+        missing_keys: tensor keys the model/optimizer wanted but the checkpoint lacked (``strict=False``).
+        unexpected_keys: tensor keys in the checkpoint that nothing here took (``strict=False``).
+        nbytes: bytes this rank read.
+        seconds: wall time of the load.
+    """
+
+    step: int
+    source: str
+    path: Path
+    extras: dict = field(default_factory=dict)
+    missing_keys: tuple = ()
+    unexpected_keys: tuple = ()
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+def bytes_view(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def staged(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous CPU tensor (a copy only when it is not one already)."""
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def infer_layout(model, world_size: int) -> Layout:
+    """The layout of a job from the first DTensor parameter's mesh, or plain data parallelism."""
+    for p in (model.parameters() if model is not None else ()):
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            names = mesh.mesh_dim_names or tuple(f"mesh{i}" for i in range(mesh.ndim))
+            axes = list(zip(names, mesh.shape))
+            if mesh.size() < world_size:
+                axes.insert(0, ("dp" if "dp" not in names else "replica", world_size // mesh.size()))
+            sharded_dp = any(
+                pl.is_shard() and n in ("dp", "dp_shard", "fsdp") for n, pl in zip(names, p.placements)
+            )
+            return Layout(tuple(axes), zero=3 if sharded_dp else 0)
+    return Layout((("dp", world_size),))
+
+
+class Checkpointer:
+    """Save and load the training state of every rank of a job.
+
+    Every rank constructs one with the same arguments and calls :meth:`save` and :meth:`load`
+    together. Works in one process and under ``torch.distributed`` (DTensor tensor parallel, FSDP2).
+
+    Args:
+        root: directory holding one ``step_<N>/`` directory per checkpoint.
+        model: the module whose parameters and persistent buffers are saved.
+        optimizer: its optimizer; state is keyed by parameter name, not index.
+        scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``).
+        state: ``{name: obj}`` of other stateful objects (a resumable data loader, say); saved per rank.
+        keep: retain the newest ``keep`` complete checkpoints (None: keep all).
+        options: :class:`CheckpointOptions`.
+        process_group: the group of ranks saving together (default: the whole world).
+
+    Raises:
+        OptionsError: an argument is invalid; the message says how to fix it.
+    """
+
+    def __init__(self, root, model=None, optimizer=None, scheduler=None, state=None, keep=None,
+                 options: CheckpointOptions | None = None, process_group=None):
+        self.root = Path(root)
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.state = dict(state or {})
+        self.keep = check_keep(keep)
+        self.options = options if options is not None else CheckpointOptions()
+        if not isinstance(self.options, CheckpointOptions):
+            raise OptionsError("options must be a ucp.CheckpointOptions")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise OptionsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and model is None:
+            raise OptionsError("an optimizer needs its model: pass model=... so its state can be keyed by parameter name")
+        for name, obj in [("scheduler", scheduler), *((f"state[{k!r}]", v) for k, v in self.state.items())]:
+            if obj is not None and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise OptionsError(f"{name} must have state_dict() and load_state_dict()")
+        self.coll = Collective(process_group)
+        self.layout = self.options.layout or infer_layout(model, self.coll.world_size)
+        if self.layout.world_size != self.coll.world_size:
+            raise OptionsError(
+                f"layout {self.layout} has {self.layout.world_size} ranks but the job has {self.coll.world_size}; "
+                "give a layout whose axis sizes multiply to the world size"
+            )
+        self.geometry = Geometry(self.layout, self.layout.coords(self.coll.rank), self.options.patterns)
+        self._closed = False
+
+    # -- capture -----------------------------------------------------------------------------
+
+    def capture(self, extras: dict | None = None) -> tuple[list[Piece], dict]:
+        """This rank's pieces and its non-tensor state (typed JSON, one entry per component)."""
+        pieces: list[Piece] = []
+        state: dict = {}
+        if self.model is not None:
+            mp, aliases, extra_state = model_pieces(self.model, self.geometry)
+            pieces += mp
+            state["model"] = values.encode({"aliases": aliases, "extra_state": extra_state}, "model")
+            if self.optimizer is not None:
+                fqns = optimizer_param_fqns(self.optimizer, param_names(self.model))
+                by_key = {p.key: p for p in mp}
+                op, scalars, groups = optimizer_pieces(self.optimizer, fqns, by_key, self.geometry)
+                pieces += op
+                state["optimizer"] = values.encode({"scalars": scalars, "param_groups": groups}, "optimizer")
+        if self.scheduler is not None:
+            state["scheduler"] = values.encode(self.scheduler.state_dict(), "scheduler")
+        for name, obj in self.state.items():
+            state[f"state.{name}"] = values.encode(obj.state_dict(), f"state[{name!r}]")
+        plain_extras = {}
+        for name, value in (extras or {}).items():
+            if isinstance(value, torch.Tensor):
+                pieces.append(tensor_piece(extra_key(name), name, value.detach(), None))
+            else:
+                plain_extras[name] = value
+        state["extras"] = values.encode(plain_extras, "extras")
+        if self.options.rng:
+            state["rng"] = values.encode(capture_rng(), "rng")
+        return pieces, state
+
+    # -- save --------------------------------------------------------------------------------
+
+    def save(self, step: int, extras: dict | None = None) -> SaveResult:
+        """Write a complete checkpoint of ``step``; visible only once every rank's data is durable.
+
+        Args:
+            step: training step (a non-negative integer); one checkpoint per step.
+            extras: user values saved with it: JSON-able values, or tensors (same on every rank).
+
+        Returns:
+            :class:`SaveResult`.
+
+        Raises:
+            ReplicaDivergenceError: (wrapped in DistributedError under torch.distributed) replicated
+                tensors differ between ranks.
+            UcpError: the checkpoint already exists, or a rank failed; nothing becomes visible.
+        """
+        self._check_open()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise OptionsError(f"step={step!r}: use a non-negative integer")
+        t0 = time.perf_counter()
+        coll, rank = self.coll, self.coll.rank
+        directory = store.step_dir(self.root, step)
+        local: dict = {}
+
+        def capture():
+            pieces, state = self.capture(extras)
+            metas = {p.key: p.meta for p in pieces}
+            pieces = [p for p in pieces if p.numel]  # empty shards (uneven splits) hold nothing
+            buffers = [staged(p.data) for p in pieces]
+            views = [bytes_view(b) for b in buffers]
+            with ThreadPoolExecutor(self.options.io_threads) as pool:
+                crcs = list(pool.map(crc32c, views))
+            local.update(pieces=pieces, buffers=buffers, views=views)
+            infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, v.nbytes, c) for p, v, c in zip(pieces, views, crcs)]
+            return infos, metas, state, self.layout
+
+        gathered = coll.phase("capture", capture)
+        infos_by_rank = [g[0] for g in gathered]
+        layouts = {g[3] for g in gathered}
+
+        def plan():
+            if len(layouts) > 1:
+                raise UcpError(f"ranks disagree about the layout: {sorted(map(str, layouts))}")
+            return merge_metas([g[1] for g in gathered]), assign_writers(infos_by_rank)
+
+        metas, assignments = coll.phase("plan", plan)[0]
+        coll.phase("prepare", lambda: self._prepare(directory) if rank == 0 else None)
+
+        def write():
+            mine = assignments[rank]
+            if not mine:
+                return None
+            name = store.rank_file(rank)
+            entries = []
+            for i in mine:
+                p, info = local["pieces"][i], infos_by_rank[rank][i]
+                shape = (p.flat.numel,) if p.flat is not None else p.box.sizes
+                entries.append(Entry(f"{p.key}{p.box}{p.flat or ''}", DTYPES[p.meta.dtype][1], shape, local["views"][i]))
+            size, offsets = write_file(directory / name, entries, {"format": "ucp.checkpoint", "rank": str(rank)}, self.options.fsync)
+            return name, size, offsets
+
+        written = coll.phase("write", write)
+        local.clear()
+
+        def commit():
+            if rank != 0:
+                return None
+            fragments, files = [], {}
+            for r, w in enumerate(written):
+                if w is None:
+                    continue
+                name, size, offsets = w
+                files[name] = size
+                for i, off in zip(assignments[r], offsets):
+                    info = infos_by_rank[r][i]
+                    fragments.append(Fragment(info.key, info.box, info.flat, info.dtype, r, name, off, info.nbytes, info.crc32c))
+            manifest = Manifest(step, self.layout, metas, tuple(fragments), split_state([g[2] for g in gathered]),
+                                files, created_by=f"ucp {__version__}")
+            manifest.validate()
+            commit_manifest(directory, manifest)
+            if self.keep:
+                store.prune(self.root, self.keep)
+            return manifest.nbytes
+
+        nbytes = coll.phase("commit", commit)[0]
+        return SaveResult(step, directory, nbytes, time.perf_counter() - t0)
+
+    def _prepare(self, directory: Path) -> None:
+        if store.is_complete(directory):
+            raise UcpError(f"{directory}: a complete checkpoint for this step exists already; save under a new step")
+        if directory.exists():
+            store.remove_checkpoint(directory)  # a stale partial save of the same step
+        directory.mkdir(parents=True)
+
+    # -- load --------------------------------------------------------------------------------
+
+    def load(self, step: int | None = None, strict: bool = True) -> LoadResult | None:
+        """Restore the newest complete checkpoint (or ``step``) into the model, optimizer and state.
+
+        Args:
+            step: the step to load; None for the newest complete checkpoint.
+            strict: fail if the checkpoint and the model/optimizer do not have the same tensor keys;
+                with False, load what matches and report the rest in the result.
+
+        Returns:
+            :class:`LoadResult`, or None when ``root`` holds no complete checkpoint and ``step`` is None.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` was given and no complete checkpoint has it.
+            CorruptCheckpointError: a fragment fails its checksum or is truncated (names file and key).
+            LoadError: the checkpoint does not fit the model or optimizer.
+        """
+        self._check_open()
+        from ucp.loader import load_checkpoint
+
+        return load_checkpoint(self, step, strict)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until every save in flight is durable. Durable saves here complete inside ``save``."""
+        self._check_open()
+
+    def close(self) -> None:
+        """Finish pending work; later calls raise."""
+        if not self._closed:
+            self.wait()
+            self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UcpError("this Checkpointer is closed")
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def split_state(per_rank: list[dict]) -> dict:
+    """Non-tensor state: entries equal on every rank are stored once, the others per rank."""
+    shared, ranks = {}, {str(r): {} for r in range(len(per_rank))}
+    for name in sorted(set().union(*per_rank)):
+        vals = [s.get(name) for s in per_rank]
+        if all(name in s for s in per_rank) and all(v == vals[0] for v in vals):
+            shared[name] = vals[0]
+        else:
+            for r, s in enumerate(per_rank):
+                if name in s:
+                    ranks[str(r)][name] = s[name]
+    return {"shared": shared, "ranks": {r: v for r, v in ranks.items() if v}}
+
+
+def rank_state(state: dict, rank: int) -> dict:
+    """Rank ``rank``'s view of the non-tensor state: shared entries overlaid with its own."""
+    return {**state.get("shared", {}), **state.get("ranks", {}).get(str(rank), {})}
+

@@ -1,0 +1,1 @@
+"""Codecs: bytes in, bytes out (checksums now; compression and erasure codes join them)."""

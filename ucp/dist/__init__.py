@@ -1,0 +1,1 @@
+"""Communication over torch.distributed: collectives with named phases and rank-uniform errors."""

@@ -1,0 +1,69 @@
+"""Named collective phases whose failures are the same on every rank.
+
+Every step of a distributed save or load that can fail runs inside :meth:`Collective.phase`: each
+rank runs its part, the outcomes are all-gathered, and if any rank failed, *every* rank raises the
+same :class:`~ucp.errors.DistributedError` carrying ``{rank: message}``. A failure on one rank thus
+never leaves the others waiting in the next collective, and every log names the culprit. Without an
+initialized process group the same code runs as a world of one and re-raises the original error.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from ucp.errors import DistributedError, UcpError
+
+
+class Collective:
+    """A process group (or a world of one) with object collectives and named phases."""
+
+    def __init__(self, group=None):
+        self.active = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.rank = dist.get_rank(group) if self.active else 0
+        self.world_size = dist.get_world_size(group) if self.active else 1
+
+    def all_gather(self, obj: Any) -> list:
+        """Every rank's ``obj``, in rank order (pickled among this job's ranks by torch.distributed)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    def phase(self, name: str, fn: Callable[[], Any]) -> list:
+        """Run ``fn`` on every rank; return every rank's result, or raise one error on all ranks.
+
+        Raises:
+            DistributedError: some rank raised; carries ``{rank: message}`` (world > 1).
+            Exception: in a world of one, whatever ``fn`` raised.
+        """
+        if self.world_size == 1:
+            return [fn()]
+        local_error: BaseException | None = None
+        try:
+            outcome = (True, fn())
+        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+            local_error = e
+            detail = str(e) if isinstance(e, UcpError) else "".join(traceback.format_exception_only(e)).strip()
+            outcome = (False, detail)
+        gathered = self.all_gather(outcome)
+        failures = {r: msg for r, (ok, msg) in enumerate(gathered) if not ok}
+        if failures:
+            raise DistributedError(name, failures) from local_error
+        return [value for _, value in gathered]

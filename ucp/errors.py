@@ -1,0 +1,61 @@
+"""One error hierarchy for ucp.
+
+Every failure a user can cause or meet (bad input, a corrupted checkpoint, a rank that diverged,
+a failed collective) is a :class:`UcpError`. The CLI turns any of them into one line on stderr and a
+non-zero exit code; library callers can catch the base class or a precise subclass.
+"""
+
+from __future__ import annotations
+
+
+class UcpError(Exception):
+    """Base class of every error ucp raises on purpose."""
+
+    exit_code = 1
+
+
+class SpecError(UcpError, ValueError):
+    """A value of the data model (layout, box, pattern, manifest field) is invalid."""
+
+
+class OptionsError(UcpError, ValueError):
+    """An option passed to a public constructor is invalid; the message says how to fix it."""
+
+
+class FormatError(UcpError):
+    """A file does not follow its format spec (wrong version, missing field, escaping path)."""
+
+
+class CorruptCheckpointError(UcpError):
+    """Bytes on storage do not match their recorded checksum or length."""
+
+    exit_code = 3
+
+
+class CheckpointNotFoundError(UcpError, FileNotFoundError):
+    """The path or step asked for holds no complete checkpoint."""
+
+    exit_code = 2
+
+
+class ReplicaDivergenceError(UcpError):
+    """Ranks that must hold identical copies of a tensor hold different bytes."""
+
+
+class CaptureError(UcpError):
+    """The training state cannot be flattened (unsupported value, shape that contradicts its layout)."""
+
+
+class LoadError(UcpError):
+    """A checkpoint cannot be applied to the current model and optimizer."""
+
+
+class DistributedError(UcpError):
+    """One or more ranks failed a named phase; carries ``{rank: message}`` and is raised on every rank."""
+
+    def __init__(self, phase: str, failures: dict[int, str]):
+        self.phase = phase
+        self.failures = dict(sorted(failures.items()))
+        first_rank, first = next(iter(self.failures.items()))
+        more = f" (and {len(self.failures) - 1} more rank(s))" if len(self.failures) > 1 else ""
+        super().__init__(f"phase '{phase}' failed on rank {first_rank}: {first}{more}")

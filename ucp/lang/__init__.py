@@ -1,0 +1,1 @@
+"""The checkpoint language (UCL): grammar shipped as package data, parsed with Lark."""

@@ -1,0 +1,263 @@
+"""Loading a durable checkpoint into the live model, optimizer and state.
+
+Phases: *find* (rank 0 picks the checkpoint, every rank uses that one), *manifest* (read and
+validate), *read* (build the destination pieces, plan which fragment bytes fill them, read them
+straight into the destination tensors and verify every checksum), *restore* (optimizer, scheduler,
+stateful objects, RNG). Model tensors are filled in place; optimizer state is filled into its
+existing tensors when they fit, else into new ones handed to ``optimizer.load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from ucp.codecs.checksum import crc32c
+from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, LoadError
+from ucp.plan.load_plan import FragmentIndex, ReadItem
+from ucp.snapshot import values
+from ucp.snapshot.capture import Piece, model_pieces, optimizer_param_fqns, param_names, tensor_piece
+from ucp.snapshot.rng import restore_rng
+from ucp.spec.box import Box
+from ucp.spec.keys import EXTRA, MODEL, OPTIM, extra_key, optim_key, parse_key
+from ucp.spec.manifest import Manifest
+from ucp.storage import directory as store
+from ucp.storage.manifest_io import read_manifest
+from ucp.storage.safetensors_file import read_into
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise LoadError(f"dtype {name!r} has no torch equivalent")
+    return dtype
+
+
+class FragmentReader:
+    """Reads fragments of one checkpoint directory into destination tensors, verifying checksums."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._files: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self.nbytes = 0
+
+    def _open(self, name: str) -> tuple[int, int]:
+        with self._lock:
+            if name not in self._files:
+                path = self.directory / name
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CorruptCheckpointError(f"{path}: data file is missing") from None
+                self._files[name] = (fd, os.fstat(fd).st_size)
+            return self._files[name]
+
+    def read(self, item: ReadItem, dest: torch.Tensor) -> None:
+        """Fill ``dest`` (the destination piece's local tensor) from ``item``."""
+        f = item.fragment
+        fd, size = self._open(f.file)
+        path = self.directory / f.file
+        where = f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes [{f.offset}, {f.offset + f.length})"
+        if f.offset + f.length > size:
+            raise CorruptCheckpointError(f"{where} lies past the end of the file ({size} bytes); the file is truncated")
+        direct = (item.src is None and dest.device.type == "cpu" and dest.is_contiguous()
+                  and str(dest.dtype).removeprefix("torch.") == f.dtype)
+        buf = dest if direct else torch.empty(f.numel, dtype=torch_dtype(f.dtype))
+        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+        read_into(fd, f.offset, view, path)
+        got = crc32c(view)
+        if got != f.crc32c:
+            raise CorruptCheckpointError(f"{where} fails its checksum (crc32c {got:08x}, expected {f.crc32c:08x}); the file is corrupted")
+        if not direct:
+            src = buf if f.flat is not None else buf.view(f.box.sizes)
+            with torch.no_grad():
+                if item.src is None:
+                    dest.copy_(src.view(dest.shape))
+                else:
+                    dest[item.dst].copy_(src[item.src])
+        with self._lock:
+            self.nbytes += f.length
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+def _new_like(key: str, meta, param_piece: Piece | None, param) -> tuple[object, Piece]:
+    """A fresh destination for optimizer state ``key``: sharded like its parameter when shaped like it."""
+    dtype = torch_dtype(meta.dtype)
+    if param_piece is not None and tuple(meta.shape) == tuple(param_piece.meta.shape):
+        if isinstance(param, DTensor):
+            local = torch.empty(param.to_local().shape, dtype=dtype, device=param.device)
+            value = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                       shape=param.shape, stride=param.stride())
+            return value, tensor_piece(key, "", value, None)
+        local = torch.empty(param_piece.data.shape, dtype=dtype, device=param_piece.data.device)
+        return local, Piece(key, local, meta, param_piece.box, param_piece.flat)
+    value = torch.empty(meta.shape, dtype=dtype)
+    return value, Piece(key, value, meta, Box.full(meta.shape))
+
+
+def _optimizer_targets(ckpt, manifest: Manifest, model_by_key: dict[str, Piece]):
+    """Destination pieces for optimizer state, and the index-keyed state they will form."""
+    optimizer = ckpt.optimizer
+    fqns = optimizer_param_fqns(optimizer, param_names(ckpt.model))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    wanted: dict[str, list[str]] = {}
+    for key in manifest.tensors:
+        k = parse_key(key)
+        if k.kind == OPTIM:
+            wanted.setdefault(k.name, []).append(k.state)
+    pieces, state = [], {}
+    for idx, (fqn, param) in enumerate(zip(fqns, params)):
+        existing = optimizer.state.get(param, {})
+        for name in wanted.get(fqn, ()):
+            key = optim_key(fqn, name)
+            meta = manifest.tensors[key]
+            cur = existing.get(name)
+            if isinstance(cur, torch.Tensor) and tuple(cur.shape) == tuple(meta.shape) and str(cur.dtype) == f"torch.{meta.dtype}":
+                value, piece = cur, tensor_piece(key, fqn, cur.detach(), None)
+                if not isinstance(cur, DTensor):
+                    piece = _like_param(piece, model_by_key.get(f"{MODEL}/{fqn}"))
+            else:
+                value, piece = _new_like(key, meta, model_by_key.get(f"{MODEL}/{fqn}"), param)
+            pieces.append(piece)
+            state.setdefault(idx, {})[name] = value
+    return fqns, pieces, state
+
+
+def _like_param(piece: Piece, param_piece: Piece | None) -> Piece:
+    if param_piece is not None and tuple(piece.data.shape) == tuple(param_piece.data.shape):
+        return Piece(piece.key, piece.data, piece.meta, param_piece.box, param_piece.flat)
+    return piece
+
+
+def _restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: dict, where: Path) -> None:
+    scalars = saved.get("scalars", {})
+    index = {fqn: i for i, fqn in enumerate(fqns)}
+    state = {i: dict(v) for i, v in tensor_state.items()}
+    for fqn, named in scalars.items():
+        if fqn in index:
+            state.setdefault(index[fqn], {}).update(named)
+    current = optimizer.state_dict()["param_groups"]
+    groups = saved.get("param_groups", [])
+    if len(groups) != len(current):
+        raise LoadError(f"{where}: the checkpoint's optimizer has {len(groups)} param group(s), this one has {len(current)}")
+    new_groups = []
+    for g, (old, cur) in enumerate(zip(groups, current)):
+        if sorted(old["params"]) != sorted(fqns[i] for i in cur["params"]):
+            raise LoadError(f"{where}: optimizer param group {g} holds different parameters than the checkpoint's")
+        new_groups.append({**old, "params": list(cur["params"])})
+    optimizer.load_state_dict({"state": state, "param_groups": new_groups})
+
+
+def _restore_extra_state(model, extra_state: dict) -> None:
+    for key, value in extra_state.items():
+        prefix = key.removesuffix("_extra_state").rstrip(".")
+        model.get_submodule(prefix).set_extra_state(value)
+
+
+def load_checkpoint(ckpt, step: int | None, strict: bool):
+    """Implementation of :meth:`ucp.Checkpointer.load`."""
+    from ucp.checkpointer import LoadResult, rank_state
+
+    t0 = time.perf_counter()
+    coll = ckpt.coll
+
+    def find():
+        if coll.rank != 0:
+            return None
+        try:
+            return store.resolve(ckpt.root, step)
+        except CheckpointNotFoundError:
+            if step is None and not store.list_steps(ckpt.root):
+                return None
+            raise
+
+    path = coll.phase("find", find)[0]
+    if path is None:
+        return None
+    manifest = coll.phase("manifest", lambda: read_manifest(path))[coll.rank]
+    result: dict = {}
+
+    def read():
+        pieces: list[Piece] = []
+        model_by_key: dict[str, Piece] = {}
+        if ckpt.model is not None:
+            mp, _, _ = model_pieces(ckpt.model, ckpt.geometry)
+            model_by_key = {p.key: p for p in mp}
+            pieces += mp
+        fqns, opt_state = [], {}
+        if ckpt.optimizer is not None:
+            fqns, op, opt_state = _optimizer_targets(ckpt, manifest, model_by_key)
+            pieces += op
+        extras = {}
+        for key, meta in manifest.tensors.items():
+            if parse_key(key).kind == EXTRA:
+                extras[parse_key(key).name] = t = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
+                pieces.append(Piece(extra_key(parse_key(key).name), t, meta, Box.full(meta.shape)))
+
+        have = {p.key for p in pieces}
+        taken = {k for k in manifest.tensors if parse_key(k).kind == EXTRA or k in have}
+        missing = sorted(have - set(manifest.tensors))
+        unexpected = sorted(k for k in set(manifest.tensors) - taken
+                            if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
+        if strict and (missing or unexpected):
+            raise LoadError(
+                f"{path}: checkpoint and model do not match: missing {_few(missing)}, unexpected {_few(unexpected)}; "
+                "pass strict=False to load what matches"
+            )
+        pieces = [p for p in pieces if p.key in manifest.tensors]
+        for p in pieces:
+            meta = manifest.tensors[p.key]
+            if tuple(meta.shape) != tuple(p.meta.shape):
+                raise LoadError(f"{path}: {p.key} has shape {list(meta.shape)} in the checkpoint, {list(p.meta.shape)} here")
+
+        index = FragmentIndex(manifest.fragments)
+        jobs = [(item, p.data) for p in pieces if p.numel for item in index.plan(p.key, p.box, p.flat)]
+        reader = FragmentReader(path)
+        try:
+            with ThreadPoolExecutor(ckpt.options.io_threads) as pool:
+                for f in [pool.submit(reader.read, item, dest) for item, dest in jobs]:
+                    f.result()
+        finally:
+            reader.close()
+        result.update(fqns=fqns, opt_state=opt_state, extras=extras, missing=missing, unexpected=unexpected, nbytes=reader.nbytes)
+
+    coll.phase("read", read)
+
+    def restore():
+        state = {k: values.decode(v, k) for k, v in rank_state(manifest.state, coll.rank).items()}
+        if ckpt.model is not None and "model" in state:
+            _restore_extra_state(ckpt.model, state["model"].get("extra_state", {}))
+        if ckpt.optimizer is not None:
+            _restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], state.get("optimizer", {}), path)
+        if ckpt.scheduler is not None:
+            if "scheduler" not in state:
+                raise LoadError(f"{path}: the checkpoint holds no scheduler state")
+            ckpt.scheduler.load_state_dict(state["scheduler"])
+        for name, obj in ckpt.state.items():
+            if f"state.{name}" not in state:
+                raise LoadError(f"{path}: the checkpoint holds no state named {name!r}")
+            obj.load_state_dict(state[f"state.{name}"])
+        if ckpt.options.rng and "rng" in state:
+            restore_rng(state["rng"])
+        return state.get("extras", {})
+
+    extras = {**coll.phase("restore", restore)[coll.rank], **result["extras"]}
+    return LoadResult(manifest.step, "durable", Path(path), extras, tuple(result["missing"]),
+                      tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0)
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")

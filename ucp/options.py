@@ -1,0 +1,62 @@
+"""Configuration of the public hooks: frozen dataclasses validated at construction.
+
+Each message says what is wrong and how to fix the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ucp.errors import OptionsError
+from ucp.spec.layout import Layout
+from ucp.spec.pattern import Pattern
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """How the durable tier saves and loads.
+
+    Args:
+        layout: the job's layout. Default: inferred from DTensor meshes, else ``dp=<world size>``.
+        patterns: ``{glob: Pattern}`` (first match wins) giving plain (non-DTensor) tensors their
+            geometry, e.g. Megatron-style tensor parallel shards; needs ``layout``.
+        rng: save and restore each rank's RNG states (python, numpy, torch, CUDA).
+        io_threads: threads used for checksums and reads on each rank.
+        fsync: make data files durable before the manifest is committed (turn off only for tests).
+    """
+
+    layout: Layout | None = None
+    patterns: tuple = ()
+    rng: bool = True
+    io_threads: int = 4
+    fsync: bool = True
+
+    def __post_init__(self):
+        if self.layout is not None and not isinstance(self.layout, Layout):
+            raise OptionsError(f"layout must be a ucp.spec.Layout (e.g. Layout.from_sizes(dp=2, tp=2)), got {type(self.layout).__name__}")
+        patterns = tuple(self.patterns.items()) if isinstance(self.patterns, dict) else tuple(self.patterns)
+        for item in patterns:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Pattern)):
+                raise OptionsError(f"patterns must map glob strings to ucp.spec.Pattern, got {item!r}")
+        if patterns and self.layout is None:
+            raise OptionsError("patterns need a layout to shard over: pass layout=Layout.from_sizes(...) as well")
+        if self.layout is not None:
+            for glob, pattern in patterns:
+                for s in pattern.shards:
+                    if s.axis not in self.layout.names:
+                        raise OptionsError(f"pattern {glob!r} shards over axis {s.axis!r}; the layout has {list(self.layout.names)}")
+        object.__setattr__(self, "patterns", patterns)
+        if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 1 <= self.io_threads <= 64:
+            raise OptionsError(f"io_threads={self.io_threads!r}: use an integer from 1 to 64 (4 suits most disks)")
+        for name in ("rng", "fsync"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"{name}={getattr(self, name)!r}: use True or False")
+
+
+def check_keep(keep) -> int | None:
+    """``keep`` is None (keep all) or a count >= 1 of complete checkpoints to retain."""
+    if keep is None:
+        return None
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise OptionsError(f"keep={keep!r}: use None to keep every checkpoint, or an integer >= 1")
+    return keep

@@ -1,0 +1,1 @@
+"""The memory side of a save: capture (flatten the training state), values, RNG."""

@@ -1,0 +1,189 @@
+"""Capture: flatten a training state into tensor keys with global boxes.
+
+A *piece* is what one rank holds of one tensor key: its local data, the tensor's global metadata
+(shape, dtype, pattern) and the box (plus optional flat range) it covers. Geometry comes from DTensor
+placements automatically (tensor parallel, FSDP2); plain tensors take it from a layout plus
+per-parameter patterns, or are replicated. The same pieces serve as *targets* on load: their data
+tensors are views of the live model, filled in place.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, replace
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from ucp.errors import CaptureError
+from ucp.spec.box import Box, FlatRange
+from ucp.spec.keys import model_key, optim_key
+from ucp.spec.layout import Layout
+from ucp.spec.manifest import TensorMeta
+from ucp.spec.pattern import REPLICATED, Pattern, Shard, local_box
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One rank's part of one tensor key. ``data`` is the local tensor (a view of live state)."""
+
+    key: str
+    data: torch.Tensor
+    meta: TensorMeta
+    box: Box
+    flat: FlatRange | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel if self.flat is not None else self.box.numel
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where plain (non-DTensor) tensors live: a layout, this rank's coordinates, glob -> pattern."""
+
+    layout: Layout
+    coords: dict
+    patterns: tuple[tuple[str, Pattern], ...] = ()
+
+    def pattern_for(self, fqn: str) -> Pattern:
+        """First matching pattern wins; tensors no pattern matches are replicated."""
+        for glob, pattern in self.patterns:
+            if fnmatch.fnmatchcase(fqn, glob):
+                return pattern
+        return REPLICATED
+
+
+def _dtensor_pattern(t: DTensor, where: str) -> tuple[Pattern, dict, dict]:
+    mesh = t.device_mesh
+    names = mesh.mesh_dim_names or tuple(f"mesh{i}" for i in range(mesh.ndim))
+    plain, strided = [], []
+    for name, p in zip(names, t.placements):
+        if p.is_partial():
+            raise CaptureError(f"{where}: DTensor has a Partial placement on mesh dim {name!r}; reduce it before saving")
+        if p.is_shard():
+            # A strided shard (FSDP2 over TP) splits after the plain shards of the same dim.
+            (strided if type(p).__name__ == "_StridedShard" else plain).append(Shard(name, p.dim))
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise CaptureError(f"{where}: this rank is not part of the tensor's device mesh")
+    return Pattern(tuple(plain + strided)), dict(zip(names, mesh.shape)), dict(zip(names, coord))
+
+
+def dtensor_piece(key: str, t: DTensor) -> Piece:
+    """A piece from a DTensor's placements; its box is checked against torch's own computation."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    pattern, sizes, coords = _dtensor_pattern(t, key)
+    shape = tuple(t.shape)
+    box = local_box(pattern, shape, sizes, coords)
+    local = t.to_local()
+    want_shape, want_offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if tuple(local.shape) != box.sizes or tuple(want_shape) != box.sizes or (
+        box.numel and tuple(want_offset) != box.offsets
+    ):
+        raise CaptureError(
+            f"{key}: placements {t.placements} give local shape {tuple(want_shape)} at {tuple(want_offset)}, "
+            f"ucp computed {box}; this sharding is not supported yet"
+        )
+    return Piece(key, local, TensorMeta(shape, dtype_name(t.dtype), pattern), box)
+
+
+def plain_piece(key: str, fqn: str, t: torch.Tensor, geometry: Geometry | None) -> Piece:
+    """A piece for a plain tensor: replicated, or sharded by the pattern its fqn matches."""
+    pattern = geometry.pattern_for(fqn) if geometry else REPLICATED
+    if pattern.flat is not None:
+        raise CaptureError(f"{key}: flat partition patterns need their owner to report ranges; not supported for plain tensors yet")
+    if pattern.is_replicated:
+        return Piece(key, t, TensorMeta(tuple(t.shape), dtype_name(t.dtype), pattern), Box.full(t.shape))
+    shape = list(t.shape)
+    for s in pattern.shards:
+        if s.dim >= len(shape):
+            raise CaptureError(f"{key}: pattern {pattern} shards dim {s.dim} of a tensor of shape {list(t.shape)}")
+        shape[s.dim] *= geometry.layout.size(s.axis)
+    pattern.validate(tuple(shape), geometry.layout.names, key)
+    box = local_box(pattern, tuple(shape), geometry.layout.sizes, geometry.coords)
+    if box.sizes != tuple(t.shape):
+        raise CaptureError(f"{key}: local shape {list(t.shape)} does not match {box} of the global shape {shape} under {pattern}")
+    return Piece(key, t, TensorMeta(tuple(shape), dtype_name(t.dtype), pattern), box)
+
+
+def tensor_piece(key: str, fqn: str, t: torch.Tensor, geometry: Geometry | None) -> Piece:
+    if isinstance(t, DTensor):
+        return dtensor_piece(key, t)
+    return plain_piece(key, fqn, t, geometry)
+
+
+def model_pieces(model: torch.nn.Module, geometry: Geometry | None) -> tuple[list[Piece], dict[str, str], dict]:
+    """Pieces of every parameter and persistent buffer, the aliases of tied tensors, and extra state.
+
+    Returns:
+        (pieces, aliases ``{fqn: fqn_it_is_tied_to}``, ``{key: value}`` of modules' extra state).
+    """
+    pieces, aliases, extra = [], {}, {}
+    first_name: dict[int, str] = {}
+    for fqn, value in model.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor):
+            extra[fqn] = value
+            continue
+        if id(value) in first_name:
+            aliases[fqn] = first_name[id(value)]
+            continue
+        first_name[id(value)] = fqn
+        pieces.append(tensor_piece(model_key(fqn), fqn, value.detach(), geometry))
+    return pieces, aliases, extra
+
+
+def param_names(model: torch.nn.Module) -> dict[int, str]:
+    """id(parameter) -> fqn, tied parameters under their first name."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def optimizer_param_fqns(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
+    """The fqn of every parameter of ``optimizer``, in its state-dict index order."""
+    out = []
+    for g, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) not in names:
+                raise CaptureError(f"optimizer param group {g} holds a parameter of shape {list(p.shape)} that the model does not own")
+            out.append(names[id(p)])
+    return out
+
+
+def state_piece(fqn: str, state: str, value: torch.Tensor, param_piece: Piece | None, geometry: Geometry | None) -> Piece:
+    """A piece of optimizer state: shaped like its parameter -> the parameter's geometry; else its own."""
+    key = optim_key(fqn, state)
+    if isinstance(value, DTensor):
+        return dtensor_piece(key, value)
+    value = value.detach()
+    if param_piece is not None and tuple(value.shape) == tuple(param_piece.data.shape):
+        meta = replace(param_piece.meta, dtype=dtype_name(value.dtype))
+        return Piece(key, value, meta, param_piece.box, param_piece.flat)
+    return plain_piece(key, fqn + "/" + state, value, None)
+
+
+def optimizer_pieces(optimizer, fqns: list[str], by_fqn: dict[str, Piece], geometry: Geometry | None):
+    """Pieces of per-parameter optimizer state plus its non-tensor values and param groups.
+
+    Returns:
+        (pieces, ``{fqn: {state: value}}`` of non-tensor state, param groups with ``params`` as fqns).
+    """
+    sd = optimizer.state_dict()
+    pieces, scalars = [], {}
+    for idx, states in sd["state"].items():
+        fqn = fqns[idx]
+        for name, value in states.items():
+            if isinstance(value, torch.Tensor):
+                pieces.append(state_piece(fqn, name, value, by_fqn.get(model_key(fqn)), geometry))
+            else:
+                scalars.setdefault(fqn, {})[name] = value
+    groups = []
+    for group in sd["param_groups"]:
+        g = {k: v for k, v in group.items() if k != "params"}
+        g["params"] = [fqns[i] for i in group["params"]]
+        groups.append(g)
+    return pieces, scalars, groups

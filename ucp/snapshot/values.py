@@ -1,0 +1,97 @@
+"""Typed JSON: non-tensor training state (optimizer hyperparameters, scheduler, RNG, data-loader and
+user state) stored in the manifest without pickle.
+
+Plain JSON values stay as they are. Values JSON lacks are tagged objects with a single ``$`` key:
+``{"$tuple": [...]}``, ``{"$dict": [[k, v], ...]}`` (non-string keys, or keys that start with
+``$``), ``{"$float": "nan"}``, ``{"$bytes": b64}``, ``{"$ndarray": {...}}`` and ``{"$tensor": {...}}``
+(small tensors, such as RNG states, inline). Anything else is refused with the path to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+
+import numpy as np
+import torch
+
+from ucp.errors import CaptureError, FormatError
+
+_TAGS = ("$tuple", "$dict", "$float", "$bytes", "$ndarray", "$tensor")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _tensor_bytes(t: torch.Tensor) -> tuple[str, bytes]:
+    t = t.detach().cpu().contiguous()
+    name = str(t.dtype).removeprefix("torch.")
+    if t.dtype == torch.bfloat16:
+        return name, t.view(torch.int16).numpy().tobytes()
+    return name, t.numpy().tobytes()
+
+
+def encode(value, path: str = "state"):
+    """Turn ``value`` into typed JSON; raises CaptureError naming ``path`` for unsupported values."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return encode(value.item(), path)
+    if isinstance(value, list):
+        return [encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return {"$tuple": [encode(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: encode(v, f"{path}.{k}") for k, v in value.items()}
+        return {"$dict": [[encode(k, f"{path}<key>"), encode(v, f"{path}[{k!r}]")] for k, v in value.items()]}
+    if isinstance(value, (bytes, bytearray)):
+        return {"$bytes": _b64(bytes(value))}
+    if isinstance(value, np.ndarray):
+        return {"$ndarray": {"dtype": value.dtype.str, "shape": list(value.shape), "data": _b64(np.ascontiguousarray(value).tobytes())}}
+    if isinstance(value, torch.Tensor):
+        if type(value) is not torch.Tensor and not isinstance(value, torch.nn.Parameter):
+            raise CaptureError(f"{path}: a {type(value).__name__} cannot be stored inline; keep plain tensors in non-model state")
+        name, raw = _tensor_bytes(value)
+        return {"$tensor": {"dtype": name, "shape": list(value.shape), "data": _b64(raw)}}
+    raise CaptureError(
+        f"{path}: a value of type {type(value).__name__} cannot be saved; "
+        "use JSON values (numbers, strings, lists, dicts), tuples, bytes, numpy arrays or tensors"
+    )
+
+
+def decode(value, path: str = "state"):
+    """Inverse of :func:`encode`."""
+    if isinstance(value, list):
+        return [decode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1 and next(iter(value)) in _TAGS:
+        tag, body = next(iter(value.items()))
+        try:
+            if tag == "$tuple":
+                return tuple(decode(v, path) for v in body)
+            if tag == "$dict":
+                return {decode(k, path): decode(v, path) for k, v in body}
+            if tag == "$float":
+                return float(body)
+            if tag == "$bytes":
+                return base64.b64decode(body)
+            if tag == "$ndarray":
+                arr = np.frombuffer(base64.b64decode(body["data"]), dtype=np.dtype(body["dtype"]))
+                return arr.reshape(body["shape"]).copy()
+            raw = bytearray(base64.b64decode(body["data"]))
+            dtype = getattr(torch, body["dtype"])
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown dtype {body['dtype']!r}")
+            if dtype == torch.bfloat16:
+                return torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16).reshape(body["shape"]).clone()
+            if not raw:
+                return torch.empty(body["shape"], dtype=dtype)
+            return torch.frombuffer(raw, dtype=dtype).reshape(body["shape"]).clone()
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise FormatError(f"{path}: malformed {tag} value ({e})") from e
+    return {k: decode(v, f"{path}.{k}") for k, v in value.items()}

@@ -1,0 +1,1 @@
+"""Storage: files, byte ranges and atomic commit. Knows keys and bytes, not layouts."""

@@ -1,0 +1,49 @@
+"""Reading and committing manifests: the fragment table first, the JSON header last (the commit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ucp.codecs.checksum import crc32c
+from ucp.errors import CorruptCheckpointError, FormatError, SpecError
+from ucp.spec.fragment import check_file_name, fragments_from_parquet, fragments_to_parquet
+from ucp.spec.manifest import Manifest, header_from_json, header_to_json
+from ucp.storage.atomic import write_atomic
+from ucp.storage.directory import FRAGMENT_TABLE, MANIFEST
+
+
+def commit_manifest(directory: Path, manifest: Manifest) -> None:
+    """Write the fragment table, then atomically commit ``manifest.json``: the checkpoint becomes visible."""
+    directory = Path(directory)
+    table = fragments_to_parquet(manifest.fragments)
+    write_atomic(directory / FRAGMENT_TABLE, table)
+    header = manifest.header({"file": FRAGMENT_TABLE, "crc32c": crc32c(table), "rows": len(manifest.fragments)})
+    write_atomic(directory / MANIFEST, header_to_json(header))
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Read, check and validate the manifest of the checkpoint in ``directory``."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    try:
+        header = header_from_json(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        raise FormatError(f"{directory}: no {MANIFEST}; not a complete checkpoint") from None
+    table_meta = header.get("fragment_table") if isinstance(header, dict) else None
+    if not isinstance(table_meta, dict) or not isinstance(table_meta.get("file"), str):
+        raise FormatError(f"{path}: lacks a valid 'fragment_table' entry")
+
+    table_path = directory / check_file_name(table_meta["file"])
+    try:
+        data = table_path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{table_path}: fragment table is missing") from None
+    if crc32c(data) != table_meta.get("crc32c"):
+        raise CorruptCheckpointError(f"{table_path}: checksum mismatch; the fragment table is corrupted")
+    try:
+        fragments = fragments_from_parquet(data)
+        if len(fragments) != table_meta.get("rows"):
+            raise FormatError(f"fragment table has {len(fragments)} rows, manifest says {table_meta.get('rows')}")
+        return Manifest.from_header(header, fragments)
+    except (FormatError, SpecError) as e:
+        raise FormatError(f"{directory}: {e}") from e

@@ -1,0 +1,100 @@
+"""Streaming safetensors files: written from tensor memory, read by byte range into caller buffers.
+
+The format (https://github.com/huggingface/safetensors, "Format") is an 8-byte little-endian header
+length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` (offsets
+relative to the data section, which starts right after the header), then the data, contiguous and
+in offset order. ucp writes it itself because the library's Python writer first copies every tensor
+into a ``bytes`` object (doubling peak memory) and cannot fsync; files written here are read back by
+``safetensors.safe_open`` in the tests. Reads go straight into the destination buffer
+(``os.preadv``), without an intermediate copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ucp.errors import CorruptCheckpointError
+
+_ALIGN = 8
+# Beyond this a header is not a header: refuse to allocate for it (the library uses 100 MB too).
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor to write: its unique name, safetensors dtype code, shape and raw bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+
+def plan_file(entries: list[Entry], metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+    """The header bytes (length prefix included) and each entry's absolute byte offset in the file."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    pos = 0
+    rel = []
+    for e in entries:
+        n = e.data.nbytes
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + n]}
+        rel.append(pos)
+        pos += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % _ALIGN)
+    start = 8 + len(text)
+    return struct.pack("<Q", len(text)) + text, [start + r for r in rel]
+
+
+def write_file(path: Path, entries: list[Entry], metadata: dict[str, str] | None = None, fsync: bool = True) -> tuple[int, list[int]]:
+    """Write ``entries`` to ``path`` (overwriting), fsync it, and return (file size, entry offsets)."""
+    head, offsets = plan_file(entries, metadata)
+    with open(path, "wb", buffering=0) as f:
+        f.write(head)
+        for e in entries:
+            view = e.data.cast("B") if e.data.ndim != 1 or e.data.format != "B" else e.data
+            written = 0
+            while written < view.nbytes:
+                written += f.write(view[written:])
+        size = f.tell()
+        if fsync:
+            os.fsync(f.fileno())
+    return size, offsets
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse and check a file's header; returns (header, byte offset of the data section)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CorruptCheckpointError(f"{path}: too short to be a safetensors file ({len(prefix)} bytes)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER:
+            raise CorruptCheckpointError(f"{path}: header length {n} is implausible; the file is corrupted")
+        raw = f.read(n)
+    if len(raw) < n:
+        raise CorruptCheckpointError(f"{path}: header truncated ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: header is not a JSON object")
+    return header, 8 + n
+
+
+def read_into(fd: int, offset: int, buf: memoryview, path: Path | str = "") -> None:
+    """Fill ``buf`` with the bytes at ``offset`` of open file ``fd``; a short file is corruption."""
+    buf = buf.cast("B") if buf.ndim != 1 or buf.format != "B" else buf
+    done = 0
+    while done < buf.nbytes:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise CorruptCheckpointError(
+                f"{path}: file ends at byte {offset + done}, expected {buf.nbytes - done} more bytes (truncated?)"
+            )
+        done += n
