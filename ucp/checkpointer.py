@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from ucp import __version__
 from ucp.codecs.checksum import crc32c
@@ -87,19 +88,21 @@ def staged(t: torch.Tensor) -> torch.Tensor:
 
 
 def infer_layout(model, world_size: int) -> Layout:
-    """The layout of a job from the first DTensor parameter's mesh, or plain data parallelism."""
-    for p in (model.parameters() if model is not None else ()):
-        if isinstance(p, DTensor):
-            mesh = p.device_mesh
-            names = mesh.mesh_dim_names or tuple(f"mesh{i}" for i in range(mesh.ndim))
-            axes = list(zip(names, mesh.shape))
-            if mesh.size() < world_size:
-                axes.insert(0, ("dp" if "dp" not in names else "replica", world_size // mesh.size()))
-            sharded_dp = any(
-                pl.is_shard() and n in ("dp", "dp_shard", "fsdp") for n, pl in zip(names, p.placements)
-            )
-            return Layout(tuple(axes), zero=3 if sharded_dp else 0)
-    return Layout((("dp", world_size),))
+    """The layout of a job from its parameters' richest DTensor mesh, or plain data parallelism."""
+    dtensors = [p for p in (model.parameters() if model is not None else ()) if isinstance(p, DTensor)]
+    if not dtensors:
+        return Layout((("dp", world_size),))
+    mesh = max((p.device_mesh for p in dtensors), key=lambda m: (m.ndim, m.size()))
+    names = mesh.mesh_dim_names or tuple(f"mesh{i}" for i in range(mesh.ndim))
+    axes = list(zip(names, mesh.shape))
+    if mesh.size() < world_size:
+        axes.insert(0, ("dp" if "dp" not in names else "replica", world_size // mesh.size()))
+    sharded_dp = any(
+        (pl.is_shard() or isinstance(pl, _StridedShard)) and n in ("dp", "dp_shard", "fsdp")
+        for p in dtensors
+        for n, pl in zip(p.device_mesh.mesh_dim_names or (), p.placements)
+    )
+    return Layout(tuple(axes), zero=3 if sharded_dp else 0)
 
 
 class Checkpointer:

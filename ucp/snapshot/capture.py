@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from ucp.errors import CaptureError
 from ucp.spec.box import Box, FlatRange
@@ -61,17 +62,27 @@ class Geometry:
 def _dtensor_pattern(t: DTensor, where: str) -> tuple[Pattern, dict, dict]:
     mesh = t.device_mesh
     names = mesh.mesh_dim_names or tuple(f"mesh{i}" for i in range(mesh.ndim))
+    sizes = dict(zip(names, mesh.shape))
     plain, strided = [], []
     for name, p in zip(names, t.placements):
         if p.is_partial():
             raise CaptureError(f"{where}: DTensor has a Partial placement on mesh dim {name!r}; reduce it before saving")
-        if p.is_shard():
-            # A strided shard (FSDP2 over TP) splits after the plain shards of the same dim.
-            (strided if type(p).__name__ == "_StridedShard" else plain).append(Shard(name, p.dim))
+        if isinstance(p, _StridedShard):
+            strided.append((Shard(name, p.dim), p.split_factor))
+        elif p.is_shard():
+            plain.append(Shard(name, p.dim))
+    # A strided shard (FSDP2 over TP) splits *after* the plain shards of its dim: right to left.
+    for s, factor in strided:
+        later = 1
+        for q in plain:
+            if q.dim == s.dim and names.index(q.axis) > names.index(s.axis):
+                later *= sizes[q.axis]
+        if factor != later:
+            raise CaptureError(f"{where}: placements {t.placements} (strided split factor {factor}) are not supported yet")
     coord = mesh.get_coordinate()
     if coord is None:
         raise CaptureError(f"{where}: this rank is not part of the tensor's device mesh")
-    return Pattern(tuple(plain + strided)), dict(zip(names, mesh.shape)), dict(zip(names, coord))
+    return Pattern(tuple(plain) + tuple(s for s, _ in strided)), sizes, dict(zip(names, coord))
 
 
 def dtensor_piece(key: str, t: DTensor) -> Piece:

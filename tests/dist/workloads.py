@@ -1,0 +1,146 @@
+"""Functions run on every rank of a test world (module level, so they pickle by reference)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+D, H = 6, 10  # odd sizes: FSDP2 over 4 ranks gets uneven and empty shards
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.fc1 = nn.Linear(D, H)
+        self.fc2 = nn.Linear(H, D)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+def build(kind: str, seed: int):
+    """A model of ``kind`` ('tp', 'fsdp', 'fsdp_tp') initialized from ``seed``, and its AdamW."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    world = dist.get_world_size()
+    torch.manual_seed(seed)
+    model = MLP()
+    if kind == "tp":
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp")) if world > 2 else \
+            init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        tp = mesh["tp"] if world > 2 else mesh
+        parallelize_module(model, tp, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    elif kind == "fsdp":
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)))
+    elif kind == "fsdp_tp":
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        fully_shard(model, mesh=mesh["dp"])
+    else:
+        raise ValueError(kind)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def train_step(model, opt, step: int) -> float:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(8, D, generator=g)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def full_state(model, opt) -> dict:
+    """Every parameter and optimizer state as full tensors (DTensors gathered)."""
+    out = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        out[f"model/{n}"] = (p.full_tensor() if isinstance(p, DTensor) else p.detach()).clone()
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                out[f"optim/{names[id(p)]}/{k}"] = (v.full_tensor() if isinstance(v, DTensor) else v).clone()
+    return out
+
+
+def bit_diffs(a: dict, b: dict) -> list[str]:
+    """Keys whose tensors differ in any bit (or are missing on one side)."""
+    diffs = sorted(set(a) ^ set(b))
+    for k in set(a) & set(b):
+        x, y = a[k], b[k]
+        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x.view(torch.uint8) if x.dtype == torch.uint8 else x, y):
+            diffs.append(k)
+    return diffs
+
+
+def save_and_resume(kind: str, root: str, before: int = 3, after: int = 3) -> dict:
+    """Train, save, train on; then a fresh model and optimizer load and train the same steps."""
+    import ucp
+
+    model, opt = build(kind, seed=0)
+    for s in range(before):
+        train_step(model, opt, s)
+    res = ucp.Checkpointer(root, model=model, optimizer=opt).save(before)
+    saved = full_state(model, opt)
+    ref = [train_step(model, opt, s) for s in range(before, before + after)]
+
+    model2, opt2 = build(kind, seed=1)  # different init, optimizer never stepped
+    loaded = ucp.Checkpointer(root, model=model2, optimizer=opt2).load()
+    diffs = bit_diffs(saved, full_state(model2, opt2))
+    got = [train_step(model2, opt2, s) for s in range(before, before + after)]
+    return {"step": loaded.step, "source": loaded.source, "diffs": diffs, "ref": ref, "got": got,
+            "layout": str(ucp.Checkpointer(root, model=model2).layout), "nbytes": res.nbytes, "read": loaded.nbytes}
+
+
+def save_diverged(root: str, bad_rank: int) -> str:
+    """Perturb a replicated tensor on one rank; the save must refuse and name that rank."""
+    import ucp
+    from ucp.errors import DistributedError
+
+    model, opt = build("tp", seed=0)
+    train_step(model, opt, 0)
+    if dist.get_rank() == bad_rank:
+        with torch.no_grad():
+            model.norm.weight.add_(1e-3)
+    try:
+        ucp.Checkpointer(root, model=model, optimizer=opt).save(1)
+    except DistributedError as e:
+        return str(e)
+    return "no error"
+
+
+def die_mid_save(root: str, victim: int) -> str:
+    """Save step 1, then SIGKILL rank ``victim`` halfway through writing step 2's data file."""
+    import ucp
+    import ucp.checkpointer as ckmod
+
+    model, opt = build("tp", seed=0)
+    train_step(model, opt, 0)
+    ck = ucp.Checkpointer(root, model=model, optimizer=opt)
+    ck.save(1)
+    train_step(model, opt, 1)
+    if dist.get_rank() == victim:
+        real = ckmod.write_file
+
+        def half_then_die(path, entries, *a, **k):
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, entries, *a, **k)
+
+        ckmod.write_file = half_then_die
+    try:
+        ck.save(2)
+    except Exception as e:  # noqa: BLE001 - the survivor must fail, not hang
+        return f"{type(e).__name__}: {e}"
+    return "no error"
