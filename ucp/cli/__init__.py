@@ -1,0 +1,1 @@
+"""The ``ucp`` command: thin argument parsing over the library."""

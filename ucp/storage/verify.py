@@ -1,0 +1,75 @@
+"""Verification of a stored checkpoint: completeness, file sizes and every fragment's checksum."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ucp.codecs.checksum import crc32c
+from ucp.spec.manifest import Manifest
+
+_CHUNK = 8 << 20
+
+
+@dataclass
+class VerifyReport:
+    """Problems found (one line each, naming file and tensor key) and what was checked."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    fragments: int = 0
+    nbytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _crc_of_range(fd: int, offset: int, length: int, buf: bytearray) -> tuple[int, int]:
+    """CRC-32C of ``length`` bytes at ``offset``, streamed in chunks; returns (crc, bytes read)."""
+    value, done, view = 0, 0, memoryview(buf)
+    while done < length:
+        n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
+        if n == 0:
+            break
+        value = crc32c(view[:n], value)
+        done += n
+    return value, done
+
+
+def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check every data file and fragment the manifest lists; ``progress(nbytes)`` after each fragment."""
+    report = VerifyReport(Path(directory))
+    buf = bytearray(_CHUNK)
+    by_file: dict[str, list] = {}
+    for f in manifest.fragments:
+        by_file.setdefault(f.file, []).append(f)
+    for name, expected in sorted(manifest.files.items()):
+        path = report.path / name
+        frags = sorted(by_file.get(name, []), key=lambda f: f.offset)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            keys = ", ".join(sorted({f.key for f in frags})[:3])
+            report.problems.append(f"{path}: missing (holds {len(frags)} fragment(s): {keys}...)")
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if size != expected:
+                report.problems.append(f"{path}: {size} bytes, the manifest records {expected} (truncated or overwritten)")
+            for f in frags:
+                where = f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes [{f.offset}, {f.offset + f.length})"
+                crc, got = _crc_of_range(fd, f.offset, f.length, buf)
+                report.fragments += 1
+                report.nbytes += got
+                if got < f.length:
+                    report.problems.append(f"{where}: only {got} bytes present (truncated)")
+                elif crc != f.crc32c:
+                    report.problems.append(f"{where}: checksum mismatch (crc32c {crc:08x}, expected {f.crc32c:08x})")
+                if progress:
+                    progress(f.length)
+        finally:
+            os.close(fd)
+    return report
