@@ -388,17 +388,17 @@ def test_validate_same_box_twice():
 
 
 def test_validate_overlapping_boxes():
-    with pytest.raises(FormatError, match=re.escape("overlap at box [1:2]")):
+    with pytest.raises(FormatError, match=re.escape("overlap at [1:2]")):
         small([f(Box((0,), (3,))), f(Box((1,), (1,)), offset=12)]).validate()
     # 4 + 4 + 1 == 9 elements, but [1:2,1:2] is held twice (and [2:3,0:1] never)
-    with pytest.raises(FormatError, match=re.escape("overlap at box [1:2,1:2]")):
+    with pytest.raises(FormatError, match=re.escape("overlap at [1:2,1:2]")):
         small([f(Box((0, 0), (2, 2))), f(Box((1, 1), (2, 2)), offset=16), f(Box((0, 2), (1, 1)), offset=32)],
               shape=(3, 3)).validate()
 
 
 def test_validate_overlapping_flat_ranges():
     full = Box((0,), (4,))
-    with pytest.raises(FormatError, match=re.escape("tensor model/x: fragments in data.bin and data.bin overlap at box [0:4]")):
+    with pytest.raises(FormatError, match=re.escape("tensor model/x: flat ranges {0:2} (data.bin) and {1:3} (data.bin) of box [0:4] overlap")):
         small([f(full, FlatRange(0, 2)), f(full, FlatRange(1, 2), offset=8)]).validate()
 
 
@@ -510,3 +510,23 @@ def test_header_from_json_garbage(data):
 def test_header_to_json_is_utf8_json(m):
     data = header_to_json(m.header({}))
     assert json.loads(data.decode("utf-8"))["format"] == "ucp.checkpoint"
+
+
+def test_validate_flat_fragment_overlapping_another_box():
+    # box [0:4] held by flat ranges, box [2:4] held whole: elements 2..3 twice, 4..5 never
+    with pytest.raises(FormatError, match=re.escape("overlap at [2:4]")):
+        small([f(Box((0,), (4,)), FlatRange(0, 4)), f(Box((2,), (2,)), offset=16)], shape=(6,)).validate()
+
+
+def test_validate_flat_ranges_leaving_a_hole_in_their_box():
+    # flat ranges hold 3 of box [0:4]'s 4 elements: the element count gives the hole away
+    with pytest.raises(FormatError, match=re.escape("fragments hold 4 elements, the tensor has 5")):
+        small([f(Box((0,), (4,)), FlatRange(0, 3)), f(Box((4,), (1,)), offset=12)], shape=(5,)).validate()
+
+
+def test_validate_many_fragments_are_checked():
+    # 600 row shards, one shifted onto its neighbour: caught without a pairwise limit
+    frags = [f(Box((i,), (1,)), offset=4 * i) for i in range(600)]
+    frags[300] = f(Box((299,), (1,)), offset=1200)
+    with pytest.raises(FormatError):
+        small(frags, shape=(600,)).validate()

@@ -21,8 +21,6 @@ from ucp.spec.pattern import Pattern
 
 FORMAT = "ucp.checkpoint"
 FORMAT_VERSION = "1.0"
-#: Above this many fragments per tensor, pairwise overlap checks are left to the planner.
-_PAIRWISE_LIMIT = 256
 
 
 def check_version(found, supported: str, what: str) -> None:
@@ -174,19 +172,39 @@ def header_from_json(data: bytes, where: str) -> dict:
 
 
 def _check_cover(key: str, meta: TensorMeta, frags: list[Fragment]) -> None:
-    """Fragments of a tensor must hold every element exactly once."""
+    """Fragments of a tensor must hold every element exactly once.
+
+    Fragments are grouped by box: a box is held whole by one fragment, or by flat ranges that are
+    disjoint and fill it. Distinct boxes must be disjoint (a sweep along the dim with the most
+    distinct offsets). Disjoint boxes inside the shape hold at most its element count, so an equal
+    count means every box is filled and the cover is exact.
+    """
     numel = Box.full(meta.shape).numel
     held = sum(f.numel for f in frags)
     if held != numel:
         raise FormatError(f"tensor {key}: fragments hold {held} elements, the tensor has {numel}")
-    if len(frags) > _PAIRWISE_LIMIT:
+    by_box: dict[Box, list[Fragment]] = {}
+    for f in frags:
+        if f.numel:
+            by_box.setdefault(f.box, []).append(f)
+    for box, group in by_box.items():
+        if len(group) == 1 and group[0].flat is None:
+            continue
+        if any(f.flat is None for f in group):
+            raise FormatError(f"tensor {key}: fragments in {group[0].file} and {group[1].file} overlap at box {box}")
+        group.sort(key=lambda f: f.flat.start)
+        for a, b in zip(group, group[1:]):
+            if b.flat.start < a.flat.end:
+                raise FormatError(f"tensor {key}: flat ranges {a.flat} ({a.file}) and {b.flat} ({b.file}) of box {box} overlap")
+    boxes = list(by_box)
+    if len(boxes) < 2 or not meta.shape:
         return
-    for i, a in enumerate(frags):
-        for b in frags[i + 1:]:
-            if not a.numel or not b.numel:
-                continue  # a fragment holding no elements overlaps nothing (uneven shards leave equal empty boxes)
-            if a.box == b.box:
-                if a.flat is None or b.flat is None or (a.flat.start < b.flat.end and b.flat.start < a.flat.end):
-                    raise FormatError(f"tensor {key}: fragments in {a.file} and {b.file} overlap at box {a.box}")
-            elif (a.flat is None and b.flat is None) and (ov := a.box.intersect(b.box)) is not None and ov.numel:
-                raise FormatError(f"tensor {key}: fragments in {a.file} and {b.file} overlap at box {ov}")
+    dim = max(range(len(meta.shape)), key=lambda d: len({b.offsets[d] for b in boxes}))
+    active: list[Box] = []
+    for box in sorted(boxes, key=lambda b: b.offsets[dim]):
+        active = [a for a in active if a.ends[dim] > box.offsets[dim]]
+        for a in active:
+            ov = a.intersect(box)
+            if ov is not None and ov.numel:
+                raise FormatError(f"tensor {key}: fragments at {a} and {box} overlap at {ov}")
+        active.append(box)
