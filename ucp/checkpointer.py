@@ -265,8 +265,7 @@ class Checkpointer:
                                 files, created_by=f"ucp {__version__}")
             manifest.validate()
             commit_manifest(directory, manifest)
-            if self.keep:
-                store.prune(self.root, self.keep)
+            store.prune(self.root, self.keep)
             return manifest.nbytes
 
         nbytes = coll.phase("commit", commit)[0]

@@ -140,7 +140,12 @@ def _like_param(piece: Piece, param_piece: Piece | None) -> Piece:
     return piece
 
 
-def _restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: dict, where: Path) -> None:
+def _restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: dict, where: Path, strict: bool) -> None:
+    """Load state keyed by the *current* parameter indices, so group order and membership map by fqn.
+
+    With ``strict=False`` parameters the checkpoint lacks start fresh, and param groups that cannot
+    be matched keep their current hyperparameters.
+    """
     scalars = saved.get("scalars", {})
     index = {fqn: i for i, fqn in enumerate(fqns)}
     state = {i: dict(v) for i, v in tensor_state.items()}
@@ -150,12 +155,18 @@ def _restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: di
     current = optimizer.state_dict()["param_groups"]
     groups = saved.get("param_groups", [])
     if len(groups) != len(current):
-        raise LoadError(f"{where}: the checkpoint's optimizer has {len(groups)} param group(s), this one has {len(current)}")
+        if strict:
+            raise LoadError(f"{where}: the checkpoint's optimizer has {len(groups)} param group(s), this one has {len(current)}")
+        groups = [None] * len(current)
     new_groups = []
     for g, (old, cur) in enumerate(zip(groups, current)):
-        if sorted(old["params"]) != sorted(fqns[i] for i in cur["params"]):
-            raise LoadError(f"{where}: optimizer param group {g} holds different parameters than the checkpoint's")
-        new_groups.append({**old, "params": list(cur["params"])})
+        if old is None:
+            new_groups.append(cur)
+            continue
+        if strict and sorted(old["params"]) != sorted(fqns[i] for i in cur["params"]):
+            raise LoadError(f"{where}: optimizer param group {g} holds different parameters than the checkpoint's; "
+                            "pass strict=False to load the state of the parameters both have")
+        new_groups.append({**{k: v for k, v in old.items() if k != "params"}, "params": list(cur["params"])})
     optimizer.load_state_dict({"state": state, "param_groups": new_groups})
 
 
@@ -239,7 +250,7 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
         if ckpt.model is not None and "model" in state:
             _restore_extra_state(ckpt.model, state["model"].get("extra_state", {}))
         if ckpt.optimizer is not None:
-            _restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], state.get("optimizer", {}), path)
+            _restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], state.get("optimizer", {}), path, strict)
         if ckpt.scheduler is not None:
             if "scheduler" not in state:
                 raise LoadError(f"{path}: the checkpoint holds no scheduler state")

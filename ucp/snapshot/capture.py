@@ -138,8 +138,8 @@ def model_pieces(model: torch.nn.Module, geometry: Geometry | None) -> tuple[lis
     pieces, aliases, extra = [], {}, {}
     first_name: dict[int, str] = {}
     for fqn, value in model.state_dict(keep_vars=True).items():
-        if not isinstance(value, torch.Tensor):
-            extra[fqn] = value
+        if not isinstance(value, torch.Tensor) or fqn.endswith("_extra_state"):
+            extra[fqn] = value  # get_extra_state() may return a tensor (FP8 scales): state, not a parameter
             continue
         if id(value) in first_name:
             aliases[fqn] = first_name[id(value)]

@@ -26,20 +26,18 @@ def _b64(data: bytes) -> str:
 
 def _tensor_bytes(t: torch.Tensor) -> tuple[str, bytes]:
     t = t.detach().cpu().contiguous()
-    name = str(t.dtype).removeprefix("torch.")
-    if t.dtype == torch.bfloat16:
-        return name, t.view(torch.int16).numpy().tobytes()
-    return name, t.numpy().tobytes()
+    # numpy lacks bfloat16 and float8: move their raw bits as unsigned integers of the same width.
+    return str(t.dtype).removeprefix("torch."), t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def encode(value, path: str = "state"):
     """Turn ``value`` into typed JSON; raises CaptureError naming ``path`` for unsupported values."""
+    if isinstance(value, (np.integer, np.floating, np.bool_)):  # before float: np.float64 is a float
+        return encode(value.item(), path)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else {"$float": repr(value)}
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return encode(value.item(), path)
+        return value if math.isfinite(value) else {"$float": repr(float(value))}
     if isinstance(value, list):
         return [encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, tuple):
@@ -51,6 +49,8 @@ def encode(value, path: str = "state"):
     if isinstance(value, (bytes, bytearray)):
         return {"$bytes": _b64(bytes(value))}
     if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise CaptureError(f"{path}: numpy arrays of Python objects cannot be saved; use a numeric dtype")
         return {"$ndarray": {"dtype": value.dtype.str, "shape": list(value.shape), "data": _b64(np.ascontiguousarray(value).tobytes())}}
     if isinstance(value, torch.Tensor):
         if type(value) is not torch.Tensor and not isinstance(value, torch.nn.Parameter):
@@ -84,14 +84,12 @@ def decode(value, path: str = "state"):
                 arr = np.frombuffer(base64.b64decode(body["data"]), dtype=np.dtype(body["dtype"]))
                 return arr.reshape(body["shape"]).copy()
             raw = bytearray(base64.b64decode(body["data"]))
-            dtype = getattr(torch, body["dtype"])
+            dtype = getattr(torch, body["dtype"], None)
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {body['dtype']!r}")
-            if dtype == torch.bfloat16:
-                return torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16).reshape(body["shape"]).clone()
             if not raw:
                 return torch.empty(body["shape"], dtype=dtype)
-            return torch.frombuffer(raw, dtype=dtype).reshape(body["shape"]).clone()
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(body["shape"]).clone()
+        except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
             raise FormatError(f"{path}: malformed {tag} value ({e})") from e
     return {k: decode(v, f"{path}.{k}") for k, v in value.items()}

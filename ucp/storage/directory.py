@@ -51,7 +51,8 @@ def resolve(path: Path, step: int | None = None) -> Path:
     if is_complete(path) and step is None:
         return path
     if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such file or directory")
+        wanted = f" (looking for step {step})" if step is not None else ""
+        raise CheckpointNotFoundError(f"{path}: no such file or directory{wanted}")
     if not path.is_dir():
         raise CheckpointNotFoundError(f"{path}: not a checkpoint directory")
     steps = list_steps(path)
@@ -78,8 +79,8 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def prune(root: Path, keep: int) -> list[Path]:
-    """Keep the newest ``keep`` complete checkpoints; delete older complete ones and incomplete
-    saves older than the newest complete one. Returns what was removed."""
+    """Keep the newest ``keep`` complete checkpoints (all if ``keep`` is None); delete older complete
+    ones and incomplete saves older than the newest complete one. Returns what was removed."""
     complete = list_steps(root)
     removed = []
     if keep and len(complete) > keep:
