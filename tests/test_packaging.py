@@ -93,3 +93,24 @@ def test_import_ucp_spec_does_not_import_torch():
     proc = _run("import sys, ucp.spec, ucp.errors; print('torch' in sys.modules)", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_missing_dependency_fails_under_ci_and_skips_otherwise(tmp_path):
+    """conftest.require(): a test needing an absent module skips locally and fails under CI=true."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "test_needs.py").write_text(textwrap.dedent("""
+        from tests.conftest import require
+
+        def test_needs_missing():
+            require("no_such_module_ucp_test")
+    """))
+    for ci, want in (("true", "1 failed"), ("", "1 skipped")):
+        env = {**os.environ, "CI": ci, "PYTHONPATH": str(root)}
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                            str(tmp_path / "test_needs.py")], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert want in p.stdout, p.stdout + p.stderr
