@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from ucp.codecs.checksum import crc32c
 from ucp.dist.collective import Collective
 from ucp.errors import OptionsError, UcpError
 from ucp.options import CheckpointOptions, check_keep
-from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas
+from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
 from ucp.snapshot import values
 from ucp.snapshot.capture import Geometry, Piece, model_pieces, optimizer_param_fqns, optimizer_pieces, param_names, tensor_piece
 from ucp.snapshot.rng import capture_rng
@@ -214,16 +214,24 @@ class Checkpointer:
             metas = {p.key: p.meta for p in pieces}
             pieces = [p for p in pieces if p.numel]  # empty shards (uneven splits) hold nothing
             buffers = [staged(p.data) for p in pieces]
-            views = [bytes_view(b) for b in buffers]
-            with ThreadPoolExecutor(self.options.io_threads) as pool:
-                crcs = list(pool.map(crc32c, views))
-            local.update(pieces=pieces, buffers=buffers, views=views)
-            infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, v.nbytes, c) for p, v, c in zip(pieces, views, crcs)]
+            local.update(pieces=pieces, buffers=buffers, views=[bytes_view(b) for b in buffers])
+            infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, v.nbytes) for p, v in zip(pieces, local["views"])]
             return infos, metas, state, self.layout
 
         gathered = coll.phase("capture", capture)
         infos_by_rank = [g[0] for g in gathered]
         layouts = {g[3] for g in gathered}
+        shared = replicated_regions(infos_by_rank)
+
+        def compare():
+            # Only copies held by several ranks need checksums now; the rest are summed while written.
+            todo = [i for i, info in enumerate(infos_by_rank[rank]) if info.region in shared]
+            with ThreadPoolExecutor(self.options.io_threads) as pool:
+                return dict(zip(todo, pool.map(crc32c, [local["views"][i] for i in todo])))
+
+        early = coll.phase("compare", compare)
+        infos_by_rank = [[replace(info, crc32c=early[r].get(i)) for i, info in enumerate(infos)]
+                         for r, infos in enumerate(infos_by_rank)]
 
         def plan():
             if len(layouts) > 1:
@@ -240,11 +248,15 @@ class Checkpointer:
             name = store.rank_file(rank)
             entries = []
             for i in mine:
-                p, info = local["pieces"][i], infos_by_rank[rank][i]
+                p = local["pieces"][i]
                 shape = (p.flat.numel,) if p.flat is not None else p.box.sizes
                 entries.append(Entry(f"{p.key}{p.box}{p.flat or ''}", DTYPES[p.meta.dtype][1], shape, local["views"][i]))
-            size, offsets = write_file(directory / name, entries, {"format": "ucp.checkpoint", "rank": str(rank)}, self.options.fsync)
-            return name, size, offsets
+            late = [i for i in mine if infos_by_rank[rank][i].crc32c is None]
+            with ThreadPoolExecutor(1) as pool:  # checksums on a second core while the file streams out
+                sums = pool.map(crc32c, [local["views"][i] for i in late])
+                size, offsets = write_file(directory / name, entries, {"format": "ucp.checkpoint", "rank": str(rank)},
+                                           self.options.fsync)
+                return name, size, offsets, dict(zip(late, sums))
 
         written = coll.phase("write", write)
         local.clear()
@@ -256,11 +268,12 @@ class Checkpointer:
             for r, w in enumerate(written):
                 if w is None:
                     continue
-                name, size, offsets = w
+                name, size, offsets, late = w
                 files[name] = size
                 for i, off in zip(assignments[r], offsets):
                     info = infos_by_rank[r][i]
-                    fragments.append(Fragment(info.key, info.box, info.flat, info.dtype, r, name, off, info.nbytes, info.crc32c))
+                    crc = info.crc32c if info.crc32c is not None else late[i]
+                    fragments.append(Fragment(info.key, info.box, info.flat, info.dtype, r, name, off, info.nbytes, crc))
             manifest = Manifest(step, self.layout, metas, tuple(fragments), split_state([g[2] for g in gathered]),
                                 files, created_by=f"ucp {__version__}")
             manifest.validate()

@@ -15,14 +15,18 @@ from ucp.spec.manifest import TensorMeta
 
 @dataclass(frozen=True)
 class PieceInfo:
-    """What a rank holds of one tensor: its region, dtype, size and checksum (no data)."""
+    """What a rank holds of one tensor: its region, dtype, size and checksum (no data).
+
+    ``crc32c`` is None until known: replicated regions are checksummed before the plan (to compare
+    replicas), the others while they are written.
+    """
 
     key: str
     box: Box
     flat: FlatRange | None
     dtype: str
     nbytes: int
-    crc32c: int
+    crc32c: int | None = None
 
     @property
     def region(self) -> tuple:
@@ -46,6 +50,16 @@ def merge_metas(metas_by_rank: list[dict[str, TensorMeta]]) -> dict[str, TensorM
     return merged
 
 
+def replicated_regions(pieces_by_rank: list[list[PieceInfo]]) -> set[tuple]:
+    """Regions held by more than one rank: the ones whose copies must be compared."""
+    seen: set[tuple] = set()
+    shared: set[tuple] = set()
+    for pieces in pieces_by_rank:
+        for p in {p.region for p in pieces}:
+            (shared if p in seen else seen).add(p)
+    return shared
+
+
 def assign_writers(pieces_by_rank: list[list[PieceInfo]]) -> list[list[int]]:
     """For each rank, the indices of its pieces that it writes: exactly one holder per region.
 
@@ -67,6 +81,8 @@ def assign_writers(pieces_by_rank: list[list[PieceInfo]]) -> list[list[int]]:
         for rank, i in hs:
             p = pieces_by_rank[rank][i]
             groups.setdefault((p.crc32c, p.dtype, p.nbytes), []).append(rank)
+        if len(hs) > 1 and any(pieces_by_rank[r][i].crc32c is None for r, i in hs):
+            raise ValueError(f"replicated region {region[0]} reached the plan without checksums")
         if len(groups) > 1:
             key, offsets, sizes, flat = region
             box = Box(offsets, sizes)
