@@ -174,7 +174,21 @@ def test_message_without_where():
         Pattern(shards=(Shard("pp", 0),)).validate((4,), AXES)
 
 
-@pytest.mark.parametrize("dim", [2, 5, -1])
+def test_shard_rejects_negative_or_non_int_dims_at_construction():
+    for dim in (-1, 1.5, True):
+        with pytest.raises(SpecError, match="dim >= 0"):
+            Shard("tp", dim)
+
+
+def test_fused_parts_are_tuples_and_patterns_hashable():
+    f = Fused(0, [["q", 4], ["k", 2]])
+    assert f.parts == (("q", 4), ("k", 2))
+    assert hash(Pattern(fused=f)) == hash(Pattern(fused=Fused(0, (("q", 4), ("k", 2)))))
+    with pytest.raises(SpecError, match="non-negative integer sizes"):
+        Fused(0, (("q", -1),))
+
+
+@pytest.mark.parametrize("dim", [2, 5])
 def test_shard_dim_out_of_range(dim):
     p = Pattern(shards=(Shard("tp", dim),))
     with pytest.raises(SpecError, match=re.escape(f"pattern for model/w shards dim {dim}, outside a tensor of shape [3, 4]")):
@@ -327,3 +341,11 @@ def test_local_box_tiles_the_tensor_exactly_once(case):
     for b in boxes:
         count[b.relative_to(Box.full(shape))] += 1
     assert (count == 1).all()
+
+
+def test_chunk_bounds_rejects_impossible_chunks():
+    from ucp.spec.pattern import chunk_bounds
+
+    for parts, index in ((0, 0), (2, 2), (2, -1)):
+        with pytest.raises(SpecError, match="does not exist"):
+            chunk_bounds(10, parts, index)

@@ -23,6 +23,10 @@ class Shard:
     axis: str
     dim: int
 
+    def __post_init__(self):
+        if not isinstance(self.axis, str) or isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 0:
+            raise SpecError(f"shard needs an axis name and a dim >= 0, got axis={self.axis!r} dim={self.dim!r}")
+
 
 @dataclass(frozen=True)
 class Fused:
@@ -30,6 +34,15 @@ class Fused:
 
     dim: int
     parts: tuple[tuple[str, int], ...]
+
+    def __post_init__(self):
+        try:
+            parts = tuple((str(n), s) for n, s in self.parts)
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"fused parts must be (name, size) pairs, got {self.parts!r}") from e
+        if not parts or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for _, n in parts):
+            raise SpecError(f"fused parts need non-negative integer sizes, got {self.parts!r}")
+        object.__setattr__(self, "parts", parts)
 
 
 @dataclass(frozen=True)
@@ -141,7 +154,9 @@ def chunk_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
 
     Chunks hold ``ceil(size / parts)`` elements; trailing chunks may be short or empty.
     """
-    step = -(-size // parts) if parts else 0
+    if parts < 1 or not 0 <= index < parts:
+        raise SpecError(f"chunk {index} of {parts} does not exist; parts must be >= 1 and 0 <= index < parts")
+    step = -(-size // parts)
     lo = min(index * step, size)
     return lo, min(lo + step, size)
 
