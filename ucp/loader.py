@@ -22,7 +22,7 @@ from ucp.codecs.checksum import crc32c
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, LoadError
 from ucp.plan.load_plan import FragmentIndex, ReadItem
 from ucp.snapshot import values
-from ucp.snapshot.capture import Piece, model_pieces, optimizer_param_fqns, param_names, tensor_piece
+from ucp.snapshot.capture import Piece, flat_state_pieces, model_pieces, optimizer_param_fqns, param_names, tensor_piece
 from ucp.snapshot.rng import restore_rng
 from ucp.spec.box import Box
 from ucp.spec.keys import EXTRA, MODEL, OPTIM, extra_key, optim_key, parse_key
@@ -116,11 +116,15 @@ def _optimizer_targets(ckpt, manifest: Manifest, model_by_key: dict[str, Piece])
         k = parse_key(key)
         if k.kind == OPTIM:
             wanted.setdefault(k.name, []).append(k.state)
-    pieces, state = [], {}
+    pieces = flat_state_pieces(optimizer, model_by_key)  # filled in place, outside state_dict()
+    flat_keys = {p.key for p in pieces}
+    state = {}
     for idx, (fqn, param) in enumerate(zip(fqns, params)):
         existing = optimizer.state.get(param, {})
         for name in wanted.get(fqn, ()):
             key = optim_key(fqn, name)
+            if key in flat_keys:
+                continue
             meta = manifest.tensors[key]
             cur = existing.get(name)
             if isinstance(cur, torch.Tensor) and tuple(cur.shape) == tuple(meta.shape) and str(cur.dtype) == f"torch.{meta.dtype}":

@@ -70,3 +70,17 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     assert store.resolve(root).name == "step_00000001"
     m = read_manifest(store.resolve(root))
     assert m.step == 1
+
+
+def test_flat_zero1_partitions_round_trip(world4, tmp_path):
+    out = world4.run(workloads.flat_zero1_resume, str(tmp_path / "ck"))
+    for r in out:
+        assert r["diffs"] == [] and r["got"] == r["ref"]
+    m = read_manifest(store.resolve(tmp_path / "ck"))
+    frags = sorted(m.fragments_of("optim/fc1.weight/momentum"), key=lambda f: f.flat.start)
+    # fc1.weight is 10x6 = 60 elements: four flat ranges of 15, one per dp rank, of the whole box
+    assert [(f.rank, f.flat.start, f.flat.numel) for f in frags] == [(0, 0, 15), (1, 15, 15), (2, 30, 15), (3, 45, 15)]
+    assert all(f.box.sizes == (10, 6) for f in frags)
+    assert m.tensors["optim/fc1.weight/master"].pattern.flat == "dp"
+    # norm.weight has 6 elements over 4 ranks: chunks of 2, 2, 2 and an empty one that is not stored
+    assert sorted(f.flat.numel for f in m.fragments_of("optim/norm.weight/momentum")) == [2, 2, 2]

@@ -144,3 +144,63 @@ def die_mid_save(root: str, victim: int) -> str:
     except Exception as e:  # noqa: BLE001 - the survivor must fail, not hang
         return f"{type(e).__name__}: {e}"
     return "no error"
+
+
+class FlatMomentum(torch.optim.Optimizer):
+    """ZeRO-1 in miniature: each dp rank owns a flat chunk of every parameter's momentum and fp32
+    master copy, updates its chunk, and all-gathers the parameters. Reports its state to ucp
+    through ``ucp_flat_state``."""
+
+    ucp_flat_axis = "dp"
+
+    def __init__(self, named_params, lr=0.05, beta=0.9):
+        named_params = list(named_params)
+        super().__init__([p for _, p in named_params], dict(lr=lr, beta=beta))
+        from ucp.spec.pattern import chunk_bounds
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        self.world = world
+        self.chunks = {}
+        for name, p in named_params:
+            lo, hi = chunk_bounds(p.numel(), world, rank)
+            self.chunks[name] = (p, lo, torch.zeros(hi - lo), p.detach().reshape(-1)[lo:hi].clone())
+
+    def ucp_flat_state(self):
+        return {n: {"momentum": (m, lo), "master": (w, lo)} for n, (p, lo, m, w) in self.chunks.items()}
+
+    @torch.no_grad()
+    def step(self):
+        g = self.param_groups[0]
+        for p, lo, m, w in self.chunks.values():
+            m.mul_(g["beta"]).add_(p.grad.reshape(-1)[lo:lo + m.numel()])
+            w.sub_(g["lr"] * m)
+            size = -(-p.numel() // self.world)
+            mine = torch.zeros(size)
+            mine[: w.numel()] = w
+            parts = [torch.empty(size) for _ in range(self.world)]
+            dist.all_gather(parts, mine)
+            p.copy_(torch.cat(parts)[: p.numel()].view(p.shape))
+
+
+def flat_zero1_resume(root: str, before: int = 3, after: int = 3) -> dict:
+    import ucp
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = MLP()
+        return model, FlatMomentum(model.named_parameters())
+
+    def local(opt):
+        return {f"{n}/{k}": t.clone() for n, st in opt.ucp_flat_state().items() for k, (t, _) in st.items()}
+
+    model, opt = make(0)
+    for s in range(before):
+        train_step(model, opt, s)
+    ucp.Checkpointer(root, model=model, optimizer=opt).save(before)
+    saved = {**full_state(model, opt), **local(opt)}
+    ref = [train_step(model, opt, s) for s in range(before, before + after)]
+    model2, opt2 = make(1)
+    ucp.Checkpointer(root, model=model2, optimizer=opt2).load()
+    diffs = bit_diffs(saved, {**full_state(model2, opt2), **local(opt2)})
+    got = [train_step(model2, opt2, s) for s in range(before, before + after)]
+    return {"diffs": diffs, "ref": ref, "got": got}

@@ -108,7 +108,7 @@ def plain_piece(key: str, fqn: str, t: torch.Tensor, geometry: Geometry | None) 
     """A piece for a plain tensor: replicated, or sharded by the pattern its fqn matches."""
     pattern = geometry.pattern_for(fqn) if geometry else REPLICATED
     if pattern.flat is not None:
-        raise CaptureError(f"{key}: flat partition patterns need their owner to report ranges; not supported for plain tensors yet")
+        raise CaptureError(f"{key}: a flat partition needs its owner to report its range (see ucp_flat_state)")
     if pattern.is_replicated:
         return Piece(key, t, TensorMeta(tuple(t.shape), dtype_name(t.dtype), pattern), Box.full(t.shape))
     shape = list(t.shape)
@@ -177,6 +177,33 @@ def state_piece(fqn: str, state: str, value: torch.Tensor, param_piece: Piece | 
     return plain_piece(key, fqn + "/" + state, value, None)
 
 
+def flat_state_pieces(optimizer, by_fqn: dict[str, Piece]) -> list[Piece]:
+    """Pieces of state an optimizer keeps as flat partitions of its parameters (ZeRO-1 style).
+
+    An optimizer opts in by defining ``ucp_flat_state()`` returning ``{fqn: {state: (tensor, start)}}``:
+    this rank holds elements ``[start, start + tensor.numel())`` of the parameter's local box,
+    flattened row-major (the tensor may be a view into a flat buffer; loads fill it in place), and
+    ``ucp_flat_axis`` (default ``"dp"``), the mesh axis the partitions are spread over. Such state is
+    left out of the optimizer's ``state_dict()`` by the optimizer itself.
+    """
+    if not hasattr(optimizer, "ucp_flat_state"):
+        return []
+    axis = getattr(optimizer, "ucp_flat_axis", "dp")
+    pieces = []
+    for fqn, states in optimizer.ucp_flat_state().items():
+        param = by_fqn.get(model_key(fqn))
+        if param is None:
+            raise CaptureError(f"optimizer reports flat state for {fqn!r}, which the model does not have")
+        for name, (t, start) in states.items():
+            key = optim_key(fqn, name)
+            flat = FlatRange(start, t.numel())
+            if not flat.fits(param.box):
+                raise CaptureError(f"{key}: flat range {flat} exceeds the parameter's box {param.box} ({param.box.numel} elements)")
+            meta = TensorMeta(param.meta.shape, dtype_name(t.dtype), replace(param.meta.pattern, flat=axis))
+            pieces.append(Piece(key, t.detach().view(-1), meta, param.box, flat))
+    return pieces
+
+
 def optimizer_pieces(optimizer, fqns: list[str], by_fqn: dict[str, Piece], geometry: Geometry | None):
     """Pieces of per-parameter optimizer state plus its non-tensor values and param groups.
 
@@ -184,7 +211,7 @@ def optimizer_pieces(optimizer, fqns: list[str], by_fqn: dict[str, Piece], geome
         (pieces, ``{fqn: {state: value}}`` of non-tensor state, param groups with ``params`` as fqns).
     """
     sd = optimizer.state_dict()
-    pieces, scalars = [], {}
+    pieces, scalars = flat_state_pieces(optimizer, by_fqn), {}
     for idx, states in sd["state"].items():
         fqn = fqns[idx]
         for name, value in states.items():
