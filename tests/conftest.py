@@ -25,3 +25,36 @@ def require(module: str):
 @pytest.fixture
 def ckpt_root(tmp_path):
     return tmp_path / "ckpts"
+
+
+@pytest.fixture(scope="session")
+def worlds():
+    """Shared gloo worlds by size (spawning one costs seconds): ``worlds(4).run(fn, *args)``.
+
+    A broken world (a test timed out or killed a rank) is replaced; all are shut down at the end.
+    """
+    from tests.dist.world import World
+
+    pool: dict = {}
+
+    def get(size: int):
+        w = pool.get(size)
+        if w is None or w.broken:
+            if w is not None:
+                w.close()
+            w = pool[size] = World(size)
+        return w
+
+    yield get
+    for w in pool.values():
+        w.close()
+
+
+@pytest.fixture
+def world2(worlds):
+    return worlds(2)
+
+
+@pytest.fixture
+def world4(worlds):
+    return worlds(4)

@@ -78,3 +78,9 @@ def demo(args) -> int:
     from ucp.demo import run_demo
 
     return run_demo(args.nproc, args.steps, args.save_every, args.dir)
+
+
+def train(args) -> int:
+    from ucp.trainer.launch import launch_training
+
+    return launch_training(args)

@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="with a ROOT: this step instead of the newest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("train", help="train the reference GPT on N local processes",
+                       description="Train the reference GPT (ucp.trainer) on N local processes started by torch's "
+                                   "elastic launcher (gloo). Prints one JSON line per step on stdout: "
+                                   '{"step": .., "loss": ..}; logs go to stderr. On several machines run the same '
+                                   "module under torchrun: torchrun --nproc-per-node N -m ucp.trainer.train ...")
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) to run, default 2")
+    from ucp.trainer.options import add_arguments
+
+    add_arguments(p)
+
     p = sub.add_parser("demo", help="a short multi-process save/load demonstration",
                        description="Train a small model on N local processes (gloo, torch's elastic launcher, "
                                    "FSDP2), checkpoint it every few steps, then restart from the newest "

@@ -1,0 +1,42 @@
+"""``ucp train``: the reference trainer on N local ranks through torch's elastic launcher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli.test_cli import _no_traceback, run
+from ucp.storage import directory as store
+from ucp.storage.manifest_io import read_manifest
+
+
+@pytest.mark.dist
+def test_train_prints_one_json_line_per_step_and_resumes(tmp_path):
+    ck = tmp_path / "ck"
+    p = run("train", "--nproc", "2", "--zero", "3", "--steps", "4", "--save-every", "2", "--ckpt", ck, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [d["step"] for d in lines] == [1, 2, 3, 4] and all(set(d) == {"step", "loss"} for d in lines)
+    assert [s for s, _ in store.list_steps(ck)] == [2, 4]
+    assert read_manifest(store.resolve(ck)).layout.sizes == {"dp": 2}
+
+    r = run("train", "--nproc", "2", "--zero", "3", "--steps", "4", "--resume", store.step_dir(ck, 2), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [json.loads(line) for line in r.stdout.splitlines()]
+    assert resumed == lines[2:]  # steps 3 and 4, bit-identical losses
+    assert "resumed from step 2" in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--nproc", "4", "--tp", "3"], "not a multiple of tp x pp"),
+    (["--nproc", "3", "--tp", "3"], "does not divide the model's 4 attention heads"),
+    (["--nproc", "2", "--pp", "2"], "--pp is not available yet"),
+    (["--nproc", "2", "--save-every", "2"], "--save-every needs --ckpt"),
+    (["--nproc", "5"], "does not divide the global batch"),
+])
+def test_train_refuses_impossible_layouts_in_one_line(args, words):
+    p = run("train", *args)
+    assert p.returncode == 1 and words in p.stderr and p.stderr.startswith("ucp: error:"), p.stderr
+    assert p.stdout == ""
+    _no_traceback(p)

@@ -1,0 +1,40 @@
+"""Reference-trainer functions run on every rank of a test world."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from tests.dist.workloads import bit_diffs, full_state
+from ucp.trainer.layouts import TrainLayout
+from ucp.trainer.model import GPTConfig, init_gpt
+from ucp.trainer.train import build, train_steps
+
+
+def init_matches_whole_model(lay: dict, seed: int = 0) -> list[str]:
+    """Keys whose gathered initial parameters differ from the whole model built from the seed."""
+    cfg = GPTConfig()
+    par, _ = build(cfg, TrainLayout(**lay), seed)
+    whole = {f"model/{n}": p.detach() for n, p in init_gpt(cfg, seed).named_parameters()}
+    got = {f"model/{n}": (p.full_tensor() if isinstance(p, DTensor) else p.detach()) for n, p in par.model.named_parameters()}
+    return bit_diffs(whole, got)
+
+
+def train_save_resume(lay: dict, root: str, steps: int = 20, save_at: int = 10, seed: int = 0) -> dict:
+    """Train ``steps`` saving at ``save_at``; a fresh job (other init) loads it and trains the rest."""
+    import ucp
+
+    cfg = GPTConfig()
+    layout = TrainLayout(**lay)
+    options = ucp.CheckpointOptions(layout=layout.layout)
+    par, opt = build(cfg, layout, seed)
+    first = train_steps(cfg, layout, par, opt, seed, range(1, save_at + 1))
+    ucp.Checkpointer(root, model=par.model, optimizer=opt, options=options).save(save_at)
+    saved = full_state(par.model, opt)
+    rest = train_steps(cfg, layout, par, opt, seed, range(save_at + 1, steps + 1))
+
+    par2, opt2 = build(cfg, layout, seed + 1)
+    res = ucp.Checkpointer(root, model=par2.model, optimizer=opt2, options=options).load()
+    diffs = bit_diffs(saved, full_state(par2.model, opt2))
+    resumed = train_steps(cfg, layout, par2, opt2, seed, range(save_at + 1, steps + 1))
+    return {"losses": first + rest, "resumed": resumed, "diffs": diffs, "step": res.step}

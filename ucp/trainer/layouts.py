@@ -1,0 +1,103 @@
+"""Parallel layouts of the reference GPT, built with torch's own parallelism.
+
+``zero`` follows ucp's meaning (``ucp.spec.layout.ZERO_MODES``): 0 is DDP (or, with tensor
+parallelism, data-parallel gradient averaging over the ``dp`` mesh dim), 2 is FSDP2 with
+``reshard_after_forward=False``, 3 is FSDP2; each optionally over DTensor tensor parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ucp.errors import OptionsError
+from ucp.spec.layout import Layout
+from ucp.trainer.model import GPTConfig
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    """How the job is split: data, tensor and pipeline parallel sizes and the ZeRO mode."""
+
+    dp: int
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+
+    def check(self, cfg: GPTConfig, world_size: int) -> None:
+        """Refuse layouts that cannot hold the model, with what to change."""
+        if self.dp * self.tp * self.pp != world_size:
+            raise OptionsError(f"dp={self.dp} x tp={self.tp} x pp={self.pp} = {self.dp * self.tp * self.pp}, "
+                               f"but the job has {world_size} ranks; make the product equal --nproc")
+        if self.zero not in (0, 2, 3):
+            raise OptionsError(f"--zero {self.zero} is not available yet; use 0 (DDP), 2 or 3 (FSDP2)")
+        if self.pp != 1:
+            raise OptionsError("--pp is not available yet; use --pp 1")
+        if cfg.n_heads % self.tp:
+            raise OptionsError(f"--tp {self.tp} does not divide the model's {cfg.n_heads} attention heads")
+        if cfg.global_batch % self.dp:
+            raise OptionsError(f"--dp {self.dp} does not divide the global batch of {cfg.global_batch} sequences")
+
+    @property
+    def layout(self) -> Layout:
+        """As ucp records it: ``dp`` always, other axes when larger than 1."""
+        sizes = {n: s for n, s in (("pp", self.pp), ("tp", self.tp)) if s > 1}
+        return Layout.from_sizes(dp=self.dp, zero=self.zero, **sizes)
+
+
+@dataclass
+class Parallel:
+    """A model made parallel: ``module`` runs forward; ``model`` is what checkpoints see."""
+
+    module: nn.Module
+    model: nn.Module
+    dp_rank: int
+    dp_group: object
+
+
+def parallelize(model: nn.Module, lay: TrainLayout) -> Parallel:
+    """Shard the whole, already initialized ``model`` for layout ``lay`` (every rank holds the same one)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank = dist.get_rank()
+    coords = lay.layout.coords(rank)
+    mesh = init_device_mesh("cpu", (lay.dp, lay.tp), mesh_dim_names=("dp", "tp"))
+    if lay.tp > 1:
+        _tensor_parallel(model, mesh["tp"])
+    if lay.zero in (2, 3):
+        from torch.distributed.fsdp import fully_shard
+
+        reshard = lay.zero == 3
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard)
+        return Parallel(model, model, coords["dp"], mesh["dp"].get_group())
+    if lay.tp == 1:
+        ddp = nn.parallel.DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+        return Parallel(ddp, model, coords["dp"], mesh["dp"].get_group())
+    # zero 0 over tensor parallelism: DDP cannot take DTensor parameters; average gradients over dp.
+    group = mesh["dp"].get_group()
+    if lay.dp > 1:
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda p, g=group: _average_grad(p, g))
+    return Parallel(model, model, coords["dp"], group)
+
+
+def _average_grad(p: torch.Tensor, group) -> None:
+    grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+    dist.all_reduce(grad, group=group)
+    grad.div_(dist.get_world_size(group))
+
+
+def _tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Megatron's split with DTensor: q, k, v and fc1 by output features, out and fc2 by input features."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, {
+            "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+            "attn.out": RowwiseParallel(), "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel(),
+        })
