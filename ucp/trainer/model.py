@@ -84,12 +84,19 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
         self.head.weight = self.wte.weight  # tied
 
+    def embed(self, tokens):
+        """Token + position embeddings: what the first pipeline stage starts with."""
+        return self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))
+
+    def logits(self, x):
+        """Final norm and the tied output head: what the last pipeline stage ends with."""
+        return self.head(self.ln_f(x))
+
     def forward(self, tokens):
-        pos = torch.arange(tokens.shape[1])
-        x = self.wte(tokens) + self.wpe(pos)
+        x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        return self.logits(x)
 
 
 def init_gpt(cfg: GPTConfig, seed: int) -> GPT:
