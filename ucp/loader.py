@@ -117,14 +117,14 @@ def _optimizer_targets(ckpt, manifest: Manifest, model_by_key: dict[str, Piece])
         if k.kind == OPTIM:
             wanted.setdefault(k.name, []).append(k.state)
     pieces = flat_state_pieces(optimizer, model_by_key)  # filled in place, outside state_dict()
-    flat_keys = {p.key for p in pieces}
+    flat_owner = hasattr(optimizer, "ucp_flat_state")
     state = {}
     for idx, (fqn, param) in enumerate(zip(fqns, params)):
         existing = optimizer.state.get(param, {})
         for name in wanted.get(fqn, ()):
             key = optim_key(fqn, name)
-            if key in flat_keys:
-                continue
+            if flat_owner and manifest.tensors[key].pattern.flat:
+                continue  # this rank's partitions are among ``pieces``; the others belong to other ranks
             meta = manifest.tensors[key]
             cur = existing.get(name)
             if isinstance(cur, torch.Tensor) and tuple(cur.shape) == tuple(meta.shape) and str(cur.dtype) == f"torch.{meta.dtype}":
@@ -203,7 +203,7 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
     manifest = coll.phase("manifest", lambda: read_manifest(path))[coll.rank]
     result: dict = {}
 
-    def read():
+    def targets():
         pieces: list[Piece] = []
         model_by_key: dict[str, Piece] = {}
         if ckpt.model is not None:
@@ -219,9 +219,18 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
             if parse_key(key).kind == EXTRA:
                 extras[parse_key(key).name] = t = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
                 pieces.append(Piece(extra_key(parse_key(key).name), t, meta, Box.full(meta.shape)))
+        result.update(pieces=pieces, fqns=fqns, opt_state=opt_state, extras=extras)
+        # keys this rank takes; a flat-partitioned optimizer vouches for all of its partitions
+        flat_owner = ckpt.optimizer is not None and hasattr(ckpt.optimizer, "ucp_flat_state")
+        return {p.key for p in pieces} | {k for k, m in manifest.tensors.items() if flat_owner and m.pattern.flat}
 
-        have = {p.key for p in pieces}
-        taken = {k for k in manifest.tensors if parse_key(k).kind == EXTRA or k in have}
+    taken_by_rank = coll.phase("targets", targets)
+
+    def read():
+        # Strictness is judged for the job: a key is unexpected only if no rank takes it (pipeline
+        # stages and flat partitions spread the keys over ranks), missing if this rank wants it.
+        have = taken_by_rank[coll.rank]
+        taken = set().union(*taken_by_rank)
         missing = sorted(have - set(manifest.tensors))
         unexpected = sorted(k for k in set(manifest.tensors) - taken
                             if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
@@ -230,7 +239,7 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
                 f"{path}: checkpoint and model do not match: missing {_few(missing)}, unexpected {_few(unexpected)}; "
                 "pass strict=False to load what matches"
             )
-        pieces = [p for p in pieces if p.key in manifest.tensors]
+        pieces = [p for p in result["pieces"] if p.key in manifest.tensors]
         for p in pieces:
             meta = manifest.tensors[p.key]
             if tuple(meta.shape) != tuple(p.meta.shape):
@@ -245,7 +254,7 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
                     f.result()
         finally:
             reader.close()
-        result.update(fqns=fqns, opt_state=opt_state, extras=extras, missing=missing, unexpected=unexpected, nbytes=reader.nbytes)
+        result.update(missing=missing, unexpected=unexpected, nbytes=reader.nbytes)
 
     coll.phase("read", read)
 

@@ -40,3 +40,19 @@ def test_train_refuses_impossible_layouts_in_one_line(args, words):
     assert p.returncode == 1 and words in p.stderr and p.stderr.startswith("ucp: error:"), p.stderr
     assert p.stdout == ""
     _no_traceback(p)
+
+
+@pytest.mark.dist
+def test_zero1_checkpoint_holds_flat_ranges(tmp_path):
+    ck = tmp_path / "ck"
+    p = run("train", "--nproc", "2", "--zero", "1", "--steps", "2", "--save-every", "2", "--ckpt", ck, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(run("inspect", ck, "--json").stdout)
+    assert doc["layout"] == {"axes": [["dp", 2]], "zero": 1}
+    flat = [f for f in doc["fragments"] if f["key"] == "optim/wte.weight/exp_avg"]
+    # wte.weight leads the flat fp32 buffer: rank 0's share starts inside it, at element 0
+    assert flat and all(f["flat_start"] is not None for f in flat)
+    assert doc["tensors"]["optim/wte.weight/exp_avg"]["pattern"] == {"flat": "dp"}
+    assert sum(f["flat_numel"] for f in flat) == 250 * 64
+    params = [f for f in doc["fragments"] if f["key"].startswith("model/")]
+    assert params and all(f["flat_start"] is None for f in params)  # ZeRO-1: parameters whole

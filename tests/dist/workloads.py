@@ -69,6 +69,9 @@ def full_state(model, opt) -> dict:
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
                 out[f"optim/{names[id(p)]}/{k}"] = (v.full_tensor() if isinstance(v, DTensor) else v).clone()
+    for fqn, states in (opt.ucp_flat_state() if hasattr(opt, "ucp_flat_state") else {}).items():
+        for k, (t, start) in states.items():  # this rank's flat partitions
+            out[f"flat/{fqn}/{k}@{start}"] = t.clone()
     return out
 
 

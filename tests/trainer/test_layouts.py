@@ -14,6 +14,8 @@ pytestmark = pytest.mark.dist
 # (world size, layout) pairs; zero 1, manual TP and pipeline layouts join as they land.
 LAYOUTS = [
     (4, dict(dp=4, zero=0)),
+    (4, dict(dp=4, zero=1)),
+    (2, dict(dp=2, zero=1)),
     (4, dict(dp=2, tp=2, zero=3)),
     (4, dict(dp=2, tp=2, zero=0)),
     (2, dict(dp=2, zero=2)),

@@ -1,7 +1,8 @@
 """Parallel layouts of the reference GPT, built with torch's own parallelism.
 
 ``zero`` follows ucp's meaning (``ucp.spec.layout.ZERO_MODES``): 0 is DDP (or, with tensor
-parallelism, data-parallel gradient averaging over the ``dp`` mesh dim), 2 is FSDP2 with
+parallelism, data-parallel gradient averaging over the ``dp`` mesh dim), 1 is the flat ZeRO-1
+optimizer of :mod:`ucp.trainer.zero1`, 2 is FSDP2 with
 ``reshard_after_forward=False``, 3 is FSDP2; each optionally over DTensor tensor parallelism.
 """
 
@@ -32,8 +33,8 @@ class TrainLayout:
         if self.dp * self.tp * self.pp != world_size:
             raise OptionsError(f"dp={self.dp} x tp={self.tp} x pp={self.pp} = {self.dp * self.tp * self.pp}, "
                                f"but the job has {world_size} ranks; make the product equal --nproc")
-        if self.zero not in (0, 2, 3):
-            raise OptionsError(f"--zero {self.zero} is not available yet; use 0 (DDP), 2 or 3 (FSDP2)")
+        if self.zero == 1 and self.tp > 1:
+            raise OptionsError("--zero 1 (the flat ZeRO-1 optimizer) needs plain tensors: with --tp use --manual-tp")
         if self.pp != 1:
             raise OptionsError("--pp is not available yet; use --pp 1")
         if cfg.n_heads % self.tp:
@@ -74,6 +75,9 @@ def parallelize(model: nn.Module, lay: TrainLayout) -> Parallel:
         for block in model.blocks:
             fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard)
+        return Parallel(model, model, coords["dp"], mesh["dp"].get_group())
+    if lay.zero == 1:
+        # the flat ZeRO-1 optimizer averages gradients over dp itself: no wrapper
         return Parallel(model, model, coords["dp"], mesh["dp"].get_group())
     if lay.tp == 1:
         ddp = nn.parallel.DistributedDataParallel(model, process_group=mesh["dp"].get_group())

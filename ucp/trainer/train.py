@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ucp.trainer.layouts import TrainLayout, parallelize
 from ucp.trainer.options import add_arguments
+from ucp.trainer.zero1 import FlatAdamW
 from ucp.trainer.model import GPTConfig, batch, init_gpt, loss_fn
 
 
@@ -24,6 +25,8 @@ def build(cfg: GPTConfig, lay: TrainLayout, seed: int, lr: float = 3e-3):
     """The whole model initialized from ``seed``, made parallel for ``lay``, and its AdamW."""
     lay.check(cfg, dist.get_world_size())
     par = parallelize(init_gpt(cfg, seed), lay)
+    if lay.zero == 1:
+        return par, FlatAdamW(par.model.named_parameters(), par.dp_group, lr=lr, weight_decay=0.1)
     return par, torch.optim.AdamW(par.model.parameters(), lr=lr, weight_decay=0.1)
 
 
