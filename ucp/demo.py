@@ -30,7 +30,7 @@ def _job(root: str, layout: dict, steps: int, save_every: int, resume: int | Non
     rank = dist.get_rank()
     cfg, lay = GPTConfig(), TrainLayout(**layout)
     par, opt = build(cfg, lay, seed=0)
-    ckpt = ucp.Checkpointer(root, model=par.model, optimizer=opt, keep=2, options=ucp.CheckpointOptions(layout=lay.layout))
+    ckpt = ucp.Checkpointer(root, model=par.model, optimizer=opt, keep=2, options=lay.checkpoint_options(cfg))
     out = {"saves": [], "load": None}
     start = 1
     if resume is not None:

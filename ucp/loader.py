@@ -246,7 +246,8 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
                 raise LoadError(f"{path}: {p.key} has shape {list(meta.shape)} in the checkpoint, {list(p.meta.shape)} here")
 
         index = FragmentIndex(manifest.fragments)
-        jobs = [(item, p.data) for p in pieces if p.numel for item in index.plan(p.key, p.box, p.flat)]
+        jobs = [(item, p.data) for p in pieces if p.numel
+                for item in index.plan(p.key, p.box, p.flat, manifest.tensors[p.key].pattern)]
         reader = FragmentReader(path)
         try:
             with ThreadPoolExecutor(ckpt.options.io_threads) as pool:

@@ -56,3 +56,29 @@ def test_zero1_checkpoint_holds_flat_ranges(tmp_path):
     assert sum(f["flat_numel"] for f in flat) == 250 * 64
     params = [f for f in doc["fragments"] if f["key"].startswith("model/")]
     assert params and all(f["flat_start"] is None for f in params)  # ZeRO-1: parameters whole
+
+
+@pytest.mark.dist
+def test_manual_tp_checkpoint_holds_fused_qkv_and_padded_vocab(tmp_path):
+    ck = tmp_path / "ck"
+    p = run("train", "--nproc", "2", "--tp", "2", "--manual-tp", "--zero", "1", "--steps", "2", "--save-every", "2",
+            "--ckpt", ck, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(run("inspect", ck, "--json").stdout)
+    wte = doc["tensors"]["model/wte.weight"]
+    assert wte["shape"] == [256, 64] and wte["dtype"] == "bfloat16"
+    assert wte["pattern"] == {"shards": [["tp", 0]], "pad": {"dim": 0, "to": 256, "keep": 250}}
+    rows = sorted((f["offsets"][0], f["sizes"][0], f["rank"]) for f in doc["fragments"] if f["key"] == "model/wte.weight")
+    assert rows == [(0, 128, 0), (128, 128, 1)]  # rank 1's shard holds the 6 padding rows 250..255
+    qkv = doc["tensors"]["model/blocks.0.attn.qkv.weight"]
+    assert qkv["shape"] == [192, 64]
+    assert qkv["pattern"]["fused"] == {"dim": 0, "parts": [["q", 64], ["k", 64], ["v", 64]]}
+    # fp32 masters of the bf16 parameters, as flat partitions
+    assert doc["tensors"]["optim/blocks.0.attn.qkv.weight/master"]["dtype"] == "float32"
+    assert doc["tensors"]["optim/blocks.0.attn.qkv.weight/master"]["pattern"]["flat"] == "dp"
+
+
+def test_manual_tp_needs_zero1():
+    p = run("train", "--nproc", "2", "--tp", "2", "--manual-tp")
+    assert p.returncode == 1 and "add --zero 1" in p.stderr
+    _no_traceback(p)

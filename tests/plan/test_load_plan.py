@@ -156,3 +156,21 @@ def test_random_tiling_with_a_missing_tile_raises(data):
     fragments = [frag("model/w", Box(o, s)) for i, (o, s) in enumerate(tiles) if i != drop]
     with pytest.raises(LoadError, match="covers"):
         FragmentIndex(fragments).plan("model/w", Box.full((rows, cols)))
+
+
+def test_fused_or_padded_tensor_is_never_cut_across_layouts():
+    # stored by tp=2 as [q0;k0;v0 | q1;k1;v1]: a whole-tensor read would mix the parts up, so refuse
+    from ucp.spec import Fused, Pad, Pattern, Shard
+
+    frags = [Fragment("model/qkv", Box((r * 6, 0), (6, 2)), None, "float32", r, "f", 0, 48, 0) for r in range(2)]
+    index = FragmentIndex(frags)
+    fused = Pattern(shards=(Shard("tp", 0),), fused=Fused(0, (("q", 4), ("k", 4), ("v", 4))))
+    with pytest.raises(LoadError, match="resharding loader"):
+        index.plan("model/qkv", Box((0, 0), (12, 2)), None, fused)
+    padded = Pattern(shards=(Shard("tp", 0),), pad=Pad(0, 12, 10))
+    with pytest.raises(LoadError, match="resharding loader"):
+        index.plan("model/qkv", Box((0, 0), (12, 2)), None, padded)
+    # the same layout still reads its own shard exactly
+    assert [i.fragment.rank for i in index.plan("model/qkv", Box((6, 0), (6, 2)), None, fused)] == [1]
+    # a plain pattern may be cut: both shards fill the whole box
+    assert len(index.plan("model/qkv", Box((0, 0), (12, 2)), None, Pattern(shards=(Shard("tp", 0),)))) == 2

@@ -26,7 +26,7 @@ def train_save_resume(lay: dict, root: str, steps: int = 20, save_at: int = 10, 
 
     cfg = GPTConfig()
     layout = TrainLayout(**lay)
-    options = ucp.CheckpointOptions(layout=layout.layout)
+    options = layout.checkpoint_options(cfg)
     par, opt = build(cfg, layout, seed)
     first = train_steps(cfg, layout, par, opt, seed, range(1, save_at + 1))
     ucp.Checkpointer(root, model=par.model, optimizer=opt, options=options).save(save_at)

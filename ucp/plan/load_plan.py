@@ -36,16 +36,25 @@ class FragmentIndex:
             self.by_key.setdefault(f.key, []).append(f)
             self.by_region.setdefault(f.region, f)
 
-    def plan(self, key: str, box: Box, flat: FlatRange | None = None) -> list[ReadItem]:
+    def plan(self, key: str, box: Box, flat: FlatRange | None = None, pattern=None) -> list[ReadItem]:
         """Read items that fill ``box`` (or its ``flat`` range) of tensor ``key`` exactly once.
 
+        ``pattern`` is the stored tensor's: fused or padded tensors are stored in their layout's
+        order (each rank's [q_r; k_r; v_r], padding rows), so only exact regions are read here.
+
         Raises:
-            LoadError: the checkpoint lacks some of the elements, or would need a flat reshard.
+            LoadError: the checkpoint lacks some of the elements, or would need a flat, fused or
+                padded reshard.
         """
         region = (key, box.offsets, box.sizes, None if flat is None else (flat.start, flat.numel))
         exact = self.by_region.get(region)
         if exact is not None:
             return [ReadItem(exact)]
+        if pattern is not None and (pattern.fused is not None or pattern.pad is not None):
+            raise LoadError(
+                f"{key}: stored as {pattern} under another layout; its elements are in that layout's order "
+                f"(fused parts per rank, padding), so {box} cannot be cut from it here; that needs the resharding loader"
+            )
         if flat is not None or any(f.flat is not None for f in self.by_key.get(key, ())):
             raise LoadError(
                 f"{key}: the checkpoint holds flat partitions that do not match {box}"

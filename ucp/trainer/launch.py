@@ -51,7 +51,8 @@ def launch_training(args) -> int:
             raise OptionsError(f"--{name} {getattr(args, name)}: use an integer >= 1")
     if args.dp is None and args.nproc % (args.tp * args.pp):
         raise OptionsError(f"--nproc {args.nproc} is not a multiple of tp x pp = {args.tp * args.pp}")
-    lay = TrainLayout(dp=args.dp or args.nproc // (args.tp * args.pp), tp=args.tp, pp=args.pp, zero=args.zero)
+    lay = TrainLayout(dp=args.dp or args.nproc // (args.tp * args.pp), tp=args.tp, pp=args.pp, zero=args.zero,
+                      manual_tp=args.manual_tp)
     lay.check(GPTConfig(), args.nproc)
     if args.save_every and not args.ckpt:
         raise OptionsError("--save-every needs --ckpt ROOT to save into")

@@ -27,20 +27,34 @@ class TrainLayout:
     tp: int = 1
     pp: int = 1
     zero: int = 0
+    manual_tp: bool = False
 
     def check(self, cfg: GPTConfig, world_size: int) -> None:
         """Refuse layouts that cannot hold the model, with what to change."""
         if self.dp * self.tp * self.pp != world_size:
             raise OptionsError(f"dp={self.dp} x tp={self.tp} x pp={self.pp} = {self.dp * self.tp * self.pp}, "
                                f"but the job has {world_size} ranks; make the product equal --nproc")
-        if self.zero == 1 and self.tp > 1:
+        if self.zero == 1 and self.tp > 1 and not self.manual_tp:
             raise OptionsError("--zero 1 (the flat ZeRO-1 optimizer) needs plain tensors: with --tp use --manual-tp")
+        if self.manual_tp and self.zero != 1:
+            raise OptionsError("--manual-tp trains bf16 parameters with fp32 masters in the flat ZeRO-1 optimizer: "
+                               "add --zero 1")
         if self.pp != 1:
             raise OptionsError("--pp is not available yet; use --pp 1")
         if cfg.n_heads % self.tp:
             raise OptionsError(f"--tp {self.tp} does not divide the model's {cfg.n_heads} attention heads")
         if cfg.global_batch % self.dp:
             raise OptionsError(f"--dp {self.dp} does not divide the global batch of {cfg.global_batch} sequences")
+
+    def checkpoint_options(self, cfg: GPTConfig):
+        """ucp's options for this layout: plain-tensor geometry comes from patterns under manual TP."""
+        from ucp.options import CheckpointOptions
+
+        if self.manual_tp:
+            from ucp.trainer.manual_tp import ucp_patterns
+
+            return CheckpointOptions(layout=self.layout, patterns=ucp_patterns(cfg, self.tp))
+        return CheckpointOptions(layout=self.layout)
 
     @property
     def layout(self) -> Layout:
@@ -66,6 +80,11 @@ def parallelize(model: nn.Module, lay: TrainLayout) -> Parallel:
     rank = dist.get_rank()
     coords = lay.layout.coords(rank)
     mesh = init_device_mesh("cpu", (lay.dp, lay.tp), mesh_dim_names=("dp", "tp"))
+    if lay.manual_tp:
+        from ucp.trainer.manual_tp import ManualTPGPT
+
+        tp_model = ManualTPGPT.from_whole(model, mesh["tp"].get_group() if lay.tp > 1 else None, torch.bfloat16)
+        return Parallel(tp_model, tp_model, coords.get("dp", 0), mesh["dp"].get_group())
     if lay.tp > 1:
         _tensor_parallel(model, mesh["tp"])
     if lay.zero in (2, 3):

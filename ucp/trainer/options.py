@@ -12,6 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dp", type=int, default=None, help="data-parallel size, default: ranks / (tp x pp)")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                    help="data-parallel sharding: 0 DDP, 2 FSDP2 keeping parameters gathered after forward, 3 FSDP2")
+    p.add_argument("--manual-tp", action="store_true",
+                   help="Megatron-style tensor parallelism by hand: fused QKV, padded vocabulary, bf16 parameters "
+                        "with fp32 masters (needs --zero 1)")
     p.add_argument("--steps", type=int, default=20, help="train until this step, default 20")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into --ckpt (0: never)")
     p.add_argument("--ckpt", default=None, help="checkpoint root to save into")
@@ -29,4 +32,4 @@ def forward_argv(args) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
-    return out
+    return out + (["--manual-tp"] if args.manual_tp else [])

@@ -55,9 +55,10 @@ def run(args) -> list[float]:
 
     cfg = GPTConfig()
     world = dist.get_world_size()
-    lay = TrainLayout(dp=args.dp or world // (args.tp * args.pp), tp=args.tp, pp=args.pp, zero=args.zero)
+    lay = TrainLayout(dp=args.dp or world // (args.tp * args.pp), tp=args.tp, pp=args.pp, zero=args.zero,
+                      manual_tp=args.manual_tp)
     par, opt = build(cfg, lay, args.seed, args.lr)
-    options = ucp.CheckpointOptions(layout=lay.layout)
+    options = lay.checkpoint_options(cfg)
     start = 1
     if args.resume:
         res = ucp.Checkpointer(args.resume, model=par.model, optimizer=opt, options=options).load()
