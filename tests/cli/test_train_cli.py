@@ -31,7 +31,8 @@ def test_train_prints_one_json_line_per_step_and_resumes(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--nproc", "4", "--tp", "3"], "not a multiple of tp x pp"),
     (["--nproc", "3", "--tp", "3"], "does not divide the model's 4 attention heads"),
-    (["--nproc", "2", "--pp", "2"], "--pp is not available yet"),
+    (["--nproc", "3", "--pp", "3"], "does not divide the model's 4 layers"),
+    (["--nproc", "4", "--pp", "2", "--tp", "2"], "--pp with DTensor --tp is not supported"),
     (["--nproc", "2", "--save-every", "2"], "--save-every needs --ckpt"),
     (["--nproc", "5"], "does not divide the global batch"),
 ])
@@ -82,3 +83,19 @@ def test_manual_tp_needs_zero1():
     p = run("train", "--nproc", "2", "--tp", "2", "--manual-tp")
     assert p.returncode == 1 and "add --zero 1" in p.stderr
     _no_traceback(p)
+
+
+@pytest.mark.dist
+def test_pipeline_checkpoint_has_the_whole_models_keys(tmp_path):
+    ck = tmp_path / "ck"
+    p = run("train", "--nproc", "4", "--pp", "2", "--zero", "3", "--steps", "2", "--save-every", "2", "--ckpt", ck,
+            timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [d["step"] for d in lines] == [1, 2]
+    doc = json.loads(run("inspect", ck, "--json").stdout)
+    assert doc["layout"] == {"axes": [["pp", 2], ["dp", 2]], "zero": 3}
+    assert "model/blocks.3.attn.q.weight" in doc["tensors"] and "model/head.weight" not in doc["tensors"]
+    # the tied embedding lives on both stages but is stored once (FSDP: one fragment per dp shard)
+    wte = [f for f in doc["fragments"] if f["key"] == "model/wte.weight"]
+    assert sum(f["sizes"][0] for f in wte) == 250

@@ -50,8 +50,9 @@ def tied_state(state: dict) -> dict:
 def train_save_resume(lay: dict, root: str, steps: int = 20, save_at: int = 10, seed: int = 0) -> dict:
     """Train ``steps`` saving at ``save_at``; a fresh stage (other init) loads it and trains the rest.
 
-    Returns the losses, this stage's final parameters (gathered), the tied embedding's state, the
-    keys that differ after the load, the resumed losses and, on rank 0, the manifest's fragments.
+    Returns the losses, this stage's state at ``save_at`` and its final parameters (gathered), the
+    tied embedding's final state, the keys that differ after the load (and after the resumed steps),
+    the resumed losses and, on rank 0, the manifest's fragments.
     """
     import ucp
     from ucp.spec.layout import Layout
@@ -65,7 +66,7 @@ def train_save_resume(lay: dict, root: str, steps: int = 20, save_at: int = 10, 
     stage, opt, pipe = build(cfg, lay, groups, seed)
     first = train(cfg, groups, opt, pipe, seed, range(1, save_at + 1))
     ucp.Checkpointer(root, model=stage, optimizer=opt, options=options).save(save_at)
-    saved = full_state(stage, opt)
+    saved = detached(full_state(stage, opt))
     rest = train(cfg, groups, opt, pipe, seed, range(save_at + 1, steps + 1))
     final = detached(full_state(stage, opt))
 
@@ -83,19 +84,21 @@ def train_save_resume(lay: dict, root: str, steps: int = 20, save_at: int = 10, 
                      "layout": str(m.layout)}
     params = {k: v for k, v in final.items() if k.startswith("model/")}
     return {"losses": first + rest, "resumed": resumed, "diffs": diffs, "diffs_end": diffs_end, "step": res.step,
-            "params": params, "tied": tied_state(final), "stage": groups.pp_rank, "manifest": fragments}
+            "params": params, "saved": saved, "tied": tied_state(final), "stage": groups.pp_rank, "manifest": fragments}
 
 
 def reference(steps: int = 20, seed: int = 0, dp: int = 1, microbatches: int | None = None) -> dict:
     """The whole GPT trained in one process on the same batches: losses and final parameters.
 
-    With ``microbatches`` the gradient of each step is accumulated over the pipeline's split (``dp``
-    slices of ``microbatches`` microbatches each, every microbatch loss scaled by its share), the
-    same arithmetic as the pipeline up to the order of reductions.
+    With ``microbatches`` each step's gradient is accumulated over the pipeline's split of the
+    global batch (``dp`` slices of ``microbatches`` microbatches, each microbatch's mean loss scaled
+    by ``1 / (dp * microbatches)``): the same arithmetic as the pipeline, up to the order of the
+    floating-point reductions. Without, one backward of the whole batch's mean loss.
     """
     cfg = GPTConfig()
     model = init_gpt(cfg, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    parts = dp * (microbatches or 1)
     losses = []
     for step in range(1, steps + 1):
         x, y = batch(cfg, seed, step)
@@ -104,7 +107,6 @@ def reference(steps: int = 20, seed: int = 0, dp: int = 1, microbatches: int | N
             loss.backward()
             losses.append(loss.item())
         else:
-            parts = dp * microbatches
             total = 0.0
             for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
                 loss = loss_fn(model(xs), ys)

@@ -20,16 +20,20 @@ LAYOUTS = [
     (4, dict(dp=2, tp=2, zero=0)),
     (2, dict(dp=2, zero=2)),
     (2, dict(dp=1, tp=2, zero=0)),
+    (4, dict(dp=2, pp=2, zero=3)),
+    (4, dict(dp=2, pp=2, zero=0)),
 ]
 # bf16 parameters (fp32 masters in the flat ZeRO-1 optimizer): same training checks, looser step-1 match
 MANUAL_TP = [
     (4, dict(dp=2, tp=2, zero=1, manual_tp=True)),
     (2, dict(dp=1, tp=2, zero=1, manual_tp=True)),
+    (8, dict(dp=2, tp=2, pp=2, zero=1, manual_tp=True)),
 ]
 
 
 def _id(lay):
-    return f"dp{lay['dp']}-tp{lay.get('tp', 1)}-zero{lay['zero']}" + ("-manual" if lay.get("manual_tp") else "")
+    return (f"dp{lay['dp']}-tp{lay.get('tp', 1)}-pp{lay.get('pp', 1)}-zero{lay['zero']}"
+            + ("-manual" if lay.get("manual_tp") else ""))
 
 
 IDS = [_id(lay) for _, lay in LAYOUTS]
@@ -43,8 +47,10 @@ def reference_step1_loss(seed: int = 0) -> float:
 
 @pytest.mark.parametrize("size, lay", LAYOUTS, ids=IDS)
 def test_initial_parameters_equal_the_whole_model(worlds, size, lay):
-    for rank, diffs in enumerate(worlds(size).run(workloads.init_matches_whole_model, lay)):
-        assert diffs == [], f"rank {rank}: initial parameters differ from init_gpt(seed): {diffs}"
+    out = worlds(size).run(workloads.init_matches_whole_model, lay)
+    for rank, r in enumerate(out):
+        assert r["diffs"] == [], f"rank {rank}: initial parameters differ from init_gpt(seed): {r['diffs']}"
+    assert sorted(set().union(*(r["keys"] for r in out))) == out[0]["all"]  # together the ranks hold it all
 
 
 @pytest.mark.parametrize("size, lay", LAYOUTS + MANUAL_TP, ids=IDS + [_id(lay) for _, lay in MANUAL_TP])

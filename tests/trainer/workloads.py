@@ -11,13 +11,15 @@ from ucp.trainer.model import GPTConfig, init_gpt
 from ucp.trainer.train import build, train_steps
 
 
-def init_matches_whole_model(lay: dict, seed: int = 0) -> list[str]:
-    """Keys whose gathered initial parameters differ from the whole model built from the seed."""
+def init_matches_whole_model(lay: dict, seed: int = 0) -> dict:
+    """This rank's gathered initial parameters against the whole model built from the seed: the keys
+    it holds (a pipeline stage holds some) and those that differ."""
     cfg = GPTConfig()
     par, _ = build(cfg, TrainLayout(**lay), seed)
-    whole = {f"model/{n}": p.detach() for n, p in init_gpt(cfg, seed).named_parameters()}
-    got = {f"model/{n}": (p.full_tensor() if isinstance(p, DTensor) else p.detach()) for n, p in par.model.named_parameters()}
-    return bit_diffs(whole, got)
+    got = {f"model/{n}": (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in par.model.named_parameters()}
+    whole = {f"model/{n}": p.detach() for n, p in init_gpt(cfg, seed).named_parameters() if f"model/{n}" in got}
+    return {"keys": sorted(got), "diffs": bit_diffs(whole, got),
+            "all": sorted(f"model/{n}" for n, _ in init_gpt(cfg, seed).named_parameters())}
 
 
 def train_save_resume(lay: dict, root: str, steps: int = 20, save_at: int = 10, seed: int = 0) -> dict:

@@ -39,8 +39,16 @@ class TrainLayout:
         if self.manual_tp and self.zero != 1:
             raise OptionsError("--manual-tp trains bf16 parameters with fp32 masters in the flat ZeRO-1 optimizer: "
                                "add --zero 1")
-        if self.pp != 1:
-            raise OptionsError("--pp is not available yet; use --pp 1")
+        if cfg.n_layers % self.pp:
+            raise OptionsError(f"--pp {self.pp} does not divide the model's {cfg.n_layers} layers into equal stages")
+        if self.pp > 1 and self.tp > 1 and not self.manual_tp:
+            raise OptionsError("--pp with DTensor --tp is not supported; use --manual-tp --zero 1 for tp x pp")
+        if self.pp > 1 and cfg.global_batch % self.dp == 0:
+            from ucp.trainer.pipeline import default_microbatches
+
+            if default_microbatches(cfg.global_batch // self.dp, self.pp) < self.pp:
+                raise OptionsError(f"--pp {self.pp}: each dp rank's {cfg.global_batch // self.dp} sequences cannot "
+                                   f"make {self.pp} equal microbatches; use fewer stages or a smaller --dp")
         if cfg.n_heads % self.tp:
             raise OptionsError(f"--tp {self.tp} does not divide the model's {cfg.n_heads} attention heads")
         if cfg.global_batch % self.dp:
@@ -71,12 +79,15 @@ class Parallel:
     model: nn.Module
     dp_rank: int
     dp_group: object
+    pipeline: object = None  # a PipelineTrainer when pp > 1: it runs forward and backward itself
 
 
 def parallelize(model: nn.Module, lay: TrainLayout) -> Parallel:
     """Shard the whole, already initialized ``model`` for layout ``lay`` (every rank holds the same one)."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    if lay.pp > 1:
+        return _pipeline(model, lay)
     rank = dist.get_rank()
     coords = lay.layout.coords(rank)
     mesh = init_device_mesh("cpu", (lay.dp, lay.tp), mesh_dim_names=("dp", "tp"))
@@ -107,6 +118,26 @@ def parallelize(model: nn.Module, lay: TrainLayout) -> Parallel:
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda p, g=group: _average_grad(p, g))
     return Parallel(model, model, coords["dp"], group)
+
+
+def _pipeline(model: nn.Module, lay: TrainLayout) -> Parallel:
+    """Pipeline stages (``torch.distributed.pipelining``) over data parallelism (zero 0/1/2/3),
+    optionally over manual tensor parallelism."""
+    from ucp.trainer.model import loss_fn
+    from ucp.trainer.pipeline import PipelineTrainer, pipeline_groups, shard_stage, stage_module
+
+    g = pipeline_groups(lay.pp, lay.dp, lay.tp)
+    if lay.manual_tp:
+        from ucp.trainer.manual_tp import ManualTPGPT
+
+        model = ManualTPGPT.from_whole(model, g.mesh["tp"].get_group() if lay.tp > 1 else None, torch.bfloat16)
+    stage = stage_module(model, g.pp_rank, g.pp_size)
+    if lay.zero in (2, 3):
+        shard_stage(stage, g.mesh["dp"], reshard_after_forward=lay.zero == 3)
+    # zero 1: the flat optimizer averages over dp itself; FSDP reduces its own gradients
+    pipe = PipelineTrainer(stage, g.pp_group, g.pp_rank, g.pp_size, loss_fn, embed_group=g.embed_group,
+                           dp_group=g.dp_group, average_dp_grads=False if lay.zero == 1 else None)
+    return Parallel(stage, stage, g.dp_rank, g.dp_group, pipeline=pipe)
 
 
 def _average_grad(p: torch.Tensor, group) -> None:

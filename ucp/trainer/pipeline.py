@@ -18,10 +18,12 @@ of two values does not depend on their order).
 
 Data parallelism composes with it in two ways. ZeRO 0: each stage's gradients are averaged over
 its ``dp`` group by hand after the schedule's backward (:meth:`PipelineTrainer.step` does it when
-given ``dp_group`` and the stage is not FSDP-sharded). FSDP2 (ZeRO 2/3): :func:`shard_stage`
-applies ``fully_shard`` to each block and to the stage over the ``dp`` mesh; the pipeline schedule
-drives FSDP's gradient reduction itself. Ranks are laid out as ucp's layouts are, row-major with
-``pp`` outermost: ``rank = (pp_rank * dp + dp_rank) * tp + tp_rank`` (see :func:`pipeline_groups`).
+given ``dp_group`` and the stage is not FSDP-sharded; ``average_dp_grads=False`` leaves it to an
+optimizer that reduces them itself). FSDP2 (ZeRO 2/3): :func:`shard_stage` applies ``fully_shard``
+to each block and to the stage over the ``dp`` mesh; the pipeline schedule drives FSDP's gradient
+reduction itself, and the tied gradients are summed shard by shard (both copies are sharded alike).
+Ranks are laid out as ucp's layouts are, row-major with ``pp`` outermost:
+``rank = (pp_rank * dp + dp_rank) * tp + tp_rank`` (see :func:`pipeline_groups`).
 
 Typical use on every rank::
 
@@ -87,11 +89,11 @@ class GPTStage(nn.Module):
         # Registration order follows the whole model's (wte, wpe, blocks, ln_f, head), so names and
         # the order of parameters match it; head.weight is wte.weight, named once as wte.weight.
         taken = (FIRST_MODULES if self.is_first else ()) + (LAST_MODULES if self.is_last else ())
-        for name in dict.fromkeys(n for n in taken if n in ("wte", "wpe")):
+        for name in dict.fromkeys(m for m in taken if m in ("wte", "wpe")):
             if getattr(whole, name, None) is not None:
                 self.add_module(name, getattr(whole, name))
         self.blocks = nn.ModuleDict({str(i): whole.blocks[i] for i in self.layers})
-        for name in dict.fromkeys(n for n in taken if n not in ("wte", "wpe")):
+        for name in dict.fromkeys(m for m in taken if m not in ("wte", "wpe")):
             if getattr(whole, name, None) is not None:
                 self.add_module(name, getattr(whole, name))
 
@@ -263,16 +265,21 @@ class PipelineTrainer:
             average over microbatches, which is the mean over the whole local batch.
         embed_group: the first/last-stage group (``PipelineGroups.embed_group``) for the tied
             embedding's gradients; needed when ``pp_size > 1`` on the first and last stage.
-        dp_group: the data-parallel group: the returned loss is averaged over it and, unless the
-            stage is FSDP-sharded (FSDP reduces its own gradients), so are the gradients (ZeRO 0).
+        dp_group: the data-parallel group: the returned loss is averaged over it, and so are the
+            gradients when ``average_dp_grads``.
+        average_dp_grads: average the gradients over ``dp_group`` after backward (ZeRO 0). None
+            (default): unless the stage is FSDP-sharded, since FSDP reduces its own; pass False for
+            an optimizer that reduces them itself (the flat ZeRO-1 one).
         schedule: ``"1f1b"`` (``Schedule1F1B``, needs ``n_microbatches >= pp_size``) or ``"gpipe"``.
+        device: where the stage computes and its activations travel (``"cpu"`` with gloo).
 
     Raises:
         OptionsError: an argument is invalid.
     """
 
     def __init__(self, stage: nn.Module, pp_group, pp_rank: int, pp_size: int, loss_fn,
-                 n_microbatches: int | None = None, *, embed_group=None, dp_group=None, schedule: str = "1f1b"):
+                 n_microbatches: int | None = None, *, embed_group=None, dp_group=None,
+                 average_dp_grads: bool | None = None, schedule: str = "1f1b", device: torch.device | str = "cpu"):
         if schedule not in SCHEDULES:
             raise OptionsError(f"schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
         if n_microbatches is not None and (isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int)
@@ -280,28 +287,27 @@ class PipelineTrainer:
             raise OptionsError(f"n_microbatches={n_microbatches!r}: use a positive integer (or None)")
         self.stage, self.pp_group, self.pp_rank, self.pp_size = stage, pp_group, pp_rank, pp_size
         self.loss_fn, self.n_microbatches, self.schedule_name = loss_fn, n_microbatches, schedule
-        self.embed_group, self.dp_group = embed_group, dp_group
+        self.embed_group, self.dp_group, self.device = embed_group, dp_group, torch.device(device)
         self.is_first, self.is_last = pp_rank == 0, pp_rank == pp_size - 1
-        self.fsdp = _is_fsdp(stage)
+        self.average_dp_grads = (not _is_fsdp(stage)) if average_dp_grads is None else bool(average_dp_grads)
         if pp_size > 1 and (self.is_first or self.is_last) and embed_group is None:
             raise OptionsError("the first and last stages share the tied embedding: pass embed_group "
                                "(pipeline_groups(...).embed_group) so its gradients can be summed")
         self._schedules: dict[int, object] = {}
-        self._pipe_stage = None
 
     def _schedule(self, n: int):
-        """The schedule for ``n`` microbatches (built once per n; the stage is shared)."""
+        """The schedule for ``n`` microbatches, built on first use (with its own ``PipelineStage``)."""
         if n not in self._schedules:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
             if self.schedule_name == "1f1b" and n < self.pp_size:
                 raise OptionsError(f"the 1F1B schedule needs at least as many microbatches as stages "
                                    f"({n} < {self.pp_size}); use more microbatches or schedule='gpipe'")
-            if self._pipe_stage is None:
-                self._pipe_stage = PipelineStage(self.stage, self.pp_rank, self.pp_size, torch.device("cpu"),
-                                                 group=self.pp_group)
+            # No example inputs: the stage infers its activations' shapes on the first step (one
+            # extra forward of a microbatch and a backward to the inputs only, no parameter grads).
+            stage = PipelineStage(self.stage, self.pp_rank, self.pp_size, self.device, group=self.pp_group)
             cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
-            self._schedules[n] = cls(self._pipe_stage, n, loss_fn=self.loss_fn)
+            self._schedules[n] = cls(stage, n, loss_fn=self.loss_fn)
         return self._schedules[n]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -325,7 +331,7 @@ class PipelineTrainer:
         if self.is_last:
             loss = torch.stack([l.detach().float() for l in losses]).mean()
         else:
-            loss = torch.zeros((), dtype=torch.float32)
+            loss = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.pp_size > 1:
             dist.broadcast(loss, group=self.pp_group, group_src=self.pp_size - 1)
         if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
@@ -335,7 +341,7 @@ class PipelineTrainer:
 
     def _sync_grads(self) -> None:
         """Average gradients over dp (ZeRO 0), then sum the tied embedding's over its two copies."""
-        if not self.fsdp and self.dp_group is not None and (size := dist.get_world_size(self.dp_group)) > 1:
+        if self.average_dp_grads and self.dp_group is not None and (size := dist.get_world_size(self.dp_group)) > 1:
             params = [p for p in self.stage.parameters() if p.requires_grad]
             for p in params:
                 if p.grad is None:  # a parameter this step did not reach: it still joins the average

@@ -26,7 +26,9 @@ def build(cfg: GPTConfig, lay: TrainLayout, seed: int, lr: float = 3e-3):
     lay.check(cfg, dist.get_world_size())
     par = parallelize(init_gpt(cfg, seed), lay)
     if lay.zero == 1:
-        return par, FlatAdamW(par.model.named_parameters(), par.dp_group, lr=lr, weight_decay=0.1)
+        # the tied embedding lives on the first and last pipeline stage: partition it alike on both
+        return par, FlatAdamW(par.model.named_parameters(), par.dp_group, lr=lr, weight_decay=0.1,
+                              own_bucket={"wte.weight"} if lay.pp > 1 else ())
     return par, torch.optim.AdamW(par.model.parameters(), lr=lr, weight_decay=0.1)
 
 
@@ -37,13 +39,18 @@ def train_steps(cfg: GPTConfig, lay: TrainLayout, par, opt, seed: int, steps, on
     for step in steps:
         x, y = batch(cfg, seed, step)
         lo = par.dp_rank * rows
-        loss = loss_fn(par.module(x[lo:lo + rows]), y[lo:lo + rows])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total, group=par.dp_group)
-        losses.append(total.item() / lay.dp)
+        if par.pipeline is not None:  # forward and backward through the schedule; the global loss
+            losses.append(par.pipeline.step(x[lo:lo + rows], y[lo:lo + rows]))
+            opt.step()
+            opt.zero_grad()
+        else:
+            loss = loss_fn(par.module(x[lo:lo + rows]), y[lo:lo + rows])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            total = loss.detach().clone()
+            dist.all_reduce(total, group=par.dp_group)
+            losses.append(total.item() / lay.dp)
         if on_step is not None:
             on_step(step, losses[-1])
     return losses

@@ -53,21 +53,29 @@ class FlatAdamW(torch.optim.Optimizer):
         named_params: ``(fqn, parameter)`` pairs, e.g. ``model.named_parameters()``.
         dp_group: the data-parallel process group (None: the default group).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        own_bucket: fqns that get a flat buffer of their own. A parameter held by several pipeline
+            stages (the tied embedding on the first and the last) must be partitioned the same way
+            on each, whatever else the stage holds; then its copies' partitions are the same regions.
     """
 
     ucp_flat_axis = "dp"
 
-    def __init__(self, named_params, dp_group=None, lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, named_params, dp_group=None, lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 own_bucket=()):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         super().__init__([p for _, p in named], dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=0))
         self.dp_group = dp_group
         self.dp_rank = dist.get_rank(dp_group)
         self.dp_size = dist.get_world_size(dp_group)
         self.buckets: list[_Bucket] = []
-        for dtype in dict.fromkeys(p.dtype for _, p in named):
+        def bucket_of(n, p):
+            return (p.dtype, n if n in own_bucket else None)
+
+        for which in dict.fromkeys(bucket_of(n, p) for n, p in named):
+            dtype = which[0]
             params, off = [], 0
             for n, p in named:
-                if p.dtype == dtype:
+                if bucket_of(n, p) == which:
                     params.append((n, p, off))
                     off += p.numel()
             size = -(-off // self.dp_size)
