@@ -1019,3 +1019,31 @@ def test_rank_file_is_valid_safetensors_holding_every_fragment(ckpt_root):
             else:
                 expected = torch.arange(5, dtype=torch.float16)
             assert_bits_equal(t, expected.reshape(t.shape), f.key)
+
+
+def test_rollback_then_save_keeps_the_new_checkpoint(ckpt_root):
+    # resume from 100 after 200 was saved (a loss spike, say): the next save is the newest one,
+    # retention removes the abandoned run's checkpoint, never the one just written
+    model, opt, sched = make()
+    ck = ucp.Checkpointer(ckpt_root, model=model, optimizer=opt, keep=1, options=FAST)
+    ck.save(100)
+    ck.save(200)
+    assert [s for s, _ in store.list_steps(ckpt_root)] == [200]
+    res = ck.save(150)
+    assert res.path.is_dir() and store.is_complete(res.path)
+    assert [s for s, _ in store.list_steps(ckpt_root)] == [150]
+    assert ck.load().step == 150
+
+
+def test_pruning_failure_does_not_fail_a_committed_save(ckpt_root, monkeypatch):
+    model, opt, sched = make()
+    ck = ucp.Checkpointer(ckpt_root, model=model, optimizer=opt, keep=1, options=FAST)
+    ck.save(1)
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only old checkpoint")
+
+    monkeypatch.setattr(store, "prune", refuse)
+    with pytest.warns(UserWarning, match="pruning old ones failed"):
+        res = ck.save(2)
+    assert store.is_complete(res.path) and ck.load().step == 2

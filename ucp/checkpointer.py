@@ -11,6 +11,7 @@ checkpoint stays the newest complete one.
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from ucp.spec.keys import extra_key
 from ucp.spec.layout import Layout
 from ucp.spec.manifest import Manifest
 from ucp.storage import directory as store
+from ucp.storage.atomic import fsync_dir
 from ucp.storage.manifest_io import commit_manifest
 from ucp.storage.safetensors_file import Entry, write_file
 
@@ -216,11 +218,12 @@ class Checkpointer:
             buffers = [staged(p.data) for p in pieces]
             local.update(pieces=pieces, buffers=buffers, views=[bytes_view(b) for b in buffers])
             infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, v.nbytes) for p, v in zip(pieces, local["views"])]
-            return infos, metas, state, self.layout
+            return infos, metas, state, self.layout, (step, str(self.root.resolve()))
 
         gathered = coll.phase("capture", capture)
         infos_by_rank = [g[0] for g in gathered]
         layouts = {g[3] for g in gathered}
+        targets = {g[4] for g in gathered}
         shared = replicated_regions(infos_by_rank)
 
         def compare():
@@ -234,11 +237,16 @@ class Checkpointer:
                          for r, infos in enumerate(infos_by_rank)]
 
         def plan():
+            if len(targets) > 1:
+                seen = {r: g[4] for r, g in enumerate(gathered)}
+                raise UcpError(f"ranks disagree about what to save (step, root): {seen}; every rank must call "
+                               "save() with the same step on the same checkpoint root")
             if len(layouts) > 1:
                 raise UcpError(f"ranks disagree about the layout: {sorted(map(str, layouts))}")
-            return merge_metas([g[1] for g in gathered]), assign_writers(infos_by_rank)
+            local["plan"] = merge_metas([g[1] for g in gathered]), assign_writers(infos_by_rank)
 
-        metas, assignments = coll.phase("plan", plan)[0]
+        coll.phase("plan", plan)  # every rank computes the same plan from the same input
+        metas, assignments = local.pop("plan")
         coll.phase("prepare", lambda: self._prepare(directory) if rank == 0 else None)
 
         def write():
@@ -277,11 +285,21 @@ class Checkpointer:
             manifest = Manifest(step, self.layout, metas, tuple(fragments), split_state([g[2] for g in gathered]),
                                 files, created_by=f"ucp {__version__}")
             manifest.validate()
+            for name, size in files.items():  # what each rank wrote is here, whole, before it is published
+                found = (directory / name).stat().st_size if (directory / name).exists() else None
+                if found != size:
+                    raise UcpError(f"{directory / name}: {found} bytes on storage, the writing rank reported {size}; "
+                                   "is the checkpoint root the same storage on every rank?")
             commit_manifest(directory, manifest)
-            store.prune(self.root, self.keep)
             return manifest.nbytes
 
         nbytes = coll.phase("commit", commit)[0]
+        if rank == 0:
+            # Retention runs after the commit and never fails a save that is already visible.
+            try:
+                store.prune(self.root, self.keep, current=step)
+            except OSError as e:
+                warnings.warn(f"ucp: checkpoint {directory} is saved, but pruning old ones failed: {e}", stacklevel=2)
         return SaveResult(step, directory, nbytes, time.perf_counter() - t0)
 
     def _prepare(self, directory: Path) -> None:
@@ -290,6 +308,7 @@ class Checkpointer:
         if directory.exists():
             store.remove_checkpoint(directory)  # a stale partial save of the same step
         directory.mkdir(parents=True)
+        fsync_dir(directory.parent)  # the new directory's entry is durable before its manifest is
 
     # -- load --------------------------------------------------------------------------------
 

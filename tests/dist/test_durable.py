@@ -84,3 +84,15 @@ def test_flat_zero1_partitions_round_trip(world4, tmp_path):
     assert m.tensors["optim/fc1.weight/master"].pattern.flat == "dp"
     # norm.weight has 6 elements over 4 ranks: chunks of 2, 2, 2 and an empty one that is not stored
     assert sorted(f.flat.numel for f in m.fragments_of("optim/norm.weight/momentum")) == [2, 2, 2]
+
+
+def test_ranks_saving_different_steps_are_refused_and_nothing_is_touched(world2, tmp_path):
+    from ucp.storage.verify import verify_checkpoint
+
+    root = tmp_path / "ck"
+    out = world2.run(workloads.save_disagreeing_steps, str(root))
+    for msg in out:
+        assert "disagree about what to save" in msg, msg
+    assert [s for s, _ in store.list_steps(root)] == [1]
+    path = store.resolve(root)
+    assert verify_checkpoint(path, read_manifest(path)).ok  # the finished checkpoint was not rewritten

@@ -207,3 +207,19 @@ def flat_zero1_resume(root: str, before: int = 3, after: int = 3) -> dict:
     diffs = bit_diffs(saved, {**full_state(model2, opt2), **local(opt2)})
     got = [train_step(model2, opt2, s) for s in range(before, before + after)]
     return {"diffs": diffs, "ref": ref, "got": got}
+
+
+def save_disagreeing_steps(root: str) -> str:
+    """Step 1 is saved; then rank 0 saves step 3 while the others save step 1 again."""
+    import ucp
+    from ucp.errors import DistributedError
+
+    model, opt = build("fsdp", seed=0)
+    train_step(model, opt, 0)
+    ck = ucp.Checkpointer(root, model=model, optimizer=opt)
+    ck.save(1)
+    try:
+        ck.save(3 if dist.get_rank() == 0 else 1)
+    except DistributedError as e:
+        return str(e)
+    return "no error"

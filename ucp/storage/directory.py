@@ -17,7 +17,7 @@ from ucp.storage.atomic import fsync_dir
 
 MANIFEST = "manifest.json"
 FRAGMENT_TABLE = "fragments.parquet"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_STEP_DIR = re.compile(r"step_([0-9]{8,})")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -39,7 +39,7 @@ def list_steps(root: Path, complete: bool = True) -> list[tuple[int, Path]]:
         return []
     out = []
     for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
+        m = _STEP_DIR.fullmatch(p.name)
         if m and p.is_dir() and (is_complete(p) or not complete):
             out.append((int(m.group(1)), p))
     return sorted(out)
@@ -78,11 +78,22 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def prune(root: Path, keep: int) -> list[Path]:
-    """Keep the newest ``keep`` complete checkpoints (all if ``keep`` is None); delete older complete
-    ones and incomplete saves older than the newest complete one. Returns what was removed."""
+def prune(root: Path, keep: int | None, current: int | None = None) -> list[Path]:
+    """Retention after the checkpoint of step ``current`` was committed.
+
+    Keeps the newest ``keep`` complete checkpoints (all if ``keep`` is None) and deletes older complete
+    ones and incomplete saves older than the newest complete one. With ``keep`` set, checkpoints of
+    steps *after* ``current`` belong to a run that was rolled back (it resumed from an earlier step
+    and saved again): they are deleted first, so the checkpoint just saved is never pruned and
+    ``load()`` finds it as the newest. Returns what was removed.
+    """
     complete = list_steps(root)
     removed = []
+    if keep and current is not None:
+        for s, p in [(s, p) for s, p in complete if s > current]:
+            remove_checkpoint(p)
+            removed.append(p)
+        complete = [(s, p) for s, p in complete if s <= current]
     if keep and len(complete) > keep:
         for _, p in complete[:-keep]:
             remove_checkpoint(p)
