@@ -138,6 +138,17 @@ def draw():
     return random.random(), np.random.rand(3).tolist(), torch.rand(4)
 
 
+
+def write_signed(mpath, header: dict) -> None:
+    """Write an edited manifest header with a valid checksum (a writer that means it)."""
+    from ucp.codecs.checksum import crc32c
+    from ucp.spec.manifest import canonical_json
+    from ucp.storage.manifest_io import HEADER_CRC
+
+    header = {k: v for k, v in header.items() if k != HEADER_CRC}
+    header[HEADER_CRC] = crc32c(canonical_json(header))
+    mpath.write_text(json.dumps(header))
+
 def saved_checkpoint(root, **save_kwargs):
     """A trained model saved at step 5 under ``root``: (checkpoint dir, model, optimizer, scheduler)."""
     model, opt, sched = make()
@@ -768,7 +779,7 @@ def test_manifest_from_a_newer_major_version_asks_to_upgrade(ckpt_root):
     mpath = path / store.MANIFEST
     header = json.loads(mpath.read_bytes())
     header["format_version"] = "9.0"
-    mpath.write_text(json.dumps(header))
+    write_signed(mpath, header)
     ckpt, _ = fresh_checkpointer(ckpt_root)
     with pytest.raises(FormatError, match="upgrade") as e:
         ckpt.load()
@@ -781,7 +792,7 @@ def test_manifest_newer_minor_version_still_loads(ckpt_root):
     header = json.loads(mpath.read_bytes())
     header["format_version"] = "1.7"
     header["a_field_from_the_future"] = {"x": [1, 2]}  # readers ignore fields they do not know
-    mpath.write_text(json.dumps(header))
+    write_signed(mpath, header)
     ckpt, model2 = fresh_checkpointer(ckpt_root)
     assert ckpt.load().step == 5
     assert_bits_equal(model2.fc1.weight, model.fc1.weight)
@@ -793,7 +804,7 @@ def test_manifest_naming_a_file_outside_the_directory_is_rejected(ckpt_root):
     mpath = path / store.MANIFEST
     header = json.loads(mpath.read_bytes())
     header["fragment_table"]["file"] = "../evil.parquet"
-    mpath.write_text(json.dumps(header))
+    write_signed(mpath, header)
     ckpt, _ = fresh_checkpointer(ckpt_root)
     with pytest.raises(FormatError, match="plain file name"):
         ckpt.load()
@@ -1047,3 +1058,48 @@ def test_pruning_failure_does_not_fail_a_committed_save(ckpt_root, monkeypatch):
     with pytest.warns(UserWarning, match="pruning old ones failed"):
         res = ck.save(2)
     assert store.is_complete(res.path) and ck.load().step == 2
+
+
+def test_a_changed_value_in_the_manifest_is_caught_by_its_checksum(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    text = mpath.read_text()
+    assert '"step": 5' in text
+    mpath.write_text(text.replace('"step": 5', '"step": 6'))  # still valid JSON, still a valid manifest
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError, match="manifest.json: checksum mismatch"):
+        ckpt.load()
+
+
+def test_dtype_mismatch_is_refused_not_cast(ckpt_root):
+    saved_checkpoint(ckpt_root)
+    ckpt, model = fresh_checkpointer(ckpt_root)
+    model.double()
+    with pytest.raises(LoadError, match="fc1.weight is float32 in the checkpoint, float64 here"):
+        ckpt.load()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda h: h.update(files=["abc"]), "malformed"),
+    (lambda h: h["state"].update(ranks=[1, 2]), "'ranks' map rank numbers"),
+    (lambda h: h["state"]["ranks"].update({"7": {}}), "'ranks' map rank numbers"),
+    (lambda h: h.update(format_version="1"), "MAJOR.MINOR"),
+])
+def test_malformed_manifests_get_a_format_error(ckpt_root, edit, words):
+    path, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    header = json.loads(mpath.read_bytes())
+    edit(header)
+    write_signed(mpath, header)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(FormatError, match=words):
+        ckpt.load()
+
+
+def test_nan_in_the_manifest_is_not_json(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    mpath.write_text(mpath.read_text().replace('"step": 5', '"step": NaN'))
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(FormatError, match="not valid JSON"):
+        ckpt.load()

@@ -200,8 +200,9 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
     path = coll.phase("find", find)[0]
     if path is None:
         return None
-    manifest = coll.phase("manifest", lambda: read_manifest(path))[coll.rank]
     result: dict = {}
+    coll.phase("manifest", lambda: result.update(manifest=read_manifest(path)))
+    manifest = result["manifest"]
 
     def targets():
         pieces: list[Piece] = []
@@ -244,6 +245,9 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
             meta = manifest.tensors[p.key]
             if tuple(meta.shape) != tuple(p.meta.shape):
                 raise LoadError(f"{path}: {p.key} has shape {list(meta.shape)} in the checkpoint, {list(p.meta.shape)} here")
+            if meta.dtype != p.meta.dtype:
+                raise LoadError(f"{path}: {p.key} is {meta.dtype} in the checkpoint, {p.meta.dtype} here; "
+                                "ucp does not cast silently")
 
         index = FragmentIndex(manifest.fragments)
         jobs = [(item, p.data) for p in pieces if p.numel

@@ -248,3 +248,22 @@ def test_truncated_parquet():
     data = fragments_to_parquet(EXAMPLES)
     with pytest.raises(FormatError, match="not a readable Parquet file"):
         fragments_from_parquet(data[: len(data) // 2])
+
+
+def test_null_in_a_required_column_is_a_format_error():
+    import pyarrow as pa
+
+    from ucp.spec.fragment import FRAGMENT_SCHEMA, table_to_fragments
+
+    cols = {n: [None] if n in ("flat_start", "flat_numel", "rank") else None for n in FRAGMENT_SCHEMA.names}
+    cols.update(key=["model/x"], offsets=[[0]], sizes=[[1]], dtype=["float32"], file=["f"], byte_offset=[0],
+                byte_length=[4], crc32c=[0])
+    with pytest.raises(FormatError, match="'rank' has empty"):
+        table_to_fragments(pa.table(cols, schema=FRAGMENT_SCHEMA))
+
+
+def test_file_name_with_a_trailing_newline_is_rejected():
+    from ucp.spec.fragment import check_file_name
+
+    with pytest.raises(FormatError, match="plain file name"):
+        check_file_name("rank_00000.safetensors\n")

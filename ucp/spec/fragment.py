@@ -14,12 +14,12 @@ from ucp.spec.box import Box, FlatRange
 from ucp.spec.dtypes import itemsize
 
 # A file a manifest names must be a plain name inside the checkpoint directory.
-_SAFE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 def check_file_name(name: str) -> str:
     """Reject file names that could escape the checkpoint directory (``../x``, ``/etc/x``, ``a/b``)."""
-    if not isinstance(name, str) or not _SAFE_FILE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _SAFE_FILE.fullmatch(name) or name in (".", ".."):
         raise FormatError(
             f"file name {name!r} is not a plain file name inside the checkpoint directory "
             "(no '/', no '..', no leading '.')"
@@ -118,6 +118,9 @@ def table_to_fragments(table: pa.Table) -> list[Fragment]:
                 f"fragment table column {field.name!r} has type {table.schema.field(field.name).type}, expected {field.type}"
             )
     cols = {name: table.column(name).to_pylist() for name in FRAGMENT_SCHEMA.names}
+    for name in FRAGMENT_SCHEMA.names:
+        if name not in ("flat_start", "flat_numel") and table.column(name).null_count:
+            raise FormatError(f"fragment table column {name!r} has empty (null) entries; every fragment needs one")
     out = []
     for i in range(table.num_rows):
         fs, fn = cols["flat_start"][i], cols["flat_numel"][i]

@@ -9,6 +9,7 @@ enforces them, one error per rule.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from ucp.errors import FormatError, SpecError
@@ -25,7 +26,7 @@ FORMAT_VERSION = "1.0"
 
 def check_version(found, supported: str, what: str) -> None:
     """Reject a ``format_version`` whose major number this reader does not know."""
-    if not isinstance(found, str) or not found.split(".")[0].isdigit():
+    if not isinstance(found, str) or not re.fullmatch(r"[0-9]+\.[0-9]+", found):
         raise FormatError(f"{what}: format_version {found!r} is not of the form 'MAJOR.MINOR'")
     if found.split(".")[0] != supported.split(".")[0]:
         raise FormatError(
@@ -113,6 +114,13 @@ class Manifest:
             _check_cover(key, meta, by_key.get(key, []))
         if not isinstance(self.state, dict) or set(self.state) - {"shared", "ranks"}:
             raise FormatError("manifest state must be an object with 'shared' and 'ranks'")
+        ranks = self.state.get("ranks", {})
+        if not isinstance(self.state.get("shared", {}), dict) or not isinstance(ranks, dict) or any(
+            not (isinstance(r, str) and r.isdigit() and int(r) < self.layout.world_size and isinstance(v, dict))
+            for r, v in ranks.items()
+        ):
+            raise FormatError("manifest state: 'shared' must be an object and 'ranks' map rank numbers "
+                              f"below {self.layout.world_size} to objects")
 
     def fragments_of(self, key: str) -> list[Fragment]:
         return [f for f in self.fragments if f.key == key]
@@ -154,7 +162,7 @@ class Manifest:
             )
         except KeyError as e:
             raise FormatError(f"checkpoint manifest lacks field {e.args[0]!r}") from e
-        except (SpecError, AttributeError, TypeError) as e:
+        except (SpecError, AttributeError, TypeError, ValueError) as e:
             raise FormatError(f"checkpoint manifest is malformed: {e}") from e
         m.validate()
         return m
@@ -164,11 +172,23 @@ def header_to_json(header: dict) -> bytes:
     return json.dumps(header, indent=1, sort_keys=False, allow_nan=False).encode()
 
 
+def canonical_json(header: dict) -> bytes:
+    """The bytes a header's checksum is taken over: sorted keys, no whitespace."""
+    return json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def header_from_json(data: bytes, where: str) -> dict:
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(data, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{where} is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{where} is not a JSON object")
+    return header
 
 
 def _check_cover(key: str, meta: TensorMeta, frags: list[Fragment]) -> None:

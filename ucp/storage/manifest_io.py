@@ -7,9 +7,12 @@ from pathlib import Path
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError, FormatError, SpecError
 from ucp.spec.fragment import check_file_name, fragments_from_parquet, fragments_to_parquet
-from ucp.spec.manifest import Manifest, header_from_json, header_to_json
+from ucp.spec.manifest import Manifest, canonical_json, header_from_json, header_to_json
 from ucp.storage.atomic import write_atomic
 from ucp.storage.directory import FRAGMENT_TABLE, MANIFEST
+
+#: the header field holding the CRC-32C of the rest of the header (its canonical JSON)
+HEADER_CRC = "header_crc32c"
 
 
 def commit_manifest(directory: Path, manifest: Manifest) -> None:
@@ -18,6 +21,7 @@ def commit_manifest(directory: Path, manifest: Manifest) -> None:
     table = fragments_to_parquet(manifest.fragments)
     write_atomic(directory / FRAGMENT_TABLE, table)
     header = manifest.header({"file": FRAGMENT_TABLE, "crc32c": crc32c(table), "rows": len(manifest.fragments)})
+    header[HEADER_CRC] = crc32c(canonical_json(header))
     write_atomic(directory / MANIFEST, header_to_json(header))
 
 
@@ -29,7 +33,17 @@ def read_manifest(directory: Path) -> Manifest:
         header = header_from_json(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise FormatError(f"{directory}: no {MANIFEST}; not a complete checkpoint") from None
-    table_meta = header.get("fragment_table") if isinstance(header, dict) else None
+    stored = header.pop(HEADER_CRC, None)
+    if stored is None:
+        raise FormatError(f"{path}: lacks '{HEADER_CRC}'")
+    try:
+        actual = crc32c(canonical_json(header))
+    except ValueError as e:
+        raise FormatError(f"{path}: {e}") from e
+    if actual != stored:
+        raise CorruptCheckpointError(f"{path}: checksum mismatch (crc32c {actual:08x}, recorded {stored:08x}); "
+                                     "the manifest is corrupted")
+    table_meta = header.get("fragment_table")
     if not isinstance(table_meta, dict) or not isinstance(table_meta.get("file"), str):
         raise FormatError(f"{path}: lacks a valid 'fragment_table' entry")
 
