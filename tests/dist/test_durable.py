@@ -96,3 +96,11 @@ def test_ranks_saving_different_steps_are_refused_and_nothing_is_touched(world2,
     assert [s for s, _ in store.list_steps(root)] == [1]
     path = store.resolve(root)
     assert verify_checkpoint(path, read_manifest(path)).ok  # the finished checkpoint was not rewritten
+
+
+@pytest.mark.fault
+def test_corruption_under_torch_distributed_keeps_its_error_class(world2, tmp_path):
+    out = world2.run(workloads.load_corrupted, str(tmp_path / "ck"))
+    for r in out:
+        assert r["both"] is True, r  # caught as CorruptCheckpointError, and it is a DistributedError
+        assert r["exit_code"] == 3 and "fails its checksum" in r["msg"]

@@ -223,3 +223,29 @@ def save_disagreeing_steps(root: str) -> str:
     except DistributedError as e:
         return str(e)
     return "no error"
+
+
+def load_corrupted(root: str) -> dict:
+    """Save, flip a byte of one fragment (rank 0), load: every rank gets the corruption's class."""
+    import ucp
+    from ucp.errors import CorruptCheckpointError, DistributedError
+    from ucp.storage import directory as store
+    from ucp.storage.manifest_io import read_manifest
+
+    model, opt = build("tp", seed=0)
+    train_step(model, opt, 0)
+    ck = ucp.Checkpointer(root, model=model, optimizer=opt)
+    res = ck.save(1)
+    if dist.get_rank() == 0:
+        f = max(read_manifest(res.path).fragments, key=lambda f: f.length)
+        with open(res.path / f.file, "r+b") as fh:
+            fh.seek(f.offset)
+            b = fh.read(1)
+            fh.seek(f.offset)
+            fh.write(bytes([b[0] ^ 1]))
+    dist.barrier()
+    try:
+        ck.load()
+    except CorruptCheckpointError as e:
+        return {"both": isinstance(e, DistributedError), "exit_code": e.exit_code, "msg": str(e)}
+    return {"both": None}

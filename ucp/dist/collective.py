@@ -9,6 +9,7 @@ initialized process group the same code runs as a world of one and re-raises the
 
 from __future__ import annotations
 
+import functools
 import traceback
 from typing import Any, Callable
 
@@ -57,13 +58,25 @@ class Collective:
             return [fn()]
         local_error: BaseException | None = None
         try:
-            outcome = (True, fn())
+            outcome = (True, fn(), None)
         except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
             local_error = e
             detail = str(e) if isinstance(e, UcpError) else "".join(traceback.format_exception_only(e)).strip()
-            outcome = (False, detail)
+            outcome = (False, detail, type(e) if isinstance(e, UcpError) else None)
         gathered = self.all_gather(outcome)
-        failures = {r: msg for r, (ok, msg) in enumerate(gathered) if not ok}
+        failures = {r: msg for r, (ok, msg, _) in enumerate(gathered) if not ok}
         if failures:
-            raise DistributedError(name, failures) from local_error
-        return [value for _, value in gathered]
+            kinds = {kind for ok, _, kind in gathered if not ok}
+            raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(name, failures) from local_error
+        return [value for _, value, _ in gathered]
+
+
+@functools.lru_cache(maxsize=None)
+def distributed_error_class(kind: type | None) -> type:
+    """``DistributedError``, or when every failing rank raised the same ucp error class, a subclass of
+    both: ``except CorruptCheckpointError`` then works the same in one process and under
+    torch.distributed, and the CLI keeps that class's exit code."""
+    if kind is None or not issubclass(kind, UcpError) or issubclass(kind, DistributedError):
+        return DistributedError
+    return type(f"Distributed{kind.__name__}", (DistributedError, kind), {"exit_code": kind.exit_code,
+                                                                        "__module__": __name__})
