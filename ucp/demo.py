@@ -51,6 +51,7 @@ def _job(root: str, layout: dict, steps: int, save_every: int, resume: int | Non
     bar.close()
     out["losses"] = dict(zip(range(start, steps + 1), losses))
     ckpt.close()
+    dist.barrier()  # no rank tears down while a peer's FSDP2 collectives are still in flight
     dist.destroy_process_group()
     return out
 

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         run(args)
+        dist.barrier()  # no rank tears down while a peer's FSDP2 collectives are still in flight
     finally:
         dist.destroy_process_group()
     return 0
