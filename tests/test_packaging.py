@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCE = "ucl 1\nsource layout tp=2 dp=4 zero=1\n"
 
 
-def _layout_axes(tree) -> list[tuple[str, int]]:
+def _layout_settings(tree) -> list[tuple[str, str]]:
     (layout,) = list(tree.find_data("source_layout"))
-    return [(str(a.children[0]), int(a.children[1])) for a in layout.find_data("axis_size")]
+    return [(str(a.children[0]), str(a.children[1].children[0])) for a in layout.find_data("setting")]
 
 
 def test_grammar_loads_and_parses():
@@ -26,9 +26,7 @@ def test_grammar_loads_and_parses():
     assert tree.data == "start"
     (version,) = list(tree.find_data("version"))
     assert int(version.children[0]) == 1
-    assert _layout_axes(tree) == [("tp", 2), ("dp", 4)]
-    (zero,) = list(tree.find_data("zero"))
-    assert int(zero.children[0]) == 1
+    assert _layout_settings(tree) == [("tp", "2"), ("dp", "4"), ("zero", "1")]
     assert parser() is parser()  # cached
 
 

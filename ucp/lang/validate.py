@@ -1,0 +1,216 @@
+"""Validation passes over a parsed UCL program, each small and separate.
+
+:func:`check` validates a program on its own (version, declarations, every transform's
+arguments, axes named in the source layout, glob syntax). :func:`match` applies its rules to a
+model's tensors: first matching rule wins, every tensor must be matched, every rule must match
+something, dims and fused sizes must fit the shapes. Each error names file, line and column and
+says how to fix it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ucp.lang import ast
+from ucp.lang.parse import UclError
+from ucp.spec.layout import Layout
+from ucp.spec.pattern import Fused, Pad, Pattern, Shard
+
+VERSION = 1
+
+#: transform -> (number of positional args, required keywords, optional keywords, any extra int keywords)
+SIGNATURES = {
+    "replicate": (1, (), (), False),
+    "shard": (1, ("dim",), (), False),
+    "fused": (0, ("dim",), (), True),
+    "pad": (0, ("dim", "to", "keep"), (), False),
+    "average": (1, (), (), False),
+    "stage": (1, ("layers",), (), False),
+    "expert": (1, ("experts",), (), False),
+    "tied": (1, (), (), False),
+    "flat": (1, (), (), False),
+}
+_AXIS_ARG = {"replicate", "shard", "average", "stage", "expert", "flat"}
+_CAPTURE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _err(msg: str, file: str, pos: ast.Pos) -> UclError:
+    return UclError(msg, file, pos.line, pos.column)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    rule: ast.Rule
+    regexes: tuple[re.Pattern, ...]
+
+
+@dataclass(frozen=True)
+class CheckedProgram:
+    """A program that passed :func:`check`: its source layout, model settings and compiled rules."""
+
+    program: ast.Program
+    file: str
+    layout: Layout
+    model: dict
+    rules: tuple[CompiledRule, ...]
+
+
+def compile_glob(glob: str, file: str = "<ucl>", pos: ast.Pos = ast.Pos()) -> re.Pattern:
+    """``*`` any text, ``?`` one character, ``{i}`` a captured non-negative integer named ``i``."""
+    out, names, i = [], set(), 0
+    while i < len(glob):
+        c = glob[i]
+        if c == "{":
+            m = _CAPTURE.match(glob, i)
+            if not m:
+                raise _err(f"glob {glob!r}: '{{' must open a capture like {{i}}", file, pos)
+            if m.group(1) in names:
+                raise _err(f"glob {glob!r} captures {{{m.group(1)}}} twice", file, pos)
+            names.add(m.group(1))
+            out.append(f"(?P<{m.group(1)}>[0-9]+)")
+            i = m.end()
+            continue
+        if c == "}":
+            raise _err(f"glob {glob!r}: '}}' without a capture", file, pos)
+        out.append(".*" if c == "*" else "." if c == "?" else re.escape(c))
+        i += 1
+    if not glob:
+        raise _err("an empty glob matches nothing; give a tensor name or pattern", file, pos)
+    return re.compile("".join(out))
+
+
+def _check_call(t: ast.Transform, axes: tuple[str, ...], file: str) -> None:
+    if t.name not in SIGNATURES:
+        raise _err(f"unknown transform {t.name!r}; known: {', '.join(SIGNATURES)}", file, t.pos)
+    npos, required, optional, extra_ints = SIGNATURES[t.name]
+    if len(t.args) != npos:
+        raise _err(f"{t.name}() takes {npos} positional argument(s), got {len(t.args)}", file, t.pos)
+    kw = dict(t.kwargs)
+    if len(kw) != len(t.kwargs):
+        raise _err(f"{t.name}() repeats a keyword argument", file, t.pos)
+    for key in required:
+        if key not in kw:
+            raise _err(f"{t.name}() needs {key}=...", file, t.pos)
+    for key, value in kw.items():
+        if key not in required and key not in optional and not extra_ints:
+            raise _err(f"{t.name}() takes no argument {key!r}", file, t.pos)
+        if not isinstance(value, int):
+            raise _err(f"{t.name}({key}=...) must be an integer, got {value!r}", file, t.pos)
+    if t.name in _AXIS_ARG:
+        axis = t.args[0]
+        if not isinstance(axis, str) or axis not in axes:
+            raise _err(f"{t.name}() names axis {axis!r}, which the source layout lacks (it has {', '.join(axes) or 'none'})",
+                       file, t.pos)
+    if t.name == "tied" and not isinstance(t.args[0], ast.Quoted):
+        raise _err('tied() takes the quoted name of the parameter it is tied to, e.g. tied("wte.weight")', file, t.pos)
+    if t.name == "fused":
+        parts = [(k, v) for k, v in t.kwargs if k != "dim"]
+        if not parts or any(v < 1 for _, v in parts):
+            raise _err("fused() needs the sizes of its parts, e.g. fused(dim=0, q=4096, k=1024, v=1024)", file, t.pos)
+    if t.name == "pad" and not 0 < kw["keep"] <= kw["to"]:
+        raise _err(f"pad(): keep={kw['keep']} must be between 1 and to={kw['to']}", file, t.pos)
+
+
+def check(program: ast.Program, file: str = "<ucl>") -> CheckedProgram:
+    """Validate ``program`` on its own. Raises UclError at the first problem."""
+    if program.version != VERSION:
+        raise _err(f"UCL version {program.version} is not supported; this ucp reads 'ucl {VERSION}'", file, program.pos)
+    for kind, what in ((ast.SourceLayout, "source layout"), (ast.Model, "model"), (ast.Optimizer, "optimizer")):
+        found = program.of(kind)
+        if len(found) > 1:
+            raise _err(f"'{what}' is given twice (first on line {found[0].pos.line}); give it once", file, found[1].pos)
+    layouts = program.of(ast.SourceLayout)
+    if not layouts:
+        raise _err("the program needs a 'source layout' line, e.g. 'source layout tp=2 dp=4 zero=1'", file, program.pos)
+    sizes, zero = [], 0
+    for s in layouts[0].settings:
+        if not isinstance(s.value, int):
+            raise _err(f"layout {s.name}={s.value!r}: sizes are integers", file, s.pos)
+        if s.name == "zero":
+            zero = s.value
+        else:
+            sizes.append((s.name, s.value))
+    try:
+        layout = Layout(tuple(sizes), zero=zero)
+    except Exception as e:  # noqa: BLE001 - Layout's SpecError says what is wrong
+        raise _err(str(e), file, layouts[0].pos) from None
+    model = {}
+    for m in program.of(ast.Model):
+        for s in m.settings:
+            if not isinstance(s.value, int):
+                raise _err(f"model {s.name}={s.value!r}: model settings are integers", file, s.pos)
+            model[s.name] = s.value
+    rules = []
+    for rule in program.rules:
+        for t in rule.transforms:
+            _check_call(t, layout.names, file)
+        names = [t.name for t in rule.transforms]
+        for n in set(names):
+            if names.count(n) > 1 and n not in ("shard",):
+                raise _err(f"{n}() appears twice in one rule", file, rule.pos)
+        rules.append(CompiledRule(rule, tuple(compile_glob(g, file, rule.pos) for g in rule.globs)))
+    for opt in program.of(ast.Optimizer):
+        if len(set(opt.states)) != len(opt.states):
+            raise _err("optimizer states are listed twice", file, opt.pos)
+    for ex in program.of(ast.ExportRename):
+        compile_glob(ex.pattern, file, ex.pos)
+    return CheckedProgram(program, file, layout, model, tuple(rules))
+
+
+@dataclass(frozen=True)
+class Match:
+    """What one tensor takes: the rule that matched, its captures and the lowered pattern."""
+
+    rule: ast.Rule
+    captures: dict
+    pattern: Pattern
+
+
+def _lower(rule: ast.Rule) -> Pattern:
+    shards, flat, fused, pad = [], None, None, None
+    for t in rule.transforms:
+        kw = dict(t.kwargs)
+        if t.name == "shard":
+            shards.append(Shard(t.args[0], kw["dim"]))
+        elif t.name == "flat":
+            flat = t.args[0]
+        elif t.name == "fused":
+            fused = Fused(kw["dim"], tuple((k, v) for k, v in t.kwargs if k != "dim"))
+        elif t.name == "pad":
+            pad = Pad(kw["dim"], kw["to"], kw["keep"])
+    return Pattern(tuple(shards), flat, fused, pad)
+
+
+def match(checked: CheckedProgram, shapes: dict[str, tuple[int, ...]]) -> dict[str, Match]:
+    """Apply the rules to ``{tensor name: global shape}``: first match wins.
+
+    Raises:
+        UclError: a tensor no rule matches, a rule that matches nothing, or a rule whose
+            dims or sizes do not fit a tensor it matches.
+    """
+    file = checked.file
+    out: dict[str, Match] = {}
+    used = [False] * len(checked.rules)
+    for name, shape in shapes.items():
+        for i, cr in enumerate(checked.rules):
+            m = next((m for rx in cr.regexes if (m := rx.fullmatch(name))), None)
+            if m is None:
+                continue
+            used[i] = True
+            try:
+                pattern = _lower(cr.rule)
+                pattern.validate(tuple(shape), checked.layout.names, name)
+            except Exception as e:  # noqa: BLE001 - SpecError from the data model, placed at the rule
+                raise _err(f"{e} (the rule matches tensor {name!r} of shape {list(shape)})", file, cr.rule.pos) from None
+            out[name] = Match(cr.rule, {k: int(v) for k, v in m.groupdict().items()}, pattern)
+            break
+        else:
+            raise UclError(f"tensor {name!r} (shape {list(shape)}) is matched by no rule; add a rule for it, "
+                           f'e.g. "{name}" : replicate({checked.layout.names[0]})', file, 0, 0)
+    for cr, hit in zip(checked.rules, used):
+        if not hit:
+            globs = ", ".join(f'"{g}"' for g in cr.rule.globs)
+            raise _err(f"rule {globs} matches no tensor (an earlier rule may take them all); fix or remove it",
+                       file, cr.rule.pos)
+    return out
