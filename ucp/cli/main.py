@@ -57,10 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
 
     p = sub.add_parser("demo", help="a short multi-process save/load demonstration",
-                       description="Train a small model on N local processes (gloo, torch's elastic launcher, "
-                                   "FSDP2), checkpoint it every few steps, then restart from the newest "
-                                   "checkpoint as a new job would and check that training continues exactly "
-                                   "as the uninterrupted run did.")
+                       description="Train the reference GPT on N local processes (gloo, torch's elastic "
+                                   "launcher; FSDP2, with tensor parallelism from 4 ranks), checkpoint it every few "
+                                   "steps keeping the newest two, then start a new job from the newest checkpoint "
+                                   "before the last step and check that its losses equal the uninterrupted run's, "
+                                   "bit for bit.")
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) to run, default 2")
     p.add_argument("--steps", type=int, default=12, help="training steps, default 12")
     p.add_argument("--save-every", type=int, default=4, help="save every N steps, default 4")

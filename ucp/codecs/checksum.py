@@ -12,7 +12,3 @@ import crc32c as _crc32c
 def crc32c(data, value: int = 0) -> int:
     """CRC-32C of ``data`` (any buffer: bytes, memoryview, numpy array), continuing from ``value``."""
     return _crc32c.crc32c(data, value)
-
-
-def crc32c_hex(value: int) -> str:
-    return f"{value:08x}"
