@@ -11,7 +11,6 @@ into a ``bytes`` object (doubling peak memory) and cannot fsync; files written h
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ucp.errors import CorruptCheckpointError
+from ucp.storage.atomic import WRITEBACK_EVERY, start_writeback
 
 _ALIGN = 8
 # Beyond this a header is not a header: refuse to allocate for it (the library uses 100 MB too).
@@ -51,21 +51,6 @@ def plan_file(entries: list[Entry], metadata: dict[str, str] | None = None) -> t
     return struct.pack("<Q", len(text)) + text, [start + r for r in rel]
 
 
-def _writeback_starter():
-    """``start(fd, offset, length)``: ask Linux to begin writing a range back now (no waiting), so
-    the final fsync finds most of the file already on its way; a no-op where unavailable."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        sync_file_range = libc.sync_file_range
-        sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    except (OSError, AttributeError):
-        return lambda fd, offset, length: None
-    return lambda fd, offset, length: sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_WRITEBACK_EVERY = 32 << 20
-_start_writeback = _writeback_starter()
 
 
 def write_file(path: Path, entries: list[Entry], metadata: dict[str, str] | None = None, fsync: bool = True) -> tuple[int, list[int]]:
@@ -81,8 +66,8 @@ def write_file(path: Path, entries: list[Entry], metadata: dict[str, str] | None
             while written < view.nbytes:
                 written += f.write(view[written:])
             pos = f.tell()
-            if fsync and pos - flushed >= _WRITEBACK_EVERY:
-                _start_writeback(fd, flushed, pos - flushed)
+            if fsync and pos - flushed >= WRITEBACK_EVERY:
+                start_writeback(fd, flushed, pos - flushed)
                 flushed = pos
         size = f.tell()
         if fsync:

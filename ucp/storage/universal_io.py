@@ -1,0 +1,178 @@
+"""Universal checkpoints on disk: a zarr v3 group whose root attributes, written last, commit it.
+
+Layout of a universal checkpoint directory::
+
+    zarr.json                 root group; attributes["ucp"] is the header (written last)
+    fragments.parquet         where every source fragment came from
+    model/<fqn>/zarr.json     one array per tensor key, with its single shard
+    model/<fqn>/c/0/0
+    optim/<state>/<fqn>/...
+
+zarr writes the group and array metadata; the shards are written by :mod:`ucp.storage.zarr_shard`.
+The header carries a CRC-32C of its canonical JSON and of every array's ``zarr.json``, so a reader
+detects a corrupted or foreign file before it trusts a byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ucp.codecs.checksum import crc32c
+from ucp.errors import CorruptCheckpointError, FormatError
+from ucp.spec.fragment import check_file_name, fragments_from_parquet
+from ucp.spec.manifest import canonical_json, header_from_json
+from ucp.spec.universal import ArrayMeta, UniversalHeader, shard_shape
+from ucp.storage.atomic import fsync_dir, write_atomic
+from ucp.storage.zarr_shard import ZSTD_LEVEL, ShardReader, shard_key
+
+ZARR_JSON = "zarr.json"
+FRAGMENT_TABLE = "fragments.parquet"
+ROOT_ATTR = "ucp"
+HEADER_CRC = "header_crc32c"
+
+
+def is_universal(path) -> bool:
+    """Whether ``path`` is a directory holding a zarr group (complete or not) rather than a ucp manifest."""
+    path = Path(path)
+    return (path / ZARR_JSON).is_file() and not (path / "manifest.json").exists()
+
+
+def shard_path(root: Path, meta: ArrayMeta) -> Path:
+    return Path(root) / meta.path / shard_key(len(meta.shape))
+
+
+def create_arrays(root: Path, arrays: dict[str, ArrayMeta]) -> dict[str, ArrayMeta]:
+    """Create the group and every array's metadata (no data yet); returns the metas with their
+    ``zarr.json`` checksums filled in."""
+    import zarr
+    from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+    group = zarr.open_group(str(root), mode="w", zarr_format=3)
+    out = {}
+    for key, a in arrays.items():
+        compressors = ([ZstdCodec(level=ZSTD_LEVEL)] if a.compressor == "zstd" else []) + [Crc32cCodec()]
+        group.create_array(a.path, shape=a.shape, dtype=a.stored_dtype, chunks=a.chunks,
+                           shards=shard_shape(a.shape, a.chunks), compressors=compressors,
+                           serializer=BytesCodec(endian="little"), fill_value=0,
+                           attributes={ROOT_ATTR: {"key": key, "dtype": a.dtype}})
+        meta_bytes = (Path(root) / a.path / ZARR_JSON).read_bytes()
+        out[key] = ArrayMeta(a.path, a.shape, a.dtype, a.chunks, a.pattern, a.compressor, crc32c(meta_bytes))
+    return out
+
+
+def fsync_tree(root: Path) -> None:
+    """Make every file and directory entry under ``root`` durable (zarr itself does not fsync)."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def commit_header(root: Path, header: UniversalHeader) -> None:
+    """Write the header into the root group's attributes, atomically: the checkpoint is now complete."""
+    path = Path(root) / ZARR_JSON
+    group = header_from_json(path.read_bytes(), str(path))
+    doc = header.to_dict()
+    doc[HEADER_CRC] = crc32c(canonical_json(doc))
+    group.setdefault("attributes", {})[ROOT_ATTR] = doc
+    write_atomic(path, json.dumps(group, indent=1, allow_nan=False).encode())
+
+
+def read_header(root: Path) -> UniversalHeader:
+    """Read, check and validate a universal checkpoint's header."""
+    root = Path(root)
+    path = root / ZARR_JSON
+    try:
+        group = header_from_json(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        raise FormatError(f"{root}: no {ZARR_JSON}; not a universal checkpoint") from None
+    doc = group.get("attributes", {}).get(ROOT_ATTR) if isinstance(group.get("attributes"), dict) else None
+    if group.get("zarr_format") != 3 or group.get("node_type") != "group":
+        raise FormatError(f"{path}: not a zarr v3 group")
+    if not isinstance(doc, dict):
+        raise FormatError(f"{root}: a zarr group without ucp attributes; not a complete universal checkpoint")
+    doc = dict(doc)
+    stored = doc.pop(HEADER_CRC, None)
+    if stored is None:
+        raise FormatError(f"{path}: the ucp attributes lack '{HEADER_CRC}'")
+    try:
+        actual = crc32c(canonical_json(doc))
+    except ValueError as e:
+        raise FormatError(f"{path}: {e}") from e
+    if actual != stored:
+        raise CorruptCheckpointError(f"{path}: header checksum mismatch (crc32c {actual:08x}, recorded {stored:08x}); "
+                                     "the group metadata is corrupted")
+    try:
+        return UniversalHeader.from_dict(doc)
+    except FormatError as e:
+        raise FormatError(f"{root}: {e}") from e
+
+
+def read_fragments(root: Path, header: UniversalHeader) -> list:
+    """The source fragment table, checksum verified."""
+    path = Path(root) / check_file_name(header.fragment_table["file"])
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: fragment table is missing") from None
+    if crc32c(data) != header.fragment_table["crc32c"]:
+        raise CorruptCheckpointError(f"{path}: checksum mismatch; the fragment table is corrupted")
+    frags = fragments_from_parquet(data)
+    if len(frags) != header.fragment_table["rows"]:
+        raise FormatError(f"{path}: {len(frags)} rows, the header says {header.fragment_table['rows']}")
+    return frags
+
+
+def array_reader(root: Path, key: str, meta: ArrayMeta) -> ShardReader:
+    """A reader of one array's regions (raw stored dtype: bfloat16 comes back as uint16)."""
+    return ShardReader(shard_path(root, meta), meta.shape, meta.chunks, np.dtype(meta.stored_dtype), meta.compressor, key)
+
+
+@dataclass
+class UniversalReport:
+    """Problems found in a universal checkpoint (one line each) and what was checked."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    arrays: int = 0
+    nbytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_universal(root: Path, header: UniversalHeader, progress: Callable[[int], None] | None = None) -> UniversalReport:
+    """Check the fragment table, every array's metadata checksum and every chunk's CRC-32C."""
+    report = UniversalReport(Path(root))
+    try:
+        read_fragments(root, header)
+    except (CorruptCheckpointError, FormatError) as e:
+        report.problems.append(str(e))
+    for key, meta in header.tensors.items():
+        report.arrays += 1
+        mpath = Path(root) / meta.path / ZARR_JSON
+        try:
+            if crc32c(mpath.read_bytes()) != meta.metadata_crc32c:
+                report.problems.append(f"{mpath}: metadata checksum mismatch for {key}; the array metadata is corrupted")
+                continue
+        except FileNotFoundError:
+            report.problems.append(f"{mpath}: missing (array of {key})")
+            continue
+        reader = array_reader(root, key, meta)
+        try:
+            report.problems += reader.verify(progress)
+        finally:
+            reader.close()
+        report.nbytes += meta.nbytes
+    return report

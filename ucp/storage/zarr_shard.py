@@ -1,0 +1,240 @@
+"""One zarr v3 shard per array, written chunk by chunk and read by chunk.
+
+The byte layout is zarr's ``sharding_indexed`` codec (zarr v3 sharding extension): the encoded
+inner chunks one after another, then the shard index, an array of ``(offset, nbytes)`` uint64
+little-endian pairs over the chunk grid in C order, followed by the CRC-32C of the index. Each
+inner chunk is encoded as ``bytes`` (little-endian), optionally ``zstd``, then ``crc32c`` (4 bytes,
+little-endian, over the encoded bytes before it). zarr-python reads these files; the tests check it.
+
+Why not let zarr write them: zarr builds a whole shard in memory before it writes it (about three
+times the array's size at peak, measured), while this writer streams chunks from the caller's
+array through one reused chunk buffer, keeps peak memory at the array itself, and starts writeback
+as it goes. Reads go straight to the chunks a region needs, verifying each one's checksum.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ucp.codecs.checksum import crc32c
+from ucp.errors import CorruptCheckpointError
+from ucp.storage.atomic import WRITEBACK_EVERY, start_writeback
+
+#: index entry of a chunk that is not stored
+_EMPTY = 2**64 - 1
+
+
+def shard_key(ndim: int) -> str:
+    """The store key of an array's single shard: ``c/0/0`` for 2-d, ``c`` for 0-d."""
+    return "/".join(["c"] + ["0"] * ndim)
+
+
+def _grid(shape, chunks) -> tuple[int, ...]:
+    return tuple(max(1, -(-s // c)) for s, c in zip(shape, chunks))
+
+
+def _compressor(name: str):
+    if name == "none":
+        return None
+    if name == "zstd":
+        from numcodecs import Zstd
+
+        return Zstd(level=ZSTD_LEVEL)
+    raise ValueError(f"unknown compressor {name!r}")
+
+
+#: zstd level written into the array metadata and used by the writer
+ZSTD_LEVEL = 3
+
+
+def write_shard(path: Path, array: np.ndarray, chunks: tuple[int, ...], compressor: str = "none",
+                fsync: bool = True, progress: Callable[[int], None] | None = None) -> int:
+    """Write ``array`` (C-contiguous, little-endian) as one shard file at ``path``; returns its size.
+
+    Every inner chunk is written (edge chunks padded with zeros), so every chunk has a checksum.
+    """
+    if array.size == 0:
+        return 0
+    shape = array.shape
+    grid = _grid(shape, chunks)
+    codec = _compressor(compressor)
+    buf = np.zeros(chunks, dtype=array.dtype)
+    index = np.empty(grid + (2,), dtype="<u8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb", buffering=0) as f:
+        fd, pos, flushed = f.fileno(), 0, 0
+        for idx in itertools.product(*(range(g) for g in grid)):
+            region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, shape))
+            view = array[region]
+            if view.shape == tuple(chunks) and view.flags.c_contiguous:
+                data = view
+            else:
+                if view.shape != tuple(chunks):
+                    buf.fill(0)
+                buf[tuple(slice(0, n) for n in view.shape)] = view
+                data = buf
+            payload = memoryview(data).cast("B") if codec is None else codec.encode(data)
+            crc = struct.pack("<I", crc32c(payload))
+            f.write(payload)
+            f.write(crc)
+            n = len(payload) + 4
+            index[idx] = (pos, n)
+            pos += n
+            if fsync and pos - flushed >= WRITEBACK_EVERY:
+                start_writeback(fd, flushed, pos - flushed)
+                flushed = pos
+            if progress is not None:
+                progress(view.nbytes)
+        raw = index.tobytes()
+        f.write(raw)
+        f.write(struct.pack("<I", crc32c(raw)))
+        size = f.tell()
+        if fsync:
+            os.fsync(fd)
+    return size
+
+
+def read_index(fd: int, shape, chunks, where: str) -> np.ndarray:
+    """The shard's ``(offset, nbytes)`` index over the chunk grid, checksum verified."""
+    grid = _grid(shape, chunks)
+    n = math.prod(grid) * 16
+    size = os.fstat(fd).st_size
+    if size < n + 4:
+        raise CorruptCheckpointError(f"{where}: {size} bytes, too short for its shard index of {n + 4} bytes (truncated?)")
+    raw = os.pread(fd, n + 4, size - n - 4)
+    if struct.unpack("<I", raw[n:])[0] != crc32c(raw[:n]):
+        raise CorruptCheckpointError(f"{where}: shard index checksum mismatch; the file is corrupted")
+    index = np.frombuffer(raw[:n], dtype="<u8").reshape(grid + (2,))
+    data_end = size - n - 4
+    bad = (index[..., 0] != _EMPTY) & (index[..., 0] + index[..., 1] > data_end)
+    if bad.any():
+        raise CorruptCheckpointError(f"{where}: shard index points past the chunk data at chunk "
+                                     f"{tuple(int(i) for i in np.argwhere(bad)[0])}; the file is corrupted")
+    return index
+
+
+class ShardReader:
+    """Reads regions of one array's shard, chunk by chunk, checking every chunk's CRC-32C.
+
+    Args:
+        path: the shard file.
+        shape: the array's shape; chunks: its inner chunk shape; dtype: numpy dtype of the stored data.
+        compressor: ``none`` or ``zstd``.
+        label: how errors name the array (its tensor key).
+    """
+
+    def __init__(self, path: Path, shape, chunks, dtype, compressor: str = "none", label: str = ""):
+        self.path, self.shape, self.chunks = Path(path), tuple(shape), tuple(chunks)
+        self.dtype = np.dtype(dtype)
+        self.codec = _compressor(compressor)
+        self.label = label or str(path)
+        self.chunk_nbytes = math.prod(self.chunks) * self.dtype.itemsize
+        self._fd = None
+        self._index = None
+
+    def __enter__(self) -> "ShardReader":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        if self._fd is None and math.prod(self.shape):
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"{self.path}: the shard of {self.label} is missing") from None
+            self._index = read_index(self._fd, self.shape, self.chunks, f"{self.path} ({self.label})")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return _grid(self.shape, self.chunks)
+
+    def chunk(self, idx: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
+        """Decoded chunk ``idx`` (full chunk shape, edge padding included), checksum verified."""
+        self.open()
+        offset, nbytes = (int(v) for v in self._index[idx])
+        where = f"{self.path}: chunk {idx} of {self.label}"
+        if offset == _EMPTY:
+            raise CorruptCheckpointError(f"{where} is absent from the shard index; the file is corrupted")
+        raw = bytearray(nbytes) if self.codec is not None or out is None else None
+        if raw is None:
+            if nbytes != self.chunk_nbytes + 4:
+                raise CorruptCheckpointError(f"{where}: {nbytes} bytes recorded, {self.chunk_nbytes + 4} expected")
+            payload = memoryview(out.reshape(-1).view(np.uint8))
+            got = os.preadv(self._fd, [payload, crc_buf := bytearray(4)], offset)
+            stored = crc_buf
+        else:
+            got = os.preadv(self._fd, [raw], offset)
+            payload, stored = memoryview(raw)[:-4], raw[-4:]
+        if got != nbytes:
+            raise CorruptCheckpointError(f"{where}: file ends early ({got} of {nbytes} bytes)")
+        if crc32c(payload) != struct.unpack("<I", stored)[0]:
+            raise CorruptCheckpointError(f"{where}: checksum mismatch; the chunk is corrupted")
+        if self.codec is not None:
+            try:
+                decoded = self.codec.decode(bytes(payload))
+            except Exception as e:  # noqa: BLE001 - numcodecs raises assorted errors on bad input
+                raise CorruptCheckpointError(f"{where}: cannot be decompressed ({e})") from e
+            if len(decoded) != self.chunk_nbytes:
+                raise CorruptCheckpointError(f"{where}: decodes to {len(decoded)} bytes, {self.chunk_nbytes} expected")
+            data = np.frombuffer(decoded, dtype=self.dtype).reshape(self.chunks)
+            if out is None:
+                return data
+            out[...] = data
+            return out
+        if out is None:
+            return np.frombuffer(payload, dtype=self.dtype).reshape(self.chunks)
+        return out
+
+    def read(self, region: tuple[slice, ...] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The array's ``region`` (default: all of it), reading only the chunks it overlaps."""
+        region = region or tuple(slice(0, s) for s in self.shape)
+        lo = [r.start for r in region]
+        hi = [r.stop for r in region]
+        if out is None:
+            out = np.empty([h - l for l, h in zip(lo, hi)], dtype=self.dtype)
+        if out.size == 0:
+            return out
+        buf = np.empty(self.chunks, dtype=self.dtype)
+        ranges = [range(l // c, -(-h // c)) for l, h, c in zip(lo, hi, self.chunks)]
+        for idx in itertools.product(*ranges):
+            c0 = [i * c for i, c in zip(idx, self.chunks)]
+            a = [max(l, s) for l, s in zip(lo, c0)]
+            b = [min(h, s + c) for h, s, c in zip(hi, c0, self.chunks)]
+            data = self.chunk(idx, buf)
+            out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = \
+                data[tuple(slice(x - s, y - s) for x, y, s in zip(a, b, c0))]
+        return out
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Every chunk read and checked; one line per bad chunk (or for an unreadable shard)."""
+        if not math.prod(self.shape):
+            return []
+        try:
+            self.open()
+        except CorruptCheckpointError as e:
+            return [str(e)]
+        problems = []
+        buf = np.empty(self.chunks, dtype=self.dtype)
+        for idx in itertools.product(*(range(g) for g in self.grid)):
+            try:
+                self.chunk(idx, buf)
+            except CorruptCheckpointError as e:
+                problems.append(str(e))
+            if progress is not None:
+                progress(self.chunk_nbytes)
+        return problems
