@@ -129,7 +129,7 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         (stage / FRAGMENT_TABLE).write_bytes(table)
         header = UniversalHeader(
             step=manifest.step, source_layout=manifest.layout, tensors=arrays, state=manifest.state,
-            source={"format": "ucp.checkpoint", "format_version": manifest.format_version, "path": str(path),
+            source={"format": "ucp.checkpoint", "format_version": manifest.format_version, "path": str(Path(path).resolve()),
                     "created_by": manifest.created_by},
             fragment_table={"file": FRAGMENT_TABLE, "crc32c": crc32c(table), "rows": len(manifest.fragments)},
             spec=spec_text, created_by=f"ucp {__version__}")

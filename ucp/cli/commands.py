@@ -18,7 +18,35 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) if j < 4 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _state_names(state: dict) -> str:
+    names = sorted(set(state.get("shared", {})) | {k for r in state.get("ranks", {}).values() for k in r})
+    return ", ".join(names) or "none"
+
+
+def _universal_path(args):
+    """The universal checkpoint ``args.path`` names, or None when it is a distributed one."""
+    from ucp.storage.universal_io import is_universal
+
+    if is_universal(args.path):
+        if args.step is not None:
+            raise OptionsError(f"{args.path} is a universal checkpoint (one step); --step applies to roots of "
+                               "distributed checkpoints")
+        return args.path
+    return None
+
+
 def inspect(args) -> int:
+    if _universal_path(args):
+        return _inspect_universal(args)
     path = store.resolve(args.path, args.step)
     m = read_manifest(path)
     if args.json:
@@ -39,18 +67,35 @@ def inspect(args) -> int:
     print(f"layout      {m.layout}  ({m.layout.world_size} ranks)")
     print(f"format      ucp.checkpoint {m.format_version}  ({m.created_by})")
     print(f"size        {_human(m.nbytes)} in {len(m.files)} file(s), {len(m.fragments)} fragment(s), {len(m.tensors)} tensor(s)")
-    state = sorted(set(m.state.get("shared", {})) | {k for r in m.state.get("ranks", {}).values() for k in r})
-    print(f"state       {', '.join(state) or 'none'}")
+    print(f"state       {_state_names(m.state)}")
     rows = [("tensor", "shape", "dtype", "pattern", "frags", "bytes")]
     for key, meta in m.tensors.items():
         rows.append((key, "x".join(map(str, meta.shape)) or "scalar", meta.dtype, str(meta.pattern),
                      str(count.get(key, 0)), _human(nbytes.get(key, 0))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print()
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) if j < 4 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    _table(rows)
+    return 0
+
+
+def _inspect_universal(args) -> int:
+    from ucp.storage.universal_io import read_header
+
+    h = read_header(args.path)
+    if args.json:
+        json.dump(h.to_dict(), sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"universal   {args.path}")
+    print(f"step        {h.step}")
+    print(f"source      {h.source_layout}  ({h.source_layout.world_size} ranks)  {h.source.get('path', '')}")
+    print(f"format      ucp.universal {h.format_version}  ({h.created_by})")
+    print(f"size        {_human(h.nbytes)} in {len(h.tensors)} array(s)")
+    print(f"state       {_state_names(h.state)}")
+    print(f"spec        {'yes (ucp inspect --json shows it)' if h.spec else 'none'}")
+    rows = [("tensor", "shape", "dtype", "source pattern", "chunks", "bytes")]
+    for key, a in h.tensors.items():
+        rows.append((key, "x".join(map(str, a.shape)) or "scalar", a.dtype, str(a.pattern),
+                     "x".join(map(str, a.chunks)) or "1", _human(a.nbytes)))
+    _table(rows)
     return 0
 
 
@@ -59,16 +104,52 @@ def verify(args) -> int:
 
     from ucp.storage.verify import verify_checkpoint
 
+    if _universal_path(args):
+        from ucp.storage.universal_io import read_header, verify_universal
+
+        h = read_header(args.path)
+        with tqdm(total=h.nbytes, unit="B", unit_scale=True, desc="verify", disable=args.quiet or None,
+                  file=sys.stderr, leave=False) as bar:
+            report = verify_universal(args.path, h, bar.update)
+        _raise_problems(args.path, report.problems)
+        print(f"OK   {args.path}: universal, step {h.step}, {report.arrays} array(s), {_human(report.nbytes)} verified")
+        return 0
+
     path = store.resolve(args.path, args.step)
     m = read_manifest(path)
     with tqdm(total=m.nbytes, unit="B", unit_scale=True, desc="verify", disable=args.quiet or None,
               file=sys.stderr, leave=False) as bar:
         report = verify_checkpoint(path, m, bar.update)
-    if not report.ok:
-        for line in report.problems:
-            print(f"BAD  {line}", file=sys.stderr)
-        raise CorruptCheckpointError(f"{path}: {len(report.problems)} problem(s) found; the first: {report.problems[0]}")
+    _raise_problems(path, report.problems)
     print(f"OK   {path}: step {m.step}, {report.fragments} fragment(s), {_human(report.nbytes)} verified")
+    return 0
+
+
+def _raise_problems(path, problems: list[str]) -> None:
+    if problems:
+        for line in problems:
+            print(f"BAD  {line}", file=sys.stderr)
+        raise CorruptCheckpointError(f"{path}: {len(problems)} problem(s) found; the first: {problems[0]}")
+
+
+def convert(args) -> int:
+    from tqdm import tqdm
+
+    from ucp.convert import convert as run_convert
+
+    bar = tqdm(unit="B", unit_scale=True, desc="convert", disable=args.quiet or None, file=sys.stderr, leave=False)
+    try:
+        result = run_convert(args.src, args.dst, args.spec, step=args.step, workers=args.workers,
+                             compressor=args.compress, chunk_bytes=args.chunk_kib * 1024,
+                             memory_limit=None if args.memory_mib is None else args.memory_mib << 20,
+                             progress=bar.update, total=lambda n: setattr(bar, "total", n))
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"OK   {result.dst}: step {result.step}, {result.tensors} array(s), {_human(result.nbytes)} from "
+              f"{_human(result.source_bytes)} in {result.seconds:.2f} s ({result.gbps:.2f} GB/s)")
     return 0
 
 

@@ -15,7 +15,8 @@ from ucp.errors import UcpError
 
 EPILOG = """\
 CKPT is a checkpoint directory (ROOT/step_00000100) or a ROOT holding several; a ROOT means its
-newest complete checkpoint. Exit codes: 0 ok, 1 error, 2 not found / bad usage, 3 corrupted.
+newest complete checkpoint. inspect and verify also take a universal checkpoint (made by convert).
+Exit codes: 0 ok, 1 error, 2 not found / bad usage, 3 corrupted.
 """
 
 
@@ -44,6 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="CKPT", help="checkpoint directory or root")
     p.add_argument("--step", type=int, help="with a ROOT: this step instead of the newest")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("convert", help="turn a distributed checkpoint into a universal one", epilog=EPILOG,
+                       description="Consolidate a distributed checkpoint into a universal checkpoint: a zarr v3 "
+                                   "group with one array per tensor key (padding stripped, fused parts in their "
+                                   "logical order, crc32c per chunk), independent of the layout that saved it. "
+                                   "Streams tensor by tensor with bounded memory; DST appears only when complete.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="distributed checkpoint directory or root")
+    p.add_argument("dst", metavar="DST", help="universal checkpoint directory to create (must not exist)")
+    p.add_argument("--spec", metavar="FILE.ucl", help="UCL spec completing the recorded geometry (fused parts, "
+                                                      "padding) and giving export names; see docs/ucl.md")
+    p.add_argument("--step", type=int, help="with a ROOT: this step instead of the newest")
+    p.add_argument("--workers", type=int, default=4, help="tensors converted at once, default 4")
+    p.add_argument("--compress", choices=("none", "zstd"), default="none", help="chunk compression, default none")
+    p.add_argument("--chunk-kib", type=int, default=1024, help="inner chunk size in KiB, default 1024")
+    p.add_argument("--memory-mib", type=int, default=None,
+                   help="buffer memory in MiB (default: twice the largest tensor)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("train", help="train the reference GPT on N local processes",
