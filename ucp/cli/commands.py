@@ -153,6 +153,40 @@ def convert(args) -> int:
     return 0
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5 * 10**9, ``"2GiB"`` -> 2 * 2**30, ``"1000"`` -> 1000."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise OptionsError(f"size {text!r}: use a positive number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def export(args) -> int:
+    from tqdm import tqdm
+
+    from ucp.export import export as run_export
+
+    bar = tqdm(unit="B", unit_scale=True, desc="export", disable=args.quiet or None, file=sys.stderr, leave=False)
+    try:
+        result = run_export(args.universal, args.out, args.spec, optimizer=args.optimizer,
+                            max_shard_bytes=parse_size(args.max_shard_size), dtype=args.dtype,
+                            progress=bar.update, total=lambda n: setattr(bar, "total", n))
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"OK   {result.out}: {result.tensors} tensor(s), {_human(result.nbytes)} in {len(result.files)} file(s): "
+              f"{', '.join(result.files[:4])}{' ...' if len(result.files) > 4 else ''}")
+    return 0
+
+
 def demo(args) -> int:
     if args.nproc < 1 or args.steps < 2 or args.save_every < 1 or args.save_every >= args.steps:
         raise OptionsError("demo needs --nproc >= 1, --steps >= 2 and 1 <= --save-every < --steps")

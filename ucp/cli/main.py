@@ -66,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("export", help="write a universal checkpoint's weights as Hugging Face safetensors",
+                       description="Write the model weights of a universal checkpoint (made by convert) as Hugging "
+                                   "Face-style safetensors: OUT/model.safetensors, or model-0000i-of-0000n.safetensors "
+                                   "shards with model.safetensors.index.json above --max-shard-size. Names and fused "
+                                   "splits follow the UCL spec's export rules (rename, split).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("universal", metavar="UNIVERSAL", help="universal checkpoint directory")
+    p.add_argument("out", metavar="OUT", help="directory to create (must not exist)")
+    p.add_argument("--spec", metavar="FILE.ucl", help="UCL spec with export rules (default: the one convert used)")
+    p.add_argument("--optimizer", action="store_true",
+                   help="also write the optimizer states (optimizer*.safetensors, names <weight>/<state>)")
+    p.add_argument("--max-shard-size", default="5GB", help="split files above this size, e.g. 500MB, 2GiB; default 5GB")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast floating-point tensors")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("train", help="train the reference GPT on N local processes",
                        description="Train the reference GPT (ucp.trainer) on N local processes started by torch's "
                                    "elastic launcher (gloo). Prints one JSON line per step on stdout: "

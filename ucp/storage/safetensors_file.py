@@ -34,14 +34,28 @@ class Entry:
     shape: tuple[int, ...]
     data: memoryview
 
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
 
-def plan_file(entries: list[Entry], metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
-    """The header bytes (length prefix included) and each entry's absolute byte offset in the file."""
+
+@dataclass(frozen=True)
+class Slot:
+    """A tensor whose bytes are produced while the file is written (see :func:`write_stream`)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def plan_file(entries: list, metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+    """The header bytes (length prefix included) and each entry's (or slot's) absolute byte offset."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     pos = 0
     rel = []
     for e in entries:
-        n = e.data.nbytes
+        n = e.nbytes
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + n]}
         rel.append(pos)
         pos += n
@@ -55,13 +69,24 @@ def plan_file(entries: list[Entry], metadata: dict[str, str] | None = None) -> t
 
 def write_file(path: Path, entries: list[Entry], metadata: dict[str, str] | None = None, fsync: bool = True) -> tuple[int, list[int]]:
     """Write ``entries`` to ``path`` (overwriting), fsync it, and return (file size, entry offsets)."""
-    head, offsets = plan_file(entries, metadata)
+    return write_stream(path, entries, lambda i: entries[i].data, metadata, fsync)
+
+
+def write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | None = None,
+                 fsync: bool = True) -> tuple[int, list[int]]:
+    """Write a file whose tensors' bytes come one at a time: ``produce(i)`` returns slot ``i``'s bytes
+    (exactly ``slots[i].nbytes`` of them) and may reuse one buffer, as each is written before the next
+    is asked for. Returns (file size, entry offsets)."""
+    head, offsets = plan_file(slots, metadata)
     with open(path, "wb", buffering=0) as f:
         fd = f.fileno()
         f.write(head)
         flushed = 0
-        for e in entries:
-            view = e.data.cast("B") if e.data.ndim != 1 or e.data.format != "B" else e.data
+        for i, slot in enumerate(slots):
+            data = memoryview(produce(i))
+            view = data.cast("B") if data.ndim != 1 or data.format != "B" else data
+            if view.nbytes != slot.nbytes:
+                raise ValueError(f"{path}: tensor {slot.name} has {view.nbytes} bytes, its slot {slot.nbytes}")
             written = 0
             while written < view.nbytes:
                 written += f.write(view[written:])
