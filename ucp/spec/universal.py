@@ -41,13 +41,18 @@ def stored_dtype(dtype: str) -> str:
     return RAW_BITS.get(dtype, dtype)
 
 
+#: names a node cannot take: its parent group's metadata file (any case: case-insensitive file systems)
+_RESERVED = {"zarr.json"}
+
+
 def _segment(name: str) -> str:
     """A zarr node name for ``name``: itself if plain, else every other byte written as ``%XX``."""
-    if _SAFE_SEGMENT.fullmatch(name) and not name.startswith("__") and set(name) != {"."}:
+    reserved = name.lower() in _RESERVED
+    if _SAFE_SEGMENT.fullmatch(name) and not name.startswith("__") and set(name) != {"."} and not reserved:
         return name
     out = []
     for i, ch in enumerate(name):
-        plain = ch.isascii() and (ch.isalnum() or ch in "-_" or (ch == "." and i > 0)) and not (i == 0 and ch == "_")
+        plain = ch.isascii() and (ch.isalnum() or ch in "-_" or (ch == "." and i > 0)) and not (i == 0 and (ch == "_" or reserved))
         out.append(ch if plain else "".join(f"%{b:02X}" for b in ch.encode()))
     return "".join(out)
 
@@ -194,6 +199,10 @@ class UniversalHeader:
                 a.pattern.validate(padded_shape(a.shape, a.pattern), self.source_layout.names, key)
             except SpecError as e:
                 raise FormatError(f"universal tensor {key}: {e}") from e
+            pad = a.pattern.pad
+            if pad is not None and a.shape[pad.dim] != pad.keep:
+                raise FormatError(f"universal tensor {key}: padding keeps keep={pad.keep} of dim {pad.dim}, but the "
+                                  f"array's dim {pad.dim} has {a.shape[pad.dim]}; the array holds exactly the kept part")
         table = self.fragment_table
         if not (isinstance(table, dict) and isinstance(table.get("file"), str)
                 and isinstance(table.get("rows"), int) and isinstance(table.get("crc32c"), int)):

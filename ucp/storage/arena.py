@@ -37,7 +37,9 @@ class Arena:
         Raises:
             OptionsError: ``nbytes`` exceeds the arena; it would never fit.
         """
-        need = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
+        need = -(-nbytes // _ALIGN) * _ALIGN
+        if need == 0:  # an empty tensor's buffer: nothing to hand out, nothing to wait for
+            return 0, memoryview(self.memory[:0])
         if need > self.size:
             raise OptionsError(f"a buffer of {nbytes} bytes does not fit the {self.size}-byte arena; raise the memory limit")
         with self._cond:
@@ -53,7 +55,9 @@ class Arena:
 
     def give_back(self, offset: int, nbytes: int) -> None:
         """Return the range :meth:`take` gave at ``offset`` for ``nbytes``."""
-        need = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
+        need = -(-nbytes // _ALIGN) * _ALIGN
+        if need == 0:
+            return
         with self._cond:
             free = sorted(self._free + [(offset, need)])
             merged: list[tuple[int, int]] = []

@@ -105,6 +105,8 @@ def read_header(root: Path) -> UniversalHeader:
     stored = doc.pop(HEADER_CRC, None)
     if stored is None:
         raise FormatError(f"{path}: the ucp attributes lack '{HEADER_CRC}'")
+    if isinstance(stored, bool) or not isinstance(stored, int):
+        raise FormatError(f"{path}: the ucp attributes' '{HEADER_CRC}' is {stored!r}, not an integer")
     try:
         actual = crc32c(canonical_json(doc))
     except ValueError as e:

@@ -113,7 +113,10 @@ def read_index(fd: int, shape, chunks, where: str) -> np.ndarray:
         raise CorruptCheckpointError(f"{where}: shard index checksum mismatch; the file is corrupted")
     index = np.frombuffer(raw[:n], dtype="<u8").reshape(grid + (2,))
     data_end = size - n - 4
-    bad = (index[..., 0] != _EMPTY) & (index[..., 0] + index[..., 1] > data_end)
+    end = np.uint64(data_end)
+    offset, nbytes = index[..., 0], index[..., 1]
+    # offset + nbytes could wrap around in uint64: compare against what is left after the offset instead
+    bad = (offset != _EMPTY) & ((offset > end) | (nbytes > end - np.minimum(offset, end)))
     if bad.any():
         raise CorruptCheckpointError(f"{where}: shard index points past the chunk data at chunk "
                                      f"{tuple(int(i) for i in np.argwhere(bad)[0])}; the file is corrupted")
@@ -235,6 +238,7 @@ class ShardReader:
                 self.chunk(idx, buf)
             except CorruptCheckpointError as e:
                 problems.append(str(e))
-            if progress is not None:
-                progress(self.chunk_nbytes)
+            if progress is not None:  # the chunk's bytes inside the array, as write_shard reports them
+                inside = math.prod(min(c, s - i * c) for i, c, s in zip(idx, self.chunks, self.shape))
+                progress(inside * self.dtype.itemsize)
         return problems
