@@ -278,7 +278,7 @@ def test_at_most_two_files_per_tensor(tmp_path):
         files = files_under(tmp_path / "u" / meta.path)
         names = sorted(str(f.relative_to(tmp_path / "u" / meta.path)) for f in files)
         if meta.nbytes:
-            assert names == sorted(["zarr.json", "/".join(["c"] + ["0"] * len(meta.shape))]), (key, names)
+            assert names == sorted(["zarr.json", ".".join(["c"] + ["0"] * len(meta.shape))]), (key, names)
         else:
             assert names == ["zarr.json"], (key, names)
         owned += len(files)
@@ -591,7 +591,7 @@ def test_a_small_memory_limit_still_converts(tmp_path):
 def test_a_memory_limit_below_the_largest_tensor_is_an_options_error(tmp_path):
     save(tmp_path / "ckpt", LAYOUTS["tp2"])
     largest = max(u.nbytes for u, _ in universal_tensors().values())
-    with pytest.raises(OptionsError, match=rf"memory_limit={largest - 1} is below the \d+ bytes the largest tensor needs"):
+    with pytest.raises(OptionsError, match=rf"memory_limit={largest - 1} is below the {largest} bytes of the largest tensor"):
         convert(tmp_path / "ckpt", tmp_path / "u", memory_limit=largest - 1, fsync=False)
     assert not (tmp_path / "u").exists() and not partials(tmp_path / "u")
 

@@ -41,7 +41,7 @@ from ucp.storage.universal_io import FRAGMENT_TABLE, commit_header, create_array
 from ucp.storage.zarr_shard import write_shard
 
 #: runs shorter than this (bytes) are gathered through a temporary box instead of one read each
-_MIN_RUN = 1024
+_MIN_RUN = 64 << 10
 _IOV_MAX = 512
 _PARTIAL = ".partial-"
 
@@ -107,12 +107,11 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         raise OptionsError(f"{dst.parent}: no such directory to create {dst.name} in")
     spec_text, patterns = _spec_patterns(spec, manifest)
     plans, arrays = _plans(manifest, patterns, compressor, chunk_bytes)
-    needs = {k: _need(p, arrays[k]) for k, p in plans.items()}
     largest = max((arrays[k].nbytes for k in plans), default=0)
-    arena_size = memory_limit if memory_limit is not None else max(2 * largest, max(needs.values(), default=0))
-    if needs and max(needs.values()) > arena_size:
-        raise OptionsError(f"memory_limit={memory_limit} is below the {max(needs.values())} bytes the largest tensor "
-                           "needs; raise it")
+    arena_size = memory_limit if memory_limit is not None else 2 * largest
+    if largest > arena_size:
+        raise OptionsError(f"memory_limit={memory_limit} is below the {largest} bytes of the largest tensor; raise it")
+    needs = {k: _need(p, arrays[k], arena_size) for k, p in plans.items()}
     if total is not None:
         total(sum(a.nbytes for a in arrays.values()))
 
@@ -209,10 +208,11 @@ def _gathered(source: Source, shape, item: int) -> bool:
     return len(runs) > 1 and float(runs[:, 2].mean()) * item < _MIN_RUN
 
 
-def _need(plan: TensorPlan, meta: ArrayMeta) -> int:
-    """Arena bytes a tensor's task takes: its array, plus the largest box it gathers through."""
+def _need(plan: TensorPlan, meta: ArrayMeta, budget: int) -> int:
+    """Arena bytes a tensor's task takes: its array, plus the largest box it gathers through when
+    that fits the budget (otherwise short runs are read one by one)."""
     temp = max((s.box.numel * itemsize(meta.dtype) for s in plan.sources if _gathered(s, plan.shape, itemsize(meta.dtype))), default=0)
-    return meta.nbytes + temp
+    return meta.nbytes + temp if meta.nbytes + temp <= budget else meta.nbytes
 
 
 class _SourceFiles:
@@ -275,7 +275,7 @@ def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray,
     """Read every fragment of ``source`` into its places in ``array``, verifying each checksum."""
     item = array.dtype.itemsize
     flat = array.reshape(-1).view(np.uint8)
-    if _gathered(source, plan.shape, item):
+    if _gathered(source, plan.shape, item) and temp.nbytes >= source.box.numel * item:
         box = temp[:source.box.numel * item]
         for frag in source.fragments:
             start = frag.flat.start * item if frag.flat is not None else 0

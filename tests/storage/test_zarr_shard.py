@@ -28,7 +28,7 @@ def zarr_array(root, shape, dtype, chunks, compressor="none"):
     compressors = ([ZstdCodec(level=ZSTD_LEVEL)] if compressor == "zstd" else []) + [Crc32cCodec()]
     return zarr.create_array(str(root), shape=shape, dtype=dtype, chunks=chunks, shards=shard_shape(shape, chunks),
                              compressors=compressors, serializer=BytesCodec(endian="little"), fill_value=0,
-                             zarr_format=3)
+                             chunk_key_encoding={"name": "default", "separator": "."}, zarr_format=3)
 
 
 def write(root, array, chunks, compressor="none"):

@@ -32,8 +32,8 @@ _EMPTY = 2**64 - 1
 
 
 def shard_key(ndim: int) -> str:
-    """The store key of an array's single shard: ``c/0/0`` for 2-d, ``c`` for 0-d."""
-    return "/".join(["c"] + ["0"] * ndim)
+    """The store key of an array's single shard (chunk key separator ``.``): ``c.0.0`` for 2-d, ``c`` for 0-d."""
+    return ".".join(["c"] + ["0"] * ndim)
 
 
 def _grid(shape, chunks) -> tuple[int, ...]:
