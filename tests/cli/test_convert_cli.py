@@ -150,10 +150,10 @@ def test_errors_are_one_line_with_exit_codes(ckpt, tmp_path, capsys):
     assert code == 2 and "no complete checkpoint for step 6" in one_error_line(err)
 
     code, _, err = run(capsys, "convert", ckpt, tmp_path / "v", "--quiet", "--workers", "0")
-    assert code == 1 and "workers=0" in one_error_line(err)
+    assert code == 1 and "--workers 0" in one_error_line(err)
 
     code, _, err = run(capsys, "convert", ckpt, tmp_path / "v", "--quiet", "--memory-mib", "0")
-    assert code == 1 and "memory_limit=0" in one_error_line(err)
+    assert code == 1 and "--memory-mib 0" in one_error_line(err)
 
     spec = tmp_path / "bad.ucl"
     spec.write_text('ucl 1\nsource layout dp=2 tp=2 zero=1\n'

@@ -137,6 +137,12 @@ def convert(args) -> int:
 
     from ucp.convert import convert as run_convert
 
+    if args.chunk_kib < 1:
+        raise OptionsError(f"--chunk-kib {args.chunk_kib}: use at least 1 (KiB); 1024 suits most tensors")
+    if args.memory_mib is not None and args.memory_mib < 1:
+        raise OptionsError(f"--memory-mib {args.memory_mib}: use a positive number of MiB, or leave it out")
+    if not 1 <= args.workers <= 64:
+        raise OptionsError(f"--workers {args.workers}: use 1 to 64")
     bar = tqdm(unit="B", unit_scale=True, desc="convert", disable=args.quiet or None, file=sys.stderr, leave=False)
     try:
         result = run_convert(args.src, args.dst, args.spec, step=args.step, workers=args.workers,

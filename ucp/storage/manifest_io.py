@@ -36,6 +36,8 @@ def read_manifest(directory: Path) -> Manifest:
     stored = header.pop(HEADER_CRC, None)
     if stored is None:
         raise FormatError(f"{path}: lacks '{HEADER_CRC}'")
+    if isinstance(stored, bool) or not isinstance(stored, int):
+        raise FormatError(f"{path}: '{HEADER_CRC}' is {stored!r}, not an integer")
     try:
         actual = crc32c(canonical_json(header))
     except ValueError as e:
