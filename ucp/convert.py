@@ -13,7 +13,6 @@ file fsynced first): a killed conversion leaves no DST at all, never a half-vali
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -35,15 +34,13 @@ from ucp.spec.universal import COMPRESSORS, DEFAULT_CHUNK_BYTES, ArrayMeta, Univ
     stored_dtype, universal_shape
 from ucp.storage import directory as store
 from ucp.storage.arena import Arena
-from ucp.storage.atomic import fsync_dir
 from ucp.storage.manifest_io import read_manifest
-from ucp.storage.universal_io import FRAGMENT_TABLE, commit_header, create_arrays, fsync_tree, shard_path
-from ucp.storage.zarr_shard import write_shard
+from ucp.storage.staging import Staging, UrlTarget, is_url
+from ucp.storage.universal_io import FRAGMENT_TABLE, ZARR_JSON, create_arrays, header_document, shard_rel
 
 #: runs shorter than this (bytes) are gathered through a temporary box instead of one read each
 _MIN_RUN = 64 << 10
 _IOV_MAX = 512
-_PARTIAL = ".partial-"
 
 
 @dataclass(frozen=True)
@@ -100,11 +97,7 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     _check_options(workers, compressor, chunk_bytes, memory_limit)
     path = store.resolve(src, step)
     manifest = read_manifest(path)
-    dst = Path(dst)
-    if dst.exists():
-        raise OptionsError(f"{dst}: already exists; give a new path (conversion never overwrites)")
-    if not dst.parent.is_dir():
-        raise OptionsError(f"{dst.parent}: no such directory to create {dst.name} in")
+    target = _target(dst, fsync)
     spec_text, patterns = _spec_patterns(spec, manifest)
     plans, arrays = _plans(manifest, patterns, compressor, chunk_bytes)
     largest = max((arrays[k].nbytes for k in plans), default=0)
@@ -115,17 +108,13 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     if total is not None:
         total(sum(a.nbytes for a in arrays.values()))
 
-    _remove_stale_partials(dst)
-    stage = dst.with_name(f".{dst.name}{_PARTIAL}{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        arrays = create_arrays(stage, arrays)
+    with target as out:
+        arrays = create_arrays(out.put, arrays)
         arena = Arena(min(arena_size, sum(needs.values())))
         with _SourceFiles(path, manifest) as files:
-            _run_tasks(plans, arrays, needs, arena, files, stage, compressor, workers, progress, fsync)
+            _run_tasks(plans, arrays, needs, arena, files, out, compressor, workers, progress)
         table = fragments_to_parquet(manifest.fragments)
-        (stage / FRAGMENT_TABLE).write_bytes(table)
+        out.put(FRAGMENT_TABLE, table)
         header = UniversalHeader(
             step=manifest.step, source_layout=manifest.layout, tensors=arrays, state=manifest.state,
             source={"format": "ucp.checkpoint", "format_version": manifest.format_version, "path": str(Path(path).resolve()),
@@ -133,18 +122,19 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
             fragment_table={"file": FRAGMENT_TABLE, "crc32c": crc32c(table), "rows": len(manifest.fragments)},
             spec=spec_text, created_by=f"ucp {__version__}")
         header.validate()
-        if fsync:
-            fsync_tree(stage)
-        commit_header(stage, header)
-        os.rename(stage, dst)
-        if fsync:
-            fsync_dir(dst.parent)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    nfiles = sum(len(f) for _, _, f in os.walk(dst))
+        target.commit((ZARR_JSON, header_document(header)))
+    nfiles = target.files
     return ConvertResult(str(path), str(dst), manifest.step, len(arrays), sum(a.nbytes for a in arrays.values()),
                          manifest.nbytes, nfiles, time.perf_counter() - t0, arena.size)
+
+
+def _target(dst, fsync: bool):
+    """Where the result is built: a local staging directory, or an fsspec URL written in place."""
+    if is_url(dst):
+        def committed(data: bytes) -> bool:
+            return b'"ucp"' in data
+        return UrlTarget(dst, ZARR_JSON, committed)
+    return Staging(str(dst).removeprefix("file://"), fsync=fsync)
 
 
 def _check_options(workers, compressor, chunk_bytes, memory_limit) -> None:
@@ -236,8 +226,8 @@ class _SourceFiles:
             os.close(fd)
 
 
-def _run_tasks(plans, arrays, needs, arena: Arena, files: _SourceFiles, stage: Path, compressor: str, workers: int,
-               progress, fsync: bool) -> None:
+def _run_tasks(plans, arrays, needs, arena: Arena, files: _SourceFiles, out, compressor: str, workers: int,
+               progress) -> None:
     order = sorted(plans, key=lambda k: needs[k], reverse=True)
     lock = threading.Lock()
     failed = threading.Event()
@@ -253,7 +243,7 @@ def _run_tasks(plans, arrays, needs, arena: Arena, files: _SourceFiles, stage: P
             temp = data[meta.nbytes:]
             for source in plan.sources:
                 _fill(source, plan, array, temp, files)
-            write_shard(shard_path(stage, meta), array, meta.chunks, compressor, fsync=fsync)
+            out.write_shard(shard_rel(meta), array, meta.chunks, compressor)
         finally:
             arena.give_back(offset, needs[key])
         if progress is not None:
@@ -331,22 +321,3 @@ def _read_checked(files: _SourceFiles, frag, views: list) -> None:
     if crc != frag.crc32c:
         raise CorruptCheckpointError(f"{where} at bytes [{frag.offset}, {frag.offset + frag.length}): checksum mismatch "
                                      f"(crc32c {crc:08x}, expected {frag.crc32c:08x}); the checkpoint is corrupted")
-
-
-def _remove_stale_partials(dst: Path) -> None:
-    """Remove staging directories of conversions to ``dst`` whose process is gone (killed)."""
-    for p in dst.parent.glob(f".{dst.name}{_PARTIAL}*"):
-        pid = p.name.rsplit(_PARTIAL, 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-

@@ -115,9 +115,9 @@ def export(universal, out, spec: str | Path | None = None, *, optimizer: bool = 
         total(sum(i.nbytes for items in groups.values() for i in items))
     staging = Staging(out, fsync=fsync)
     files: list[str] = []
-    with staging as stage:
+    with staging:
         for prefix, items in groups.items():
-            files += _write_group(stage, prefix, items, universal, header, max_shard_bytes, progress, fsync)
+            files += _write_group(staging.path, prefix, items, universal, header, max_shard_bytes, progress, fsync)
         staging.commit()
     count = sum(len(v) for v in groups.values())
     nbytes = sum(i.nbytes for items in groups.values() for i in items)

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Streams tensor by tensor with bounded memory; DST appears only when complete.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="distributed checkpoint directory or root")
-    p.add_argument("dst", metavar="DST", help="universal checkpoint directory to create (must not exist)")
+    p.add_argument("dst", metavar="DST", help="universal checkpoint directory to create (must not exist), or an "
+                                              "fsspec URL (s3://..., memory://...) where the header is written last")
     p.add_argument("--spec", metavar="FILE.ucl", help="UCL spec completing the recorded geometry (fused parts, "
                                                       "padding) and giving export names; see docs/ucl.md")
     p.add_argument("--step", type=int, help="with a ROOT: this step instead of the newest")

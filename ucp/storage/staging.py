@@ -1,7 +1,10 @@
-"""Staging a new checkpoint directory: build it under a hidden name, rename it into place when done.
+"""Where a new checkpoint is built so that it is never seen half-written.
 
-Used by ``convert`` and ``export``: a killed process leaves only a hidden ``.NAME.partial-PID``
-directory (removed by the next run once that process is gone), never a half-written ``NAME``.
+Locally (:class:`Staging`): under a hidden ``.NAME.partial-PID`` directory, renamed to ``NAME``
+when complete; a killed process leaves only the hidden directory (removed by the next run once that
+process is gone). On an object store reached by an fsspec URL (:class:`UrlTarget`), where there is
+no rename: in place, with the commit marker (the file readers check for completeness) written last.
+Used by ``convert`` and ``export``.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ import shutil
 from pathlib import Path
 
 from ucp.errors import OptionsError
-from ucp.storage.atomic import fsync_dir
+from ucp.storage.atomic import fsync_dir, write_atomic
 from ucp.storage.universal_io import fsync_tree
+from ucp.storage.zarr_shard import write_shard
 
 PARTIAL = ".partial-"
 
 
 class Staging:
-    """``with Staging(dst) as stage: ...write into stage...; staging.commit()``.
+    """``with Staging(dst) as s: ...write into s.path (or s.put)...; s.commit()``.
 
     Raises:
         OptionsError: ``dst`` exists or its parent directory does not.
@@ -33,17 +37,34 @@ class Staging:
             raise OptionsError(f"{self.dst.parent}: no such directory to create {self.dst.name} in")
         self.path = self.dst.with_name(f".{self.dst.name}{PARTIAL}{os.getpid()}")
         self.committed = False
+        self.files = 0  # written through put / write_shard / commit
 
-    def __enter__(self) -> Path:
+    def __enter__(self) -> "Staging":
         remove_stale_partials(self.dst)
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir()
-        return self.path
+        return self
 
-    def commit(self) -> None:
-        """Make everything staged durable, then rename it to ``dst`` (the moment it becomes visible)."""
+    def put(self, rel: str, data: bytes) -> None:
+        """Write a small file at ``rel`` (parents created)."""
+        path = self.path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.files += 1
+
+    def write_shard(self, rel: str, array, chunks, compressor: str) -> int:
+        self.files += bool(array.size)
+        return write_shard(self.path / rel, array, chunks, compressor, fsync=self.fsync)
+
+    def commit(self, marker: tuple[str, bytes] | None = None) -> None:
+        """Make everything staged durable (``marker`` written last, atomically), then rename it to
+        ``dst``: the moment it becomes visible."""
         if self.fsync:
             fsync_tree(self.path)
+        if marker is not None:
+            existed = (self.path / marker[0]).exists()
+            write_atomic(self.path / marker[0], marker[1])
+            self.files += not existed
         os.rename(self.path, self.dst)
         self.committed = True
         if self.fsync:
@@ -70,3 +91,65 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def is_url(dst) -> bool:
+    """Whether ``dst`` names a location through fsspec (``memory://x``, ``s3://b/x``), not a local path."""
+    return isinstance(dst, str) and "://" in dst and not dst.startswith("file://")
+
+
+class UrlTarget:
+    """``with UrlTarget(url, marker) as target: ...; target.commit((marker, data))``: files written in
+    place through fsspec; the checkpoint is complete once ``marker`` holds the commit data.
+
+    A location whose marker is not committed (an interrupted earlier run) is cleared first.
+
+    Raises:
+        OptionsError: a committed checkpoint is already there, or fsspec cannot reach the URL.
+    """
+
+    def __init__(self, url: str, marker: str, committed):
+        try:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise OptionsError(f"{url}: fsspec cannot open this URL ({e})") from None
+        self.url, self.marker, self.committed_test = url, marker, committed
+        self.committed = False
+        self.written: set[str] = set()
+
+    @property
+    def files(self) -> int:
+        return len(self.written)
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def __enter__(self) -> "UrlTarget":
+        marker = self._path(self.marker)
+        if self.fs.exists(marker):
+            if self.committed_test(self.fs.cat_file(marker)):
+                raise OptionsError(f"{self.url}: already holds a complete checkpoint; give a new location")
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+        return self
+
+    def put(self, rel: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(rel), data)
+        self.written.add(rel)
+
+    def write_shard(self, rel: str, array, chunks, compressor: str) -> int:
+        if not array.size:
+            return 0
+        self.written.add(rel)
+        with self.fs.open(self._path(rel), "wb") as f:
+            return write_shard(f, array, chunks, compressor)
+
+    def commit(self, marker: tuple[str, bytes]) -> None:
+        self.put(*marker)
+        self.committed = True
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed and self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)

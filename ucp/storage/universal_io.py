@@ -43,8 +43,13 @@ def is_universal(path) -> bool:
     return (path / ZARR_JSON).is_file() and not (path / "manifest.json").exists()
 
 
+def shard_rel(meta: ArrayMeta) -> str:
+    """The shard's path relative to the group's root."""
+    return f"{meta.path}/{shard_key(len(meta.shape))}"
+
+
 def shard_path(root: Path, meta: ArrayMeta) -> Path:
-    return Path(root) / meta.path / shard_key(len(meta.shape))
+    return Path(root) / shard_rel(meta)
 
 
 #: chunk keys are ``c.0.0``: the shard sits in the array's directory, no ``c/0/`` directories
@@ -78,26 +83,47 @@ def array_document(key: str, a: ArrayMeta) -> dict:
     }
 
 
-def create_arrays(root: Path, arrays: dict[str, ArrayMeta]) -> dict[str, ArrayMeta]:
-    """Create the root group, the groups above the arrays and every array's metadata (no data yet);
-    returns the metas with their ``zarr.json`` checksums filled in."""
+def local_put(root: Path):
+    """``put(relative path, bytes)`` writing under the local directory ``root`` (parents created)."""
     root = Path(root)
+
+    def put(rel: str, data: bytes) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    return put
+
+
+def create_arrays(put, arrays: dict[str, ArrayMeta]) -> dict[str, ArrayMeta]:
+    """Write the root group, the groups above the arrays and every array's metadata (no data yet)
+    through ``put(relative path, bytes)`` (see :func:`local_put`); returns the metas with their
+    ``zarr.json`` checksums filled in. The root's header comes last, from :func:`header_document`."""
+    if isinstance(put, (str, Path)):
+        put = local_put(put)
     group_bytes = json.dumps(_GROUP, indent=2).encode()
-    groups = {root}
-    (root / ZARR_JSON).write_bytes(group_bytes)
+    put(ZARR_JSON, group_bytes)
+    groups = set()
     out = {}
     for key, a in arrays.items():
-        directory = root / a.path
-        for parent in reversed(directory.relative_to(root).parents[:-1]):
-            if root / parent not in groups:
-                (root / parent).mkdir(exist_ok=True)
-                (root / parent / ZARR_JSON).write_bytes(group_bytes)
-                groups.add(root / parent)
-        directory.mkdir()
+        parts = a.path.split("/")
+        for i in range(1, len(parts)):
+            group = "/".join(parts[:i])
+            if group not in groups:
+                put(f"{group}/{ZARR_JSON}", group_bytes)
+                groups.add(group)
         meta_bytes = json.dumps(array_document(key, a), indent=2, allow_nan=False).encode()
-        (directory / ZARR_JSON).write_bytes(meta_bytes)
+        put(f"{a.path}/{ZARR_JSON}", meta_bytes)
         out[key] = ArrayMeta(a.path, a.shape, a.dtype, a.chunks, a.pattern, a.compressor, crc32c(meta_bytes))
     return out
+
+
+def header_document(header: UniversalHeader) -> bytes:
+    """The root group's ``zarr.json`` carrying the header (with its checksum): written last, it
+    commits the checkpoint."""
+    doc = header.to_dict()
+    doc[HEADER_CRC] = crc32c(canonical_json(doc))
+    return json.dumps({**_GROUP, "attributes": {ROOT_ATTR: doc}}, indent=1, allow_nan=False).encode()
 
 
 def fsync_tree(root: Path) -> None:
@@ -113,13 +139,8 @@ def fsync_tree(root: Path) -> None:
 
 
 def commit_header(root: Path, header: UniversalHeader) -> None:
-    """Write the header into the root group's attributes, atomically: the checkpoint is now complete."""
-    path = Path(root) / ZARR_JSON
-    group = header_from_json(path.read_bytes(), str(path))
-    doc = header.to_dict()
-    doc[HEADER_CRC] = crc32c(canonical_json(doc))
-    group.setdefault("attributes", {})[ROOT_ATTR] = doc
-    write_atomic(path, json.dumps(group, indent=1, allow_nan=False).encode())
+    """Write the header into the local root group's ``zarr.json``, atomically."""
+    write_atomic(Path(root) / ZARR_JSON, header_document(header))
 
 
 def read_header(root: Path) -> UniversalHeader:

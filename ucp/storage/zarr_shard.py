@@ -54,51 +54,67 @@ def _compressor(name: str):
 ZSTD_LEVEL = 3
 
 
-def write_shard(path: Path, array: np.ndarray, chunks: tuple[int, ...], compressor: str = "none",
+def write_shard(target, array: np.ndarray, chunks: tuple[int, ...], compressor: str = "none",
                 fsync: bool = True, progress: Callable[[int], None] | None = None) -> int:
-    """Write ``array`` (C-contiguous, little-endian) as one shard file at ``path``; returns its size.
+    """Write ``array`` (C-contiguous, little-endian) as one shard; returns its size.
 
+    ``target`` is a local path (written with writeback started as it goes and fsynced when
+    ``fsync``) or a writable binary file object (an fsspec file: its store decides durability).
     Every inner chunk is written (edge chunks padded with zeros), so every chunk has a checksum.
     """
     if array.size == 0:
         return 0
+    if not isinstance(target, (str, Path)):
+        return _write_chunks(target, array, chunks, compressor, None, progress)
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb", buffering=0) as f:
+        size = _write_chunks(f, array, chunks, compressor, f.fileno() if fsync else None, progress)
+        if fsync:
+            os.fsync(f.fileno())
+    return size
+
+
+def _write_chunks(f, array, chunks, compressor, fd, progress) -> int:
     shape = array.shape
     grid = _grid(shape, chunks)
     codec = _compressor(compressor)
     buf = np.zeros(chunks, dtype=array.dtype)
     index = np.empty(grid + (2,), dtype="<u8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb", buffering=0) as f:
-        fd, pos, flushed = f.fileno(), 0, 0
-        for idx in itertools.product(*(range(g) for g in grid)):
-            region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, shape))
-            view = array[region]
-            if view.shape == tuple(chunks) and view.flags.c_contiguous:
-                data = view
-            else:
-                if view.shape != tuple(chunks):
-                    buf.fill(0)
-                buf[tuple(slice(0, n) for n in view.shape)] = view
-                data = buf
-            payload = memoryview(data).cast("B") if codec is None else codec.encode(data)
-            crc = struct.pack("<I", crc32c(payload))
-            f.write(payload)
-            f.write(crc)
-            n = len(payload) + 4
-            index[idx] = (pos, n)
-            pos += n
-            if fsync and pos - flushed >= WRITEBACK_EVERY:
-                start_writeback(fd, flushed, pos - flushed)
-                flushed = pos
-            if progress is not None:
-                progress(view.nbytes)
-        raw = index.tobytes()
-        f.write(raw)
-        f.write(struct.pack("<I", crc32c(raw)))
-        size = f.tell()
-        if fsync:
-            os.fsync(fd)
-    return size
+    pos, flushed = 0, 0
+    for idx in itertools.product(*(range(g) for g in grid)):
+        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, shape))
+        view = array[region]
+        if view.shape == tuple(chunks) and view.flags.c_contiguous:
+            data = view
+        else:
+            if view.shape != tuple(chunks):
+                buf.fill(0)
+            buf[tuple(slice(0, n) for n in view.shape)] = view
+            data = buf
+        payload = memoryview(data).cast("B") if codec is None else codec.encode(data)
+        _write_all(f, payload)
+        _write_all(f, struct.pack("<I", crc32c(payload)))
+        n = len(payload) + 4
+        index[idx] = (pos, n)
+        pos += n
+        if fd is not None and pos - flushed >= WRITEBACK_EVERY:
+            start_writeback(fd, flushed, pos - flushed)
+            flushed = pos
+        if progress is not None:
+            progress(view.nbytes)
+    raw = index.tobytes()
+    _write_all(f, raw)
+    _write_all(f, struct.pack("<I", crc32c(raw)))
+    return pos + len(raw) + 4
+
+
+def _write_all(f, data) -> None:
+    view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    done = 0
+    while done < view.nbytes:
+        n = f.write(view[done:])
+        done += view.nbytes - done if n is None else n
 
 
 def read_index(fd: int, shape, chunks, where: str) -> np.ndarray:
