@@ -85,3 +85,14 @@ def test_leftovers_of_a_killed_conversion_are_cleared(source, url):
     fs.pipe_file(f"{root}/model/stale/c.0", b"junk")
     convert(src, url, fsync=False)
     assert _header(url)["step"] == 9 and not fs.exists(f"{root}/model/stale")
+
+
+def test_a_location_holding_other_data_is_refused_and_left_alone(source, url):
+    import fsspec
+
+    src, _ = source
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{root}/precious.bin", b"keep me")
+    with pytest.raises(OptionsError, match="not empty"):
+        convert(src, url, fsync=False)
+    assert fs.cat_file(f"{root}/precious.bin") == b"keep me"

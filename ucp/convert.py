@@ -242,6 +242,8 @@ def _run_tasks(plans, arrays, needs, arena: Arena, files: _SourceFiles, out, com
             array = data[:meta.nbytes].view(np.dtype(meta.stored_dtype)).reshape(meta.shape)
             temp = data[meta.nbytes:]
             for source in plan.sources:
+                if failed.is_set():
+                    return
                 _fill(source, plan, array, temp, files)
             out.write_shard(shard_rel(meta), array, meta.chunks, compressor)
         finally:
@@ -250,15 +252,18 @@ def _run_tasks(plans, arrays, needs, arena: Arena, files: _SourceFiles, out, com
             with lock:
                 progress(meta.nbytes)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ucp-convert") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ucp-convert")
+    try:
         futures = [pool.submit(task, k) for k in order]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
             if f.exception() is not None:
-                failed.set()
-                for other in futures:
-                    other.cancel()
                 raise f.exception()
+    except BaseException:  # a failed task, or Ctrl-C: queued tasks never start, running ones finish
+        failed.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray, files: _SourceFiles) -> None:

@@ -3,7 +3,8 @@
 Phases: *find* (rank 0 picks the checkpoint, every rank uses that one), *manifest* (read and
 validate), *read* (build the destination pieces, plan which fragment bytes fill them, read them
 straight into the destination tensors and verify every checksum), *restore* (optimizer, scheduler,
-stateful objects, RNG). Model tensors are filled in place; optimizer state is filled into its
+stateful objects, RNG). The source is a distributed checkpoint, or a universal one (``ucp
+convert``), from which every rank reads only the chunks its boxes overlap, whatever layout saved it. Model tensors are filled in place; optimizer state is filled into its
 existing tensors when they fit, else into new ones handed to ``optimizer.load_state_dict``.
 """
 
@@ -13,8 +14,10 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -30,6 +33,9 @@ from ucp.spec.manifest import Manifest
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.safetensors_file import read_into
+from ucp.storage.universal_io import array_reader, is_universal, read_header
+from ucp.spec.manifest import TensorMeta
+from ucp.spec.universal import UniversalHeader
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -37,6 +43,62 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise LoadError(f"dtype {name!r} has no torch equivalent")
     return dtype
+
+
+@dataclass(frozen=True)
+class UniversalSource:
+    """A universal checkpoint seen through the loader's manifest interface."""
+
+    path: Path
+    header: UniversalHeader
+
+    def __post_init__(self):
+        object.__setattr__(self, "tensors", {k: TensorMeta(a.shape, a.dtype, a.pattern)
+                                             for k, a in self.header.tensors.items()})
+
+    @property
+    def step(self) -> int:
+        return self.header.step
+
+    @property
+    def layout(self):
+        return self.header.source_layout
+
+    @property
+    def state(self) -> dict:
+        return self.header.state
+
+
+class UniversalReader:
+    """Reads boxes of a universal checkpoint's arrays into destination tensors, chunk by chunk
+    (every chunk's CRC-32C verified), touching only the chunks a box overlaps."""
+
+    def __init__(self, source: UniversalSource):
+        self.source = source
+        self._lock = threading.Lock()
+        self.nbytes = 0
+
+    def read(self, piece: Piece) -> None:
+        meta = self.source.header.tensors[piece.key]
+        if piece.flat is not None:
+            raise LoadError(f"{piece.key}: this rank holds a flat partition (ZeRO-1 style); loading flat partitions "
+                            "from a universal checkpoint is not supported yet: load the distributed checkpoint it was "
+                            "converted from with the same layout")
+        dest = piece.data
+        direct = dest.device.type == "cpu" and dest.is_contiguous()
+        out = dest if direct else torch.empty(tuple(piece.box.sizes), dtype=dest.dtype)
+        raw = out.reshape(-1).view(torch.uint8).numpy().view(np.dtype(meta.stored_dtype)).reshape(piece.box.sizes)
+        region = tuple(slice(o, o + n) for o, n in zip(piece.box.offsets, piece.box.sizes))
+        with array_reader(self.source.path, piece.key, meta) as reader:
+            reader.read(region, out=raw)
+        if not direct:
+            with torch.no_grad():
+                dest.copy_(out.view(dest.shape))
+        with self._lock:
+            self.nbytes += raw.nbytes
+
+    def close(self) -> None:
+        pass
 
 
 class FragmentReader:
@@ -190,6 +252,11 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
     def find():
         if coll.rank != 0:
             return None
+        if is_universal(ckpt.root):
+            if step is not None and step != read_header(ckpt.root).step:
+                raise CheckpointNotFoundError(f"{ckpt.root}: a universal checkpoint of step "
+                                              f"{read_header(ckpt.root).step}, not {step}")
+            return Path(ckpt.root)
         try:
             return store.resolve(ckpt.root, step)
         except CheckpointNotFoundError:
@@ -201,7 +268,12 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
     if path is None:
         return None
     result: dict = {}
-    coll.phase("manifest", lambda: result.update(manifest=read_manifest(path)))
+    universal = is_universal(path)
+
+    def read_source():
+        return UniversalSource(Path(path), read_header(path)) if universal else read_manifest(path)
+
+    coll.phase("manifest", lambda: result.update(manifest=read_source()))
     manifest = result["manifest"]
 
     def targets():
@@ -249,13 +321,17 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
                 raise LoadError(f"{path}: {p.key} is {meta.dtype} in the checkpoint, {p.meta.dtype} here; "
                                 "ucp does not cast silently")
 
-        index = FragmentIndex(manifest.fragments)
-        jobs = [(item, p.data) for p in pieces if p.numel
-                for item in index.plan(p.key, p.box, p.flat, manifest.tensors[p.key].pattern)]
-        reader = FragmentReader(path)
+        if universal:
+            reader = UniversalReader(manifest)
+            jobs = [(reader.read, (p,)) for p in pieces if p.numel]
+        else:
+            index = FragmentIndex(manifest.fragments)
+            reader = FragmentReader(path)
+            jobs = [(reader.read, (item, p.data)) for p in pieces if p.numel
+                    for item in index.plan(p.key, p.box, p.flat, manifest.tensors[p.key].pattern)]
         try:
             with ThreadPoolExecutor(ckpt.options.io_threads) as pool:
-                for f in [pool.submit(reader.read, item, dest) for item, dest in jobs]:
+                for f in [pool.submit(fn, *a) for fn, a in jobs]:
                     f.result()
         finally:
             reader.close()
@@ -265,6 +341,10 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
 
     def restore():
         state = {k: values.decode(v, k) for k, v in rank_state(manifest.state, coll.rank).items()}
+        if universal and manifest.layout.world_size != coll.world_size:
+            # Per-rank RNG streams belong to the ranks that saved them: with another number of ranks
+            # there is no rank to give them to, so each rank keeps its own (docs/format-universal.md).
+            state.pop("rng", None)
         if ckpt.model is not None and "model" in state:
             _restore_extra_state(ckpt.model, state["model"].get("extra_state", {}))
         if ckpt.optimizer is not None:
@@ -282,7 +362,7 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
         return state.get("extras", {})
 
     extras = {**coll.phase("restore", restore)[coll.rank], **result["extras"]}
-    return LoadResult(manifest.step, "durable", Path(path), extras, tuple(result["missing"]),
+    return LoadResult(manifest.step, "universal" if universal else "durable", Path(path), extras, tuple(result["missing"]),
                       tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0)
 
 

@@ -310,7 +310,9 @@ DOC_VIOLATIONS = [
     ("fragment_table str rows", lambda d: d["fragment_table"].update(rows="12"), "'fragment_table' must give"),
     ("escaping table", lambda d: d["fragment_table"].update(file="../fragments.parquet"),
      "file name '../fragments.parquet' is not a plain file name"),
-    ("state keys", lambda d: d.update(state={"shared": {}, "global": {}}), "state must be an object with 'shared' and 'ranks'"),
+    ("state keys", lambda d: d.update(state={"shared": {}, "global": {}}), "state must be an object with 'shared'"),
+    ("state ranks a list", lambda d: d.update(state={"shared": {}, "ranks": [1]}), "'ranks' (rank number -> object)"),
+    ("table rows a bool", lambda d: d["fragment_table"].update(rows=True), "'fragment_table' must give"),
     ("state list", lambda d: d.update(state=[]), "state must be an object"),
     ("spec not text", lambda d: d.update(spec=5), "spec must be the UCL text or null"),
 ]
@@ -348,3 +350,11 @@ def test_padding_rule_names_keep_and_the_universal_size():
     h = header(tensors={"model/emb": _meta("model/emb", (10, 4), pattern=Pattern(pad=Pad(0, 12, 9)))})
     with pytest.raises(FormatError, match=r"model/emb.*keep=9.*10"):
         h.validate()
+
+
+def test_a_chunk_larger_than_its_array_is_rejected():
+    doc = _doc_with(lambda d: None)
+    key = next(iter(doc["tensors"]))
+    doc["tensors"][key]["chunks"] = [2**40] * len(doc["tensors"][key]["shape"])
+    with pytest.raises(FormatError, match="do not fit shape"):
+        UniversalHeader.from_dict(doc)

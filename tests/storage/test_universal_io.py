@@ -65,3 +65,22 @@ def test_created_group_is_walked_and_read_by_zarr(tmp_path):
         np.testing.assert_array_equal(group[a.path][...], data[key])
         assert group[a.path].attrs["ucp"] == {"key": key, "dtype": a.dtype}
     assert found  # zarr lists what create_arrays made
+
+
+def test_verify_catches_a_header_that_disagrees_with_the_array_metadata(tmp_path):
+    import dataclasses
+
+    from tests.synthetic import write_checkpoint
+    from ucp.convert import convert
+    from ucp.spec import Layout, Pattern
+    from ucp.storage.universal_io import header_document, read_header, verify_universal
+
+    write_checkpoint(tmp_path / "ck", 1, {"model/w": (np.arange(8, dtype=np.float32), "float32", Pattern())},
+                     Layout.single())
+    convert(tmp_path / "ck", tmp_path / "u", fsync=False)
+    h = read_header(tmp_path / "u")
+    assert verify_universal(tmp_path / "u", h).ok
+    lied = dataclasses.replace(h, tensors={"model/w": dataclasses.replace(h.tensors["model/w"], dtype="int32")})
+    (tmp_path / "u" / ZARR_JSON).write_bytes(header_document(lied))  # re-signed: only the cross-check can tell
+    report = verify_universal(tmp_path / "u", read_header(tmp_path / "u"))
+    assert len(report.problems) == 1 and "disagrees with the checkpoint header" in report.problems[0]

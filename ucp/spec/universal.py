@@ -189,8 +189,10 @@ class UniversalHeader:
             paths[a.path] = key
             if a.dtype not in DTYPES:
                 raise FormatError(f"universal tensor {key}: unknown dtype {a.dtype!r}")
-            if len(a.chunks) != len(a.shape) or any(c < 1 for c in a.chunks) or any(s < 0 for s in a.shape):
-                raise FormatError(f"universal tensor {key}: chunks {list(a.chunks)} do not fit shape {list(a.shape)}")
+            if (len(a.chunks) != len(a.shape) or any(s < 0 for s in a.shape)
+                    or any(not 1 <= c <= max(1, s) for c, s in zip(a.chunks, a.shape))):
+                raise FormatError(f"universal tensor {key}: chunks {list(a.chunks)} do not fit shape {list(a.shape)} "
+                                  "(each chunk dim from 1 to the array's)")
             if a.compressor not in COMPRESSORS:
                 raise FormatError(f"universal tensor {key}: unknown compressor {a.compressor!r}")
             if not 0 <= a.metadata_crc32c < 2**32:
@@ -204,12 +206,19 @@ class UniversalHeader:
                 raise FormatError(f"universal tensor {key}: padding keeps keep={pad.keep} of dim {pad.dim}, but the "
                                   f"array's dim {pad.dim} has {a.shape[pad.dim]}; the array holds exactly the kept part")
         table = self.fragment_table
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
         if not (isinstance(table, dict) and isinstance(table.get("file"), str)
-                and isinstance(table.get("rows"), int) and isinstance(table.get("crc32c"), int)):
+                and count(table.get("rows")) and count(table.get("crc32c"))):
             raise FormatError("universal checkpoint: 'fragment_table' must give file, rows and crc32c")
         check_file_name(table["file"])
-        if not isinstance(self.state, dict) or set(self.state) - {"shared", "ranks"}:
-            raise FormatError("universal checkpoint: state must be an object with 'shared' and 'ranks'")
+        ranks = self.state.get("ranks", {}) if isinstance(self.state, dict) else None
+        if (not isinstance(self.state, dict) or set(self.state) - {"shared", "ranks"}
+                or not isinstance(self.state.get("shared", {}), dict) or not isinstance(ranks, dict)
+                or any(not (isinstance(r, str) and r.isdigit() and isinstance(v, dict)) for r, v in ranks.items())):
+            raise FormatError("universal checkpoint: state must be an object with 'shared' (an object) and 'ranks' "
+                              "(rank number -> object)")
         if self.spec is not None and not isinstance(self.spec, str):
             raise FormatError("universal checkpoint: spec must be the UCL text or null")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from ucp.errors import OptionsError
@@ -38,6 +39,7 @@ class Staging:
         self.path = self.dst.with_name(f".{self.dst.name}{PARTIAL}{os.getpid()}")
         self.committed = False
         self.files = 0  # written through put / write_shard / commit
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "Staging":
         remove_stale_partials(self.dst)
@@ -50,10 +52,12 @@ class Staging:
         path = self.path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        self.files += 1
+        with self._lock:
+            self.files += 1
 
     def write_shard(self, rel: str, array, chunks, compressor: str) -> int:
-        self.files += bool(array.size)
+        with self._lock:
+            self.files += bool(array.size)
         return write_shard(self.path / rel, array, chunks, compressor, fsync=self.fsync)
 
     def commit(self, marker: tuple[str, bytes] | None = None) -> None:
@@ -131,8 +135,10 @@ class UrlTarget:
         if self.fs.exists(marker):
             if self.committed_test(self.fs.cat_file(marker)):
                 raise OptionsError(f"{self.url}: already holds a complete checkpoint; give a new location")
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+            self.fs.rm(self.root, recursive=True)  # an uncommitted leftover of an interrupted run
+        elif self.fs.exists(self.root) and self.fs.find(self.root):
+            raise OptionsError(f"{self.url}: not empty and not an unfinished ucp checkpoint; give a new location "
+                               "(ucp never deletes data it did not write)")
         return self
 
     def put(self, rel: str, data: bytes) -> None:

@@ -220,11 +220,20 @@ def verify_universal(root: Path, header: UniversalHeader, progress: Callable[[in
         report.arrays += 1
         mpath = Path(root) / meta.path / ZARR_JSON
         try:
-            if crc32c(mpath.read_bytes()) != meta.metadata_crc32c:
-                report.problems.append(f"{mpath}: metadata checksum mismatch for {key}; the array metadata is corrupted")
-                continue
+            meta_bytes = mpath.read_bytes()
         except FileNotFoundError:
             report.problems.append(f"{mpath}: missing (array of {key})")
+            continue
+        if crc32c(meta_bytes) != meta.metadata_crc32c:
+            report.problems.append(f"{mpath}: metadata checksum mismatch for {key}; the array metadata is corrupted")
+            continue
+        try:
+            stored = json.loads(meta_bytes)
+        except ValueError:
+            stored = None
+        if stored != array_document(key, meta):
+            report.problems.append(f"{mpath}: the array metadata of {key} disagrees with the checkpoint header "
+                                   "(shape, data type, chunks, codecs or dtype); the header or the array is not ucp's")
             continue
         reader = array_reader(root, key, meta)
         try:

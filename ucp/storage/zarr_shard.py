@@ -171,7 +171,12 @@ class ShardReader:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
                 raise CorruptCheckpointError(f"{self.path}: the shard of {self.label} is missing") from None
-            self._index = read_index(self._fd, self.shape, self.chunks, f"{self.path} ({self.label})")
+            try:
+                self._index = read_index(self._fd, self.shape, self.chunks, f"{self.path} ({self.label})")
+            except BaseException:
+                os.close(self._fd)
+                self._fd = None
+                raise
 
     def close(self) -> None:
         if self._fd is not None:
