@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, LoadError
 from ucp.plan.load_plan import FragmentIndex, ReadItem
+from ucp.plan.reshard import chunk_pieces, reshard_plan, source_pieces, target_pieces
 from ucp.snapshot import values
 from ucp.snapshot.capture import Piece, flat_state_pieces, model_pieces, optimizer_param_fqns, param_names, tensor_piece
 from ucp.snapshot.rng import restore_rng
@@ -35,7 +36,7 @@ from ucp.storage.manifest_io import read_manifest
 from ucp.storage.safetensors_file import read_into
 from ucp.storage.universal_io import array_reader, is_universal, read_header
 from ucp.spec.manifest import TensorMeta
-from ucp.spec.universal import UniversalHeader
+from ucp.spec.universal import UniversalHeader, universal_shape
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -78,12 +79,11 @@ class UniversalReader:
         self._lock = threading.Lock()
         self.nbytes = 0
 
-    def read(self, piece: Piece) -> None:
+    def read(self, piece: Piece, target_layout=None) -> None:
         meta = self.source.header.tensors[piece.key]
-        if piece.flat is not None:
-            raise LoadError(f"{piece.key}: this rank holds a flat partition (ZeRO-1 style); loading flat partitions "
-                            "from a universal checkpoint is not supported yet: load the distributed checkpoint it was "
-                            "converted from with the same layout")
+        if _needs_reshard(piece):
+            self._read_resharded(piece, meta, target_layout)
+            return
         dest = piece.data
         direct = dest.device.type == "cpu" and dest.is_contiguous()
         out = dest if direct else torch.empty(tuple(piece.box.sizes), dtype=dest.dtype)
@@ -97,8 +97,93 @@ class UniversalReader:
         with self._lock:
             self.nbytes += raw.nbytes
 
+    def _read_resharded(self, piece: Piece, meta, target_layout) -> None:
+        targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
+        sources = []
+        for t in targets:
+            if t.universal is not None:
+                sources += chunk_pieces(meta.shape, meta.chunks, t.universal)
+        items = reshard_plan(_unique_chunks(sources), targets, piece.key)
+        dtype = piece.data.dtype
+        with array_reader(self.source.path, piece.key, meta) as reader:
+            def fetch(idx):
+                chunk = reader.chunk(idx) if meta.shape else reader.read()
+                data = torch.from_numpy(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).copy()).view(dtype)
+                with self._lock:
+                    self.nbytes += reader.chunk_nbytes
+                return data
+            _fill_resharded(piece, items, targets, _chunk_fetch(fetch, meta))
+
     def close(self) -> None:
         pass
+
+
+def _unique_chunks(pieces):
+    """Chunk pieces overlapping several target regions, once each (by chunk and region)."""
+    seen, out = set(), []
+    for p in pieces:
+        k = (p.ref, p.region)
+        if k not in seen:
+            seen.add(k)
+            out.append(p)
+    return out
+
+
+def _chunk_fetch(fetch, meta):
+    """``fetch`` keyed by chunk index, cached: chunk pieces of one chunk share one read; sub-boxes of
+    chunks are the chunk cut to the array, while the data is the full chunk: re-cut it."""
+    cache: dict = {}
+
+    def get(ref):
+        if ref not in cache:
+            full = fetch(ref)
+            if meta.shape:
+                lo = [i * c for i, c in zip(ref, meta.chunks)]
+                cut = tuple(slice(0, min(c, s - l)) for l, c, s in zip(lo, meta.chunks, meta.shape))
+                full = full.view(meta.chunks)[cut].contiguous().reshape(-1)
+            cache[ref] = full
+        return cache[ref]
+
+    return get
+
+
+def _slices(box) -> tuple[slice, ...]:
+    return tuple(slice(o, o + n) for o, n in zip(box.offsets, box.sizes))
+
+
+def _needs_reshard(piece: Piece) -> bool:
+    """Whether a target piece cannot be cut from the universal arrays as a plain box."""
+    pat = piece.meta.pattern
+    return piece.flat is not None or pat.fused is not None or pat.pad is not None
+
+
+def _fill_resharded(piece: Piece, items, targets, fetch) -> None:
+    """Copy every planned item into ``piece``'s local tensor and zero the padding it holds.
+
+    ``fetch(ref)`` returns the source's data for ``ref`` as a flat tensor (verified); each item's
+    source sub-box lies row-major from ``sub.offset`` in it.
+    """
+    dest = piece.data
+    direct = dest.device.type == "cpu" and dest.is_contiguous()
+    out = dest if direct else torch.empty(dest.shape, dtype=dest.dtype)
+    flat = out.reshape(-1)
+    with torch.no_grad():
+        for t in targets:
+            if t.universal is None:  # padding the target layout adds (e.g. vocabulary rows): zeros
+                view = flat[t.sub.offset:t.sub.offset + t.sub.box.numel].view(t.sub.box.sizes)
+                view[_slices(t.region)].zero_()
+        by_ref: dict = {}
+        for item in items:
+            by_ref.setdefault(item.source.ref, []).append(item)
+        for group in by_ref.values():
+            data = fetch(group[0].source.ref)
+            for item in group:
+                sp, tp = item.source, item.target
+                src = data[sp.sub.offset:sp.sub.offset + sp.sub.box.numel].view(sp.sub.box.sizes)
+                dst = flat[tp.sub.offset:tp.sub.offset + tp.sub.box.numel].view(tp.sub.box.sizes)
+                dst[_slices(item.dst)].copy_(src[_slices(item.src)])
+        if not direct:
+            dest.copy_(out)
 
 
 class FragmentReader:
@@ -129,7 +214,7 @@ class FragmentReader:
         where = f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes [{f.offset}, {f.offset + f.length})"
         if f.offset + f.length > size:
             raise CorruptCheckpointError(f"{where} lies past the end of the file ({size} bytes); the file is truncated")
-        direct = (item.src is None and dest.device.type == "cpu" and dest.is_contiguous()
+        direct = (dest.device.type == "cpu" and dest.is_contiguous()
                   and str(dest.dtype).removeprefix("torch.") == f.dtype)
         buf = dest if direct else torch.empty(f.numel, dtype=torch_dtype(f.dtype))
         view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
@@ -138,14 +223,26 @@ class FragmentReader:
         if got != f.crc32c:
             raise CorruptCheckpointError(f"{where} fails its checksum (crc32c {got:08x}, expected {f.crc32c:08x}); the file is corrupted")
         if not direct:
-            src = buf if f.flat is not None else buf.view(f.box.sizes)
             with torch.no_grad():
-                if item.src is None:
-                    dest.copy_(src.view(dest.shape))
-                else:
-                    dest[item.dst].copy_(src[item.src])
+                dest.copy_(buf.view(dest.shape))
         with self._lock:
             self.nbytes += f.length
+
+    def fetch(self, f) -> torch.Tensor:
+        """Fragment ``f`` whole, as a flat tensor of its dtype, checksum verified."""
+        buf = torch.empty(f.numel, dtype=torch_dtype(f.dtype))
+        self.read(ReadItem(f), buf)
+        return buf
+
+    def read_resharded(self, piece: Piece, index: FragmentIndex, manifest, target_layout) -> None:
+        """Fill ``piece`` from fragments saved under another layout (other boxes, flat partitions,
+        fused parts or padding), through the reshard planner; the fragments it touches are read
+        whole, so their checksums are verified."""
+        meta = manifest.tensors[piece.key]
+        sources = source_pieces(index.by_key.get(piece.key, []), meta.shape, meta.pattern, manifest.layout)
+        targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
+        items = reshard_plan(sources, targets, piece.key)
+        _fill_resharded(piece, items, targets, self.fetch)
 
     def close(self) -> None:
         for fd, _ in self._files.values():
@@ -315,20 +412,30 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
         pieces = [p for p in result["pieces"] if p.key in manifest.tensors]
         for p in pieces:
             meta = manifest.tensors[p.key]
-            if tuple(meta.shape) != tuple(p.meta.shape):
-                raise LoadError(f"{path}: {p.key} has shape {list(meta.shape)} in the checkpoint, {list(p.meta.shape)} here")
+            # compared without padding: a layout may pad a dim (vocabulary) to a multiple of its tp
+            if universal_shape(meta.shape, meta.pattern) != universal_shape(p.meta.shape, p.meta.pattern):
+                raise LoadError(f"{path}: {p.key} has shape {list(universal_shape(meta.shape, meta.pattern))} in the "
+                                f"checkpoint, {list(universal_shape(p.meta.shape, p.meta.pattern))} here")
             if meta.dtype != p.meta.dtype:
                 raise LoadError(f"{path}: {p.key} is {meta.dtype} in the checkpoint, {p.meta.dtype} here; "
                                 "ucp does not cast silently")
 
+        target_layout = ckpt.geometry.layout
         if universal:
             reader = UniversalReader(manifest)
-            jobs = [(reader.read, (p,)) for p in pieces if p.numel]
+            jobs = [(reader.read, (p, target_layout)) for p in pieces if p.numel]
         else:
             index = FragmentIndex(manifest.fragments)
             reader = FragmentReader(path)
-            jobs = [(reader.read, (item, p.data)) for p in pieces if p.numel
-                    for item in index.plan(p.key, p.box, p.flat, manifest.tensors[p.key].pattern)]
+            jobs = []
+            for p in pieces:
+                if not p.numel:
+                    continue
+                exact = index.exact(p.key, p.box, p.flat)
+                if exact is not None:  # the same layout: straight into the destination
+                    jobs.append((reader.read, (ReadItem(exact), p.data)))
+                else:
+                    jobs.append((reader.read_resharded, (p, index, manifest, target_layout)))
         try:
             with ThreadPoolExecutor(ckpt.options.io_threads) as pool:
                 for f in [pool.submit(fn, *a) for fn, a in jobs]:

@@ -1,0 +1,27 @@
+"""Trainer layouts loading checkpoints saved under other layouts (rank functions; they pickle)."""
+
+from __future__ import annotations
+
+from tests.trainer.convert_workloads import whole_state
+from ucp.trainer.layouts import TrainLayout
+from ucp.trainer.model import GPTConfig
+from ucp.trainer.train import build, train_steps
+
+
+def load_and_gather(lay: dict, path: str, strict: bool = True) -> dict:
+    """A freshly built job of layout ``lay`` (another seed) loads ``path``; its gathered state and the
+    next two losses."""
+    import ucp
+
+    cfg = GPTConfig()
+    layout = TrainLayout(**lay)
+    par, opt = build(cfg, layout, seed=1)
+    res = ucp.Checkpointer(path, model=par.model, optimizer=opt, options=layout.checkpoint_options(cfg)).load(strict=strict)
+    state = whole_state(cfg, layout, par, opt)
+    losses = train_steps(cfg, layout, par, opt, 0, range(res.step + 1, res.step + 3))
+    return {"step": res.step, "source": res.source, "state": state, "losses": losses}
+
+
+def continue_training(lay: dict, root: str) -> list[float]:
+    """The same layout resumed from its own checkpoint: the reference losses."""
+    return load_and_gather(lay, root)["losses"]
