@@ -25,3 +25,15 @@ def load_and_gather(lay: dict, path: str, strict: bool = True) -> dict:
 def continue_training(lay: dict, root: str) -> list[float]:
     """The same layout resumed from its own checkpoint: the reference losses."""
     return load_and_gather(lay, root)["losses"]
+
+
+def train_save_continue(lay: dict, root: str, save_at: int = 3, until: int = 5) -> list[float]:
+    """Train to ``save_at``, save, and train on to ``until``: the uninterrupted losses after the save."""
+    import ucp
+
+    cfg = GPTConfig()
+    layout = TrainLayout(**lay)
+    par, opt = build(cfg, layout, seed=0)
+    train_steps(cfg, layout, par, opt, 0, range(1, save_at + 1))
+    ucp.Checkpointer(root, model=par.model, optimizer=opt, options=layout.checkpoint_options(cfg)).save(save_at)
+    return train_steps(cfg, layout, par, opt, 0, range(save_at + 1, until + 1))
