@@ -50,3 +50,4 @@ def test_asking_a_universal_checkpoint_for_another_step_is_refused(tmp_path):
     convert(tmp_path / "ck", tmp_path / "u", fsync=False)
     with pytest.raises(CheckpointNotFoundError, match="of step 2, not 5"):
         ucp.Checkpointer(tmp_path / "u", model=m).load(step=5)
+

@@ -26,7 +26,7 @@ from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, LoadErro
 from ucp.plan.load_plan import FragmentIndex, ReadItem
 from ucp.plan.reshard import chunk_pieces, reshard_plan, source_pieces, target_pieces
 from ucp.snapshot import values
-from ucp.snapshot.capture import Piece, flat_state_pieces, model_pieces, optimizer_param_fqns, param_names, tensor_piece
+from ucp.snapshot.capture import Piece, normalize_fqn, flat_state_pieces, model_pieces, optimizer_param_fqns, param_names, tensor_piece
 from ucp.snapshot.rng import restore_rng
 from ucp.spec.box import Box
 from ucp.spec.keys import EXTRA, MODEL, OPTIM, extra_key, optim_key, parse_key
@@ -334,9 +334,12 @@ def _restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: di
 
 
 def _restore_extra_state(model, extra_state: dict) -> None:
+    modules = {normalize_fqn(name): m for name, m in model.named_modules()}
     for key, value in extra_state.items():
-        prefix = key.removesuffix("_extra_state").rstrip(".")
-        model.get_submodule(prefix).set_extra_state(value)
+        prefix = normalize_fqn(key.removesuffix("_extra_state").rstrip("."))
+        if prefix not in modules:
+            raise LoadError(f"the checkpoint holds extra state of module {prefix!r}, which this model lacks")
+        modules[prefix].set_extra_state(value)
 
 
 def load_checkpoint(ckpt, step: int | None, strict: bool):

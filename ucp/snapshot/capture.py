@@ -129,6 +129,19 @@ def tensor_piece(key: str, fqn: str, t: torch.Tensor, geometry: Geometry | None)
     return plain_piece(key, fqn, t, geometry)
 
 
+#: module names that wrappers insert into parameter names: torch.compile, activation checkpointing, FSDP1
+WRAPPER_NAMES = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def normalize_fqn(fqn: str) -> str:
+    """``fqn`` without the module names wrappers insert (``_orig_mod.`` of torch.compile,
+    ``_checkpoint_wrapped_module.`` of activation checkpointing, ...), so a checkpoint of a wrapped
+    model loads into an unwrapped one and back."""
+    if not any(w in fqn for w in WRAPPER_NAMES):
+        return fqn
+    return ".".join(part for part in fqn.split(".") if part not in WRAPPER_NAMES)
+
+
 def model_pieces(model: torch.nn.Module, geometry: Geometry | None) -> tuple[list[Piece], dict[str, str], dict]:
     """Pieces of every parameter and persistent buffer, the aliases of tied tensors, and extra state.
 
@@ -138,6 +151,7 @@ def model_pieces(model: torch.nn.Module, geometry: Geometry | None) -> tuple[lis
     pieces, aliases, extra = [], {}, {}
     first_name: dict[int, str] = {}
     for fqn, value in model.state_dict(keep_vars=True).items():
+        fqn = normalize_fqn(fqn)
         if not isinstance(value, torch.Tensor) or fqn.endswith("_extra_state"):
             extra[fqn] = value  # get_extra_state() may return a tensor (FP8 scales): state, not a parameter
             continue
@@ -151,7 +165,7 @@ def model_pieces(model: torch.nn.Module, geometry: Geometry | None) -> tuple[lis
 
 def param_names(model: torch.nn.Module) -> dict[int, str]:
     """id(parameter) -> fqn, tied parameters under their first name."""
-    return {id(p): n for n, p in model.named_parameters()}
+    return {id(p): normalize_fqn(n) for n, p in model.named_parameters()}
 
 
 def optimizer_param_fqns(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
@@ -191,6 +205,7 @@ def flat_state_pieces(optimizer, by_fqn: dict[str, Piece]) -> list[Piece]:
     axis = getattr(optimizer, "ucp_flat_axis", "dp")
     pieces = []
     for fqn, states in optimizer.ucp_flat_state().items():
+        fqn = normalize_fqn(fqn)
         param = by_fqn.get(model_key(fqn))
         if param is None:
             raise CaptureError(f"optimizer reports flat state for {fqn!r}, which the model does not have")
