@@ -312,13 +312,16 @@ class Checkpointer:
 
     # -- load --------------------------------------------------------------------------------
 
-    def load(self, step: int | None = None, strict: bool = True) -> LoadResult | None:
+    def load(self, step: int | None = None, strict: bool = True, cast: bool = False) -> LoadResult | None:
         """Restore the newest complete checkpoint (or ``step``) into the model, optimizer and state.
 
         Args:
             step: the step to load; None for the newest complete checkpoint.
             strict: fail if the checkpoint and the model/optimizer do not have the same tensor keys;
                 with False, load what matches and report the rest in the result.
+            cast: allow dtypes to differ: a parameter whose checkpoint also holds an fp32 master
+                (``optim/<fqn>/master``) of the wanted dtype is loaded from the master, exactly;
+                anything else is converted as ``Tensor.to`` converts (bf16 from fp32 rounds).
 
         Returns:
             :class:`LoadResult`, or None when ``root`` holds no complete checkpoint and ``step`` is None.
@@ -331,7 +334,7 @@ class Checkpointer:
         self._check_open()
         from ucp.loader import load_checkpoint
 
-        return load_checkpoint(self, step, strict)
+        return load_checkpoint(self, step, strict, cast)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

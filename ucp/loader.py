@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +333,21 @@ def _restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: di
     optimizer.load_state_dict({"state": state, "param_groups": new_groups})
 
 
+def _cast_target(p: Piece, manifest, casts: list) -> Piece:
+    """The piece to read instead of ``p`` when dtypes differ: the parameter's fp32 master if the
+    checkpoint has one of the wanted dtype (exact), else a temporary of the stored dtype that is
+    converted into ``p`` after the read (recorded in ``casts``)."""
+    kind, fqn, _ = parse_key(p.key)
+    master = manifest.tensors.get(optim_key(fqn, "master")) if kind == MODEL else None
+    if master is not None and master.dtype == p.meta.dtype and \
+            universal_shape(master.shape, master.pattern) == universal_shape(p.meta.shape, p.meta.pattern):
+        return replace(p, key=optim_key(fqn, "master"))
+    stored = manifest.tensors[p.key].dtype
+    temp = torch.empty(p.data.shape, dtype=torch_dtype(stored), device=p.data.device)
+    casts.append((temp, p.data))
+    return replace(p, data=temp, meta=TensorMeta(p.meta.shape, stored, p.meta.pattern))
+
+
 def _restore_extra_state(model, extra_state: dict) -> None:
     modules = {normalize_fqn(name): m for name, m in model.named_modules()}
     for key, value in extra_state.items():
@@ -342,7 +357,7 @@ def _restore_extra_state(model, extra_state: dict) -> None:
         modules[prefix].set_extra_state(value)
 
 
-def load_checkpoint(ckpt, step: int | None, strict: bool):
+def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
     """Implementation of :meth:`ucp.Checkpointer.load`."""
     from ucp.checkpointer import LoadResult, rank_state
 
@@ -412,16 +427,19 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
                 f"{path}: checkpoint and model do not match: missing {_few(missing)}, unexpected {_few(unexpected)}; "
                 "pass strict=False to load what matches"
             )
-        pieces = [p for p in result["pieces"] if p.key in manifest.tensors]
-        for p in pieces:
+        pieces, casts = [], []
+        for p in (p for p in result["pieces"] if p.key in manifest.tensors):
             meta = manifest.tensors[p.key]
             # compared without padding: a layout may pad a dim (vocabulary) to a multiple of its tp
             if universal_shape(meta.shape, meta.pattern) != universal_shape(p.meta.shape, p.meta.pattern):
                 raise LoadError(f"{path}: {p.key} has shape {list(universal_shape(meta.shape, meta.pattern))} in the "
                                 f"checkpoint, {list(universal_shape(p.meta.shape, p.meta.pattern))} here")
             if meta.dtype != p.meta.dtype:
-                raise LoadError(f"{path}: {p.key} is {meta.dtype} in the checkpoint, {p.meta.dtype} here; "
-                                "ucp does not cast silently")
+                if not cast:
+                    raise LoadError(f"{path}: {p.key} is {meta.dtype} in the checkpoint, {p.meta.dtype} here; "
+                                    "ucp does not cast silently: pass cast=True to convert")
+                p = _cast_target(p, manifest, casts)
+            pieces.append(p)
 
         target_layout = ckpt.geometry.layout
         if universal:
@@ -445,6 +463,9 @@ def load_checkpoint(ckpt, step: int | None, strict: bool):
                     f.result()
         finally:
             reader.close()
+        with torch.no_grad():
+            for temp, dest in casts:
+                dest.copy_(temp)
         result.update(missing=missing, unexpected=unexpected, nbytes=reader.nbytes)
 
     coll.phase("read", read)

@@ -37,3 +37,16 @@ def train_save_continue(lay: dict, root: str, save_at: int = 3, until: int = 5) 
     train_steps(cfg, layout, par, opt, 0, range(1, save_at + 1))
     ucp.Checkpointer(root, model=par.model, optimizer=opt, options=layout.checkpoint_options(cfg)).save(save_at)
     return train_steps(cfg, layout, par, opt, 0, range(save_at + 1, until + 1))
+
+
+def load_model_cast(lay: dict, path: str) -> dict:
+    """A model of layout ``lay`` (no optimizer) loads ``path`` with cast=True; its gathered parameters."""
+    import ucp
+    from tests.trainer.convert_workloads import _bits, _full
+
+    cfg = GPTConfig()
+    layout = TrainLayout(**lay)
+    par, _ = build(cfg, layout, seed=1)
+    # the fp32 model has separate q/k/v projections where manual TP fuses them: those stay unloaded
+    ucp.Checkpointer(path, model=par.model, options=layout.checkpoint_options(cfg)).load(strict=False, cast=True)
+    return {f"model/{n}": _bits(_full(p)) for n, p in par.model.named_parameters()}

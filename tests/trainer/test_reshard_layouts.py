@@ -60,3 +60,14 @@ def test_a_checkpoint_loads_under_another_layout(worlds, sources, src, size, lay
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert len({tuple(r["losses"]) for r in out}) == 1
+
+
+@pytest.mark.parametrize("form", ["ckpt", "universal"])
+def test_an_fp32_layout_takes_a_bf16_manual_tp_model_from_its_masters(worlds, sources, form):
+    root, _, want = sources["manual"]
+    out = worlds(2).run(rw.load_model_cast, dict(dp=2, zero=3), str(root / form))
+    got = {k: v for k, v in _union(out).items() if f"optim/{k.removeprefix('model/')}/master" in want}
+    assert {"model/wte.weight", "model/blocks.0.mlp.fc1.weight", "model/blocks.1.attn.out.weight"} <= set(got)
+    for key, value in got.items():
+        master = want[f"optim/{key.removeprefix('model/')}/master"]
+        np.testing.assert_array_equal(value.view(np.uint32), master.view(np.uint32), err_msg=key)
