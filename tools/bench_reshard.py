@@ -1,0 +1,448 @@
+#!/usr/bin/env python
+"""Resharding loads of ucp against ``torch.distributed.checkpoint`` (DCP): save on 4 ranks, load on 2 and 3.
+
+The source: the reference GPT (``ucp.trainer``) widened so that parameters + AdamW ``exp_avg`` +
+``exp_avg_sq`` come to about ``--size-mb`` MB (10^6 bytes) of fp32, built on 4 local ranks (gloo,
+torch's elastic launcher) as ``TrainLayout(dp=2, tp=2, zero=3)`` (FSDP2 over DTensor tensor
+parallelism), trained one step (``ucp.trainer.train.train_steps``) so that the optimizer state
+exists, then saved twice: with ``ucp.Checkpointer.save`` and with ``dcp.save`` of
+``get_model_state_dict`` / ``get_optimizer_state_dict``. The ucp checkpoint is also converted once
+to the universal form (``ucp.convert.convert(..., workers=4)``; its time is reported, not a target).
+
+Then on 2 ranks (``TrainLayout(dp=2, zero=3)``: FSDP2 alone) and on 3 ranks (``TrainLayout(dp=3,
+zero=3)``: rows split unevenly), the same config is built from another seed, its optimizer state
+created by one zero-gradient step, each form is loaded once untimed, and, ``--repeats`` times, each
+of three forms is loaded warm
+(pages still cached from the save / conversion / previous round) and cold (``os.sync()``, then rank 0
+drops the page cache of exactly that checkpoint's files with ``posix_fadvise(DONTNEED)``):
+
+* ``ucp_dist``: the distributed checkpoint, resharded directly by ``Checkpointer.load`` (it reads
+  each source fragment a destination region touches, whole);
+* ``ucp_univ``: the universal checkpoint, ``Checkpointer(universal_dir).load()`` (it reads only the
+  chunks a region overlaps);
+* ``dcp``: ``dcp.load`` into ``get_*_state_dict`` of the target, then ``set_model_state_dict`` /
+  ``set_optimizer_state_dict`` (DCP's own resharding; what a user pays).
+
+Before every load the local state is overwritten with a constant; after it a checksum of the full
+(``full_tensor``) token embedding, a few block weights, ``ln_f`` and the embedding's AdamW moments
+must equal the source's after its training step (``bit_exact``). Each timing is a barrier, the load,
+a barrier, on rank 0 (so the slowest rank's time); each figure is the best of ``--repeats``.
+
+Bytes read per rank: ucp's ``LoadResult.nbytes``; for DCP, the stored item lengths its
+``FileSystemReader`` opens (it reads each saved item it needs whole, then narrows). A rank's share is
+the whole state's bytes / the target world size; ``*_read_ratio_max`` is the largest rank's bytes over
+its share. ``*_disk_read_max`` is ``/proc/self/io`` ``read_bytes`` of the cold load (storage reads
+actually issued, readahead included) for context. GB/s count the state bytes (10^9 bytes/s) over the
+load time. Targets (issue): bytes read per rank <= 1.1x share plus the chunks cut by the region's
+boundary (only the ratio is reported here: ucp_dist reads whole source fragments by design, so its
+ratio is expected to be higher); load >= 1.5x DCP (``speedup_*`` = DCP seconds / ucp seconds).
+
+Output: exactly one JSON line on stdout; progress goes to stderr; a failure prints nothing on stdout
+and exits non-zero.
+
+    python tools/bench_reshard.py [--size-mb 1000] [--work DIR] [--repeats 2] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SRC_LAYOUT = {"dp": 2, "tp": 2, "zero": 3}
+SRC_NPROC = 4
+TARGETS = {2: {"dp": 2, "zero": 3}, 3: {"dp": 3, "zero": 3}}
+FORMS = ("ucp_dist", "ucp_univ", "dcp")
+N_LAYERS = 4
+SRC_SEED = 1234
+DST_SEED = 99
+BYTES_PER_PARAM = 12  # fp32 parameter + AdamW exp_avg + exp_avg_sq
+
+
+def log(*args) -> None:
+    print(f"[bench_reshard {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
+
+
+def model_config(size_mb: float) -> dict:
+    """``GPTConfig`` fields of a 4-layer reference GPT whose fp32 params + AdamW state are ~``size_mb`` MB.
+
+    As ``tools/bench_convert.py``: V ~ 31.25 d, d a multiple of 128 (64 when tiny), heads of 64 (at
+    least 2, so tp=2 splits them), V solved for the target and rounded to 100 (not a multiple of 2 x 3
+    x 4 in general: uneven splits get exercised). global_batch 12 divides by dp = 2 and 3.
+    """
+    params = size_mb * 1e6 / BYTES_PER_PARAM
+    d = math.sqrt(params / (12 * N_LAYERS + 31.25))
+    d = 64 if d < 96 else 128 * max(1, round(d / 128))
+    seq = 32
+    blocks = N_LAYERS * (12 * d * d + 13 * d)
+    vocab = max(250, round((params - blocks - seq * d - 2 * d) / d / 100) * 100)
+    return {"vocab": vocab, "seq": seq, "d_model": d, "n_heads": max(2, d // 64), "n_layers": N_LAYERS,
+            "global_batch": 12}
+
+
+# -- helpers run inside the ranks -------------------------------------------------------------------
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _check_names(model) -> list[str]:
+    names = [n for n, _ in model.named_parameters()]
+    want = ["wte.weight", "blocks.0.attn.q.weight", "blocks.0.mlp.fc1.weight",
+            f"blocks.{N_LAYERS - 1}.mlp.fc2.weight", f"blocks.{N_LAYERS - 1}.attn.out.bias", "ln_f.weight"]
+    return [n for n in want if n in names]
+
+
+def checksums(model, opt) -> dict | None:
+    """crc32c of the full tensors of a few params and of wte's AdamW moments (collective; rank 0 returns)."""
+    import crc32c
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    out = {}
+    for name in _check_names(model):
+        p = params[name]
+        tensors = {name: p}
+        st = opt.state.get(p, {})
+        if name == "wte.weight":
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    tensors[f"{name}.{k}"] = st[k]
+        for key, t in tensors.items():
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            full = full.detach().contiguous().cpu()
+            out[key] = crc32c.crc32c(full.reshape(-1).view(torch.uint8).numpy())
+    return out if dist.get_rank() == 0 else None
+
+
+def state_bytes(model, opt) -> int:
+    """Bytes of the whole (global) state: every parameter and every optimizer state tensor, once."""
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()  # DTensor.numel() is the global count
+        for v in opt.state.get(p, {}).values():
+            if hasattr(v, "numel"):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def scramble(model, opt) -> None:
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            _local(p).fill_(-3.0)
+            for v in opt.state.get(p, {}).values():
+                if hasattr(v, "fill_"):
+                    _local(v).fill_(-3.0)
+
+
+def io_read_bytes() -> int:
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def drop_cache(root: Path) -> None:
+    """Make the next read of ``root``'s files cold: flush dirty pages, then drop these files' pages."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.sync()
+        for p in sorted(x for x in Path(root).rglob("*") if x.is_file()):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    dist.barrier()
+
+
+def _init(threads: int):
+    os.dup2(2, 1)  # only the parent writes to stdout
+    sys.stdout = sys.stderr
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo")
+
+
+# -- the source: 4 ranks ----------------------------------------------------------------------------
+
+
+def make_source(cfg_fields: dict, work: str, threads: int) -> dict | None:
+    _init(threads)
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    import ucp
+    from ucp.trainer.layouts import TrainLayout
+    from ucp.trainer.model import GPTConfig
+    from ucp.trainer.train import build, train_steps
+
+    try:
+        cfg = GPTConfig(**cfg_fields)
+        lay = TrainLayout(**SRC_LAYOUT)
+        t0 = time.perf_counter()
+        par, opt = build(cfg, lay, SRC_SEED)
+        losses = train_steps(cfg, lay, par, opt, SRC_SEED, range(1, 2))
+        t1 = time.perf_counter()
+        total = state_bytes(par.model, opt)
+        sums = checksums(par.model, opt)
+        ckpt = ucp.Checkpointer(Path(work) / "ucp", model=par.model, optimizer=opt,
+                                options=lay.checkpoint_options(cfg))
+        dist.barrier()
+        t2 = time.perf_counter()
+        res = ckpt.save(1)
+        dist.barrier()
+        t3 = time.perf_counter()
+        ckpt.close()
+        msd = get_model_state_dict(par.model)
+        osd = get_optimizer_state_dict(par.model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=Path(work) / "dcp")
+        dist.barrier()
+        t4 = time.perf_counter()
+        if dist.get_rank() == 0:
+            return {"ucp_path": str(res.path), "ucp_nbytes": res.nbytes, "state_bytes": total, "checksums": sums,
+                    "losses": losses, "train_s": round(t1 - t0, 2), "ucp_save_s": round(t3 - t2, 3),
+                    "dcp_save_s": round(t4 - t3, 3),
+                    "params": sum(p.numel() for p in par.model.parameters())}
+        return None
+    finally:
+        dist.destroy_process_group()
+
+
+# -- the targets: 2 or 3 ranks ----------------------------------------------------------------------
+
+
+def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threads: int) -> dict:
+    """Every rank returns its own figures; the timings (barrier to barrier) are the same on all."""
+    _init(threads)
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import filesystem as dcp_fs
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    import ucp
+    from ucp.trainer.layouts import TrainLayout
+    from ucp.trainer.model import GPTConfig
+    from ucp.trainer.train import build
+
+    # count the bytes DCP's reader opens (each stored item it needs is read whole, then narrowed)
+    dcp_read = [0]
+    orig_slice = dcp_fs.FileSystemReader._slice_file
+
+    def counting_slice(self, file, sinfo):
+        dcp_read[0] += sinfo.length
+        return orig_slice(self, file, sinfo)
+
+    dcp_fs.FileSystemReader._slice_file = counting_slice
+
+    try:
+        cfg = GPTConfig(**cfg_fields)
+        lay = TrainLayout(**layout)
+        par, opt = build(cfg, lay, DST_SEED)
+        model = par.model
+        for p in model.parameters():  # create AdamW's state (as training would) without a forward
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rank = dist.get_rank()
+        opts = lay.checkpoint_options(cfg)
+        ckpts = {"ucp_dist": ucp.Checkpointer(paths["ucp_root"], model=model, optimizer=opt, options=opts),
+                 "ucp_univ": ucp.Checkpointer(paths["ucp_univ"], model=model, optimizer=opt, options=opts)}
+        dirs = {"ucp_dist": paths["ucp_dir"], "ucp_univ": paths["ucp_univ"], "dcp": paths["dcp"]}
+
+        def dcp_load():
+            dcp_read[0] = 0
+            sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(sd, checkpoint_id=paths["dcp"])
+            set_model_state_dict(model, sd["model"])
+            set_optimizer_state_dict(model, opt, sd["optim"])
+            return dcp_read[0]
+
+        def one(form: str):
+            if form == "dcp":
+                return dcp_load()
+            res = ckpts[form].load()
+            if res is None or res.step != 1:
+                raise RuntimeError(f"{form}: load returned {res!r}")
+            return res.nbytes
+
+        out = {"rank": rank, "samples": {}, "nbytes": {}, "disk": {}, "exact": True, "mismatch": []}
+        # one untimed load of each form first: first-call costs (lazy imports, allocator warm-up)
+        # would otherwise land on whichever form goes first
+        for form in FORMS:
+            one(form)
+        dist.barrier()
+        for r in range(repeats):
+            order = FORMS[r % 3:] + FORMS[:r % 3]
+            for form in order:
+                for temp in ("warm", "cold"):
+                    scramble(model, opt)
+                    if temp == "cold":
+                        drop_cache(Path(dirs[form]))
+                    io0 = io_read_bytes()
+                    dist.barrier()
+                    t = time.perf_counter()
+                    nbytes = one(form)
+                    dist.barrier()
+                    s = time.perf_counter() - t
+                    key = f"{form}_{temp}"
+                    out["samples"].setdefault(key, []).append(s)
+                    out["nbytes"][form] = nbytes
+                    if temp == "cold":
+                        out["disk"][form] = io_read_bytes() - io0
+                    sums = checksums(model, opt)
+                    if rank == 0:
+                        if sums != paths["checksums"]:
+                            out["exact"] = False
+                            out["mismatch"].append(
+                                [key, sorted(k for k in sums if sums[k] != paths["checksums"].get(k))])
+                        log(f"  world {dist.get_world_size()} {key:<14} {s:7.3f} s  rank0 read "
+                            f"{nbytes / 1e6:.1f} MB")
+        for c in ckpts.values():
+            c.close()
+        dist.barrier()
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+# -- launcher ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=float, default=1000.0,
+                    help="fp32 params + AdamW moments, MB (1e6 bytes) over all ranks")
+    ap.add_argument("--work", default=None, help="where to write (a fresh directory inside it, removed after)")
+    ap.add_argument("--repeats", type=int, default=2, help="each load figure is the best of this many")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints (the path is logged)")
+    args = ap.parse_args(argv)
+    if args.size_mb <= 0 or args.repeats < 1:
+        ap.error("--size-mb must be > 0 and --repeats >= 1")
+    return args
+
+
+def bench(args, work: Path) -> dict:
+    from ucp.convert import convert
+    from ucp.trainer.launch import launch
+
+    t_all = time.perf_counter()
+    cfg = model_config(args.size_mb)
+    threads = max(1, (os.cpu_count() or 1) // SRC_NPROC)
+    log(f"source: {SRC_NPROC} ranks, layout {SRC_LAYOUT}, config {cfg}")
+    src = launch(SRC_NPROC, make_source, cfg, str(work), threads, run_id="ucp-bench-reshard")[0]
+    total = src["state_bytes"]
+    log(f"  params {src['params'] / 1e6:.1f}M, state {total / 1e9:.3f} GB; trained 1 step in {src['train_s']} s "
+        f"(loss {src['losses'][0]:.3f}); saved: ucp {src['ucp_save_s']} s, dcp {src['dcp_save_s']} s")
+    univ = work / "universal"
+    t0 = time.perf_counter()
+    conv = convert(src["ucp_path"], univ, workers=4)
+    convert_s = time.perf_counter() - t0
+    log(f"  converted to universal in {convert_s:.2f} s")
+    paths = {"ucp_root": str(work / "ucp"), "ucp_dir": src["ucp_path"], "ucp_univ": str(univ),
+             "dcp": str(work / "dcp"), "checksums": src["checksums"]}
+
+    def dir_bytes(p) -> int:
+        return sum(x.stat().st_size for x in Path(p).rglob("*") if x.is_file())
+
+    out = {
+        "bench": "ucp_vs_dcp_reshard_load", "src_layout": SRC_LAYOUT, "src_nproc": SRC_NPROC,
+        "targets": {str(w): lay for w, lay in TARGETS.items()}, "config": cfg, "repeats": args.repeats,
+        "params": src["params"], "state_gb": round(total / 1e9, 4),
+        "ucp_dist_gb": round(dir_bytes(paths["ucp_dir"]) / 1e9, 4),
+        "ucp_univ_gb": round(dir_bytes(univ) / 1e9, 4), "dcp_gb": round(dir_bytes(paths["dcp"]) / 1e9, 4),
+        "train_s": src["train_s"], "ucp_save_s": src["ucp_save_s"], "dcp_save_s": src["dcp_save_s"],
+        "convert_s": round(convert_s, 3),
+        "convert_source_gb": round(getattr(conv, "source_bytes", 0) / 1e9, 4),
+    }
+    exact = True
+    for world, layout in TARGETS.items():
+        log(f"target: {world} ranks, layout {layout}")
+        threads = max(1, (os.cpu_count() or 1) // world)
+        ranks = launch(world, load_target, cfg, layout, paths, args.repeats, threads,
+                       run_id=f"ucp-bench-reshard-{world}")
+        share = total / world
+        r0 = ranks[0]
+        exact = exact and r0["exact"]
+        if r0["mismatch"]:
+            out[f"w{world}_mismatch"] = r0["mismatch"]
+        out[f"w{world}_share_gb"] = round(share / 1e9, 4)
+        for form in FORMS:
+            read = [ranks[r]["nbytes"][form] for r in sorted(ranks)]
+            disk = [ranks[r]["disk"].get(form, 0) for r in sorted(ranks)]
+            pre = f"w{world}_{form}"
+            out[f"{pre}_read_gb_per_rank"] = [round(b / 1e9, 4) for b in read]
+            out[f"{pre}_read_ratio_max"] = round(max(read) / share, 3)
+            out[f"{pre}_disk_read_max_gb"] = round(max(disk) / 1e9, 4)
+            for temp in ("warm", "cold"):
+                samples = r0["samples"][f"{form}_{temp}"]
+                best = min(samples)
+                out[f"{pre}_{temp}_s"] = round(best, 4)
+                out[f"{pre}_{temp}_gbps"] = round(total / 1e9 / best, 3)
+                out[f"{pre}_{temp}_all_s"] = [round(x, 4) for x in samples]
+        for form in ("ucp_dist", "ucp_univ"):
+            for temp in ("warm", "cold"):
+                out[f"w{world}_speedup_{form}_{temp}"] = round(out[f"w{world}_dcp_{temp}_s"] /
+                                                               out[f"w{world}_{form}_{temp}_s"], 3)
+    out["bit_exact"] = exact
+    out["target_speed_met"] = {form: all(out[f"w{w}_speedup_{form}_{t}"] >= 1.5 for w in TARGETS
+                                         for t in ("warm", "cold")) for form in ("ucp_dist", "ucp_univ")}
+    import torch
+
+    import ucp
+
+    out["torch"] = torch.__version__
+    out["ucp"] = getattr(ucp, "__version__", None)
+    out["wall_s"] = round(time.perf_counter() - t_all, 1)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    work = Path(tempfile.mkdtemp(prefix="ucp_bench_reshard_", dir=args.work))
+    log(f"writing under {work}")
+    try:
+        out = bench(args, work)
+    except Exception as e:
+        log(f"FAILED: {type(e).__name__}: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out, separators=(",", ":")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
