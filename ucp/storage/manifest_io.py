@@ -15,14 +15,42 @@ from ucp.storage.directory import FRAGMENT_TABLE, MANIFEST
 HEADER_CRC = "header_crc32c"
 
 
+def sign_header(header: dict) -> dict:
+    """``header`` with :data:`HEADER_CRC` set to the CRC-32C of its canonical JSON (in place)."""
+    header[HEADER_CRC] = crc32c(canonical_json(header))
+    return header
+
+
+def check_signed(header: dict, path, what: str, holder: str = "") -> dict:
+    """Pop and verify a header's :data:`HEADER_CRC`; ``what`` names the document in errors, and
+    ``holder`` the part of the file holding the header when it is not the whole file.
+
+    Raises:
+        FormatError: the checksum is absent or not an integer, or the header is not JSON-safe.
+        CorruptCheckpointError: the checksum does not match.
+    """
+    stored = header.pop(HEADER_CRC, None)
+    if stored is None:
+        raise FormatError(f"{path}: {holder + ' lack' if holder else 'lacks'} '{HEADER_CRC}'")
+    if isinstance(stored, bool) or not isinstance(stored, int):
+        raise FormatError(f"{path}: {holder + ': ' if holder else ''}'{HEADER_CRC}' is {stored!r}, not an integer")
+    try:
+        actual = crc32c(canonical_json(header))
+    except ValueError as e:
+        raise FormatError(f"{path}: {e}") from e
+    if actual != stored:
+        raise CorruptCheckpointError(f"{path}: {'header ' if holder else ''}checksum mismatch (crc32c {actual:08x}, "
+                                     f"recorded {stored:08x}); the {what} is corrupted")
+    return header
+
+
 def commit_manifest(directory: Path, manifest: Manifest) -> None:
     """Write the fragment table, then atomically commit ``manifest.json``: the checkpoint becomes visible."""
     directory = Path(directory)
     table = fragments_to_parquet(manifest.fragments)
     write_atomic(directory / FRAGMENT_TABLE, table)
     header = manifest.header({"file": FRAGMENT_TABLE, "crc32c": crc32c(table), "rows": len(manifest.fragments)})
-    header[HEADER_CRC] = crc32c(canonical_json(header))
-    write_atomic(directory / MANIFEST, header_to_json(header))
+    write_atomic(directory / MANIFEST, header_to_json(sign_header(header)))
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -33,18 +61,7 @@ def read_manifest(directory: Path) -> Manifest:
         header = header_from_json(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise FormatError(f"{directory}: no {MANIFEST}; not a complete checkpoint") from None
-    stored = header.pop(HEADER_CRC, None)
-    if stored is None:
-        raise FormatError(f"{path}: lacks '{HEADER_CRC}'")
-    if isinstance(stored, bool) or not isinstance(stored, int):
-        raise FormatError(f"{path}: '{HEADER_CRC}' is {stored!r}, not an integer")
-    try:
-        actual = crc32c(canonical_json(header))
-    except ValueError as e:
-        raise FormatError(f"{path}: {e}") from e
-    if actual != stored:
-        raise CorruptCheckpointError(f"{path}: checksum mismatch (crc32c {actual:08x}, recorded {stored:08x}); "
-                                     "the manifest is corrupted")
+    check_signed(header, path, "manifest")
     table_meta = header.get("fragment_table")
     if not isinstance(table_meta, dict) or not isinstance(table_meta.get("file"), str):
         raise FormatError(f"{path}: lacks a valid 'fragment_table' entry")

@@ -26,15 +26,15 @@ import numpy as np
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError, FormatError
 from ucp.spec.fragment import check_file_name, fragments_from_parquet
-from ucp.spec.manifest import canonical_json, header_from_json
+from ucp.spec.manifest import header_from_json
 from ucp.spec.universal import ArrayMeta, UniversalHeader, shard_shape
-from ucp.storage.atomic import fsync_dir, write_atomic
+from ucp.storage.atomic import fsync_dir
+from ucp.storage.manifest_io import check_signed, sign_header
 from ucp.storage.zarr_shard import ZSTD_LEVEL, ShardReader, shard_key
 
 ZARR_JSON = "zarr.json"
 FRAGMENT_TABLE = "fragments.parquet"
 ROOT_ATTR = "ucp"
-HEADER_CRC = "header_crc32c"
 
 
 def is_universal(path) -> bool:
@@ -121,8 +121,7 @@ def create_arrays(put, arrays: dict[str, ArrayMeta]) -> dict[str, ArrayMeta]:
 def header_document(header: UniversalHeader) -> bytes:
     """The root group's ``zarr.json`` carrying the header (with its checksum): written last, it
     commits the checkpoint."""
-    doc = header.to_dict()
-    doc[HEADER_CRC] = crc32c(canonical_json(doc))
+    doc = sign_header(header.to_dict())
     return json.dumps({**_GROUP, "attributes": {ROOT_ATTR: doc}}, indent=1, allow_nan=False).encode()
 
 
@@ -138,11 +137,6 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def commit_header(root: Path, header: UniversalHeader) -> None:
-    """Write the header into the local root group's ``zarr.json``, atomically."""
-    write_atomic(Path(root) / ZARR_JSON, header_document(header))
-
-
 def read_header(root: Path) -> UniversalHeader:
     """Read, check and validate a universal checkpoint's header."""
     root = Path(root)
@@ -156,19 +150,7 @@ def read_header(root: Path) -> UniversalHeader:
         raise FormatError(f"{path}: not a zarr v3 group")
     if not isinstance(doc, dict):
         raise FormatError(f"{root}: a zarr group without ucp attributes; not a complete universal checkpoint")
-    doc = dict(doc)
-    stored = doc.pop(HEADER_CRC, None)
-    if stored is None:
-        raise FormatError(f"{path}: the ucp attributes lack '{HEADER_CRC}'")
-    if isinstance(stored, bool) or not isinstance(stored, int):
-        raise FormatError(f"{path}: the ucp attributes' '{HEADER_CRC}' is {stored!r}, not an integer")
-    try:
-        actual = crc32c(canonical_json(doc))
-    except ValueError as e:
-        raise FormatError(f"{path}: {e}") from e
-    if actual != stored:
-        raise CorruptCheckpointError(f"{path}: header checksum mismatch (crc32c {actual:08x}, recorded {stored:08x}); "
-                                     "the group metadata is corrupted")
+    doc = check_signed(dict(doc), path, "group metadata", holder="the ucp attributes")
     try:
         return UniversalHeader.from_dict(doc)
     except FormatError as e:
