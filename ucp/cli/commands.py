@@ -133,8 +133,6 @@ def _raise_problems(path, problems: list[str]) -> None:
 
 
 def convert(args) -> int:
-    from tqdm import tqdm
-
     from ucp.convert import convert as run_convert
 
     if args.chunk_kib < 1:
@@ -143,19 +141,29 @@ def convert(args) -> int:
         raise OptionsError(f"--memory-mib {args.memory_mib}: use a positive number of MiB, or leave it out")
     if not 1 <= args.workers <= 64:
         raise OptionsError(f"--workers {args.workers}: use 1 to 64")
-    bar = tqdm(unit="B", unit_scale=True, desc="convert", disable=args.quiet or None, file=sys.stderr, leave=False)
+    result = _with_progress("convert", args.quiet, lambda progress, total: run_convert(
+        args.src, args.dst, args.spec, step=args.step, workers=args.workers, compressor=args.compress,
+        chunk_bytes=args.chunk_kib * 1024, memory_limit=None if args.memory_mib is None else args.memory_mib << 20,
+        progress=progress, total=total))
+    return _summary(args, result, f"OK   {result.dst}: step {result.step}, {result.tensors} array(s), "
+                                  f"{_human(result.nbytes)} from {_human(result.source_bytes)} in {result.seconds:.2f} s "
+                                  f"({result.gbps:.2f} GB/s)")
+
+
+def _with_progress(desc: str, quiet: bool, run):
+    """``run(progress, total)`` under a byte progress bar on stderr (none with ``quiet``)."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit="B", unit_scale=True, desc=desc, disable=quiet or None, file=sys.stderr, leave=False)
     try:
-        result = run_convert(args.src, args.dst, args.spec, step=args.step, workers=args.workers,
-                             compressor=args.compress, chunk_bytes=args.chunk_kib * 1024,
-                             memory_limit=None if args.memory_mib is None else args.memory_mib << 20,
-                             progress=bar.update, total=lambda n: setattr(bar, "total", n))
+        return run(bar.update, lambda n: setattr(bar, "total", n))
     finally:
         bar.close()
-    if args.json:
-        print(json.dumps(result.to_dict()))
-    else:
-        print(f"OK   {result.dst}: step {result.step}, {result.tensors} array(s), {_human(result.nbytes)} from "
-              f"{_human(result.source_bytes)} in {result.seconds:.2f} s ({result.gbps:.2f} GB/s)")
+
+
+def _summary(args, result, line: str) -> int:
+    """Print ``result`` as one JSON line with ``--json``, else ``line``."""
+    print(json.dumps(result.to_dict()) if args.json else line)
     return 0
 
 
@@ -174,23 +182,15 @@ def parse_size(text: str) -> int:
 
 
 def export(args) -> int:
-    from tqdm import tqdm
-
     from ucp.export import export as run_export
 
-    bar = tqdm(unit="B", unit_scale=True, desc="export", disable=args.quiet or None, file=sys.stderr, leave=False)
-    try:
-        result = run_export(args.universal, args.out, args.spec, optimizer=args.optimizer,
-                            max_shard_bytes=parse_size(args.max_shard_size), dtype=args.dtype,
-                            progress=bar.update, total=lambda n: setattr(bar, "total", n))
-    finally:
-        bar.close()
-    if args.json:
-        print(json.dumps(result.to_dict()))
-    else:
-        print(f"OK   {result.out}: {result.tensors} tensor(s), {_human(result.nbytes)} in {len(result.files)} file(s): "
-              f"{', '.join(result.files[:4])}{' ...' if len(result.files) > 4 else ''}")
-    return 0
+    max_shard_bytes = parse_size(args.max_shard_size)
+    result = _with_progress("export", args.quiet, lambda progress, total: run_export(
+        args.universal, args.out, args.spec, optimizer=args.optimizer, max_shard_bytes=max_shard_bytes,
+        dtype=args.dtype, progress=progress, total=total))
+    return _summary(args, result, f"OK   {result.out}: {result.tensors} tensor(s), {_human(result.nbytes)} in "
+                                  f"{len(result.files)} file(s): {', '.join(result.files[:4])}"
+                                  f"{' ...' if len(result.files) > 4 else ''}")
 
 
 def demo(args) -> int:
