@@ -73,8 +73,9 @@ def log(*args) -> None:
 # -- the source checkpoint --------------------------------------------------------------------------
 
 
-def model_config(size_mb: float) -> dict:
-    """``GPTConfig`` fields of a 4-layer reference GPT whose checkpoint is about ``size_mb`` MB.
+def model_config(size_mb: float, bytes_per_param: float = BYTES_PER_PARAM, global_batch: int = 8) -> dict:
+    """``GPTConfig`` fields of a 4-layer reference GPT whose checkpoint is about ``size_mb`` MB at
+    ``bytes_per_param`` bytes per parameter (``tools/bench_reshard.py`` uses it too).
 
     A block holds 12 d^2 weights (+ 13 d biases and norms), the (tied) token embedding V d. The
     width comes from V ~ 31.25 d (32000 at d = 1024), rounded to a multiple of 128 (64 when tiny)
@@ -82,14 +83,14 @@ def model_config(size_mb: float) -> dict:
     multiple of 100 (at least 250, the trainer's default; usually not a multiple of 8 x tp, so
     the vocabulary padding is exercised).
     """
-    params = size_mb * 1e6 / BYTES_PER_PARAM
+    params = size_mb * 1e6 / bytes_per_param
     d = math.sqrt(params / (12 * N_LAYERS + 31.25))
     d = 64 if d < 96 else 128 * max(1, round(d / 128))
     seq = 32
     blocks = N_LAYERS * (12 * d * d + 13 * d)
     vocab = max(250, round((params - blocks - seq * d - 2 * d) / d / 100) * 100)
     return {"vocab": vocab, "seq": seq, "d_model": d, "n_heads": max(2, d // 64), "n_layers": N_LAYERS,
-            "global_batch": 8}
+            "global_batch": global_batch}
 
 
 def make_source(cfg_fields: dict, root: str) -> dict | None:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -70,20 +69,11 @@ def log(*args) -> None:
 
 
 def model_config(size_mb: float) -> dict:
-    """``GPTConfig`` fields of a 4-layer reference GPT whose fp32 params + AdamW state are ~``size_mb`` MB.
+    """``GPTConfig`` fields of a reference GPT whose fp32 params + AdamW state are ~``size_mb`` MB
+    (``tools/bench_convert.py``'s sizing); global_batch 12 divides by dp = 2 and 3."""
+    from bench_convert import model_config as sized
 
-    As ``tools/bench_convert.py``: V ~ 31.25 d, d a multiple of 128 (64 when tiny), heads of 64 (at
-    least 2, so tp=2 splits them), V solved for the target and rounded to 100 (not a multiple of 2 x 3
-    x 4 in general: uneven splits get exercised). global_batch 12 divides by dp = 2 and 3.
-    """
-    params = size_mb * 1e6 / BYTES_PER_PARAM
-    d = math.sqrt(params / (12 * N_LAYERS + 31.25))
-    d = 64 if d < 96 else 128 * max(1, round(d / 128))
-    seq = 32
-    blocks = N_LAYERS * (12 * d * d + 13 * d)
-    vocab = max(250, round((params - blocks - seq * d - 2 * d) / d / 100) * 100)
-    return {"vocab": vocab, "seq": seq, "d_model": d, "n_heads": max(2, d // 64), "n_layers": N_LAYERS,
-            "global_batch": 12}
+    return sized(size_mb, BYTES_PER_PARAM, global_batch=12)
 
 
 # -- helpers run inside the ranks -------------------------------------------------------------------
@@ -159,20 +149,12 @@ def io_read_bytes() -> int:
 
 
 def drop_cache(root: Path) -> None:
-    """Make the next read of ``root``'s files cold: flush dirty pages, then drop these files' pages."""
+    """Make the next read of ``root``'s files cold (``tools/bench_save.py``'s cache drop, on rank 0)."""
     import torch.distributed as dist
 
-    dist.barrier()
-    if dist.get_rank() == 0:
-        os.sync()
-        for p in sorted(x for x in Path(root).rglob("*") if x.is_file()):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    dist.barrier()
+    from bench_save import drop_cache as drop, files_under
+
+    drop(files_under(root), dist.get_rank())
 
 
 def _init(threads: int):
