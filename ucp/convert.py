@@ -192,16 +192,16 @@ def _plans(manifest: Manifest, patterns: dict, compressor: str, chunk_bytes: int
     return plans, arrays
 
 
-def _gathered(source: Source, shape, item: int) -> bool:
-    """Whether ``source`` goes through a temporary box (its runs are too short to read one by one)."""
-    runs = source_runs(source, shape)
+def _gathered(runs: np.ndarray, item: int) -> bool:
+    """Whether a source with these ``source_runs`` goes through a temporary box (its runs are too
+    short to read one by one)."""
     return len(runs) > 1 and float(runs[:, 2].mean()) * item < _MIN_RUN
 
 
 def _need(plan: TensorPlan, meta: ArrayMeta, budget: int) -> int:
     """Arena bytes a tensor's task takes: its array, plus the largest box it gathers through when
     that fits the budget (otherwise short runs are read one by one)."""
-    temp = max((s.box.numel * itemsize(meta.dtype) for s in plan.sources if _gathered(s, plan.shape, itemsize(meta.dtype))), default=0)
+    temp = max((s.box.numel * itemsize(meta.dtype) for s in plan.sources if _gathered(source_runs(s, plan.shape), itemsize(meta.dtype))), default=0)
     return meta.nbytes + temp if meta.nbytes + temp <= budget else meta.nbytes
 
 
@@ -270,7 +270,8 @@ def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray,
     """Read every fragment of ``source`` into its places in ``array``, verifying each checksum."""
     item = array.dtype.itemsize
     flat = array.reshape(-1).view(np.uint8)
-    if _gathered(source, plan.shape, item) and temp.nbytes >= source.box.numel * item:
+    runs = source_runs(source, plan.shape)
+    if _gathered(runs, item) and temp.nbytes >= source.box.numel * item:
         box = temp[:source.box.numel * item]
         for frag in source.fragments:
             start = frag.flat.start * item if frag.flat is not None else 0
@@ -279,7 +280,7 @@ def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray,
         for p in source.pieces:
             array[p.dst] = boxed[p.src]
         return
-    runs = source_runs(source, plan.shape) * item  # (box byte start, array byte start, byte length)
+    runs = runs * item  # (box byte start, array byte start, byte length)
     for frag in source.fragments:
         lo = frag.flat.start * item if frag.flat is not None else 0
         hi = lo + frag.length

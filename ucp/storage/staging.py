@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ucp.errors import OptionsError
 from ucp.storage.atomic import fsync_dir, write_atomic
-from ucp.storage.universal_io import fsync_tree
+from ucp.storage.universal_io import fsync_tree, local_put
 from ucp.storage.zarr_shard import write_shard
 
 PARTIAL = ".partial-"
@@ -49,9 +49,7 @@ class Staging:
 
     def put(self, rel: str, data: bytes) -> None:
         """Write a small file at ``rel`` (parents created)."""
-        path = self.path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        local_put(self.path)(rel, data)
         with self._lock:
             self.files += 1
 
