@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ucp.codecs.checksum import crc32c
+from ucp.codecs.checksum import block_crc32c, crc32c
 from ucp.spec.box import Box, FlatRange
 from ucp.spec.fragment import Fragment
 from ucp.spec.layout import Layout
-from ucp.spec.manifest import Manifest, TensorMeta
+from ucp.spec.manifest import BLOCK_BYTES, Manifest, TensorMeta
 from ucp.spec.pattern import Pattern, chunk_bounds, local_box
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import commit_manifest
@@ -71,8 +71,9 @@ def place(key: str, u: np.ndarray, pattern: Pattern, layout: Layout, rng) -> lis
 
 
 def write_checkpoint(root: Path, step: int, tensors: dict, layout: Layout, seed: int = 0,
-                     state: dict | None = None) -> Path:
-    """Write ``{key: (universal array, dtype name, pattern)}`` as a complete checkpoint under ``root``."""
+                     state: dict | None = None, block_bytes: int = BLOCK_BYTES) -> Path:
+    """Write ``{key: (universal array, dtype name, pattern)}`` as a complete checkpoint under ``root``
+    (with block checksums of ``block_bytes``; 0 writes none, as format 1.0 did)."""
     rng = np.random.default_rng(seed)
     directory = store.step_dir(root, step)
     directory.mkdir(parents=True)
@@ -91,9 +92,11 @@ def write_checkpoint(root: Path, step: int, tensors: dict, layout: Layout, seed:
         size, offsets = write_file(directory / name, entries, fsync=False)
         files[name] = size
         for (k, box, flat, d), off in zip(items, offsets):
-            fragments.append(Fragment(k, box, flat, metas[k].dtype, rank, name, off, d.nbytes, crc32c(memoryview(d).cast("B"))))
+            data = memoryview(d).cast("B")
+            crc, blocks = block_crc32c(data, block_bytes) if block_bytes else (crc32c(data), ())
+            fragments.append(Fragment(k, box, flat, metas[k].dtype, rank, name, off, d.nbytes, crc, blocks))
     manifest = Manifest(step, layout, metas, tuple(fragments), state or {"shared": {}, "ranks": {}}, files,
-                        created_by="tests.synthetic")
+                        created_by="tests.synthetic", block_bytes=block_bytes)
     manifest.validate()
     commit_manifest(directory, manifest)
     return directory

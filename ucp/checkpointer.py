@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from ucp import __version__
-from ucp.codecs.checksum import crc32c
+from ucp.codecs.checksum import block_crc32c
 from ucp.dist.collective import Collective
 from ucp.errors import OptionsError, UcpError
 from ucp.options import CheckpointOptions, check_keep
@@ -33,13 +33,18 @@ from ucp.spec.dtypes import DTYPES
 from ucp.spec.fragment import Fragment
 from ucp.spec.keys import extra_key
 from ucp.spec.layout import Layout
-from ucp.spec.manifest import Manifest
+from ucp.spec.manifest import BLOCK_BYTES, Manifest
 from ucp.storage import directory as store
 from ucp.storage.atomic import fsync_dir
 from ucp.storage.manifest_io import commit_manifest
 from ucp.storage.safetensors_file import Entry, write_file
 
 __all__ = ["Checkpointer", "CheckpointOptions", "SaveResult", "LoadResult"]
+
+
+def _checksums(view) -> tuple[int, tuple[int, ...]]:
+    """A fragment's CRC-32C and its block checksums (format 1.1)."""
+    return block_crc32c(view, BLOCK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -230,10 +235,10 @@ class Checkpointer:
             # Only copies held by several ranks need checksums now; the rest are summed while written.
             todo = [i for i, info in enumerate(infos_by_rank[rank]) if info.region in shared]
             with ThreadPoolExecutor(self.options.io_threads) as pool:
-                return dict(zip(todo, pool.map(crc32c, [local["views"][i] for i in todo])))
+                return dict(zip(todo, pool.map(_checksums, [local["views"][i] for i in todo])))
 
-        early = coll.phase("compare", compare)
-        infos_by_rank = [[replace(info, crc32c=early[r].get(i)) for i, info in enumerate(infos)]
+        early = coll.phase("compare", compare)  # per rank {piece: (crc, block crcs)}
+        infos_by_rank = [[replace(info, crc32c=early[r][i][0] if i in early[r] else None) for i, info in enumerate(infos)]
                          for r, infos in enumerate(infos_by_rank)]
 
         def plan():
@@ -261,7 +266,7 @@ class Checkpointer:
                 entries.append(Entry(f"{p.key}{p.box}{p.flat or ''}", DTYPES[p.meta.dtype][1], shape, local["views"][i]))
             late = [i for i in mine if infos_by_rank[rank][i].crc32c is None]
             with ThreadPoolExecutor(1) as pool:  # checksums on a second core while the file streams out
-                sums = pool.map(crc32c, [local["views"][i] for i in late])
+                sums = pool.map(_checksums, [local["views"][i] for i in late])
                 size, offsets = write_file(directory / name, entries, {"format": "ucp.checkpoint", "rank": str(rank)},
                                            self.options.fsync)
                 return name, size, offsets, dict(zip(late, sums))
@@ -280,10 +285,11 @@ class Checkpointer:
                 files[name] = size
                 for i, off in zip(assignments[r], offsets):
                     info = infos_by_rank[r][i]
-                    crc = info.crc32c if info.crc32c is not None else late[i]
-                    fragments.append(Fragment(info.key, info.box, info.flat, info.dtype, r, name, off, info.nbytes, crc))
+                    crc, blocks = early[r][i] if i in early[r] else late[i]
+                    fragments.append(Fragment(info.key, info.box, info.flat, info.dtype, r, name, off, info.nbytes,
+                                              crc, blocks))
             manifest = Manifest(step, self.layout, metas, tuple(fragments), split_state([g[2] for g in gathered]),
-                                files, created_by=f"ucp {__version__}")
+                                files, created_by=f"ucp {__version__}", block_bytes=BLOCK_BYTES)
             manifest.validate()
             for name, size in files.items():  # what each rank wrote is here, whole, before it is published
                 found = (directory / name).stat().st_size if (directory / name).exists() else None
@@ -315,10 +321,18 @@ class Checkpointer:
     def load(self, step: int | None = None, strict: bool = True, cast: bool = False) -> LoadResult | None:
         """Restore the newest complete checkpoint (or ``step``) into the model, optimizer and state.
 
+        The checkpoint may come from any layout and number of ranks, or be a universal one; each
+        rank reads only what its tensors need. Tensors the model names differently are found by the
+        rules of :mod:`ucp.plan.sources` (a fused ``qkv`` and its ``q``/``k``/``v`` parts, an fp32
+        master and an fp32 parameter), and Adam's step count moves between per-parameter and
+        per-group optimizers (:mod:`ucp.optimizer_load`). A target layout that cannot hold a tensor is
+        refused before any read.
+
         Args:
             step: the step to load; None for the newest complete checkpoint.
-            strict: fail if the checkpoint and the model/optimizer do not have the same tensor keys;
-                with False, load what matches and report the rest in the result.
+            strict: fail if some tensor of the model/optimizer has no source in the checkpoint, or
+                some tensor of the checkpoint goes nowhere; with False, load what matches and report
+                the rest in the result.
             cast: allow dtypes to differ: a parameter whose checkpoint also holds an fp32 master
                 (``optim/<fqn>/master``) of the wanted dtype is loaded from the master, exactly;
                 anything else is converted as ``Tensor.to`` converts (bf16 from fp32 rounds).

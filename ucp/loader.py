@@ -13,37 +13,32 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, LoadError
 from ucp.plan.load_plan import FragmentIndex, ReadItem
-from ucp.plan.reshard import chunk_pieces, reshard_plan, source_pieces, target_pieces
+from ucp.optimizer_load import optimizer_targets, restore_optimizer, torch_dtype
+from ucp.plan.reshard import check_target, chunk_pieces, reshard_plan, source_pieces, target_pieces
+from ucp.plan.sources import Resolution, SourceIndex, relocate, to_source
 from ucp.snapshot import values
-from ucp.snapshot.capture import Piece, normalize_fqn, flat_state_pieces, model_pieces, optimizer_param_fqns, param_names, tensor_piece
+from ucp.snapshot.capture import Piece, model_pieces, normalize_fqn
 from ucp.snapshot.rng import restore_rng
 from ucp.spec.box import Box
+from ucp.spec.dtypes import itemsize
 from ucp.spec.keys import EXTRA, MODEL, OPTIM, extra_key, optim_key, parse_key
-from ucp.spec.manifest import Manifest
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.safetensors_file import read_into
 from ucp.storage.universal_io import array_reader, is_universal, read_header
 from ucp.spec.manifest import TensorMeta
 from ucp.spec.universal import UniversalHeader, universal_shape
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise LoadError(f"dtype {name!r} has no torch equivalent")
-    return dtype
 
 
 @dataclass(frozen=True)
@@ -79,40 +74,47 @@ class UniversalReader:
         self._lock = threading.Lock()
         self.nbytes = 0
 
-    def read(self, piece: Piece, target_layout=None) -> None:
-        meta = self.source.header.tensors[piece.key]
-        if _needs_reshard(piece):
-            self._read_resharded(piece, meta, target_layout)
+    def read(self, piece: Piece, res: Resolution, target_layout=None) -> None:
+        """Fill ``piece`` from the arrays ``res`` names."""
+        only = res.slices[0]
+        if len(res.slices) > 1 or only.dim is not None or _needs_reshard(piece):
+            self._read_resharded(piece, res.slices, target_layout)
             return
+        meta = self.source.header.tensors[only.key]
         dest = piece.data
         direct = dest.device.type == "cpu" and dest.is_contiguous()
         out = dest if direct else torch.empty(tuple(piece.box.sizes), dtype=dest.dtype)
         raw = out.reshape(-1).view(torch.uint8).numpy().view(np.dtype(meta.stored_dtype)).reshape(piece.box.sizes)
-        region = tuple(slice(o, o + n) for o, n in zip(piece.box.offsets, piece.box.sizes))
-        with array_reader(self.source.path, piece.key, meta) as reader:
-            reader.read(region, out=raw)
+        with array_reader(self.source.path, only.key, meta) as reader:
+            reader.read(_slices(piece.box), out=raw)
         if not direct:
             with torch.no_grad():
                 dest.copy_(out.view(dest.shape))
         with self._lock:
             self.nbytes += raw.nbytes
 
-    def _read_resharded(self, piece: Piece, meta, target_layout) -> None:
+    def _read_resharded(self, piece: Piece, slices, target_layout) -> None:
         targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
-        sources = []
-        for t in targets:
-            if t.universal is not None:
-                sources += chunk_pieces(meta.shape, meta.chunks, t.universal)
-        items = reshard_plan(_unique_chunks(sources), targets, piece.key)
+        sources, metas = [], {}
+        for s in slices:
+            meta = metas[s.key] = self.source.header.tensors[s.key]
+            wanted = [b for b in (to_source(t.universal, s) for t in targets if t.universal is not None) if b is not None]
+            sources += relocate(_unique_chunks([c for b in wanted for c in chunk_pieces(meta.shape, meta.chunks, b)]), s)
+        items = reshard_plan(sources, targets, piece.key)
         dtype = piece.data.dtype
-        with array_reader(self.source.path, piece.key, meta) as reader:
-            def fetch(idx):
+        with ExitStack() as stack:
+            opened = {k: stack.enter_context(array_reader(self.source.path, k, m)) for k, m in metas.items()}
+
+            def fetch(ref):
+                key, idx = ref
+                reader, meta = opened[key], metas[key]
                 chunk = reader.chunk(idx) if meta.shape else reader.read()
                 data = torch.from_numpy(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).copy()).view(dtype)
                 with self._lock:
                     self.nbytes += reader.chunk_nbytes
-                return data
-            _fill_resharded(piece, items, targets, _chunk_fetch(fetch, meta))
+                return _chunk_cut(data, idx, meta)
+
+            _fill_resharded(piece, items, targets, _cached(fetch))
 
     def close(self) -> None:
         pass
@@ -129,22 +131,59 @@ def _unique_chunks(pieces):
     return out
 
 
-def _chunk_fetch(fetch, meta):
-    """``fetch`` keyed by chunk index, cached: chunk pieces of one chunk share one read; sub-boxes of
-    chunks are the chunk cut to the array, while the data is the full chunk: re-cut it."""
+def _cached(fetch):
+    """``fetch`` memoized per source ref: the pieces of one chunk or fragment share one read."""
     cache: dict = {}
 
     def get(ref):
         if ref not in cache:
-            full = fetch(ref)
-            if meta.shape:
-                lo = [i * c for i, c in zip(ref, meta.chunks)]
-                cut = tuple(slice(0, min(c, s - l)) for l, c, s in zip(lo, meta.chunks, meta.shape))
-                full = full.view(meta.chunks)[cut].contiguous().reshape(-1)
-            cache[ref] = full
+            cache[ref] = fetch(ref)
         return cache[ref]
 
     return get
+
+
+def _byte_span(sub, region: Box, size: int) -> tuple[int, int]:
+    """Bytes ``[lo, hi)`` of a source's data spanning ``region`` (relative to ``sub.box``, whose
+    elements lie row-major from element ``sub.offset``); elements of ``size`` bytes."""
+    sizes = sub.box.sizes
+    if not region.ndim:
+        return sub.offset * size, (sub.offset + 1) * size
+    first = last = 0
+    for o, n, s in zip(region.offsets, region.sizes, sizes):
+        first = first * s + o
+        last = last * s + o + n - 1
+    return (sub.offset + first) * size, (sub.offset + last + 1) * size
+
+
+def _needed_blocks(spans, f, block_bytes: int):
+    """Runs ``(first, last)`` of the blocks of fragment ``f`` holding the byte ``spans``, or None to
+    read ``f`` whole (no block checksums, or every block needed)."""
+    if not spans or not f.blocks or block_bytes <= 0:
+        return None
+    wanted = set()
+    for lo, hi in spans:
+        if hi > lo:
+            wanted.update(range(lo // block_bytes, -(-hi // block_bytes)))
+    if len(wanted) >= len(f.blocks):
+        return None
+    runs: list[list[int]] = []
+    for b in sorted(wanted):
+        if runs and runs[-1][1] == b:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    return [tuple(r) for r in runs]
+
+
+def _chunk_cut(full: torch.Tensor, idx, meta) -> torch.Tensor:
+    """A chunk's data cut to the array: chunk pieces' sub-boxes are the chunk cut to the array
+    (edge chunks), while a chunk is stored whole."""
+    if not meta.shape:
+        return full
+    lo = [i * c for i, c in zip(idx, meta.chunks)]
+    cut = tuple(slice(0, min(c, s - l)) for l, c, s in zip(lo, meta.chunks, meta.shape))
+    return full.view(meta.chunks)[cut].contiguous().reshape(-1)
 
 
 def _slices(box) -> tuple[slice, ...]:
@@ -228,21 +267,56 @@ class FragmentReader:
         with self._lock:
             self.nbytes += f.length
 
-    def fetch(self, f) -> torch.Tensor:
-        """Fragment ``f`` whole, as a flat tensor of its dtype, checksum verified."""
+    def fetch(self, f, spans=None, block_bytes: int = 0) -> torch.Tensor:
+        """Fragment ``f`` as a flat tensor of its dtype: whole, its checksum verified; or, when it has
+        block checksums, only the blocks holding the byte ``spans`` (``[lo, hi)`` pairs of its data),
+        each block verified (the rest of the tensor is left unset)."""
         buf = torch.empty(f.numel, dtype=torch_dtype(f.dtype))
-        self.read(ReadItem(f), buf)
+        blocks = _needed_blocks(spans, f, block_bytes)
+        if blocks is None:
+            self.read(ReadItem(f), buf)
+            return buf
+        fd, size = self._open(f.file)
+        path = self.directory / f.file
+        if f.offset + f.length > size:
+            raise CorruptCheckpointError(f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes "
+                                         f"[{f.offset}, {f.offset + f.length}) lies past the end of the file "
+                                         f"({size} bytes); the file is truncated")
+        view = memoryview(buf.view(torch.uint8).numpy())
+        nbytes = 0
+        for first, last in blocks:
+            lo, hi = first * block_bytes, min(last * block_bytes, f.length)
+            read_into(fd, f.offset + lo, view[lo:hi], path)
+            nbytes += hi - lo
+            for b in range(first, last):
+                a = b * block_bytes
+                got = crc32c(view[a:min(a + block_bytes, f.length)])
+                if got != f.blocks[b]:
+                    raise CorruptCheckpointError(
+                        f"{path}: fragment of {f.key} {f.box}{f.flat or ''}, block {b} at bytes "
+                        f"[{f.offset + a}, {f.offset + min(a + block_bytes, f.length)}) fails its checksum "
+                        f"(crc32c {got:08x}, expected {f.blocks[b]:08x}); the file is corrupted")
+        with self._lock:
+            self.nbytes += nbytes
         return buf
 
-    def read_resharded(self, piece: Piece, index: FragmentIndex, manifest, target_layout) -> None:
+    def read_resharded(self, piece: Piece, slices, index: FragmentIndex, manifest, target_layout) -> None:
         """Fill ``piece`` from fragments saved under another layout (other boxes, flat partitions,
-        fused parts or padding), through the reshard planner; the fragments it touches are read
-        whole, so their checksums are verified."""
-        meta = manifest.tensors[piece.key]
-        sources = source_pieces(index.by_key.get(piece.key, []), meta.shape, meta.pattern, manifest.layout)
+        fused parts or padding) or another name (``slices``), through the reshard planner. Of each
+        fragment it touches only the blocks holding the elements it needs are read (each block
+        checksum verified; fragments without block checksums are read whole)."""
+        sources = []
+        for s in slices:
+            meta = manifest.tensors[s.key]
+            sources += relocate(source_pieces(index.by_key.get(s.key, []), meta.shape, meta.pattern, manifest.layout), s)
         targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
         items = reshard_plan(sources, targets, piece.key)
-        _fill_resharded(piece, items, targets, self.fetch)
+        spans: dict = {}
+        for item in items:
+            f = item.source.ref[1]
+            spans.setdefault(f, []).append(_byte_span(item.source.sub, item.src, itemsize(f.dtype)))
+        fetch = _cached(lambda ref: self.fetch(ref[1], spans.get(ref[1]), manifest.block_bytes))
+        _fill_resharded(piece, items, targets, fetch)
 
     def close(self) -> None:
         for fd, _ in self._files.values():
@@ -250,102 +324,56 @@ class FragmentReader:
         self._files.clear()
 
 
-def _new_like(key: str, meta, param_piece: Piece | None, param) -> tuple[object, Piece]:
-    """A fresh destination for optimizer state ``key``: sharded like its parameter when shaped like it."""
-    dtype = torch_dtype(meta.dtype)
-    if param_piece is not None and tuple(meta.shape) == tuple(param_piece.meta.shape):
-        if isinstance(param, DTensor):
-            local = torch.empty(param.to_local().shape, dtype=dtype, device=param.device)
-            value = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                       shape=param.shape, stride=param.stride())
-            return value, tensor_piece(key, "", value, None)
-        local = torch.empty(param_piece.data.shape, dtype=dtype, device=param_piece.data.device)
-        return local, Piece(key, local, meta, param_piece.box, param_piece.flat)
-    value = torch.empty(meta.shape, dtype=dtype)
-    return value, Piece(key, value, meta, Box.full(meta.shape))
-
-
-def _optimizer_targets(ckpt, manifest: Manifest, model_by_key: dict[str, Piece]):
-    """Destination pieces for optimizer state, and the index-keyed state they will form."""
-    optimizer = ckpt.optimizer
-    fqns = optimizer_param_fqns(optimizer, param_names(ckpt.model))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    wanted: dict[str, list[str]] = {}
-    for key in manifest.tensors:
-        k = parse_key(key)
-        if k.kind == OPTIM:
-            wanted.setdefault(k.name, []).append(k.state)
-    pieces = flat_state_pieces(optimizer, model_by_key)  # filled in place, outside state_dict()
-    flat_owner = hasattr(optimizer, "ucp_flat_state")
-    state = {}
-    for idx, (fqn, param) in enumerate(zip(fqns, params)):
-        existing = optimizer.state.get(param, {})
-        for name in wanted.get(fqn, ()):
-            key = optim_key(fqn, name)
-            if flat_owner and manifest.tensors[key].pattern.flat:
-                continue  # this rank's partitions are among ``pieces``; the others belong to other ranks
-            meta = manifest.tensors[key]
-            cur = existing.get(name)
-            if isinstance(cur, torch.Tensor) and tuple(cur.shape) == tuple(meta.shape) and str(cur.dtype) == f"torch.{meta.dtype}":
-                value, piece = cur, tensor_piece(key, fqn, cur.detach(), None)
-                if not isinstance(cur, DTensor):
-                    piece = _like_param(piece, model_by_key.get(f"{MODEL}/{fqn}"))
-            else:
-                value, piece = _new_like(key, meta, model_by_key.get(f"{MODEL}/{fqn}"), param)
-            pieces.append(piece)
-            state.setdefault(idx, {})[name] = value
-    return fqns, pieces, state
-
-
-def _like_param(piece: Piece, param_piece: Piece | None) -> Piece:
-    if param_piece is not None and tuple(piece.data.shape) == tuple(param_piece.data.shape):
-        return Piece(piece.key, piece.data, piece.meta, param_piece.box, param_piece.flat)
-    return piece
-
-
-def _restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: dict, where: Path, strict: bool) -> None:
-    """Load state keyed by the *current* parameter indices, so group order and membership map by fqn.
-
-    With ``strict=False`` parameters the checkpoint lacks start fresh, and param groups that cannot
-    be matched keep their current hyperparameters.
-    """
-    scalars = saved.get("scalars", {})
-    index = {fqn: i for i, fqn in enumerate(fqns)}
-    state = {i: dict(v) for i, v in tensor_state.items()}
-    for fqn, named in scalars.items():
-        if fqn in index:
-            state.setdefault(index[fqn], {}).update(named)
-    current = optimizer.state_dict()["param_groups"]
-    groups = saved.get("param_groups", [])
-    if len(groups) != len(current):
-        if strict:
-            raise LoadError(f"{where}: the checkpoint's optimizer has {len(groups)} param group(s), this one has {len(current)}")
-        groups = [None] * len(current)
-    new_groups = []
-    for g, (old, cur) in enumerate(zip(groups, current)):
-        if old is None:
-            new_groups.append(cur)
-            continue
-        if strict and sorted(old["params"]) != sorted(fqns[i] for i in cur["params"]):
-            raise LoadError(f"{where}: optimizer param group {g} holds different parameters than the checkpoint's; "
-                            "pass strict=False to load the state of the parameters both have")
-        new_groups.append({**{k: v for k, v in old.items() if k != "params"}, "params": list(cur["params"])})
-    optimizer.load_state_dict({"state": state, "param_groups": new_groups})
-
-
-def _cast_target(p: Piece, manifest, casts: list) -> Piece:
-    """The piece to read instead of ``p`` when dtypes differ: the parameter's fp32 master if the
-    checkpoint has one of the wanted dtype (exact), else a temporary of the stored dtype that is
-    converted into ``p`` after the read (recorded in ``casts``)."""
+def _cast_target(p: Piece, res: Resolution, sources: SourceIndex, casts: list) -> tuple[Piece, Resolution]:
+    """What to read instead when ``p``'s dtype differs from the checkpoint's: the parameter's fp32
+    master if the checkpoint has one of the wanted dtype (exact), else a temporary of the stored
+    dtype that is converted into ``p`` after the read (recorded in ``casts``)."""
     kind, fqn, _ = parse_key(p.key)
-    master = manifest.tensors.get(optim_key(fqn, "master")) if kind == MODEL else None
-    if master is not None and master.dtype == p.meta.dtype and \
-            universal_shape(master.shape, master.pattern) == universal_shape(p.meta.shape, p.meta.pattern):
-        return replace(p, key=optim_key(fqn, "master"))
-    stored = manifest.tensors[p.key].dtype
-    temp = torch.empty(p.data.shape, dtype=torch_dtype(stored), device=p.data.device)
+    if kind == MODEL:
+        shape = universal_shape(p.meta.shape, p.meta.pattern)
+        master = sources.resolve(optim_key(fqn, "master"), shape, p.meta.pattern, p.meta.dtype)
+        if master is not None and master.dtype == p.meta.dtype and master.rule != "master" and \
+                all(s.dim is not None or sources.shape(s.key) == shape for s in master.slices):
+            return p, master
+    temp = torch.empty(p.data.shape, dtype=torch_dtype(res.dtype), device=p.data.device)
     casts.append((temp, p.data))
-    return replace(p, data=temp, meta=TensorMeta(p.meta.shape, stored, p.meta.pattern))
+    return replace(p, data=temp, meta=TensorMeta(p.meta.shape, res.dtype, p.meta.pattern)), res
+
+
+def _renamed_params(plans) -> dict[str, tuple[str, ...]]:
+    """fqn of each parameter loaded under other names -> the checkpoint's fqns it came from."""
+    out = {}
+    for p, res in plans:
+        kind = parse_key(p.key)
+        if kind.kind == MODEL and res.rule in ("part", "fused"):
+            out[kind.name] = tuple(dict.fromkeys(parse_key(k).name for k in res.keys))
+    return out
+
+
+def _resolve_targets(pieces: list[Piece], sources: SourceIndex, layout, where: Path, cast: bool):
+    """For each piece the checkpoint tensors that fill it (:mod:`ucp.plan.sources`), after checking
+    that ``layout`` can hold it and the shape and dtype checks; returns ``(plans, missing keys, checkpoint keys taken, casts)``."""
+    plans, missing, taken, casts = [], [], set(), []
+    for p in pieces:
+        check_target(p.key, p.meta.shape, p.meta.pattern, layout)
+        shape = universal_shape(p.meta.shape, p.meta.pattern)
+        res = sources.resolve(p.key, shape, p.meta.pattern, p.meta.dtype)
+        if res is None:
+            missing.append(p.key)
+            continue
+        # compared without padding: a layout may pad a dim (vocabulary) to a multiple of its tp
+        if res.rule == "same" and sources.shape(p.key) != shape:
+            raise LoadError(f"{where}: {p.key} has shape {list(sources.shape(p.key))} in the checkpoint, "
+                            f"{list(shape)} here")
+        taken.update(res.keys)
+        if res.dtype != p.meta.dtype:
+            if not cast:
+                raise LoadError(f"{where}: {p.key} is {res.dtype} in the checkpoint, {p.meta.dtype} here; "
+                                "ucp does not cast silently: pass cast=True to convert")
+            p, res = _cast_target(p, res, sources, casts)
+        taken.update(res.keys)
+        plans.append((p, res))
+    return plans, missing, taken, casts
 
 
 def _restore_extra_state(model, extra_state: dict) -> None:
@@ -394,32 +422,33 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
     def targets():
         pieces: list[Piece] = []
         model_by_key: dict[str, Piece] = {}
+        sources = SourceIndex(manifest.tensors)
         if ckpt.model is not None:
             mp, _, _ = model_pieces(ckpt.model, ckpt.geometry)
             model_by_key = {p.key: p for p in mp}
             pieces += mp
         fqns, opt_state = [], {}
         if ckpt.optimizer is not None:
-            fqns, op, opt_state = _optimizer_targets(ckpt, manifest, model_by_key)
+            fqns, op, opt_state = optimizer_targets(ckpt.optimizer, ckpt.model, sources, model_by_key)
             pieces += op
         extras = {}
         for key, meta in manifest.tensors.items():
             if parse_key(key).kind == EXTRA:
                 extras[parse_key(key).name] = t = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
                 pieces.append(Piece(extra_key(parse_key(key).name), t, meta, Box.full(meta.shape)))
-        result.update(pieces=pieces, fqns=fqns, opt_state=opt_state, extras=extras)
-        # keys this rank takes; a flat-partitioned optimizer vouches for all of its partitions
+        plans, missing, taken, casts = _resolve_targets(pieces, sources, ckpt.geometry.layout, path, cast)
+        result.update(plans=plans, missing=missing, casts=casts, fqns=fqns, opt_state=opt_state, extras=extras)
+        # a flat-partitioned optimizer vouches for all of its partitions
         flat_owner = ckpt.optimizer is not None and hasattr(ckpt.optimizer, "ucp_flat_state")
-        return {p.key for p in pieces} | {k for k, m in manifest.tensors.items() if flat_owner and m.pattern.flat}
+        return taken | {k for k, m in manifest.tensors.items() if flat_owner and m.pattern.flat}
 
     taken_by_rank = coll.phase("targets", targets)
 
     def read():
         # Strictness is judged for the job: a key is unexpected only if no rank takes it (pipeline
         # stages and flat partitions spread the keys over ranks), missing if this rank wants it.
-        have = taken_by_rank[coll.rank]
         taken = set().union(*taken_by_rank)
-        missing = sorted(have - set(manifest.tensors))
+        missing = sorted(result["missing"])
         unexpected = sorted(k for k in set(manifest.tensors) - taken
                             if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
         if strict and (missing or unexpected):
@@ -427,36 +456,22 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
                 f"{path}: checkpoint and model do not match: missing {_few(missing)}, unexpected {_few(unexpected)}; "
                 "pass strict=False to load what matches"
             )
-        pieces, casts = [], []
-        for p in (p for p in result["pieces"] if p.key in manifest.tensors):
-            meta = manifest.tensors[p.key]
-            # compared without padding: a layout may pad a dim (vocabulary) to a multiple of its tp
-            if universal_shape(meta.shape, meta.pattern) != universal_shape(p.meta.shape, p.meta.pattern):
-                raise LoadError(f"{path}: {p.key} has shape {list(universal_shape(meta.shape, meta.pattern))} in the "
-                                f"checkpoint, {list(universal_shape(p.meta.shape, p.meta.pattern))} here")
-            if meta.dtype != p.meta.dtype:
-                if not cast:
-                    raise LoadError(f"{path}: {p.key} is {meta.dtype} in the checkpoint, {p.meta.dtype} here; "
-                                    "ucp does not cast silently: pass cast=True to convert")
-                p = _cast_target(p, manifest, casts)
-            pieces.append(p)
-
         target_layout = ckpt.geometry.layout
+        plans = [(p, res) for p, res in result["plans"] if p.numel]
         if universal:
             reader = UniversalReader(manifest)
-            jobs = [(reader.read, (p, target_layout)) for p in pieces if p.numel]
+            jobs = [(reader.read, (p, res, target_layout)) for p, res in plans]
         else:
             index = FragmentIndex(manifest.fragments)
             reader = FragmentReader(path)
             jobs = []
-            for p in pieces:
-                if not p.numel:
-                    continue
-                exact = index.exact(p.key, p.box, p.flat)
+            for p, res in plans:
+                only = res.slices[0]
+                exact = index.exact(only.key, p.box, p.flat) if len(res.slices) == 1 and only.dim is None else None
                 if exact is not None:  # the same layout: straight into the destination
                     jobs.append((reader.read, (ReadItem(exact), p.data)))
                 else:
-                    jobs.append((reader.read_resharded, (p, index, manifest, target_layout)))
+                    jobs.append((reader.read_resharded, (p, res.slices, index, manifest, target_layout)))
         try:
             with ThreadPoolExecutor(ckpt.options.io_threads) as pool:
                 for f in [pool.submit(fn, *a) for fn, a in jobs]:
@@ -464,7 +479,7 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
         finally:
             reader.close()
         with torch.no_grad():
-            for temp, dest in casts:
+            for temp, dest in result["casts"]:
                 dest.copy_(temp)
         result.update(missing=missing, unexpected=unexpected, nbytes=reader.nbytes)
 
@@ -479,7 +494,8 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
         if ckpt.model is not None and "model" in state:
             _restore_extra_state(ckpt.model, state["model"].get("extra_state", {}))
         if ckpt.optimizer is not None:
-            _restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], state.get("optimizer", {}), path, strict)
+            restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], state.get("optimizer", {}), path, strict,
+                              _renamed_params(result["plans"]))
         if ckpt.scheduler is not None:
             if "scheduler" not in state:
                 raise LoadError(f"{path}: the checkpoint holds no scheduler state")

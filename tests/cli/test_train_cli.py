@@ -32,6 +32,7 @@ def test_train_prints_one_json_line_per_step_and_resumes(tmp_path):
     (["--nproc", "4", "--tp", "3"], "not a multiple of tp x pp"),
     (["--nproc", "3", "--tp", "3"], "does not divide the model's 4 attention heads"),
     (["--nproc", "3", "--pp", "3"], "does not divide the model's 4 layers"),
+    (["--nproc", "3", "--tp", "3", "--resume", "no/such/checkpoint"], "does not divide the model's 4 attention heads"),
     (["--nproc", "4", "--pp", "2", "--tp", "2"], "--pp with DTensor --tp is not supported"),
     (["--nproc", "2", "--save-every", "2"], "--save-every needs --ckpt"),
     (["--nproc", "5"], "does not divide the global batch"),

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tests.synthetic import place, stored_tensor
 from ucp.errors import LoadError
-from ucp.plan.reshard import (chunk_pieces, flat_boxes, reshard_plan, source_pieces, target_box, target_pieces)
+from ucp.plan.reshard import (check_target, chunk_pieces, flat_boxes, reshard_plan, source_pieces, target_box, target_pieces)
 from ucp.spec.box import Box, FlatRange
 from ucp.spec.fragment import Fragment
 from ucp.spec.layout import Layout
@@ -180,3 +180,11 @@ def test_any_layout_onto_any_layout(data):
     sl, sp = data.draw(placements(rows, cols, parts, rows))
     tl, tp = data.draw(placements(rows, cols, parts, rows))
     _check(u, sp, sl, tp, tl)
+
+
+def test_a_layout_that_cannot_split_the_fused_heads_is_refused_with_the_reason():
+    qkv = Pattern((Shard("tp", 0),), fused=Fused(0, (("q", 8), ("k", 8), ("v", 8))))
+    check_target("model/a.qkv.weight", (24, 4), qkv, Layout.from_sizes(dp=1, tp=4))  # 8 rows per part: fine
+    with pytest.raises(LoadError, match=r"model/a\.qkv\.weight: this layout cannot hold it: fused part\(s\) q, k, v "
+                                        r"of dim 0 do not split into 3 equal chunks"):
+        check_target("model/a.qkv.weight", (24, 4), qkv, Layout.from_sizes(dp=1, tp=3))

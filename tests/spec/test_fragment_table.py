@@ -148,6 +148,7 @@ def fragments(draw):
         offset=draw(st.integers(0, 2**62)),
         length=draw(st.integers(0, 2**62)),
         crc32c=draw(st.integers(0, 2**32 - 1)),
+        blocks=tuple(draw(st.lists(st.integers(0, 2**32 - 1), max_size=5))),
     )
 
 
@@ -157,6 +158,7 @@ EXAMPLES = [
     frag(key="extra/step", box=Box((), ()), dtype="int64", length=8, file="x", offset=24),
     frag(key="extra/step", box=Box((), ()), flat=FlatRange(0, 1), dtype="int64", length=8),
     frag(box=Box((5, 0), (0, 3)), length=0),
+    frag(box=Box((0, 0), (64, 3)), length=768, blocks=(1, 2**32 - 1, 0)),
 ]
 
 
@@ -164,7 +166,8 @@ def test_table_schema():
     t = fragments_to_table(EXAMPLES)
     assert t.schema.equals(FRAGMENT_SCHEMA)
     assert t.num_rows == len(EXAMPLES)
-    assert t.column("flat_start").to_pylist() == [None, 1, None, 0, None]
+    assert t.column("flat_start").to_pylist() == [None, 1, None, 0, None, None]
+    assert t.column("block_crc32c").to_pylist()[-2:] == [[], [1, 2**32 - 1, 0]]
     assert t.column("offsets").to_pylist()[2] == []
 
 
@@ -196,7 +199,7 @@ def test_table_and_parquet_round_trip_property(frags):
 # --------------------------------------------------------------------------- malformed tables
 
 
-@pytest.mark.parametrize("column", FRAGMENT_SCHEMA.names)
+@pytest.mark.parametrize("column", [n for n in FRAGMENT_SCHEMA.names if n != "block_crc32c"])
 def test_missing_column(column):
     t = fragments_to_table(EXAMPLES).drop_columns([column])
     with pytest.raises(FormatError, match=re.escape(f"fragment table lacks column {column!r}")):
@@ -250,6 +253,19 @@ def test_truncated_parquet():
         fragments_from_parquet(data[: len(data) // 2])
 
 
+def test_a_format_1_0_table_without_block_checksums_reads_with_none():
+    t = fragments_to_table(EXAMPLES).drop_columns(["block_crc32c"])
+    assert table_to_fragments(t) == [Fragment(**{**f.__dict__, "blocks": ()}) for f in EXAMPLES]
+
+
+def test_block_checksums_must_cover_the_fragment_in_blocks():
+    frag(length=768, box=Box((0, 0), (64, 3)), blocks=(1, 2, 3)).check_blocks(256)
+    frag().check_blocks(256)  # none: one block or less
+    for blocks, size in (((1, 2), 256), ((1, 2, 3), 512), ((1,), 1024), ((1, 2, 3), 0)):
+        with pytest.raises(SpecError, match="block checksums for 768 bytes"):
+            frag(length=768, box=Box((0, 0), (64, 3)), blocks=blocks).check_blocks(size)
+
+
 def test_null_in_a_required_column_is_a_format_error():
     import pyarrow as pa
 
@@ -257,7 +273,7 @@ def test_null_in_a_required_column_is_a_format_error():
 
     cols = {n: [None] if n in ("flat_start", "flat_numel", "rank") else None for n in FRAGMENT_SCHEMA.names}
     cols.update(key=["model/x"], offsets=[[0]], sizes=[[1]], dtype=["float32"], file=["f"], byte_offset=[0],
-                byte_length=[4], crc32c=[0])
+                byte_length=[4], crc32c=[0], block_crc32c=[[]])
     with pytest.raises(FormatError, match="'rank' has empty"):
         table_to_fragments(pa.table(cols, schema=FRAGMENT_SCHEMA))
 

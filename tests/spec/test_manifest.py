@@ -106,7 +106,7 @@ def f(box: Box, flat: FlatRange | None = None, rank: int = 0, offset: int = 0) -
 
 
 def test_builder_manifest_is_valid(m):
-    assert m.format_version == FORMAT_VERSION == "1.0"
+    assert m.format_version == FORMAT_VERSION == "1.1"
     assert len(m.fragments_of("model/w")) == 2  # one per tp rank, dp replicas not written
     assert len(m.fragments_of("optim/w/exp_avg")) == 4  # tp x flat(dp)
     assert len(m.fragments_of("optim/w/step")) == 1
@@ -127,7 +127,7 @@ def test_header_contents(m):
     table = {"file": "fragments.parquet", "crc32c": 1234, "rows": len(m.fragments)}
     h = m.header(table)
     assert h["format"] == FORMAT == "ucp.checkpoint"
-    assert h["format_version"] == "1.0"
+    assert h["format_version"] == "1.1"
     assert h["step"] == 7
     assert h["created_by"] == "ucp tests"
     assert h["layout"] == LAYOUT.to_dict()

@@ -9,17 +9,18 @@ from ucp.trainer.train import build, train_steps
 
 
 def load_and_gather(lay: dict, path: str, strict: bool = True) -> dict:
-    """A freshly built job of layout ``lay`` (another seed) loads ``path``; its gathered state and the
-    next two losses."""
+    """A freshly built job of layout ``lay`` (another seed) loads ``path`` (casting where the dtypes
+    differ); its gathered state, its param groups' step counts and the next two losses."""
     import ucp
 
     cfg = GPTConfig()
     layout = TrainLayout(**lay)
     par, opt = build(cfg, layout, seed=1)
-    res = ucp.Checkpointer(path, model=par.model, optimizer=opt, options=layout.checkpoint_options(cfg)).load(strict=strict)
+    res = ucp.Checkpointer(path, model=par.model, optimizer=opt, options=layout.checkpoint_options(cfg)).load(strict=strict, cast=True)
     state = whole_state(cfg, layout, par, opt)
+    group_steps = [g.get("step") for g in opt.param_groups]
     losses = train_steps(cfg, layout, par, opt, 0, range(res.step + 1, res.step + 3))
-    return {"step": res.step, "source": res.source, "state": state, "losses": losses}
+    return {"step": res.step, "source": res.source, "state": state, "losses": losses, "group_steps": group_steps}
 
 
 def continue_training(lay: dict, root: str) -> list[float]:

@@ -1,6 +1,7 @@
 """Training continuity across layouts (issue 5): train on layout A, checkpoint at step 3, resume on
 layout B; the losses of steps 4 and 5 match the uninterrupted run on A (1e-5 relative in fp32, 1e-2
-for bf16 manual TP, whose reductions differ with tp)."""
+where bf16 manual TP is on either side: its reductions differ with tp, and an fp32 run resumed from
+it computes in another precision)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ PAIRS = [
     ((4, dict(dp=4, zero=0)), (2, dict(dp=1, tp=2, zero=0)), 1e-5),
     ((4, dict(dp=4, zero=1)), (3, dict(dp=3, zero=1)), 1e-5),
     ((4, dict(dp=2, tp=2, zero=1, manual_tp=True)), (4, dict(dp=1, tp=4, zero=1, manual_tp=True)), 1e-2),
+    ((4, dict(dp=4, zero=1)), (2, dict(dp=2, zero=3)), 1e-5),                    # ZeRO 1 -> 3, across optimizers
+    ((2, dict(dp=2, zero=3)), (4, dict(dp=4, zero=1)), 1e-5),                    # 2 -> 4, ZeRO 3 -> 1
+    ((4, dict(dp=2, tp=2, zero=1, manual_tp=True)), (4, dict(dp=2, tp=2, zero=0)), 1e-2),  # manual -> DTensor TP
 ]
 
 

@@ -110,7 +110,7 @@ def dim_segments(size: int, pattern: Pattern, layout: Layout, dim: int) -> list[
     uneven = [name for name, part in fused.parts if part % n]
     if uneven:
         raise SpecError(f"fused part(s) {', '.join(uneven)} of dim {dim} do not split into {n} equal chunks "
-                        f"(the product of the axes sharding the dim); such a layout cannot have saved them")
+                        f"(the product of the sizes of the axes sharding the dim)")
     segments, stored = [], 0
     for c in range(n):
         offset = 0

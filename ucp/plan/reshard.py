@@ -24,7 +24,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from ucp.errors import LoadError
+from ucp.errors import LoadError, SpecError
 from ucp.plan.consolidate import Segment, dim_segments
 from ucp.spec.box import Box, FlatRange
 from ucp.spec.layout import Layout
@@ -212,6 +212,19 @@ def target_pieces(box: Box, flat: FlatRange | None, shape: tuple[int, ...], patt
             if region.numel or not region.ndim:
                 out.append(TargetPiece(sub, region, universal))
     return out
+
+
+def check_target(key: str, shape: tuple[int, ...], pattern: Pattern, layout: Layout) -> None:
+    """Refuse, before any read, a target layout that cannot hold tensor ``key`` of stored ``shape``
+    as ``pattern`` says (e.g. a tp that does not divide the fused q/k/v parts: the heads).
+
+    Raises:
+        LoadError: saying which tensor and why.
+    """
+    try:
+        _segments(shape, pattern, layout)
+    except SpecError as e:
+        raise LoadError(f"{key}: this layout cannot hold it: {e}") from None
 
 
 def _within(outer: Box, sub_region: Box, universal: Box, part: Box) -> Box:

@@ -41,6 +41,9 @@ class Fragment:
         offset: byte offset of the data inside ``file``.
         length: byte length of the data.
         crc32c: CRC-32C of the data bytes.
+        blocks: CRC-32C of each ``block_bytes`` block of the data (the manifest's block size; the
+            last block may be shorter), so that part of a fragment can be read and verified; empty
+            for data of one block or less, and in format 1.0.
     """
 
     key: str
@@ -52,6 +55,7 @@ class Fragment:
     offset: int
     length: int
     crc32c: int
+    blocks: tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -72,6 +76,15 @@ class Fragment:
         if self.offset < 0 or self.rank < 0 or not 0 <= self.crc32c < 2**32:
             raise SpecError(f"fragment of {self.key} in {self.file}: negative offset/rank or crc out of range")
 
+    def check_blocks(self, block_bytes: int) -> None:
+        """Block checksums, when present, cover the data in ``block_bytes`` blocks."""
+        if not self.blocks:
+            return
+        want = -(-self.length // block_bytes) if block_bytes > 0 else None
+        if want is None or want < 2 or len(self.blocks) != want or any(not 0 <= c < 2**32 for c in self.blocks):
+            raise SpecError(f"fragment of {self.key} in {self.file}: {len(self.blocks)} block checksums for "
+                            f"{self.length} bytes in blocks of {block_bytes} (expected {want}, at least 2)")
+
 
 FRAGMENT_SCHEMA = pa.schema(
     [
@@ -86,8 +99,11 @@ FRAGMENT_SCHEMA = pa.schema(
         ("byte_offset", pa.int64()),
         ("byte_length", pa.int64()),
         ("crc32c", pa.uint32()),
+        ("block_crc32c", pa.list_(pa.uint32())),
     ]
 )
+# Columns a reader accepts missing (tables of format 1.0): name -> the value a missing one means.
+OPTIONAL_COLUMNS = {"block_crc32c": ()}
 
 
 def fragments_to_table(fragments) -> pa.Table:
@@ -105,20 +121,26 @@ def fragments_to_table(fragments) -> pa.Table:
         cols["byte_offset"].append(f.offset)
         cols["byte_length"].append(f.length)
         cols["crc32c"].append(f.crc32c)
+        cols["block_crc32c"].append(list(f.blocks))
     return pa.table(cols, schema=FRAGMENT_SCHEMA)
 
 
 def table_to_fragments(table: pa.Table) -> list[Fragment]:
     """Inverse of :func:`fragments_to_table`; checks the schema's columns and types."""
+    names = [n for n in FRAGMENT_SCHEMA.names if n in table.column_names or n not in OPTIONAL_COLUMNS]
     for field in FRAGMENT_SCHEMA:
         if field.name not in table.column_names:
+            if field.name in OPTIONAL_COLUMNS:
+                continue
             raise FormatError(f"fragment table lacks column {field.name!r}")
         if not table.schema.field(field.name).type.equals(field.type):
             raise FormatError(
                 f"fragment table column {field.name!r} has type {table.schema.field(field.name).type}, expected {field.type}"
             )
-    cols = {name: table.column(name).to_pylist() for name in FRAGMENT_SCHEMA.names}
-    for name in FRAGMENT_SCHEMA.names:
+    cols = {name: table.column(name).to_pylist() for name in names}
+    for name, missing in OPTIONAL_COLUMNS.items():
+        cols.setdefault(name, [missing] * table.num_rows)
+    for name in names:
         if name not in ("flat_start", "flat_numel") and table.column(name).null_count:
             raise FormatError(f"fragment table column {name!r} has empty (null) entries; every fragment needs one")
     out = []
@@ -137,6 +159,7 @@ def table_to_fragments(table: pa.Table) -> list[Fragment]:
                 offset=cols["byte_offset"][i],
                 length=cols["byte_length"][i],
                 crc32c=cols["crc32c"][i],
+                blocks=tuple(cols["block_crc32c"][i]),
             )
         )
     return out

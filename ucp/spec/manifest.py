@@ -21,7 +21,8 @@ from ucp.spec.layout import Layout
 from ucp.spec.pattern import Pattern
 
 FORMAT = "ucp.checkpoint"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
+BLOCK_BYTES = 1 << 20  # block checksums of fragments (format 1.1): one per MiB
 
 
 def check_version(found, supported: str, what: str) -> None:
@@ -66,6 +67,7 @@ class Manifest:
         fragments: where every piece of every tensor lives.
         state: non-tensor state, ``{"shared": {...}, "ranks": {"<rank>": {...}}}`` of typed JSON.
         files: data file name -> size in bytes.
+        block_bytes: the block size of the fragments' block checksums (0: none, as in format 1.0).
     """
 
     step: int
@@ -76,6 +78,7 @@ class Manifest:
     files: dict = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
     created_by: str = ""
+    block_bytes: int = 0
 
     def validate(self) -> None:
         """Enforce the MUST rules of the checkpoint format; raise FormatError/SpecError on the first broken one."""
@@ -93,12 +96,15 @@ class Manifest:
             if any(s < 0 for s in meta.shape):
                 raise FormatError(f"tensor {key}: negative size in shape {list(meta.shape)}")
             meta.pattern.validate(meta.shape, self.layout.names, key)
+        if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, int) or self.block_bytes < 0:
+            raise FormatError(f"manifest block_bytes {self.block_bytes!r} must be a non-negative integer")
         by_key: dict[str, list[Fragment]] = {}
         for frag in self.fragments:
             meta = self.tensors.get(frag.key)
             if meta is None:
                 raise FormatError(f"fragment in {frag.file} names tensor {frag.key!r}, which the manifest does not list")
             frag.validate()
+            frag.check_blocks(self.block_bytes)
             if frag.file not in self.files:
                 raise FormatError(f"fragment of {frag.key} names file {frag.file!r}, which the manifest does not list")
             if frag.offset + frag.length > self.files[frag.file]:
@@ -141,7 +147,7 @@ class Manifest:
             "files": dict(self.files),
             "fragment_table": dict(fragment_table),
             "state": self.state,
-        }
+        } | ({"block_bytes": self.block_bytes} if self.block_bytes else {})
 
     @classmethod
     def from_header(cls, header: dict, fragments) -> "Manifest":
@@ -159,6 +165,7 @@ class Manifest:
                 files=dict(header["files"]),
                 format_version=header["format_version"],
                 created_by=header.get("created_by", ""),
+                block_bytes=header.get("block_bytes", 0),
             )
         except KeyError as e:
             raise FormatError(f"checkpoint manifest lacks field {e.args[0]!r}") from e

@@ -27,22 +27,26 @@ class VerifyReport:
         return not self.problems
 
 
-def _crc_of_range(fd: int, offset: int, length: int, buf: bytearray) -> tuple[int, int]:
-    """CRC-32C of ``length`` bytes at ``offset``, streamed in chunks; returns (crc, bytes read)."""
-    value, done, view = 0, 0, memoryview(buf)
+def _crc_of_range(fd: int, offset: int, length: int, buf: bytearray, block: int = 0) -> tuple[int, int, list[int]]:
+    """CRC-32C of ``length`` bytes at ``offset``, streamed in chunks (a multiple of ``block``), and of
+    each ``block``-byte block when ``block`` > 0; returns (crc, bytes read, block crcs)."""
+    step = len(buf) - len(buf) % block if block else len(buf)  # the caller's buf holds a block at least
+    value, done, view, blocks = 0, 0, memoryview(buf), []
     while done < length:
-        n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
+        n = os.preadv(fd, [view[: min(step, length - done)]], offset + done)
         if n == 0:
             break
         value = crc32c(view[:n], value)
+        if block and n == min(step, length - done):
+            blocks += [crc32c(view[a:min(a + block, n)]) for a in range(0, n, block)]
         done += n
-    return value, done
+    return value, done, blocks
 
 
 def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check every data file and fragment the manifest lists; ``progress(nbytes)`` after each fragment."""
     report = VerifyReport(Path(directory))
-    buf = bytearray(_CHUNK)
+    buf = bytearray(max(_CHUNK, manifest.block_bytes))
     by_file: dict[str, list] = {}
     for f in manifest.fragments:
         by_file.setdefault(f.file, []).append(f)
@@ -61,13 +65,17 @@ def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[i
                 report.problems.append(f"{path}: {size} bytes, the manifest records {expected} (truncated or overwritten)")
             for f in frags:
                 where = f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes [{f.offset}, {f.offset + f.length})"
-                crc, got = _crc_of_range(fd, f.offset, f.length, buf)
+                crc, got, blocks = _crc_of_range(fd, f.offset, f.length, buf, manifest.block_bytes if f.blocks else 0)
                 report.fragments += 1
                 report.nbytes += got
                 if got < f.length:
                     report.problems.append(f"{where}: only {got} bytes present (truncated)")
                 elif crc != f.crc32c:
                     report.problems.append(f"{where}: checksum mismatch (crc32c {crc:08x}, expected {f.crc32c:08x})")
+                elif f.blocks and tuple(blocks) != f.blocks:
+                    bad = next(i for i, (a, b) in enumerate(zip(blocks, f.blocks)) if a != b)
+                    report.problems.append(f"{where}: block {bad} checksum mismatch (crc32c {blocks[bad]:08x}, "
+                                           f"expected {f.blocks[bad]:08x}) although the whole fragment's matches")
                 if progress:
                     progress(f.length)
         finally:

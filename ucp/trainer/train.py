@@ -69,7 +69,8 @@ def run(args) -> list[float]:
     options = lay.checkpoint_options(cfg)
     start = 1
     if args.resume:
-        res = ucp.Checkpointer(args.resume, model=par.model, optimizer=opt, options=options).load()
+        # cast: --manual-tp trains bf16 with fp32 masters, the other layouts fp32 (see ucp.load's cast)
+        res = ucp.Checkpointer(args.resume, model=par.model, optimizer=opt, options=options).load(cast=True)
         if res is None:
             raise ucp.UcpError(f"{args.resume}: no checkpoint to resume from")
         start = res.step + 1

@@ -1,0 +1,221 @@
+"""Loading optimizer state: which tensors a rank's optimizer receives, and how the rest of its state
+(step counts, param groups) is restored, also across optimizer classes.
+
+Optimizers keep Adam's step count in one of two places: per parameter (``torch.optim.AdamW``:
+``state[p]["step"]``, a 0-d tensor, saved as the tensor key ``optim/<fqn>/step``) or per param group
+(an optimizer whose groups carry a ``"step"`` entry, like the flat ZeRO-1 optimizer of
+:mod:`ucp.trainer.zero1`). Loading translates between the two: a per-group step becomes every
+parameter's step, and per-parameter steps become their group's step when the group's parameters
+agree (they differ only if parameters joined training at different times; that is refused).
+
+Optimizer state is filled into the optimizer's existing tensors when they fit, else into new
+tensors sharded like their parameter, handed to ``optimizer.load_state_dict``. fp32 master weights
+(``master``) are given only to parameters stored in another dtype: an fp32 parameter is its own master.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from ucp.errors import LoadError
+from ucp.lang.names import part_name
+from ucp.plan.sources import SourceIndex
+from ucp.snapshot.capture import Piece, flat_state_pieces, optimizer_param_fqns, param_names, tensor_piece
+from ucp.spec.box import Box
+from ucp.spec.keys import MODEL, optim_key, parse_key
+from ucp.spec.manifest import TensorMeta
+from ucp.spec.pattern import Pattern
+
+STEP = "step"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise LoadError(f"dtype {name!r} has no torch equivalent")
+    return dtype
+
+
+def _new_like(key: str, meta: TensorMeta, param_piece: Piece | None, param) -> tuple[object, Piece]:
+    """A fresh destination for optimizer state ``key``: sharded like its parameter when shaped like it."""
+    dtype = torch_dtype(meta.dtype)
+    if param_piece is not None and tuple(meta.shape) == tuple(param_piece.meta.shape):
+        if isinstance(param, DTensor):
+            local = torch.empty(param.to_local().shape, dtype=dtype, device=param.device)
+            value = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                       shape=param.shape, stride=param.stride())
+            return value, tensor_piece(key, "", value, None)
+        local = torch.empty(param_piece.data.shape, dtype=dtype, device=param_piece.data.device)
+        return local, Piece(key, local, TensorMeta(meta.shape, meta.dtype, param_piece.meta.pattern),
+                            param_piece.box, param_piece.flat)
+    value = torch.empty(meta.shape, dtype=dtype)
+    return value, Piece(key, value, meta, Box.full(meta.shape))
+
+
+def optimizer_targets(optimizer, model, sources: SourceIndex, model_by_key: dict[str, Piece]):
+    """Destination pieces for the optimizer's state, and the index-keyed state they will form.
+
+    Returns:
+        ``(fqns, pieces, state)``: the fqn of every optimizer parameter in index order, the pieces
+        to read, and ``{index: {state: tensor}}`` for ``optimizer.load_state_dict``.
+    """
+    fqns = optimizer_param_fqns(optimizer, param_names(model))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    pieces = flat_state_pieces(optimizer, model_by_key)  # filled in place, outside state_dict()
+    # States a flat-partitioned optimizer keeps in its flat buffers, for its parameters here and
+    # (partitions of other ranks) elsewhere: never per-parameter state.
+    flat_states = {parse_key(p.key).state for p in pieces}
+    flat_owner = hasattr(optimizer, "ucp_flat_state")
+    state = {}
+    for idx, (fqn, param) in enumerate(zip(fqns, params)):
+        existing = optimizer.state.get(param, {})
+        param_piece = model_by_key.get(f"{MODEL}/{fqn}")
+        names = sources.states(fqn, param_piece.meta.pattern if param_piece is not None else None)
+        names += [n for n, v in existing.items() if isinstance(v, torch.Tensor) and n not in names]
+        for name in names:
+            key = optim_key(fqn, name)
+            if flat_owner and (name in flat_states or (key in sources.tensors and sources.tensors[key].pattern.flat)):
+                continue  # this rank's partitions are among the flat pieces; the others are other ranks'
+            if name == "master" and name not in existing and param_piece is not None and \
+                    param_piece.meta.dtype == _stored_dtype(sources, key, param_piece):
+                continue  # the parameter has the master's dtype: it is its own master
+            meta = _target_meta(sources, key, param_piece)
+            if meta is None:
+                scalars = _part_scalars(sources, fqn, name, param_piece)
+                if scalars is not None:  # e.g. the parts' step counts of a fused parameter
+                    pieces += scalars.pieces
+                    state.setdefault(idx, {})[name] = scalars
+                continue
+            cur = existing.get(name)
+            if isinstance(cur, torch.Tensor) and tuple(cur.shape) == tuple(meta.shape) and cur.dtype == torch_dtype(meta.dtype):
+                value = cur
+                if isinstance(cur, DTensor):
+                    piece = tensor_piece(key, fqn, cur.detach(), None)
+                elif param_piece is not None and tuple(meta.shape) == tuple(param_piece.meta.shape):
+                    piece = Piece(key, cur.detach(), meta, param_piece.box, param_piece.flat)
+                else:
+                    piece = Piece(key, cur.detach(), meta, Box.full(meta.shape))
+            else:
+                value, piece = _new_like(key, meta, param_piece, param)
+            pieces.append(piece)
+            state.setdefault(idx, {})[name] = value
+    return fqns, pieces, state
+
+
+class PartScalars:
+    """0-d state a fused parameter takes from its parts (their step counts): one value when they agree."""
+
+    def __init__(self, pieces: list[Piece]):
+        self.pieces = pieces
+
+    def value(self, where: str) -> torch.Tensor:
+        first = self.pieces[0].data
+        if any(not torch.equal(p.data, first) for p in self.pieces[1:]):
+            raise LoadError(f"{where}: the parts {', '.join(p.key for p in self.pieces)} hold different values "
+                            f"({', '.join(str(p.data.item()) for p in self.pieces)}); a fused parameter needs one")
+        return first
+
+
+def _part_scalars(sources: SourceIndex, fqn: str, name: str, param_piece: Piece | None) -> PartScalars | None:
+    """Destinations for the 0-d state ``name`` of each part of fused parameter ``fqn``, if every part has it."""
+    fused = param_piece.meta.pattern.fused if param_piece is not None else None
+    if fused is None:
+        return None
+    pieces = []
+    for part, _ in fused.parts:
+        key = optim_key(part_name(fqn, part), name)
+        meta = sources.tensors.get(key)
+        if meta is None or tuple(meta.shape) != ():
+            return None
+        value = torch.empty((), dtype=torch_dtype(meta.dtype))
+        pieces.append(Piece(key, value, TensorMeta((), meta.dtype, Pattern()), Box.full(())))
+    return PartScalars(pieces)
+
+
+def _stored_dtype(sources: SourceIndex, key: str, param_piece: Piece) -> str | None:
+    meta = _target_meta(sources, key, param_piece)
+    return meta.dtype if meta is not None else None
+
+
+def _target_meta(sources: SourceIndex, key: str, param_piece: Piece | None) -> TensorMeta | None:
+    """The shape and dtype state ``key`` has here: its parameter's (stored) shape when the checkpoint's
+    state is shaped like the parameter, else the checkpoint's own; None when nothing fills it."""
+    from ucp.spec.universal import universal_shape
+
+    if param_piece is not None:
+        pm = param_piece.meta
+        shape = universal_shape(pm.shape, pm.pattern)
+        res = sources.resolve(key, shape, pm.pattern)
+        if res is not None and (res.rule != "same" or sources.shape(key) == shape):
+            return TensorMeta(pm.shape, res.dtype, pm.pattern)
+    if key in sources.tensors:
+        m = sources.tensors[key]
+        return TensorMeta(universal_shape(m.shape, m.pattern), m.dtype, type(m.pattern)())
+    return None
+
+
+def restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: dict, where: Path, strict: bool,
+                      names: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Load state keyed by the *current* parameter indices, so group order and membership map by fqn.
+
+    ``names`` maps a parameter's fqn to the checkpoint's fqns it was loaded from, where they differ
+    (a split ``q`` from a fused ``qkv``, a fused ``qkv`` from its parts).
+
+    Hyperparameters come from the checkpoint's groups over the optimizer's own (keys only the
+    optimizer has keep its values); the step count is translated between per-parameter and
+    per-group forms (module docstring). With ``strict=False`` parameters the checkpoint lacks
+    start fresh, and param groups that cannot be matched keep their current hyperparameters.
+    """
+    scalars = saved.get("scalars", {})
+    index = {fqn: i for i, fqn in enumerate(fqns)}
+    state = {i: {n: (v.value(f"{where}: {n} of {fqns[i]}") if isinstance(v, PartScalars) else v) for n, v in named.items()}
+             for i, named in tensor_state.items()}
+    for fqn, named in scalars.items():
+        if fqn in index:
+            state.setdefault(index[fqn], {}).update(named)
+    current = optimizer.state_dict()["param_groups"]
+    groups = saved.get("param_groups", [])
+    if len(groups) != len(current):
+        if strict:
+            raise LoadError(f"{where}: the checkpoint's optimizer has {len(groups)} param group(s), this one has {len(current)}")
+        groups = [None] * len(current)
+    new_groups = []
+    for g, (old, cur) in enumerate(zip(groups, current)):
+        members = list(cur["params"])
+        if old is None:
+            new = dict(cur)
+        else:
+            mine = {n for i in members for n in (names or {}).get(fqns[i], (fqns[i],))}
+            if strict and set(old["params"]) != mine:
+                raise LoadError(f"{where}: optimizer param group {g} holds different parameters than the checkpoint's; "
+                                "pass strict=False to load the state of the parameters both have")
+            new = {**cur, **{k: v for k, v in old.items() if k != "params"}, "params": members}
+        if STEP in cur:  # a per-group step: from the saved group's, else from its parameters' steps
+            steps = {_number(state[i].pop(STEP)) for i in members if STEP in state.get(i, {})}
+            if old is None or STEP not in old:
+                if len(steps) > 1:
+                    raise LoadError(f"{where}: the parameters of optimizer param group {g} have different step "
+                                    f"counts {sorted(steps)} in the checkpoint; this optimizer keeps one per group")
+                if steps:
+                    new[STEP] = steps.pop()
+        elif old is not None and STEP in old:  # a per-group step saved, per-parameter steps wanted
+            step = new.pop(STEP)
+            for i in members:
+                if i in state and STEP not in state[i]:
+                    state[i][STEP] = torch.tensor(float(step), dtype=_scalar_dtype())
+        new_groups.append(new)
+    optimizer.load_state_dict({"state": state, "param_groups": new_groups})
+
+
+def _number(value):
+    """A step count as a plain number (0-d tensors included), integral when it is."""
+    v = value.item() if isinstance(value, torch.Tensor) else value
+    return int(v) if float(v).is_integer() else v
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch's optimizers give their step tensors."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
