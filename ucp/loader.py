@@ -24,7 +24,7 @@ import torch
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, LoadError
 from ucp.plan.load_plan import FragmentIndex, ReadItem
-from ucp.optimizer_load import optimizer_targets, restore_optimizer, torch_dtype
+from ucp.optimizer_load import merged_optimizer_state, optimizer_targets, restore_optimizer, torch_dtype
 from ucp.plan.reshard import check_target, chunk_pieces, reshard_plan, source_pieces, target_pieces
 from ucp.plan.sources import Resolution, SourceIndex, relocate, to_source
 from ucp.snapshot import values
@@ -494,7 +494,10 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
         if ckpt.model is not None and "model" in state:
             _restore_extra_state(ckpt.model, state["model"].get("extra_state", {}))
         if ckpt.optimizer is not None:
-            restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], state.get("optimizer", {}), path, strict,
+            saved = state.get("optimizer", {})
+            if manifest.layout != ckpt.geometry.layout:  # parameters moved between ranks: every rank's groups
+                saved = merged_optimizer_state(manifest.state, path)
+            restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], saved, path, strict,
                               _renamed_params(result["plans"]))
         if ckpt.scheduler is not None:
             if "scheduler" not in state:

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from ucp.errors import LoadError
 from ucp.lang.names import part_name
 from ucp.plan.sources import SourceIndex
+from ucp.snapshot import values
 from ucp.snapshot.capture import Piece, flat_state_pieces, optimizer_param_fqns, param_names, tensor_piece
 from ucp.spec.box import Box
 from ucp.spec.keys import MODEL, optim_key, parse_key
@@ -189,9 +190,10 @@ def restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: dic
             new = dict(cur)
         else:
             mine = {n for i in members for n in (names or {}).get(fqns[i], (fqns[i],))}
-            if strict and set(old["params"]) != mine:
-                raise LoadError(f"{where}: optimizer param group {g} holds different parameters than the checkpoint's; "
-                                "pass strict=False to load the state of the parameters both have")
+            if strict and mine - set(old["params"]):
+                raise LoadError(f"{where}: optimizer param group {g} holds parameters the checkpoint's group {g} does "
+                                f"not ({_few(sorted(mine - set(old['params'])))}); pass strict=False to load the state "
+                                "of the parameters both have")
             new = {**cur, **{k: v for k, v in old.items() if k != "params"}, "params": members}
         if STEP in cur:  # a per-group step: from the saved group's, else from its parameters' steps
             steps = {_number(state[i].pop(STEP)) for i in members if STEP in state.get(i, {})}
@@ -208,6 +210,42 @@ def restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: dic
                     state[i][STEP] = torch.tensor(float(step), dtype=_scalar_dtype())
         new_groups.append(new)
     optimizer.load_state_dict({"state": state, "param_groups": new_groups})
+
+
+def merged_optimizer_state(state: dict, where: Path) -> dict:
+    """The optimizer's non-tensor state of every saving rank together, for a job whose ranks hold
+    other parameters than the saving ranks did (another layout, pipeline stages re-assigned).
+
+    Param group ``g`` holds the parameters of every rank's group ``g``, with the hyperparameters
+    they agree on; a hyperparameter the ranks disagree about is an error (it cannot be given to
+    one parameter without guessing). Per-parameter values are merged by fqn.
+    """
+    per_rank = [state.get("shared", {}).get("optimizer")]
+    per_rank += [r.get("optimizer") for _, r in sorted(state.get("ranks", {}).items(), key=lambda kv: int(kv[0]))]
+    per_rank = [values.decode(o, "optimizer") for o in per_rank if o is not None]
+    scalars: dict = {}
+    groups: list[dict] = []
+    for opt in per_rank:
+        for fqn, named in opt.get("scalars", {}).items():
+            scalars.setdefault(fqn, {}).update(named)
+        for g, group in enumerate(opt.get("param_groups", [])):
+            if g == len(groups):
+                groups.append({**group, "params": list(group["params"])})
+                continue
+            merged = groups[g]
+            for k, v in group.items():
+                if k == "params":
+                    merged["params"] += [p for p in v if p not in merged["params"]]
+                elif k in merged and merged[k] != v:
+                    raise LoadError(f"{where}: the saving ranks disagree about {k!r} of optimizer param group {g} "
+                                    f"({merged[k]!r} vs {v!r}); load on the layout that saved it")
+                else:
+                    merged[k] = v
+    return {"scalars": scalars, "param_groups": groups}
+
+
+def _few(items: list, n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _number(value):

@@ -36,4 +36,7 @@ def test_bench_reshard_smoke(tmp_path):
             for temp in ("warm", "cold"):
                 assert doc[f"w{world}_speedup_{form}_{temp}"] == pytest.approx(
                     doc[f"w{world}_dcp_{temp}_s"] / doc[f"w{world}_{form}_{temp}_s"], rel=0.02)
+    for target in ("target_read_met", "target_speed_met"):
+        assert set(doc[target]) == {"ucp_dist", "ucp_univ"} and all(isinstance(v, bool) for v in doc[target].values())
+    assert doc["target_read_met"]["ucp_univ"] == all(doc[f"w{w}_ucp_univ_read_ratio_max"] <= 1.1 for w in (2, 3))
     assert list(tmp_path.iterdir()) == []  # cleaned up

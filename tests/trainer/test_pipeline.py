@@ -12,7 +12,7 @@ import torch
 
 from tests.dist.workloads import bit_diffs, full_state
 from tests.trainer import pipeline_workloads
-from ucp.errors import LoadError, OptionsError
+from ucp.errors import OptionsError
 from ucp.trainer.model import GPTConfig, batch, init_gpt
 from ucp.trainer.pipeline import default_microbatches, stage_module
 
@@ -216,21 +216,10 @@ def load_into_whole_model(root: str, strict: bool) -> dict:
 @pytest.mark.dist
 @pytest.mark.parametrize("size, lay", LAYOUTS, ids=IDS)
 def test_checkpoint_loads_into_the_whole_model(runs, size, lay):
-    """A pipeline checkpoint is an ordinary one: the whole model in one process loads it bit-exactly.
-
-    ``strict=False`` because of a ucp limitation: see the xfail test below.
-    """
+    """A pipeline checkpoint is an ordinary one: the whole model in one process loads it bit-exactly,
+    strictly (its optimizer's one param group holds what every stage's group held)."""
     out, root = runs(size, lay)
     saved = {}
     for r in out:
         saved.update(r["saved"])  # the stages' states together: every key of the whole model's
-    assert bit_diffs(saved, load_into_whole_model(root, strict=False)) == []
-
-
-@pytest.mark.dist
-@pytest.mark.xfail(raises=LoadError, strict=True,
-                   reason="ucp compares the optimizer's param groups with one rank's saved groups, which a "
-                          "pipeline stage holds only part of; tensor keys are judged for the whole job")
-def test_strict_load_of_a_pipeline_checkpoint_into_the_whole_model(runs):
-    _, root = runs(*LAYOUTS[0])
-    load_into_whole_model(root, strict=True)
+    assert bit_diffs(saved, load_into_whole_model(root, strict=True)) == []

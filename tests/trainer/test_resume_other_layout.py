@@ -20,6 +20,8 @@ PAIRS = [
     ((4, dict(dp=4, zero=1)), (2, dict(dp=2, zero=3)), 1e-5),                    # ZeRO 1 -> 3, across optimizers
     ((2, dict(dp=2, zero=3)), (4, dict(dp=4, zero=1)), 1e-5),                    # 2 -> 4, ZeRO 3 -> 1
     ((4, dict(dp=2, tp=2, zero=1, manual_tp=True)), (4, dict(dp=2, tp=2, zero=0)), 1e-2),  # manual -> DTensor TP
+    ((4, dict(dp=2, pp=2, zero=3)), (2, dict(dp=2, zero=3)), 1e-5),             # pipeline stages -> one stage
+    ((2, dict(dp=2, zero=1)), (4, dict(dp=1, pp=4, zero=1)), 1e-5),             # layers re-assigned to 4 stages
 ]
 
 
