@@ -140,3 +140,28 @@ def test_masters_a_checkpoint_lacks_come_from_its_fp32_parameters(tmp_path):
     assert res.missing_keys == () and res.unexpected_keys == ()
     np.testing.assert_array_equal(opt.master.numpy(), w.reshape(-1).numpy())
     assert torch.equal(m.w.detach(), w.to(torch.bfloat16))
+
+
+def test_parts_cutting_through_blocks_read_the_blocks_they_touch_exactly(tmp_path):
+    """Parts of 1000 rows in blocks of 1024 rows: each part's run starts or ends inside a block; the
+    cut blocks go through a scratch buffer, whole blocks straight into the parameter."""
+    rows = BLOCK_BYTES // (COLS * 4)
+    n = rows * 3 // 4 + 232  # not a multiple of the rows a block holds
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3 * n, COLS, generator=g)
+    pattern = Pattern(fused=Fused(0, (("q", n), ("k", n), ("v", n))))
+    write_checkpoint(tmp_path / "ckpt", 1, {"model/attn.qkv.weight": (w.numpy(), "float32", pattern)}, Layout.single())
+
+    def split(parts):
+        m = Attn(nn.Module())
+        for p in parts:
+            m.attn.register_module(p, nn.Linear(COLS, n, bias=False))
+        return m
+
+    m = split("qkv")
+    ucp.Checkpointer(tmp_path / "ckpt", model=m).load()
+    for i, p in enumerate("qkv"):
+        assert torch.equal(getattr(m.attn, p).weight, w[i * n:(i + 1) * n]), p
+    res = ucp.Checkpointer(tmp_path / "ckpt", model=split("k")).load(strict=False)
+    first, last = n * COLS * 4 // BLOCK_BYTES, -(-2 * n * COLS * 4 // BLOCK_BYTES)
+    assert res.nbytes == (last - first) * BLOCK_BYTES  # the blocks k's rows touch, each once

@@ -17,8 +17,8 @@ of three forms is loaded warm
 drops the page cache of exactly that checkpoint's files with ``posix_fadvise(DONTNEED)``):
 
 * ``ucp_dist``: the distributed checkpoint, resharded directly by ``Checkpointer.load`` (of each
-  source fragment a destination region touches it reads the 1 MiB checksummed blocks holding the
-  region);
+  source fragment a destination region touches it reads the 64 KiB checksummed blocks holding the
+  region, straight into the destination where the region is a contiguous run of both);
 * ``ucp_univ``: the universal checkpoint, ``Checkpointer(universal_dir).load()`` (it reads only the
   chunks a region overlaps);
 * ``dcp``: ``dcp.load`` into ``get_*_state_dict`` of the target, then ``set_model_state_dict`` /

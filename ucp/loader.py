@@ -156,6 +156,30 @@ def _byte_span(sub, region: Box, size: int) -> tuple[int, int]:
     return (sub.offset + first) * size, (sub.offset + last + 1) * size
 
 
+def _contiguous(sizes, region: Box) -> bool:
+    """Whether ``region`` (relative to a box of ``sizes``) is one contiguous run of its row-major order."""
+    partial = [i for i, (n, s) in enumerate(zip(region.sizes, sizes)) if n != s]
+    return not partial or all(n == 1 for n in region.sizes[:partial[-1]])
+
+
+def _ravel(sizes, offsets) -> int:
+    """Row-major element index of ``offsets`` in a box of ``sizes``."""
+    index = 0
+    for o, s in zip(offsets, sizes):
+        index = index * s + o
+    return index
+
+
+def _check_block(f, b: int, data, path, block_bytes: int) -> None:
+    """Verify block ``b`` of fragment ``f`` against its checksum; name file, key and block if it fails."""
+    got = crc32c(data)
+    if got != f.blocks[b]:
+        a = f.offset + b * block_bytes
+        raise CorruptCheckpointError(
+            f"{path}: fragment of {f.key} {f.box}{f.flat or ''}, block {b} at bytes [{a}, {a + len(data)}) fails "
+            f"its checksum (crc32c {got:08x}, expected {f.blocks[b]:08x}); the file is corrupted")
+
+
 def _needed_blocks(spans, f, block_bytes: int):
     """Runs ``(first, last)`` of the blocks of fragment ``f`` holding the byte ``spans``, or None to
     read ``f`` whole (no block checksums, or every block needed)."""
@@ -289,16 +313,46 @@ class FragmentReader:
             read_into(fd, f.offset + lo, view[lo:hi], path)
             nbytes += hi - lo
             for b in range(first, last):
-                a = b * block_bytes
-                got = crc32c(view[a:min(a + block_bytes, f.length)])
-                if got != f.blocks[b]:
-                    raise CorruptCheckpointError(
-                        f"{path}: fragment of {f.key} {f.box}{f.flat or ''}, block {b} at bytes "
-                        f"[{f.offset + a}, {f.offset + min(a + block_bytes, f.length)}) fails its checksum "
-                        f"(crc32c {got:08x}, expected {f.blocks[b]:08x}); the file is corrupted")
+                _check_block(f, b, view[b * block_bytes:min((b + 1) * block_bytes, f.length)], path, block_bytes)
         with self._lock:
             self.nbytes += nbytes
         return buf
+
+    def read_run(self, f, lo: int, hi: int, out: memoryview, block_bytes: int) -> None:
+        """Bytes ``[lo, hi)`` of fragment ``f``'s data (which has block checksums) into ``out``: the
+        blocks inside the run straight into ``out``, the (at most two) blocks it cuts through a
+        scratch buffer; every block read is verified."""
+        fd, size = self._open(f.file)
+        path = self.directory / f.file
+        if f.offset + f.length > size:
+            raise CorruptCheckpointError(f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes "
+                                         f"[{f.offset}, {f.offset + f.length}) lies past the end of the file "
+                                         f"({size} bytes); the file is truncated")
+        bb, nbytes, scratch = block_bytes, 0, None
+        b, end = lo // bb, -(-hi // bb)
+        while b < end:
+            bl, bh = b * bb, min((b + 1) * bb, f.length)
+            if lo <= bl and bh <= hi:  # a run of whole blocks: read in place
+                e = b + 1
+                while e < end and min((e + 1) * bb, f.length) <= hi:
+                    e += 1
+                rh = min(e * bb, f.length)
+                read_into(fd, f.offset + bl, out[bl - lo:rh - lo], path)
+                for k in range(b, e):
+                    _check_block(f, k, out[k * bb - lo:min((k + 1) * bb, f.length) - lo], path, bb)
+                nbytes += rh - bl
+                b = e
+                continue
+            scratch = scratch if scratch is not None else memoryview(bytearray(bb))
+            block = scratch[:bh - bl]
+            read_into(fd, f.offset + bl, block, path)
+            _check_block(f, b, block, path, bb)
+            a, z = max(lo, bl), min(hi, bh)
+            out[a - lo:z - lo] = block[a - bl:z - bl]
+            nbytes += bh - bl
+            b += 1
+        with self._lock:
+            self.nbytes += nbytes
 
     def read_resharded(self, piece: Piece, slices, index: FragmentIndex, manifest, target_layout) -> None:
         """Fill ``piece`` from fragments saved under another layout (other boxes, flat partitions,
@@ -311,12 +365,33 @@ class FragmentReader:
             sources += relocate(source_pieces(index.by_key.get(s.key, []), meta.shape, meta.pattern, manifest.layout), s)
         targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
         items = reshard_plan(sources, targets, piece.key)
+        dest = piece.data
+        if manifest.block_bytes and dest.device.type == "cpu" and dest.is_contiguous():
+            items = self._read_runs(dest, items, manifest.block_bytes)
         spans: dict = {}
         for item in items:
             f = item.source.ref[1]
             spans.setdefault(f, []).append(_byte_span(item.source.sub, item.src, itemsize(f.dtype)))
         fetch = _cached(lambda ref: self.fetch(ref[1], spans.get(ref[1]), manifest.block_bytes))
         _fill_resharded(piece, items, targets, fetch)
+
+    def _read_runs(self, dest: torch.Tensor, items, block_bytes: int) -> list:
+        """Read the items that are one contiguous run both in their fragment (with block checksums,
+        same dtype) and in ``dest`` straight into ``dest``; returns the others."""
+        out = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+        rest = []
+        for item in items:
+            f, sp, tp = item.source.ref[1], item.source, item.target
+            if not (f.blocks and f.dtype == str(dest.dtype).removeprefix("torch.")
+                    and _contiguous(sp.sub.box.sizes, item.src) and _contiguous(tp.sub.box.sizes, item.dst)):
+                rest.append(item)
+                continue
+            size = itemsize(f.dtype)
+            lo = (sp.sub.offset + _ravel(sp.sub.box.sizes, item.src.offsets)) * size
+            at = (tp.sub.offset + _ravel(tp.sub.box.sizes, item.dst.offsets)) * size
+            n = item.src.numel * size
+            self.read_run(f, lo, lo + n, out[at:at + n], block_bytes)
+        return rest
 
     def close(self) -> None:
         for fd, _ in self._files.values():

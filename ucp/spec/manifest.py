@@ -22,7 +22,7 @@ from ucp.spec.pattern import Pattern
 
 FORMAT = "ucp.checkpoint"
 FORMAT_VERSION = "1.1"
-BLOCK_BYTES = 1 << 20  # block checksums of fragments (format 1.1): one per MiB
+BLOCK_BYTES = 64 << 10  # block checksums of fragments (format 1.1): one per 64 KiB
 
 
 def check_version(found, supported: str, what: str) -> None:
