@@ -229,7 +229,6 @@ def load_corrupted(root: str) -> dict:
     """Save, flip a byte of one fragment (rank 0), load: every rank gets the corruption's class."""
     import ucp
     from ucp.errors import CorruptCheckpointError, DistributedError
-    from ucp.storage import directory as store
     from ucp.storage.manifest_io import read_manifest
 
     model, opt = build("tp", seed=0)

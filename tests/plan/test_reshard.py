@@ -107,6 +107,19 @@ def test_vocabulary_is_repadded_for_the_new_tp(tp_src, tp_dst):
     _check(u, sp, Layout.from_sizes(tp=tp_src), tp, Layout.from_sizes(tp=tp_dst))
 
 
+@pytest.mark.parametrize("src, dst", [
+    (dict(ep=4, dp=2), dict(ep=3)), (dict(ep=2), dict(ep=8)), (dict(ep=8), dict(ep=1, tp=2)), (dict(ep=3, tp=2), dict(ep=2, tp=3)),
+])
+def test_experts_are_re_placed_for_the_new_ep(src, dst):
+    """Expert weights [experts, d_ff, d] sharded over ep by expert (and over tp by d_ff): any ep onto any."""
+    u = np.arange(8 * 6 * 3, dtype=np.int64).reshape(8, 6, 3)
+
+    def pattern(sizes):
+        return Pattern((Shard("ep", 0),) + ((Shard("tp", 1),) if "tp" in sizes else ()))
+
+    _check(u, pattern(src), Layout.from_sizes(**src), pattern(dst), Layout.from_sizes(**dst))
+
+
 def test_flat_boxes_are_contiguous_runs_of_the_range():
     box = Box((2, 1, 0), (3, 4, 5))
     for start, end in [(0, 60), (3, 4), (3, 27), (7, 59), (20, 40), (0, 1), (59, 60)]:
@@ -144,13 +157,13 @@ def test_a_source_missing_elements_is_refused():
         reshard_plan(sources, targets, "k")
 
 
-AXES = st.sampled_from(["tp", "dp", "pp"])
+AXES = st.sampled_from(["tp", "dp", "pp", "ep"])
 
 
 @st.composite
 def placements(draw, rows, cols, parts, vocab_keep):
     """A layout and a pattern for a [rows, cols] tensor (fused parts or padding on dim 0, maybe flat)."""
-    sizes = {a: draw(st.integers(1, 3)) for a in ("pp", "dp", "tp")}
+    sizes = {a: draw(st.integers(1, 3)) for a in ("pp", "dp", "ep", "tp")}
     layout = Layout.from_sizes(zero=1, **sizes)
     shards = []
     for axis in draw(st.lists(AXES, unique=True, max_size=2)):
@@ -166,7 +179,7 @@ def placements(draw, rows, cols, parts, vocab_keep):
     if kind == "pad":
         to = vocab_keep + draw(st.integers(0, 5))
         pad = Pad(0, to, vocab_keep)
-    free = [a for a in ("pp", "dp", "tp") if a not in {s.axis for s in shards}]
+    free = [a for a in ("pp", "dp", "ep", "tp") if a not in {s.axis for s in shards}]
     flat = draw(st.sampled_from([None] + free))
     return layout, Pattern(tuple(shards), flat, fused, pad)
 

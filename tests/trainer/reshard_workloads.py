@@ -23,21 +23,16 @@ def load_and_gather(lay: dict, path: str, strict: bool = True) -> dict:
     return {"step": res.step, "source": res.source, "state": state, "losses": losses, "group_steps": group_steps}
 
 
-def continue_training(lay: dict, root: str) -> list[float]:
-    """The same layout resumed from its own checkpoint: the reference losses."""
-    return load_and_gather(lay, root)["losses"]
-
-
 def train_save_continue(lay: dict, root: str, save_at: int = 3, until: int = 5) -> list[float]:
-    """Train to ``save_at``, save, and train on to ``until``: the uninterrupted losses after the save."""
+    """Train to ``save_at``, save, and train on to ``until``: the uninterrupted losses of every step."""
     import ucp
 
     cfg = GPTConfig()
     layout = TrainLayout(**lay)
     par, opt = build(cfg, layout, seed=0)
-    train_steps(cfg, layout, par, opt, 0, range(1, save_at + 1))
+    before = train_steps(cfg, layout, par, opt, 0, range(1, save_at + 1))
     ucp.Checkpointer(root, model=par.model, optimizer=opt, options=layout.checkpoint_options(cfg)).save(save_at)
-    return train_steps(cfg, layout, par, opt, 0, range(save_at + 1, until + 1))
+    return before + train_steps(cfg, layout, par, opt, 0, range(save_at + 1, until + 1))
 
 
 def load_model_cast(lay: dict, path: str) -> dict:

@@ -4,7 +4,6 @@ resumes bit-exactly from its own checkpoints."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.trainer import workloads
 from ucp.trainer.model import GPTConfig, batch, init_gpt, loss_fn

@@ -31,8 +31,11 @@ def _id(size, lay):
 
 @pytest.mark.parametrize("a, b, rel", PAIRS, ids=[f"{_id(*a)}-to-{_id(*b)}" for a, b, _ in PAIRS])
 def test_resuming_on_another_layout_continues_the_run(worlds, tmp_path, a, b, rel):
-    reference = worlds(a[0]).run(rw.train_save_continue, a[1], str(tmp_path / "ck"))[0]
+    uninterrupted = worlds(a[0]).run(rw.train_save_continue, a[1], str(tmp_path / "ck"))[0]  # steps 1..5
+    reference = uninterrupted[3:]
     resumed = worlds(b[0]).run(rw.load_and_gather, b[1], str(tmp_path / "ck"))
     for rank, r in enumerate(resumed):
         assert r["step"] == 3
         assert r["losses"] == pytest.approx(reference, rel=rel), f"rank {rank}: {r['losses']} vs {reference}"
+        # and training goes on: the resumed losses stay below where the run started
+        assert max(r["losses"]) < uninterrupted[0], f"rank {rank}: {r['losses']} vs step 1's {uninterrupted[0]}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch.distributed.tensor import DTensor
 
 from tests.dist.workloads import bit_diffs, full_state
