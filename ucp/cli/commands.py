@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
 from ucp.errors import CorruptCheckpointError, OptionsError
 from ucp.storage import directory as store
@@ -205,3 +207,46 @@ def train(args) -> int:
     from ucp.trainer.launch import launch_training
 
     return launch_training(args)
+
+
+def agent(args) -> int:
+    """``ucp agent start|status|stop``."""
+    from ucp.snapshot import agent as agent_mod
+    from ucp.snapshot import client, shm
+
+    if args.action == "start":
+        if args.foreground:
+            return agent_mod.main(["--job", args.job])
+        c = client.ensure_agent(args.job, log=Path(args.log).resolve() if args.log else None)
+        print(f"agent of job {args.job!r}: pid {c.info.pid}, port {c.info.port}")
+        return 0
+    if args.action == "stop":
+        print(client.stop(args.job))
+        return 0
+    jobs = [shm.check_job(args.job)] if args.job else client.discovered_jobs()
+    report = []
+    for job in jobs:
+        info = agent_mod.read_info(job)
+        entry = {"job": job, "running": bool(info and agent_mod.is_alive(info))}
+        if entry["running"]:
+            entry.update(client.AgentClient(info, timeout=10).status())
+            entry["port"] = info.port
+        else:
+            entry["leftovers"] = sorted(n for n in shm.listing(shm.prefix(job)) if not n.endswith(".agent.lock"))
+        report.append(entry)
+    if args.json:
+        print(json.dumps(report if not args.job else report[0], indent=2))
+        return 0 if all(e["running"] for e in report) else 2
+    if not report:
+        print("no ucp agent on this node")
+        return 2
+    for e in report:
+        if not e["running"]:
+            left = f"; {len(e['leftovers'])} leftover file(s): run 'ucp agent stop --job {e['job']}'" if e["leftovers"] else ""
+            print(f"job {e['job']}: no agent running{left}")
+            continue
+        print(f"job {e['job']}: agent pid {e['pid']}, port {e['port']}, up {time.time() - e['started']:.0f} s, "
+              f"{e['clients']} client(s), {len(e['segments'])} segment(s), {_human(e['nbytes'])}")
+        for name, n in e["segments"].items():
+            print(f"  {name}  {_human(n)}")
+    return 0 if all(e["running"] for e in report) else 2

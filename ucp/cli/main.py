@@ -93,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
 
+    p = sub.add_parser("agent", help="start, inspect or stop the snapshot agent of a job on this node",
+                       description="The snapshot agent is one long-lived process per node and job that owns the "
+                                   "shared memory holding that node's in-memory snapshots; trainers start it "
+                                   "themselves, or a launcher starts it ahead of time. It runs detached, in a "
+                                   "session of its own, and survives the trainers. See docs/agent.md.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    agent = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = agent.add_parser("start", help="start the job's agent (or report the one running)")
+    a.add_argument("--job", required=True, help="job name (torchrun: the --rdzv-id / TORCHELASTIC_RUN_ID)")
+    a.add_argument("--foreground", action="store_true", help="run in this terminal until Ctrl-C")
+    a.add_argument("--log", metavar="FILE", help="append the detached agent's output to FILE")
+    a = agent.add_parser("status", help="show what the agent holds (every job's agent without --job)")
+    a.add_argument("--job", help="job name")
+    a.add_argument("--json", action="store_true", help="print JSON")
+    a = agent.add_parser("stop", help="stop the job's agent and remove its memory (or a dead agent's leftovers)")
+    a.add_argument("--job", required=True, help="job name")
+
     p = sub.add_parser("demo", help="a short multi-process save/load demonstration",
                        description="Train the reference GPT on N local processes (gloo, torch's elastic "
                                    "launcher; FSDP2, with tensor parallelism from 4 ranks), checkpoint it every few "

@@ -173,7 +173,9 @@ def fragments_to_parquet(fragments) -> bytes:
 
 def fragments_from_parquet(data: bytes) -> list[Fragment]:
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        # One thread: the table is small, and a process that started pyarrow's thread pool sometimes
+        # aborts at exit ("terminate called without an active exception"; ucp inspect, 1 run in 50).
+        table = pq.read_table(pa.BufferReader(data), use_threads=False)
     except (pa.ArrowInvalid, OSError) as e:
         raise FormatError(f"fragment table is not a readable Parquet file: {e}") from e
     return table_to_fragments(table)

@@ -1,0 +1,244 @@
+"""The snapshot agent's lifecycle (issue 6, stage a): one agent per node and job, found again by
+restarted trainers, in a session of its own, surviving SIGKILLed trainers and killed process groups,
+removing its memory on shutdown, and reclaimed when it died. Every test uses its own job and leaves
+nothing in /dev/shm, passing or failing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from ucp.errors import FormatError
+from ucp.snapshot import agent as agent_mod
+from ucp.snapshot import client, shm
+from ucp.snapshot.agent import AgentError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _leftovers(job: str) -> dict:
+    return shm.listing(shm.prefix(job))
+
+
+@pytest.fixture
+def job():
+    """A fresh job name; afterwards its agent is stopped (killed if it does not answer) and its
+    shared memory removed, and the test fails if anything was left behind."""
+    name = "t" + uuid.uuid4().hex[:12]
+    yield name
+    info = None
+    try:
+        info = agent_mod.read_info(name)
+    except FormatError:
+        pass
+    if info is not None and agent_mod.is_alive(info):
+        try:
+            client.stop(name, timeout=10)
+        except Exception:
+            os.kill(info.pid, signal.SIGKILL)
+    left = _leftovers(name)
+    for n in left:
+        shm.unlink(n)
+    assert not left or left == {f"{shm.prefix(name)}agent.lock": 0}, f"left behind: {left}"
+
+
+def _run(code: str, *args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=60, **kw)
+
+
+def test_one_agent_per_job_found_again_by_a_restarted_trainer(job):
+    first = client.ensure_agent(job)
+    info = json.loads(agent_mod.discovery_path(job).read_bytes())
+    assert info["format"] == "ucp.agent" and info["format_version"] == "1.0" and info["pid"] == first.info.pid
+    # another process (a restarted trainer) finds the same agent, and does not start a second one
+    p = _run("""
+        import sys
+        from ucp.snapshot import client
+        print(client.ensure_agent(sys.argv[1]).hello(rank=3)["pid"])
+    """, job)
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout.split()[-1]) == first.info.pid
+    assert first.status()["clients"] == 1  # the other process said hello
+
+
+def test_local_ranks_starting_at_once_share_one_agent(job):
+    code = """
+        import sys
+        from ucp.snapshot import client
+        print(client.ensure_agent(sys.argv[1]).info.pid)
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), job], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    pids = {int(p.communicate(timeout=60)[0].split()[-1]) for p in procs}
+    assert len(pids) == 1 and agent_mod.is_alive(agent_mod.read_info(job))
+
+
+def test_two_jobs_on_a_node_never_collide(job):
+    other = job + "b"
+    try:
+        a, b = client.ensure_agent(job), client.ensure_agent(other)
+        assert a.info.pid != b.info.pid
+        a.alloc("r0", 4096)
+        b.alloc("r0", 8192)
+        assert a.status()["segments"] == {f"{shm.prefix(job)}r0": 4096}
+        assert b.status()["segments"] == {f"{shm.prefix(other)}r0": 8192}
+    finally:
+        client.stop(other)
+    assert _leftovers(other) == {}
+
+
+def test_memory_survives_a_sigkilled_trainer(job):
+    c = client.ensure_agent(job)
+    name = c.alloc("rank0.slot0", 1 << 20)
+    p = _run("""
+        import os, signal, sys
+        from ucp.snapshot import shm
+        seg = shm.attach(sys.argv[1])
+        seg.buf[:11] = b"snapshot-ok"
+        seg.buf[-3:] = b"end"
+        os.kill(os.getpid(), signal.SIGKILL)
+    """, name)
+    assert p.returncode == -signal.SIGKILL
+    seg = shm.attach(name)
+    try:
+        assert bytes(seg.buf[:11]) == b"snapshot-ok" and bytes(seg.buf[-3:]) == b"end"
+    finally:
+        seg.close()
+    assert c.status()["segments"] == {name: 1 << 20}
+
+
+def test_the_agent_outlives_the_process_group_of_the_trainer_that_started_it(job):
+    """torchrun kills a worker's whole process group on restart: the agent has a session of its own."""
+    trainer = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from ucp.snapshot import client
+        c = client.ensure_agent(sys.argv[1])
+        c.alloc("r0", 4096)
+        print(c.info.pid, flush=True)
+        time.sleep(60)
+    """), job], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        pid = int(trainer.stdout.readline())
+        assert os.getsid(pid) != os.getsid(trainer.pid) and os.getpgid(pid) != os.getpgid(trainer.pid)
+    finally:
+        os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait(timeout=30)
+    c = client.connect(job)
+    assert c is not None and c.info.pid == pid
+    assert c.status()["segments"] == {f"{shm.prefix(job)}r0": 4096}
+
+
+def test_shutdown_removes_the_memory_and_the_discovery_file(job):
+    c = client.ensure_agent(job)
+    for i in range(3):
+        c.alloc(f"r{i}", 4096 * (i + 1))
+    assert len(_leftovers(job)) >= 4
+    assert client.stop(job) == f"stopped the agent of job {job!r} (pid {c.info.pid})"
+    assert not agent_mod.is_alive(c.info) and _leftovers(job) == {}
+    assert client.connect(job) is None
+
+
+def test_sigterm_stops_the_agent_cleanly(job):
+    c = client.ensure_agent(job)
+    c.alloc("r0", 4096)
+    os.kill(c.info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while agent_mod.is_alive(c.info) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not agent_mod.is_alive(c.info)
+    assert _leftovers(job) == {}
+
+
+def test_a_dead_agents_memory_is_reclaimed_by_the_next_start(job):
+    c = client.ensure_agent(job)
+    old = c.alloc("r0", 4096)
+    os.kill(c.info.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while agent_mod.is_alive(c.info) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert old in _leftovers(job) and client.connect(job) is None  # stale: detected, not connected to
+    fresh = client.ensure_agent(job)
+    assert fresh.info.pid != c.info.pid
+    assert old not in _leftovers(job) and fresh.status()["segments"] == {}
+
+
+def test_reclaim_refuses_while_the_agent_runs(job):
+    client.ensure_agent(job)
+    with pytest.raises(AgentError, match="is running; stop it instead"):
+        agent_mod.reclaim(job)
+
+
+def test_a_recycled_pid_is_not_taken_for_the_agent(job):
+    me = agent_mod.process_start_time(os.getpid())
+    info = agent_mod.AgentInfo(job=job, pid=os.getpid(), start_time=me + 1, host="127.0.0.1", port=1, started=0.0)
+    agent_mod.discovery_path(job).write_bytes(info.to_json())
+    assert not agent_mod.is_alive(info) and client.connect(job) is None
+    assert agent_mod.is_alive(agent_mod.AgentInfo(job, os.getpid(), me, "127.0.0.1", 1, 0.0))
+    agent_mod.discovery_path(job).unlink()
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"not json", "not JSON"),
+    (b'{"format": "other"}', "format is 'other'"),
+    (b'{"format": "ucp.agent", "format_version": "2.0"}', "format_version 2.0 is not supported"),
+    (b'{"format": "ucp.agent", "format_version": "1.0", "pid": 1}', "malformed agent discovery file"),
+])
+def test_a_malformed_discovery_file_is_named(job, content, words):
+    path = agent_mod.discovery_path(job)
+    path.write_bytes(content)
+    with pytest.raises(FormatError, match=str(path).replace(".", r"\.")) as e:
+        agent_mod.read_info(job)
+    assert words in str(e.value)
+    p = subprocess.run([sys.executable, "-m", "ucp.cli.main", "agent", "status", "--job", job],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("ucp: error: ") and words in p.stderr
+    assert "Traceback" not in p.stderr
+    path.unlink()
+
+
+def test_bad_requests_get_one_clear_answer_and_the_agent_goes_on(job):
+    c = client.ensure_agent(job)
+    c.alloc("r0", 4096)
+    with pytest.raises(AgentError, match="exists with 4096 bytes, not 8192"):
+        c.alloc("r0", 8192)
+    with pytest.raises(AgentError, match="unknown request 'explode'"):
+        c.request("explode")
+    with pytest.raises(AgentError, match="segment name '../x' must be"):
+        c.alloc("../x", 10)
+    with pytest.raises(AgentError, match="positive size"):
+        c.alloc("r1", 0)
+    assert c.status()["segments"] == {f"{shm.prefix(job)}r0": 4096}
+
+
+def test_the_cli_starts_shows_and_stops_an_agent(job):
+    def ucp(*args):
+        return subprocess.run([sys.executable, "-m", "ucp.cli.main", "agent", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    p = ucp("status", "--job", job)
+    assert p.returncode == 2 and f"job {job}: no agent running" in p.stdout
+    p = ucp("start", "--job", job)
+    assert p.returncode == 0 and f"agent of job {job!r}: pid" in p.stdout, p.stderr
+    client.connect(job).alloc("rank0.slot1", 3 << 20)
+    p = ucp("status", "--job", job)
+    assert p.returncode == 0 and "1 segment(s), 3.0 MiB" in p.stdout and "rank0.slot1" in p.stdout, p.stdout
+    doc = json.loads(ucp("status", "--job", job, "--json").stdout)
+    assert doc["running"] and doc["nbytes"] == 3 << 20
+    p = ucp("stop", "--job", job)
+    assert p.returncode == 0 and "stopped the agent" in p.stdout
+    assert _leftovers(job) == {}
+
+
+def test_bad_job_names_are_refused():
+    for bad in ("", "a/b", "x" * 65, "../etc", "a b"):
+        with pytest.raises(Exception, match="job name"):
+            client.ensure_agent(bad)

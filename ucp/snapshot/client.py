@@ -1,0 +1,151 @@
+"""Talking to the snapshot agent of this node: find it, start it, send it requests.
+
+A trainer (or ``ucp agent``) finds the agent through its discovery file, connects to its
+``TCPStore``, and pushes JSON requests ``{"op", "args", "reply"}`` to the agent's request queue;
+the answer ``{"ok", "result" | "error"}`` comes back on the caller's own reply queue. Starting is
+serialized per job and node by a lock file, so the local ranks of a node start one agent between
+them, and a stale agent (its process gone) is reclaimed first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from ucp.snapshot import shm
+from ucp.snapshot.agent import REQUESTS, AgentError, AgentInfo, discovery_path, is_alive, lock_path, read_info, reclaim
+
+
+class AgentClient:
+    """A connection to a running agent."""
+
+    def __init__(self, info: AgentInfo, timeout: float = 30.0):
+        from torch.distributed import TCPStore
+
+        self.info = info
+        self.timeout = timeout
+        self.id = uuid.uuid4().hex
+        self._reply = f"ucp/reply/{self.id}"
+        try:
+            self._store = TCPStore(info.host, info.port, is_master=False, use_libuv=True,
+                                   timeout=datetime.timedelta(seconds=timeout))
+        except Exception as e:
+            raise AgentError(f"cannot reach the agent of job {info.job!r} (pid {info.pid}, port {info.port}): {e}") from None
+
+    def request(self, op: str, **args) -> dict:
+        """Send one request and wait for its answer (``timeout`` seconds at most)."""
+        self._store.queue_push(REQUESTS, json.dumps({"op": op, "args": args, "reply": self._reply}))
+        try:
+            raw = self._store.queue_pop(self._reply)
+        except Exception:
+            alive = "running" if is_alive(self.info) else "gone"
+            raise AgentError(f"the agent of job {self.info.job!r} (pid {self.info.pid}, {alive}) did not answer "
+                             f"{op!r} within {self.timeout:g} s") from None
+        reply = json.loads(raw)
+        if not reply.get("ok"):
+            raise AgentError(f"the agent of job {self.info.job!r} refused {op!r}: {reply.get('error')}")
+        return reply["result"]
+
+    def hello(self, rank: int | None = None) -> dict:
+        return self.request("hello", client=self.id, pid=os.getpid(), rank=rank)
+
+    def status(self) -> dict:
+        return self.request("status")
+
+    def alloc(self, name: str, nbytes: int) -> str:
+        """The full name of segment ``name`` of ``nbytes``, created by the agent if new."""
+        return self.request("alloc", name=name, nbytes=nbytes)["name"]
+
+    def free(self, name: str) -> bool:
+        return self.request("free", name=name)["freed"]
+
+    def shutdown(self, wait: float = 10.0) -> None:
+        """Ask the agent to remove its memory and exit; wait until it has."""
+        self.request("shutdown")
+        deadline = time.monotonic() + wait
+        while is_alive(self.info):
+            if time.monotonic() > deadline:
+                raise AgentError(f"the agent of job {self.info.job!r} (pid {self.info.pid}) is still running "
+                                 f"{wait:g} s after shutdown")
+            time.sleep(0.02)
+
+
+def connect(job: str, timeout: float = 30.0) -> AgentClient | None:
+    """A client of job ``job``'s live agent on this node, or None when none is running."""
+    info = read_info(job)
+    if info is None or not is_alive(info):
+        return None
+    return AgentClient(info, timeout)
+
+
+@contextmanager
+def _start_lock(job: str):
+    path = lock_path(job)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def ensure_agent(job: str, timeout: float = 30.0, log: Path | None = None) -> AgentClient:
+    """The live agent of ``job`` on this node, started (detached, in a session of its own) if none
+    runs; a dead agent's leftovers are reclaimed first. Safe to call from every local rank at once."""
+    shm.check_job(job)
+    with _start_lock(job):
+        client = connect(job, timeout)
+        if client is not None:
+            return client
+        reclaim(job)
+        cmd = [sys.executable, "-m", "ucp.snapshot.agent", "--job", job, "--daemon"]
+        if log is not None:
+            cmd += ["--log", str(log)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                          env.get("PYTHONPATH")]))
+        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, env=env, timeout=timeout, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = read_info(job)
+            if info is not None and is_alive(info):
+                return AgentClient(info, timeout)
+            if time.monotonic() > deadline:
+                raise AgentError(f"the agent of job {job!r} did not come up within {timeout:g} s"
+                                 + (f"; see {log}" if log else ""))
+            time.sleep(0.02)
+
+
+def stop(job: str, timeout: float = 30.0) -> str:
+    """Stop job ``job``'s agent on this node (or reclaim a dead one's leftovers); says what it did."""
+    with _start_lock(job):
+        info = read_info(job)
+        stopped = info is not None and is_alive(info)
+        if stopped:
+            AgentClient(info, timeout).shutdown(timeout)
+        removed = reclaim(job)
+    lock_path(job).unlink(missing_ok=True)
+    if stopped:
+        return f"stopped the agent of job {job!r} (pid {info.pid})"
+    if info is not None or removed:
+        return f"no agent of job {job!r} was running; removed {len(removed)} leftover file(s)"
+    return f"no agent of job {job!r} is running"
+
+
+def discovered_jobs() -> list[str]:
+    """Jobs of this user that have a discovery file on this node."""
+    pre = shm.prefix("x")[:-2]  # "ucp.<uid>."
+    return sorted(n[len(pre):-len(".agent.json")] for n in shm.listing(pre) if n.endswith(".agent.json"))
+
+
+__all__ = ["AgentClient", "AgentError", "connect", "ensure_agent", "stop", "discovered_jobs", "discovery_path"]
