@@ -86,7 +86,7 @@ def test_a_part_reads_only_its_blocks_of_the_fused_fragment(tmp_path):
     w, path = _fused_checkpoint(tmp_path, "ckpt")
     m = Attn(Split("q"))
     res = ucp.Checkpointer(path, model=m).load(strict=False)
-    assert res.unexpected_keys == ()  # k and v rows go unused, but the tensor is taken
+    assert res.unexpected_keys == ("model/attn.qkv.weight",)  # its k and v rows go nowhere
     assert torch.equal(m.attn.q.weight, w[:D])
     assert res.nbytes == BLOCK_BYTES  # q's block, not the whole 3-block fragment
     # without block checksums (format 1.0) the fragment is read whole, to verify its one checksum
@@ -108,6 +108,12 @@ def test_a_corrupted_block_is_named_and_blocks_not_read_do_not_matter(tmp_path):
     with pytest.raises(CorruptCheckpointError, match=r"fragment of model/attn\.qkv\.weight .*block 2 at bytes .* "
                                                      r"fails its checksum"):
         ucp.Checkpointer(path, model=Attn(Split("v"))).load(strict=False)
+
+
+def test_strict_load_refuses_a_fused_tensor_only_partly_used(tmp_path):
+    _, path = _fused_checkpoint(tmp_path, "ckpt")
+    with pytest.raises(LoadError, match=r"missing none, unexpected model/attn\.qkv\.weight"):
+        ucp.Checkpointer(path, model=Attn(Split("qk"))).load()
 
 
 def test_strict_load_reports_a_part_the_checkpoint_lacks(tmp_path):
@@ -165,3 +171,75 @@ def test_parts_cutting_through_blocks_read_the_blocks_they_touch_exactly(tmp_pat
     res = ucp.Checkpointer(tmp_path / "ckpt", model=split("k")).load(strict=False)
     first, last = n * COLS * 4 // BLOCK_BYTES, -(-2 * n * COLS * 4 // BLOCK_BYTES)
     assert res.nbytes == (last - first) * BLOCK_BYTES  # the blocks k's rows touch, each once
+
+
+class _Counting(torch.optim.Optimizer):
+    """Keeps a tensor and a plain number per parameter (as some optimizers keep a step count)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state[p]
+                st["n"] = st.get("n", 0) + 1
+                st["acc"] = st.get("acc", torch.zeros_like(p)) + p.detach()
+
+
+def _fused_model_and_options():
+    m = Attn(Fused_())
+    opts = ucp.CheckpointOptions(layout=Layout.single(), patterns={"attn.qkv.weight": QKV})
+    return m, opts
+
+
+def test_adams_per_parameter_step_of_a_fused_parameter_reaches_every_part(tmp_path):
+    m, opts = _fused_model_and_options()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.01)
+    for _ in range(3):
+        m.attn.qkv(torch.randn(2, COLS)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    ucp.Checkpointer(tmp_path, model=m, optimizer=opt, options=opts).save(3)
+    split = Attn(Split())
+    opt2 = torch.optim.AdamW(split.parameters(), lr=0.01)
+    res = ucp.Checkpointer(tmp_path, model=split, optimizer=opt2).load()  # strict
+    assert res.missing_keys == () and res.unexpected_keys == ()
+    saved = opt.state[m.attn.qkv.weight]
+    for i, p in enumerate("qkv"):
+        st = opt2.state[getattr(split.attn, p).weight]
+        assert st["step"].item() == 3 and torch.equal(st["exp_avg"], saved["exp_avg"][i * D:(i + 1) * D])
+    split.attn.q(torch.randn(2, COLS)).sum().backward()
+    opt2.step()  # the state is whole: Adam steps on
+
+
+def test_non_tensor_state_follows_a_parameter_loaded_under_other_names(tmp_path):
+    m, opts = _fused_model_and_options()
+    opt = _Counting(m.parameters())
+    opt.step()
+    opt.step()
+    ucp.Checkpointer(tmp_path, model=m, optimizer=opt, options=opts).save(2)
+    split = Attn(Split())
+    opt2 = _Counting(split.parameters())
+    ucp.Checkpointer(tmp_path, model=split, optimizer=opt2).load()
+    assert [opt2.state[getattr(split.attn, p).weight]["n"] for p in "qkv"] == [2, 2, 2]
+
+
+def test_a_master_the_checkpoint_lacks_is_missing_not_taken_from_a_bf16_model(tmp_path):
+    """Rule 4 gives a master only from a model tensor of the master's dtype: a bf16 model is none."""
+    m = nn.Module()
+    m.w = nn.Parameter(torch.randn(4, 6).to(torch.bfloat16))
+    ucp.Checkpointer(tmp_path, model=m).save(1)
+
+    class Masters(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+            for g in self.param_groups:
+                for p in g["params"]:
+                    self.state[p]["master"] = torch.full(p.shape, 7.0)
+
+    opt = Masters([m.w])
+    with pytest.raises(LoadError, match=r"missing optim/w/master"):
+        ucp.Checkpointer(tmp_path, model=m, optimizer=opt).load()
+    ucp.Checkpointer(tmp_path, model=m, optimizer=opt).load(strict=False)
+    assert (opt.state[m.w]["master"] == 7.0).all()  # kept (torch's load_state_dict casts it like its parameter)

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from ucp.errors import UcpError  # noqa: E402
 
-__all__ = ["__version__", "UcpError", "Checkpointer", "CheckpointOptions", "LoadResult"]
+__all__ = ["__version__", "UcpError", "Checkpointer", "CheckpointOptions", "SnapshotOptions", "LoadResult"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from ucp import checkpointer
 
         return getattr(checkpointer, name)
+    if name == "SnapshotOptions":
+        from ucp.options import SnapshotOptions
+
+        return SnapshotOptions
     raise AttributeError(f"module 'ucp' has no attribute {name!r}")

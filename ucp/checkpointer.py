@@ -24,7 +24,7 @@ from ucp import __version__
 from ucp.codecs.checksum import block_crc32c
 from ucp.dist.collective import Collective
 from ucp.errors import OptionsError, UcpError
-from ucp.options import CheckpointOptions, check_keep
+from ucp.options import CheckpointOptions, SnapshotOptions, check_keep
 from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
 from ucp.snapshot import values
 from ucp.snapshot.capture import Geometry, Piece, model_pieces, optimizer_param_fqns, optimizer_pieces, param_names, tensor_piece
@@ -49,12 +49,15 @@ def _checksums(view) -> tuple[int, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class SaveResult:
-    """What a save produced: the step, its directory, bytes this job wrote, wall time."""
+    """What a save produced: the step, its directory, bytes this job wrote, wall time, and the tier:
+    ``"durable"`` (a checkpoint under ``root``; ``path`` is its directory) or ``"memory"`` (a
+    snapshot held by the node's agent; ``path`` is the shared-memory directory)."""
 
     step: int
     path: Path
     nbytes: int
     seconds: float
+    tier: str = "durable"
 
 
 @dataclass(frozen=True)
@@ -127,13 +130,17 @@ class Checkpointer:
         keep: retain the newest ``keep`` complete checkpoints (None: keep all).
         options: :class:`CheckpointOptions`.
         process_group: the group of ranks saving together (default: the whole world).
+        snapshot: :class:`~ucp.options.SnapshotOptions` to keep snapshots in the memory of the node's
+            snapshot agent (docs/agent.md): ``save`` then takes a snapshot every ``every`` steps and
+            writes every ``persist_every``-th one durably too; ``load`` prefers the newest complete
+            snapshot in memory, then the newest durable checkpoint.
 
     Raises:
         OptionsError: an argument is invalid; the message says how to fix it.
     """
 
     def __init__(self, root, model=None, optimizer=None, scheduler=None, state=None, keep=None,
-                 options: CheckpointOptions | None = None, process_group=None):
+                 options: CheckpointOptions | None = None, process_group=None, snapshot=None):
         self.root = Path(root)
         self.model = model
         self.optimizer = optimizer
@@ -158,6 +165,12 @@ class Checkpointer:
                 "give a layout whose axis sizes multiply to the world size"
             )
         self.geometry = Geometry(self.layout, self.layout.coords(self.coll.rank), self.options.patterns)
+        if snapshot is not None and not isinstance(snapshot, SnapshotOptions):
+            raise OptionsError("snapshot must be a ucp.SnapshotOptions")
+        self.snapshot = snapshot
+        self._memory_tier = None
+        self._memory_lost: str | None = None  # why the memory tier stopped, once it has
+        self._snapshots = 0
         self._closed = False
 
     # -- capture -----------------------------------------------------------------------------
@@ -211,6 +224,65 @@ class Checkpointer:
         self._check_open()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise OptionsError(f"step={step!r}: use a non-negative integer")
+        if self.snapshot is None:
+            return self._save_durable(step, extras)
+        if step % self.snapshot.every:
+            return None
+        self._snapshots += 1
+        persist = self.snapshot.persist_every
+        if self._memory_lost is None:
+            try:
+                result = self._save_memory(step, extras)
+            except UcpError as e:
+                # the agent is gone (killed with its memory): say so once, keep training on the durable tier
+                self._memory_lost = str(e)
+                warnings.warn(f"ucp: the snapshot agent is gone ({e}); snapshots stop, saves go to the durable "
+                              f"tier only", RuntimeWarning, stacklevel=2)
+            else:
+                if persist and self._snapshots % persist == 0:
+                    result = self._save_durable(step, extras)
+                return result
+        if persist is None or self._snapshots % persist == 0:
+            return self._save_durable(step, extras)
+        return None
+
+    def _memory(self):
+        if self._memory_tier is None:
+            from ucp.snapshot.memory import MemoryTier
+
+            # every rank of a node asks; the first starts the node's agent, the others find it
+            self._memory_tier = MemoryTier(self.snapshot.job_name(self.root), self.coll.rank, self.snapshot.timeout)
+        return self._memory_tier
+
+    def _save_memory(self, step: int, extras: dict | None) -> SaveResult:
+        """A snapshot of ``step`` in the memory of each node's agent, complete once every rank's is."""
+        from ucp.snapshot.shm import SHM_DIR
+
+        t0 = time.perf_counter()
+        coll = self.coll
+        local: dict = {}
+
+        def write():
+            tier = self._memory()
+            pieces, state = self.capture(extras)
+            metas = {p.key: p.meta.to_dict() for p in pieces}
+            pieces = [p for p in pieces if p.numel]
+            items = [(p.meta.dtype, staged(p.data)) for p in pieces]
+            fragments = [{"key": p.key, "offsets": list(p.box.offsets), "sizes": list(p.box.sizes),
+                          "flat": None if p.flat is None else [p.flat.start, p.flat.numel],
+                          "dtype": p.meta.dtype, "length": t.numel() * t.element_size()}
+                         for p, (_, t) in zip(pieces, items)]
+            header = {"layout": self.layout.to_dict(), "world_size": coll.world_size, "tensors": metas,
+                      "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
+            committed = tier.write(step, items, header, lambda views: [_checksums(v) for v in views])
+            local.update(slot=committed["slot"], nbytes=sum(f["length"] for f in fragments))
+            return local["nbytes"]
+
+        nbytes = sum(coll.phase("snapshot", write))  # every rank committed: the cut is consistent
+        coll.phase("snapshot-complete", lambda: self._memory().complete(local["slot"], step))
+        return SaveResult(step, SHM_DIR, nbytes, time.perf_counter() - t0, "memory")
+
+    def _save_durable(self, step: int, extras: dict | None) -> SaveResult:
         t0 = time.perf_counter()
         coll, rank = self.coll, self.coll.rank
         directory = store.step_dir(self.root, step)
@@ -348,7 +420,45 @@ class Checkpointer:
         self._check_open()
         from ucp.loader import load_checkpoint
 
+        if self.snapshot is not None and self._memory_lost is None:
+            try:
+                memory = self._memory_source(step)
+            except UcpError as e:
+                self._memory_lost = str(e)
+                warnings.warn(f"ucp: the snapshot agent is gone ({e}); loading from the durable tier",
+                              RuntimeWarning, stacklevel=2)
+                memory = None
+            if memory is not None:
+                return load_checkpoint(self, step, strict, cast, memory=memory)
         return load_checkpoint(self, step, strict, cast)
+
+    def _memory_source(self, step: int | None):
+        """``(directory, manifest)`` of the newest snapshot the agents of this job's nodes hold whole
+        (of ``step`` if given; saved by any number of ranks), or None; it is marked complete."""
+        import os
+
+        from ucp.snapshot.memory import manifest_from_headers, restorable
+        from ucp.snapshot.shm import SHM_DIR
+
+        coll = self.coll
+        tier = self._memory()
+        host = os.uname().nodename
+        got = coll.phase("memory", lambda: [dict(h, host=h.get("host", host)) for h in tier.node_headers()])
+        unique = {(h["rank"], h["slot"]): h for node in got for h in node if step is None or h["step"] == step}
+        newest = restorable(list(unique.values()))
+        if newest is None:
+            return None
+        headers = [h for h in unique.values() if h["step"] == newest]
+        built: dict = {}
+
+        def build():
+            for h in tier.node_headers():  # the cut finished (some rank marked it): mark it here too
+                if h["step"] == newest and not h["complete"]:
+                    tier.complete_rank(h["rank"], h["slot"], newest)
+            built["manifest"] = manifest_from_headers(headers, host)
+
+        coll.phase("memory-manifest", build)
+        return SHM_DIR, built["manifest"]
 
     # -- lifecycle ---------------------------------------------------------------------------
 

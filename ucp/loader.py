@@ -425,6 +425,33 @@ def _renamed_params(plans) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _taken(res: Resolution) -> set:
+    """What a resolution takes of the checkpoint: whole keys, or ``(key, dim, lo, n)`` slices."""
+    return {s.key if s.dim is None else (s.key, s.dim, s.lo, s.n) for s in res.slices}
+
+
+def _untaken(tensors: dict, taken: set, sources: SourceIndex) -> list[str]:
+    """Checkpoint keys nothing takes whole: not taken as a key, nor covered by the slices taken of it
+    (a fused tensor whose parts are all loaded is taken; one missing a part is not)."""
+    spans: dict[str, list] = {}
+    for t in taken:
+        if isinstance(t, tuple):
+            spans.setdefault(t[0], []).append(t[1:])
+    out = []
+    for key in tensors:
+        if key in taken:
+            continue
+        pieces = sorted(set(spans.get(key, ())), key=lambda d: d[1])
+        size = sources.shape(key)[pieces[0][0]] if pieces else None
+        at = 0
+        for _, lo, n in pieces:
+            if lo <= at:
+                at = max(at, lo + n)
+        if size is None or at < size:
+            out.append(key)
+    return out
+
+
 def _resolve_targets(pieces: list[Piece], sources: SourceIndex, layout, where: Path, cast: bool):
     """For each piece the checkpoint tensors that fill it (:mod:`ucp.plan.sources`), after checking
     that ``layout`` can hold it and the shape and dtype checks; returns ``(plans, missing keys, checkpoint keys taken, casts)``."""
@@ -440,13 +467,13 @@ def _resolve_targets(pieces: list[Piece], sources: SourceIndex, layout, where: P
         if res.rule == "same" and sources.shape(p.key) != shape:
             raise LoadError(f"{where}: {p.key} has shape {list(sources.shape(p.key))} in the checkpoint, "
                             f"{list(shape)} here")
-        taken.update(res.keys)
+        taken.update(_taken(res))
         if res.dtype != p.meta.dtype:
             if not cast:
                 raise LoadError(f"{where}: {p.key} is {res.dtype} in the checkpoint, {p.meta.dtype} here; "
                                 "ucp does not cast silently: pass cast=True to convert")
             p, res = _cast_target(p, res, sources, casts)
-        taken.update(res.keys)
+        taken.update(_taken(res))
         plans.append((p, res))
     return plans, missing, taken, casts
 
@@ -460,12 +487,13 @@ def _restore_extra_state(model, extra_state: dict) -> None:
         modules[prefix].set_extra_state(value)
 
 
-def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
-    """Implementation of :meth:`ucp.Checkpointer.load`."""
-    from ucp.checkpointer import LoadResult, rank_state
-
+def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False, memory=None):
+    """Implementation of :meth:`ucp.Checkpointer.load`; ``memory`` is ``(directory, manifest)`` of an
+    in-memory snapshot (its fragments in the agent's segments) to load instead of searching storage."""
     t0 = time.perf_counter()
     coll = ckpt.coll
+    if memory is not None:
+        return _load(ckpt, coll, t0, Path(memory[0]), memory[1], False, strict, cast, "memory")
 
     def find():
         if coll.rank != 0:
@@ -492,7 +520,15 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
         return UniversalSource(Path(path), read_header(path)) if universal else read_manifest(path)
 
     coll.phase("manifest", lambda: result.update(manifest=read_source()))
-    manifest = result["manifest"]
+    return _load(ckpt, coll, t0, Path(path), result["manifest"], universal, strict, cast,
+                 "universal" if universal else "durable")
+
+
+def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: bool, cast: bool, source: str):
+    """The phases after the manifest: targets, read, restore."""
+    from ucp.checkpointer import LoadResult, rank_state
+
+    result: dict = {}
 
     def targets():
         pieces: list[Piece] = []
@@ -524,7 +560,7 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
         # stages and flat partitions spread the keys over ranks), missing if this rank wants it.
         taken = set().union(*taken_by_rank)
         missing = sorted(result["missing"])
-        unexpected = sorted(k for k in set(manifest.tensors) - taken
+        unexpected = sorted(k for k in _untaken(manifest.tensors, taken, SourceIndex(manifest.tensors))
                             if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
         if strict and (missing or unexpected):
             raise LoadError(
@@ -587,7 +623,7 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False):
         return state.get("extras", {})
 
     extras = {**coll.phase("restore", restore)[coll.rank], **result["extras"]}
-    return LoadResult(manifest.step, "universal" if universal else "durable", Path(path), extras, tuple(result["missing"]),
+    return LoadResult(manifest.step, source, Path(path), extras, tuple(result["missing"]),
                       tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0)
 
 

@@ -80,17 +80,25 @@ def optimizer_targets(optimizer, model, sources: SourceIndex, model_by_key: dict
             key = optim_key(fqn, name)
             if flat_owner and (name in flat_states or (key in sources.tensors and sources.tensors[key].pattern.flat)):
                 continue  # this rank's partitions are among the flat pieces; the others are other ranks'
-            if name == "master" and name not in existing and param_piece is not None and \
-                    param_piece.meta.dtype == _stored_dtype(sources, key, param_piece):
+            cur = existing.get(name)
+            # a master is fp32 (or the dtype of the one the optimizer holds): a model tensor of
+            # another dtype is no master (rule 4 of ucp.plan.sources)
+            want = (str(cur.dtype).removeprefix("torch.") if isinstance(cur, torch.Tensor) else "float32") \
+                if name == "master" else None
+            meta = _target_meta(sources, key, param_piece, want)
+            if name == "master" and cur is None and param_piece is not None and meta is not None \
+                    and param_piece.meta.dtype == meta.dtype:
                 continue  # the parameter has the master's dtype: it is its own master
-            meta = _target_meta(sources, key, param_piece)
             if meta is None:
+                if isinstance(cur, torch.Tensor):  # the optimizer has it, the checkpoint does not: missing
+                    pieces.append(_existing_piece(key, fqn, cur, param_piece))
+                    state.setdefault(idx, {})[name] = cur
+                    continue
                 scalars = _part_scalars(sources, fqn, name, param_piece)
                 if scalars is not None:  # e.g. the parts' step counts of a fused parameter
                     pieces += scalars.pieces
                     state.setdefault(idx, {})[name] = scalars
                 continue
-            cur = existing.get(name)
             if isinstance(cur, torch.Tensor) and tuple(cur.shape) == tuple(meta.shape) and cur.dtype == torch_dtype(meta.dtype):
                 value = cur
                 if isinstance(cur, DTensor):
@@ -136,22 +144,33 @@ def _part_scalars(sources: SourceIndex, fqn: str, name: str, param_piece: Piece 
     return PartScalars(pieces)
 
 
-def _stored_dtype(sources: SourceIndex, key: str, param_piece: Piece) -> str | None:
-    meta = _target_meta(sources, key, param_piece)
-    return meta.dtype if meta is not None else None
+def _existing_piece(key: str, fqn: str, cur: torch.Tensor, param_piece: Piece | None) -> Piece:
+    """A piece for state the optimizer holds and the checkpoint lacks (reported missing; with
+    ``strict=False`` it keeps its value)."""
+    if isinstance(cur, DTensor):
+        return tensor_piece(key, fqn, cur.detach(), None)
+    dtype = str(cur.dtype).removeprefix("torch.")
+    if param_piece is not None and tuple(cur.shape) == tuple(param_piece.data.shape):
+        pm = param_piece.meta
+        return Piece(key, cur.detach(), TensorMeta(pm.shape, dtype, pm.pattern), param_piece.box, param_piece.flat)
+    return Piece(key, cur.detach(), TensorMeta(tuple(cur.shape), dtype, Pattern()), Box.full(tuple(cur.shape)))
 
 
-def _target_meta(sources: SourceIndex, key: str, param_piece: Piece | None) -> TensorMeta | None:
+def _target_meta(sources: SourceIndex, key: str, param_piece: Piece | None, dtype: str | None = None) -> TensorMeta | None:
     """The shape and dtype state ``key`` has here: its parameter's (stored) shape when the checkpoint's
-    state is shaped like the parameter, else the checkpoint's own; None when nothing fills it."""
+    state is shaped like the parameter, else the checkpoint's own; None when nothing fills it.
+    ``dtype`` is the state's own dtype when it must be that one (a master)."""
     from ucp.spec.universal import universal_shape
 
     if param_piece is not None:
         pm = param_piece.meta
         shape = universal_shape(pm.shape, pm.pattern)
-        res = sources.resolve(key, shape, pm.pattern)
+        res = sources.resolve(key, shape, pm.pattern, dtype)
         if res is not None and (res.rule != "same" or sources.shape(key) == shape):
             return TensorMeta(pm.shape, res.dtype, pm.pattern)
+        scalar = sources.resolve(key, (), None, dtype)  # 0-d state, e.g. a fused parameter's step for a part
+        if scalar is not None and scalar.rule == "part":
+            return TensorMeta((), scalar.dtype, Pattern())
     if key in sources.tensors:
         m = sources.tensors[key]
         return TensorMeta(universal_shape(m.shape, m.pattern), m.dtype, type(m.pattern)())
@@ -174,9 +193,11 @@ def restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: dic
     index = {fqn: i for i, fqn in enumerate(fqns)}
     state = {i: {n: (v.value(f"{where}: {n} of {fqns[i]}") if isinstance(v, PartScalars) else v) for n, v in named.items()}
              for i, named in tensor_state.items()}
-    for fqn, named in scalars.items():
-        if fqn in index:
-            state.setdefault(index[fqn], {}).update(named)
+    for fqn, i in index.items():
+        # a parameter loaded under other names takes their non-tensor state (the first that has some)
+        named = scalars.get(fqn) or next((scalars[n] for n in (names or {}).get(fqn, ()) if n in scalars), None)
+        if named:
+            state.setdefault(i, {}).update(named)
     current = optimizer.state_dict()["param_groups"]
     groups = saved.get("param_groups", [])
     if len(groups) != len(current):
@@ -236,12 +257,18 @@ def merged_optimizer_state(state: dict, where: Path) -> dict:
             for k, v in group.items():
                 if k == "params":
                     merged["params"] += [p for p in v if p not in merged["params"]]
-                elif k in merged and merged[k] != v:
+                elif k in merged and not _equal(merged[k], v):
                     raise LoadError(f"{where}: the saving ranks disagree about {k!r} of optimizer param group {g} "
                                     f"({merged[k]!r} vs {v!r}); load on the layout that saved it")
                 else:
                     merged[k] = v
     return {"scalars": scalars, "param_groups": groups}
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
 
 
 def _few(items: list, n: int = 3) -> str:

@@ -53,6 +53,51 @@ class CheckpointOptions:
                 raise OptionsError(f"{name}={getattr(self, name)!r}: use True or False")
 
 
+@dataclass(frozen=True)
+class SnapshotOptions:
+    """The memory tier: snapshots held by the node's snapshot agent (docs/agent.md).
+
+    Args:
+        every: take a snapshot at every ``every``-th step passed to ``save`` (other steps: nothing).
+        persist_every: also write every ``persist_every``-th snapshot to the durable tier (None: never).
+        job: the job's name on this node; default ``TORCHELASTIC_RUN_ID`` under torchrun, else one
+            derived from the checkpoint root. Jobs with different names never share an agent.
+        timeout: seconds to wait for the agent (start, requests).
+    """
+
+    every: int = 1
+    persist_every: int | None = None
+    job: str | None = None
+    timeout: float = 30.0
+
+    def __post_init__(self):
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise OptionsError(f"every={self.every!r}: use an integer >= 1 (1: a snapshot at every save)")
+        p = self.persist_every
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise OptionsError(f"persist_every={p!r}: use None (memory only) or an integer >= 1")
+        if self.job is not None:
+            from ucp.snapshot.shm import check_job
+
+            check_job(self.job)
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
+            raise OptionsError(f"timeout={self.timeout!r}: use a positive number of seconds")
+
+    def job_name(self, root) -> str:
+        """This job's name: ``job``, else torchrun's run id, else one derived from ``root``."""
+        import hashlib
+        import os
+
+        if self.job is not None:
+            return self.job
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        if run_id and run_id != "none":
+            safe = "".join(c if c.isalnum() or c in "_-" else "-" for c in run_id)[:64]
+            if safe:
+                return safe
+        return "ckpt-" + hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:16]
+
+
 def check_keep(keep) -> int | None:
     """``keep`` is None (keep all) or a count >= 1 of complete checkpoints to retain."""
     if keep is None:

@@ -10,7 +10,7 @@ parts in logical order), by these rules, tried in order:
 2. a *part* of a fused tensor: ``model/h.0.attn.q.weight`` is part ``q`` of
    ``model/h.0.attn.qkv.weight`` (the fused fqn's module name replaced by the part's name, as
    ``export split`` names parts; :func:`ucp.lang.names.part_name`), and the same for its
-   optimizer state;
+   optimizer state; a 0-d state of the fused parameter (Adam's step) is every part's;
 3. a *fused* target from its parts, when the checkpoint has every part;
 4. ``optim/<fqn>/master`` (fp32 master weights) from ``model/<fqn>`` (through rules 1-3) when that
    is stored in the master's dtype: a model trained in fp32 is its own master.
@@ -73,6 +73,13 @@ class SourceIndex:
                 alias = model_key(name) if kind.kind == MODEL else optim_key(name, kind.state)
                 self._parts.setdefault(alias, Slice(key, fused.dim, at, size, 0))
                 at += size
+        # a fused parameter's 0-d optimizer state (Adam's per-parameter step) belongs to each part
+        for key, meta in tensors.items():
+            kind = parse_key(key)
+            fused_param = tensors.get(model_key(kind.name)) if kind.kind == OPTIM else None
+            if fused_param is not None and fused_param.pattern.fused is not None and tuple(meta.shape) == ():
+                for part, _ in fused_param.pattern.fused.parts:
+                    self._parts.setdefault(optim_key(part_name(kind.name, part), kind.state), Slice(key))
         self._part_states: dict[str, dict[str, None]] = {}  # fqn of a part -> states of its fused parameter
         for alias in self._parts:
             kind = parse_key(alias)
@@ -102,7 +109,8 @@ class SourceIndex:
         part = self._parts.get(key)
         if part is not None:
             want = list(self.shape(part.key))
-            want[part.dim] = part.n
+            if part.dim is not None:
+                want[part.dim] = part.n
             if tuple(want) == shape:
                 return Resolution((part,), self.tensors[part.key].dtype, "part")
         fused = pattern.fused if pattern is not None else None

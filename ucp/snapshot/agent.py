@@ -124,6 +124,7 @@ class Agent:
         self.job = shm.check_job(job)
         self.segments: dict[str, int] = {}  # segment name -> bytes
         self.clients: dict[str, dict] = {}  # client id -> what it said in hello
+        self.slots: dict[tuple[int, int], dict] = {}  # (rank, slot) -> committed snapshot header
         self.stopping = threading.Event()
         self.started = time.time()
 
@@ -141,7 +142,9 @@ class Agent:
 
     def op_status(self) -> dict:
         return {"job": self.job, "pid": os.getpid(), "started": self.started, "segments": dict(self.segments),
-                "nbytes": sum(self.segments.values()), "clients": len(self.clients)}
+                "nbytes": sum(self.segments.values()), "clients": len(self.clients),
+                "snapshots": {f"{r}.{s}": {"step": h["step"], "complete": h["complete"]}
+                              for (r, s), h in sorted(self.slots.items())}}
 
     def op_alloc(self, name: str, nbytes: int) -> dict:
         """Create segment ``name`` of ``nbytes``, or hand back the one of that name and size."""
@@ -161,6 +164,49 @@ class Agent:
         shm.unlink(full)
         return {"freed": existed}
 
+    # -- snapshot slots (docs/agent.md section 4) ---------------------------------------------
+    def _slot(self, rank: int, slot: int) -> str:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or slot not in (0, 1):
+            raise AgentError(f"no slot {slot!r} of rank {rank!r}: ranks are >= 0, slots 0 and 1")
+        return shm.segment_name(self.job, f"r{rank}.s{slot}.json")
+
+    def op_begin(self, rank: int, slot: int, step: int) -> dict:
+        """Rank ``rank`` is about to overwrite ``slot``: whatever it held stops being a snapshot."""
+        path = shm.SHM_DIR / self._slot(rank, slot)
+        path.unlink(missing_ok=True)
+        self.slots.pop((rank, slot), None)
+        return {"slot": slot, "step": step}
+
+    def op_commit(self, rank: int, slot: int, step: int, header: dict) -> dict:
+        """Rank ``rank`` wrote all of ``step`` into ``slot``: publish its header (not yet complete:
+        the job-wide cut decides that)."""
+        self._publish(rank, slot, {**header, "step": step, "complete": False})
+        return {"slot": slot, "step": step}
+
+    def op_complete(self, rank: int, slot: int, step: int) -> dict:
+        """Every rank of the job committed ``step``: the snapshot in ``slot`` is complete."""
+        header = self.slots.get((rank, slot))
+        if header is None or header["step"] != step:
+            raise AgentError(f"rank {rank} has no committed snapshot of step {step} in slot {slot}")
+        self._publish(rank, slot, {**header, "complete": True})
+        return {"slot": slot, "step": step}
+
+    def op_slots(self, rank: int | None = None) -> dict:
+        """Headers of the committed snapshots (of one rank, or of every rank of the node)."""
+        out = {}
+        for (r, slot), header in sorted(self.slots.items()):
+            if rank is None or r == rank:
+                out[f"{r}.{slot}"] = header
+        return {"slots": out}
+
+    def _publish(self, rank: int, slot: int, header: dict) -> None:
+        path = shm.SHM_DIR / self._slot(rank, slot)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(header))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        self.slots[(rank, slot)] = header
+
     def op_shutdown(self) -> dict:
         self.stopping.set()
         return {"stopping": True}
@@ -170,6 +216,9 @@ class Agent:
         for name in list(self.segments):
             shm.unlink(name)
         self.segments.clear()
+        for rank, slot in list(self.slots):
+            shm.unlink(self._slot(rank, slot))
+        self.slots.clear()
         try:
             info = read_info(self.job)
         except FormatError:

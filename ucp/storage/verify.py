@@ -28,25 +28,34 @@ class VerifyReport:
 
 
 def _crc_of_range(fd: int, offset: int, length: int, buf: bytearray, block: int = 0) -> tuple[int, int, list[int]]:
-    """CRC-32C of ``length`` bytes at ``offset``, streamed in chunks (a multiple of ``block``), and of
-    each ``block``-byte block when ``block`` > 0; returns (crc, bytes read, block crcs)."""
-    step = len(buf) - len(buf) % block if block else len(buf)  # the caller's buf holds a block at least
+    """CRC-32C of ``length`` bytes at ``offset``, streamed in chunks, and of each ``block``-byte block
+    when ``block`` > 0 (short reads allowed); returns (crc, bytes read, block crcs)."""
     value, done, view, blocks = 0, 0, memoryview(buf), []
+    current, filled = 0, 0  # the block being summed and its bytes so far
     while done < length:
-        n = os.preadv(fd, [view[: min(step, length - done)]], offset + done)
+        n = os.preadv(fd, [view[: min(len(buf), length - done)]], offset + done)
         if n == 0:
             break
         value = crc32c(view[:n], value)
-        if block and n == min(step, length - done):
-            blocks += [crc32c(view[a:min(a + block, n)]) for a in range(0, n, block)]
+        at = 0
+        while block and at < n:
+            take = min(block - filled, n - at)
+            current = crc32c(view[at:at + take], current)
+            filled += take
+            at += take
+            if filled == block:
+                blocks.append(current)
+                current, filled = 0, 0
         done += n
+    if block and filled:
+        blocks.append(current)
     return value, done, blocks
 
 
 def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check every data file and fragment the manifest lists; ``progress(nbytes)`` after each fragment."""
     report = VerifyReport(Path(directory))
-    buf = bytearray(max(_CHUNK, manifest.block_bytes))
+    buf = bytearray(_CHUNK)
     by_file: dict[str, list] = {}
     for f in manifest.fragments:
         by_file.setdefault(f.file, []).append(f)
@@ -73,7 +82,7 @@ def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[i
                 elif crc != f.crc32c:
                     report.problems.append(f"{where}: checksum mismatch (crc32c {crc:08x}, expected {f.crc32c:08x})")
                 elif f.blocks and tuple(blocks) != f.blocks:
-                    bad = next(i for i, (a, b) in enumerate(zip(blocks, f.blocks)) if a != b)
+                    bad = next((i for i, (a, b) in enumerate(zip(blocks, f.blocks)) if a != b), min(len(blocks), len(f.blocks)) - 1)
                     report.problems.append(f"{where}: block {bad} checksum mismatch (crc32c {blocks[bad]:08x}, "
                                            f"expected {f.blocks[bad]:08x}) although the whole fragment's matches")
                 if progress:

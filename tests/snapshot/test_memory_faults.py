@@ -1,0 +1,108 @@
+"""Fault tests of the memory tier (issue 6): a trainer SIGKILLed at random points of ``save`` (seeded
+trials) restarts from the newest complete snapshot, bit-exactly, never from a torn one; the agent
+survives."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+import torch
+
+import ucp
+from ucp.snapshot import agent as agent_mod
+from ucp.snapshot import client, shm
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
+
+TRAINER = textwrap.dedent("""
+    import json, os, random, signal, sys
+    import torch
+    import ucp
+
+    root, job, seed, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    opt = torch.optim.AdamW(m.parameters(), lr=0.01)
+    ck = ucp.Checkpointer(root, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+    rng = random.Random(seed)
+    victim = rng.randint(3, 6)         # the save that dies
+    after = rng.randint(1, 40)         # ... after this many tensor copies (or at the end of it)
+    copies = [0]
+    real = torch.Tensor.copy_
+
+    def copy_(self, src, *a, **k):
+        out = real(self, src, *a, **k)
+        if current[0] == victim:
+            copies[0] += 1
+            if copies[0] == after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    torch.Tensor.copy_ = copy_
+    current = [0]
+    for step in range(1, 8):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
+        m(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        current[0] = step
+        ck.save(step)
+        current[0] = 0
+        with open(log, "a") as f:
+            f.write(json.dumps({"step": step}) + "\\n")
+        if step == victim:  # the kill point lay after the save's last copy
+            os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def _trained(steps: int):
+    """The trainer's model and optimizer after ``steps`` steps (CPU training is deterministic)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    opt = torch.optim.AdamW(m.parameters(), lr=0.01)
+    for step in range(1, steps + 1):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
+        m(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return m, opt
+
+
+def _state(m, opt) -> dict:
+    out = {f"model/{k}": v for k, v in m.state_dict().items()}
+    out.update({f"optim/{i}/{k}": v for i, st in enumerate(opt.state.values()) for k, v in st.items()})
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_trainer_killed_in_save_restarts_from_the_newest_complete_snapshot(tmp_path, seed):
+    job = "f" + uuid.uuid4().hex[:12]
+    log = tmp_path / "log.jsonl"
+    try:
+        p = subprocess.run([sys.executable, "-c", TRAINER, str(tmp_path / "ck"), job, str(seed), str(log)],
+                           capture_output=True, text=True, timeout=240)
+        assert p.returncode == -9, p.stderr[-2000:]
+        done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        info = agent_mod.read_info(job)
+        assert info is not None and agent_mod.is_alive(info)  # the agent survived its trainer
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+        opt = torch.optim.AdamW(m.parameters(), lr=0.01)
+        res = ucp.Checkpointer(tmp_path / "ck", model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
+        assert res is not None and res.source == "memory"
+        # every save that returned is restorable; the killed one is, if its cut finished before the kill
+        assert done and done[-1]["step"] <= res.step <= done[-1]["step"] + 1, (res.step, done)
+        want, got = _state(*_trained(res.step)), _state(m, opt)
+        assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), \
+            f"seed {seed}: the restored step {res.step} is not what the trainer saved"
+    finally:
+        client.stop(job)
+        left = shm.listing(shm.prefix(job))
+        for n in left:
+            shm.unlink(n)
+        assert not left, left

@@ -1,0 +1,221 @@
+"""The memory tier (issue 6, stage b, first part): snapshots written into the node agent's shared
+memory and loaded back from it; two slots reused in the steady state; a torn slot never taken for a
+snapshot; the consistent cut across ranks; resharding from memory onto another number of ranks."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+import ucp
+from ucp.snapshot import agent as agent_mod
+from ucp.snapshot import client, shm
+from ucp.snapshot.memory import place, restorable
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def job():
+    name = "m" + uuid.uuid4().hex[:12]
+    yield name
+    info = agent_mod.read_info(name) if agent_mod.discovery_path(name).exists() else None
+    if info is not None and agent_mod.is_alive(info):
+        client.stop(name)
+    left = shm.listing(shm.prefix(name))
+    for n in left:
+        shm.unlink(n)
+    assert not left, f"left behind: {left}"
+
+
+def _model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 200), torch.nn.Linear(200, 3))
+    return m, torch.optim.AdamW(m.parameters(), lr=0.01)
+
+
+def _step(m, opt, s):
+    g = torch.Generator().manual_seed(s)
+    m(torch.randn(4, 32, generator=g)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _state(m, opt) -> dict:
+    out = {f"model/{k}": v.clone() for k, v in m.state_dict().items()}
+    names = {id(p): n for n, p in m.named_parameters()}
+    out.update({f"optim/{names[id(p)]}/{k}": v.clone() for p, st in opt.state.items() for k, v in st.items()})
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_place_coalesces_pieces_per_dtype_aligned():
+    placements, size = place([("float32", 10), ("bfloat16", 6), ("float32", 64), ("bfloat16", 2)])
+    assert [(p.offset, p.nbytes) for p in placements] == [(0, 10), (128, 6), (64, 64), (192, 2)]
+    assert size == 256
+
+
+def test_restorable_needs_every_saving_rank_committed_and_one_complete():
+    def c(rank, step, done, world=2):
+        return {"rank": rank, "step": step, "complete": done, "world_size": world}
+
+    assert restorable([c(0, 4, True), c(0, 5, False), c(1, 4, True), c(1, 5, True)]) == 5
+    assert restorable([c(0, 4, True), c(0, 5, False), c(1, 4, True), c(1, 5, False)]) == 4  # cut unfinished
+    assert restorable([c(0, 4, True), c(1, 5, True)]) is None
+    assert restorable([c(0, 1, True)]) is None  # rank 1 of that snapshot is missing
+    assert restorable([c(0, 7, True, world=1), c(0, 6, True), c(1, 6, True)]) == 7  # saved on another world size
+    assert restorable([c(0, 3, True), c(0, 3, True), c(1, 3, False)]) == 3  # repeats are fine
+
+
+def test_snapshots_load_back_from_memory_bit_exactly(tmp_path, job):
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+    for s in range(1, 4):
+        _step(m, opt, s)
+        res = ck.save(s)
+        assert res.tier == "memory" and res.step == s and res.nbytes > 0
+    want = _state(m, opt)
+    assert not any(tmp_path.iterdir())  # memory only: nothing on storage
+    m2, opt2 = _model()
+    _step(m2, opt2, 99)
+    res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    assert res.source == "memory" and res.step == 3
+    assert _same(_state(m2, opt2), want)
+
+
+def test_two_slots_are_reused_without_new_memory(tmp_path, job):
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+    _step(m, opt, 0)
+    ck.save(1)
+    ck.save(2)
+    before = shm.listing(shm.prefix(job))
+    for s in range(3, 30):
+        _step(m, opt, s)
+        ck.save(s)
+    assert shm.listing(shm.prefix(job)).keys() == before.keys()  # the same segments, none added
+    status = client.connect(job).status()
+    assert len(status["segments"]) == 2 and status["snapshots"] == {"0.0": {"step": 29, "complete": True},
+                                                                    "0.1": {"step": 28, "complete": True}}
+
+
+def test_every_and_persist_every_pick_the_tiers(tmp_path, job):
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt,
+                          snapshot=ucp.SnapshotOptions(every=2, persist_every=2, job=job))
+    tiers = {}
+    for s in range(1, 9):
+        _step(m, opt, s)
+        r = ck.save(s)
+        tiers[s] = r.tier if r is not None else None
+    assert tiers == {1: None, 2: "memory", 3: None, 4: "durable", 5: None, 6: "memory", 7: None, 8: "durable"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000008"]
+
+
+def test_a_torn_snapshot_is_never_loaded(tmp_path, job, monkeypatch):
+    """A rank dying while it copies into a slot leaves that slot without a header: the previous
+    complete snapshot is loaded."""
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+    _step(m, opt, 1)
+    ck.save(1)
+    want = _state(m, opt)
+    _step(m, opt, 2)
+    from ucp.snapshot import memory
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed while copying")
+
+    monkeypatch.setattr(memory.MemoryTier, "complete", crash)  # step 2: committed, the cut never finished
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(2)
+    monkeypatch.undo()
+    _step(m, opt, 3)
+    tier = ck._memory()
+    real = torch.Tensor.copy_
+    calls = []
+
+    def copy_then_die(self, src, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while copying")
+        return real(self, src, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tier.write(3, [("float32", torch.ones(10)), ("float32", torch.ones(10))],
+                   {"fragments": [{}, {}]}, lambda views: [(0, ())] * len(views))
+    monkeypatch.undo()
+    m2, opt2 = _model()
+    res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    assert res.source == "memory" and res.step == 1
+    assert _same(_state(m2, opt2), want)
+
+
+def test_without_a_snapshot_in_memory_load_reads_the_durable_tier(tmp_path, job):
+    m, opt = _model()
+    _step(m, opt, 1)
+    ucp.Checkpointer(tmp_path, model=m, optimizer=opt).save(1)
+    res = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
+    assert res.source == "durable" and res.step == 1
+
+
+def test_snapshot_options_are_validated():
+    for kw, words in [(dict(every=0), "every=0"), (dict(persist_every=0), "persist_every=0"),
+                      (dict(job="a/b"), "job name"), (dict(timeout=0), "timeout=0")]:
+        with pytest.raises(ucp.UcpError, match=words):
+            ucp.SnapshotOptions(**kw)
+    assert ucp.SnapshotOptions(job="j").job_name("/x") == "j"
+    assert ucp.SnapshotOptions().job_name("/x") == ucp.SnapshotOptions().job_name("/x/")
+
+
+@pytest.mark.dist
+def test_a_two_rank_snapshot_loads_from_memory_and_onto_one_rank(world2, tmp_path, job):
+    from tests.dist import memory_workloads as mw
+    from tests.dist.workloads import bit_diffs
+
+    want = world2.run(mw.snapshot_steps, "fsdp", str(tmp_path), job)[0]
+    out = world2.run(mw.load_from_memory, "fsdp", str(tmp_path), job, want)
+    for r in out:
+        assert r["source"] == "memory" and r["step"] == 3 and r["diffs"] == []
+    # the same snapshot, resharded in memory onto one process holding the whole model
+    from tests.dist import workloads as w
+
+    model = w.MLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    res = ucp.Checkpointer(tmp_path, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
+    assert res.source == "memory" and res.step == 3
+    assert bit_diffs(want, w.full_state(model, opt)) == []
+
+
+def test_when_the_agent_dies_the_trainer_warns_once_and_saves_durably(tmp_path, job):
+    import os
+    import signal
+    import time
+    import warnings
+
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job, timeout=10))
+    _step(m, opt, 1)
+    assert ck.save(1).tier == "memory"
+    info = agent_mod.read_info(job)
+    os.kill(info.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while agent_mod.is_alive(info) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in (2, 3):
+            _step(m, opt, s)
+            assert ck.save(s).tier == "durable"
+    gone = [w for w in caught if "snapshot agent is gone" in str(w.message)]
+    assert len(gone) == 1, [str(w.message) for w in caught]
+    want = _state(m, opt)
+    m2, opt2 = _model()
+    res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    assert res.source == "durable" and res.step == 3 and _same(_state(m2, opt2), want)

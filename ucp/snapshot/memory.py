@@ -1,0 +1,191 @@
+"""The memory tier on the trainer's side: a rank's snapshot in its node agent's shared memory.
+
+Each rank owns two *slots*: a data segment ``r<rank>.s<slot>`` created by the agent and mapped here
+once (reused while the state's size stays the same), and a header the agent publishes
+(``r<rank>.s<slot>.json``, docs/agent.md section 4). A snapshot of ``step`` is written into the
+slot that does not hold the rank's newest complete snapshot:
+
+1. ``begin``: the agent drops the slot's header, so a half-written slot is never taken for a snapshot;
+2. the pieces are copied into the segment, coalesced per dtype (64-byte aligned), each checksummed;
+3. ``commit``: the agent publishes the header (fragments with their offsets, the rank's non-tensor
+   state), marked incomplete;
+4. ``complete``: after every rank of the job has committed (the caller's collective), the header
+   is marked complete. A step is *restorable* when every rank holds it committed and at least one
+   holds it complete (complete is sent only once all have committed).
+
+The header's fragments name the data segment as their file, so the whole snapshot of the node is
+an ordinary distributed checkpoint whose directory is ``/dev/shm``: the durable loader (resharding
+included) reads it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ucp.snapshot import shm
+from ucp.snapshot.client import AgentClient, ensure_agent
+
+ALIGN = 64
+FORMAT = "ucp.snapshot"
+FORMAT_VERSION = "1.0"
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where piece ``index`` lives in the slot: ``offset`` and ``nbytes``."""
+
+    index: int
+    offset: int
+    nbytes: int
+
+
+def place(sizes: list[tuple[str, int]]) -> tuple[list[Placement], int]:
+    """Offsets of pieces ``(dtype, nbytes)`` in one buffer: grouped by dtype (one coalesced run per
+    dtype, in first-seen order), each piece 64-byte aligned; returns the placements (in the pieces'
+    order) and the buffer size."""
+    order: dict[str, list[int]] = {}
+    for i, (dtype, _) in enumerate(sizes):
+        order.setdefault(dtype, []).append(i)
+    out: list[Placement | None] = [None] * len(sizes)
+    at = 0
+    for indices in order.values():
+        for i in indices:
+            out[i] = Placement(i, at, sizes[i][1])
+            at = _aligned(at + sizes[i][1])
+    return out, max(at, ALIGN)
+
+
+class MemoryTier:
+    """One rank's two slots in its node's agent."""
+
+    def __init__(self, job: str, rank: int, timeout: float = 30.0):
+        self.job = shm.check_job(job)
+        self.rank = rank
+        self.client: AgentClient = ensure_agent(job, timeout)
+        self.client.hello(rank)
+        self._segments: dict[int, shm.Segment] = {}
+
+    def headers(self) -> dict[int, dict]:
+        """This rank's committed slots: slot -> header."""
+        slots = self.client.request("slots", rank=self.rank)["slots"]
+        return {int(k.split(".")[1]): h for k, h in slots.items()}
+
+    def node_headers(self) -> list[dict]:
+        """The committed headers of every rank whose snapshots this node's agent holds."""
+        return list(self.client.request("slots")["slots"].values())
+
+    def complete_rank(self, rank: int, slot: int, step: int) -> None:
+        self.client.request("complete", rank=rank, slot=slot, step=step)
+
+    def free_slot(self) -> int:
+        """The slot to write next: not the one holding this rank's newest complete snapshot."""
+        complete = {s: h["step"] for s, h in self.headers().items() if h["complete"]}
+        if not complete:
+            return 0
+        return 1 - max(complete, key=complete.get)
+
+    def _segment(self, slot: int, nbytes: int) -> shm.Segment:
+        seg = self._segments.get(slot)
+        if seg is not None and seg.nbytes == nbytes:
+            return seg
+        what = f"r{self.rank}.s{slot}"
+        if seg is not None:  # the state changed size: a new segment
+            seg.close()
+            del self._segments[slot]
+            self.client.free(what)
+        else:
+            held = self.client.status()["segments"].get(shm.segment_name(self.job, what))
+            if held is not None and held != nbytes:
+                self.client.free(what)
+        name = self.client.alloc(what, nbytes)
+        seg = self._segments[slot] = shm.attach(name)
+        return seg
+
+    def write(self, step: int, items: list[tuple[str, torch.Tensor]], header: dict, checksums) -> dict:
+        """Copy ``items`` ``(dtype name, contiguous CPU tensor)`` into a free slot as ``step`` and
+        commit it with ``header`` (to which the fragments' file, offsets and checksums are added by
+        ``checksums(views) -> [(crc, blocks)]``); returns the committed header."""
+        slot = self.free_slot()
+        views = [t.reshape(-1).view(torch.uint8) for _, t in items]
+        placements, nbytes = place([(d, v.numel()) for (d, _), v in zip(items, views)])
+        seg = self._segment(slot, nbytes)
+        self.client.request("begin", rank=self.rank, slot=slot, step=step)
+        whole = torch.frombuffer(seg.buf, dtype=torch.uint8)
+        try:
+            targets = []
+            for p, v in zip(placements, views):
+                dst = whole[p.offset:p.offset + p.nbytes]
+                dst.copy_(v)
+                targets.append(memoryview(dst.numpy()))
+            sums = checksums(targets)
+        finally:
+            del whole
+        fragments = [dict(f, file=seg.name, offset=p.offset, crc32c=crc, blocks=list(blocks))
+                     for f, p, (crc, blocks) in zip(header["fragments"], placements, sums)]
+        full = {**header, "format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank,
+                "slot": slot, "host": os.uname().nodename, "file_size": seg.nbytes, "fragments": fragments}
+        self.client.request("commit", rank=self.rank, slot=slot, step=step, header=full)
+        return full
+
+    def complete(self, slot: int, step: int) -> None:
+        self.client.request("complete", rank=self.rank, slot=slot, step=step)
+
+    def close(self) -> None:
+        for seg in self._segments.values():
+            seg.close()
+        self._segments.clear()
+
+
+def restorable(headers: list[dict]) -> int | None:
+    """The newest step of which every saving rank (``0 .. world_size - 1`` of that snapshot) holds a
+    committed header and at least one holds it complete, or None. ``headers`` may repeat and may
+    mix snapshots of several steps and world sizes."""
+    by_step: dict[int, dict[int, dict]] = {}
+    for h in headers:
+        by_step.setdefault(h["step"], {})[h["rank"]] = h
+    for step in sorted(by_step, reverse=True):
+        ranks = by_step[step]
+        world = {h["world_size"] for h in ranks.values()}
+        if len(world) == 1 and set(ranks) == set(range(world.pop())) and any(h["complete"] for h in ranks.values()):
+            return step
+    return None
+
+
+def manifest_from_headers(headers: list[dict], host: str):
+    """The snapshot of one step as a :class:`~ucp.spec.manifest.Manifest` over ``/dev/shm``: every
+    rank's fragments (a region several ranks hold, from a rank on ``host`` when one has it), the
+    tensors' metadata, the ranks' non-tensor state."""
+    from ucp.plan.save_plan import merge_metas
+    from ucp.spec.box import Box, FlatRange
+    from ucp.spec.fragment import Fragment
+    from ucp.spec.layout import Layout
+    from ucp.spec.manifest import BLOCK_BYTES, Manifest, TensorMeta
+
+    from ucp.checkpointer import split_state
+
+    headers = sorted(headers, key=lambda h: (h["host"] != host, h["rank"]))  # local copies first
+    tensors = merge_metas([{k: TensorMeta.from_dict(m, k) for k, m in h["tensors"].items()} for h in headers])
+    fragments, seen, files = [], set(), {}
+    for h in headers:
+        for f in h["fragments"]:
+            flat = None if f["flat"] is None else FlatRange(*f["flat"])
+            frag = Fragment(f["key"], Box(tuple(f["offsets"]), tuple(f["sizes"])), flat, f["dtype"], h["rank"],
+                            f["file"], f["offset"], f["length"], f["crc32c"], tuple(f["blocks"]))
+            if frag.region in seen:
+                continue
+            seen.add(frag.region)
+            fragments.append(frag)
+            files[f["file"]] = h["file_size"]
+    by_rank = sorted(headers, key=lambda h: h["rank"])
+    manifest = Manifest(by_rank[0]["step"], Layout.from_dict(by_rank[0]["layout"]), tensors, tuple(fragments),
+                        split_state([h["state"] for h in by_rank]), files, created_by=by_rank[0].get("created_by", ""),
+                        block_bytes=BLOCK_BYTES)
+    manifest.validate()
+    return manifest
