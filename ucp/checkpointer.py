@@ -10,6 +10,7 @@ checkpoint stays the newest complete one.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -170,6 +171,8 @@ class Checkpointer:
         self.snapshot = snapshot
         self._memory_tier = None
         self._memory_lost: str | None = None  # why the memory tier stopped, once it has
+        self._pending: dict | None = None  # the snapshot whose copy or cut is in flight
+        self._hook = None
         self._snapshots = 0
         self._closed = False
 
@@ -234,10 +237,7 @@ class Checkpointer:
             try:
                 result = self._save_memory(step, extras)
             except UcpError as e:
-                # the agent is gone (killed with its memory): say so once, keep training on the durable tier
-                self._memory_lost = str(e)
-                warnings.warn(f"ucp: the snapshot agent is gone ({e}); snapshots stop, saves go to the durable "
-                              f"tier only", RuntimeWarning, stacklevel=2)
+                self._lose_memory(e)
             else:
                 if persist and self._snapshots % persist == 0:
                     result = self._save_durable(step, extras)
@@ -245,6 +245,13 @@ class Checkpointer:
         if persist is None or self._snapshots % persist == 0:
             return self._save_durable(step, extras)
         return None
+
+    def _lose_memory(self, error: Exception) -> None:
+        """The memory tier failed (its agent killed, say): say so once; the durable tier carries on."""
+        self._pending = None
+        self._memory_lost = str(error)
+        warnings.warn(f"ucp: the memory tier failed ({error}); snapshots stop, saves and loads use the "
+                      f"durable tier only", RuntimeWarning, stacklevel=3)
 
     def _memory(self):
         if self._memory_tier is None:
@@ -255,32 +262,90 @@ class Checkpointer:
         return self._memory_tier
 
     def _save_memory(self, step: int, extras: dict | None) -> SaveResult:
-        """A snapshot of ``step`` in the memory of each node's agent, complete once every rank's is."""
+        """A snapshot of ``step`` into the memory of this node's agent.
+
+        The state is captured now (non-tensor state encoded, module buffers copied, since a forward
+        pass may change them); parameters and optimizer state are copied into the slot by a
+        background thread, overlapping the next forward/backward: the optimizer's pre-step hook
+        waits for that copy before the step mutates them. The snapshot becomes complete (the
+        consistent cut: every rank committed) at the next ``save``, ``wait``, ``load`` or ``close``;
+        a job of one rank completes it as soon as it is copied.
+        """
         from ucp.snapshot.shm import SHM_DIR
 
         t0 = time.perf_counter()
-        coll = self.coll
-        local: dict = {}
+        self._finish_snapshot()
+        tier = self._memory()
+        pieces, state = self.capture(extras)
+        metas = {p.key: p.meta.to_dict() for p in pieces}
+        pieces = [p for p in pieces if p.numel]
+        buffers = self._buffer_keys()
+        items = [(p.meta.dtype, staged(p.data).clone() if p.key in buffers else staged(p.data)) for p in pieces]
+        fragments = [{"key": p.key, "offsets": list(p.box.offsets), "sizes": list(p.box.sizes),
+                      "flat": None if p.flat is None else [p.flat.start, p.flat.numel],
+                      "dtype": p.meta.dtype, "length": t.numel() * t.element_size()}
+                     for p, (_, t) in zip(pieces, items)]
+        header = {"layout": self.layout.to_dict(), "world_size": self.coll.world_size, "tensors": metas,
+                  "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
+        pending = {"step": step}
 
-        def write():
-            tier = self._memory()
-            pieces, state = self.capture(extras)
-            metas = {p.key: p.meta.to_dict() for p in pieces}
-            pieces = [p for p in pieces if p.numel]
-            items = [(p.meta.dtype, staged(p.data)) for p in pieces]
-            fragments = [{"key": p.key, "offsets": list(p.box.offsets), "sizes": list(p.box.sizes),
-                          "flat": None if p.flat is None else [p.flat.start, p.flat.numel],
-                          "dtype": p.meta.dtype, "length": t.numel() * t.element_size()}
-                         for p, (_, t) in zip(pieces, items)]
-            header = {"layout": self.layout.to_dict(), "world_size": coll.world_size, "tensors": metas,
-                      "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
-            committed = tier.write(step, items, header, lambda views: [_checksums(v) for v in views])
-            local.update(slot=committed["slot"], nbytes=sum(f["length"] for f in fragments))
-            return local["nbytes"]
+        alone = self.coll.world_size == 1
 
-        nbytes = sum(coll.phase("snapshot", write))  # every rank committed: the cut is consistent
-        coll.phase("snapshot-complete", lambda: self._memory().complete(local["slot"], step))
+        def copy():
+            try:
+                pending["slot"] = tier.write(step, items, header, lambda views: [_checksums(v) for v in views])["slot"]
+                if alone:  # the cut of one rank: complete as soon as committed
+                    tier.complete(pending["slot"], step)
+                    pending["done"] = True
+            except BaseException as e:  # surfaced by the next wait for it, never lost
+                pending["error"] = e
+
+        thread = threading.Thread(target=copy, name=f"ucp-snapshot-{step}", daemon=True)
+        pending["thread"] = thread
+        self._pending = pending
+        self._hook_optimizer()
+        thread.start()
+        nbytes = sum(f["length"] for f in fragments)
         return SaveResult(step, SHM_DIR, nbytes, time.perf_counter() - t0, "memory")
+
+    def _buffer_keys(self) -> set[str]:
+        """Keys of module buffers (not parameters): state a forward pass may change."""
+        if self.model is None:
+            return set()
+        from ucp.snapshot.capture import normalize_fqn
+        from ucp.spec.keys import model_key
+
+        params = {id(p) for p in self.model.parameters()}
+        return {model_key(normalize_fqn(n)) for n, b in self.model.named_buffers() if id(b) not in params}
+
+    def _hook_optimizer(self) -> None:
+        if self.optimizer is not None and getattr(self, "_hook", None) is None:
+            self._hook = self.optimizer.register_step_pre_hook(lambda *a, **k: self._wait_copy())
+
+    def _wait_copy(self) -> None:
+        """Block until the snapshot copy in flight is done, so the state may change (the optimizer's
+        pre-step hook). A failed copy is reported by the next ``save``/``wait``/``load``, not here."""
+        pending = self._pending
+        if pending is not None:
+            pending["thread"].join()
+
+    def _finish_snapshot(self) -> None:
+        """Finish the snapshot in flight: its copy, then the cut (a collective: every rank calls it)."""
+        pending = self._pending
+        if pending is None:
+            return
+        pending["thread"].join()
+        self._pending = None
+        error = pending.get("error")
+
+        def committed():
+            if error is not None:
+                raise error if isinstance(error, UcpError) else UcpError(f"snapshot copy failed: {error!r}")
+            return True
+
+        self.coll.phase("snapshot", committed)  # every rank committed: the cut is consistent
+        if not pending.get("done"):
+            self.coll.phase("snapshot-complete", lambda: self._memory().complete(pending["slot"], pending["step"]))
 
     def _save_durable(self, step: int, extras: dict | None) -> SaveResult:
         t0 = time.perf_counter()
@@ -422,11 +487,10 @@ class Checkpointer:
 
         if self.snapshot is not None and self._memory_lost is None:
             try:
+                self._finish_snapshot()
                 memory = self._memory_source(step)
             except UcpError as e:
-                self._memory_lost = str(e)
-                warnings.warn(f"ucp: the snapshot agent is gone ({e}); loading from the durable tier",
-                              RuntimeWarning, stacklevel=2)
+                self._lose_memory(e)
                 memory = None
             if memory is not None:
                 return load_checkpoint(self, step, strict, cast, memory=memory)
@@ -463,13 +527,22 @@ class Checkpointer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until every save in flight is durable. Durable saves here complete inside ``save``."""
+        """Block until every save in flight is done: durable saves complete inside ``save``; a
+        snapshot's copy and cut complete here (a collective: every rank calls it)."""
         self._check_open()
+        if self.snapshot is not None and self._memory_lost is None:
+            try:
+                self._finish_snapshot()
+            except UcpError as e:
+                self._lose_memory(e)
 
     def close(self) -> None:
         """Finish pending work; later calls raise."""
         if not self._closed:
             self.wait()
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
             self._closed = True
 
     def _check_open(self) -> None:

@@ -16,6 +16,7 @@ def snapshot_steps(kind: str, root: str, job: str, steps: int = 3) -> dict:
         train_step(model, opt, s)
         res = ck.save(s + 1)
         assert res.tier == "memory", res
+    ck.wait()  # the cut of the last snapshot (the earlier ones finished at the next save)
     return {k: v.detach().clone() for k, v in full_state(model, opt).items() if not k.startswith("flat/")}
 
 

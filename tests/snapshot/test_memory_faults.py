@@ -20,7 +20,7 @@ from ucp.snapshot import client, shm
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
 
 TRAINER = textwrap.dedent("""
-    import json, os, random, signal, sys
+    import json, os, random, signal, sys, threading
     import torch
     import ucp
 
@@ -30,33 +30,35 @@ TRAINER = textwrap.dedent("""
     opt = torch.optim.AdamW(m.parameters(), lr=0.01)
     ck = ucp.Checkpointer(root, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
     rng = random.Random(seed)
-    victim = rng.randint(3, 6)         # the save that dies
-    after = rng.randint(1, 40)         # ... after this many tensor copies (or at the end of it)
+    victim = rng.randint(3, 6)         # the snapshot whose copy dies
+    after = rng.randint(1, 24)         # ... after this many tensor copies (or right after it completed)
     copies = [0]
     real = torch.Tensor.copy_
 
     def copy_(self, src, *a, **k):
         out = real(self, src, *a, **k)
-        if current[0] == victim:
+        if threading.current_thread().name == f"ucp-snapshot-{victim}":
             copies[0] += 1
             if copies[0] == after:
                 os.kill(os.getpid(), signal.SIGKILL)
         return out
 
     torch.Tensor.copy_ = copy_
-    current = [0]
-    for step in range(1, 8):
+
+    def note(step):  # snapshot ``step`` is complete: the optimizer step after it waited for its copy
+        with open(log, "a") as f:
+            f.write(json.dumps({"step": step}) + "\\n")
+
+    for step in range(1, 9):
         x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
         m(x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-        current[0] = step
+        if step > 1:
+            if step - 1 == victim:  # the kill point lay after the snapshot's last copy
+                os.kill(os.getpid(), signal.SIGKILL)
+            note(step - 1)
         ck.save(step)
-        current[0] = 0
-        with open(log, "a") as f:
-            f.write(json.dumps({"step": step}) + "\\n")
-        if step == victim:  # the kill point lay after the save's last copy
-            os.kill(os.getpid(), signal.SIGKILL)
 """)
 
 
@@ -95,7 +97,7 @@ def test_a_trainer_killed_in_save_restarts_from_the_newest_complete_snapshot(tmp
         opt = torch.optim.AdamW(m.parameters(), lr=0.01)
         res = ucp.Checkpointer(tmp_path / "ck", model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
         assert res is not None and res.source == "memory"
-        # every save that returned is restorable; the killed one is, if its cut finished before the kill
+        # every snapshot known complete is restorable; the killed one is, if its copy finished
         assert done and done[-1]["step"] <= res.step <= done[-1]["step"] + 1, (res.step, done)
         want, got = _state(*_trained(res.step)), _state(m, opt)
         assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), \

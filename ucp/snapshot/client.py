@@ -42,6 +42,8 @@ class AgentClient:
 
     def request(self, op: str, **args) -> dict:
         """Send one request and wait for its answer (``timeout`` seconds at most)."""
+        if not is_alive(self.info):
+            raise AgentError(f"the agent of job {self.info.job!r} (pid {self.info.pid}) is gone")
         self._store.queue_push(REQUESTS, json.dumps({"op": op, "args": args, "reply": self._reply}))
         try:
             raw = self._store.queue_pop(self._reply)
