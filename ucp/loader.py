@@ -269,6 +269,16 @@ class FragmentReader:
                 self._files[name] = (fd, os.fstat(fd).st_size)
             return self._files[name]
 
+    def _open_fragment(self, f) -> tuple[int, Path]:
+        """The open file holding fragment ``f`` and its path; a file that ends early is corruption."""
+        fd, size = self._open(f.file)
+        path = self.directory / f.file
+        if f.offset + f.length > size:
+            raise CorruptCheckpointError(f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes "
+                                         f"[{f.offset}, {f.offset + f.length}) lies past the end of the file "
+                                         f"({size} bytes); the file is truncated")
+        return fd, path
+
     def read(self, item: ReadItem, dest: torch.Tensor) -> None:
         """Fill ``dest`` (the destination piece's local tensor) from ``item``."""
         f = item.fragment
@@ -300,12 +310,7 @@ class FragmentReader:
         if blocks is None:
             self.read(ReadItem(f), buf)
             return buf
-        fd, size = self._open(f.file)
-        path = self.directory / f.file
-        if f.offset + f.length > size:
-            raise CorruptCheckpointError(f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes "
-                                         f"[{f.offset}, {f.offset + f.length}) lies past the end of the file "
-                                         f"({size} bytes); the file is truncated")
+        fd, path = self._open_fragment(f)
         view = memoryview(buf.view(torch.uint8).numpy())
         nbytes = 0
         for first, last in blocks:
@@ -322,12 +327,7 @@ class FragmentReader:
         """Bytes ``[lo, hi)`` of fragment ``f``'s data (which has block checksums) into ``out``: the
         blocks inside the run straight into ``out``, the (at most two) blocks it cuts through a
         scratch buffer; every block read is verified."""
-        fd, size = self._open(f.file)
-        path = self.directory / f.file
-        if f.offset + f.length > size:
-            raise CorruptCheckpointError(f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes "
-                                         f"[{f.offset}, {f.offset + f.length}) lies past the end of the file "
-                                         f"({size} bytes); the file is truncated")
+        fd, path = self._open_fragment(f)
         bb, nbytes, scratch = block_bytes, 0, None
         b, end = lo // bb, -(-hi // bb)
         while b < end:
