@@ -102,6 +102,12 @@ def test_two_slots_are_reused_without_new_memory(tmp_path, job):
         ck.save(s)
     ck.wait()
     assert shm.listing(shm.prefix(job)).keys() == before.keys()  # the same segments, none added
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "ucp.cli.main", "agent", "status", "--job", job],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "rank 0 slot 0: step 29, complete" in shown and "rank 0 slot 1: step 28, complete" in shown, shown
     status = client.connect(job).status()
     assert len(status["segments"]) == 2 and status["snapshots"] == {"0.0": {"step": 29, "complete": True},
                                                                     "0.1": {"step": 28, "complete": True}}

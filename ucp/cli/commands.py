@@ -249,4 +249,7 @@ def agent(args) -> int:
               f"{e['clients']} client(s), {len(e['segments'])} segment(s), {_human(e['nbytes'])}")
         for name, n in e["segments"].items():
             print(f"  {name}  {_human(n)}")
+        for where, snap in e.get("snapshots", {}).items():
+            rank, slot = where.split(".")
+            print(f"  rank {rank} slot {slot}: step {snap['step']}, {'complete' if snap['complete'] else 'not complete'}")
     return 0 if all(e["running"] for e in report) else 2
