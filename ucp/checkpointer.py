@@ -172,6 +172,7 @@ class Checkpointer:
         self._memory_tier = None
         self._memory_lost: str | None = None  # why the memory tier stopped, once it has
         self._pending: dict | None = None  # the snapshot whose copy or cut is in flight
+        self._cut = None  # the process group of the snapshots' cut
         self._hook = None
         self._snapshots = 0
         self._closed = False
@@ -268,8 +269,8 @@ class Checkpointer:
         pass may change them); parameters and optimizer state are copied into the slot by a
         background thread, overlapping the next forward/backward: the optimizer's pre-step hook
         waits for that copy before the step mutates them. The snapshot becomes complete (the
-        consistent cut: every rank committed) at the next ``save``, ``wait``, ``load`` or ``close``;
-        a job of one rank completes it as soon as it is copied.
+        consistent cut: an all-reduce of every rank's "committed" on a gloo group of its own, in the
+        same background thread) as soon as every rank has copied it.
         """
         from ucp.snapshot.shm import SHM_DIR
 
@@ -289,16 +290,26 @@ class Checkpointer:
                   "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
         pending = {"step": step}
 
-        alone = self.coll.world_size == 1
+        cut = self._cut_group()
 
         def copy():
             try:
                 pending["slot"] = tier.write(step, items, header, lambda views: [_checksums(v) for v in views])["slot"]
-                if alone:  # the cut of one rank: complete as soon as committed
-                    tier.complete(pending["slot"], step)
-                    pending["done"] = True
-            except BaseException as e:  # surfaced by the next wait for it, never lost
+            except BaseException as e:  # surfaced by the next ucp call, never lost
                 pending["error"] = e
+            try:
+                if cut is not None:  # the cut, on a group of its own: did every rank commit?
+                    import torch.distributed as dist
+
+                    ok = torch.tensor([0 if "error" in pending else 1])
+                    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=cut)
+                    if not ok.item() and "error" not in pending:
+                        pending["error"] = UcpError(f"another rank failed its snapshot of step {step}; "
+                                                   "that snapshot is not complete")
+                if "error" not in pending:
+                    tier.complete(pending["slot"], step)
+            except BaseException as e:
+                pending.setdefault("error", e)
 
         thread = threading.Thread(target=copy, name=f"ucp-snapshot-{step}", daemon=True)
         pending["thread"] = thread
@@ -330,22 +341,31 @@ class Checkpointer:
             pending["thread"].join()
 
     def _finish_snapshot(self) -> None:
-        """Finish the snapshot in flight: its copy, then the cut (a collective: every rank calls it)."""
+        """Wait for the snapshot in flight (copy and cut) and raise its error, if any. A rank whose
+        copy failed fails the cut on every rank, so every rank raises here together."""
         pending = self._pending
         if pending is None:
             return
         pending["thread"].join()
         self._pending = None
         error = pending.get("error")
+        if error is not None:
+            raise error if isinstance(error, UcpError) else UcpError(f"snapshot of step {pending['step']} failed: {error!r}")
 
-        def committed():
-            if error is not None:
-                raise error if isinstance(error, UcpError) else UcpError(f"snapshot copy failed: {error!r}")
-            return True
+    def _cut_group(self):
+        """The process group of the snapshots' cut (created on first use, by every rank's first
+        snapshot); None for a job of one rank, whose cut is its own commit."""
+        if self.coll.world_size == 1:
+            return None
+        if self._cut is None:
+            import datetime
 
-        self.coll.phase("snapshot", committed)  # every rank committed: the cut is consistent
-        if not pending.get("done"):
-            self.coll.phase("snapshot-complete", lambda: self._memory().complete(pending["slot"], pending["step"]))
+            import torch.distributed as dist
+
+            ranks = dist.get_process_group_ranks(self.coll.group) if self.coll.group is not None else None
+            self._cut = dist.new_group(ranks=ranks, backend="gloo",
+                                       timeout=datetime.timedelta(seconds=self.snapshot.timeout))
+        return self._cut
 
     def _save_durable(self, step: int, extras: dict | None) -> SaveResult:
         t0 = time.perf_counter()

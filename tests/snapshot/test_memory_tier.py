@@ -266,3 +266,16 @@ def test_when_the_agent_dies_the_trainer_warns_once_and_saves_durably(tmp_path, 
     m2, opt2 = _model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "durable" and res.step == 4 and _same(_state(m2, opt2), want)
+
+
+@pytest.mark.dist
+def test_a_rank_failing_its_copy_fails_the_cut_on_every_rank(world2, tmp_path, job):
+    from tests.dist import memory_workloads as mw
+
+    out = world2.run(mw.one_rank_fails_its_copy, str(tmp_path), job)
+    assert "no space left" in out[1]["lost"] and "another rank failed its snapshot of step 2" in out[0]["lost"]
+    for rank, r in enumerate(out):
+        assert len([w for w in r["warnings"] if "memory tier failed" in w]) == 1, r["warnings"]
+        # step 1 stays the newest complete snapshot; step 2 is complete nowhere
+        assert {"step": 1, "complete": True} in r["snapshots"].values()
+        assert all(not (v["step"] == 2 and v["complete"]) for v in r["snapshots"].values())
