@@ -288,7 +288,7 @@ class Checkpointer:
                      for p, (_, t) in zip(pieces, items)]
         header = {"layout": self.layout.to_dict(), "world_size": self.coll.world_size, "tensors": metas,
                   "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
-        pending = {"step": step}
+        pending = {"step": step, "copied": threading.Event()}
 
         cut = self._cut_group()
 
@@ -297,6 +297,8 @@ class Checkpointer:
                 pending["slot"] = tier.write(step, items, header, lambda views: [_checksums(v) for v in views])["slot"]
             except BaseException as e:  # surfaced by the next ucp call, never lost
                 pending["error"] = e
+            finally:
+                pending["copied"].set()  # the state may change now; the cut waits for the other ranks
             try:
                 if cut is not None:  # the cut, on a group of its own: did every rank commit?
                     import torch.distributed as dist
@@ -334,11 +336,12 @@ class Checkpointer:
             self._hook = self.optimizer.register_step_pre_hook(lambda *a, **k: self._wait_copy())
 
     def _wait_copy(self) -> None:
-        """Block until the snapshot copy in flight is done, so the state may change (the optimizer's
-        pre-step hook). A failed copy is reported by the next ``save``/``wait``/``load``, not here."""
+        """Block until this rank's snapshot copy in flight is done, so the state may change (the
+        optimizer's pre-step hook; the cut may still wait for other ranks). A failed copy is reported
+        by the next ``save``/``wait``/``load``, not here."""
         pending = self._pending
         if pending is not None:
-            pending["thread"].join()
+            pending["copied"].wait()
 
     def _finish_snapshot(self) -> None:
         """Wait for the snapshot in flight (copy and cut) and raise its error, if any. A rank whose
