@@ -279,3 +279,31 @@ def test_a_rank_failing_its_copy_fails_the_cut_on_every_rank(world2, tmp_path, j
         # step 1 stays the newest complete snapshot; step 2 is complete nowhere
         assert {"step": 1, "complete": True} in r["snapshots"].values()
         assert all(not (v["step"] == 2 and v["complete"]) for v in r["snapshots"].values())
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_memory_stays_flat_over_200_snapshots(tmp_path, job):
+    """No growth of shared-memory segments, and none of this process's RSS beyond noise, over 200
+    snapshots of an unchanged state."""
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+    _step(m, opt, 0)
+    for s in range(1, 21):  # warm up: both slots exist, allocator pools settle
+        ck.save(s)
+    ck.wait()
+    segments, rss = shm.listing(shm.prefix(job)), _rss_kib()
+    for s in range(21, 221):
+        ck.save(s)
+    ck.wait()
+    after = shm.listing(shm.prefix(job))
+    assert after.keys() == segments.keys()  # the same files: two data segments, two headers, the agent's
+    assert {k: v for k, v in after.items() if not k.endswith(".json")} == \
+        {k: v for k, v in segments.items() if not k.endswith(".json")}
+    grown = _rss_kib() - rss
+    assert grown < 8 * 1024, f"RSS grew by {grown} KiB over 200 snapshots"
+    assert client.connect(job).status()["snapshots"]["0.0"] == {"step": 220, "complete": True} or \
+        client.connect(job).status()["snapshots"]["0.1"] == {"step": 220, "complete": True}
