@@ -8,6 +8,13 @@ non-zero exit code; library callers can catch the base class or a precise subcla
 from __future__ import annotations
 
 
+def few(items: list, n: int = 5) -> str:
+    """Up to ``n`` of ``items`` for an error message, and how many more there are ("none" if empty)."""
+    if not items:
+        return "none"
+    return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 class UcpError(Exception):
     """Base class of every error ucp raises on purpose."""
 

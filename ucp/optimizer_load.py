@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from ucp.errors import LoadError
+from ucp.errors import LoadError, few
 from ucp.lang.names import part_name
 from ucp.plan.sources import SourceIndex
 from ucp.snapshot import values
@@ -213,7 +213,7 @@ def restore_optimizer(optimizer, fqns: list[str], tensor_state: dict, saved: dic
             mine = {n for i in members for n in (names or {}).get(fqns[i], (fqns[i],))}
             if strict and mine - set(old["params"]):
                 raise LoadError(f"{where}: optimizer param group {g} holds parameters the checkpoint's group {g} does "
-                                f"not ({_few(sorted(mine - set(old['params'])))}); pass strict=False to load the state "
+                                f"not ({few(sorted(mine - set(old['params'])))}); pass strict=False to load the state "
                                 "of the parameters both have")
             new = {**cur, **{k: v for k, v in old.items() if k != "params"}, "params": members}
         if STEP in cur:  # a per-group step: from the saved group's, else from its parameters' steps
@@ -269,10 +269,6 @@ def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
     return a == b
-
-
-def _few(items: list, n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _number(value):
