@@ -28,6 +28,7 @@ from ucp.errors import OptionsError, UcpError
 from ucp.options import CheckpointOptions, SnapshotOptions, check_keep
 from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
 from ucp.snapshot import values
+from ucp.snapshot.values import split_state
 from ucp.snapshot.capture import Geometry, Piece, model_pieces, optimizer_param_fqns, optimizer_pieces, param_names, tensor_piece
 from ucp.snapshot.rng import capture_rng
 from ucp.spec.dtypes import DTYPES
@@ -539,7 +540,7 @@ class Checkpointer:
         built: dict = {}
 
         def build():
-            for h in tier.node_headers():  # the cut finished (some rank marked it): mark it here too
+            for h in got[coll.rank]:  # this node's headers: the cut finished (some rank marked it), mark it here too
                 if h["step"] == newest and not h["complete"]:
                     tier.complete_rank(h["rank"], h["slot"], newest)
             built["manifest"] = manifest_from_headers(headers, host)
@@ -578,22 +579,4 @@ class Checkpointer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def split_state(per_rank: list[dict]) -> dict:
-    """Non-tensor state: entries equal on every rank are stored once, the others per rank."""
-    shared, ranks = {}, {str(r): {} for r in range(len(per_rank))}
-    for name in sorted(set().union(*per_rank)):
-        vals = [s.get(name) for s in per_rank]
-        if all(name in s for s in per_rank) and all(v == vals[0] for v in vals):
-            shared[name] = vals[0]
-        else:
-            for r, s in enumerate(per_rank):
-                if name in s:
-                    ranks[str(r)][name] = s[name]
-    return {"shared": shared, "ranks": {r: v for r, v in ranks.items() if v}}
-
-
-def rank_state(state: dict, rank: int) -> dict:
-    """Rank ``rank``'s view of the non-tensor state: shared entries overlaid with its own."""
-    return {**state.get("shared", {}), **state.get("ranks", {}).get(str(rank), {})}
 

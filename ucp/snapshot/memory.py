@@ -166,9 +166,8 @@ def manifest_from_headers(headers: list[dict], host: str):
     from ucp.spec.box import Box, FlatRange
     from ucp.spec.fragment import Fragment
     from ucp.spec.layout import Layout
+    from ucp.snapshot.values import split_state
     from ucp.spec.manifest import BLOCK_BYTES, Manifest, TensorMeta
-
-    from ucp.checkpointer import split_state
 
     headers = sorted(headers, key=lambda h: (h["host"] != host, h["rank"]))  # local copies first
     tensors = merge_metas([{k: TensorMeta.from_dict(m, k) for k, m in h["tensors"].items()} for h in headers])

@@ -93,3 +93,22 @@ def decode(value, path: str = "state"):
         except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
             raise FormatError(f"{path}: malformed {tag} value ({e})") from e
     return {k: decode(v, f"{path}.{k}") for k, v in value.items()}
+
+
+def split_state(per_rank: list[dict]) -> dict:
+    """Non-tensor state: entries equal on every rank are stored once, the others per rank."""
+    shared, ranks = {}, {str(r): {} for r in range(len(per_rank))}
+    for name in sorted(set().union(*per_rank)):
+        vals = [s.get(name) for s in per_rank]
+        if all(name in s for s in per_rank) and all(v == vals[0] for v in vals):
+            shared[name] = vals[0]
+        else:
+            for r, s in enumerate(per_rank):
+                if name in s:
+                    ranks[str(r)][name] = s[name]
+    return {"shared": shared, "ranks": {r: v for r, v in ranks.items() if v}}
+
+
+def rank_state(state: dict, rank: int) -> dict:
+    """Rank ``rank``'s view of the non-tensor state: shared entries overlaid with its own."""
+    return {**state.get("shared", {}), **state.get("ranks", {}).get(str(rank), {})}
