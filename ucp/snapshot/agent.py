@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ucp.errors import FormatError, UcpError
 from ucp.snapshot import shm
+from ucp.storage.atomic import write_atomic
 
 FORMAT = "ucp.agent"
 FORMAT_VERSION = "1.0"
@@ -200,11 +201,7 @@ class Agent:
         return {"slots": out}
 
     def _publish(self, rank: int, slot: int, header: dict) -> None:
-        path = shm.SHM_DIR / self._slot(rank, slot)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(header))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        write_atomic(shm.SHM_DIR / self._slot(rank, slot), json.dumps(header).encode(), mode=0o600)
         self.slots[(rank, slot)] = header
 
     def op_shutdown(self) -> dict:
@@ -256,11 +253,7 @@ def serve(job: str, host: str = "127.0.0.1", ready=None) -> None:
                      timeout=datetime.timedelta(seconds=1))
     info = AgentInfo(job=agent.job, pid=os.getpid(), start_time=process_start_time(os.getpid()),
                      host=host, port=store.port, started=agent.started)
-    path = discovery_path(job)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(info.to_json())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)  # published whole
+    write_atomic(discovery_path(job), info.to_json(), mode=0o600)  # published whole
 
     def on_signal(signum, frame):
         agent.stopping.set()
