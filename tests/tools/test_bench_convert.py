@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools.bench import run_bench
+
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_convert.py"
 
 
@@ -17,12 +19,8 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_convert.py"
 def test_bench_convert_smoke(tmp_path):
     from ucp.storage.universal_io import read_header, verify_universal
 
-    p = subprocess.run([sys.executable, str(TOOL), "--size-mb", "2", "--workers", "2", "--repeats", "1",
-                        "--work", str(tmp_path), "--keep", "--verify"], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1, p.stdout
-    doc = json.loads(lines[0])
+    doc = run_bench("bench_convert.py", "--size-mb", "2", "--workers", "2", "--repeats", "1", "--work", tmp_path,
+                    "--keep", "--verify")
 
     assert doc["layout"] == {"dp": 2, "tp": 2, "pp": 2, "zero": 1, "manual_tp": True}
     assert doc["config"]["n_layers"] % 2 == 0 and doc["config"]["n_heads"] % 2 == 0

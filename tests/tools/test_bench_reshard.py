@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools.bench import run_bench
 
 
 @pytest.mark.slow
 def test_bench_reshard_smoke(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_reshard.py"), "--size-mb", "20", "--repeats", "1",
-                        "--work", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1, p.stdout
-    doc = json.loads(lines[0])
+    doc = run_bench("bench_reshard.py", "--size-mb", "20", "--repeats", "1", "--work", tmp_path)
     assert doc["bit_exact"] is True
     for world in (2, 3):
         share = doc[f"w{world}_share_gb"]

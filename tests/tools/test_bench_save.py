@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools.bench import run_bench
 
 
 @pytest.mark.slow
 def test_bench_save_smoke(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_save.py"), "--gb", "0.02", "--repeats", "1",
-                        "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1, p.stdout
-    doc = json.loads(lines[0])
+    doc = run_bench("bench_save.py", "--gb", "0.02", "--repeats", "1", "--dir", tmp_path, timeout=300)
     assert doc["verified"] is True
     for fig in ("save", "load_warm", "load_cold"):
         assert doc[f"ucp_{fig}_s"] > 0 and doc[f"dcp_{fig}_s"] > 0
