@@ -29,6 +29,7 @@ from ucp.options import CheckpointOptions, SnapshotOptions, check_keep
 from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
 from ucp.snapshot import values
 from ucp.snapshot.values import split_state
+from ucp.snapshot.persist import PersistError
 from ucp.snapshot.capture import Geometry, Piece, model_pieces, optimizer_param_fqns, optimizer_pieces, param_names, tensor_piece
 from ucp.snapshot.rng import capture_rng
 from ucp.spec.dtypes import DTYPES
@@ -175,7 +176,7 @@ class Checkpointer:
         self._pending: dict | None = None  # the snapshot whose copy or cut is in flight
         self._cut = None  # the process group of the snapshots' cut
         self._hook = None
-        self._snapshots = 0
+        self._persist_regions = None  # the pieces the agent was configured with (durable writes)
         self._closed = False
 
     # -- capture -----------------------------------------------------------------------------
@@ -233,18 +234,15 @@ class Checkpointer:
             return self._save_durable(step, extras)
         if step % self.snapshot.every:
             return None
-        self._snapshots += 1
-        persist = self.snapshot.persist_every
+        persist = self.snapshot.persists(step)
         if self._memory_lost is None:
             try:
-                result = self._save_memory(step, extras)
+                return self._save_memory(step, extras, persist)
+            except PersistError:
+                raise  # the snapshots go on; the durable tier failed
             except UcpError as e:
                 self._lose_memory(e)
-            else:
-                if persist and self._snapshots % persist == 0:
-                    result = self._save_durable(step, extras)
-                return result
-        if persist is None or self._snapshots % persist == 0:
+        if self.snapshot.persist_every is None or persist:
             return self._save_durable(step, extras)
         return None
 
@@ -260,11 +258,13 @@ class Checkpointer:
             from ucp.snapshot.memory import MemoryTier
 
             # every rank of a node asks; the first starts the node's agent, the others find it
-            self._memory_tier = MemoryTier(self.snapshot.job_name(self.root), self.coll.rank, self.snapshot.timeout)
+            self._memory_tier = MemoryTier(self.snapshot.job_name(self.root), self.coll.rank, self.snapshot.timeout,
+                                           self.snapshot.persist_timeout)
         return self._memory_tier
 
-    def _save_memory(self, step: int, extras: dict | None) -> SaveResult:
-        """A snapshot of ``step`` into the memory of this node's agent.
+    def _save_memory(self, step: int, extras: dict | None, persist: bool) -> SaveResult:
+        """A snapshot of ``step`` into the memory of this node's agent (and, with ``persist``, by the
+        agent to the durable tier, in the background).
 
         The state is captured now (non-tensor state encoded, module buffers copied, since a forward
         pass may change them); parameters and optimizer state are copied into the slot by a
@@ -290,27 +290,35 @@ class Checkpointer:
         header = {"layout": self.layout.to_dict(), "world_size": self.coll.world_size, "tensors": metas,
                   "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
         pending = {"step": step, "copied": threading.Event()}
-
         cut = self._cut_group()
+        regions = [tuple(map(str, (f["key"], f["offsets"], f["sizes"], f["flat"], f["dtype"], f["length"])))
+                   for f in fragments]
 
         def copy():
+            errors = []
             try:
-                pending["slot"] = tier.write(step, items, header, lambda views: [_checksums(v) for v in views])["slot"]
+                committed, errors = tier.write(step, items, header, lambda views: [_checksums(v) for v in views])
+                pending["slot"] = committed["slot"]
             except BaseException as e:  # surfaced by the next ucp call, never lost
                 pending["error"] = e
             finally:
                 pending["copied"].set()  # the state may change now; the cut waits for the other ranks
             try:
-                if cut is not None:  # the cut, on a group of its own: did every rank commit?
-                    import torch.distributed as dist
-
-                    ok = torch.tensor([0 if "error" in pending else 1])
-                    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=cut)
-                    if not ok.item() and "error" not in pending:
-                        pending["error"] = UcpError(f"another rank failed its snapshot of step {step}; "
-                                                   "that snapshot is not complete")
-                if "error" not in pending:
-                    tier.complete(pending["slot"], step)
+                ok, token, failed, changed = self._cut_flags(cut, "error" not in pending, bool(errors),
+                                                             regions != self._persist_regions)
+                if not ok and "error" not in pending:
+                    pending["error"] = UcpError(f"another rank failed its snapshot of step {step}; "
+                                               "that snapshot is not complete")
+                if failed:
+                    pending["persist_error"] = PersistError("; ".join(errors) or "the agent of another rank failed "
+                                                            "to write a snapshot to the durable tier (see its error)")
+                if ok:
+                    if changed:  # where this rank's snapshots go durably, and its share of the save plan
+                        self._configure_persist(tier, cut, committed)
+                        self._persist_regions = regions
+                    tier.complete(pending["slot"], step, token)
+                    if persist:
+                        tier.persist(pending["slot"], step)
             except BaseException as e:
                 pending.setdefault("error", e)
 
@@ -321,6 +329,38 @@ class Checkpointer:
         thread.start()
         nbytes = sum(f["length"] for f in fragments)
         return SaveResult(step, SHM_DIR, nbytes, time.perf_counter() - t0, "memory")
+
+    def _cut_flags(self, cut, committed: bool, failed: bool, changed: bool) -> tuple[bool, int, bool, bool]:
+        """The cut, in one all-reduce on the group ``cut``: whether every rank committed, the cut's
+        token (rank 0's random id), whether any rank's agent failed a durable write, whether any
+        rank's pieces changed since the agents were configured."""
+        import random
+
+        token = random.getrandbits(62) + 1 if self.coll.rank == 0 else 0
+        flags = torch.tensor([int(committed), -token, -int(failed), -int(changed)], dtype=torch.int64)
+        if cut is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=cut)
+        ok, token, failed, changed = flags.tolist()
+        return ok == 1, -token, failed < 0, changed < 0
+
+    def _configure_persist(self, tier, cut, committed: dict) -> None:
+        """Tell the agent the checkpoint root and the fragments this rank writes there: the durable
+        save plan (each replicated region written by one holder) over every rank's pieces."""
+        from ucp.spec.box import Box, FlatRange
+
+        infos = [PieceInfo(f["key"], Box(tuple(f["offsets"]), tuple(f["sizes"])),
+                           None if f["flat"] is None else FlatRange(*f["flat"]), f["dtype"], f["length"], f["crc32c"])
+                 for f in committed["fragments"]]
+        gathered = [infos]
+        if cut is not None:
+            import torch.distributed as dist
+
+            gathered = [None] * self.coll.world_size
+            dist.all_gather_object(gathered, infos, group=cut)
+        write = assign_writers(gathered)[self.coll.rank]
+        tier.configure(str(self.root.resolve()), write, self.coll.world_size, self.keep, self.options.fsync)
 
     def _buffer_keys(self) -> set[str]:
         """Keys of module buffers (not parameters): state a forward pass may change."""
@@ -345,8 +385,9 @@ class Checkpointer:
             pending["copied"].wait()
 
     def _finish_snapshot(self) -> None:
-        """Wait for the snapshot in flight (copy and cut) and raise its error, if any. A rank whose
-        copy failed fails the cut on every rank, so every rank raises here together."""
+        """Wait for the snapshot in flight (copy and cut) and raise its error, if any, then a
+        failure of the agents to write an earlier snapshot durably (:class:`PersistError`). Either is
+        raised on every rank together: the cut tells every rank of both."""
         pending = self._pending
         if pending is None:
             return
@@ -355,6 +396,8 @@ class Checkpointer:
         error = pending.get("error")
         if error is not None:
             raise error if isinstance(error, UcpError) else UcpError(f"snapshot of step {pending['step']} failed: {error!r}")
+        if "persist_error" in pending:
+            raise pending["persist_error"]
 
     def _cut_group(self):
         """The process group of the snapshots' cut (created on first use, by every rank's first
@@ -513,6 +556,8 @@ class Checkpointer:
             try:
                 self._finish_snapshot()
                 memory = self._memory_source(step)
+            except PersistError:
+                raise
             except UcpError as e:
                 self._lose_memory(e)
                 memory = None
@@ -551,14 +596,33 @@ class Checkpointer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until every save in flight is done: durable saves complete inside ``save``; a
-        snapshot's copy and cut complete here (a collective: every rank calls it)."""
+        """Block until every save in flight is done (a collective: every rank calls it): durable
+        saves complete inside ``save``; a snapshot's copy and cut complete here, and so do the
+        agents' durable writes of snapshots (``persist_every``).
+
+        Raises:
+            PersistError: an agent failed to write a snapshot durably (on every rank).
+        """
         self._check_open()
         if self.snapshot is not None and self._memory_lost is None:
             try:
                 self._finish_snapshot()
+                errors = self._memory().drain() if self._memory_tier is not None else []
+            except PersistError:
+                raise
             except UcpError as e:
                 self._lose_memory(e)
+                return
+            cut = self._cut_group()
+            if cut is not None:
+                import torch.distributed as dist
+
+                failed = torch.tensor([int(bool(errors))])
+                dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=cut)
+                if failed.item() and not errors:
+                    errors = ["the agent of another rank failed to write a snapshot to the durable tier (see its error)"]
+            if errors:
+                raise PersistError("; ".join(errors))
 
     def close(self) -> None:
         """Finish pending work; later calls raise."""

@@ -59,16 +59,21 @@ class SnapshotOptions:
 
     Args:
         every: take a snapshot at every ``every``-th step passed to ``save`` (other steps: nothing).
-        persist_every: also write every ``persist_every``-th snapshot to the durable tier (None: never).
+        persist_every: every ``persist_every``-th snapshot (the steps that are multiples of
+            ``every * persist_every``) is also written to the durable tier, by the agent in the
+            background (None: only when the agent gets SIGTERM).
         job: the job's name on this node; default ``TORCHELASTIC_RUN_ID`` under torchrun, else one
             derived from the checkpoint root. Jobs with different names never share an agent.
         timeout: seconds to wait for the agent (start, requests).
+        persist_timeout: seconds a durable write of a snapshot may take, and that rank 0's agent
+            waits for every rank's file before it gives up on committing it.
     """
 
     every: int = 1
     persist_every: int | None = None
     job: str | None = None
     timeout: float = 30.0
+    persist_timeout: float = 600.0
 
     def __post_init__(self):
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -80,8 +85,14 @@ class SnapshotOptions:
             from ucp.snapshot.shm import check_job
 
             check_job(self.job)
-        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
-            raise OptionsError(f"timeout={self.timeout!r}: use a positive number of seconds")
+        for name in ("timeout", "persist_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise OptionsError(f"{name}={value!r}: use a positive number of seconds")
+
+    def persists(self, step: int) -> bool:
+        """Whether the snapshot of ``step`` (a multiple of ``every``) is also written durably."""
+        return self.persist_every is not None and (step // self.every) % self.persist_every == 0
 
     def job_name(self, root) -> str:
         """This job's name: ``job``, else torchrun's run id, else one derived from ``root``."""

@@ -70,3 +70,53 @@ def one_rank_fails_its_copy(root: str, job: str) -> dict:
         memory.MemoryTier.write = real
     mine = {k: v for k, v in client.connect(job).status()["snapshots"].items() if k.startswith(f"{dist.get_rank()}.")}
     return {"warnings": [str(w.message) for w in caught], "snapshots": mine, "lost": ck._memory_lost}
+
+
+def persist_steps(kind: str, root: str, job: str, steps: int = 3) -> dict:
+    """Train ``kind`` with a snapshot after every step, each written durably by the agents
+    (``persist_every=1``); ``wait()`` returns once they are. The full state at the last step."""
+    import ucp
+
+    model, opt = build(kind, seed=0)
+    ck = ucp.Checkpointer(root, model=model, optimizer=opt, keep=2,
+                          snapshot=ucp.SnapshotOptions(persist_every=1, job=job))
+    for s in range(steps):
+        train_step(model, opt, s)
+        assert ck.save(s + 1).tier == "memory"
+    ck.wait()
+    return {k: v.detach().clone() for k, v in full_state(model, opt).items() if not k.startswith("flat/")}
+
+
+def agent_killed(root: str, job: str) -> dict:
+    """Rank 0 SIGKILLs the node's agent after the snapshot of step 1; every rank warns once, goes on
+    with durable saves, and a fresh Checkpointer's load comes from the durable tier."""
+    import os
+    import signal
+    import time
+    import warnings
+
+    import ucp
+    from ucp.snapshot import agent
+
+    model, opt = build("fsdp", seed=0)
+    ck = ucp.Checkpointer(root, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job, timeout=10))
+    train_step(model, opt, 0)
+    tiers = [ck.save(1).tier]
+    ck.wait()
+    info = agent.read_info(job)
+    if dist.get_rank() == 0:
+        os.kill(info.pid, signal.SIGKILL)
+    while agent.is_alive(info):
+        time.sleep(0.02)
+    dist.barrier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in (1, 2, 3):
+            train_step(model, opt, s)
+            tiers.append(ck.save(s + 1).tier)
+        ck.wait()
+    want = {k: v.detach().clone() for k, v in full_state(model, opt).items() if not k.startswith("flat/")}
+    model2, opt2 = build("fsdp", seed=1)
+    res = ucp.Checkpointer(root, model=model2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    return {"tiers": tiers, "warnings": [str(w.message) for w in caught], "source": res.source, "step": res.step,
+            "diffs": bit_diffs(want, full_state(model2, opt2))}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +103,72 @@ def test_a_trainer_killed_in_save_restarts_from_the_newest_complete_snapshot(tmp
         want, got = _state(*_trained(res.step)), _state(m, opt)
         assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), \
             f"seed {seed}: the restored step {res.step} is not what the trainer saved"
+    finally:
+        client.stop(job)
+        left = shm.listing(shm.prefix(job))
+        for n in left:
+            shm.unlink(n)
+        assert not left, left
+
+
+KILL_TRAINER = Path(__file__).with_name("kill_trainer.py")
+
+
+def _torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(KILL_TRAINER.parents[2]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "0", str(KILL_TRAINER), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _why(p: subprocess.CompletedProcess) -> str:
+    """The launcher's stderr without C++ stack frames."""
+    return "\n".join(line for line in p.stderr.splitlines() if not line.startswith(("frame #", "Exception raised")))[-6000:]
+
+
+def _log(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(tmp_path_factory):
+    """Step -> loss of the 2-rank run without a kill."""
+    tmp = tmp_path_factory.mktemp("reference")
+    job = "f" + uuid.uuid4().hex[:12]
+    try:
+        p = _torchrun(str(tmp / "ck"), job, "0", str(tmp / "log"), "--no-kill")
+        assert p.returncode == 0, _why(p)
+    finally:
+        client.stop(job)
+    return {e["step"]: e["loss"] for e in _log(tmp / "log") if "loss" in e and e["rank"] == 0}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_rank_killed_in_save_under_torchrun_restarts_both_from_memory_with_the_same_losses(
+        tmp_path, seed, uninterrupted_losses):
+    """Two ranks under torchrun; one is SIGKILLed in the middle of a snapshot's copy (torchrun then
+    stops the other). The agent survives; the relaunched job restores the newest complete snapshot
+    from memory and trains on with exactly the losses of the run that was never interrupted."""
+    job = "f" + uuid.uuid4().hex[:12]
+    root, log = tmp_path / "ck", tmp_path / "log"
+    try:
+        p = _torchrun(str(root), job, str(seed), str(log))
+        assert p.returncode != 0, "no rank was killed"
+        complete = max(e["complete"] for e in _log(log) if "complete" in e)
+        info = agent_mod.read_info(job)
+        assert info is not None and agent_mod.is_alive(info)  # the agent survived both trainers
+        log.unlink()
+        p = _torchrun(str(root), job, str(seed), str(log), "--restore")
+        assert p.returncode == 0, _why(p)
+        entries = _log(log)
+        restored = {(e["restored"], e["source"]) for e in entries if "restored" in e}
+        # the killed snapshot was never committed by its rank: the one before it is the newest complete
+        assert restored == {(complete, "memory")}, (restored, complete)
+        losses = {e["step"]: e["loss"] for e in entries if "loss" in e and e["rank"] == 0}
+        assert losses and losses == {s: uninterrupted_losses[s] for s in losses}
+        assert min(losses) == complete + 1 and max(losses) == 8
     finally:
         client.stop(job)
         left = shm.listing(shm.prefix(job))

@@ -113,19 +113,6 @@ def test_two_slots_are_reused_without_new_memory(tmp_path, job):
                                                                     "0.1": {"step": 28, "complete": True}}
 
 
-def test_every_and_persist_every_pick_the_tiers(tmp_path, job):
-    m, opt = _model()
-    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt,
-                          snapshot=ucp.SnapshotOptions(every=2, persist_every=2, job=job))
-    tiers = {}
-    for s in range(1, 9):
-        _step(m, opt, s)
-        r = ck.save(s)
-        tiers[s] = r.tier if r is not None else None
-    assert tiers == {1: None, 2: "memory", 3: None, 4: "durable", 5: None, 6: "memory", 7: None, 8: "durable"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000008"]
-
-
 def test_a_torn_snapshot_is_never_loaded(tmp_path, job, monkeypatch):
     """A snapshot whose cut never finished, and a slot torn by a rank dying while it copies, are not
     taken for snapshots: the previous complete one is loaded."""
@@ -266,6 +253,16 @@ def test_when_the_agent_dies_the_trainer_warns_once_and_saves_durably(tmp_path, 
     m2, opt2 = _model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "durable" and res.step == 4 and _same(_state(m2, opt2), want)
+
+
+@pytest.mark.dist
+def test_when_the_agent_of_two_ranks_dies_both_warn_once_and_load_from_the_durable_tier(world2, tmp_path, job):
+    from tests.dist import memory_workloads as mw
+
+    for r in world2.run(mw.agent_killed, str(tmp_path), job):
+        assert r["tiers"][0] == "memory" and r["tiers"][-1] == "durable", r["tiers"]
+        assert len([w for w in r["warnings"] if "memory tier failed" in w]) == 1, r["warnings"]
+        assert r["source"] == "durable" and r["step"] == 4 and r["diffs"] == []
 
 
 @pytest.mark.dist

@@ -252,4 +252,7 @@ def agent(args) -> int:
         for where, snap in e.get("snapshots", {}).items():
             rank, slot = where.split(".")
             print(f"  rank {rank} slot {slot}: step {snap['step']}, {'complete' if snap['complete'] else 'not complete'}")
+        if e.get("persisted") or e.get("persisting"):
+            written = ", ".join(f"rank {r}: step {s}" for r, s in e.get("persisted", {}).items()) or "nothing yet"
+            print(f"  written to the durable tier: {written}; {e.get('persisting', 0)} write(s) in flight")
     return 0 if all(e["running"] for e in report) else 2

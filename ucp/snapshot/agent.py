@@ -12,8 +12,13 @@ Lifecycle (docs/agent.md):
   restart find it there; the start time tells a live agent from a recycled pid.
 * **Memory.** Segments ``ucp.<uid>.<job>.<name>`` are created by the agent on request and mapped by
   trainers without the resource tracker (:mod:`ucp.snapshot.shm`), so a dying trainer deletes nothing.
-* **Stop.** A ``shutdown`` request or SIGTERM/SIGINT: the agent unlinks its segments and its
-  discovery file and exits. A crashed agent's leftovers are reclaimed by the next start.
+* **Persistence.** On a ``persist`` request the agent writes a complete snapshot to the durable
+  tier from a thread of its own (:mod:`ucp.snapshot.persist`); a rank's ``begin`` of that slot waits
+  until it is written. Failures are handed to the rank with its next ``begin`` or ``drain``.
+* **Stop.** A ``shutdown`` request or SIGINT: the agent finishes the writes in flight, unlinks its
+  segments and its discovery file and exits. SIGTERM (preemption) first flushes each rank's newest
+  complete snapshot to the durable tier, if it is not there yet. A crashed agent's leftovers are
+  reclaimed by the next start.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ucp.errors import FormatError, UcpError
-from ucp.snapshot import shm
+from ucp.snapshot import persist, shm
 from ucp.storage.atomic import write_atomic
 
 FORMAT = "ucp.agent"
@@ -118,6 +123,15 @@ def is_alive(info: AgentInfo) -> bool:
     return process_start_time(info.pid) == info.start_time
 
 
+class Deferred:
+    """A request answered later, by a thread of its own: once ``ready()`` holds (checked under the
+    agent's lock), ``answer()`` is the reply."""
+
+    def __init__(self, ready, answer):
+        self.ready = ready
+        self.answer = answer
+
+
 class Agent:
     """The agent process's state and request handlers (run by :func:`serve`)."""
 
@@ -128,14 +142,32 @@ class Agent:
         self.slots: dict[tuple[int, int], dict] = {}  # (rank, slot) -> committed snapshot header
         self.stopping = threading.Event()
         self.started = time.time()
+        # persistence (docs/agent.md section 5); every field below is guarded by ``lock``
+        self.lock = threading.Condition(threading.RLock())
+        self.config: dict[int, dict] = {}  # rank -> where and what it persists
+        self.work: list[tuple[int, int, int]] = []  # (rank, slot, step) to write, in order
+        self.busy: set[tuple[int, int]] = set()  # slots queued or being written
+        self.inflight: dict[int, int] = {}  # rank -> writes (and, for rank 0, commits) not finished
+        self.persisted: dict[int, int] = {}  # rank -> newest step written
+        self.errors: dict[int, list[str]] = {}  # rank -> persistence failures not yet reported
+        self.writer = threading.Thread(target=self._write_loop, name="ucp-persist", daemon=True)
+        self.writer.start()
 
     # -- requests ------------------------------------------------------------------------
-    def handle(self, request: dict) -> dict:
+    def handle(self, request: dict):
+        """The reply to ``request``: a dict, or a :class:`Deferred` one."""
         op = request.get("op")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             raise AgentError(f"unknown request {op!r}")
-        return handler(**request.get("args", {}))
+        with self.lock:
+            return handler(**request.get("args", {}))
+
+    def answer_deferred(self, deferred: Deferred, timeout: float) -> dict:
+        with self.lock:
+            if not self.lock.wait_for(lambda: deferred.ready() or self.stopping.is_set(), timeout):
+                raise AgentError(f"still busy after {timeout:g} s")
+            return deferred.answer()
 
     def op_hello(self, client: str, pid: int, rank: int | None = None) -> dict:
         self.clients[client] = {"pid": pid, "rank": rank, "since": time.time()}
@@ -145,7 +177,9 @@ class Agent:
         return {"job": self.job, "pid": os.getpid(), "started": self.started, "segments": dict(self.segments),
                 "nbytes": sum(self.segments.values()), "clients": len(self.clients),
                 "snapshots": {f"{r}.{s}": {"step": h["step"], "complete": h["complete"]}
-                              for (r, s), h in sorted(self.slots.items())}}
+                              for (r, s), h in sorted(self.slots.items())},
+                "persisted": {str(r): s for r, s in sorted(self.persisted.items())},
+                "persisting": sum(self.inflight.values())}
 
     def op_alloc(self, name: str, nbytes: int) -> dict:
         """Create segment ``name`` of ``nbytes``, or hand back the one of that name and size."""
@@ -171,12 +205,20 @@ class Agent:
             raise AgentError(f"no slot {slot!r} of rank {rank!r}: ranks are >= 0, slots 0 and 1")
         return shm.segment_name(self.job, f"r{rank}.s{slot}.json")
 
-    def op_begin(self, rank: int, slot: int, step: int) -> dict:
-        """Rank ``rank`` is about to overwrite ``slot``: whatever it held stops being a snapshot."""
+    def op_begin(self, rank: int, slot: int, step: int):
+        """Rank ``rank`` is about to overwrite ``slot``: whatever it held stops being a snapshot
+        (answered once a write of the slot to the durable tier is done). The reply hands over the
+        rank's persistence failures not yet reported."""
         path = shm.SHM_DIR / self._slot(rank, slot)
-        path.unlink(missing_ok=True)
-        self.slots.pop((rank, slot), None)
-        return {"slot": slot, "step": step}
+
+        def begin() -> dict:
+            path.unlink(missing_ok=True)
+            self.slots.pop((rank, slot), None)
+            return {"slot": slot, "step": step, "errors": self.errors.pop(rank, [])}
+
+        if (rank, slot) in self.busy:
+            return Deferred(lambda: (rank, slot) not in self.busy, begin)
+        return begin()
 
     def op_commit(self, rank: int, slot: int, step: int, header: dict) -> dict:
         """Rank ``rank`` wrote all of ``step`` into ``slot``: publish its header (not yet complete:
@@ -184,13 +226,119 @@ class Agent:
         self._publish(rank, slot, {**header, "step": step, "complete": False})
         return {"slot": slot, "step": step}
 
-    def op_complete(self, rank: int, slot: int, step: int) -> dict:
-        """Every rank of the job committed ``step``: the snapshot in ``slot`` is complete."""
+    def op_complete(self, rank: int, slot: int, step: int, token: int | None = None) -> dict:
+        """Every rank of the job committed ``step``: the snapshot in ``slot`` is complete. ``token``
+        names the cut (the same on every rank): the durable files written from it carry it."""
         header = self.slots.get((rank, slot))
         if header is None or header["step"] != step:
             raise AgentError(f"rank {rank} has no committed snapshot of step {step} in slot {slot}")
-        self._publish(rank, slot, {**header, "complete": True})
+        self._publish(rank, slot, {**header, "complete": True, "token": header.get("token", token)})
         return {"slot": slot, "step": step}
+
+    # -- persistence (docs/agent.md section 5) ------------------------------------------------
+    def op_configure(self, rank: int, root: str, write: list[int], world_size: int, keep: int | None = None,
+                     fsync: bool = True, timeout: float = 300.0) -> dict:
+        """Where rank ``rank``'s snapshots go durably (checkpoint root ``root``) and which of its
+        fragments it writes there (indices into its header's fragments; the save plan's share)."""
+        self.config[rank] = {"root": root, "write": list(write), "world_size": world_size, "keep": keep,
+                             "fsync": fsync, "timeout": timeout}
+        return {"rank": rank}
+
+    def op_persist(self, rank: int, slot: int, step: int) -> dict:
+        """Write rank ``rank``'s complete snapshot of ``step`` (in ``slot``) to the durable tier, in
+        the background; rank 0's agent then commits the checkpoint once every rank's file is there."""
+        header = self.slots.get((rank, slot))
+        if header is None or header["step"] != step or not header["complete"]:
+            raise AgentError(f"rank {rank} has no complete snapshot of step {step} in slot {slot}")
+        if rank not in self.config:
+            raise AgentError(f"rank {rank} has not said where to persist (configure)")
+        self._queue(rank, slot, step)
+        return {"queued": True}
+
+    def op_drain(self, rank: int):
+        """Answered once rank ``rank``'s writes (and for rank 0, commits) are done: its failures."""
+        return Deferred(lambda: not self.inflight.get(rank), lambda: {"errors": self.errors.pop(rank, [])})
+
+    def _queue(self, rank: int, slot: int, step: int) -> None:
+        self.busy.add((rank, slot))
+        self.inflight[rank] = self.inflight.get(rank, 0) + 1
+        self.work.append((rank, slot, step))
+        self.lock.notify_all()
+
+    def _done(self, rank: int, error: str | None = None) -> None:
+        with self.lock:
+            if error is not None:
+                self.errors.setdefault(rank, []).append(error)
+            self.inflight[rank] -= 1
+            self.lock.notify_all()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self.lock:
+                self.lock.wait_for(lambda: self.work)
+                rank, slot, step = self.work.pop(0)
+                header, cfg = self.slots.get((rank, slot)), dict(self.config[rank])
+            error = None
+            try:
+                if header is None or header["step"] != step:
+                    raise persist.PersistError(f"slot {slot} of rank {rank} no longer holds step {step}")
+                self._write(header, cfg)
+            except Exception as e:
+                error = f"writing step {step} of rank {rank} to the durable tier failed: {e}"
+            finally:
+                with self.lock:
+                    self.busy.discard((rank, slot))
+                    if error is None:
+                        self.persisted[rank] = max(step, self.persisted.get(rank, -1))
+            if error is None and rank == 0:
+                threading.Thread(target=self._commit, args=(header, cfg), name="ucp-commit", daemon=True).start()
+            else:
+                self._done(rank, error)
+
+    def _write(self, header: dict, cfg: dict) -> None:
+        from ucp.storage.directory import step_dir
+
+        directory = step_dir(Path(cfg["root"]), header["step"])
+        if not persist.prepare(directory):
+            return  # that step is durable already
+        seg = shm.attach(header["fragments"][0]["file"]) if header["fragments"] else None
+        try:
+            data = memoryview(seg.buf) if seg is not None else memoryview(b"")
+            persist.write_rank(directory, header, data, cfg["write"], header["token"], cfg["fsync"])
+            data.release()
+        finally:
+            if seg is not None:
+                seg.close()
+
+    def _commit(self, header: dict, cfg: dict) -> None:
+        from ucp.storage.directory import step_dir
+
+        error = None
+        try:
+            persist.commit_when_written(step_dir(Path(cfg["root"]), header["step"]), Path(cfg["root"]), header["step"],
+                                        cfg["world_size"], header["token"], cfg["keep"], cfg["timeout"])
+        except Exception as e:
+            error = f"committing step {header['step']} to the durable tier failed: {e}"
+        self._done(0, error)
+
+    def flush(self, timeout: float) -> None:
+        """Write each rank's newest complete snapshot that is not durable yet, and wait (``timeout``
+        seconds at most) for every write and commit: what SIGTERM does before the agent exits."""
+        with self.lock:
+            newest: dict[int, tuple[int, int]] = {}
+            for (rank, slot), h in self.slots.items():
+                if h["complete"] and h.get("token") is not None and h["step"] > newest.get(rank, (-1, 0))[0]:
+                    newest[rank] = (h["step"], slot)
+            for rank, (step, slot) in sorted(newest.items()):
+                queued = {(r, s) for r, _, s in self.work}
+                if rank in self.config and step > self.persisted.get(rank, -1) and (rank, step) not in queued:
+                    self._queue(rank, slot, step)
+        self.drain_all(timeout)
+
+    def drain_all(self, timeout: float) -> bool:
+        """Wait (``timeout`` s at most) until no write or commit is in flight."""
+        with self.lock:
+            return self.lock.wait_for(lambda: not any(self.inflight.values()), timeout)
 
     def op_slots(self, rank: int | None = None) -> dict:
         """Headers of the committed snapshots (of one rank, or of every rank of the node)."""
@@ -208,8 +356,14 @@ class Agent:
         self.stopping.set()
         return {"stopping": True}
 
-    def cleanup(self) -> None:
-        """Remove every segment and the discovery file (a clean shutdown leaves nothing behind)."""
+    def cleanup(self, flush: bool = False) -> None:
+        """Finish the writes in flight (after flushing the newest snapshots, with ``flush``), then
+        remove every segment and the discovery file (a clean shutdown leaves nothing behind)."""
+        timeout = max([c["timeout"] for c in self.config.values()], default=60.0)
+        if flush:
+            self.flush(timeout)
+        else:
+            self.drain_all(timeout)
         for name in list(self.segments):
             shm.unlink(name)
         self.segments.clear()
@@ -255,13 +409,37 @@ def serve(job: str, host: str = "127.0.0.1", ready=None) -> None:
                      host=host, port=store.port, started=agent.started)
     write_atomic(discovery_path(job), info.to_json(), mode=0o600)  # published whole
 
+    flush = []
+
     def on_signal(signum, frame):
+        if signum == signal.SIGTERM:
+            flush.append(True)  # preemption: the newest snapshots go to the durable tier first
         agent.stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if ready is not None:
         ready(info)
+    pusher = TCPStore(host, store.port, is_master=False, use_libuv=True, timeout=datetime.timedelta(seconds=30))
+    push_lock = threading.Lock()  # deferred answers come from their own threads
+
+    def send(reply_to: str, rid, result=None, error: Exception | None = None) -> None:
+        if error is None:
+            reply = {"ok": True, "result": result, "id": rid}
+        else:  # every failure goes back to the caller, the agent goes on
+            text = str(error) if isinstance(error, UcpError) else f"{type(error).__name__}: {error}"
+            reply = {"ok": False, "error": text, "id": rid}
+        with push_lock:
+            pusher.queue_push(reply_to, json.dumps(reply))
+
+    def send_later(reply_to: str, rid, deferred: Deferred, wait: float) -> None:
+        try:
+            result = agent.answer_deferred(deferred, wait)
+        except Exception as e:
+            send(reply_to, rid, error=e)
+        else:
+            send(reply_to, rid, result)
+
     try:
         while not agent.stopping.is_set():
             try:
@@ -273,13 +451,23 @@ def serve(job: str, host: str = "127.0.0.1", ready=None) -> None:
                 reply_to = request["reply"]
             except (ValueError, KeyError, TypeError):
                 continue  # not a request: nobody to answer
+            rid = request.get("id")
             try:
-                reply = {"ok": True, "result": agent.handle(request)}
-            except Exception as e:  # every failure goes back to the caller, the agent goes on
-                reply = {"ok": False, "error": str(e) if isinstance(e, UcpError) else f"{type(e).__name__}: {e}"}
-            store.queue_push(reply_to, json.dumps(reply))
+                result = agent.handle(request)
+            except Exception as e:
+                send(reply_to, rid, error=e)
+                continue
+            if isinstance(result, Deferred):
+                wait = float(request.get("timeout", 300.0))
+                threading.Thread(target=send_later, args=(reply_to, rid, result, wait), daemon=True).start()
+            else:
+                send(reply_to, rid, result)
+            if request.get("op") == "shutdown":  # the caller has its answer before the store goes away
+                deadline = time.monotonic() + 2.0
+                while pusher.queue_len(reply_to) and time.monotonic() < deadline:
+                    time.sleep(0.005)
     finally:
-        agent.cleanup()
+        agent.cleanup(flush=bool(flush))
 
 
 def daemonize(log: Path | None) -> bool:

@@ -39,19 +39,32 @@ class AgentClient:
                                    timeout=datetime.timedelta(seconds=timeout))
         except Exception as e:
             raise AgentError(f"cannot reach the agent of job {info.job!r} (pid {info.pid}, port {info.port}): {e}") from None
+        self._store.set_timeout(datetime.timedelta(seconds=min(timeout, 1.0)))  # waits are sliced (request)
+        self._sent = 0
 
-    def request(self, op: str, **args) -> dict:
-        """Send one request and wait for its answer (``timeout`` seconds at most)."""
+    def request(self, op: str, wait: float | None = None, **args) -> dict:
+        """Send one request and wait for its answer (``wait`` seconds at most, default ``timeout``).
+        A request the agent answers later (``begin`` of a slot being written durably, ``drain``)
+        may take longer than ``timeout``: pass ``wait``."""
         if not is_alive(self.info):
             raise AgentError(f"the agent of job {self.info.job!r} (pid {self.info.pid}) is gone")
-        self._store.queue_push(REQUESTS, json.dumps({"op": op, "args": args, "reply": self._reply}))
-        try:
-            raw = self._store.queue_pop(self._reply)
-        except Exception:
-            alive = "running" if is_alive(self.info) else "gone"
-            raise AgentError(f"the agent of job {self.info.job!r} (pid {self.info.pid}, {alive}) did not answer "
-                             f"{op!r} within {self.timeout:g} s") from None
-        reply = json.loads(raw)
+        wait = self.timeout if wait is None else wait
+        self._sent += 1
+        rid = f"{self.id}.{self._sent}"
+        self._store.queue_push(REQUESTS, json.dumps({"op": op, "args": args, "reply": self._reply, "id": rid,
+                                                     "timeout": wait}))
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                reply = json.loads(self._store.queue_pop(self._reply))
+            except Exception:  # one slice of the store's timeout: is the agent still there?
+                if time.monotonic() < deadline and is_alive(self.info):
+                    continue
+                alive = "running" if is_alive(self.info) else "gone"
+                raise AgentError(f"the agent of job {self.info.job!r} (pid {self.info.pid}, {alive}) did not "
+                                 f"answer {op!r} within {wait:g} s") from None
+            if reply.get("id") == rid:
+                break  # (an answer to an earlier request that timed out is dropped)
         if not reply.get("ok"):
             raise AgentError(f"the agent of job {self.info.job!r} refused {op!r}: {reply.get('error')}")
         return reply["result"]

@@ -65,9 +65,10 @@ def place(sizes: list[tuple[str, int]]) -> tuple[list[Placement], int]:
 class MemoryTier:
     """One rank's two slots in its node's agent."""
 
-    def __init__(self, job: str, rank: int, timeout: float = 30.0):
+    def __init__(self, job: str, rank: int, timeout: float = 30.0, persist_timeout: float = 600.0):
         self.job = shm.check_job(job)
         self.rank = rank
+        self.persist_timeout = persist_timeout
         self.client: AgentClient = ensure_agent(job, timeout)
         self.client.hello(rank)
         self._segments: dict[int, shm.Segment] = {}
@@ -81,8 +82,8 @@ class MemoryTier:
         """The committed headers of every rank whose snapshots this node's agent holds."""
         return list(self.client.request("slots")["slots"].values())
 
-    def complete_rank(self, rank: int, slot: int, step: int) -> None:
-        self.client.request("complete", rank=rank, slot=slot, step=step)
+    def complete_rank(self, rank: int, slot: int, step: int, token: int | None = None) -> None:
+        self.client.request("complete", rank=rank, slot=slot, step=step, token=token)
 
     def free_slot(self) -> int:
         """The slot to write next: not the one holding this rank's newest complete snapshot."""
@@ -108,15 +109,17 @@ class MemoryTier:
         seg = self._segments[slot] = shm.attach(name)
         return seg
 
-    def write(self, step: int, items: list[tuple[str, torch.Tensor]], header: dict, checksums) -> dict:
+    def write(self, step: int, items: list[tuple[str, torch.Tensor]], header: dict, checksums) -> tuple[dict, list[str]]:
         """Copy ``items`` ``(dtype name, contiguous CPU tensor)`` into a free slot as ``step`` and
         commit it with ``header`` (to which the fragments' file, offsets and checksums are added by
-        ``checksums(views) -> [(crc, blocks)]``); returns the committed header."""
+        ``checksums(views) -> [(crc, blocks)]``); returns the committed header and the agent's
+        failures to write earlier snapshots durably, not reported before. Waits while the agent
+        writes the slot to the durable tier."""
         slot = self.free_slot()
         views = [t.reshape(-1).view(torch.uint8) for _, t in items]
         placements, nbytes = place([(d, v.numel()) for (d, _), v in zip(items, views)])
         seg = self._segment(slot, nbytes)
-        self.client.request("begin", rank=self.rank, slot=slot, step=step)
+        errors = self.client.request("begin", wait=self.persist_timeout, rank=self.rank, slot=slot, step=step)["errors"]
         whole = torch.frombuffer(seg.buf, dtype=torch.uint8)
         try:
             targets = []
@@ -132,10 +135,24 @@ class MemoryTier:
         full = {**header, "format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank,
                 "slot": slot, "host": os.uname().nodename, "file_size": seg.nbytes, "fragments": fragments}
         self.client.request("commit", rank=self.rank, slot=slot, step=step, header=full)
-        return full
+        return full, errors
 
-    def complete(self, slot: int, step: int) -> None:
-        self.client.request("complete", rank=self.rank, slot=slot, step=step)
+    def complete(self, slot: int, step: int, token: int | None = None) -> None:
+        self.complete_rank(self.rank, slot, step, token)
+
+    # -- the durable tier, written by the agent (docs/agent.md section 5) -----------------------
+    def configure(self, root: str, write: list[int], world_size: int, keep: int | None, fsync: bool) -> None:
+        """Tell the agent where this rank's snapshots go durably and which fragments it writes."""
+        self.client.request("configure", rank=self.rank, root=root, write=write, world_size=world_size, keep=keep,
+                            fsync=fsync, timeout=self.persist_timeout)
+
+    def persist(self, slot: int, step: int) -> None:
+        """Have the agent write the complete snapshot of ``step`` in ``slot`` durably (background)."""
+        self.client.request("persist", rank=self.rank, slot=slot, step=step)
+
+    def drain(self) -> list[str]:
+        """Wait until the agent's durable writes for this rank are done; their failures."""
+        return self.client.request("drain", wait=self.persist_timeout, rank=self.rank)["errors"]
 
     def close(self) -> None:
         for seg in self._segments.values():

@@ -1,0 +1,216 @@
+"""Snapshots streamed to the durable tier by the agent (issue 6, stage c): every ``persist_every``-th
+snapshot becomes an ordinary durable checkpoint written by the agents, not the trainers; a slot is
+not overwritten while it is written; failures reach the trainer at its next call; SIGTERM flushes
+the newest snapshot before the agent exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import pytest
+import torch
+
+import ucp
+from ucp.snapshot import agent as agent_mod
+from ucp.snapshot import client, persist, shm
+from ucp.storage import directory as store
+from ucp.storage.manifest_io import read_manifest
+from ucp.storage.safetensors_file import read_header
+from ucp.storage.verify import verify_checkpoint
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def job():
+    name = "p" + uuid.uuid4().hex[:12]
+    yield name
+    info = agent_mod.read_info(name) if agent_mod.discovery_path(name).exists() else None
+    if info is not None and agent_mod.is_alive(info):
+        client.stop(name)
+    left = shm.listing(shm.prefix(name))
+    for n in left:
+        shm.unlink(n)
+    assert not left, f"left behind: {left}"
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 200), torch.nn.Linear(200, 3))
+    return m, torch.optim.AdamW(m.parameters(), lr=0.01)
+
+
+def _step(m, opt, s):
+    g = torch.Generator().manual_seed(s)
+    m(torch.randn(4, 32, generator=g)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _state(m, opt) -> dict:
+    out = {f"model/{k}": v.clone() for k, v in m.state_dict().items()}
+    names = {id(p): n for n, p in m.named_parameters()}
+    out.update({f"optim/{names[id(p)]}/{k}": v.clone() for p, st in opt.state.items() for k, v in st.items()})
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _load_durable(root, step=None):
+    m, opt = _model(seed=7)
+    res = ucp.Checkpointer(root, model=m, optimizer=opt).load(step)
+    return res, _state(m, opt)
+
+
+def test_every_persist_every_th_snapshot_is_written_durably_by_the_agent(tmp_path, job):
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, keep=1,
+                          snapshot=ucp.SnapshotOptions(every=2, persist_every=2, job=job))
+    tiers, states = {}, {}
+    for s in range(1, 9):
+        _step(m, opt, s)
+        r = ck.save(s)
+        tiers[s] = r.tier if r is not None else None
+        states[s] = _state(m, opt)
+    ck.wait()  # returns once the agent's durable writes are done too
+    assert tiers == {1: None, 2: "memory", 3: None, 4: "memory", 5: None, 6: "memory", 7: None, 8: "memory"}
+    # steps 4 and 8 were written (multiples of every * persist_every); keep=1 retained the newest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000008"]
+    directory = store.step_dir(tmp_path, 8)
+    header, _ = read_header(directory / "rank_00000.safetensors")
+    meta = json.loads(header["__metadata__"][persist.META])  # written by the agent, from its memory
+    assert meta["step"] == 8 and meta["rank"] == 0 and meta["token"] > 0
+    assert not [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+    assert verify_checkpoint(directory, read_manifest(directory)).ok
+    res, got = _load_durable(tmp_path)
+    assert res.source == "durable" and res.step == 8 and _same(got, states[8])
+    assert client.connect(job).status()["persisted"] == {"0": 8}
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "ucp.cli.main", "agent", "status", "--job", job],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "written to the durable tier: rank 0: step 8; 0 write(s) in flight" in shown, shown
+
+
+def test_a_failed_durable_write_is_reported_at_the_next_call_and_snapshots_go_on(tmp_path, job):
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(persist_every=2, job=job))
+    _step(m, opt, 1)
+    ck.save(1)
+    ck.wait()
+    store.step_dir(tmp_path, 2).write_text("in the way")  # a file where step 2's directory goes
+    _step(m, opt, 2)
+    ck.save(2)
+    with pytest.raises(persist.PersistError, match="step 2 of rank 0 to the durable tier failed"):
+        ck.wait()
+    ck.wait()  # reported once
+    _step(m, opt, 3)
+    assert ck.save(3).tier == "memory"  # the memory tier goes on
+    ck.wait()
+    want = _state(m, opt)
+    m2, opt2 = _model(seed=3)
+    res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    assert res.source == "memory" and res.step == 3 and _same(_state(m2, opt2), want)
+
+
+def test_a_failure_seen_by_a_later_snapshot_is_raised_by_the_next_save(tmp_path, job):
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(persist_every=1, job=job))
+    store.step_dir(tmp_path, 1).write_text("in the way")
+    _step(m, opt, 1)
+    ck.save(1)
+    deadline = time.monotonic() + 30
+    while client.connect(job).status()["persisting"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for s in (2, 3):  # step 2's begin hands the failure over; step 3's save raises it
+        _step(m, opt, s)
+        try:
+            ck.save(s)
+        except persist.PersistError as e:
+            assert s == 3 and "step 1 of rank 0" in str(e)
+            break
+    else:
+        pytest.fail("the failure to write step 1 was never raised")
+
+
+def test_sigterm_flushes_the_newest_snapshot_before_the_agent_exits(tmp_path, job):
+    m, opt = _model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))  # memory only
+    for s in (1, 2, 3):
+        _step(m, opt, s)
+        ck.save(s)
+    ck.wait()
+    want = _state(m, opt)
+    assert not list(tmp_path.iterdir())
+    info = agent_mod.read_info(job)
+    os.kill(info.pid, signal.SIGTERM)  # preemption
+    deadline = time.monotonic() + 30
+    while agent_mod.is_alive(info):
+        assert time.monotonic() < deadline, "the agent did not exit after SIGTERM"
+        time.sleep(0.02)
+    assert not shm.listing(shm.prefix(job))  # its memory is gone ...
+    res, got = _load_durable(tmp_path)  # ... and the newest snapshot is on the durable tier
+    assert res.step == 3 and _same(got, want)
+
+
+def test_begin_of_a_slot_being_written_durably_waits_for_the_write():
+    a = agent_mod.Agent("u" + uuid.uuid4().hex[:12])
+    try:
+        a.busy.add((0, 1))
+        deferred = a.handle({"op": "begin", "args": {"rank": 0, "slot": 1, "step": 5}})
+        assert isinstance(deferred, agent_mod.Deferred) and not deferred.ready()
+        assert a.handle({"op": "begin", "args": {"rank": 0, "slot": 0, "step": 5}})["slot"] == 0  # the other slot
+        a.busy.discard((0, 1))
+        assert deferred.ready() and deferred.answer() == {"slot": 1, "step": 5, "errors": []}
+    finally:
+        a.cleanup()
+
+
+def test_the_committer_takes_only_rank_files_of_its_own_cut(tmp_path):
+    data = torch.arange(4, dtype=torch.float32)
+    from ucp.codecs.checksum import crc32c
+    from ucp.spec.layout import Layout
+
+    raw = memoryview(data.numpy()).cast("B")
+    header = {"step": 5, "rank": 0, "world_size": 1, "layout": Layout.single().to_dict(),
+              "tensors": {"model/w": {"shape": [4], "dtype": "float32"}}, "state": {}, "created_by": "test",
+              "fragments": [{"key": "model/w", "offsets": [0], "sizes": [4], "flat": None, "dtype": "float32",
+                             "length": 16, "file": "seg", "offset": 0, "crc32c": crc32c(raw), "blocks": []}]}
+    directory = tmp_path / "step_00000005"
+    assert persist.prepare(directory)
+    persist.write_rank(directory, header, raw, [0], token=111)
+    with pytest.raises(persist.PersistError, match=r"rank\(s\) \[0\] did not arrive"):
+        persist.commit_when_written(directory, tmp_path, 5, 1, token=222, keep=None, timeout=0.3)
+    assert not store.is_complete(directory)
+    assert persist.commit_when_written(directory, tmp_path, 5, 1, token=111, keep=None, timeout=5)
+    res_manifest = read_manifest(directory)
+    assert res_manifest.step == 5 and [f.key for f in res_manifest.fragments] == ["model/w"]
+    assert not persist.prepare(directory)  # complete already: nothing more is written
+
+
+@pytest.mark.dist
+def test_two_ranks_persist_one_checkpoint_with_each_region_written_once(world2, tmp_path, job):
+    from tests.dist import memory_workloads as mw
+    from tests.dist import workloads as w
+    from tests.dist.workloads import bit_diffs
+
+    want = world2.run(mw.persist_steps, "tp", str(tmp_path), job)[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]  # keep=2
+    directory = store.step_dir(tmp_path, 3)
+    manifest = read_manifest(directory)
+    regions = [f.region for f in manifest.fragments]
+    assert len(regions) == len(set(regions))  # replicated (tp-replicated) regions written once
+    assert {f.file for f in manifest.fragments} == {"rank_00000.safetensors", "rank_00001.safetensors"}
+    assert verify_checkpoint(directory, manifest).ok
+    model = w.MLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    res = ucp.Checkpointer(tmp_path, model=model, optimizer=opt).load()
+    assert res.source == "durable" and res.step == 3
+    assert bit_diffs(want, w.full_state(model, opt)) == []
