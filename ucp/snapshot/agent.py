@@ -248,8 +248,8 @@ class Agent:
         """Write rank ``rank``'s complete snapshot of ``step`` (in ``slot``) to the durable tier, in
         the background; rank 0's agent then commits the checkpoint once every rank's file is there."""
         header = self.slots.get((rank, slot))
-        if header is None or header["step"] != step or not header["complete"]:
-            raise AgentError(f"rank {rank} has no complete snapshot of step {step} in slot {slot}")
+        if header is None or header["step"] != step or not header["complete"] or header.get("token") is None:
+            raise AgentError(f"rank {rank} has no complete snapshot of step {step} in slot {slot} (with its cut's token)")
         if rank not in self.config:
             raise AgentError(f"rank {rank} has not said where to persist (configure)")
         self._queue(rank, slot, step)

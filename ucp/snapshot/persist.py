@@ -106,7 +106,7 @@ def read_rank(path: Path) -> dict | None:
 
 
 def commit_when_written(directory: Path, root: Path, step: int, world_size: int, token: int, keep: int | None,
-                        timeout: float, stopping=None) -> bool:
+                        timeout: float) -> bool:
     """Wait (``timeout`` seconds at most, polling) until every rank's file of snapshot ``token`` is in
     ``directory``, then commit the checkpoint of ``step`` and apply retention ``keep`` under ``root``.
     Returns False when a complete checkpoint of that step was there already."""
@@ -124,7 +124,7 @@ def commit_when_written(directory: Path, root: Path, step: int, world_size: int,
                     headers[r] = h
         if len(headers) == world_size:
             break
-        if time.monotonic() > deadline or (stopping is not None and stopping()):
+        if time.monotonic() > deadline:
             missing = sorted(set(range(world_size)) - set(headers))
             raise PersistError(f"{directory}: step {step} not committed: the files of rank(s) {missing} did not "
                                f"arrive within {timeout:g} s (their agents failed or were stopped)")
