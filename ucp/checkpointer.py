@@ -174,7 +174,7 @@ class Checkpointer:
         self._memory_tier = None
         self._memory_lost: str | None = None  # why the memory tier stopped, once it has
         self._pending: dict | None = None  # the snapshot whose copy or cut is in flight
-        self._cut = None  # the process group of the snapshots' cut
+        self._cut = None  # a weak reference to the process group of the snapshots' cut
         self._hook = None
         self._persist_regions = None  # the pieces the agent was configured with (durable writes)
         self._closed = False
@@ -401,18 +401,22 @@ class Checkpointer:
 
     def _cut_group(self):
         """The process group of the snapshots' cut (created on first use, by every rank's first
-        snapshot); None for a job of one rank, whose cut is its own commit."""
+        snapshot); None for a job of one rank, whose cut is its own commit. Only torch.distributed
+        holds it: held here too, it would outlive ``destroy_process_group()`` and be torn down at
+        interpreter exit, where gloo may abort the process."""
         if self.coll.world_size == 1:
             return None
-        if self._cut is None:
+        group = self._cut() if self._cut is not None else None
+        if group is None:
             import datetime
+            import weakref
 
             import torch.distributed as dist
 
             ranks = dist.get_process_group_ranks(self.coll.group) if self.coll.group is not None else None
-            self._cut = dist.new_group(ranks=ranks, backend="gloo",
-                                       timeout=datetime.timedelta(seconds=self.snapshot.timeout))
-        return self._cut
+            group = dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.snapshot.timeout))
+            self._cut = weakref.ref(group)
+        return group
 
     def _save_durable(self, step: int, extras: dict | None) -> SaveResult:
         t0 = time.perf_counter()
@@ -625,13 +629,25 @@ class Checkpointer:
                 raise PersistError("; ".join(errors))
 
     def close(self) -> None:
-        """Finish pending work; later calls raise."""
+        """Finish pending work (a collective with snapshots: every rank calls it), release the
+        snapshots' process group and this rank's mappings of the agent's memory (the snapshots stay
+        with the agent); later calls raise."""
         if not self._closed:
-            self.wait()
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
-            self._closed = True
+            try:
+                self.wait()
+            finally:
+                if self._hook is not None:
+                    self._hook.remove()
+                    self._hook = None
+                self._closed = True
+                group = self._cut() if self._cut is not None else None
+                if group is not None:
+                    import torch.distributed as dist
+
+                    dist.destroy_process_group(group)
+                self._cut = None
+                if self._memory_tier is not None:
+                    self._memory_tier.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -83,7 +83,7 @@ def main() -> None:
         ck.save(s)
         if s > first:
             note(complete=s - 1)  # save(s) first finished the cut of s - 1
-    ck.wait()
+    ck.wait()  # (no close(): a trainer that leaves its Checkpointer open must exit cleanly too)
     dist.destroy_process_group()
 
 

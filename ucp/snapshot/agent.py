@@ -150,8 +150,9 @@ class Agent:
         self.inflight: dict[int, int] = {}  # rank -> writes (and, for rank 0, commits) not finished
         self.persisted: dict[int, int] = {}  # rank -> newest step written
         self.errors: dict[int, list[str]] = {}  # rank -> persistence failures not yet reported
-        self.writer = threading.Thread(target=self._write_loop, name="ucp-persist", daemon=True)
-        self.writer.start()
+        self.commits: list[tuple[dict, dict]] = []  # (rank 0's header, config) to commit, in order
+        for loop, name in ((self._write_loop, "ucp-persist"), (self._commit_loop, "ucp-commit")):
+            threading.Thread(target=loop, name=name, daemon=True).start()
 
     # -- requests ------------------------------------------------------------------------
     def handle(self, request: dict):
@@ -291,7 +292,9 @@ class Agent:
                     if error is None:
                         self.persisted[rank] = max(step, self.persisted.get(rank, -1))
             if error is None and rank == 0:
-                threading.Thread(target=self._commit, args=(header, cfg), name="ucp-commit", daemon=True).start()
+                with self.lock:  # commits run one at a time, in order (retention assumes the newest last)
+                    self.commits.append((header, cfg))
+                    self.lock.notify_all()
             else:
                 self._done(rank, error)
 
@@ -309,6 +312,13 @@ class Agent:
         finally:
             if seg is not None:
                 seg.close()
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self.lock:
+                self.lock.wait_for(lambda: self.commits)
+                header, cfg = self.commits.pop(0)
+            self._commit(header, cfg)
 
     def _commit(self, header: dict, cfg: dict) -> None:
         from ucp.storage.directory import step_dir
@@ -497,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.daemon and not daemonize(args.log):
         return 0
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to the log
     try:
         serve(args.job, ready=lambda info: print(f"ucp agent of job {info.job}: pid {info.pid}, "
                                                  f"port {info.port} on {socket.gethostname()}", flush=True))

@@ -39,7 +39,6 @@ class AgentClient:
                                    timeout=datetime.timedelta(seconds=timeout))
         except Exception as e:
             raise AgentError(f"cannot reach the agent of job {info.job!r} (pid {info.pid}, port {info.port}): {e}") from None
-        self._store.set_timeout(datetime.timedelta(seconds=min(timeout, 1.0)))  # waits are sliced (request)
         self._sent = 0
 
     def request(self, op: str, wait: float | None = None, **args) -> dict:
@@ -53,13 +52,11 @@ class AgentClient:
         rid = f"{self.id}.{self._sent}"
         self._store.queue_push(REQUESTS, json.dumps({"op": op, "args": args, "reply": self._reply, "id": rid,
                                                      "timeout": wait}))
-        deadline = time.monotonic() + wait
+        self._store.set_timeout(datetime.timedelta(seconds=wait))
         while True:
             try:
                 reply = json.loads(self._store.queue_pop(self._reply))
-            except Exception:  # one slice of the store's timeout: is the agent still there?
-                if time.monotonic() < deadline and is_alive(self.info):
-                    continue
+            except Exception:  # the wait ran out, or the agent's store went away with it
                 alive = "running" if is_alive(self.info) else "gone"
                 raise AgentError(f"the agent of job {self.info.job!r} (pid {self.info.pid}, {alive}) did not "
                                  f"answer {op!r} within {wait:g} s") from None

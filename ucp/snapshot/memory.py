@@ -72,6 +72,7 @@ class MemoryTier:
         self.client: AgentClient = ensure_agent(job, timeout)
         self.client.hello(rank)
         self._segments: dict[int, shm.Segment] = {}
+        self._newest: int | None = None  # the slot of this rank's newest complete snapshot, if known
 
     def headers(self) -> dict[int, dict]:
         """This rank's committed slots: slot -> header."""
@@ -84,13 +85,16 @@ class MemoryTier:
 
     def complete_rank(self, rank: int, slot: int, step: int, token: int | None = None) -> None:
         self.client.request("complete", rank=rank, slot=slot, step=step, token=token)
+        if rank == self.rank:
+            self._newest = None  # (a load marked one of ours complete: ask the agent again)
 
     def free_slot(self) -> int:
-        """The slot to write next: not the one holding this rank's newest complete snapshot."""
-        complete = {s: h["step"] for s, h in self.headers().items() if h["complete"]}
-        if not complete:
-            return 0
-        return 1 - max(complete, key=complete.get)
+        """The slot to write next: not the one holding this rank's newest complete snapshot (known
+        from this rank's own ``complete``, else asked of the agent)."""
+        if self._newest is None:
+            complete = {s: h["step"] for s, h in self.headers().items() if h["complete"]}
+            self._newest = max(complete, key=complete.get) if complete else 1
+        return 1 - self._newest
 
     def _segment(self, slot: int, nbytes: int) -> shm.Segment:
         seg = self._segments.get(slot)
@@ -139,6 +143,7 @@ class MemoryTier:
 
     def complete(self, slot: int, step: int, token: int | None = None) -> None:
         self.complete_rank(self.rank, slot, step, token)
+        self._newest = slot
 
     # -- the durable tier, written by the agent (docs/agent.md section 5) -----------------------
     def configure(self, root: str, write: list[int], world_size: int, keep: int | None, fsync: bool) -> None:

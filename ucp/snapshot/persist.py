@@ -124,6 +124,8 @@ def commit_when_written(directory: Path, root: Path, step: int, world_size: int,
                     headers[r] = h
         if len(headers) == world_size:
             break
+        if not directory.is_dir():
+            raise PersistError(f"{directory}: removed while step {step} waited for its rank files")
         if time.monotonic() > deadline:
             missing = sorted(set(range(world_size)) - set(headers))
             raise PersistError(f"{directory}: step {step} not committed: the files of rank(s) {missing} did not "
