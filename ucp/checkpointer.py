@@ -93,6 +93,13 @@ def bytes_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def _snapshot_source(t: torch.Tensor, changes: bool) -> torch.Tensor:
+    """What a snapshot copies from: ``t`` contiguous; copied now when it ``changes`` before the
+    optimizer's step (a module buffer); CUDA tensors stay on the device (copied on a side stream)."""
+    t = t.contiguous() if t.is_cuda else staged(t)
+    return t.clone() if changes else t
+
+
 def staged(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a contiguous CPU tensor (a copy only when it is not one already)."""
     if t.device.type != "cpu":
@@ -282,22 +289,32 @@ class Checkpointer:
         metas = {p.key: p.meta.to_dict() for p in pieces}
         pieces = [p for p in pieces if p.numel]
         buffers = self._buffer_keys()
-        items = [(p.meta.dtype, staged(p.data).clone() if p.key in buffers else staged(p.data)) for p in pieces]
+        items = [(p.meta.dtype, _snapshot_source(p.data, p.key in buffers)) for p in pieces]
+        ready = None
+        if any(t.is_cuda for _, t in items):  # the side stream's copies start after what is queued now
+            ready = torch.cuda.Event()
+            ready.record()
         fragments = [{"key": p.key, "offsets": list(p.box.offsets), "sizes": list(p.box.sizes),
                       "flat": None if p.flat is None else [p.flat.start, p.flat.numel],
                       "dtype": p.meta.dtype, "length": t.numel() * t.element_size()}
                      for p, (_, t) in zip(pieces, items)]
         header = {"layout": self.layout.to_dict(), "world_size": self.coll.world_size, "tensors": metas,
                   "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
-        pending = {"step": step, "copied": threading.Event()}
+        pending = {"step": step, "copied": threading.Event(), "device_copied": None}
         cut = self._cut_group()
+
+        def copied(event) -> None:  # the sources may change now (after ``event``, on a GPU)
+            pending["device_copied"] = event
+            pending["copied"].set()
+
         regions = [tuple(map(str, (f["key"], f["offsets"], f["sizes"], f["flat"], f["dtype"], f["length"])))
                    for f in fragments]
 
         def copy():
             errors = []
             try:
-                committed, errors = tier.write(step, items, header, lambda views: [_checksums(v) for v in views])
+                committed, errors = tier.write(step, items, header, lambda views: [_checksums(v) for v in views],
+                                               ready=ready, on_copied=copied)
                 pending["slot"] = committed["slot"]
             except BaseException as e:  # surfaced by the next ucp call, never lost
                 pending["error"] = e
@@ -383,6 +400,8 @@ class Checkpointer:
         pending = self._pending
         if pending is not None:
             pending["copied"].wait()
+            if pending["device_copied"] is not None:  # copies from the GPU: its next kernels wait, not the host
+                torch.cuda.current_stream().wait_event(pending["device_copied"])
 
     def _finish_snapshot(self) -> None:
         """Wait for the snapshot in flight (copy and cut) and raise its error, if any, then a

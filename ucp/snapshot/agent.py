@@ -305,13 +305,16 @@ class Agent:
         if not persist.prepare(directory):
             return  # that step is durable already
         seg = shm.attach(header["fragments"][0]["file"]) if header["fragments"] else None
+        data = memoryview(seg.buf) if seg is not None else memoryview(b"")
         try:
-            data = memoryview(seg.buf) if seg is not None else memoryview(b"")
             persist.write_rank(directory, header, data, cfg["write"], header["token"], cfg["fsync"])
-            data.release()
         finally:
-            if seg is not None:
-                seg.close()
+            try:
+                data.release()
+                if seg is not None:
+                    seg.close()
+            except BufferError:
+                pass  # a failed write's traceback still holds views of the mapping: it goes with them
 
     def _commit_loop(self) -> None:
         while True:

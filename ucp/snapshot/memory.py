@@ -20,7 +20,9 @@ included) reads it unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,8 @@ class MemoryTier:
         self.client.hello(rank)
         self._segments: dict[int, shm.Segment] = {}
         self._newest: int | None = None  # the slot of this rank's newest complete snapshot, if known
+        self._stream = None  # the CUDA side stream of snapshots of device tensors
+        self._pinned: dict[int, int | None] = {}  # slot -> address page-locked for CUDA copies
 
     def headers(self) -> dict[int, dict]:
         """This rank's committed slots: slot -> header."""
@@ -102,6 +106,7 @@ class MemoryTier:
             return seg
         what = f"r{self.rank}.s{slot}"
         if seg is not None:  # the state changed size: a new segment
+            self._unpin(slot)
             seg.close()
             del self._segments[slot]
             self.client.free(what)
@@ -113,12 +118,20 @@ class MemoryTier:
         seg = self._segments[slot] = shm.attach(name)
         return seg
 
-    def write(self, step: int, items: list[tuple[str, torch.Tensor]], header: dict, checksums) -> tuple[dict, list[str]]:
-        """Copy ``items`` ``(dtype name, contiguous CPU tensor)`` into a free slot as ``step`` and
+    def write(self, step: int, items: list[tuple[str, torch.Tensor]], header: dict, checksums,
+              ready=None, on_copied=None) -> tuple[dict, list[str]]:
+        """Copy ``items`` ``(dtype name, contiguous tensor)`` into a free slot as ``step`` and
         commit it with ``header`` (to which the fragments' file, offsets and checksums are added by
         ``checksums(views) -> [(crc, blocks)]``); returns the committed header and the agent's
         failures to write earlier snapshots durably, not reported before. Waits while the agent
-        writes the slot to the durable tier."""
+        writes the slot to the durable tier.
+
+        CUDA tensors are copied on a side stream of this tier, after the CUDA event ``ready`` (recorded
+        by the caller on its stream), into the slot page-locked once (``cudaHostRegister``).
+        ``on_copied(event)`` is called as soon as the sources may change: for CPU tensors once they
+        are copied (``event`` None), for CUDA tensors once the copies are queued (``event`` marks
+        their end on the side stream: make the stream that changes the sources wait for it).
+        Checksums follow, from the slot."""
         slot = self.free_slot()
         views = [t.reshape(-1).view(torch.uint8) for _, t in items]
         placements, nbytes = place([(d, v.numel()) for (d, _), v in zip(items, views)])
@@ -126,11 +139,23 @@ class MemoryTier:
         errors = self.client.request("begin", wait=self.persist_timeout, rank=self.rank, slot=slot, step=step)["errors"]
         whole = torch.frombuffer(seg.buf, dtype=torch.uint8)
         try:
+            side = self._side_stream(slot, whole) if any(v.is_cuda for v in views) else None
             targets = []
-            for p, v in zip(placements, views):
-                dst = whole[p.offset:p.offset + p.nbytes]
-                dst.copy_(v)
-                targets.append(memoryview(dst.numpy()))
+            if side is not None:
+                side.wait_event(ready) if ready is not None else side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for p, v in zip(placements, views):
+                    dst = whole[p.offset:p.offset + p.nbytes]
+                    dst.copy_(v, non_blocking=side is not None)
+                    targets.append(memoryview(dst.numpy()))
+            done = None
+            if side is not None:
+                done = torch.cuda.Event()
+                done.record(side)
+            if on_copied is not None:
+                on_copied(done)
+            if done is not None:
+                done.synchronize()  # the bytes are in the slot: checksum them
             sums = checksums(targets)
         finally:
             del whole
@@ -159,7 +184,29 @@ class MemoryTier:
         """Wait until the agent's durable writes for this rank are done; their failures."""
         return self.client.request("drain", wait=self.persist_timeout, rank=self.rank)["errors"]
 
+    def _side_stream(self, slot: int, whole: torch.Tensor):
+        """This tier's CUDA side stream, with slot ``slot`` (``whole``) page-locked for it."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        if slot not in self._pinned:
+            cudart = torch.cuda.cudart()
+            ptr = whole.data_ptr()
+            if int(cudart.cudaHostRegister(ptr, whole.numel(), 0)) == 0:
+                self._pinned[slot] = ptr
+            else:  # copies still work, synchronously staged by the driver
+                warnings.warn(f"ucp: could not page-lock snapshot slot {slot} ({whole.numel()} bytes); "
+                              "device-to-host copies of snapshots will not overlap", RuntimeWarning, stacklevel=2)
+                self._pinned[slot] = None
+        return self._stream
+
+    def _unpin(self, slot: int) -> None:
+        ptr = self._pinned.pop(slot, None)
+        if ptr is not None:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+
     def close(self) -> None:
+        for slot in list(self._pinned):
+            self._unpin(slot)
         for seg in self._segments.values():
             seg.close()
         self._segments.clear()
