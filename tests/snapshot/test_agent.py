@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import pytest
 
@@ -26,28 +25,6 @@ pytestmark = pytest.mark.timeout(120)
 
 def _leftovers(job: str) -> dict:
     return shm.listing(shm.prefix(job))
-
-
-@pytest.fixture
-def job():
-    """A fresh job name; afterwards its agent is stopped (killed if it does not answer) and its
-    shared memory removed, and the test fails if anything was left behind."""
-    name = "t" + uuid.uuid4().hex[:12]
-    yield name
-    info = None
-    try:
-        info = agent_mod.read_info(name)
-    except FormatError:
-        pass
-    if info is not None and agent_mod.is_alive(info):
-        try:
-            client.stop(name, timeout=10)
-        except Exception:
-            os.kill(info.pid, signal.SIGKILL)
-    left = _leftovers(name)
-    for n in left:
-        shm.unlink(n)
-    assert not left or left == {f"{shm.prefix(name)}agent.lock": 0}, f"left behind: {left}"
 
 
 def _run(code: str, *args, **kw) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ snapshot; the consistent cut across ranks; resharding from memory onto another n
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 import torch
@@ -13,45 +12,9 @@ import ucp
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, shm
 from ucp.snapshot.memory import place, restorable
+from tests.snapshot.tiny import same, state_of, tiny_model, train_step
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def job():
-    name = "m" + uuid.uuid4().hex[:12]
-    yield name
-    info = agent_mod.read_info(name) if agent_mod.discovery_path(name).exists() else None
-    if info is not None and agent_mod.is_alive(info):
-        client.stop(name)
-    left = shm.listing(shm.prefix(name))
-    for n in left:
-        shm.unlink(n)
-    assert not left, f"left behind: {left}"
-
-
-def _model():
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(32, 200), torch.nn.Linear(200, 3))
-    return m, torch.optim.AdamW(m.parameters(), lr=0.01)
-
-
-def _step(m, opt, s):
-    g = torch.Generator().manual_seed(s)
-    m(torch.randn(4, 32, generator=g)).pow(2).mean().backward()
-    opt.step()
-    opt.zero_grad()
-
-
-def _state(m, opt) -> dict:
-    out = {f"model/{k}": v.clone() for k, v in m.state_dict().items()}
-    names = {id(p): n for n, p in m.named_parameters()}
-    out.update({f"optim/{names[id(p)]}/{k}": v.clone() for p, st in opt.state.items() for k, v in st.items()})
-    return out
-
-
-def _same(a: dict, b: dict) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_place_coalesces_pieces_per_dtype_aligned():
@@ -73,32 +36,32 @@ def test_restorable_needs_every_saving_rank_committed_and_one_complete():
 
 
 def test_snapshots_load_back_from_memory_bit_exactly(tmp_path, job):
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
     for s in range(1, 4):
-        _step(m, opt, s)
+        train_step(m, opt, s)
         res = ck.save(s)
         assert res.tier == "memory" and res.step == s and res.nbytes > 0
     ck.wait()
-    want = _state(m, opt)
+    want = state_of(m, opt)
     assert not any(tmp_path.iterdir())  # memory only: nothing on storage
-    m2, opt2 = _model()
-    _step(m2, opt2, 99)
+    m2, opt2 = tiny_model()
+    train_step(m2, opt2, 99)
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "memory" and res.step == 3
-    assert _same(_state(m2, opt2), want)
+    assert same(state_of(m2, opt2), want)
 
 
 def test_two_slots_are_reused_without_new_memory(tmp_path, job):
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
-    _step(m, opt, 0)
+    train_step(m, opt, 0)
     ck.save(1)
     ck.save(2)
     ck.wait()
     before = shm.listing(shm.prefix(job))
     for s in range(3, 30):
-        _step(m, opt, s)
+        train_step(m, opt, s)
         ck.save(s)
     ck.wait()
     assert shm.listing(shm.prefix(job)).keys() == before.keys()  # the same segments, none added
@@ -116,13 +79,13 @@ def test_two_slots_are_reused_without_new_memory(tmp_path, job):
 def test_a_torn_snapshot_is_never_loaded(tmp_path, job, monkeypatch):
     """A snapshot whose cut never finished, and a slot torn by a rank dying while it copies, are not
     taken for snapshots: the previous complete one is loaded."""
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
-    _step(m, opt, 1)
+    train_step(m, opt, 1)
     ck.save(1)
     ck.wait()
-    want = _state(m, opt)
-    _step(m, opt, 2)
+    want = state_of(m, opt)
+    train_step(m, opt, 2)
     from ucp.snapshot import memory
 
     def crash(*a, **k):
@@ -148,10 +111,10 @@ def test_a_torn_snapshot_is_never_loaded(tmp_path, job, monkeypatch):
         tier.write(3, [("float32", torch.ones(10)), ("float32", torch.ones(10))],
                    {"fragments": [{}, {}]}, lambda views: [(0, ())] * len(views))
     monkeypatch.undo()
-    m2, opt2 = _model()
+    m2, opt2 = tiny_model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "memory" and res.step == 1
-    assert _same(_state(m2, opt2), want)
+    assert same(state_of(m2, opt2), want)
 
 
 def test_the_copy_overlaps_and_the_optimizer_step_waits_for_it(tmp_path, job, monkeypatch):
@@ -159,9 +122,9 @@ def test_the_copy_overlaps_and_the_optimizer_step_waits_for_it(tmp_path, job, mo
     state of its step, not a later one."""
     import threading
 
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
-    _step(m, opt, 1)
+    train_step(m, opt, 1)
     ck.save(1)
     ck.wait()
     gate = threading.Event()
@@ -174,22 +137,22 @@ def test_the_copy_overlaps_and_the_optimizer_step_waits_for_it(tmp_path, job, mo
         return real_write(self, *a, **k)
 
     monkeypatch.setattr(memory.MemoryTier, "write", slow_write)
-    _step(m, opt, 2)
-    want = _state(m, opt)
+    train_step(m, opt, 2)
+    want = state_of(m, opt)
     ck.save(2)  # returns at once: the copy waits on the gate
     assert ck._pending is not None and ck._pending["thread"].is_alive()
     threading.Timer(0.3, gate.set).start()
-    _step(m, opt, 3)  # its optimizer step waits for the copy of step 2
+    train_step(m, opt, 3)  # its optimizer step waits for the copy of step 2
     monkeypatch.undo()
     ck.wait()
-    m2, opt2 = _model()
+    m2, opt2 = tiny_model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
-    assert res.step == 2 and _same(_state(m2, opt2), want)
+    assert res.step == 2 and same(state_of(m2, opt2), want)
 
 
 def test_without_a_snapshot_in_memory_load_reads_the_durable_tier(tmp_path, job):
-    m, opt = _model()
-    _step(m, opt, 1)
+    m, opt = tiny_model()
+    train_step(m, opt, 1)
     ucp.Checkpointer(tmp_path, model=m, optimizer=opt).save(1)
     res = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "durable" and res.step == 1
@@ -229,9 +192,9 @@ def test_when_the_agent_dies_the_trainer_warns_once_and_saves_durably(tmp_path, 
     import time
     import warnings
 
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job, timeout=10))
-    _step(m, opt, 1)
+    train_step(m, opt, 1)
     assert ck.save(1).tier == "memory"
     info = agent_mod.read_info(job)
     os.kill(info.pid, signal.SIGKILL)
@@ -242,17 +205,17 @@ def test_when_the_agent_dies_the_trainer_warns_once_and_saves_durably(tmp_path, 
         warnings.simplefilter("always")
         tiers = []
         for s in (2, 3, 4):
-            _step(m, opt, s)
+            train_step(m, opt, s)
             tiers.append(ck.save(s).tier)
         ck.wait()
     # the failure surfaces at the latest one call later (the copy runs in the background)
     assert tiers[-1] == "durable" and tiers[1:] == ["durable", "durable"] or tiers == ["durable"] * 3, tiers
     gone = [w for w in caught if "memory tier failed" in str(w.message)]
     assert len(gone) == 1, [str(w.message) for w in caught]
-    want = _state(m, opt)
-    m2, opt2 = _model()
+    want = state_of(m, opt)
+    m2, opt2 = tiny_model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
-    assert res.source == "durable" and res.step == 4 and _same(_state(m2, opt2), want)
+    assert res.source == "durable" and res.step == 4 and same(state_of(m2, opt2), want)
 
 
 @pytest.mark.dist
@@ -286,9 +249,9 @@ def _rss_kib() -> int:
 def test_memory_stays_flat_over_200_snapshots(tmp_path, job):
     """No growth of shared-memory segments, and none of this process's RSS beyond noise, over 200
     snapshots of an unchanged state."""
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
-    _step(m, opt, 0)
+    train_step(m, opt, 0)
     for s in range(1, 21):  # warm up: both slots exist, allocator pools settle
         ck.save(s)
     ck.wait()

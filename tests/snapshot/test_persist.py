@@ -21,63 +21,27 @@ from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.safetensors_file import read_header
 from ucp.storage.verify import verify_checkpoint
+from tests.snapshot.tiny import same, state_of, tiny_model, train_step
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def job():
-    name = "p" + uuid.uuid4().hex[:12]
-    yield name
-    info = agent_mod.read_info(name) if agent_mod.discovery_path(name).exists() else None
-    if info is not None and agent_mod.is_alive(info):
-        client.stop(name)
-    left = shm.listing(shm.prefix(name))
-    for n in left:
-        shm.unlink(n)
-    assert not left, f"left behind: {left}"
-
-
-def _model(seed: int = 0):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(32, 200), torch.nn.Linear(200, 3))
-    return m, torch.optim.AdamW(m.parameters(), lr=0.01)
-
-
-def _step(m, opt, s):
-    g = torch.Generator().manual_seed(s)
-    m(torch.randn(4, 32, generator=g)).pow(2).mean().backward()
-    opt.step()
-    opt.zero_grad()
-
-
-def _state(m, opt) -> dict:
-    out = {f"model/{k}": v.clone() for k, v in m.state_dict().items()}
-    names = {id(p): n for n, p in m.named_parameters()}
-    out.update({f"optim/{names[id(p)]}/{k}": v.clone() for p, st in opt.state.items() for k, v in st.items()})
-    return out
-
-
-def _same(a: dict, b: dict) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _load_durable(root, step=None):
-    m, opt = _model(seed=7)
+    m, opt = tiny_model(seed=7)
     res = ucp.Checkpointer(root, model=m, optimizer=opt).load(step)
-    return res, _state(m, opt)
+    return res, state_of(m, opt)
 
 
 def test_every_persist_every_th_snapshot_is_written_durably_by_the_agent(tmp_path, job):
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, keep=1,
                           snapshot=ucp.SnapshotOptions(every=2, persist_every=2, job=job))
     tiers, states = {}, {}
     for s in range(1, 9):
-        _step(m, opt, s)
+        train_step(m, opt, s)
         r = ck.save(s)
         tiers[s] = r.tier if r is not None else None
-        states[s] = _state(m, opt)
+        states[s] = state_of(m, opt)
     ck.wait()  # returns once the agent's durable writes are done too
     assert tiers == {1: None, 2: "memory", 3: None, 4: "memory", 5: None, 6: "memory", 7: None, 8: "memory"}
     # steps 4 and 8 were written (multiples of every * persist_every); keep=1 retained the newest
@@ -89,7 +53,7 @@ def test_every_persist_every_th_snapshot_is_written_durably_by_the_agent(tmp_pat
     assert not [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
     assert verify_checkpoint(directory, read_manifest(directory)).ok
     res, got = _load_durable(tmp_path)
-    assert res.source == "durable" and res.step == 8 and _same(got, states[8])
+    assert res.source == "durable" and res.step == 8 and same(got, states[8])
     assert client.connect(job).status()["persisted"] == {"0": 8}
     import subprocess
     import sys
@@ -100,37 +64,37 @@ def test_every_persist_every_th_snapshot_is_written_durably_by_the_agent(tmp_pat
 
 
 def test_a_failed_durable_write_is_reported_at_the_next_call_and_snapshots_go_on(tmp_path, job):
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(persist_every=2, job=job))
-    _step(m, opt, 1)
+    train_step(m, opt, 1)
     ck.save(1)
     ck.wait()
     store.step_dir(tmp_path, 2).write_text("in the way")  # a file where step 2's directory goes
-    _step(m, opt, 2)
+    train_step(m, opt, 2)
     ck.save(2)
     with pytest.raises(persist.PersistError, match="step 2 of rank 0 to the durable tier failed"):
         ck.wait()
     ck.wait()  # reported once
-    _step(m, opt, 3)
+    train_step(m, opt, 3)
     assert ck.save(3).tier == "memory"  # the memory tier goes on
     ck.wait()
-    want = _state(m, opt)
-    m2, opt2 = _model(seed=3)
+    want = state_of(m, opt)
+    m2, opt2 = tiny_model(seed=3)
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
-    assert res.source == "memory" and res.step == 3 and _same(_state(m2, opt2), want)
+    assert res.source == "memory" and res.step == 3 and same(state_of(m2, opt2), want)
 
 
 def test_a_failure_seen_by_a_later_snapshot_is_raised_by_the_next_save(tmp_path, job):
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(persist_every=1, job=job))
     store.step_dir(tmp_path, 1).write_text("in the way")
-    _step(m, opt, 1)
+    train_step(m, opt, 1)
     ck.save(1)
     deadline = time.monotonic() + 30
     while client.connect(job).status()["persisting"] and time.monotonic() < deadline:
         time.sleep(0.02)
     for s in (2, 3):  # step 2's begin hands the failure over; step 3's save raises it
-        _step(m, opt, s)
+        train_step(m, opt, s)
         try:
             ck.save(s)
         except persist.PersistError as e:
@@ -141,13 +105,13 @@ def test_a_failure_seen_by_a_later_snapshot_is_raised_by_the_next_save(tmp_path,
 
 
 def test_sigterm_flushes_the_newest_snapshot_before_the_agent_exits(tmp_path, job):
-    m, opt = _model()
+    m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))  # memory only
     for s in (1, 2, 3):
-        _step(m, opt, s)
+        train_step(m, opt, s)
         ck.save(s)
     ck.wait()
-    want = _state(m, opt)
+    want = state_of(m, opt)
     assert not list(tmp_path.iterdir())
     info = agent_mod.read_info(job)
     os.kill(info.pid, signal.SIGTERM)  # preemption
@@ -157,7 +121,7 @@ def test_sigterm_flushes_the_newest_snapshot_before_the_agent_exits(tmp_path, jo
         time.sleep(0.02)
     assert not shm.listing(shm.prefix(job))  # its memory is gone ...
     res, got = _load_durable(tmp_path)  # ... and the newest snapshot is on the durable tier
-    assert res.step == 3 and _same(got, want)
+    assert res.step == 3 and same(got, want)
 
 
 def test_begin_of_a_slot_being_written_durably_waits_for_the_write():
