@@ -1,1 +1,1 @@
-"""Codecs: bytes in, bytes out (checksums now; compression and erasure codes join them)."""
+"""Codecs: bytes in, bytes out: CRC-32C checksums (`checksum`) and erasure codes, XOR and ISA-L Reed-Solomon (`erasure`, `isal`)."""
