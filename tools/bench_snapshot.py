@@ -65,7 +65,7 @@ The agent is stopped (its shared memory removed) at the end, also on failure; a 
 of the bench's job fails the run. Output: exactly one JSON line on stdout; progress goes to stderr;
 a failure prints nothing on stdout and exits non-zero.
 
-    python tools/bench_snapshot.py [--size-mb 1000] [--steps 8] [--rounds 4] [--warmup 2] [--repeats 3]
+    python tools/bench_snapshot.py [--size-mb 1000] [--steps 16] [--rounds 8] [--warmup 2] [--repeats 5]
                                    [--batch 8] [--work DIR] [--keep]
 """
 
@@ -501,11 +501,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=float, default=1000.0,
                     help="fp32 params + AdamW moments, MB (1e6 bytes) over both ranks")
-    ap.add_argument("--steps", type=int, default=8, help="timed training steps with and without snapshots, each")
-    ap.add_argument("--rounds", type=int, default=4,
+    ap.add_argument("--steps", type=int, default=16, help="timed training steps with and without snapshots, each")
+    ap.add_argument("--rounds", type=int, default=8,
                     help="the timed steps alternate between the two kinds in this many rounds (must divide --steps)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first (>= 2: the slots)")
-    ap.add_argument("--repeats", type=int, default=3, help="idle snapshots, memcpys, DCP saves and loads of each kind")
+    ap.add_argument("--repeats", type=int, default=5, help="idle snapshots, memcpys, DCP saves and loads of each kind")
     ap.add_argument("--batch", type=int, default=8, help="global batch (sequences of 32 tokens) of a training step")
     ap.add_argument("--work", default=None, help="where to write (a fresh directory inside it, removed after)")
     ap.add_argument("--keep", action="store_true",
