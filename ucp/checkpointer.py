@@ -599,19 +599,30 @@ class Checkpointer:
         coll = self.coll
         tier = self._memory()
         host = os.uname().nodename
-        got = coll.phase("memory", lambda: [dict(h, host=h.get("host", host)) for h in tier.node_headers()])
-        unique = {(h["rank"], h["slot"]): h for node in got for h in node if step is None or h["step"] == step}
+        node = f"{host}:{tier.client.info.pid}"  # a node is an agent
+        # which snapshots each node holds (summaries), then the chosen one's headers, once per node
+        nodes = coll.phase("memory", lambda: (node, [dict(h, host=h.get("host") or host)
+                                                     for h in tier.node_headers(summary=True)]))
+        unique = {(h["rank"], h["slot"]): h for _, held in nodes for h in held if step is None or h["step"] == step}
         newest = restorable(list(unique.values()))
         if newest is None:
             return None
-        headers = [h for h in unique.values() if h["step"] == newest]
+        speaker = min(r for r, (n, _) in enumerate(nodes) if n == node)  # this node's lowest rank
+
+        def headers():
+            if coll.rank != speaker:
+                return []
+            for h in nodes[coll.rank][1]:  # the cut finished (some rank marked it): mark it here too
+                if h["step"] == newest and not h["complete"]:
+                    tier.complete_rank(h["rank"], h["slot"], newest)
+            return [dict(h, host=h.get("host") or host) for h in tier.node_headers(step=newest)]
+
+        got = coll.phase("memory-headers", headers)
+        chosen = list({(h["rank"], h["slot"]): h for held in got for h in held}.values())
         built: dict = {}
 
         def build():
-            for h in got[coll.rank]:  # this node's headers: the cut finished (some rank marked it), mark it here too
-                if h["step"] == newest and not h["complete"]:
-                    tier.complete_rank(h["rank"], h["slot"], newest)
-            built["manifest"] = manifest_from_headers(headers, host)
+            built["manifest"] = manifest_from_headers(chosen, host)
 
         coll.phase("memory-manifest", build)
         return SHM_DIR, built["manifest"]

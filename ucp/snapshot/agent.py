@@ -42,6 +42,7 @@ from ucp.storage.atomic import write_atomic
 FORMAT = "ucp.agent"
 FORMAT_VERSION = "1.0"
 REQUESTS = "ucp/requests"  # the store queue the agent serves
+_SUMMARY = ("rank", "slot", "step", "world_size", "complete", "host")  # a header's fields ``slots`` summarizes
 
 
 class AgentError(UcpError):
@@ -353,12 +354,14 @@ class Agent:
         with self.lock:
             return self.lock.wait_for(lambda: not any(self.inflight.values()), timeout)
 
-    def op_slots(self, rank: int | None = None) -> dict:
-        """Headers of the committed snapshots (of one rank, or of every rank of the node)."""
+    def op_slots(self, rank: int | None = None, step: int | None = None, summary: bool = False) -> dict:
+        """Headers of the committed snapshots (of one rank, or of every rank of the node; of one
+        step, or of all); with ``summary``, only their ``rank``, ``slot``, ``step``, ``world_size``,
+        ``complete`` and ``host``."""
         out = {}
         for (r, slot), header in sorted(self.slots.items()):
-            if rank is None or r == rank:
-                out[f"{r}.{slot}"] = header
+            if (rank is None or r == rank) and (step is None or header["step"] == step):
+                out[f"{r}.{slot}"] = {k: header.get(k) for k in _SUMMARY} if summary else header
         return {"slots": out}
 
     def _publish(self, rank: int, slot: int, header: dict) -> None:

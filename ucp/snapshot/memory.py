@@ -83,9 +83,10 @@ class MemoryTier:
         slots = self.client.request("slots", rank=self.rank)["slots"]
         return {int(k.split(".")[1]): h for k, h in slots.items()}
 
-    def node_headers(self) -> list[dict]:
-        """The committed headers of every rank whose snapshots this node's agent holds."""
-        return list(self.client.request("slots")["slots"].values())
+    def node_headers(self, step: int | None = None, summary: bool = False) -> list[dict]:
+        """The committed headers (of ``step``, or all; with ``summary``, only ``rank``, ``slot``,
+        ``step``, ``world_size``, ``complete``, ``host``) of every rank this node's agent holds."""
+        return list(self.client.request("slots", step=step, summary=summary)["slots"].values())
 
     def complete_rank(self, rank: int, slot: int, step: int, token: int | None = None) -> None:
         self.client.request("complete", rank=rank, slot=slot, step=step, token=token)
