@@ -152,6 +152,8 @@ def test_the_committer_takes_only_rank_files_of_its_own_cut(tmp_path):
     persist.write_rank(directory, header, raw, [0], token=111)
     with pytest.raises(persist.PersistError, match=r"rank\(s\) \[0\] did not arrive"):
         persist.commit_when_written(directory, tmp_path, 5, 1, token=222, keep=None, timeout=0.3)
+    with pytest.raises(persist.PersistError, match=r"agent was stopped while it waited for the files of rank\(s\) \[1\]"):
+        persist.commit_when_written(directory, tmp_path, 5, 2, token=111, keep=None, timeout=60, abandon=lambda: True)
     assert not store.is_complete(directory)
     assert persist.commit_when_written(directory, tmp_path, 5, 1, token=111, keep=None, timeout=5)
     res_manifest = read_manifest(directory)

@@ -142,6 +142,7 @@ class Agent:
         self.clients: dict[str, dict] = {}  # client id -> what it said in hello
         self.slots: dict[tuple[int, int], dict] = {}  # (rank, slot) -> committed snapshot header
         self.stopping = threading.Event()
+        self.abandon = threading.Event()  # stop waiting for other ranks' files (a shutdown without flush)
         self.started = time.time()
         # persistence (docs/agent.md section 5); every field below is guarded by ``lock``
         self.lock = threading.Condition(threading.RLock())
@@ -330,7 +331,8 @@ class Agent:
         error = None
         try:
             persist.commit_when_written(step_dir(Path(cfg["root"]), header["step"]), Path(cfg["root"]), header["step"],
-                                        cfg["world_size"], header["token"], cfg["keep"], cfg["timeout"])
+                                        cfg["world_size"], header["token"], cfg["keep"], cfg["timeout"],
+                                        abandon=self.abandon.is_set)
         except Exception as e:
             error = f"committing step {header['step']} to the durable tier failed: {e}"
         self._done(0, error)
@@ -379,6 +381,7 @@ class Agent:
         if flush:
             self.flush(timeout)
         else:
+            self.abandon.set()  # the writes in flight finish; a commit still waiting for files gives up
             self.drain_all(timeout)
         for name in list(self.segments):
             shm.unlink(name)

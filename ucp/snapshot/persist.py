@@ -106,10 +106,11 @@ def read_rank(path: Path) -> dict | None:
 
 
 def commit_when_written(directory: Path, root: Path, step: int, world_size: int, token: int, keep: int | None,
-                        timeout: float) -> bool:
-    """Wait (``timeout`` seconds at most, polling) until every rank's file of snapshot ``token`` is in
-    ``directory``, then commit the checkpoint of ``step`` and apply retention ``keep`` under ``root``.
-    Returns False when a complete checkpoint of that step was there already."""
+                        timeout: float, abandon=None) -> bool:
+    """Wait (``timeout`` seconds at most, polling; until ``abandon()`` is true, if given) until every
+    rank's file of snapshot ``token`` is in ``directory``, then commit the checkpoint of ``step`` and
+    apply retention ``keep`` under ``root``. Returns False when a complete checkpoint of that step was
+    there already."""
     from ucp.snapshot.memory import manifest_from_headers
 
     if store.is_complete(directory):
@@ -126,6 +127,9 @@ def commit_when_written(directory: Path, root: Path, step: int, world_size: int,
             break
         if not directory.is_dir():
             raise PersistError(f"{directory}: removed while step {step} waited for its rank files")
+        if abandon is not None and abandon():
+            raise PersistError(f"{directory}: step {step} not committed: the agent was stopped while it waited for "
+                               f"the files of rank(s) {sorted(set(range(world_size)) - set(headers))}")
         if time.monotonic() > deadline:
             missing = sorted(set(range(world_size)) - set(headers))
             raise PersistError(f"{directory}: step {step} not committed: the files of rank(s) {missing} did not "
