@@ -307,8 +307,7 @@ class Checkpointer:
             pending["device_copied"] = event
             pending["copied"].set()
 
-        regions = [tuple(map(str, (f["key"], f["offsets"], f["sizes"], f["flat"], f["dtype"], f["length"])))
-                   for f in fragments]
+        regions = [(f["key"], f["offsets"], f["sizes"], f["flat"], f["dtype"], f["length"]) for f in fragments]
 
         def copy():
             errors = []
@@ -638,10 +637,10 @@ class Checkpointer:
             PersistError: an agent failed to write a snapshot durably (on every rank).
         """
         self._check_open()
-        if self.snapshot is not None and self._memory_lost is None:
+        if self.snapshot is not None and self._memory_lost is None and self._memory_tier is not None:
             try:
                 self._finish_snapshot()
-                errors = self._memory().drain() if self._memory_tier is not None else []
+                errors = self._memory_tier.drain()
             except PersistError:
                 raise
             except UcpError as e:

@@ -63,6 +63,15 @@ TRAINER = textwrap.dedent("""
 """)
 
 
+def _stop_and_check_clean(job: str) -> None:
+    """Stop the job's agent; fail if any of its shared memory was left behind (removing it)."""
+    client.stop(job)
+    left = shm.listing(shm.prefix(job))
+    for n in left:
+        shm.unlink(n)
+    assert not left, left
+
+
 def _trained(steps: int):
     """The trainer's model and optimizer after ``steps`` steps (CPU training is deterministic)."""
     torch.manual_seed(0)
@@ -104,11 +113,7 @@ def test_a_trainer_killed_in_save_restarts_from_the_newest_complete_snapshot(tmp
         assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), \
             f"seed {seed}: the restored step {res.step} is not what the trainer saved"
     finally:
-        client.stop(job)
-        left = shm.listing(shm.prefix(job))
-        for n in left:
-            shm.unlink(n)
-        assert not left, left
+        _stop_and_check_clean(job)
 
 
 KILL_TRAINER = Path(__file__).with_name("kill_trainer.py")
@@ -170,8 +175,4 @@ def test_a_rank_killed_in_save_under_torchrun_restarts_both_from_memory_with_the
         assert losses and losses == {s: uninterrupted_losses[s] for s in losses}
         assert min(losses) == complete + 1 and max(losses) == 8
     finally:
-        client.stop(job)
-        left = shm.listing(shm.prefix(job))
-        for n in left:
-            shm.unlink(n)
-        assert not left, left
+        _stop_and_check_clean(job)
