@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 from ucp.errors import UcpError  # noqa: E402
 
-__all__ = ["__version__", "UcpError", "Checkpointer", "CheckpointOptions", "SnapshotOptions", "LoadResult"]
+__all__ = ["__version__", "UcpError", "Checkpointer", "CheckpointOptions", "SnapshotOptions", "RedundancyOptions",
+           "LoadResult"]
 
 
 def __getattr__(name):
@@ -17,8 +18,8 @@ def __getattr__(name):
         from ucp import checkpointer
 
         return getattr(checkpointer, name)
-    if name == "SnapshotOptions":
-        from ucp.options import SnapshotOptions
+    if name in ("SnapshotOptions", "RedundancyOptions"):
+        from ucp import options
 
-        return SnapshotOptions
+        return getattr(options, name)
     raise AttributeError(f"module 'ucp' has no attribute {name!r}")

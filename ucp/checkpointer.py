@@ -25,7 +25,7 @@ from ucp import __version__
 from ucp.codecs.checksum import block_crc32c
 from ucp.dist.collective import Collective
 from ucp.errors import OptionsError, UcpError
-from ucp.options import CheckpointOptions, SnapshotOptions, check_keep
+from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
 from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
 from ucp.snapshot import values
 from ucp.snapshot.values import split_state
@@ -144,13 +144,17 @@ class Checkpointer:
             snapshot agent (docs/agent.md): ``save`` then takes a snapshot every ``every`` steps and
             writes every ``persist_every``-th one durably too; ``load`` prefers the newest complete
             snapshot in memory, then the newest durable checkpoint.
+        redundancy: :class:`~ucp.options.RedundancyOptions` to erasure-code the snapshots across
+            nodes (needs ``snapshot``): a snapshot is complete only once its parity is, and ``load``
+            after nodes failed rebuilds their share from parity (docs/erasure.md).
 
     Raises:
         OptionsError: an argument is invalid; the message says how to fix it.
     """
 
     def __init__(self, root, model=None, optimizer=None, scheduler=None, state=None, keep=None,
-                 options: CheckpointOptions | None = None, process_group=None, snapshot=None):
+                 options: CheckpointOptions | None = None, process_group=None, snapshot=None,
+                 redundancy=None):
         self.root = Path(root)
         self.model = model
         self.optimizer = optimizer
@@ -178,6 +182,11 @@ class Checkpointer:
         if snapshot is not None and not isinstance(snapshot, SnapshotOptions):
             raise OptionsError("snapshot must be a ucp.SnapshotOptions")
         self.snapshot = snapshot
+        if redundancy is not None and not isinstance(redundancy, RedundancyOptions):
+            raise OptionsError("redundancy must be a ucp.RedundancyOptions")
+        if redundancy is not None and snapshot is None:
+            raise OptionsError("redundancy protects the memory tier's snapshots: pass snapshot=ucp.SnapshotOptions(...) too")
+        self.redundancy = redundancy
         self._memory_tier = None
         self._memory_lost: str | None = None  # why the memory tier stopped, once it has
         self._pending: dict | None = None  # the snapshot whose copy or cut is in flight

@@ -116,3 +116,34 @@ def check_keep(keep) -> int | None:
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise OptionsError(f"keep={keep!r}: use None to keep every checkpoint, or an integer >= 1")
     return keep
+
+
+@dataclass(frozen=True)
+class RedundancyOptions:
+    """Erasure-coded redundancy of the memory tier's snapshots across nodes (docs/erasure.md).
+
+    Nodes form redundancy groups of ``group`` nodes (``group - parity`` data + ``parity`` parity
+    stripes per stripe set, the parity rotating over the group's nodes): a snapshot survives the loss
+    of any ``parity`` nodes of each group, their memory included. ``parity`` 1 is XOR; 2 or more is
+    Reed-Solomon (ISA-L, Cauchy). Memory: ``group / (group - parity)`` of the snapshot's data.
+
+    Args:
+        group: nodes per redundancy group (at least ``parity + 1``).
+        parity: parity stripes per stripe set: the node failures each group survives.
+        stripe: bytes per stripe (default 1 MiB).
+    """
+
+    group: int = 4
+    parity: int = 1
+    stripe: int = 1 << 20
+
+    def __post_init__(self):
+        for name, low in (("parity", 1), ("group", 2), ("stripe", 4096)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise OptionsError(f"{name}={value!r}: use an integer >= {low}")
+        if self.group < self.parity + 1:
+            raise OptionsError(f"group={self.group} cannot hold parity={self.parity} stripe(s) and any data: "
+                               f"use group >= parity + 1")
+        if self.stripe % 64:
+            raise OptionsError(f"stripe={self.stripe}: use a multiple of 64 bytes")
