@@ -10,6 +10,7 @@ checkpoint stays the newest complete one.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -24,7 +25,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from ucp import __version__
 from ucp.codecs.checksum import block_crc32c
 from ucp.dist.collective import Collective
-from ucp.errors import OptionsError, UcpError
+from ucp.errors import OptionsError, UcpError, few
 from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
 from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
 from ucp.snapshot import values
@@ -76,6 +77,8 @@ class LoadResult:
         unexpected_keys: tensor keys in the checkpoint that nothing here took (``strict=False``).
         nbytes: bytes this rank read.
         seconds: wall time of the load.
+        rebuilt: ranks of the snapshot (``source == "memory"``) whose nodes were lost and whose
+            shares were rebuilt from parity (docs/erasure.md section 8).
     """
 
     step: int
@@ -86,6 +89,7 @@ class LoadResult:
     unexpected_keys: tuple = ()
     nbytes: int = 0
     seconds: float = 0.0
+    rebuilt: tuple = ()
 
 
 def bytes_view(t: torch.Tensor) -> memoryview:
@@ -190,7 +194,10 @@ class Checkpointer:
         self._memory_tier = None
         self._memory_lost: str | None = None  # why the memory tier stopped, once it has
         self._pending: dict | None = None  # the snapshot whose copy or cut is in flight
-        self._cut = None  # a weak reference to the process group of the snapshots' cut
+        self._groups: dict = {}  # name -> weak reference to a process group of the snapshots ("cut", "parity")
+        self._parity = None  # the snapshots' parity (ucp.recovery.SnapshotParity), with redundancy
+        self._rebuilt: list[str] = []
+        self._rebuilt_ranks: tuple = ()  # segments a load rebuilt from parity, freed once it has read them
         self._hook = None
         self._persist_regions = None  # the pieces the agent was configured with (durable writes)
         self._closed = False
@@ -311,6 +318,11 @@ class Checkpointer:
                   "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
         pending = {"step": step, "copied": threading.Event(), "device_copied": None}
         cut = self._cut_group()
+        parity_group = self._own_group("parity") if self.redundancy is not None else None
+        if self.redundancy is not None and self._parity is None:
+            from ucp.recovery import SnapshotParity
+
+            self._parity = SnapshotParity(self.redundancy, self.coll)
 
         def copied(event) -> None:  # the sources may change now (after ``event``, on a GPU)
             pending["device_copied"] = event
@@ -341,6 +353,10 @@ class Checkpointer:
                     if changed:  # where this rank's snapshots go durably, and its share of the save plan
                         self._configure_persist(tier, cut, committed)
                         self._persist_regions = regions
+                    if self._parity is not None and not self._encode_parity(tier, cut, parity_group, committed, step, token):
+                        pending.setdefault("error", UcpError(f"the parity of the snapshot of step {step} failed on "
+                                                             "another rank; that snapshot is not complete"))
+                        return
                     tier.complete(pending["slot"], step, token)
                     if persist:
                         tier.persist(pending["slot"], step)
@@ -369,6 +385,23 @@ class Checkpointer:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=cut)
         ok, token, failed, changed = flags.tolist()
         return ok == 1, -token, failed < 0, changed < 0
+
+    def _encode_parity(self, tier, cut, group, committed: dict, step: int, token: int) -> bool:
+        """Encode this rank's share of the snapshot's parity (docs/erasure.md section 7); whether every
+        rank's succeeded (an all-reduce on ``cut``: complete is sent only once all parity is)."""
+        error = None
+        try:
+            self._parity.encode(tier, group, committed, step, token)
+        except BaseException as e:  # the snapshot is not complete; the next call raises
+            error = e
+        flag = torch.tensor([int(error is None)], dtype=torch.int64)
+        if cut is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cut)
+        if error is not None:
+            raise error if isinstance(error, UcpError) else UcpError(f"the parity of step {step} failed: {error!r}")
+        return bool(flag.item())
 
     def _configure_persist(self, tier, cut, committed: dict) -> None:
         """Tell the agent the checkpoint root and the fragments this rank writes there: the durable
@@ -428,12 +461,18 @@ class Checkpointer:
 
     def _cut_group(self):
         """The process group of the snapshots' cut (created on first use, by every rank's first
-        snapshot); None for a job of one rank, whose cut is its own commit. Only torch.distributed
-        holds it: held here too, it would outlive ``destroy_process_group()`` and be torn down at
-        interpreter exit, where gloo may abort the process."""
+        snapshot); None for a job of one rank, whose cut is its own commit."""
+        return self._own_group("cut")
+
+    def _own_group(self, name: str):
+        """A gloo group of the snapshots (``"cut"``, ``"parity"``; created on first use by every rank
+        together), None in a job of one rank. Only torch.distributed holds it: held here too, it
+        would outlive ``destroy_process_group()`` and be torn down at interpreter exit, where gloo
+        may abort the process."""
         if self.coll.world_size == 1:
             return None
-        group = self._cut() if self._cut is not None else None
+        ref = self._groups.get(name)
+        group = ref() if ref is not None else None
         if group is None:
             import datetime
             import weakref
@@ -442,7 +481,7 @@ class Checkpointer:
 
             ranks = dist.get_process_group_ranks(self.coll.group) if self.coll.group is not None else None
             group = dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.snapshot.timeout))
-            self._cut = weakref.ref(group)
+            self._groups[name] = weakref.ref(group)
         return group
 
     def _save_durable(self, step: int, extras: dict | None) -> SaveResult:
@@ -593,14 +632,19 @@ class Checkpointer:
                 self._lose_memory(e)
                 memory = None
             if memory is not None:
-                return load_checkpoint(self, step, strict, cast, memory=memory)
+                try:
+                    result = load_checkpoint(self, step, strict, cast, memory=memory)
+                finally:
+                    self._free_rebuilt()
+                return replace(result, rebuilt=self._rebuilt_ranks) if self._rebuilt_ranks else result
         return load_checkpoint(self, step, strict, cast)
 
     def _memory_source(self, step: int | None):
         """``(directory, manifest)`` of the newest snapshot the agents of this job's nodes hold whole
-        (of ``step`` if given; saved by any number of ranks), or None; it is marked complete."""
-        import os
-
+        or can complete from parity (of ``step`` if given; saved by any number of ranks), or None;
+        it is marked complete. Ranks rebuilt from parity are listed in ``self._rebuilt_ranks`` and
+        their segments in ``self._rebuilt`` (freed after the load)."""
+        from ucp.recovery import find_recoverable, rebuild_lost
         from ucp.snapshot.memory import manifest_from_headers, restorable
         from ucp.snapshot.shm import SHM_DIR
 
@@ -610,23 +654,58 @@ class Checkpointer:
         node = f"{host}:{tier.client.info.pid}"  # a node is an agent
         # which snapshots each node holds (summaries), then the chosen one's headers, once per node
         nodes = coll.phase("memory", lambda: (node, [dict(h, host=h.get("host") or host)
-                                                     for h in tier.node_headers(summary=True)]))
-        unique = {(h["rank"], h["slot"]): h for _, held in nodes for h in held if step is None or h["step"] == step}
-        newest = restorable(list(unique.values()))
-        if newest is None:
+                                                     for h in tier.node_headers(summary=True)],
+                                              tier.node_parity(summary=True)))
+        per_node = {n: (held, records) for n, held, records in nodes}
+        unique = [h for held, _ in per_node.values() for h in held if step is None or h["step"] == step]
+        newest = restorable(unique)
+        rec, why = find_recoverable([(n, held, records) for n, (held, records) in per_node.items()], step)
+        if rec is not None and newest is not None and newest[0] >= rec.step:
+            rec = None
+        if newest is None and rec is None:
+            if why and coll.rank == 0:
+                warnings.warn(f"ucp: {why}; loading the newest durable checkpoint instead", RuntimeWarning, stacklevel=3)
             return None
-        speaker = min(r for r, (n, _) in enumerate(nodes) if n == node)  # this node's lowest rank
+        chosen_step, world = (rec.step, rec.world_size) if rec is not None else newest
+        speaker = min(r for r, (n, _, _) in enumerate(nodes) if n == node)  # this node's lowest rank
 
         def headers():
             if coll.rank != speaker:
                 return []
             for h in nodes[coll.rank][1]:  # the cut finished (some rank marked it): mark it here too
-                if h["step"] == newest and not h["complete"]:
-                    tier.complete_rank(h["rank"], h["slot"], newest)
-            return [dict(h, host=h.get("host") or host) for h in tier.node_headers(step=newest)]
+                if h["step"] == chosen_step and h["world_size"] == world and not h["complete"]:
+                    tier.complete_rank(h["rank"], h["slot"], chosen_step)
+            return [dict(h, host=h.get("host") or host) for h in tier.node_headers(step=chosen_step)
+                    if h["world_size"] == world]
 
         got = coll.phase("memory-headers", headers)
-        chosen = list({(h["rank"], h["slot"]): h for held in got for h in held}.values())
+        chosen = list({h["rank"]: h for held in got for h in held}.values())
+        self._rebuilt_ranks = ()
+        if rec is not None:
+            damaged = {r for g in rec.groups for r in g}
+
+            def records():
+                if coll.rank != speaker:
+                    return []
+                return [r for r in tier.node_parity(step=rec.step) if r["token"] == rec.token and r["rank"] in damaged]
+
+            full = {r["rank"]: r for held in coll.phase("memory-parity", records) for r in held}
+            group = self._own_group("parity")
+            node_of_rank = [n for n, _, _ in nodes]
+            made: list = []
+
+            def rebuild():
+                headers, names = rebuild_lost(coll, tier, group, rec, node_of_rank, full)
+                made.extend(names)
+                return headers
+
+            rebuilt = coll.phase("memory-rebuild", rebuild)
+            self._rebuilt = made
+            chosen += [h for held in rebuilt for h in held]
+            self._rebuilt_ranks = tuple(rec.lost)
+            if coll.rank == 0:
+                warnings.warn(f"ucp: ranks {few(rec.lost)} of the snapshot of step {rec.step} were lost with their "
+                              f"nodes and are rebuilt from parity", RuntimeWarning, stacklevel=3)
         built: dict = {}
 
         def build():
@@ -634,6 +713,16 @@ class Checkpointer:
 
         coll.phase("memory-manifest", build)
         return SHM_DIR, built["manifest"]
+
+    def _free_rebuilt(self) -> None:
+        """Free the segments a load rebuilt from parity (every rank has read them: the load's last
+        phase is collective)."""
+        names, self._rebuilt = self._rebuilt, []
+        for name in names:
+            try:
+                self._memory_tier.client.free(name)
+            except UcpError:
+                pass
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -678,12 +767,13 @@ class Checkpointer:
                     self._hook.remove()
                     self._hook = None
                 self._closed = True
-                group = self._cut() if self._cut is not None else None
-                if group is not None:
-                    import torch.distributed as dist
+                for ref in self._groups.values():
+                    group = ref()
+                    if group is not None:
+                        import torch.distributed as dist
 
-                    dist.destroy_process_group(group)
-                self._cut = None
+                        dist.destroy_process_group(group)
+                self._groups.clear()
                 if self._memory_tier is not None:
                     self._memory_tier.close()
 

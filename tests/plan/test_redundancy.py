@@ -104,3 +104,36 @@ def test_any_m_members_of_a_group_are_rebuilt_bit_exactly(data, s, parity):
                     rebuilt[mb][c * stripe:(c + 1) * stripe] = out
         for mb in lost:
             assert np.array_equal(rebuilt[mb][:sizes[mb]], buffers[mb]), (lost, mb)
+
+
+def test_lane_groups_pair_the_same_local_rank_of_each_node_of_a_group():
+    from ucp.plan.redundancy import lane_groups
+
+    # 6 nodes of 2 ranks (ranks 2n, 2n+1 on node n), groups of 3 nodes
+    nodes = [f"n{r // 2}" for r in range(12)]
+    assert lane_groups(nodes, 3, 1) == [[0, 2, 4], [1, 3, 5], [6, 8, 10], [7, 9, 11]]
+    # nodes are numbered by their lowest rank, wherever their ranks are
+    assert lane_groups(["b", "a", "b", "a"], 2, 1) == [[0, 1], [2, 3]]
+    # 4 nodes left of 6 in groups of 3: one group of 4
+    assert lane_groups(["w", "x", "y", "z"], 3, 1) == [[0, 1, 2, 3]]
+
+
+def test_lane_groups_refuse_uneven_nodes_and_too_few_nodes():
+    from ucp.plan.redundancy import lane_groups
+
+    with pytest.raises(RedundancyError, match="same number of ranks on every node"):
+        lane_groups(["a", "a", "b"], 2, 1)
+    with pytest.raises(RedundancyError, match="at least 2 are needed"):
+        lane_groups(["a", "a"], 4, 1)
+
+
+def test_redundancy_options_are_validated():
+    from ucp.errors import OptionsError
+    from ucp.options import RedundancyOptions
+
+    assert RedundancyOptions(group=3, parity=1).stripe == 1 << 20
+    for bad, match in [(dict(group=2, parity=2), "group >= parity"), (dict(parity=0), "parity=0"),
+                       (dict(group=True), "group=True"), (dict(stripe=100), "stripe=100"),
+                       (dict(stripe=4096 + 32), "multiple of 64")]:
+        with pytest.raises(OptionsError, match=match):
+            RedundancyOptions(**bad)

@@ -27,12 +27,14 @@ def test_restorable_needs_every_saving_rank_committed_and_one_complete():
     def c(rank, step, done, world=2):
         return {"rank": rank, "step": step, "complete": done, "world_size": world}
 
-    assert restorable([c(0, 4, True), c(0, 5, False), c(1, 4, True), c(1, 5, True)]) == 5
-    assert restorable([c(0, 4, True), c(0, 5, False), c(1, 4, True), c(1, 5, False)]) == 4  # cut unfinished
+    assert restorable([c(0, 4, True), c(0, 5, False), c(1, 4, True), c(1, 5, True)]) == (5, 2)
+    assert restorable([c(0, 4, True), c(0, 5, False), c(1, 4, True), c(1, 5, False)]) == (4, 2)  # cut unfinished
     assert restorable([c(0, 4, True), c(1, 5, True)]) is None
     assert restorable([c(0, 1, True)]) is None  # rank 1 of that snapshot is missing
-    assert restorable([c(0, 7, True, world=1), c(0, 6, True), c(1, 6, True)]) == 7  # saved on another world size
-    assert restorable([c(0, 3, True), c(0, 3, True), c(1, 3, False)]) == 3  # repeats are fine
+    assert restorable([c(0, 7, True, world=1), c(0, 6, True), c(1, 6, True)]) == (7, 1)  # saved on another world size
+    assert restorable([c(0, 3, True), c(0, 3, True), c(1, 3, False)]) == (3, 2)  # repeats are fine
+    # the same step saved by two jobs (before and after a recovery on fewer ranks): each judged alone
+    assert restorable([c(0, 3, True, world=3), c(1, 3, True, world=3), c(0, 3, True), c(1, 3, True)]) == (3, 2)
 
 
 def test_snapshots_load_back_from_memory_bit_exactly(tmp_path, job):

@@ -132,3 +132,31 @@ def stripe_plan(sizes: list[int], parity: int, stripe: int) -> StripePlan:
         sets.append(StripeSet(j, tuple(data), holders))
         j += 1
     return StripePlan(tuple(sizes), parity, stripe, tuple(sets))
+
+
+def lane_groups(node_of_rank: list, group: int, parity: int) -> list[list[int]]:
+    """Redundancy groups of ranks, from each rank's node (any hashable id, one per rank).
+
+    Nodes are numbered in the order of their lowest rank and cut into groups by :func:`form_groups`.
+    Within a group of nodes, the ``i``-th rank of every node (its *lane* ``i``) forms one group of
+    ranks, in node order: each rank stripes its own snapshot with the ranks of its lane on the other
+    nodes of its group, so a lost node costs each lane one member. Returns the groups of global ranks.
+
+    Raises:
+        RedundancyError: nodes with different numbers of ranks, or too few nodes (:func:`form_groups`).
+    """
+    ranks_of: dict = {}
+    for rank, node in enumerate(node_of_rank):
+        ranks_of.setdefault(node, []).append(rank)
+    nodes = list(ranks_of.values())  # in the order of their lowest rank (dicts keep insertion order)
+    per_node = {len(r) for r in nodes}
+    if len(per_node) != 1:
+        counts = sorted({len(r): None for r in nodes})
+        raise RedundancyError(f"redundancy groups need the same number of ranks on every node; the nodes have "
+                              f"{counts} ranks")
+    lanes = per_node.pop()
+    out = []
+    for members in form_groups(len(nodes), group, parity):
+        for lane in range(lanes):
+            out.append([nodes[n][lane] for n in members])
+    return out

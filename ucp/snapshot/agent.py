@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -42,7 +43,11 @@ from ucp.storage.atomic import write_atomic
 FORMAT = "ucp.agent"
 FORMAT_VERSION = "1.0"
 REQUESTS = "ucp/requests"  # the store queue the agent serves
-_SUMMARY = ("rank", "slot", "step", "world_size", "complete", "host")  # a header's fields ``slots`` summarizes
+_SUMMARY = ("rank", "slot", "step", "world_size", "complete", "host", "token")
+# the fields of a parity record ``parity`` summarizes (docs/erasure.md section 7)
+_PARITY_SUMMARY = ("rank", "slot", "step", "token", "world_size", "members", "index", "m", "stripe", "sizes")
+_DATA = re.compile(r"\.r\d+\.s[01]$")
+_PARITY = re.compile(r"\.r\d+\.p[01]$")  # a header's fields ``slots`` summarizes
 
 
 class AgentError(UcpError):
@@ -141,6 +146,7 @@ class Agent:
         self.segments: dict[str, int] = {}  # segment name -> bytes
         self.clients: dict[str, dict] = {}  # client id -> what it said in hello
         self.slots: dict[tuple[int, int], dict] = {}  # (rank, slot) -> committed snapshot header
+        self.parity: dict[tuple[int, int], dict] = {}  # (rank, slot) -> parity record of that slot's snapshot
         self.stopping = threading.Event()
         self.abandon = threading.Event()  # stop waiting for other ranks' files (a shutdown without flush)
         self.started = time.time()
@@ -182,7 +188,11 @@ class Agent:
                 "snapshots": {f"{r}.{s}": {"step": h["step"], "complete": h["complete"]}
                               for (r, s), h in sorted(self.slots.items())},
                 "persisted": {str(r): s for r, s in sorted(self.persisted.items())},
-                "persisting": sum(self.inflight.values())}
+                "persisting": sum(self.inflight.values()),
+                "parity": {f"{r}.{s}": {"step": p["step"], "members": p["members"], "m": p["m"]}
+                           for (r, s), p in sorted(self.parity.items())},
+                "data_bytes": sum(n for name, n in self.segments.items() if _DATA.search(name)),
+                "parity_bytes": sum(n for name, n in self.segments.items() if _PARITY.search(name))}
 
     def op_alloc(self, name: str, nbytes: int) -> dict:
         """Create segment ``name`` of ``nbytes``, or hand back the one of that name and size."""
@@ -217,6 +227,7 @@ class Agent:
         def begin() -> dict:
             path.unlink(missing_ok=True)
             self.slots.pop((rank, slot), None)
+            self.parity.pop((rank, slot), None)  # its parity goes with it
             return {"slot": slot, "step": step, "errors": self.errors.pop(rank, [])}
 
         if (rank, slot) in self.busy:
@@ -239,6 +250,24 @@ class Agent:
         return {"slot": slot, "step": step}
 
     # -- persistence (docs/agent.md section 5) ------------------------------------------------
+    def op_parity_commit(self, rank: int, slot: int, step: int, record: dict) -> dict:
+        """Rank ``rank`` computed its parity stripes of the snapshot of ``step`` in ``slot``:
+        keep its record (docs/erasure.md section 7) until the slot is overwritten."""
+        header = self.slots.get((rank, slot))
+        if header is None or header["step"] != step:
+            raise AgentError(f"rank {rank} has no committed snapshot of step {step} in slot {slot} for its parity")
+        self.parity[(rank, slot)] = {**record, "rank": rank, "slot": slot, "step": step}
+        return {"slot": slot, "step": step}
+
+    def op_parity(self, step: int | None = None, summary: bool = False) -> dict:
+        """The parity records of the node's ranks (of one step, or of all); with ``summary``, only
+        the fields that place them (not their checksums and the group's headers)."""
+        out = {}
+        for (r, slot), record in sorted(self.parity.items()):
+            if step is None or record["step"] == step:
+                out[f"{r}.{slot}"] = {k: record.get(k) for k in _PARITY_SUMMARY} if summary else record
+        return {"parity": out}
+
     def op_configure(self, rank: int, root: str, write: list[int], world_size: int, keep: int | None = None,
                      fsync: bool = True, timeout: float = 300.0) -> dict:
         """Where rank ``rank``'s snapshots go durably (checkpoint root ``root``) and which of its
@@ -389,6 +418,7 @@ class Agent:
         for rank, slot in list(self.slots):
             shm.unlink(self._slot(rank, slot))
         self.slots.clear()
+        self.parity.clear()
         try:
             info = read_info(self.job)
         except FormatError:

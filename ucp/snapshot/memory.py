@@ -74,6 +74,7 @@ class MemoryTier:
         self.client: AgentClient = ensure_agent(job, timeout)
         self.client.hello(rank)
         self._segments: dict[int, shm.Segment] = {}
+        self._parity: dict[int, shm.Segment] = {}  # slot -> the segment of that snapshot's parity stripes
         self._newest: int | None = None  # the slot of this rank's newest complete snapshot, if known
         self._stream = None  # the CUDA side stream of snapshots of device tensors
         self._pinned: dict[int, int | None] = {}  # slot -> address page-locked for CUDA copies
@@ -101,23 +102,42 @@ class MemoryTier:
             self._newest = max(complete, key=complete.get) if complete else 1
         return 1 - self._newest
 
-    def _segment(self, slot: int, nbytes: int) -> shm.Segment:
-        seg = self._segments.get(slot)
+    def _segment(self, slot: int, nbytes: int, kind: str = "s") -> shm.Segment:
+        """The mapped segment of ``slot``'s snapshot data (``kind`` "s") or parity ("p") of ``nbytes``."""
+        mapped = self._segments if kind == "s" else self._parity
+        seg = mapped.get(slot)
         if seg is not None and seg.nbytes == nbytes:
             return seg
-        what = f"r{self.rank}.s{slot}"
+        what = f"r{self.rank}.{kind}{slot}"
         if seg is not None:  # the state changed size: a new segment
-            self._unpin(slot)
+            if kind == "s":
+                self._unpin(slot)
             seg.close()
-            del self._segments[slot]
+            del mapped[slot]
             self.client.free(what)
         else:
             held = self.client.status()["segments"].get(shm.segment_name(self.job, what))
             if held is not None and held != nbytes:
                 self.client.free(what)
         name = self.client.alloc(what, nbytes)
-        seg = self._segments[slot] = shm.attach(name)
+        seg = mapped[slot] = shm.attach(name)
         return seg
+
+    def data_segment(self, slot: int) -> shm.Segment:
+        """The mapped data segment of ``slot`` (written by :meth:`write`)."""
+        return self._segments[slot]
+
+    def parity_segment(self, slot: int, nbytes: int) -> shm.Segment:
+        """The segment (``nbytes``, reused while the size stays) of the parity of ``slot``'s snapshot."""
+        return self._segment(slot, max(nbytes, ALIGN), "p")
+
+    def commit_parity(self, slot: int, step: int, record: dict) -> None:
+        """Have the agent keep the parity record of the snapshot of ``step`` in ``slot``."""
+        self.client.request("parity_commit", rank=self.rank, slot=slot, step=step, record=record)
+
+    def node_parity(self, step: int | None = None, summary: bool = False) -> list[dict]:
+        """The parity records (of ``step``, or all) of every rank this node's agent holds."""
+        return list(self.client.request("parity", step=step, summary=summary)["parity"].values())
 
     def write(self, step: int, items: list[tuple[str, torch.Tensor]], header: dict, checksums,
               ready=None, on_copied=None) -> tuple[dict, list[str]]:
@@ -208,23 +228,24 @@ class MemoryTier:
     def close(self) -> None:
         for slot in list(self._pinned):
             self._unpin(slot)
-        for seg in self._segments.values():
+        for seg in [*self._segments.values(), *self._parity.values()]:
             seg.close()
         self._segments.clear()
+        self._parity.clear()
 
 
-def restorable(headers: list[dict]) -> int | None:
-    """The newest step of which every saving rank (``0 .. world_size - 1`` of that snapshot) holds a
-    committed header and at least one holds it complete, or None. ``headers`` may repeat and may
-    mix snapshots of several steps and world sizes."""
-    by_step: dict[int, dict[int, dict]] = {}
+def restorable(headers: list[dict]) -> tuple[int, int] | None:
+    """``(step, world size)`` of the newest snapshot of which every saving rank (``0 .. world_size
+    - 1``) holds a committed header and at least one holds it complete, or None. ``headers`` may
+    repeat and may mix snapshots of several steps and world sizes (after a recovery on fewer ranks,
+    the agents may hold snapshots of both jobs, of the same step)."""
+    by_step: dict[tuple[int, int], dict[int, dict]] = {}
     for h in headers:
-        by_step.setdefault(h["step"], {})[h["rank"]] = h
-    for step in sorted(by_step, reverse=True):
-        ranks = by_step[step]
-        world = {h["world_size"] for h in ranks.values()}
-        if len(world) == 1 and set(ranks) == set(range(world.pop())) and any(h["complete"] for h in ranks.values()):
-            return step
+        by_step.setdefault((h["step"], h["world_size"]), {})[h["rank"]] = h
+    for step, world in sorted(by_step, reverse=True):
+        ranks = by_step[(step, world)]
+        if set(ranks) == set(range(world)) and any(h["complete"] for h in ranks.values()):
+            return step, world
     return None
 
 

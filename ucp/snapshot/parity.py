@@ -1,0 +1,259 @@
+"""Parity of the memory tier's snapshots across nodes (docs/erasure.md section 7).
+
+Each rank's snapshot slot is one member's buffer of its redundancy group
+(:func:`ucp.plan.redundancy.lane_groups`): the ranks of one *lane* on the nodes of one group. After
+every snapshot's cut, the members exchange their stripes point to point on a gloo group of their own,
+from the snapshot's background thread (:class:`ParityEncoder`): for each stripe set
+(:func:`ucp.plan.redundancy.stripe_plan`) each data member sends its chunk to the set's ``m`` parity
+holders, and each holder computes its own parity stripe into a segment of its node's agent. Nothing
+but the chunks themselves crosses the network; a zero chunk past the end of a short buffer is never
+sent.
+
+After nodes fail, :func:`rebuild` brings a lost member's buffer back on one survivor: the survivors
+send it their stripes of every set that held the lost member's chunks, it checks each stripe's
+CRC-32C (a stripe that fails is treated as lost, never decoded from) and decodes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ucp.codecs.checksum import crc32c
+from ucp.codecs.erasure import TooManyLostError, erasure_code
+from ucp.errors import UcpError
+from ucp.plan.redundancy import StripePlan, stripe_plan
+
+FORMAT = "ucp.parity"
+FORMAT_VERSION = "1.0"
+BATCH = 8  # stripe sets in flight at once (bounds the receive buffers: BATCH x k stripes)
+_OBJECT_TAG = 1
+
+
+class ParityError(UcpError):
+    """Parity could not be computed, or a lost snapshot could not be rebuilt from it."""
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a)
+
+
+def _wait(works) -> None:
+    for w in works:
+        w.wait()
+
+
+def exchange_objects(group, members: Sequence[int], me: int, obj) -> dict[int, object]:
+    """Every member's JSON-able ``obj`` (``{global rank: obj}``), sent point to point among
+    ``members`` (global ranks, ``me`` one of them) on ``group``."""
+    import torch.distributed as dist
+
+    others = [r for r in members if r != me]
+    payload = np.frombuffer(bytearray(json.dumps(obj).encode()), np.uint8)
+    size = torch.tensor([payload.size], dtype=torch.int64)
+    sizes = {r: torch.zeros(1, dtype=torch.int64) for r in others}
+    _wait([dist.isend(size, r, group=group, tag=_OBJECT_TAG) for r in others]
+          + [dist.irecv(sizes[r], r, group=group, tag=_OBJECT_TAG) for r in others])
+    bufs = {r: torch.empty(int(sizes[r].item()), dtype=torch.uint8) for r in others}
+    _wait([dist.isend(_tensor(payload), r, group=group, tag=_OBJECT_TAG) for r in others]
+          + [dist.irecv(bufs[r], r, group=group, tag=_OBJECT_TAG) for r in others])
+    out = {r: json.loads(bufs[r].numpy().tobytes()) for r in others}
+    out[me] = obj
+    return out
+
+
+def chunk_crcs(plan: StripePlan, member: int, data: np.ndarray) -> list[int]:
+    """CRC-32C of each chunk of ``member``'s buffer ``data`` (its bytes, without the zero padding)."""
+    out = []
+    for c in range(plan.chunks(member)):
+        lo, hi = plan.chunk_span(member, c)
+        out.append(crc32c(data[lo:hi]))
+    return out
+
+
+class ParityEncoder:
+    """One rank's side of the parity exchange of its redundancy group; reuses its buffers.
+
+    Args:
+        group: the gloo process group of the exchange (every member in it).
+        members: the group's members' global ranks, in member order.
+        me: this rank's global rank.
+        parity: ``m``, parity stripes per set.
+        stripe: bytes per stripe.
+    """
+
+    def __init__(self, group, members: Sequence[int], me: int, parity: int, stripe: int):
+        self.group = group
+        self.members = tuple(members)
+        self.index = self.members.index(me)
+        self.m = parity
+        self.stripe = stripe
+        self._plan: StripePlan | None = None
+        self._recv = np.empty((0,), np.uint8)
+
+    def plan(self, sizes: Sequence[int]) -> StripePlan:
+        """The stripe plan of buffers of ``sizes`` (kept while the sizes stay the same)."""
+        if self._plan is None or self._plan.sizes != tuple(sizes):
+            self._plan = stripe_plan(list(sizes), self.m, self.stripe)
+            k = self._plan.k
+            if self._recv.shape != (BATCH, k, self.stripe):
+                self._recv = np.empty((BATCH, k, self.stripe), np.uint8)
+        return self._plan
+
+    def encode(self, sizes: Sequence[int], data: np.ndarray, parity: np.ndarray) -> list[int]:
+        """Send this member's chunks to their sets' parity holders and compute the parity stripes it
+        holds into ``parity`` (``plan(sizes).parity_bytes(index)`` bytes, in the order of
+        ``parity_slots``); returns their CRC-32C. ``data`` is this member's buffer. Every member of
+        the group calls it with the same ``sizes``."""
+        import torch.distributed as dist
+
+        plan = self.plan(sizes)
+        me, k, m, stripe = self.index, plan.k, self.m, self.stripe
+        if data.size != plan.sizes[me] or parity.size != plan.parity_bytes(me):
+            raise ParityError(f"member {me}: buffers of {data.size} and {parity.size} bytes, the plan wants "
+                              f"{plan.sizes[me]} and {plan.parity_bytes(me)}")
+        position = {key: i for i, key in enumerate(plan.parity_slots(me))}
+        crcs = [0] * len(position)
+        code = erasure_code(k, m)
+        for lo in range(0, len(plan.sets), BATCH):
+            works, mine = [], []
+            for b, s in enumerate(plan.sets[lo:lo + BATCH]):
+                if me in s.parity:
+                    for i, (member, chunk) in enumerate(s.data):
+                        a, z = plan.chunk_span(member, chunk)
+                        buf = self._recv[b, i]
+                        buf[z - a:] = 0
+                        if z > a:
+                            works.append(dist.irecv(_tensor(buf[:z - a]), self.members[member], group=self.group,
+                                                    tag=s.index))
+                    mine.append((b, s))
+                else:
+                    chunk = next(c for member, c in s.data if member == me)
+                    a, z = plan.chunk_span(me, chunk)
+                    if z > a:
+                        for holder in s.parity:
+                            works.append(dist.isend(_tensor(data[a:z]), self.members[holder], group=self.group,
+                                                    tag=s.index))
+            _wait(works)
+            for b, s in mine:
+                t = s.parity.index(me)
+                pos = position[(s.index, t)]
+                out = parity[pos * stripe:(pos + 1) * stripe]
+                code.decode([self._recv[b, i] for i in range(k)] + [None] * m, out={k + t: out})
+                crcs[pos] = crc32c(out)
+        return crcs
+
+
+def rebuild(group, plan: StripePlan, members: Sequence[int], lost: Sequence[int], servers: Mapping[int, int],
+            rebuilder: int, me: int, held: Mapping[int, tuple], crcs: Mapping[int, tuple[list, list]],
+            out: Mapping[int, np.ndarray] | None, what: str) -> None:
+    """Rebuild the buffers of the ``lost`` members (indices) of one group on ``rebuilder``.
+
+    Every rank involved calls it: the rebuilder and each ``servers[member]`` (the global rank that
+    reads a surviving member's buffers from its node). ``held[member]`` is ``(data, parity)`` of each
+    surviving member this rank serves (numpy views of the agent's segments); ``crcs[member]`` is the
+    surviving member's recorded ``(chunk CRCs, parity CRCs)`` (needed on the rebuilder); ``out`` maps
+    each lost member to the buffer to fill (``plan.sizes[member]`` bytes; on the rebuilder only).
+    ``what`` names the group in errors.
+
+    Raises:
+        ParityError: a set has more than ``m`` stripes lost or failing their checksums (named).
+    """
+    import torch.distributed as dist
+
+    lost = sorted(lost)
+    if any(servers.get(i) is None for i in range(len(members)) if i not in lost):
+        raise ParityError(f"{what}: a surviving member has no server")
+    k, m, stripe = plan.k, plan.m, plan.stripe
+    sets = [s for s in plan.sets if any(member in lost for member, _ in s.data)]
+    slots = {i: {key: n for n, key in enumerate(plan.parity_slots(i))} for i in range(len(members))}
+    recv = np.zeros((min(BATCH, len(sets)) or 1, k + m, stripe), np.uint8) if me == rebuilder else None
+
+    def stripe_of(member: int, s, position: int) -> tuple[np.ndarray, int]:
+        """The bytes this rank holds of ``member``'s stripe ``position`` of set ``s`` (exact span)."""
+        data, parity = held[member]
+        if position < k:
+            a, z = plan.chunk_span(member, s.data[position][1])
+            return data[a:z], z - a
+        n = slots[member][(s.index, position - k)]
+        return parity[n * stripe:(n + 1) * stripe], stripe
+
+    failure = None  # the first set that cannot be rebuilt: raised after every batch is exchanged
+    for lo in range(0, len(sets), BATCH):
+        batch = sets[lo:lo + BATCH]
+        works = []
+        for b, s in enumerate(batch):
+            holders = s.members()
+            for position, member in enumerate(holders):
+                if member in lost:
+                    continue
+                server = servers[member]
+                if server == me and rebuilder == me:
+                    view, n = stripe_of(member, s, position)
+                    recv[b, position, :n] = view
+                    recv[b, position, n:] = 0
+                elif server == me:
+                    view, n = stripe_of(member, s, position)
+                    if n:
+                        works.append(dist.isend(_tensor(view), rebuilder, group=group, tag=s.index))
+                elif rebuilder == me:
+                    n = _span(plan, s, position)
+                    recv[b, position, n:] = 0
+                    if n:
+                        works.append(dist.irecv(_tensor(recv[b, position, :n]), server, group=group, tag=s.index))
+        _wait(works)
+        if me != rebuilder or failure is not None:
+            continue
+        for b, s in enumerate(batch):
+            failure = _decode_set(plan, s, recv[b], lost, slots, crcs, out, members, what)
+            if failure is not None:
+                break
+    if failure is not None:
+        raise ParityError(failure)
+
+
+def _decode_set(plan: StripePlan, s, got: np.ndarray, lost, slots, crcs, out, members, what: str) -> str | None:
+    """Check the received stripes of set ``s`` (``got[position]``) and decode its lost data chunks
+    into ``out``; the error message when too many are lost or corrupt."""
+    k, m = plan.k, plan.m
+    holders = s.members()
+    stripes, bad = [], []
+    for position, member in enumerate(holders):
+        if member in lost:
+            stripes.append(None)
+            continue
+        n = _span(plan, s, position)
+        chunk_sums, parity_sums = crcs[member]
+        if position < k:
+            expected = chunk_sums[s.data[position][1]] if n else None
+        else:
+            expected = parity_sums[slots[member][(s.index, position - k)]]
+        if expected is not None and crc32c(got[position, :n]) != expected:
+            bad.append(f"{'data chunk' if position < k else 'parity stripe'} of member {member} "
+                       f"(rank {members[member]})")
+            stripes.append(None)
+        else:
+            stripes.append(got[position])
+    wanted = [p for p in range(k) if holders[p] in lost]
+    try:
+        rebuilt = erasure_code(k, m).decode(stripes, out={p: np.empty(plan.stripe, np.uint8) for p in wanted})
+    except TooManyLostError:
+        return (f"{what}: stripe set {s.index} cannot be rebuilt: {len(lost)} member(s) lost and "
+                f"{'; '.join(bad) or 'no stripe'} failing its checksum, more than the {m} parity stripe(s) can rebuild")
+    for p in wanted:
+        member, chunk = s.data[p]
+        a, z = plan.chunk_span(member, chunk)
+        out[member][a:z] = rebuilt[p][:z - a]
+    return None
+
+
+def _span(plan: StripePlan, s, position: int) -> int:
+    """The bytes sent of stripe ``position`` of set ``s``: a data chunk's own bytes, or a whole parity stripe."""
+    if position < plan.k:
+        member, chunk = s.data[position]
+        a, z = plan.chunk_span(member, chunk)
+        return z - a
+    return plan.stripe
