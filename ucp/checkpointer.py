@@ -699,7 +699,16 @@ class Checkpointer:
                 made.extend(names)
                 return headers
 
-            rebuilt = coll.phase("memory-rebuild", rebuild)
+            try:
+                rebuilt = coll.phase("memory-rebuild", rebuild)
+            except UcpError as e:  # a stripe failed its checksum, say: never loaded from
+                self._rebuilt = made
+                self._free_rebuilt()
+                if coll.rank == 0:
+                    why = " ".join(str(e).split())
+                    warnings.warn(f"ucp: the snapshot of step {rec.step} cannot be rebuilt from parity ({why}); "
+                                  "loading the newest durable checkpoint instead", RuntimeWarning, stacklevel=3)
+                return None
             self._rebuilt = made
             chosen += [h for held in rebuilt for h in held]
             self._rebuilt_ranks = tuple(rec.lost)

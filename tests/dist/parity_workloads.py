@@ -104,3 +104,18 @@ def recover(root: str, base: str, replaced: list[int], expected: dict) -> dict:
         ck.wait()
     ck.close()
     return out
+
+
+def corrupt_parity(base: str, rank: int) -> str:
+    """Flip one byte of the parity stripes the agent of ``rank``'s node keeps for its newest snapshot."""
+    from ucp.snapshot import client, shm
+
+    records = client.connect(node_job(base, rank)).request("parity")["parity"].values()
+    newest = max(records, key=lambda r: r["step"])
+    assert newest["parity_crc32c"], "this rank holds no parity stripe"
+    seg = shm.attach(newest["file"])
+    try:
+        seg.buf[0] ^= 0xFF
+    finally:
+        seg.close()
+    return newest["file"]

@@ -133,3 +133,25 @@ def test_more_lost_than_parity_falls_back_to_the_durable_tier_and_says_so(world4
     lines = [m for m in got[0]["warnings"] if "durable" in m]
     assert len(lines) == 1 and "more than its 1 parity stripe(s) can rebuild" in lines[0], got[0]["warnings"]
     assert "\n" not in lines[0]
+
+
+def test_a_corrupted_parity_stripe_is_named_and_the_durable_tier_loaded(world4, tmp_path, nodes):
+    saved = world4.run(w.redundant_snapshots, str(tmp_path), nodes, 1, 4, 2)
+    kill_node(w.node_job(nodes, 2))
+    w.corrupt_parity(nodes, 0)  # (the states are tiny: 2 stripe sets, with parity on ranks 0 and 1)
+    got = world4.run(w.recover, str(tmp_path), nodes, [2], saved[0]["state"])
+    for r in got:  # never loaded from the bad stripe: the durable checkpoint of step 4 instead
+        assert r["source"] == "durable" and r["step"] == 4 and r["diffs"] == [], r
+    lines = [m for m in got[0]["warnings"] if "durable" in m]
+    assert len(lines) == 1 and "parity stripe of member 0 (rank 0)" in lines[0] and "failing its checksum" in lines[0], lines
+
+
+def test_agent_status_shows_parity_and_its_overhead(world4, tmp_path, nodes, capsys):
+    from ucp.cli.main import main
+
+    world4.run(w.redundant_snapshots, str(tmp_path), nodes, 1, 2)
+    capsys.readouterr()
+    assert main(["agent", "status", "--job", w.node_job(nodes, 1)]) == 0
+    out = capsys.readouterr().out
+    assert "parity of step 2 (redundancy group of ranks [0, 1, 2, 3], 1 parity stripe(s) per set)" in out
+    assert "redundancy:" in out and "x the data" in out

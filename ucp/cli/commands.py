@@ -252,6 +252,14 @@ def agent(args) -> int:
         for where, snap in e.get("snapshots", {}).items():
             rank, slot = where.split(".")
             print(f"  rank {rank} slot {slot}: step {snap['step']}, {'complete' if snap['complete'] else 'not complete'}")
+        for where, par in e.get("parity", {}).items():
+            rank, slot = where.split(".")
+            print(f"  rank {rank} slot {slot}: parity of step {par['step']} (redundancy group of ranks "
+                  f"{par['members']}, {par['m']} parity stripe(s) per set)")
+        if e.get("parity_bytes"):
+            data, parity = e["data_bytes"], e["parity_bytes"]
+            print(f"  redundancy: {_human(parity)} of parity for {_human(data)} of snapshots: memory "
+                  f"{(data + parity) / data:.2f}x the data")
         if e.get("persisted") or e.get("persisting"):
             written = ", ".join(f"rank {r}: step {s}" for r, s in e.get("persisted", {}).items()) or "nothing yet"
             print(f"  written to the durable tier: {written}; {e.get('persisting', 0)} write(s) in flight")
