@@ -57,8 +57,10 @@ class SnapshotParity:
         import torch.distributed as dist
 
         node = f"{os.uname().nodename}:{tier.client.info.pid}"
-        nodes = [None] * self.coll.world_size
-        dist.all_gather_object(nodes, node, group=group)
+        nodes = [node]
+        if self.coll.world_size > 1:
+            nodes = [None] * self.coll.world_size
+            dist.all_gather_object(nodes, node, group=group)
         try:
             groups = lane_groups(nodes, self.options.group, self.options.parity)
         except RedundancyError as e:

@@ -269,3 +269,30 @@ def test_memory_stays_flat_over_200_snapshots(tmp_path, job):
     assert grown < 8 * 1024, f"RSS grew by {grown} KiB over 200 snapshots"
     assert client.connect(job).status()["snapshots"]["0.0"] == {"step": 220, "complete": True} or \
         client.connect(job).status()["snapshots"]["0.1"] == {"step": 220, "complete": True}
+
+
+def test_redundancy_on_a_single_node_warns_once_and_snapshots_go_on(tmp_path, job):
+    import warnings
+
+    m, opt = tiny_model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job),
+                          redundancy=ucp.RedundancyOptions(group=3, parity=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in (1, 2, 3):
+            train_step(m, opt, s)
+            assert ck.save(s).tier == "memory"
+        ck.wait()
+    lines = [str(w.message) for w in caught if "without parity" in str(w.message)]
+    assert len(lines) == 1 and "1 node(s) cannot hold 1 parity stripe(s)" in lines[0], lines
+    want = state_of(m, opt)
+    ck.close()
+    m2, opt2 = tiny_model(seed=5)
+    res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    assert res.source == "memory" and res.step == 3 and res.rebuilt == () and same(state_of(m2, opt2), want)
+
+
+def test_redundancy_needs_snapshots():
+    m, opt = tiny_model()
+    with pytest.raises(ucp.UcpError, match="pass snapshot=ucp.SnapshotOptions"):
+        ucp.Checkpointer("/tmp/x", model=m, optimizer=opt, redundancy=ucp.RedundancyOptions())

@@ -138,7 +138,7 @@ def test_more_lost_than_parity_falls_back_to_the_durable_tier_and_says_so(world4
 def test_a_corrupted_parity_stripe_is_named_and_the_durable_tier_loaded(world4, tmp_path, nodes):
     saved = world4.run(w.redundant_snapshots, str(tmp_path), nodes, 1, 4, 2)
     kill_node(w.node_job(nodes, 2))
-    w.corrupt_parity(nodes, 0)  # (the states are tiny: 2 stripe sets, with parity on ranks 0 and 1)
+    w.corrupt_parity(nodes, 0)
     got = world4.run(w.recover, str(tmp_path), nodes, [2], saved[0]["state"])
     for r in got:  # never loaded from the bad stripe: the durable checkpoint of step 4 instead
         assert r["source"] == "durable" and r["step"] == 4 and r["diffs"] == [], r

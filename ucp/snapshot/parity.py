@@ -95,12 +95,16 @@ class ParityEncoder:
         self._recv = np.empty((0,), np.uint8)
 
     def plan(self, sizes: Sequence[int]) -> StripePlan:
-        """The stripe plan of buffers of ``sizes`` (kept while the sizes stay the same)."""
+        """The stripe plan of buffers of ``sizes`` (kept while the sizes stay the same). Its stripe
+        is the configured one, or less for small buffers: a ``k``-th of the longest buffer (64-byte
+        aligned), so that each member has about ``k`` chunks and the parity stays about ``m / k`` of
+        the data, not a whole stripe per set."""
         if self._plan is None or self._plan.sizes != tuple(sizes):
-            self._plan = stripe_plan(list(sizes), self.m, self.stripe)
-            k = self._plan.k
-            if self._recv.shape != (BATCH, k, self.stripe):
-                self._recv = np.empty((BATCH, k, self.stripe), np.uint8)
+            k = len(sizes) - self.m
+            stripe = min(self.stripe, max(64, -(-max(sizes) // max(k, 1) // 64) * 64 if sizes else 64))
+            self._plan = stripe_plan(list(sizes), self.m, stripe)
+            if self._recv.shape != (BATCH, self._plan.k, stripe):
+                self._recv = np.empty((BATCH, self._plan.k, stripe), np.uint8)
         return self._plan
 
     def encode(self, sizes: Sequence[int], data: np.ndarray, parity: np.ndarray) -> list[int]:
@@ -111,7 +115,7 @@ class ParityEncoder:
         import torch.distributed as dist
 
         plan = self.plan(sizes)
-        me, k, m, stripe = self.index, plan.k, self.m, self.stripe
+        me, k, m, stripe = self.index, plan.k, self.m, plan.stripe
         if data.size != plan.sizes[me] or parity.size != plan.parity_bytes(me):
             raise ParityError(f"member {me}: buffers of {data.size} and {parity.size} bytes, the plan wants "
                               f"{plan.sizes[me]} and {plan.parity_bytes(me)}")
