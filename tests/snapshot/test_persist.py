@@ -180,3 +180,29 @@ def test_two_ranks_persist_one_checkpoint_with_each_region_written_once(world2, 
     res = ucp.Checkpointer(tmp_path, model=model, optimizer=opt).load()
     assert res.source == "durable" and res.step == 3
     assert bit_diffs(want, w.full_state(model, opt)) == []
+
+
+def test_a_commit_waiting_for_a_lost_nodes_files_gives_up_when_a_smaller_job_takes_over(tmp_path):
+    """After nodes are lost, rank 0's agent may wait for the old job's files of the lost ranks; the
+    survivors' job (another size) configures it: the wait ends at once and its error is not the new
+    job's."""
+    a = agent_mod.Agent("u" + uuid.uuid4().hex[:12])
+    try:
+        (tmp_path / "step_00000005").mkdir()
+        a.handle({"op": "configure", "args": {"rank": 0, "root": str(tmp_path), "write": [], "world_size": 4,
+                                              "timeout": 60}})
+        with a.lock:
+            a.inflight[0] = 1
+            a.commits.append(({"step": 5, "token": 7}, dict(a.config[0])))
+            a.lock.notify_all()
+        time.sleep(0.3)
+        assert a.inflight[0] == 1  # waiting for ranks 0-3's files
+        a.handle({"op": "configure", "args": {"rank": 0, "root": str(tmp_path), "write": [], "world_size": 3,
+                                              "timeout": 60}})
+        deadline = time.monotonic() + 5
+        while a.inflight[0]:
+            assert time.monotonic() < deadline, "the old job's commit still waits"
+            time.sleep(0.02)
+        assert a.errors.get(0, []) == []
+    finally:
+        a.cleanup()

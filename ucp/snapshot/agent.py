@@ -153,6 +153,7 @@ class Agent:
         # persistence (docs/agent.md section 5); every field below is guarded by ``lock``
         self.lock = threading.Condition(threading.RLock())
         self.config: dict[int, dict] = {}  # rank -> where and what it persists
+        self.job_world: int | None = None  # the world size of the job that configured last
         self.work: list[tuple[int, int, int]] = []  # (rank, slot, step) to write, in order
         self.busy: set[tuple[int, int]] = set()  # slots queued or being written
         self.inflight: dict[int, int] = {}  # rank -> writes (and, for rank 0, commits) not finished
@@ -274,6 +275,7 @@ class Agent:
         fragments it writes there (indices into its header's fragments; the save plan's share)."""
         self.config[rank] = {"root": root, "write": list(write), "world_size": world_size, "keep": keep,
                              "fsync": fsync, "timeout": timeout}
+        self.job_world = world_size  # the newest job's size: commits of a job of another size give up
         return {"rank": rank}
 
     def op_persist(self, rank: int, slot: int, step: int) -> dict:
@@ -358,13 +360,22 @@ class Agent:
         from ucp.storage.directory import step_dir
 
         error = None
+        world = cfg["world_size"]
         try:
             persist.commit_when_written(step_dir(Path(cfg["root"]), header["step"]), Path(cfg["root"]), header["step"],
-                                        cfg["world_size"], header["token"], cfg["keep"], cfg["timeout"],
-                                        abandon=self.abandon.is_set)
+                                        world, header["token"], cfg["keep"], cfg["timeout"],
+                                        abandon=lambda: self.abandon.is_set() or self._superseded(world))
         except Exception as e:
             error = f"committing step {header['step']} to the durable tier failed: {e}"
+            if self._superseded(world):  # the job that saved it is gone (a recovery on fewer ranks): not the new job's
+                print(f"ucp agent: {error} (a job of another size has taken over)", file=sys.stderr, flush=True)
+                error = None
         self._done(0, error)
+
+    def _superseded(self, world_size: int) -> bool:
+        """Whether a job of another size configured this agent since (a restart after nodes were lost:
+        the files of the old job's lost ranks will never come)."""
+        return self.job_world is not None and self.job_world != world_size
 
     def flush(self, timeout: float) -> None:
         """Write each rank's newest complete snapshot that is not durable yet, and wait (``timeout``

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""What erasure-coded snapshots cost: snapshot time and memory with and without parity, same run.
+
+``--nodes`` simulated nodes on this machine, one rank each (each rank's own snapshot agent: a node
+is an agent; docs/erasure.md section 6), in one gloo world. Every rank holds a distinct state of
+``--mb`` MB (10^6 bytes: one fp32 parameter plus AdamW's two moments, so a third of it each) and
+takes ``--snapshots`` snapshots of it, one after the other, timed from ``save`` to the end of
+``wait`` (the copy, checksums, cut and, with parity, the exchange: the whole background work):
+
+* **plain**: ``SnapshotOptions`` alone;
+* **parity**: the same with ``RedundancyOptions(group=--nodes, parity=--parity)``; the agents' own
+  accounts (``ucp agent status``: ``data_bytes``, ``parity_bytes``) give the memory overhead, to
+  compare with ``g / (g - m)``.
+
+The two kinds alternate snapshot by snapshot, and each figure is the median. ``parity_extra_s`` =
+parity - plain, the exchange's cost per snapshot; ``exchange_gbps`` = one rank's snapshot bytes over
+it. ``memcpy_gbps``: one rank's copy of the same bytes into a preallocated buffer, in the same run,
+for scale. Every snapshot of the parity kind is checked: after the run, the ranks of node 1 are
+treated as lost and rebuilt from parity (``rebuilt_bit_exact``), so a cheap exchange that stored
+nothing cannot pass. Nothing is left in /dev/shm afterwards (``shm_left``).
+
+With ``--nodes`` processes on few cores the ranks compete for CPU: read the figures as the cost of
+the exchange on a loaded machine, not as a network's speed.
+
+Output: one JSON line on stdout, progress on stderr; a failure prints nothing on stdout and exits 1.
+
+    python tools/bench_parity.py [--nodes 4] [--parity 1] [--mb 64] [--snapshots 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def log(*args) -> None:
+    print(f"[bench_parity {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank: int, args, port: int, base: str, root: str, out) -> None:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    import ucp
+    from ucp.snapshot import client
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.nodes)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    n = int(args.mb * 1e6) // 12  # this rank's shard: fp32 parameter + two AdamW moments
+    mesh = init_device_mesh("cpu", (args.nodes,), mesh_dim_names=("dp",))
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(1, n * args.nodes, bias=False)  # FSDP2: each rank a distinct shard
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randn(2, 1)).sum().backward()
+        opt.step()
+        return model, opt
+
+    def local(model, opt) -> dict:
+        return {"w": model.weight.to_local().detach().clone(),
+                **{k: v.to_local().clone() for k, v in opt.state[model.weight].items() if k != "step"}}
+
+    model, opt = build(0)
+    kinds = {}
+    for kind in ("plain", "parity"):
+        job = f"{base}-{kind}-{rank}"
+        red = ucp.RedundancyOptions(group=args.nodes, parity=args.parity) if kind == "parity" else None
+        kinds[kind] = (job, ucp.Checkpointer(Path(root) / kind, model=model, optimizer=opt,
+                                             options=ucp.CheckpointOptions(rng=False),
+                                             snapshot=ucp.SnapshotOptions(job=job, timeout=120), redundancy=red))
+    times = {"plain": [], "parity": []}
+    for s in range(args.snapshots + 1):  # the first of each kind: untimed (segments created)
+        for kind, (_, ck) in kinds.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            ck.save(s + 1)
+            ck.wait()
+            dt = time.perf_counter() - t0
+            if s:
+                times[kind].append(dt)
+    src = np.frombuffer(bytearray(n * 12), np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    copies = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        copies.append(time.perf_counter() - t0)
+    status = client.connect(kinds["parity"][0]).status()
+    for _, ck in kinds.values():
+        ck.close()
+    # node 1 lost: every other rank rebuilds from parity (a fresh Checkpointer on a fresh node for rank 1)
+    from ucp.snapshot import agent as agent_mod
+
+    dist.barrier()
+    if rank == 1:
+        info = agent_mod.read_info(kinds["parity"][0])
+        client.stop(kinds["parity"][0], timeout=30)
+        while agent_mod.is_alive(info):
+            time.sleep(0.02)
+    dist.barrier()
+    want = local(model, opt)
+    model2, opt2 = build(1000)
+    job = kinds["parity"][0] + ("x" if rank == 1 else "")
+    ck = ucp.Checkpointer(Path(root) / "parity", model=model2, optimizer=opt2,
+                          options=ucp.CheckpointOptions(rng=False), snapshot=ucp.SnapshotOptions(job=job, timeout=120),
+                          redundancy=ucp.RedundancyOptions(group=args.nodes, parity=args.parity))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = ck.load()
+    got = local(model2, opt2)
+    exact = res is not None and res.source == "memory" and res.rebuilt == (1,) and all(
+        torch.equal(want[k], got[k]) for k in want)
+    ck.close()
+    dist.destroy_process_group()
+    out.put((rank, {"times": times, "memcpy_s": min(copies), "bytes": n * 12, "status": status, "exact": exact}))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=4, help="simulated nodes, one rank each (default 4)")
+    p.add_argument("--parity", type=int, default=1, help="parity stripes per set (default 1: XOR)")
+    p.add_argument("--mb", type=float, default=64, help="each rank's state, MB (default 64)")
+    p.add_argument("--snapshots", type=int, default=5, help="timed snapshots of each kind (default 5)")
+    args = p.parse_args()
+    if args.nodes < args.parity + 2 or args.mb <= 0 or args.snapshots < 1:
+        p.error("use --nodes >= parity + 2 (node 1 is rebuilt from the others), --mb > 0, --snapshots >= 1")
+    import multiprocessing as mp
+
+    from ucp.snapshot import agent as agent_mod
+    from ucp.snapshot import client, shm
+
+    base = "bp" + uuid.uuid4().hex[:8]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    t0 = time.time()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ucp-bench-parity-") as root:
+        procs = [ctx.Process(target=rank_main, args=(r, args, port, base, root, out)) for r in range(args.nodes)]
+        try:
+            for proc in procs:
+                proc.start()
+            log(f"{args.nodes} nodes, {args.mb:g} MB each, parity {args.parity}, {args.snapshots} snapshots per kind")
+            deadline = time.monotonic() + 1800
+            while len(results) < args.nodes:
+                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError("a rank failed or the bench timed out (see stderr)")
+                try:
+                    rank, doc = out.get(timeout=1)
+                    results[rank] = doc
+                except Exception:
+                    pass
+            for proc in procs:
+                proc.join(60)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            left = 0
+            for r in range(args.nodes):
+                for kind in ("plain", "parity"):
+                    for job in (f"{base}-{kind}-{r}", f"{base}-{kind}-{r}x"):
+                        info = agent_mod.read_info(job) if agent_mod.discovery_path(job).exists() else None
+                        if info is not None and agent_mod.is_alive(info):
+                            client.stop(job, timeout=30)
+                        left += len([n for n in shm.listing(shm.prefix(job)) if not n.endswith(".agent.lock")])
+                        for n in shm.listing(shm.prefix(job)):
+                            shm.unlink(n)
+    plain = statistics.median(t for d in results.values() for t in d["times"]["plain"])
+    parity = statistics.median(t for d in results.values() for t in d["times"]["parity"])
+    nbytes = results[0]["bytes"]
+    data = sum(d["status"]["data_bytes"] for d in results.values())
+    par = sum(d["status"]["parity_bytes"] for d in results.values())
+    extra = parity - plain
+    memcpy = min(d["memcpy_s"] for d in results.values())
+    import torch
+
+    doc = {"bench": "ucp_parity_exchange", "nodes": args.nodes, "ranks_per_node": 1, "group": args.nodes,
+           "parity": args.parity, "code": "xor" if args.parity == 1 else "rs_cauchy",
+           "rank_state_mb": round(nbytes / 1e6, 3), "snapshots": args.snapshots,
+           "snapshot_plain_s": round(plain, 4), "snapshot_parity_s": round(parity, 4),
+           "parity_extra_s": round(extra, 4),
+           "exchange_gbps": round(nbytes / extra / 1e9, 3) if extra > 0 else None,
+           "memcpy_gbps": round(nbytes / memcpy / 1e9, 3),
+           "snapshot_bytes": data, "parity_bytes": par, "memory_overhead": round((data + par) / data, 4),
+           "memory_overhead_ideal": round(args.nodes / (args.nodes - args.parity), 4),
+           "rebuilt_bit_exact": all(d["exact"] for d in results.values()),
+           "cpus": os.cpu_count(), "torch": torch.__version__, "shm_left": left, "wall_s": round(time.time() - t0, 1)}
+    if not doc["rebuilt_bit_exact"] or left:
+        log(f"FAILED: {doc}")
+        return 1
+    print(json.dumps(doc), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
