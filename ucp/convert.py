@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -68,11 +68,12 @@ class ConvertResult:
 def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None, workers: int = 4,
             compressor: str = "none", chunk_bytes: int = DEFAULT_CHUNK_BYTES, memory_limit: int | None = None,
             progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None,
-            fsync: bool = True) -> ConvertResult:
+            fsync: bool = True, source: str = "ucp") -> ConvertResult:
     """Convert the distributed checkpoint ``src`` into the universal checkpoint ``dst``.
 
     Args:
-        src: a checkpoint directory, or a root (its newest checkpoint, or ``step``).
+        src: a checkpoint directory, or a root (its newest checkpoint, or ``step``); with
+            ``source="hf"``, a Hugging Face model directory or ``.safetensors`` file.
         dst: the universal checkpoint to create; must not exist.
         spec: a UCL file whose rules complete the recorded geometry (fused parts, padding) and
             whose export rules are kept for ``ucp export``.
@@ -83,6 +84,9 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
             the largest tensor needs).
         progress: called with byte counts as arrays are written; ``total`` once with the sum.
         fsync: make the result durable before it becomes visible (turn off only for tests).
+        source: the format of ``src``: ``"ucp"`` (a ucp distributed checkpoint) or ``"hf"``
+            (Hugging Face safetensors weights; docs/foreign.md). Foreign files carry no checksums:
+            each fragment's CRC-32C is computed while it is read and recorded in the fragment table.
 
     Returns:
         A :class:`ConvertResult`.
@@ -95,8 +99,22 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     """
     t0 = time.perf_counter()
     _check_options(workers, compressor, chunk_bytes, memory_limit)
-    path = store.resolve(src, step)
-    manifest = read_manifest(path)
+    if source == "ucp":
+        path = store.resolve(src, step)
+        manifest = read_manifest(path)
+        facts = {"format": "ucp.checkpoint", "format_version": manifest.format_version,
+                 "path": str(Path(path).resolve()), "created_by": manifest.created_by}
+    elif source == "hf":
+        from ucp.foreign.hf import hf_manifest
+
+        if step is not None:
+            raise OptionsError("step: Hugging Face weights have no steps; leave it out")
+        path, manifest, facts = hf_manifest(src)
+    else:
+        from ucp.foreign import SOURCES
+
+        raise OptionsError(f"source={source!r}: use one of {', '.join(SOURCES)}")
+    verify = source == "ucp"
     target = _target(dst, fsync)
     spec_text, patterns = _spec_patterns(spec, manifest)
     plans, arrays = _plans(manifest, patterns, compressor, chunk_bytes)
@@ -111,14 +129,13 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     with target as out:
         arrays = create_arrays(out.put, arrays)
         arena = Arena(min(arena_size, sum(needs.values())))
-        with _SourceFiles(path, manifest) as files:
+        with _SourceFiles(path, manifest, verify) as files:
             _run_tasks(plans, arrays, needs, arena, files, out, compressor, workers, progress)
-        table = fragments_to_parquet(manifest.fragments)
+        fragments = manifest.fragments if verify else tuple(replace(f, crc32c=files.crcs.get(f, 0)) for f in manifest.fragments)
+        table = fragments_to_parquet(fragments)
         out.put(FRAGMENT_TABLE, table)
         header = UniversalHeader(
-            step=manifest.step, source_layout=manifest.layout, tensors=arrays, state=manifest.state,
-            source={"format": "ucp.checkpoint", "format_version": manifest.format_version, "path": str(Path(path).resolve()),
-                    "created_by": manifest.created_by},
+            step=manifest.step, source_layout=manifest.layout, tensors=arrays, state=manifest.state, source=facts,
             fragment_table={"file": FRAGMENT_TABLE, "crc32c": crc32c(table), "rows": len(manifest.fragments)},
             spec=spec_text, created_by=f"ucp {__version__}")
         header.validate()
@@ -206,12 +223,16 @@ def _need(plan: TensorPlan, meta: ArrayMeta, budget: int) -> int:
 
 
 class _SourceFiles:
-    """The source checkpoint's data files, open for positional reads from any thread."""
+    """The source checkpoint's data files, open for positional reads from any thread. With
+    ``verify`` off (foreign files, which carry no checksums), the CRC-32C computed of each fragment
+    read is kept in ``crcs`` instead of being checked."""
 
-    def __init__(self, directory: Path, manifest: Manifest):
+    def __init__(self, directory: Path, manifest: Manifest, verify: bool = True):
         self.directory = Path(directory)
         self.names = sorted({f.file for f in manifest.fragments})
         self.fds: dict[str, int] = {}
+        self.verify = verify
+        self.crcs: dict = {}  # fragment -> its CRC-32C, as read (verify off)
 
     def __enter__(self) -> "_SourceFiles":
         for name in self.names:
@@ -324,6 +345,9 @@ def _read_checked(files: _SourceFiles, frag, views: list) -> None:
         for v in batch:
             crc = crc32c(v, crc)
         offset += want
+    if not files.verify:
+        files.crcs[frag] = crc
+        return
     if crc != frag.crc32c:
         raise CorruptCheckpointError(f"{where} at bytes [{frag.offset}, {frag.offset + frag.length}): checksum mismatch "
                                      f"(crc32c {crc:08x}, expected {frag.crc32c:08x}); the checkpoint is corrupted")

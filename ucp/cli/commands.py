@@ -146,7 +146,7 @@ def convert(args) -> int:
     result = _with_progress("convert", args.quiet, lambda progress, total: run_convert(
         args.src, args.dst, args.spec, step=args.step, workers=args.workers, compressor=args.compress,
         chunk_bytes=args.chunk_kib * 1024, memory_limit=None if args.memory_mib is None else args.memory_mib << 20,
-        progress=progress, total=total))
+        progress=progress, total=total, source=args.source))
     return _summary(args, result, f"OK   {result.dst}: step {result.step}, {result.tensors} array(s), "
                                   f"{_human(result.nbytes)} from {_human(result.source_bytes)} in {result.seconds:.2f} s "
                                   f"({result.gbps:.2f} GB/s)")

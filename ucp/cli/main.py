@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "logical order, crc32c per chunk), independent of the layout that saved it. "
                                    "Streams tensor by tensor with bounded memory; DST appears only when complete.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", metavar="SRC", help="distributed checkpoint directory or root")
+    p.add_argument("src", metavar="SRC", help="distributed checkpoint directory or root (with --from hf: a Hugging "
+                                              "Face model directory or .safetensors file)")
+    p.add_argument("--from", dest="source", choices=("ucp", "hf"), default="ucp",
+                   help="the format of SRC: ucp (default) or hf (Hugging Face safetensors weights, with or without "
+                        "model.safetensors.index.json; docs/foreign.md)")
     p.add_argument("dst", metavar="DST", help="universal checkpoint directory to create (must not exist), or an "
                                               "fsspec URL (s3://..., memory://...) where the header is written last")
     p.add_argument("--spec", metavar="FILE.ucl", help="UCL spec completing the recorded geometry (fused parts, "
