@@ -84,8 +84,9 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
             the largest tensor needs).
         progress: called with byte counts as arrays are written; ``total`` once with the sum.
         fsync: make the result durable before it becomes visible (turn off only for tests).
-        source: the format of ``src``: ``"ucp"`` (a ucp distributed checkpoint) or ``"hf"``
-            (Hugging Face safetensors weights; docs/foreign.md). Foreign files carry no checksums:
+        source: the format of ``src``: ``"ucp"`` (a ucp distributed checkpoint), ``"hf"``
+            (Hugging Face safetensors weights) or ``"dcp"`` (a torch.distributed.checkpoint
+            directory; docs/foreign.md). Foreign files carry no checksums:
             each fragment's CRC-32C is computed while it is read and recorded in the fragment table.
 
     Returns:
@@ -110,11 +111,19 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         if step is not None:
             raise OptionsError("step: Hugging Face weights have no steps; leave it out")
         path, manifest, facts = hf_manifest(src)
+    elif source == "dcp":
+        from ucp.foreign.dcp import dcp_manifest
+
+        if step is not None:
+            raise OptionsError("step: a DCP directory holds one checkpoint; leave it out")
+        path, manifest, facts, blobs = dcp_manifest(src)
+        decode = blobs.decode
     else:
         from ucp.foreign import SOURCES
 
         raise OptionsError(f"source={source!r}: use one of {', '.join(SOURCES)}")
     verify = source == "ucp"
+    decode = locals().get("decode")
     target = _target(dst, fsync)
     spec_text, patterns = _spec_patterns(spec, manifest)
     plans, arrays = _plans(manifest, patterns, compressor, chunk_bytes)
@@ -129,7 +138,7 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     with target as out:
         arrays = create_arrays(out.put, arrays)
         arena = Arena(min(arena_size, sum(needs.values())))
-        with _SourceFiles(path, manifest, verify) as files:
+        with _SourceFiles(path, manifest, verify, decode) as files:
             _run_tasks(plans, arrays, needs, arena, files, out, compressor, workers, progress)
         fragments = manifest.fragments if verify else tuple(replace(f, crc32c=files.crcs.get(f, 0)) for f in manifest.fragments)
         table = fragments_to_parquet(fragments)
@@ -227,11 +236,12 @@ class _SourceFiles:
     ``verify`` off (foreign files, which carry no checksums), the CRC-32C computed of each fragment
     read is kept in ``crcs`` instead of being checked."""
 
-    def __init__(self, directory: Path, manifest: Manifest, verify: bool = True):
+    def __init__(self, directory: Path, manifest: Manifest, verify: bool = True, decode=None):
         self.directory = Path(directory)
         self.names = sorted({f.file for f in manifest.fragments})
         self.fds: dict[str, int] = {}
         self.verify = verify
+        self.decode = decode  # fragment -> its bytes, for sources whose files are not raw (DCP's torch.save blobs)
         self.crcs: dict = {}  # fragment -> its CRC-32C, as read (verify off)
 
     def __enter__(self) -> "_SourceFiles":
@@ -320,8 +330,26 @@ def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray,
         _read_checked(files, frag, views)
 
 
+def _read_decoded(files: _SourceFiles, frag, views: list) -> None:
+    """``frag``'s bytes from the source's decoder, in order, into ``views``; their CRC-32C kept."""
+    data = files.decode(frag)
+    pos, crc = 0, 0
+    for v in views:
+        n = len(v) if isinstance(v, bytearray) else v.nbytes
+        if isinstance(v, bytearray):
+            v[:] = data[pos:pos + n].tobytes()
+        else:
+            np.frombuffer(v, np.uint8)[:] = data[pos:pos + n]
+        crc = crc32c(data[pos:pos + n], crc)
+        pos += n
+    files.crcs[frag] = crc
+
+
 def _read_checked(files: _SourceFiles, frag, views: list) -> None:
     """Read ``frag``'s bytes, in order, into ``views`` and check the fragment's CRC-32C."""
+    if files.decode is not None:
+        _read_decoded(files, frag, views)
+        return
     fd, offset, crc = files.fds[frag.file], frag.offset, 0
     where = f"{files.directory / frag.file}: fragment of {frag.key} {frag.box}{frag.flat or ''}"
     for i in range(0, len(views), _IOV_MAX):

@@ -1,7 +1,8 @@
 """Checkpoints written by other systems, described as ucp manifests so that ``ucp convert`` takes
-them in (issue 8): Hugging Face safetensors (:mod:`ucp.foreign.hf`)."""
+them in (issue 8): Hugging Face safetensors (:mod:`ucp.foreign.hf`), PyTorch DCP
+(:mod:`ucp.foreign.dcp`)."""
 
 from __future__ import annotations
 
 #: ``ucp convert --from`` choices: the source formats ``convert`` reads.
-SOURCES = ("ucp", "hf")
+SOURCES = ("ucp", "hf", "dcp")
