@@ -318,7 +318,8 @@ class Checkpointer:
                   "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
         pending = {"step": step, "copied": threading.Event(), "device_copied": None}
         cut = self._cut_group()
-        parity_group = self._own_group("parity") if self.redundancy is not None else None
+        if self.redundancy is not None:
+            self._own_group("parity")  # (created here, in the training thread, by every rank together)
         if self.redundancy is not None and self._parity is None:
             from ucp.recovery import SnapshotParity
 
@@ -350,10 +351,16 @@ class Checkpointer:
                     pending["persist_error"] = PersistError("; ".join(errors) or "the agent of another rank failed "
                                                             "to write a snapshot to the durable tier (see its error)")
                 if ok:
+                    local = None
                     if changed:  # where this rank's snapshots go durably, and its share of the save plan
-                        self._configure_persist(tier, cut, committed)
-                        self._persist_regions = regions
-                    if self._parity is not None and not self._encode_parity(tier, cut, parity_group, committed, step, token):
+                        try:
+                            self._configure_persist(tier, cut, committed)
+                            self._persist_regions = regions
+                        except BaseException as e:  # (with parity, every rank still joins its collectives)
+                            if self._parity is None:
+                                raise
+                            local = e
+                    if self._parity is not None and not self._encode_parity(tier, cut, committed, step, token, local):
                         pending.setdefault("error", UcpError(f"the parity of the snapshot of step {step} failed on "
                                                              "another rank; that snapshot is not complete"))
                         return
@@ -386,21 +393,44 @@ class Checkpointer:
         ok, token, failed, changed = flags.tolist()
         return ok == 1, -token, failed < 0, changed < 0
 
-    def _encode_parity(self, tier, cut, group, committed: dict, step: int, token: int) -> bool:
+    def _encode_parity(self, tier, cut, committed: dict, step: int, token: int, error=None) -> bool:
         """Encode this rank's share of the snapshot's parity (docs/erasure.md section 7); whether every
-        rank's succeeded (an all-reduce on ``cut``: complete is sent only once all parity is)."""
-        error = None
+        rank's succeeded. Every rank joins the same collectives whatever fails where: the groups'
+        forming (once), then an all-reduce on ``cut`` of "ready" after the steps that may fail on one
+        rank alone (``error``: one that already did), then the stripes' exchange, then an all-reduce
+        of "done" (complete is sent only once all parity is). Raises this rank's own failure."""
+        parity = self._parity
+        sequence = parity.sequence
+        parity.sequence += 1
+        prepared = None
         try:
-            self._parity.encode(tier, group, committed, step, token)
-        except BaseException as e:  # the snapshot is not complete; the next call raises
-            error = e
-        flag = torch.tensor([int(error is None)], dtype=torch.int64)
+            parity.setup(tier, self._own_group("parity"))
+            if error is None:
+                prepared = parity.prepare(tier, committed, step, sequence)
+        except BaseException as e:
+            error = error or e
+        if self._all_ok(cut, error is None):
+            try:
+                parity.exchange(tier, prepared, token)
+            except BaseException as e:
+                error = e
+            done = self._all_ok(cut, error is None)
+        else:
+            done = False
+        if error is not None:
+            import traceback
+
+            traceback.clear_frames(error.__traceback__)  # its frames held views of the shared memory
+            raise error if isinstance(error, UcpError) else UcpError(f"the parity of step {step} failed: {error!r}")
+        return done
+
+    def _all_ok(self, cut, ok: bool) -> bool:
+        """Whether ``ok`` on every rank (an all-reduce on ``cut``)."""
+        flag = torch.tensor([int(ok)], dtype=torch.int64)
         if cut is not None:
             import torch.distributed as dist
 
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cut)
-        if error is not None:
-            raise error if isinstance(error, UcpError) else UcpError(f"the parity of step {step} failed: {error!r}")
         return bool(flag.item())
 
     def _configure_persist(self, tier, cut, committed: dict) -> None:
@@ -694,22 +724,17 @@ class Checkpointer:
             node_of_rank = [n for n, _, _ in nodes]
             made: list = []
 
-            def rebuild():
-                headers, names = rebuild_lost(coll, tier, group, rec, node_of_rank, full)
-                made.extend(names)
-                return headers
-
+            self._rebuilt = made  # freed after the load, or if anything below fails
             try:
-                rebuilt = coll.phase("memory-rebuild", rebuild)
+                rebuilt = coll.phase("memory-rebuild", lambda: rebuild_lost(coll, tier, group, rec, node_of_rank,
+                                                                             full, made))
             except UcpError as e:  # a stripe failed its checksum, say: never loaded from
-                self._rebuilt = made
                 self._free_rebuilt()
                 if coll.rank == 0:
                     why = " ".join(str(e).split())
                     warnings.warn(f"ucp: the snapshot of step {rec.step} cannot be rebuilt from parity ({why}); "
                                   "loading the newest durable checkpoint instead", RuntimeWarning, stacklevel=3)
                 return None
-            self._rebuilt = made
             chosen += [h for held in rebuilt for h in held]
             self._rebuilt_ranks = tuple(rec.lost)
             if coll.rank == 0:
@@ -720,7 +745,11 @@ class Checkpointer:
         def build():
             built["manifest"] = manifest_from_headers(chosen, host)
 
-        coll.phase("memory-manifest", build)
+        try:
+            coll.phase("memory-manifest", build)
+        except BaseException:
+            self._free_rebuilt()
+            raise
         return SHM_DIR, built["manifest"]
 
     def _free_rebuilt(self) -> None:

@@ -51,11 +51,15 @@ class SnapshotParity:
         self.encoder: ParityEncoder | None = None
         self.members: list[int] = []  # this rank's group, job ranks
         self.disabled: str | None = None  # why this job's snapshots carry no parity
+        self.sequence = 0  # snapshots whose parity was attempted (the same on every rank): message tags
 
-    def _setup(self, tier, group) -> None:
-        """Form the redundancy groups: every rank's node (its agent), gathered on ``group``."""
+    def setup(self, tier, group) -> None:
+        """Form the redundancy groups, once per job (a collective of every rank on ``group``): every
+        rank's node (its agent), gathered."""
         import torch.distributed as dist
 
+        if self.encoder is not None or self.disabled is not None:
+            return
         node = f"{os.uname().nodename}:{tier.client.info.pid}"
         nodes = [node]
         if self.coll.world_size > 1:
@@ -73,34 +77,44 @@ class SnapshotParity:
         self.encoder = ParityEncoder(group, [to_global[r] for r in self.members], to_global[self.coll.rank],
                                      self.options.parity, self.options.stripe)
 
-    def encode(self, tier, group, committed: dict, step: int, token: int) -> None:
-        """Encode this rank's share of the parity of the snapshot ``committed`` (its header) and
-        have its agent keep the record (a collective of the job on ``group``)."""
-        if self.encoder is None and self.disabled is None:
-            self._setup(tier, group)
+    def prepare(self, tier, committed: dict, step: int, sequence: int) -> dict | None:
+        """The first half of a snapshot's parity: swap headers with the group (point to point) and
+        take the parity segment. What may fail on this rank alone happens here, before any stripe is
+        exchanged (the caller then agrees with every rank whether to go on). None without parity."""
         if self.encoder is None:
-            return
-        enc, me = self.encoder, self.coll.rank
-        to_global = dict(zip(enc.members, self.members))
-        headers = {to_global[g]: h for g, h in exchange_objects(group, enc.members, enc.members[enc.index],
-                                                                 dict(committed, step=step)).items()}
+            return None
+        enc = self.encoder
+        to_job = dict(zip(enc.members, self.members))
+        got = exchange_objects(enc.group, enc.members, enc.members[enc.index], dict(committed, step=step),
+                               tag=parity_mod.tag(sequence, parity_mod.OBJECTS))
+        headers = {to_job[g]: h for g, h in got.items()}
         sizes = [headers[r]["file_size"] for r in self.members]
         plan = enc.plan(sizes)
-        slot = committed["slot"]
-        pseg = tier.parity_segment(slot, plan.parity_bytes(enc.index))
+        pseg = tier.parity_segment(committed["slot"], plan.parity_bytes(enc.index))
+        return {"headers": headers, "sizes": sizes, "plan": plan, "segment": pseg, "committed": committed,
+                "step": step, "sequence": sequence}
+
+    def exchange(self, tier, prepared: dict | None, token: int) -> None:
+        """The second half: exchange the stripes, compute this rank's parity, have the agent keep
+        the record."""
+        if prepared is None:
+            return
+        enc, me = self.encoder, self.coll.rank
+        plan, slot, pseg = prepared["plan"], prepared["committed"]["slot"], prepared["segment"]
+        nbytes = plan.parity_bytes(enc.index)
         data = np.frombuffer(tier.data_segment(slot).buf, np.uint8)
         parity = np.frombuffer(pseg.buf, np.uint8)
         try:
-            crcs = enc.encode(sizes, data, parity[:plan.parity_bytes(enc.index)])
+            crcs = enc.encode(prepared["sizes"], data, parity[:nbytes], prepared["sequence"])
             chunks = chunk_crcs(plan, enc.index, data)
         finally:
             del data, parity
         record = {"format": FORMAT, "format_version": FORMAT_VERSION, "token": token,
                   "world_size": self.coll.world_size, "members": self.members, "index": enc.index,
-                  "m": plan.m, "stripe": plan.stripe, "sizes": sizes, "code": erasure_code(plan.k, plan.m).to_dict(),
-                  "file": pseg.name, "parity_crc32c": crcs, "chunk_crc32c": chunks,
-                  "headers": {str(r): h for r, h in headers.items() if r != me}}
-        tier.commit_parity(slot, step, record)
+                  "m": plan.m, "stripe": plan.stripe, "sizes": prepared["sizes"],
+                  "code": erasure_code(plan.k, plan.m).to_dict(), "file": pseg.name, "parity_crc32c": crcs,
+                  "chunk_crc32c": chunks, "headers": {str(r): h for r, h in prepared["headers"].items() if r != me}}
+        tier.commit_parity(slot, prepared["step"], record)
 
 
 @dataclass
@@ -168,17 +182,19 @@ def find_recoverable(nodes: list[tuple[str, list[dict], list[dict]]], step: int 
     return None, why
 
 
-def rebuild_lost(coll, tier, group, rec: Recoverable, node_of_rank: list[str], records: dict[int, dict]) -> tuple[list[dict], list[str]]:
+def rebuild_lost(coll, tier, group, rec: Recoverable, node_of_rank: list[str], records: dict[int, dict],
+                 made: list[str]) -> list[dict]:
     """Rebuild the lost ranks of ``rec`` (a collective of the new job on ``group``).
 
     Args:
         node_of_rank: the node id of each rank of the new job.
         records: the full parity record of every surviving member of a damaged group (old rank ->
             record), the same on every rank.
+        made: the segments this rank creates for rebuilt ranks are appended as they are made (to
+            free once the load has read them, or on failure).
 
     Returns:
-        The rebuilt ranks' headers (their fragments in the new segments), gathered on every rank, and
-        the segments this rank created for them (to free once the load has read them).
+        The rebuilt ranks' headers (their fragments in the new segments) this rank made.
     """
     from ucp.snapshot import shm
 
@@ -187,7 +203,6 @@ def rebuild_lost(coll, tier, group, rec: Recoverable, node_of_rank: list[str], r
     speaker = {}  # node -> its lowest new rank: the one that reads the node's segments
     for r, node in enumerate(node_of_rank):
         speaker.setdefault(node, r)
-    made: list[str] = []
     headers: list[dict] = []
     opened = []
     try:
@@ -212,12 +227,14 @@ def rebuild_lost(coll, tier, group, rec: Recoverable, node_of_rank: list[str], r
             out = None
             if me == rebuilder:
                 out = {}
-                for i in lost:
+                for i in lost:  # (a member held without its parity record is decoded, not reported)
                     name = tier.client.alloc(f"rebuilt.s{rec.step}.r{members[i]}", plan.sizes[i])
                     made.append(name.removeprefix(shm.prefix(tier.job)))
                     seg = shm.attach(name)
                     opened.append(seg)
                     out[i] = np.frombuffer(seg.buf, np.uint8)[:plan.sizes[i]]
+                    if members[i] not in rec.lost:
+                        continue
                     header = first["headers"][str(members[i])]
                     header = dict(header, host=os.uname().nodename, complete=True, token=rec.token,
                                   fragments=[dict(f, file=name) for f in header["fragments"]])
@@ -228,6 +245,11 @@ def rebuild_lost(coll, tier, group, rec: Recoverable, node_of_rank: list[str], r
                                    f"redundancy group of ranks {few(members)} (step {rec.step})")
             held.clear()
             out = None
+    except BaseException as e:
+        import traceback
+
+        traceback.clear_frames(e.__traceback__)  # its frames held views of the segments
+        raise
     finally:
         held = out = None  # noqa: F841 - release the views before unmapping
         for seg in opened:
@@ -235,4 +257,4 @@ def rebuild_lost(coll, tier, group, rec: Recoverable, node_of_rank: list[str], r
                 seg.close()
             except BufferError:
                 pass
-    return headers, made
+    return headers

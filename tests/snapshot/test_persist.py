@@ -206,3 +206,31 @@ def test_a_commit_waiting_for_a_lost_nodes_files_gives_up_when_a_smaller_job_tak
         assert a.errors.get(0, []) == []
     finally:
         a.cleanup()
+
+
+def test_a_smaller_jobs_first_complete_snapshot_frees_the_old_jobs_snapshots():
+    """After a recovery on fewer ranks, the old job's slots on a surviving node (ranks the new job
+    does not have there) are freed once the new job holds a complete snapshot."""
+    a = agent_mod.Agent("u" + uuid.uuid4().hex[:12])
+    try:
+        def commit(rank, slot, step, world):
+            a.handle({"op": "alloc", "args": {"name": f"r{rank}.s{slot}", "nbytes": 64}})
+            a.handle({"op": "begin", "args": {"rank": rank, "slot": slot, "step": step}})
+            a.handle({"op": "commit", "args": {"rank": rank, "slot": slot, "step": step,
+                                               "header": {"world_size": world, "rank": rank}}})
+
+        for slot, step in ((0, 5), (1, 6)):  # the old job: ranks 2 and 3 of 4 on this node
+            for rank in (2, 3):
+                commit(rank, slot, step, 4)
+                a.handle({"op": "complete", "args": {"rank": rank, "slot": slot, "step": step, "token": 9}})
+        a.handle({"op": "alloc", "args": {"name": "r3.p1", "nbytes": 64}})
+        a.handle({"op": "configure", "args": {"rank": 1, "root": "/nowhere", "write": [], "world_size": 3}})
+        commit(1, 0, 7, 3)  # the new job: rank 1 of 3
+        assert len(a.slots) == 5  # nothing dropped before the new job's snapshot is complete
+        a.handle({"op": "complete", "args": {"rank": 1, "slot": 0, "step": 7, "token": 11}})
+        assert list(a.slots) == [(1, 0)]
+        left = sorted(n.removeprefix(shm.prefix(a.job)) for n in shm.listing(shm.prefix(a.job)))
+        assert [n.removeprefix(shm.prefix(a.job)) for n in a.segments] == ["r1.s0"]
+        assert left == ["r1.s0", "r1.s0.json"]
+    finally:
+        a.cleanup()

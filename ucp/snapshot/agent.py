@@ -248,7 +248,27 @@ class Agent:
         if header is None or header["step"] != step:
             raise AgentError(f"rank {rank} has no committed snapshot of step {step} in slot {slot}")
         self._publish(rank, slot, {**header, "complete": True, "token": header.get("token", token)})
+        if self.job_world is not None and header.get("world_size") == self.job_world:
+            self._drop_other_jobs()
         return {"slot": slot, "step": step}
+
+    def _drop_other_jobs(self) -> None:
+        """A snapshot of the newest job is complete: the snapshots of jobs of another size (the job
+        before a recovery on fewer ranks) are no longer needed. Drop their headers and parity, and
+        free their segments unless a rank of the newest job owns that segment's name."""
+        ours = {r for (r, _), h in self.slots.items() if h.get("world_size") == self.job_world}
+        for (rank, slot), header in list(self.slots.items()):
+            if header.get("world_size") == self.job_world or (rank, slot) in self.busy:
+                continue
+            shm.unlink(self._slot(rank, slot))
+            del self.slots[(rank, slot)]
+            self.parity.pop((rank, slot), None)
+            if rank not in ours:
+                for kind in ("s", "p"):
+                    self.op_free(f"r{rank}.{kind}{slot}")
+        for key, record in list(self.parity.items()):
+            if record.get("world_size") != self.job_world and key not in self.slots:
+                del self.parity[key]
 
     # -- persistence (docs/agent.md section 5) ------------------------------------------------
     def op_parity_commit(self, rank: int, slot: int, step: int, record: dict) -> dict:

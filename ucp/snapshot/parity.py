@@ -30,7 +30,18 @@ from ucp.plan.redundancy import StripePlan, stripe_plan
 FORMAT = "ucp.parity"
 FORMAT_VERSION = "1.0"
 BATCH = 8  # stripe sets in flight at once (bounds the receive buffers: BATCH x k stripes)
-_OBJECT_TAG = 1
+_SET_BITS = 20  # a message's tag: (exchange sequence mod 1024) << 20 | stripe set (or OBJECTS)
+OBJECTS = (1 << _SET_BITS) - 1
+REBUILD = 1023  # the sequence of a rebuild's messages
+
+
+def tag(sequence: int, index: int) -> int:
+    """The tag of the messages of stripe set ``index`` (or :data:`OBJECTS`) in exchange ``sequence``:
+    messages of an earlier exchange that timed out can never match a later one's."""
+    if not 0 <= index <= OBJECTS:
+        raise ParityError(f"stripe set {index}: a snapshot holds at most {OBJECTS} stripe sets per member group; "
+                          "use a larger stripe")
+    return (sequence % REBUILD) << _SET_BITS | index
 
 
 class ParityError(UcpError):
@@ -46,20 +57,20 @@ def _wait(works) -> None:
         w.wait()
 
 
-def exchange_objects(group, members: Sequence[int], me: int, obj) -> dict[int, object]:
+def exchange_objects(group, members: Sequence[int], me: int, obj, tag: int = OBJECTS) -> dict[int, object]:
     """Every member's JSON-able ``obj`` (``{global rank: obj}``), sent point to point among
-    ``members`` (global ranks, ``me`` one of them) on ``group``."""
+    ``members`` (global ranks, ``me`` one of them) on ``group`` with message tag ``tag``."""
     import torch.distributed as dist
 
     others = [r for r in members if r != me]
     payload = np.frombuffer(bytearray(json.dumps(obj).encode()), np.uint8)
     size = torch.tensor([payload.size], dtype=torch.int64)
     sizes = {r: torch.zeros(1, dtype=torch.int64) for r in others}
-    _wait([dist.isend(size, r, group=group, tag=_OBJECT_TAG) for r in others]
-          + [dist.irecv(sizes[r], r, group=group, tag=_OBJECT_TAG) for r in others])
+    _wait([dist.isend(size, r, group=group, tag=tag) for r in others]
+          + [dist.irecv(sizes[r], r, group=group, tag=tag) for r in others])
     bufs = {r: torch.empty(int(sizes[r].item()), dtype=torch.uint8) for r in others}
-    _wait([dist.isend(_tensor(payload), r, group=group, tag=_OBJECT_TAG) for r in others]
-          + [dist.irecv(bufs[r], r, group=group, tag=_OBJECT_TAG) for r in others])
+    _wait([dist.isend(_tensor(payload), r, group=group, tag=tag) for r in others]
+          + [dist.irecv(bufs[r], r, group=group, tag=tag) for r in others])
     out = {r: json.loads(bufs[r].numpy().tobytes()) for r in others}
     out[me] = obj
     return out
@@ -107,11 +118,12 @@ class ParityEncoder:
                 self._recv = np.empty((BATCH, self._plan.k, stripe), np.uint8)
         return self._plan
 
-    def encode(self, sizes: Sequence[int], data: np.ndarray, parity: np.ndarray) -> list[int]:
+    def encode(self, sizes: Sequence[int], data: np.ndarray, parity: np.ndarray, sequence: int = 0) -> list[int]:
         """Send this member's chunks to their sets' parity holders and compute the parity stripes it
         holds into ``parity`` (``plan(sizes).parity_bytes(index)`` bytes, in the order of
         ``parity_slots``); returns their CRC-32C. ``data`` is this member's buffer. Every member of
-        the group calls it with the same ``sizes``."""
+        the group calls it with the same ``sizes`` and ``sequence`` (the exchange's number, in the
+        messages' tags)."""
         import torch.distributed as dist
 
         plan = self.plan(sizes)
@@ -132,7 +144,7 @@ class ParityEncoder:
                         buf[z - a:] = 0
                         if z > a:
                             works.append(dist.irecv(_tensor(buf[:z - a]), self.members[member], group=self.group,
-                                                    tag=s.index))
+                                                    tag=tag(sequence, s.index)))
                     mine.append((b, s))
                 else:
                     chunk = next(c for member, c in s.data if member == me)
@@ -140,7 +152,7 @@ class ParityEncoder:
                     if z > a:
                         for holder in s.parity:
                             works.append(dist.isend(_tensor(data[a:z]), self.members[holder], group=self.group,
-                                                    tag=s.index))
+                                                    tag=tag(sequence, s.index)))
             _wait(works)
             for b, s in mine:
                 t = s.parity.index(me)
@@ -202,12 +214,13 @@ def rebuild(group, plan: StripePlan, members: Sequence[int], lost: Sequence[int]
                 elif server == me:
                     view, n = stripe_of(member, s, position)
                     if n:
-                        works.append(dist.isend(_tensor(view), rebuilder, group=group, tag=s.index))
+                        works.append(dist.isend(_tensor(view), rebuilder, group=group, tag=tag(REBUILD, s.index)))
                 elif rebuilder == me:
                     n = _span(plan, s, position)
                     recv[b, position, n:] = 0
                     if n:
-                        works.append(dist.irecv(_tensor(recv[b, position, :n]), server, group=group, tag=s.index))
+                        works.append(dist.irecv(_tensor(recv[b, position, :n]), server, group=group,
+                                                tag=tag(REBUILD, s.index)))
         _wait(works)
         if me != rebuilder or failure is not None:
             continue
