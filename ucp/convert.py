@@ -85,8 +85,8 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         progress: called with byte counts as arrays are written; ``total`` once with the sum.
         fsync: make the result durable before it becomes visible (turn off only for tests).
         source: the format of ``src``: ``"ucp"`` (a ucp distributed checkpoint), ``"hf"``
-            (Hugging Face safetensors weights) or ``"dcp"`` (a torch.distributed.checkpoint
-            directory; docs/foreign.md). Foreign files carry no checksums:
+            (Hugging Face safetensors weights), ``"dcp"`` (a torch.distributed.checkpoint
+            directory) or ``"deepspeed"`` (a DeepSpeed ZeRO-1/2 save; docs/foreign.md). Foreign files carry no checksums:
             each fragment's CRC-32C is computed while it is read and recorded in the fragment table.
 
     Returns:
@@ -117,6 +117,13 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         if step is not None:
             raise OptionsError("step: a DCP directory holds one checkpoint; leave it out")
         path, manifest, facts, blobs = dcp_manifest(src)
+        decode = blobs.decode
+    elif source == "deepspeed":
+        from ucp.foreign.deepspeed import deepspeed_manifest
+
+        if step is not None:
+            raise OptionsError("step: pass the save's directory (global_step<N>) or its folder (its 'latest'), not a step")
+        path, manifest, facts, blobs = deepspeed_manifest(src)
         decode = blobs.decode
     else:
         from ucp.foreign import SOURCES

@@ -148,7 +148,7 @@ def test_unknown_dtypes_and_steps_are_refused(tmp_path):
         convert(tmp_path, tmp_path / "u", source="hf")
     with pytest.raises(OptionsError, match="no steps"):
         convert(tmp_path, tmp_path / "u", source="hf", step=3)
-    with pytest.raises(OptionsError, match="source='dcp'"):
-        convert(tmp_path, tmp_path / "u", source="dcp")
+    with pytest.raises(OptionsError, match="source='orbax'"):
+        convert(tmp_path, tmp_path / "u", source="orbax")
     with pytest.raises(CheckpointNotFoundError):
         convert(tmp_path / "none", tmp_path / "u", source="hf")

@@ -55,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="distributed checkpoint directory or root (with --from hf: a Hugging "
                                               "Face model directory or .safetensors file)")
-    p.add_argument("--from", dest="source", choices=("ucp", "hf", "dcp"), default="ucp",
+    p.add_argument("--from", dest="source", choices=("ucp", "hf", "dcp", "deepspeed"), default="ucp",
                    help="the format of SRC: ucp (default), hf (Hugging Face safetensors weights, with or without "
-                        "model.safetensors.index.json) or dcp (a torch.distributed.checkpoint directory); "
-                        "docs/foreign.md")
+                        "model.safetensors.index.json), dcp (a torch.distributed.checkpoint directory) or deepspeed "
+                        "(a DeepSpeed ZeRO-1/2 save, or its folder with 'latest'); docs/foreign.md")
     p.add_argument("dst", metavar="DST", help="universal checkpoint directory to create (must not exist), or an "
                                               "fsspec URL (s3://..., memory://...) where the header is written last")
     p.add_argument("--spec", metavar="FILE.ucl", help="UCL spec completing the recorded geometry (fused parts, "

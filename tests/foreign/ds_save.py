@@ -1,0 +1,52 @@
+"""A real DeepSpeed ZeRO save for the import tests, run under torchrun on CPU (DS_ACCELERATOR=cpu, gloo):
+
+    torchrun --nproc-per-node 2 tests/foreign/ds_save.py STAGE OUT
+
+Trains a small MLP two steps with DeepSpeed's AdamW, saves with ``engine.save_checkpoint(OUT)``, and
+writes ``OUT/expected.safetensors`` (rank 0): every parameter's module weight and, through
+DeepSpeed's own ``safe_get_full_*`` accessors, its fp32 master and Adam moments, whole.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
+
+
+def main() -> None:
+    stage, out = int(sys.argv[1]), sys.argv[2]
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    # odd sizes: the flat partitions split parameters mid-way and the last one is padded
+    model = torch.nn.Sequential(torch.nn.Linear(7, 11), torch.nn.ReLU(), torch.nn.Linear(11, 5))
+    cfg = {"train_batch_size": 4 * dist.get_world_size(), "train_micro_batch_size_per_gpu": 4,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}},
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10**6}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    for s in range(2):
+        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(100 + 10 * s + dist.get_rank()))
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+    engine.save_checkpoint(out)
+    expected = {}
+    for name, p in engine.module.named_parameters():
+        expected[f"model/{name}"] = p.detach().clone()
+        expected[f"optim/{name}/master"] = safe_get_full_fp32_param(p).clone()
+        for state in ("exp_avg", "exp_avg_sq"):
+            expected[f"optim/{name}/{state}"] = safe_get_full_optimizer_state(p, state).clone()
+    if dist.get_rank() == 0:
+        from safetensors.torch import save_file
+
+        save_file(expected, os.path.join(out, "expected.safetensors"))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

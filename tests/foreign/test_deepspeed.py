@@ -1,0 +1,127 @@
+"""``ucp convert --from deepspeed``: real DeepSpeed ZeRO-1 and ZeRO-2 saves (DeepSpeed on CPU, 2 ranks)
+convert bit for bit, tensor for tensor equal to DeepSpeed's own ``ds_to_universal`` and to the
+engine's full fp32 masters and Adam moments; no deepspeed import and no open unpickler in ucp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.dist.world import free_port
+from ucp.cli.main import main
+from ucp.convert import convert
+from ucp.errors import CorruptCheckpointError
+from ucp.storage.universal_io import array_reader, read_header
+
+pytestmark = pytest.mark.deepspeed
+HERE = Path(__file__).parent
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["zero1", "zero2"])
+def ds_save(request, tmp_path_factory):
+    """A DeepSpeed save of ZeRO stage 1 or 2 by 2 ranks; DeepSpeed's /dev/shm buffers removed after."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp(f"ds{request.param}") / "ckpt"
+    before = _shm()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    try:
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-port", str(free_port()), str(HERE / "ds_save.py"), str(request.param), str(out)],
+                           capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        for name in _shm() - before:  # DeepSpeed's CPU all-reduce buffers
+            if not name.startswith("ucp."):
+                try:
+                    os.unlink(f"/dev/shm/{name}")
+                except OSError:
+                    pass
+    assert p.returncode == 0, p.stderr[-4000:]
+    return out, request.param
+
+
+def universal(path: Path) -> dict[str, np.ndarray]:
+    header = read_header(path)
+    out = {}
+    for key, meta in header.tensors.items():
+        with array_reader(path, key, meta) as r:
+            out[key] = np.asarray(r.read())
+    return out
+
+
+def test_zero_saves_convert_bit_exactly(ds_save, tmp_path):
+    from safetensors.torch import load_file
+
+    out, stage = ds_save
+    res = convert(out, tmp_path / "u", source="deepspeed", fsync=False)
+    header = read_header(tmp_path / "u")
+    assert res.step == 2 and header.source["zero_stage"] == stage and header.source["dp"] == 2
+    got = universal(tmp_path / "u")
+    want = load_file(out / "expected.safetensors")
+    for key, t in want.items():
+        assert got[key].dtype == t.numpy().dtype and got[key].tobytes() == t.numpy().tobytes(), key
+    names = {k.split("/")[1] for k in want}
+    for name in names:
+        assert got[f"optim/{name}/step"].shape == () and float(got[f"optim/{name}/step"]) == 2.0
+    # the optimizer's hyperparameters come along as its param groups
+    opt = header.state["shared"]["optimizer"]
+    assert opt["param_groups"][0]["lr"] == 0.01 and sorted(opt["param_groups"][0]["params"]) == sorted(names)
+
+
+def test_ucp_agrees_with_ds_to_universal_tensor_for_tensor(ds_save, tmp_path):
+    out, _ = ds_save
+    tag = (out / "latest").read_text().strip()
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    p = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(out / tag), "--output_folder", str(tmp_path / "ds"), "--inject_missing_state"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert main(["convert", "--from", "deepspeed", str(out), str(tmp_path / "u"), "--quiet"]) == 0
+    got = universal(tmp_path / "u")
+    params = sorted(d.name for d in (tmp_path / "ds" / "zero").iterdir() if d.is_dir())
+    assert params and {f"optim/{n}/master" for n in params} == {k for k in got if k.endswith("/master")}
+    for name in params:
+        for ds_name, ours in (("fp32", "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("step", "step")):
+            theirs = torch.load(tmp_path / "ds" / "zero" / name / f"{ds_name}.pt", weights_only=True)
+            theirs = (theirs["param"] if isinstance(theirs, dict) else theirs).detach()
+            mine = got[f"optim/{name}/{ours}"]
+            assert tuple(theirs.shape) == mine.shape and theirs.numpy().dtype == mine.dtype, (name, ds_name)
+            assert theirs.numpy().tobytes() == mine.tobytes(), (name, ds_name)
+
+
+def test_an_optimizer_file_needing_another_class_is_refused_by_name(ds_save, tmp_path, capsys):
+    import shutil
+
+    out, _ = ds_save
+    tag = (out / "latest").read_text().strip()
+    copy = tmp_path / "ckpt"
+    shutil.copytree(out, copy)
+    victim = copy / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    sd = torch.load(victim, weights_only=False)
+
+    class Unknown:  # a class no stand-in covers
+        pass
+
+    Unknown.__module__, Unknown.__qualname__ = "deepspeed.runtime.other", "Unknown"
+    sys.modules.setdefault("deepspeed.runtime.other", type(sys)("deepspeed.runtime.other")).Unknown = Unknown
+    sd["optimizer_state_dict"]["extra"] = Unknown()
+    torch.save(sd, victim)
+    code = main(["convert", "--from", "deepspeed", str(copy), str(tmp_path / "u"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in err and "deepspeed.runtime.other.Unknown" in err, err
+    (copy / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(Exception, match="missing from the DeepSpeed checkpoint"):
+        convert(copy, tmp_path / "u2", source="deepspeed")
+    (copy / "latest").write_text("global_step99")
+    with pytest.raises(CorruptCheckpointError, match="names 'global_step99', which is not a save"):
+        convert(copy, tmp_path / "u3", source="deepspeed")
