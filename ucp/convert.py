@@ -86,8 +86,9 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         fsync: make the result durable before it becomes visible (turn off only for tests).
         source: the format of ``src``: ``"ucp"`` (a ucp distributed checkpoint), ``"hf"``
             (Hugging Face safetensors weights), ``"dcp"`` (a torch.distributed.checkpoint
-            directory) or ``"deepspeed"`` (a DeepSpeed ZeRO-1/2 save; docs/foreign.md). Foreign files carry no checksums:
-            each fragment's CRC-32C is computed while it is read and recorded in the fragment table.
+            directory) or ``"deepspeed"`` (a DeepSpeed ZeRO-1/2/3 save; docs/foreign.md). Foreign
+            files carry no checksums: each fragment's CRC-32C is computed while it is read and
+            recorded in the fragment table.
 
     Returns:
         A :class:`ConvertResult`.

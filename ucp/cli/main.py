@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", choices=("ucp", "hf", "dcp", "deepspeed"), default="ucp",
                    help="the format of SRC: ucp (default), hf (Hugging Face safetensors weights, with or without "
                         "model.safetensors.index.json), dcp (a torch.distributed.checkpoint directory) or deepspeed "
-                        "(a DeepSpeed ZeRO-1/2 save, or its folder with 'latest'); docs/foreign.md")
+                        "(a DeepSpeed ZeRO-1/2/3 save, or its folder with 'latest'); docs/foreign.md")
     p.add_argument("dst", metavar="DST", help="universal checkpoint directory to create (must not exist), or an "
                                               "fsspec URL (s3://..., memory://...) where the header is written last")
     p.add_argument("--spec", metavar="FILE.ucl", help="UCL spec completing the recorded geometry (fused parts, "

@@ -1,11 +1,13 @@
-"""DeepSpeed ZeRO checkpoints as a source of ``ucp convert --from deepspeed`` (docs/foreign.md section 3).
+"""DeepSpeed ZeRO checkpoints (stages 1, 2 and 3, without TP/PP) as a source of ``ucp convert --from
+deepspeed`` (docs/foreign.md section 3).
 
 A DeepSpeed checkpoint folder (``engine.save_checkpoint(dir)``) holds ``latest`` (the tag of the
 newest save) and, per tag, ``mp_rank_00_model_states.pt`` (the module's weights, the parameters'
 shapes per group, the step) and, for ZeRO stages 1 and 2, one
 ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per data-parallel rank: rank ``r``'s partition of
 each parameter group's flat fp32 master weights and of its Adam moments, with the address of each
-parameter's slice in it (``param_slice_mappings``).
+parameter's slice in it (``param_slice_mappings``). A ZeRO-3 save has per-rank model-states files and
+splits each parameter on its own (``ceil(numel / dp)`` elements per rank, in ``fp32_flat_groups``).
 
 Every file is read with ``torch.load(weights_only=True, mmap=True)`` (pages are read as slices are
 needed, so memory stays bounded by the largest slice). DeepSpeed pickles three of its own classes
@@ -38,6 +40,7 @@ from ucp.spec.pattern import Pattern
 
 FORMAT = "deepspeed"
 MODEL_FILE = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_FILE = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 OPTIM_FILE = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 STATES = ("exp_avg", "exp_avg_sq")
 
@@ -111,13 +114,13 @@ def checkpoint_dir(src) -> tuple[Path, str]:
 
 def _refuse_unsupported(directory: Path) -> None:
     names = [p.name for p in directory.iterdir()]
-    if any(re.match(r"mp_rank_(?!00_)\d+_model_states\.pt$", n) for n in names) or any(n.startswith("layer_") for n in names):
+    if any(re.search(r"mp_rank_(?!00_)\d+_(model|optim)_states\.pt$", n) for n in names) or \
+            any(n.startswith("layer_") for n in names):
         raise CorruptCheckpointError(f"{directory}: a tensor- or pipeline-parallel DeepSpeed checkpoint; ucp imports "
-                                     "ZeRO-1 and ZeRO-2 without TP/PP so far (docs/foreign.md section 3)")
-    if any(re.match(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$", n) for n in names) or \
-            any(re.match(r"(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$", n) and n.startswith("bf16_") for n in names):
-        raise CorruptCheckpointError(f"{directory}: a ZeRO-3 (or bf16 optimizer) DeepSpeed checkpoint; ucp imports "
-                                     "ZeRO-1 and ZeRO-2 so far (docs/foreign.md section 3)")
+                                     "ZeRO-1, 2 and 3 without TP/PP so far (docs/foreign.md section 3)")
+    if any(n.startswith("bf16_zero_pp_rank_") for n in names):
+        raise CorruptCheckpointError(f"{directory}: a DeepSpeed checkpoint of the bf16 optimizer; ucp imports fp32 "
+                                     "ZeRO-1/2/3 saves so far (docs/foreign.md section 3)")
 
 
 def _dtype(t, where: str) -> str:
@@ -148,32 +151,72 @@ class DeepSpeedFiles:
         return flat.contiguous().view(torch.uint8).numpy()
 
 
+def _zero12_slices(optim: list, g: int, size: int) -> list[list[tuple[str, int, int, int]]]:
+    """Per rank, ``(fqn, start in the rank's partition, start in the parameter, numel)`` of each
+    parameter slice of group ``g`` (ZeRO-1/2: ``param_slice_mappings``; a parameter's element 0 is
+    at its first slice, on the lowest rank holding it)."""
+    first: dict[str, int] = {}
+    for rank, (_, _, _, _, mappings) in enumerate(optim):
+        for fqn, addr in mappings[g].items():
+            first.setdefault(fqn, rank * size + int(addr.start))
+    return [[(fqn, int(addr.start), rank * size + int(addr.start) - first[fqn], int(addr.numel))
+             for fqn, addr in mappings[g].items()] for rank, (_, _, _, _, mappings) in enumerate(optim)]
+
+
+def _zero3_slices(shapes: dict, dp: int, size: int, where: str) -> list[list[tuple[str, int, int, int]]]:
+    """The same for ZeRO-3, where each parameter is split on its own: ``ceil(numel / dp)`` elements
+    per rank (the last rank's part padded), the parts concatenated in ``param_shapes`` order."""
+    out: list[list] = [[] for _ in range(dp)]
+    at = 0
+    for fqn, shape in shapes.items():
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        part = -(-numel // dp)
+        for rank in range(dp):
+            real = max(0, min(part, numel - rank * part))
+            if real:
+                out[rank].append((fqn, at, rank * part, real))
+        at += part
+    if at > size:
+        raise CorruptCheckpointError(f"{where}: the parameters' ZeRO-3 parts need {at} elements per rank, the flat "
+                                     f"groups hold {size}")
+    return out
+
+
 def deepspeed_manifest(src) -> tuple[Path, Manifest, dict, DeepSpeedFiles]:
     """``(directory, manifest, source facts, files)`` describing the DeepSpeed save ``src``.
 
     Raises:
         CheckpointNotFoundError: no DeepSpeed save there, or one of its files is missing.
-        CorruptCheckpointError: a file that needs a class beyond the stand-ins, a TP/PP or ZeRO-3
-            save (not supported yet), or partitions that do not add up to the parameters.
+        CorruptCheckpointError: a file that needs a class beyond the stand-ins, a TP/PP save (not
+            supported yet), or partitions that do not add up to the parameters.
     """
     from ucp.snapshot import values
 
     directory, tag = checkpoint_dir(src)
     _refuse_unsupported(directory)
-    model = load_pt(directory / MODEL_FILE)
-    where = directory / MODEL_FILE
+    stage3 = not (directory / MODEL_FILE).is_file() and (directory / ZERO3_MODEL_FILE.format(rank=0)).is_file()
+    model_name = ZERO3_MODEL_FILE.format(rank=0) if stage3 else MODEL_FILE
+    where = directory / model_name
+    model = load_pt(where)
     try:
         module = model["module"]
         param_shapes = model["param_shapes"]
         dp = int(model.get("dp_world_size") or 1)
     except (KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{where}: not a DeepSpeed model-states file (missing {e})") from None
+    if stage3 and (model.get("frozen_param_shapes") or {}):
+        raise CorruptCheckpointError(f"{where}: a ZeRO-3 save with frozen parameters; ucp does not import those yet")
     files = DeepSpeedFiles(directory)
-    tensors, fragments, sizes = {}, [], {MODEL_FILE: where.stat().st_size}
+    tensors, fragments, sizes = {}, [], {model_name: where.stat().st_size}
+    partitioned = {fqn for shapes in param_shapes for fqn in shapes} if stage3 else set()
     for name, t in module.items():
+        if name in partitioned:
+            continue  # (ZeRO-3: an empty placeholder; the weight comes from the fp32 parts below)
         key = model_key(name)
         tensors[key] = TensorMeta(tuple(t.shape), _dtype(t, f"{where}: {name}"), Pattern())
-        frag = Fragment(key, Box.full(tuple(t.shape)), None, tensors[key].dtype, 0, MODEL_FILE, 0,
+        frag = Fragment(key, Box.full(tuple(t.shape)), None, tensors[key].dtype, 0, model_name, 0,
                         t.numel() * t.element_size(), 0)
         files.where[frag] = ((lambda t=t: t), 0)
         fragments.append(frag)
@@ -184,39 +227,42 @@ def deepspeed_manifest(src) -> tuple[Path, Manifest, dict, DeepSpeedFiles]:
         sizes[name] = (directory / name).stat().st_size
         try:
             osd = sd["optimizer_state_dict"]
-            optim.append((name, osd, osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"],
-                          osd["param_slice_mappings"]))
+            if stage3:
+                optim.append((name, osd, osd["fp32_flat_groups"], osd["optimizer_state_dict"], None))
+            else:
+                optim.append((name, osd, osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"],
+                              osd["param_slice_mappings"]))
         except (KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"{directory / name}: not a ZeRO-1/2 optimizer-states file (missing {e})") from None
+            raise CorruptCheckpointError(f"{directory / name}: not a ZeRO-{3 if stage3 else '1/2'} optimizer-states "
+                                         f"file (missing {e})") from None
     groups_state = []
     for g, shapes in enumerate(param_shapes):
         size = int(optim[0][2][g].numel())  # every rank's partition of group g has this many elements
-        first: dict[str, int] = {}  # fqn -> flat position in the group of its element 0
-        for rank, (name, _, fp32, base, mappings) in enumerate(optim):
-            for fqn, addr in mappings[g].items():
-                first.setdefault(fqn, rank * size + int(addr.start))
+        shapes = {fqn: tuple(int(d) for d in shape) for fqn, shape in shapes.items()}
+        slices = _zero3_slices(shapes, dp, size, str(directory)) if stage3 else _zero12_slices(optim, g, size)
         for fqn, shape in shapes.items():
-            shape = tuple(int(s) for s in shape)
-            for suffix in ("master", *STATES, "step"):
-                tensors[f"optim/{fqn}/{suffix}"] = TensorMeta(() if suffix == "step" else shape, "float32",
-                                                              Pattern() if suffix == "step" else Pattern(flat="dp"))
-        for rank, (name, _, fp32, base, mappings) in enumerate(optim):
+            for suffix in ("master", *STATES):
+                tensors[f"optim/{fqn}/{suffix}"] = TensorMeta(shape, "float32", Pattern(flat="dp"))
+            if stage3:
+                tensors[model_key(fqn)] = TensorMeta(shape, "float32", Pattern(flat="dp"))
+        for rank, (name, _, fp32, base, _) in enumerate(optim):
             state = base["state"][g]
             sources = {"master": fp32[g], **{s: state[s] for s in STATES}}
             for s, t in sources.items():
                 if t.numel() != size or str(t.dtype) != "torch.float32":
                     raise CorruptCheckpointError(f"{directory / name}: group {g}'s {s} partition has {t.numel()} "
                                                  f"{t.dtype} elements, not {size} float32")
-            for fqn, addr in mappings[g].items():
+            if stage3:
+                sources["model"] = fp32[g]  # fp32 training: the weight is its fp32 master
+            for fqn, at, begin, numel in slices[rank]:
                 if fqn not in shapes:
                     raise CorruptCheckpointError(f"{directory / name}: a slice of {fqn!r}, which is not in group {g} "
-                                                 f"of {MODEL_FILE}")
-                begin = rank * size + int(addr.start) - first[fqn]
+                                                 f"of {model_name}")
                 for s, t in sources.items():
-                    key = f"optim/{fqn}/{s}"
-                    frag = Fragment(key, Box.full(tensors[key].shape), FlatRange(begin, int(addr.numel)), "float32",
-                                    rank, name, 0, int(addr.numel) * 4, 0)
-                    files.where[frag] = ((lambda t=t: t), int(addr.start))
+                    key = model_key(fqn) if s == "model" else f"optim/{fqn}/{s}"
+                    frag = Fragment(key, Box.full(shapes[fqn]), FlatRange(begin, numel), "float32", rank, name, 0,
+                                    numel * 4, 0)
+                    files.where[frag] = ((lambda t=t: t), at)
                     fragments.append(frag)
         step = optim[0][3]["state"][g]["step"].reshape(())  # the group's, the same on every rank
         for fqn in shapes:
