@@ -101,6 +101,7 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     """
     t0 = time.perf_counter()
     _check_options(workers, compressor, chunk_bytes, memory_limit)
+    decode = None  # a foreign source whose files hold encoded items gives their decoder
     if source == "ucp":
         path = store.resolve(src, step)
         manifest = read_manifest(path)
@@ -131,7 +132,6 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
 
         raise OptionsError(f"source={source!r}: use one of {', '.join(SOURCES)}")
     verify = source == "ucp"
-    decode = locals().get("decode")
     target = _target(dst, fsync)
     spec_text, patterns = _spec_patterns(spec, manifest)
     plans, arrays = _plans(manifest, patterns, compressor, chunk_bytes)

@@ -86,7 +86,7 @@ class SnapshotParity:
         enc = self.encoder
         to_job = dict(zip(enc.members, self.members))
         got = exchange_objects(enc.group, enc.members, enc.members[enc.index], dict(committed, step=step),
-                               tag=parity_mod.tag(sequence, parity_mod.OBJECTS))
+                               message_tag=parity_mod.tag(sequence, parity_mod.OBJECTS))
         headers = {to_job[g]: h for g, h in got.items()}
         sizes = [headers[r]["file_size"] for r in self.members]
         plan = enc.plan(sizes)

@@ -57,20 +57,20 @@ def _wait(works) -> None:
         w.wait()
 
 
-def exchange_objects(group, members: Sequence[int], me: int, obj, tag: int = OBJECTS) -> dict[int, object]:
+def exchange_objects(group, members: Sequence[int], me: int, obj, message_tag: int = OBJECTS) -> dict[int, object]:
     """Every member's JSON-able ``obj`` (``{global rank: obj}``), sent point to point among
-    ``members`` (global ranks, ``me`` one of them) on ``group`` with message tag ``tag``."""
+    ``members`` (global ranks, ``me`` one of them) on ``group`` with tag ``message_tag``."""
     import torch.distributed as dist
 
     others = [r for r in members if r != me]
     payload = np.frombuffer(bytearray(json.dumps(obj).encode()), np.uint8)
     size = torch.tensor([payload.size], dtype=torch.int64)
     sizes = {r: torch.zeros(1, dtype=torch.int64) for r in others}
-    _wait([dist.isend(size, r, group=group, tag=tag) for r in others]
-          + [dist.irecv(sizes[r], r, group=group, tag=tag) for r in others])
+    _wait([dist.isend(size, r, group=group, tag=message_tag) for r in others]
+          + [dist.irecv(sizes[r], r, group=group, tag=message_tag) for r in others])
     bufs = {r: torch.empty(int(sizes[r].item()), dtype=torch.uint8) for r in others}
-    _wait([dist.isend(_tensor(payload), r, group=group, tag=tag) for r in others]
-          + [dist.irecv(bufs[r], r, group=group, tag=tag) for r in others])
+    _wait([dist.isend(_tensor(payload), r, group=group, tag=message_tag) for r in others]
+          + [dist.irecv(bufs[r], r, group=group, tag=message_tag) for r in others])
     out = {r: json.loads(bufs[r].numpy().tobytes()) for r in others}
     out[me] = obj
     return out
