@@ -2,10 +2,15 @@
 """Importing a DeepSpeed ZeRO-1 checkpoint: ``ucp convert --from deepspeed`` next to DeepSpeed's own
 ``ds_to_universal``, on the same input, in the same run.
 
-The input: a real DeepSpeed save (DeepSpeed on CPU, ``DS_ACCELERATOR=cpu``, gloo, 2 ranks, ZeRO
-stage 1, fp32, DeepSpeed's AdamW) of an MLP of ``--layers`` square layers of ``--width`` (the
-default, 5 x 4096, is 84 M parameters: about 1 GB of fp32 masters and Adam moments, plus 0.34 GB
-of module weights). It is trained one step and saved once, before the timings.
+The input: a real DeepSpeed save (DeepSpeed on CPU, ``DS_ACCELERATOR=cpu``, gloo, ZeRO stage 1,
+fp32, DeepSpeed's AdamW, dp=2), trained one step and saved once, before the timings:
+- ``--tp 1`` (default): an MLP of ``--layers`` square layers of ``--width`` on 2 ranks (the default,
+  5 x 4096, is 84 M parameters: about 1 GB of fp32 masters and Adam moments, plus 0.34 GB of module
+  weights);
+- ``--tp 2``: a Megatron-style GPT (``tools/megatron_save.py``) of ``--layers`` layers of hidden size
+  ``--width`` with tensor parallelism through a model-parallel unit, on tp x dp = 4 ranks (the
+  default, 6 x 1024, is 75 M parameters, 1.2 GB); ucp reads it with ``--spec megatron-gpt``, and
+  ``ds_to_universal`` with the pattern lists the save carries.
 
 Each converter runs as its own process, ``--repeats`` times, alternating, with the page cache warm
 (the save was just written and read). For each: wall time, peak RSS (``wait4``'s ``ru_maxrss`` of
@@ -18,13 +23,14 @@ is compared with ``ds_to_universal``'s, bit for bit (``agree``).
 Targets (issue 8): ucp at least 3x faster, no temporary files, at most two files per tensor key.
 Output: one JSON line on stdout, progress on stderr; a failure prints nothing on stdout.
 
-    python tools/bench_import.py [--width 4096] [--layers 5] [--repeats 3]
+    python tools/bench_import.py [--tp 1|2] [--width W] [--layers L] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import socket
@@ -135,11 +141,17 @@ def count_files(path: Path) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--width", type=int, default=4096, help="the MLP's layer width (default 4096)")
-    p.add_argument("--layers", type=int, default=5, help="square layers (default 5)")
+    p.add_argument("--tp", type=int, default=1, choices=(1, 2), help="tensor parallelism of the save (default 1)")
+    p.add_argument("--width", type=int, help="the MLP's layer width (default 4096); with --tp 2 the GPT's hidden "
+                                             "size (default 1024)")
+    p.add_argument("--layers", type=int, help="layers (default 5; with --tp 2, 6)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each converter (default 3)")
     p.add_argument("--make", metavar="OUT", help=argparse.SUPPRESS)  # (internal: the save, under torchrun)
     args = p.parse_args()
+    if args.width is None:
+        args.width = 4096 if args.tp == 1 else 1024
+    if args.layers is None:
+        args.layers = 5 if args.tp == 1 else 6
     if args.make:
         make_checkpoint(args.width, args.layers, args.make)
         return 0
@@ -154,10 +166,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ucp-bench-import-"))
     try:
         ckpt = work / "ckpt"
-        log(f"saving a ZeRO-1 checkpoint of {args.layers} x {args.width}^2 with DeepSpeed (2 ranks)")
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(free_port()), __file__, "--width", str(args.width), "--layers", str(args.layers),
-                        "--make", str(ckpt)], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if args.tp == 1:
+            log(f"saving a ZeRO-1 checkpoint of {args.layers} x {args.width}^2 with DeepSpeed (2 ranks)")
+            make = [__file__, "--width", str(args.width), "--layers", str(args.layers), "--make", str(ckpt)]
+        else:
+            log(f"saving a ZeRO-1 checkpoint of a {args.layers}-layer GPT of hidden size {args.width} with DeepSpeed "
+                f"(tp=2 x dp=2)")
+            make = [str(ROOT / "tools" / "megatron_save.py"), "gpt", "2", "1", "1", str(ckpt), "--hidden",
+                    str(args.width), "--layers", str(args.layers), "--steps", "1", "--no-expected"]
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(2 * args.tp),
+                        "--master-port", str(free_port()), *make], check=True, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
         tag = (ckpt / "latest").read_text().strip()
         src_bytes = sum(f.stat().st_size for f in (ckpt / tag).iterdir() if f.suffix == ".pt")
         runs = {"ucp": [], "ds": []}
@@ -166,12 +185,13 @@ def main() -> int:
                 out = work / f"{kind}{i}"
                 if kind == "ucp":
                     cmd = [sys.executable, "-m", "ucp.cli.main", "convert", "--from", "deepspeed", str(ckpt), str(out),
-                           "--quiet"]
+                           "--quiet", *(["--spec", "megatron-gpt"] if args.tp == 2 else [])]
                     res = run_measured(cmd, env=env)
                     res["tmp_files"] = res["tmp_bytes"] = 0  # (checked below: nothing but the output)
                 else:
                     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(ckpt / tag), "--output_folder", str(out), "--inject_missing_state"]
+                           str(ckpt / tag), "--output_folder", str(out),
+                           *(["--inject_missing_state"] if args.tp == 1 else [])]
                     res = run_measured(cmd, watch=out / "tmp", env=env)
                 res["files"] = count_files(out)
                 runs[kind].append(res)
@@ -189,8 +209,10 @@ def main() -> int:
         best = {k: min(runs[k], key=lambda r: r["s"]) for k in runs}
         import torch
 
-        doc = {"bench": "ucp_import_deepspeed", "zero_stage": 1, "dp": 2, "width": args.width, "layers": args.layers,
-               "params_m": round(args.layers * (args.width ** 2 + args.width) / 1e6, 2),
+        params = sum(math.prod(m.shape) for k, m in header.tensors.items() if k.startswith("model/"))
+        doc = {"bench": "ucp_import_deepspeed", "zero_stage": 1, "dp": 2, "tp": args.tp,
+               "model": "mlp" if args.tp == 1 else "megatron-gpt", "width": args.width, "layers": args.layers,
+               "params_m": round(params / 1e6, 2),
                "source_gb": round(src_bytes / 1e9, 3), "repeats": args.repeats,
                "ucp_s": round(best["ucp"]["s"], 3), "ds_to_universal_s": round(best["ds"]["s"], 3),
                "ucp_all_s": [round(r["s"], 3) for r in runs["ucp"]],

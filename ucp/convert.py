@@ -68,15 +68,17 @@ class ConvertResult:
 def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None, workers: int = 4,
             compressor: str = "none", chunk_bytes: int = DEFAULT_CHUNK_BYTES, memory_limit: int | None = None,
             progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None,
-            fsync: bool = True, source: str = "ucp") -> ConvertResult:
+            fsync: bool = True, source: str = "ucp", settings: dict[str, int] | None = None) -> ConvertResult:
     """Convert the distributed checkpoint ``src`` into the universal checkpoint ``dst``.
 
     Args:
         src: a checkpoint directory, or a root (its newest checkpoint, or ``step``); with
             ``source="hf"``, a Hugging Face model directory or ``.safetensors`` file.
         dst: the universal checkpoint to create; must not exist.
-        spec: a UCL file whose rules complete the recorded geometry (fused parts, padding) and
-            whose export rules are kept for ``ucp export``.
+        spec: a UCL file (or the name of a packaged spec, ``megatron-gpt`` / ``megatron-llama``) whose
+            rules complete the recorded geometry (fused parts, padding) or, for a tensor-parallel
+            DeepSpeed save, say how each parameter was split; its export rules are kept for
+            ``ucp export``.
         workers: tensors converted at once.
         compressor: ``none`` or ``zstd`` for every chunk.
         chunk_bytes: about how many bytes an inner chunk holds.
@@ -89,6 +91,8 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
             directory) or ``"deepspeed"`` (a DeepSpeed ZeRO-1/2/3 save; docs/foreign.md). Foreign
             files carry no checksums: each fragment's CRC-32C is computed while it is read and
             recorded in the fragment table.
+        settings: model settings the spec's rules name (``{"vocab": 50257}``), over those in the
+            spec and, for a DeepSpeed save, those read from it.
 
     Returns:
         A :class:`ConvertResult`.
@@ -125,7 +129,7 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
 
         if step is not None:
             raise OptionsError("step: pass the save's directory (global_step<N>) or its folder (its 'latest'), not a step")
-        path, manifest, facts, blobs = deepspeed_manifest(src)
+        path, manifest, facts, blobs, spec_text = deepspeed_manifest(src, spec, settings)
         decode = blobs.decode
     else:
         from ucp.foreign import SOURCES
@@ -133,7 +137,10 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         raise OptionsError(f"source={source!r}: use one of {', '.join(SOURCES)}")
     verify = source == "ucp"
     target = _target(dst, fsync)
-    spec_text, patterns = _spec_patterns(spec, manifest)
+    if source == "deepspeed":
+        patterns = {}  # (the spec made the manifest's patterns)
+    else:
+        spec_text, patterns = _spec_patterns(spec, manifest, settings)
     plans, arrays = _plans(manifest, patterns, compressor, chunk_bytes)
     largest = max((arrays[k].nbytes for k in plans), default=0)
     arena_size = memory_limit if memory_limit is not None else 2 * largest
@@ -182,22 +189,21 @@ def _check_options(workers, compressor, chunk_bytes, memory_limit) -> None:
         raise OptionsError(f"memory_limit={memory_limit!r}: use a positive number of bytes, or None")
 
 
-def _spec_patterns(spec, manifest: Manifest):
+def _spec_patterns(spec, manifest: Manifest, settings: dict | None):
     """The spec's text and ``{tensor key: pattern}`` after applying it (None, {} without a spec)."""
     if spec is None:
         return None, {}
+    from ucp.foreign.specs import read_spec
     from ucp.lang.apply import check_layout, merge_patterns
     from ucp.lang.parse import parse
-    from ucp.lang.validate import check
+    from ucp.lang import ast
+    from ucp.lang.printer import print_program
+    from ucp.lang.validate import bind_layout, check
 
-    spec = Path(spec)
-    try:
-        text = spec.read_text()
-    except FileNotFoundError:
-        raise OptionsError(f"{spec}: no such spec file") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise OptionsError(f"{spec}: not a UCL text file ({e})") from None
-    checked = check(parse(text, str(spec)), str(spec))
+    text, name = read_spec(spec)
+    checked = bind_layout(check(parse(text, name), name, settings), manifest.layout)
+    if settings or not checked.program.of(ast.SourceLayout):
+        text = print_program(checked.concrete())  # what the checkpoint keeps: the spec as applied
     check_layout(checked, manifest.layout)
     params = {parse_key(k).name: (m.shape, m.pattern) for k, m in manifest.tensors.items() if k.startswith(MODEL + "/")}
     merged = merge_patterns(checked, params)

@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from ucp.errors import UcpError
 from ucp.lang.parse import UclError, parse
 from ucp.lang.printer import print_program
-from ucp.lang.validate import check, match
+from ucp.lang.validate import bind_layout, check, match, match_names
+from ucp.spec.layout import Layout
+from ucp.spec.pattern import Fused, Pad, Shard
 
 VALID = [
     "ucl 1\nsource layout dp=2\n",
@@ -58,7 +60,8 @@ INVALID = [
     ('ucl 1\nsource layout tp=2\n"a" : tied(wte)\n', "3:7", "quoted name"),
     ('ucl 1\nsource layout tp=2\n"a{" : replicate(tp)\n', "3:1", "must open a capture"),
     ("ucl 2\nsource layout tp=2\n", "1:1", "UCL version 2 is not supported"),
-    ("ucl 1\nmodel layers=2\n", "1:1", "needs a 'source layout' line"),
+    ('ucl 1\nsource layout tp=2\n"a" : shard(tp, dim=0) pad(dim=0, to=padded, keep=3)\n', "3:24",
+     "'padded' is not a model setting; declare it with 'model padded=N'"),
     ("ucl 1\nsource layout tp=2\nsource layout tp=4\n", "3:1", "'source layout' is given twice"),
     ("ucl 1\nsource layout tp=0\n", "2:1", "sizes must be integers >= 1"),
     ("ucl 1\nsource layout tp=2 zero=7\n", "2:1", "not a sharding mode"),
@@ -107,6 +110,48 @@ def test_fused_sizes_must_sum_to_the_dim():
     with pytest.raises(UclError, match="m.ucl:4:1: fused sizes .* sum to 192 but dim 0 has 200"):
         match(check(parse(SPEC, "m.ucl"), "m.ucl"), {"wte.weight": (256, 64), "blocks.0.attn.qkv.weight": (200, 64),
                                                       "ln_f.bias": (64,)})
+
+
+
+TEMPLATE = """ucl 1
+# no source layout: any layout whose axes the rules name; sizes named, from the model settings
+"wte.weight" : shard(tp, dim=0) pad(dim=0, to=padded_vocab, keep=vocab)
+"h.{i}.qkv.weight" : shard(tp, dim=0) fused(dim=0, q=q_size, k=kv_size, v=kv_size)
+"*" : replicate(tp)
+"""
+
+
+def test_rules_take_model_settings_by_name_and_given_settings_win():
+    program = parse("ucl 1\nmodel vocab=10 padded_vocab=12 q_size=8 kv_size=4\n" + TEMPLATE.split("\n", 1)[1], "t.ucl")
+    checked = check(program, "t.ucl", settings={"vocab": 11})
+    found = match(checked, {"wte.weight": (12, 4), "h.0.qkv.weight": (16, 4), "ln.weight": (4,)})
+    assert found["wte.weight"].pattern.pad == Pad(0, 12, 11)
+    assert found["h.0.qkv.weight"].pattern.fused == Fused(0, (("q", 8), ("k", 4), ("v", 4)))
+    assert parse(print_program(program), "t.ucl") == program  # the program keeps the names
+
+
+def test_a_layout_less_program_binds_to_the_checkpoint_layout_and_prints_concrete():
+    checked = check(parse(TEMPLATE, "t.ucl"), "t.ucl", settings={"vocab": 10, "padded_vocab": 12, "q_size": 8,
+                                                                  "kv_size": 4})
+    assert checked.layout is None
+    bound = bind_layout(checked, Layout.from_sizes(dp=2, tp=2, zero=1))
+    assert bound.layout == Layout.from_sizes(dp=2, tp=2, zero=1)
+    text = print_program(bound.concrete())
+    assert "source layout dp=2 tp=2 zero=1" in text and "model vocab=10 padded_vocab=12 q_size=8 kv_size=4" in text
+    again = check(parse(text, "c.ucl"), "c.ucl")  # the concrete text stands on its own
+    assert again.layout == bound.layout and again.model == bound.model
+    with pytest.raises(UclError, match="names axis 'tp', which the checkpoint's layout dp=4 zero=0 lacks"):
+        bind_layout(checked, Layout.from_sizes(dp=4))
+
+
+def test_match_names_finds_rules_before_shapes_are_known():
+    checked = check(parse(TEMPLATE, "t.ucl"), "t.ucl", settings={"vocab": 10, "padded_vocab": 12, "q_size": 8,
+                                                                  "kv_size": 4})
+    found = match_names(checked, ["wte.weight", "h.3.qkv.weight", "ln.weight"])
+    assert found["h.3.qkv.weight"][1].shards == (Shard("tp", 0),)
+    assert found["ln.weight"][1].is_replicated
+    with pytest.raises(UclError, match='rule "h.{i}.qkv.weight" matches no tensor'):
+        match_names(checked, ["wte.weight", "ln.weight"])
 
 
 def _only_ucp_errors(text: str) -> None:

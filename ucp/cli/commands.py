@@ -143,10 +143,18 @@ def convert(args) -> int:
         raise OptionsError(f"--memory-mib {args.memory_mib}: use a positive number of MiB, or leave it out")
     if not 1 <= args.workers <= 64:
         raise OptionsError(f"--workers {args.workers}: use 1 to 64")
+    settings = {}
+    for item in args.set or ():
+        name, eq, value = item.partition("=")
+        if not eq or not name.isidentifier() or not value.strip().isdigit():
+            raise OptionsError(f"--set {item}: use NAME=N with a non-negative integer N, e.g. --set vocab=50257")
+        settings[name] = int(value)
+    if settings and args.spec is None:
+        raise OptionsError("--set gives model settings to a spec; pass one with --spec")
     result = _with_progress("convert", args.quiet, lambda progress, total: run_convert(
         args.src, args.dst, args.spec, step=args.step, workers=args.workers, compressor=args.compress,
         chunk_bytes=args.chunk_kib * 1024, memory_limit=None if args.memory_mib is None else args.memory_mib << 20,
-        progress=progress, total=total, source=args.source))
+        progress=progress, total=total, source=args.source, settings=settings or None))
     return _summary(args, result, f"OK   {result.dst}: step {result.step}, {result.tensors} array(s), "
                                   f"{_human(result.nbytes)} from {_human(result.source_bytes)} in {result.seconds:.2f} s "
                                   f"({result.gbps:.2f} GB/s)")

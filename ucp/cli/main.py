@@ -58,11 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", choices=("ucp", "hf", "dcp", "deepspeed"), default="ucp",
                    help="the format of SRC: ucp (default), hf (Hugging Face safetensors weights, with or without "
                         "model.safetensors.index.json), dcp (a torch.distributed.checkpoint directory) or deepspeed "
-                        "(a DeepSpeed ZeRO-1/2/3 save, or its folder with 'latest'); docs/foreign.md")
+                        "(a DeepSpeed ZeRO-1/2/3 save, Megatron-style TP/PP included, or its folder with 'latest'); "
+                        "docs/foreign.md")
     p.add_argument("dst", metavar="DST", help="universal checkpoint directory to create (must not exist), or an "
                                               "fsspec URL (s3://..., memory://...) where the header is written last")
-    p.add_argument("--spec", metavar="FILE.ucl", help="UCL spec completing the recorded geometry (fused parts, "
-                                                      "padding) and giving export names; see docs/ucl.md")
+    p.add_argument("--spec", metavar="SPEC", help="UCL spec (a FILE.ucl, or a packaged one: megatron-gpt, "
+                                                  "megatron-llama) completing the recorded geometry (fused parts, "
+                                                  "padding), saying how a tensor-parallel DeepSpeed save split each "
+                                                  "parameter (required there), and giving export names; docs/ucl.md")
+    p.add_argument("--set", metavar="NAME=N", action="append",
+                   help="a model setting the spec's rules name (vocab, padded_vocab, q_size, kv_size, ffn ...), over "
+                        "what the spec and the checkpoint say; repeatable")
     p.add_argument("--step", type=int, help="with a ROOT: this step instead of the newest")
     p.add_argument("--workers", type=int, default=4, help="tensors converted at once, default 4")
     p.add_argument("--compress", choices=("none", "zstd"), default="none", help="chunk compression, default none")

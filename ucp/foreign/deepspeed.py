@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO checkpoints (stages 1, 2 and 3, without TP/PP) as a source of ``ucp convert --from
-deepspeed`` (docs/foreign.md section 3).
+"""DeepSpeed ZeRO checkpoints (stages 1, 2 and 3; ZeRO-1/2 also with Megatron-style tensor and pipeline
+parallelism) as a source of ``ucp convert --from deepspeed`` (docs/foreign.md sections 3 and 4).
 
 A DeepSpeed checkpoint folder (``engine.save_checkpoint(dir)``) holds ``latest`` (the tag of the
 newest save) and, per tag, ``mp_rank_00_model_states.pt`` (the module's weights, the parameters'
@@ -8,30 +8,38 @@ shapes per group, the step) and, for ZeRO stages 1 and 2, one
 each parameter group's flat fp32 master weights and of its Adam moments, with the address of each
 parameter's slice in it (``param_slice_mappings``). A ZeRO-3 save has per-rank model-states files and
 splits each parameter on its own (``ceil(numel / dp)`` elements per rank, in ``fp32_flat_groups``).
+Tensor- and pipeline-parallel saves have these files per model-parallel rank, and a UCL spec says how
+tensor parallelism split each parameter (:mod:`ucp.foreign.deepspeed_grid`).
 
 Every file is read with ``torch.load(weights_only=True, mmap=True)`` (pages are read as slices are
 needed, so memory stays bounded by the largest slice). DeepSpeed pickles three of its own classes
 in the optimizer files of the tested configurations; :data:`STAND_INS` maps exactly those names to
-inert classes of this module, so neither deepspeed nor an open unpickler is needed.
+inert classes of this module, so neither deepspeed nor an open unpickler is needed. Megatron's
+``args`` (an ``argparse.Namespace``) loads as itself.
 
 Tensor keys: ``model/<fqn>`` (the module's weight, in its dtype), ``optim/<fqn>/master`` (DeepSpeed's
 ``fp32``), ``optim/<fqn>/exp_avg``, ``optim/<fqn>/exp_avg_sq``, ``optim/<fqn>/step`` (the group's
 step, a 0-d tensor, as ``ds_to_universal`` writes it). The optimizer states are flat fragments
 partitioned over ``dp``: each rank's slice of a parameter is elements ``[start, start + numel)`` of the
-flattened parameter, with ``start`` from the slice's place in the group's flat buffer.
+flattened parameter (of its tp rank's slice), with ``start`` from the slice's place in the group's
+flat buffer.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from argparse import Namespace
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, OptionsError
+from ucp.foreign.deepspeed_grid import geometries, grid_degrees, layer_weights
+from ucp.foreign.deepspeed_grid import MODEL_FILE as GRID_MODEL_FILE
+from ucp.foreign.deepspeed_grid import OPTIM_FILE as GRID_OPTIM_FILE
 from ucp.spec.box import Box, FlatRange
-from ucp.spec.dtypes import DTYPES
+from ucp.spec.dtypes import DTYPES, itemsize
 from ucp.spec.fragment import Fragment
 from ucp.spec.keys import model_key
 from ucp.spec.layout import Layout
@@ -70,6 +78,7 @@ STAND_INS = [
     (LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
     (ZeroStageEnum, "deepspeed.runtime.zero.config.ZeroStageEnum"),
     (fragment_address, "deepspeed.utils.tensor_fragment.fragment_address"),
+    (Namespace, "argparse.Namespace"),  # Megatron's args in the client state: plain attributes
 ]
 
 
@@ -114,10 +123,9 @@ def checkpoint_dir(src) -> tuple[Path, str]:
 
 def _refuse_unsupported(directory: Path) -> None:
     names = [p.name for p in directory.iterdir()]
-    if any(re.search(r"mp_rank_(?!00_)\d+_(model|optim)_states\.pt$", n) for n in names) or \
-            any(n.startswith("layer_") for n in names):
-        raise CorruptCheckpointError(f"{directory}: a tensor- or pipeline-parallel DeepSpeed checkpoint; ucp imports "
-                                     "ZeRO-1, 2 and 3 without TP/PP so far (docs/foreign.md section 3)")
+    if any(re.fullmatch(r"zero_pp_rank_\d+_mp_rank_(?!00_)\d+_model_states\.pt", n) for n in names):
+        raise CorruptCheckpointError(f"{directory}: a ZeRO-3 DeepSpeed checkpoint with tensor parallelism; ucp imports "
+                                     "ZeRO-3 without TP so far (docs/foreign.md section 3)")
     if any(n.startswith("bf16_zero_pp_rank_") for n in names):
         raise CorruptCheckpointError(f"{directory}: a DeepSpeed checkpoint of the bf16 optimizer; ucp imports fp32 "
                                      "ZeRO-1/2/3 saves so far (docs/foreign.md section 3)")
@@ -135,20 +143,25 @@ class DeepSpeedFiles:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.where: dict = {}  # fragment -> (a function returning the whole source tensor, element start)
+        self.where: dict = {}  # fragment -> [(a function returning a whole source tensor, element start), ...]
         self._lock = threading.Lock()
 
     def decode(self, frag):
+        """The fragment's bytes: its slice of its source tensor, or the mean of its copies' slices (as
+        ``ds_to_universal`` takes it: ``sum(copies) / len(copies)``, in the tensor's dtype)."""
         import torch
 
-        source, start = self.where[frag]
-        t = source()
         n = frag.flat.numel if frag.flat is not None else frag.box.numel
-        flat = t.reshape(-1)[start:start + n]
-        if flat.numel() != n:
-            raise CorruptCheckpointError(f"{self.directory}: {frag.key}: the slice [{start}, {start + n}) runs past its "
-                                         f"partition of {t.numel()} elements")
-        return flat.contiguous().view(torch.uint8).numpy()
+        copies = []
+        for source, start in self.where[frag]:
+            t = source()
+            flat = t.reshape(-1)[start:start + n]
+            if flat.numel() != n:
+                raise CorruptCheckpointError(f"{self.directory}: {frag.key}: the slice [{start}, {start + n}) runs past "
+                                             f"its partition of {t.numel()} elements")
+            copies.append(flat)
+        out = copies[0] if len(copies) == 1 else sum(copies) / len(copies)
+        return out.contiguous().view(torch.uint8).numpy()
 
 
 def _zero12_slices(optim: list, g: int, size: int) -> list[list[tuple[str, int, int, int]]]:
@@ -184,101 +197,309 @@ def _zero3_slices(shapes: dict, dp: int, size: int, where: str) -> list[list[tup
     return out
 
 
-def deepspeed_manifest(src) -> tuple[Path, Manifest, dict, DeepSpeedFiles]:
-    """``(directory, manifest, source facts, files)`` describing the DeepSpeed save ``src``.
+def model_settings(model: dict) -> dict[str, int]:
+    """The sizes a packaged spec names (docs/foreign.md section 4), from what the save records:
+    ``universal_checkpoint_info`` (``original_vocab_size``, ``padded_vocab_size``) and Megatron's ``args``."""
+    info = model.get("universal_checkpoint_info") or {}
+    args = vars(model["args"]) if isinstance(model.get("args"), Namespace) else {}
+    out: dict[str, int] = {}
+
+    def put(name, value):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[name] = value
+
+    put("vocab", info.get("original_vocab_size"))
+    put("padded_vocab", info.get("padded_vocab_size") or args.get("padded_vocab_size"))
+    hidden, heads = args.get("hidden_size"), args.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        head_dim = args.get("kv_channels") or hidden // heads
+        kv_heads = args.get("num_key_value_heads") or args.get("num_query_groups") or heads
+        put("q_size", heads * head_dim)
+        put("kv_size", kv_heads * head_dim)
+    put("ffn", args.get("ffn_hidden_size"))
+    return out
+
+
+def _checked_spec(spec, settings: dict | None, layout: Layout, model: dict):
+    """The spec (a packaged name or a file) checked with the save's settings (overridden by
+    ``settings``) and bound to ``layout``; None without a spec."""
+    if spec is None:
+        return None
+    from ucp.foreign.specs import read_spec
+    from ucp.lang.apply import check_layout
+    from ucp.lang.parse import parse
+    from ucp.lang.validate import bind_layout, check
+
+    text, name = read_spec(spec)
+    checked = bind_layout(check(parse(text, name), name, {**model_settings(model), **(settings or {})}), layout)
+    check_layout(checked, layout)
+    return checked
+
+
+class _Manifest:
+    """The tensors, fragments and file sizes of a manifest under construction."""
+
+    def __init__(self, directory: Path, layout: Layout):
+        self.directory, self.layout = directory, layout
+        self.files = DeepSpeedFiles(directory)
+        self.tensors: dict[str, TensorMeta] = {}
+        self.fragments: list[Fragment] = []
+        self.sizes: dict[str, int] = {}
+
+    def file(self, name: str) -> str:
+        self.sizes.setdefault(name, (self.directory / name).stat().st_size)
+        return name
+
+    def rank(self, **coords) -> int:
+        return self.layout.rank({a: coords.get(a, 0) for a in self.layout.names})
+
+    def add(self, key: str, box: Box, flat: FlatRange | None, dtype: str, rank: int, file: str, sources: list) -> None:
+        """A fragment of ``key`` read from ``sources`` (``(the whole source tensor, element start)`` each;
+        several are averaged)."""
+        numel = flat.numel if flat is not None else box.numel
+        frag = Fragment(key, box, flat, dtype, rank, self.file(file), 0, numel * itemsize(dtype), 0)
+        self.files.where[frag] = sources
+        self.fragments.append(frag)
+
+
+def deepspeed_manifest(src, spec=None, settings: dict | None = None):
+    """``(directory, manifest, source facts, files, spec text)`` describing the DeepSpeed save ``src``.
+
+    Args:
+        src: a save's directory (``global_step<N>``) or the folder whose ``latest`` names one.
+        spec: a UCL spec (a packaged name such as ``megatron-gpt``, or a file) saying how tensor
+            parallelism split each parameter; required when the save has tp > 1.
+        settings: model settings for the spec, over those read from the save.
 
     Raises:
         CheckpointNotFoundError: no DeepSpeed save there, or one of its files is missing.
-        CorruptCheckpointError: a file that needs a class beyond the stand-ins, a TP/PP save (not
-            supported yet), or partitions that do not add up to the parameters.
+        CorruptCheckpointError: a file that needs a class beyond the stand-ins, an unsupported kind of
+            save (bf16 optimizer files, ZeRO-3 with tp > 1), or partitions that do not add up.
+        OptionsError / UclError: a tp > 1 save without a spec, or a spec that does not fit it.
     """
-    from ucp.snapshot import values
-
     directory, tag = checkpoint_dir(src)
     _refuse_unsupported(directory)
     stage3 = not (directory / MODEL_FILE).is_file() and (directory / ZERO3_MODEL_FILE.format(rank=0)).is_file()
-    model_name = ZERO3_MODEL_FILE.format(rank=0) if stage3 else MODEL_FILE
-    where = directory / model_name
+    if stage3:
+        directory, manifest, facts, files, checked = _zero3(directory, spec, settings)
+    else:
+        directory, manifest, facts, files, checked = _zero12(directory, spec, settings)
+    facts["tag"] = tag
+    if checked is not None:
+        from ucp.lang.printer import print_program
+
+        facts["spec"] = str(spec)
+    return directory, manifest, facts, files, (print_program(checked.concrete()) if checked is not None else None)
+
+
+def _optim_entry(directory: Path, name: str, stage3: bool):
+    sd = load_pt(directory / name)
+    try:
+        osd = sd["optimizer_state_dict"]
+        if stage3:
+            return name, osd, osd["fp32_flat_groups"], osd["optimizer_state_dict"], None
+        return name, osd, osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"], osd["param_slice_mappings"]
+    except (KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{directory / name}: not a ZeRO-{3 if stage3 else '1/2'} optimizer-states "
+                                     f"file (missing {e})") from None
+
+
+def _flat_sources(entry, g: int, size: int, directory: Path) -> dict:
+    """``{state: rank's flat partition of group g}`` (master, exp_avg, exp_avg_sq), checked."""
+    name, _, fp32, base, _ = entry
+    try:
+        state = base["state"][g]
+        sources = {"master": fp32[g], **{s: state[s] for s in STATES}}
+    except (KeyError, IndexError, TypeError) as e:
+        raise CorruptCheckpointError(f"{directory / name}: group {g} lacks its optimizer state ({e})") from None
+    for s, t in sources.items():
+        if t.numel() != size or str(t.dtype) != "torch.float32":
+            raise CorruptCheckpointError(f"{directory / name}: group {g}'s {s} partition has {t.numel()} "
+                                         f"{t.dtype} elements, not {size} float32")
+    return sources
+
+
+def _model(directory: Path, name: str):
+    where = directory / name
     model = load_pt(where)
     try:
-        module = model["module"]
-        param_shapes = model["param_shapes"]
-        dp = int(model.get("dp_world_size") or 1)
+        model["param_shapes"], model["module"]  # noqa: B018 - both must be there
     except (KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{where}: not a DeepSpeed model-states file (missing {e})") from None
-    if stage3 and (model.get("frozen_param_shapes") or {}):
-        raise CorruptCheckpointError(f"{where}: a ZeRO-3 save with frozen parameters; ucp does not import those yet")
-    files = DeepSpeedFiles(directory)
-    tensors, fragments, sizes = {}, [], {model_name: where.stat().st_size}
-    partitioned = {fqn for shapes in param_shapes for fqn in shapes} if stage3 else set()
-    for name, t in module.items():
+    return model
+
+
+def _zero12(directory: Path, spec, settings):
+    model0 = _model(directory, MODEL_FILE)
+    tp, pp = grid_degrees(directory, model0)
+    dp = int(model0.get("dp_world_size") or 1)
+    if tp > 1 and spec is None:
+        raise OptionsError(f"{directory}: a tensor-parallel DeepSpeed save (tp={tp}); pass a UCL spec saying how each "
+                           "parameter is split (--spec megatron-gpt, --spec megatron-llama or a file; docs/foreign.md)")
+    grid = [(s, t) for s in range(pp) for t in range(tp)]
+    models = {(s, t): model0 if s == t == 0 else _model(directory, GRID_MODEL_FILE.format(mp=s * tp + t))
+              for s, t in grid}
+    optim = {(s, t): [_optim_entry(directory, GRID_OPTIM_FILE.format(dp=d, mp=s * tp + t), False) for d in range(dp)]
+             for s, t in grid}
+    zero = int(optim[(0, 0)][0][1].get("zero_stage", 1))
+    sizes = {"pp": pp} if pp > 1 else {}
+    sizes.update(dp=dp, **({"tp": tp} if tp > 1 or spec is not None else {}))
+    layout = Layout.from_sizes(zero=zero, **sizes)
+    out = _Manifest(directory, layout)
+    # every parameter: its stage (the first holding it), its shape on each tp rank, its weights
+    owner, local = {}, {}
+    for s, t in grid:
+        for shapes in models[(s, t)]["param_shapes"]:
+            for fqn, shape in shapes.items():
+                owner.setdefault(fqn, s)
+                if owner[fqn] == s:
+                    local.setdefault(fqn, [None] * tp)[t] = tuple(int(d) for d in shape)
+    weights = []  # per tp rank: {fqn: (tensor, file)}
+    for t in range(tp):
+        if pp == 1:
+            module = models[(0, t)]["module"] or {}
+            weights.append({n: (w, GRID_MODEL_FILE.format(mp=t)) for n, w in module.items()})
+        else:
+            names = {fqn for s in range(pp) for shapes in models[(s, t)]["param_shapes"] for fqn in shapes}
+            weights.append(layer_weights(directory, t, names, load_pt))
+    for fqn, (w, _) in weights[0].items():
+        if fqn not in local:  # a buffer or frozen parameter (no optimizer state), from the module
+            local[fqn] = [tuple(weights[t][fqn][0].shape) if fqn in weights[t] else None for t in range(tp)]
+    missing = [f"{fqn} (tp rank {t})" for fqn, shapes in local.items() for t, sh in enumerate(shapes) if sh is None]
+    if missing:
+        raise CorruptCheckpointError(f"{directory}: no tensor for {', '.join(missing[:5])}")
+    checked = _checked_spec(spec, settings, layout, model0)
+    geo = geometries(checked, local, tp)
+    for fqn, g in geo.items():  # the module's weights
+        if fqn not in weights[0]:
+            raise CorruptCheckpointError(f"{directory}: the weight of {fqn!r} is in none of the model files")
+        dtype = _dtype(weights[0][fqn][0], f"{directory / weights[0][fqn][1]}: {fqn}")
+        key = model_key(fqn)
+        out.tensors[key] = TensorMeta(g.shape, dtype, g.pattern)
+        for t in range(tp):
+            if g.sources(t):
+                out.add(key, g.box(t, tp), None, dtype, out.rank(pp=owner.get(fqn, 0), tp=t), weights[t][fqn][1],
+                        [(lambda w=weights[c][fqn][0]: w, 0) for c in g.sources(t)])
+    slices = {(s, t): [_zero12_slices(optim[(s, t)], g, int(optim[(s, t)][0][2][g].numel()))
+                       for g in range(len(models[(s, t)]["param_shapes"]))] for s, t in grid}
+    flat = {(s, t): [[_flat_sources(e, g, int(optim[(s, t)][0][2][g].numel()), directory) for e in optim[(s, t)]]
+                     for g in range(len(models[(s, t)]["param_shapes"]))] for s, t in grid}
+    groups_state: list[dict] = []
+    for s, t in grid:
+        entries = optim[(s, t)]
+        for g, shapes in enumerate(models[(s, t)]["param_shapes"]):
+            for d, mine in enumerate(slices[(s, t)][g]):
+                for fqn, at, begin, numel in mine:
+                    if fqn not in shapes:
+                        raise CorruptCheckpointError(f"{directory / entries[d][0]}: a slice of {fqn!r}, which is not "
+                                                     f"in group {g} of {GRID_MODEL_FILE.format(mp=s * tp + t)}")
+                    if owner[fqn] != s or not geo[fqn].sources(t):
+                        continue
+                    places = [(c, _place(slices[(s, c)][g][d], fqn, begin, numel, directory, c))
+                              for c in geo[fqn].sources(t)]
+                    pattern = geo[fqn].pattern
+                    for state in ("master", *STATES):
+                        key = f"optim/{fqn}/{state}"
+                        out.tensors.setdefault(key, TensorMeta(geo[fqn].shape, "float32",
+                                                               Pattern(pattern.shards, "dp", pattern.fused, pattern.pad)))
+                        out.add(key, geo[fqn].box(t, tp), FlatRange(begin, numel), "float32",
+                                out.rank(pp=s, dp=d, tp=t), entries[d][0],
+                                [(lambda x=flat[(s, c)][g][d][state]: x, where) for c, where in places])
+            step = entries[0][3]["state"][g]["step"].reshape(())  # the group's, the same on every rank
+            for fqn in shapes:
+                if owner[fqn] != s or t != 0:
+                    continue
+                key = f"optim/{fqn}/step"
+                out.tensors[key] = TensorMeta((), _dtype(step, f"{directory / entries[0][0]}: group {g}'s step"),
+                                              Pattern())
+                out.add(key, Box.full(()), None, out.tensors[key].dtype, out.rank(pp=s), entries[0][0],
+                        [(lambda x=step: x, 0)])
+            if t == 0:
+                _merge_group(groups_state, g, entries[0][3]["param_groups"][g], [f for f in shapes if owner[f] == s])
+    facts = {"format": FORMAT, "path": str(directory.resolve()), "dp": dp, "tp": tp, "pp": pp,
+             "ds_version": model0.get("ds_version"), "zero_stage": zero}
+    return directory, _finish(out, model0, groups_state), facts, out.files, checked
+
+
+def _place(slices: list, fqn: str, begin: int, numel: int, directory: Path, c: int) -> int:
+    """Where a tp rank's copy of ``fqn``'s slice ``[begin, begin + numel)`` starts in its partition (an
+    averaged parameter's copies sit at the same place of every tp rank's flat groups)."""
+    for f, at, b, n in slices:
+        if f == fqn and (b, n) == (begin, numel):
+            return at
+    raise CorruptCheckpointError(f"{directory}: tp ranks 0 and {c} partition {fqn!r} differently; its copies cannot "
+                                 "be averaged")
+
+
+def _merge_group(groups_state: list, g: int, group: dict, names: list) -> None:
+    if len(groups_state) <= g:
+        groups_state.append({k: v for k, v in group.items() if k != "params"} | {"params": []})
+    groups_state[g]["params"].extend(n for n in names if n not in groups_state[g]["params"])
+
+
+def _finish(out: _Manifest, model: dict, groups_state: list) -> Manifest:
+    from ucp.snapshot import values
+
+    shared = {"optimizer": values.encode({"scalars": {}, "param_groups": groups_state}, "optimizer"),
+              "extras": values.encode({}, "extras")}
+    manifest = Manifest(int(model.get("global_steps") or 0), out.layout, out.tensors, tuple(out.fragments),
+                        {"shared": shared, "ranks": {}}, files=out.sizes,
+                        created_by=f"deepspeed {model.get('ds_version', '')}")
+    manifest.validate()
+    return manifest
+
+
+def _zero3(directory: Path, spec, settings):
+    model_name = ZERO3_MODEL_FILE.format(rank=0)
+    model = _model(directory, model_name)
+    param_shapes = model["param_shapes"]
+    dp = int(model.get("dp_world_size") or 1)
+    if model.get("frozen_param_shapes") or {}:
+        raise CorruptCheckpointError(f"{directory / model_name}: a ZeRO-3 save with frozen parameters; ucp does not "
+                                     "import those yet")
+    optim = [_optim_entry(directory, OPTIM_FILE.format(rank=rank), True) for rank in range(dp)]
+    layout = Layout.from_sizes(zero=3, dp=dp, **({"tp": 1} if spec is not None else {}))
+    out = _Manifest(directory, layout)
+    partitioned = {fqn for shapes in param_shapes for fqn in shapes}
+    local = {n: [tuple(int(d) for d in shape)] for shapes in param_shapes for n, shape in shapes.items()}
+    for name, t in model["module"].items():
+        local.setdefault(name, [tuple(t.shape)])
+    checked = _checked_spec(spec, settings, layout, model)
+    geo = geometries(checked, local, 1)
+    for name, t in model["module"].items():
         if name in partitioned:
-            continue  # (ZeRO-3: an empty placeholder; the weight comes from the fp32 parts below)
+            continue  # (an empty placeholder; the weight comes from the fp32 parts below)
         key = model_key(name)
-        tensors[key] = TensorMeta(tuple(t.shape), _dtype(t, f"{where}: {name}"), Pattern())
-        frag = Fragment(key, Box.full(tuple(t.shape)), None, tensors[key].dtype, 0, model_name, 0,
-                        t.numel() * t.element_size(), 0)
-        files.where[frag] = ((lambda t=t: t), 0)
-        fragments.append(frag)
-    optim = []
-    for rank in range(dp):
-        name = OPTIM_FILE.format(rank=rank)
-        sd = load_pt(directory / name)
-        sizes[name] = (directory / name).stat().st_size
-        try:
-            osd = sd["optimizer_state_dict"]
-            if stage3:
-                optim.append((name, osd, osd["fp32_flat_groups"], osd["optimizer_state_dict"], None))
-            else:
-                optim.append((name, osd, osd["single_partition_of_fp32_groups"], osd["base_optimizer_state"],
-                              osd["param_slice_mappings"]))
-        except (KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"{directory / name}: not a ZeRO-{3 if stage3 else '1/2'} optimizer-states "
-                                         f"file (missing {e})") from None
+        out.tensors[key] = TensorMeta(geo[name].shape, _dtype(t, f"{directory / model_name}: {name}"), geo[name].pattern)
+        out.add(key, Box.full(geo[name].shape), None, out.tensors[key].dtype, 0, model_name, [(lambda t=t: t, 0)])
     groups_state = []
     for g, shapes in enumerate(param_shapes):
         size = int(optim[0][2][g].numel())  # every rank's partition of group g has this many elements
         shapes = {fqn: tuple(int(d) for d in shape) for fqn, shape in shapes.items()}
-        slices = _zero3_slices(shapes, dp, size, str(directory)) if stage3 else _zero12_slices(optim, g, size)
-        for fqn, shape in shapes.items():
+        slices = _zero3_slices(shapes, dp, size, str(directory))
+        for fqn in shapes:
+            pattern = geo[fqn].pattern
             for suffix in ("master", *STATES):
-                tensors[f"optim/{fqn}/{suffix}"] = TensorMeta(shape, "float32", Pattern(flat="dp"))
-            if stage3:
-                tensors[model_key(fqn)] = TensorMeta(shape, "float32", Pattern(flat="dp"))
-        for rank, (name, _, fp32, base, _) in enumerate(optim):
-            state = base["state"][g]
-            sources = {"master": fp32[g], **{s: state[s] for s in STATES}}
-            for s, t in sources.items():
-                if t.numel() != size or str(t.dtype) != "torch.float32":
-                    raise CorruptCheckpointError(f"{directory / name}: group {g}'s {s} partition has {t.numel()} "
-                                                 f"{t.dtype} elements, not {size} float32")
-            if stage3:
-                sources["model"] = fp32[g]  # fp32 training: the weight is its fp32 master
+                out.tensors[f"optim/{fqn}/{suffix}"] = TensorMeta(shapes[fqn], "float32",
+                                                                  Pattern((), "dp", pattern.fused, pattern.pad))
+            out.tensors[model_key(fqn)] = TensorMeta(shapes[fqn], "float32", Pattern((), "dp", pattern.fused, pattern.pad))
+        for rank, entry in enumerate(optim):
+            sources = _flat_sources(entry, g, size, directory)
+            sources["model"] = sources["master"]  # fp32 training: the weight is its fp32 master
             for fqn, at, begin, numel in slices[rank]:
                 if fqn not in shapes:
-                    raise CorruptCheckpointError(f"{directory / name}: a slice of {fqn!r}, which is not in group {g} "
-                                                 f"of {model_name}")
+                    raise CorruptCheckpointError(f"{directory / entry[0]}: a slice of {fqn!r}, which is not in group "
+                                                 f"{g} of {model_name}")
                 for s, t in sources.items():
                     key = model_key(fqn) if s == "model" else f"optim/{fqn}/{s}"
-                    frag = Fragment(key, Box.full(shapes[fqn]), FlatRange(begin, numel), "float32", rank, name, 0,
-                                    numel * 4, 0)
-                    files.where[frag] = ((lambda t=t: t), at)
-                    fragments.append(frag)
+                    out.add(key, Box.full(shapes[fqn]), FlatRange(begin, numel), "float32", rank, entry[0],
+                            [(lambda t=t: t, at)])
         step = optim[0][3]["state"][g]["step"].reshape(())  # the group's, the same on every rank
         for fqn in shapes:
             key = f"optim/{fqn}/step"
-            tensors[key] = TensorMeta((), _dtype(step, f"{directory / optim[0][0]}: group {g}'s step"), Pattern())
-            frag = Fragment(key, Box.full(()), None, tensors[key].dtype, 0, optim[0][0], 0, step.element_size(), 0)
-            files.where[frag] = ((lambda t=step: t), 0)
-            fragments.append(frag)
-        groups_state.append({k: v for k, v in optim[0][3]["param_groups"][g].items() if k != "params"}
-                            | {"params": list(shapes)})
-    shared = {"optimizer": values.encode({"scalars": {}, "param_groups": groups_state}, "optimizer"),
-              "extras": values.encode({}, "extras")}
-    layout = Layout.from_sizes(dp=dp)
-    manifest = Manifest(int(model.get("global_steps") or 0), layout, tensors, tuple(fragments),
-                        {"shared": shared, "ranks": {}}, files=sizes, created_by=f"deepspeed {model.get('ds_version', '')}")
-    manifest.validate()
-    facts = {"format": FORMAT, "path": str(directory.resolve()), "tag": tag, "dp": dp,
-             "ds_version": model.get("ds_version"), "zero_stage": int(optim[0][1].get("zero_stage", 0))}
-    return directory, manifest, facts, files
+            out.tensors[key] = TensorMeta((), _dtype(step, f"{directory / optim[0][0]}: group {g}'s step"), Pattern())
+            out.add(key, Box.full(()), None, out.tensors[key].dtype, 0, optim[0][0], [(lambda t=step: t, 0)])
+        _merge_group(groups_state, g, optim[0][3]["param_groups"][g], list(shapes))
+    facts = {"format": FORMAT, "path": str(directory.resolve()), "dp": dp, "tp": 1, "pp": 1,
+             "ds_version": model.get("ds_version"), "zero_stage": 3}
+    return directory, _finish(out, model, groups_state), facts, out.files, checked

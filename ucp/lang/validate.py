@@ -10,7 +10,7 @@ says how to fix it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ucp.lang import ast
 from ucp.lang.parse import UclError
@@ -51,9 +51,45 @@ class CheckedProgram:
 
     program: ast.Program
     file: str
-    layout: Layout
+    layout: Layout | None
     model: dict
     rules: tuple[CompiledRule, ...]
+
+    def concrete(self) -> ast.Program:
+        """The program with its source layout and every model setting it was checked with written out
+        (what a universal checkpoint keeps as the spec it was made with)."""
+        keep = [st for st in self.program.statements if not isinstance(st, (ast.SourceLayout, ast.Model))]
+        head = []
+        if self.layout is not None:
+            head.append(ast.SourceLayout(tuple(ast.Setting(n, v) for n, v in self.layout.axes)
+                                         + (ast.Setting("zero", self.layout.zero),)))
+        if self.model:
+            head.append(ast.Model(tuple(ast.Setting(n, v) for n, v in self.model.items())))
+        return replace(self.program, statements=tuple(head + keep))
+
+
+def _named_axes(checked: CheckedProgram) -> tuple[str, ...]:
+    """The axes a layout-less program's rules name, in order of appearance."""
+    names: dict[str, None] = {}
+    for cr in checked.rules:
+        for t in cr.rule.transforms:
+            if t.name in _AXIS_ARG:
+                names[t.args[0]] = None
+    return tuple(names)
+
+
+def bind_layout(checked: CheckedProgram, layout: Layout) -> CheckedProgram:
+    """A program without a ``source layout`` line, bound to the checkpoint's ``layout``: every axis its
+    rules name must be one of the layout's. A program with one is returned unchanged (the caller
+    compares the two, see ``ucp.lang.apply.check_layout``)."""
+    if checked.layout is not None:
+        return checked
+    for cr in checked.rules:
+        for t in cr.rule.transforms:
+            if t.name in _AXIS_ARG and t.args[0] not in layout.names:
+                raise _err(f"{t.name}() names axis {t.args[0]!r}, which the checkpoint's layout {layout} lacks",
+                           checked.file, t.pos)
+    return replace(checked, layout=layout)
 
 
 def compile_glob(glob: str, file: str = "<ucl>", pos: ast.Pos = ast.Pos()) -> re.Pattern:
@@ -80,7 +116,21 @@ def compile_glob(glob: str, file: str = "<ucl>", pos: ast.Pos = ast.Pos()) -> re
     return re.compile("".join(out))
 
 
-def _check_call(t: ast.Transform, axes: tuple[str, ...], file: str) -> None:
+def _resolve(t: ast.Transform, model: dict, file: str) -> ast.Transform:
+    """``t`` with keyword values that name a model setting replaced by the setting's integer."""
+    kwargs = []
+    for key, value in t.kwargs:
+        if isinstance(value, str) and not isinstance(value, bool):
+            if value not in model:
+                known = f" (settings: {', '.join(sorted(model))})" if model else ""
+                raise _err(f"{t.name}({key}={value}): {value!r} is not a model setting{known}; declare it with "
+                           f"'model {value}=N', or for a packaged spec pass it to convert (--set {value}=N)", file, t.pos)
+            value = model[value]
+        kwargs.append((key, value))
+    return replace(t, kwargs=tuple(kwargs))
+
+
+def _check_call(t: ast.Transform, axes: tuple[str, ...] | None, file: str) -> None:
     if t.name not in SIGNATURES:
         raise _err(f"unknown transform {t.name!r}; known: {', '.join(SIGNATURES)}", file, t.pos)
     npos, required, optional, extra_ints = SIGNATURES[t.name]
@@ -99,7 +149,7 @@ def _check_call(t: ast.Transform, axes: tuple[str, ...], file: str) -> None:
             raise _err(f"{t.name}({key}=...) must be an integer, got {value!r}", file, t.pos)
     if t.name in _AXIS_ARG:
         axis = t.args[0]
-        if not isinstance(axis, str) or axis not in axes:
+        if not isinstance(axis, str) or (axes is not None and axis not in axes):
             raise _err(f"{t.name}() names axis {axis!r}, which the source layout lacks (it has {', '.join(axes) or 'none'})",
                        file, t.pos)
     if t.name == "tied" and not isinstance(t.args[0], ast.Quoted):
@@ -112,8 +162,19 @@ def _check_call(t: ast.Transform, axes: tuple[str, ...], file: str) -> None:
         raise _err(f"pad(): keep={kw['keep']} must be between 1 and to={kw['to']}", file, t.pos)
 
 
-def check(program: ast.Program, file: str = "<ucl>") -> CheckedProgram:
-    """Validate ``program`` on its own. Raises UclError at the first problem."""
+def check(program: ast.Program, file: str = "<ucl>", settings: dict | None = None) -> CheckedProgram:
+    """Validate ``program`` on its own. Raises UclError at the first problem.
+
+    Args:
+        program: the parsed program.
+        file: its name in error messages.
+        settings: model settings that complete or override the program's ``model`` line (a packaged
+            spec's sizes, read from the checkpoint or given by the user); keyword values of the rules
+            that name a setting take its integer.
+
+    A program without a ``source layout`` line leaves ``layout`` None: it describes any layout whose
+    axes its rules name, and :func:`bind_layout` gives it the checkpoint's.
+    """
     if program.version != VERSION:
         raise _err(f"UCL version {program.version} is not supported; this ucp reads 'ucl {VERSION}'", file, program.pos)
     for kind, what in ((ast.SourceLayout, "source layout"), (ast.Model, "model"), (ast.Optimizer, "optimizer")):
@@ -121,30 +182,35 @@ def check(program: ast.Program, file: str = "<ucl>") -> CheckedProgram:
         if len(found) > 1:
             raise _err(f"'{what}' is given twice (first on line {found[0].pos.line}); give it once", file, found[1].pos)
     layouts = program.of(ast.SourceLayout)
-    if not layouts:
-        raise _err("the program needs a 'source layout' line, e.g. 'source layout tp=2 dp=4 zero=1'", file, program.pos)
     sizes, zero = [], 0
-    for s in layouts[0].settings:
+    for s in (layouts[0].settings if layouts else ()):
         if not isinstance(s.value, int):
             raise _err(f"layout {s.name}={s.value!r}: sizes are integers", file, s.pos)
         if s.name == "zero":
             zero = s.value
         else:
             sizes.append((s.name, s.value))
-    try:
-        layout = Layout(tuple(sizes), zero=zero)
-    except Exception as e:  # noqa: BLE001 - Layout's SpecError says what is wrong
-        raise _err(str(e), file, layouts[0].pos) from None
+    layout = None
+    if layouts:
+        try:
+            layout = Layout(tuple(sizes), zero=zero)
+        except Exception as e:  # noqa: BLE001 - Layout's SpecError says what is wrong
+            raise _err(str(e), file, layouts[0].pos) from None
     model = {}
     for m in program.of(ast.Model):
         for s in m.settings:
             if not isinstance(s.value, int):
                 raise _err(f"model {s.name}={s.value!r}: model settings are integers", file, s.pos)
             model[s.name] = s.value
+    for name, value in (settings or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UclError(f"model setting {name}={value!r}: model settings are integers", file, 0, 0)
+        model[name] = value
     rules = []
     for rule in program.rules:
+        rule = replace(rule, transforms=tuple(_resolve(t, model, file) for t in rule.transforms))
         for t in rule.transforms:
-            _check_call(t, layout.names, file)
+            _check_call(t, layout.names if layout is not None else None, file)
         names = [t.name for t in rule.transforms]
         for n in set(names):
             if names.count(n) > 1 and n not in ("shard",):
@@ -182,6 +248,35 @@ def _lower(rule: ast.Rule) -> Pattern:
     return Pattern(tuple(shards), flat, fused, pad)
 
 
+def match_names(checked: CheckedProgram, names) -> dict[str, tuple[ast.Rule, Pattern]]:
+    """``{name: (rule, its pattern)}``: the first rule matching each tensor name, before any shape is
+    known (a foreign checkpoint's global shapes follow from its local ones and the rule's shards).
+
+    Raises:
+        UclError: a name no rule matches, or a rule that matches no name.
+    """
+    out = {}
+    used = [False] * len(checked.rules)
+    for name in names:
+        for i, cr in enumerate(checked.rules):
+            if any(rx.fullmatch(name) for rx in cr.regexes):
+                used[i] = True
+                out[name] = (cr.rule, _lower(cr.rule))
+                break
+        else:
+            raise UclError(f"tensor {name!r} is matched by no rule; add a rule for it", checked.file, 0, 0)
+    _unused(checked, used)
+    return out
+
+
+def _unused(checked: CheckedProgram, used: list[bool]) -> None:
+    for cr, hit in zip(checked.rules, used):
+        if not hit:
+            globs = ", ".join(f'"{g}"' for g in cr.rule.globs)
+            raise _err(f"rule {globs} matches no tensor (an earlier rule may take them all); fix or remove it",
+                       checked.file, cr.rule.pos)
+
+
 def match(checked: CheckedProgram, shapes: dict[str, tuple[int, ...]]) -> dict[str, Match]:
     """Apply the rules to ``{tensor name: global shape}``: first match wins.
 
@@ -190,6 +285,7 @@ def match(checked: CheckedProgram, shapes: dict[str, tuple[int, ...]]) -> dict[s
             dims or sizes do not fit a tensor it matches.
     """
     file = checked.file
+    axes = checked.layout.names if checked.layout is not None else _named_axes(checked)
     out: dict[str, Match] = {}
     used = [False] * len(checked.rules)
     for name, shape in shapes.items():
@@ -200,17 +296,13 @@ def match(checked: CheckedProgram, shapes: dict[str, tuple[int, ...]]) -> dict[s
             used[i] = True
             try:
                 pattern = _lower(cr.rule)
-                pattern.validate(tuple(shape), checked.layout.names, name)
+                pattern.validate(tuple(shape), axes, name)
             except Exception as e:  # noqa: BLE001 - SpecError from the data model, placed at the rule
                 raise _err(f"{e} (the rule matches tensor {name!r} of shape {list(shape)})", file, cr.rule.pos) from None
             out[name] = Match(cr.rule, {k: int(v) for k, v in m.groupdict().items()}, pattern)
             break
         else:
             raise UclError(f"tensor {name!r} (shape {list(shape)}) is matched by no rule; add a rule for it, "
-                           f'e.g. "{name}" : replicate({checked.layout.names[0]})', file, 0, 0)
-    for cr, hit in zip(checked.rules, used):
-        if not hit:
-            globs = ", ".join(f'"{g}"' for g in cr.rule.globs)
-            raise _err(f"rule {globs} matches no tensor (an earlier rule may take them all); fix or remove it",
-                       file, cr.rule.pos)
+                           f'e.g. "{name}" : replicate({(axes or ("dp",))[0]})', file, 0, 0)
+    _unused(checked, used)
     return out

@@ -1,0 +1,87 @@
+"""How a tensor-parallel DeepSpeed save's pieces map onto global tensors (no DeepSpeed needed): the
+packaged specs' geometry from local shapes, the averaged copies ``ds_to_universal`` takes, and the
+settings read from a save."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+
+from ucp.foreign.deepspeed import DeepSpeedFiles, _checked_spec, model_settings
+from ucp.foreign.deepspeed_grid import geometries
+from ucp.lang.parse import UclError
+from ucp.spec.box import Box, FlatRange
+from ucp.spec.fragment import Fragment
+from ucp.spec.layout import Layout
+from ucp.spec.pattern import Fused, Pad, Shard
+
+LAYOUT = Layout.from_sizes(zero=1, dp=2, tp=2)
+LLAMA = {"original_vocab_size": 50, "padded_vocab_size": 52}
+ARGS = Namespace(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, ffn_hidden_size=24)
+
+
+def _llama_local(tp: int = 2) -> dict:
+    """Local shapes of a 1-layer Llama-style model on each of ``tp`` ranks (Megatron-DeepSpeed names)."""
+    shapes = {
+        "embedding.word_embeddings.weight": (52 // tp, 16),
+        "layers.0.input_layernorm.weight": (16,),
+        "layers.0.self_attention.query_key_value.weight": ((16 + 2 * 8) // tp, 16),
+        "layers.0.self_attention.dense.weight": (16, 16 // tp),
+        "layers.0.post_attention_layernorm.weight": (16,),
+        "layers.0.mlp.dense_h_to_4h.weight": (2 * 24 // tp, 16),
+        "layers.0.mlp.dense_4h_to_h.weight": (16, 24 // tp),
+        "final_layernorm.weight": (16,),
+        "lm_head.weight": (52 // tp, 16),
+    }
+    return {n: [s] * tp for n, s in shapes.items()}
+
+
+def test_model_settings_come_from_universal_checkpoint_info_and_args():
+    got = model_settings({"universal_checkpoint_info": LLAMA, "args": ARGS})
+    assert got == {"vocab": 50, "padded_vocab": 52, "q_size": 16, "kv_size": 8, "ffn": 24}
+    assert model_settings({}) == {}
+
+
+def test_the_llama_spec_gives_global_shapes_fused_parts_padding_and_averaging():
+    checked = _checked_spec("megatron-llama", None, LAYOUT, {"universal_checkpoint_info": LLAMA, "args": ARGS})
+    geo = geometries(checked, _llama_local(), 2)
+    qkv = geo["layers.0.self_attention.query_key_value.weight"]
+    assert qkv.shape == (32, 16) and qkv.pattern.shards == (Shard("tp", 0),)
+    assert qkv.pattern.fused == Fused(0, (("q", 16), ("k", 8), ("v", 8)))
+    assert geo["layers.0.mlp.dense_h_to_4h.weight"].pattern.fused == Fused(0, (("gate", 24), ("up", 24)))
+    emb = geo["embedding.word_embeddings.weight"]
+    assert emb.shape == (52, 16) and emb.pattern.pad == Pad(0, 52, 50)
+    assert emb.box(1, 2) == Box((26, 0), (26, 16)) and emb.sources(1) == (1,)
+    dense = geo["layers.0.self_attention.dense.weight"]
+    assert dense.shape == (16, 16) and dense.box(1, 2) == Box((0, 8), (16, 8))
+    norm = geo["layers.0.input_layernorm.weight"]  # average(tp): tp rank 0's fragment averages both copies
+    assert norm.shape == (16,) and norm.sources(0) == (0, 1) and norm.sources(1) == ()
+
+
+def test_specs_that_do_not_fit_the_save_say_where():
+    meta = {"universal_checkpoint_info": LLAMA, "args": ARGS}
+    with pytest.raises(UclError, match="megatron-llama:.*fused sizes .* sum to 56 but dim 0 has 32"):
+        geometries(_checked_spec("megatron-llama", {"kv_size": 20}, LAYOUT, meta), _llama_local(), 2)
+    with pytest.raises(UclError, match="'lm_head.weight' is matched by no rule"):
+        geometries(_checked_spec("megatron-gpt", None, LAYOUT, meta), _llama_local(), 2)
+    with pytest.raises(UclError, match="'q_size' is not a model setting"):
+        _checked_spec("megatron-llama", None, LAYOUT, {"universal_checkpoint_info": LLAMA})
+    uneven = _llama_local()
+    uneven["layers.0.self_attention.dense.weight"] = [(16, 8), (16, 9)]
+    with pytest.raises(UclError, match="different shapes"):
+        geometries(_checked_spec("megatron-llama", None, LAYOUT, meta), uneven, 2)
+
+
+def test_averaged_copies_decode_as_ds_to_universal_takes_them():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 1e-8, 3.0])
+    b = torch.tensor([9.0, 2.5, 3.0, -4.0, 3e-8, 1e30])
+    frag = Fragment("optim/n.weight/master", Box.full((4,)), FlatRange(0, 4), "float32", 0, "f", 0, 16, 0)
+    files = DeepSpeedFiles(None)
+    files.where[frag] = [(lambda: a, 2), (lambda: b, 2)]  # each copy's slice starts at element 2
+    got = np.frombuffer(files.decode(frag).tobytes(), dtype=np.float32)
+    assert got.tobytes() == ((a[2:6] + b[2:6]) / 2).numpy().tobytes()
+    files.where[frag] = [(lambda: a, 0)]
+    assert files.decode(frag).tobytes() == a[:4].numpy().tobytes()
