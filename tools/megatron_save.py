@@ -334,7 +334,7 @@ def main() -> None:
     p.add_argument("--no-expected", action="store_true", help="write no expected_*.safetensors (benchmarks)")
     a = p.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     heads, kv_heads = 4, (4 if a.arch == "gpt" else 2)
     ffn = 4 * a.hidden if a.arch == "gpt" else 3 * a.hidden
     dp = world // (a.tp * a.pp)

@@ -255,7 +255,7 @@ class _SourceFiles:
         self.names = sorted({f.file for f in manifest.fragments})
         self.fds: dict[str, int] = {}
         self.verify = verify
-        self.decode = decode  # fragment -> its bytes, for sources whose files are not raw (DCP's torch.save blobs)
+        self.decode = decode  # fragment -> its bytes (or None: raw in its file), for sources whose files are not raw
         self.crcs: dict = {}  # fragment -> its CRC-32C, as read (verify off)
 
     def __enter__(self) -> "_SourceFiles":
@@ -344,9 +344,12 @@ def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray,
         _read_checked(files, frag, views)
 
 
-def _read_decoded(files: _SourceFiles, frag, views: list) -> None:
-    """``frag``'s bytes from the source's decoder, in order, into ``views``; their CRC-32C kept."""
+def _read_decoded(files: _SourceFiles, frag, views: list) -> bool:
+    """``frag``'s bytes from the source's decoder, in order, into ``views``; their CRC-32C kept. False:
+    the decoder has none for ``frag`` (its bytes lie in place in its file)."""
     data = files.decode(frag)
+    if data is None:
+        return False
     pos, crc = 0, 0
     for v in views:
         n = len(v) if isinstance(v, bytearray) else v.nbytes
@@ -357,12 +360,12 @@ def _read_decoded(files: _SourceFiles, frag, views: list) -> None:
         crc = crc32c(data[pos:pos + n], crc)
         pos += n
     files.crcs[frag] = crc
+    return True
 
 
 def _read_checked(files: _SourceFiles, frag, views: list) -> None:
     """Read ``frag``'s bytes, in order, into ``views`` and check the fragment's CRC-32C."""
-    if files.decode is not None:
-        _read_decoded(files, frag, views)
+    if files.decode is not None and _read_decoded(files, frag, views):
         return
     fd, offset, crc = files.fds[frag.file], frag.offset, 0
     where = f"{files.directory / frag.file}: fragment of {frag.key} {frag.box}{frag.flat or ''}"

@@ -76,12 +76,17 @@ def test_specs_that_do_not_fit_the_save_say_where():
 
 
 def test_averaged_copies_decode_as_ds_to_universal_takes_them():
-    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 1e-8, 3.0])
-    b = torch.tensor([9.0, 2.5, 3.0, -4.0, 3e-8, 1e30])
+    a = np.array([1.0, 2.0, 3.0, 4.0, 1e-8, 3.0], dtype=np.float32)
+    b = np.array([9.0, 2.5, 3.0, -4.0, 3e-8, 1e30], dtype=np.float32)
     frag = Fragment("optim/n.weight/master", Box.full((4,)), FlatRange(0, 4), "float32", 0, "f", 0, 16, 0)
     files = DeepSpeedFiles(None)
-    files.where[frag] = [(lambda: a, 2), (lambda: b, 2)]  # each copy's slice starts at element 2
-    got = np.frombuffer(files.decode(frag).tobytes(), dtype=np.float32)
-    assert got.tobytes() == ((a[2:6] + b[2:6]) / 2).numpy().tobytes()
-    files.where[frag] = [(lambda: a, 0)]
-    assert files.decode(frag).tobytes() == a[:4].numpy().tobytes()
+    files.where[frag] = [(a, 2), (b, 2)]  # each copy's slice starts at element 2
+    want = ((torch.from_numpy(a[2:6]) + torch.from_numpy(b[2:6])) / 2).numpy()
+    assert files.decode(frag).tobytes() == want.tobytes()
+    bf = Fragment("model/n.weight", Box.full((4,)), None, "bfloat16", 0, "f", 0, 8, 0)
+    x, y = torch.randn(4).to(torch.bfloat16), torch.randn(4).to(torch.bfloat16)
+    files.where[bf] = [(x.view(torch.uint16).numpy(), 0), (y.view(torch.uint16).numpy(), 0)]
+    assert files.decode(bf).tobytes() == ((x + y) / 2).view(torch.uint16).numpy().tobytes()
+    files.where[frag] = [(a, 0)]
+    assert files.decode(frag).tobytes() == a[:4].tobytes()
+    assert files.decode(Fragment("k", Box.full((1,)), None, "float32", 0, "f", 0, 4, 0)) is None  # (read in place)

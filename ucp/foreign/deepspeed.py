@@ -11,11 +11,11 @@ splits each parameter on its own (``ceil(numel / dp)`` elements per rank, in ``f
 Tensor- and pipeline-parallel saves have these files per model-parallel rank, and a UCL spec says how
 tensor parallelism split each parameter (:mod:`ucp.foreign.deepspeed_grid`).
 
-Every file is read with ``torch.load(weights_only=True, mmap=True)`` (pages are read as slices are
-needed, so memory stays bounded by the largest slice). DeepSpeed pickles three of its own classes
-in the optimizer files of the tested configurations; :data:`STAND_INS` maps exactly those names to
-inert classes of this module, so neither deepspeed nor an open unpickler is needed. Megatron's
-``args`` (an ``argparse.Namespace``) loads as itself.
+Every file is read by :mod:`ucp.foreign.torch_file`: its pickle with an unpickler that allows
+exactly torch's tensor and storage globals and the classes of :data:`STAND_INS` (three DeepSpeed
+classes, as inert stand-ins, and ``argparse.Namespace`` for Megatron's args), its tensors described
+as byte ranges of the file, read in place by the converter. So neither deepspeed nor torch nor an
+open unpickler is needed, and memory stays bounded by the tensors being copied.
 
 Tensor keys: ``model/<fqn>`` (the module's weight, in its dtype), ``optim/<fqn>/master`` (DeepSpeed's
 ``fp32``), ``optim/<fqn>/exp_avg``, ``optim/<fqn>/exp_avg_sq``, ``optim/<fqn>/step`` (the group's
@@ -28,13 +28,15 @@ flat buffer.
 from __future__ import annotations
 
 import re
-import threading
 from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
 
+import numpy as np
+
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, OptionsError
+from ucp.foreign import torch_file
 from ucp.foreign.deepspeed_grid import geometries, grid_degrees, layer_weights
 from ucp.foreign.deepspeed_grid import MODEL_FILE as GRID_MODEL_FILE
 from ucp.foreign.deepspeed_grid import OPTIM_FILE as GRID_OPTIM_FILE
@@ -83,25 +85,11 @@ STAND_INS = [
 
 
 def load_pt(path: Path):
-    """``path`` through ``torch.load(weights_only=True, mmap=True)``, DeepSpeed's classes as stand-ins."""
-    import torch
-
+    """``path``'s object, read without torch (:func:`ucp.foreign.torch_file.load`: tensors as
+    :class:`StoredTensor` s, DeepSpeed's classes as stand-ins, any other class refused by name)."""
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path}: missing from the DeepSpeed checkpoint")
-    try:
-        with torch.serialization.safe_globals(STAND_INS):
-            return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-    except Exception as e:
-        try:
-            unknown = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - {n for _, n in STAND_INS})
-        except Exception:
-            unknown = []
-        if unknown:
-            why = (f"it pickles {', '.join(unknown)}, which ucp does not load (only "
-                   f"{', '.join(n for _, n in STAND_INS)} are read, as inert stand-ins)")
-        else:
-            why = " ".join(str(e).split())[:300]
-        raise CorruptCheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): {why}") from None
+    return torch_file.load(path, {name: cls for cls, name in STAND_INS})
 
 
 def checkpoint_dir(src) -> tuple[Path, str]:
@@ -132,36 +120,50 @@ def _refuse_unsupported(directory: Path) -> None:
 
 
 def _dtype(t, where: str) -> str:
-    name = str(t.dtype).removeprefix("torch.")
+    if isinstance(t, np.ndarray):
+        return str(t.dtype)
+    if not isinstance(t, torch_file.StoredTensor):
+        raise CorruptCheckpointError(f"{where}: a {type(t).__name__} where a tensor was expected")
+    name = t.dtype
     if name not in DTYPES:
         raise CorruptCheckpointError(f"{where}: dtype {name} has no ucp equivalent")
     return name
 
 
 class DeepSpeedFiles:
-    """The loaded (memory-mapped) files of one save; ``decode`` gives a fragment's bytes."""
+    """How the fragments that are not plain byte ranges of the files are made; ``decode`` gives their
+    bytes (None for the others, which the converter reads in place)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.where: dict = {}  # fragment -> [(a function returning a whole source tensor, element start), ...]
-        self._lock = threading.Lock()
+        self.where: dict = {}  # fragment -> [(a StoredTensor or a numpy array, element start), ...]
 
     def decode(self, frag):
-        """The fragment's bytes: its slice of its source tensor, or the mean of its copies' slices (as
-        ``ds_to_universal`` takes it: ``sum(copies) / len(copies)``, in the tensor's dtype)."""
-        import torch
-
+        """The fragment's bytes: its slice of a non-contiguous tensor, or the mean of its copies' slices
+        (as ``ds_to_universal`` takes it: ``sum(copies) / len(copies)``, in the tensor's dtype)."""
+        sources = self.where.get(frag)
+        if sources is None:
+            return None
         n = frag.flat.numel if frag.flat is not None else frag.box.numel
         copies = []
-        for source, start in self.where[frag]:
-            t = source()
-            flat = t.reshape(-1)[start:start + n]
-            if flat.numel() != n:
+        for source, start in sources:
+            a = source.array() if isinstance(source, torch_file.StoredTensor) else source
+            flat = a.reshape(-1)[start:start + n]
+            if flat.size != n:
                 raise CorruptCheckpointError(f"{self.directory}: {frag.key}: the slice [{start}, {start + n}) runs past "
-                                             f"its partition of {t.numel()} elements")
+                                             f"its partition of {a.size} elements")
             copies.append(flat)
-        out = copies[0] if len(copies) == 1 else sum(copies) / len(copies)
-        return out.contiguous().view(torch.uint8).numpy()
+        if len(copies) == 1:
+            out = np.ascontiguousarray(copies[0])
+        elif frag.dtype in ("float32", "float64"):
+            out = sum(copies) / len(copies)  # (IEEE adds and a divide, as torch does them)
+        else:
+            import torch  # (bfloat16 / float16 arithmetic as torch rounds it)
+
+            dtype = getattr(torch, frag.dtype)
+            ts = [torch.from_numpy(np.ascontiguousarray(c)).view(dtype) for c in copies]
+            out = (sum(ts) / len(ts)).view(torch.uint8).numpy()
+        return out.view(np.uint8).reshape(-1)
 
 
 def _zero12_slices(optim: list, g: int, size: int) -> list[list[tuple[str, int, int, int]]]:
@@ -254,11 +256,18 @@ class _Manifest:
         return self.layout.rank({a: coords.get(a, 0) for a in self.layout.names})
 
     def add(self, key: str, box: Box, flat: FlatRange | None, dtype: str, rank: int, file: str, sources: list) -> None:
-        """A fragment of ``key`` read from ``sources`` (``(the whole source tensor, element start)`` each;
-        several are averaged)."""
+        """A fragment of ``key`` read from ``sources`` (``(a whole source tensor, element start)`` each;
+        several are averaged). One contiguous source is a byte range of its file, read in place."""
         numel = flat.numel if flat is not None else box.numel
-        frag = Fragment(key, box, flat, dtype, rank, self.file(file), 0, numel * itemsize(dtype), 0)
-        self.files.where[frag] = sources
+        (first, start), plain = sources[0], len(sources) == 1
+        if plain and isinstance(first, torch_file.StoredTensor) and first.contiguous:
+            if first.dtype != dtype:
+                raise CorruptCheckpointError(f"{first.path}: {key} is {first.dtype} here, {dtype} elsewhere")
+            offset, length = first.byte_range(start, numel)
+            frag = Fragment(key, box, flat, dtype, rank, self.file(first.path.name), offset, length, 0)
+        else:
+            frag = Fragment(key, box, flat, dtype, rank, self.file(file), 0, numel * itemsize(dtype), 0)
+            self.files.where[frag] = sources
         self.fragments.append(frag)
 
 
@@ -313,9 +322,10 @@ def _flat_sources(entry, g: int, size: int, directory: Path) -> dict:
     except (KeyError, IndexError, TypeError) as e:
         raise CorruptCheckpointError(f"{directory / name}: group {g} lacks its optimizer state ({e})") from None
     for s, t in sources.items():
-        if t.numel() != size or str(t.dtype) != "torch.float32":
-            raise CorruptCheckpointError(f"{directory / name}: group {g}'s {s} partition has {t.numel()} "
-                                         f"{t.dtype} elements, not {size} float32")
+        if not isinstance(t, torch_file.StoredTensor) or t.numel() != size or t.dtype != "float32":
+            what = f"{t.numel()} {t.dtype} elements" if isinstance(t, torch_file.StoredTensor) else type(t).__name__
+            raise CorruptCheckpointError(f"{directory / name}: group {g}'s {s} partition has {what}, not {size} "
+                                         "float32 elements")
     return sources
 
 
@@ -379,7 +389,7 @@ def _zero12(directory: Path, spec, settings):
         for t in range(tp):
             if g.sources(t):
                 out.add(key, g.box(t, tp), None, dtype, out.rank(pp=owner.get(fqn, 0), tp=t), weights[t][fqn][1],
-                        [(lambda w=weights[c][fqn][0]: w, 0) for c in g.sources(t)])
+                        [(weights[c][fqn][0], 0) for c in g.sources(t)])
     slices = {(s, t): [_zero12_slices(optim[(s, t)], g, int(optim[(s, t)][0][2][g].numel()))
                        for g in range(len(models[(s, t)]["param_shapes"]))] for s, t in grid}
     flat = {(s, t): [[_flat_sources(e, g, int(optim[(s, t)][0][2][g].numel()), directory) for e in optim[(s, t)]]
@@ -404,8 +414,8 @@ def _zero12(directory: Path, spec, settings):
                                                                Pattern(pattern.shards, "dp", pattern.fused, pattern.pad)))
                         out.add(key, geo[fqn].box(t, tp), FlatRange(begin, numel), "float32",
                                 out.rank(pp=s, dp=d, tp=t), entries[d][0],
-                                [(lambda x=flat[(s, c)][g][d][state]: x, where) for c, where in places])
-            step = entries[0][3]["state"][g]["step"].reshape(())  # the group's, the same on every rank
+                                [(flat[(s, c)][g][d][state], where) for c, where in places])
+            step = _step(entries[0], g, directory)
             for fqn in shapes:
                 if owner[fqn] != s or t != 0:
                     continue
@@ -413,12 +423,25 @@ def _zero12(directory: Path, spec, settings):
                 out.tensors[key] = TensorMeta((), _dtype(step, f"{directory / entries[0][0]}: group {g}'s step"),
                                               Pattern())
                 out.add(key, Box.full(()), None, out.tensors[key].dtype, out.rank(pp=s), entries[0][0],
-                        [(lambda x=step: x, 0)])
+                        [(step, 0)])
             if t == 0:
                 _merge_group(groups_state, g, entries[0][3]["param_groups"][g], [f for f in shapes if owner[f] == s])
     facts = {"format": FORMAT, "path": str(directory.resolve()), "dp": dp, "tp": tp, "pp": pp,
              "ds_version": model0.get("ds_version"), "zero_stage": zero}
     return directory, _finish(out, model0, groups_state), facts, out.files, checked
+
+
+def _step(entry, g: int, directory: Path):
+    """Group ``g``'s step (the same on every rank) as a 0-d tensor: a stored one, or an array of a number."""
+    try:
+        step = entry[3]["state"][g]["step"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise CorruptCheckpointError(f"{directory / entry[0]}: group {g} has no step ({e})") from None
+    if isinstance(step, torch_file.StoredTensor) and step.numel() == 1:
+        return replace(step, shape=(), stride=())
+    if isinstance(step, (int, float)) and not isinstance(step, bool):
+        return np.array(step, dtype=np.float32)  # (as torch's Adam keeps it)
+    raise CorruptCheckpointError(f"{directory / entry[0]}: group {g}'s step is a {type(step).__name__}, not a number")
 
 
 def _place(slices: list, fqn: str, begin: int, numel: int, directory: Path, c: int) -> int:
@@ -471,7 +494,7 @@ def _zero3(directory: Path, spec, settings):
             continue  # (an empty placeholder; the weight comes from the fp32 parts below)
         key = model_key(name)
         out.tensors[key] = TensorMeta(geo[name].shape, _dtype(t, f"{directory / model_name}: {name}"), geo[name].pattern)
-        out.add(key, Box.full(geo[name].shape), None, out.tensors[key].dtype, 0, model_name, [(lambda t=t: t, 0)])
+        out.add(key, Box.full(geo[name].shape), None, out.tensors[key].dtype, 0, model_name, [(t, 0)])
     groups_state = []
     for g, shapes in enumerate(param_shapes):
         size = int(optim[0][2][g].numel())  # every rank's partition of group g has this many elements
@@ -493,12 +516,12 @@ def _zero3(directory: Path, spec, settings):
                 for s, t in sources.items():
                     key = model_key(fqn) if s == "model" else f"optim/{fqn}/{s}"
                     out.add(key, Box.full(shapes[fqn]), FlatRange(begin, numel), "float32", rank, entry[0],
-                            [(lambda t=t: t, at)])
-        step = optim[0][3]["state"][g]["step"].reshape(())  # the group's, the same on every rank
+                            [(t, at)])
+        step = _step(optim[0], g, directory)
         for fqn in shapes:
             key = f"optim/{fqn}/step"
             out.tensors[key] = TensorMeta((), _dtype(step, f"{directory / optim[0][0]}: group {g}'s step"), Pattern())
-            out.add(key, Box.full(()), None, out.tensors[key].dtype, 0, optim[0][0], [(lambda t=step: t, 0)])
+            out.add(key, Box.full(()), None, out.tensors[key].dtype, 0, optim[0][0], [(step, 0)])
         _merge_group(groups_state, g, optim[0][3]["param_groups"][g], list(shapes))
     facts = {"format": FORMAT, "path": str(directory.resolve()), "dp": dp, "tp": 1, "pp": 1,
              "ds_version": model.get("ds_version"), "zero_stage": 3}

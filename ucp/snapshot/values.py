@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import base64
 import math
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ucp.errors import CaptureError, FormatError
+
+if TYPE_CHECKING:
+    import torch
 
 _TAGS = ("$tuple", "$dict", "$float", "$bytes", "$ndarray", "$tensor")
 
@@ -25,6 +29,8 @@ def _b64(data: bytes) -> str:
 
 
 def _tensor_bytes(t: torch.Tensor) -> tuple[str, bytes]:
+    import torch
+
     t = t.detach().cpu().contiguous()
     # numpy lacks bfloat16 and float8: move their raw bits as unsigned integers of the same width.
     return str(t.dtype).removeprefix("torch."), t.reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -52,7 +58,8 @@ def encode(value, path: str = "state"):
         if value.dtype.hasobject:
             raise CaptureError(f"{path}: numpy arrays of Python objects cannot be saved; use a numeric dtype")
         return {"$ndarray": {"dtype": value.dtype.str, "shape": list(value.shape), "data": _b64(np.ascontiguousarray(value).tobytes())}}
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # (a tensor exists only once torch is imported; import it no sooner)
+    if torch is not None and isinstance(value, torch.Tensor):
         if type(value) is not torch.Tensor and not isinstance(value, torch.nn.Parameter):
             raise CaptureError(f"{path}: a {type(value).__name__} cannot be stored inline; keep plain tensors in non-model state")
         name, raw = _tensor_bytes(value)
@@ -83,6 +90,8 @@ def decode(value, path: str = "state"):
             if tag == "$ndarray":
                 arr = np.frombuffer(base64.b64decode(body["data"]), dtype=np.dtype(body["dtype"]))
                 return arr.reshape(body["shape"]).copy()
+            import torch
+
             raw = bytearray(base64.b64decode(body["data"]))
             dtype = getattr(torch, body["dtype"], None)
             if not isinstance(dtype, torch.dtype):
