@@ -13,7 +13,9 @@ fp32, DeepSpeed's AdamW, dp=2), trained one step and saved once, before the timi
   ``ds_to_universal`` with the pattern lists the save carries.
 
 Each converter runs as its own process, ``--repeats`` times, alternating, with the page cache warm
-(the save was just written and read). For each: wall time, peak RSS (``wait4``'s ``ru_maxrss`` of
+(the save was just written and read) and clean (``sync`` before each run, untimed: ``ds_to_universal``
+leaves its output and temporary files to be written back, which would otherwise slow the next run;
+ucp's output is durable when it returns, fsynced). For each: wall time, peak RSS (``wait4``'s ``ru_maxrss`` of
 that process), the files it writes, and the temporary files it makes (``ds_to_universal`` writes
 per-slice files under its output's ``tmp/`` and removes them; the peak is sampled every 50 ms).
 ``ucp_files_per_key``: the most files under one tensor key's array (its shard and its metadata;
@@ -96,6 +98,7 @@ def run_measured(cmd: list[str], watch: Path | None = None, env=None) -> dict:
                 peak["bytes"] = max(peak["bytes"], size)
             time.sleep(0.05)
 
+    os.sync()  # (untimed: no run pays for writing back what the previous one left dirty)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()

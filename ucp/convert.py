@@ -151,7 +151,12 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         total(sum(a.nbytes for a in arrays.values()))
 
     with target as out:
-        arrays = create_arrays(out.put, arrays)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ucp-meta") as pool:
+            # (the arrays' metadata files, written from several threads: a model has hundreds of them)
+            pending = []
+            arrays = create_arrays(lambda rel, data: pending.append(pool.submit(out.put, rel, data)), arrays)
+            for done in pending:
+                done.result()
         arena = Arena(min(arena_size, sum(needs.values())))
         with _SourceFiles(path, manifest, verify, decode) as files:
             _run_tasks(plans, arrays, needs, arena, files, out, compressor, workers, progress)

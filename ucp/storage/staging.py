@@ -56,7 +56,8 @@ class Staging:
     def write_shard(self, rel: str, array, chunks, compressor: str) -> int:
         with self._lock:
             self.files += bool(array.size)
-        return write_shard(self.path / rel, array, chunks, compressor, fsync=self.fsync)
+        # (made durable by commit's fsync of the whole tree, before anything becomes visible)
+        return write_shard(self.path / rel, array, chunks, compressor, fsync=False, writeback=self.fsync)
 
     def commit(self, marker: tuple[str, bytes] | None = None) -> None:
         """Make everything staged durable (``marker`` written last, atomically), then rename it to

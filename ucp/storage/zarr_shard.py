@@ -55,12 +55,15 @@ ZSTD_LEVEL = 3
 
 
 def write_shard(target, array: np.ndarray, chunks: tuple[int, ...], compressor: str = "none",
-                fsync: bool = True, progress: Callable[[int], None] | None = None) -> int:
+                fsync: bool = True, progress: Callable[[int], None] | None = None, writeback: bool | None = None) -> int:
     """Write ``array`` (C-contiguous, little-endian) as one shard; returns its size.
 
-    ``target`` is a local path (written with writeback started as it goes and fsynced when
-    ``fsync``) or a writable binary file object (an fsspec file: its store decides durability).
-    Every inner chunk is written (edge chunks padded with zeros), so every chunk has a checksum.
+    ``target`` is a local path (written with writeback started as it goes when ``writeback``, by
+    default when ``fsync``, and fsynced when ``fsync``) or a writable binary file object (an fsspec
+    file: its store decides durability). Every inner chunk is written (edge chunks padded with
+    zeros), so every chunk has a checksum. A caller that fsyncs the whole tree before making it
+    visible passes ``fsync=False, writeback=True``: one fsync per file at the end costs far less
+    than each writer waiting for its own.
     """
     if array.size == 0:
         return 0
@@ -69,7 +72,8 @@ def write_shard(target, array: np.ndarray, chunks: tuple[int, ...], compressor: 
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb", buffering=0) as f:
-        size = _write_chunks(f, array, chunks, compressor, f.fileno() if fsync else None, progress)
+        early = fsync if writeback is None else writeback
+        size = _write_chunks(f, array, chunks, compressor, f.fileno() if early else None, progress)
         if fsync:
             os.fsync(f.fileno())
     return size
@@ -106,7 +110,10 @@ def _write_chunks(f, array, chunks, compressor, fd, progress) -> int:
     raw = index.tobytes()
     _write_all(f, raw)
     _write_all(f, struct.pack("<I", crc32c(raw)))
-    return pos + len(raw) + 4
+    end = pos + len(raw) + 4
+    if fd is not None:
+        start_writeback(fd, flushed, end - flushed)  # (the rest: a small shard is on its way before its fsync)
+    return end
 
 
 def _write_all(f, data) -> None:
