@@ -1,6 +1,6 @@
 """A real DeepSpeed ZeRO save for the import tests, run under torchrun on CPU (DS_ACCELERATOR=cpu, gloo):
 
-    torchrun --nproc-per-node 2 tests/foreign/ds_save.py STAGE OUT
+    torchrun --nproc-per-node 2 tests/foreign/ds_save.py STAGE OUT [bf16]
 
 Trains a small MLP two steps with DeepSpeed's AdamW, saves with ``engine.save_checkpoint(OUT)``, and
 writes ``OUT/expected.safetensors`` (rank 0): every parameter's module weight and, through
@@ -22,6 +22,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 def main() -> None:
     stage, out = int(sys.argv[1]), sys.argv[2]
+    bf16 = sys.argv[3:] == ["bf16"]
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     # odd sizes: the flat partitions split parameters mid-way and the last one is padded
@@ -29,10 +30,13 @@ def main() -> None:
     cfg = {"train_batch_size": 4 * dist.get_world_size(), "train_micro_batch_size_per_gpu": 4,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}},
            "zero_optimization": {"stage": stage}, "steps_per_print": 10**6}
+    if bf16:  # (stage 0: DeepSpeed's BF16_Optimizer, which partitions like ZeRO-1 and names its files bf16_*)
+        cfg["bf16"] = {"enabled": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     for s in range(2):
         x = torch.randn(4, 7, generator=torch.Generator().manual_seed(100 + 10 * s + dist.get_rank()))
-        engine.backward(engine(x).pow(2).mean())
+        x = x.to(torch.bfloat16) if bf16 else x
+        engine.backward(engine(x).float().pow(2).mean())
         engine.step()
     engine.save_checkpoint(out)
     expected = {}

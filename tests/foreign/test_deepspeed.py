@@ -27,16 +27,20 @@ def _shm() -> set[str]:
     return set(os.listdir("/dev/shm"))
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=["zero1", "zero2", "zero3"])
+@pytest.fixture(scope="module", params=[(1, ""), (2, ""), (3, ""), (1, "bf16"), (2, "bf16"), (3, "bf16")],
+                ids=["zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16"])
 def ds_save(request, tmp_path_factory):
-    """A DeepSpeed save of ZeRO stage 1 or 2 by 2 ranks; DeepSpeed's /dev/shm buffers removed after."""
+    """A DeepSpeed save of ZeRO stage 1, 2 or 3 by 2 ranks, fp32 or bf16 (its optimizer files named
+    ``bf16_zero_pp_rank_*``); DeepSpeed's /dev/shm buffers removed after."""
     pytest.importorskip("deepspeed")
-    out = tmp_path_factory.mktemp(f"ds{request.param}") / "ckpt"
+    stage, dtype = request.param
+    out = tmp_path_factory.mktemp(f"ds{stage}{dtype}") / "ckpt"
     before = _shm()
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     try:
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                            "--master-port", str(free_port()), str(HERE / "ds_save.py"), str(request.param), str(out)],
+                            "--master-port", str(free_port()), str(HERE / "ds_save.py"), str(stage), str(out),
+                            *([dtype] if dtype else [])],
                            capture_output=True, text=True, timeout=600, env=env)
     finally:
         for name in _shm() - before:  # DeepSpeed's CPU all-reduce buffers
@@ -46,7 +50,7 @@ def ds_save(request, tmp_path_factory):
                 except OSError:
                     pass
     assert p.returncode == 0, p.stderr[-4000:]
-    return out, request.param
+    return out, stage
 
 
 def universal(path: Path) -> dict[str, np.ndarray]:
@@ -68,7 +72,10 @@ def test_zero_saves_convert_bit_exactly(ds_save, tmp_path):
     got = universal(tmp_path / "u")
     want = load_file(out / "expected.safetensors")
     for key, t in want.items():
-        assert got[key].dtype == t.numpy().dtype and got[key].tobytes() == t.numpy().tobytes(), key
+        raw = t.view(torch.uint16) if t.dtype == torch.bfloat16 else t  # (numpy has no bfloat16)
+        assert got[key].shape == tuple(t.shape) and got[key].itemsize == t.element_size(), key
+        assert got[key].tobytes() == raw.numpy().tobytes(), key
+        assert header.tensors[key].dtype == str(t.dtype).removeprefix("torch."), key
     names = {k.split("/")[1] for k in want}
     for name in names:
         assert got[f"optim/{name}/step"].shape == () and float(got[f"optim/{name}/step"]) == 2.0
@@ -112,7 +119,7 @@ def test_an_optimizer_file_needing_another_class_is_refused_by_name(ds_save, tmp
     tag = (out / "latest").read_text().strip()
     copy = tmp_path / "ckpt"
     shutil.copytree(out, copy)
-    victim = copy / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    victim = next((copy / tag).glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
     sd = torch.load(victim, weights_only=False)
 
     class Unknown:  # a class no stand-in covers
@@ -125,10 +132,14 @@ def test_an_optimizer_file_needing_another_class_is_refused_by_name(ds_save, tmp
     code = main(["convert", "--from", "deepspeed", str(copy), str(tmp_path / "u"), "--quiet"])
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in err and "deepspeed.runtime.other.Unknown" in err, err
-    (copy / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert victim.name in err and "deepspeed.runtime.other.Unknown" in err, err
+    victim.unlink()
     with pytest.raises(Exception, match="missing from the DeepSpeed checkpoint"):
         convert(copy, tmp_path / "u2", source="deepspeed")
+    for f in (copy / tag).glob("*optim_states.pt"):  # (as a ZeRO stage 0 save has none)
+        f.unlink()
+    with pytest.raises(CorruptCheckpointError, match="no ZeRO optimizer files.*stage 0"):
+        convert(copy, tmp_path / "u4", source="deepspeed")
     (copy / "latest").write_text("global_step99")
     with pytest.raises(CorruptCheckpointError, match="names 'global_step99', which is not a save"):
         convert(copy, tmp_path / "u3", source="deepspeed")

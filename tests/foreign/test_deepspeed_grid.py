@@ -90,3 +90,37 @@ def test_averaged_copies_decode_as_ds_to_universal_takes_them():
     files.where[frag] = [(a, 0)]
     assert files.decode(frag).tobytes() == a[:4].tobytes()
     assert files.decode(Fragment("k", Box.full((1,)), None, "float32", 0, "f", 0, 4, 0)) is None  # (read in place)
+
+
+def _fake_save(root, model: dict, optim: dict | None) -> None:
+    """A directory shaped like a DeepSpeed ZeRO-1 save of one rank (torch.save'd dicts, no DeepSpeed)."""
+    tag = root / "global_step1"
+    tag.mkdir(parents=True)
+    (root / "latest").write_text("global_step1")
+    torch.save(model, tag / "mp_rank_00_model_states.pt")
+    if optim is not None:
+        torch.save(optim, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+
+@pytest.mark.parametrize("model, optim, words", [
+    ({"module": {}}, {}, "mp_rank_00_model_states.pt: not a DeepSpeed model-states file (missing 'param_shapes')"),
+    ({"module": {"w": torch.ones(2)}, "param_shapes": [{"w": torch.Size([2])}], "dp_world_size": 1},
+     {"optimizer_state_dict": {"zero_stage": 1}},
+     "zero_pp_rank_0_mp_rank_00_optim_states.pt: not a ZeRO-1/2 optimizer-states file (missing "
+     "'single_partition_of_fp32_groups')"),
+    ({"module": {"w": torch.ones(2)}, "param_shapes": [{"w": torch.Size([2])}], "dp_world_size": 1}, None,
+     "no ZeRO optimizer files"),
+    ({"module": {"w": torch.ones(2)}, "param_shapes": [{"w": torch.Size([2])}], "dp_world_size": 2},
+     {"optimizer_state_dict": {"single_partition_of_fp32_groups": [], "base_optimizer_state": {},
+                               "param_slice_mappings": []}},
+     "zero_pp_rank_1_mp_rank_00_optim_states.pt: missing from the DeepSpeed checkpoint"),
+])
+def test_malformed_deepspeed_saves_give_one_clear_error(tmp_path, capsys, model, optim, words):
+    from ucp.cli.main import main
+
+    _fake_save(tmp_path / "ckpt", model, optim)
+    code = main(["convert", "--from", "deepspeed", str(tmp_path / "ckpt"), str(tmp_path / "u"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert words in err, err
+    assert not (tmp_path / "u").exists()

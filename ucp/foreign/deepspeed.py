@@ -109,14 +109,22 @@ def checkpoint_dir(src) -> tuple[Path, str]:
     return src / tag, tag
 
 
-def _refuse_unsupported(directory: Path) -> None:
+def _refuse_unsupported(directory: Path) -> str:
+    """The optimizer files' prefix (``""``, or ``"bf16_"`` for a bf16 run); a kind of save ucp does not
+    read is refused."""
     names = [p.name for p in directory.iterdir()]
     if any(re.fullmatch(r"zero_pp_rank_\d+_mp_rank_(?!00_)\d+_model_states\.pt", n) for n in names):
         raise CorruptCheckpointError(f"{directory}: a ZeRO-3 DeepSpeed checkpoint with tensor parallelism; ucp imports "
                                      "ZeRO-3 without TP so far (docs/foreign.md section 3)")
-    if any(n.startswith("bf16_zero_pp_rank_") for n in names):
-        raise CorruptCheckpointError(f"{directory}: a DeepSpeed checkpoint of the bf16 optimizer; ucp imports fp32 "
-                                     "ZeRO-1/2/3 saves so far (docs/foreign.md section 3)")
+    prefixes = {m.group(1) for n in names if (m := re.fullmatch(r"(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt", n))}
+    if len(prefixes) > 1:
+        raise CorruptCheckpointError(f"{directory}: holds both zero_pp_rank_* and bf16_zero_pp_rank_* optimizer files; "
+                                     "remove the ones of the other run")
+    if not prefixes:
+        raise CorruptCheckpointError(f"{directory}: no ZeRO optimizer files (zero_pp_rank_*_optim_states.pt); a ZeRO "
+                                     "stage 0 save keeps its optimizer inside the model file, which ucp does not "
+                                     "import (docs/foreign.md section 3)")
+    return prefixes.pop() or ""
 
 
 def _dtype(t, where: str) -> str:
@@ -283,16 +291,17 @@ def deepspeed_manifest(src, spec=None, settings: dict | None = None):
     Raises:
         CheckpointNotFoundError: no DeepSpeed save there, or one of its files is missing.
         CorruptCheckpointError: a file that needs a class beyond the stand-ins, an unsupported kind of
-            save (bf16 optimizer files, ZeRO-3 with tp > 1), or partitions that do not add up.
+            save (ZeRO stage 0, ZeRO-3 with tp > 1), or partitions that do not add up.
         OptionsError / UclError: a tp > 1 save without a spec, or a spec that does not fit it.
     """
     directory, tag = checkpoint_dir(src)
-    _refuse_unsupported(directory)
+    prefix = _refuse_unsupported(directory)
     stage3 = not (directory / MODEL_FILE).is_file() and (directory / ZERO3_MODEL_FILE.format(rank=0)).is_file()
     if stage3:
-        directory, manifest, facts, files, checked = _zero3(directory, spec, settings)
+        directory, manifest, facts, files, checked = _zero3(directory, spec, settings, prefix)
     else:
-        directory, manifest, facts, files, checked = _zero12(directory, spec, settings)
+        directory, manifest, facts, files, checked = _zero12(directory, spec, settings, prefix)
+    facts["bf16"] = prefix == "bf16_"
     facts["tag"] = tag
     if checked is not None:
         from ucp.lang.printer import print_program
@@ -339,7 +348,7 @@ def _model(directory: Path, name: str):
     return model
 
 
-def _zero12(directory: Path, spec, settings):
+def _zero12(directory: Path, spec, settings, prefix: str):
     model0 = _model(directory, MODEL_FILE)
     tp, pp = grid_degrees(directory, model0)
     dp = int(model0.get("dp_world_size") or 1)
@@ -349,7 +358,7 @@ def _zero12(directory: Path, spec, settings):
     grid = [(s, t) for s in range(pp) for t in range(tp)]
     models = {(s, t): model0 if s == t == 0 else _model(directory, GRID_MODEL_FILE.format(mp=s * tp + t))
               for s, t in grid}
-    optim = {(s, t): [_optim_entry(directory, GRID_OPTIM_FILE.format(dp=d, mp=s * tp + t), False) for d in range(dp)]
+    optim = {(s, t): [_optim_entry(directory, prefix + GRID_OPTIM_FILE.format(dp=d, mp=s * tp + t), False) for d in range(dp)]
              for s, t in grid}
     zero = int(optim[(0, 0)][0][1].get("zero_stage", 1))
     sizes = {"pp": pp} if pp > 1 else {}
@@ -472,7 +481,7 @@ def _finish(out: _Manifest, model: dict, groups_state: list) -> Manifest:
     return manifest
 
 
-def _zero3(directory: Path, spec, settings):
+def _zero3(directory: Path, spec, settings, prefix: str):
     model_name = ZERO3_MODEL_FILE.format(rank=0)
     model = _model(directory, model_name)
     param_shapes = model["param_shapes"]
@@ -480,7 +489,7 @@ def _zero3(directory: Path, spec, settings):
     if model.get("frozen_param_shapes") or {}:
         raise CorruptCheckpointError(f"{directory / model_name}: a ZeRO-3 save with frozen parameters; ucp does not "
                                      "import those yet")
-    optim = [_optim_entry(directory, OPTIM_FILE.format(rank=rank), True) for rank in range(dp)]
+    optim = [_optim_entry(directory, prefix + OPTIM_FILE.format(rank=rank), True) for rank in range(dp)]
     layout = Layout.from_sizes(zero=3, dp=dp, **({"tp": 1} if spec is not None else {}))
     out = _Manifest(directory, layout)
     partitioned = {fqn for shapes in param_shapes for fqn in shapes}
