@@ -23,33 +23,36 @@ pytestmark = pytest.mark.deepspeed
 HERE = Path(__file__).parent
 
 
-def _shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+DS_ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 
 
-@pytest.fixture(scope="module", params=[(1, ""), (2, ""), (3, ""), (1, "bf16"), (2, "bf16"), (3, "bf16")],
-                ids=["zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16"])
-def ds_save(request, tmp_path_factory):
-    """A DeepSpeed save of ZeRO stage 1, 2 or 3 by 2 ranks, fp32 or bf16 (its optimizer files named
-    ``bf16_zero_pp_rank_*``); DeepSpeed's /dev/shm buffers removed after."""
-    pytest.importorskip("deepspeed")
-    stage, dtype = request.param
-    out = tmp_path_factory.mktemp(f"ds{stage}{dtype}") / "ckpt"
-    before = _shm()
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+def run_deepspeed(nproc: int, script: Path, *args: str) -> None:
+    """``script args`` under torchrun on ``nproc`` ranks (DeepSpeed on CPU); DeepSpeed's /dev/shm
+    buffers (its CPU all-reduce's) removed after, whatever happened."""
+    before = set(os.listdir("/dev/shm"))
     try:
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                            "--master-port", str(free_port()), str(HERE / "ds_save.py"), str(stage), str(out),
-                            *([dtype] if dtype else [])],
-                           capture_output=True, text=True, timeout=600, env=env)
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                            "--master-port", str(free_port()), str(script), *args],
+                           capture_output=True, text=True, timeout=600, env=DS_ENV)
     finally:
-        for name in _shm() - before:  # DeepSpeed's CPU all-reduce buffers
+        for name in set(os.listdir("/dev/shm")) - before:
             if not name.startswith("ucp."):
                 try:
                     os.unlink(f"/dev/shm/{name}")
                 except OSError:
                     pass
     assert p.returncode == 0, p.stderr[-4000:]
+
+
+@pytest.fixture(scope="module", params=[(1, ""), (2, ""), (3, ""), (1, "bf16"), (2, "bf16"), (3, "bf16")],
+                ids=["zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16"])
+def ds_save(request, tmp_path_factory):
+    """A DeepSpeed save of ZeRO stage 1, 2 or 3 by 2 ranks, fp32 or bf16 (its optimizer files named
+    ``bf16_zero_pp_rank_*``)."""
+    pytest.importorskip("deepspeed")
+    stage, dtype = request.param
+    out = tmp_path_factory.mktemp(f"ds{stage}{dtype}") / "ckpt"
+    run_deepspeed(2, HERE / "ds_save.py", str(stage), str(out), *([dtype] if dtype else []))
     return out, stage
 
 

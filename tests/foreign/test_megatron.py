@@ -5,7 +5,6 @@ and every tp rank's slice of the result equals what that rank's engine holds, bi
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.dist.world import free_port
-from tests.foreign.test_deepspeed import universal
+from tests.foreign.test_deepspeed import DS_ENV, run_deepspeed, universal
 from ucp.cli.main import main
 from ucp.convert import convert
 from ucp.errors import OptionsError
@@ -34,28 +32,15 @@ SAVES = {  # name: (arch, tp, pp, world)
 @pytest.fixture(scope="module", params=list(SAVES))
 def megatron_save(request, tmp_path_factory):
     """A DeepSpeed ZeRO-1 save of a Megatron-style model (tools/megatron_save.py) and
-    ``ds_to_universal``'s conversion of it; DeepSpeed's /dev/shm buffers removed after."""
+    ``ds_to_universal``'s conversion of it."""
     pytest.importorskip("deepspeed")
     arch, tp, pp, world = SAVES[request.param]
     out = tmp_path_factory.mktemp(request.param) / "ckpt"
-    before = set(os.listdir("/dev/shm"))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    try:
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                            "--master-port", str(free_port()), str(SAVE), arch, str(tp), str(pp),
-                            "1", str(out)], capture_output=True, text=True, timeout=600, env=env)
-    finally:
-        for name in set(os.listdir("/dev/shm")) - before:  # DeepSpeed's CPU all-reduce buffers
-            if not name.startswith("ucp."):
-                try:
-                    os.unlink(f"/dev/shm/{name}")
-                except OSError:
-                    pass
-    assert p.returncode == 0, p.stderr[-4000:]
+    run_deepspeed(world, SAVE, arch, str(tp), str(pp), "1", str(out))
     ds = out.parent / "ds"
     tag = (out / "latest").read_text().strip()
     q = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(out / tag),
-                        "--output_folder", str(ds)], capture_output=True, text=True, timeout=600, env=env)
+                        "--output_folder", str(ds)], capture_output=True, text=True, timeout=600, env=DS_ENV)
     assert q.returncode == 0, q.stderr[-3000:]
     return out, ds, arch, tp, pp
 

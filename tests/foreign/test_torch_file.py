@@ -87,3 +87,58 @@ def test_reading_a_deepspeed_file_imports_no_torch(tmp_path):
             "assert t.shape == (3,) and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def _crafted(tmp_path, body: bytes, name: str = "evil.pt"):
+    """A torch.save-shaped zip whose data.pkl is ``body`` (protocol-2 opcodes) and whose storage 0 holds 4
+    float32 elements."""
+    import zipfile
+
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02" + body + b".")
+        z.writestr("archive/byteorder", b"little")
+        z.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes())
+    return path
+
+
+def _u(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + len(raw).to_bytes(4, "little") + raw
+
+
+def _int(n: int) -> bytes:
+    return b"J" + n.to_bytes(4, "little", signed=True)
+
+
+STORAGE = b"(" + _u("storage") + b"ctorch\nFloatStorage\n" + _u("0") + _u("cpu") + _int(4) + b"tQ"
+
+
+def _tensor(offset: bytes, size: bytes, stride: bytes) -> bytes:
+    return b"ctorch._utils\n_rebuild_tensor_v2\n(" + STORAGE + offset + size + stride + b"\x89}tR"
+
+
+@pytest.mark.parametrize("body, words", [
+    (_tensor(_int(-1), b"(" + _int(2) + b"t", b"(" + _int(1) + b"t"), "storage offset is int -1"),
+    (_tensor(_int(0), b"(" + _int(2) + _int(2) + b"t", b"(" + _int(3) + _int(-2) + b"t"), "stride is int -2"),
+    (_tensor(_int(0), b"(" + _int(5) + b"t", b"(" + _int(1) + b"t"), "runs past its storage of 16 bytes"),
+    (_tensor(_int(0), b"(G\x7f\xf0\x00\x00\x00\x00\x00\x00t", b"(" + _int(1) + b"t"), "size is float inf"),
+    # a tensor's descriptor rewritten to point at another file
+    (_tensor(_int(0), b"(" + _int(2) + b"t", b"(" + _int(1) + b"t") + b"}" + _u("path") + _u("/etc/passwd") + b"sb",
+     "sets the state of a StoredTensor"),
+    # a class's attributes rewritten (slot state on the class object)
+    (b"cargparse\nNamespace\n(N}" + _u("__repr__") + b"ctorch\nSize\nstb", "sets the state of a type"),
+    (b"(" + b"(" * 3000 + b"t" * 3000 + b"Q", "an unexpected persistent id"),
+    (b"ctorch._utils\n_rebuild_tensor_v2\n(tR", "not a readable torch.save file (TypeError"),
+])
+def test_crafted_pickles_are_refused_in_one_line(tmp_path, body, words):
+    path = _crafted(tmp_path, body)
+    with pytest.raises(CorruptCheckpointError, match="evil.pt") as e:
+        load(path, {"argparse.Namespace": Namespace})
+    assert words in str(e.value), str(e.value)
+    assert repr(Namespace(a=1)) == "Namespace(a=1)"  # (nothing of the process changed)
+
+
+def test_a_crafted_but_valid_tensor_is_read_in_bounds(tmp_path):
+    t = load(_crafted(tmp_path, _tensor(_int(1), b"(" + _int(3) + b"t", b"(" + _int(1) + b"t")))
+    assert t.shape == (3,) and t.array().tolist() == [1.0, 2.0, 3.0]

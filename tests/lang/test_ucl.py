@@ -180,3 +180,15 @@ def test_mutated_programs_give_only_ucp_errors(base, at, drop, insert):
 @given(st.binary(max_size=120))
 def test_random_bytes_give_only_ucp_errors(data):
     _only_ucp_errors(data.decode("utf-8", errors="replace"))
+
+
+def test_settings_precedence_and_size_one_axes():
+    from ucp.lang.apply import check_layout
+
+    text = 'ucl 1\nsource layout dp=2 zero=1\nmodel vocab=10\n"w" : pad(dim=0, to=padded, keep=vocab)\n'
+    checked = check(parse(text, "p.ucl"), "p.ucl", defaults={"vocab": 99, "padded": 12})
+    assert checked.model == {"vocab": 10, "padded": 12}  # the model line over what the checkpoint says
+    assert check(parse(text, "p.ucl"), "p.ucl", {"vocab": 11}, defaults={"padded": 12}).model["vocab"] == 11
+    check_layout(checked, Layout.from_sizes(zero=1, dp=2, tp=1))  # (a size-1 axis is no axis)
+    with pytest.raises(UclError, match="is not the checkpoint's"):
+        check_layout(checked, Layout.from_sizes(zero=1, dp=2, tp=2))

@@ -146,7 +146,8 @@ def convert(args) -> int:
     settings = {}
     for item in args.set or ():
         name, eq, value = item.partition("=")
-        if not eq or not name.isidentifier() or not value.strip().isdigit():
+        value = value.strip()
+        if not eq or not name.isidentifier() or not (value.isascii() and value.isdigit()):
             raise OptionsError(f"--set {item}: use NAME=N with a non-negative integer N, e.g. --set vocab=50257")
         settings[name] = int(value)
     if settings and args.spec is None:

@@ -241,7 +241,7 @@ def _checked_spec(spec, settings: dict | None, layout: Layout, model: dict):
     from ucp.lang.validate import bind_layout, check
 
     text, name = read_spec(spec)
-    checked = bind_layout(check(parse(text, name), name, {**model_settings(model), **(settings or {})}), layout)
+    checked = bind_layout(check(parse(text, name), name, settings, defaults=model_settings(model)), layout)
     check_layout(checked, layout)
     return checked
 
@@ -267,10 +267,11 @@ class _Manifest:
         """A fragment of ``key`` read from ``sources`` (``(a whole source tensor, element start)`` each;
         several are averaged). One contiguous source is a byte range of its file, read in place."""
         numel = flat.numel if flat is not None else box.numel
+        for source, _ in sources:
+            if isinstance(source, torch_file.StoredTensor) and source.dtype != dtype:
+                raise CorruptCheckpointError(f"{source.path}: {key} is {source.dtype} here, {dtype} elsewhere")
         (first, start), plain = sources[0], len(sources) == 1
         if plain and isinstance(first, torch_file.StoredTensor) and first.contiguous:
-            if first.dtype != dtype:
-                raise CorruptCheckpointError(f"{first.path}: {key} is {first.dtype} here, {dtype} elsewhere")
             offset, length = first.byte_range(start, numel)
             frag = Fragment(key, box, flat, dtype, rank, self.file(first.path.name), offset, length, 0)
         else:
@@ -390,8 +391,10 @@ def _zero12(directory: Path, spec, settings, prefix: str):
     checked = _checked_spec(spec, settings, layout, model0)
     geo = geometries(checked, local, tp)
     for fqn, g in geo.items():  # the module's weights
-        if fqn not in weights[0]:
-            raise CorruptCheckpointError(f"{directory}: the weight of {fqn!r} is in none of the model files")
+        lacking = [t for t in range(tp) if fqn not in weights[t]]
+        if lacking:
+            raise CorruptCheckpointError(f"{directory}: the weight of {fqn!r} is in none of tp rank {lacking[0]}'s "
+                                         "model files")
         dtype = _dtype(weights[0][fqn][0], f"{directory / weights[0][fqn][1]}: {fqn}")
         key = model_key(fqn)
         out.tensors[key] = TensorMeta(g.shape, dtype, g.pattern)

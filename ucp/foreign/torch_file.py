@@ -22,6 +22,7 @@ import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -98,12 +99,27 @@ class _Storage:
     nbytes: int
 
 
+def _whole(value, what: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CorruptCheckpointError(f"{path}: a tensor's {what} is {type(value).__name__} {str(value)[:40]}, not an "
+                                     "integer >= 0")
+    return value
+
+
 def _rebuild_tensor(path: Path):
     def rebuild(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
         if not isinstance(storage, _Storage):
-            raise CorruptCheckpointError(f"{path}: a tensor rebuilt from {type(storage).__name__}, not a storage")
-        return StoredTensor(path, storage.dtype, tuple(int(s) for s in size), tuple(int(s) for s in stride),
-                            int(storage_offset), storage.data, storage.nbytes)
+            raise CorruptCheckpointError(f"{path}: a tensor rebuilt from a {type(storage).__name__}, not a storage")
+        if not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride):
+            raise CorruptCheckpointError(f"{path}: a tensor's size and stride are not tuples of one length")
+        shape = tuple(_whole(n, "size", path) for n in size)
+        strides = tuple(_whole(n, "stride", path) for n in stride)
+        offset = _whole(storage_offset, "storage offset", path)
+        extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides)) if math.prod(shape) else 0
+        if (offset + extent) * itemsize(storage.dtype) > storage.nbytes:
+            raise CorruptCheckpointError(f"{path}: a tensor of shape {list(shape)} at element {offset} runs past its "
+                                         f"storage of {storage.nbytes} bytes")
+        return StoredTensor(path, storage.dtype, shape, strides, offset, storage.data, storage.nbytes)
     return rebuild
 
 
@@ -118,8 +134,8 @@ class _TensorType:
 def _rebuild_from_type(func, new_type, args, state=None):
     """``torch._tensor._rebuild_from_type_v2``: a tensor rebuilt by ``func``, then cast to a plain tensor
     type (its Python attributes, ``state``, are not kept)."""
-    if not isinstance(new_type, _TensorType):
-        raise CorruptCheckpointError(f"a tensor rebuilt as {new_type!r}, not as a plain tensor")
+    if not isinstance(new_type, _TensorType) or not isinstance(args, tuple):
+        raise CorruptCheckpointError(f"a tensor rebuilt as a {type(new_type).__name__}, not as a plain tensor")
     return func(*args)
 
 
@@ -130,10 +146,30 @@ class _StorageType:
         self.dtype = dtype
 
 
-class _Unpickler(pickle.Unpickler):
+def _build(self) -> None:
+    """BUILD, restricted: a plain attribute dict, set only on an instance of a stand-in class (never on a
+    class, a function or ucp's own descriptors, which a pickle could otherwise rewrite)."""
+    state = self.stack.pop()
+    inst = self.stack[-1]
+    if type(inst) not in self.buildable:
+        raise CorruptCheckpointError(f"{self.path}: the pickle sets the state of a {type(inst).__name__}")
+    if not isinstance(state, dict) or not all(type(k) is str for k in state):
+        raise CorruptCheckpointError(f"{self.path}: the pickle sets a {type(inst).__name__}'s state from a "
+                                     f"{type(state).__name__}, not an attribute dict")
+    inst.__dict__.update(state)
+
+
+class _Unpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its opcodes can be restricted; the pickles read here hold metadata
+    only, the tensors' bytes stay in their records)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _build
+
     def __init__(self, stream, path: Path, records: dict, stand_ins: dict):
         super().__init__(stream)
         self.path, self.records, self.stand_ins = path, records, stand_ins
+        self.buildable = {cls for cls in stand_ins.values() if isinstance(cls, type) and not issubclass(cls, Enum)}
 
     def find_class(self, module, name):
         full = f"{module}.{name}"
@@ -158,9 +194,10 @@ class _Unpickler(pickle.Unpickler):
         raise _Refused(full)
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise CorruptCheckpointError(f"{self.path}: an unexpected persistent id {str(pid)[:80]}")
-        key = str(pid[2])
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+                and isinstance(pid[2], str)):
+            raise CorruptCheckpointError(f"{self.path}: an unexpected persistent id (a {type(pid).__name__})")
+        key = pid[2]
         if key not in self.records:
             raise CorruptCheckpointError(f"{self.path}: storage {key!r} has no record in the archive")
         data, nbytes = self.records[key]
@@ -228,9 +265,8 @@ def load(path: Path, stand_ins: dict | None = None):
         allowed = ", ".join(sorted(stand_ins)) or "none"
         raise CorruptCheckpointError(f"{path}: it pickles {e}, which ucp does not load (besides torch's tensors it "
                                      f"reads only {allowed}, as inert stand-ins)") from None
-    except CorruptCheckpointError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, struct.error) as e:
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever a malformed file makes the unpickler raise, said in one line
         raise CorruptCheckpointError(f"{path}: not a readable torch.save file ({type(e).__name__}: "
                                      f"{' '.join(str(e).split())[:200]})") from None

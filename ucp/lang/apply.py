@@ -15,8 +15,11 @@ from ucp.spec.pattern import Pattern
 
 
 def check_layout(checked: CheckedProgram, layout: Layout) -> None:
-    """The spec's ``source layout`` must be the checkpoint's."""
-    if dict(checked.layout.axes) != dict(layout.axes) or checked.layout.zero != layout.zero:
+    """The spec's ``source layout`` must be the checkpoint's (an axis of size 1 is the same as none)."""
+    def sizes(lay: Layout) -> dict:
+        return {name: n for name, n in lay.axes if n > 1}
+
+    if sizes(checked.layout) != sizes(layout) or checked.layout.zero != layout.zero:
         pos = checked.program.of(ast.SourceLayout)[0].pos
         raise UclError(f"the spec's source layout {checked.layout} is not the checkpoint's {layout}; "
                        "describe the layout the checkpoint was saved with", checked.file, pos.line, pos.column)

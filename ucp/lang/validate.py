@@ -162,15 +162,17 @@ def _check_call(t: ast.Transform, axes: tuple[str, ...] | None, file: str) -> No
         raise _err(f"pad(): keep={kw['keep']} must be between 1 and to={kw['to']}", file, t.pos)
 
 
-def check(program: ast.Program, file: str = "<ucl>", settings: dict | None = None) -> CheckedProgram:
+def check(program: ast.Program, file: str = "<ucl>", settings: dict | None = None,
+          defaults: dict | None = None) -> CheckedProgram:
     """Validate ``program`` on its own. Raises UclError at the first problem.
 
     Args:
         program: the parsed program.
         file: its name in error messages.
-        settings: model settings that complete or override the program's ``model`` line (a packaged
-            spec's sizes, read from the checkpoint or given by the user); keyword values of the rules
-            that name a setting take its integer.
+        settings: model settings that override the program's ``model`` line (given by the user);
+            keyword values of the rules that name a setting take its integer.
+        defaults: model settings the ``model`` line and ``settings`` override (read from the
+            checkpoint, for a packaged spec's sizes).
 
     A program without a ``source layout`` line leaves ``layout`` None: it describes any layout whose
     axes its rules name, and :func:`bind_layout` gives it the checkpoint's.
@@ -197,6 +199,9 @@ def check(program: ast.Program, file: str = "<ucl>", settings: dict | None = Non
         except Exception as e:  # noqa: BLE001 - Layout's SpecError says what is wrong
             raise _err(str(e), file, layouts[0].pos) from None
     model = {}
+    for name, value in (defaults or {}).items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            model[name] = value
     for m in program.of(ast.Model):
         for s in m.settings:
             if not isinstance(s.value, int):
