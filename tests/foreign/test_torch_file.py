@@ -34,12 +34,14 @@ def test_tensors_are_described_in_place_and_equal_torch_load(tmp_path):
         view=base[4:16].view(3, 4),  # a view: an offset into a shared storage
         t=torch.randn(4, 6).t(),  # non-contiguous
         shape=torch.Size([2, 3]), step=torch.tensor(7.0), n=3, s="x", dt=torch.bfloat16)
-    torch.save({"state": state, "args": Namespace(hidden=16)}, tmp_path / "a.pt")
+    module = torch.nn.Linear(2, 3).state_dict()  # (an OrderedDict with a _metadata attribute)
+    torch.save({"state": state, "args": Namespace(hidden=16), "module": module}, tmp_path / "a.pt")
     got = load(tmp_path / "a.pt", {"argparse.Namespace": Namespace})
     want = torch.load(tmp_path / "a.pt", weights_only=False)
     s = got["state"]
     assert isinstance(s, collections.OrderedDict) and s["shape"] == (2, 3) and s["n"] == 3 and s["dt"] == "bfloat16"
-    assert got["args"].hidden == 16
+    assert got["args"].hidden == 16 and list(got["module"]) == ["weight", "bias"]
+    assert got["module"]._metadata == module._metadata
     for name in ("p", "tagged", "w", "b", "i", "view", "step"):
         t = s[name]
         assert isinstance(t, StoredTensor) and t.contiguous and t.shape == tuple(want["state"][name].shape)

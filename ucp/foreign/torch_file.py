@@ -169,7 +169,9 @@ class _Unpickler(pickle._Unpickler):
     def __init__(self, stream, path: Path, records: dict, stand_ins: dict):
         super().__init__(stream)
         self.path, self.records, self.stand_ins = path, records, stand_ins
-        self.buildable = {cls for cls in stand_ins.values() if isinstance(cls, type) and not issubclass(cls, Enum)}
+        # (a module's state dict is an OrderedDict with a _metadata attribute)
+        self.buildable = {OrderedDict} | {cls for cls in stand_ins.values()
+                                          if isinstance(cls, type) and not issubclass(cls, Enum)}
 
     def find_class(self, module, name):
         full = f"{module}.{name}"
