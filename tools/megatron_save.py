@@ -377,7 +377,8 @@ def main() -> None:
         return
     expected = {}
     for name, param in module.named_parameters():
-        expected[f"model/{name}"] = param.detach().clone()
+        # (ZeRO-3 partitions the module's own parameters: in fp32 training the weight is the master)
+        expected[f"model/{name}"] = (safe_get_full_fp32_param(param) if a.zero == 3 else param.detach()).clone()
         expected[f"optim/{name}/master"] = safe_get_full_fp32_param(param).clone()
         for state in ("exp_avg", "exp_avg_sq"):
             expected[f"optim/{name}/{state}"] = safe_get_full_optimizer_state(param, state).clone()

@@ -1,5 +1,6 @@
 """``ucp convert --from deepspeed --spec megatron-...``: real DeepSpeed saves of Megatron-style models with
-tensor parallelism (without a pipeline: ``mp_rank_XX`` files; with one: ``layer_XX-model_YY`` files too)
+tensor parallelism (ZeRO-1 without a pipeline: ``mp_rank_XX`` files; with one: ``layer_XX-model_YY`` files too;
+ZeRO-3: ``zero_pp_rank_D_mp_rank_XX`` model and optimizer files)
 convert tensor for tensor equal to DeepSpeed's own ``ds_to_universal`` (fp32 master, Adam moments, step),
 and every tp rank's slice of the result equals what that rank's engine holds, bit for bit."""
 
@@ -22,10 +23,11 @@ from ucp.storage.universal_io import read_header
 
 pytestmark = pytest.mark.deepspeed
 SAVE = Path(__file__).resolve().parents[2] / "tools" / "megatron_save.py"
-SAVES = {  # name: (arch, tp, pp, world)
-    "gpt-tp2-dp2": ("gpt", 2, 1, 4),
-    "llama-tp2-pp2-dp2": ("llama", 2, 2, 8),
-    "gpt-tp2-pp2-tied": ("gpt", 2, 2, 4),
+SAVES = {  # name: (arch, tp, pp, world, ZeRO stage)
+    "gpt-tp2-dp2": ("gpt", 2, 1, 4, 1),
+    "llama-tp2-pp2-dp2": ("llama", 2, 2, 8, 1),
+    "gpt-tp2-pp2-tied": ("gpt", 2, 2, 4, 1),
+    "llama-tp2-dp2-zero3": ("llama", 2, 1, 4, 3),
 }
 
 
@@ -34,9 +36,9 @@ def megatron_save(request, tmp_path_factory):
     """A DeepSpeed ZeRO-1 save of a Megatron-style model (tools/megatron_save.py) and
     ``ds_to_universal``'s conversion of it."""
     pytest.importorskip("deepspeed")
-    arch, tp, pp, world = SAVES[request.param]
+    arch, tp, pp, world, zero = SAVES[request.param]
     out = tmp_path_factory.mktemp(request.param) / "ckpt"
-    run_deepspeed(world, SAVE, arch, str(tp), str(pp), "1", str(out))
+    run_deepspeed(world, SAVE, arch, str(tp), str(pp), str(zero), str(out))
     ds = out.parent / "ds"
     tag = (out / "latest").read_text().strip()
     q = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(out / tag),
@@ -57,11 +59,13 @@ def test_megatron_saves_agree_with_ds_to_universal(megatron_save, tmp_path):
     dst, got = _convert(megatron_save, tmp_path)
     header = read_header(dst)
     assert (header.source["tp"], header.source["pp"]) == (tp, pp) and header.source["spec"].startswith("megatron-")
-    assert header.spec.startswith("ucl 1\nsource layout ") and f"tp={tp} zero=1" in header.spec
+    assert header.spec.startswith("ucl 1\nsource layout ") and f"tp={tp} zero={header.source['zero_stage']}" in header.spec
     params = sorted(d.name for d in (ds / "zero").iterdir() if d.is_dir())
     assert {f"optim/{n}/master" for n in params} == {k for k in got if k.endswith("/master")}
     for name in params:
         for ds_name, ours in (("fp32", "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("step", "step")):
+            if ds_name == "step" and header.source["zero_stage"] == 3:
+                continue  # (ds_to_universal writes no step for ZeRO-3)
             theirs = torch.load(ds / "zero" / name / f"{ds_name}.pt", weights_only=False)
             theirs = torch.as_tensor(theirs["param"] if isinstance(theirs, dict) else theirs).detach()
             mine = got[f"optim/{name}/{ours}"]

@@ -1,5 +1,6 @@
-"""DeepSpeed ZeRO checkpoints (stages 1, 2 and 3; ZeRO-1/2 also with Megatron-style tensor and pipeline
-parallelism) as a source of ``ucp convert --from deepspeed`` (docs/foreign.md sections 3 and 4).
+"""DeepSpeed ZeRO checkpoints (stages 1, 2 and 3, fp32 or bf16, with or without Megatron-style tensor
+parallelism, and ZeRO-1/2 with pipeline parallelism) as a source of ``ucp convert --from deepspeed``
+(docs/foreign.md sections 3 and 4).
 
 A DeepSpeed checkpoint folder (``engine.save_checkpoint(dir)``) holds ``latest`` (the tag of the
 newest save) and, per tag, ``mp_rank_00_model_states.pt`` (the module's weights, the parameters'
@@ -50,8 +51,8 @@ from ucp.spec.pattern import Pattern
 
 FORMAT = "deepspeed"
 MODEL_FILE = "mp_rank_00_model_states.pt"
-ZERO3_MODEL_FILE = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
-OPTIM_FILE = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+ZERO3_MODEL_FILE = "zero_pp_rank_{rank}_mp_rank_{mp:02d}_model_states.pt"
+ZERO3_OPTIM_FILE = "zero_pp_rank_{rank}_mp_rank_{mp:02d}_optim_states.pt"
 STATES = ("exp_avg", "exp_avg_sq")
 
 
@@ -113,9 +114,6 @@ def _refuse_unsupported(directory: Path) -> str:
     """The optimizer files' prefix (``""``, or ``"bf16_"`` for a bf16 run); a kind of save ucp does not
     read is refused."""
     names = [p.name for p in directory.iterdir()]
-    if any(re.fullmatch(r"zero_pp_rank_\d+_mp_rank_(?!00_)\d+_model_states\.pt", n) for n in names):
-        raise CorruptCheckpointError(f"{directory}: a ZeRO-3 DeepSpeed checkpoint with tensor parallelism; ucp imports "
-                                     "ZeRO-3 without TP so far (docs/foreign.md section 3)")
     prefixes = {m.group(1) for n in names if (m := re.fullmatch(r"(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt", n))}
     if len(prefixes) > 1:
         raise CorruptCheckpointError(f"{directory}: holds both zero_pp_rank_* and bf16_zero_pp_rank_* optimizer files; "
@@ -292,12 +290,12 @@ def deepspeed_manifest(src, spec=None, settings: dict | None = None):
     Raises:
         CheckpointNotFoundError: no DeepSpeed save there, or one of its files is missing.
         CorruptCheckpointError: a file that needs a class beyond the stand-ins, an unsupported kind of
-            save (ZeRO stage 0, ZeRO-3 with tp > 1), or partitions that do not add up.
+            save (ZeRO stage 0, ZeRO-3 with frozen parameters), or partitions that do not add up.
         OptionsError / UclError: a tp > 1 save without a spec, or a spec that does not fit it.
     """
     directory, tag = checkpoint_dir(src)
     prefix = _refuse_unsupported(directory)
-    stage3 = not (directory / MODEL_FILE).is_file() and (directory / ZERO3_MODEL_FILE.format(rank=0)).is_file()
+    stage3 = not (directory / MODEL_FILE).is_file() and (directory / ZERO3_MODEL_FILE.format(rank=0, mp=0)).is_file()
     if stage3:
         directory, manifest, facts, files, checked = _zero3(directory, spec, settings, prefix)
     else:
@@ -485,56 +483,73 @@ def _finish(out: _Manifest, model: dict, groups_state: list) -> Manifest:
 
 
 def _zero3(directory: Path, spec, settings, prefix: str):
-    model_name = ZERO3_MODEL_FILE.format(rank=0)
-    model = _model(directory, model_name)
-    param_shapes = model["param_shapes"]
-    dp = int(model.get("dp_world_size") or 1)
-    if model.get("frozen_param_shapes") or {}:
-        raise CorruptCheckpointError(f"{directory / model_name}: a ZeRO-3 save with frozen parameters; ucp does not "
-                                     "import those yet")
-    optim = [_optim_entry(directory, prefix + OPTIM_FILE.format(rank=rank), True) for rank in range(dp)]
-    layout = Layout.from_sizes(zero=3, dp=dp, **({"tp": 1} if spec is not None else {}))
+    """A ZeRO-3 save: per (dp rank d, tp rank t) ``zero_pp_rank_<d>_mp_rank_<t>_model_states.pt`` (each tp rank's
+    local shapes; its module holds empty placeholders) and the optimizer file with ``fp32_flat_groups``."""
+    model0 = _model(directory, ZERO3_MODEL_FILE.format(rank=0, mp=0))
+    dims = model0.get("checkpoint_parallel_dimensions") or {}
+    tp = int(dims.get("tp_degree") or model0.get("mp_world_size") or 1)
+    dp = int(model0.get("dp_world_size") or 1)
+    if tp > 1 and spec is None:
+        raise OptionsError(f"{directory}: a tensor-parallel DeepSpeed save (tp={tp}); pass a UCL spec saying how each "
+                           "parameter is split (--spec megatron-gpt, --spec megatron-llama or a file; docs/foreign.md)")
+    models = [model0] + [_model(directory, ZERO3_MODEL_FILE.format(rank=0, mp=t)) for t in range(1, tp)]
+    for t, model in enumerate(models):
+        if model.get("frozen_param_shapes") or {}:
+            raise CorruptCheckpointError(f"{directory / ZERO3_MODEL_FILE.format(rank=0, mp=t)}: a ZeRO-3 save with "
+                                         "frozen parameters; ucp does not import those yet")
+    optim = [[_optim_entry(directory, prefix + ZERO3_OPTIM_FILE.format(rank=d, mp=t), True) for d in range(dp)]
+             for t in range(tp)]
+    layout = Layout.from_sizes(zero=3, dp=dp, **({"tp": tp} if tp > 1 or spec is not None else {}))
     out = _Manifest(directory, layout)
-    partitioned = {fqn for shapes in param_shapes for fqn in shapes}
-    local = {n: [tuple(int(d) for d in shape)] for shapes in param_shapes for n, shape in shapes.items()}
-    for name, t in model["module"].items():
-        local.setdefault(name, [tuple(t.shape)])
-    checked = _checked_spec(spec, settings, layout, model)
-    geo = geometries(checked, local, 1)
-    for name, t in model["module"].items():
+    shapes_of = [[{fqn: tuple(int(d) for d in shape) for fqn, shape in group.items()} for group in m["param_shapes"]]
+                 for m in models]
+    partitioned = {fqn for group in shapes_of[0] for fqn in group}
+    local = {fqn: [shapes_of[t][g][fqn] for t in range(tp)] for g, group in enumerate(shapes_of[0]) for fqn in group}
+    for name, w in models[0]["module"].items():
+        if name not in partitioned:  # (a buffer: whole in each tp rank's module)
+            local[name] = [tuple(m["module"][name].shape) if name in m["module"] else None for m in models]
+            if None in local[name]:
+                raise CorruptCheckpointError(f"{directory}: {name!r} is missing from a tp rank's model file")
+    checked = _checked_spec(spec, settings, layout, model0)
+    geo = geometries(checked, local, tp)
+    for name in local:
         if name in partitioned:
-            continue  # (an empty placeholder; the weight comes from the fp32 parts below)
+            continue
         key = model_key(name)
-        out.tensors[key] = TensorMeta(geo[name].shape, _dtype(t, f"{directory / model_name}: {name}"), geo[name].pattern)
-        out.add(key, Box.full(geo[name].shape), None, out.tensors[key].dtype, 0, model_name, [(t, 0)])
+        dtype = _dtype(models[0]["module"][name], f"{directory / ZERO3_MODEL_FILE.format(rank=0, mp=0)}: {name}")
+        out.tensors[key] = TensorMeta(geo[name].shape, dtype, geo[name].pattern)
+        for t in range(tp):
+            if geo[name].sources(t):
+                out.add(key, geo[name].box(t, tp), None, dtype, out.rank(tp=t), ZERO3_MODEL_FILE.format(rank=0, mp=t),
+                        [(models[c]["module"][name], 0) for c in geo[name].sources(t)])
     groups_state = []
-    for g, shapes in enumerate(param_shapes):
-        size = int(optim[0][2][g].numel())  # every rank's partition of group g has this many elements
-        shapes = {fqn: tuple(int(d) for d in shape) for fqn, shape in shapes.items()}
-        slices = _zero3_slices(shapes, dp, size, str(directory))
+    for g, shapes in enumerate(shapes_of[0]):
+        sizes = [int(optim[t][0][2][g].numel()) for t in range(tp)]  # (each rank's partition of group g)
+        slices = [_zero3_slices(shapes_of[t][g], dp, sizes[t], str(directory)) for t in range(tp)]
+        flat = [[_flat_sources(e, g, sizes[t], directory) for e in optim[t]] for t in range(tp)]
         for fqn in shapes:
-            pattern = geo[fqn].pattern
+            pattern = Pattern(geo[fqn].pattern.shards, "dp", geo[fqn].pattern.fused, geo[fqn].pattern.pad)
             for suffix in ("master", *STATES):
-                out.tensors[f"optim/{fqn}/{suffix}"] = TensorMeta(shapes[fqn], "float32",
-                                                                  Pattern((), "dp", pattern.fused, pattern.pad))
-            out.tensors[model_key(fqn)] = TensorMeta(shapes[fqn], "float32", Pattern((), "dp", pattern.fused, pattern.pad))
-        for rank, entry in enumerate(optim):
-            sources = _flat_sources(entry, g, size, directory)
-            sources["model"] = sources["master"]  # fp32 training: the weight is its fp32 master
-            for fqn, at, begin, numel in slices[rank]:
-                if fqn not in shapes:
-                    raise CorruptCheckpointError(f"{directory / entry[0]}: a slice of {fqn!r}, which is not in group "
-                                                 f"{g} of {model_name}")
-                for s, t in sources.items():
-                    key = model_key(fqn) if s == "model" else f"optim/{fqn}/{s}"
-                    out.add(key, Box.full(shapes[fqn]), FlatRange(begin, numel), "float32", rank, entry[0],
-                            [(t, at)])
-        step = _step(optim[0], g, directory)
+                out.tensors[f"optim/{fqn}/{suffix}"] = TensorMeta(geo[fqn].shape, "float32", pattern)
+            out.tensors[model_key(fqn)] = TensorMeta(geo[fqn].shape, "float32", pattern)
+        for t in range(tp):
+            for d, mine in enumerate(slices[t]):
+                for fqn, at, begin, numel in mine:
+                    if not geo[fqn].sources(t):
+                        continue
+                    places = [(c, _place(slices[c][d], fqn, begin, numel, directory, c)) for c in geo[fqn].sources(t)]
+                    for state in ("master", *STATES, "model"):
+                        # (the weight is its fp32 master: ZeRO-3 keeps no other copy)
+                        key = model_key(fqn) if state == "model" else f"optim/{fqn}/{state}"
+                        source = "master" if state == "model" else state
+                        out.add(key, geo[fqn].box(t, tp), FlatRange(begin, numel), "float32", out.rank(dp=d, tp=t),
+                                optim[t][d][0], [(flat[c][d][source], where) for c, where in places])
+        step = _step(optim[0][0], g, directory)
         for fqn in shapes:
             key = f"optim/{fqn}/step"
-            out.tensors[key] = TensorMeta((), _dtype(step, f"{directory / optim[0][0]}: group {g}'s step"), Pattern())
-            out.add(key, Box.full(()), None, out.tensors[key].dtype, 0, optim[0][0], [(step, 0)])
-        _merge_group(groups_state, g, optim[0][3]["param_groups"][g], list(shapes))
-    facts = {"format": FORMAT, "path": str(directory.resolve()), "dp": dp, "tp": 1, "pp": 1,
-             "ds_version": model.get("ds_version"), "zero_stage": 3}
-    return directory, _finish(out, model, groups_state), facts, out.files, checked
+            out.tensors[key] = TensorMeta((), _dtype(step, f"{directory / optim[0][0][0]}: group {g}'s step"), Pattern())
+            out.add(key, Box.full(()), None, out.tensors[key].dtype, 0, optim[0][0][0], [(step, 0)])
+        _merge_group(groups_state, g, optim[0][0][3]["param_groups"][g], list(shapes))
+    facts = {"format": FORMAT, "path": str(directory.resolve()), "dp": dp, "tp": tp, "pp": 1,
+             "ds_version": model0.get("ds_version"), "zero_stage": 3}
+    return directory, _finish(out, model0, groups_state), facts, out.files, checked
