@@ -44,15 +44,18 @@ def run_deepspeed(nproc: int, script: Path, *args: str) -> None:
     assert p.returncode == 0, p.stderr[-4000:]
 
 
-@pytest.fixture(scope="module", params=[(1, ""), (2, ""), (3, ""), (1, "bf16"), (2, "bf16"), (3, "bf16")],
-                ids=["zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16"])
+@pytest.fixture(scope="module", params=[(1, ""), (2, ""), (3, ""), (1, "bf16"), (2, "bf16"), (3, "bf16"),
+                                        (1, "frozen"), (3, "frozen")],
+                ids=["zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16", "zero1-frozen",
+                     "zero3-frozen"])
 def ds_save(request, tmp_path_factory):
-    """A DeepSpeed save of ZeRO stage 1, 2 or 3 by 2 ranks, fp32 or bf16 (its optimizer files named
-    ``bf16_zero_pp_rank_*``)."""
+    """A DeepSpeed save of ZeRO stage 1, 2 or 3 by 2 ranks: fp32, bf16 (its optimizer files named
+    ``bf16_zero_pp_rank_*``), or fp32 with a frozen first layer (no optimizer state; ZeRO-3 keeps its
+    partitions in the model files)."""
     pytest.importorskip("deepspeed")
-    stage, dtype = request.param
-    out = tmp_path_factory.mktemp(f"ds{stage}{dtype}") / "ckpt"
-    run_deepspeed(2, HERE / "ds_save.py", str(stage), str(out), *([dtype] if dtype else []))
+    stage, variant = request.param
+    out = tmp_path_factory.mktemp(f"ds{stage}{variant}") / "ckpt"
+    run_deepspeed(2, HERE / "ds_save.py", str(stage), str(out), *([variant] if variant else []))
     return out, stage
 
 
@@ -79,7 +82,7 @@ def test_zero_saves_convert_bit_exactly(ds_save, tmp_path):
         assert got[key].shape == tuple(t.shape) and got[key].itemsize == t.element_size(), key
         assert got[key].tobytes() == raw.numpy().tobytes(), key
         assert header.tensors[key].dtype == str(t.dtype).removeprefix("torch."), key
-    names = {k.split("/")[1] for k in want}
+    names = {k.split("/")[1] for k in want if k.endswith("/master")}  # (the trained ones)
     for name in names:
         assert got[f"optim/{name}/step"].shape == () and float(got[f"optim/{name}/step"]) == 2.0
     # the optimizer's hyperparameters come along as its param groups
@@ -98,9 +101,14 @@ def test_ucp_agrees_with_ds_to_universal_tensor_for_tensor(ds_save, tmp_path):
     assert main(["convert", "--from", "deepspeed", str(out), str(tmp_path / "u"), "--quiet"]) == 0
     got = universal(tmp_path / "u")
     params = sorted(d.name for d in (tmp_path / "ds" / "zero").iterdir() if d.is_dir())
-    assert params and {f"optim/{n}/master" for n in params} == {k for k in got if k.endswith("/master")}
+    trained = [n for n in params if (tmp_path / "ds" / "zero" / n / "exp_avg.pt").is_file()]
+    assert trained and {f"optim/{n}/master" for n in trained} == {k for k in got if k.endswith("/master")}
     for name in params:
         written = {f.stem for f in (tmp_path / "ds" / "zero" / name).iterdir()}
+        if name not in trained:  # a frozen parameter: ds_to_universal writes its module weight (ZeRO-1/2)
+            theirs = torch.load(tmp_path / "ds" / "zero" / name / "fp32.pt", weights_only=True)["param"]
+            assert theirs.numpy().tobytes() == got[f"model/{name}"].astype(np.float32).tobytes(), name
+            continue
         # (ds_to_universal writes no step.pt for ZeRO-3)
         assert written >= {"fp32", "exp_avg", "exp_avg_sq"} and ("step" in written or stage == 3), written
         for ds_name, ours in (("fp32", "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("step", "step")):

@@ -28,6 +28,7 @@ flat buffer.
 
 from __future__ import annotations
 
+import math
 import re
 from argparse import Namespace
 from dataclasses import dataclass, replace
@@ -290,7 +291,7 @@ def deepspeed_manifest(src, spec=None, settings: dict | None = None):
     Raises:
         CheckpointNotFoundError: no DeepSpeed save there, or one of its files is missing.
         CorruptCheckpointError: a file that needs a class beyond the stand-ins, an unsupported kind of
-            save (ZeRO stage 0, ZeRO-3 with frozen parameters), or partitions that do not add up.
+            save (ZeRO stage 0), or partitions that do not add up.
         OptionsError / UclError: a tp > 1 save without a spec, or a spec that does not fit it.
     """
     directory, tag = checkpoint_dir(src)
@@ -493,18 +494,23 @@ def _zero3(directory: Path, spec, settings, prefix: str):
         raise OptionsError(f"{directory}: a tensor-parallel DeepSpeed save (tp={tp}); pass a UCL spec saying how each "
                            "parameter is split (--spec megatron-gpt, --spec megatron-llama or a file; docs/foreign.md)")
     models = [model0] + [_model(directory, ZERO3_MODEL_FILE.format(rank=0, mp=t)) for t in range(1, tp)]
-    for t, model in enumerate(models):
-        if model.get("frozen_param_shapes") or {}:
-            raise CorruptCheckpointError(f"{directory / ZERO3_MODEL_FILE.format(rank=0, mp=t)}: a ZeRO-3 save with "
-                                         "frozen parameters; ucp does not import those yet")
+    # frozen parameters (no optimizer state): each dp rank's part is in its own model file
+    frozen = [{n: tuple(int(d) for d in shape) for n, shape in (m.get("frozen_param_shapes") or {}).items()}
+              for m in models]
+    holders = {(d, t): models[t] if d == 0 else _model(directory, ZERO3_MODEL_FILE.format(rank=d, mp=t))
+               for d in range(dp) for t in range(tp)} if frozen[0] else {}
     optim = [[_optim_entry(directory, prefix + ZERO3_OPTIM_FILE.format(rank=d, mp=t), True) for d in range(dp)]
              for t in range(tp)]
     layout = Layout.from_sizes(zero=3, dp=dp, **({"tp": tp} if tp > 1 or spec is not None else {}))
     out = _Manifest(directory, layout)
     shapes_of = [[{fqn: tuple(int(d) for d in shape) for fqn, shape in group.items()} for group in m["param_shapes"]]
                  for m in models]
-    partitioned = {fqn for group in shapes_of[0] for fqn in group}
+    partitioned = {fqn for group in shapes_of[0] for fqn in group} | set(frozen[0])
     local = {fqn: [shapes_of[t][g][fqn] for t in range(tp)] for g, group in enumerate(shapes_of[0]) for fqn in group}
+    for name in frozen[0]:
+        if any(name not in f for f in frozen):
+            raise CorruptCheckpointError(f"{directory}: frozen parameter {name!r} is missing from a tp rank's model file")
+        local[name] = [f[name] for f in frozen]
     for name, w in models[0]["module"].items():
         if name not in partitioned:  # (a buffer: whole in each tp rank's module)
             local[name] = [tuple(m["module"][name].shape) if name in m["module"] else None for m in models]
@@ -522,6 +528,8 @@ def _zero3(directory: Path, spec, settings, prefix: str):
             if geo[name].sources(t):
                 out.add(key, geo[name].box(t, tp), None, dtype, out.rank(tp=t), ZERO3_MODEL_FILE.format(rank=0, mp=t),
                         [(models[c]["module"][name], 0) for c in geo[name].sources(t)])
+    for name in frozen[0]:
+        _zero3_frozen(out, directory, name, geo[name], holders, math.prod(frozen[0][name]), tp, dp)
     groups_state = []
     for g, shapes in enumerate(shapes_of[0]):
         sizes = [int(optim[t][0][2][g].numel()) for t in range(tp)]  # (each rank's partition of group g)
@@ -553,3 +561,28 @@ def _zero3(directory: Path, spec, settings, prefix: str):
     facts = {"format": FORMAT, "path": str(directory.resolve()), "dp": dp, "tp": tp, "pp": 1,
              "ds_version": model0.get("ds_version"), "zero_stage": 3}
     return directory, _finish(out, model0, groups_state), facts, out.files, checked
+
+
+def _zero3_frozen(out: _Manifest, directory: Path, name: str, geo, holders: dict, numel: int, tp: int, dp: int) -> None:
+    """A frozen ZeRO-3 parameter: dp rank ``d`` holds elements ``[d * ceil(numel / dp), ...)`` of each tp rank's
+    slice, in its model file's ``frozen_param_fragments`` (the last part padded)."""
+    def part(d: int, t: int):
+        where = directory / ZERO3_MODEL_FILE.format(rank=d, mp=t)
+        try:
+            return holders[(d, t)]["frozen_param_fragments"][name]
+        except (KeyError, TypeError):
+            raise CorruptCheckpointError(f"{where}: no frozen_param_fragments entry for {name!r}") from None
+
+    first = part(0, 0)
+    dtype = _dtype(first, f"{directory / ZERO3_MODEL_FILE.format(rank=0, mp=0)}: {name}")
+    key = model_key(name)
+    out.tensors[key] = TensorMeta(geo.shape, dtype, Pattern(geo.pattern.shards, "dp", geo.pattern.fused, geo.pattern.pad))
+    size = -(-numel // dp)
+    for t in range(tp):
+        if not geo.sources(t):
+            continue
+        for d in range(dp):
+            real = max(0, min(size, numel - d * size))
+            if real:
+                out.add(key, geo.box(t, tp), FlatRange(d * size, real), dtype, out.rank(dp=d, tp=t),
+                        ZERO3_MODEL_FILE.format(rank=d, mp=t), [(part(d, c), 0) for c in geo.sources(t)])
