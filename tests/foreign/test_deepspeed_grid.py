@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ucp.foreign.deepspeed import DeepSpeedFiles, _checked_spec, model_settings
+from ucp.foreign.deepspeed import DeepSpeedFiles, model_settings
+from ucp.foreign.deepspeed_files import checked_spec as _checked_spec
 from ucp.foreign.deepspeed_grid import geometries
 from ucp.lang.parse import UclError
 from ucp.spec.box import Box, FlatRange
