@@ -157,7 +157,9 @@ def main() -> int:
         args.layers = 5 if args.tp == 1 else 6
     if args.make:
         make_checkpoint(args.width, args.layers, args.make)
-        return 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # (saved and closed; skip C++ static destructors, which a DeepSpeed thread can abort)
     if args.width < 8 or args.layers < 1 or args.repeats < 1:
         p.error("use --width >= 8, --layers >= 1, --repeats >= 1")
     import importlib.util
