@@ -154,3 +154,39 @@ def test_an_optimizer_file_needing_another_class_is_refused_by_name(ds_save, tmp
     (copy / "latest").write_text("global_step99")
     with pytest.raises(CorruptCheckpointError, match="names 'global_step99', which is not a save"):
         convert(copy, tmp_path / "u3", source="deepspeed")
+
+
+def _same(ours, theirs, where: str) -> int:
+    """Compare what ucp's reader and torch.load(weights_only=True) make of one file; the tensors compared."""
+    from ucp.foreign.torch_file import StoredTensor
+
+    if isinstance(ours, StoredTensor):
+        raw = theirs.detach().contiguous().reshape(-1)
+        raw = raw.view(torch.uint16) if raw.dtype == torch.bfloat16 else raw
+        assert tuple(theirs.shape) == ours.shape and ours.array().tobytes() == raw.numpy().tobytes(), where
+        return 1
+    if isinstance(ours, dict):
+        assert list(ours) == list(theirs), where
+        return sum(_same(v, theirs[k], f"{where}.{k}") for k, v in ours.items())
+    if isinstance(ours, (list, tuple)):
+        assert len(ours) == len(theirs), where
+        return sum(_same(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(ours, theirs)))
+    if hasattr(ours, "__dict__") and not isinstance(ours, type):
+        return _same(vars(ours), vars(theirs), where)
+    assert ours == theirs or str(ours) == str(theirs).removeprefix("torch."), where
+    return 0
+
+
+def test_ucp_reads_each_file_as_torch_load_weights_only_does(ds_save):
+    """ucp's torch-free reader and torch.load(weights_only=True), with the same stand-ins, read every file
+    of the save alike: the same structure, values and tensor bytes."""
+    from ucp.foreign.deepspeed import STAND_INS, load_pt
+
+    out, _ = ds_save
+    tag = (out / "latest").read_text().strip()
+    tensors = 0
+    for path in sorted((out / tag).glob("*.pt")):
+        with torch.serialization.safe_globals(STAND_INS):
+            theirs = torch.load(path, weights_only=True, map_location="cpu")
+        tensors += _same(load_pt(path), theirs, path.name)
+    assert tensors > 10

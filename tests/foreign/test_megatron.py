@@ -133,3 +133,17 @@ def test_a_tensor_parallel_save_needs_a_spec_that_fits(megatron_save, tmp_path, 
     with pytest.raises(UclError, match="matched by no rule|matches no tensor"):
         convert(out, tmp_path / "c", f"megatron-{other}", source="deepspeed")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_ucp_reads_each_file_as_torch_load_weights_only_does(megatron_save):
+    from tests.foreign.test_deepspeed import _same
+    from ucp.foreign.deepspeed import STAND_INS, load_pt
+
+    out = megatron_save[0]
+    tag = (out / "latest").read_text().strip()
+    tensors = 0
+    for path in sorted((out / tag).glob("*.pt")):  # (model, optimizer and pipeline layer files)
+        with torch.serialization.safe_globals(STAND_INS):
+            theirs = torch.load(path, weights_only=True, map_location="cpu")
+        tensors += _same(load_pt(path), theirs, path.name)
+    assert tensors > 20
