@@ -198,18 +198,10 @@ def _spec_patterns(spec, manifest: Manifest, settings: dict | None):
     """The spec's text and ``{tensor key: pattern}`` after applying it (None, {} without a spec)."""
     if spec is None:
         return None, {}
-    from ucp.foreign.specs import read_spec
-    from ucp.lang.apply import check_layout, merge_patterns
-    from ucp.lang.parse import parse
-    from ucp.lang import ast
-    from ucp.lang.printer import print_program
-    from ucp.lang.validate import bind_layout, check
+    from ucp.foreign.specs import apply_spec
+    from ucp.lang.apply import merge_patterns
 
-    text, name = read_spec(spec)
-    checked = bind_layout(check(parse(text, name), name, settings), manifest.layout)
-    if settings or not checked.program.of(ast.SourceLayout):
-        text = print_program(checked.concrete())  # what the checkpoint keeps: the spec as applied
-    check_layout(checked, manifest.layout)
+    checked, text = apply_spec(spec, manifest.layout, settings)
     params = {parse_key(k).name: (m.shape, m.pattern) for k, m in manifest.tensors.items() if k.startswith(MODEL + "/")}
     merged = merge_patterns(checked, params)
     out = {}

@@ -11,13 +11,17 @@ import pytest
 import torch
 
 from ucp.foreign.deepspeed import DeepSpeedFiles, model_settings
-from ucp.foreign.deepspeed_files import checked_spec as _checked_spec
+from ucp.foreign.deepspeed_files import checked_spec
 from ucp.foreign.deepspeed_grid import geometries
 from ucp.lang.parse import UclError
 from ucp.spec.box import Box, FlatRange
 from ucp.spec.fragment import Fragment
 from ucp.spec.layout import Layout
 from ucp.spec.pattern import Fused, Pad, Shard
+
+def _checked_spec(spec, settings, layout, model):
+    return checked_spec(spec, settings, layout, model)[0]
+
 
 LAYOUT = Layout.from_sizes(zero=1, dp=2, tp=2)
 LLAMA = {"original_vocab_size": 50, "padded_vocab_size": 52}

@@ -101,16 +101,14 @@ def deepspeed_manifest(src, spec=None, settings: dict | None = None):
     prefix = _refuse_unsupported(directory)
     stage3 = not (directory / MODEL_FILE).is_file() and (directory / ZERO3_MODEL_FILE.format(rank=0, mp=0)).is_file()
     if stage3:
-        directory, manifest, facts, files, checked = zero3_manifest(directory, spec, settings, prefix)
+        directory, manifest, facts, files, spec_text = zero3_manifest(directory, spec, settings, prefix)
     else:
-        directory, manifest, facts, files, checked = _zero12(directory, spec, settings, prefix)
+        directory, manifest, facts, files, spec_text = _zero12(directory, spec, settings, prefix)
     facts["bf16"] = prefix == "bf16_"
     facts["tag"] = tag
-    if checked is not None:
-        from ucp.lang.printer import print_program
-
+    if spec is not None:
         facts["spec"] = str(spec)
-    return directory, manifest, facts, files, (print_program(checked.concrete()) if checked is not None else None)
+    return directory, manifest, facts, files, spec_text
 
 
 def _zero12_slices(optim: list, g: int, size: int) -> list[list[tuple[str, int, int, int]]]:
@@ -164,7 +162,7 @@ def _zero12(directory: Path, spec, settings, prefix: str):
     missing = [f"{fqn} (tp rank {t})" for fqn, shapes in local.items() for t, sh in enumerate(shapes) if sh is None]
     if missing:
         raise CorruptCheckpointError(f"{directory}: no tensor for {', '.join(missing[:5])}")
-    checked = checked_spec(spec, settings, layout, model0)
+    checked, spec_text = checked_spec(spec, settings, layout, model0)
     geo = geometries(checked, local, tp)
     for fqn, g in geo.items():  # the module's weights
         lacking = [t for t in range(tp) if fqn not in weights[t]]
@@ -216,4 +214,4 @@ def _zero12(directory: Path, spec, settings, prefix: str):
                 merge_group(groups_state, g, entries[0][3]["param_groups"][g], [f for f in shapes if owner[f] == s])
     facts = {"format": FORMAT, "path": str(directory.resolve()), "dp": dp, "tp": tp, "pp": pp,
              "ds_version": model0.get("ds_version"), "zero_stage": zero}
-    return directory, finish(out, model0, groups_state), facts, out.files, checked
+    return directory, finish(out, model0, groups_state), facts, out.files, spec_text

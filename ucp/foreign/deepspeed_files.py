@@ -134,19 +134,14 @@ def model_settings(model: dict) -> dict[str, int]:
 
 
 def checked_spec(spec, settings: dict | None, layout: Layout, model: dict):
-    """The spec (a packaged name or a file) checked with the save's settings (overridden by
-    ``settings``) and bound to ``layout``; None without a spec."""
+    """``(checked spec, its text as applied)``: the spec (a packaged name or a file) checked with the
+    settings the save records (overridden by the spec's ``model`` line, then by ``settings``) and bound
+    to ``layout``; ``(None, None)`` without a spec."""
     if spec is None:
-        return None
-    from ucp.foreign.specs import read_spec
-    from ucp.lang.apply import check_layout
-    from ucp.lang.parse import parse
-    from ucp.lang.validate import bind_layout, check
+        return None, None
+    from ucp.foreign.specs import apply_spec
 
-    text, name = read_spec(spec)
-    checked = bind_layout(check(parse(text, name), name, settings, defaults=model_settings(model)), layout)
-    check_layout(checked, layout)
-    return checked
+    return apply_spec(spec, layout, settings, model_settings(model))
 
 
 class ManifestParts:

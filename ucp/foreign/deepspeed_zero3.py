@@ -76,7 +76,7 @@ def zero3_manifest(directory: Path, spec, settings, prefix: str):
             local[name] = [tuple(m["module"][name].shape) if name in m["module"] else None for m in models]
             if None in local[name]:
                 raise CorruptCheckpointError(f"{directory}: {name!r} is missing from a tp rank's model file")
-    checked = checked_spec(spec, settings, layout, model0)
+    checked, spec_text = checked_spec(spec, settings, layout, model0)
     geo = geometries(checked, local, tp)
     for name in local:
         if name in partitioned:
@@ -120,7 +120,7 @@ def zero3_manifest(directory: Path, spec, settings, prefix: str):
         merge_group(groups_state, g, optim[0][0][3]["param_groups"][g], list(shapes))
     facts = {"format": FORMAT, "path": str(directory.resolve()), "dp": dp, "tp": tp, "pp": 1,
              "ds_version": model0.get("ds_version"), "zero_stage": 3}
-    return directory, finish(out, model0, groups_state), facts, out.files, checked
+    return directory, finish(out, model0, groups_state), facts, out.files, spec_text
 
 
 def _zero3_frozen(out: ManifestParts, directory: Path, name: str, geo, holders: dict, numel: int, tp: int, dp: int) -> None:

@@ -42,6 +42,11 @@ _NUMPY = {"bfloat16": np.uint16, "bool": np.bool_}  # (numpy has no bfloat16: it
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
 
+def _extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """How many storage elements a tensor of ``shape`` and ``stride`` spans from its first one."""
+    return 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if math.prod(shape) else 0
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     """A tensor of a ``torch.save`` file, described, not read: its element type and geometry, and the
@@ -82,7 +87,7 @@ class StoredTensor:
     def array(self) -> np.ndarray:
         """The tensor's elements, as a read-only numpy view of the file (bfloat16 as its raw bits)."""
         item = itemsize(self.dtype)
-        extent = 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride)) if self.numel() else 0
+        extent = _extent(self.shape, self.stride)
         if (self.offset + extent) * item > self.nbytes:
             raise CorruptCheckpointError(f"{self.path}: a tensor of shape {list(self.shape)} runs past its storage")
         dtype = np.dtype(_NUMPY.get(self.dtype, self.dtype))
@@ -115,7 +120,7 @@ def _rebuild_tensor(path: Path):
         shape = tuple(_whole(n, "size", path) for n in size)
         strides = tuple(_whole(n, "stride", path) for n in stride)
         offset = _whole(storage_offset, "storage offset", path)
-        extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides)) if math.prod(shape) else 0
+        extent = _extent(shape, strides)
         if (offset + extent) * itemsize(storage.dtype) > storage.nbytes:
             raise CorruptCheckpointError(f"{path}: a tensor of shape {list(shape)} at element {offset} runs past its "
                                          f"storage of {storage.nbytes} bytes")

@@ -31,3 +31,27 @@ def read_spec(spec: str | Path) -> tuple[str, str]:
         raise OptionsError(f"{spec}: no such spec file (packaged specs: {', '.join(PACKAGED)})") from None
     except (UnicodeDecodeError, IsADirectoryError) as e:
         raise OptionsError(f"{spec}: not a UCL text file ({e})") from None
+
+
+def apply_spec(spec: str | Path, layout, settings: dict | None = None, defaults: dict | None = None):
+    """``(checked program, the text a universal checkpoint keeps)`` for ``spec`` applied to a checkpoint
+    of ``layout``: read, checked with its model settings (``defaults`` read from the checkpoint, then
+    the spec's ``model`` line, then ``settings``), bound to ``layout`` and compared with it. The text
+    kept is the spec as written, or, where the checkpoint or the user completed it (its layout, its
+    settings), the program as applied.
+
+    Raises:
+        OptionsError: no such spec; UclError: a malformed spec, or one whose layout is not ``layout``.
+    """
+    from ucp.lang import ast
+    from ucp.lang.apply import check_layout
+    from ucp.lang.parse import parse
+    from ucp.lang.printer import print_program
+    from ucp.lang.validate import bind_layout, check
+
+    text, name = read_spec(spec)
+    checked = bind_layout(check(parse(text, name), name, settings, defaults), layout)
+    check_layout(checked, layout)
+    if settings or defaults or not checked.program.of(ast.SourceLayout):
+        text = print_program(checked.concrete())
+    return checked, text
