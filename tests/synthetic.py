@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from ucp.codecs.checksum import block_crc32c, crc32c
-from ucp.spec.box import Box, FlatRange
-from ucp.spec.fragment import Fragment
-from ucp.spec.layout import Layout
-from ucp.spec.manifest import BLOCK_BYTES, Manifest, TensorMeta
-from ucp.spec.pattern import Pattern, chunk_bounds, local_box
+from ucp.format.box import Box, FlatRange
+from ucp.format.fragment import Fragment
+from ucp.format.layout import Layout
+from ucp.format.manifest import BLOCK_BYTES, Manifest, TensorMeta
+from ucp.format.pattern import Pattern, chunk_bounds, local_box
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import commit_manifest
 from ucp.storage.safetensors_file import Entry, write_file

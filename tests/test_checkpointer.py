@@ -22,8 +22,8 @@ import ucp
 from tests.conftest import require
 from ucp import CheckpointOptions
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatError, LoadError, OptionsError, UcpError
-from ucp.snapshot import values
-from ucp.spec import Layout, Pattern, Shard
+from ucp.format import values
+from ucp.format import Layout, Pattern, Shard
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.safetensors_file import read_header
@@ -142,7 +142,7 @@ def draw():
 def write_signed(mpath, header: dict) -> None:
     """Write an edited manifest header with a valid checksum (a writer that means it)."""
     from ucp.codecs.checksum import crc32c
-    from ucp.spec.manifest import canonical_json
+    from ucp.format.manifest import canonical_json
     from ucp.storage.manifest_io import HEADER_CRC
 
     header = {k: v for k, v in header.items() if k != HEADER_CRC}
@@ -957,7 +957,7 @@ def test_load_with_scheduler_or_state_the_checkpoint_lacks_raises(ckpt_root):
     ({"fsync": "yes"}, "True or False"),
     ({"layout": {"dp": 1}}, "Layout.from_sizes"),
     ({"patterns": {"*.weight": Pattern((Shard("tp", 0),))}}, "pass layout="),
-    ({"patterns": {"*.weight": "shard"}}, "ucp.spec.Pattern"),
+    ({"patterns": {"*.weight": "shard"}}, "ucp.Pattern"),
     ({"layout": Layout.from_sizes(dp=1), "patterns": {"*.weight": Pattern((Shard("tp", 0),))}}, "'tp'"),
 ])
 def test_checkpoint_options_validation(kwargs, hint):

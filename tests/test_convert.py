@@ -32,9 +32,9 @@ from tests.synthetic import NP_DTYPE, write_checkpoint
 from ucp.cli.main import main
 from ucp.convert import convert
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatError, OptionsError, SpecError
-from ucp.lang.parse import UclError
-from ucp.spec import Fused, Layout, Pad, Pattern, Shard, TensorMeta
-from ucp.spec.universal import array_path
+from ucp.errors import UclError
+from ucp.format import Fused, Layout, Pad, Pattern, Shard, TensorMeta
+from ucp.format.universal import array_path
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import commit_manifest, read_manifest
 from ucp.storage.universal_io import array_reader, is_universal, read_fragments, read_header, verify_universal

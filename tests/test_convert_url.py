@@ -13,7 +13,7 @@ from tests.conftest import require
 from tests.synthetic import write_checkpoint
 from ucp.convert import convert
 from ucp.errors import CorruptCheckpointError, OptionsError
-from ucp.spec import Fused, Layout, Pad, Pattern, Shard
+from ucp.format import Fused, Layout, Pad, Pattern, Shard
 
 QKV = Fused(0, (("q", 8), ("k", 8), ("v", 8)))
 

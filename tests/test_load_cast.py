@@ -12,7 +12,7 @@ import ucp
 from tests.synthetic import write_checkpoint
 from ucp.convert import convert
 from ucp.errors import LoadError
-from ucp.spec import Layout, Pattern
+from ucp.format import Layout, Pattern
 
 
 class One(nn.Module):

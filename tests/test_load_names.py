@@ -12,9 +12,9 @@ import ucp
 from tests.synthetic import write_checkpoint
 from ucp.convert import convert
 from ucp.errors import CorruptCheckpointError, LoadError
-from ucp.spec import Layout, Pattern
-from ucp.spec.manifest import BLOCK_BYTES
-from ucp.spec.pattern import Fused
+from ucp.format import Layout, Pattern
+from ucp.format.manifest import BLOCK_BYTES
+from ucp.format.pattern import Fused
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 

@@ -62,7 +62,8 @@ def test_wheel_contains_the_grammar(wheel):
         assert "ucp/grammar/ucl.lark" in names
         assert z.read("ucp/grammar/ucl.lark") == (REPO / "grammar" / "ucl.lark").read_bytes()
         assert "ucp/lang/grammar.py" in names
-        assert "ucp/spec/manifest.py" in names
+        assert "ucp/format/manifest.py" in names
+        assert "ucp/lang/specs/megatron_gpt.ucl" in names  # packaged specs are package data
 
 
 def test_grammar_loads_from_the_installed_wheel(wheel, tmp_path):
@@ -88,7 +89,7 @@ def test_import_ucp_does_not_import_torch():
 
 
 def test_import_ucp_spec_does_not_import_torch():
-    proc = _run("import sys, ucp.spec, ucp.errors; print('torch' in sys.modules)", cwd=REPO)
+    proc = _run("import sys, ucp.format, ucp.errors; print('torch' in sys.modules)", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput and memory of ``ucp.convert`` on a distributed checkpoint of the reference trainer.
+"""Throughput and memory of ``ucp.convert.universal`` on a distributed checkpoint of the reference trainer.
 
 The source: the reference GPT (``ucp.trainer``) trained for two steps on 8 local ranks (gloo,
 torch's elastic launcher) under manual tensor parallelism ``TrainLayout(dp=2, tp=2, pp=2, zero=1,
@@ -17,7 +17,7 @@ Then, ``--repeats`` times:
   32 MiB (as ucp's writers do), each file fsynced (then the directory), no reads: what making the
   output durable costs on this disk by itself, for context (``ratio_to_write_cold``); the target
   is stated against the raw read alone;
-* convert: ``ucp.convert.convert(src, dst, workers=--workers)`` in a child process, cold (source
+* convert: ``ucp.convert.universal.convert(src, dst, workers=--workers)`` in a child process, cold (source
   pages dropped as above) and warm, the output removed (and the removal synced) before each run.
   The child records its RSS after its imports (the baseline), converts, and reports its ``VmHWM``;
   meanwhile this process samples the RSS of the child's whole process tree every 10 ms. The peak

@@ -7,7 +7,7 @@ torch's elastic launcher) as ``TrainLayout(dp=2, tp=2, zero=3)`` (FSDP2 over DTe
 parallelism), trained one step (``ucp.trainer.train.train_steps``) so that the optimizer state
 exists, then saved twice: with ``ucp.Checkpointer.save`` and with ``dcp.save`` of
 ``get_model_state_dict`` / ``get_optimizer_state_dict``. The ucp checkpoint is also converted once
-to the universal form (``ucp.convert.convert(..., workers=4)``; its time is reported, not a target).
+to the universal form (``ucp.convert.universal.convert(..., workers=4)``; its time is reported, not a target).
 
 Then on 2 ranks (``TrainLayout(dp=2, zero=3)``: FSDP2 alone) and on 3 ranks (``TrainLayout(dp=3,
 zero=3)``: rows split unevenly), the same config is built from another seed, its optimizer state
@@ -46,14 +46,12 @@ and exits non-zero.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+import benchlib
 
 SRC_LAYOUT = {"dp": 2, "tp": 2, "zero": 3}
 SRC_NPROC = 4
@@ -63,10 +61,7 @@ N_LAYERS = 4
 SRC_SEED = 1234
 DST_SEED = 99
 BYTES_PER_PARAM = 12  # fp32 parameter + AdamW exp_avg + exp_avg_sq
-
-
-def log(*args) -> None:
-    print(f"[bench_reshard {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
+log = benchlib.logger("bench_reshard")
 
 
 def model_config(size_mb: float) -> dict:
@@ -153,26 +148,44 @@ def drop_cache(root: Path) -> None:
     """Make the next read of ``root``'s files cold (``tools/bench_save.py``'s cache drop, on rank 0)."""
     import torch.distributed as dist
 
-    from bench_save import drop_cache as drop, files_under
+    from bench_save import drop_cache as drop
 
-    drop(files_under(root), dist.get_rank())
+    drop(benchlib.files_under(root), dist.get_rank())
 
 
-def _init(threads: int):
-    os.dup2(2, 1)  # only the parent writes to stdout
-    sys.stdout = sys.stderr
+def build_target(cfg_fields: dict, layout: dict, seed: int):
+    """The reference GPT of ``cfg_fields`` built on ``TrainLayout(**layout)`` from ``seed``, with AdamW's
+    state created (as training would) by one zero-gradient step, no forward: (checkpoint options, model,
+    optimizer), ready to be loaded into."""
     import torch
-    import torch.distributed as dist
 
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo")
+    from ucp.trainer.layouts import TrainLayout
+    from ucp.trainer.model import GPTConfig
+    from ucp.trainer.train import build
+
+    cfg = GPTConfig(**cfg_fields)
+    lay = TrainLayout(**layout)
+    par, opt = build(cfg, lay, seed)
+    for p in par.model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return lay.checkpoint_options(cfg), par.model, opt
+
+
+def check_sums(sums: dict | None, want: dict, key: str, out: dict) -> None:
+    """On rank 0 (``sums`` not None): record in ``out`` (``exact``, ``mismatch``) whether the checksums
+    taken after the load ``key`` are the saved ones."""
+    if sums is not None and sums != want:
+        out["exact"] = False
+        out["mismatch"].append([key, sorted(k for k in sums if sums[k] != want.get(k))])
 
 
 # -- the source: 4 ranks ----------------------------------------------------------------------------
 
 
 def make_source(cfg_fields: dict, work: str, threads: int) -> dict | None:
-    _init(threads)
+    benchlib.init_rank(threads)
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -219,8 +232,7 @@ def make_source(cfg_fields: dict, work: str, threads: int) -> dict | None:
 
 def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threads: int) -> dict:
     """Every rank returns its own figures; the timings (barrier to barrier) are the same on all."""
-    _init(threads)
-    import torch
+    benchlib.init_rank(threads)
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import filesystem as dcp_fs
@@ -228,9 +240,6 @@ def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threa
                                                          set_model_state_dict, set_optimizer_state_dict)
 
     import ucp
-    from ucp.trainer.layouts import TrainLayout
-    from ucp.trainer.model import GPTConfig
-    from ucp.trainer.train import build
 
     # count the bytes DCP's reader opens (each stored item it needs is read whole, then narrowed)
     dcp_read = [0]
@@ -243,16 +252,8 @@ def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threa
     dcp_fs.FileSystemReader._slice_file = counting_slice
 
     try:
-        cfg = GPTConfig(**cfg_fields)
-        lay = TrainLayout(**layout)
-        par, opt = build(cfg, lay, DST_SEED)
-        model = par.model
-        for p in model.parameters():  # create AdamW's state (as training would) without a forward
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opts, model, opt = build_target(cfg_fields, layout, DST_SEED)
         rank = dist.get_rank()
-        opts = lay.checkpoint_options(cfg)
         ckpts = {"ucp_dist": ucp.Checkpointer(paths["ucp_root"], model=model, optimizer=opt, options=opts),
                  "ucp_univ": ucp.Checkpointer(paths["ucp_univ"], model=model, optimizer=opt, options=opts)}
         dirs = {"ucp_dist": paths["ucp_dir"], "ucp_univ": paths["ucp_univ"], "dcp": paths["dcp"]}
@@ -297,12 +298,8 @@ def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threa
                     out["nbytes"][form] = nbytes
                     if temp == "cold":
                         out["disk"][form] = io_read_bytes() - io0
-                    sums = checksums(model, opt)
+                    check_sums(checksums(model, opt), paths["checksums"], key, out)
                     if rank == 0:
-                        if sums != paths["checksums"]:
-                            out["exact"] = False
-                            out["mismatch"].append(
-                                [key, sorted(k for k in sums if sums[k] != paths["checksums"].get(k))])
                         log(f"  world {dist.get_world_size()} {key:<14} {s:7.3f} s  rank0 read "
                             f"{nbytes / 1e6:.1f} MB")
         for c in ckpts.values():
@@ -317,12 +314,11 @@ def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threa
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mb", type=float, default=1000.0,
-                    help="fp32 params + AdamW moments, MB (1e6 bytes) over all ranks")
-    ap.add_argument("--work", default=None, help="where to write (a fresh directory inside it, removed after)")
-    ap.add_argument("--repeats", type=int, default=2, help="each load figure is the best of this many")
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoints (the path is logged)")
+    ap = benchlib.parser(__doc__)
+    benchlib.add_size_mb(ap, 1000.0)
+    benchlib.add_work(ap)
+    benchlib.add_repeats(ap, 2, "each load figure is the best of this many")
+    benchlib.add_keep(ap)
     args = ap.parse_args(argv)
     if args.size_mb <= 0 or args.repeats < 1:
         ap.error("--size-mb must be > 0 and --repeats >= 1")
@@ -349,15 +345,13 @@ def bench(args, work: Path) -> dict:
     paths = {"ucp_root": str(work / "ucp"), "ucp_dir": src["ucp_path"], "ucp_univ": str(univ),
              "dcp": str(work / "dcp"), "checksums": src["checksums"]}
 
-    def dir_bytes(p) -> int:
-        return sum(x.stat().st_size for x in Path(p).rglob("*") if x.is_file())
-
     out = {
         "bench": "ucp_vs_dcp_reshard_load", "src_layout": SRC_LAYOUT, "src_nproc": SRC_NPROC,
         "targets": {str(w): lay for w, lay in TARGETS.items()}, "config": cfg, "repeats": args.repeats,
         "params": src["params"], "state_gb": round(total / 1e9, 4),
-        "ucp_dist_gb": round(dir_bytes(paths["ucp_dir"]) / 1e9, 4),
-        "ucp_univ_gb": round(dir_bytes(univ) / 1e9, 4), "dcp_gb": round(dir_bytes(paths["dcp"]) / 1e9, 4),
+        "ucp_dist_gb": round(benchlib.dir_bytes(paths["ucp_dir"]) / 1e9, 4),
+        "ucp_univ_gb": round(benchlib.dir_bytes(univ) / 1e9, 4),
+        "dcp_gb": round(benchlib.dir_bytes(paths["dcp"]) / 1e9, 4),
         "train_s": src["train_s"], "ucp_save_s": src["ucp_save_s"], "dcp_save_s": src["dcp_save_s"],
         "convert_s": round(convert_s, 3),
         "convert_source_gb": round(getattr(conv, "source_bytes", 0) / 1e9, 4),
@@ -382,11 +376,7 @@ def bench(args, work: Path) -> dict:
             out[f"{pre}_read_ratio_max"] = round(max(read) / share, 3)
             out[f"{pre}_disk_read_max_gb"] = round(max(disk) / 1e9, 4)
             for temp in ("warm", "cold"):
-                samples = r0["samples"][f"{form}_{temp}"]
-                best = min(samples)
-                out[f"{pre}_{temp}_s"] = round(best, 4)
-                out[f"{pre}_{temp}_gbps"] = round(total / 1e9 / best, 3)
-                out[f"{pre}_{temp}_all_s"] = [round(x, 4) for x in samples]
+                benchlib.best_of(out, f"{pre}_{temp}", r0["samples"][f"{form}_{temp}"], total)
         for form in ("ucp_dist", "ucp_univ"):
             for temp in ("warm", "cold"):
                 out[f"w{world}_speedup_{form}_{temp}"] = round(out[f"w{world}_dcp_{temp}_s"] /
@@ -396,37 +386,15 @@ def bench(args, work: Path) -> dict:
                               for form in ("ucp_dist", "ucp_univ")}
     out["target_speed_met"] = {form: all(out[f"w{w}_speedup_{form}_{t}"] >= 1.5 for w in TARGETS
                                          for t in ("warm", "cold")) for form in ("ucp_dist", "ucp_univ")}
-    import torch
-
-    import ucp
-
-    out["torch"] = torch.__version__
-    out["ucp"] = getattr(ucp, "__version__", None)
-    out["wall_s"] = round(time.perf_counter() - t_all, 1)
-    return out
+    return benchlib.versions(out, t_all)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    work = Path(tempfile.mkdtemp(prefix="ucp_bench_reshard_", dir=args.work))
-    log(f"writing under {work}")
-    try:
-        out = bench(args, work)
-    except Exception as e:
-        log(f"FAILED: {type(e).__name__}: {e}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(out, separators=(",", ":")), flush=True)
-    return 0
+    with benchlib.workdir(args.work, "ucp_bench_reshard_", log, args.keep) as work:
+        out = benchlib.attempt(bench, args, work, log=log)
+    return benchlib.finish(out)
 
 
 if __name__ == "__main__":

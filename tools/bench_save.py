@@ -35,25 +35,18 @@ collective phases (capture, plan, prepare, write, commit; find, manifest, read, 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import shutil
-import socket
 import sys
-import tempfile
 import time
-import traceback
-from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
+import benchlib
+from benchlib import files_under
+
 FIGURES = ("save", "load_warm", "load_cold")
-
-
-def log(*args) -> None:
-    print(f"[bench_save {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
+log = benchlib.logger("bench_save")
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -228,7 +221,7 @@ class PhaseTimer:
     """Times ucp's named collective phases by wrapping ``Collective.phase`` (ucp itself is untouched)."""
 
     def __init__(self):
-        from ucp.dist import collective
+        from ucp.comm import collective
 
         self.current: dict = {}
         orig = collective.Collective.phase
@@ -249,24 +242,14 @@ class PhaseTimer:
 
 
 def drop_cache(paths: list[Path], rank: int) -> None:
-    """Make the next read of ``paths`` cold: flush dirty pages, then drop these files' cached pages."""
+    """Make the next read of ``paths`` cold (collective): rank 0 flushes dirty pages, then drops these
+    files' cached pages (``benchlib.drop_cache``)."""
     import torch.distributed as dist
 
     dist.barrier()
     if rank == 0:
-        os.sync()
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        benchlib.drop_cache(paths)
     dist.barrier()
-
-
-def files_under(path: Path) -> list[Path]:
-    return sorted(p for p in Path(path).rglob("*") if p.is_file())
 
 
 def raw_write(path: Path, tensors) -> None:
@@ -302,10 +285,8 @@ def raw_read(path: Path, tensors) -> None:
         os.close(fd)
 
 
-def worker(rank: int, args, port: int, workdir: str, results) -> None:
-    # Everything a rank prints goes to stderr; the launcher alone writes the JSON line to stdout.
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+def worker(rank: int, args, workdir: str) -> dict | None:
+    """One rank of the world ``benchlib.spawn_world`` launched; rank 0 returns the figures."""
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -313,194 +294,162 @@ def worker(rank: int, args, port: int, workdir: str, results) -> None:
 
     import ucp
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=args.nproc, timeout=timedelta(seconds=args.timeout))
-    try:
-        t0 = time.perf_counter()
-        model, opt, dims = build_state(args, rank)
-        n_params = sum(p.numel() for p in model.parameters())
-        state_gb = 3 * 4 * n_params / 1e9
-        if rank == 0:
-            log(f"layout={args.layout} nproc={args.nproc} dims={dims} params={n_params / 1e6:.1f}M "
-                f"state={state_gb:.3f} GB built in {time.perf_counter() - t0:.1f}s")
-        reference = checksum(model, opt)
-        phases = PhaseTimer()
-        root = Path(workdir)
-        ckpt = ucp.Checkpointer(root / "ucp", model=model, optimizer=opt)
-        samples: dict = {f"{s}_{f}": [] for s in ("ucp", "dcp") for f in FIGURES}
-        samples.update(raw_save=[], raw_load_cold=[])
-        warming = [False]
-        ucp_phases: dict = {}
-        nbytes = {"ucp": 0, "dcp": 0, "raw": 0}
+    t0 = time.perf_counter()
+    model, opt, dims = build_state(args, rank)
+    n_params = sum(p.numel() for p in model.parameters())
+    state_gb = 3 * 4 * n_params / 1e9
+    if rank == 0:
+        log(f"layout={args.layout} nproc={args.nproc} dims={dims} params={n_params / 1e6:.1f}M "
+            f"state={state_gb:.3f} GB built in {time.perf_counter() - t0:.1f}s")
+    reference = checksum(model, opt)
+    phases = PhaseTimer()
+    root = Path(workdir)
+    ckpt = ucp.Checkpointer(root / "ucp", model=model, optimizer=opt)
+    samples: dict = {f"{s}_{f}": [] for s in ("ucp", "dcp") for f in FIGURES}
+    samples.update(raw_save=[], raw_load_cold=[])
+    warming = [False]
+    ucp_phases: dict = {}
+    nbytes = {"ucp": 0, "dcp": 0, "raw": 0}
 
-        def timed(fn):
-            dist.barrier()
-            t = time.perf_counter()
-            out = fn()
-            dist.barrier()
-            return time.perf_counter() - t, out
-
-        def verify(what: str) -> None:
-            got = checksum(model, opt)
-            ok = torch.tensor([int(got == reference)])
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if not ok.item():
-                bad = [a[0] for a, b in zip(got, reference) if a != b][:5] if len(got) == len(reference) else "structure"
-                raise RuntimeError(f"{what}: the loaded state differs from the saved one (rank {rank}: {bad})")
-
-        def record(name: str, seconds: float, ph: dict | None = None) -> None:
-            if warming[0]:
-                return
-            samples[name].append(seconds)
-            if ph is not None and seconds <= min(samples[name]):
-                ucp_phases[name] = ph
-            if rank == 0:
-                log(f"  {name:<14} {seconds:7.3f} s" + (f"  phases {ph}" if ph else ""))
-
-        # --- ucp -------------------------------------------------------------------------------
-        def ucp_round(step: int) -> Path:
-            phases.take()
-            s, res = timed(lambda: ckpt.save(step))
-            record("ucp_save", s, phases.take())
-            nbytes["ucp"] = res.nbytes
-            for figure in ("load_warm", "load_cold"):
-                scramble(model, opt)
-                if figure == "load_cold":
-                    drop_cache(files_under(res.path), rank)
-                phases.take()
-                s, loaded = timed(lambda: ckpt.load())
-                record(f"ucp_{figure}", s, phases.take())
-                if loaded is None or loaded.step != step:
-                    raise RuntimeError(f"ucp load returned {loaded!r}, expected step {step}")
-                verify(f"ucp {figure}")
-            return res.path
-
-        # --- DCP ---------------------------------------------------------------------------------
-        # DCP's times include get_state_dict (save and load) and set_state_dict (load): the
-        # documented way to checkpoint an FSDP2/TP model and optimizer, and what a user pays.
-        def dcp_save(path: Path) -> None:
-            msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
-
-        def dcp_load(path: Path) -> None:
-            msd, osd = get_state_dict(model, opt)
-            sd = {"model": msd, "optim": osd}
-            dcp.load(sd, checkpoint_id=path)
-            set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-
-        def dcp_round(step: int) -> Path:
-            path = root / "dcp" / f"step_{step:08d}"
-            s, _ = timed(lambda: dcp_save(path))
-            record("dcp_save", s)
-            nbytes["dcp"] = sum(p.stat().st_size for p in files_under(path))
-            for figure in ("load_warm", "load_cold"):
-                scramble(model, opt)
-                if figure == "load_cold":
-                    drop_cache(files_under(path), rank)
-                s, _ = timed(lambda: dcp_load(path))
-                record(f"dcp_{figure}", s)
-                verify(f"dcp {figure}")
-            return path
-
-        # --- the storage floor: plain sequential write+fsync / cold read of this rank's bytes ---
-        def raw_round(step: int) -> Path:
-            path = root / "raw" / f"step_{step:08d}"
-            if rank == 0:
-                path.mkdir(parents=True)
-            dist.barrier()
-            tensors = [t for _, t in local_tensors(model, opt)]
-            s, _ = timed(lambda: raw_write(path / f"rank_{rank}", tensors))
-            record("raw_save", s)
-            nbytes["raw"] = sum(p.stat().st_size for p in files_under(path))
-            drop_cache(files_under(path), rank)
-            s, _ = timed(lambda: raw_read(path / f"rank_{rank}", tensors))
-            record("raw_load_cold", s)
-            verify("raw read")
-            return path
-
-        def clean(paths) -> None:
-            dist.barrier()
-            if rank == 0:
-                for path in paths:
-                    shutil.rmtree(path)
-                os.sync()  # the deletion's writeback is not charged to the next save
-            dist.barrier()
-
-        # One untimed round of each side first: first-call costs (lazy imports, allocator warm-up,
-        # a fresh file system area) would otherwise land on whichever side goes first.
-        warming[0] = True
-        clean([ucp_round(10**6), dcp_round(10**6), raw_round(10**6)])
-        warming[0] = False
-        for r in range(args.repeats):
-            if rank == 0:
-                log(f"repeat {r + 1}/{args.repeats}")
-            # Each side takes each position in turn (see the module docstring).
-            sides = (ucp_round, dcp_round, raw_round)
-            rounds = sides[r % 3:] + sides[:r % 3]
-            clean([fn(r) for fn in rounds])
-        ckpt.close()
-
-        if rank == 0:
-            out = {
-                "bench": "ucp_vs_dcp_save_load",
-                "layout": args.layout, "nproc": args.nproc, "repeats": args.repeats,
-                "dims": dims, "params": n_params, "state_gb": round(state_gb, 4),
-                "ucp_gb": round(nbytes["ucp"] / 1e9, 4), "dcp_gb": round(nbytes["dcp"] / 1e9, 4),
-            }
-            for f in FIGURES:
-                for side in ("ucp", "dcp"):
-                    best = min(samples[f"{side}_{f}"])
-                    out[f"{side}_{f}_s"] = round(best, 4)
-                    out[f"{side}_{f}_gbps"] = round(nbytes[side] / 1e9 / best, 3)
-                    out[f"{side}_{f}_all_s"] = [round(x, 4) for x in samples[f"{side}_{f}"]]
-            for f in ("save", "load_cold"):
-                best = min(samples[f"raw_{f}"])
-                out[f"raw_{f}_s"] = round(best, 4)
-                out[f"raw_{f}_gbps"] = round(nbytes["raw"] / 1e9 / best, 3)
-                out[f"raw_{f}_all_s"] = [round(x, 4) for x in samples[f"raw_{f}"]]
-            for f in FIGURES:
-                out[f"speedup_{f}"] = round(out[f"dcp_{f}_s"] / out[f"ucp_{f}_s"], 3)
-            out["target_met"] = all(out[f"speedup_{f}"] >= 1.5 for f in FIGURES)
-            for f in FIGURES:
-                out[f"ucp_phases_{f}"] = ucp_phases.get(f"ucp_{f}", {})
-            out["verified"] = True
-            out["torch"] = torch.__version__
-            out["ucp"] = ucp.__version__
-            out["wall_s"] = round(time.perf_counter() - t0, 1)
-            results.put(json.dumps(out, separators=(",", ":")))
+    def timed(fn):
         dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
+        t = time.perf_counter()
+        out = fn()
+        dist.barrier()
+        return time.perf_counter() - t, out
+
+    def verify(what: str) -> None:
+        got = checksum(model, opt)
+        ok = torch.tensor([int(got == reference)])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            bad = [a[0] for a, b in zip(got, reference) if a != b][:5] if len(got) == len(reference) else "structure"
+            raise RuntimeError(f"{what}: the loaded state differs from the saved one (rank {rank}: {bad})")
+
+    def record(name: str, seconds: float, ph: dict | None = None) -> None:
+        if warming[0]:
+            return
+        samples[name].append(seconds)
+        if ph is not None and seconds <= min(samples[name]):
+            ucp_phases[name] = ph
+        if rank == 0:
+            log(f"  {name:<14} {seconds:7.3f} s" + (f"  phases {ph}" if ph else ""))
+
+    # --- ucp -------------------------------------------------------------------------------
+    def ucp_round(step: int) -> Path:
+        phases.take()
+        s, res = timed(lambda: ckpt.save(step))
+        record("ucp_save", s, phases.take())
+        nbytes["ucp"] = res.nbytes
+        for figure in ("load_warm", "load_cold"):
+            scramble(model, opt)
+            if figure == "load_cold":
+                drop_cache(files_under(res.path), rank)
+            phases.take()
+            s, loaded = timed(lambda: ckpt.load())
+            record(f"ucp_{figure}", s, phases.take())
+            if loaded is None or loaded.step != step:
+                raise RuntimeError(f"ucp load returned {loaded!r}, expected step {step}")
+            verify(f"ucp {figure}")
+        return res.path
+
+    # --- DCP ---------------------------------------------------------------------------------
+    # DCP's times include get_state_dict (save and load) and set_state_dict (load): the
+    # documented way to checkpoint an FSDP2/TP model and optimizer, and what a user pays.
+    def dcp_save(path: Path) -> None:
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+    def dcp_load(path: Path) -> None:
+        msd, osd = get_state_dict(model, opt)
+        sd = {"model": msd, "optim": osd}
+        dcp.load(sd, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+    def dcp_round(step: int) -> Path:
+        path = root / "dcp" / f"step_{step:08d}"
+        s, _ = timed(lambda: dcp_save(path))
+        record("dcp_save", s)
+        nbytes["dcp"] = sum(p.stat().st_size for p in files_under(path))
+        for figure in ("load_warm", "load_cold"):
+            scramble(model, opt)
+            if figure == "load_cold":
+                drop_cache(files_under(path), rank)
+            s, _ = timed(lambda: dcp_load(path))
+            record(f"dcp_{figure}", s)
+            verify(f"dcp {figure}")
+        return path
+
+    # --- the storage floor: plain sequential write+fsync / cold read of this rank's bytes ---
+    def raw_round(step: int) -> Path:
+        path = root / "raw" / f"step_{step:08d}"
+        if rank == 0:
+            path.mkdir(parents=True)
+        dist.barrier()
+        tensors = [t for _, t in local_tensors(model, opt)]
+        s, _ = timed(lambda: raw_write(path / f"rank_{rank}", tensors))
+        record("raw_save", s)
+        nbytes["raw"] = sum(p.stat().st_size for p in files_under(path))
+        drop_cache(files_under(path), rank)
+        s, _ = timed(lambda: raw_read(path / f"rank_{rank}", tensors))
+        record("raw_load_cold", s)
+        verify("raw read")
+        return path
+
+    def clean(paths) -> None:
+        dist.barrier()
+        if rank == 0:
+            for path in paths:
+                shutil.rmtree(path)
+            os.sync()  # the deletion's writeback is not charged to the next save
+        dist.barrier()
+
+    # One untimed round of each side first: first-call costs (lazy imports, allocator warm-up,
+    # a fresh file system area) would otherwise land on whichever side goes first.
+    warming[0] = True
+    clean([ucp_round(10**6), dcp_round(10**6), raw_round(10**6)])
+    warming[0] = False
+    for r in range(args.repeats):
+        if rank == 0:
+            log(f"repeat {r + 1}/{args.repeats}")
+        # Each side takes each position in turn (see the module docstring).
+        sides = (ucp_round, dcp_round, raw_round)
+        rounds = sides[r % 3:] + sides[:r % 3]
+        clean([fn(r) for fn in rounds])
+    ckpt.close()
+
+    if rank == 0:
+        out = {
+            "bench": "ucp_vs_dcp_save_load",
+            "layout": args.layout, "nproc": args.nproc, "repeats": args.repeats,
+            "dims": dims, "params": n_params, "state_gb": round(state_gb, 4),
+            "ucp_gb": round(nbytes["ucp"] / 1e9, 4), "dcp_gb": round(nbytes["dcp"] / 1e9, 4),
+        }
+        for f in FIGURES:
+            for side in ("ucp", "dcp"):
+                benchlib.best_of(out, f"{side}_{f}", samples[f"{side}_{f}"], nbytes[side])
+        for f in ("save", "load_cold"):
+            benchlib.best_of(out, f"raw_{f}", samples[f"raw_{f}"], nbytes["raw"])
+        for f in FIGURES:
+            out[f"speedup_{f}"] = round(out[f"dcp_{f}_s"] / out[f"ucp_{f}_s"], 3)
+        out["target_met"] = all(out[f"speedup_{f}"] >= 1.5 for f in FIGURES)
+        for f in FIGURES:
+            out[f"ucp_phases_{f}"] = ucp_phases.get(f"ucp_{f}", {})
+        out["verified"] = True
+        benchlib.versions(out, t0)
+    dist.barrier()
+    return out if rank == 0 else None
 
 
 # -- launcher ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def scratch(parent: str | None):
-    path = tempfile.mkdtemp(prefix="ucp_bench_", dir=parent)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = benchlib.parser(__doc__)
     ap.add_argument("--gb", type=float, default=1.0, help="params + AdamW state, GB (1e9 bytes) of fp32 over all ranks")
     ap.add_argument("--nproc", type=int, default=2, help="ranks to spawn")
-    ap.add_argument("--repeats", type=int, default=3, help="each figure is the best of this many runs")
-    ap.add_argument("--dir", default=None, help="where to write the checkpoints (a fresh directory inside it, removed after)")
+    benchlib.add_repeats(ap, 3)
+    benchlib.add_work(ap, "--dir", " the checkpoints")
     ap.add_argument("--layout", choices=("fsdp", "tp"), default="fsdp", help="FSDP2 on mesh 'dp' or tensor parallel on mesh 'tp'")
     ap.add_argument("--timeout", type=float, default=900, help="collective timeout, seconds")
     args = ap.parse_args(argv)
@@ -511,26 +460,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    with scratch(args.dir) as workdir:
-        log(f"writing under {workdir}")
-        try:
-            mp.spawn(worker, args=(args, free_port(), workdir, results), nprocs=args.nproc, join=True)
-        except Exception as e:  # a rank failed: the others were terminated by mp.spawn
-            log(f"FAILED: {e}")
-            return 1
-        except KeyboardInterrupt:
-            log("interrupted")
-            return 130
-    if results.empty():
-        log("FAILED: rank 0 reported no result")
-        return 1
-    print(results.get(), flush=True)
-    return 0
+    threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    with benchlib.workdir(args.dir, "ucp_bench_", log) as work:
+        out = benchlib.attempt(lambda: benchlib.spawn_world(worker, args.nproc, args, str(work), threads=threads,
+                                                            pg_timeout=args.timeout)[0], log=log)
+    return benchlib.finish(out)
 
 
 if __name__ == "__main__":

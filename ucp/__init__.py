@@ -1,25 +1,42 @@
 """ucp: fault-tolerant checkpointing for distributed PyTorch training.
 
-Public entry points: :class:`Checkpointer` (save/load hooks for a training loop) and
-:class:`LoadResult`. The data model lives in :mod:`ucp.spec`.
+The public API, everything a user passes in or gets back, is importable from here:
+:class:`Checkpointer` (save/load hooks for a training loop) with its options
+(:class:`CheckpointOptions`, :class:`SnapshotOptions`, :class:`RedundancyOptions`) and results
+(:class:`SaveResult`, :class:`LoadResult`); the layout and pattern types a user describes a job with
+(:class:`Layout`, :class:`Pattern`, :class:`Shard`, :class:`Fused`, :class:`Pad`, ``REPLICATED``);
+:func:`export` (``ucp.convert.convert`` converts); the errors (:mod:`ucp.errors`). The package's
+layers are described in ``docs/architecture.md``.
 """
 
 __version__ = "0.1.0"
 
 from ucp.errors import UcpError  # noqa: E402
 
-__all__ = ["__version__", "UcpError", "Checkpointer", "CheckpointOptions", "SnapshotOptions", "RedundancyOptions",
-           "LoadResult"]
+# name -> module that defines it; loaded on first use so that ``import ucp`` (and the CLI's --help)
+# stays light: the hooks import torch.
+_PUBLIC = {
+    "Checkpointer": "ucp.checkpoint.checkpointer",
+    "SaveResult": "ucp.checkpoint.results",
+    "LoadResult": "ucp.checkpoint.results",
+    "CheckpointOptions": "ucp.options",
+    "SnapshotOptions": "ucp.options",
+    "RedundancyOptions": "ucp.options",
+    "Layout": "ucp.format.layout",
+    "Pattern": "ucp.format.pattern",
+    "Shard": "ucp.format.pattern",
+    "Fused": "ucp.format.pattern",
+    "Pad": "ucp.format.pattern",
+    "REPLICATED": "ucp.format.pattern",
+    "export": "ucp.convert.export",
+}
+
+__all__ = ["__version__", "UcpError", *_PUBLIC]
 
 
 def __getattr__(name):
-    # Keep ``import ucp`` light (the CLI's --help must not import torch); load the hooks on use.
-    if name in ("Checkpointer", "CheckpointOptions", "LoadResult"):
-        from ucp import checkpointer
+    if name in _PUBLIC:
+        import importlib  # (lazy: see _PUBLIC)
 
-        return getattr(checkpointer, name)
-    if name in ("SnapshotOptions", "RedundancyOptions"):
-        from ucp import options
-
-        return getattr(options, name)
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'ucp' has no attribute {name!r}")

@@ -66,3 +66,47 @@ class DistributedError(UcpError):
         first_rank, first = next(iter(self.failures.items()))
         more = f" (and {len(self.failures) - 1} more rank(s))" if len(self.failures) > 1 else ""
         super().__init__(f"phase '{phase}' failed on rank {first_rank}: {first}{more}")
+
+
+class PersistError(UcpError):
+    """The agent could not write a snapshot to the durable tier; the snapshot stays in memory."""
+
+
+class AgentError(UcpError):
+    """The snapshot agent is not running, not answering, or refused a request."""
+
+
+class ParityError(UcpError):
+    """Parity could not be computed, or a lost snapshot could not be rebuilt from it."""
+
+
+class RedundancyError(UcpError):
+    """A redundancy layout that cannot be formed (too few nodes for the parity asked)."""
+
+
+class ErasureError(UcpError):
+    """An erasure code cannot do what was asked (ISA-L missing, too many stripes lost)."""
+
+
+class TooManyLostError(ErasureError):
+    """More stripes of a stripe set are lost than its code can rebuild.
+
+    Attributes:
+        lost: the indices of the lost stripes (data ``0..k-1``, parity ``k..k+m-1``).
+        m: the most the code rebuilds.
+    """
+
+    def __init__(self, code, lost):
+        self.lost = tuple(lost)
+        self.m = code.m
+        super().__init__(
+            f"{len(self.lost)} of the {code.n} stripes of {code} are lost (stripes {few(list(self.lost))}); "
+            f"it rebuilds at most {code.m}")
+
+
+class UclError(SpecError):
+    """A UCL program is malformed or meaningless; the message starts with ``file:line:column``."""
+
+    def __init__(self, message: str, file: str = "<ucl>", line: int = 0, column: int = 0):
+        self.file, self.line, self.column = file, line, column
+        super().__init__(f"{file}:{line}:{column}: {message}")

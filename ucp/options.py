@@ -5,11 +5,21 @@ Each message says what is wrong and how to fix the value.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ucp.errors import OptionsError
-from ucp.spec.layout import Layout
-from ucp.spec.pattern import Pattern
+from ucp.format.layout import Layout
+from ucp.format.pattern import Pattern
+
+_JOB = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_job(job: str) -> str:
+    """A job name: 1-64 letters, digits, ``_`` or ``-`` (it becomes part of file names)."""
+    if not isinstance(job, str) or not _JOB.fullmatch(job):
+        raise OptionsError(f"job name {job!r} must be 1-64 letters, digits, '_' or '-'")
+    return job
 
 
 @dataclass(frozen=True)
@@ -33,11 +43,11 @@ class CheckpointOptions:
 
     def __post_init__(self):
         if self.layout is not None and not isinstance(self.layout, Layout):
-            raise OptionsError(f"layout must be a ucp.spec.Layout (e.g. Layout.from_sizes(dp=2, tp=2)), got {type(self.layout).__name__}")
+            raise OptionsError(f"layout must be a ucp.Layout (e.g. Layout.from_sizes(dp=2, tp=2)), got {type(self.layout).__name__}")
         patterns = tuple(self.patterns.items()) if isinstance(self.patterns, dict) else tuple(self.patterns)
         for item in patterns:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Pattern)):
-                raise OptionsError(f"patterns must map glob strings to ucp.spec.Pattern, got {item!r}")
+                raise OptionsError(f"patterns must map glob strings to ucp.Pattern, got {item!r}")
         if patterns and self.layout is None:
             raise OptionsError("patterns need a layout to shard over: pass layout=Layout.from_sizes(...) as well")
         if self.layout is not None:
@@ -82,8 +92,6 @@ class SnapshotOptions:
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise OptionsError(f"persist_every={p!r}: use None (memory only) or an integer >= 1")
         if self.job is not None:
-            from ucp.snapshot.shm import check_job
-
             check_job(self.job)
         for name in ("timeout", "persist_timeout"):
             value = getattr(self, name)

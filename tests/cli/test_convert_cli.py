@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import require
 from tests.synthetic import write_checkpoint
 from ucp.cli.main import main
-from ucp.spec import Fused, Layout, Pad, Pattern, Shard
+from ucp.format import Fused, Layout, Pad, Pattern, Shard
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.universal_io import array_reader, read_header
 

@@ -69,7 +69,7 @@ def one_rank_fails_its_copy(root: str, job: str) -> dict:
     finally:
         memory.MemoryTier.write = real
     mine = {k: v for k, v in client.connect(job).status()["snapshots"].items() if k.startswith(f"{dist.get_rank()}.")}
-    return {"warnings": [str(w.message) for w in caught], "snapshots": mine, "lost": ck._memory_lost}
+    return {"warnings": [str(w.message) for w in caught], "snapshots": mine, "lost": ck._snapshots.lost}
 
 
 def persist_steps(kind: str, root: str, job: str, steps: int = 3) -> dict:

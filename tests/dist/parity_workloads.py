@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch.distributed as dist
 
-from ucp.snapshot.parity import ParityEncoder, ParityError, chunk_crcs, rebuild
+from ucp.errors import ParityError
+
+from ucp.snapshot.parity import ParityEncoder, chunk_crcs, rebuild
 
 STRIPE = 4096
 

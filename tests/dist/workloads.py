@@ -124,7 +124,7 @@ def save_diverged(root: str, bad_rank: int) -> str:
 def die_mid_save(root: str, victim: int) -> str:
     """Save step 1, then SIGKILL rank ``victim`` halfway through writing step 2's data file."""
     import ucp
-    import ucp.checkpointer as ckmod
+    import ucp.checkpoint.checkpointer as ckmod
 
     model, opt = build("tp", seed=0)
     train_step(model, opt, 0)
@@ -159,7 +159,7 @@ class FlatMomentum(torch.optim.Optimizer):
     def __init__(self, named_params, lr=0.05, beta=0.9):
         named_params = list(named_params)
         super().__init__([p for _, p in named_params], dict(lr=lr, beta=beta))
-        from ucp.spec.pattern import chunk_bounds
+        from ucp.format.pattern import chunk_bounds
 
         rank, world = dist.get_rank(), dist.get_world_size()
         self.world = world

@@ -19,7 +19,7 @@ from tests.dist.workloads import MLP, bit_diffs, full_state, train_step
 from ucp.cli.main import main
 from ucp.convert import convert
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
-from ucp.foreign.dcp import MetadataUnpickler, read_metadata
+from ucp.convert.foreign.dcp import MetadataUnpickler, read_metadata
 
 
 def single_process_save(root, steps: int = 2, wrap: bool = True) -> dict:

@@ -158,7 +158,7 @@ def test_an_optimizer_file_needing_another_class_is_refused_by_name(ds_save, tmp
 
 def _same(ours, theirs, where: str) -> int:
     """Compare what ucp's reader and torch.load(weights_only=True) make of one file; the tensors compared."""
-    from ucp.foreign.torch_file import StoredTensor
+    from ucp.convert.foreign.torch_file import StoredTensor
 
     if isinstance(ours, StoredTensor):
         raw = theirs.detach().contiguous().reshape(-1)
@@ -180,7 +180,7 @@ def _same(ours, theirs, where: str) -> int:
 def test_ucp_reads_each_file_as_torch_load_weights_only_does(ds_save):
     """ucp's torch-free reader and torch.load(weights_only=True), with the same stand-ins, read every file
     of the save alike: the same structure, values and tensor bytes."""
-    from ucp.foreign.deepspeed import STAND_INS, load_pt
+    from ucp.convert.foreign.deepspeed import STAND_INS, load_pt
 
     out, _ = ds_save
     tag = (out / "latest").read_text().strip()

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from ucp.foreign.deepspeed import DeepSpeedFiles, model_settings
-from ucp.foreign.deepspeed_files import checked_spec
-from ucp.foreign.deepspeed_grid import geometries
-from ucp.lang.parse import UclError
-from ucp.spec.box import Box, FlatRange
-from ucp.spec.fragment import Fragment
-from ucp.spec.layout import Layout
-from ucp.spec.pattern import Fused, Pad, Shard
+from ucp.convert.foreign.deepspeed import DeepSpeedFiles, model_settings
+from ucp.convert.foreign.deepspeed_files import checked_spec
+from ucp.convert.foreign.deepspeed_grid import geometries
+from ucp.errors import UclError
+from ucp.format.box import Box, FlatRange
+from ucp.format.fragment import Fragment
+from ucp.format.layout import Layout
+from ucp.format.pattern import Fused, Pad, Shard
 
 def _checked_spec(spec, settings, layout, model):
     return checked_spec(spec, settings, layout, model)[0]

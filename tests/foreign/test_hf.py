@@ -18,7 +18,7 @@ from ucp.cli.main import main
 from ucp.codecs.checksum import crc32c
 from ucp.convert import convert
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, OptionsError
-from ucp.export import export
+from ucp.convert.export import export
 from ucp.storage.universal_io import read_fragments, read_header, verify_universal
 from ucp.trainer.model import GPTConfig, init_gpt
 

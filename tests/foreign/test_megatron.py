@@ -18,7 +18,7 @@ from tests.foreign.test_deepspeed import DS_ENV, run_deepspeed, universal
 from ucp.cli.main import main
 from ucp.convert import convert
 from ucp.errors import OptionsError
-from ucp.lang.parse import UclError
+from ucp.errors import UclError
 from ucp.storage.universal_io import read_header
 
 pytestmark = pytest.mark.deepspeed
@@ -137,7 +137,7 @@ def test_a_tensor_parallel_save_needs_a_spec_that_fits(megatron_save, tmp_path, 
 
 def test_ucp_reads_each_file_as_torch_load_weights_only_does(megatron_save):
     from tests.foreign.test_deepspeed import _same
-    from ucp.foreign.deepspeed import STAND_INS, load_pt
+    from ucp.convert.foreign.deepspeed import STAND_INS, load_pt
 
     out = megatron_save[0]
     tag = (out / "latest").read_text().strip()

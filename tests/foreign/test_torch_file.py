@@ -1,4 +1,4 @@
-"""ucp.foreign.torch_file reads torch.save files without torch's unpickler: tensors become byte ranges of
+"""ucp.convert.foreign.torch_file reads torch.save files without torch's unpickler: tensors become byte ranges of
 the file (equal to what torch.load gives, bit for bit), and any global outside the allowed set is
 refused by name."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
-from ucp.foreign.torch_file import StoredTensor, load
+from ucp.convert.foreign.torch_file import StoredTensor, load
 
 
 def _bytes(t: StoredTensor) -> bytes:
@@ -84,7 +84,7 @@ def test_malformed_files_give_one_clear_error(tmp_path):
 
 def test_reading_a_deepspeed_file_imports_no_torch(tmp_path):
     torch.save({"w": torch.randn(3)}, tmp_path / "a.pt")
-    code = ("import sys; from pathlib import Path; from ucp.foreign.deepspeed import load_pt; "
+    code = ("import sys; from pathlib import Path; from ucp.convert.foreign.deepspeed import load_pt; "
             f"t = load_pt(Path({str(tmp_path / 'a.pt')!r}))['w']; "
             "assert t.shape == (3,) and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

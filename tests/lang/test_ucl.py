@@ -7,11 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import UcpError
-from ucp.lang.parse import UclError, parse
+from ucp.errors import UclError
+from ucp.lang.parse import parse
 from ucp.lang.printer import print_program
 from ucp.lang.validate import bind_layout, check, match, match_names
-from ucp.spec.layout import Layout
-from ucp.spec.pattern import Fused, Pad, Shard
+from ucp.format.layout import Layout
+from ucp.format.pattern import Fused, Pad, Shard
 
 VALID = [
     "ucl 1\nsource layout dp=2\n",

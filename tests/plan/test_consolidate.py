@@ -16,68 +16,69 @@ from hypothesis import strategies as st
 
 from tests.synthetic import place
 from ucp.errors import FormatError, SpecError
-from ucp.plan.consolidate import Segment, box_pieces, consolidate_plan, dim_segments, source_runs
-from ucp.spec import Box, Fragment, Fused, Layout, Pad, Pattern, Shard, TensorMeta
-from ucp.spec.universal import padded_shape
+from ucp.plan.consolidate import box_pieces, consolidate_plan, source_runs
+from ucp.plan.geometry import Run, dim_runs
+from ucp.format import Box, Fragment, Fused, Layout, Pad, Pattern, Shard, TensorMeta
+from ucp.format.universal import padded_shape
 
-# --------------------------------------------------------------------------- dim_segments
+# --------------------------------------------------------------------------- dim_runs
 
 
 def test_a_plain_dim_maps_to_itself():
-    assert dim_segments(7, Pattern(), Layout.single(), 0) == [Segment(0, 0, 7)]
+    assert dim_runs(7, Pattern(), Layout.single(), 0) == [Run(0, 0, 7)]
 
 
 def test_padding_keeps_the_first_rows():
     p = Pattern((Shard("tp", 0),), pad=Pad(0, 12, 10))
-    assert dim_segments(12, p, Layout.from_sizes(tp=2), 0) == [Segment(0, 0, 10)]
-    assert dim_segments(4, p, Layout.from_sizes(tp=2), 1) == [Segment(0, 0, 4)]  # another dim is untouched
+    assert dim_runs(12, p, Layout.from_sizes(tp=2), 0) == [Run(0, 0, 10)]
+    assert dim_runs(4, p, Layout.from_sizes(tp=2), 1) == [Run(0, 0, 4)]  # another dim is untouched
 
 
 def test_fused_unsharded_dim_is_the_identity():
     p = Pattern(fused=Fused(0, (("q", 4), ("k", 2), ("v", 2))))
-    assert dim_segments(8, p, Layout.from_sizes(tp=2), 0) == [Segment(0, 0, 8)]
+    assert dim_runs(8, p, Layout.from_sizes(tp=2), 0) == [Run(0, 0, 8)]
 
 
 def test_fused_dim_sharded_in_two():
     # stored: [q0 q1 | k0 | v0 || q2 q3 | k1 | v1]; universal: [q0 q1 q2 q3 | k0 k1 | v0 v1]
     p = Pattern((Shard("tp", 0),), fused=Fused(0, (("q", 4), ("k", 2), ("v", 2))))
-    assert dim_segments(8, p, Layout.from_sizes(tp=2), 0) == [
-        Segment(0, 0, 2), Segment(2, 4, 1), Segment(3, 6, 1),
-        Segment(4, 2, 2), Segment(6, 5, 1), Segment(7, 7, 1),
+    assert dim_runs(8, p, Layout.from_sizes(tp=2), 0) == [
+        Run(0, 0, 2), Run(2, 4, 1), Run(3, 6, 1),
+        Run(4, 2, 2), Run(6, 5, 1), Run(7, 7, 1),
     ]
 
 
 def test_fused_dim_sharded_in_four_by_one_axis_and_by_two():
     p4 = Pattern((Shard("tp", 1),), fused=Fused(1, (("q", 4), ("k", 4), ("v", 4))))
-    got = dim_segments(12, p4, Layout.from_sizes(tp=4), 1)
-    want = [Segment(3 * c + i, 4 * i + c, 1) for c in range(4) for i in range(3)]
+    got = dim_runs(12, p4, Layout.from_sizes(tp=4), 1)
+    want = [Run(3 * c + i, 4 * i + c, 1) for c in range(4) for i in range(3)]
     assert got == want
     # two axes of size 2 splitting the same dim make four chunks too
     p22 = Pattern((Shard("pp", 1), Shard("tp", 1)), fused=Fused(1, (("q", 4), ("k", 4), ("v", 4))))
-    assert dim_segments(12, p22, Layout.from_sizes(pp=2, tp=2), 1) == want
+    assert dim_runs(12, p22, Layout.from_sizes(pp=2, tp=2), 1) == want
 
 
 def test_fused_chunks_ignore_shards_of_other_dims():
     p = Pattern((Shard("tp", 1),), flat="dp", fused=Fused(0, (("gate", 2), ("up", 2))))
-    assert dim_segments(4, p, Layout.from_sizes(dp=2, tp=2), 0) == [Segment(0, 0, 4)]
-    assert dim_segments(6, p, Layout.from_sizes(dp=2, tp=2), 1) == [Segment(0, 0, 6)]
+    assert dim_runs(4, p, Layout.from_sizes(dp=2, tp=2), 0) == [Run(0, 0, 4)]
+    assert dim_runs(6, p, Layout.from_sizes(dp=2, tp=2), 1) == [Run(0, 0, 6)]
 
 
 def test_uneven_fused_parts_are_rejected_naming_them():
     p = Pattern((Shard("tp", 0),), fused=Fused(0, (("q", 4), ("k", 3), ("v", 3))))
     with pytest.raises(SpecError, match=r"fused part\(s\) k, v of dim 0 do not split into 2 equal chunks"):
-        dim_segments(10, p, Layout.from_sizes(tp=2), 0)
+        dim_runs(10, p, Layout.from_sizes(tp=2), 0)
 
 
 def test_fused_and_padded_on_one_dim_is_rejected():
     p = Pattern((Shard("tp", 0),), fused=Fused(0, (("q", 4), ("k", 4))), pad=Pad(0, 10, 8))
     with pytest.raises(SpecError, match="dim 0 is both fused and padded"):
-        dim_segments(10, p, Layout.from_sizes(tp=2), 0)
+        dim_runs(10, p, Layout.from_sizes(tp=2), 0)
 
 
 def test_box_pieces_cut_a_box_along_the_segments():
-    segments = {0: [Segment(0, 0, 2), Segment(2, 4, 1), Segment(3, 6, 1), Segment(4, 2, 2), Segment(6, 5, 1),
-                    Segment(7, 7, 1)]}
+    segments = {0: [Run(0, 0, 2), Run(2, 4, 1), Run(3, 6, 1), Run(4, 2, 2), Run(6, 5, 1),
+                    Run(7, 7, 1)]}
     pieces = box_pieces(Box((4, 0), (4, 3)), segments)  # tp rank 1 of the fused example above
     assert [(p.src, p.dst) for p in pieces] == [
         ((slice(0, 2), slice(0, 3)), (slice(2, 4), slice(0, 3))),
@@ -87,7 +88,7 @@ def test_box_pieces_cut_a_box_along_the_segments():
 
 
 def test_a_box_entirely_in_the_padding_has_no_pieces():
-    assert box_pieces(Box((8, 0), (4, 2)), {0: [Segment(0, 0, 7)]}) == []
+    assert box_pieces(Box((8, 0), (4, 2)), {0: [Run(0, 0, 7)]}) == []
 
 
 # --------------------------------------------------------------------------- consolidate_plan on fixed cases

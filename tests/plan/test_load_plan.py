@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ucp.errors import LoadError
 from ucp.plan.load_plan import FragmentIndex
 from ucp.plan.reshard import reshard_plan, source_pieces, target_pieces
-from ucp.spec import Box, FlatRange, Fragment, Layout, Pattern
+from ucp.format import Box, FlatRange, Fragment, Layout, Pattern
 
 
 def frag(key, box, flat=None, rank=0, offset=0, dtype="float32"):

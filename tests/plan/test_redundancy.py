@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.codecs.erasure import erasure_code
-from ucp.plan.redundancy import RedundancyError, form_groups, stripe_plan
+from ucp.errors import RedundancyError
+from ucp.plan.redundancy import form_groups, stripe_plan
 
 
 @given(n=st.integers(1, 40), group=st.integers(2, 9), parity=st.integers(1, 4))

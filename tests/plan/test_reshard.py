@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from tests.synthetic import place, stored_tensor
 from ucp.errors import LoadError
 from ucp.plan.reshard import (check_target, chunk_pieces, flat_boxes, reshard_plan, source_pieces, target_box, target_pieces)
-from ucp.spec.box import Box, FlatRange
-from ucp.spec.fragment import Fragment
-from ucp.spec.layout import Layout
-from ucp.spec.pattern import Fused, Pad, Pattern, Shard
+from ucp.format.box import Box, FlatRange
+from ucp.format.fragment import Fragment
+from ucp.format.layout import Layout
+from ucp.format.pattern import Fused, Pad, Pattern, Shard
 
 
 def _fragments(u, pattern, layout, rng):

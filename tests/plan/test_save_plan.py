@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ucp.errors import ReplicaDivergenceError, SpecError
 from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas
-from ucp.spec import Box, FlatRange, Pattern, Shard, TensorMeta
+from ucp.format import Box, FlatRange, Pattern, Shard, TensorMeta
 
 
 def info(key, nbytes, crc=0, box=None, flat=None, dtype="float32"):

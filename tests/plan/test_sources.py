@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from ucp.plan.reshard import SourcePiece, SubBox, chunk_pieces
 from ucp.plan.sources import Slice, SourceIndex, relocate, to_source
-from ucp.spec.box import Box
-from ucp.spec.manifest import TensorMeta
-from ucp.spec.pattern import Fused, Pad, Pattern, Shard
+from ucp.format.box import Box
+from ucp.format.manifest import TensorMeta
+from ucp.format.pattern import Fused, Pad, Pattern, Shard
 
 D = 8
 QKV = Pattern((Shard("tp", 0),), fused=Fused(0, (("q", D), ("k", D), ("v", D))))

@@ -18,7 +18,7 @@ import pytest
 from ucp.errors import FormatError
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, shm
-from ucp.snapshot.agent import AgentError
+from ucp.errors import AgentError
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,7 +11,8 @@ import torch
 import ucp
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, shm
-from ucp.snapshot.memory import place, restorable
+from ucp.snapshot.header import restorable
+from ucp.snapshot.memory import place
 from tests.snapshot.tiny import same, state_of, tiny_model, train_step
 
 pytestmark = pytest.mark.timeout(180)
@@ -98,7 +99,7 @@ def test_a_torn_snapshot_is_never_loaded(tmp_path, job, monkeypatch):
     with pytest.warns(RuntimeWarning, match="memory tier failed .*killed before the cut"):
         ck.wait()
     monkeypatch.undo()
-    tier = ck._memory()
+    tier = ck._snapshots._memory()
     real = torch.Tensor.copy_
     calls = []
 
@@ -142,7 +143,7 @@ def test_the_copy_overlaps_and_the_optimizer_step_waits_for_it(tmp_path, job, mo
     train_step(m, opt, 2)
     want = state_of(m, opt)
     ck.save(2)  # returns at once: the copy waits on the gate
-    assert ck._pending is not None and ck._pending["thread"].is_alive()
+    assert ck._snapshots._pending is not None and ck._snapshots._pending["thread"].is_alive()
     threading.Timer(0.3, gate.set).start()
     train_step(m, opt, 3)  # its optimizer step waits for the copy of step 2
     monkeypatch.undo()

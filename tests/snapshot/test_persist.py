@@ -140,7 +140,7 @@ def test_begin_of_a_slot_being_written_durably_waits_for_the_write():
 def test_the_committer_takes_only_rank_files_of_its_own_cut(tmp_path):
     data = torch.arange(4, dtype=torch.float32)
     from ucp.codecs.checksum import crc32c
-    from ucp.spec.layout import Layout
+    from ucp.format.layout import Layout
 
     raw = memoryview(data.numpy()).cast("B")
     header = {"step": 5, "rank": 0, "world_size": 1, "layout": Layout.single().to_dict(),

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import CaptureError, FormatError
-from ucp.snapshot.rng import capture_rng, restore_rng
-from ucp.snapshot.values import decode, encode
+from ucp.state.rng import capture_rng, restore_rng
+from ucp.format.values import decode, encode
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -151,7 +151,7 @@ def test_bf16_nan_payload_is_kept():
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_float8_tensors_round_trip(dtype):
-    # float8 is a checkpoint dtype (ucp.spec.dtypes); small float8 state (FP8 scaling) may be inline too.
+    # float8 is a checkpoint dtype (ucp.format.dtypes); small float8 state (FP8 scaling) may be inline too.
     t = torch.tensor([0.5, -1.0, 2.0, 0.0]).to(dtype)
     got = through_json(t)
     assert got.dtype == dtype and torch.equal(got.view(torch.uint8), t.view(torch.uint8))

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import SpecError, UcpError
-from ucp.spec import Box, FlatRange
+from ucp.format import Box, FlatRange
 
 
 # --------------------------------------------------------------------------- construction

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import FormatError, SpecError
-from ucp.spec import Box, FlatRange, Fragment
-from ucp.spec.dtypes import DTYPES, SAFETENSORS_TO_NAME, itemsize
-from ucp.spec.fragment import (
+from ucp.format import Box, FlatRange, Fragment
+from ucp.format.dtypes import DTYPES, SAFETENSORS_TO_NAME, itemsize
+from ucp.format.fragment import (
     FRAGMENT_SCHEMA,
     check_file_name,
     fragments_from_parquet,
@@ -269,7 +269,7 @@ def test_block_checksums_must_cover_the_fragment_in_blocks():
 def test_null_in_a_required_column_is_a_format_error():
     import pyarrow as pa
 
-    from ucp.spec.fragment import FRAGMENT_SCHEMA, table_to_fragments
+    from ucp.format.fragment import FRAGMENT_SCHEMA, table_to_fragments
 
     cols = {n: [None] if n in ("flat_start", "flat_numel", "rank") else None for n in FRAGMENT_SCHEMA.names}
     cols.update(key=["model/x"], offsets=[[0]], sizes=[[1]], dtype=["float32"], file=["f"], byte_offset=[0],
@@ -279,7 +279,7 @@ def test_null_in_a_required_column_is_a_format_error():
 
 
 def test_file_name_with_a_trailing_newline_is_rejected():
-    from ucp.spec.fragment import check_file_name
+    from ucp.format.fragment import check_file_name
 
     with pytest.raises(FormatError, match="plain file name"):
         check_file_name("rank_00000.safetensors\n")

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import SpecError
-from ucp.spec import extra_key, model_key, optim_key, parse_key
-from ucp.spec.keys import ParsedKey
+from ucp.format import extra_key, model_key, optim_key, parse_key
+from ucp.format.keys import ParsedKey
 
 
 def test_builders():

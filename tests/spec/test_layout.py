@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import SpecError
-from ucp.spec import ZERO_MODES, Layout
+from ucp.format import ZERO_MODES, Layout
 
 AXIS_NAMES = ["pp", "dp", "ep", "tp", "cp", "x1", "long_axis"]
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import FormatError, SpecError, UcpError
-from ucp.spec import (
+from ucp.format import (
     FORMAT_VERSION,
     Box,
     FlatRange,
@@ -26,10 +26,10 @@ from ucp.spec import (
     TensorMeta,
     local_box,
 )
-from ucp.spec.dtypes import itemsize
-from ucp.spec.fragment import fragments_from_parquet, fragments_to_parquet
-from ucp.spec.manifest import FORMAT, check_version, header_from_json, header_to_json
-from ucp.spec.pattern import chunk_bounds
+from ucp.format.dtypes import itemsize
+from ucp.format.fragment import fragments_from_parquet, fragments_to_parquet
+from ucp.format.manifest import FORMAT, check_version, header_from_json, header_to_json
+from ucp.format.pattern import chunk_bounds
 
 # --------------------------------------------------------------------------- a builder of valid manifests
 

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import SpecError
-from ucp.spec import REPLICATED, Box, Fused, Layout, Pad, Pattern, Shard, local_box
-from ucp.spec.pattern import chunk_bounds
+from ucp.format import REPLICATED, Box, Fused, Layout, Pad, Pattern, Shard, local_box
+from ucp.format.pattern import chunk_bounds
 
 AXES = ("dp", "tp")
 
@@ -344,7 +344,7 @@ def test_local_box_tiles_the_tensor_exactly_once(case):
 
 
 def test_chunk_bounds_rejects_impossible_chunks():
-    from ucp.spec.pattern import chunk_bounds
+    from ucp.format.pattern import chunk_bounds
 
     for parts, index in ((0, 0), (2, 2), (2, -1)):
         with pytest.raises(SpecError, match="does not exist"):

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import FormatError, SpecError
-from ucp.spec import Fused, Layout, Pad, Pattern, Shard
-from ucp.spec.universal import (
+from ucp.format import Fused, Layout, Pad, Pattern, Shard
+from ucp.format.universal import (
     FORMAT,
     FORMAT_VERSION,
     ArrayMeta,

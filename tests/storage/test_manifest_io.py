@@ -9,7 +9,7 @@ import pytest
 
 from tests.synthetic import write_checkpoint
 from ucp.errors import CorruptCheckpointError, FormatError
-from ucp.spec import Layout, Pattern
+from ucp.format import Layout, Pattern
 from ucp.storage.manifest_io import read_manifest
 
 

@@ -13,7 +13,7 @@ from tests.conftest import require
 import torch
 
 from ucp.errors import CorruptCheckpointError
-from ucp.spec.dtypes import DTYPES
+from ucp.format.dtypes import DTYPES
 from ucp.storage.safetensors_file import MAX_HEADER, Entry, plan_file, read_header, read_into, write_file
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

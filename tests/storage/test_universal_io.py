@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import require
-from ucp.spec.universal import ArrayMeta, array_path, chunk_shape
+from ucp.format.universal import ArrayMeta, array_path, chunk_shape
 from ucp.storage.universal_io import ZARR_JSON, array_document, create_arrays, shard_path
 from ucp.storage.zarr_shard import ZSTD_LEVEL, write_shard
 
@@ -25,7 +25,7 @@ CASES = [
 
 
 def _meta(key, shape, dtype, compressor):
-    from ucp.spec.dtypes import itemsize
+    from ucp.format.dtypes import itemsize
 
     return ArrayMeta(array_path(key), shape, dtype, chunk_shape(shape, itemsize(dtype), 64), compressor=compressor)
 
@@ -35,7 +35,7 @@ def test_array_metadata_is_what_zarr_writes(tmp_path, key, shape, dtype, compres
     zarr = require("zarr")
     from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
-    from ucp.spec.universal import shard_shape
+    from ucp.format.universal import shard_shape
 
     a = _meta(key, shape, dtype, compressor)
     compressors = ([ZstdCodec(level=ZSTD_LEVEL)] if compressor == "zstd" else []) + [Crc32cCodec()]
@@ -72,7 +72,7 @@ def test_verify_catches_a_header_that_disagrees_with_the_array_metadata(tmp_path
 
     from tests.synthetic import write_checkpoint
     from ucp.convert import convert
-    from ucp.spec import Layout, Pattern
+    from ucp.format import Layout, Pattern
     from ucp.storage.universal_io import header_document, read_header, verify_universal
 
     write_checkpoint(tmp_path / "ck", 1, {"model/w": (np.arange(8, dtype=np.float32), "float32", Pattern())},

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.conftest import require
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError
-from ucp.spec.universal import shard_shape
+from ucp.format.universal import shard_shape
 from ucp.storage.zarr_shard import ShardReader, read_index, shard_key, write_shard
 
 

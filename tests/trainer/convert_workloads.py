@@ -2,7 +2,7 @@
 
 Each layout saves its step-0 state and a trained one, and each rank returns the full tensors it can
 gather, under the universal checkpoint's keys and in its logical form, for the test to compare
-with the arrays ``ucp.convert`` makes of the checkpoints. The gathering is written here from the
+with the arrays ``ucp.convert.universal`` makes of the checkpoints. The gathering is written here from the
 trainer's own description of its geometry (DTensor placements, the flat ZeRO-1 partitions of
 ``ucp_flat_state()``, the manual-TP patterns), not from the converter.
 """

@@ -55,7 +55,7 @@ def train_save_resume(lay: dict, root: str, steps: int = 20, save_at: int = 10, 
     the resumed losses and, on rank 0, the manifest's fragments.
     """
     import ucp
-    from ucp.spec.layout import Layout
+    from ucp.format.layout import Layout
     from ucp.storage.directory import step_dir
     from ucp.storage.manifest_io import read_manifest
 

@@ -8,7 +8,7 @@ import torch
 
 from tests.trainer import manual_tp_workloads as wl
 from ucp.errors import OptionsError
-from ucp.spec.pattern import Fused, Pad, Shard
+from ucp.format.pattern import Fused, Pad, Shard
 from ucp.trainer.manual_tp import ManualTPGPT, gather_whole_state, padded_vocab, ucp_patterns
 from ucp.trainer.model import GPTConfig, batch, init_gpt, loss_fn
 

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from ucp.convert import convert as run_convert
+from ucp.convert.export import export as run_export
 from ucp.errors import CorruptCheckpointError, OptionsError
+from ucp.format.fragment import fragments_to_table
+from ucp.snapshot import agent as agent_mod
+from ucp.snapshot import client, discovery, shm
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
+from ucp.storage.universal_io import is_universal, read_header, verify_universal
+from ucp.storage.verify import verify_checkpoint
 
 
 def _human(n: float) -> str:
@@ -36,8 +46,6 @@ def _state_names(state: dict) -> str:
 
 def _universal_path(args):
     """The universal checkpoint ``args.path`` names, or None when it is a distributed one."""
-    from ucp.storage.universal_io import is_universal
-
     if is_universal(args.path):
         if args.step is not None:
             raise OptionsError(f"{args.path} is a universal checkpoint (one step); --step applies to roots of "
@@ -52,8 +60,6 @@ def inspect(args) -> int:
     path = store.resolve(args.path, args.step)
     m = read_manifest(path)
     if args.json:
-        from ucp.spec.fragment import fragments_to_table
-
         doc = m.header({"rows": len(m.fragments)})
         doc["fragments"] = fragments_to_table(m.fragments).to_pylist()
         json.dump(doc, sys.stdout, indent=1)
@@ -79,8 +85,6 @@ def inspect(args) -> int:
 
 
 def _inspect_universal(args) -> int:
-    from ucp.storage.universal_io import read_header
-
     h = read_header(args.path)
     if args.json:
         json.dump(h.to_dict(), sys.stdout, indent=1)
@@ -102,13 +106,7 @@ def _inspect_universal(args) -> int:
 
 
 def verify(args) -> int:
-    from tqdm import tqdm
-
-    from ucp.storage.verify import verify_checkpoint
-
     if _universal_path(args):
-        from ucp.storage.universal_io import read_header, verify_universal
-
         h = read_header(args.path)
         with tqdm(total=h.nbytes, unit="B", unit_scale=True, desc="verify", disable=args.quiet or None,
                   file=sys.stderr, leave=False) as bar:
@@ -135,8 +133,6 @@ def _raise_problems(path, problems: list[str]) -> None:
 
 
 def convert(args) -> int:
-    from ucp.convert import convert as run_convert
-
     if args.chunk_kib < 1:
         raise OptionsError(f"--chunk-kib {args.chunk_kib}: use at least 1 (KiB); 1024 suits most tensors")
     if args.memory_mib is not None and args.memory_mib < 1:
@@ -163,8 +159,6 @@ def convert(args) -> int:
 
 def _with_progress(desc: str, quiet: bool, run):
     """``run(progress, total)`` under a byte progress bar on stderr (none with ``quiet``)."""
-    from tqdm import tqdm
-
     bar = tqdm(unit="B", unit_scale=True, desc=desc, disable=quiet or None, file=sys.stderr, leave=False)
     try:
         return run(bar.update, lambda n: setattr(bar, "total", n))
@@ -184,8 +178,6 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 def parse_size(text: str) -> int:
     """``"5GB"`` -> 5 * 10**9, ``"2GiB"`` -> 2 * 2**30, ``"1000"`` -> 1000."""
-    import re
-
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
         raise OptionsError(f"size {text!r}: use a positive number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB)")
@@ -193,8 +185,6 @@ def parse_size(text: str) -> int:
 
 
 def export(args) -> int:
-    from ucp.export import export as run_export
-
     max_shard_bytes = parse_size(args.max_shard_size)
     result = _with_progress("export", args.quiet, lambda progress, total: run_export(
         args.universal, args.out, args.spec, optimizer=args.optimizer, max_shard_bytes=max_shard_bytes,
@@ -207,22 +197,19 @@ def export(args) -> int:
 def demo(args) -> int:
     if args.nproc < 1 or args.steps < 2 or args.save_every < 1 or args.save_every >= args.steps:
         raise OptionsError("demo needs --nproc >= 1, --steps >= 2 and 1 <= --save-every < --steps")
-    from ucp.demo import run_demo
+    from ucp.trainer.demo import run_demo  # (torch: imported by the commands that run it only)
 
     return run_demo(args.nproc, args.steps, args.save_every, args.dir)
 
 
 def train(args) -> int:
-    from ucp.trainer.launch import launch_training
+    from ucp.trainer.launch import launch_training  # (torch: imported by the commands that run it only)
 
     return launch_training(args)
 
 
 def agent(args) -> int:
     """``ucp agent start|status|stop``."""
-    from ucp.snapshot import agent as agent_mod
-    from ucp.snapshot import client, shm
-
     if args.action == "start":
         if args.foreground:
             return agent_mod.main(["--job", args.job])
@@ -235,8 +222,8 @@ def agent(args) -> int:
     jobs = [shm.check_job(args.job)] if args.job else client.discovered_jobs()
     report = []
     for job in jobs:
-        info = agent_mod.read_info(job)
-        entry = {"job": job, "running": bool(info and agent_mod.is_alive(info))}
+        info = discovery.read_info(job)
+        entry = {"job": job, "running": bool(info and discovery.is_alive(info))}
         if entry["running"]:
             entry.update(client.AgentClient(info, timeout=10).status())
             entry["port"] = info.port

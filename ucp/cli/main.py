@@ -12,6 +12,7 @@ import sys
 
 from ucp import __version__
 from ucp.errors import UcpError
+from ucp.trainer.options import add_arguments
 
 EPILOG = """\
 CKPT is a checkpoint directory (ROOT/step_00000100) or a ROOT holding several; a ROOT means its
@@ -100,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    '{"step": .., "loss": ..}; logs go to stderr. On several machines run the same '
                                    "module under torchrun: torchrun --nproc-per-node N -m ucp.trainer.train ...")
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) to run, default 2")
-    from ucp.trainer.options import add_arguments
-
     add_arguments(p)
 
     p = sub.add_parser("agent", help="start, inspect or stop the snapshot agent of a job on this node",
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        from ucp.cli import commands
+        from ucp.cli import commands  # (pyarrow and zarr: not imported for --help or a usage error)
 
         return getattr(commands, args.command)(args)
     except UcpError as e:

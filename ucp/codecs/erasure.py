@@ -28,7 +28,7 @@ import numpy as np
 
 from ucp.codecs.checksum import crc32c
 from ucp.codecs.isal import isal, why_missing
-from ucp.errors import FormatError, OptionsError, UcpError, few
+from ucp.errors import ErasureError, FormatError, OptionsError, TooManyLostError, few
 
 #: The stripe length the system encodes, sends and checksums in: 1 MiB of one node's buffer.
 STRIPE_BYTES = 1 << 20
@@ -41,26 +41,6 @@ MAX_STRIPES = 255
 # Encode and decode walk long stripes in pieces of this many bytes, so that XOR's running parity
 # stays in cache; Reed-Solomon streams all stripes at once and is indifferent to it.
 _PIECE = 1 << 20
-
-
-class ErasureError(UcpError):
-    """An erasure code cannot do what was asked (ISA-L missing, too many stripes lost)."""
-
-
-class TooManyLostError(ErasureError):
-    """More stripes of a stripe set are lost than its code can rebuild.
-
-    Attributes:
-        lost: the indices of the lost stripes (data ``0..k-1``, parity ``k..k+m-1``).
-        m: the most the code rebuilds.
-    """
-
-    def __init__(self, code: ErasureCode, lost: Sequence[int]):
-        self.lost = tuple(lost)
-        self.m = code.m
-        super().__init__(
-            f"{len(self.lost)} of the {code.n} stripes of {code} are lost (stripes {few(list(self.lost))}); "
-            f"it rebuilds at most {code.m}")
 
 
 @dataclass(frozen=True)

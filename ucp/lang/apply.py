@@ -1,17 +1,54 @@
-"""Applying a checked UCL program to a checkpoint that already records its geometry.
+"""Applying a UCL spec to a checkpoint: the one place a spec is read, checked, bound to the
+checkpoint's layout and compared with what the checkpoint records (``ucp convert`` of ucp's own and of
+foreign checkpoints, and ``ucp export``'s rename rules, all come here).
 
 ucp's own manifests record each tensor's shards; a spec adds what a saver could not know (fused
-sub-parameters, vocabulary padding) and must agree with what it did record. Pure: takes shapes and
-patterns, returns patterns.
+sub-parameters, vocabulary padding) and must agree with what it did record. Pure: takes the spec's
+text, shapes and patterns, returns patterns.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ucp.errors import UclError
+from ucp.format.layout import Layout
+from ucp.format.pattern import Pattern
 from ucp.lang import ast
-from ucp.lang.parse import UclError
-from ucp.lang.validate import CheckedProgram, match
-from ucp.spec.layout import Layout
-from ucp.spec.pattern import Pattern
+from ucp.lang.parse import parse
+from ucp.lang.printer import print_program
+from ucp.lang.specs import read_spec
+from ucp.lang.validate import CheckedProgram, bind_layout, check, match
+
+
+def apply_spec(spec: str | Path, layout, settings: dict | None = None, defaults: dict | None = None):
+    """``(checked program, the text a universal checkpoint keeps)`` for ``spec`` applied to a checkpoint
+    of ``layout``: read, checked with its model settings (``defaults`` read from the checkpoint, then
+    the spec's ``model`` line, then ``settings``), bound to ``layout`` and compared with it. The text
+    kept is the spec as written, or, where the checkpoint or the user completed it (its layout, its
+    settings), the program as applied.
+
+    Raises:
+        OptionsError: no such spec; UclError: a malformed spec, or one whose layout is not ``layout``.
+    """
+    text, name = read_spec(spec)
+    checked = bind_layout(check(parse(text, name), name, settings, defaults), layout)
+    check_layout(checked, layout)
+    if settings or defaults or not checked.program.of(ast.SourceLayout):
+        text = print_program(checked.concrete())
+    return checked, text
+
+
+def read_program(spec: str | Path | None, stored: str | None):
+    """``(checked program, file name for messages)`` of ``spec`` (a packaged name or a file), else
+    of the ``stored`` text a universal checkpoint keeps; None when there is neither."""
+    if spec is not None:
+        text, file = read_spec(spec)
+    elif stored:
+        text, file = stored, "<spec stored in the checkpoint>"
+    else:
+        return None
+    return check(parse(text, file), file).program, file
 
 
 def check_layout(checked: CheckedProgram, layout: Layout) -> None:

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 
 from ucp.lang import ast
-from ucp.lang.parse import UclError
+from ucp.errors import UclError
 from ucp.lang.validate import compile_glob
-from ucp.spec.pattern import Pattern
+from ucp.format.pattern import Pattern
 
 _CAPTURE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

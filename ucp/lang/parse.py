@@ -9,17 +9,9 @@ from __future__ import annotations
 from lark import Token, Transformer, v_args
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from ucp.errors import SpecError
+from ucp.errors import UclError
 from ucp.lang import ast
 from ucp.lang.grammar import parser
-
-
-class UclError(SpecError):
-    """A UCL program is malformed or meaningless; the message starts with ``file:line:column``."""
-
-    def __init__(self, message: str, file: str = "<ucl>", line: int = 0, column: int = 0):
-        self.file, self.line, self.column = file, line, column
-        super().__init__(f"{file}:{line}:{column}: {message}")
 
 
 def _pos(meta_or_token) -> ast.Pos:

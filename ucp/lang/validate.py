@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, replace
 
 from ucp.lang import ast
-from ucp.lang.parse import UclError
-from ucp.spec.layout import Layout
-from ucp.spec.pattern import Fused, Pad, Pattern, Shard
+from ucp.errors import UclError
+from ucp.format.layout import Layout
+from ucp.format.pattern import Fused, Pad, Pattern, Shard
 
 VERSION = 1
 

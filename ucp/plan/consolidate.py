@@ -1,39 +1,27 @@
 """The consolidation plan: which part of which fragment fills which part of a universal array.
 
 Pure box arithmetic over one tensor key. A stored tensor differs from its universal form only
-along at most two dims: the padded dim (rows past ``keep`` are dropped) and the fused dim, where a
-layout that shards the dim into ``n`` chunks stores each chunk as ``[q_c; k_c; v_c]`` and the
-universal array holds ``[q; k; v]``. :func:`dim_segments` maps one stored dim onto universal
-positions as a few runs; :func:`consolidate_plan` cuts every fragment's box along those runs.
+along its padded and fused dims; :mod:`ucp.plan.geometry` maps those onto universal positions as a
+few runs, and :func:`consolidate_plan` cuts every fragment's box along them into :class:`Copy` s.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ucp.errors import FormatError, SpecError
-from ucp.spec.box import Box
-from ucp.spec.fragment import Fragment
-from ucp.spec.layout import Layout
-from ucp.spec.manifest import TensorMeta
-from ucp.spec.pattern import Pattern
+from ucp.errors import FormatError
+from ucp.format.box import Box
+from ucp.format.fragment import Fragment
+from ucp.format.layout import Layout
+from ucp.format.manifest import TensorMeta
+from ucp.plan.geometry import Run, box_cut, box_slices, pattern_runs
 
 
 @dataclass(frozen=True)
-class Segment:
-    """Stored positions ``[stored, stored + length)`` of a dim are universal ``[universal, ...)``."""
-
-    stored: int
-    universal: int
-    length: int
-
-
-@dataclass(frozen=True)
-class Piece:
+class Copy:
     """Copy the ``src`` region of a source box (slices relative to it) to ``dst`` of the array."""
 
     src: tuple[slice, ...]
@@ -50,7 +38,7 @@ class Source:
 
     box: Box
     fragments: tuple[Fragment, ...]
-    pieces: tuple[Piece, ...]
+    pieces: tuple[Copy, ...]
 
     @property
     def flat(self) -> bool:
@@ -76,74 +64,11 @@ class TensorPlan:
         return sum(f.length for s in self.sources for f in s.fragments)
 
 
-def _merge(segments: list[Segment]) -> list[Segment]:
-    out: list[Segment] = []
-    for s in segments:
-        if s.length == 0:
-            continue
-        if out and out[-1].stored + out[-1].length == s.stored and out[-1].universal + out[-1].length == s.universal:
-            out[-1] = Segment(out[-1].stored, out[-1].universal, out[-1].length + s.length)
-        else:
-            out.append(s)
-    return out
-
-
-def dim_segments(size: int, pattern: Pattern, layout: Layout, dim: int) -> list[Segment]:
-    """Runs of stored dim ``dim`` (``size`` stored elements) and their universal positions.
-
-    Padding past ``keep`` maps nowhere. A fused dim sharded into ``n`` chunks (the product of the
-    sizes of the axes that shard it) stores, in chunk ``c``, each part's ``c``-th ``1/n`` in part
-    order; each part size must divide by ``n``.
-
-    Raises:
-        SpecError: the pattern fuses and pads the same dim, or a part does not split evenly.
-    """
-    pad = pattern.pad if pattern.pad is not None and pattern.pad.dim == dim else None
-    fused = pattern.fused if pattern.fused is not None and pattern.fused.dim == dim else None
-    if pad is not None and fused is not None:
-        raise SpecError(f"dim {dim} is both fused and padded; ucp cannot consolidate that combination")
-    if pad is not None:
-        return [Segment(0, 0, pad.keep)]
-    if fused is None:
-        return [Segment(0, 0, size)]
-    n = math.prod(layout.size(s.axis) for s in pattern.shards if s.dim == dim)
-    uneven = [name for name, part in fused.parts if part % n]
-    if uneven:
-        raise SpecError(f"fused part(s) {', '.join(uneven)} of dim {dim} do not split into {n} equal chunks "
-                        f"(the product of the sizes of the axes sharding the dim)")
-    segments, stored = [], 0
-    for c in range(n):
-        offset = 0
-        for _, part in fused.parts:
-            segments.append(Segment(stored, offset + c * (part // n), part // n))
-            stored += part // n
-            offset += part
-    return _merge(segments)
-
-
-def _cut(lo: int, hi: int, segments: list[Segment]) -> list[tuple[int, int, int]]:
-    """``(stored start, universal start, length)`` of the parts of ``[lo, hi)`` that map somewhere."""
-    out = []
-    for s in segments:
-        a, b = max(lo, s.stored), min(hi, s.stored + s.length)
-        if a < b:
-            out.append((a, s.universal + a - s.stored, b - a))
-    return out
-
-
-def box_pieces(box: Box, segments: dict[int, list[Segment]]) -> list[Piece]:
-    """The pieces of a stored ``box``; dims without ``segments`` map to themselves."""
-    per_dim = []
-    for d, (lo, n) in enumerate(zip(box.offsets, box.sizes)):
-        per_dim.append(_cut(lo, lo + n, segments[d]) if d in segments else [(lo, lo, n)])
-    pieces = []
-    for combo in itertools.product(*per_dim):
-        if any(n == 0 for _, _, n in combo) and box.numel:
-            continue
-        src = tuple(slice(s - lo, s - lo + n) for (s, _, n), lo in zip(combo, box.offsets))
-        dst = tuple(slice(u, u + n) for _, u, n in combo)
-        pieces.append(Piece(src, dst))
-    return pieces
+def box_pieces(box: Box, runs: dict[int, list[Run]]) -> list[Copy]:
+    """The copies filling the array from a stored ``box`` (its regions that map somewhere, see
+    :func:`ucp.plan.geometry.box_cut`); dims without ``runs`` map to themselves."""
+    return [Copy(box_slices(region), box_slices(universal)) for region, universal in box_cut(box, runs)
+            if universal is not None and not (region.numel == 0 and box.numel)]
 
 
 def consolidate_plan(key: str, meta: TensorMeta, fragments, layout: Layout, shape: tuple[int, ...]) -> TensorPlan:
@@ -154,15 +79,13 @@ def consolidate_plan(key: str, meta: TensorMeta, fragments, layout: Layout, shap
         meta: its stored shape, dtype and pattern.
         fragments: all fragments of ``key`` (an exact cover, as a validated manifest guarantees).
         layout: the layout that saved them.
-        shape: the universal shape (see ``ucp.spec.universal.universal_shape``).
+        shape: the universal shape (see ``ucp.format.universal.universal_shape``).
 
     Raises:
-        SpecError: the pattern cannot be consolidated (see :func:`dim_segments`).
+        SpecError: the pattern cannot be consolidated (see :func:`ucp.plan.geometry.dim_runs`).
         FormatError: the pieces do not fill the array exactly once.
     """
-    special = {d for d in (meta.pattern.pad.dim if meta.pattern.pad else None,
-                           meta.pattern.fused.dim if meta.pattern.fused else None) if d is not None}
-    segments = {d: dim_segments(meta.shape[d], meta.pattern, layout, d) for d in special}
+    runs = pattern_runs(meta.shape, meta.pattern, layout)
     groups: dict[tuple, list[Fragment]] = {}
     for f in fragments:
         groups.setdefault((f.box, f.flat is not None), []).append(f)
@@ -170,7 +93,7 @@ def consolidate_plan(key: str, meta: TensorMeta, fragments, layout: Layout, shap
     for (box, flat), frags in groups.items():
         if flat:
             frags.sort(key=lambda f: f.flat.start)
-        pieces = box_pieces(box, segments)
+        pieces = box_pieces(box, runs)
         filled += sum(p.numel for p in pieces)
         sources.append(Source(box, tuple(frags), tuple(pieces)))
     if filled != math.prod(shape):

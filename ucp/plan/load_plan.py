@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ucp.spec.box import Box, FlatRange
-from ucp.spec.fragment import Fragment
+from ucp.format.box import Box, FlatRange
+from ucp.format.fragment import Fragment
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ucp.errors import UcpError
-
-
-class RedundancyError(UcpError):
-    """A redundancy layout that cannot be formed (too few nodes for the parity asked)."""
+from ucp.errors import RedundancyError
 
 
 def form_groups(n_nodes: int, group: int, parity: int) -> list[list[int]]:

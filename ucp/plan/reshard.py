@@ -11,8 +11,10 @@ no padding, fused parts in logical order):
    layout and pattern: its box, optionally a flat range of it (ZeRO-1), fused parts re-split for the
    new tp, padding re-added for the new tp (padding elements map to no universal element: they are
    left zero-filled, see :attr:`TargetPiece.universal` None).
-3. :func:`reshard_plan` intersects the two in universal space and yields :class:`ReadItem` s: read
+3. :func:`reshard_plan` intersects the two in universal space and yields :class:`Overlap` s: read
    this region of that source sub-box, write it to this region of that target sub-box.
+
+Both sides cut their boxes with :func:`ucp.plan.geometry.box_cut`.
 
 Tensors held by several target ranks (replicas, tied parameters on several pipeline stages) are
 planned per rank; which tensors a rank holds is the caller's (its live model's) business.
@@ -21,14 +23,15 @@ planned per rank; which tensors a rank holds is the caller's (its live model's) 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass
 
 from ucp.errors import LoadError, SpecError
-from ucp.plan.consolidate import Segment, dim_segments
-from ucp.spec.box import Box, FlatRange
-from ucp.spec.layout import Layout
-from ucp.spec.pattern import Pattern, chunk_bounds, local_box
+from ucp.format.box import Box, FlatRange
+from ucp.format.layout import Layout
+from ucp.format.pattern import Pattern, chunk_bounds, local_box
+from ucp.plan.geometry import box_cut, chunk_box, pattern_runs
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,9 @@ class TargetPiece:
 
 
 @dataclass(frozen=True)
-class ReadItem:
-    """Copy ``src`` (relative to ``source.sub.box``) of ``source.ref`` into ``dst`` (relative to ``target.sub.box``)."""
+class Overlap:
+    """Where a source piece and a target piece meet in universal space: copy ``src`` (relative to
+    ``source.sub.box``) of ``source.ref`` into ``dst`` (relative to ``target.sub.box``)."""
 
     source: SourcePiece
     src: Box
@@ -111,63 +115,17 @@ def _split(offsets, sizes, lo: int, hi: int, dim: int, out: list, base: int) -> 
         _split(offsets, sizes, tail_start, hi, dim, out, base)
 
 
-def _pieces(box: Box, segments: dict[int, list[Segment]]) -> list[tuple[Box, Box | None]]:
-    """``(region relative to box, universal region or None for padding)`` covering ``box`` exactly."""
-    per_dim = []
-    for d, (lo, n) in enumerate(zip(box.offsets, box.sizes)):
-        runs: list[tuple[int, int | None, int]] = []
-        if d in segments:
-            pos = lo
-            for s in segments[d]:
-                a, b = max(lo, s.stored), min(lo + n, s.stored + s.length)
-                if a >= b:
-                    continue
-                if a > pos:
-                    runs.append((pos, None, a - pos))
-                runs.append((a, s.universal + a - s.stored, b - a))
-                pos = b
-            if pos < lo + n:
-                runs.append((pos, None, lo + n - pos))
-        else:
-            runs.append((lo, lo, n))
-        per_dim.append(runs)
-    out = []
-    for combo in _product(per_dim):
-        region = Box(tuple(s - lo for (s, _, _), lo in zip(combo, box.offsets)), tuple(n for _, _, n in combo))
-        if any(u is None for _, u, _ in combo):
-            out.append((region, None))
-        else:
-            out.append((region, Box(tuple(u for _, u, _ in combo), tuple(n for _, _, n in combo))))
-    return out
-
-
-def _product(per_dim):
-    if not per_dim:
-        yield ()
-        return
-    head, rest = per_dim[0], per_dim[1:]
-    for r in head:
-        for tail in _product(rest):
-            yield (r,) + tail
-
-
-def _segments(shape, pattern: Pattern, layout: Layout) -> dict[int, list[Segment]]:
-    special = {d for d in (pattern.pad.dim if pattern.pad else None, pattern.fused.dim if pattern.fused else None)
-               if d is not None}
-    return {d: dim_segments(shape[d], pattern, layout, d) for d in special}
-
-
 def source_pieces(fragments, shape: tuple[int, ...], pattern: Pattern, layout: Layout) -> list[SourcePiece]:
     """Pieces of a distributed checkpoint's fragments of one tensor of stored ``shape``.
 
     ``ref`` of each piece is its fragment; ``sub.offset`` is the element offset of the sub-box's
     data inside the fragment's bytes.
     """
-    segments = _segments(shape, pattern, layout)
+    runs = pattern_runs(shape, pattern, layout)
     out = []
     for f in fragments:
         for sub in flat_boxes(f.box, f.flat):
-            for region, universal in _pieces(sub.box, segments):
+            for region, universal in box_cut(sub.box, runs):
                 if universal is not None and region.numel:
                     out.append(SourcePiece(f, sub, region, universal))
     return out
@@ -180,13 +138,12 @@ def chunk_pieces(shape: tuple[int, ...], chunks: tuple[int, ...], box: Box) -> l
         return [SourcePiece((), SubBox(Box((), ())), Box((), ()), Box((), ()))]
     ranges = [range(o // c, -(-(o + n) // c)) for o, n, c in zip(box.offsets, box.sizes, chunks)]
     out = []
-    for idx in _product([list(r) for r in ranges]):
-        lo = tuple(i * c for i, c in zip(idx, chunks))
-        cbox = Box(lo, tuple(min(c, s - l) for l, c, s in zip(lo, chunks, shape)))
+    for idx in itertools.product(*ranges):
+        cbox = chunk_box(shape, chunks, idx)
         ov = cbox.intersect(box)
         if ov is None or not ov.numel:
             continue
-        out.append(SourcePiece(tuple(idx), SubBox(cbox), Box(tuple(a - b for a, b in zip(ov.offsets, lo)), ov.sizes), ov))
+        out.append(SourcePiece(idx, SubBox(cbox), Box(tuple(a - b for a, b in zip(ov.offsets, cbox.offsets)), ov.sizes), ov))
     return out
 
 
@@ -205,10 +162,10 @@ def target_pieces(box: Box, flat: FlatRange | None, shape: tuple[int, ...], patt
                   layout: Layout) -> list[TargetPiece]:
     """Pieces of the region a target rank holds (``box``, optionally its ``flat`` range) of a tensor
     stored as ``shape`` with ``pattern`` under ``layout``; ``sub.offset`` counts into the rank's buffer."""
-    segments = _segments(shape, pattern, layout)
+    runs = pattern_runs(shape, pattern, layout)
     out = []
     for sub in flat_boxes(box, flat):
-        for region, universal in _pieces(sub.box, segments):
+        for region, universal in box_cut(sub.box, runs):
             if region.numel or not region.ndim:
                 out.append(TargetPiece(sub, region, universal))
     return out
@@ -222,7 +179,7 @@ def check_target(key: str, shape: tuple[int, ...], pattern: Pattern, layout: Lay
         LoadError: saying which tensor and why.
     """
     try:
-        _segments(shape, pattern, layout)
+        pattern_runs(shape, pattern, layout)
     except SpecError as e:
         raise LoadError(f"{key}: this layout cannot hold it: {e}") from None
 
@@ -232,8 +189,8 @@ def _within(outer: Box, sub_region: Box, universal: Box, part: Box) -> Box:
     return Box(tuple(r + p - u for r, p, u in zip(sub_region.offsets, part.offsets, universal.offsets)), part.sizes)
 
 
-def reshard_plan(sources: list[SourcePiece], targets: list[TargetPiece], key: str = "") -> list[ReadItem]:
-    """Read items filling every non-padding target element exactly once.
+def reshard_plan(sources: list[SourcePiece], targets: list[TargetPiece], key: str = "") -> list[Overlap]:
+    """Overlaps filling every non-padding target element exactly once.
 
     Raises:
         LoadError: some target element has no source (the source lacks part of the tensor).
@@ -263,8 +220,8 @@ def reshard_plan(sources: list[SourcePiece], targets: list[TargetPiece], key: st
             ov = s.universal.intersect(t.universal)
             if ov is None or (ov.ndim and not ov.numel):
                 continue
-            items.append(ReadItem(s, _within(s.sub.box, s.region, s.universal, ov), t,
-                                  _within(t.sub.box, t.region, t.universal, ov)))
+            items.append(Overlap(s, _within(s.sub.box, s.region, s.universal, ov), t,
+                                 _within(t.sub.box, t.region, t.universal, ov)))
             covered += ov.numel
         if covered != t.universal.numel:
             raise LoadError(f"{key}: the source covers {covered} of the {t.universal.numel} elements of universal "

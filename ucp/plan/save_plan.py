@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ucp.errors import ReplicaDivergenceError, SpecError
-from ucp.spec.box import Box, FlatRange
-from ucp.spec.manifest import TensorMeta
+from ucp.format.box import Box, FlatRange
+from ucp.format.manifest import TensorMeta
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ucp.snapshot import shm
-from ucp.snapshot.agent import REQUESTS, AgentError, AgentInfo, discovery_path, is_alive, lock_path, read_info, reclaim
+from ucp.errors import AgentError
+from ucp.snapshot.discovery import REQUESTS, AgentInfo, discovery_path, is_alive, lock_path, read_info, reclaim
 
 
 class AgentClient:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from ucp.codecs.checksum import crc32c
-from ucp.codecs.erasure import TooManyLostError, erasure_code
-from ucp.errors import UcpError
+from ucp.codecs.erasure import erasure_code
+from ucp.errors import ParityError, TooManyLostError
 from ucp.plan.redundancy import StripePlan, stripe_plan
 
 FORMAT = "ucp.parity"
@@ -42,10 +42,6 @@ def tag(sequence: int, index: int) -> int:
         raise ParityError(f"stripe set {index}: a snapshot holds at most {OBJECTS} stripe sets per member group; "
                           "use a larger stripe")
     return (sequence % REBUILD) << _SET_BITS | index
-
-
-class ParityError(UcpError):
-    """Parity could not be computed, or a lost snapshot could not be rebuilt from it."""
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:

@@ -22,40 +22,22 @@ previous durable checkpoint the newest.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
-from ucp.errors import UcpError
-from ucp.spec.box import Box, FlatRange
-from ucp.spec.dtypes import DTYPES
+from ucp.errors import PersistError
+from ucp.snapshot.header import FragmentRecord, manifest_from_headers
 from ucp.storage import directory as store
-from ucp.storage.atomic import fsync_dir
-from ucp.storage.manifest_io import commit_manifest
-from ucp.storage.safetensors_file import Entry, read_header, write_file
+from ucp.storage.rank_files import RankFragment, apply_retention, commit_step, entry_name, prepare_step, write_rank_file
+from ucp.storage.safetensors_file import read_header
 
 META = "ucp.snapshot"  # the safetensors metadata entry holding the rank's header
 _HEADER_FIELDS = ("step", "rank", "world_size", "layout", "tensors", "state", "created_by")
 
 
-class PersistError(UcpError):
-    """The agent could not write a snapshot to the durable tier; the snapshot stays in memory."""
-
-
-def entry_name(fragment: dict) -> str:
-    """The safetensors entry name of a fragment, as a durable save names it."""
-    flat = "" if fragment["flat"] is None else str(FlatRange(*fragment["flat"]))
-    return f"{fragment['key']}{Box(tuple(fragment['offsets']), tuple(fragment['sizes']))}{flat}"
-
-
 def prepare(directory: Path) -> bool:
     """Make the step directory; False when a complete checkpoint of that step is there already."""
-    if store.is_complete(directory):
-        return False
-    if not directory.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        fsync_dir(directory.parent)
-    return True
+    return prepare_step(directory, clear_partial=False)  # other agents write into it too
 
 
 def write_rank(directory: Path, header: dict, data: memoryview, write: list[int], token: int,
@@ -63,27 +45,13 @@ def write_rank(directory: Path, header: dict, data: memoryview, write: list[int]
     """Write rank ``header["rank"]``'s file of the snapshot described by ``header`` (its fragments'
     bytes at their offsets in ``data``, the slot's segment): the fragments at indices ``write``,
     and the header in the metadata. Returns the file's path."""
-    fragments = header["fragments"]
-    chosen = [fragments[i] for i in write]
-    entries = []
-    for f in chosen:
-        shape = (f["flat"][1],) if f["flat"] is not None else tuple(f["sizes"])
-        entries.append(Entry(entry_name(f), DTYPES[f["dtype"]][1], shape, data[f["offset"]:f["offset"] + f["length"]]))
-    kept = [{k: v for k, v in f.items() if k not in ("file", "offset")} for f in chosen]
+    chosen = [header["fragments"][i] for i in write]
+    records = [FragmentRecord.from_dict(f) for f in chosen]
+    fragments = [RankFragment(r.key, r.box, r.flat, r.dtype, data[r.offset:r.offset + r.length]) for r in records]
     meta = {k: header[k] for k in _HEADER_FIELDS if k in header}
-    meta.update(token=token, fragments=kept)
-    rank = header["rank"]
-    name = store.rank_file(rank)
-    tmp = directory / f".{name}.{token}.tmp"
-    try:
-        write_file(tmp, entries, {"format": "ucp.checkpoint", "rank": str(rank), META: json.dumps(meta)}, fsync)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        fsync_dir(directory)
-    return directory / name
+    meta.update(token=token, fragments=[{k: v for k, v in f.items() if k not in ("file", "offset")} for f in chosen])
+    path, _, _ = write_rank_file(directory, header["rank"], fragments, fsync, {META: json.dumps(meta)}, token)
+    return path
 
 
 def read_rank(path: Path) -> dict | None:
@@ -100,7 +68,8 @@ def read_rank(path: Path) -> dict | None:
     meta = json.loads(raw)
     fragments = []
     for f in meta["fragments"]:
-        begin, _ = header[entry_name(f)]["data_offsets"]
+        r = FragmentRecord.from_dict(f)
+        begin, _ = header[entry_name(r.key, r.box, r.flat)]["data_offsets"]
         fragments.append({**f, "file": path.name, "offset": start + begin})
     return {**meta, "fragments": fragments, "file_size": size, "host": ""}
 
@@ -111,8 +80,6 @@ def commit_when_written(directory: Path, root: Path, step: int, world_size: int,
     rank's file of snapshot ``token`` is in ``directory``, then commit the checkpoint of ``step`` and
     apply retention ``keep`` under ``root``. Returns False when a complete checkpoint of that step was
     there already."""
-    from ucp.snapshot.memory import manifest_from_headers
-
     if store.is_complete(directory):
         return False
     deadline = time.monotonic() + timeout
@@ -138,9 +105,6 @@ def commit_when_written(directory: Path, root: Path, step: int, world_size: int,
     manifest = manifest_from_headers(list(headers.values()), host="")
     if manifest.step != step:
         raise PersistError(f"{directory}: the rank files hold step {manifest.step}, not {step}")
-    commit_manifest(directory, manifest)
-    try:
-        store.prune(root, keep, current=step)
-    except OSError:
-        pass  # retention never fails a checkpoint that is committed; the next commit retries it
+    commit_step(directory, manifest)
+    apply_retention(root, keep, step)  # (its failure is retried by the next commit)
     return True

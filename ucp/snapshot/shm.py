@@ -18,17 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ucp.errors import OptionsError, UcpError
+from ucp.options import check_job
 
 SHM_DIR = Path(os.environ.get("UCP_SHM_DIR", "/dev/shm"))
-_JOB = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PART = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-
-
-def check_job(job: str) -> str:
-    """A job name: 1-64 letters, digits, ``_`` or ``-`` (it becomes part of file names)."""
-    if not isinstance(job, str) or not _JOB.fullmatch(job):
-        raise OptionsError(f"job name {job!r} must be 1-64 letters, digits, '_' or '-'")
-    return job
 
 
 def prefix(job: str) -> str:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError, FormatError, SpecError
-from ucp.spec.fragment import check_file_name, fragments_from_parquet, fragments_to_parquet
-from ucp.spec.manifest import Manifest, canonical_json, header_from_json, header_to_json
+from ucp.format.fragment import check_file_name, fragments_from_parquet, fragments_to_parquet
+from ucp.format.manifest import Manifest, canonical_json, header_from_json, header_to_json
 from ucp.storage.atomic import write_atomic
 from ucp.storage.directory import FRAGMENT_TABLE, MANIFEST
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError, FormatError
-from ucp.spec.fragment import check_file_name, fragments_from_parquet
-from ucp.spec.manifest import header_from_json
-from ucp.spec.universal import ArrayMeta, UniversalHeader, shard_shape
+from ucp.format.fragment import check_file_name, fragments_from_parquet
+from ucp.format.manifest import header_from_json
+from ucp.format.universal import ArrayMeta, UniversalHeader, shard_shape
 from ucp.storage.manifest_io import check_signed, sign_header
 from ucp.storage.zarr_shard import ZSTD_LEVEL, ShardReader, shard_key
 

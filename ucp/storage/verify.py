@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ucp.codecs.checksum import crc32c
-from ucp.spec.manifest import Manifest
+from ucp.format.manifest import Manifest
 
 _CHUNK = 8 << 20
 

@@ -8,6 +8,9 @@ import socket
 import sys
 
 from ucp.errors import OptionsError, UcpError
+from ucp.trainer.layouts import TrainLayout
+from ucp.trainer.model import GPTConfig
+from ucp.trainer.options import forward_argv
 
 
 def free_endpoint() -> str:
@@ -40,10 +43,6 @@ def launch(nproc: int, entrypoint, *args, run_id: str = "ucp") -> dict:
 
 def launch_training(args) -> int:
     """``ucp train``: check the layout here (one clear line if it cannot work), then launch."""
-    from ucp.trainer.layouts import TrainLayout
-    from ucp.trainer.model import GPTConfig
-    from ucp.trainer.options import forward_argv
-
     if args.nproc < 1:
         raise OptionsError(f"--nproc {args.nproc}: run at least one process")
     for name in ("tp", "pp", "steps"):

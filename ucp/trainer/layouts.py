@@ -1,6 +1,6 @@
 """Parallel layouts of the reference GPT, built with torch's own parallelism.
 
-``zero`` follows ucp's meaning (``ucp.spec.layout.ZERO_MODES``): 0 is DDP (or, with tensor
+``zero`` follows ucp's meaning (``ucp.format.layout.ZERO_MODES``): 0 is DDP (or, with tensor
 parallelism, data-parallel gradient averaging over the ``dp`` mesh dim), 1 is the flat ZeRO-1
 optimizer of :mod:`ucp.trainer.zero1`, 2 is FSDP2 with
 ``reshard_after_forward=False``, 3 is FSDP2; each optionally over DTensor tensor parallelism.
@@ -15,8 +15,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ucp.errors import OptionsError
-from ucp.spec.layout import Layout
+from ucp.format.layout import Layout
 from ucp.trainer.model import GPTConfig
+from ucp.trainer.model import loss_fn
+from ucp.trainer.pipeline import PipelineTrainer, pipeline_groups, shard_stage, stage_module
+from ucp.options import CheckpointOptions
+from ucp.trainer.manual_tp import ManualTPGPT
+from ucp.trainer.pipeline import default_microbatches
+from ucp.trainer.manual_tp import ucp_patterns
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,6 @@ class TrainLayout:
         if self.pp > 1 and self.tp > 1 and not self.manual_tp:
             raise OptionsError("--pp with DTensor --tp is not supported; use --manual-tp --zero 1 for tp x pp")
         if self.pp > 1 and cfg.global_batch % self.dp == 0:
-            from ucp.trainer.pipeline import default_microbatches
-
             if default_microbatches(cfg.global_batch // self.dp, self.pp) < self.pp:
                 raise OptionsError(f"--pp {self.pp}: each dp rank's {cfg.global_batch // self.dp} sequences cannot "
                                    f"make {self.pp} equal microbatches; use fewer stages or a smaller --dp")
@@ -56,11 +60,7 @@ class TrainLayout:
 
     def checkpoint_options(self, cfg: GPTConfig):
         """ucp's options for this layout: plain-tensor geometry comes from patterns under manual TP."""
-        from ucp.options import CheckpointOptions
-
         if self.manual_tp:
-            from ucp.trainer.manual_tp import ucp_patterns
-
             return CheckpointOptions(layout=self.layout, patterns=ucp_patterns(cfg, self.tp))
         return CheckpointOptions(layout=self.layout)
 
@@ -92,8 +92,6 @@ def parallelize(model: nn.Module, lay: TrainLayout) -> Parallel:
     coords = lay.layout.coords(rank)
     mesh = init_device_mesh("cpu", (lay.dp, lay.tp), mesh_dim_names=("dp", "tp"))
     if lay.manual_tp:
-        from ucp.trainer.manual_tp import ManualTPGPT
-
         tp_model = ManualTPGPT.from_whole(model, mesh["tp"].get_group() if lay.tp > 1 else None, torch.bfloat16)
         return Parallel(tp_model, tp_model, coords.get("dp", 0), mesh["dp"].get_group())
     if lay.tp > 1:
@@ -123,13 +121,8 @@ def parallelize(model: nn.Module, lay: TrainLayout) -> Parallel:
 def _pipeline(model: nn.Module, lay: TrainLayout) -> Parallel:
     """Pipeline stages (``torch.distributed.pipelining``) over data parallelism (zero 0/1/2/3),
     optionally over manual tensor parallelism."""
-    from ucp.trainer.model import loss_fn
-    from ucp.trainer.pipeline import PipelineTrainer, pipeline_groups, shard_stage, stage_module
-
     g = pipeline_groups(lay.pp, lay.dp, lay.tp)
     if lay.manual_tp:
-        from ucp.trainer.manual_tp import ManualTPGPT
-
         model = ManualTPGPT.from_whole(model, g.mesh["tp"].get_group() if lay.tp > 1 else None, torch.bfloat16)
     stage = stage_module(model, g.pp_rank, g.pp_size)
     if lay.zero in (2, 3):

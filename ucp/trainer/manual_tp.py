@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ucp.errors import OptionsError
-from ucp.spec.layout import Layout
-from ucp.spec.pattern import Fused, Pad, Pattern, Shard
+from ucp.format.layout import Layout
+from ucp.format.pattern import Fused, Pad, Pattern, Shard
 from ucp.trainer.model import GPT, GPTConfig
 
 # -- collectives as autograd functions ---------------------------------------------------------

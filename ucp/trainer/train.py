@@ -20,6 +20,7 @@ from ucp.trainer.layouts import TrainLayout, parallelize
 from ucp.trainer.options import add_arguments
 from ucp.trainer.zero1 import FlatAdamW
 from ucp.trainer.model import GPTConfig, batch, init_gpt, loss_fn
+import ucp
 
 
 def build(cfg: GPTConfig, lay: TrainLayout, seed: int, lr: float = 3e-3):
@@ -59,8 +60,6 @@ def train_steps(cfg: GPTConfig, lay: TrainLayout, par, opt, seed: int, steps, on
 
 def run(args) -> list[float]:
     """Train on the already initialized process group; returns the losses."""
-    import ucp
-
     cfg = GPTConfig()
     world = dist.get_world_size()
     lay = TrainLayout(dp=args.dp or world // (args.tp * args.pp), tp=args.tp, pp=args.pp, zero=args.zero,

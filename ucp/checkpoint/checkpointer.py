@@ -1,0 +1,219 @@
+"""The public hooks: :class:`Checkpointer` saves and loads the training state of every rank of a job.
+
+It holds its tiers as parts: the durable tier (:mod:`ucp.checkpoint.save`, :mod:`ucp.checkpoint.load`)
+always, the memory tier (:class:`ucp.checkpoint.memory.Snapshots`) when given ``snapshot=``.
+Orchestration only: the math is the planner's, the bytes the storage layer's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ucp.checkpoint.load import load_checkpoint
+from ucp.checkpoint.memory import Snapshots
+from ucp.checkpoint.results import LoadResult, SaveResult
+from ucp.checkpoint.save import save_durable
+from ucp.comm.collective import Collective
+from ucp.errors import OptionsError, PersistError, UcpError
+from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
+from ucp.state.capture import Geometry, Piece, capture_state, infer_layout
+
+__all__ = ["Checkpointer", "CheckpointOptions", "SaveResult", "LoadResult"]
+
+
+class Checkpointer:
+    """Save and load the training state of every rank of a job.
+
+    Every rank constructs one with the same arguments and calls :meth:`save` and :meth:`load`
+    together. Works in one process and under ``torch.distributed`` (DTensor tensor parallel, FSDP2).
+
+    Args:
+        root: directory holding one ``step_<N>/`` directory per checkpoint.
+        model: the module whose parameters and persistent buffers are saved.
+        optimizer: its optimizer; state is keyed by parameter name, not index.
+        scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``).
+        state: ``{name: obj}`` of other stateful objects (a resumable data loader, say); saved per rank.
+        keep: retain the newest ``keep`` complete checkpoints (None: keep all).
+        options: :class:`CheckpointOptions`.
+        process_group: the group of ranks saving together (default: the whole world).
+        snapshot: :class:`~ucp.options.SnapshotOptions` to keep snapshots in the memory of the node's
+            snapshot agent (docs/agent.md): ``save`` then takes a snapshot every ``every`` steps and
+            writes every ``persist_every``-th one durably too; ``load`` prefers the newest complete
+            snapshot in memory, then the newest durable checkpoint.
+        redundancy: :class:`~ucp.options.RedundancyOptions` to erasure-code the snapshots across
+            nodes (needs ``snapshot``): a snapshot is complete only once its parity is, and ``load``
+            after nodes failed rebuilds their share from parity (docs/erasure.md).
+
+    Raises:
+        OptionsError: an argument is invalid; the message says how to fix it.
+    """
+
+    def __init__(self, root, model=None, optimizer=None, scheduler=None, state=None, keep=None,
+                 options: CheckpointOptions | None = None, process_group=None, snapshot=None,
+                 redundancy=None):
+        self.root = Path(root)
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.state = dict(state or {})
+        self.keep = check_keep(keep)
+        self.options = options if options is not None else CheckpointOptions()
+        if not isinstance(self.options, CheckpointOptions):
+            raise OptionsError("options must be a ucp.CheckpointOptions")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise OptionsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and model is None:
+            raise OptionsError("an optimizer needs its model: pass model=... so its state can be keyed by parameter name")
+        for name, obj in [("scheduler", scheduler), *((f"state[{k!r}]", v) for k, v in self.state.items())]:
+            if obj is not None and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise OptionsError(f"{name} must have state_dict() and load_state_dict()")
+        self.coll = Collective(process_group)
+        self.layout = self.options.layout or infer_layout(model, self.coll.world_size)
+        if self.layout.world_size != self.coll.world_size:
+            raise OptionsError(
+                f"layout {self.layout} has {self.layout.world_size} ranks but the job has {self.coll.world_size}; "
+                "give a layout whose axis sizes multiply to the world size"
+            )
+        self.geometry = Geometry(self.layout, self.layout.coords(self.coll.rank), self.options.patterns)
+        if snapshot is not None and not isinstance(snapshot, SnapshotOptions):
+            raise OptionsError("snapshot must be a ucp.SnapshotOptions")
+        self.snapshot = snapshot
+        if redundancy is not None and not isinstance(redundancy, RedundancyOptions):
+            raise OptionsError("redundancy must be a ucp.RedundancyOptions")
+        if redundancy is not None and snapshot is None:
+            raise OptionsError("redundancy protects the memory tier's snapshots: pass snapshot=ucp.SnapshotOptions(...) too")
+        self.redundancy = redundancy
+        # the memory tier, a part of its own; None without snapshots
+        self._snapshots = Snapshots(self, snapshot, redundancy) if snapshot is not None else None
+        self._closed = False
+
+    def capture(self, extras: dict | None = None) -> tuple[list[Piece], dict]:
+        """This rank's pieces and its non-tensor state (typed JSON, one entry per component)."""
+        return capture_state(self.model, self.optimizer, self.scheduler, self.state, extras, self.geometry,
+                             self.options.rng)
+
+    def save(self, step: int, extras: dict | None = None) -> SaveResult:
+        """Write a complete checkpoint of ``step``; visible only once every rank's data is durable.
+
+        With ``snapshot=``, a snapshot every ``every`` steps into the memory of the node's agent
+        instead (returned at once; the copy finishes in the background), written durably every
+        ``persist_every``-th one; if the memory tier fails, saves go on in the durable tier.
+
+        Args:
+            step: training step (a non-negative integer); one checkpoint per step.
+            extras: user values saved with it: JSON-able values, or tensors (same on every rank).
+
+        Returns:
+            :class:`SaveResult`, or None for a step the snapshots skip.
+
+        Raises:
+            ReplicaDivergenceError: (wrapped in DistributedError under torch.distributed) replicated
+                tensors differ between ranks.
+            UcpError: the checkpoint already exists, or a rank failed; nothing becomes visible.
+        """
+        self._check_open()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise OptionsError(f"step={step!r}: use a non-negative integer")
+        snaps = self._snapshots
+        if snaps is None:
+            return save_durable(self, step, extras)
+        if step % self.snapshot.every:
+            return None
+        persist = self.snapshot.persists(step)
+        if snaps.lost is None:
+            try:
+                return snaps.save(step, extras, persist)
+            except PersistError:
+                raise  # the snapshots go on; the durable tier failed
+            except UcpError as e:
+                snaps.lose(e)
+        if self.snapshot.persist_every is None or persist:
+            return save_durable(self, step, extras)
+        return None
+
+    # -- load --------------------------------------------------------------------------------
+
+    def load(self, step: int | None = None, strict: bool = True, cast: bool = False) -> LoadResult | None:
+        """Restore the newest complete checkpoint (or ``step``) into the model, optimizer and state.
+
+        The checkpoint may come from any layout and number of ranks, or be a universal one; each
+        rank reads only what its tensors need. Tensors the model names differently are found by the
+        rules of :mod:`ucp.plan.sources` (a fused ``qkv`` and its ``q``/``k``/``v`` parts, an fp32
+        master and an fp32 parameter), and Adam's step count moves between per-parameter and
+        per-group optimizers (:mod:`ucp.state.optimizer`). A target layout that cannot hold a tensor is
+        refused before any read.
+
+        Args:
+            step: the step to load; None for the newest complete checkpoint.
+            strict: fail if some tensor of the model/optimizer has no source in the checkpoint, or
+                some tensor of the checkpoint goes nowhere; with False, load what matches and report
+                the rest in the result.
+            cast: allow dtypes to differ: a parameter whose checkpoint also holds an fp32 master
+                (``optim/<fqn>/master``) of the wanted dtype is loaded from the master, exactly;
+                anything else is converted as ``Tensor.to`` converts (bf16 from fp32 rounds).
+
+        Returns:
+            :class:`LoadResult`, or None when ``root`` holds no complete checkpoint and ``step`` is None.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` was given and no complete checkpoint has it.
+            CorruptCheckpointError: a fragment fails its checksum or is truncated (names file and key).
+            LoadError: the checkpoint does not fit the model or optimizer.
+        """
+        self._check_open()
+        snaps = self._snapshots
+        if snaps is not None and snaps.lost is None:
+            try:
+                snaps.finish()
+                memory = snaps.source(step)
+            except PersistError:
+                raise
+            except UcpError as e:
+                snaps.lose(e)
+                memory = None
+            if memory is not None:
+                try:
+                    result = load_checkpoint(self, step, strict, cast, memory=memory)
+                finally:
+                    snaps.free_rebuilt()
+                return replace(result, rebuilt=snaps.rebuilt_ranks) if snaps.rebuilt_ranks else result
+        return load_checkpoint(self, step, strict, cast)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until every save in flight is done (a collective: every rank calls it): durable
+        saves complete inside ``save``; a snapshot's copy and cut complete here, and so do the
+        agents' durable writes of snapshots (``persist_every``).
+
+        Raises:
+            PersistError: an agent failed to write a snapshot durably (on every rank).
+        """
+        self._check_open()
+        if self._snapshots is not None:
+            self._snapshots.wait()
+
+    def close(self) -> None:
+        """Finish pending work (a collective with snapshots: every rank calls it), release the
+        snapshots' process group and this rank's mappings of the agent's memory (the snapshots stay
+        with the agent); later calls raise."""
+        if not self._closed:
+            try:
+                self.wait()
+            finally:
+                self._closed = True
+                if self._snapshots is not None:
+                    self._snapshots.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UcpError("this Checkpointer is closed")
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,267 @@
+"""Loading a checkpoint into the live model, optimizer and state.
+
+Phases: *find* (rank 0 picks the checkpoint, every rank uses that one), *manifest* (read and
+validate), *targets* (build the destination pieces and resolve each to the checkpoint tensors that
+fill it: everything refusable is refused here, before any read), *read* (the readers of
+:mod:`ucp.checkpoint.readers` fill the pieces, every checksum verified), *restore* (optimizer, scheduler,
+stateful objects, RNG). The source is a distributed checkpoint, a universal one (``ucp convert``)
+or an in-memory snapshot, saved under any layout. Model tensors are filled in place; optimizer
+state is filled into its existing tensors when they fit, else into new ones handed to
+``optimizer.load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ucp.checkpoint.results import LoadResult
+from ucp.errors import CheckpointNotFoundError, LoadError, few
+from ucp.state.optimizer import merged_optimizer_state, optimizer_targets, restore_optimizer
+from ucp.state.tensors import torch_dtype
+from ucp.plan.load_plan import FragmentIndex, ReadItem
+from ucp.plan.reshard import check_target
+from ucp.plan.sources import Resolution, SourceIndex
+from ucp.checkpoint.readers import FragmentReader, UniversalReader, UniversalSource
+from ucp.format import values
+from ucp.state.capture import Piece, model_pieces, normalize_fqn
+from ucp.state.rng import restore_rng
+from ucp.format.values import rank_state
+from ucp.format.box import Box
+from ucp.format.keys import EXTRA, MODEL, OPTIM, extra_key, optim_key, parse_key
+from ucp.format.manifest import TensorMeta
+from ucp.format.universal import universal_shape
+from ucp.storage import directory as store
+from ucp.storage.manifest_io import read_manifest
+from ucp.storage.universal_io import is_universal, read_header
+
+
+def _cast_target(p: Piece, res: Resolution, sources: SourceIndex, casts: list) -> tuple[Piece, Resolution]:
+    """What to read instead when ``p``'s dtype differs from the checkpoint's: the parameter's fp32
+    master if the checkpoint has one of the wanted dtype (exact), else a temporary of the stored
+    dtype that is converted into ``p`` after the read (recorded in ``casts``)."""
+    kind, fqn, _ = parse_key(p.key)
+    if kind == MODEL:
+        shape = universal_shape(p.meta.shape, p.meta.pattern)
+        master = sources.resolve(optim_key(fqn, "master"), shape, p.meta.pattern, p.meta.dtype)
+        if master is not None and master.dtype == p.meta.dtype and master.rule != "master" and \
+                all(s.dim is not None or sources.shape(s.key) == shape for s in master.slices):
+            return p, master
+    temp = torch.empty(p.data.shape, dtype=torch_dtype(res.dtype), device=p.data.device)
+    casts.append((temp, p.data))
+    return replace(p, data=temp, meta=TensorMeta(p.meta.shape, res.dtype, p.meta.pattern)), res
+
+
+def _renamed_params(plans) -> dict[str, tuple[str, ...]]:
+    """fqn of each parameter loaded under other names -> the checkpoint's fqns it came from."""
+    out = {}
+    for p, res in plans:
+        kind = parse_key(p.key)
+        if kind.kind == MODEL and res.rule in ("part", "fused"):
+            out[kind.name] = tuple(dict.fromkeys(parse_key(k).name for k in res.keys))
+    return out
+
+
+def _taken(res: Resolution) -> set:
+    """What a resolution takes of the checkpoint: whole keys, or ``(key, dim, lo, n)`` slices."""
+    return {s.key if s.dim is None else (s.key, s.dim, s.lo, s.n) for s in res.slices}
+
+
+def _untaken(tensors: dict, taken: set, sources: SourceIndex) -> list[str]:
+    """Checkpoint keys nothing takes whole: not taken as a key, nor covered by the slices taken of it
+    (a fused tensor whose parts are all loaded is taken; one missing a part is not)."""
+    spans: dict[str, list] = {}
+    for t in taken:
+        if isinstance(t, tuple):
+            spans.setdefault(t[0], []).append(t[1:])
+    out = []
+    for key in tensors:
+        if key in taken:
+            continue
+        pieces = sorted(set(spans.get(key, ())), key=lambda d: d[1])
+        size = sources.shape(key)[pieces[0][0]] if pieces else None
+        at = 0
+        for _, lo, n in pieces:
+            if lo <= at:
+                at = max(at, lo + n)
+        if size is None or at < size:
+            out.append(key)
+    return out
+
+
+def _resolve_targets(pieces: list[Piece], sources: SourceIndex, layout, where: Path, cast: bool):
+    """For each piece the checkpoint tensors that fill it (:mod:`ucp.plan.sources`), after checking
+    that ``layout`` can hold it and the shape and dtype checks; returns ``(plans, missing keys, checkpoint keys taken, casts)``."""
+    plans, missing, taken, casts = [], [], set(), []
+    for p in pieces:
+        check_target(p.key, p.meta.shape, p.meta.pattern, layout)
+        shape = universal_shape(p.meta.shape, p.meta.pattern)
+        res = sources.resolve(p.key, shape, p.meta.pattern, p.meta.dtype)
+        if res is None:
+            missing.append(p.key)
+            continue
+        # compared without padding: a layout may pad a dim (vocabulary) to a multiple of its tp
+        if res.rule == "same" and sources.shape(p.key) != shape:
+            raise LoadError(f"{where}: {p.key} has shape {list(sources.shape(p.key))} in the checkpoint, "
+                            f"{list(shape)} here")
+        taken.update(_taken(res))
+        if res.dtype != p.meta.dtype:
+            if not cast:
+                raise LoadError(f"{where}: {p.key} is {res.dtype} in the checkpoint, {p.meta.dtype} here; "
+                                "ucp does not cast silently: pass cast=True to convert")
+            p, res = _cast_target(p, res, sources, casts)
+        taken.update(_taken(res))
+        plans.append((p, res))
+    return plans, missing, taken, casts
+
+
+def _restore_extra_state(model, extra_state: dict) -> None:
+    modules = {normalize_fqn(name): m for name, m in model.named_modules()}
+    for key, value in extra_state.items():
+        prefix = normalize_fqn(key.removesuffix("_extra_state").rstrip("."))
+        if prefix not in modules:
+            raise LoadError(f"the checkpoint holds extra state of module {prefix!r}, which this model lacks")
+        modules[prefix].set_extra_state(value)
+
+
+def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False, memory=None):
+    """Implementation of :meth:`ucp.Checkpointer.load`; ``memory`` is ``(directory, manifest)`` of an
+    in-memory snapshot (its fragments in the agent's segments) to load instead of searching storage."""
+    t0 = time.perf_counter()
+    coll = ckpt.coll
+    if memory is not None:
+        return _load(ckpt, coll, t0, Path(memory[0]), memory[1], False, strict, cast, "memory")
+
+    def find():
+        if coll.rank != 0:
+            return None
+        if is_universal(ckpt.root):
+            if step is not None and step != read_header(ckpt.root).step:
+                raise CheckpointNotFoundError(f"{ckpt.root}: a universal checkpoint of step "
+                                              f"{read_header(ckpt.root).step}, not {step}")
+            return Path(ckpt.root)
+        try:
+            return store.resolve(ckpt.root, step)
+        except CheckpointNotFoundError:
+            if step is None and not store.list_steps(ckpt.root):
+                return None
+            raise
+
+    path = coll.phase("find", find)[0]
+    if path is None:
+        return None
+    result: dict = {}
+    universal = is_universal(path)
+
+    def read_source():
+        return UniversalSource(Path(path), read_header(path)) if universal else read_manifest(path)
+
+    coll.phase("manifest", lambda: result.update(manifest=read_source()))
+    return _load(ckpt, coll, t0, Path(path), result["manifest"], universal, strict, cast,
+                 "universal" if universal else "durable")
+
+
+def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: bool, cast: bool, source: str):
+    """The phases after the manifest: targets, read, restore."""
+    result: dict = {}
+
+    def targets():
+        pieces: list[Piece] = []
+        model_by_key: dict[str, Piece] = {}
+        sources = SourceIndex(manifest.tensors)
+        if ckpt.model is not None:
+            mp, _, _ = model_pieces(ckpt.model, ckpt.geometry)
+            model_by_key = {p.key: p for p in mp}
+            pieces += mp
+        fqns, opt_state = [], {}
+        if ckpt.optimizer is not None:
+            fqns, op, opt_state = optimizer_targets(ckpt.optimizer, ckpt.model, sources, model_by_key)
+            pieces += op
+        extras = {}
+        for key, meta in manifest.tensors.items():
+            if parse_key(key).kind == EXTRA:
+                extras[parse_key(key).name] = t = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
+                pieces.append(Piece(extra_key(parse_key(key).name), t, meta, Box.full(meta.shape)))
+        plans, missing, taken, casts = _resolve_targets(pieces, sources, ckpt.geometry.layout, path, cast)
+        result.update(plans=plans, missing=missing, casts=casts, fqns=fqns, opt_state=opt_state, extras=extras)
+        # a flat-partitioned optimizer vouches for all of its partitions
+        flat_owner = ckpt.optimizer is not None and hasattr(ckpt.optimizer, "ucp_flat_state")
+        return taken | {k for k, m in manifest.tensors.items() if flat_owner and m.pattern.flat}
+
+    taken_by_rank = coll.phase("targets", targets)
+
+    def read():
+        # Strictness is judged for the job: a key is unexpected only if no rank takes it (pipeline
+        # stages and flat partitions spread the keys over ranks), missing if this rank wants it.
+        taken = set().union(*taken_by_rank)
+        missing = sorted(result["missing"])
+        unexpected = sorted(k for k in _untaken(manifest.tensors, taken, SourceIndex(manifest.tensors))
+                            if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
+        if strict and (missing or unexpected):
+            raise LoadError(
+                f"{path}: checkpoint and model do not match: missing {few(missing)}, unexpected {few(unexpected)}; "
+                "pass strict=False to load what matches"
+            )
+        target_layout = ckpt.geometry.layout
+        plans = [(p, res) for p, res in result["plans"] if p.numel]
+        if universal:
+            reader = UniversalReader(manifest)
+            jobs = [(reader.read, (p, res, target_layout)) for p, res in plans]
+        else:
+            index = FragmentIndex(manifest.fragments)
+            reader = FragmentReader(path)
+            jobs = []
+            for p, res in plans:
+                only = res.slices[0]
+                exact = index.exact(only.key, p.box, p.flat) if len(res.slices) == 1 and only.dim is None else None
+                if exact is not None:  # the same layout: straight into the destination
+                    jobs.append((reader.read, (ReadItem(exact), p.data)))
+                else:
+                    jobs.append((reader.read_resharded, (p, res.slices, index, manifest, target_layout)))
+        try:
+            with ThreadPoolExecutor(ckpt.options.io_threads) as pool:
+                for f in [pool.submit(fn, *a) for fn, a in jobs]:
+                    f.result()
+        finally:
+            reader.close()
+        with torch.no_grad():
+            for temp, dest in result["casts"]:
+                dest.copy_(temp)
+        result.update(missing=missing, unexpected=unexpected, nbytes=reader.nbytes)
+
+    coll.phase("read", read)
+
+    def restore():
+        state = {k: values.decode(v, k) for k, v in rank_state(manifest.state, coll.rank).items()}
+        if universal and manifest.layout.world_size != coll.world_size:
+            # Per-rank RNG streams belong to the ranks that saved them: with another number of ranks
+            # there is no rank to give them to, so each rank keeps its own (docs/format-universal.md).
+            state.pop("rng", None)
+        if ckpt.model is not None and "model" in state:
+            _restore_extra_state(ckpt.model, state["model"].get("extra_state", {}))
+        if ckpt.optimizer is not None:
+            saved = state.get("optimizer", {})
+            if manifest.layout != ckpt.geometry.layout:  # parameters moved between ranks: every rank's groups
+                saved = merged_optimizer_state(manifest.state, path)
+            restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], saved, path, strict,
+                              _renamed_params(result["plans"]))
+        if ckpt.scheduler is not None:
+            if "scheduler" not in state:
+                raise LoadError(f"{path}: the checkpoint holds no scheduler state")
+            ckpt.scheduler.load_state_dict(state["scheduler"])
+        for name, obj in ckpt.state.items():
+            if f"state.{name}" not in state:
+                raise LoadError(f"{path}: the checkpoint holds no state named {name!r}")
+            obj.load_state_dict(state[f"state.{name}"])
+        if ckpt.options.rng and "rng" in state:
+            restore_rng(state["rng"])
+        return state.get("extras", {})
+
+    extras = {**coll.phase("restore", restore)[coll.rank], **result["extras"]}
+    return LoadResult(manifest.step, source, Path(path), extras, tuple(result["missing"]),
+                      tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0)
+

@@ -1,0 +1,405 @@
+"""The memory tier of a :class:`ucp.Checkpointer`: snapshots into the node agents' memory, their
+cut, their parity, and loads from memory (docs/agent.md, docs/erasure.md).
+
+The ``Checkpointer`` holds one :class:`Snapshots` when it is given ``snapshot=SnapshotOptions(...)``
+and calls it from ``save``, ``load``, ``wait`` and ``close``; the durable tier is
+:mod:`ucp.checkpoint.save`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import threading
+import time
+import traceback
+import warnings
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from ucp import __version__
+from ucp.checkpoint.results import SaveResult
+from ucp.checkpoint.save import fragment_checksums
+from ucp.errors import PersistError, UcpError, few
+from ucp.format.keys import model_key
+from ucp.plan.save_plan import assign_writers
+from ucp.snapshot.header import FragmentRecord, manifest_from_headers, restorable
+from ucp.snapshot.memory import MemoryTier
+from ucp.snapshot.recovery import SnapshotParity, find_recoverable, rebuild_lost
+from ucp.snapshot.shm import SHM_DIR
+from ucp.state.capture import normalize_fqn
+from ucp.state.tensors import snapshot_source
+
+
+class Snapshots:
+    """A Checkpointer's snapshots in the memory of its nodes' agents.
+
+    Args:
+        ckpt: the :class:`~ucp.Checkpointer` (its ``coll``, ``layout``, ``root``, ``keep``,
+            ``options``, ``model``, ``optimizer`` and ``capture``).
+        snapshot: the :class:`~ucp.SnapshotOptions`.
+        redundancy: the :class:`~ucp.RedundancyOptions`, or None.
+    """
+
+    def __init__(self, ckpt, snapshot, redundancy):
+        self.coll, self.layout, self.root, self.keep = ckpt.coll, ckpt.layout, ckpt.root, ckpt.keep
+        self.options, self.model, self.optimizer, self.capture = ckpt.options, ckpt.model, ckpt.optimizer, ckpt.capture
+        self.snapshot = snapshot
+        self.redundancy = redundancy
+        self._memory_tier = None
+        self.lost: str | None = None  # why the memory tier stopped, once it has
+        self._pending: dict | None = None  # the snapshot whose copy or cut is in flight
+        self._groups: dict = {}  # name -> weak reference to a process group of the snapshots ("cut", "parity")
+        self._parity = None  # the snapshots' parity (ucp.snapshot.recovery.SnapshotParity), with redundancy
+        self._rebuilt: list[str] = []
+        self.rebuilt_ranks: tuple = ()  # ranks a load rebuilt from parity; their segments freed once read
+        self._hook = None
+        self._persist_regions = None  # the pieces the agent was configured with (durable writes)
+
+    def wait(self) -> None:
+        """Finish the snapshot in flight and the agents' durable writes (every rank together).
+
+        Raises:
+            PersistError: an agent failed to write a snapshot durably (on every rank).
+        """
+        if self.lost is not None or self._memory_tier is None:
+            return
+        try:
+            self.finish()
+            errors = self._memory_tier.drain()
+        except PersistError:
+            raise
+        except UcpError as e:
+            self.lose(e)
+            return
+        cut = self._cut_group()
+        if cut is not None:
+            failed = torch.tensor([int(bool(errors))])
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=cut)
+            if failed.item() and not errors:
+                errors = ["the agent of another rank failed to write a snapshot to the durable tier (see its error)"]
+        if errors:
+            raise PersistError("; ".join(errors))
+
+    def close(self) -> None:
+        """Release the optimizer hook, the snapshots' process groups and this rank's mappings of the
+        agent's memory (the snapshots stay with the agent)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for ref in self._groups.values():
+            group = ref()
+            if group is not None:
+                dist.destroy_process_group(group)
+        self._groups.clear()
+        if self._memory_tier is not None:
+            self._memory_tier.close()
+
+    def lose(self, error: Exception) -> None:
+        """The memory tier failed (its agent killed, say): say so once; the durable tier carries on."""
+        self._pending = None
+        self.lost = str(error)
+        warnings.warn(f"ucp: the memory tier failed ({error}); snapshots stop, saves and loads use the "
+                      f"durable tier only", RuntimeWarning, stacklevel=3)
+
+    def _memory(self):
+        if self._memory_tier is None:
+            # every rank of a node asks; the first starts the node's agent, the others find it
+            self._memory_tier = MemoryTier(self.snapshot.job_name(self.root), self.coll.rank, self.snapshot.timeout,
+                                           self.snapshot.persist_timeout)
+        return self._memory_tier
+
+    def save(self, step: int, extras: dict | None, persist: bool) -> SaveResult:
+        """A snapshot of ``step`` into the memory of this node's agent (and, with ``persist``, by the
+        agent to the durable tier, in the background).
+
+        The state is captured now (non-tensor state encoded, module buffers copied, since a forward
+        pass may change them); parameters and optimizer state are copied into the slot by a
+        background thread, overlapping the next forward/backward: the optimizer's pre-step hook
+        waits for that copy before the step mutates them. The snapshot becomes complete (the
+        consistent cut: an all-reduce of every rank's "committed" on a gloo group of its own, in the
+        same background thread) as soon as every rank has copied it.
+        """
+        t0 = time.perf_counter()
+        self.finish()
+        tier = self._memory()
+        pieces, state = self.capture(extras)
+        metas = {p.key: p.meta.to_dict() for p in pieces}
+        pieces = [p for p in pieces if p.numel]
+        buffers = self._buffer_keys()
+        items = [(p.meta.dtype, snapshot_source(p.data, p.key in buffers)) for p in pieces]
+        ready = None
+        if any(t.is_cuda for _, t in items):  # the side stream's copies start after what is queued now
+            ready = torch.cuda.Event()
+            ready.record()
+        fragments = [FragmentRecord(p.key, p.box, p.flat, p.meta.dtype, t.numel() * t.element_size()).to_dict()
+                     for p, (_, t) in zip(pieces, items)]
+        header = {"layout": self.layout.to_dict(), "world_size": self.coll.world_size, "tensors": metas,
+                  "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
+        pending = {"step": step, "copied": threading.Event(), "device_copied": None}
+        cut = self._cut_group()
+        if self.redundancy is not None:
+            self._own_group("parity")  # (created here, in the training thread, by every rank together)
+        if self.redundancy is not None and self._parity is None:
+            self._parity = SnapshotParity(self.redundancy, self.coll)
+
+        def copied(event) -> None:  # the sources may change now (after ``event``, on a GPU)
+            pending["device_copied"] = event
+            pending["copied"].set()
+
+        regions = [(f["key"], f["offsets"], f["sizes"], f["flat"], f["dtype"], f["length"]) for f in fragments]
+
+        def copy():
+            errors = []
+            try:
+                committed, errors = tier.write(step, items, header, lambda views: [fragment_checksums(v) for v in views],
+                                               ready=ready, on_copied=copied)
+                pending["slot"] = committed["slot"]
+            except BaseException as e:  # surfaced by the next ucp call, never lost
+                pending["error"] = e
+            finally:
+                pending["copied"].set()  # the state may change now; the cut waits for the other ranks
+            try:
+                ok, token, failed, changed = self._cut_flags(cut, "error" not in pending, bool(errors),
+                                                             regions != self._persist_regions)
+                if not ok and "error" not in pending:
+                    pending["error"] = UcpError(f"another rank failed its snapshot of step {step}; "
+                                               "that snapshot is not complete")
+                if failed:
+                    pending["persist_error"] = PersistError("; ".join(errors) or "the agent of another rank failed "
+                                                            "to write a snapshot to the durable tier (see its error)")
+                if ok:
+                    local = None
+                    if changed:  # where this rank's snapshots go durably, and its share of the save plan
+                        try:
+                            self._configure_persist(tier, cut, committed)
+                            self._persist_regions = regions
+                        except BaseException as e:  # (with parity, every rank still joins its collectives)
+                            if self._parity is None:
+                                raise
+                            local = e
+                    if self._parity is not None and not self._encode_parity(tier, cut, committed, step, token, local):
+                        pending.setdefault("error", UcpError(f"the parity of the snapshot of step {step} failed on "
+                                                             "another rank; that snapshot is not complete"))
+                        return
+                    tier.complete(pending["slot"], step, token)
+                    if persist:
+                        tier.persist(pending["slot"], step)
+            except BaseException as e:
+                pending.setdefault("error", e)
+
+        thread = threading.Thread(target=copy, name=f"ucp-snapshot-{step}", daemon=True)
+        pending["thread"] = thread
+        self._pending = pending
+        self._hook_optimizer()
+        thread.start()
+        nbytes = sum(f["length"] for f in fragments)
+        return SaveResult(step, SHM_DIR, nbytes, time.perf_counter() - t0, "memory")
+
+    def _cut_flags(self, cut, committed: bool, failed: bool, changed: bool) -> tuple[bool, int, bool, bool]:
+        """The cut, in one all-reduce on the group ``cut``: whether every rank committed, the cut's
+        token (rank 0's random id), whether any rank's agent failed a durable write, whether any
+        rank's pieces changed since the agents were configured."""
+        token = random.getrandbits(62) + 1 if self.coll.rank == 0 else 0
+        flags = torch.tensor([int(committed), -token, -int(failed), -int(changed)], dtype=torch.int64)
+        if cut is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=cut)
+        ok, token, failed, changed = flags.tolist()
+        return ok == 1, -token, failed < 0, changed < 0
+
+    def _encode_parity(self, tier, cut, committed: dict, step: int, token: int, error=None) -> bool:
+        """Encode this rank's share of the snapshot's parity (docs/erasure.md section 7); whether every
+        rank's succeeded. Every rank joins the same collectives whatever fails where: the groups'
+        forming (once), then an all-reduce on ``cut`` of "ready" after the steps that may fail on one
+        rank alone (``error``: one that already did), then the stripes' exchange, then an all-reduce
+        of "done" (complete is sent only once all parity is). Raises this rank's own failure."""
+        parity = self._parity
+        sequence = parity.sequence
+        parity.sequence += 1
+        prepared = None
+        try:
+            parity.setup(tier, self._own_group("parity"))
+            if error is None:
+                prepared = parity.prepare(tier, committed, step, sequence)
+        except BaseException as e:
+            error = error or e
+        if self._all_ok(cut, error is None):
+            try:
+                parity.exchange(tier, prepared, token)
+            except BaseException as e:
+                error = e
+            done = self._all_ok(cut, error is None)
+        else:
+            done = False
+        if error is not None:
+            traceback.clear_frames(error.__traceback__)  # its frames held views of the shared memory
+            raise error if isinstance(error, UcpError) else UcpError(f"the parity of step {step} failed: {error!r}")
+        return done
+
+    def _all_ok(self, cut, ok: bool) -> bool:
+        """Whether ``ok`` on every rank (an all-reduce on ``cut``)."""
+        flag = torch.tensor([int(ok)], dtype=torch.int64)
+        if cut is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cut)
+        return bool(flag.item())
+
+    def _configure_persist(self, tier, cut, committed: dict) -> None:
+        """Tell the agent the checkpoint root and the fragments this rank writes there: the durable
+        save plan (each replicated region written by one holder) over every rank's pieces."""
+        infos = [FragmentRecord.from_dict(f).piece_info() for f in committed["fragments"]]
+        gathered = [infos]
+        if cut is not None:
+            gathered = [None] * self.coll.world_size
+            dist.all_gather_object(gathered, infos, group=cut)
+        write = assign_writers(gathered)[self.coll.rank]
+        tier.configure(str(self.root.resolve()), write, self.coll.world_size, self.keep, self.options.fsync)
+
+    def _buffer_keys(self) -> set[str]:
+        """Keys of module buffers (not parameters): state a forward pass may change."""
+        if self.model is None:
+            return set()
+        params = {id(p) for p in self.model.parameters()}
+        return {model_key(normalize_fqn(n)) for n, b in self.model.named_buffers() if id(b) not in params}
+
+    def _hook_optimizer(self) -> None:
+        if self.optimizer is not None and getattr(self, "_hook", None) is None:
+            self._hook = self.optimizer.register_step_pre_hook(lambda *a, **k: self._wait_copy())
+
+    def _wait_copy(self) -> None:
+        """Block until this rank's snapshot copy in flight is done, so the state may change (the
+        optimizer's pre-step hook; the cut may still wait for other ranks). A failed copy is reported
+        by the next ``save``/``wait``/``load``, not here."""
+        pending = self._pending
+        if pending is not None:
+            pending["copied"].wait()
+            if pending["device_copied"] is not None:  # copies from the GPU: its next kernels wait, not the host
+                torch.cuda.current_stream().wait_event(pending["device_copied"])
+
+    def finish(self) -> None:
+        """Wait for the snapshot in flight (copy and cut) and raise its error, if any, then a
+        failure of the agents to write an earlier snapshot durably (:class:`PersistError`). Either is
+        raised on every rank together: the cut tells every rank of both."""
+        pending = self._pending
+        if pending is None:
+            return
+        pending["thread"].join()
+        self._pending = None
+        error = pending.get("error")
+        if error is not None:
+            raise error if isinstance(error, UcpError) else UcpError(f"snapshot of step {pending['step']} failed: {error!r}")
+        if "persist_error" in pending:
+            raise pending["persist_error"]
+
+    def _cut_group(self):
+        """The process group of the snapshots' cut (created on first use, by every rank's first
+        snapshot); None for a job of one rank, whose cut is its own commit."""
+        return self._own_group("cut")
+
+    def _own_group(self, name: str):
+        """A gloo group of the snapshots (``"cut"``, ``"parity"``; created on first use by every rank
+        together), None in a job of one rank. Only torch.distributed holds it: held here too, it
+        would outlive ``destroy_process_group()`` and be torn down at interpreter exit, where gloo
+        may abort the process."""
+        if self.coll.world_size == 1:
+            return None
+        ref = self._groups.get(name)
+        group = ref() if ref is not None else None
+        if group is None:
+            ranks = dist.get_process_group_ranks(self.coll.group) if self.coll.group is not None else None
+            group = dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.snapshot.timeout))
+            self._groups[name] = weakref.ref(group)
+        return group
+
+    # -- loads from memory ---------------------------------------------------------------
+
+    def source(self, step: int | None):
+        """``(directory, manifest)`` of the newest snapshot the agents of this job's nodes hold whole
+        or can complete from parity (of ``step`` if given; saved by any number of ranks), or None;
+        it is marked complete. Ranks rebuilt from parity are listed in ``self.rebuilt_ranks`` and
+        their segments in ``self._rebuilt`` (freed after the load)."""
+        coll = self.coll
+        tier = self._memory()
+        host = os.uname().nodename
+        node = f"{host}:{tier.client.info.pid}"  # a node is an agent
+        # which snapshots each node holds (summaries), then the chosen one's headers, once per node
+        nodes = coll.phase("memory", lambda: (node, [dict(h, host=h.get("host") or host)
+                                                     for h in tier.node_headers(summary=True)],
+                                              tier.node_parity(summary=True)))
+        per_node = {n: (held, records) for n, held, records in nodes}
+        unique = [h for held, _ in per_node.values() for h in held if step is None or h["step"] == step]
+        newest = restorable(unique)
+        rec, why = find_recoverable([(n, held, records) for n, (held, records) in per_node.items()], step)
+        if rec is not None and newest is not None and newest[0] >= rec.step:
+            rec = None
+        if newest is None and rec is None:
+            if why and coll.rank == 0:
+                warnings.warn(f"ucp: {why}; loading the newest durable checkpoint instead", RuntimeWarning, stacklevel=3)
+            return None
+        chosen_step, world = (rec.step, rec.world_size) if rec is not None else newest
+        speaker = min(r for r, (n, _, _) in enumerate(nodes) if n == node)  # this node's lowest rank
+
+        def headers():
+            if coll.rank != speaker:
+                return []
+            for h in nodes[coll.rank][1]:  # the cut finished (some rank marked it): mark it here too
+                if h["step"] == chosen_step and h["world_size"] == world and not h["complete"]:
+                    tier.complete_rank(h["rank"], h["slot"], chosen_step)
+            return [dict(h, host=h.get("host") or host) for h in tier.node_headers(step=chosen_step)
+                    if h["world_size"] == world]
+
+        got = coll.phase("memory-headers", headers)
+        chosen = list({h["rank"]: h for held in got for h in held}.values())
+        self.rebuilt_ranks = ()
+        if rec is not None:
+            damaged = {r for g in rec.groups for r in g}
+
+            def records():
+                if coll.rank != speaker:
+                    return []
+                return [r for r in tier.node_parity(step=rec.step) if r["token"] == rec.token and r["rank"] in damaged]
+
+            full = {r["rank"]: r for held in coll.phase("memory-parity", records) for r in held}
+            group = self._own_group("parity")
+            node_of_rank = [n for n, _, _ in nodes]
+            made: list = []
+
+            self._rebuilt = made  # freed after the load, or if anything below fails
+            try:
+                rebuilt = coll.phase("memory-rebuild", lambda: rebuild_lost(coll, tier, group, rec, node_of_rank,
+                                                                             full, made))
+            except UcpError as e:  # a stripe failed its checksum, say: never loaded from
+                self.free_rebuilt()
+                if coll.rank == 0:
+                    why = " ".join(str(e).split())
+                    warnings.warn(f"ucp: the snapshot of step {rec.step} cannot be rebuilt from parity ({why}); "
+                                  "loading the newest durable checkpoint instead", RuntimeWarning, stacklevel=3)
+                return None
+            chosen += [h for held in rebuilt for h in held]
+            self.rebuilt_ranks = tuple(rec.lost)
+            if coll.rank == 0:
+                warnings.warn(f"ucp: ranks {few(rec.lost)} of the snapshot of step {rec.step} were lost with their "
+                              f"nodes and are rebuilt from parity", RuntimeWarning, stacklevel=3)
+        built: dict = {}
+
+        def build():
+            built["manifest"] = manifest_from_headers(chosen, host)
+
+        try:
+            coll.phase("memory-manifest", build)
+        except BaseException:
+            self.free_rebuilt()
+            raise
+        return SHM_DIR, built["manifest"]
+
+    def free_rebuilt(self) -> None:
+        """Free the segments a load rebuilt from parity (every rank has read them: the load's last
+        phase is collective)."""
+        names, self._rebuilt = self._rebuilt, []
+        for name in names:
+            try:
+                self._memory_tier.client.free(name)
+            except UcpError:
+                pass

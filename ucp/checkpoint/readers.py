@@ -1,0 +1,340 @@
+"""Readers of checkpoint bytes into destination tensors, every checksum verified.
+
+:class:`FragmentReader` reads a distributed checkpoint's fragments (or an in-memory snapshot's,
+whose files are the agent's segments): a fragment saved under the same layout straight into its
+destination, another layout through the reshard planner, reading only the 64 KiB checksummed
+blocks a destination needs. :class:`UniversalReader` reads a universal checkpoint's chunks. Both
+fill pieces of the live state that the loader (:mod:`ucp.checkpoint.load`) planned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ucp.codecs.checksum import crc32c
+from ucp.errors import CorruptCheckpointError
+from ucp.state.tensors import torch_dtype
+from ucp.plan.geometry import box_slices, byte_span, chunk_box, is_contiguous, needed_blocks, ravel
+from ucp.plan.load_plan import FragmentIndex, ReadItem
+from ucp.plan.reshard import chunk_pieces, reshard_plan, source_pieces, target_pieces
+from ucp.plan.sources import Resolution, relocate, to_source
+from ucp.state.capture import Piece
+from ucp.format.dtypes import itemsize
+from ucp.format.manifest import TensorMeta
+from ucp.format.universal import UniversalHeader
+from ucp.storage.safetensors_file import read_into
+from ucp.storage.universal_io import array_reader
+from ucp.format.dtypes import dtype_name
+
+
+@dataclass(frozen=True)
+class UniversalSource:
+    """A universal checkpoint seen through the loader's manifest interface."""
+
+    path: Path
+    header: UniversalHeader
+
+    def __post_init__(self):
+        object.__setattr__(self, "tensors", {k: TensorMeta(a.shape, a.dtype, a.pattern)
+                                             for k, a in self.header.tensors.items()})
+
+    @property
+    def step(self) -> int:
+        return self.header.step
+
+    @property
+    def layout(self):
+        return self.header.source_layout
+
+    @property
+    def state(self) -> dict:
+        return self.header.state
+
+
+class UniversalReader:
+    """Reads boxes of a universal checkpoint's arrays into destination tensors, chunk by chunk
+    (every chunk's CRC-32C verified), touching only the chunks a box overlaps."""
+
+    def __init__(self, source: UniversalSource):
+        self.source = source
+        self._lock = threading.Lock()
+        self.nbytes = 0
+
+    def read(self, piece: Piece, res: Resolution, target_layout=None) -> None:
+        """Fill ``piece`` from the arrays ``res`` names."""
+        only = res.slices[0]
+        if len(res.slices) > 1 or only.dim is not None or _needs_reshard(piece):
+            self._read_resharded(piece, res.slices, target_layout)
+            return
+        meta = self.source.header.tensors[only.key]
+        dest = piece.data
+        direct = dest.device.type == "cpu" and dest.is_contiguous()
+        out = dest if direct else torch.empty(tuple(piece.box.sizes), dtype=dest.dtype)
+        raw = out.reshape(-1).view(torch.uint8).numpy().view(np.dtype(meta.stored_dtype)).reshape(piece.box.sizes)
+        with array_reader(self.source.path, only.key, meta) as reader:
+            reader.read(box_slices(piece.box), out=raw)
+        if not direct:
+            with torch.no_grad():
+                dest.copy_(out.view(dest.shape))
+        with self._lock:
+            self.nbytes += raw.nbytes
+
+    def _read_resharded(self, piece: Piece, slices, target_layout) -> None:
+        targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
+        sources, metas = [], {}
+        for s in slices:
+            meta = metas[s.key] = self.source.header.tensors[s.key]
+            wanted = [b for b in (to_source(t.universal, s) for t in targets if t.universal is not None) if b is not None]
+            sources += relocate(_unique_chunks([c for b in wanted for c in chunk_pieces(meta.shape, meta.chunks, b)]), s)
+        items = reshard_plan(sources, targets, piece.key)
+        dtype = piece.data.dtype
+        with ExitStack() as stack:
+            opened = {k: stack.enter_context(array_reader(self.source.path, k, m)) for k, m in metas.items()}
+
+            def fetch(ref):
+                key, idx = ref
+                reader, meta = opened[key], metas[key]
+                chunk = reader.chunk(idx) if meta.shape else reader.read()
+                data = torch.from_numpy(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).copy()).view(dtype)
+                with self._lock:
+                    self.nbytes += reader.chunk_nbytes
+                return _chunk_cut(data, idx, meta)
+
+            _fill_resharded(piece, items, targets, _cached(fetch))
+
+    def close(self) -> None:
+        pass
+
+
+def _unique_chunks(pieces):
+    """Chunk pieces overlapping several target regions, once each (by chunk and region)."""
+    seen, out = set(), []
+    for p in pieces:
+        k = (p.ref, p.region)
+        if k not in seen:
+            seen.add(k)
+            out.append(p)
+    return out
+
+
+def _cached(fetch):
+    """``fetch`` memoized per source ref: the pieces of one chunk or fragment share one read."""
+    cache: dict = {}
+
+    def get(ref):
+        if ref not in cache:
+            cache[ref] = fetch(ref)
+        return cache[ref]
+
+    return get
+
+
+def _check_block(f, b: int, data, path, block_bytes: int) -> None:
+    """Verify block ``b`` of fragment ``f`` against its checksum; name file, key and block if it fails."""
+    got = crc32c(data)
+    if got != f.blocks[b]:
+        a = f.offset + b * block_bytes
+        raise CorruptCheckpointError(
+            f"{path}: fragment of {f.key} {f.box}{f.flat or ''}, block {b} at bytes [{a}, {a + len(data)}) fails "
+            f"its checksum (crc32c {got:08x}, expected {f.blocks[b]:08x}); the file is corrupted")
+
+
+def _chunk_cut(full: torch.Tensor, idx, meta) -> torch.Tensor:
+    """A chunk's data cut to the array: chunk pieces' sub-boxes are the chunk cut to the array
+    (edge chunks), while a chunk is stored whole."""
+    if not meta.shape:
+        return full
+    cut = tuple(slice(0, n) for n in chunk_box(meta.shape, meta.chunks, idx).sizes)
+    return full.view(meta.chunks)[cut].contiguous().reshape(-1)
+
+
+def _needs_reshard(piece: Piece) -> bool:
+    """Whether a target piece cannot be cut from the universal arrays as a plain box."""
+    pat = piece.meta.pattern
+    return piece.flat is not None or pat.fused is not None or pat.pad is not None
+
+
+def _fill_resharded(piece: Piece, items, targets, fetch) -> None:
+    """Copy every planned item into ``piece``'s local tensor and zero the padding it holds.
+
+    ``fetch(ref)`` returns the source's data for ``ref`` as a flat tensor (verified); each item's
+    source sub-box lies row-major from ``sub.offset`` in it.
+    """
+    dest = piece.data
+    direct = dest.device.type == "cpu" and dest.is_contiguous()
+    out = dest if direct else torch.empty(dest.shape, dtype=dest.dtype)
+    flat = out.reshape(-1)
+    with torch.no_grad():
+        for t in targets:
+            if t.universal is None:  # padding the target layout adds (e.g. vocabulary rows): zeros
+                view = flat[t.sub.offset:t.sub.offset + t.sub.box.numel].view(t.sub.box.sizes)
+                view[box_slices(t.region)].zero_()
+        by_ref: dict = {}
+        for item in items:
+            by_ref.setdefault(item.source.ref, []).append(item)
+        for group in by_ref.values():
+            data = fetch(group[0].source.ref)
+            for item in group:
+                sp, tp = item.source, item.target
+                src = data[sp.sub.offset:sp.sub.offset + sp.sub.box.numel].view(sp.sub.box.sizes)
+                dst = flat[tp.sub.offset:tp.sub.offset + tp.sub.box.numel].view(tp.sub.box.sizes)
+                dst[box_slices(item.dst)].copy_(src[box_slices(item.src)])
+        if not direct:
+            dest.copy_(out)
+
+
+class FragmentReader:
+    """Reads fragments of one checkpoint directory into destination tensors, verifying checksums."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._files: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self.nbytes = 0
+
+    def _open(self, name: str) -> tuple[int, int]:
+        with self._lock:
+            if name not in self._files:
+                path = self.directory / name
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CorruptCheckpointError(f"{path}: data file is missing") from None
+                self._files[name] = (fd, os.fstat(fd).st_size)
+            return self._files[name]
+
+    def _open_fragment(self, f) -> tuple[int, Path]:
+        """The open file holding fragment ``f`` and its path; a file that ends early is corruption."""
+        fd, size = self._open(f.file)
+        path = self.directory / f.file
+        if f.offset + f.length > size:
+            raise CorruptCheckpointError(f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes "
+                                         f"[{f.offset}, {f.offset + f.length}) lies past the end of the file "
+                                         f"({size} bytes); the file is truncated")
+        return fd, path
+
+    def read(self, item: ReadItem, dest: torch.Tensor) -> None:
+        """Fill ``dest`` (the destination piece's local tensor) from ``item``."""
+        f = item.fragment
+        fd, size = self._open(f.file)
+        path = self.directory / f.file
+        where = f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes [{f.offset}, {f.offset + f.length})"
+        if f.offset + f.length > size:
+            raise CorruptCheckpointError(f"{where} lies past the end of the file ({size} bytes); the file is truncated")
+        direct = (dest.device.type == "cpu" and dest.is_contiguous()
+                  and dtype_name(dest.dtype) == f.dtype)
+        buf = dest if direct else torch.empty(f.numel, dtype=torch_dtype(f.dtype))
+        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+        read_into(fd, f.offset, view, path)
+        got = crc32c(view)
+        if got != f.crc32c:
+            raise CorruptCheckpointError(f"{where} fails its checksum (crc32c {got:08x}, expected {f.crc32c:08x}); the file is corrupted")
+        if not direct:
+            with torch.no_grad():
+                dest.copy_(buf.view(dest.shape))
+        with self._lock:
+            self.nbytes += f.length
+
+    def fetch(self, f, spans=None, block_bytes: int = 0) -> torch.Tensor:
+        """Fragment ``f`` as a flat tensor of its dtype: whole, its checksum verified; or, when it has
+        block checksums, only the blocks holding the byte ``spans`` (``[lo, hi)`` pairs of its data),
+        each block verified (the rest of the tensor is left unset)."""
+        buf = torch.empty(f.numel, dtype=torch_dtype(f.dtype))
+        blocks = needed_blocks(spans, len(f.blocks or ()), block_bytes)
+        if blocks is None:
+            self.read(ReadItem(f), buf)
+            return buf
+        fd, path = self._open_fragment(f)
+        view = memoryview(buf.view(torch.uint8).numpy())
+        nbytes = 0
+        for first, last in blocks:
+            lo, hi = first * block_bytes, min(last * block_bytes, f.length)
+            read_into(fd, f.offset + lo, view[lo:hi], path)
+            nbytes += hi - lo
+            for b in range(first, last):
+                _check_block(f, b, view[b * block_bytes:min((b + 1) * block_bytes, f.length)], path, block_bytes)
+        with self._lock:
+            self.nbytes += nbytes
+        return buf
+
+    def read_run(self, f, lo: int, hi: int, out: memoryview, block_bytes: int) -> None:
+        """Bytes ``[lo, hi)`` of fragment ``f``'s data (which has block checksums) into ``out``: the
+        blocks inside the run straight into ``out``, the (at most two) blocks it cuts through a
+        scratch buffer; every block read is verified."""
+        fd, path = self._open_fragment(f)
+        bb, nbytes, scratch = block_bytes, 0, None
+        b, end = lo // bb, -(-hi // bb)
+        while b < end:
+            bl, bh = b * bb, min((b + 1) * bb, f.length)
+            if lo <= bl and bh <= hi:  # a run of whole blocks: read in place
+                e = b + 1
+                while e < end and min((e + 1) * bb, f.length) <= hi:
+                    e += 1
+                rh = min(e * bb, f.length)
+                read_into(fd, f.offset + bl, out[bl - lo:rh - lo], path)
+                for k in range(b, e):
+                    _check_block(f, k, out[k * bb - lo:min((k + 1) * bb, f.length) - lo], path, bb)
+                nbytes += rh - bl
+                b = e
+                continue
+            scratch = scratch if scratch is not None else memoryview(bytearray(bb))
+            block = scratch[:bh - bl]
+            read_into(fd, f.offset + bl, block, path)
+            _check_block(f, b, block, path, bb)
+            a, z = max(lo, bl), min(hi, bh)
+            out[a - lo:z - lo] = block[a - bl:z - bl]
+            nbytes += bh - bl
+            b += 1
+        with self._lock:
+            self.nbytes += nbytes
+
+    def read_resharded(self, piece: Piece, slices, index: FragmentIndex, manifest, target_layout) -> None:
+        """Fill ``piece`` from fragments saved under another layout (other boxes, flat partitions,
+        fused parts or padding) or another name (``slices``), through the reshard planner. Of each
+        fragment it touches only the blocks holding the elements it needs are read (each block
+        checksum verified; fragments without block checksums are read whole)."""
+        sources = []
+        for s in slices:
+            meta = manifest.tensors[s.key]
+            sources += relocate(source_pieces(index.by_key.get(s.key, []), meta.shape, meta.pattern, manifest.layout), s)
+        targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
+        items = reshard_plan(sources, targets, piece.key)
+        dest = piece.data
+        if manifest.block_bytes and dest.device.type == "cpu" and dest.is_contiguous():
+            items = self._read_runs(dest, items, manifest.block_bytes)
+        spans: dict = {}
+        for item in items:
+            f = item.source.ref[1]
+            spans.setdefault(f, []).append(byte_span(item.source.sub.box.sizes, item.src, itemsize(f.dtype), item.source.sub.offset))
+        fetch = _cached(lambda ref: self.fetch(ref[1], spans.get(ref[1]), manifest.block_bytes))
+        _fill_resharded(piece, items, targets, fetch)
+
+    def _read_runs(self, dest: torch.Tensor, items, block_bytes: int) -> list:
+        """Read the items that are one contiguous run both in their fragment (with block checksums,
+        same dtype) and in ``dest`` straight into ``dest``; returns the others."""
+        out = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+        rest = []
+        for item in items:
+            f, sp, tp = item.source.ref[1], item.source, item.target
+            if not (f.blocks and f.dtype == dtype_name(dest.dtype)
+                    and is_contiguous(sp.sub.box.sizes, item.src) and is_contiguous(tp.sub.box.sizes, item.dst)):
+                rest.append(item)
+                continue
+            size = itemsize(f.dtype)
+            lo = (sp.sub.offset + ravel(sp.sub.box.sizes, item.src.offsets)) * size
+            at = (tp.sub.offset + ravel(tp.sub.box.sizes, item.dst.offsets)) * size
+            n = item.src.numel * size
+            self.read_run(f, lo, lo + n, out[at:at + n], block_bytes)
+        return rest
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()

@@ -1,0 +1,186 @@
+"""``export``: a universal checkpoint's model weights as Hugging Face-style safetensors.
+
+One ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
+``model.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map": {name: file}}``)
+when the weights exceed the shard size; with ``optimizer=True`` the optimizer states alike, as
+``optimizer*.safetensors`` named ``<export name>/<state>``. Names and splits follow the UCL
+spec's export rules (:mod:`ucp.lang.names`). Tensors stream one at a time from the universal
+arrays into the files; the output directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ucp.errors import CheckpointNotFoundError, OptionsError
+from ucp.lang.apply import read_program
+from ucp.lang.names import ExportName, export_names, renamed
+from ucp.format.dtypes import DTYPES, itemsize
+from ucp.format.keys import MODEL, OPTIM, parse_key
+from ucp.format.universal import ArrayMeta, UniversalHeader, stored_dtype
+from ucp.storage.safetensors_file import Slot, write_stream
+from ucp.storage.staging import Staging
+from ucp.storage.directory import list_steps
+from ucp.storage.universal_io import array_reader, is_universal, read_header
+
+#: shard size above which the weights are split over several files (Hugging Face's default)
+DEFAULT_SHARD_BYTES = 5 * 10**9
+CAST_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote."""
+
+    out: str
+    files: tuple[str, ...]
+    tensors: int
+    nbytes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One exported tensor: a region of one universal array."""
+
+    name: str
+    key: str
+    meta: ArrayMeta
+    part: ExportName
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.meta.shape)
+        if self.part.dim is not None:
+            shape[self.part.dim] = self.part.stop - self.part.start
+        return tuple(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize(self.dtype)
+
+    def region(self) -> tuple[slice, ...]:
+        region = [slice(0, s) for s in self.meta.shape]
+        if self.part.dim is not None:
+            region[self.part.dim] = slice(self.part.start, self.part.stop)
+        return tuple(region)
+
+
+def export(universal, out, spec: str | Path | None = None, *, optimizer: bool = False,
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str | None = None,
+           progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None,
+           fsync: bool = True) -> ExportResult:
+    """Write the model weights (and with ``optimizer`` the optimizer states) of a universal checkpoint.
+
+    Args:
+        universal: a universal checkpoint directory (made by ``convert``).
+        out: the directory to create; must not exist.
+        spec: a UCL file whose export rules (rename, split) apply; default: the spec the checkpoint
+            was converted with, if any.
+        optimizer: also write the optimizer states.
+        max_shard_bytes: start a new file when the next tensor would pass this size.
+        dtype: cast floating-point weights to ``float32``, ``bfloat16`` or ``float16``; default: keep.
+        progress: called with byte counts as tensors are written; ``total`` once with the sum.
+
+    Raises:
+        CheckpointNotFoundError: ``universal`` is not a universal checkpoint.
+        OptionsError: ``out`` exists, or an option is out of range.
+        UclError: the export rules are malformed or make names collide.
+        CorruptCheckpointError: a chunk fails its checksum.
+    """
+    t0 = time.perf_counter()
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise OptionsError(f"max_shard_bytes={max_shard_bytes!r}: use a positive number of bytes")
+    if dtype is not None and dtype not in CAST_DTYPES:
+        raise OptionsError(f"dtype={dtype!r}: use one of {', '.join(CAST_DTYPES)}, or None to keep each tensor's")
+    universal = Path(universal)
+    if not is_universal(universal):
+        distributed = (universal / "manifest.json").exists() or bool(list_steps(universal))
+        what = "a distributed checkpoint; run 'ucp convert' on it first" if distributed \
+            else "not a universal checkpoint (no zarr.json)" if universal.exists() else "no such directory"
+        raise CheckpointNotFoundError(f"{universal}: {what}")
+    header = read_header(universal)
+    groups = _items(header, read_program(spec, header.spec), optimizer, dtype)
+    if total is not None:
+        total(sum(i.nbytes for items in groups.values() for i in items))
+    staging = Staging(out, fsync=fsync)
+    files: list[str] = []
+    with staging:
+        for prefix, items in groups.items():
+            files += _write_group(staging.path, prefix, items, universal, header, max_shard_bytes, progress, fsync)
+        staging.commit()
+    count = sum(len(v) for v in groups.values())
+    nbytes = sum(i.nbytes for items in groups.values() for i in items)
+    return ExportResult(str(out), tuple(files), count, nbytes, time.perf_counter() - t0)
+
+
+def _items(header: UniversalHeader, program, optimizer: bool, dtype: str | None) -> dict[str, list[_Item]]:
+    prog, file = program if program is not None else (None, "<ucl>")
+    params = {parse_key(k).name: a.pattern for k, a in header.tensors.items() if k.startswith(MODEL + "/")}
+    names = export_names(prog, params, file)
+    groups: dict[str, list[_Item]] = {"model": [], "optimizer": []}
+    for key, meta in header.tensors.items():
+        kind, fqn, state = parse_key(key)
+        out_dtype = dtype if dtype is not None and meta.dtype in CAST_DTYPES else meta.dtype
+        if kind == MODEL:
+            groups["model"] += [_Item(n.name, key, meta, n, out_dtype) for n in names[fqn]]
+        elif kind == OPTIM and optimizer:
+            parts = names.get(fqn)
+            model = header.tensors.get(f"{MODEL}/{fqn}")
+            if parts is None or model is None or model.shape != meta.shape:
+                parts = [ExportName(parts[0].name if parts and len(parts) == 1 else renamed(prog, fqn, file))]
+            groups["optimizer"] += [_Item(f"{n.name}/{state}", key, meta, n, out_dtype) for n in parts]
+    return {k: v for k, v in groups.items() if v}
+
+
+def _write_group(stage: Path, prefix: str, items: list[_Item], universal: Path, header, max_shard_bytes: int,
+                 progress, fsync: bool) -> list[str]:
+    shards: list[list[_Item]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    n = len(shards)
+    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, shard in zip(names, shards):
+        slots = [Slot(i.name, DTYPES[i.dtype][1], i.shape, i.nbytes) for i in shard]
+
+        def produce(j: int, shard=shard):
+            item = shard[j]
+            with array_reader(universal, item.key, item.meta) as reader:
+                data = reader.read(item.region())
+            data = _cast(data, item.meta.dtype, item.dtype)
+            if progress is not None:
+                progress(item.nbytes)
+            return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+
+        write_stream(stage / name, slots, produce, {"format": "pt"}, fsync)
+    if n > 1:
+        index = {"metadata": {"total_size": sum(i.nbytes for i in items)},
+                 "weight_map": {i.name: name for name, shard in zip(names, shards) for i in shard}}
+        (stage / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        names.append(f"{prefix}.safetensors.index.json")
+    return names
+
+
+def _cast(data: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """``data`` (stored bits of dtype ``src``) as dtype ``dst``, rounded as torch rounds."""
+    if src == dst:
+        return data
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(data)).view(getattr(torch, src)).to(getattr(torch, dst))
+    return t.view(getattr(torch, stored_dtype(dst))).numpy()

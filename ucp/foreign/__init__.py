@@ -1,8 +1,0 @@
-"""Checkpoints written by other systems, described as ucp manifests so that ``ucp convert`` takes
-them in (issue 8): Hugging Face safetensors (:mod:`ucp.foreign.hf`), PyTorch DCP
-(:mod:`ucp.foreign.dcp`), DeepSpeed ZeRO (:mod:`ucp.foreign.deepspeed`)."""
-
-from __future__ import annotations
-
-#: ``ucp convert --from`` choices: the source formats ``convert`` reads.
-SOURCES = ("ucp", "hf", "dcp", "deepspeed")

@@ -1,0 +1,95 @@
+"""A snapshot's header: what a rank's slot holds (docs/agent.md section 4), read and written in one
+place. Headers travel as JSON (to the agent, into rank files); :class:`FragmentRecord` is one
+fragment of a header, and :func:`manifest_from_headers` turns the headers of one snapshot into the
+:class:`~ucp.format.manifest.Manifest` every loader reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ucp.format.box import Box, FlatRange
+from ucp.format.fragment import Fragment
+from ucp.format.layout import Layout
+from ucp.format.manifest import BLOCK_BYTES, Manifest, TensorMeta
+from ucp.format.values import split_state
+from ucp.plan.save_plan import PieceInfo, merge_metas
+
+
+@dataclass(frozen=True)
+class FragmentRecord:
+    """One fragment of a snapshot header: the region ``box`` (and ``flat`` range) of tensor ``key``,
+    ``length`` bytes of ``dtype``; once committed, where it lies (``file``, ``offset``) and its
+    checksums (``crc32c``, ``blocks``)."""
+
+    key: str
+    box: Box
+    flat: FlatRange | None
+    dtype: str
+    length: int
+    file: str | None = None
+    offset: int | None = None
+    crc32c: int | None = None
+    blocks: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = {"key": self.key, "offsets": list(self.box.offsets), "sizes": list(self.box.sizes),
+             "flat": None if self.flat is None else [self.flat.start, self.flat.numel],
+             "dtype": self.dtype, "length": self.length}
+        if self.file is not None:
+            d.update(file=self.file, offset=self.offset, crc32c=self.crc32c, blocks=list(self.blocks))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FragmentRecord":
+        flat = None if d["flat"] is None else FlatRange(*d["flat"])
+        return cls(d["key"], Box(tuple(d["offsets"]), tuple(d["sizes"])), flat, d["dtype"], d["length"],
+                   d.get("file"), d.get("offset"), d.get("crc32c"), tuple(d.get("blocks", ())))
+
+    def piece_info(self) -> PieceInfo:
+        """What the durable save plan needs of it (its region, size and checksum)."""
+        return PieceInfo(self.key, self.box, self.flat, self.dtype, self.length, self.crc32c)
+
+    def fragment(self, rank: int) -> Fragment:
+        """The committed record as a checkpoint fragment held by ``rank``."""
+        return Fragment(self.key, self.box, self.flat, self.dtype, rank, self.file, self.offset, self.length,
+                        self.crc32c, self.blocks)
+
+
+def restorable(headers: list[dict]) -> tuple[int, int] | None:
+    """``(step, world size)`` of the newest snapshot of which every saving rank (``0 .. world_size
+    - 1``) holds a committed header and at least one holds it complete, or None. ``headers`` may
+    repeat and may mix snapshots of several steps and world sizes (after a recovery on fewer ranks,
+    the agents may hold snapshots of both jobs, of the same step)."""
+    by_step: dict[tuple[int, int], dict[int, dict]] = {}
+    for h in headers:
+        by_step.setdefault((h["step"], h["world_size"]), {})[h["rank"]] = h
+    for step, world in sorted(by_step, reverse=True):
+        ranks = by_step[(step, world)]
+        if set(ranks) == set(range(world)) and any(h["complete"] for h in ranks.values()):
+            return step, world
+    return None
+
+
+def manifest_from_headers(headers: list[dict], host: str) -> Manifest:
+    """The snapshot of one step as a :class:`~ucp.format.manifest.Manifest` over the files its
+    fragments name (``/dev/shm`` segments, or rank files): every rank's fragments (a region several
+    ranks hold, from a rank on ``host`` when one has it), the tensors' metadata, the ranks' non-tensor
+    state."""
+    headers = sorted(headers, key=lambda h: (h["host"] != host, h["rank"]))  # local copies first
+    tensors = merge_metas([{k: TensorMeta.from_dict(m, k) for k, m in h["tensors"].items()} for h in headers])
+    fragments, seen, files = [], set(), {}
+    for h in headers:
+        for f in h["fragments"]:
+            frag = FragmentRecord.from_dict(f).fragment(h["rank"])
+            if frag.region in seen:
+                continue
+            seen.add(frag.region)
+            fragments.append(frag)
+            files[f["file"]] = h["file_size"]
+    by_rank = sorted(headers, key=lambda h: h["rank"])
+    manifest = Manifest(by_rank[0]["step"], Layout.from_dict(by_rank[0]["layout"]), tensors, tuple(fragments),
+                        split_state([h["state"] for h in by_rank]), files, created_by=by_rank[0].get("created_by", ""),
+                        block_bytes=BLOCK_BYTES)
+    manifest.validate()
+    return manifest

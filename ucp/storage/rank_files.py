@@ -1,0 +1,95 @@
+"""One rank's file of a distributed checkpoint, the step directory it goes into, and the
+checkpoint's commit: done the same way by a trainer's durable save (:mod:`ucp.checkpoint.save`) and
+by an agent writing a snapshot durably (:mod:`ucp.snapshot.persist`); docs/format-checkpoint.md."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ucp.format.box import Box, FlatRange
+from ucp.format.dtypes import DTYPES
+from ucp.format.manifest import Manifest
+from ucp.storage import directory as store
+from ucp.storage.atomic import fsync_dir
+from ucp.storage.manifest_io import commit_manifest
+from ucp.storage.safetensors_file import Entry, write_file
+
+FORMAT = "ucp.checkpoint"  # a rank file's ``format`` metadata entry
+
+
+@dataclass(frozen=True)
+class RankFragment:
+    """A fragment a rank writes: the region ``box`` (and ``flat`` range) of tensor ``key``, ``data``
+    its bytes (a contiguous buffer: no copy is made)."""
+
+    key: str
+    box: Box
+    flat: FlatRange | None
+    dtype: str
+    data: memoryview
+
+
+def entry_name(key: str, box: Box, flat: FlatRange | None) -> str:
+    """The safetensors entry name of a fragment: its key, box and flat range (format rule 11)."""
+    return f"{key}{box}{flat or ''}"
+
+
+def write_rank_file(directory: Path, rank: int, fragments: list[RankFragment], fsync: bool,
+                    metadata: dict | None = None, token: int | None = None) -> tuple[Path, int, list[int]]:
+    """Stream rank ``rank``'s fragments into its file in ``directory`` (``metadata`` added to the
+    file's own). With a ``token``, the file is written under a temporary name and renamed: a rank
+    file under its own name is then whole (the agents' writes, which another agent's commit reads).
+
+    Returns:
+        (path, file size, each fragment's data offset in the file).
+    """
+    entries = [Entry(entry_name(f.key, f.box, f.flat), DTYPES[f.dtype][1],
+                     (f.flat.numel,) if f.flat is not None else f.box.sizes, f.data) for f in fragments]
+    meta = {"format": FORMAT, "rank": str(rank), **(metadata or {})}
+    path = directory / store.rank_file(rank)
+    if token is None:
+        size, offsets = write_file(path, entries, meta, fsync)
+        return path, size, offsets
+    tmp = directory / f".{path.name}.{token}.tmp"
+    try:
+        size, offsets = write_file(tmp, entries, meta, fsync)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(directory)
+    return path, size, offsets
+
+
+def prepare_step(directory: Path, clear_partial: bool) -> bool:
+    """Make a step's directory, its entry durable; False when a complete checkpoint of that step is
+    there already. ``clear_partial`` removes what a failed save of the same step left (only the
+    one writer of the directory may: agents writing a snapshot share it)."""
+    if store.is_complete(directory):
+        return False
+    if clear_partial and directory.exists():
+        store.remove_checkpoint(directory)
+    if not directory.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        fsync_dir(directory.parent)
+    return True
+
+
+def commit_step(directory: Path, manifest: Manifest) -> None:
+    """Make the checkpoint in ``directory`` visible: its manifest committed atomically (after the
+    fragment table), once every rank file is whole."""
+    commit_manifest(directory, manifest)
+
+
+def apply_retention(root: Path, keep: int | None, step: int) -> OSError | None:
+    """Retention after the commit of ``step``: keep the newest ``keep`` complete checkpoints under
+    ``root``. It never fails a committed checkpoint: its error is returned for the caller to report,
+    and the next commit retries it."""
+    try:
+        store.prune(root, keep, current=step)
+    except OSError as e:
+        return e
+    return None
