@@ -8,21 +8,19 @@ and calls it from ``save``, ``load``, ``wait`` and ``close``; the durable tier i
 
 from __future__ import annotations
 
-import datetime
 import os
 import random
 import threading
 import time
 import traceback
 import warnings
-import weakref
 
 import torch
-import torch.distributed as dist
 
 from ucp import __version__
 from ucp.checkpoint.results import SaveResult
 from ucp.checkpoint.save import fragment_checksums
+from ucp.comm.side_groups import SideGroups, all_gather_objects, all_reduce_ints, all_true
 from ucp.errors import PersistError, UcpError, few
 from ucp.format.keys import model_key
 from ucp.plan.save_plan import assign_writers
@@ -52,7 +50,7 @@ class Snapshots:
         self._memory_tier = None
         self.lost: str | None = None  # why the memory tier stopped, once it has
         self._pending: dict | None = None  # the snapshot whose copy or cut is in flight
-        self._groups: dict = {}  # name -> weak reference to a process group of the snapshots ("cut", "parity")
+        self._groups = SideGroups(ckpt.coll, snapshot.timeout)  # "cut" and "parity", created on first use
         self._parity = None  # the snapshots' parity (ucp.snapshot.recovery.SnapshotParity), with redundancy
         self._rebuilt: list[str] = []
         self.rebuilt_ranks: tuple = ()  # ranks a load rebuilt from parity; their segments freed once read
@@ -75,12 +73,8 @@ class Snapshots:
         except UcpError as e:
             self.lose(e)
             return
-        cut = self._cut_group()
-        if cut is not None:
-            failed = torch.tensor([int(bool(errors))])
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=cut)
-            if failed.item() and not errors:
-                errors = ["the agent of another rank failed to write a snapshot to the durable tier (see its error)"]
+        if all_reduce_ints([int(bool(errors))], "max", self._cut_group())[0] and not errors:
+            errors = ["the agent of another rank failed to write a snapshot to the durable tier (see its error)"]
         if errors:
             raise PersistError("; ".join(errors))
 
@@ -90,11 +84,7 @@ class Snapshots:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        for ref in self._groups.values():
-            group = ref()
-            if group is not None:
-                dist.destroy_process_group(group)
-        self._groups.clear()
+        self._groups.destroy()
         if self._memory_tier is not None:
             self._memory_tier.close()
 
@@ -142,7 +132,7 @@ class Snapshots:
         pending = {"step": step, "copied": threading.Event(), "device_copied": None}
         cut = self._cut_group()
         if self.redundancy is not None:
-            self._own_group("parity")  # (created here, in the training thread, by every rank together)
+            self._groups.get("parity")  # (created here, in the training thread, by every rank together)
         if self.redundancy is not None and self._parity is None:
             self._parity = SnapshotParity(self.redundancy, self.coll)
 
@@ -204,10 +194,7 @@ class Snapshots:
         token (rank 0's random id), whether any rank's agent failed a durable write, whether any
         rank's pieces changed since the agents were configured."""
         token = random.getrandbits(62) + 1 if self.coll.rank == 0 else 0
-        flags = torch.tensor([int(committed), -token, -int(failed), -int(changed)], dtype=torch.int64)
-        if cut is not None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=cut)
-        ok, token, failed, changed = flags.tolist()
+        ok, token, failed, changed = all_reduce_ints([int(committed), -token, -int(failed), -int(changed)], "min", cut)
         return ok == 1, -token, failed < 0, changed < 0
 
     def _encode_parity(self, tier, cut, committed: dict, step: int, token: int, error=None) -> bool:
@@ -221,17 +208,17 @@ class Snapshots:
         parity.sequence += 1
         prepared = None
         try:
-            parity.setup(tier, self._own_group("parity"))
+            parity.setup(tier, self._groups.get("parity"))
             if error is None:
                 prepared = parity.prepare(tier, committed, step, sequence)
         except BaseException as e:
             error = error or e
-        if self._all_ok(cut, error is None):
+        if all_true(error is None, cut):
             try:
                 parity.exchange(tier, prepared, token)
             except BaseException as e:
                 error = e
-            done = self._all_ok(cut, error is None)
+            done = all_true(error is None, cut)
         else:
             done = False
         if error is not None:
@@ -239,22 +226,11 @@ class Snapshots:
             raise error if isinstance(error, UcpError) else UcpError(f"the parity of step {step} failed: {error!r}")
         return done
 
-    def _all_ok(self, cut, ok: bool) -> bool:
-        """Whether ``ok`` on every rank (an all-reduce on ``cut``)."""
-        flag = torch.tensor([int(ok)], dtype=torch.int64)
-        if cut is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cut)
-        return bool(flag.item())
-
     def _configure_persist(self, tier, cut, committed: dict) -> None:
         """Tell the agent the checkpoint root and the fragments this rank writes there: the durable
         save plan (each replicated region written by one holder) over every rank's pieces."""
         infos = [FragmentRecord.from_dict(f).piece_info() for f in committed["fragments"]]
-        gathered = [infos]
-        if cut is not None:
-            gathered = [None] * self.coll.world_size
-            dist.all_gather_object(gathered, infos, group=cut)
-        write = assign_writers(gathered)[self.coll.rank]
+        write = assign_writers(all_gather_objects(infos, cut, self.coll.world_size))[self.coll.rank]
         tier.configure(str(self.root.resolve()), write, self.coll.world_size, self.keep, self.options.fsync)
 
     def _buffer_keys(self) -> set[str]:
@@ -296,22 +272,7 @@ class Snapshots:
     def _cut_group(self):
         """The process group of the snapshots' cut (created on first use, by every rank's first
         snapshot); None for a job of one rank, whose cut is its own commit."""
-        return self._own_group("cut")
-
-    def _own_group(self, name: str):
-        """A gloo group of the snapshots (``"cut"``, ``"parity"``; created on first use by every rank
-        together), None in a job of one rank. Only torch.distributed holds it: held here too, it
-        would outlive ``destroy_process_group()`` and be torn down at interpreter exit, where gloo
-        may abort the process."""
-        if self.coll.world_size == 1:
-            return None
-        ref = self._groups.get(name)
-        group = ref() if ref is not None else None
-        if group is None:
-            ranks = dist.get_process_group_ranks(self.coll.group) if self.coll.group is not None else None
-            group = dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.snapshot.timeout))
-            self._groups[name] = weakref.ref(group)
-        return group
+        return self._groups.get("cut")
 
     # -- loads from memory ---------------------------------------------------------------
 
@@ -362,7 +323,7 @@ class Snapshots:
                 return [r for r in tier.node_parity(step=rec.step) if r["token"] == rec.token and r["rank"] in damaged]
 
             full = {r["rank"]: r for held in coll.phase("memory-parity", records) for r in held}
-            group = self._own_group("parity")
+            group = self._groups.get("parity")
             node_of_rank = [n for n, _, _ in nodes]
             made: list = []
 

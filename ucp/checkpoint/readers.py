@@ -9,7 +9,6 @@ fill pieces of the live state that the loader (:mod:`ucp.checkpoint.load`) plann
 
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ucp.codecs.checksum import crc32c
-from ucp.errors import CorruptCheckpointError
 from ucp.state.tensors import torch_dtype
 from ucp.plan.geometry import box_slices, byte_span, chunk_box, is_contiguous, needed_blocks, ravel
 from ucp.plan.load_plan import FragmentIndex, ReadItem
@@ -29,7 +26,7 @@ from ucp.state.capture import Piece
 from ucp.format.dtypes import itemsize
 from ucp.format.manifest import TensorMeta
 from ucp.format.universal import UniversalHeader
-from ucp.storage.safetensors_file import read_into
+from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.universal_io import array_reader
 from ucp.format.dtypes import dtype_name
 
@@ -136,16 +133,6 @@ def _cached(fetch):
     return get
 
 
-def _check_block(f, b: int, data, path, block_bytes: int) -> None:
-    """Verify block ``b`` of fragment ``f`` against its checksum; name file, key and block if it fails."""
-    got = crc32c(data)
-    if got != f.blocks[b]:
-        a = f.offset + b * block_bytes
-        raise CorruptCheckpointError(
-            f"{path}: fragment of {f.key} {f.box}{f.flat or ''}, block {b} at bytes [{a}, {a + len(data)}) fails "
-            f"its checksum (crc32c {got:08x}, expected {f.blocks[b]:08x}); the file is corrupted")
-
-
 def _chunk_cut(full: torch.Tensor, idx, meta) -> torch.Tensor:
     """A chunk's data cut to the array: chunk pieces' sub-boxes are the chunk cut to the array
     (edge chunks), while a chunk is stored whole."""
@@ -191,56 +178,26 @@ def _fill_resharded(piece: Piece, items, targets, fetch) -> None:
 
 
 class FragmentReader:
-    """Reads fragments of one checkpoint directory into destination tensors, verifying checksums."""
+    """Reads fragments of one checkpoint directory into destination tensors, verifying checksums
+    (the bytes through :class:`~ucp.storage.fragment_files.FragmentFiles`)."""
 
     def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self._files: dict[str, tuple[int, int]] = {}
-        self._lock = threading.Lock()
-        self.nbytes = 0
+        self.files = FragmentFiles(directory)
 
-    def _open(self, name: str) -> tuple[int, int]:
-        with self._lock:
-            if name not in self._files:
-                path = self.directory / name
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    raise CorruptCheckpointError(f"{path}: data file is missing") from None
-                self._files[name] = (fd, os.fstat(fd).st_size)
-            return self._files[name]
-
-    def _open_fragment(self, f) -> tuple[int, Path]:
-        """The open file holding fragment ``f`` and its path; a file that ends early is corruption."""
-        fd, size = self._open(f.file)
-        path = self.directory / f.file
-        if f.offset + f.length > size:
-            raise CorruptCheckpointError(f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes "
-                                         f"[{f.offset}, {f.offset + f.length}) lies past the end of the file "
-                                         f"({size} bytes); the file is truncated")
-        return fd, path
+    @property
+    def nbytes(self) -> int:
+        """Bytes read so far."""
+        return self.files.nbytes
 
     def read(self, item: ReadItem, dest: torch.Tensor) -> None:
         """Fill ``dest`` (the destination piece's local tensor) from ``item``."""
         f = item.fragment
-        fd, size = self._open(f.file)
-        path = self.directory / f.file
-        where = f"{path}: fragment of {f.key} {f.box}{f.flat or ''} at bytes [{f.offset}, {f.offset + f.length})"
-        if f.offset + f.length > size:
-            raise CorruptCheckpointError(f"{where} lies past the end of the file ({size} bytes); the file is truncated")
-        direct = (dest.device.type == "cpu" and dest.is_contiguous()
-                  and dtype_name(dest.dtype) == f.dtype)
+        direct = dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
         buf = dest if direct else torch.empty(f.numel, dtype=torch_dtype(f.dtype))
-        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
-        read_into(fd, f.offset, view, path)
-        got = crc32c(view)
-        if got != f.crc32c:
-            raise CorruptCheckpointError(f"{where} fails its checksum (crc32c {got:08x}, expected {f.crc32c:08x}); the file is corrupted")
+        self.files.read(f, [memoryview(buf.reshape(-1).view(torch.uint8).numpy())])
         if not direct:
             with torch.no_grad():
                 dest.copy_(buf.view(dest.shape))
-        with self._lock:
-            self.nbytes += f.length
 
     def fetch(self, f, spans=None, block_bytes: int = 0) -> torch.Tensor:
         """Fragment ``f`` as a flat tensor of its dtype: whole, its checksum verified; or, when it has
@@ -250,50 +207,9 @@ class FragmentReader:
         blocks = needed_blocks(spans, len(f.blocks or ()), block_bytes)
         if blocks is None:
             self.read(ReadItem(f), buf)
-            return buf
-        fd, path = self._open_fragment(f)
-        view = memoryview(buf.view(torch.uint8).numpy())
-        nbytes = 0
-        for first, last in blocks:
-            lo, hi = first * block_bytes, min(last * block_bytes, f.length)
-            read_into(fd, f.offset + lo, view[lo:hi], path)
-            nbytes += hi - lo
-            for b in range(first, last):
-                _check_block(f, b, view[b * block_bytes:min((b + 1) * block_bytes, f.length)], path, block_bytes)
-        with self._lock:
-            self.nbytes += nbytes
+        else:
+            self.files.read_blocks(f, blocks, memoryview(buf.view(torch.uint8).numpy()), block_bytes)
         return buf
-
-    def read_run(self, f, lo: int, hi: int, out: memoryview, block_bytes: int) -> None:
-        """Bytes ``[lo, hi)`` of fragment ``f``'s data (which has block checksums) into ``out``: the
-        blocks inside the run straight into ``out``, the (at most two) blocks it cuts through a
-        scratch buffer; every block read is verified."""
-        fd, path = self._open_fragment(f)
-        bb, nbytes, scratch = block_bytes, 0, None
-        b, end = lo // bb, -(-hi // bb)
-        while b < end:
-            bl, bh = b * bb, min((b + 1) * bb, f.length)
-            if lo <= bl and bh <= hi:  # a run of whole blocks: read in place
-                e = b + 1
-                while e < end and min((e + 1) * bb, f.length) <= hi:
-                    e += 1
-                rh = min(e * bb, f.length)
-                read_into(fd, f.offset + bl, out[bl - lo:rh - lo], path)
-                for k in range(b, e):
-                    _check_block(f, k, out[k * bb - lo:min((k + 1) * bb, f.length) - lo], path, bb)
-                nbytes += rh - bl
-                b = e
-                continue
-            scratch = scratch if scratch is not None else memoryview(bytearray(bb))
-            block = scratch[:bh - bl]
-            read_into(fd, f.offset + bl, block, path)
-            _check_block(f, b, block, path, bb)
-            a, z = max(lo, bl), min(hi, bh)
-            out[a - lo:z - lo] = block[a - bl:z - bl]
-            nbytes += bh - bl
-            b += 1
-        with self._lock:
-            self.nbytes += nbytes
 
     def read_resharded(self, piece: Piece, slices, index: FragmentIndex, manifest, target_layout) -> None:
         """Fill ``piece`` from fragments saved under another layout (other boxes, flat partitions,
@@ -331,10 +247,8 @@ class FragmentReader:
             lo = (sp.sub.offset + ravel(sp.sub.box.sizes, item.src.offsets)) * size
             at = (tp.sub.offset + ravel(tp.sub.box.sizes, item.dst.offsets)) * size
             n = item.src.numel * size
-            self.read_run(f, lo, lo + n, out[at:at + n], block_bytes)
+            self.files.read_run(f, lo, lo + n, out[at:at + n], block_bytes)
         return rest
 
     def close(self) -> None:
-        for fd, _ in self._files.values():
-            os.close(fd)
-        self._files.clear()
+        self.files.close()

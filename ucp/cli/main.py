@@ -21,6 +21,15 @@ Exit codes: 0 ok, 1 error, 2 not found / bad usage, 3 corrupted.
 """
 
 
+def _checkpoint_command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A command on one checkpoint: ``CKPT`` (a checkpoint directory, or a root and ``--step``)."""
+    p = sub.add_parser(name, help=help, description=description, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="CKPT", help="checkpoint directory or root")
+    p.add_argument("--step", type=int, help="with a ROOT: this step instead of the newest")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ucp",
@@ -31,21 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ucp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="show what a checkpoint holds", epilog=EPILOG,
-                       description="Show a checkpoint's step, layout, files and every tensor with its shape, "
-                                   "dtype, pattern and fragments. Reads only the manifest.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", metavar="CKPT", help="checkpoint directory or root")
-    p.add_argument("--step", type=int, help="with a ROOT: this step instead of the newest")
+    p = _checkpoint_command(sub, "inspect", "show what a checkpoint holds",
+                            "Show a checkpoint's step, layout, files and every tensor with its shape, dtype, pattern "
+                            "and fragments. Reads only the manifest.")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON (fragments included)")
 
-    p = sub.add_parser("verify", help="check completeness and every fragment's checksum", epilog=EPILOG,
-                       description="Read every byte of a checkpoint and check it against the manifest: "
-                                   "files present with the recorded sizes, each fragment's CRC-32C. "
-                                   "Exits 3 naming each bad fragment (file and tensor key).",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", metavar="CKPT", help="checkpoint directory or root")
-    p.add_argument("--step", type=int, help="with a ROOT: this step instead of the newest")
+    p = _checkpoint_command(sub, "verify", "check completeness and every fragment's checksum",
+                            "Read every byte of a checkpoint and check it against the manifest: files present with "
+                            "the recorded sizes, each fragment's CRC-32C. Exits 3 naming each bad fragment (file and "
+                            "tensor key).")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("convert", help="turn a distributed checkpoint into a universal one", epilog=EPILOG,

@@ -12,7 +12,6 @@ file fsynced first): a killed conversion leaves no DST at all, never a half-vali
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -24,7 +23,7 @@ import numpy as np
 
 from ucp import __version__
 from ucp.codecs.checksum import crc32c
-from ucp.errors import CorruptCheckpointError, OptionsError
+from ucp.errors import OptionsError
 from ucp.lang.apply import apply_spec, merge_patterns
 from ucp.plan.consolidate import Source, TensorPlan, consolidate_plan, source_runs
 from ucp.format.dtypes import itemsize
@@ -35,6 +34,7 @@ from ucp.format.universal import COMPRESSORS, DEFAULT_CHUNK_BYTES, ArrayMeta, Un
     stored_dtype, universal_shape
 from ucp.storage import directory as store
 from ucp.storage.arena import Arena
+from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.staging import Staging, UrlTarget, is_url
 from ucp.storage.universal_io import FRAGMENT_TABLE, ZARR_JSON, create_arrays, header_document, shard_rel
@@ -45,7 +45,6 @@ from ucp.convert.foreign import SOURCES
 
 #: runs shorter than this (bytes) are gathered through a temporary box instead of one read each
 _MIN_RUN = 64 << 10
-_IOV_MAX = 512
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
             for done in pending:
                 done.result()
         arena = Arena(min(arena_size, sum(needs.values())))
-        with _SourceFiles(path, manifest, verify, decode) as files:
+        with _Source(path, manifest, verify, decode) as files:
             _run_tasks(plans, arrays, needs, arena, files, out, compressor, workers, progress)
         fragments = manifest.fragments if verify else tuple(replace(f, crc32c=files.crcs.get(f, 0)) for f in manifest.fragments)
         table = fragments_to_parquet(fragments)
@@ -236,33 +235,35 @@ def _need(plan: TensorPlan, meta: ArrayMeta, budget: int) -> int:
     return meta.nbytes + temp if meta.nbytes + temp <= budget else meta.nbytes
 
 
-class _SourceFiles:
-    """The source checkpoint's data files, open for positional reads from any thread. With
+class _Source:
+    """The source checkpoint's fragments, read through :class:`~ucp.storage.fragment_files.FragmentFiles`
+    from any thread (every data file opened at once: a missing one fails before any work). With
     ``verify`` off (foreign files, which carry no checksums), the CRC-32C computed of each fragment
-    read is kept in ``crcs`` instead of being checked."""
+    read is kept in ``crcs`` instead of being checked; ``decode`` (fragment -> its bytes, or None when
+    they lie raw in its file) serves sources whose files are not raw."""
 
     def __init__(self, directory: Path, manifest: Manifest, verify: bool = True, decode=None):
-        self.directory = Path(directory)
-        self.names = sorted({f.file for f in manifest.fragments})
-        self.fds: dict[str, int] = {}
+        self.files = FragmentFiles(directory, sorted({f.file for f in manifest.fragments}))
         self.verify = verify
-        self.decode = decode  # fragment -> its bytes (or None: raw in its file), for sources whose files are not raw
+        self.decode = decode
         self.crcs: dict = {}  # fragment -> its CRC-32C, as read (verify off)
 
-    def __enter__(self) -> "_SourceFiles":
-        for name in self.names:
-            try:
-                self.fds[name] = os.open(self.directory / name, os.O_RDONLY)
-            except FileNotFoundError:
-                raise CorruptCheckpointError(f"{self.directory / name}: data file is missing") from None
+    def __enter__(self) -> "_Source":
         return self
 
     def __exit__(self, *exc) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        self.files.close()
+
+    def read(self, frag, views: list) -> None:
+        """Read ``frag``'s bytes, in order, into ``views``; its CRC-32C checked (or kept)."""
+        if self.decode is not None and _read_decoded(self, frag, views):
+            return
+        crc = self.files.read(frag, views, self.verify)
+        if not self.verify:
+            self.crcs[frag] = crc
 
 
-def _run_tasks(plans, arrays, needs, arena: Arena, files: _SourceFiles, out, compressor: str, workers: int,
+def _run_tasks(plans, arrays, needs, arena: Arena, files: _Source, out, compressor: str, workers: int,
                progress) -> None:
     order = sorted(plans, key=lambda k: needs[k], reverse=True)
     lock = threading.Lock()
@@ -302,7 +303,7 @@ def _run_tasks(plans, arrays, needs, arena: Arena, files: _SourceFiles, out, com
     pool.shutdown(wait=True)
 
 
-def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray, files: _SourceFiles) -> None:
+def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray, files: _Source) -> None:
     """Read every fragment of ``source`` into its places in ``array``, verifying each checksum."""
     item = array.dtype.itemsize
     flat = array.reshape(-1).view(np.uint8)
@@ -311,7 +312,7 @@ def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray,
         box = temp[:source.box.numel * item]
         for frag in source.fragments:
             start = frag.flat.start * item if frag.flat is not None else 0
-            _read_checked(files, frag, [memoryview(box[start:start + frag.length])])
+            files.read(frag, [memoryview(box[start:start + frag.length])])
         boxed = box.view(array.dtype).reshape(source.box.sizes)
         for p in source.pieces:
             array[p.dst] = boxed[p.src]
@@ -332,10 +333,10 @@ def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray,
             pos = b1
         if pos < hi:
             views.append(bytearray(hi - pos))
-        _read_checked(files, frag, views)
+        files.read(frag, views)
 
 
-def _read_decoded(files: _SourceFiles, frag, views: list) -> bool:
+def _read_decoded(files: _Source, frag, views: list) -> bool:
     """``frag``'s bytes from the source's decoder, in order, into ``views``; their CRC-32C kept. False:
     the decoder has none for ``frag`` (its bytes lie in place in its file)."""
     data = files.decode(frag)
@@ -354,36 +355,3 @@ def _read_decoded(files: _SourceFiles, frag, views: list) -> bool:
     return True
 
 
-def _read_checked(files: _SourceFiles, frag, views: list) -> None:
-    """Read ``frag``'s bytes, in order, into ``views`` and check the fragment's CRC-32C."""
-    if files.decode is not None and _read_decoded(files, frag, views):
-        return
-    fd, offset, crc = files.fds[frag.file], frag.offset, 0
-    where = f"{files.directory / frag.file}: fragment of {frag.key} {frag.box}{frag.flat or ''}"
-    for i in range(0, len(views), _IOV_MAX):
-        batch = views[i:i + _IOV_MAX]
-        want = sum(len(v) if isinstance(v, bytearray) else v.nbytes for v in batch)
-        got = 0
-        while got < want:  # a short read: continue from where it stopped
-            rest, skip = [], got
-            for v in batch:
-                n = len(v) if isinstance(v, bytearray) else v.nbytes
-                if skip >= n:
-                    skip -= n
-                    continue
-                rest.append(memoryview(v)[skip:])
-                skip = 0
-            n = os.preadv(fd, rest, offset + got)
-            if n == 0:
-                raise CorruptCheckpointError(f"{where}: the file ends at byte {offset + got}, {want - got} bytes early "
-                                             "(truncated?)")
-            got += n
-        for v in batch:
-            crc = crc32c(v, crc)
-        offset += want
-    if not files.verify:
-        files.crcs[frag] = crc
-        return
-    if crc != frag.crc32c:
-        raise CorruptCheckpointError(f"{where} at bytes [{frag.offset}, {frag.offset + frag.length}): checksum mismatch "
-                                     f"(crc32c {crc:08x}, expected {frag.crc32c:08x}); the checkpoint is corrupted")

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Pos:
+    """Where a node starts in the source (1-based line and column); 0 when built by hand."""
+
     line: int = 0
     column: int = 0
 
@@ -23,6 +25,8 @@ class Quoted:
 
 @dataclass(frozen=True)
 class Setting:
+    """``name=value`` of a ``source layout`` or ``model`` line, or of an optimizer."""
+
     name: str
     value: int | str | Quoted
     pos: Pos = field(default=Pos(), compare=False)
@@ -52,6 +56,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Optimizer:
+    """``optimizer NAME states S... [master=DTYPE]``: the optimizer's per-parameter states."""
+
     name: str
     states: tuple[str, ...]
     settings: tuple[Setting, ...] = ()
@@ -60,6 +66,8 @@ class Optimizer:
 
 @dataclass(frozen=True)
 class ExportRename:
+    """``export rename "PATTERN" -> "REPLACEMENT"``: how ``ucp export`` names a tensor."""
+
     pattern: str
     replacement: str
     pos: Pos = field(default=Pos(), compare=False)
@@ -67,20 +75,26 @@ class ExportRename:
 
 @dataclass(frozen=True)
 class ExportSplit:
+    """``export split "GLOB", ...``: fused tensors ``ucp export`` writes as their parts."""
+
     globs: tuple[str, ...]
     pos: Pos = field(default=Pos(), compare=False)
 
 
 @dataclass(frozen=True)
-class SourceLayout:
+class SettingsLine:
+    """A line of ``name=value`` settings."""
+
     settings: tuple[Setting, ...]
     pos: Pos = field(default=Pos(), compare=False)
 
 
-@dataclass(frozen=True)
-class Model:
-    settings: tuple[Setting, ...]
-    pos: Pos = field(default=Pos(), compare=False)
+class SourceLayout(SettingsLine):
+    """``source layout AXIS=N ... [zero=Z]``: the layout the checkpoint was saved with."""
+
+
+class Model(SettingsLine):
+    """``model NAME=N ...``: model settings the rules may name (``vocab``, ``layers``, ...)."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,7 @@ from ucp.format.manifest import header_from_json
 from ucp.format.universal import ArrayMeta, UniversalHeader, shard_shape
 from ucp.storage.manifest_io import check_signed, sign_header
 from ucp.storage.zarr_shard import ZSTD_LEVEL, ShardReader, shard_key
+from ucp.storage.verify import Report
 
 ZARR_JSON = "zarr.json"
 FRAGMENT_TABLE = "fragments.parquet"
@@ -189,17 +190,10 @@ def array_reader(root: Path, key: str, meta: ArrayMeta) -> ShardReader:
 
 
 @dataclass
-class UniversalReport:
-    """Problems found in a universal checkpoint (one line each) and what was checked."""
+class UniversalReport(Report):
+    """A universal checkpoint's :class:`~ucp.storage.verify.Report`, with the arrays checked."""
 
-    path: Path
-    problems: list[str] = field(default_factory=list)
     arrays: int = 0
-    nbytes: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def verify_universal(root: Path, header: UniversalHeader, progress: Callable[[int], None] | None = None) -> UniversalReport:

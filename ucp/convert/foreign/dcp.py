@@ -21,7 +21,6 @@ optimizer's param groups, a top-level ``step`` the checkpoint's step, other valu
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
 from pathlib import Path
@@ -34,6 +33,7 @@ from ucp.format.keys import model_key
 from ucp.format.layout import Layout
 from ucp.format.manifest import Manifest, TensorMeta
 from ucp.format.pattern import Pattern
+from ucp.storage.fragment_files import FragmentFiles
 from ucp.format.dtypes import dtype_name
 from ucp.format import values
 
@@ -125,17 +125,9 @@ class DcpBlobs:
         import torch
 
         path = self.directory / file
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{path}: data file is missing (holds {what})") from None
-        try:
-            blob = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
-        if len(blob) != length:
-            raise CorruptCheckpointError(f"{path}: {what} at bytes [{offset}, {offset + length}) runs past the end "
-                                         "of the file (truncated?)")
+        blob = bytearray(length)
+        with FragmentFiles(self.directory) as files:
+            files.pread(file, offset, [blob], f"{what} at bytes [{offset}, {offset + length})")
         try:
             return torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
         except Exception as e:
@@ -223,11 +215,9 @@ def dcp_manifest(src) -> tuple[Path, Manifest, dict, DcpBlobs]:
             step = value
         else:
             extras[".".join(map(str, path))] = value
-    for name in sizes:
-        try:
-            sizes[name] = (directory / name).stat().st_size
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{directory / name}: data file is missing") from None
+    with FragmentFiles(directory) as files:
+        for name in sizes:
+            sizes[name] = files.open(name)[1]
     if not tensors:
         raise CheckpointNotFoundError(f"{where_md}: the checkpoint holds no tensor")
     shared = {"extras": values.encode(extras, "extras")}
