@@ -32,7 +32,7 @@ LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 
 
 @dataclass(frozen=True)
-class Geometry:
+class ParamGeometry:
     """One parameter's place on the grid: its global shape, how tp splits it, and which tp ranks' copies
     make the universal value of a parameter every tp rank holds whole (``(0,)``, or all when averaged)."""
 
@@ -92,8 +92,8 @@ def layer_weights(directory: Path, t: int, names: set[str], load) -> dict[str, t
     return out
 
 
-def geometries(checked, local_shapes: dict[str, list[tuple[int, ...]]], tp: int) -> dict[str, Geometry]:
-    """Each parameter's :class:`Geometry` from the spec's rules and every tp rank's local shape.
+def geometries(checked, local_shapes: dict[str, list[tuple[int, ...]]], tp: int) -> dict[str, ParamGeometry]:
+    """Each parameter's :class:`ParamGeometry` from the spec's rules and every tp rank's local shape.
 
     Args:
         checked: the spec, checked and bound to the save's layout (None: no tensor parallelism, every
@@ -106,7 +106,7 @@ def geometries(checked, local_shapes: dict[str, list[tuple[int, ...]]], tp: int)
             local shapes that do not fit the rule, or fused parts or padding that do not fit.
     """
     if checked is None:
-        return {n: Geometry(tuple(s[0]), REPLICATED) for n, s in local_shapes.items()}
+        return {n: ParamGeometry(tuple(s[0]), REPLICATED) for n, s in local_shapes.items()}
 
     out = {}
     for name, (rule, pattern) in match_names(checked, list(local_shapes)).items():
@@ -128,5 +128,5 @@ def geometries(checked, local_shapes: dict[str, list[tuple[int, ...]]], tp: int)
         except Exception as e:  # noqa: BLE001 - the data model's SpecError, placed at the rule
             raise UclError(f"{e} (the rule matches {name!r}, {list(shapes[0])} on each tp rank)", *where) from None
         copies = tuple(range(tp)) if averaged and tp > 1 else (0,)
-        out[name] = Geometry(tuple(shape), pattern, copies)
+        out[name] = ParamGeometry(tuple(shape), pattern, copies)
     return out
