@@ -1,0 +1,152 @@
+"""Named collective phases (``ucp.comm.collective``): in one process a world of one that returns or
+re-raises as is; in a world of more, one rank's failure raised on every rank as the same
+``DistributedError`` (simulated in one process, and on a real gloo world of 2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ucp.comm.collective import Collective, distributed_error_class
+from ucp.errors import CorruptCheckpointError, DistributedError, FormatError, LoadError, UcpError
+
+# -- a world of one (no torch.distributed) -------------------------------------------------------
+
+
+def test_without_a_process_group_it_is_a_world_of_one():
+    coll = Collective()
+    assert (coll.active, coll.rank, coll.world_size) == (False, 0, 1)
+    assert coll.all_gather({"x": 1}) == [{"x": 1}]
+    assert coll.broadcast("mine") == "mine"
+    coll.barrier()  # nothing to wait for
+
+
+def test_a_phase_in_a_world_of_one_returns_its_result_in_a_list():
+    calls = []
+    assert Collective().phase("read", lambda: calls.append(1) or 42) == [42]
+    assert calls == [1]  # run once
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value"), LoadError("no such tensor"), KeyError("k")])
+def test_a_phase_in_a_world_of_one_re_raises_the_very_error(error):
+    def fail():
+        raise error
+
+    with pytest.raises(type(error)) as e:
+        Collective().phase("read", fail)
+    assert e.value is error and not isinstance(e.value, DistributedError)
+
+
+# -- a world of two, simulated: the other rank's outcome is given -----------------------------------
+
+
+class RankZeroOfTwo(Collective):
+    """Rank 0 of a world of two whose all-gather hands back rank 1's ``other`` outcome."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.world_size = 2
+        self.other = other
+        self.gathered = []
+
+    def all_gather(self, obj):
+        self.gathered.append(obj)
+        return [obj, self.other]
+
+
+def test_a_phase_every_rank_passes_returns_every_ranks_result():
+    coll = RankZeroOfTwo((True, "theirs", None))
+    assert coll.phase("plan", lambda: "mine") == ["mine", "theirs"]
+    assert coll.gathered == [(True, "mine", None)]
+
+
+def test_the_other_ranks_failure_fails_this_rank_too_naming_that_rank():
+    coll = RankZeroOfTwo((False, "disk full", None))
+    with pytest.raises(DistributedError) as e:
+        coll.phase("write", lambda: "fine here")
+    assert type(e.value) is DistributedError
+    assert e.value.phase == "write" and e.value.failures == {1: "disk full"}
+    assert str(e.value) == "phase 'write' failed on rank 1: disk full"
+
+
+def test_this_ranks_failure_is_shared_and_chained():
+    coll = RankZeroOfTwo((True, None, None))
+    boom = ValueError("bad shape")
+
+    def fail():
+        raise boom
+
+    with pytest.raises(DistributedError) as e:
+        coll.phase("read", fail)
+    assert e.value.failures == {0: "ValueError: bad shape"} and e.value.__cause__ is boom
+    assert coll.gathered == [(False, "ValueError: bad shape", None)]  # what the other rank learns
+
+
+def test_a_ucp_error_is_shared_by_its_message_and_class():
+    coll = RankZeroOfTwo((True, None, None))
+
+    def fail():
+        raise CorruptCheckpointError("rank_00000.safetensors: fails its checksum")
+
+    with pytest.raises(CorruptCheckpointError) as e:  # still caught as the class one process raises
+        coll.phase("read", fail)
+    assert isinstance(e.value, DistributedError) and e.value.exit_code == CorruptCheckpointError.exit_code == 3
+    assert coll.gathered == [(False, "rank_00000.safetensors: fails its checksum", CorruptCheckpointError)]
+
+
+def test_failures_of_two_classes_raise_the_plain_distributed_error():
+    coll = RankZeroOfTwo((False, "bad header", FormatError))
+
+    def fail():
+        raise CorruptCheckpointError("bad bytes")
+
+    with pytest.raises(DistributedError) as e:
+        coll.phase("read", fail)
+    assert type(e.value) is DistributedError and e.value.failures == {0: "bad bytes", 1: "bad header"}
+    assert str(e.value) == "phase 'read' failed on rank 0: bad bytes (and 1 more rank(s))"
+
+
+def test_the_distributed_class_of_a_ucp_error_is_one_class_of_both():
+    cls = distributed_error_class(CorruptCheckpointError)
+    assert issubclass(cls, DistributedError) and issubclass(cls, CorruptCheckpointError)
+    assert cls.__name__ == "DistributedCorruptCheckpointError" and cls.exit_code == 3
+    assert distributed_error_class(CorruptCheckpointError) is cls  # one class, so except clauses agree
+    assert distributed_error_class(None) is DistributedError
+    assert distributed_error_class(ValueError) is DistributedError
+    assert distributed_error_class(DistributedError) is DistributedError
+    assert distributed_error_class(UcpError) is not DistributedError  # UcpError itself is a ucp error class
+
+
+# -- a real world of two ---------------------------------------------------------------------------
+
+
+def phase_failing_on(rank: int, kind: str) -> dict:
+    """Run a phase that fails on ``rank`` (with a ``kind`` error: "ucp" or "other"; any other rank
+    returns its rank times ten); what this rank got."""
+    from ucp.comm.collective import Collective
+
+    coll = Collective()
+
+    def fn():
+        if coll.rank == rank:
+            raise (CorruptCheckpointError if kind == "ucp" else ValueError)(f"broken on rank {rank}")
+        return coll.rank * 10
+
+    try:
+        return {"result": coll.phase("probe", fn)}
+    except DistributedError as e:
+        return {"class": type(e).__name__, "corrupt": isinstance(e, CorruptCheckpointError), "phase": e.phase,
+                "failures": e.failures, "message": str(e), "exit_code": e.exit_code}
+
+
+@pytest.mark.dist
+def test_on_a_gloo_world_every_rank_raises_the_same_error(world2):
+    assert world2.run(phase_failing_on, -1, "other") == [{"result": [0, 10]}] * 2
+    out = world2.run(phase_failing_on, 1, "other")
+    assert out[0] == out[1] == {"class": "DistributedError", "corrupt": False, "phase": "probe",
+                                "failures": {1: "ValueError: broken on rank 1"},
+                                "message": "phase 'probe' failed on rank 1: ValueError: broken on rank 1",
+                                "exit_code": 1}
+    out = world2.run(phase_failing_on, 0, "ucp")
+    assert out[0] == out[1]
+    assert out[0]["class"] == "DistributedCorruptCheckpointError" and out[0]["corrupt"] and out[0]["exit_code"] == 3
+    assert out[0]["failures"] == {0: "broken on rank 0"}
