@@ -19,22 +19,22 @@ from pathlib import Path
 
 import torch
 
+from ucp.checkpoint.readers import FragmentReader, UniversalReader, UniversalSource
 from ucp.checkpoint.results import LoadResult
 from ucp.errors import CheckpointNotFoundError, LoadError, few
-from ucp.state.optimizer import merged_optimizer_state, optimizer_targets, restore_optimizer
-from ucp.state.tensors import torch_dtype
-from ucp.plan.load_plan import FragmentIndex, ReadItem
-from ucp.plan.reshard import check_target
-from ucp.plan.sources import Resolution, SourceIndex
-from ucp.checkpoint.readers import FragmentReader, UniversalReader, UniversalSource
 from ucp.format import values
-from ucp.state.capture import Piece, model_pieces, normalize_fqn
-from ucp.state.rng import restore_rng
-from ucp.format.values import rank_state
 from ucp.format.box import Box
 from ucp.format.keys import EXTRA, MODEL, OPTIM, extra_key, optim_key, parse_key
 from ucp.format.manifest import TensorMeta
 from ucp.format.universal import universal_shape
+from ucp.format.values import rank_state
+from ucp.plan.load_plan import FragmentIndex, ReadItem
+from ucp.plan.reshard import check_target
+from ucp.plan.sources import Resolution, SourceIndex
+from ucp.state.capture import Piece, model_pieces, normalize_fqn
+from ucp.state.optimizer import merged_optimizer_state, optimizer_targets, restore_optimizer
+from ucp.state.rng import restore_rng
+from ucp.state.tensors import torch_dtype
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.universal_io import is_universal, read_header

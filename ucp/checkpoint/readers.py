@@ -17,18 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ucp.state.tensors import torch_dtype
+from ucp.format.dtypes import dtype_name, itemsize
+from ucp.format.manifest import TensorMeta
+from ucp.format.universal import UniversalHeader
 from ucp.plan.geometry import box_slices, byte_span, chunk_box, is_contiguous, needed_blocks, ravel
 from ucp.plan.load_plan import FragmentIndex, ReadItem
 from ucp.plan.reshard import chunk_pieces, reshard_plan, source_pieces, target_pieces
 from ucp.plan.sources import Resolution, relocate, to_source
 from ucp.state.capture import Piece
-from ucp.format.dtypes import itemsize
-from ucp.format.manifest import TensorMeta
-from ucp.format.universal import UniversalHeader
+from ucp.state.tensors import torch_dtype
 from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.universal_io import array_reader
-from ucp.format.dtypes import dtype_name
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,14 @@ from typing import Callable
 import numpy as np
 
 from ucp.errors import CheckpointNotFoundError, OptionsError
-from ucp.lang.apply import read_program
-from ucp.lang.names import ExportName, export_names, renamed
 from ucp.format.dtypes import DTYPES, itemsize
 from ucp.format.keys import MODEL, OPTIM, parse_key
 from ucp.format.universal import ArrayMeta, UniversalHeader, stored_dtype
+from ucp.lang.apply import read_program
+from ucp.lang.names import ExportName, export_names, renamed
+from ucp.storage.directory import list_steps
 from ucp.storage.safetensors_file import Slot, write_stream
 from ucp.storage.staging import Staging
-from ucp.storage.directory import list_steps
 from ucp.storage.universal_io import array_reader, is_universal, read_header
 
 #: shard size above which the weights are split over several files (Hugging Face's default)

@@ -23,25 +23,33 @@ import numpy as np
 
 from ucp import __version__
 from ucp.codecs.checksum import crc32c
+from ucp.convert.foreign import SOURCES
+from ucp.convert.foreign.dcp import dcp_manifest
+from ucp.convert.foreign.deepspeed import deepspeed_manifest
+from ucp.convert.foreign.hf import hf_manifest
 from ucp.errors import OptionsError
-from ucp.lang.apply import apply_spec, merge_patterns
-from ucp.plan.consolidate import Source, TensorPlan, consolidate_plan, source_runs
 from ucp.format.dtypes import itemsize
 from ucp.format.fragment import fragments_to_parquet
 from ucp.format.keys import MODEL, parse_key
 from ucp.format.manifest import Manifest
-from ucp.format.universal import COMPRESSORS, DEFAULT_CHUNK_BYTES, ArrayMeta, UniversalHeader, array_path, chunk_shape, \
-    stored_dtype, universal_shape
+from ucp.format.universal import (
+    COMPRESSORS,
+    DEFAULT_CHUNK_BYTES,
+    ArrayMeta,
+    UniversalHeader,
+    array_path,
+    chunk_shape,
+    stored_dtype,
+    universal_shape,
+)
+from ucp.lang.apply import apply_spec, merge_patterns
+from ucp.plan.consolidate import Source, TensorPlan, consolidate_plan, source_runs
 from ucp.storage import directory as store
 from ucp.storage.arena import Arena
 from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.staging import Staging, UrlTarget, is_url
 from ucp.storage.universal_io import FRAGMENT_TABLE, ZARR_JSON, create_arrays, header_document, shard_rel
-from ucp.convert.foreign.hf import hf_manifest
-from ucp.convert.foreign.dcp import dcp_manifest
-from ucp.convert.foreign.deepspeed import deepspeed_manifest
-from ucp.convert.foreign import SOURCES
 
 #: runs shorter than this (bytes) are gathered through a temporary box instead of one read each
 _MIN_RUN = 64 << 10

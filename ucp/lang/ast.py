@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+
 @dataclass(frozen=True)
 class Pos:
     """Where a node starts in the source (1-based line and column); 0 when built by hand."""

@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ucp.lang import ast
 from ucp.errors import UclError
-from ucp.lang.validate import compile_glob
 from ucp.format.pattern import Pattern
+from ucp.lang import ast
+from ucp.lang.validate import compile_glob
 
 _CAPTURE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

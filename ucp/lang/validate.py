@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from ucp.lang import ast
 from ucp.errors import UclError
 from ucp.format.layout import Layout
 from ucp.format.pattern import Fused, Pad, Pattern, Shard
+from ucp.lang import ast
 
 VERSION = 1
 

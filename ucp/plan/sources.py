@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ucp.lang.names import part_name
 from ucp.format.keys import MODEL, OPTIM, model_key, optim_key, parse_key
 from ucp.format.universal import universal_shape
+from ucp.lang.names import part_name
 
 
 @dataclass(frozen=True)

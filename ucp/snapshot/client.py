@@ -20,8 +20,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from ucp.snapshot import shm
 from ucp.errors import AgentError
+from ucp.snapshot import shm
 from ucp.snapshot.discovery import REQUESTS, AgentInfo, discovery_path, is_alive, lock_path, read_info, reclaim
 
 

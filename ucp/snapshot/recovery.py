@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ucp.codecs.erasure import erasure_code
-from ucp.errors import few
-from ucp.errors import RedundancyError
+from ucp.errors import RedundancyError, few
 from ucp.plan.redundancy import lane_groups, stripe_plan
 from ucp.snapshot import parity as parity_mod
-from ucp.snapshot.parity import FORMAT, FORMAT_VERSION, ParityEncoder, chunk_crcs, exchange_objects
 from ucp.snapshot import shm
+from ucp.snapshot.parity import FORMAT, FORMAT_VERSION, ParityEncoder, chunk_crcs, exchange_objects
 
 
 def _global_ranks(coll) -> list[int]:

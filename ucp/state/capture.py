@@ -17,14 +17,13 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from ucp.errors import CaptureError
+from ucp.format import values
 from ucp.format.box import Box, FlatRange
-from ucp.format.keys import model_key, optim_key
+from ucp.format.dtypes import dtype_name
+from ucp.format.keys import extra_key, model_key, optim_key
 from ucp.format.layout import Layout
 from ucp.format.manifest import TensorMeta
 from ucp.format.pattern import REPLICATED, Pattern, Shard, local_box
-from ucp.format import values
-from ucp.format.dtypes import dtype_name
-from ucp.format.keys import extra_key
 from ucp.state.rng import capture_rng
 
 

@@ -21,17 +21,17 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ucp.errors import LoadError, few
-from ucp.lang.names import part_name
-from ucp.plan.sources import SourceIndex
 from ucp.format import values
-from ucp.state.capture import Piece, flat_state_pieces, optimizer_param_fqns, param_names, tensor_piece
 from ucp.format.box import Box
+from ucp.format.dtypes import dtype_name
 from ucp.format.keys import MODEL, optim_key, parse_key
 from ucp.format.manifest import TensorMeta
 from ucp.format.pattern import Pattern
-from ucp.format.dtypes import dtype_name
-from ucp.state.tensors import torch_dtype
 from ucp.format.universal import universal_shape
+from ucp.lang.names import part_name
+from ucp.plan.sources import SourceIndex
+from ucp.state.capture import Piece, flat_state_pieces, optimizer_param_fqns, param_names, tensor_piece
+from ucp.state.tensors import torch_dtype
 
 STEP = "step"
 

@@ -29,8 +29,8 @@ from ucp.format.fragment import check_file_name, fragments_from_parquet
 from ucp.format.manifest import header_from_json
 from ucp.format.universal import ArrayMeta, UniversalHeader, shard_shape
 from ucp.storage.manifest_io import check_signed, sign_header
-from ucp.storage.zarr_shard import ZSTD_LEVEL, ShardReader, shard_key
 from ucp.storage.verify import Report
+from ucp.storage.zarr_shard import ZSTD_LEVEL, ShardReader, shard_key
 
 ZARR_JSON = "zarr.json"
 FRAGMENT_TABLE = "fragments.parquet"

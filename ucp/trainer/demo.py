@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import ucp
+from ucp.trainer.launch import launch
 from ucp.trainer.layouts import TrainLayout
 from ucp.trainer.model import GPTConfig
 from ucp.trainer.train import build, train_steps
-from ucp.trainer.launch import launch
 
 
 def _job(root: str, layout: dict, steps: int, save_every: int, resume: int | None) -> dict:

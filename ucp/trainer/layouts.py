@@ -16,13 +16,10 @@ from torch import nn
 
 from ucp.errors import OptionsError
 from ucp.format.layout import Layout
-from ucp.trainer.model import GPTConfig
-from ucp.trainer.model import loss_fn
-from ucp.trainer.pipeline import PipelineTrainer, pipeline_groups, shard_stage, stage_module
 from ucp.options import CheckpointOptions
-from ucp.trainer.manual_tp import ManualTPGPT
-from ucp.trainer.pipeline import default_microbatches
-from ucp.trainer.manual_tp import ucp_patterns
+from ucp.trainer.manual_tp import ManualTPGPT, ucp_patterns
+from ucp.trainer.model import GPTConfig, loss_fn
+from ucp.trainer.pipeline import PipelineTrainer, default_microbatches, pipeline_groups, shard_stage, stage_module
 
 
 @dataclass(frozen=True)

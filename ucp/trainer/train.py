@@ -16,11 +16,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+import ucp
 from ucp.trainer.layouts import TrainLayout, parallelize
+from ucp.trainer.model import GPTConfig, batch, init_gpt, loss_fn
 from ucp.trainer.options import add_arguments
 from ucp.trainer.zero1 import FlatAdamW
-from ucp.trainer.model import GPTConfig, batch, init_gpt, loss_fn
-import ucp
 
 
 def build(cfg: GPTConfig, lay: TrainLayout, seed: int, lr: float = 3e-3):

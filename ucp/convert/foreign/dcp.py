@@ -26,16 +26,15 @@ import re
 from pathlib import Path
 
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ucp.format import values
 from ucp.format.box import Box
-from ucp.format.dtypes import DTYPES
+from ucp.format.dtypes import DTYPES, dtype_name
 from ucp.format.fragment import Fragment
 from ucp.format.keys import model_key
 from ucp.format.layout import Layout
 from ucp.format.manifest import Manifest, TensorMeta
 from ucp.format.pattern import Pattern
 from ucp.storage.fragment_files import FragmentFiles
-from ucp.format.dtypes import dtype_name
-from ucp.format import values
 
 FORMAT = "torch.distributed.checkpoint"
 METADATA = ".metadata"

@@ -31,14 +31,29 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, OptionsError
-from ucp.convert.foreign.deepspeed_files import (FORMAT, STAND_INS, STATES, DeepSpeedFiles, ManifestParts, checked_spec,
-                                         finish, flat_sources, group_step, load_pt, merge_group, model_file,
-                                         model_settings, optim_entry, place, tensor_dtype)
+from ucp.convert.foreign.deepspeed_files import (
+    FORMAT,
+    STAND_INS,
+    STATES,
+    DeepSpeedFiles,
+    ManifestParts,
+    checked_spec,
+    finish,
+    flat_sources,
+    group_step,
+    load_pt,
+    merge_group,
+    model_file,
+    model_settings,
+    optim_entry,
+    place,
+    tensor_dtype,
+)
 from ucp.convert.foreign.deepspeed_grid import MODEL_FILE as GRID_MODEL_FILE
 from ucp.convert.foreign.deepspeed_grid import OPTIM_FILE as GRID_OPTIM_FILE
 from ucp.convert.foreign.deepspeed_grid import geometries, grid_degrees, layer_weights
 from ucp.convert.foreign.deepspeed_zero3 import ZERO3_MODEL_FILE, zero3_manifest
+from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, OptionsError
 from ucp.format.box import Box, FlatRange
 from ucp.format.keys import model_key
 from ucp.format.layout import Layout

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ucp.convert.foreign import torch_file
-from ucp.lang.apply import apply_spec
+from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ucp.format import values
 from ucp.format.box import Box, FlatRange
 from ucp.format.dtypes import DTYPES, itemsize
 from ucp.format.fragment import Fragment
 from ucp.format.layout import Layout
 from ucp.format.manifest import Manifest, TensorMeta
-from ucp.format import values
+from ucp.lang.apply import apply_spec
 
 FORMAT = "deepspeed"
 STATES = ("exp_avg", "exp_avg_sq")

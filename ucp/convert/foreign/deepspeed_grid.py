@@ -21,8 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ucp.errors import CorruptCheckpointError
-from ucp.errors import UclError
+from ucp.errors import CorruptCheckpointError, UclError
 from ucp.format.pattern import REPLICATED, Pattern, local_box
 from ucp.lang.validate import match_names
 

@@ -8,10 +8,22 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ucp.errors import CorruptCheckpointError, OptionsError
-from ucp.convert.foreign.deepspeed_files import (FORMAT, STATES, ManifestParts, checked_spec, finish, flat_sources, group_step,
-                                         merge_group, model_file, optim_entry, place, tensor_dtype)
+from ucp.convert.foreign.deepspeed_files import (
+    FORMAT,
+    STATES,
+    ManifestParts,
+    checked_spec,
+    finish,
+    flat_sources,
+    group_step,
+    merge_group,
+    model_file,
+    optim_entry,
+    place,
+    tensor_dtype,
+)
 from ucp.convert.foreign.deepspeed_grid import geometries
+from ucp.errors import CorruptCheckpointError, OptionsError
 from ucp.format.box import Box, FlatRange
 from ucp.format.keys import model_key
 from ucp.format.layout import Layout
