@@ -23,10 +23,8 @@ import numpy as np
 
 from ucp import __version__
 from ucp.codecs.checksum import crc32c
-from ucp.convert.foreign import SOURCES
-from ucp.convert.foreign.dcp import dcp_manifest
-from ucp.convert.foreign.deepspeed import deepspeed_manifest
-from ucp.convert.foreign.hf import hf_manifest
+from ucp.convert.foreign import IMPORTERS, SOURCES
+from ucp.convert.foreign.source import SourceRecord
 from ucp.errors import OptionsError
 from ucp.format.dtypes import itemsize
 from ucp.format.fragment import fragments_to_parquet
@@ -117,32 +115,11 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     """
     t0 = time.perf_counter()
     _check_options(workers, compressor, chunk_bytes, memory_limit)
-    decode = None  # a foreign source whose files hold encoded items gives their decoder
-    if source == "ucp":
-        path = store.resolve(src, step)
-        manifest = read_manifest(path)
-        facts = {"format": "ucp.checkpoint", "format_version": manifest.format_version,
-                 "path": str(Path(path).resolve()), "created_by": manifest.created_by}
-    elif source == "hf":
-        if step is not None:
-            raise OptionsError("step: Hugging Face weights have no steps; leave it out")
-        path, manifest, facts = hf_manifest(src)
-    elif source == "dcp":
-        if step is not None:
-            raise OptionsError("step: a DCP directory holds one checkpoint; leave it out")
-        path, manifest, facts, blobs = dcp_manifest(src)
-        decode = blobs.decode
-    elif source == "deepspeed":
-        if step is not None:
-            raise OptionsError("step: pass the save's directory (global_step<N>) or its folder (its 'latest'), not a step")
-        path, manifest, facts, blobs, spec_text = deepspeed_manifest(src, spec, settings)
-        decode = blobs.decode
-    else:
-        raise OptionsError(f"source={source!r}: use one of {', '.join(SOURCES)}")
-    verify = source == "ucp"
+    record = _source(source, src, step, spec, settings)
+    path, manifest, facts = record.path, record.manifest, record.facts
     target = _target(dst, fsync)
-    if source == "deepspeed":
-        patterns = {}  # (the spec made the manifest's patterns)
+    if record.spec_applied:
+        spec_text, patterns = record.spec_text, {}  # (the importer made the manifest's patterns)
     else:
         spec_text, patterns = _spec_patterns(spec, manifest, settings)
     plans, arrays = _plans(manifest, patterns, compressor, chunk_bytes)
@@ -162,9 +139,9 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
             for done in pending:
                 done.result()
         arena = Arena(min(arena_size, sum(needs.values())))
-        with _Source(path, manifest, verify, decode) as files:
+        with _Source(record) as files:
             _run_tasks(plans, arrays, needs, arena, files, out, compressor, workers, progress)
-        fragments = manifest.fragments if verify else tuple(replace(f, crc32c=files.crcs.get(f, 0)) for f in manifest.fragments)
+        fragments = manifest.fragments if record.verify else tuple(replace(f, crc32c=files.crcs.get(f, 0)) for f in manifest.fragments)
         table = fragments_to_parquet(fragments)
         out.put(FRAGMENT_TABLE, table)
         header = UniversalHeader(
@@ -176,6 +153,20 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     nfiles = target.files
     return ConvertResult(str(path), str(dst), manifest.step, len(arrays), sum(a.nbytes for a in arrays.values()),
                          manifest.nbytes, nfiles, time.perf_counter() - t0, arena.size)
+
+
+def _source(source: str, src, step: int | None, spec, settings: dict | None) -> SourceRecord:
+    """``src`` described for conversion: a ucp checkpoint (the newest complete one, or ``step``, under a
+    root), or a foreign one through its importer."""
+    if source == "ucp":
+        path = store.resolve(src, step)
+        manifest = read_manifest(path)
+        facts = {"format": "ucp.checkpoint", "format_version": manifest.format_version,
+                 "path": str(Path(path).resolve()), "created_by": manifest.created_by}
+        return SourceRecord(path, manifest, facts, verify=True)
+    if source not in IMPORTERS:
+        raise OptionsError(f"source={source!r}: use one of {', '.join(SOURCES)}")
+    return IMPORTERS[source](src, step, spec, settings)
 
 
 def _target(dst, fsync: bool):
@@ -245,15 +236,15 @@ def _need(plan: TensorPlan, meta: ArrayMeta, budget: int) -> int:
 
 class _Source:
     """The source checkpoint's fragments, read through :class:`~ucp.storage.fragment_files.FragmentFiles`
-    from any thread (every data file opened at once: a missing one fails before any work). With
-    ``verify`` off (foreign files, which carry no checksums), the CRC-32C computed of each fragment
-    read is kept in ``crcs`` instead of being checked; ``decode`` (fragment -> its bytes, or None when
-    they lie raw in its file) serves sources whose files are not raw."""
+    from any thread (every data file opened at once: a missing one fails before any work). Without
+    ``record.verify`` (foreign files, which carry no checksums), the CRC-32C computed of each fragment
+    read is kept in ``crcs`` instead of being checked; ``record.decode`` (fragment -> its bytes, or None
+    when they lie raw in its file) serves sources whose files are not raw."""
 
-    def __init__(self, directory: Path, manifest: Manifest, verify: bool = True, decode=None):
-        self.files = FragmentFiles(directory, sorted({f.file for f in manifest.fragments}))
-        self.verify = verify
-        self.decode = decode
+    def __init__(self, record: SourceRecord):
+        self.files = FragmentFiles(record.path, sorted({f.file for f in record.manifest.fragments}))
+        self.verify = record.verify
+        self.decode = record.decode
         self.crcs: dict = {}  # fragment -> its CRC-32C, as read (verify off)
 
     def __enter__(self) -> "_Source":

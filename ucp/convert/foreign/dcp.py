@@ -25,6 +25,7 @@ import pickle
 import re
 from pathlib import Path
 
+from ucp.convert.foreign.source import SourceRecord, refuse_step
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ucp.format import values
 from ucp.format.box import Box
@@ -148,14 +149,16 @@ class DcpBlobs:
         return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def dcp_manifest(src) -> tuple[Path, Manifest, dict, DcpBlobs]:
-    """``(directory, manifest, source facts, blobs)`` describing the DCP checkpoint ``src``.
+def dcp_source(src, step: int | None = None, spec=None, settings: dict | None = None) -> SourceRecord:
+    """The DCP checkpoint ``src`` described for ``convert`` (its values decoded from their
+    ``torch.save`` blobs; one checkpoint: no ``step``; a ``spec`` is applied by the converter).
 
     Raises:
         CheckpointNotFoundError: ``src`` is not a DCP directory.
         CorruptCheckpointError: the metadata names a class ucp does not unpickle, or is malformed;
             a value cannot be read with ``weights_only``; a chunk has no storage entry.
     """
+    refuse_step(step, "a DCP directory holds one checkpoint; leave it out")
     directory = Path(src)
     if not directory.is_dir():
         raise CheckpointNotFoundError(f"{directory}: no such directory")
@@ -228,4 +231,4 @@ def dcp_manifest(src) -> tuple[Path, Manifest, dict, DcpBlobs]:
     manifest.validate()
     writers = sorted({int(m.group(1)) for f in sizes if (m := re.match(r"__(\d+)_\d+\.distcp$", f))})
     facts = {"format": FORMAT, "path": str(directory.resolve()), "files": sorted(sizes), "writers": len(writers)}
-    return directory, manifest, facts, blobs
+    return SourceRecord(directory, manifest, facts, decode=blobs.decode)

@@ -53,6 +53,7 @@ from ucp.convert.foreign.deepspeed_grid import MODEL_FILE as GRID_MODEL_FILE
 from ucp.convert.foreign.deepspeed_grid import OPTIM_FILE as GRID_OPTIM_FILE
 from ucp.convert.foreign.deepspeed_grid import geometries, grid_degrees, layer_weights
 from ucp.convert.foreign.deepspeed_zero3 import ZERO3_MODEL_FILE, zero3_manifest
+from ucp.convert.foreign.source import SourceRecord, refuse_step
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, OptionsError
 from ucp.format.box import Box, FlatRange
 from ucp.format.keys import model_key
@@ -61,7 +62,7 @@ from ucp.format.manifest import TensorMeta
 from ucp.format.pattern import Pattern
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
-__all__ = ["deepspeed_manifest", "checkpoint_dir", "load_pt", "model_settings", "DeepSpeedFiles", "STAND_INS", "FORMAT",
+__all__ = ["deepspeed_source", "checkpoint_dir", "load_pt", "model_settings", "DeepSpeedFiles", "STAND_INS", "FORMAT",
            "STATES"]
 
 
@@ -97,11 +98,13 @@ def _refuse_unsupported(directory: Path) -> str:
     return prefixes.pop() or ""
 
 
-def deepspeed_manifest(src, spec=None, settings: dict | None = None):
-    """``(directory, manifest, source facts, files, spec text)`` describing the DeepSpeed save ``src``.
+def deepspeed_source(src, step: int | None = None, spec=None, settings: dict | None = None) -> SourceRecord:
+    """The DeepSpeed save ``src`` described for ``convert``, the ``spec`` applied here (it says how tensor
+    parallelism split each parameter).
 
     Args:
         src: a save's directory (``global_step<N>``) or the folder whose ``latest`` names one.
+        step: must be None (the directory names the save).
         spec: a UCL spec (a packaged name such as ``megatron-gpt``, or a file) saying how tensor
             parallelism split each parameter; required when the save has tp > 1.
         settings: model settings for the spec, over those read from the save.
@@ -112,6 +115,7 @@ def deepspeed_manifest(src, spec=None, settings: dict | None = None):
             save (ZeRO stage 0), or partitions that do not add up.
         OptionsError / UclError: a tp > 1 save without a spec, or a spec that does not fit it.
     """
+    refuse_step(step, "pass the save's directory (global_step<N>) or its folder (its 'latest'), not a step")
     directory, tag = checkpoint_dir(src)
     prefix = _refuse_unsupported(directory)
     stage3 = not (directory / MODEL_FILE).is_file() and (directory / ZERO3_MODEL_FILE.format(rank=0, mp=0)).is_file()
@@ -123,7 +127,7 @@ def deepspeed_manifest(src, spec=None, settings: dict | None = None):
     facts["tag"] = tag
     if spec is not None:
         facts["spec"] = str(spec)
-    return directory, manifest, facts, files, spec_text
+    return SourceRecord(directory, manifest, facts, decode=files.decode, spec_applied=True, spec_text=spec_text)
 
 
 def _zero12_slices(optim: list, g: int, size: int) -> list[list[tuple[str, int, int, int]]]:

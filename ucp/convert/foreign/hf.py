@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ucp.convert.foreign.source import SourceRecord, refuse_step
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ucp.format.box import Box
 from ucp.format.dtypes import SAFETENSORS_TO_NAME, itemsize
@@ -60,14 +61,16 @@ def hf_files(src) -> tuple[Path, dict[str, str] | None, list[str]]:
     raise CheckpointNotFoundError(f"{src}: no {SINGLE} or {INDEX}{hint}")
 
 
-def hf_manifest(src) -> tuple[Path, Manifest, dict]:
-    """``(directory, manifest, source facts)`` describing the Hugging Face weights at ``src``.
+def hf_source(src, step: int | None = None, spec=None, settings: dict | None = None) -> SourceRecord:
+    """The Hugging Face weights at ``src`` described for ``convert`` (one checkpoint: no ``step``; a
+    ``spec`` is applied by the converter).
 
     Raises:
         CheckpointNotFoundError: no weights there, or a file the index lists is missing.
         CorruptCheckpointError: a malformed index or header, an unknown dtype, a tensor whose bytes
             do not fit its shape or its file, or an index naming a tensor its file lacks.
     """
+    refuse_step(step, "Hugging Face weights have no steps; leave it out")
     directory, weight_map, files = hf_files(src)
     tensors, fragments, sizes, found = {}, [], {}, {}
     for name in files:
@@ -110,4 +113,4 @@ def hf_manifest(src) -> tuple[Path, Manifest, dict]:
         raise CheckpointNotFoundError(f"{directory}: the safetensors file(s) {files} hold no tensor")
     manifest = Manifest(0, Layout.single(), tensors, tuple(fragments), files=sizes, created_by=FORMAT)
     manifest.validate()
-    return directory, manifest, {"format": FORMAT, "path": str(directory.resolve()), "files": files}
+    return SourceRecord(directory, manifest, {"format": FORMAT, "path": str(directory.resolve()), "files": files})
