@@ -14,9 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ucp import CheckpointOptions, Layout
 from ucp.errors import OptionsError
-from ucp.format.layout import Layout
-from ucp.options import CheckpointOptions
 from ucp.trainer.manual_tp import ManualTPGPT, ucp_patterns
 from ucp.trainer.model import GPTConfig, loss_fn
 from ucp.trainer.pipeline import PipelineTrainer, default_microbatches, pipeline_groups, shard_stage, stage_module

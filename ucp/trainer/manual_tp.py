@@ -24,9 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from ucp import Fused, Layout, Pad, Pattern, Shard
 from ucp.errors import OptionsError
-from ucp.format.layout import Layout
-from ucp.format.pattern import Fused, Pad, Pattern, Shard
 from ucp.trainer.model import GPT, GPTConfig
 
 # -- collectives as autograd functions ---------------------------------------------------------
