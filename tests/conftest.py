@@ -33,7 +33,7 @@ def worlds():
 
     A broken world (a test timed out or killed a rank) is replaced; all are shut down at the end.
     """
-    from tests.dist.world import World
+    from tests.world import World
 
     pool: dict = {}
 

@@ -13,7 +13,7 @@ from ucp.checkpoint.memory import Snapshots
 from ucp.errors import UcpError
 from ucp.snapshot.shm import SHM_DIR
 from tests.snapshot.conftest import job  # noqa: F401 - the fixture: a fresh job, its agent stopped after
-from tests.snapshot.tiny import same, state_of, tiny_model, train_step
+from tests.helpers import same_state, state_of, tiny_model, train_step
 
 
 def test_snapshots_are_taken_every_nth_step_and_loaded_from_memory(tmp_path, job):  # noqa: F811
@@ -34,7 +34,7 @@ def test_snapshots_are_taken_every_nth_step_and_loaded_from_memory(tmp_path, job
     assert not list(tmp_path.iterdir())  # nothing durable: persist_every is None
     m2, opt2 = tiny_model(seed=1)
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
-    assert res.source == "memory" and res.step == 4 and same(state_of(m2, opt2), want)
+    assert res.source == "memory" and res.step == 4 and same_state(state_of(m2, opt2), want)
 
 
 def test_once_lost_the_memory_tier_warns_once_and_saves_go_durable(tmp_path, job):  # noqa: F811

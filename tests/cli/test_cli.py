@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ucp
+from tests.helpers import flip_byte
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 
@@ -68,9 +69,7 @@ def _first_fragment(path):
 def test_verify_names_bit_flipped_fragment(saved):
     path = store.resolve(saved)
     f = _first_fragment(path)
-    data = bytearray((path / f.file).read_bytes())
-    data[f.offset + f.length // 2] ^= 0x01
-    (path / f.file).write_bytes(bytes(data))
+    flip_byte(path / f.file, f.offset + f.length // 2, 0x01)
     p = run("verify", saved, "--quiet")
     assert p.returncode == 3
     assert f.file in p.stderr and f.key in p.stderr and "checksum" in p.stderr

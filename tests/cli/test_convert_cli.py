@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import require
+from tests.helpers import flip_byte
 from tests.synthetic import write_checkpoint
 from ucp.cli.main import main
 from ucp.format import Fused, Layout, Pad, Pattern, Shard
@@ -120,9 +121,7 @@ def test_verify_universal_ok_and_corrupted(ckpt, tmp_path, capsys):
     assert out.startswith(f"OK   {tmp_path / 'u'}: universal, step 9, 4 array(s)")
     h = read_header(tmp_path / "u")
     shard = array_reader(tmp_path / "u", "model/qkv.weight", h.tensors["model/qkv.weight"]).path
-    data = bytearray(shard.read_bytes())
-    data[5] ^= 1
-    shard.write_bytes(bytes(data))
+    flip_byte(shard, 5, 1)
     code, out, err = run(capsys, "verify", tmp_path / "u", "--quiet")
     assert code == 3 and out == ""
     bad = [line for line in err.splitlines() if line.startswith("BAD  ")]
@@ -169,9 +168,7 @@ def test_errors_are_one_line_with_exit_codes(ckpt, tmp_path, capsys):
 def test_a_corrupted_source_exits_3_naming_file_and_key(ckpt, tmp_path, capsys):
     path = ckpt / "step_00000009"
     f = max((f for f in read_manifest(path).fragments if f.key == "model/embed.weight"), key=lambda f: f.length)
-    data = bytearray((path / f.file).read_bytes())
-    data[f.offset] ^= 0x80
-    (path / f.file).write_bytes(bytes(data))
+    flip_byte(path / f.file, f.offset, 0x80)
     code, _, err = run(capsys, "convert", ckpt, tmp_path / "u", "--quiet")
     line = one_error_line(err)
     assert code == 3 and str(path / f.file) in line and "model/embed.weight" in line and "fails its checksum" in line

@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 import ucp
+from tests.helpers import bit_diffs, state_of, tiny_model, train_step
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, shm
 
@@ -72,23 +72,15 @@ def _stop_and_check_clean(job: str) -> None:
     assert not left, left
 
 
+SIZES = (64, 256, 64)  # TRAINER's model: Linear(64, 256), Linear(256, 64)
+
+
 def _trained(steps: int):
     """The trainer's model and optimizer after ``steps`` steps (CPU training is deterministic)."""
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
-    opt = torch.optim.AdamW(m.parameters(), lr=0.01)
+    m, opt = tiny_model(0, SIZES)
     for step in range(1, steps + 1):
-        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
-        m(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(m, opt, step, batch=8)  # TRAINER's batch of each step
     return m, opt
-
-
-def _state(m, opt) -> dict:
-    out = {f"model/{k}": v for k, v in m.state_dict().items()}
-    out.update({f"optim/{i}/{k}": v for i, st in enumerate(opt.state.values()) for k, v in st.items()})
-    return out
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -102,16 +94,13 @@ def test_a_trainer_killed_in_save_restarts_from_the_newest_complete_snapshot(tmp
         done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         info = agent_mod.read_info(job)
         assert info is not None and agent_mod.is_alive(info)  # the agent survived its trainer
-        torch.manual_seed(1)
-        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
-        opt = torch.optim.AdamW(m.parameters(), lr=0.01)
+        m, opt = tiny_model(1, SIZES)
         res = ucp.Checkpointer(tmp_path / "ck", model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
         assert res is not None and res.source == "memory"
         # every snapshot known complete is restorable; the killed one is, if its copy finished
         assert done and done[-1]["step"] <= res.step <= done[-1]["step"] + 1, (res.step, done)
-        want, got = _state(*_trained(res.step)), _state(m, opt)
-        assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want), \
-            f"seed {seed}: the restored step {res.step} is not what the trainer saved"
+        diffs = bit_diffs(state_of(*_trained(res.step)), state_of(m, opt))
+        assert diffs == [], f"seed {seed}: the restored step {res.step} is not what the trainer saved: {diffs}"
     finally:
         _stop_and_check_clean(job)
 

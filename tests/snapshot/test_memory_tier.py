@@ -13,7 +13,7 @@ from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, shm
 from ucp.snapshot.header import restorable
 from ucp.snapshot.memory import place
-from tests.snapshot.tiny import same, state_of, tiny_model, train_step
+from tests.helpers import MLP, bit_diffs, full_state, mlp_optimizer, same_state, state_of, tiny_model, train_step
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -52,7 +52,7 @@ def test_snapshots_load_back_from_memory_bit_exactly(tmp_path, job):
     train_step(m2, opt2, 99)
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "memory" and res.step == 3
-    assert same(state_of(m2, opt2), want)
+    assert same_state(state_of(m2, opt2), want)
 
 
 def test_two_slots_are_reused_without_new_memory(tmp_path, job):
@@ -117,7 +117,7 @@ def test_a_torn_snapshot_is_never_loaded(tmp_path, job, monkeypatch):
     m2, opt2 = tiny_model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "memory" and res.step == 1
-    assert same(state_of(m2, opt2), want)
+    assert same_state(state_of(m2, opt2), want)
 
 
 def test_the_copy_overlaps_and_the_optimizer_step_waits_for_it(tmp_path, job, monkeypatch):
@@ -150,7 +150,7 @@ def test_the_copy_overlaps_and_the_optimizer_step_waits_for_it(tmp_path, job, mo
     ck.wait()
     m2, opt2 = tiny_model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
-    assert res.step == 2 and same(state_of(m2, opt2), want)
+    assert res.step == 2 and same_state(state_of(m2, opt2), want)
 
 
 def test_without_a_snapshot_in_memory_load_reads_the_durable_tier(tmp_path, job):
@@ -172,21 +172,18 @@ def test_snapshot_options_are_validated():
 
 @pytest.mark.dist
 def test_a_two_rank_snapshot_loads_from_memory_and_onto_one_rank(world2, tmp_path, job):
-    from tests.dist import memory_workloads as mw
-    from tests.dist.workloads import bit_diffs
+    from tests.snapshot import memory_workloads as mw
 
     want = world2.run(mw.snapshot_steps, "fsdp", str(tmp_path), job)[0]
     out = world2.run(mw.load_from_memory, "fsdp", str(tmp_path), job, want)
     for r in out:
         assert r["source"] == "memory" and r["step"] == 3 and r["diffs"] == []
     # the same snapshot, resharded in memory onto one process holding the whole model
-    from tests.dist import workloads as w
-
-    model = w.MLP()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model = MLP()
+    opt = mlp_optimizer(model)
     res = ucp.Checkpointer(tmp_path, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "memory" and res.step == 3
-    assert bit_diffs(want, w.full_state(model, opt)) == []
+    assert bit_diffs(want, full_state(model, opt)) == []
 
 
 def test_when_the_agent_dies_the_trainer_warns_once_and_saves_durably(tmp_path, job):
@@ -218,12 +215,12 @@ def test_when_the_agent_dies_the_trainer_warns_once_and_saves_durably(tmp_path, 
     want = state_of(m, opt)
     m2, opt2 = tiny_model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
-    assert res.source == "durable" and res.step == 4 and same(state_of(m2, opt2), want)
+    assert res.source == "durable" and res.step == 4 and same_state(state_of(m2, opt2), want)
 
 
 @pytest.mark.dist
 def test_when_the_agent_of_two_ranks_dies_both_warn_once_and_load_from_the_durable_tier(world2, tmp_path, job):
-    from tests.dist import memory_workloads as mw
+    from tests.snapshot import memory_workloads as mw
 
     for r in world2.run(mw.agent_killed, str(tmp_path), job):
         assert r["tiers"][0] == "memory" and r["tiers"][-1] == "durable", r["tiers"]
@@ -233,7 +230,7 @@ def test_when_the_agent_of_two_ranks_dies_both_warn_once_and_load_from_the_durab
 
 @pytest.mark.dist
 def test_a_rank_failing_its_copy_fails_the_cut_on_every_rank(world2, tmp_path, job):
-    from tests.dist import memory_workloads as mw
+    from tests.snapshot import memory_workloads as mw
 
     out = world2.run(mw.one_rank_fails_its_copy, str(tmp_path), job)
     assert "no space left" in out[1]["lost"] and "another rank failed its snapshot of step 2" in out[0]["lost"]
@@ -290,7 +287,7 @@ def test_redundancy_on_a_single_node_warns_once_and_snapshots_go_on(tmp_path, jo
     ck.close()
     m2, opt2 = tiny_model(seed=5)
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
-    assert res.source == "memory" and res.step == 3 and res.rebuilt == () and same(state_of(m2, opt2), want)
+    assert res.source == "memory" and res.step == 3 and res.rebuilt == () and same_state(state_of(m2, opt2), want)
 
 
 def test_redundancy_needs_snapshots():

@@ -1,4 +1,4 @@
-"""The parity exchange and the rebuild of lost members, on a gloo world of 4 (tests/dist)."""
+"""The parity exchange and the rebuild of lost members, on a gloo world of 4."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from tests.dist import parity_workloads as w
+from tests.snapshot import parity_workloads as w
 
 pytestmark = pytest.mark.dist
 

@@ -21,7 +21,7 @@ from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.safetensors_file import read_header
 from ucp.storage.verify import verify_checkpoint
-from tests.snapshot.tiny import same, state_of, tiny_model, train_step
+from tests.helpers import MLP, bit_diffs, full_state, mlp_optimizer, same_state, state_of, tiny_model, train_step
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -53,7 +53,7 @@ def test_every_persist_every_th_snapshot_is_written_durably_by_the_agent(tmp_pat
     assert not [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
     assert verify_checkpoint(directory, read_manifest(directory)).ok
     res, got = _load_durable(tmp_path)
-    assert res.source == "durable" and res.step == 8 and same(got, states[8])
+    assert res.source == "durable" and res.step == 8 and same_state(got, states[8])
     assert client.connect(job).status()["persisted"] == {"0": 8}
     import subprocess
     import sys
@@ -81,7 +81,7 @@ def test_a_failed_durable_write_is_reported_at_the_next_call_and_snapshots_go_on
     want = state_of(m, opt)
     m2, opt2 = tiny_model(seed=3)
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
-    assert res.source == "memory" and res.step == 3 and same(state_of(m2, opt2), want)
+    assert res.source == "memory" and res.step == 3 and same_state(state_of(m2, opt2), want)
 
 
 def test_a_failure_seen_by_a_later_snapshot_is_raised_by_the_next_save(tmp_path, job):
@@ -121,7 +121,7 @@ def test_sigterm_flushes_the_newest_snapshot_before_the_agent_exits(tmp_path, jo
         time.sleep(0.02)
     assert not shm.listing(shm.prefix(job))  # its memory is gone ...
     res, got = _load_durable(tmp_path)  # ... and the newest snapshot is on the durable tier
-    assert res.step == 3 and same(got, want)
+    assert res.step == 3 and same_state(got, want)
 
 
 def test_begin_of_a_slot_being_written_durably_waits_for_the_write():
@@ -163,9 +163,7 @@ def test_the_committer_takes_only_rank_files_of_its_own_cut(tmp_path):
 
 @pytest.mark.dist
 def test_two_ranks_persist_one_checkpoint_with_each_region_written_once(world2, tmp_path, job):
-    from tests.dist import memory_workloads as mw
-    from tests.dist import workloads as w
-    from tests.dist.workloads import bit_diffs
+    from tests.snapshot import memory_workloads as mw
 
     want = world2.run(mw.persist_steps, "tp", str(tmp_path), job)[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]  # keep=2
@@ -175,11 +173,11 @@ def test_two_ranks_persist_one_checkpoint_with_each_region_written_once(world2, 
     assert len(regions) == len(set(regions))  # replicated (tp-replicated) regions written once
     assert {f.file for f in manifest.fragments} == {"rank_00000.safetensors", "rank_00001.safetensors"}
     assert verify_checkpoint(directory, manifest).ok
-    model = w.MLP()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model = MLP()
+    opt = mlp_optimizer(model)
     res = ucp.Checkpointer(tmp_path, model=model, optimizer=opt).load()
     assert res.source == "durable" and res.step == 3
-    assert bit_diffs(want, w.full_state(model, opt)) == []
+    assert bit_diffs(want, full_state(model, opt)) == []
 
 
 def test_a_commit_waiting_for_a_lost_nodes_files_gives_up_when_a_smaller_job_takes_over(tmp_path):

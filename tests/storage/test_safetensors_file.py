@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import require
+from tests.helpers import bits_equal
 import torch
 
 from ucp.errors import CorruptCheckpointError
 from ucp.format.dtypes import DTYPES
 from ucp.storage.safetensors_file import MAX_HEADER, Entry, plan_file, read_header, read_into, write_file
 
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def raw(t: torch.Tensor) -> memoryview:
@@ -25,15 +25,6 @@ def raw(t: torch.Tensor) -> memoryview:
 
 def code(t: torch.Tensor) -> str:
     return DTYPES[str(t.dtype).removeprefix("torch.")][1]
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        it = _INT_OF_SIZE[a.element_size()]
-        return torch.equal(a.contiguous().view(it), b.contiguous().view(it))
-    return torch.equal(a, b)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import require
+from tests.helpers import flip_byte, same_bits
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError
 from ucp.format.universal import shard_shape
@@ -44,10 +45,6 @@ def random_array(shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype=np.uint8)
     return raw.view(dtype).reshape(shape)
-
-
-def same_bits(a, b) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 CASES = {
@@ -161,12 +158,6 @@ def chunk_extents(path, shape, chunks):
     return {idx: (int(index[idx][0]), int(index[idx][1])) for idx in itertools.product(*map(range, index.shape[:-1]))}
 
 
-def flip(path, at):
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0x40
-    path.write_bytes(bytes(data))
-
-
 SHAPE, CHUNKS = (10, 7), (4, 3)  # a 3 x 3 grid with short edge chunks
 GRID = list(itertools.product(range(3), range(3)))
 
@@ -179,7 +170,7 @@ def test_a_flipped_byte_in_any_chunk_is_found_and_named(tmp_path, compressor, wh
         path = tmp_path / f"{idx[0]}{idx[1]}"
         write_shard(path, a, CHUNKS, compressor, fsync=False)
         offset, nbytes = chunk_extents(path, SHAPE, CHUNKS)[idx]
-        flip(path, {"first": offset, "middle": offset + nbytes // 2, "crc": offset + nbytes - 1}[where])
+        flip_byte(path, {"first": offset, "middle": offset + nbytes // 2, "crc": offset + nbytes - 1}[where], 0x40)
         with ShardReader(path, SHAPE, CHUNKS, a.dtype, compressor, label="model/w") as r:
             problems = r.verify()
             assert len(problems) == 1 and f"chunk {idx} of model/w" in problems[0], problems
@@ -197,7 +188,7 @@ def test_a_flipped_byte_in_any_chunk_is_found_and_named(tmp_path, compressor, wh
 def test_a_flipped_byte_in_a_scalar_is_found(tmp_path):
     a = np.array(2.5, dtype=np.float64)
     write_shard(tmp_path / "c", a, (), fsync=False)
-    flip(tmp_path / "c", 3)
+    flip_byte(tmp_path / "c", 3, 0x40)
     with ShardReader(tmp_path / "c", (), (), a.dtype, label="model/s") as r:
         assert len(r.verify()) == 1
         with pytest.raises(CorruptCheckpointError, match=r"chunk \(\) of model/s: checksum mismatch"):
@@ -211,7 +202,7 @@ def test_a_flipped_byte_in_the_index_is_caught(tmp_path):
     index_bytes = 9 * 16 + 4
     for at in (size - index_bytes, size - index_bytes + 17, size - 1):
         write_shard(path, a, CHUNKS, fsync=False)
-        flip(path, at)
+        flip_byte(path, at, 0x40)
         problems = ShardReader(path, SHAPE, CHUNKS, a.dtype, label="model/w").verify()
         assert len(problems) == 1 and "(model/w): shard index checksum mismatch" in problems[0]
         with pytest.raises(CorruptCheckpointError, match="shard index checksum mismatch"):

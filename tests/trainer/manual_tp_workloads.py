@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tests.dist.workloads import bit_diffs, full_state
+from tests.helpers import bit_diffs, full_state
 from ucp.format.layout import Layout
 from ucp.trainer.manual_tp import ManualTPGPT, gather_whole_state, tp_group, ucp_patterns
 from ucp.trainer.model import GPTConfig, batch, init_gpt, loss_fn

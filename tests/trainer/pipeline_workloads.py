@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tests.dist.workloads import bit_diffs, full_state
+from tests.helpers import bit_diffs, full_state
 from ucp.trainer.model import GPTConfig, batch, init_gpt, loss_fn
 from ucp.trainer.pipeline import PipelineTrainer, pipeline_groups, shard_stage, stage_module
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import same_bits
 from tests.trainer import convert_workloads
 from tests.trainer.test_layouts import LAYOUTS, MANUAL_TP, _id
 from ucp.convert import convert
@@ -62,14 +63,9 @@ def converted(worlds, tmp_path_factory):
     return get
 
 
-def same(a: np.ndarray, b: np.ndarray) -> bool:
-    """Same dtype, shape and bits."""
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
 def differing(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys) -> list[str]:
     """Keys among ``keys`` whose arrays differ in dtype, shape or any bit."""
-    return sorted(k for k in keys if not same(a[k], b[k]))
+    return sorted(k for k in keys if not same_bits(a[k], b[k]))
 
 
 def bits(t: torch.Tensor) -> np.ndarray:
@@ -119,7 +115,7 @@ def check_same_state(group: list, manual_tp: bool, converted) -> None:
     for name, (arrays, _) in runs.items():
         for key, a in arrays.items():
             other, b = first.setdefault(key, (name, a))
-            assert same(a, b), f"{key}: {name} and {other} convert the same state differently"
+            assert same_bits(a, b), f"{key}: {name} and {other} convert the same state differently"
 
 
 def test_same_state_in_every_fp32_layout_converts_identically(converted):

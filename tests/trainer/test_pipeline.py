@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tests.dist.workloads import bit_diffs, full_state
+from tests.helpers import bit_diffs, full_state
 from tests.trainer import pipeline_workloads
 from ucp.errors import OptionsError
 from ucp.trainer.model import GPTConfig, batch, init_gpt

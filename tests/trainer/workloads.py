@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.distributed.tensor import DTensor
 
-from tests.dist.workloads import bit_diffs, full_state
+from tests.helpers import bit_diffs, full_state
 from ucp.trainer.layouts import TrainLayout
 from ucp.trainer.model import GPTConfig, init_gpt
 from ucp.trainer.train import build, train_steps

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ucp
+from tests.helpers import same_state
 from ucp.cli.main import main
 from ucp.codecs.checksum import crc32c
 from ucp.convert import convert
@@ -52,11 +53,6 @@ def read_all(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def bit_equal(a: dict, b: dict) -> bool:
-    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-                                    and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
-
-
 def test_sharded_weights_convert_and_export_back_bit_exactly(tmp_path):
     weights = gpt_weights()
     weights["blocks.0.ln1.weight"] = weights["blocks.0.ln1.weight"].to(torch.bfloat16)  # mixed dtypes
@@ -72,7 +68,7 @@ def test_sharded_weights_convert_and_export_back_bit_exactly(tmp_path):
     for name, t in weights.items():
         assert table[f"model/{name}"].crc32c == crc32c(t.view(torch.uint8).numpy())
     assert main(["export", str(tmp_path / "u"), str(tmp_path / "back"), "--quiet"]) == 0
-    assert bit_equal(read_all(tmp_path / "back"), weights)
+    assert same_state(read_all(tmp_path / "back"), weights)
 
 
 def test_a_converted_model_loads_into_a_fresh_model(tmp_path):
@@ -82,7 +78,7 @@ def test_a_converted_model_loads_into_a_fresh_model(tmp_path):
     model = init_gpt(GPTConfig(), seed=9)
     res = ucp.Checkpointer(tmp_path / "u", model=model).load()
     assert res.source == "universal" and res.step == 0
-    assert bit_equal({k: v.detach() for k, v in model.named_parameters()}, weights)
+    assert same_state({k: v.detach() for k, v in model.named_parameters()}, weights)
 
 
 def test_a_single_safetensors_file_is_a_source_too(tmp_path):
@@ -90,7 +86,7 @@ def test_a_single_safetensors_file_is_a_source_too(tmp_path):
     save_file(weights, tmp_path / "weights.safetensors")
     convert(tmp_path / "weights.safetensors", tmp_path / "u", source="hf", fsync=False)
     export(tmp_path / "u", tmp_path / "back")
-    assert bit_equal(read_all(tmp_path / "back"), weights)
+    assert same_state(read_all(tmp_path / "back"), weights)
 
 
 def test_an_index_tensor_outside_the_index_is_not_part_of_the_model(tmp_path):

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import require
+from tests.helpers import flip_byte, same_bits
 from tests.plan.test_consolidate import placed_tensors
 from tests.synthetic import NP_DTYPE, write_checkpoint
 from ucp.cli.main import main
@@ -114,10 +115,6 @@ def save(root: Path, layout: Layout, step: int = 100, keys=None) -> Path:
     keys = keys or list(tensors)
     return write_checkpoint(root, step, {k: (tensors[k][0], tensors[k][1], ps[k]) for k in keys}, layout,
                             seed=step, state=STATE)
-
-
-def same_bits(got: np.ndarray, want: np.ndarray) -> bool:
-    return got.shape == want.shape and got.dtype == want.dtype and got.tobytes() == want.tobytes()
 
 
 def check_arrays(dst: Path, tensors: dict | None = None) -> None:
@@ -436,14 +433,6 @@ def chunk_offsets(dst: Path, key: str):
     return {idx: (r.path, int(index[idx][0]), int(index[idx][1])) for idx in itertools.product(*map(range, r.grid))}
 
 
-def flip(path: Path, at: int) -> bytes:
-    data = path.read_bytes()
-    changed = bytearray(data)
-    changed[at] ^= 0x10
-    path.write_bytes(bytes(changed))
-    return data
-
-
 def test_verify_finds_a_flipped_byte_in_any_chunk(tmp_path, capsys):
     save(tmp_path / "ckpt", LAYOUTS["dp2 tp2 zero1"])
     convert(tmp_path / "ckpt", tmp_path / "u", chunk_bytes=1024, fsync=False)
@@ -453,7 +442,7 @@ def test_verify_finds_a_flipped_byte_in_any_chunk(tmp_path, capsys):
         chunks = chunk_offsets(tmp_path / "u", key)
         assert len(chunks) > 1 or key.endswith("step")
         for idx, (path, offset, nbytes) in chunks.items():
-            original = flip(path, offset + (idx[0] * 7 if idx else 0) % nbytes)
+            original = flip_byte(path, offset + (idx[0] * 7 if idx else 0) % nbytes, 0x10)
             report = verify_universal(tmp_path / "u", h)
             assert len(report.problems) == 1, report.problems
             assert f"chunk {idx} of {key}" in report.problems[0] and "checksum mismatch" in report.problems[0]
@@ -481,7 +470,7 @@ def test_verify_finds_bad_metadata_and_fragment_table(tmp_path):
     meta_path = tmp_path / "u" / array_path(f"model/{EMB}") / "zarr.json"
     meta_path.write_text(meta_path.read_text().replace('"fill_value": 0', '"fill_value": 1'))
     table = tmp_path / "u" / "fragments.parquet"
-    flip(table, table.stat().st_size // 2)
+    flip_byte(table, table.stat().st_size // 2, 0x10)
     shard = array_reader(tmp_path / "u", "extra/rng", h.tensors["extra/rng"]).path
     shard.unlink()
     problems = verify_universal(tmp_path / "u", h).problems
@@ -552,7 +541,7 @@ CORRUPTIONS = {
 def test_a_corrupted_fragment_fails_naming_file_and_key_and_leaves_nothing(tmp_path, key, which, where):
     src = save(tmp_path / "ckpt", LAYOUTS["dp2 tp2 zero1"])
     f = _fragment(src, key, which)
-    flip(src / f.file, f.offset + min(int(f.length * where), f.length - 1))
+    flip_byte(src / f.file, f.offset + min(int(f.length * where), f.length - 1), 0x10)
     with pytest.raises(CorruptCheckpointError) as e:
         convert(tmp_path / "ckpt", tmp_path / "u", workers=2, fsync=False)
     msg = str(e.value)
@@ -729,7 +718,7 @@ print("done", flush=True)
 def _kill_after(src: Path, dst: Path, lines: int) -> None:
     """Start a slow conversion, SIGKILL it after ``lines`` progress lines (0: right after it started)."""
     p = subprocess.Popen([sys.executable, "-c", KILLED, str(src), str(dst)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+                         stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     try:
         assert p.stdout.readline().strip() == "started"
         for _ in range(lines):

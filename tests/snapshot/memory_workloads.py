@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from tests.dist.workloads import bit_diffs, build, full_state, train_step
+from tests.helpers import bit_diffs, build_mlp, full_state, mlp_step
 
 
 def snapshot_steps(kind: str, root: str, job: str, steps: int = 3) -> dict:
@@ -12,10 +12,10 @@ def snapshot_steps(kind: str, root: str, job: str, steps: int = 3) -> dict:
     state at the last step."""
     import ucp
 
-    model, opt = build(kind, seed=0)
+    model, opt = build_mlp(kind, seed=0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
     for s in range(steps):
-        train_step(model, opt, s)
+        mlp_step(model, opt, s)
         res = ck.save(s + 1)
         assert res.tier == "memory", res
     # the cut runs in the background: the last snapshot becomes complete without another ucp call
@@ -36,7 +36,7 @@ def load_from_memory(kind: str, root: str, job: str, expected: dict) -> dict:
     """A fresh job of ``kind`` (other seed) loads: from the agents' memory."""
     import ucp
 
-    model, opt = build(kind, seed=1)
+    model, opt = build_mlp(kind, seed=1)
     res = ucp.Checkpointer(root, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
     got = full_state(model, opt)
     return {"diffs": bit_diffs(expected, got), "source": res.source, "step": res.step}
@@ -50,9 +50,9 @@ def one_rank_fails_its_copy(root: str, job: str) -> dict:
     import ucp
     from ucp.snapshot import client, memory
 
-    model, opt = build("fsdp", seed=0)
+    model, opt = build_mlp("fsdp", seed=0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
-    train_step(model, opt, 0)
+    mlp_step(model, opt, 0)
     ck.save(1)
     ck.wait()
     real = memory.MemoryTier.write
@@ -61,7 +61,7 @@ def one_rank_fails_its_copy(root: str, job: str) -> dict:
             raise OSError("no space left in /dev/shm")
         memory.MemoryTier.write = broken
     try:
-        train_step(model, opt, 1)
+        mlp_step(model, opt, 1)
         ck.save(2)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -77,11 +77,11 @@ def persist_steps(kind: str, root: str, job: str, steps: int = 3) -> dict:
     (``persist_every=1``); ``wait()`` returns once they are. The full state at the last step."""
     import ucp
 
-    model, opt = build(kind, seed=0)
+    model, opt = build_mlp(kind, seed=0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt, keep=2,
                           snapshot=ucp.SnapshotOptions(persist_every=1, job=job))
     for s in range(steps):
-        train_step(model, opt, s)
+        mlp_step(model, opt, s)
         assert ck.save(s + 1).tier == "memory"
     ck.wait()
     return {k: v.detach().clone() for k, v in full_state(model, opt).items() if not k.startswith("flat/")}
@@ -98,9 +98,9 @@ def agent_killed(root: str, job: str) -> dict:
     import ucp
     from ucp.snapshot import agent
 
-    model, opt = build("fsdp", seed=0)
+    model, opt = build_mlp("fsdp", seed=0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job, timeout=10))
-    train_step(model, opt, 0)
+    mlp_step(model, opt, 0)
     tiers = [ck.save(1).tier]
     ck.wait()
     info = agent.read_info(job)
@@ -112,11 +112,11 @@ def agent_killed(root: str, job: str) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for s in (1, 2, 3):
-            train_step(model, opt, s)
+            mlp_step(model, opt, s)
             tiers.append(ck.save(s + 1).tier)
         ck.wait()
     want = {k: v.detach().clone() for k, v in full_state(model, opt).items() if not k.startswith("flat/")}
-    model2, opt2 = build("fsdp", seed=1)
+    model2, opt2 = build_mlp("fsdp", seed=1)
     res = ucp.Checkpointer(root, model=model2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     return {"tiers": tiers, "warnings": [str(w.message) for w in caught], "source": res.source, "step": res.step,
             "diffs": bit_diffs(want, full_state(model2, opt2))}

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import ucp
-from tests.dist import dcp_workloads as w
-from tests.dist.workloads import MLP, bit_diffs, full_state, train_step
+from tests.convert.foreign import dcp_workloads as w
+from tests.helpers import MLP, bit_diffs, full_state, mlp_step
 from ucp.cli.main import main
 from ucp.convert import convert
 from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
@@ -30,7 +30,7 @@ def single_process_save(root, steps: int = 2, wrap: bool = True) -> dict:
     model = MLP()
     opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
     for s in range(steps):
-        train_step(model, opt, s)
+        mlp_step(model, opt, s)
     msd, osd = get_state_dict(model, opt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed ... assuming ... a single process"
@@ -42,7 +42,7 @@ def fresh():
     torch.manual_seed(5)
     model = MLP()
     opt = torch.optim.AdamW(model.parameters(), lr=0.5)
-    train_step(model, opt, 9)
+    mlp_step(model, opt, 9)
     return model, opt
 
 
@@ -55,7 +55,7 @@ def test_a_single_process_dcp_checkpoint_converts_and_loads_bit_exactly(tmp_path
     assert loaded.source == "universal" and loaded.step == 2
     assert bit_diffs(want, full_state(model, opt)) == []
     assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["weight_decay"] == 0.1
-    assert math.isfinite(train_step(model, opt, 2))
+    assert math.isfinite(mlp_step(model, opt, 2))
 
 
 def test_a_bare_model_state_dict_is_a_model(tmp_path):

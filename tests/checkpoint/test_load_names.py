@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import ucp
+from tests.helpers import flip_byte
 from tests.synthetic import write_checkpoint
 from ucp.convert import convert
 from ucp.errors import CorruptCheckpointError, LoadError
@@ -99,11 +100,7 @@ def test_a_corrupted_block_is_named_and_blocks_not_read_do_not_matter(tmp_path):
     _, path = _fused_checkpoint(tmp_path, "ckpt")
     directory = store.resolve(path, None)
     (frag,) = read_manifest(directory).fragments
-    with open(directory / frag.file, "r+b") as f:  # flip a byte in v's rows: block 2
-        f.seek(frag.offset + 2 * BLOCK_BYTES + 12345)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0x40]))
+    flip_byte(directory / frag.file, frag.offset + 2 * BLOCK_BYTES + 12345, 0x40)  # in v's rows: block 2
     ucp.Checkpointer(path, model=Attn(Split("qk"))).load(strict=False)  # q and k: blocks 0 and 1
     with pytest.raises(CorruptCheckpointError, match=r"fragment of model/attn\.qkv\.weight .*block 2 at bytes .* "
                                                      r"fails its checksum"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.dist.world import free_port
+from tests.world import free_port
 from ucp.cli.main import main
 from ucp.convert import convert
 from ucp.errors import CorruptCheckpointError

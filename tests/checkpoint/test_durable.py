@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.dist import workloads
-from tests.dist.world import World
+from tests.checkpoint import durable_workloads as workloads
+from tests.world import World
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 

@@ -1,4 +1,4 @@
-"""Functions run on every rank of a test world (module level, so they pickle by reference)."""
+"""Rank functions of the durable distributed checkpoint tests (module level, so they pickle by reference)."""
 
 from __future__ import annotations
 
@@ -7,99 +7,25 @@ import signal
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 
-D, H = 6, 10  # odd sizes: FSDP2 over 4 ranks gets uneven and empty shards
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(D)
-        self.fc1 = nn.Linear(D, H)
-        self.fc2 = nn.Linear(H, D)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(self.norm(x))))
-
-
-def build(kind: str, seed: int):
-    """A model of ``kind`` ('tp', 'fsdp', 'fsdp_tp') initialized from ``seed``, and its AdamW."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    world = dist.get_world_size()
-    torch.manual_seed(seed)
-    model = MLP()
-    if kind == "tp":
-        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp")) if world > 2 else \
-            init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-        tp = mesh["tp"] if world > 2 else mesh
-        parallelize_module(model, tp, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
-    elif kind == "fsdp":
-        fully_shard(model, mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)))
-    elif kind == "fsdp_tp":
-        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
-        parallelize_module(model, mesh["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
-        fully_shard(model, mesh=mesh["dp"])
-    else:
-        raise ValueError(kind)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-
-
-def train_step(model, opt, step: int) -> float:
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(8, D, generator=g)
-    loss = model(x).pow(2).mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return loss.item()
-
-
-def full_state(model, opt) -> dict:
-    """Every parameter and optimizer state as full tensors (DTensors gathered)."""
-    out = {}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for n, p in model.named_parameters():
-        out[f"model/{n}"] = (p.full_tensor() if isinstance(p, DTensor) else p.detach()).clone()
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                out[f"optim/{names[id(p)]}/{k}"] = (v.full_tensor() if isinstance(v, DTensor) else v).clone()
-    for fqn, states in (opt.ucp_flat_state() if hasattr(opt, "ucp_flat_state") else {}).items():
-        for k, (t, start) in states.items():  # this rank's flat partitions
-            out[f"flat/{fqn}/{k}@{start}"] = t.clone()
-    return out
-
-
-def bit_diffs(a: dict, b: dict) -> list[str]:
-    """Keys whose tensors differ in any bit (or are missing on one side)."""
-    diffs = sorted(set(a) ^ set(b))
-    for k in set(a) & set(b):
-        x, y = a[k], b[k]
-        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x.view(torch.uint8) if x.dtype == torch.uint8 else x, y):
-            diffs.append(k)
-    return diffs
+from tests.helpers import MLP, bit_diffs, build_mlp, flip_byte, full_state, mlp_step
 
 
 def save_and_resume(kind: str, root: str, before: int = 3, after: int = 3) -> dict:
     """Train, save, train on; then a fresh model and optimizer load and train the same steps."""
     import ucp
 
-    model, opt = build(kind, seed=0)
+    model, opt = build_mlp(kind, seed=0)
     for s in range(before):
-        train_step(model, opt, s)
+        mlp_step(model, opt, s)
     res = ucp.Checkpointer(root, model=model, optimizer=opt).save(before)
     saved = full_state(model, opt)
-    ref = [train_step(model, opt, s) for s in range(before, before + after)]
+    ref = [mlp_step(model, opt, s) for s in range(before, before + after)]
 
-    model2, opt2 = build(kind, seed=1)  # different init, optimizer never stepped
+    model2, opt2 = build_mlp(kind, seed=1)  # different init, optimizer never stepped
     loaded = ucp.Checkpointer(root, model=model2, optimizer=opt2).load()
     diffs = bit_diffs(saved, full_state(model2, opt2))
-    got = [train_step(model2, opt2, s) for s in range(before, before + after)]
+    got = [mlp_step(model2, opt2, s) for s in range(before, before + after)]
     return {"step": loaded.step, "source": loaded.source, "diffs": diffs, "ref": ref, "got": got,
             "layout": str(ucp.Checkpointer(root, model=model2).layout), "nbytes": res.nbytes, "read": loaded.nbytes}
 
@@ -109,8 +35,8 @@ def save_diverged(root: str, bad_rank: int) -> str:
     import ucp
     from ucp.errors import DistributedError
 
-    model, opt = build("tp", seed=0)
-    train_step(model, opt, 0)
+    model, opt = build_mlp("tp", seed=0)
+    mlp_step(model, opt, 0)
     if dist.get_rank() == bad_rank:
         with torch.no_grad():
             model.norm.weight.add_(1e-3)
@@ -126,11 +52,11 @@ def die_mid_save(root: str, victim: int) -> str:
     import ucp
     import ucp.checkpoint.checkpointer as ckmod
 
-    model, opt = build("tp", seed=0)
-    train_step(model, opt, 0)
+    model, opt = build_mlp("tp", seed=0)
+    mlp_step(model, opt, 0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt)
     ck.save(1)
-    train_step(model, opt, 1)
+    mlp_step(model, opt, 1)
     if dist.get_rank() == victim:
         real = ckmod.write_file
 
@@ -198,14 +124,14 @@ def flat_zero1_resume(root: str, before: int = 3, after: int = 3) -> dict:
 
     model, opt = make(0)
     for s in range(before):
-        train_step(model, opt, s)
+        mlp_step(model, opt, s)
     ucp.Checkpointer(root, model=model, optimizer=opt).save(before)
     saved = {**full_state(model, opt), **local(opt)}
-    ref = [train_step(model, opt, s) for s in range(before, before + after)]
+    ref = [mlp_step(model, opt, s) for s in range(before, before + after)]
     model2, opt2 = make(1)
     ucp.Checkpointer(root, model=model2, optimizer=opt2).load()
     diffs = bit_diffs(saved, {**full_state(model2, opt2), **local(opt2)})
-    got = [train_step(model2, opt2, s) for s in range(before, before + after)]
+    got = [mlp_step(model2, opt2, s) for s in range(before, before + after)]
     return {"diffs": diffs, "ref": ref, "got": got}
 
 
@@ -214,8 +140,8 @@ def save_disagreeing_steps(root: str) -> str:
     import ucp
     from ucp.errors import DistributedError
 
-    model, opt = build("fsdp", seed=0)
-    train_step(model, opt, 0)
+    model, opt = build_mlp("fsdp", seed=0)
+    mlp_step(model, opt, 0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt)
     ck.save(1)
     try:
@@ -231,17 +157,13 @@ def load_corrupted(root: str) -> dict:
     from ucp.errors import CorruptCheckpointError, DistributedError
     from ucp.storage.manifest_io import read_manifest
 
-    model, opt = build("tp", seed=0)
-    train_step(model, opt, 0)
+    model, opt = build_mlp("tp", seed=0)
+    mlp_step(model, opt, 0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt)
     res = ck.save(1)
     if dist.get_rank() == 0:
         f = max(read_manifest(res.path).fragments, key=lambda f: f.length)
-        with open(res.path / f.file, "r+b") as fh:
-            fh.seek(f.offset)
-            b = fh.read(1)
-            fh.seek(f.offset)
-            fh.write(bytes([b[0] ^ 1]))
+        flip_byte(res.path / f.file, f.offset, 1)
     dist.barrier()
     try:
         ck.load()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist import universal_workloads as w
+from tests.checkpoint import universal_workloads as w
 from ucp.convert import convert
 
 pytestmark = pytest.mark.dist

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import require
+from tests.helpers import flip_byte
 from tests.synthetic import write_checkpoint
 from ucp.convert import convert
 from ucp.errors import CorruptCheckpointError, OptionsError
@@ -63,8 +64,7 @@ def test_converts_onto_a_url_that_zarr_reads(source, url):
 def test_an_interrupted_conversion_leaves_no_commit_marker_and_is_redone(source, url):
     src, tensors = source
     data = src / "rank_00001.safetensors"
-    good = data.read_bytes()
-    data.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))  # the last fragment fails its checksum
+    good = flip_byte(data, -1, 0xFF)  # the last fragment fails its checksum
     with pytest.raises(CorruptCheckpointError):
         convert(src, url, fsync=False)
     import fsspec

@@ -61,17 +61,17 @@ def redundant_snapshots(root: str, base: str, m: int, steps: int = 3, persist_ev
     """FSDP over 4 ranks, each rank its own node; a snapshot with parity after every step. The full
     state at the last step and this node's agent status."""
     import ucp
-    from tests.dist.workloads import build, full_state, train_step
+    from tests.helpers import build_mlp, full_state, mlp_step
     from ucp.snapshot import client
 
     rank = dist.get_rank()
-    model, opt = build("fsdp", seed=0)
+    model, opt = build_mlp("fsdp", seed=0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt,
                           snapshot=ucp.SnapshotOptions(job=node_job(base, rank), persist_every=persist_every),
                           redundancy=ucp.RedundancyOptions(group=4, parity=m, stripe=STRIPE))
     tiers = []
     for s in range(steps):
-        train_step(model, opt, s)
+        mlp_step(model, opt, s)
         tiers.append(ck.save(s + 1).tier)
     ck.wait()
     state = {k: v.detach().clone() for k, v in full_state(model, opt).items()}
@@ -86,10 +86,10 @@ def recover(root: str, base: str, replaced: list[int], expected: dict) -> dict:
     import warnings
 
     import ucp
-    from tests.dist.workloads import bit_diffs, build, full_state, train_step
+    from tests.helpers import bit_diffs, build_mlp, full_state, mlp_step
 
     rank = dist.get_rank()
-    model, opt = build("fsdp", seed=1)
+    model, opt = build_mlp("fsdp", seed=1)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt,
                           snapshot=ucp.SnapshotOptions(job=node_job(base, rank, replaced), timeout=20),
                           redundancy=ucp.RedundancyOptions(group=4, parity=len(replaced) or 1, stripe=STRIPE))
@@ -101,7 +101,7 @@ def recover(root: str, base: str, replaced: list[int], expected: dict) -> dict:
            "rebuilt": None if res is None else list(res.rebuilt),
            "diffs": bit_diffs(expected, full_state(model, opt)) if res is not None else None}
     if res is not None:
-        train_step(model, opt, res.step)
+        mlp_step(model, opt, res.step)
         out["next"] = ck.save(res.step + 1).tier
         ck.wait()
     ck.close()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.foreign.test_deepspeed import DS_ENV, run_deepspeed, universal
+from tests.convert.foreign.test_deepspeed import DS_ENV, run_deepspeed, universal
 from ucp.cli.main import main
 from ucp.convert import convert
 from ucp.errors import OptionsError
@@ -22,7 +22,7 @@ from ucp.errors import UclError
 from ucp.storage.universal_io import read_header
 
 pytestmark = pytest.mark.deepspeed
-SAVE = Path(__file__).resolve().parents[2] / "tools" / "megatron_save.py"
+SAVE = Path(__file__).resolve().parents[3] / "tools" / "megatron_save.py"
 SAVES = {  # name: (arch, tp, pp, world, ZeRO stage)
     "gpt-tp2-dp2": ("gpt", 2, 1, 4, 1),
     "llama-tp2-pp2-dp2": ("llama", 2, 2, 8, 1),
@@ -136,7 +136,7 @@ def test_a_tensor_parallel_save_needs_a_spec_that_fits(megatron_save, tmp_path, 
 
 
 def test_ucp_reads_each_file_as_torch_load_weights_only_does(megatron_save):
-    from tests.foreign.test_deepspeed import _same
+    from tests.convert.foreign.test_deepspeed import _same
     from ucp.convert.foreign.deepspeed import STAND_INS, load_pt
 
     out = megatron_save[0]

@@ -1,6 +1,6 @@
 """A real DeepSpeed ZeRO save for the import tests, run under torchrun on CPU (DS_ACCELERATOR=cpu, gloo):
 
-    torchrun --nproc-per-node 2 tests/foreign/ds_save.py STAGE OUT [bf16] [frozen]
+    torchrun --nproc-per-node 2 tests/convert/foreign/ds_save.py STAGE OUT [bf16] [frozen]
 
 Trains a small MLP two steps with DeepSpeed's AdamW, saves with ``engine.save_checkpoint(OUT)``, and
 writes ``OUT/expected.safetensors`` (rank 0): every parameter's module weight and, through

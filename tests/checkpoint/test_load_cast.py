@@ -3,12 +3,12 @@ exactly; anything else converts as Tensor.to does. Without cast=True a dtype cha
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import ucp
+from tests.helpers import assert_bits_equal
 from tests.synthetic import write_checkpoint
 from ucp.convert import convert
 from ucp.errors import LoadError
@@ -19,10 +19,6 @@ class One(nn.Module):
     def __init__(self, dtype):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(4, 6, dtype=dtype))
-
-
-def _bits(t: torch.Tensor) -> np.ndarray:
-    return t.detach().view(torch.int16 if t.element_size() == 2 else torch.int32).numpy()
 
 
 @pytest.fixture
@@ -47,7 +43,7 @@ def test_an_fp32_model_loads_a_bf16_checkpoint_from_its_masters(tmp_path, fp32_m
     with pytest.raises(LoadError, match="pass cast=True"):
         ucp.Checkpointer(path, model=m).load()
     ucp.Checkpointer(path, model=m).load(cast=True)
-    np.testing.assert_array_equal(_bits(m.w), _bits(master))  # the master, not the widened bf16
+    assert_bits_equal(m.w, master)  # the master, not the widened bf16
 
 
 def test_without_a_master_values_convert_as_tensor_to_does(tmp_path, fp32_master):
@@ -55,9 +51,9 @@ def test_without_a_master_values_convert_as_tensor_to_does(tmp_path, fp32_master
     write_checkpoint(tmp_path / "a", 1, {"model/w": (master.numpy(), "float32", Pattern())}, Layout.single())
     m = One(torch.bfloat16)
     ucp.Checkpointer(tmp_path / "a", model=m).load(cast=True)
-    np.testing.assert_array_equal(_bits(m.w), _bits(bf16))
+    assert_bits_equal(m.w, bf16)
     write_checkpoint(tmp_path / "b", 1, {"model/w": (bf16.view(torch.uint16).numpy(), "bfloat16", Pattern())},
                      Layout.single())
     m32 = One(torch.float32)
     ucp.Checkpointer(tmp_path / "b", model=m32).load(cast=True)
-    np.testing.assert_array_equal(_bits(m32.w), _bits(bf16.to(torch.float32)))
+    assert_bits_equal(m32.w, bf16.to(torch.float32))

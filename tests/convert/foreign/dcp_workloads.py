@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from tests.dist.workloads import bit_diffs, build, full_state, train_step
+from tests.helpers import bit_diffs, build_mlp, full_state, mlp_step
 
 
 def dcp_save(kind: str, root: str, steps: int = 2) -> dict:
@@ -13,9 +13,9 @@ def dcp_save(kind: str, root: str, steps: int = 2) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model, opt = build(kind, seed=0)
+    model, opt = build_mlp(kind, seed=0)
     for s in range(steps):
-        train_step(model, opt, s)
+        mlp_step(model, opt, s)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd, "step": steps}, checkpoint_id=root)
     dist.barrier()
@@ -27,10 +27,10 @@ def load_universal(kind: str, root: str, expected: dict) -> dict:
     checkpoint ``root``; then one more step."""
     import ucp
 
-    model, opt = build(kind, seed=1)
-    train_step(model, opt, 9)
+    model, opt = build_mlp(kind, seed=1)
+    mlp_step(model, opt, 9)
     res = ucp.Checkpointer(root, model=model, optimizer=opt).load()
     diffs = bit_diffs(expected, full_state(model, opt))
     lr = opt.param_groups[0]["lr"]
-    loss = train_step(model, opt, res.step)
+    loss = mlp_step(model, opt, res.step)
     return {"step": res.step, "source": res.source, "diffs": diffs, "lr": lr, "loss": loss}

@@ -12,38 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import same
 from ucp.errors import CaptureError, FormatError
 from ucp.state.rng import capture_rng, restore_rng
 from ucp.format.values import decode, encode
 
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def through_json(value, path="state"):
     text = json.dumps(encode(value, path), allow_nan=False)  # strict JSON: no NaN literals
     return decode(json.loads(text), path)
-
-
-def same(a, b) -> bool:
-    """Type-exact deep equality; tensors and arrays bit-exact; NaN equals NaN."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, torch.Tensor):
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return False
-        if a.is_floating_point():
-            it = _INT_OF_SIZE[a.element_size()]
-            return torch.equal(a.view(it), b.view(it))
-        return torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and math.isnan(a):
-        return math.isnan(b)
-    return a == b
 
 
 @pytest.mark.parametrize("value", [
