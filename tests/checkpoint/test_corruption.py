@@ -1,0 +1,216 @@
+"""Damaged checkpoints: flipped bytes, truncated and missing files, edited and malformed manifests
+are detected and named; a failed load leaves an older checkpoint loadable."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import ucp
+from tests.checkpoint.common import FAST, fresh_checkpointer, make, saved_checkpoint, train_step, write_signed
+from tests.helpers import assert_bits_equal, flip_byte
+from ucp.errors import CorruptCheckpointError, FormatError
+from ucp.storage import directory as store
+from ucp.storage.manifest_io import read_manifest
+from ucp.storage.safetensors_file import read_header
+
+
+def _fragment(path, key: str):
+    frags = [f for f in read_manifest(path).fragments if f.key == key]
+    assert len(frags) == 1
+    return frags[0]
+
+
+def test_flipped_byte_in_fragment_raises_corrupt_naming_file_and_key(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    f = _fragment(path, "model/fc1.weight")
+    data_file = path / f.file
+    flip_byte(data_file, f.offset + f.length // 2, 0x01)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError) as e:
+        ckpt.load()
+    msg = str(e.value)
+    assert str(data_file) in msg and "model/fc1.weight" in msg and "checksum" in msg
+
+
+def test_failed_load_is_named_and_an_older_checkpoint_restores_exactly(ckpt_root):
+    # Reads go straight into the live tensors (no bounce copy), so a load that fails its checksum
+    # leaves the model unspecified (docs/format-checkpoint.md rule 16); the documented way on is to
+    # load another checkpoint, which must then restore every bit.
+    model, opt, sched = make()
+    for _ in range(3):
+        train_step(model, opt, sched)
+    ck = ucp.Checkpointer(ckpt_root, model=model, optimizer=opt, scheduler=sched, options=FAST)
+    ck.save(4)
+    good = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, opt, sched)
+    ck.save(5)
+    f = _fragment(store.step_dir(ckpt_root, 5), "model/fc2.weight")
+    flip_byte(store.step_dir(ckpt_root, 5) / f.file, f.offset, 0x40)
+    ckpt, fresh = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError, match="model/fc2.weight") as e:
+        ckpt.load()
+    assert f.file in str(e.value) and "step_00000005" in str(e.value)
+    assert ckpt.load(step=4).step == 4
+    for n, p in fresh.named_parameters():
+        assert_bits_equal(p, good[n], n)
+
+
+def test_flipped_byte_in_optimizer_state_is_detected_too(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    f = _fragment(path, "optim/fc2.weight/exp_avg_sq")
+    flip_byte(path / f.file, f.offset + f.length - 1, 0x80)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError, match="optim/fc2.weight/exp_avg_sq"):
+        ckpt.load()
+
+
+def test_truncated_rank_file_raises_corrupt_naming_file_and_key(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    frags = read_manifest(path).fragments
+    last = max(frags, key=lambda f: f.offset)
+    data_file = path / last.file
+    os.truncate(data_file, last.offset + last.length - 1)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError) as e:
+        ckpt.load()
+    msg = str(e.value)
+    assert str(data_file) in msg and last.key in msg and "truncated" in msg
+
+
+def test_rank_file_truncated_to_its_header_raises_corrupt(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    m = read_manifest(path)
+    data_file = path / m.fragments[0].file
+    _, data_start = read_header(data_file)
+    os.truncate(data_file, data_start)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError) as e:
+        ckpt.load()
+    assert str(data_file) in str(e.value)
+    assert any(f.key in str(e.value) for f in m.fragments)
+
+
+def test_corrupt_fragment_table_raises_corrupt(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    table = path / store.FRAGMENT_TABLE
+    flip_byte(table, table.stat().st_size // 2, 0xFF)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError, match=store.FRAGMENT_TABLE):
+        ckpt.load()
+
+
+def test_missing_fragment_table_raises_corrupt(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    (path / store.FRAGMENT_TABLE).unlink()
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        ckpt.load()
+
+
+def test_deleted_data_file_raises_naming_it(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    data_file = path / store.rank_file(0)
+    data_file.unlink()
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError) as e:
+        ckpt.load()
+    assert str(data_file) in str(e.value) and "missing" in str(e.value)
+
+
+def test_manifest_from_a_newer_major_version_asks_to_upgrade(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    header = json.loads(mpath.read_bytes())
+    header["format_version"] = "9.0"
+    write_signed(mpath, header)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(FormatError, match="upgrade") as e:
+        ckpt.load()
+    assert "9.0" in str(e.value)
+
+
+def test_manifest_newer_minor_version_still_loads(ckpt_root):
+    path, model, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    header = json.loads(mpath.read_bytes())
+    header["format_version"] = "1.7"
+    header["a_field_from_the_future"] = {"x": [1, 2]}  # readers ignore fields they do not know
+    write_signed(mpath, header)
+    ckpt, model2 = fresh_checkpointer(ckpt_root)
+    assert ckpt.load().step == 5
+    assert_bits_equal(model2.fc1.weight, model.fc1.weight)
+
+
+def test_manifest_naming_a_file_outside_the_directory_is_rejected(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    (ckpt_root / "evil.parquet").write_bytes((path / store.FRAGMENT_TABLE).read_bytes())
+    mpath = path / store.MANIFEST
+    header = json.loads(mpath.read_bytes())
+    header["fragment_table"]["file"] = "../evil.parquet"
+    write_signed(mpath, header)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(FormatError, match="plain file name"):
+        ckpt.load()
+
+
+def test_loader_finds_fragments_by_offset_not_by_safetensors_name(ckpt_root):
+    # Format rule 18: the fragment table, not the safetensors header, says where bytes are.
+    path, model, *_ = saved_checkpoint(ckpt_root)
+    data_file = path / store.rank_file(0)
+    raw = data_file.read_bytes()
+    (n,) = np.frombuffer(raw[:8], dtype="<u8")
+    head = raw[8:8 + int(n)].replace(b'"model/', b'"MODEL/').replace(b'"optim/', b'"OPTIM/')
+    assert len(head) == n
+    data_file.write_bytes(raw[:8] + head + raw[8 + int(n):])
+    ckpt, fresh = fresh_checkpointer(ckpt_root)
+    assert ckpt.load().step == 5
+    assert_bits_equal(fresh.fc1.weight, model.fc1.weight)
+
+
+def test_manifest_that_is_not_json_raises_format_error(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    (path / store.MANIFEST).write_bytes(b"{not json")
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(FormatError, match="JSON"):
+        ckpt.load()
+
+
+def test_a_changed_value_in_the_manifest_is_caught_by_its_checksum(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    text = mpath.read_text()
+    assert '"step": 5' in text
+    mpath.write_text(text.replace('"step": 5', '"step": 6'))  # still valid JSON, still a valid manifest
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError, match="manifest.json: checksum mismatch"):
+        ckpt.load()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda h: h.update(files=["abc"]), "malformed"),
+    (lambda h: h["state"].update(ranks=[1, 2]), "'ranks' map rank numbers"),
+    (lambda h: h["state"]["ranks"].update({"7": {}}), "'ranks' map rank numbers"),
+    (lambda h: h.update(format_version="1"), "MAJOR.MINOR"),
+])
+def test_malformed_manifests_get_a_format_error(ckpt_root, edit, words):
+    path, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    header = json.loads(mpath.read_bytes())
+    edit(header)
+    write_signed(mpath, header)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(FormatError, match=words):
+        ckpt.load()
+
+
+def test_nan_in_the_manifest_is_not_json(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    mpath.write_text(mpath.read_text().replace('"step": 5', '"step": NaN'))
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(FormatError, match="not valid JSON"):
+        ckpt.load()
