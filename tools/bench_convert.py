@@ -54,7 +54,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import benchlib
+from benchlib import ROOT, drop_cache
 LAYOUT = {"dp": 2, "tp": 2, "pp": 2, "zero": 1, "manual_tp": True}
 NPROC = LAYOUT["dp"] * LAYOUT["tp"] * LAYOUT["pp"]
 N_LAYERS = 4  # pp=2 stages of 2 blocks
@@ -64,10 +65,7 @@ READ_BLOCK = 8 << 20
 POLL_S = 0.01
 #: bytes a parameter costs in the checkpoint: bf16 value + fp32 master, exp_avg, exp_avg_sq
 BYTES_PER_PARAM = 2 + 3 * 4
-
-
-def log(*args) -> None:
-    print(f"[bench_convert {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
+log = benchlib.logger("bench_convert")
 
 
 # -- the source checkpoint --------------------------------------------------------------------------
@@ -95,9 +93,6 @@ def model_config(size_mb: float, bytes_per_param: float = BYTES_PER_PARAM, globa
 
 def make_source(cfg_fields: dict, root: str) -> dict | None:
     """One rank (run under the elastic launcher): build, train ``STEPS`` steps, save; rank 0 reports."""
-    os.dup2(2, 1)  # only the parent writes to stdout
-    sys.stdout = sys.stderr
-    import torch
     import torch.distributed as dist
 
     import ucp
@@ -105,9 +100,7 @@ def make_source(cfg_fields: dict, root: str) -> dict | None:
     from ucp.trainer.model import GPTConfig
     from ucp.trainer.train import build, train_steps
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
+    with benchlib.elastic_rank(1):
         cfg = GPTConfig(**cfg_fields)
         lay = TrainLayout(**LAYOUT)
         t0 = time.perf_counter()
@@ -122,8 +115,6 @@ def make_source(cfg_fields: dict, root: str) -> dict | None:
             return {"path": str(res.path), "nbytes": res.nbytes, "losses": losses, "train_s": round(t1 - t0, 2),
                     "save_s": round(res.seconds, 2)}
         return None
-    finally:
-        dist.destroy_process_group()
 
 
 def ensure_source(work: Path, cfg: dict, regen: bool) -> Path:
@@ -159,17 +150,6 @@ def ensure_source(work: Path, cfg: dict, regen: bool) -> Path:
 
 def data_files(ckpt: Path) -> list[Path]:
     return sorted(ckpt.glob("rank_*.safetensors"))
-
-
-def drop_cache(paths: list[Path]) -> None:
-    """Make the next read of ``paths`` cold: flush dirty pages, then drop these files' cached pages."""
-    os.sync()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def resident_fraction(paths: list[Path]) -> float | None:
@@ -357,8 +337,7 @@ def parse_args(argv=None):
                     help="directory caching the source checkpoint (reused while complete) and holding the output; "
                          "default: a temporary directory, removed at the end unless --keep")
     ap.add_argument("--workers", type=int, default=4, help="convert(workers=...): tensors converted at once")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="each figure is the best of this many runs (after one untimed warm-up round)")
+    benchlib.add_repeats(ap, 3, "each figure is the best of this many runs (after one untimed warm-up round)")
     ap.add_argument("--regen", action="store_true", help="make the source checkpoint again even if cached")
     ap.add_argument("--keep", action="store_true",
                     help="keep the last universal output (WORK/universal) and a temporary --work directory")
@@ -488,27 +467,19 @@ def main(argv=None) -> int:
     if args._child is not None:
         src, dst, workers = args._child
         return child(src, dst, int(workers))
-    sys.path.insert(0, str(ROOT))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ucp_bench_convert_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        out = bench(args, work)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line, non-zero exit, nothing on stdout
-        import traceback
-
-        traceback.print_exc()
-        log(f"FAILED: {e}")
-        return 1
+        out = benchlib.attempt(bench, args, work, log=log, trace=True)
     finally:
         if args.work is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         elif args.work is None:
             log(f"kept {work}")
-    print(json.dumps(out, separators=(",", ":")), flush=True)
-    return 0 if out.get("verified", True) else 1
+    if isinstance(out, dict) and not out.get("verified", True):
+        benchlib.emit(out)
+        return 1
+    return benchlib.finish(out)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,6 @@ encode >= 4 GB/s (per core).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -46,13 +44,12 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import benchlib
+
 CODES = (("xor", 4, 1), ("rs42", 4, 2), ("rs82", 8, 2))
 TARGET_XOR_OVER_MEMCPY = 0.5
 TARGET_RS82_ENCODE_GBPS = 4.0
-
-
-def log(*args) -> None:
-    print(f"[bench_erasure {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
+log = benchlib.logger("bench_erasure")
 
 
 def package_version(name: str) -> str | None:
@@ -209,11 +206,11 @@ def cpu_model() -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = benchlib.parser(__doc__)
     ap.add_argument("--stripe-kb", type=int, default=1024,
                     help="stripe length in KiB (default 1024: the system's STRIPE_BYTES); a multiple of 64 bytes")
     ap.add_argument("--total-mb", type=float, default=256.0, help="data per measurement, MB (1e6 bytes)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (each figure is the best)")
+    benchlib.add_repeats(ap, 5, "timed rounds (each figure is the best)")
     args = ap.parse_args(argv)
     if args.stripe_kb < 1 or args.total_mb <= 0 or args.repeats < 1:
         ap.error("--stripe-kb and --repeats must be >= 1, --total-mb > 0")
@@ -223,18 +220,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    try:
-        out = bench(args)
-    except Exception as e:
-        log(f"FAILED: {type(e).__name__}: {e}")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    print(json.dumps(out, separators=(",", ":")), flush=True)
-    return 0
+    return benchlib.finish(benchlib.attempt(bench, parse_args(argv), log=log))
 
 
 if __name__ == "__main__":

@@ -31,11 +31,9 @@ Output: one JSON line on stdout, progress on stderr; a failure prints nothing on
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,18 +42,11 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+import benchlib
+from benchlib import ROOT, free_port
+
 TARGET_SPEEDUP = 3.0
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def log(*args) -> None:
-    print(f"[bench_import {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+log = benchlib.logger("bench_import")
 
 
 def make_checkpoint(width: int, layers: int, out: str) -> None:
@@ -143,12 +134,12 @@ def count_files(path: Path) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = benchlib.parser(__doc__)
     p.add_argument("--tp", type=int, default=1, choices=(1, 2), help="tensor parallelism of the save (default 1)")
     p.add_argument("--width", type=int, help="the MLP's layer width (default 4096); with --tp 2 the GPT's hidden "
                                              "size (default 1024)")
     p.add_argument("--layers", type=int, help="layers (default 5; with --tp 2, 6)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each converter (default 3)")
+    benchlib.add_repeats(p, 3, "timed runs of each converter (default 3)")
     p.add_argument("--make", metavar="OUT", help=argparse.SUPPRESS)  # (internal: the save, under torchrun)
     args = p.parse_args()
     if args.width is None:
@@ -236,8 +227,7 @@ def main() -> int:
         if not agree:
             log(f"FAILED: ucp and ds_to_universal disagree after {compared} tensors")
             return 1
-        print(json.dumps(doc), flush=True)
-        return 0
+        return benchlib.finish(doc, compact=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         for name in set(os.listdir("/dev/shm")) - before:  # DeepSpeed's CPU all-reduce buffers

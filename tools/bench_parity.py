@@ -29,10 +29,7 @@ Output: one JSON line on stdout, progress on stderr; a failure prints nothing on
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,29 +37,19 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchlib
+
+log = benchlib.logger("bench_parity")
 
 
-def log(*args) -> None:
-    print(f"[bench_parity {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_main(rank: int, args, port: int, base: str, root: str, out) -> None:
+def rank_main(rank: int, args, base: str, root: str) -> dict:
+    """One simulated node of the world ``benchlib.spawn_world`` launched: its times, bytes and rebuild."""
     import numpy as np
     import torch
     import torch.distributed as dist
 
     import ucp
     from ucp.snapshot import client
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.nodes)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -112,13 +99,13 @@ def rank_main(rank: int, args, port: int, base: str, root: str, out) -> None:
     for _, ck in kinds.values():
         ck.close()
     # node 1 lost: every other rank rebuilds from parity (a fresh Checkpointer on a fresh node for rank 1)
-    from ucp.snapshot import agent as agent_mod
+    from ucp.snapshot import discovery
 
     dist.barrier()
     if rank == 1:
-        info = agent_mod.read_info(kinds["parity"][0])
+        info = discovery.read_info(kinds["parity"][0])
         client.stop(kinds["parity"][0], timeout=30)
-        while agent_mod.is_alive(info):
+        while discovery.is_alive(info):
             time.sleep(0.02)
     dist.barrier()
     want = local(model, opt)
@@ -136,12 +123,11 @@ def rank_main(rank: int, args, port: int, base: str, root: str, out) -> None:
     exact = res is not None and res.source == "memory" and res.rebuilt == (1,) and all(
         torch.equal(want[k], got[k]) for k in want)
     ck.close()
-    dist.destroy_process_group()
-    out.put((rank, {"times": times, "memcpy_s": min(copies), "bytes": n * 12, "status": status, "exact": exact}))
+    return {"times": times, "memcpy_s": min(copies), "bytes": n * 12, "status": status, "exact": exact}
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = benchlib.parser(__doc__)
     p.add_argument("--nodes", type=int, default=4, help="simulated nodes, one rank each (default 4)")
     p.add_argument("--parity", type=int, default=1, help="parity stripes per set (default 1: XOR)")
     p.add_argument("--mb", type=float, default=64, help="each rank's state, MB (default 64)")
@@ -149,48 +135,29 @@ def main() -> int:
     args = p.parse_args()
     if args.nodes < args.parity + 2 or args.mb <= 0 or args.snapshots < 1:
         p.error("use --nodes >= parity + 2 (node 1 is rebuilt from the others), --mb > 0, --snapshots >= 1")
-    import multiprocessing as mp
-
-    from ucp.snapshot import agent as agent_mod
+    from ucp.snapshot import discovery
     from ucp.snapshot import client, shm
 
     base = "bp" + uuid.uuid4().hex[:8]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
     t0 = time.time()
-    results = {}
     with tempfile.TemporaryDirectory(prefix="ucp-bench-parity-") as root:
-        procs = [ctx.Process(target=rank_main, args=(r, args, port, base, root, out)) for r in range(args.nodes)]
         try:
-            for proc in procs:
-                proc.start()
             log(f"{args.nodes} nodes, {args.mb:g} MB each, parity {args.parity}, {args.snapshots} snapshots per kind")
-            deadline = time.monotonic() + 1800
-            while len(results) < args.nodes:
-                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError("a rank failed or the bench timed out (see stderr)")
-                try:
-                    rank, doc = out.get(timeout=1)
-                    results[rank] = doc
-                except Exception:
-                    pass
-            for proc in procs:
-                proc.join(60)
+            results = benchlib.attempt(benchlib.spawn_world, rank_main, args.nodes, args, base, root, timeout=1800,
+                                       threads=1, log=log)
         finally:
-            for proc in procs:
-                if proc.is_alive():
-                    proc.kill()
             left = 0
             for r in range(args.nodes):
                 for kind in ("plain", "parity"):
                     for job in (f"{base}-{kind}-{r}", f"{base}-{kind}-{r}x"):
-                        info = agent_mod.read_info(job) if agent_mod.discovery_path(job).exists() else None
-                        if info is not None and agent_mod.is_alive(info):
+                        info = discovery.read_info(job) if discovery.discovery_path(job).exists() else None
+                        if info is not None and discovery.is_alive(info):
                             client.stop(job, timeout=30)
                         left += len([n for n in shm.listing(shm.prefix(job)) if not n.endswith(".agent.lock")])
                         for n in shm.listing(shm.prefix(job)):
                             shm.unlink(n)
+    if isinstance(results, int):  # a rank failed (logged)
+        return results
     plain = statistics.median(t for d in results.values() for t in d["times"]["plain"])
     parity = statistics.median(t for d in results.values() for t in d["times"]["parity"])
     nbytes = results[0]["bytes"]
@@ -214,8 +181,7 @@ def main() -> int:
     if not doc["rebuilt_bit_exact"] or left:
         log(f"FAILED: {doc}")
         return 1
-    print(json.dumps(doc), flush=True)
-    return 0
+    return benchlib.finish(doc, compact=False)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,6 @@ def check_sums(sums: dict | None, want: dict, key: str, out: dict) -> None:
 
 
 def make_source(cfg_fields: dict, work: str, threads: int) -> dict | None:
-    benchlib.init_rank(threads)
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -195,7 +194,7 @@ def make_source(cfg_fields: dict, work: str, threads: int) -> dict | None:
     from ucp.trainer.model import GPTConfig
     from ucp.trainer.train import build, train_steps
 
-    try:
+    with benchlib.elastic_rank(threads):
         cfg = GPTConfig(**cfg_fields)
         lay = TrainLayout(**SRC_LAYOUT)
         t0 = time.perf_counter()
@@ -223,8 +222,6 @@ def make_source(cfg_fields: dict, work: str, threads: int) -> dict | None:
                     "dcp_save_s": round(t4 - t3, 3),
                     "params": sum(p.numel() for p in par.model.parameters())}
         return None
-    finally:
-        dist.destroy_process_group()
 
 
 # -- the targets: 2 or 3 ranks ----------------------------------------------------------------------
@@ -232,7 +229,6 @@ def make_source(cfg_fields: dict, work: str, threads: int) -> dict | None:
 
 def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threads: int) -> dict:
     """Every rank returns its own figures; the timings (barrier to barrier) are the same on all."""
-    benchlib.init_rank(threads)
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import filesystem as dcp_fs
@@ -251,7 +247,7 @@ def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threa
 
     dcp_fs.FileSystemReader._slice_file = counting_slice
 
-    try:
+    with benchlib.elastic_rank(threads):
         opts, model, opt = build_target(cfg_fields, layout, DST_SEED)
         rank = dist.get_rank()
         ckpts = {"ucp_dist": ucp.Checkpointer(paths["ucp_root"], model=model, optimizer=opt, options=opts),
@@ -306,8 +302,6 @@ def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threa
             c.close()
         dist.barrier()
         return out
-    finally:
-        dist.destroy_process_group()
 
 
 # -- launcher ---------------------------------------------------------------------------------------

@@ -462,9 +462,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = max(1, (os.cpu_count() or 1) // args.nproc)
     with benchlib.workdir(args.dir, "ucp_bench_", log) as work:
-        out = benchlib.attempt(lambda: benchlib.spawn_world(worker, args.nproc, args, str(work), threads=threads,
-                                                            pg_timeout=args.timeout)[0], log=log)
-    return benchlib.finish(out)
+        ranks = benchlib.attempt(benchlib.spawn_world, worker, args.nproc, args, str(work), threads=threads,
+                                 pg_timeout=args.timeout, log=log)
+    return benchlib.finish(ranks if isinstance(ranks, int) else ranks[0])
 
 
 if __name__ == "__main__":

@@ -71,19 +71,19 @@ a failure prints nothing on stdout and exits non-zero.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
 import signal
-import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
+
+import benchlib
+from benchlib import median, ms
 
 LAYOUT = {"dp": 2, "zero": 3}
 NPROC = 2
@@ -91,10 +91,7 @@ SRC_SEED = 1234
 DST_SEED = 99
 BYTES_PER_PARAM = 12  # fp32 parameter + AdamW exp_avg + exp_avg_sq
 KILL_WAIT_S = 300  # how long a trainer that has reported waits to be killed
-
-
-def log(*args) -> None:
-    print(f"[bench_snapshot {time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
+log = benchlib.logger("bench_snapshot")
 
 
 def model_config(size_mb: float, batch: int) -> dict:
@@ -102,14 +99,6 @@ def model_config(size_mb: float, batch: int) -> dict:
     from bench_convert import model_config as sized
 
     return sized(size_mb, BYTES_PER_PARAM, global_batch=batch)
-
-
-def median(xs):
-    return statistics.median(xs) if xs else None
-
-
-def ms(x):
-    return None if x is None else round(x * 1e3, 2)
 
 
 def taken_ms(x):
@@ -127,16 +116,6 @@ def gbps(nbytes: float, seconds) -> float | None:
 
 
 # -- helpers run inside the ranks -------------------------------------------------------------------
-
-
-def _init(threads: int):
-    os.dup2(2, 1)  # only the parent writes to stdout
-    sys.stdout = sys.stderr
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo")
 
 
 def rank_log(*args) -> None:
@@ -245,7 +224,7 @@ def write_json(path: Path, doc: dict) -> None:
 
 def train_and_snapshot(cfg_fields: dict, paths: dict, job: str, steps: int, rounds: int, warmup: int,
                        repeats: int, threads: int) -> None:
-    _init(threads)
+    benchlib.init_rank(threads)
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -426,28 +405,15 @@ def train_and_snapshot(cfg_fields: dict, paths: dict, job: str, steps: int, roun
 
 
 def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, threads: int) -> dict:
-    _init(threads)
-    import torch
     import torch.distributed as dist
 
     import ucp
-    from bench_reshard import drop_cache, io_read_bytes, scramble
+    from bench_reshard import build_target, check_sums, drop_cache, io_read_bytes, scramble
     from bench_save import PhaseTimer
-    from ucp.trainer.layouts import TrainLayout
-    from ucp.trainer.model import GPTConfig
-    from ucp.trainer.train import build
 
-    try:
-        cfg = GPTConfig(**cfg_fields)
-        lay = TrainLayout(**LAYOUT)
-        par, opt = build(cfg, lay, DST_SEED)
-        model = par.model
-        for p in model.parameters():  # create AdamW's state (as training would) without a forward
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    with benchlib.elastic_rank(threads):
+        opts, model, opt = build_target(cfg_fields, LAYOUT, DST_SEED)
         rank = dist.get_rank()
-        opts = lay.checkpoint_options(cfg)
         memory = ucp.Checkpointer(paths["snap"], model=model, optimizer=opt, options=opts,
                                   snapshot=ucp.SnapshotOptions(every=1, persist_every=None, job=job))
         durable = ucp.Checkpointer(paths["durable"], model=model, optimizer=opt, options=opts)
@@ -473,11 +439,8 @@ def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, 
             out["samples"].setdefault(name, []).append(s)
             out["sources"][name] = res.source
             out["disk"][name] = io_read_bytes() - io0
-            sums = checksums(model, opt)
+            check_sums(checksums(model, opt), saved["checksums"], name, out)
             if rank == 0:
-                if sums != saved["checksums"]:
-                    out["exact"] = False
-                    out["mismatch"].append([name, sorted(k for k in sums if sums[k] != saved["checksums"].get(k))])
                 log(f"  {name:<14} {s:8.3f} s  source {res.source}  step {res.step}  "
                     f"rank0 read {res.nbytes / 1e6:.1f} MB  phases {ph}")
 
@@ -490,26 +453,22 @@ def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, 
         durable.close()
         dist.barrier()
         return out
-    finally:
-        dist.destroy_process_group()
 
 
 # -- launcher ---------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mb", type=float, default=1000.0,
-                    help="fp32 params + AdamW moments, MB (1e6 bytes) over both ranks")
+    ap = benchlib.parser(__doc__)
+    benchlib.add_size_mb(ap, 1000.0, "both ranks")
     ap.add_argument("--steps", type=int, default=16, help="timed training steps with and without snapshots, each")
     ap.add_argument("--rounds", type=int, default=8,
                     help="the timed steps alternate between the two kinds in this many rounds (must divide --steps)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first (>= 2: the slots)")
-    ap.add_argument("--repeats", type=int, default=5, help="idle snapshots, memcpys, DCP saves and loads of each kind")
+    benchlib.add_repeats(ap, 5, "idle snapshots, memcpys, DCP saves and loads of each kind")
     ap.add_argument("--batch", type=int, default=8, help="global batch (sequences of 32 tokens) of a training step")
-    ap.add_argument("--work", default=None, help="where to write (a fresh directory inside it, removed after)")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the work directory: the durable checkpoint, the ranks' reports (the path is logged)")
+    benchlib.add_work(ap)
+    benchlib.add_keep(ap, "the work directory: the durable checkpoint, the ranks' reports")
     args = ap.parse_args(argv)
     if args.size_mb <= 0 or args.steps < 1 or args.warmup < 2 or args.repeats < 1 or args.rounds < 1:
         ap.error("--size-mb must be > 0, --steps, --rounds and --repeats >= 1, --warmup >= 2")
@@ -562,7 +521,7 @@ def run_and_kill(paths: dict, *launch_args) -> tuple[dict, list[int]]:
 
 
 def bench(args, work: Path, job: str) -> dict:
-    from ucp.snapshot import agent as agent_mod
+    from ucp.snapshot import discovery
     from ucp.trainer.launch import launch
 
     t_all = time.perf_counter()
@@ -575,8 +534,8 @@ def bench(args, work: Path, job: str) -> dict:
     reports, killed = run_and_kill(paths, cfg, paths, job, args.steps, args.rounds, args.warmup, args.repeats,
                                    threads)
     r0 = reports[0]
-    info = agent_mod.read_info(job)
-    survived = info is not None and agent_mod.is_alive(info)
+    info = discovery.read_info(job)
+    survived = info is not None and discovery.is_alive(info)
     if not survived:
         raise RuntimeError(f"the agent of job {job} did not survive the trainers' kill")
     log(f"  the agent (pid {info.pid}) survived; state {r0['state_bytes'] / 1e9:.3f} GB")
@@ -633,9 +592,7 @@ def bench(args, work: Path, job: str) -> dict:
         "restore_memory_first_s": round(best["memory_first"], 4),
     }
     for name in ("memory", "durable_cold", "durable_warm"):
-        out[f"restore_{name}_s"] = round(best[name], 4)
-        out[f"restore_{name}_gbps"] = round(total / 1e9 / best[name], 3)
-        out[f"restore_{name}_all_s"] = [round(x, 4) for x in rr["samples"][name]]
+        benchlib.best_of(out, f"restore_{name}", rr["samples"][name], total)
         out[f"restore_{name}_phases"] = rr["phases"][name]
     out["restore_durable_cold_disk_read_gb"] = round(max(ranks[r]["disk"]["durable_cold"] for r in ranks) / 1e9, 4)
     out["speedup_memory_vs_durable_cold"] = round(best["durable_cold"] / best["memory"], 3)
@@ -648,14 +605,7 @@ def bench(args, work: Path, job: str) -> dict:
     out["target_stall_met"] = stall <= dcp_block / 3
     out["target_throughput_met"] = out["snapshot_gbps"] >= 0.5 * out["memcpy_gbps"]
     out["target_restore_met"] = best["durable_cold"] >= 10 * best["memory"]
-    import torch
-
-    import ucp
-
-    out["torch"] = torch.__version__
-    out["ucp"] = getattr(ucp, "__version__", None)
-    out["wall_s"] = round(time.perf_counter() - t_all, 1)
-    return out
+    return benchlib.versions(out, t_all)
 
 
 def stop_agent(job: str) -> list[str]:
@@ -680,33 +630,20 @@ def _interrupt(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated bench still stops its agent
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    work = Path(tempfile.mkdtemp(prefix="ucp_bench_snapshot_", dir=args.work))
     job = f"benchsnap-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    log(f"writing under {work}")
-    out = None
-    try:
-        out = bench(args, work, job)
-    except Exception as e:
-        log(f"FAILED: {type(e).__name__}: {e}")
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        left = stop_agent(job)
-        if left:
-            log(f"FAILED: the agent left {len(left)} segment(s) behind (removed now): {left}")
-            out = None
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    if out is None:
-        return 1
-    out["shm_left"] = 0
-    print(json.dumps(out, separators=(",", ":")), flush=True)
-    return 0
+    with benchlib.workdir(args.work, "ucp_bench_snapshot_", log, args.keep) as work:
+        try:
+            out = benchlib.attempt(bench, args, work, job, log=log)
+        finally:
+            left = stop_agent(job)
+    if left:
+        log(f"FAILED: the agent left {len(left)} segment(s) behind (removed now): {left}")
+        if isinstance(out, dict):
+            out = 1
+    if isinstance(out, dict):
+        out["shm_left"] = 0
+    return benchlib.finish(out)
 
 
 if __name__ == "__main__":

@@ -53,14 +53,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import benchlib
+
+REPO = benchlib.ROOT
 TRAINER = Path(__file__).resolve().with_name("chaos_trainer.py")
-sys.path.insert(0, str(REPO))
-
-
-def log(*args) -> None:
-    print("[chaos]", *args, file=sys.stderr, flush=True)
-
+log = benchlib.logger("chaos", clock=False)
 
 SETTLE_S = 10.0  # how long a kill waits for the hold step's snapshot to complete (see Harness.settle)
 
@@ -364,13 +361,13 @@ class Harness:
         self.kill_agent(self.jobs[node])
 
     def kill_agent(self, job: str) -> None:
-        from ucp.snapshot import agent as agent_mod
+        from ucp.snapshot import discovery
 
         info = agent_info(job)
-        if info is not None and agent_mod.is_alive(info):
+        if info is not None and discovery.is_alive(info):
             kill(info.pid)
             deadline = time.monotonic() + 10
-            while agent_mod.is_alive(info) and time.monotonic() < deadline:  # (init reaps it)
+            while discovery.is_alive(info) and time.monotonic() < deadline:  # (init reaps it)
                 time.sleep(0.01)
         remove_memory(job)
 
@@ -390,7 +387,7 @@ class Harness:
         memory; the number of the run's files left in /dev/shm."""
         from ucp.snapshot import client, shm
 
-        from ucp.snapshot import agent as agent_mod
+        from ucp.snapshot import discovery
 
         self.stop_trainers()
         for job in self.jobs:
@@ -398,7 +395,7 @@ class Harness:
             deadline = time.monotonic() + 15
             while True:
                 info = agent_info(job)
-                if info is not None and agent_mod.is_alive(info):
+                if info is not None and discovery.is_alive(info):
                     try:
                         client.stop(job, timeout=30)
                     except Exception as e:  # a stuck agent: the hard way
@@ -446,10 +443,10 @@ def agent_pids(job: str) -> list[int]:
 
 def agent_info(job: str):
     from ucp.errors import FormatError
-    from ucp.snapshot import agent as agent_mod
+    from ucp.snapshot import discovery
 
     try:
-        return agent_mod.read_info(job)
+        return discovery.read_info(job)
     except FormatError:  # a torn discovery file: nobody to talk to
         return None
 
@@ -457,13 +454,13 @@ def agent_info(job: str):
 def remove_memory(job: str) -> None:
     """Remove every file of ``job`` in /dev/shm (segments, headers, discovery and lock files); its
     agent must be dead."""
-    from ucp.snapshot import agent as agent_mod
+    from ucp.snapshot import discovery
 
     try:
-        agent_mod.reclaim(job)
+        discovery.reclaim(job)
     except Exception as e:
         log(f"reclaiming the memory of {job} failed: {e}")
-    agent_mod.lock_path(job).unlink(missing_ok=True)
+    discovery.lock_path(job).unlink(missing_ok=True)
 
 
 def last_line(path: Path) -> str:
@@ -629,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             for sub in ("ckpt", "logs"):
                 shutil.rmtree(workdir / sub, ignore_errors=True)
     out = summarize(args, doc, shm_left)
-    print(json.dumps(out), flush=True)
+    benchlib.emit(out, compact=False)
     return 0 if out["ok"] else 1
 
 
