@@ -43,3 +43,12 @@ def test_import_ucp_and_the_cli_parser_do_not_import_torch():
     code = "import sys, ucp, ucp.cli.main; ucp.cli.main.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_cli_offers_exactly_the_converters_sources():
+    from ucp.cli.main import build_parser
+    from ucp.convert.foreign import SOURCES
+
+    convert = build_parser()._subparsers._group_actions[0].choices["convert"]
+    choices = next(a.choices for a in convert._actions if a.dest == "source")
+    assert tuple(choices) == SOURCES

@@ -19,8 +19,8 @@ import torch
 
 from ucp import __version__
 from ucp.checkpoint.results import SaveResult
-from ucp.checkpoint.save import fragment_checksums
 from ucp.comm.side_groups import SideGroups, all_gather_objects, all_reduce_ints, all_true
+from ucp.codecs.checksum import fragment_checksums
 from ucp.errors import PersistError, UcpError, few
 from ucp.format.keys import model_key
 from ucp.plan.save_plan import assign_writers
@@ -43,8 +43,7 @@ class Snapshots:
     """
 
     def __init__(self, ckpt, snapshot, redundancy):
-        self.coll, self.layout, self.root, self.keep = ckpt.coll, ckpt.layout, ckpt.root, ckpt.keep
-        self.options, self.model, self.optimizer, self.capture = ckpt.options, ckpt.model, ckpt.optimizer, ckpt.capture
+        self._ckpt = ckpt  # read live: its root, keep, options, model and optimizer are the durable tier's too
         self.snapshot = snapshot
         self.redundancy = redundancy
         self._memory_tier = None
@@ -56,6 +55,17 @@ class Snapshots:
         self.rebuilt_ranks: tuple = ()  # ranks a load rebuilt from parity; their segments freed once read
         self._hook = None
         self._persist_regions = None  # the pieces the agent was configured with (durable writes)
+
+    coll = property(lambda self: self._ckpt.coll)
+    layout = property(lambda self: self._ckpt.layout)
+    root = property(lambda self: self._ckpt.root)
+    keep = property(lambda self: self._ckpt.keep)
+    options = property(lambda self: self._ckpt.options)
+    model = property(lambda self: self._ckpt.model)
+    optimizer = property(lambda self: self._ckpt.optimizer)
+
+    def capture(self, extras: dict | None):
+        return self._ckpt.capture(extras)
 
     def wait(self) -> None:
         """Finish the snapshot in flight and the agents' durable writes (every rank together).
@@ -71,7 +81,7 @@ class Snapshots:
         except PersistError:
             raise
         except UcpError as e:
-            self.lose(e)
+            self.lose(e, stacklevel=4)  # (called by Checkpointer.wait)
             return
         if all_reduce_ints([int(bool(errors))], "max", self._cut_group())[0] and not errors:
             errors = ["the agent of another rank failed to write a snapshot to the durable tier (see its error)"]
@@ -88,12 +98,13 @@ class Snapshots:
         if self._memory_tier is not None:
             self._memory_tier.close()
 
-    def lose(self, error: Exception) -> None:
-        """The memory tier failed (its agent killed, say): say so once; the durable tier carries on."""
+    def lose(self, error: Exception, stacklevel: int = 3) -> None:
+        """The memory tier failed (its agent killed, say): say so once, at the user's call
+        (``stacklevel`` frames up); the durable tier carries on."""
         self._pending = None
         self.lost = str(error)
         warnings.warn(f"ucp: the memory tier failed ({error}); snapshots stop, saves and loads use the "
-                      f"durable tier only", RuntimeWarning, stacklevel=3)
+                      f"durable tier only", RuntimeWarning, stacklevel=stacklevel)
 
     def _memory(self):
         if self._memory_tier is None:
@@ -241,7 +252,7 @@ class Snapshots:
         return {model_key(normalize_fqn(n)) for n, b in self.model.named_buffers() if id(b) not in params}
 
     def _hook_optimizer(self) -> None:
-        if self.optimizer is not None and getattr(self, "_hook", None) is None:
+        if self.optimizer is not None and self._hook is None:
             self._hook = self.optimizer.register_step_pre_hook(lambda *a, **k: self._wait_copy())
 
     def _wait_copy(self) -> None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from ucp import __version__
 from ucp.checkpoint.results import SaveResult
-from ucp.codecs.checksum import block_crc32c
+from ucp.codecs.checksum import fragment_checksums
 from ucp.errors import UcpError
 from ucp.format.fragment import Fragment
 from ucp.format.manifest import BLOCK_BYTES, Manifest
@@ -23,11 +23,6 @@ from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicate
 from ucp.state.tensors import bytes_view, staged
 from ucp.storage import directory as store
 from ucp.storage.rank_files import RankFragment, apply_retention, commit_step, prepare_step, write_rank_file
-
-
-def fragment_checksums(view) -> tuple[int, tuple[int, ...]]:
-    """A fragment's CRC-32C and its block checksums (format 1.1)."""
-    return block_crc32c(view, BLOCK_BYTES)
 
 
 def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
@@ -113,12 +108,7 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
         manifest = Manifest(step, ckpt.layout, metas, tuple(fragments), split_state([g[2] for g in gathered]),
                             files, created_by=f"ucp {__version__}", block_bytes=BLOCK_BYTES)
         manifest.validate()
-        for name, size in files.items():  # what each rank wrote is here, whole, before it is published
-            found = (directory / name).stat().st_size if (directory / name).exists() else None
-            if found != size:
-                raise UcpError(f"{directory / name}: {found} bytes on storage, the writing rank reported {size}; "
-                               "is the checkpoint root the same storage on every rank?")
-        commit_step(directory, manifest)
+        commit_step(directory, manifest)  # (what each rank wrote is checked there, whole, before it is published)
         return manifest.nbytes
 
     nbytes = coll.phase("commit", commit)[0]

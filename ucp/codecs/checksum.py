@@ -10,6 +10,8 @@ from functools import lru_cache
 
 import crc32c as _crc32c
 
+from ucp.format.manifest import BLOCK_BYTES
+
 
 def crc32c(data, value: int = 0) -> int:
     """CRC-32C of ``data`` (any buffer: bytes, memoryview, numpy array), continuing from ``value``."""
@@ -41,6 +43,11 @@ def crc32c_combine(first: int, second: int, tables) -> int:
     """CRC-32C of A + B from ``first`` = crc(A), ``second`` = crc(B), and ``_shift_tables(len(B))``."""
     t0, t1, t2, t3 = tables
     return t0[first & 255] ^ t1[first >> 8 & 255] ^ t2[first >> 16 & 255] ^ t3[first >> 24] ^ second
+
+
+def fragment_checksums(view) -> tuple[int, tuple[int, ...]]:
+    """A fragment's CRC-32C and its block checksums (format 1.1: one per ``BLOCK_BYTES``)."""
+    return block_crc32c(view, BLOCK_BYTES)
 
 
 def block_crc32c(data, block: int) -> tuple[int, tuple[int, ...]]:

@@ -40,10 +40,10 @@ def apply_spec(spec: str | Path, layout, settings: dict | None = None, defaults:
 
 
 def read_program(spec: str | Path | None, stored: str | None):
-    """``(checked program, file name for messages)`` of ``spec`` (a packaged name or a file), else
-    of the ``stored`` text a universal checkpoint keeps; None when there is neither."""
+    """``(checked program, file name for messages)`` of the UCL file ``spec``, else of the ``stored``
+    text a universal checkpoint keeps; None when there is neither (``ucp export``'s rename rules)."""
     if spec is not None:
-        text, file = read_spec(spec)
+        text, file = read_spec(spec, packaged=False)
     elif stored:
         text, file = stored, "<spec stored in the checkpoint>"
     else:

@@ -1,1 +1,4 @@
-"""The memory side of a save: capture (flatten the training state), values, RNG."""
+"""The memory tier: a rank's snapshot slots in the shared memory of its node's agent (``memory``,
+``shm``, ``header``), the agent process and how trainers find and talk to it (``agent``,
+``agent_state``, ``discovery``, ``client``), its durable writes (``persist``), and erasure-coded
+parity across nodes with the rebuild of lost ranks (``parity``, ``recovery``)."""

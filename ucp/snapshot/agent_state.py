@@ -18,11 +18,11 @@ from ucp.snapshot.discovery import discovery_path, lock_path, read_info
 from ucp.storage.atomic import write_atomic
 from ucp.storage.directory import step_dir
 
-_SUMMARY = ("rank", "slot", "step", "world_size", "complete", "host", "token")
+_SUMMARY = ("rank", "slot", "step", "world_size", "complete", "host", "token")  # a header's fields ``slots`` summarizes
 # the fields of a parity record ``parity`` summarizes (docs/erasure.md section 7)
 _PARITY_SUMMARY = ("rank", "slot", "step", "token", "world_size", "members", "index", "m", "stripe", "sizes")
-_DATA = re.compile(r"\.r\d+\.s[01]$")
-_PARITY = re.compile(r"\.r\d+\.p[01]$")  # a header's fields ``slots`` summarizes
+_DATA = re.compile(r"\.r\d+\.s[01]$")  # segment names: snapshot data
+_PARITY = re.compile(r"\.r\d+\.p[01]$")  # segment names: parity
 
 
 class Deferred:

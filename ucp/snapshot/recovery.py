@@ -197,7 +197,6 @@ def rebuild_lost(coll, tier, group, rec: Recoverable, node_of_rank: list[str], r
     Returns:
         The rebuilt ranks' headers (their fragments in the new segments) this rank made.
     """
-
     me = coll.rank
     to_global = _global_ranks(coll)
     speaker = {}  # node -> its lowest new rank: the one that reads the node's segments

@@ -1,5 +1,6 @@
 """Tensors as the other layers see them: torch dtypes from ucp's dtype names
-(:func:`ucp.format.dtypes.dtype_name` goes the other way), and a tensor's bytes as one contiguous CPU buffer, copied only when it is not one already."""
+(:func:`ucp.format.dtypes.dtype_name` goes the other way), and a tensor's bytes as one contiguous CPU
+buffer, copied only when it is not one already."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ucp.errors import UcpError
 from ucp.format.box import Box, FlatRange
 from ucp.format.dtypes import DTYPES
 from ucp.format.manifest import Manifest
@@ -72,15 +73,24 @@ def prepare_step(directory: Path, clear_partial: bool) -> bool:
         return False
     if clear_partial and directory.exists():
         store.remove_checkpoint(directory)
-    if not directory.exists():
-        directory.mkdir(parents=True, exist_ok=True)
+    if clear_partial or not directory.exists():
+        directory.mkdir(parents=True, exist_ok=not clear_partial)  # (a partial that would not go: an error)
         fsync_dir(directory.parent)
     return True
 
 
 def commit_step(directory: Path, manifest: Manifest) -> None:
     """Make the checkpoint in ``directory`` visible: its manifest committed atomically (after the
-    fragment table), once every rank file is whole."""
+    fragment table), once every file it lists is there with the size its writer reported.
+
+    Raises:
+        UcpError: a file is missing or of another size (the ranks do not share the storage, say).
+    """
+    for name, size in manifest.files.items():
+        found = (directory / name).stat().st_size if (directory / name).exists() else None
+        if found != size:
+            raise UcpError(f"{directory / name}: {found} bytes on storage, the writing rank reported {size}; "
+                           "is the checkpoint root the same storage on every rank?")
     commit_manifest(directory, manifest)
 
 

@@ -67,4 +67,5 @@ def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[i
                                            f"expected {f.blocks[bad]:08x}) although the whole fragment's matches")
                 if progress:
                     progress(f.length)
+            files.release(name)  # one data file open at a time, however many ranks wrote
     return report

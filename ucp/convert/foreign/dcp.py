@@ -217,9 +217,9 @@ def dcp_source(src, step: int | None = None, spec=None, settings: dict | None = 
             step = value
         else:
             extras[".".join(map(str, path))] = value
-    with FragmentFiles(directory) as files:
-        for name in sizes:
-            sizes[name] = files.open(name)[1]
+    files = FragmentFiles(directory)
+    for name in sizes:
+        sizes[name] = files.size(name)
     if not tensors:
         raise CheckpointNotFoundError(f"{where_md}: the checkpoint holds no tensor")
     shared = {"extras": values.encode(extras, "extras")}

@@ -16,18 +16,20 @@ from ucp.errors import OptionsError
 PACKAGED = {"megatron-gpt": "megatron_gpt.ucl", "megatron-llama": "megatron_llama.ucl"}
 
 
-def read_spec(spec: str | Path) -> tuple[str, str]:
-    """``(text, name for messages)`` of ``spec``: a packaged spec's name, or a UCL file's path.
+def read_spec(spec: str | Path, packaged: bool = True) -> tuple[str, str]:
+    """``(text, name for messages)`` of ``spec``: a packaged spec's name (unless ``packaged`` is off),
+    or a UCL file's path.
 
     Raises:
         OptionsError: neither a packaged name nor a readable UCL text file.
     """
-    if str(spec) in PACKAGED:
+    if packaged and str(spec) in PACKAGED:
         return resources.files(__name__).joinpath(PACKAGED[str(spec)]).read_text(), str(spec)
     path = Path(spec)
     try:
         return path.read_text(), str(path)
     except FileNotFoundError:
-        raise OptionsError(f"{spec}: no such spec file (packaged specs: {', '.join(PACKAGED)})") from None
+        also = f" (packaged specs: {', '.join(PACKAGED)})" if packaged else ""
+        raise OptionsError(f"{spec}: no such spec file{also}") from None
     except (UnicodeDecodeError, IsADirectoryError) as e:
         raise OptionsError(f"{spec}: not a UCL text file ({e})") from None

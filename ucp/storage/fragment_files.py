@@ -1,0 +1,220 @@
+"""Checked reads of a checkpoint's fragments: the one place fragment bytes come off storage.
+
+Loads (:mod:`ucp.checkpoint.readers`), conversion (:mod:`ucp.convert.universal`), ``ucp verify``
+(:mod:`ucp.storage.verify`) and the DCP importer read a fragment's bytes here. Every read is
+positional (threads share the open files), a short read is retried from where it stopped, a file
+that ends early is named as truncated, and every byte read is checksummed: a fragment's CRC-32C
+against the manifest's, or each 64 KiB block's (format 1.1) when only some blocks are read.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from ucp.codecs.checksum import crc32c
+from ucp.errors import CorruptCheckpointError
+from ucp.format.fragment import Fragment
+
+IOV_MAX = 512  # buffers per preadv call (the kernel's UIO_MAXIOV is 1024)
+
+
+def _nbytes(v) -> int:
+    return len(v) if isinstance(v, bytearray) else v.nbytes
+
+
+def fragment_name(f: Fragment) -> str:
+    """How a message names fragment ``f``: its tensor key, box and flat range."""
+    return f"fragment of {f.key} {f.box}{f.flat or ''}"
+
+
+def describe(path: Path, f: Fragment) -> str:
+    """How an error names fragment ``f`` of file ``path``: file, fragment and byte range."""
+    return f"{path}: {fragment_name(f)} at bytes [{f.offset}, {f.offset + f.length})"
+
+
+class FragmentFiles:
+    """The data files of one checkpoint directory, opened on first use and shared by threads.
+
+    Args:
+        directory: the checkpoint's directory (or ``/dev/shm`` for a snapshot in memory).
+        names: files to open at once (a missing one fails here), else each on first use.
+
+    ``nbytes`` counts the bytes read. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, directory: Path, names=()):
+        self.directory = Path(directory)
+        self._files: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        try:
+            for name in names:
+                self.open(name)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "FragmentFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._files.values():
+                os.close(fd)
+            self._files.clear()
+
+    def open(self, name: str, what: str = "") -> tuple[int, int]:
+        """``(fd, size)`` of data file ``name``; a missing file is corruption, named (with ``what`` it holds)."""
+        with self._lock:
+            if name not in self._files:
+                path = self.directory / name
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CorruptCheckpointError(f"{path}: data file is missing{f' (holds {what})' if what else ''}") from None
+                self._files[name] = (fd, os.fstat(fd).st_size)
+            return self._files[name]
+
+    def size(self, name: str) -> int:
+        """The size of data file ``name`` (not opened); a missing file is corruption, named."""
+        try:
+            return (self.directory / name).stat().st_size
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{self.directory / name}: data file is missing") from None
+
+    def release(self, name: str) -> None:
+        """Close data file ``name`` (reopened if read again): a reader going file by file holds one."""
+        with self._lock:
+            entry = self._files.pop(name, None)
+        if entry is not None:
+            os.close(entry[0])
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.nbytes += n
+
+    def locate(self, f: Fragment) -> tuple[int, Path]:
+        """The open file holding fragment ``f`` and its path; a file that ends before ``f`` does is
+        corruption (truncated), named."""
+        fd, size = self.open(f.file)
+        path = self.directory / f.file
+        if f.offset + f.length > size:
+            raise CorruptCheckpointError(f"{describe(path, f)} lies past the end of the file ({size} bytes); "
+                                         "the file is truncated")
+        return fd, path
+
+    def pread(self, name: str, offset: int, views: list, what: str = "") -> None:
+        """Fill ``views`` in order with the bytes of file ``name`` from ``offset`` (``what`` they hold,
+        for the message when the file ends early)."""
+        fd, _ = self.open(name, what)
+        for i in range(0, len(views), IOV_MAX):
+            batch = views[i:i + IOV_MAX]
+            want = sum(_nbytes(v) for v in batch)
+            got = 0
+            while got < want:  # a short read: continue from where it stopped
+                rest, skip = [], got
+                for v in batch:
+                    n = _nbytes(v)
+                    if skip >= n:
+                        skip -= n
+                        continue
+                    rest.append(memoryview(v)[skip:])
+                    skip = 0
+                n = os.preadv(fd, rest, offset + got)
+                if n == 0:
+                    raise CorruptCheckpointError(f"{self.directory / name}: {what + ': ' if what else ''}the file ends at "
+                                                 f"byte {offset + got}, {want - got} bytes early (truncated?)")
+                got += n
+            offset += want
+            self._count(want)
+
+    def read(self, f: Fragment, views: list, verify: bool = True) -> int:
+        """Fragment ``f``'s bytes, in order, into ``views``; returns their CRC-32C, checked against
+        the manifest's unless ``verify`` is off (sources that carry no checksums)."""
+        _, path = self.locate(f)
+        self.pread(f.file, f.offset, views, fragment_name(f))
+        crc = 0
+        for v in views:
+            crc = crc32c(v, crc)
+        if verify and crc != f.crc32c:
+            raise CorruptCheckpointError(f"{describe(path, f)} fails its checksum (crc32c {crc:08x}, expected "
+                                         f"{f.crc32c:08x}); the file is corrupted")
+        return crc
+
+    def check_block(self, f: Fragment, b: int, data, block_bytes: int) -> None:
+        """Verify block ``b`` of fragment ``f`` against its checksum; name file, key and block if it fails."""
+        got = crc32c(data)
+        if got != f.blocks[b]:
+            a = f.offset + b * block_bytes
+            raise CorruptCheckpointError(
+                f"{self.directory / f.file}: {fragment_name(f)}, block {b} at bytes [{a}, {a + len(data)}) fails its "
+                f"checksum (crc32c {got:08x}, expected {f.blocks[b]:08x}); the file is corrupted")
+
+    def read_blocks(self, f: Fragment, runs, out: memoryview, block_bytes: int) -> None:
+        """The block ``runs`` (``(first, last)`` pairs) of fragment ``f`` into ``out`` (the whole
+        fragment's bytes; the rest is left unset), each block verified."""
+        self.locate(f)
+        for first, last in runs:
+            lo, hi = first * block_bytes, min(last * block_bytes, f.length)
+            self.pread(f.file, f.offset + lo, [out[lo:hi]])
+            for b in range(first, last):
+                self.check_block(f, b, out[b * block_bytes:min((b + 1) * block_bytes, f.length)], block_bytes)
+
+    def read_run(self, f: Fragment, lo: int, hi: int, out: memoryview, block_bytes: int) -> None:
+        """Bytes ``[lo, hi)`` of fragment ``f``'s data (which has block checksums) into ``out``: the
+        blocks inside the run straight into ``out``, the (at most two) blocks it cuts through a
+        scratch buffer; every block read is verified."""
+        self.locate(f)
+        bb, scratch = block_bytes, None
+        b, end = lo // bb, -(-hi // bb)
+        while b < end:
+            bl, bh = b * bb, min((b + 1) * bb, f.length)
+            if lo <= bl and bh <= hi:  # a run of whole blocks: read in place
+                e = b + 1
+                while e < end and min((e + 1) * bb, f.length) <= hi:
+                    e += 1
+                rh = min(e * bb, f.length)
+                self.pread(f.file, f.offset + bl, [out[bl - lo:rh - lo]])
+                for k in range(b, e):
+                    self.check_block(f, k, out[k * bb - lo:min((k + 1) * bb, f.length) - lo], bb)
+                b = e
+                continue
+            scratch = scratch if scratch is not None else memoryview(bytearray(bb))
+            block = scratch[:bh - bl]
+            self.pread(f.file, f.offset + bl, [block])
+            self.check_block(f, b, block, bb)
+            a, z = max(lo, bl), min(hi, bh)
+            out[a - lo:z - lo] = block[a - bl:z - bl]
+            b += 1
+
+    def checksums(self, f: Fragment, buf: bytearray, block: int = 0) -> tuple[int, int, list[int]]:
+        """CRC-32C of fragment ``f``'s bytes as stored, streamed through ``buf``, and of each
+        ``block``-byte block when ``block`` > 0; returns (crc, bytes there, block crcs): fewer bytes
+        than ``f.length`` when its file ends early. Verification compares these with the manifest."""
+        fd, _ = self.open(f.file)
+        value, done, view, blocks = 0, 0, memoryview(buf), []
+        current, filled = 0, 0  # the block being summed and its bytes so far
+        while done < f.length:
+            n = os.preadv(fd, [view[: min(len(buf), f.length - done)]], f.offset + done)
+            if n == 0:
+                break
+            value = crc32c(view[:n], value)
+            at = 0
+            while block and at < n:
+                take = min(block - filled, n - at)
+                current = crc32c(view[at:at + take], current)
+                filled += take
+                at += take
+                if filled == block:
+                    blocks.append(current)
+                    current, filled = 0, 0
+            done += n
+        if block and filled:
+            blocks.append(current)
+        self._count(done)
+        return value, done, blocks
