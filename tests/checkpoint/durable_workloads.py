@@ -50,7 +50,7 @@ def save_diverged(root: str, bad_rank: int) -> str:
 def die_mid_save(root: str, victim: int) -> str:
     """Save step 1, then SIGKILL rank ``victim`` halfway through writing step 2's data file."""
     import ucp
-    import ucp.checkpoint.checkpointer as ckmod
+    import ucp.storage.rank_files as rank_files  # what writes a rank's file, for a save and the agents
 
     model, opt = build_mlp("tp", seed=0)
     mlp_step(model, opt, 0)
@@ -58,7 +58,7 @@ def die_mid_save(root: str, victim: int) -> str:
     ck.save(1)
     mlp_step(model, opt, 1)
     if dist.get_rank() == victim:
-        real = ckmod.write_file
+        real = rank_files.write_file
 
         def half_then_die(path, entries, *a, **k):
             with open(path, "wb") as f:
@@ -67,7 +67,7 @@ def die_mid_save(root: str, victim: int) -> str:
             os.kill(os.getpid(), signal.SIGKILL)
             return real(path, entries, *a, **k)
 
-        ckmod.write_file = half_then_die
+        rank_files.write_file = half_then_die
     try:
         ck.save(2)
     except Exception as e:  # noqa: BLE001 - the survivor must fail, not hang
