@@ -14,10 +14,11 @@ figures of both sides (medians over ``--pairs``) and new / old (for seconds: < 1
 faster). A run's stderr goes to ``--out`` (``BENCH.SIDE.N.log``), with every JSON line in
 ``results.jsonl``; a failed run's last lines are printed.
 
-Settings: ``--size small`` (default; the whole comparison, one pair, about 8 to 12 minutes on 2 busy
-cores) keeps each state small enough to be quick but large enough that per-call overheads do not
-dominate; ``--size tiny`` is the smoke tests' settings (a check that everything starts, not a
-measurement). ``--benches`` picks some of them.
+Settings: ``--size small`` (default) keeps each state small enough to be quick but large enough that
+per-call overheads do not dominate: 0.5 GB for bench_save, 200 MB for bench_reshard and bench_snapshot
+(one side of all three took about 4.5 minutes on 2 busy cores, so one pair about 9); ``--size tiny``
+is the smoke tests' settings (a check that everything starts, not a measurement: its figures are
+mostly fixed costs). ``--benches`` picks some of them; ``--pairs 2`` doubles the time.
 
     python tools/compare_refactor.py [--old /work/base] [--new .] [--pairs 1] [--size small|tiny]
                                      [--benches save,reshard,snapshot] [--out DIR]
@@ -42,7 +43,7 @@ log = benchlib.logger("compare")
 BENCHES = ("save", "reshard", "snapshot")
 SETTINGS = {
     "small": {
-        "save": ["--gb", "0.25", "--repeats", "3"],
+        "save": ["--gb", "0.5", "--repeats", "3"],
         "reshard": ["--size-mb", "200", "--repeats", "2"],
         "snapshot": ["--size-mb", "200", "--steps", "6", "--rounds", "3", "--repeats", "3"],
     },
