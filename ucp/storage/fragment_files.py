@@ -108,9 +108,10 @@ class FragmentFiles:
                                          "the file is truncated")
         return fd, path
 
-    def pread(self, name: str, offset: int, views: list, what: str = "") -> None:
+    def pread(self, name: str, offset: int, views: list, what: str = "", crc: int | None = None) -> int | None:
         """Fill ``views`` in order with the bytes of file ``name`` from ``offset`` (``what`` they hold,
-        for the message when the file ends early)."""
+        for the message when the file ends early). With ``crc`` (a running CRC-32C to continue), the
+        bytes are summed as they arrive, each batch while it is still in cache, and the CRC returned."""
         fd, _ = self.open(name, what)
         for i in range(0, len(views), IOV_MAX):
             batch = views[i:i + IOV_MAX]
@@ -130,17 +131,18 @@ class FragmentFiles:
                     raise CorruptCheckpointError(f"{self.directory / name}: {what + ': ' if what else ''}the file ends at "
                                                  f"byte {offset + got}, {want - got} bytes early (truncated?)")
                 got += n
+            if crc is not None:
+                for v in batch:
+                    crc = crc32c(v, crc)
             offset += want
             self._count(want)
+        return crc
 
     def read(self, f: Fragment, views: list, verify: bool = True) -> int:
         """Fragment ``f``'s bytes, in order, into ``views``; returns their CRC-32C, checked against
         the manifest's unless ``verify`` is off (sources that carry no checksums)."""
         _, path = self.locate(f)
-        self.pread(f.file, f.offset, views, fragment_name(f))
-        crc = 0
-        for v in views:
-            crc = crc32c(v, crc)
+        crc = self.pread(f.file, f.offset, views, fragment_name(f), crc=0)
         if verify and crc != f.crc32c:
             raise CorruptCheckpointError(f"{describe(path, f)} fails its checksum (crc32c {crc:08x}, expected "
                                          f"{f.crc32c:08x}); the file is corrupted")
