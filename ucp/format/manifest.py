@@ -16,6 +16,7 @@ from ucp.errors import FormatError, SpecError
 from ucp.format.box import Box
 from ucp.format.dtypes import DTYPES
 from ucp.format.fragment import Fragment, check_file_name
+from ucp.format.jsonio import parse_json
 from ucp.format.keys import parse_key
 from ucp.format.layout import Layout
 from ucp.format.pattern import Pattern
@@ -184,15 +185,8 @@ def canonical_json(header: dict) -> bytes:
     return json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
 def header_from_json(data: bytes, where: str) -> dict:
-    try:
-        header = json.loads(data, parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{where} is not valid JSON: {e}") from e
+    header = parse_json(data, where)
     if not isinstance(header, dict):
         raise FormatError(f"{where} is not a JSON object")
     return header
