@@ -73,7 +73,8 @@ def run(args) -> list[float]:
         if res is None:
             raise ucp.UcpError(f"{args.resume}: no checkpoint to resume from")
         start = res.step + 1
-        print(f"resumed from step {res.step} ({res.path})", file=sys.stderr)
+        if dist.get_rank() == 0:  # every rank loaded the same checkpoint: said once
+            print(f"resumed from step {res.step} ({res.path})", file=sys.stderr)
     ckpt = ucp.Checkpointer(args.ckpt, model=par.model, optimizer=opt, keep=args.keep, options=options) if args.ckpt else None
 
     def on_step(step, loss):
