@@ -172,10 +172,15 @@ def fragments_to_parquet(fragments) -> bytes:
 
 
 def fragments_from_parquet(data: bytes) -> list[Fragment]:
+    # Read on this thread (ParquetFile, not read_table, whose dataset scanner drops its last reference
+    # to the file later, on one of arrow's I/O threads) from a buffer arrow owns: freeing a buffer that
+    # wraps a Python object takes the GIL, and an arrow thread doing so while the interpreter exits is
+    # killed inside a C++ destructor: "terminate called without an active exception", exit 134.
+    owned = pa.allocate_buffer(len(data))
+    memoryview(owned).cast("B")[:] = data
     try:
-        # One thread: the table is small, and a process that started pyarrow's thread pool sometimes
-        # aborts at exit ("terminate called without an active exception"; ucp inspect, 1 run in 50).
-        table = pq.read_table(pa.BufferReader(data), use_threads=False)
+        with pq.ParquetFile(pa.BufferReader(owned)) as file:
+            table = file.read(use_threads=False)
     except (pa.ArrowInvalid, OSError) as e:
         raise FormatError(f"fragment table is not a readable Parquet file: {e}") from e
     return table_to_fragments(table)
