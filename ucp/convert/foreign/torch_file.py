@@ -164,16 +164,54 @@ def _build(self) -> None:
     inst.__dict__.update(state)
 
 
+class _PickleStream:
+    """``data.pkl`` read through a count of the bytes it has left, so that a length the pickle declares
+    (``BINBYTES8``, ``BINUNICODE8``, ``LONG4``, ``FRAME``, ...) is checked against what the record holds
+    before anything of that size is read or allocated: a few bytes of pickle cannot ask for gigabytes."""
+
+    def __init__(self, raw, size: int, path: Path):
+        self.raw, self.left, self.path = raw, size, path
+
+    def claim(self, n: int, what: str) -> None:
+        if n > self.left:
+            raise CorruptCheckpointError(f"{self.path}: its pickle declares {what} of {n} bytes where {self.left} "
+                                         "bytes of it are left; the file is malformed")
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else n
+        self.claim(n, "a value")
+        data = self.raw.read(n)
+        self.left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self.raw.readline(self.left)
+        self.left -= len(line)
+        return line
+
+
+def _bytearray8(self) -> None:
+    """BYTEARRAY8, its length checked before the array is allocated (the stock one allocates first)."""
+    (n,) = struct.unpack("<Q", self.read(8))
+    frame = self._unframer.current_frame
+    in_frame = len(frame.getvalue()) - frame.tell() if frame else 0
+    self.stream.claim(n - in_frame, "a bytearray")
+    b = bytearray(n)
+    self.readinto(b)
+    self.append(b)
+
+
 class _Unpickler(pickle._Unpickler):
     """The pure-Python unpickler (its opcodes can be restricted; the pickles read here hold metadata
     only, the tensors' bytes stay in their records)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = _build
+    dispatch[pickle.BYTEARRAY8[0]] = _bytearray8
 
-    def __init__(self, stream, path: Path, records: dict, stand_ins: dict):
+    def __init__(self, stream: _PickleStream, path: Path, records: dict, stand_ins: dict):
         super().__init__(stream)
-        self.path, self.records, self.stand_ins = path, records, stand_ins
+        self.stream, self.path, self.records, self.stand_ins = stream, path, records, stand_ins
         # (a module's state dict is an OrderedDict with a _metadata attribute)
         self.buildable = {OrderedDict} | {cls for cls in stand_ins.values()
                                           if isinstance(cls, type) and not issubclass(cls, Enum)}
@@ -221,30 +259,44 @@ ALLOWED = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
            "collections.OrderedDict", *(f"torch.{n}" for n in STORAGES), *(f"torch.{n}" for n in DTYPE_NAMES))
 
 
-def _records(path: Path, archive: zipfile.ZipFile) -> tuple[str, dict]:
-    """``(data.pkl's record name, {storage key: (first byte in the file, length)})``."""
+def _stored(path: Path, f, info: zipfile.ZipInfo, size: int) -> int:
+    """The first byte of record ``info``'s data in the file (``size`` bytes long), once it is known to
+    be stored raw (as torch.save stores every record) and to lie within the file: a declared size is
+    never trusted further than the file's bytes go."""
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise CorruptCheckpointError(f"{path}: record {info.filename} is compressed; torch.save stores them raw")
+    f.seek(info.header_offset)
+    header = f.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        raise CorruptCheckpointError(f"{path}: record {info.filename} has no local header (truncated?)")
+    fields = _LOCAL_HEADER.unpack(header)
+    data = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
+    if data + info.file_size > size:
+        raise CorruptCheckpointError(f"{path}: record {info.filename} declares {info.file_size} bytes at byte {data}, "
+                                     f"past the end of the file ({size} bytes; truncated?)")
+    return data
+
+
+def _records(path: Path, archive: zipfile.ZipFile) -> tuple[zipfile.ZipInfo, dict]:
+    """``(data.pkl's record, {storage key: (first byte in the file, length)})``, every record the
+    reader uses checked to be stored raw within the file."""
     pkl = [i for i in archive.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
     if len(pkl) != 1:
         raise CorruptCheckpointError(f"{path}: not a torch.save file (no single data.pkl record)")
     prefix = pkl[0].filename[:-len("data.pkl")]
-    byteorder = prefix + "byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).strip() not in (b"little", b""):
-        raise CorruptCheckpointError(f"{path}: a big-endian torch.save file; ucp reads little-endian ones")
+    size = path.stat().st_size
     records = {}
     with path.open("rb") as f:
+        _stored(path, f, pkl[0], size)
         for info in archive.infolist():
-            if not info.filename.startswith(prefix + "data/"):
-                continue
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CorruptCheckpointError(f"{path}: record {info.filename} is compressed; torch.save stores them raw")
-            f.seek(info.header_offset)
-            header = f.read(_LOCAL_HEADER.size)
-            if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
-                raise CorruptCheckpointError(f"{path}: record {info.filename} has no local header (truncated?)")
-            fields = _LOCAL_HEADER.unpack(header)
-            data = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
-            records[info.filename[len(prefix) + 5:]] = (data, info.file_size)
-    return pkl[0].filename, records
+            if info.filename == prefix + "byteorder":
+                at = _stored(path, f, info, size)
+                f.seek(at)
+                if f.read(min(info.file_size, 16)).strip() not in (b"little", b""):
+                    raise CorruptCheckpointError(f"{path}: a big-endian torch.save file; ucp reads little-endian ones")
+            if info.filename.startswith(prefix + "data/"):
+                records[info.filename[len(prefix) + 5:]] = (_stored(path, f, info, size), info.file_size)
+    return pkl[0], records
 
 
 def load(path: Path, stand_ins: dict | None = None):
@@ -266,8 +318,8 @@ def load(path: Path, stand_ins: dict | None = None):
     try:
         with zipfile.ZipFile(path) as archive:
             pkl, records = _records(path, archive)
-            with archive.open(pkl) as stream:
-                return _Unpickler(stream, path, records, stand_ins).load()
+            with archive.open(pkl) as raw:
+                return _Unpickler(_PickleStream(raw, pkl.file_size, path), path, records, stand_ins).load()
     except _Refused as e:
         allowed = ", ".join(sorted(stand_ins)) or "none"
         raise CorruptCheckpointError(f"{path}: it pickles {e}, which ucp does not load (besides torch's tensors it "
