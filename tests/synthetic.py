@@ -84,19 +84,19 @@ def write_checkpoint(root: Path, step: int, tensors: dict, layout: Layout, seed:
         metas[key] = TensorMeta(tuple(s_shape), dtype, pattern)
         for rank, box, flat, data in place(key, u, pattern, layout, rng):
             per_rank.setdefault(rank, []).append((key, box, flat, data))
-    fragments, files = [], {}
+    fragments, files, heads = [], {}, {}
     for rank, items in sorted(per_rank.items()):
         name = store.rank_file(rank)
         entries = [Entry(f"{k}#{i}", ST_CODE[metas[k].dtype], (d.size,), memoryview(d).cast("B"))
                    for i, (k, _, _, d) in enumerate(items)]
-        size, offsets = write_file(directory / name, entries, fsync=False)
+        size, offsets, heads[name] = write_file(directory / name, entries, fsync=False)
         files[name] = size
         for (k, box, flat, d), off in zip(items, offsets):
             data = memoryview(d).cast("B")
             crc, blocks = block_crc32c(data, block_bytes) if block_bytes else (crc32c(data), ())
             fragments.append(Fragment(k, box, flat, metas[k].dtype, rank, name, off, d.nbytes, crc, blocks))
     manifest = Manifest(step, layout, metas, tuple(fragments), state or {"shared": {}, "ranks": {}}, files,
-                        created_by="tests.synthetic", block_bytes=block_bytes)
+                        created_by="tests.synthetic", block_bytes=block_bytes, file_headers=heads)
     manifest.validate()
     commit_manifest(directory, manifest)
     return directory

@@ -45,6 +45,11 @@ class CheckpointNotFoundError(UcpError, FileNotFoundError):
     exit_code = 2
 
 
+class CheckpointDeletedError(CheckpointNotFoundError):
+    """A checkpoint was deleted (by retention, its manifest first) while it was being read: a file
+    it lists is gone and so is its ``manifest.json``. Not corruption: load another checkpoint."""
+
+
 class ReplicaDivergenceError(UcpError):
     """Ranks that must hold identical copies of a tensor hold different bytes."""
 

@@ -15,7 +15,7 @@ from tests.helpers import assert_bits_equal, flip_byte
 from ucp.errors import CorruptCheckpointError, FormatError
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
-from ucp.storage.safetensors_file import read_header
+from ucp.storage.safetensors_file import header_checksum, read_header
 
 
 def _fragment(path, key: str):
@@ -166,6 +166,10 @@ def test_loader_finds_fragments_by_offset_not_by_safetensors_name(ckpt_root):
     head = raw[8:8 + int(n)].replace(b'"model/', b'"MODEL/').replace(b'"optim/', b'"OPTIM/')
     assert len(head) == n
     data_file.write_bytes(raw[:8] + head + raw[8 + int(n):])
+    mpath = path / store.MANIFEST
+    header = json.loads(mpath.read_bytes())  # a writer that means the new names records their checksum
+    header["file_headers"][data_file.name] = header_checksum(data_file)
+    write_signed(mpath, header)
     ckpt, fresh = fresh_checkpointer(ckpt_root)
     assert ckpt.load().step == 5
     assert_bits_equal(fresh.fc1.weight, model.fc1.weight)
@@ -214,3 +218,156 @@ def test_nan_in_the_manifest_is_not_json(ckpt_root):
     ckpt, _ = fresh_checkpointer(ckpt_root)
     with pytest.raises(FormatError, match="not valid JSON"):
         ckpt.load()
+
+
+# --- issue 17, item 5: the rank files' safetensors headers are covered by the manifest (format 1.2)
+
+def _header_span(data_file) -> tuple[bytes, int]:
+    raw = data_file.read_bytes()
+    (n,) = np.frombuffer(raw[:8], dtype="<u8")
+    return raw, 8 + int(n)
+
+
+def _swap_two_same_size_offsets(data_file) -> tuple[str, str]:
+    """Swap the ``data_offsets`` of two same-size tensors in the file's header, its length kept."""
+    raw, end = _header_span(data_file)
+    head = json.loads(raw[8:end])
+    by_size: dict = {}
+    for name, entry in head.items():
+        if name != "__metadata__":
+            b, e = entry["data_offsets"]
+            by_size.setdefault(e - b, []).append(name)
+    a, b = next(names for size, names in by_size.items() if len(names) >= 2 and size)[:2]
+    text = raw[8:end].decode()
+    oa, ob = (json.dumps(head[x]["data_offsets"], separators=(",", ":")) for x in (a, b))
+    assert text.count(oa) == 1 and text.count(ob) == 1
+    swapped = text.replace(oa, "\0").replace(ob, oa).replace("\0", ob).encode()
+    assert len(swapped) == end - 8 and swapped != raw[8:end]
+    data_file.write_bytes(raw[:8] + swapped + raw[end:])
+    return a, b
+
+
+@pytest.mark.parametrize("damage", ["flip", "swap"])
+def test_a_damaged_rank_file_header_is_named_by_verify_and_load(ckpt_root, damage):
+    from ucp.storage.verify import verify_checkpoint
+
+    path, *_ = saved_checkpoint(ckpt_root)
+    data_file = path / store.rank_file(0)
+    if damage == "flip":
+        _, end = _header_span(data_file)
+        flip_byte(data_file, end // 2, 0x01)  # a byte in the middle of the JSON header
+    else:
+        _swap_two_same_size_offsets(data_file)  # a third-party reader would return the wrong tensors
+    report = verify_checkpoint(path, read_manifest(path))
+    assert not report.ok and len(report.problems) == 1
+    assert str(data_file) in report.problems[0] and "header fails its checksum" in report.problems[0]
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError) as e:
+        ckpt.load()
+    msg = str(e.value)
+    assert msg.startswith(f"{data_file}: safetensors header fails its checksum") and "\n" not in msg
+
+
+def test_the_manifest_records_every_rank_files_header_checksum(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    m = read_manifest(path)
+    assert m.format_version == "1.2" and set(m.file_headers) == set(m.files)
+    for name, crc in m.file_headers.items():
+        assert crc == header_checksum(path / name)
+
+
+def test_a_format_1_1_manifest_without_header_checksums_loads_and_verify_says_they_are_unchecked(ckpt_root):
+    from ucp.storage.verify import verify_checkpoint
+
+    path, model, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    header = json.loads(mpath.read_bytes())
+    header["format_version"] = "1.1"
+    del header["file_headers"]
+    write_signed(mpath, header)
+    report = verify_checkpoint(path, read_manifest(path))
+    assert report.ok and report.notes and "headers are unchecked" in report.notes[0] and "1.1" in report.notes[0]
+    ckpt, fresh = fresh_checkpointer(ckpt_root)
+    assert ckpt.load().step == 5
+    assert_bits_equal(fresh.fc1.weight, model.fc1.weight)
+
+
+def test_a_format_1_2_manifest_lacking_a_files_header_checksum_is_refused(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    header = json.loads(mpath.read_bytes())
+    header["file_headers"] = {}
+    write_signed(mpath, header)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(FormatError, match=f"{mpath}: format 1.2 records the header checksum of every data file"):
+        ckpt.load()
+
+
+# --- issue 17, item 9: the step a manifest holds is its directory's, and an int64
+
+
+@pytest.mark.parametrize("step, words", [(6, "holds step 6, but its directory step_00000005 is step 5"),
+                                         (10 ** 30, "manifest step 1000000000000000000000000000000 must be")])
+def test_a_manifest_step_other_than_its_directory_or_absurd_is_refused_naming_it(ckpt_root, step, words):
+    path, *_ = saved_checkpoint(ckpt_root)
+    mpath = path / store.MANIFEST
+    header = json.loads(mpath.read_bytes())
+    header["step"] = step
+    write_signed(mpath, header)
+    for call in (lambda: read_manifest(path), lambda: fresh_checkpointer(ckpt_root)[0].load(step=5)):
+        with pytest.raises(FormatError) as e:
+            call()
+        assert str(e.value).startswith(f"{mpath}: ") and words in str(e.value) and "\n" not in str(e.value)
+
+
+# --- issue 17, item 7: declared sizes are checked against the files before they drive an allocation
+
+
+def test_a_resigned_manifest_declaring_a_huge_tensor_is_refused_before_allocating(ckpt_root, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from ucp.format.box import Box
+    from ucp.format.fragment import Fragment
+    from ucp.format.manifest import TensorMeta
+    from ucp.storage.manifest_io import commit_manifest
+
+    path, *_ = saved_checkpoint(ckpt_root)
+    m = read_manifest(path)
+    name = store.rank_file(0)
+    numel = 1 << 33  # 32 GiB of float32, in a file of a few KiB
+    big = Fragment("extra/big", Box((0,), (numel,)), None, "float32", 0, name, 8, 4 * numel, 0, ())
+    crafted = dataclasses.replace(m, tensors={**m.tensors, "extra/big": TensorMeta((numel,), "float32")},
+                                  fragments=m.fragments + (big,), files={**m.files, name: 8 + 4 * numel})
+    crafted.validate()
+    commit_manifest(path, crafted)  # fragment table and manifest re-signed: only the sizes tell
+    real_empty = torch.empty
+
+    def bounded_empty(*shape, **kw):
+        dims = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        assert np.prod([int(d) for d in dims], dtype=object) < 1 << 28, f"allocation of {dims} elements"
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", bounded_empty)
+    ckpt, _ = fresh_checkpointer(ckpt_root)
+    with pytest.raises(CorruptCheckpointError) as e:
+        ckpt.load()
+    msg = str(e.value)
+    assert msg.startswith(f"{path / name}: ") and f"the manifest records {8 + 4 * numel}" in msg
+    assert "extra/big" in msg and "truncated" in msg
+
+
+def test_a_file_of_another_size_than_recorded_is_refused_when_opened(ckpt_root):
+    from ucp.storage.fragment_files import FragmentFiles
+
+    path, *_ = saved_checkpoint(ckpt_root)
+    m = read_manifest(path)
+    name = store.rank_file(0)
+    with open(path / name, "ab") as f:
+        f.write(b"\0" * 16)  # longer: overwritten by something else
+    with FragmentFiles(path, manifest=m) as files, pytest.raises(CorruptCheckpointError) as e:
+        files.open(name)
+    assert str(e.value).startswith(f"{path / name}: {m.files[name] + 16} bytes on storage, the manifest records {m.files[name]}")
+    with FragmentFiles(path) as files:  # (without a manifest: nothing to compare with)
+        assert files.open(name)[1] == m.files[name] + 16

@@ -86,7 +86,7 @@ def test_manifest_is_strict_json_even_with_non_finite_values(ckpt_root):
 
     path, *_ = saved_checkpoint(ckpt_root, extras={"loss": float("nan"), "best": float("-inf"), "t": (1, 2)})
     header = json.loads((path / store.MANIFEST).read_bytes(), parse_constant=no_constants)
-    assert header["format"] == "ucp.checkpoint" and header["format_version"] == "1.1" and header["step"] == 5
+    assert header["format"] == "ucp.checkpoint" and header["format_version"] == "1.2" and header["step"] == 5
     ckpt, _ = fresh_checkpointer(ckpt_root)
     extras = ckpt.load().extras
     assert math.isnan(extras["loss"]) and extras["best"] == -math.inf and extras["t"] == (1, 2)

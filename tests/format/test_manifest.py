@@ -106,7 +106,7 @@ def f(box: Box, flat: FlatRange | None = None, rank: int = 0, offset: int = 0) -
 
 
 def test_builder_manifest_is_valid(m):
-    assert m.format_version == FORMAT_VERSION == "1.1"
+    assert m.format_version == FORMAT_VERSION == "1.2"
     assert len(m.fragments_of("model/w")) == 2  # one per tp rank, dp replicas not written
     assert len(m.fragments_of("optim/w/exp_avg")) == 4  # tp x flat(dp)
     assert len(m.fragments_of("optim/w/step")) == 1
@@ -127,7 +127,7 @@ def test_header_contents(m):
     table = {"file": "fragments.parquet", "crc32c": 1234, "rows": len(m.fragments)}
     h = m.header(table)
     assert h["format"] == FORMAT == "ucp.checkpoint"
-    assert h["format_version"] == "1.1"
+    assert h["format_version"] == "1.2"
     assert h["step"] == 7
     assert h["created_by"] == "ucp tests"
     assert h["layout"] == LAYOUT.to_dict()
@@ -240,6 +240,16 @@ def test_validate_rejects_major_version_2(m):
 def test_validate_bad_step(m, step):
     with pytest.raises(FormatError, match=re.escape(f"manifest step {step!r} must be a non-negative integer")):
         dataclasses.replace(m, step=step).validate()
+
+
+@pytest.mark.parametrize("step, shown", [(10 ** 30, repr(10 ** 30)), (1 << 63, repr(1 << 63)),
+                                         (10 ** 4000, "of about 4000 digits")])
+def test_validate_refuses_an_absurd_step_in_one_line(m, step, shown):
+    # issue 17, item 9: steps are int64; a step of 10^30 (or of 4,000 digits) is refused, one line
+    with pytest.raises(FormatError, match=re.escape(f"manifest step {shown} must be a non-negative integer below 2^63")) as e:
+        dataclasses.replace(m, step=step).validate()
+    assert "\n" not in str(e.value) and len(str(e.value)) < 120
+    dataclasses.replace(m, step=(1 << 63) - 1).validate()
 
 
 @pytest.mark.parametrize("name", ["../x.safetensors", "/etc/passwd", "a/b", ".hidden", "..", ".", ""])

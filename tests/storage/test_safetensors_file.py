@@ -48,7 +48,7 @@ def tensors():
 
 def write(path, tensors, metadata=None):
     entries = [Entry(n, code(t), tuple(t.shape), raw(t)) for n, t in tensors.items()]
-    return write_file(path, entries, metadata, fsync=True)
+    return write_file(path, entries, metadata, fsync=True)[:2]
 
 
 def test_write_file_is_read_by_safetensors_library(tmp_path, tensors):
@@ -101,7 +101,7 @@ def test_plan_file_matches_what_write_file_writes(tmp_path, tensors):
     entries = [Entry(n, code(t), tuple(t.shape), raw(t)) for n, t in tensors.items()]
     head, offsets = plan_file(entries, {"k": "v"})
     path = tmp_path / "f.safetensors"
-    _, written_offsets = write_file(path, entries, {"k": "v"}, fsync=False)
+    _, written_offsets, _ = write_file(path, entries, {"k": "v"}, fsync=False)
     assert offsets == written_offsets
     assert path.read_bytes()[: len(head)] == head
     (n,) = struct.unpack("<Q", head[:8])
@@ -111,7 +111,7 @@ def test_plan_file_matches_what_write_file_writes(tmp_path, tensors):
 def test_write_file_takes_multidimensional_typed_views(tmp_path):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     path = tmp_path / "f.safetensors"
-    _, (off,) = write_file(path, [Entry("a", "F32", (3, 4), memoryview(a))], fsync=False)
+    _, (off,), _ = write_file(path, [Entry("a", "F32", (3, 4), memoryview(a))], fsync=False)
     safetensors = require("safetensors")
     with safetensors.safe_open(str(path), framework="np") as f:
         np.testing.assert_array_equal(f.get_tensor("a"), a)
@@ -122,7 +122,7 @@ def test_write_file_overwrites_a_longer_file(tmp_path):
     path = tmp_path / "f.safetensors"
     path.write_bytes(b"x" * 10000)
     t = torch.arange(4, dtype=torch.int64)
-    size, _ = write_file(path, [Entry("t", "I64", (4,), raw(t))], fsync=False)
+    size, _, _ = write_file(path, [Entry("t", "I64", (4,), raw(t))], fsync=False)
     assert path.stat().st_size == size < 10000
     safetensors = require("safetensors")
     with safetensors.safe_open(str(path), framework="pt") as f:

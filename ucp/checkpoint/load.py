@@ -21,7 +21,7 @@ import torch
 
 from ucp.checkpoint.readers import FragmentReader, UniversalReader, UniversalSource
 from ucp.checkpoint.results import LoadResult
-from ucp.errors import CheckpointNotFoundError, LoadError, few
+from ucp.errors import CheckpointDeletedError, CheckpointNotFoundError, LoadError, few
 from ucp.format import values
 from ucp.format.box import Box
 from ucp.format.keys import EXTRA, MODEL, OPTIM, extra_key, optim_key, parse_key
@@ -36,6 +36,7 @@ from ucp.state.optimizer import merged_optimizer_state, optimizer_targets, resto
 from ucp.state.rng import restore_rng
 from ucp.state.tensors import torch_dtype
 from ucp.storage import directory as store
+from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.universal_io import is_universal, read_header
 
@@ -128,13 +129,37 @@ def _restore_extra_state(model, extra_state: dict) -> None:
         modules[prefix].set_extra_state(value)
 
 
+#: how many times a load of the newest checkpoint starts over when retention prunes the one it reads
+RETRIES = 3
+
+
 def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False, memory=None):
     """Implementation of :meth:`ucp.Checkpointer.load`; ``memory`` is ``(directory, manifest)`` of an
-    in-memory snapshot (its fragments in the agent's segments) to load instead of searching storage."""
+    in-memory snapshot (its fragments in the agent's segments) to load instead of searching storage.
+
+    A checkpoint deleted while being read (retention after another job's save: its manifest goes
+    first, docs/format-checkpoint.md rules 3 and 16a) is not corruption: a load of the newest checkpoint
+    finds the newest again and starts over (:data:`RETRIES` times at most); a load of ``step``
+    raises :class:`~ucp.errors.CheckpointDeletedError` naming it. Every rank gets the same error
+    from a phase, so all of them start over together.
+    """
     t0 = time.perf_counter()
     coll = ckpt.coll
     if memory is not None:
         return _load(ckpt, coll, t0, Path(memory[0]), memory[1], False, strict, cast, "memory")
+    for attempt in range(RETRIES + 1):
+        try:
+            return _load_stored(ckpt, coll, t0, step, strict, cast)
+        except CheckpointDeletedError as e:
+            if step is not None:
+                raise CheckpointDeletedError(f"{ckpt.root}: the checkpoint of step {step} was deleted (by retention?) "
+                                             f"while being read; load another step ({e})") from e
+            if attempt == RETRIES:
+                raise
+
+
+def _load_stored(ckpt, coll, t0: float, step: int | None, strict: bool, cast: bool):
+    """A load from storage: the phases *find* and *manifest*, then :func:`_load`."""
 
     def find():
         if coll.rank != 0:
@@ -158,7 +183,12 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False, me
     universal = is_universal(path)
 
     def read_source():
-        return UniversalSource(Path(path), read_header(path)) if universal else read_manifest(path)
+        if universal:
+            return UniversalSource(Path(path), read_header(path))
+        manifest = read_manifest(path)
+        if coll.rank == 0:  # every file there with its recorded size, before a declared shape drives an allocation
+            FragmentFiles(path, manifest=manifest).check_sizes()
+        return manifest
 
     coll.phase("manifest", lambda: result.update(manifest=read_source()))
     return _load(ckpt, coll, t0, Path(path), result["manifest"], universal, strict, cast,
@@ -213,7 +243,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             jobs = [(reader.read, (p, res, target_layout)) for p, res in plans]
         else:
             index = FragmentIndex(manifest.fragments)
-            reader = FragmentReader(path)
+            reader = FragmentReader(path, manifest if source == "durable" else None)
             jobs = []
             for p, res in plans:
                 only = res.slices[0]

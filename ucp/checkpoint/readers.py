@@ -178,10 +178,12 @@ def _fill_resharded(piece: Piece, items, targets, fetch) -> None:
 
 class FragmentReader:
     """Reads fragments of one checkpoint directory into destination tensors, verifying checksums
-    (the bytes through :class:`~ucp.storage.fragment_files.FragmentFiles`)."""
+    (the bytes through :class:`~ucp.storage.fragment_files.FragmentFiles`; with the ``manifest`` of
+    a committed checkpoint, each file's size and header are checked as it is opened, and a file
+    pruned while being read is told from corruption: :class:`~ucp.errors.CheckpointDeletedError`)."""
 
-    def __init__(self, directory: Path):
-        self.files = FragmentFiles(directory)
+    def __init__(self, directory: Path, manifest=None):
+        self.files = FragmentFiles(directory, manifest=manifest)
 
     @property
     def nbytes(self) -> int:

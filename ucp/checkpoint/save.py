@@ -85,8 +85,8 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
         late = [i for i in mine if infos_by_rank[rank][i].crc32c is None]
         with ThreadPoolExecutor(1) as pool:  # checksums on a second core while the file streams out
             sums = pool.map(fragment_checksums, [local["views"][i] for i in late])
-            path, size, offsets = write_rank_file(directory, rank, fragments, ckpt.options.fsync)
-            return path.name, size, offsets, dict(zip(late, sums))
+            path, size, offsets, head_crc = write_rank_file(directory, rank, fragments, ckpt.options.fsync)
+            return path.name, size, offsets, dict(zip(late, sums)), head_crc
 
     written = coll.phase("write", write)
     local.clear()
@@ -94,11 +94,11 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
     def commit():
         if rank != 0:
             return None
-        fragments, files = [], {}
+        fragments, files, heads = [], {}, {}
         for r, w in enumerate(written):
             if w is None:
                 continue
-            name, size, offsets, late = w
+            name, size, offsets, late, heads[name] = w
             files[name] = size
             for i, off in zip(assignments[r], offsets):
                 info = infos_by_rank[r][i]
@@ -106,7 +106,7 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
                 fragments.append(Fragment(info.key, info.box, info.flat, info.dtype, r, name, off, info.nbytes,
                                           crc, blocks))
         manifest = Manifest(step, ckpt.layout, metas, tuple(fragments), split_state([g[2] for g in gathered]),
-                            files, created_by=f"ucp {__version__}", block_bytes=BLOCK_BYTES)
+                            files, created_by=f"ucp {__version__}", block_bytes=BLOCK_BYTES, file_headers=heads)
         manifest.validate()
         commit_step(directory, manifest)  # (what each rank wrote is checked there, whole, before it is published)
         return manifest.nbytes

@@ -122,6 +122,8 @@ def verify(args) -> int:
         report = verify_checkpoint(path, m, bar.update)
     _raise_problems(path, report.problems)
     print(f"OK   {path}: step {m.step}, {report.fragments} fragment(s), {_human(report.nbytes)} verified")
+    for note in report.notes:  # (what could not be checked: not a failure)
+        print(f"NOTE {path}: {note}")
     return 0
 
 

@@ -22,8 +22,9 @@ from ucp.format.layout import Layout
 from ucp.format.pattern import Pattern
 
 FORMAT = "ucp.checkpoint"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 BLOCK_BYTES = 64 << 10  # block checksums of fragments (format 1.1): one per 64 KiB
+MAX_STEP = 1 << 63  # steps are int64 (the step directory's name, trainers' counters): a step is below this
 
 
 def check_version(found, supported: str, what: str) -> None:
@@ -69,6 +70,8 @@ class Manifest:
         state: non-tensor state, ``{"shared": {...}, "ranks": {"<rank>": {...}}}`` of typed JSON.
         files: data file name -> size in bytes.
         block_bytes: the block size of the fragments' block checksums (0: none, as in format 1.0).
+        file_headers: data file name -> CRC-32C of its safetensors header (the 8-byte length and the
+            JSON header; format 1.2, which records one for every file; empty before).
     """
 
     step: int
@@ -80,16 +83,24 @@ class Manifest:
     format_version: str = FORMAT_VERSION
     created_by: str = ""
     block_bytes: int = 0
+    file_headers: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         """Enforce the MUST rules of the checkpoint format; raise FormatError/SpecError on the first broken one."""
         check_version(self.format_version, FORMAT_VERSION, "checkpoint manifest")
-        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
-            raise FormatError(f"manifest step {self.step!r} must be a non-negative integer")
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or not 0 <= self.step < MAX_STEP:
+            raise FormatError(f"manifest step {_short(self.step)} must be a non-negative integer below 2^63")
         for name, size in self.files.items():
             check_file_name(name)
-            if not isinstance(size, int) or size < 0:
-                raise FormatError(f"manifest file {name}: size {size!r} must be a non-negative integer")
+            if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < MAX_STEP:
+                raise FormatError(f"manifest file {name}: size {_short(size)} must be a non-negative integer below 2^63")
+        if not isinstance(self.file_headers, dict):
+            raise FormatError("manifest file_headers must be an object: file name -> CRC-32C of its header")
+        for name, crc in self.file_headers.items():
+            if name not in self.files:
+                raise FormatError(f"manifest file_headers names {_short(name)}, which 'files' does not list")
+            if isinstance(crc, bool) or not isinstance(crc, int) or not 0 <= crc < 1 << 32:
+                raise FormatError(f"manifest file_headers: the checksum of {name} is {_short(crc)}, not a CRC-32C")
         for key, meta in self.tensors.items():
             parse_key(key)
             if meta.dtype not in DTYPES:
@@ -148,7 +159,8 @@ class Manifest:
             "files": dict(self.files),
             "fragment_table": dict(fragment_table),
             "state": self.state,
-        } | ({"block_bytes": self.block_bytes} if self.block_bytes else {})
+        } | ({"block_bytes": self.block_bytes} if self.block_bytes else {}) \
+          | ({"file_headers": dict(self.file_headers)} if self.file_headers else {})
 
     @classmethod
     def from_header(cls, header: dict, fragments) -> "Manifest":
@@ -167,6 +179,7 @@ class Manifest:
                 format_version=header["format_version"],
                 created_by=header.get("created_by", ""),
                 block_bytes=header.get("block_bytes", 0),
+                file_headers=header.get("file_headers", {}),
             )
         except KeyError as e:
             raise FormatError(f"checkpoint manifest lacks field {e.args[0]!r}") from e
@@ -174,6 +187,14 @@ class Manifest:
             raise FormatError(f"checkpoint manifest is malformed: {e}") from e
         m.validate()
         return m
+
+
+def _short(value) -> str:
+    """``value`` for a one-line message: its repr, cut to 40 characters (a step of 4,000 digits)."""
+    if isinstance(value, int) and value.bit_length() > 128:  # (repr refuses ints of over 4,300 digits)
+        return f"of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def header_to_json(header: dict) -> bytes:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ucp.errors import PersistError
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers
 from ucp.storage import directory as store
 from ucp.storage.rank_files import RankFragment, apply_retention, commit_step, entry_name, prepare_step, write_rank_file
-from ucp.storage.safetensors_file import read_header
+from ucp.storage.safetensors_file import header_checksum, read_header
 
 META = "ucp.snapshot"  # the safetensors metadata entry holding the rank's header
 _HEADER_FIELDS = ("step", "rank", "world_size", "layout", "tensors", "state", "created_by")
@@ -50,7 +51,7 @@ def write_rank(directory: Path, header: dict, data: memoryview, write: list[int]
     fragments = [RankFragment(r.key, r.box, r.flat, r.dtype, data[r.offset:r.offset + r.length]) for r in records]
     meta = {k: header[k] for k in _HEADER_FIELDS if k in header}
     meta.update(token=token, fragments=[{k: v for k, v in f.items() if k not in ("file", "offset")} for f in chosen])
-    path, _, _ = write_rank_file(directory, header["rank"], fragments, fsync, {META: json.dumps(meta)}, token)
+    path = write_rank_file(directory, header["rank"], fragments, fsync, {META: json.dumps(meta)}, token)[0]
     return path
 
 
@@ -103,6 +104,8 @@ def commit_when_written(directory: Path, root: Path, step: int, world_size: int,
                                f"arrive within {timeout:g} s (their agents failed or were stopped)")
         time.sleep(0.05)
     manifest = manifest_from_headers(list(headers.values()), host="")
+    # (the rank files are whole under their names: their headers' checksums, as format 1.2 records them)
+    manifest = replace(manifest, file_headers={n: header_checksum(directory / n) for n in manifest.files})
     if manifest.step != step:
         raise PersistError(f"{directory}: the rank files hold step {manifest.step}, not {step}")
     commit_step(directory, manifest)

@@ -16,6 +16,10 @@ from pathlib import Path
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError
 from ucp.format.fragment import Fragment
+from ucp.format.manifest import Manifest
+from ucp.storage.directory import MANIFEST
+from ucp.storage.manifest_io import gone
+from ucp.storage.safetensors_file import header_bytes
 
 IOV_MAX = 512  # buffers per preadv call (the kernel's UIO_MAXIOV is 1024)
 
@@ -40,12 +44,19 @@ class FragmentFiles:
     Args:
         directory: the checkpoint's directory (or ``/dev/shm`` for a snapshot in memory).
         names: files to open at once (a missing one fails here), else each on first use.
+        manifest: the manifest of the committed checkpoint in ``directory``, if it is one. Each file
+            it lists is then checked as it is opened, before a byte of it is read: its size against
+            the manifest's (one fstat) and its safetensors header against the manifest's CRC-32C
+            (format 1.2: one small pread); and a file found missing while ``manifest.json`` is gone
+            too is a checkpoint deleted while being read (:class:`CheckpointDeletedError`), not
+            corruption.
 
     ``nbytes`` counts the bytes read. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, directory: Path, names=()):
+    def __init__(self, directory: Path, names=(), manifest: Manifest | None = None):
         self.directory = Path(directory)
+        self.manifest = manifest
         self._files: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self.nbytes = 0
@@ -76,16 +87,59 @@ class FragmentFiles:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except FileNotFoundError:
-                    raise CorruptCheckpointError(f"{path}: data file is missing{f' (holds {what})' if what else ''}") from None
-                self._files[name] = (fd, os.fstat(fd).st_size)
+                    raise self._missing(name, what) from None
+                try:
+                    size = os.fstat(fd).st_size
+                    self._check(fd, name, size)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._files[name] = (fd, size)
             return self._files[name]
+
+    def _missing(self, name: str, what: str = "") -> Exception:
+        if self.manifest is not None and not (self.directory / MANIFEST).exists():
+            return gone(self.directory, name)  # retention deletes the manifest first (format rule 3)
+        return CorruptCheckpointError(f"{self.directory / name}: data file is missing{f' (holds {what})' if what else ''}")
+
+    def _check(self, fd: int, name: str, size: int) -> None:
+        """What the manifest records of file ``name``, open as ``fd`` with ``size`` bytes: its size
+        and its header's CRC-32C (checked before any allocation or read its contents would drive)."""
+        if self.manifest is None:
+            return
+        path = self.directory / name
+        expected = self.manifest.files.get(name)
+        if expected is not None and size != expected:
+            raise self._size_error(name, size, expected)
+        recorded = self.manifest.file_headers.get(name)
+        if recorded is not None:
+            got = crc32c(header_bytes(fd, size, path))
+            if got != recorded:
+                raise CorruptCheckpointError(f"{path}: safetensors header fails its checksum (crc32c {got:08x}, "
+                                             f"recorded {recorded:08x}); the file's header is corrupted")
+
+    def _size_error(self, name: str, size: int, expected: int) -> CorruptCheckpointError:
+        """File ``name`` is ``size`` bytes, not the ``expected`` the manifest records: named with the
+        first fragment it no longer holds whole, if any (format rule 16)."""
+        cut = next((f for f in self.manifest.fragments if f.file == name and f.offset + f.length > size), None)
+        held = f" ({describe(self.directory / name, cut).split(': ', 1)[1]} lies past its end)" if cut else ""
+        return CorruptCheckpointError(f"{self.directory / name}: {size} bytes on storage, the manifest records "
+                                      f"{expected}; the file is truncated{held} or overwritten")
 
     def size(self, name: str) -> int:
         """The size of data file ``name`` (not opened); a missing file is corruption, named."""
         try:
             return (self.directory / name).stat().st_size
         except FileNotFoundError:
-            raise CorruptCheckpointError(f"{self.directory / name}: data file is missing") from None
+            raise self._missing(name) from None
+
+    def check_sizes(self) -> None:
+        """Every file the manifest lists is there with the size it records (one stat each): what a
+        tensor's declared size may drive (an allocation) is then backed by bytes that exist."""
+        for name, expected in self.manifest.files.items() if self.manifest is not None else ():
+            found = self.size(name)
+            if found != expected:
+                raise self._size_error(name, found, expected)
 
     def release(self, name: str) -> None:
         """Close data file ``name`` (reopened if read again): a reader going file by file holds one."""

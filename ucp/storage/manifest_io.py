@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ucp.codecs.checksum import crc32c
-from ucp.errors import CorruptCheckpointError, FormatError, SpecError
+from ucp.errors import CheckpointDeletedError, CorruptCheckpointError, FormatError, SpecError
 from ucp.format.fragment import check_file_name, fragments_from_parquet, fragments_to_parquet
 from ucp.format.manifest import Manifest, canonical_json, header_from_json, header_to_json
 from ucp.storage.atomic import write_atomic
@@ -53,14 +54,30 @@ def commit_manifest(directory: Path, manifest: Manifest) -> None:
     write_atomic(directory / MANIFEST, header_to_json(sign_header(header)))
 
 
+def gone(directory: Path, what: str) -> CheckpointDeletedError:
+    """The error for a checkpoint file found missing when ``manifest.json`` is gone too: retention
+    deletes the manifest first (format rule 3), so the checkpoint was deleted while being read."""
+    return CheckpointDeletedError(f"{directory}: the checkpoint was deleted (by retention?) while being read: "
+                                  f"{what} and {MANIFEST} are gone")
+
+
 def read_manifest(directory: Path) -> Manifest:
-    """Read, check and validate the manifest of the checkpoint in ``directory``."""
+    """Read, check and validate the manifest of the checkpoint in ``directory``.
+
+    Raises:
+        CheckpointDeletedError: ``manifest.json`` is not there (any more), or the fragment table is
+            gone and the manifest with it (a checkpoint deleted while being read).
+        CorruptCheckpointError: a checksum does not match, or the fragment table is missing.
+        FormatError: a rule of docs/format-checkpoint.md is broken (named with the manifest's path),
+            such as a ``step`` other than the directory's name says.
+    """
     directory = Path(directory)
     path = directory / MANIFEST
     try:
         header = header_from_json(path.read_bytes(), str(path))
     except FileNotFoundError:
-        raise FormatError(f"{directory}: no {MANIFEST}; not a complete checkpoint") from None
+        raise CheckpointDeletedError(f"{directory}: no {MANIFEST}; not a complete checkpoint (or one deleted, "
+                                     "by retention, while being read)") from None
     check_signed(header, path, "manifest")
     table_meta = header.get("fragment_table")
     if not isinstance(table_meta, dict) or not isinstance(table_meta.get("file"), str):
@@ -70,6 +87,8 @@ def read_manifest(directory: Path) -> Manifest:
     try:
         data = table_path.read_bytes()
     except FileNotFoundError:
+        if not path.exists():
+            raise gone(directory, table_path.name) from None
         raise CorruptCheckpointError(f"{table_path}: fragment table is missing") from None
     if crc32c(data) != table_meta.get("crc32c"):
         raise CorruptCheckpointError(f"{table_path}: checksum mismatch; the fragment table is corrupted")
@@ -77,6 +96,25 @@ def read_manifest(directory: Path) -> Manifest:
         fragments = fragments_from_parquet(data)
         if len(fragments) != table_meta.get("rows"):
             raise FormatError(f"fragment table has {len(fragments)} rows, manifest says {table_meta.get('rows')}")
-        return Manifest.from_header(header, fragments)
+        manifest = Manifest.from_header(header, fragments)
+        unsigned = sorted(set(manifest.files) - set(manifest.file_headers))
+        if unsigned and _minor(manifest.format_version) >= 2:
+            raise FormatError(f"format {manifest.format_version} records the header checksum of every data file "
+                              f"in 'file_headers', which lacks {unsigned[0]}")
     except (FormatError, SpecError) as e:
-        raise FormatError(f"{directory}: {e}") from e
+        raise FormatError(f"{path}: {e}") from e
+    named = step_of(directory)
+    if named is not None and named != manifest.step:
+        raise FormatError(f"{path}: holds step {manifest.step}, but its directory {directory.name} is step {named}; "
+                          "the manifest was edited or moved")
+    return manifest
+
+
+def step_of(directory: Path) -> int | None:
+    """The step a directory's name says it holds (``step_00000004``: 4), or None for another name."""
+    m = re.fullmatch(r"step_([0-9]{8,})", directory.name)  # (the names of ucp.storage.directory.step_dir)
+    return int(m.group(1)) if m else None
+
+
+def _minor(version: str) -> int:
+    return int(version.split(".")[1])

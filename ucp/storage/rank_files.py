@@ -38,31 +38,32 @@ def entry_name(key: str, box: Box, flat: FlatRange | None) -> str:
 
 
 def write_rank_file(directory: Path, rank: int, fragments: list[RankFragment], fsync: bool,
-                    metadata: dict | None = None, token: int | None = None) -> tuple[Path, int, list[int]]:
+                    metadata: dict | None = None, token: int | None = None) -> tuple[Path, int, list[int], int]:
     """Stream rank ``rank``'s fragments into its file in ``directory`` (``metadata`` added to the
     file's own). With a ``token``, the file is written under a temporary name and renamed: a rank
     file under its own name is then whole (the agents' writes, which another agent's commit reads).
 
     Returns:
-        (path, file size, each fragment's data offset in the file).
+        (path, file size, each fragment's data offset in the file, CRC-32C of the file's safetensors
+        header, which the manifest records: format 1.2).
     """
     entries = [Entry(entry_name(f.key, f.box, f.flat), DTYPES[f.dtype][1],
                      (f.flat.numel,) if f.flat is not None else f.box.sizes, f.data) for f in fragments]
     meta = {"format": FORMAT, "rank": str(rank), **(metadata or {})}
     path = directory / store.rank_file(rank)
     if token is None:
-        size, offsets = write_file(path, entries, meta, fsync)
-        return path, size, offsets
+        size, offsets, head_crc = write_file(path, entries, meta, fsync)
+        return path, size, offsets, head_crc
     tmp = directory / f".{path.name}.{token}.tmp"
     try:
-        size, offsets = write_file(tmp, entries, meta, fsync)
+        size, offsets, head_crc = write_file(tmp, entries, meta, fsync)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if fsync:
         fsync_dir(directory)
-    return path, size, offsets
+    return path, size, offsets, head_crc
 
 
 def prepare_step(directory: Path, clear_partial: bool) -> bool:

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError
 from ucp.storage.atomic import WRITEBACK_EVERY, start_writeback
 
@@ -67,16 +68,18 @@ def plan_file(entries: list, metadata: dict[str, str] | None = None) -> tuple[by
 
 
 
-def write_file(path: Path, entries: list[Entry], metadata: dict[str, str] | None = None, fsync: bool = True) -> tuple[int, list[int]]:
-    """Write ``entries`` to ``path`` (overwriting), fsync it, and return (file size, entry offsets)."""
+def write_file(path: Path, entries: list[Entry], metadata: dict[str, str] | None = None,
+               fsync: bool = True) -> tuple[int, list[int], int]:
+    """Write ``entries`` to ``path`` (overwriting), fsync it, and return (file size, entry offsets,
+    CRC-32C of the header: the 8-byte length and the JSON, as :func:`header_checksum` reads it)."""
     return write_stream(path, entries, lambda i: entries[i].data, metadata, fsync)
 
 
 def write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | None = None,
-                 fsync: bool = True) -> tuple[int, list[int]]:
+                 fsync: bool = True) -> tuple[int, list[int], int]:
     """Write a file whose tensors' bytes come one at a time: ``produce(i)`` returns slot ``i``'s bytes
     (exactly ``slots[i].nbytes`` of them) and may reuse one buffer, as each is written before the next
-    is asked for. Returns (file size, entry offsets)."""
+    is asked for. Returns (file size, entry offsets, header CRC-32C)."""
     head, offsets = plan_file(slots, metadata)
     with open(path, "wb", buffering=0) as f:
         fd = f.fileno()
@@ -97,7 +100,32 @@ def write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | No
         size = f.tell()
         if fsync:
             os.fsync(fd)
-    return size, offsets
+    return size, offsets, crc32c(head)
+
+
+def header_bytes(fd: int, size: int, path: Path | str) -> bytes:
+    """The header of open file ``fd`` (``size`` bytes long) as stored: the 8-byte length and the JSON
+    (two small preads; its declared length is checked against ``size`` before anything is allocated)."""
+    prefix = os.pread(fd, 8, 0)
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(f"{path}: too short to be a safetensors file ({len(prefix)} bytes)")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > min(MAX_HEADER, size - 8):
+        raise CorruptCheckpointError(f"{path}: header length {n} is implausible for a file of {size} bytes; "
+                                     "the file is corrupted")
+    raw = os.pread(fd, n, 8)
+    if len(raw) < n:
+        raise CorruptCheckpointError(f"{path}: header truncated ({len(raw)} of {n} bytes)")
+    return prefix + raw
+
+
+def header_checksum(path: Path) -> int:
+    """CRC-32C of the header of the safetensors file at ``path``, the one a manifest records."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return crc32c(header_bytes(fd, os.fstat(fd).st_size, path))
+    finally:
+        os.close(fd)
 
 
 def read_header(path: Path) -> tuple[dict, int]:

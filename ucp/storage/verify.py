@@ -1,4 +1,5 @@
-"""Verification of a stored checkpoint: completeness, file sizes and every fragment's checksum."""
+"""Verification of a stored checkpoint: completeness, file sizes, every data file's header (format
+1.2) and every fragment's checksum."""
 
 from __future__ import annotations
 
@@ -6,20 +7,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError
 from ucp.format.manifest import Manifest
 from ucp.storage.fragment_files import FragmentFiles, describe
+from ucp.storage.safetensors_file import header_bytes
 
 _CHUNK = 8 << 20
 
 
 @dataclass
 class Report:
-    """Problems found in a checkpoint (one line each, naming file and tensor key) and the bytes checked."""
+    """Problems found in a checkpoint (one line each, naming file and tensor key) and the bytes
+    checked; ``notes``: what could not be checked (one line each), which is not a problem."""
 
     path: Path
     problems: list[str] = field(default_factory=list)
     nbytes: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -36,6 +41,9 @@ class VerifyReport(Report):
 def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check every data file and fragment the manifest lists; ``progress(nbytes)`` after each fragment."""
     report = VerifyReport(Path(directory))
+    if manifest.files and not manifest.file_headers:
+        report.notes.append(f"the data files' safetensors headers are unchecked: a format {manifest.format_version} "
+                            "manifest records no checksums of them (1.2 does)")
     buf = bytearray(_CHUNK)
     by_file: dict[str, list] = {}
     for f in manifest.fragments:
@@ -52,6 +60,8 @@ def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[i
                 continue
             if size != expected:
                 report.problems.append(f"{path}: {size} bytes, the manifest records {expected} (truncated or overwritten)")
+            if name in manifest.file_headers:
+                _check_header(files.open(name)[0], size, path, manifest.file_headers[name], report)
             for f in frags:
                 where = describe(path, f)
                 crc, got, blocks = files.checksums(f, buf, manifest.block_bytes if f.blocks else 0)
@@ -69,3 +79,15 @@ def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[i
                     progress(f.length)
             files.release(name)  # one data file open at a time, however many ranks wrote
     return report
+
+
+def _check_header(fd: int, size: int, path: Path, recorded: int, report: VerifyReport) -> None:
+    """The CRC-32C of file ``path``'s safetensors header against the manifest's ``recorded`` one."""
+    try:
+        got = crc32c(header_bytes(fd, size, path))
+    except CorruptCheckpointError as e:
+        report.problems.append(str(e))
+        return
+    if got != recorded:
+        report.problems.append(f"{path}: safetensors header fails its checksum (crc32c {got:08x}, recorded "
+                               f"{recorded:08x}); the file's header is corrupted")
