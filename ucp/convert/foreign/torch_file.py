@@ -164,12 +164,18 @@ def _build(self) -> None:
     inst.__dict__.update(state)
 
 
-class _PickleStream:
-    """``data.pkl`` read through a count of the bytes it has left, so that a length the pickle declares
-    (``BINBYTES8``, ``BINUNICODE8``, ``LONG4``, ``FRAME``, ...) is checked against what the record holds
-    before anything of that size is read or allocated: a few bytes of pickle cannot ask for gigabytes."""
+class PickleStream:
+    """A pickle read through a count of the bytes it has left, so that a length the pickle declares
+    (``BINBYTES8``, ``BINUNICODE8``, ``LONG4``, ``FRAME``, ...) is checked against what the file holds
+    before anything of that size is read or allocated: a few bytes of pickle cannot ask for gigabytes.
 
-    def __init__(self, raw, size: int, path: Path):
+    Args:
+        raw: the pickle's stream (``read(n)``, ``readline(limit)``).
+        size: how many bytes it holds.
+        path: what the errors name.
+    """
+
+    def __init__(self, raw, size: int, path: Path | str):
         self.raw, self.left, self.path = raw, size, path
 
     def claim(self, n: int, what: str) -> None:
@@ -201,17 +207,28 @@ def _bytearray8(self) -> None:
     self.append(b)
 
 
-class _Unpickler(pickle._Unpickler):
-    """The pure-Python unpickler (its opcodes can be restricted; the pickles read here hold metadata
-    only, the tensors' bytes stay in their records)."""
+class BoundedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its opcodes can be restricted) reading a :class:`PickleStream`: no
+    length the pickle declares is believed beyond the bytes it has left. The pickles read with it hold
+    metadata only; subclasses say which globals they resolve (``find_class``)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
-    dispatch[pickle.BUILD[0]] = _build
     dispatch[pickle.BYTEARRAY8[0]] = _bytearray8
 
-    def __init__(self, stream: _PickleStream, path: Path, records: dict, stand_ins: dict):
+    def __init__(self, stream: PickleStream):
         super().__init__(stream)
-        self.stream, self.path, self.records, self.stand_ins = stream, path, records, stand_ins
+        self.stream = stream
+
+
+class _Unpickler(BoundedUnpickler):
+    """``data.pkl``'s unpickler: torch's tensor globals, the caller's stand-ins, and a restricted BUILD."""
+
+    dispatch = dict(BoundedUnpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _build
+
+    def __init__(self, stream: PickleStream, path: Path, records: dict, stand_ins: dict):
+        super().__init__(stream)
+        self.path, self.records, self.stand_ins = path, records, stand_ins
         # (a module's state dict is an OrderedDict with a _metadata attribute)
         self.buildable = {OrderedDict} | {cls for cls in stand_ins.values()
                                           if isinstance(cls, type) and not issubclass(cls, Enum)}
@@ -319,7 +336,7 @@ def load(path: Path, stand_ins: dict | None = None):
         with zipfile.ZipFile(path) as archive:
             pkl, records = _records(path, archive)
             with archive.open(pkl) as raw:
-                return _Unpickler(_PickleStream(raw, pkl.file_size, path), path, records, stand_ins).load()
+                return _Unpickler(PickleStream(raw, pkl.file_size, path), path, records, stand_ins).load()
     except _Refused as e:
         allowed = ", ".join(sorted(stand_ins)) or "none"
         raise CorruptCheckpointError(f"{path}: it pickles {e}, which ucp does not load (besides torch's tensors it "
