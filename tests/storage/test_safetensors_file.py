@@ -187,6 +187,7 @@ def test_read_into_fills_typed_multidimensional_buffers(tmp_path):
     (struct.pack("<Q", 5) + b"{abc}", "JSON"),
     (struct.pack("<Q", 0), "JSON"),
     (struct.pack("<Q", 9) + b"[1, 2, 3]", "object"),
+    (struct.pack("<Q", 200_000) + b"[" * 200_000, "nested deeper than 64 levels"),  # not a RecursionError
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, ""),
 ])
 def test_read_header_rejects_garbage(tmp_path, content, what):

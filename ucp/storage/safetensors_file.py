@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ucp.codecs.checksum import crc32c
-from ucp.errors import CorruptCheckpointError
+from ucp.errors import CorruptCheckpointError, FormatError
+from ucp.format.jsonio import parse_json
 from ucp.storage.atomic import WRITEBACK_EVERY, start_writeback
 
 _ALIGN = 8
@@ -141,9 +142,9 @@ def read_header(path: Path) -> tuple[dict, int]:
     if len(raw) < n:
         raise CorruptCheckpointError(f"{path}: header truncated ({len(raw)} of {n} bytes)")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{path}: header is not valid JSON ({e})") from e
+        header = parse_json(raw, f"{path}: header")  # (bounded depth: no RecursionError on [[[[...)
+    except FormatError as e:
+        raise CorruptCheckpointError(str(e)) from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: header is not a JSON object")
     return header, 8 + n
