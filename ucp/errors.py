@@ -73,6 +73,14 @@ class DistributedError(UcpError):
         super().__init__(f"phase '{phase}' failed on rank {first_rank}: {first}{more}")
 
 
+class StorageError(UcpError):
+    """Storage refused a write or a rename (disk full, permissions); the message names the path."""
+
+
+class LeaseError(UcpError):
+    """Another job holds the checkpoint root's writer lease (or took it over from this one)."""
+
+
 class PersistError(UcpError):
     """The agent could not write a snapshot to the durable tier; the snapshot stays in memory."""
 

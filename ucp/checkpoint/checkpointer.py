@@ -20,6 +20,7 @@ from ucp.comm.collective import Collective
 from ucp.errors import OptionsError, PersistError, UcpError
 from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
 from ucp.state.capture import Geometry, Piece, capture_state, infer_layout
+from ucp.storage import lease as leases
 
 __all__ = ["Checkpointer", "CheckpointOptions", "SaveResult", "LoadResult"]
 
@@ -88,6 +89,7 @@ class Checkpointer:
         self.redundancy = redundancy
         # the memory tier, a part of its own; None without snapshots
         self._snapshots = Snapshots(self, snapshot, redundancy) if snapshot is not None else None
+        self._lease: leases.Lease | None = None  # rank 0's lease on root, taken at its first durable save
         self._closed = False
 
     def capture(self, extras: dict | None = None) -> tuple[list[Piece], dict]:
@@ -112,7 +114,15 @@ class Checkpointer:
         Raises:
             ReplicaDivergenceError: (wrapped in DistributedError under torch.distributed) replicated
                 tensors differ between ranks.
-            UcpError: the checkpoint already exists, or a rank failed; nothing becomes visible.
+            LeaseError: (wrapped likewise) another job saves into ``root`` (docs/format-checkpoint.md,
+                rule 4c); the message names it.
+            StorageError: (wrapped likewise) the storage refused a write (a full disk); names the file.
+                The failed save's partial directory is cleared, and never blocks a later save.
+            UcpError: this job saved ``step`` already, or a rank failed; nothing becomes visible.
+
+        A complete checkpoint of ``step`` saved by an earlier run, and after the commit those of
+        later steps, belong to an abandoned run: they are retired (moved to ``root/.abandoned/``, or
+        deleted when ``keep`` is set) with a warning, so the checkpoint just saved is the newest.
         """
         self._check_open()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -199,14 +209,24 @@ class Checkpointer:
     def close(self) -> None:
         """Finish pending work (a collective with snapshots: every rank calls it), release the
         snapshots' process group and this rank's mappings of the agent's memory (the snapshots stay
-        with the agent); later calls raise."""
+        with the agent) and the writer lease on ``root``; later calls raise."""
         if not self._closed:
             try:
                 self.wait()
             finally:
                 self._closed = True
+                if self._lease is not None:
+                    leases.leave(self._lease)
+                    self._lease = None
                 if self._snapshots is not None:
                     self._snapshots.close()
+
+    def _writer_lease(self) -> leases.Lease:
+        """Rank 0's lease on ``root`` (shared by the Checkpointers of this process writing there),
+        taken by the durable save (:func:`ucp.checkpoint.save.save_durable`)."""
+        if self._lease is None:
+            self._lease = leases.for_process(self.root)
+        return self._lease
 
     def _check_open(self) -> None:
         if self._closed:

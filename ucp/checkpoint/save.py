@@ -2,7 +2,10 @@
 collective phases (docs/architecture.md, "A save"): capture, compare, plan, prepare, write, commit.
 
 A rank that dies or fails in any phase leaves no manifest: the previous checkpoint stays the newest
-complete one.
+complete one. Rank 0 writes under the root's writer lease (:mod:`ucp.storage.lease`: one job saves
+into a root), clears what failed saves left before it writes, and after a failure clears its own
+partial directory; after the commit, checkpoints of later steps (an abandoned run's) are retired
+(docs/format-checkpoint.md, rules 4-4f).
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ from dataclasses import replace
 from ucp import __version__
 from ucp.checkpoint.results import SaveResult
 from ucp.codecs.checksum import fragment_checksums
-from ucp.errors import UcpError
+from ucp.errors import StorageError, UcpError
 from ucp.format.fragment import Fragment
 from ucp.format.manifest import BLOCK_BYTES, Manifest
 from ucp.format.values import split_state
 from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
 from ucp.state.tensors import bytes_view, staged
 from ucp.storage import directory as store
-from ucp.storage.rank_files import RankFragment, apply_retention, commit_step, prepare_step, write_rank_file
+from ucp.storage.rank_files import Cleared, RankFragment, apply_retention, commit_step, prepare_own_step, write_rank_file
 
 
 def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
@@ -71,10 +74,26 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
     metas, assignments = local.pop("plan")
 
     def prepare():
-        if rank == 0 and not prepare_step(directory, clear_partial=True):
-            raise UcpError(f"{directory}: a complete checkpoint for this step exists already; save under a new step")
+        if rank != 0:
+            return None
+        lease = ckpt._writer_lease()
+        took = lease.acquire()  # (a second job stops here, on every rank, with one line naming the holder)
+        # with the memory tier, its agents may be writing other steps: only this step's partial goes
+        return took, prepare_own_step(ckpt.root, step, ckpt.keep, lease.committed, ckpt.snapshot is None)
 
-    coll.phase("prepare", prepare)
+    took, cleared = coll.phase("prepare", on_storage(prepare, directory))[0]
+    if rank == 0:
+        report(took, cleared, directory)
+
+    def after_prepare(name, fn, path):
+        """Phase ``name``; if it fails, rank 0 clears the partial save, unless another job holds the
+        lease now (it may be writing there: the root is its)."""
+        try:
+            return coll.phase(name, on_storage(fn, path))
+        except BaseException:
+            if rank == 0:
+                discard_partial(ckpt._writer_lease(), directory)
+            raise
 
     def write():
         mine = assignments[rank]
@@ -88,7 +107,7 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
             path, size, offsets, head_crc = write_rank_file(directory, rank, fragments, ckpt.options.fsync)
             return path.name, size, offsets, dict(zip(late, sums)), head_crc
 
-    written = coll.phase("write", write)
+    written = after_prepare("write", write, directory / store.rank_file(rank))
     local.clear()
 
     def commit():
@@ -108,12 +127,49 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
         manifest = Manifest(step, ckpt.layout, metas, tuple(fragments), split_state([g[2] for g in gathered]),
                             files, created_by=f"ucp {__version__}", block_bytes=BLOCK_BYTES, file_headers=heads)
         manifest.validate()
+        ckpt._writer_lease().check()  # (publish only while the root is still this job's: rule 4d)
         commit_step(directory, manifest)  # (what each rank wrote is checked there, whole, before it is published)
         return manifest.nbytes
 
-    nbytes = coll.phase("commit", commit)[0]
+    nbytes = after_prepare("commit", commit, directory)[0]
     if rank == 0:
-        pruned = apply_retention(ckpt.root, ckpt.keep, step)
-        if pruned is not None:
-            warnings.warn(f"ucp: checkpoint {directory} is saved, but pruning old ones failed: {pruned}", stacklevel=3)
+        ckpt._writer_lease().committed.add(step)
+        report(None, apply_retention(ckpt.root, ckpt.keep, step), directory)
     return SaveResult(step, directory, nbytes, time.perf_counter() - t0)
+
+
+def on_storage(fn, path):
+    """``fn``, its OSErrors raised as one-line :class:`StorageError` naming the file (``path`` when
+    the error names none: a write or fsync failing on a full disk)."""
+    def run():
+        try:
+            return fn()
+        except UcpError:
+            raise
+        except OSError as e:
+            where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else (e.filename or path)
+            raise StorageError(f"{where}: {e.strerror or e}") from e
+    return run
+
+
+def discard_partial(lease, directory) -> None:
+    """Best effort, after a failed save: remove its incomplete directory (the next save would)."""
+    try:
+        if lease.holds() and not store.is_complete(directory):
+            store.remove_checkpoint(directory)
+    except OSError:
+        pass  # (the next save of this job clears it: rule 4e)
+
+
+def report(took: str | None, cleared: Cleared, directory) -> None:
+    """Warn, one line each, about a lease taken over, checkpoints retired, a retention that failed:
+    nothing a user saved disappears without a word."""
+    if took is not None:
+        warnings.warn(f"ucp: {took}", stacklevel=4)
+    if cleared.retired:
+        gone = ", ".join(f"{p.name} -> {to}" if to is not None else f"{p.name} (deleted)" for p, to in cleared.retired)
+        warnings.warn(f"ucp: saving {directory.name} under {directory.parent}, retired the checkpoints of an "
+                      f"abandoned run (later steps, or this step saved by an earlier run): {gone}", stacklevel=4)
+    if cleared.error is not None:
+        warnings.warn(f"ucp: checkpoint {directory} is saved, but pruning old ones failed: {cleared.error}",
+                      stacklevel=4)

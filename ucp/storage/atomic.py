@@ -23,9 +23,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def with_path(e: OSError, path: Path | str) -> OSError:
+    """``e``, naming ``path`` if it names no file: ``os.write``, ``os.fsync`` and a file object's
+    ``write`` raise without one (``[Errno 28] No space left on device``), and a user must learn where."""
+    if e.filename is not None:
+        return e
+    named = OSError(e.errno, e.strerror or str(e), str(path))  # (the errno's subclass, as OSError picks it)
+    named.__cause__ = e
+    return named
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
     """Write ``data`` to ``path`` so that readers see either nothing (or the old file) or all of it;
-    a new file gets permission bits ``mode`` (less the umask) from its creation on."""
+    a new file gets permission bits ``mode`` (less the umask) from its creation on.
+
+    Raises:
+        OSError: naming ``path`` (a full disk, say); the old file, if any, is left as it was.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
@@ -35,6 +49,9 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise with_path(e, path) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

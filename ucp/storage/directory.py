@@ -4,12 +4,17 @@ and one data file per writing rank.
 A checkpoint directory is *complete* iff its ``manifest.json`` exists: the manifest is committed
 last (see :mod:`ucp.storage.atomic`), so a directory without one is a save that has not finished
 (or never will) and is invisible to every reader.
+
+Checkpoints of an abandoned run (steps after the one a resumed run saves again) are retired into
+``root/.abandoned/`` (docs/format-checkpoint.md, rule 4b): readers never look there.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from ucp.errors import CheckpointNotFoundError
@@ -17,6 +22,7 @@ from ucp.storage.atomic import fsync_dir
 
 MANIFEST = "manifest.json"
 FRAGMENT_TABLE = "fragments.parquet"
+ABANDONED = ".abandoned"  # where the checkpoints of an abandoned run are moved (never read from)
 _STEP_DIR = re.compile(r"step_([0-9]{8,})")
 
 
@@ -78,26 +84,64 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def retire(path: Path) -> Path:
+    """Move a complete checkpoint, whole, out of its readers' sight: to
+    ``root/.abandoned/<its name>.<UTC time>`` (one rename). Returns where it went."""
+    path = Path(path)
+    into = path.parent / ABANDONED
+    into.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = into / f"{path.name}.{stamp}", 1
+    while dest.exists():
+        dest, n = into / f"{path.name}.{stamp}.{n}", n + 1
+    os.rename(path, dest)
+    fsync_dir(into)
+    fsync_dir(path.parent)
+    return dest
+
+
+def retire_checkpoint(path: Path, keep: int | None) -> Path | None:
+    """Retire a checkpoint of an abandoned run: deleted under retention (``keep`` set), else moved
+    aside (:func:`retire`). Returns where it went (None: deleted)."""
+    if keep:
+        remove_checkpoint(path)
+        return None
+    return retire(path)
+
+
+def roll_back(root: Path, current: int, keep: int | None) -> list[tuple[Path, Path | None]]:
+    """After the commit of step ``current``: complete checkpoints of *later* steps belong to a run
+    that was rolled back (it resumed from an earlier step and saved again), so they are retired
+    (:func:`retire_checkpoint`) and the checkpoint just saved is the newest. Returns
+    ``(checkpoint, where it went or None)`` for each."""
+    return [(p, retire_checkpoint(p, keep)) for s, p in list_steps(root) if s > current]
+
+
+def clear_partials(root: Path, but: Path | None = None) -> list[Path]:
+    """Remove every incomplete step directory under ``root`` (other than ``but``): what failed or
+    killed saves left. Only the root's single writer may (it knows no other save is in flight)."""
+    removed = []
+    for _, p in list_steps(root, complete=False):
+        if p != but and not is_complete(p):
+            remove_checkpoint(p)
+            removed.append(p)
+    return removed
+
+
 def prune(root: Path, keep: int | None, current: int | None = None) -> list[Path]:
-    """Retention after the checkpoint of step ``current`` was committed.
+    """Retention after the checkpoint of step ``current`` was committed (after :func:`roll_back`).
 
     Keeps the newest ``keep`` complete checkpoints (all if ``keep`` is None) and deletes older complete
-    ones and incomplete saves older than the newest complete one. With ``keep`` set, checkpoints of
-    steps *after* ``current`` belong to a run that was rolled back (it resumed from an earlier step
-    and saved again): they are deleted first, so the checkpoint just saved is never pruned and
-    ``load()`` finds it as the newest. Returns what was removed.
+    ones and incomplete saves older than the newest complete one; never the checkpoint of ``current``.
+    Returns what was removed.
     """
     complete = list_steps(root)
     removed = []
-    if keep and current is not None:
-        for s, p in [(s, p) for s, p in complete if s > current]:
-            remove_checkpoint(p)
-            removed.append(p)
-        complete = [(s, p) for s, p in complete if s <= current]
     if keep and len(complete) > keep:
-        for _, p in complete[:-keep]:
-            remove_checkpoint(p)
-            removed.append(p)
+        for s, p in complete[:-keep]:
+            if s != current:
+                remove_checkpoint(p)
+                removed.append(p)
     if complete:
         newest = complete[-1][0]
         for s, p in list_steps(root, complete=False):

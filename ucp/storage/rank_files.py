@@ -5,7 +5,8 @@ by an agent writing a snapshot durably (:mod:`ucp.snapshot.persist`); docs/forma
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ucp.errors import UcpError
@@ -80,6 +81,48 @@ def prepare_step(directory: Path, clear_partial: bool) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Cleared:
+    """What a save cleared away before and after writing, for the saver to report."""
+
+    partial: list[Path] = field(default_factory=list)  # incomplete saves removed (failed or killed)
+    retired: list[tuple[Path, Path | None]] = field(default_factory=list)  # (checkpoint, moved to; None: deleted)
+    pruned: list[Path] = field(default_factory=list)  # removed by retention (``keep``)
+    error: OSError | None = None  # retention failed (retried by the next commit)
+
+
+def prepare_own_step(root: Path, step: int, keep: int | None, saved_here: Collection[int],
+                     every_partial: bool = True) -> Cleared:
+    """The step directory of a save by the root's single writer (the holder of its lease:
+    :mod:`ucp.storage.lease`), made empty and durable.
+
+    A complete checkpoint of ``step`` that this job did not save (``saved_here``) belongs to an
+    abandoned run and is retired first (format rule 4b); ``every_partial`` clears every incomplete
+    save under the root, of any step (rule 4e): with the lease, none is in flight, and what a failed
+    save left (a full disk's worth, say) must not block the next one. Without ``every_partial`` (the
+    memory tier's agents may be writing other steps), only a partial of ``step`` is cleared.
+
+    Raises:
+        UcpError: this job saved ``step`` already.
+        OSError: the storage refused (names the path).
+    """
+    directory = store.step_dir(root, step)
+    cleared = Cleared()
+    if store.is_complete(directory):
+        if step in saved_here:
+            raise UcpError(f"{directory}: a complete checkpoint for this step exists already (this job saved it); "
+                           "save under a new step")
+        cleared.retired.append((directory, store.retire_checkpoint(directory, keep)))
+    if every_partial:
+        cleared.partial.extend(store.clear_partials(root))
+    elif directory.exists():
+        store.remove_checkpoint(directory)
+        cleared.partial.append(directory)
+    directory.mkdir(parents=True)
+    fsync_dir(directory.parent)
+    return cleared
+
+
 def commit_step(directory: Path, manifest: Manifest) -> None:
     """Make the checkpoint in ``directory`` visible: its manifest committed atomically (after the
     fragment table), once every file it lists is there with the size its writer reported.
@@ -95,12 +138,15 @@ def commit_step(directory: Path, manifest: Manifest) -> None:
     commit_manifest(directory, manifest)
 
 
-def apply_retention(root: Path, keep: int | None, step: int) -> OSError | None:
-    """Retention after the commit of ``step``: keep the newest ``keep`` complete checkpoints under
-    ``root``. It never fails a committed checkpoint: its error is returned for the caller to report,
-    and the next commit retries it."""
+def apply_retention(root: Path, keep: int | None, step: int) -> Cleared:
+    """After the commit of ``step``: the rollback rule (format rule 4b: complete checkpoints of later
+    steps belong to an abandoned run and are retired, whatever ``keep`` is), then retention (keep the
+    newest ``keep`` complete checkpoints under ``root``). It never fails a committed checkpoint: an
+    error is returned in :attr:`Cleared.error` for the caller to report, and the next commit retries it."""
+    cleared = Cleared()
     try:
-        store.prune(root, keep, current=step)
+        cleared.retired.extend(store.roll_back(root, step, keep))
+        cleared.pruned.extend(store.prune(root, keep, current=step))
     except OSError as e:
-        return e
-    return None
+        return replace(cleared, error=e)
+    return cleared
