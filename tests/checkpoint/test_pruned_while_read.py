@@ -140,3 +140,31 @@ def test_convert_of_a_checkpoint_pruned_while_read_says_it_was_deleted(ckpt_root
     assert not isinstance(e.value, CorruptCheckpointError)
     assert str(e.value).startswith(f"{victim}: the checkpoint was deleted (by retention?) while being read")
     assert not (tmp_path / "u").exists()
+
+
+def test_a_fragment_table_pruned_after_its_manifest_was_read_is_a_deleted_checkpoint(ckpt_root, two_steps, monkeypatch):
+    import ucp.storage.manifest_io as manifest_io
+
+    victim = store.step_dir(ckpt_root, 4)
+    check_signed = manifest_io.check_signed
+
+    def checking(header, path, what, holder=""):
+        out = check_signed(header, path, what, holder)
+        store.remove_checkpoint(victim)  # between manifest.json and fragments.parquet
+        return out
+
+    monkeypatch.setattr(manifest_io, "check_signed", checking)
+    with pytest.raises(CheckpointDeletedError) as e:
+        read_manifest(victim)
+    assert str(e.value) == (f"{victim}: the checkpoint was deleted (by retention?) while being read: "
+                            f"{store.FRAGMENT_TABLE} and {store.MANIFEST} are gone")
+
+
+def test_verify_of_a_checkpoint_pruned_while_verified_says_it_was_deleted(ckpt_root, two_steps):
+    from ucp.storage.verify import verify_checkpoint
+
+    victim = store.step_dir(ckpt_root, 4)
+    m = read_manifest(victim)
+    store.remove_checkpoint(victim)
+    with pytest.raises(CheckpointDeletedError, match="deleted"):
+        verify_checkpoint(victim, m)

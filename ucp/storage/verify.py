@@ -10,7 +10,9 @@ from typing import Callable
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError
 from ucp.format.manifest import Manifest
+from ucp.storage.directory import MANIFEST
 from ucp.storage.fragment_files import FragmentFiles, describe
+from ucp.storage.manifest_io import gone
 from ucp.storage.safetensors_file import header_bytes
 
 _CHUNK = 8 << 20
@@ -55,6 +57,8 @@ def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[i
             try:
                 _, size = files.open(name)
             except CorruptCheckpointError:
+                if not (report.path / MANIFEST).exists():  # deleted (by retention) while verified, manifest first
+                    raise gone(report.path, name) from None
                 keys = ", ".join(sorted({f.key for f in frags})[:3])
                 report.problems.append(f"{path}: missing (holds {len(frags)} fragment(s): {keys}...)")
                 continue
