@@ -100,7 +100,7 @@ def test_inspect_universal_text_and_json(ckpt, tmp_path, capsys):
     code, out, err = run(capsys, "inspect", tmp_path / "u")
     assert code == 0, err
     assert f"universal   {tmp_path / 'u'}" in out and "step        9" in out
-    assert "dp=2 tp=2 zero=1  (4 ranks)" in out and "ucp.universal 1.0" in out
+    assert "dp=2 tp=2 zero=1  (4 ranks)" in out and "ucp.universal 1.1" in out
     for key in TENSORS:
         assert key in out
     assert "bfloat16" in out and "10x8" in out and "scalar" in out

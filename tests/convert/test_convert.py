@@ -130,7 +130,10 @@ def check_arrays(dst: Path, tensors: dict | None = None) -> None:
         with array_reader(dst, key, meta) as r:
             assert same_bits(r.read(), u), key
         z = group[meta.path]
-        assert z.attrs["ucp"] == {"key": key, "dtype": dtype}
+        with array_reader(dst, key, meta) as r:
+            recorded = list(r.expected)  # one CRC-32C per chunk, recorded in the array's zarr.json
+        assert z.attrs["ucp"] == {"key": key, "dtype": dtype, "chunk_crc32c": recorded}
+        assert len(recorded) == (math.prod(r.grid) if u.size else 0)
         assert same_bits(np.asarray(z[...]), u), key
 
 
@@ -241,7 +244,7 @@ def test_bfloat16_is_stored_as_its_bits_and_named_in_attributes(tmp_path):
     write_checkpoint(tmp_path / "ckpt", 1, {"model/w": (bits, "bfloat16", pattern)}, Layout.from_sizes(dp=2, tp=2, zero=1))
     convert(tmp_path / "ckpt", tmp_path / "u", fsync=False)
     z = zarr.open_array(str(tmp_path / "u" / "model" / "w"), mode="r")
-    assert z.dtype == np.uint16 and z.attrs["ucp"] == {"key": "model/w", "dtype": "bfloat16"}
+    assert z.dtype == np.uint16 and z.attrs["ucp"]["key"] == "model/w" and z.attrs["ucp"]["dtype"] == "bfloat16"
     assert read_header(tmp_path / "u").tensors["model/w"].dtype == "bfloat16"
     back = torch.from_numpy(np.asarray(z[...]).view(np.int16)).view(torch.bfloat16)
     assert torch.equal(back.view(torch.int16), t.view(torch.int16))
@@ -478,6 +481,71 @@ def test_verify_finds_bad_metadata_and_fragment_table(tmp_path):
     assert any("fragment table is corrupted" in p for p in problems)
     assert any(f"metadata checksum mismatch for model/{EMB}" in p for p in problems)
     assert any("the shard of extra/rng is missing" in p for p in problems)
+
+
+GROUP_EDITS = {
+    "an attribute added": ("optim/exp_avg/zarr.json",
+                           lambda p: p.write_text(p.read_text().replace('"attributes": {}', '"attributes": {"x": 1}'))),
+    "a flipped byte": ("optim/zarr.json", lambda p: flip_byte(p, 5, 0x01)),
+    "deleted": ("model/zarr.json", lambda p: p.unlink()),
+    "turned into an array": ("extra/zarr.json", lambda p: p.write_text(p.read_text().replace('"group"', '"array"'))),
+}
+
+
+@pytest.mark.parametrize("rel, edit", GROUP_EDITS.values(), ids=GROUP_EDITS.keys())
+def test_verify_finds_a_changed_or_missing_group_document(tmp_path, capsys, rel, edit):
+    save(tmp_path / "ckpt", LAYOUTS["tp2"])
+    convert(tmp_path / "ckpt", tmp_path / "u", fsync=False)
+    u = tmp_path / "u"
+    groups = sorted(str(p.relative_to(u)) for p in u.rglob("zarr.json") if p != u / "zarr.json"
+                    and json.loads(p.read_text())["node_type"] == "group")
+    assert {"model/zarr.json", "optim/zarr.json", "optim/exp_avg/zarr.json", "extra/zarr.json"} <= set(groups)
+    assert all((u / g).read_bytes() == (u / "model/zarr.json").read_bytes() for g in groups)  # one canonical document
+    edit(u / rel)
+    problems = verify_universal(u, read_header(u)).problems
+    assert len(problems) == 1 and problems[0].startswith(f"{u / rel}: "), problems
+    assert main(["verify", str(u), "--quiet"]) == 3
+    assert str(u / rel) in capsys.readouterr().err
+
+
+def test_a_header_data_type_that_is_not_the_stored_type_is_refused(tmp_path, capsys):
+    from ucp.storage.manifest_io import sign_header
+
+    save(tmp_path / "ckpt", LAYOUTS["tp2"])
+    convert(tmp_path / "ckpt", tmp_path / "u", fsync=False)
+    doc = json.loads((tmp_path / "u" / "zarr.json").read_text())["attributes"]["ucp"]
+    doc["tensors"][f"model/{QKV}"]["data_type"] = "bfloat16"  # zarr has no bfloat16: its bits are uint16
+    doc.pop("header_crc32c")
+    (tmp_path / "u" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                                          "attributes": {"ucp": sign_header(doc)}}))
+    want = rf"model/{re.escape(QKV)}: data_type 'bfloat16', but dtype bfloat16 is stored as 'uint16'"
+    with pytest.raises(FormatError, match=want):
+        read_header(tmp_path / "u")
+    assert main(["verify", str(tmp_path / "u"), "--quiet"]) == FormatError.exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data_type 'bfloat16'" in err
+
+
+def test_a_format_1_0_checkpoint_without_chunk_checksums_still_reads_and_verifies(tmp_path):
+    """A 1.0 file's arrays record no chunk checksums: read and verified as before (rule 19)."""
+    from ucp.codecs.checksum import crc32c
+    from ucp.storage.universal_io import array_document, header_document
+
+    save(tmp_path / "ckpt", LAYOUTS["dp2 tp2 zero1"])
+    convert(tmp_path / "ckpt", tmp_path / "u", chunk_bytes=1024, fsync=False)
+    u = tmp_path / "u"
+    h = read_header(u)
+    old = {}
+    for key, meta in h.tensors.items():
+        data = json.dumps(array_document(key, meta), indent=2).encode()  # as ucp 1.0 wrote it
+        (u / meta.path / "zarr.json").write_bytes(data)
+        old[key] = dataclasses.replace(meta, metadata_crc32c=crc32c(data))
+    (u / "zarr.json").write_bytes(header_document(dataclasses.replace(h, tensors=old, format_version="1.0")))
+    h = read_header(u)
+    assert h.format_version == "1.0" and verify_universal(u, h).ok
+    for key, (want, _) in universal_tensors().items():
+        with array_reader(u, key, h.tensors[key]) as r:
+            assert r.expected is None and same_bits(r.read(), want), key
 
 
 # --------------------------------------------------------------------------- errors

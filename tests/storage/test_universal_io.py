@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import require
 from ucp.format.universal import ArrayMeta, array_path, chunk_shape
-from ucp.storage.universal_io import ZARR_JSON, array_document, create_arrays, shard_path
+from ucp.storage.universal_io import ZARR_JSON, array_document, create_groups, put_array, shard_path
 from ucp.storage.zarr_shard import ZSTD_LEVEL, write_shard
 
 CASES = [
@@ -43,28 +43,29 @@ def test_array_metadata_is_what_zarr_writes(tmp_path, key, shape, dtype, compres
                       shards=shard_shape(a.shape, a.chunks), compressors=compressors,
                       serializer=BytesCodec(endian="little"), fill_value=0,
                       chunk_key_encoding={"name": "default", "separator": "."},
-                      attributes={"ucp": {"key": key, "dtype": dtype}}, zarr_format=3)
-    assert array_document(key, a) == json.loads((tmp_path / ZARR_JSON).read_text())
+                      attributes={"ucp": {"key": key, "dtype": dtype, "chunk_crc32c": [7, 2**32 - 1]}}, zarr_format=3)
+    assert array_document(key, a, [7, 2**32 - 1]) == json.loads((tmp_path / ZARR_JSON).read_text())
 
 
 def test_created_group_is_walked_and_read_by_zarr(tmp_path):
     zarr = require("zarr")
     rng = np.random.default_rng(0)
     metas = {k: _meta(k, s, d, c) for k, s, d, c in CASES if d not in ("float8_e4m3fn",)}
-    metas = create_arrays(tmp_path, metas)
-    data = {}
+    create_groups(tmp_path, metas.values())
+    data, crcs = {}, {}
     for key, a in metas.items():
         x = (rng.random(a.shape) * 100).astype(np.dtype(a.stored_dtype))
         data[key] = x
-        write_shard(shard_path(tmp_path, a), x, a.chunks, a.compressor, fsync=False)
+        crcs[key] = write_shard(shard_path(tmp_path, a), x, a.chunks, a.compressor, fsync=False).chunk_crc32c
+        put_array(tmp_path, key, a, crcs[key])
         assert not (tmp_path / a.path / "c").is_dir()  # '.' chunk keys: no chunk directories
     group = zarr.open_group(str(tmp_path), mode="r")
     found = {name for name, _ in group.arrays()} | {f"{g}/{n}" for g, sub in group.groups() for n, _ in sub.arrays()}
     assert {"model", "optim", "extra"} <= {name for name, _ in group.groups()}
     for key, a in metas.items():
         np.testing.assert_array_equal(group[a.path][...], data[key])
-        assert group[a.path].attrs["ucp"] == {"key": key, "dtype": a.dtype}
-    assert found  # zarr lists what create_arrays made
+        assert group[a.path].attrs["ucp"] == {"key": key, "dtype": a.dtype, "chunk_crc32c": list(crcs[key])}
+    assert found  # zarr lists what create_groups and put_array made
 
 
 def test_verify_catches_a_header_that_disagrees_with_the_array_metadata(tmp_path):

@@ -36,8 +36,14 @@ def write(root, array, chunks, compressor="none"):
     """Write ``array`` with ucp's writer where zarr expects its shard; returns the shard path."""
     zarr_array(root, array.shape, array.dtype, chunks, compressor)
     path = root / shard_key(array.ndim)
-    size = write_shard(path, array, chunks, compressor, fsync=False)
+    size, crcs = write_shard(path, array, chunks, compressor, fsync=False)
     assert size == (path.stat().st_size if array.size else 0)
+    if array.size:  # the checksums returned are the ones each chunk carries, in grid order
+        stored = [int.from_bytes(path.read_bytes()[o + n - 4:o + n], "little")
+                  for o, n in chunk_extents(path, array.shape, chunks).values()]
+        assert list(crcs) == stored
+    else:
+        assert crcs == ()
     return path
 
 
@@ -140,7 +146,7 @@ def test_progress_adds_up_to_the_array_bytes_when_writing_and_verifying(tmp_path
 
 
 def test_an_empty_array_writes_no_file(tmp_path):
-    assert write_shard(tmp_path / "s", np.zeros((0, 3), np.float32), (1, 3)) == 0
+    assert write_shard(tmp_path / "s", np.zeros((0, 3), np.float32), (1, 3)) == (0, ())
     assert not (tmp_path / "s").exists()
     with ShardReader(tmp_path / "s", (0, 3), (1, 3), np.float32) as r:
         assert r.read().shape == (0, 3) and r.verify() == []
@@ -198,7 +204,7 @@ def test_a_flipped_byte_in_a_scalar_is_found(tmp_path):
 def test_a_flipped_byte_in_the_index_is_caught(tmp_path):
     a = random_array(SHAPE, "float32")
     path = tmp_path / "s"
-    size = write_shard(path, a, CHUNKS, fsync=False)
+    size = write_shard(path, a, CHUNKS, fsync=False).nbytes
     index_bytes = 9 * 16 + 4
     for at in (size - index_bytes, size - index_bytes + 17, size - 1):
         write_shard(path, a, CHUNKS, fsync=False)
@@ -213,7 +219,7 @@ def test_a_flipped_byte_in_the_index_is_caught(tmp_path):
 def test_a_truncated_shard_is_caught(tmp_path, keep):
     a = random_array(SHAPE, "float32")
     path = tmp_path / "s"
-    size = write_shard(path, a, CHUNKS, fsync=False)
+    size = write_shard(path, a, CHUNKS, fsync=False).nbytes
     n = {"all but 1": size - 1, "all but the index": size - 9 * 16 - 4}.get(keep, keep)
     with open(path, "r+b") as f:
         f.truncate(n)
@@ -292,3 +298,53 @@ def test_a_missing_shard_is_named(tmp_path):
     assert r.verify() == [f"{tmp_path / 'nope'}: the shard of model/w is missing"]
     with pytest.raises(CorruptCheckpointError, match="the shard of model/w is missing"):
         r.read()
+
+
+# --------------------------------------------------------------------------- chunks bound to their position
+
+
+def _swap_chunk_bytes(path, a_ext, b_ext):
+    """Exchange the bytes (checksums included) of two same-size chunks; the index stays valid."""
+    data = bytearray(path.read_bytes())
+    (oa, n), (ob, m) = a_ext, b_ext
+    assert n == m
+    data[oa:oa + n], data[ob:ob + n] = data[ob:ob + n], data[oa:oa + n]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["index entries", "bytes"])
+def test_two_chunks_swapped_inside_a_shard_are_caught_against_the_recorded_checksums(tmp_path, how):
+    a = random_array(SHAPE, "float32")
+    path = tmp_path / "s"
+    crcs = write_shard(path, a, CHUNKS, fsync=False).chunk_crc32c
+    ext = chunk_extents(path, SHAPE, CHUNKS)
+    if how == "index entries":  # under a valid index checksum: every chunk still passes its own CRC
+        def swap(ix):
+            ix[0, 1], ix[1, 0] = ix[1, 0].copy(), ix[0, 1].copy()
+
+        _rewrite_index(path, (3, 3), swap)
+    else:
+        _swap_chunk_bytes(path, ext[(0, 0)], ext[(1, 1)])
+    swapped = {"index entries": [(0, 1), (1, 0)], "bytes": [(0, 0), (1, 1)]}[how]
+    # without the record the swap is invisible: every chunk's own checksum holds
+    assert ShardReader(path, SHAPE, CHUNKS, a.dtype, label="model/w").verify() == []
+    with ShardReader(path, SHAPE, CHUNKS, a.dtype, label="model/w", expected=crcs) as r:
+        problems = r.verify()
+        assert len(problems) == 2, problems
+        for idx, line in zip(swapped, problems):
+            assert f"{path}: chunk {idx} of model/w holds bytes that belong elsewhere" in line
+        first = rf"chunk \({swapped[0][0]}, {swapped[0][1]}\) of model/w holds"
+        with pytest.raises(CorruptCheckpointError, match=first):
+            r.read()
+        rows = slice(8, 10)  # the last row of chunks is untouched and still reads
+        assert same_bits(r.read((rows, slice(0, 7))), np.ascontiguousarray(a[rows]))
+
+
+def test_a_shard_of_another_array_is_caught_against_the_recorded_checksums(tmp_path):
+    a, b = random_array(SHAPE, "float32", seed=1), random_array(SHAPE, "float32", seed=2)
+    crcs = write_shard(tmp_path / "a", a, CHUNKS, "zstd", fsync=False).chunk_crc32c
+    write_shard(tmp_path / "b", b, CHUNKS, "zstd", fsync=False)
+    with ShardReader(tmp_path / "b", SHAPE, CHUNKS, a.dtype, "zstd", label="model/a", expected=crcs) as r:
+        assert len(r.verify()) == len(GRID)
+        with pytest.raises(CorruptCheckpointError, match=r"chunk \(0, 0\) of model/a holds bytes that belong"):
+            r.read()

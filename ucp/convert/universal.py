@@ -4,7 +4,8 @@ Each tensor key is one task: its universal array is assembled in a buffer carved
 (allocated once, so memory stays bounded by the arena and pages are faulted in once), filled by
 reading each source fragment straight into the array positions its plan gives, its checksum
 verified on the way, and written out as one zarr shard. Tasks run on a thread pool, largest first;
-a task waits for arena space, so peak memory is the arena plus a chunk buffer per worker.
+a task waits for arena space, so peak memory is the arena plus a chunk buffer per worker. Each
+array's ``zarr.json`` is written after its shard, recording the chunks' CRC-32C the writer returned.
 
 The output is staged in a hidden sibling directory and renamed into place when complete (every
 file fsynced first): a killed conversion leaves no DST at all, never a half-valid one.
@@ -47,7 +48,7 @@ from ucp.storage.arena import Arena
 from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.staging import Staging, UrlTarget, is_url
-from ucp.storage.universal_io import FRAGMENT_TABLE, ZARR_JSON, create_arrays, header_document, shard_rel
+from ucp.storage.universal_io import FRAGMENT_TABLE, ZARR_JSON, create_groups, header_document, put_array, shard_rel
 
 #: runs shorter than this (bytes) are gathered through a temporary box instead of one read each
 _MIN_RUN = 64 << 10
@@ -132,15 +133,11 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         total(sum(a.nbytes for a in arrays.values()))
 
     with target as out:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ucp-meta") as pool:
-            # (the arrays' metadata files, written from several threads: a model has hundreds of them)
-            pending = []
-            arrays = create_arrays(lambda rel, data: pending.append(pool.submit(out.put, rel, data)), arrays)
-            for done in pending:
-                done.result()
+        create_groups(out.put, arrays.values())
         arena = Arena(min(arena_size, sum(needs.values())))
         with _Source(record) as files:
-            _run_tasks(plans, arrays, needs, arena, files, out, compressor, workers, progress)
+            # (each array's metadata, checksum filled in, once its shard is written: the header records it)
+            arrays = _run_tasks(plans, arrays, needs, arena, files, out, compressor, workers, progress)
         fragments = manifest.fragments if record.verify else tuple(replace(f, crc32c=files.crcs.get(f, 0)) for f in manifest.fragments)
         table = fragments_to_parquet(fragments)
         out.put(FRAGMENT_TABLE, table)
@@ -242,8 +239,7 @@ class _Source:
     when they lie raw in its file) serves sources whose files are not raw."""
 
     def __init__(self, record: SourceRecord):
-        self.files = FragmentFiles(record.path, sorted({f.file for f in record.manifest.fragments}),
-                                   record.manifest if record.verify else None)  # (sizes, headers checked)
+        self.files = FragmentFiles(record.path, sorted({f.file for f in record.manifest.fragments}))
         self.verify = record.verify
         self.decode = record.decode
         self.crcs: dict = {}  # fragment -> its CRC-32C, as read (verify off)
@@ -264,10 +260,12 @@ class _Source:
 
 
 def _run_tasks(plans, arrays, needs, arena: Arena, files: _Source, out, compressor: str, workers: int,
-               progress) -> None:
+               progress) -> dict:
+    """Assemble, write and describe every array; returns ``arrays`` with their metadata checksums."""
     order = sorted(plans, key=lambda k: needs[k], reverse=True)
     lock = threading.Lock()
     failed = threading.Event()
+    written: dict = {}
 
     def task(key: str) -> None:
         if failed.is_set():
@@ -282,9 +280,13 @@ def _run_tasks(plans, arrays, needs, arena: Arena, files: _Source, out, compress
                 if failed.is_set():
                     return
                 _fill(source, plan, array, temp, files)
-            out.write_shard(shard_rel(meta), array, meta.chunks, compressor)
+            shard = out.write_shard(shard_rel(meta), array, meta.chunks, compressor)
         finally:
             arena.give_back(offset, needs[key])
+        crcs = shard.chunk_crc32c if array.size else ()
+        described = put_array(out.put, key, meta, crcs)
+        with lock:
+            written[key] = described
         if progress is not None:
             with lock:
                 progress(meta.nbytes)
@@ -301,6 +303,7 @@ def _run_tasks(plans, arrays, needs, arena: Arena, files: _Source, out, compress
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    return {k: written[k] for k in arrays}
 
 
 def _fill(source: Source, plan: TensorPlan, array: np.ndarray, temp: np.ndarray, files: _Source) -> None:

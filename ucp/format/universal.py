@@ -21,7 +21,9 @@ from ucp.format.manifest import check_version
 from ucp.format.pattern import Pattern
 
 FORMAT = "ucp.universal"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
+"""1.1: each array's ``zarr.json`` records its chunks' CRC-32C (``attributes.ucp.chunk_crc32c``),
+binding every chunk to its array and position; 1.0 files lack it and are read without that check."""
 
 #: inner chunks hold about this many bytes unless a writer is told otherwise
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -126,12 +128,26 @@ class ArrayMeta:
 
     @classmethod
     def from_dict(cls, d: dict, key: str) -> "ArrayMeta":
+        """An entry of the header's ``tensors``; its ``data_type`` must be the one ``dtype`` is stored as."""
         try:
-            return cls(str(d["path"]), tuple(_ints(d["shape"])), str(d["dtype"]), tuple(_ints(d["chunks"])),
-                       Pattern.from_dict(d.get("pattern", {})), str(d.get("compressor", "none")),
-                       int(d["metadata_crc32c"]))
+            a = cls(str(d["path"]), tuple(_ints(d["shape"])), str(d["dtype"]), tuple(_ints(d["chunks"])),
+                    Pattern.from_dict(d.get("pattern", {})), str(d.get("compressor", "none")),
+                    _int(d["metadata_crc32c"]))
+            data_type = d["data_type"]
         except (KeyError, TypeError, ValueError, SpecError) as e:
             raise FormatError(f"universal tensor {key!r}: malformed entry ({e})") from e
+        if a.dtype not in DTYPES:
+            raise FormatError(f"universal tensor {key}: unknown dtype {a.dtype!r}")
+        if data_type != a.stored_dtype:
+            raise FormatError(f"universal tensor {key}: data_type {data_type!r}, but dtype {a.dtype} is stored as "
+                              f"{a.stored_dtype!r}")
+        return a
+
+
+def _int(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{v!r} is not an integer")
+    return v
 
 
 def _ints(values) -> list[int]:

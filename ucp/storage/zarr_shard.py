@@ -6,6 +6,13 @@ little-endian pairs over the chunk grid in C order, followed by the CRC-32C of t
 inner chunk is encoded as ``bytes`` (little-endian), optionally ``zstd``, then ``crc32c`` (4 bytes,
 little-endian, over the encoded bytes before it). zarr-python reads these files; the tests check it.
 
+A chunk's own CRC-32C says its bytes are intact, not that they belong at this position of this
+array: a chunk or a whole shard moved from elsewhere carries a valid checksum too. The writer
+therefore returns every chunk's CRC-32C (:class:`WrittenShard`), the universal writer records that
+list in the array's ``zarr.json`` (bound to the signed header), and :class:`ShardReader` given the
+list compares each chunk's CRC with the one recorded for its grid position: the same pass over the
+bytes that checks the chunk also checks where it belongs.
+
 Why not let zarr write them: zarr builds a whole shard in memory before it writes it (about three
 times the array's size at peak, measured), while this writer streams chunks from the caller's
 array through one reused chunk buffer, keeps peak memory at the array itself, and starts writeback
@@ -19,7 +26,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -29,6 +36,18 @@ from ucp.storage.atomic import WRITEBACK_EVERY, start_writeback
 
 #: index entry of a chunk that is not stored
 _EMPTY = 2**64 - 1
+
+
+class WrittenShard(NamedTuple):
+    """What :func:`write_shard` wrote: the file's size and each inner chunk's CRC-32C, in grid (C) order."""
+
+    nbytes: int
+    chunk_crc32c: tuple[int, ...]
+
+
+def chunk_count(shape, chunks) -> int:
+    """How many inner chunks the shard of an array of ``shape`` holds (none for an empty array)."""
+    return math.prod(_grid(shape, chunks)) if math.prod(shape) else 0
 
 
 def shard_key(ndim: int) -> str:
@@ -55,8 +74,9 @@ ZSTD_LEVEL = 3
 
 
 def write_shard(target, array: np.ndarray, chunks: tuple[int, ...], compressor: str = "none",
-                fsync: bool = True, progress: Callable[[int], None] | None = None, writeback: bool | None = None) -> int:
-    """Write ``array`` (C-contiguous, little-endian) as one shard; returns its size.
+                fsync: bool = True, progress: Callable[[int], None] | None = None,
+                writeback: bool | None = None) -> WrittenShard:
+    """Write ``array`` (C-contiguous, little-endian) as one shard; returns its size and chunk CRCs.
 
     ``target`` is a local path (written with writeback started as it goes when ``writeback``, by
     default when ``fsync``, and fsynced when ``fsync``) or a writable binary file object (an fsspec
@@ -66,26 +86,27 @@ def write_shard(target, array: np.ndarray, chunks: tuple[int, ...], compressor: 
     than each writer waiting for its own.
     """
     if array.size == 0:
-        return 0
+        return WrittenShard(0, ())
     if not isinstance(target, (str, Path)):
         return _write_chunks(target, array, chunks, compressor, None, progress)
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb", buffering=0) as f:
         early = fsync if writeback is None else writeback
-        size = _write_chunks(f, array, chunks, compressor, f.fileno() if early else None, progress)
+        written = _write_chunks(f, array, chunks, compressor, f.fileno() if early else None, progress)
         if fsync:
             os.fsync(f.fileno())
-    return size
+    return written
 
 
-def _write_chunks(f, array, chunks, compressor, fd, progress) -> int:
+def _write_chunks(f, array, chunks, compressor, fd, progress) -> WrittenShard:
     shape = array.shape
     grid = _grid(shape, chunks)
     codec = _compressor(compressor)
     buf = np.zeros(chunks, dtype=array.dtype)
     index = np.empty(grid + (2,), dtype="<u8")
     pos, flushed = 0, 0
+    crcs = []
     for idx in itertools.product(*(range(g) for g in grid)):
         region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, shape))
         view = array[region]
@@ -98,7 +119,8 @@ def _write_chunks(f, array, chunks, compressor, fd, progress) -> int:
             data = buf
         payload = memoryview(data).cast("B") if codec is None else codec.encode(data)
         _write_all(f, payload)
-        _write_all(f, struct.pack("<I", crc32c(payload)))
+        crcs.append(crc32c(payload))
+        _write_all(f, struct.pack("<I", crcs[-1]))
         n = len(payload) + 4
         index[idx] = (pos, n)
         pos += n
@@ -113,7 +135,7 @@ def _write_chunks(f, array, chunks, compressor, fd, progress) -> int:
     end = pos + len(raw) + 4
     if fd is not None:
         start_writeback(fd, flushed, end - flushed)  # (the rest: a small shard is on its way before its fsync)
-    return end
+    return WrittenShard(end, tuple(crcs))
 
 
 def _write_all(f, data) -> None:
@@ -154,10 +176,19 @@ class ShardReader:
         shape: the array's shape; chunks: its inner chunk shape; dtype: numpy dtype of the stored data.
         compressor: ``none`` or ``zstd``.
         label: how errors name the array (its tensor key).
+        expected: the CRC-32C recorded for each chunk in grid (C) order (the writer's
+            :attr:`WrittenShard.chunk_crc32c`), or None: a chunk whose bytes are intact but are not
+            the ones recorded for its position (moved from another position or another array) is
+            then refused too.
     """
 
-    def __init__(self, path: Path, shape, chunks, dtype, compressor: str = "none", label: str = ""):
+    def __init__(self, path: Path, shape, chunks, dtype, compressor: str = "none", label: str = "",
+                 expected: Sequence[int] | None = None):
         self.path, self.shape, self.chunks = Path(path), tuple(shape), tuple(chunks)
+        if expected is not None and len(expected) != chunk_count(self.shape, self.chunks):
+            n = chunk_count(self.shape, self.chunks)
+            raise ValueError(f"{len(expected)} expected chunk checksums for {n} chunks")
+        self.expected = expected
         self.dtype = np.dtype(dtype)
         self.codec = _compressor(compressor)
         self.label = label or str(path)
@@ -213,8 +244,15 @@ class ShardReader:
             payload, stored = memoryview(raw)[:-4], raw[-4:]
         if got != nbytes:
             raise CorruptCheckpointError(f"{where}: file ends early ({got} of {nbytes} bytes)")
-        if crc32c(payload) != struct.unpack("<I", stored)[0]:
+        crc = crc32c(payload)
+        if crc != struct.unpack("<I", stored)[0]:
             raise CorruptCheckpointError(f"{where}: checksum mismatch; the chunk is corrupted")
+        if self.expected is not None:
+            want = self.expected[int(np.ravel_multi_index(idx, self.grid)) if idx else 0]
+            if crc != want:
+                raise CorruptCheckpointError(
+                    f"{where} holds bytes that belong elsewhere (crc32c {crc:08x}; its array's zarr.json records "
+                    f"{want:08x} for this chunk): a chunk or shard file was moved or replaced")
         if self.codec is not None:
             try:
                 decoded = self.codec.decode(bytes(payload))
