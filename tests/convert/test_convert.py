@@ -635,6 +635,73 @@ def test_a_truncated_or_missing_data_file_fails(tmp_path):
 # --------------------------------------------------------------------------- memory
 
 
+def test_a_manifest_declaring_more_bytes_than_its_file_holds_is_refused_before_allocating(tmp_path, monkeypatch, capsys):
+    """Issue 17: a re-signed manifest declaring a 2^33-element float32 tensor made convert allocate
+    32 GiB (twice that for the default arena); the declared byte range is checked against the file first."""
+    import tracemalloc
+
+    import ucp.convert.universal as converter
+    from ucp.format.box import Box
+
+    src = write_checkpoint(tmp_path / "ckpt", 1, {"model/w": (np.arange(8, dtype=np.float32), "float32", Pattern()),
+                                                  "model/b": (np.arange(3, dtype=np.float32), "float32", Pattern())},
+                           Layout.single())
+    m = read_manifest(src)
+    n = 2**33
+    frags = tuple(dataclasses.replace(f, box=Box.full((n,)), length=4 * n, blocks=()) if f.key == "model/w" else f
+                  for f in m.fragments)
+    big = next(f for f in frags if f.key == "model/w")
+    tensors = {**m.tensors, "model/w": TensorMeta((n,), "float32", Pattern())}
+    commit_manifest(src, dataclasses.replace(m, tensors=tensors, fragments=frags,
+                                             files={**m.files, big.file: big.offset + 4 * n}))
+    assert read_manifest(src).tensors["model/w"].shape == (n,)  # a valid, signed manifest
+    arenas = []
+
+    def arena(size):  # (a guard: without the check, this test would try to allocate 64 GiB)
+        arenas.append(size)
+        if size > 1 << 30:
+            raise AssertionError(f"an arena of {size} bytes was sized from the declared tensor")
+        return real(size)
+
+    real = converter.Arena
+    monkeypatch.setattr(converter, "Arena", arena)
+    data = src / big.file
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(CorruptCheckpointError) as e:
+            convert(tmp_path / "ckpt", tmp_path / "u", fsync=False)
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{data}: ") and f"[{big.offset}, {big.offset + 4 * n})" in msg
+    assert "lies past the end of the file" in msg
+    assert arenas == [] and peak < 16 << 20 and seconds < 5, (arenas, peak, seconds)
+    assert not (tmp_path / "u").exists() and not partials(tmp_path / "u")
+    assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "u"), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(data) in err
+
+
+def test_fragments_sharing_bytes_of_one_file_are_refused(tmp_path):
+    """Many fragments over the same bytes would let a small file declare a huge tensor."""
+    from ucp.format.box import Box
+
+    src = write_checkpoint(tmp_path / "ckpt", 1, {"model/w": (np.arange(8, dtype=np.float32), "float32", Pattern())},
+                           Layout.single())
+    m = read_manifest(src)
+    (f,) = m.fragments
+    # the tensor doubled, its second half declared at the first half's bytes
+    halves = (f, dataclasses.replace(f, box=Box((8,), (8,))))
+    commit_manifest(src, dataclasses.replace(m, tensors={"model/w": TensorMeta((16,), "float32", Pattern())},
+                                             fragments=halves))
+    with pytest.raises(CorruptCheckpointError, match=rf"{re.escape(str(src / f.file))}: the fragments of model/w and "
+                                                     rf"model/w share bytes \[{f.offset}, {f.offset + 32}\)"):
+        convert(tmp_path / "ckpt", tmp_path / "u", fsync=False)
+
+
 def test_a_small_memory_limit_still_converts(tmp_path):
     save(tmp_path / "ckpt", LAYOUTS["dp2 tp2 zero1"])
     largest = max(u.nbytes for u, _ in universal_tensors().values())

@@ -7,6 +7,10 @@ verified on the way, and written out as one zarr shard. Tasks run on a thread po
 a task waits for arena space, so peak memory is the arena plus a chunk buffer per worker. Each
 array's ``zarr.json`` is written after its shard, recording the chunks' CRC-32C the writer returned.
 
+Before any memory is sized from the source's declared tensor sizes, every fragment's byte range is
+checked against the actual size of its file (one ``stat`` each): a manifest declaring more bytes
+than the files hold is refused in one line naming the file, instead of allocating for it.
+
 The output is staged in a hidden sibling directory and renamed into place when complete (every
 file fsynced first): a killed conversion leaves no DST at all, never a half-valid one.
 """
@@ -26,7 +30,7 @@ from ucp import __version__
 from ucp.codecs.checksum import crc32c
 from ucp.convert.foreign import IMPORTERS, SOURCES
 from ucp.convert.foreign.source import SourceRecord
-from ucp.errors import OptionsError
+from ucp.errors import CorruptCheckpointError, OptionsError
 from ucp.format.dtypes import itemsize
 from ucp.format.fragment import fragments_to_parquet
 from ucp.format.keys import MODEL, parse_key
@@ -112,12 +116,15 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         CheckpointNotFoundError: ``src`` holds no complete checkpoint.
         OptionsError: ``dst`` exists, or an option is out of range.
         UclError: the spec is malformed or contradicts the checkpoint.
-        CorruptCheckpointError: a source fragment fails its checksum (named with file and key).
+        CorruptCheckpointError: a source fragment fails its checksum (named with file and key), or
+            lies past the end of its file or over another fragment's bytes (named with the file).
     """
     t0 = time.perf_counter()
     _check_options(workers, compressor, chunk_bytes, memory_limit)
     record = _source(source, src, step, spec, settings)
     path, manifest, facts = record.path, record.manifest, record.facts
+    if record.decode is None:
+        check_fragment_extents(path, manifest.fragments)
     target = _target(dst, fsync)
     if record.spec_applied:
         spec_text, patterns = record.spec_text, {}  # (the importer made the manifest's patterns)
@@ -150,6 +157,36 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     nfiles = target.files
     return ConvertResult(str(path), str(dst), manifest.step, len(arrays), sum(a.nbytes for a in arrays.values()),
                          manifest.nbytes, nfiles, time.perf_counter() - t0, arena.size)
+
+
+def check_fragment_extents(directory: Path, fragments) -> None:
+    """Refuse fragments whose byte ranges the files on disk cannot hold: each must end within its
+    file's actual size, and no two of one file may share bytes (so the tensors declared hold at most
+    the bytes the files hold, whatever a manifest says). One ``stat`` per file.
+
+    Raises:
+        CorruptCheckpointError: naming the file, the fragment and its byte range.
+    """
+    by_file: dict = {}
+    for f in fragments:
+        by_file.setdefault(f.file, []).append(f)
+    for name, frags in by_file.items():
+        file = Path(directory) / name
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{file}: data file is missing") from None
+        end, last = 0, None
+        for f in sorted((f for f in frags if f.length), key=lambda f: f.offset):
+            if f.offset + f.length > size:
+                raise CorruptCheckpointError(
+                    f"{file}: the fragment of {f.key} at bytes [{f.offset}, {f.offset + f.length}) lies past the end "
+                    f"of the file ({size} bytes); the file is truncated or the manifest is not its own")
+            if f.offset < end:
+                raise CorruptCheckpointError(
+                    f"{file}: the fragments of {last.key} and {f.key} share bytes "
+                    f"[{f.offset}, {min(end, f.offset + f.length)}); the manifest is not this checkpoint's")
+            end, last = f.offset + f.length, f
 
 
 def _source(source: str, src, step: int | None, spec, settings: dict | None) -> SourceRecord:
