@@ -121,7 +121,7 @@ def test_malformed_inputs_get_one_clear_error_each(tmp_path, capsys):
     assert "not in the file the index names, e.g. 'c'" in _cli_error(capsys, hf, tmp_path / "u2")
     # a malformed index
     (hf / "model.safetensors.index.json").write_text("{not json")
-    assert "not a safetensors index" in _cli_error(capsys, hf, tmp_path / "u3")
+    assert "model.safetensors.index.json is not valid JSON" in _cli_error(capsys, hf, tmp_path / "u3")
     # a truncated file
     (hf / "model.safetensors.index.json").unlink()
     save_file(weights, hf / "model.safetensors")

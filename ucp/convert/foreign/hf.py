@@ -10,7 +10,7 @@ checkpoint's fragment table) instead of checking one.
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 from ucp.convert.foreign.source import SourceRecord, refuse_step
@@ -18,6 +18,7 @@ from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ucp.format.box import Box
 from ucp.format.dtypes import SAFETENSORS_TO_NAME, itemsize
 from ucp.format.fragment import Fragment
+from ucp.format.jsonio import parse_json
 from ucp.format.keys import model_key
 from ucp.format.layout import Layout
 from ucp.format.manifest import Manifest, TensorMeta
@@ -39,14 +40,12 @@ def hf_files(src) -> tuple[Path, dict[str, str] | None, list[str]]:
         raise CheckpointNotFoundError(f"{src}: no such file or directory")
     index = src / INDEX
     if index.is_file():
-        try:
-            doc = json.loads(index.read_text())
-            weight_map = doc["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                           for k, v in weight_map.items()):
-                raise TypeError("weight_map must map tensor names to file names")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        doc = parse_json(index.read_bytes(), str(index))
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise CorruptCheckpointError(f"{index}: not a safetensors index (its 'weight_map' must map tensor names "
+                                         "to file names)")
         files = sorted(set(weight_map.values()))
         for name in files:
             if Path(name).name != name:
@@ -59,6 +58,42 @@ def hf_files(src) -> tuple[Path, dict[str, str] | None, list[str]]:
     found = sorted(p.name for p in src.glob("*.safetensors"))
     hint = f" (it holds {', '.join(found[:3])}{'...' if len(found) > 3 else ''}: pass one file)" if found else ""
     raise CheckpointNotFoundError(f"{src}: no {SINGLE} or {INDEX}{hint}")
+
+
+def _entry(path: Path, tname: str, entry) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """``(dtype, shape, (begin, end))`` of a header entry, each field of exactly its type: a shape is a
+    list of integers >= 0 (never a string such as ``"22"``), ``data_offsets`` two integers, begin <= end."""
+    where = f"{path}: tensor {tname!r}"
+    if not isinstance(entry, dict):
+        raise CorruptCheckpointError(f"{where}: its header entry is a {type(entry).__name__}, not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_TO_NAME:
+        raise CorruptCheckpointError(f"{where}: unknown dtype {_brief(dtype)}")
+    if not isinstance(shape, list) or not all(_whole(n) for n in shape):
+        raise CorruptCheckpointError(f"{where}: shape {_brief(shape)} is not a list of integers >= 0")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(n) for n in offsets)
+            or offsets[0] > offsets[1]):
+        raise CorruptCheckpointError(f"{where}: data_offsets {_brief(offsets)} is not [begin, end] with integers "
+                                     "0 <= begin <= end")
+    return SAFETENSORS_TO_NAME[dtype], tuple(shape), (offsets[0], offsets[1])
+
+
+def _whole(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 63
+
+
+def _brief(value) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _refuse_overlaps(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    """No two tensors of a file share a byte (each would read the other's bytes)."""
+    spans = sorted(s for s in spans if s[1] > s[0])
+    for (b0, e0, t0), (b1, e1, t1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CorruptCheckpointError(f"{path}: tensors {t0!r} (bytes [{b0}, {e0})) and {t1!r} (bytes [{b1}, {e1})) "
+                                         "overlap in the data section")
 
 
 def hf_source(src, step: int | None = None, spec=None, settings: dict | None = None) -> SourceRecord:
@@ -78,24 +113,16 @@ def hf_source(src, step: int | None = None, spec=None, settings: dict | None = N
         header, start = read_header(path)
         size = path.stat().st_size
         sizes[name] = size
+        spans = []
         for tname, entry in header.items():
             if tname == "__metadata__":
                 continue
+            dtype, shape, (begin, end) = _entry(path, tname, entry)
+            if end - begin != math.prod(shape) * itemsize(dtype) or start + end > size:
+                raise CorruptCheckpointError(f"{path}: tensor {tname!r}: bytes [{begin}, {end}) do not hold "
+                                             f"{dtype}{list(shape)} within the file's {size - start} data bytes")
+            spans.append((begin, end, tname))
             where = f"{path}: tensor {tname!r}"
-            try:
-                dtype = SAFETENSORS_TO_NAME[entry["dtype"]]
-                shape = tuple(int(s) for s in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except KeyError as e:
-                raise CorruptCheckpointError(f"{where}: unknown dtype or missing field ({e})") from None
-            except (TypeError, ValueError) as e:
-                raise CorruptCheckpointError(f"{where}: malformed entry ({e})") from None
-            numel = 1
-            for s in shape:
-                numel *= s
-            if any(s < 0 for s in shape) or end - begin != numel * itemsize(dtype) or begin < 0 or start + end > size:
-                raise CorruptCheckpointError(f"{where}: bytes [{begin}, {end}) do not hold {dtype}{list(shape)} "
-                                             f"within the file's {size - start} data bytes")
             if tname in found:
                 raise CorruptCheckpointError(f"{where}: also in {found[tname]}")
             found[tname] = name
@@ -104,6 +131,7 @@ def hf_source(src, step: int | None = None, spec=None, settings: dict | None = N
             key = model_key(tname)
             tensors[key] = TensorMeta(shape, dtype, Pattern())
             fragments.append(Fragment(key, Box.full(shape), None, dtype, 0, name, start + begin, end - begin, 0))
+        _refuse_overlaps(path, spans)
     if weight_map is not None:
         missing = sorted(t for t, f in weight_map.items() if found.get(t) != f)
         if missing:
