@@ -276,7 +276,8 @@ class _Source:
     when they lie raw in its file) serves sources whose files are not raw."""
 
     def __init__(self, record: SourceRecord):
-        self.files = FragmentFiles(record.path, sorted({f.file for f in record.manifest.fragments}))
+        self.files = FragmentFiles(record.path, sorted({f.file for f in record.manifest.fragments}),
+                                   record.manifest if record.verify else None)  # (sizes, headers checked)
         self.verify = record.verify
         self.decode = record.decode
         self.crcs: dict = {}  # fragment -> its CRC-32C, as read (verify off)
