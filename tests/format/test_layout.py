@@ -113,10 +113,16 @@ def test_duplicate_axis():
         Layout((("dp", 2), ("tp", 2), ("dp", 2)))
 
 
-@pytest.mark.parametrize("name", ["DP", "1dp", "", "d-p", "d p", "_dp", "dp!"])
+@pytest.mark.parametrize("name", ["DP", "1dp", "", "d-p", "d p", "_dp", "dp!", "dp\n", "tp\n"])
 def test_bad_axis_name(name):
     with pytest.raises(SpecError, match=re.escape(f"layout axis name {name!r} must be a lower-case identifier")):
         Layout(((name, 2),))
+
+
+def test_an_axis_name_with_a_final_newline_is_refused_from_a_document_too():
+    # ("$" matches before a final newline: "dp\n" passed as an axis name)
+    with pytest.raises(SpecError, match=re.escape("layout axis name 'dp\\n'")):
+        Layout.from_dict({"axes": [["dp\n", 2]], "zero": 0})
 
 
 @pytest.mark.parametrize("size", [0, -1, True, 2.0, "2", None])

@@ -23,7 +23,7 @@ ZERO_MODES = {
 #: Canonical order of the well-known axes when a layout is built from sizes.
 CANONICAL_AXES = ("pp", "dp", "ep", "tp")
 
-_AXIS_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_AXIS_NAME = re.compile(r"[a-z][a-z0-9_]*")  # (fullmatch: "$" would also match before a final newline)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Layout:
             raise SpecError(f"layout axes must be (name, size) pairs, got {self.axes!r}") from e
         seen = set()
         for name, size in axes:
-            if not _AXIS_NAME.match(name):
+            if not _AXIS_NAME.fullmatch(name):
                 raise SpecError(f"layout axis name {name!r} must be a lower-case identifier such as 'dp' or 'tp'")
             if name in seen:
                 raise SpecError(f"layout axis {name!r} appears twice; give each axis once")

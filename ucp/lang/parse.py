@@ -29,14 +29,33 @@ def _expected(names) -> str:
     return ", ".join(words[:8]) + (" ..." if len(words) > 8 else "")
 
 
+#: UCL's integers are sizes, dimensions and versions: below 2^63, as every integer of the formats
+MAX_INT = (1 << 63) - 1
+
+
+def _integer(token: Token, file: str) -> int:
+    """A bounded integer: a token of 4,300+ digits would otherwise hit Python's int-string conversion
+    limit (a multi-line ValueError) and any long one ends as an overflow further on."""
+    text = str(token)
+    if len(text.lstrip("+-0")) > len(str(MAX_INT)) or int(text) > MAX_INT:
+        shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
+        raise UclError(f"integer {shown} is too large; UCL integers are at most {MAX_INT}", file,
+                       token.line or 0, token.column or 0)
+    return int(text)
+
+
 @v_args(meta=True)
 class _Build(Transformer):
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
     def start(self, meta, children):
         version, *statements = children
         return ast.Program(version, tuple(statements), _pos(meta))
 
     def version(self, meta, children):
-        return int(children[0])
+        return _integer(children[0], self.file)
 
     def setting(self, meta, children):
         return ast.Setting(str(children[0]), children[1], _pos(meta))
@@ -77,7 +96,7 @@ class _Build(Transformer):
         return ast.ExportSplit(tuple(c.text for c in children), _pos(meta))
 
     def int(self, meta, children):
-        return int(children[0])
+        return _integer(children[0], self.file)
 
     def name(self, meta, children):
         return str(children[0])
@@ -99,7 +118,7 @@ def parse(text: str, file: str = "<ucl>") -> ast.Program:
         raise UclError(f"UCL text must be a string, got {type(text).__name__}", file)
     try:
         tree = parser().parse(text if text.endswith("\n") else text + "\n")
-        return _Build().transform(tree)
+        return _Build(file).transform(tree)
     except UnexpectedEOF as e:
         raise UclError(f"unexpected end of file; expected {_expected(e.expected)}", file, e.line, e.column) from None
     except UnexpectedToken as e:
@@ -110,5 +129,9 @@ def parse(text: str, file: str = "<ucl>") -> ast.Program:
         raise UclError(f"unexpected character {e.char!r}; expected {allowed}", file, e.line, e.column) from None
     except UnexpectedInput as e:
         raise UclError("cannot parse here", file, getattr(e, "line", 0), getattr(e, "column", 0)) from None
-    except (VisitError, LarkError, ValueError) as e:
-        raise UclError(f"cannot parse: {e}", file) from None
+    except VisitError as e:
+        if isinstance(e.orig_exc, UclError):
+            raise e.orig_exc from None
+        raise UclError(f"cannot parse: {' '.join(str(e.orig_exc).split())}", file) from None
+    except (LarkError, ValueError) as e:
+        raise UclError(f"cannot parse: {' '.join(str(e).split())}", file) from None

@@ -21,8 +21,8 @@ from ucp.storage.directory import step_dir
 _SUMMARY = ("rank", "slot", "step", "world_size", "complete", "host", "token")  # a header's fields ``slots`` summarizes
 # the fields of a parity record ``parity`` summarizes (docs/erasure.md section 7)
 _PARITY_SUMMARY = ("rank", "slot", "step", "token", "world_size", "members", "index", "m", "stripe", "sizes")
-_DATA = re.compile(r"\.r\d+\.s[01]$")  # segment names: snapshot data
-_PARITY = re.compile(r"\.r\d+\.p[01]$")  # segment names: parity
+_DATA = re.compile(r"\.r\d+\.s[01]\Z")  # segment names: snapshot data
+_PARITY = re.compile(r"\.r\d+\.p[01]\Z")  # segment names: parity
 
 
 class Deferred:
