@@ -62,7 +62,7 @@ def test_a_partial_left_by_a_killed_save_of_another_step_is_cleared_by_the_next_
         ck.save(9)
     assert (store.step_dir(ckpt_root, 9) / store.rank_file(0)).stat().st_size == 5000
     monkeypatch.undo()
-    ck.save(3)  # an earlier step than the partial's: cleared all the same (rule 4e)
+    ck.save(3)  # an earlier step than the partial's: cleared all the same (rule 4f)
     assert [s for s, _ in store.list_steps(ckpt_root, complete=False)] == [2, 3]
 
 

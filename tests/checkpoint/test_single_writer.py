@@ -128,3 +128,46 @@ def test_saving_the_same_step_twice_in_one_job_stays_an_error(ckpt_root):
     ck.save(1)
     with pytest.raises(ucp.errors.UcpError, match="exists already .this job saved it."):
         ck.save(1)
+
+
+@pytest.mark.dist
+@pytest.mark.fault
+def test_two_real_jobs_on_one_root_one_writes_the_other_is_refused_nothing_torn(tmp_path):
+    import threading
+
+    from tests.checkpoint import writer_workloads as workloads
+    from tests.world import World
+
+    root = tmp_path / "ck"
+    steps = list(range(1, 7))
+    jobs = [World(2), World(2)]
+    results: dict[int, object] = {}
+    try:
+        def run(j):
+            try:
+                results[j] = jobs[j].run(workloads.save_steps, str(root), j, steps, 0.05, timeout=240)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                results[j] = e
+
+        threads = [threading.Thread(target=run, args=(j,)) for j in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for j in range(2):
+            assert not isinstance(results[j], BaseException), results[j]
+            jobs[j].run(workloads.close_all)
+    finally:
+        for w in jobs:
+            w.close()
+    outcomes = {j: results[j] for j in range(2)}
+    for j, ranks in outcomes.items():
+        assert ranks[0] == ranks[1], f"job {j}: the ranks of one job disagree: {ranks}"
+    writer = [j for j, ranks in outcomes.items() if ranks[0] == ["ok"] * len(steps)]
+    assert len(writer) == 1, outcomes  # neither job closed while the other saved: one held the root throughout
+    loser = outcomes[1 - writer[0]][0]
+    for msg in loser:
+        assert "LeaseError" in msg and "\n" not in msg, msg
+        assert f"{root}: another job saves into this checkpoint root" in msg, msg
+    assert _verified(root) == steps
+    assert not (root / LEASE).exists()  # released when the writer closed

@@ -127,7 +127,7 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
         manifest = Manifest(step, ckpt.layout, metas, tuple(fragments), split_state([g[2] for g in gathered]),
                             files, created_by=f"ucp {__version__}", block_bytes=BLOCK_BYTES, file_headers=heads)
         manifest.validate()
-        ckpt._writer_lease().check()  # (publish only while the root is still this job's: rule 4d)
+        ckpt._writer_lease().check()  # (publish only while the root is still this job's: rule 4e)
         commit_step(directory, manifest)  # (what each rank wrote is checked there, whole, before it is published)
         return manifest.nbytes
 
@@ -158,7 +158,7 @@ def discard_partial(lease, directory) -> None:
         if lease.holds() and not store.is_complete(directory):
             store.remove_checkpoint(directory)
     except OSError:
-        pass  # (the next save of this job clears it: rule 4e)
+        pass  # (the next save of this job clears it: rule 4f)
 
 
 def report(took: str | None, cleared: Cleared, directory) -> None:

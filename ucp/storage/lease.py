@@ -2,7 +2,7 @@
 
 Two jobs saving into one root by mistake tear each other's checkpoints: one clears or overwrites
 the step directory the other is writing, and both publish. So the writing job's rank 0 holds a
-lease on the root (docs/format-checkpoint.md, rules 4c-4f):
+lease on the root (docs/format-checkpoint.md, rules 4c-4e):
 
 - it is created atomically (a whole temporary file hard-linked to the lease's name, or ``O_EXCL``
   where the file system has no hard links) and names its holder: host, pid, job, a random token;

@@ -98,7 +98,7 @@ def prepare_own_step(root: Path, step: int, keep: int | None, saved_here: Collec
 
     A complete checkpoint of ``step`` that this job did not save (``saved_here``) belongs to an
     abandoned run and is retired first (format rule 4b); ``every_partial`` clears every incomplete
-    save under the root, of any step (rule 4e): with the lease, none is in flight, and what a failed
+    save under the root, of any step (rule 4f): with the lease, none is in flight, and what a failed
     save left (a full disk's worth, say) must not block the next one. Without ``every_partial`` (the
     memory tier's agents may be writing other steps), only a partial of ``step`` is cleared.
 
