@@ -44,6 +44,25 @@ def _state_names(state: dict) -> str:
     return ", ".join(names) or "none"
 
 
+def _sharding(layout, tensors: dict) -> str:
+    """What each mesh axis of more than one rank does to the tensors (``tensors``: key -> an object with a
+    ``pattern``): an axis a tensor is sharded over (dims split, FSDP2 or tensor parallelism, or flat
+    ZeRO partitions) versus one over which every rank holds the same whole tensor. ``zero`` alone
+    cannot say it: FSDP2 on a default (unnamed) mesh saves ``mesh0=2 zero=0``, every tensor sharded."""
+    parts = []
+    for axis, size in layout.axes:
+        if size == 1:
+            continue
+        split = sum(1 for t in tensors.values() if any(s.axis == axis for s in t.pattern.shards))
+        flat = sum(1 for t in tensors.values() if t.pattern.flat == axis)
+        whole = len(tensors) - sum(1 for t in tensors.values()
+                                   if t.pattern.flat == axis or any(s.axis == axis for s in t.pattern.shards))
+        what = [f"{n} {how}" for n, how in ((split, "split along a dim"), (flat, "partitioned flat (ZeRO)"),
+                                            (whole, "replicated")) if n]
+        parts.append(f"{axis}={size}: {len(tensors) - whole} of {len(tensors)} tensor(s) sharded ({', '.join(what)})")
+    return "; ".join(parts) or "none (one rank)"
+
+
 def _universal_path(args):
     """The universal checkpoint ``args.path`` names, or None when it is a distributed one."""
     if is_universal(args.path):
@@ -73,11 +92,12 @@ def inspect(args) -> int:
     print(f"checkpoint  {path}")
     print(f"step        {m.step}")
     print(f"layout      {m.layout}  ({m.layout.world_size} ranks)")
+    print(f"sharding    {_sharding(m.layout, m.tensors)}")
     print(f"format      ucp.checkpoint {m.format_version}  ({m.created_by})")
     print(f"size        {_human(m.nbytes)} in {len(m.files)} file(s), {len(m.fragments)} fragment(s), {len(m.tensors)} tensor(s)")
     print(f"state       {_state_names(m.state)}")
     rows = [("tensor", "shape", "dtype", "pattern", "frags", "bytes")]
-    for key, meta in m.tensors.items():
+    for key, meta in sorted(m.tensors.items()):
         rows.append((key, "x".join(map(str, meta.shape)) or "scalar", meta.dtype, str(meta.pattern),
                      str(count.get(key, 0)), _human(nbytes.get(key, 0))))
     _table(rows)
@@ -93,12 +113,13 @@ def _inspect_universal(args) -> int:
     print(f"universal   {args.path}")
     print(f"step        {h.step}")
     print(f"source      {h.source_layout}  ({h.source_layout.world_size} ranks)  {h.source.get('path', '')}")
+    print(f"sharding    {_sharding(h.source_layout, h.tensors)}  (in the source; the arrays are whole)")
     print(f"format      ucp.universal {h.format_version}  ({h.created_by})")
     print(f"size        {_human(h.nbytes)} in {len(h.tensors)} array(s)")
     print(f"state       {_state_names(h.state)}")
     print(f"spec        {'yes (ucp inspect --json shows it)' if h.spec else 'none'}")
     rows = [("tensor", "shape", "dtype", "source pattern", "chunks", "bytes")]
-    for key, a in h.tensors.items():
+    for key, a in sorted(h.tensors.items()):
         rows.append((key, "x".join(map(str, a.shape)) or "scalar", a.dtype, str(a.pattern),
                      "x".join(map(str, a.chunks)) or "1", _human(a.nbytes)))
     _table(rows)
@@ -178,12 +199,26 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+_MAX_SIZE = 1 << 63
+
+
+def _brief(text: str) -> str:
+    return repr(text) if len(text) <= 40 else f"{text[:37]!r}... ({len(text)} characters)"
+
+
 def parse_size(text: str) -> int:
-    """``"5GB"`` -> 5 * 10**9, ``"2GiB"`` -> 2 * 2**30, ``"1000"`` -> 1000."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise OptionsError(f"size {text!r}: use a positive number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """``"5GB"`` -> 5 * 10**9, ``"2GiB"`` -> 2 * 2**30, ``"1000"`` -> 1000 (exact decimal arithmetic: no
+    float rounding, no overflow; at most 2^63 - 1 bytes)."""
+    m = re.fullmatch(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([A-Za-z]*)\s*", text, flags=re.ASCII)
+    if not m or m.group(3).lower() not in _UNITS:
+        raise OptionsError(f"size {_brief(text)}: use a positive number with an optional unit (B, KB, MB, GB, KiB, MiB, "
+                           "GiB)")
+    whole, frac = m.group(1).lstrip("0"), (m.group(2) or "").rstrip("0")
+    # (digits bounded before int(): a few thousand would hit Python's int-string limit)
+    n = int(whole + frac or "0") * _UNITS[m.group(3).lower()] // 10 ** len(frac) if len(whole) + len(frac) <= 40 else -1
+    if not 0 < n < _MAX_SIZE:
+        raise OptionsError(f"size {_brief(text)}: use a positive size below 2^63 bytes (8 EiB), e.g. 5GB")
+    return n
 
 
 def export(args) -> int:
@@ -191,9 +226,10 @@ def export(args) -> int:
     result = _with_progress("export", args.quiet, lambda progress, total: run_export(
         args.universal, args.out, args.spec, optimizer=args.optimizer, max_shard_bytes=max_shard_bytes,
         dtype=args.dtype, progress=progress, total=total))
+    index = f", listed by {', '.join(result.indexes)}" if result.indexes else ""
     return _summary(args, result, f"OK   {result.out}: {result.tensors} tensor(s), {_human(result.nbytes)} in "
-                                  f"{len(result.files)} file(s): {', '.join(result.files[:4])}"
-                                  f"{' ...' if len(result.files) > 4 else ''}")
+                                  f"{len(result.files)} safetensors file(s): {', '.join(result.files[:4])}"
+                                  f"{' ...' if len(result.files) > 4 else ''}{index}")
 
 
 def demo(args) -> int:

@@ -21,6 +21,36 @@ Exit codes: 0 ok, 1 error, 2 not found / bad usage, 3 corrupted.
 """
 
 
+#: characters that would break a message over lines or rewrite the terminal: C0, DEL, C1, and Unicode's
+#: line and paragraph separators
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``, ...): what the CLI prints of an
+    error stays one line whatever a path or a value holds."""
+    return str(text).translate(_CONTROL)
+
+
+def fail(message: str, code: int = 1) -> int:
+    """Print ``ucp: error: <message>`` as one line on stderr; return ``code``."""
+    print(f"ucp: error: {one_line(message)}", file=sys.stderr)
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error said in one line (``ucp: error: COMMAND: what (see ucp COMMAND
+    --help)``) and exit code 2, like every other error of the CLI; its subcommands' parsers are of
+    this class too."""
+
+    def error(self, message: str):
+        sys.stderr.flush()
+        command = self.prog.removeprefix("ucp").strip()
+        fail(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+        sys.exit(2)
+
+
 def _checkpoint_command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
     """A command on one checkpoint: ``CKPT`` (a checkpoint directory, or a root and ``--step``)."""
     p = sub.add_parser(name, help=help, description=description, epilog=EPILOG,
@@ -31,7 +61,7 @@ def _checkpoint_command(sub, name: str, help: str, description: str) -> argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ucp",
         description="Fault-tolerant checkpointing for distributed PyTorch training.",
         epilog=EPILOG,
@@ -147,18 +177,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return getattr(commands, args.command)(args)
     except UcpError as e:
-        print(f"ucp: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return fail(str(e), e.exit_code)
     except BrokenPipeError:
         # The reader went away (``ucp inspect ... | head``): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:
-        print(f"ucp: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        where = f"{e.filename}: " if e.filename is not None else ""
+        return fail(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
         print("ucp: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug: still one line (UCP_TRACEBACK=1 shows where it came from)
+        if os.environ.get("UCP_TRACEBACK"):
+            raise
+        return fail(f"internal error, please report it: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+                    "(UCP_TRACEBACK=1 shows the traceback)")
 
 
 if __name__ == "__main__":

@@ -36,13 +36,15 @@ CAST_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What an export wrote."""
+    """What an export wrote: ``files`` the safetensors files holding the tensors, ``indexes`` the
+    ``*.safetensors.index.json`` files listing a sharded group's files (none when each group fits one)."""
 
     out: str
     files: tuple[str, ...]
     tensors: int
     nbytes: int
     seconds: float
+    indexes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,13 +117,16 @@ def export(universal, out, spec: str | Path | None = None, *, optimizer: bool = 
         total(sum(i.nbytes for items in groups.values() for i in items))
     staging = Staging(out, fsync=fsync)
     files: list[str] = []
+    indexes: list[str] = []
     with staging:
         for prefix, items in groups.items():
-            files += _write_group(staging.path, prefix, items, universal, header, max_shard_bytes, progress, fsync)
+            data, index = _write_group(staging.path, prefix, items, universal, header, max_shard_bytes, progress, fsync)
+            files += data
+            indexes += index
         staging.commit()
     count = sum(len(v) for v in groups.values())
     nbytes = sum(i.nbytes for items in groups.values() for i in items)
-    return ExportResult(str(out), tuple(files), count, nbytes, time.perf_counter() - t0)
+    return ExportResult(str(out), tuple(files), count, nbytes, time.perf_counter() - t0, tuple(indexes))
 
 
 def _items(header: UniversalHeader, program, optimizer: bool, dtype: str | None) -> dict[str, list[_Item]]:
@@ -144,7 +149,8 @@ def _items(header: UniversalHeader, program, optimizer: bool, dtype: str | None)
 
 
 def _write_group(stage: Path, prefix: str, items: list[_Item], universal: Path, header, max_shard_bytes: int,
-                 progress, fsync: bool) -> list[str]:
+                 progress, fsync: bool) -> tuple[list[str], list[str]]:
+    """Write one group (``model`` or ``optimizer``): ``(its safetensors files, its index file if sharded)``."""
     shards: list[list[_Item]] = [[]]
     size = 0
     for item in items:
@@ -172,8 +178,8 @@ def _write_group(stage: Path, prefix: str, items: list[_Item], universal: Path, 
         index = {"metadata": {"total_size": sum(i.nbytes for i in items)},
                  "weight_map": {i.name: name for name, shard in zip(names, shards) for i in shard}}
         (stage / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        names.append(f"{prefix}.safetensors.index.json")
-    return names
+        return names, [f"{prefix}.safetensors.index.json"]
+    return names, []
 
 
 def _cast(data: np.ndarray, src: str, dst: str) -> np.ndarray:
