@@ -72,3 +72,26 @@ def test_fsync_dir_on_existing_and_missing_directory(tmp_path):
     fsync_dir(tmp_path)  # no error
     with pytest.raises(FileNotFoundError):
         fsync_dir(tmp_path / "missing")
+
+
+def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    # os.fsync (like os.write) raises ENOSPC naming no file; the error a user sees must say where
+    path = tmp_path / "manifest.json"
+    path.write_bytes(b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        write_atomic(path, b"new")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    assert str(e.value) == f"[Errno 28] No space left on device: '{path}'"
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["manifest.json"]
+
+
+def test_with_path_keeps_a_name_the_error_has():
+    named = FileNotFoundError(errno.ENOENT, "No such file or directory", "/a/b")
+    assert atomic.with_path(named, "/c") is named
+    bare = atomic.with_path(OSError(errno.ENOENT, "No such file or directory"), "/c")
+    assert isinstance(bare, FileNotFoundError) and bare.filename == "/c"
