@@ -137,3 +137,19 @@ def test_saving_until_the_disk_is_full_then_saving_again(small_disk):
     fresh = Wide(1500)
     assert ucp.Checkpointer(root, model=fresh).load(step=4).step == 4
     assert torch.equal(fresh.w.detach().view(torch.int32), expected.view(torch.int32))
+
+
+def test_the_rank_file_writer_names_its_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    # (the root cause: a file object's write raises ENOSPC without a file name; every writer of
+    # safetensors files, the export's too, now names it)
+    from ucp.storage import safetensors_file
+    from ucp.storage.safetensors_file import Entry, write_file
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_file.os, "fsync", full)
+    path = tmp_path / "rank_00001.safetensors"
+    with pytest.raises(OSError) as e:
+        write_file(path, [Entry("t", "F32", (2,), memoryview(b"\0" * 8))])
+    assert e.value.filename == str(path) and e.value.errno == errno.ENOSPC

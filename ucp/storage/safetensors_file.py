@@ -20,7 +20,7 @@ from pathlib import Path
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError, FormatError
 from ucp.format.jsonio import parse_json
-from ucp.storage.atomic import WRITEBACK_EVERY, start_writeback
+from ucp.storage.atomic import WRITEBACK_EVERY, start_writeback, with_path
 
 _ALIGN = 8
 # Beyond this a header is not a header: refuse to allocate for it (the library uses 100 MB too).
@@ -80,7 +80,19 @@ def write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | No
                  fsync: bool = True) -> tuple[int, list[int], int]:
     """Write a file whose tensors' bytes come one at a time: ``produce(i)`` returns slot ``i``'s bytes
     (exactly ``slots[i].nbytes`` of them) and may reuse one buffer, as each is written before the next
-    is asked for. Returns (file size, entry offsets, header CRC-32C)."""
+    is asked for. Returns (file size, entry offsets, header CRC-32C).
+
+    Raises:
+        OSError: naming ``path`` (a file object's ``write`` and ``os.fsync`` raise a full disk's
+            ENOSPC without a file name).
+    """
+    try:
+        return _write_stream(path, slots, produce, metadata, fsync)
+    except OSError as e:
+        raise with_path(e, path) from e
+
+
+def _write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | None, fsync: bool):
     head, offsets = plan_file(slots, metadata)
     with open(path, "wb", buffering=0) as f:
         fd = f.fileno()
