@@ -168,3 +168,11 @@ def test_verify_of_a_checkpoint_pruned_while_verified_says_it_was_deleted(ckpt_r
     store.remove_checkpoint(victim)
     with pytest.raises(CheckpointDeletedError, match="deleted"):
         verify_checkpoint(victim, m)
+
+
+@pytest.mark.dist
+def test_every_rank_starts_over_together_when_one_rank_finds_the_checkpoint_pruned(world2, tmp_path):
+    from tests.checkpoint import pruned_workloads
+
+    out = world2.run(pruned_workloads.load_newest_pruned_on_one_rank, str(tmp_path / "ck"), str(tmp_path / "aside"))
+    assert out == [(5, []), (5, [])]
