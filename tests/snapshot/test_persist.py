@@ -84,6 +84,49 @@ def test_a_failed_durable_write_is_reported_at_the_next_call_and_snapshots_go_on
     assert res.source == "memory" and res.step == 3 and same_state(state_of(m2, opt2), want)
 
 
+def test_a_relaunched_job_never_gets_the_previous_jobs_persist_failure(tmp_path, job):
+    import subprocess
+    import sys
+    import textwrap
+
+    store.step_dir(tmp_path, 1).write_text("in the way")  # job 1's durable write of step 1 fails
+    job1 = textwrap.dedent("""
+        import os, sys, time
+        import ucp
+        from tests.helpers import tiny_model, train_step
+        from ucp.snapshot import client
+        m, opt = tiny_model()
+        ck = ucp.Checkpointer(sys.argv[1], model=m, optimizer=opt,
+                              snapshot=ucp.SnapshotOptions(persist_every=1, job=sys.argv[2]))
+        train_step(m, opt, 1)
+        ck.save(1)
+        agent = client.connect(sys.argv[2])
+        deadline = time.monotonic() + 60
+        while (agent.status()["persisting"] or not agent.status()["snapshots"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print(agent.status()["persisting"], flush=True)
+        os._exit(0)  # ... and it ends before any wait() or save() could report that
+        """)
+    p = subprocess.run([sys.executable, "-c", job1, str(tmp_path), job], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert p.returncode == 0 and p.stdout.strip() == "0", p.stderr[-3000:]
+    store.step_dir(tmp_path, 1).unlink()
+
+    m, opt = tiny_model()  # job 2: the same job name, root and agent
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(persist_every=1, job=job))
+    for s in (2, 3):
+        train_step(m, opt, s)
+        ck.save(s)
+    ck.wait()  # clean: step 1's failure was job 1's
+    assert [s for s, _ in store.list_steps(tmp_path)] == [2, 3]
+    store.step_dir(tmp_path, 4).write_text("in the way")  # job 2's own failures still reach it
+    train_step(m, opt, 4)
+    ck.save(4)
+    with pytest.raises(persist.PersistError, match="step 4 of rank 0") as e:
+        ck.wait()
+    assert "step 1" not in str(e.value)
+
+
 def test_a_failure_seen_by_a_later_snapshot_is_raised_by_the_next_save(tmp_path, job):
     m, opt = tiny_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(persist_every=1, job=job))

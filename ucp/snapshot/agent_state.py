@@ -50,11 +50,13 @@ class Agent:
         self.lock = threading.Condition(threading.RLock())
         self.config: dict[int, dict] = {}  # rank -> where and what it persists
         self.job_world: int | None = None  # the world size of the job that configured last
-        self.work: list[tuple[int, int, int]] = []  # (rank, slot, step) to write, in order
+        self.work: list[tuple[int, int, int, dict]] = []  # (rank, slot, step, its config) to write, in order
         self.busy: set[tuple[int, int]] = set()  # slots queued or being written
         self.inflight: dict[int, int] = {}  # rank -> writes (and, for rank 0, commits) not finished
         self.persisted: dict[int, int] = {}  # rank -> newest step written
-        self.errors: dict[int, list[str]] = {}  # rank -> persistence failures not yet reported
+        # rank -> (session, failure) not yet reported: a failure is handed only to the session (the
+        # trainer's connection, one per Checkpointer) whose snapshot failed, never to a later job
+        self.errors: dict[int, list[tuple[str | None, str]]] = {}
         self.commits: list[tuple[dict, dict]] = []  # (rank 0's header, config) to commit, in order
         for loop, name in ((self._write_loop, "ucp-persist"), (self._commit_loop, "ucp-commit")):
             threading.Thread(target=loop, name=name, daemon=True).start()
@@ -115,17 +117,17 @@ class Agent:
             raise AgentError(f"no slot {slot!r} of rank {rank!r}: ranks are >= 0, slots 0 and 1")
         return shm.segment_name(self.job, f"r{rank}.s{slot}.json")
 
-    def op_begin(self, rank: int, slot: int, step: int):
+    def op_begin(self, rank: int, slot: int, step: int, session: str | None = None):
         """Rank ``rank`` is about to overwrite ``slot``: whatever it held stops being a snapshot
         (answered once a write of the slot to the durable tier is done). The reply hands over the
-        rank's persistence failures not yet reported."""
+        persistence failures of ``session``'s snapshots of that rank not yet reported."""
         path = shm.SHM_DIR / self._slot(rank, slot)
 
         def begin() -> dict:
             path.unlink(missing_ok=True)
             self.slots.pop((rank, slot), None)
             self.parity.pop((rank, slot), None)  # its parity goes with it
-            return {"slot": slot, "step": step, "errors": self.errors.pop(rank, [])}
+            return {"slot": slot, "step": step, "errors": self._take_errors(rank, session)}
 
         if (rank, slot) in self.busy:
             return Deferred(lambda: (rank, slot) not in self.busy, begin)
@@ -186,11 +188,19 @@ class Agent:
         return {"parity": out}
 
     def op_configure(self, rank: int, root: str, write: list[int], world_size: int, keep: int | None = None,
-                     fsync: bool = True, timeout: float = 300.0) -> dict:
+                     fsync: bool = True, timeout: float = 300.0, session: str | None = None) -> dict:
         """Where rank ``rank``'s snapshots go durably (checkpoint root ``root``) and which of its
-        fragments it writes there (indices into its header's fragments; the save plan's share)."""
+        fragments it writes there (indices into its header's fragments; the save plan's share).
+        ``session`` names the trainer's connection: the failures of writes it asked for are its own.
+        The failures of another session's writes of this rank not yet reported are dropped (said in
+        the agent's log): they belong to a job that is gone."""
+        if session is not None:
+            for other, error in self.errors.get(rank, []):
+                if other != session:
+                    print(f"ucp agent: not reported (its job is gone): {error}", file=sys.stderr, flush=True)
+            self.errors[rank] = [(s, e) for s, e in self.errors.get(rank, []) if s == session]
         self.config[rank] = {"root": root, "write": list(write), "world_size": world_size, "keep": keep,
-                             "fsync": fsync, "timeout": timeout}
+                             "fsync": fsync, "timeout": timeout, "session": session}
         self.job_world = world_size  # the newest job's size: commits of a job of another size give up
         return {"rank": rank}
 
@@ -205,20 +215,29 @@ class Agent:
         self._queue(rank, slot, step)
         return {"queued": True}
 
-    def op_drain(self, rank: int):
-        """Answered once rank ``rank``'s writes (and for rank 0, commits) are done: its failures."""
-        return Deferred(lambda: not self.inflight.get(rank), lambda: {"errors": self.errors.pop(rank, [])})
+    def op_drain(self, rank: int, session: str | None = None):
+        """Answered once rank ``rank``'s writes (and for rank 0, commits) are done: the failures of
+        ``session``'s."""
+        return Deferred(lambda: not self.inflight.get(rank), lambda: {"errors": self._take_errors(rank, session)})
+
+    def _take_errors(self, rank: int, session: str | None) -> list[str]:
+        """Rank ``rank``'s failures of ``session`` (of every session when None), no longer kept."""
+        mine = [e for s, e in self.errors.get(rank, []) if session is None or s == session]
+        rest = [(s, e) for s, e in self.errors.pop(rank, []) if session is not None and s != session]
+        if rest:
+            self.errors[rank] = rest
+        return mine
 
     def _queue(self, rank: int, slot: int, step: int) -> None:
         self.busy.add((rank, slot))
         self.inflight[rank] = self.inflight.get(rank, 0) + 1
-        self.work.append((rank, slot, step))
+        self.work.append((rank, slot, step, dict(self.config[rank])))  # where it goes is fixed now
         self.lock.notify_all()
 
-    def _done(self, rank: int, error: str | None = None) -> None:
+    def _done(self, rank: int, error: str | None = None, session: str | None = None) -> None:
         with self.lock:
             if error is not None:
-                self.errors.setdefault(rank, []).append(error)
+                self.errors.setdefault(rank, []).append((session, error))
             self.inflight[rank] -= 1
             self.lock.notify_all()
 
@@ -226,8 +245,8 @@ class Agent:
         while True:
             with self.lock:
                 self.lock.wait_for(lambda: self.work)
-                rank, slot, step = self.work.pop(0)
-                header, cfg = self.slots.get((rank, slot)), dict(self.config[rank])
+                rank, slot, step, cfg = self.work.pop(0)
+                header = self.slots.get((rank, slot))
             error = None
             try:
                 if header is None or header["step"] != step:
@@ -245,7 +264,7 @@ class Agent:
                     self.commits.append((header, cfg))
                     self.lock.notify_all()
             else:
-                self._done(rank, error)
+                self._done(rank, error, cfg.get("session"))
 
     def _write(self, header: dict, cfg: dict) -> None:
         directory = step_dir(Path(cfg["root"]), header["step"])
@@ -282,7 +301,7 @@ class Agent:
             if self._superseded(world):  # the job that saved it is gone (a recovery on fewer ranks): not the new job's
                 print(f"ucp agent: {error} (a job of another size has taken over)", file=sys.stderr, flush=True)
                 error = None
-        self._done(0, error)
+        self._done(0, error, cfg.get("session"))
 
     def _superseded(self, world_size: int) -> bool:
         """Whether a job of another size configured this agent since (a restart after nodes were lost:
@@ -298,7 +317,7 @@ class Agent:
                 if h["complete"] and h.get("token") is not None and h["step"] > newest.get(rank, (-1, 0))[0]:
                     newest[rank] = (h["step"], slot)
             for rank, (step, slot) in sorted(newest.items()):
-                queued = {(r, s) for r, _, s in self.work}
+                queued = {(r, s) for r, _, s, _ in self.work}
                 if rank in self.config and step > self.persisted.get(rank, -1) and (rank, step) not in queued:
                     self._queue(rank, slot, step)
         self.drain_all(timeout)

@@ -157,7 +157,8 @@ class MemoryTier:
         views = [t.reshape(-1).view(torch.uint8) for _, t in items]
         placements, nbytes = place([(d, v.numel()) for (d, _), v in zip(items, views)])
         seg = self._segment(slot, nbytes)
-        errors = self.client.request("begin", wait=self.persist_timeout, rank=self.rank, slot=slot, step=step)["errors"]
+        errors = self.client.request("begin", wait=self.persist_timeout, rank=self.rank, slot=slot, step=step,
+                                     session=self.client.id)["errors"]
         whole = torch.frombuffer(seg.buf, dtype=torch.uint8)
         try:
             side = self._side_stream(slot, whole) if any(v.is_cuda for v in views) else None
@@ -195,15 +196,16 @@ class MemoryTier:
     def configure(self, root: str, write: list[int], world_size: int, keep: int | None, fsync: bool) -> None:
         """Tell the agent where this rank's snapshots go durably and which fragments it writes."""
         self.client.request("configure", rank=self.rank, root=root, write=write, world_size=world_size, keep=keep,
-                            fsync=fsync, timeout=self.persist_timeout)
+                            fsync=fsync, timeout=self.persist_timeout, session=self.client.id)
 
     def persist(self, slot: int, step: int) -> None:
         """Have the agent write the complete snapshot of ``step`` in ``slot`` durably (background)."""
         self.client.request("persist", rank=self.rank, slot=slot, step=step)
 
     def drain(self) -> list[str]:
-        """Wait until the agent's durable writes for this rank are done; their failures."""
-        return self.client.request("drain", wait=self.persist_timeout, rank=self.rank)["errors"]
+        """Wait until the agent's durable writes for this rank are done; the failures of those this
+        tier asked for (a failure of an earlier job's is never this job's)."""
+        return self.client.request("drain", wait=self.persist_timeout, rank=self.rank, session=self.client.id)["errors"]
 
     def _side_stream(self, slot: int, whole: torch.Tensor):
         """This tier's CUDA side stream, with slot ``slot`` (``whole``) page-locked for it."""
