@@ -219,3 +219,46 @@ def test_bad_job_names_are_refused():
     for bad in ("", "a/b", "x" * 65, "../etc", "a b"):
         with pytest.raises(Exception, match="job name"):
             client.ensure_agent(bad)
+
+
+def test_an_agent_killed_during_a_request_is_one_line_at_once_without_cpp_frames(job):
+    # an agent whose handler of 'status' hangs (as 'begin' waits while a slot is written durably);
+    # its store still answers, from c10d's own thread
+    agent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from ucp.snapshot import agent, agent_state
+        agent_state.Agent.op_status = lambda self: time.sleep(600)
+        agent.main(["--job", sys.argv[1]])
+        """), job], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        agent.stdout.readline()  # it serves
+        code = """
+            import sys, time
+            from ucp.snapshot import client
+            c = client.connect(sys.argv[1])
+            print("connected", flush=True)
+            t = time.monotonic()
+            try:
+                c.request("status", wait=600)
+            except client.AgentError as e:
+                print(f"{time.monotonic() - t:.2f}", file=sys.stdout)
+                print(str(e), file=sys.stdout, flush=True)
+            """
+        trainer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), job], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1"))
+        assert trainer.stdout.readline() == "connected\n"
+        time.sleep(2)  # the request is waiting
+        agent.kill()
+        out, err = trainer.communicate(timeout=60)
+    finally:
+        agent.kill()
+        agent.wait()
+        client.stop(job)  # (reclaims what the killed agent left)
+    lines = out.splitlines()
+    assert len(lines) == 2, (out, err)
+    seconds, message = float(lines[0]), lines[1]
+    assert seconds < 10, seconds  # at once, not after the 600 s the request could wait
+    assert message.startswith(f"snapshot agent on {os.uname().nodename} (pid {agent.pid}) closed the connection "
+                              "during 'status'; it died or was killed"), message
+    assert "Exception raised from" not in err and "frame #" not in err and "CapturedTraceback" not in err, err

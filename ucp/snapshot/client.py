@@ -13,8 +13,10 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -23,6 +25,39 @@ from pathlib import Path
 from ucp.errors import AgentError
 from ucp.snapshot import shm
 from ucp.snapshot.discovery import REQUESTS, AgentInfo, discovery_path, is_alive, lock_path, read_info, reclaim
+
+
+_C10D_NOISE = re.compile(rb"^(\[[WE]\d{4} [^]]*\] \[c10d\] .*|Exception raised from .*|frame #\d+: .*|#\d+ .*|"
+                         rb"C\+\+ CapturedTraceback:|<omitting python frames>|\s*)$")
+_stderr_lock = threading.Lock()
+
+
+@contextmanager
+def _c10d_quiet():
+    """Run a call on a store with c10d's C++ log lines kept off stderr. A store call on a connection
+    the agent closed (it died between the liveness check and the call) makes c10d log the error with
+    its C++ stack to file descriptor 2, which no Python setting turns off: the descriptor points to a
+    memory file during the call, and whatever else was written there meanwhile goes to stderr after."""
+    with _stderr_lock:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        sink = os.memfd_create("ucp-c10d", 0)
+        try:
+            os.dup2(sink, 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+            size = os.lseek(sink, 0, os.SEEK_END)
+            if size:
+                os.lseek(sink, 0, os.SEEK_SET)
+                kept = [line for line in os.read(sink, size).splitlines(keepends=True)
+                        if not _C10D_NOISE.match(line.rstrip(b"\n"))]
+                if kept:
+                    os.write(2, b"".join(kept))
+        finally:
+            os.close(sink)
+            os.close(saved)
 
 
 class AgentClient:
@@ -39,33 +74,64 @@ class AgentClient:
             self._store = TCPStore(info.host, info.port, is_master=False, use_libuv=True,
                                    timeout=datetime.timedelta(seconds=timeout))
         except Exception as e:
-            raise AgentError(f"cannot reach the agent of job {info.job!r} (pid {info.pid}, port {info.port}): {e}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # (without c10d's C++ frames)
+            raise AgentError(f"cannot reach the agent of job {info.job!r} (pid {info.pid}, port {info.port}): {first}") from None
         self._sent = 0
 
     def request(self, op: str, wait: float | None = None, **args) -> dict:
         """Send one request and wait for its answer (``wait`` seconds at most, default ``timeout``).
         A request the agent answers later (``begin`` of a slot being written durably, ``drain``)
-        may take longer than ``timeout``: pass ``wait``."""
-        if not is_alive(self.info):
-            raise AgentError(f"the agent of job {self.info.job!r} (pid {self.info.pid}) is gone")
+        may take longer than ``timeout``: pass ``wait``.
+
+        The answer is polled for (``queue_len``, then a pop that cannot block), and the agent's
+        process is looked at before every call on the store: a store call on a connection the agent
+        closed makes c10d log the C++ stack of its error to stderr, and a blocking pop cannot tell
+        that closed connection from a timeout. An agent that dies is reported at once, in one line.
+
+        Raises:
+            AgentError: the agent died (or was killed), refused the request, or did not answer in time.
+        """
         wait = self.timeout if wait is None else wait
+        self._check_alive(op)
         self._sent += 1
         rid = f"{self.id}.{self._sent}"
-        self._store.queue_push(REQUESTS, json.dumps({"op": op, "args": args, "reply": self._reply, "id": rid,
-                                                     "timeout": wait}))
-        self._store.set_timeout(datetime.timedelta(seconds=wait))
+        self._call(op, self._store.queue_push, REQUESTS, json.dumps({"op": op, "args": args, "reply": self._reply,
+                                                                       "id": rid, "timeout": wait}))
+        deadline = time.monotonic() + wait
+        pause = 0.0001
         while True:
-            try:
-                reply = json.loads(self._store.queue_pop(self._reply))
-            except Exception:  # the wait ran out, or the agent's store went away with it
-                alive = "running" if is_alive(self.info) else "gone"
-                raise AgentError(f"the agent of job {self.info.job!r} (pid {self.info.pid}, {alive}) did not "
-                                 f"answer {op!r} within {wait:g} s") from None
-            if reply.get("id") == rid:
-                break  # (an answer to an earlier request that timed out is dropped)
+            self._check_alive(op)
+            if self._call(op, self._store.queue_len, self._reply):
+                reply = json.loads(self._call(op, self._store.queue_pop, self._reply, False))
+                if reply.get("id") == rid:
+                    break
+                continue  # an answer to an earlier request that timed out: dropped
+            if time.monotonic() > deadline:
+                raise AgentError(f"the snapshot agent of job {self.info.job!r} on {os.uname().nodename} (pid "
+                                 f"{self.info.pid}, still running) did not answer {op!r} within {wait:g} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
         if not reply.get("ok"):
             raise AgentError(f"the agent of job {self.info.job!r} refused {op!r}: {reply.get('error')}")
         return reply["result"]
+
+    def _closed(self, op: str) -> AgentError:
+        return AgentError(f"snapshot agent on {os.uname().nodename} (pid {self.info.pid}) closed the connection during "
+                          f"{op!r}; it died or was killed")
+
+    def _check_alive(self, op: str) -> None:
+        if not is_alive(self.info):
+            raise self._closed(op)
+
+    def _call(self, op: str, fn, *args):
+        """``fn(*args)``, a call on the agent's store; a failure (the connection reset or closed) as
+        one line (c10d's message may carry C++ frames: only its first line is kept)."""
+        try:
+            with _c10d_quiet():
+                return fn(*args)
+        except Exception as e:  # torch.distributed.DistNetworkError and kin
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise AgentError(f"{self._closed(op)} ({first})") from None
 
     def hello(self, rank: int | None = None) -> dict:
         return self.request("hello", client=self.id, pid=os.getpid(), rank=rank)
