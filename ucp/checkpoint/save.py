@@ -25,7 +25,8 @@ from ucp.format.values import split_state
 from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
 from ucp.state.tensors import bytes_view, staged
 from ucp.storage import directory as store
-from ucp.storage.rank_files import Cleared, RankFragment, apply_retention, commit_step, prepare_own_step, write_rank_file
+from ucp.storage.rank_files import (Cleared, RankFragment, apply_retention, commit_step, prepare_own_step,
+                                    write_rank_file)
 
 
 def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
