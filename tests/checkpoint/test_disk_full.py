@@ -153,3 +153,17 @@ def test_the_rank_file_writer_names_its_file_when_the_disk_is_full(tmp_path, mon
     with pytest.raises(OSError) as e:
         write_file(path, [Entry("t", "F32", (2,), memoryview(b"\0" * 8))])
     assert e.value.filename == str(path) and e.value.errno == errno.ENOSPC
+
+
+@pytest.mark.dist
+@pytest.mark.fault
+def test_a_full_disk_on_one_rank_is_one_line_on_every_rank_naming_its_file(world2, tmp_path):
+    from tests.checkpoint import writer_workloads
+
+    root = tmp_path / "ck"
+    out = world2.run(writer_workloads.full_disk_on_rank, str(root), 1)
+    named = f"{store.step_dir(root, 2) / store.rank_file(1)}: No space left on device"
+    for r in out:
+        assert r["error"] == f"DistributedStorageError: phase 'write' failed on rank 1: {named}", r
+        assert r["after_failure"] == [1]  # rank 0 cleared the failed save's directory
+        assert r["complete"] == [1, 3]

@@ -35,3 +35,37 @@ def save_steps(root: str, seed: int, steps: list[int], pause: float) -> list[str
 def close_all() -> None:
     while _OPEN:
         _OPEN.pop().close()
+
+
+def full_disk_on_rank(root: str, victim: int) -> dict:
+    """Save step 1; then step 2 with rank ``victim``'s file write failing as a full disk fails it
+    (ENOSPC naming no file); then step 3 normally. Returns the step-2 error and what was on storage."""
+    import errno
+
+    import ucp
+    import ucp.checkpoint.save as save_module
+    import torch.distributed as dist
+    from ucp.storage import directory as store
+
+    torch.manual_seed(0)
+    ck = ucp.Checkpointer(root, model=nn.Linear(16, 16), options=ucp.CheckpointOptions(fsync=False))
+    ck.save(1)
+    real = save_module.write_rank_file
+    if dist.get_rank() == victim:
+        def full(directory, rank, *a, **k):
+            (directory / store.rank_file(rank)).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        save_module.write_rank_file = full
+    try:
+        ck.save(2)
+        error = None
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        save_module.write_rank_file = real
+    dist.barrier()
+    after_failure = [s for s, _ in store.list_steps(root, complete=False)]
+    ck.save(3)
+    ck.close()
+    return {"error": error, "after_failure": after_failure, "complete": [s for s, _ in store.list_steps(root)]}
