@@ -50,7 +50,7 @@ from ucp.plan.consolidate import Source, TensorPlan, consolidate_plan, source_ru
 from ucp.storage import directory as store
 from ucp.storage.arena import Arena
 from ucp.storage.fragment_files import FragmentFiles
-from ucp.storage.manifest_io import read_manifest
+from ucp.storage.manifest_io import gone, read_manifest
 from ucp.storage.staging import Staging, UrlTarget, is_url
 from ucp.storage.universal_io import FRAGMENT_TABLE, ZARR_JSON, create_groups, header_document, put_array, shard_rel
 
@@ -124,7 +124,7 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
     record = _source(source, src, step, spec, settings)
     path, manifest, facts = record.path, record.manifest, record.facts
     if record.decode is None:
-        check_fragment_extents(path, manifest.fragments)
+        check_fragment_extents(path, manifest.fragments, committed=record.verify)
     target = _target(dst, fsync)
     if record.spec_applied:
         spec_text, patterns = record.spec_text, {}  # (the importer made the manifest's patterns)
@@ -159,7 +159,7 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
                          manifest.nbytes, nfiles, time.perf_counter() - t0, arena.size)
 
 
-def check_fragment_extents(directory: Path, fragments) -> None:
+def check_fragment_extents(directory: Path, fragments, committed: bool = False) -> None:
     """Refuse fragments whose byte ranges the files on disk cannot hold: each must end within its
     file's actual size, and no two of one file may share bytes (so the tensors declared hold at most
     the bytes the files hold, whatever a manifest says). One ``stat`` per file.
@@ -175,6 +175,8 @@ def check_fragment_extents(directory: Path, fragments) -> None:
         try:
             size = file.stat().st_size
         except FileNotFoundError:
+            if committed and not (Path(directory) / store.MANIFEST).exists():  # (a ucp checkpoint pruned meanwhile)
+                raise gone(Path(directory), name) from None
             raise CorruptCheckpointError(f"{file}: data file is missing") from None
         end, last = 0, None
         for f in sorted((f for f in frags if f.length), key=lambda f: f.offset):
