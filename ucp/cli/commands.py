@@ -166,9 +166,11 @@ def convert(args) -> int:
     for item in args.set or ():
         name, eq, value = item.partition("=")
         value = value.strip()
-        if not eq or not name.isidentifier() or not (value.isascii() and value.isdigit()):
-            raise OptionsError(f"--set {item}: use NAME=N with a non-negative integer N, e.g. --set vocab=50257")
-        settings[name] = int(value)
+        digits = value.lstrip("0") or "0"
+        if (not eq or not name.isidentifier() or not name.isascii() or not (value.isascii() and value.isdigit())
+                or len(digits) > 19 or int(digits) >= 1 << 63):
+            raise OptionsError(f"--set {_brief(item)}: use NAME=N with an integer 0 <= N < 2^63, e.g. --set vocab=50257")
+        settings[name] = int(digits)
     if settings and args.spec is None:
         raise OptionsError("--set gives model settings to a spec; pass one with --spec")
     result = _with_progress("convert", args.quiet, lambda progress, total: run_convert(
@@ -257,7 +259,7 @@ def agent(args) -> int:
     if args.action == "stop":
         print(client.stop(args.job))
         return 0
-    jobs = [shm.check_job(args.job)] if args.job else client.discovered_jobs()
+    jobs = [shm.check_job(args.job)] if args.job is not None else client.discovered_jobs()
     report = []
     for job in jobs:
         info = discovery.read_info(job)
@@ -269,7 +271,7 @@ def agent(args) -> int:
             entry["leftovers"] = sorted(n for n in shm.listing(shm.prefix(job)) if not n.endswith(".agent.lock"))
         report.append(entry)
     if args.json:
-        print(json.dumps(report if not args.job else report[0], indent=2))
+        print(json.dumps(report if args.job is None else report[0], indent=2))
         return 0 if all(e["running"] for e in report) else 2
     if not report:
         print("no ucp agent on this node")
