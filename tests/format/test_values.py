@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from tests.helpers import same
 from ucp.errors import CaptureError, FormatError
 from ucp.state.rng import capture_rng, restore_rng
-from ucp.format.values import decode, encode
+from ucp.format.jsonio import parse_json
+from ucp.format.values import MAX_DEPTH, decode, encode
 
 def through_json(value, path="state"):
     text = json.dumps(encode(value, path), allow_nan=False)  # strict JSON: no NaN literals
@@ -251,3 +252,34 @@ def test_malformed_tagged_values_raise_format_error(bad):
 
 def test_decode_of_dict_with_tag_among_other_keys_is_a_plain_dict():
     assert decode({"$tuple": [1], "other": 2}) == {"$tuple": [1], "other": 2}
+
+
+def test_values_nested_deeper_than_documents_allow_are_refused_at_encode():
+    # the deepest value a manifest can still read back (parse_json's bound) is accepted and round-trips
+    deep = []
+    for _ in range(MAX_DEPTH - 1):
+        deep = [deep]
+    assert decode(parse_json(json.dumps({"state": {"shared": {"x": encode(deep)}}}), "m"))["state"]["shared"]["x"] \
+        == deep
+    with pytest.raises(CaptureError, match=r"state\[0\]\[0\].*: nested deeper than 40 levels"):
+        encode([deep])
+    deep = ()
+    for _ in range(100_000):  # (no RecursionError either, far past the bound)
+        deep = (deep, {1: deep})
+        if len(str(deep)) > 10**6:
+            break
+    with pytest.raises(CaptureError, match="nested deeper than"):
+        encode(deep)
+
+
+def test_a_cyclic_value_is_refused_not_a_recursion_error():
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(CaptureError, match=r"state(\[0\])+: nested deeper than 40 levels \(or containing itself\)"):
+        encode(loop)
+
+
+def test_a_tensor_declaring_a_shape_without_its_bytes_is_refused():
+    with pytest.raises(FormatError, match=r"state: malformed \$tensor value \(shape \[1073741824\] without data\)"):
+        decode({"$tensor": {"dtype": "float32", "shape": [1 << 30], "data": ""}})
+    assert decode({"$tensor": {"dtype": "float32", "shape": [0, 3], "data": ""}}).shape == (0, 3)

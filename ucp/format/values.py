@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 _TAGS = ("$tuple", "$dict", "$float", "$bytes", "$ndarray", "$tensor")
 
+MAX_DEPTH = 40
+"""How deep an encoded value may nest (JSON arrays and objects, tags included): every document that
+carries values (manifest, universal header, snapshot header) must stay within
+:data:`ucp.format.jsonio.MAX_DEPTH` with the levels above them, so a deeper value is refused when it
+is saved, not found unreadable when it is loaded (and a cyclic one ends there, not in RecursionError)."""
+
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
@@ -37,22 +43,26 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[str, bytes]:
     return dtype_name(t.dtype), t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def encode(value, path: str = "state"):
-    """Turn ``value`` into typed JSON; raises CaptureError naming ``path`` for unsupported values."""
+def encode(value, path: str = "state", _depth: int = 0):
+    """Turn ``value`` into typed JSON; raises CaptureError naming ``path`` for unsupported values and for
+    values nested deeper than :data:`MAX_DEPTH` (cyclic ones included)."""
+    if isinstance(value, (list, tuple, dict)) and _depth + (1 if isinstance(value, (list, dict)) else 2) > MAX_DEPTH:
+        raise CaptureError(f"{path}: nested deeper than {MAX_DEPTH} levels (or containing itself); flatten it")
     if isinstance(value, (np.integer, np.floating, np.bool_)):  # before float: np.float64 is a float
-        return encode(value.item(), path)
+        return encode(value.item(), path, _depth)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else {"$float": repr(float(value))}
     if isinstance(value, list):
-        return [encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [encode(v, f"{path}[{i}]", _depth + 1) for i, v in enumerate(value)]
     if isinstance(value, tuple):
-        return {"$tuple": [encode(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+        return {"$tuple": [encode(v, f"{path}[{i}]", _depth + 2) for i, v in enumerate(value)]}
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
-            return {k: encode(v, f"{path}.{k}") for k, v in value.items()}
-        return {"$dict": [[encode(k, f"{path}<key>"), encode(v, f"{path}[{k!r}]")] for k, v in value.items()]}
+            return {k: encode(v, f"{path}.{k}", _depth + 1) for k, v in value.items()}
+        return {"$dict": [[encode(k, f"{path}<key>", _depth + 3), encode(v, f"{path}[{k!r}]", _depth + 3)]
+                          for k, v in value.items()]}
     if isinstance(value, (bytes, bytearray)):
         return {"$bytes": _b64(bytes(value))}
     if isinstance(value, np.ndarray):
@@ -98,6 +108,8 @@ def decode(value, path: str = "state"):
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {body['dtype']!r}")
             if not raw:
+                if math.prod(body["shape"]) != 0:  # (a declared shape is never allocated without its bytes)
+                    raise ValueError(f"shape {body['shape']} without data")
                 return torch.empty(body["shape"], dtype=dtype)
             return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(body["shape"]).clone()
         except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ucp.convert.foreign.source import SourceRecord, refuse_step
 from ucp.convert.foreign.torch_file import BoundedUnpickler, PickleStream
-from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatError
+from ucp.errors import CaptureError, CheckpointNotFoundError, CorruptCheckpointError, FormatError
 from ucp.format import values
 from ucp.format.box import Box
 from ucp.format.dtypes import DTYPES, dtype_name
@@ -352,10 +352,13 @@ def dcp_source(src, step: int | None = None, spec=None, settings: dict | None = 
         sizes[name] = files.size(name)
     if not tensors:
         raise CheckpointNotFoundError(f"{where_md}: the checkpoint holds no tensor")
-    shared = {"extras": values.encode(extras, "extras")}
-    if groups:
-        param_groups = [groups[i] for i in sorted(groups)]
-        shared["optimizer"] = values.encode({"scalars": scalars, "param_groups": param_groups}, "optimizer")
+    try:
+        shared = {"extras": values.encode(extras, "extras")}
+        if groups:
+            param_groups = [groups[i] for i in sorted(groups)]
+            shared["optimizer"] = values.encode({"scalars": scalars, "param_groups": param_groups}, "optimizer")
+    except CaptureError as e:  # (a value of a blob that typed JSON cannot hold, or nested too deep)
+        raise CorruptCheckpointError(f"{directory}: {e}") from None
     manifest = Manifest(step, Layout.single(), tensors, tuple(fragments), {"shared": shared, "ranks": {}},
                         files=sizes, created_by=FORMAT)
     try:
