@@ -119,10 +119,17 @@ def deepspeed_source(src, step: int | None = None, spec=None, settings: dict | N
     directory, tag = checkpoint_dir(src)
     prefix = _refuse_unsupported(directory)
     stage3 = not (directory / MODEL_FILE).is_file() and (directory / ZERO3_MODEL_FILE.format(rank=0, mp=0)).is_file()
-    if stage3:
-        directory, manifest, facts, files, spec_text = zero3_manifest(directory, spec, settings, prefix)
-    else:
-        directory, manifest, facts, files, spec_text = _zero12(directory, spec, settings, prefix)
+    try:
+        if stage3:
+            directory, manifest, facts, files, spec_text = zero3_manifest(directory, spec, settings, prefix)
+        else:
+            directory, manifest, facts, files, spec_text = _zero12(directory, spec, settings, prefix)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        # The files' pickles are read as plain data (no DeepSpeed classes run): a value of the wrong type or
+        # shape where DeepSpeed writes another (a str for a size, a list for a dict) surfaces here, said in
+        # one line naming the save rather than as the Python error of whichever access met it first.
+        raise CorruptCheckpointError(f"{directory}: its files do not hold what a DeepSpeed save holds "
+                                     f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     facts["bf16"] = prefix == "bf16_"
     facts["tag"] = tag
     if spec is not None:
