@@ -165,3 +165,107 @@ def test_a_rank_killed_in_save_under_torchrun_restarts_both_from_memory_with_the
         assert min(losses) == complete + 1 and max(losses) == 8
     finally:
         _stop_and_check_clean(job)
+
+
+def _kill_agent(job: str) -> None:
+    import os
+    import signal
+    import time
+
+    info = agent_mod.read_info(job)
+    os.kill(info.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while agent_mod.is_alive(info):
+        assert time.monotonic() < deadline, "the agent did not die"
+        time.sleep(0.02)
+
+
+def _snapshots(tmp_path, job: str, steps, **options):
+    """A trainer's snapshots of ``steps``; the state after each."""
+    m, opt = tiny_model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job, **options))
+    states = {}
+    for s in steps:
+        train_step(m, opt, s)
+        ck.save(s)
+        states[s] = state_of(m, opt)
+    ck.wait()
+    return states
+
+
+def _restart_and_load(tmp_path, job: str):
+    """A relaunched trainer's load (its agent started afresh): the result, the state, the warnings."""
+    import warnings
+
+    m, opt = tiny_model(seed=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
+    return res, state_of(m, opt), [str(w.message) for w in caught if "ucp:" in str(w.message)]
+
+
+def _corrupt(job: str, step: int) -> str:
+    """Flip one byte of the first fragment of the slot holding ``step``; that slot's name."""
+    for slot in (0, 1):
+        path = shm.SHM_DIR / f"{shm.prefix(job)}r0.s{slot}.json"
+        header = json.loads(path.read_text()) if path.exists() else {}
+        if header.get("step") == step:
+            f = header["fragments"][0]
+            with open(shm.SHM_DIR / f["file"], "r+b") as data:
+                data.seek(f["offset"] + f["length"] // 2)
+                byte = data.read(1)
+                data.seek(-1, 1)
+                data.write(bytes([byte[0] ^ 0x10]))
+            return f"r0.s{slot}"
+    raise AssertionError(f"no slot holds step {step}")
+
+
+def test_a_killed_agents_intact_snapshots_are_taken_over_and_load_bit_exactly(tmp_path, job):
+    states = _snapshots(tmp_path, job, (1, 2, 3))
+    _kill_agent(job)  # SIGKILL: its snapshots stay in /dev/shm
+    res, got, said = _restart_and_load(tmp_path, job)
+    assert res.source == "memory" and res.step == 3, res
+    assert bit_diffs(states[3], got) == []
+    assert said == []
+    status = client.connect(job).status()
+    assert sorted(status["adopted"].values()) == [2, 3] and status["discarded"] == {}
+    _stop_and_check_clean(job)
+
+
+def test_a_damaged_snapshot_of_a_killed_agent_is_discarded_and_named_and_the_load_falls_back(tmp_path, job):
+    states = _snapshots(tmp_path, job, (1, 2, 3), persist_every=2)  # step 2 durable too
+    _kill_agent(job)
+    newest = _corrupt(job, 3)
+    res, got, said = _restart_and_load(tmp_path, job)  # step 2, in memory and intact
+    assert res.source == "memory" and res.step == 2 and bit_diffs(states[2], got) == []
+    assert len(said) == 1 and f"{newest} (step 3: fragment" in said[0] and "fails its checksum" in said[0], said
+    assert said[0].endswith("resuming from step 2 in memory") and "\n" not in said[0], said
+
+    _kill_agent(job)  # the other one damaged too: the durable tier, said in one line
+    _corrupt(job, 2)
+    res, got, said = _restart_and_load(tmp_path, job)
+    assert res.source == "durable" and res.step == 2 and bit_diffs(states[2], got) == []
+    assert len(said) == 1 and "(step 2: fragment" in said[0] and "fails its checksum" in said[0], said
+    assert said[0].endswith("resuming from durable step 2") and "\n" not in said[0], said
+    _stop_and_check_clean(job)
+
+
+def test_a_snapshot_taken_over_is_not_loaded_when_the_job_went_on_durably(tmp_path, job):
+    m, opt = tiny_model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job, timeout=10))
+    train_step(m, opt, 1)
+    ck.save(1)
+    ck.wait()
+    _kill_agent(job)  # the trainer goes on with durable saves
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in (2, 3):
+            train_step(m, opt, s)
+            ck.save(s)
+    want = state_of(m, opt)
+    res, got, said = _restart_and_load(tmp_path, job)
+    assert res.source == "durable" and res.step == 3 and bit_diffs(want, got) == []
+    assert len(said) == 1 and "step 1, taken over from a dead agent) is older than durable step 3" in said[0], said
+    _stop_and_check_clean(job)

@@ -30,6 +30,7 @@ from ucp.snapshot.recovery import SnapshotParity, find_recoverable, rebuild_lost
 from ucp.snapshot.shm import SHM_DIR
 from ucp.state.capture import normalize_fqn
 from ucp.state.tensors import snapshot_source
+from ucp.storage import directory as store
 
 
 class Snapshots:
@@ -296,21 +297,41 @@ class Snapshots:
         tier = self._memory()
         host = os.uname().nodename
         node = f"{host}:{tier.client.info.pid}"  # a node is an agent
-        # which snapshots each node holds (summaries), then the chosen one's headers, once per node
-        nodes = coll.phase("memory", lambda: (node, [dict(h, host=h.get("host") or host)
-                                                     for h in tier.node_headers(summary=True)],
-                                              tier.node_parity(summary=True)))
+
+        def held():  # which snapshots each node holds (summaries), what its agent took over or discarded
+            status = tier.client.status()
+            return (node, [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)],
+                    tier.node_parity(summary=True),
+                    {k: status.get(k) for k in ("adopted", "discarded", "predecessor")},
+                    self._durable_step(step) if coll.rank == 0 else None)
+
+        gathered = coll.phase("memory", held)
+        durable = gathered[0][4]
+        nodes = [(n, h, r) for n, h, r, _, _ in gathered]
         per_node = {n: (held, records) for n, held, records in nodes}
         unique = [h for held, _ in per_node.values() for h in held if step is None or h["step"] == step]
         newest = restorable(unique)
         rec, why = find_recoverable([(n, held, records) for n, (held, records) in per_node.items()], step)
         if rec is not None and newest is not None and newest[0] >= rec.step:
             rec = None
+        if newest is not None and rec is None and durable is not None and durable > newest[0] and \
+                any(h.get("adopted") for h in unique if (h["step"], h["world_size"]) == newest):
+            # taken over from a dead agent, while the job went on saving durably: not the newest state
+            why = (f"the newest snapshot in memory (step {newest[0]}, taken over from a dead agent) is older than "
+                   f"durable step {durable}")
+            newest = None
         if newest is None and rec is None:
-            if why and coll.rank == 0:
-                warnings.warn(f"ucp: {why}; loading the newest durable checkpoint instead", RuntimeWarning, stacklevel=3)
+            if coll.rank == 0:
+                self._say_fallback(step, why, unique, {n: st for n, _, _, st, _ in gathered}, durable)
             return None
         chosen_step, world = (rec.step, rec.world_size) if rec is not None else newest
+        lost = {n: st["discarded"] for n, _, _, st, _ in gathered if st.get("discarded")}
+        if lost and coll.rank == 0:
+            damaged = "; ".join(f"the snapshot agent on {n.rsplit(':', 1)[0]} had died and its damaged snapshots were "
+                                f"discarded: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.items()))
+                                for n, d in sorted(lost.items()))
+            warnings.warn(" ".join(f"ucp: {damaged}; resuming from step {chosen_step} in memory".split()),
+                          RuntimeWarning, stacklevel=3)
         speaker = min(r for r, (n, _, _) in enumerate(nodes) if n == node)  # this node's lowest rank
 
         def headers():
@@ -365,6 +386,40 @@ class Snapshots:
             self.free_rebuilt()
             raise
         return SHM_DIR, built["manifest"]
+
+    def _durable_step(self, step: int | None) -> int | None:
+        """The step a load from the durable tier would resume (rank 0): the newest complete
+        checkpoint under the root, or ``step`` when it is there; None when there is none."""
+        steps = [s for s, _ in store.list_steps(self.root)]
+        if step is not None:
+            return step if step in steps else None
+        return steps[-1] if steps else None
+
+    @staticmethod
+    def _say_fallback(step, why: str, held: list[dict], status: dict, durable: int | None) -> None:
+        """Warn, in one line, that the load does not come from memory: what was lost and why, and
+        the durable step it resumes (nothing is said for a job's first start, with nothing anywhere)."""
+        reasons = [why] if why else []
+        for node, st in sorted(status.items()):
+            where = node.rsplit(":", 1)[0]
+            if st.get("discarded"):
+                damaged = ", ".join(f"{k} ({v})" for k, v in sorted(st["discarded"].items()))
+                reasons.append(f"the snapshot agent on {where} had died (pid {st.get('predecessor')}) and its "
+                               f"damaged snapshots were discarded: {damaged}")
+            elif st.get("predecessor") is not None and not st.get("adopted"):
+                reasons.append(f"the snapshot agent on {where} had died (pid {st['predecessor']}) and left no "
+                               f"snapshot")
+        if not reasons and held:
+            reasons.append(f"no snapshot{'' if step is None else f' of step {step}'} in memory has every rank "
+                           "committed")
+        if not reasons and durable is None:
+            return  # a first start: nothing was lost
+        if not reasons:
+            reasons.append(f"no snapshot{'' if step is None else f' of step {step}'} is in memory")
+        then = (f"resuming from durable step {durable}" if durable is not None
+                else "and there is no durable checkpoint to resume from")
+        text = " ".join("; ".join(reasons).split())  # one line
+        warnings.warn(f"ucp: not resuming from memory: {text}; {then}", RuntimeWarning, stacklevel=4)
 
     def free_rebuilt(self) -> None:
         """Free the segments a load rebuilt from parity (every rank has read them: the load's last

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ucp.errors import AgentError, UcpError
 from ucp.snapshot.agent_state import Agent, Deferred
-from ucp.snapshot.discovery import REQUESTS, AgentInfo, discovery_path, is_alive, process_start_time, read_info, reclaim
+from ucp.snapshot.discovery import REQUESTS, AgentInfo, discovery_path, is_alive, process_start_time, read_info, reclaim  # noqa: F401 - (re-exported)
 from ucp.storage.atomic import write_atomic
 
 
@@ -48,7 +48,8 @@ def serve(job: str, host: str = "127.0.0.1", ready=None) -> None:
     running = read_info(job) if discovery_path(job).exists() else None
     if running is not None and is_alive(running):
         raise AgentError(f"an agent of job {job!r} already runs on this node (pid {running.pid})")
-    reclaim(job)  # a crashed agent's segments and discovery file
+    agent.predecessor = running.pid if running is not None else None
+    agent.adopt()  # a crashed agent's intact snapshots are kept; the rest of what it left is removed
     store = TCPStore(host, 0, is_master=True, wait_for_workers=False, use_libuv=True,
                      timeout=datetime.timedelta(seconds=1))
     info = AgentInfo(job=agent.job, pid=os.getpid(), start_time=process_start_time(os.getpid()),

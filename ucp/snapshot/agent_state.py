@@ -12,17 +12,20 @@ import threading
 import time
 from pathlib import Path
 
+from ucp.codecs.checksum import fragment_checksums
 from ucp.errors import AgentError, FormatError
+from ucp.format.jsonio import parse_json
 from ucp.snapshot import persist, shm
 from ucp.snapshot.discovery import discovery_path, lock_path, read_info
 from ucp.storage.atomic import write_atomic
 from ucp.storage.directory import step_dir
 
-_SUMMARY = ("rank", "slot", "step", "world_size", "complete", "host", "token")  # a header's fields ``slots`` summarizes
+_SUMMARY = ("rank", "slot", "step", "world_size", "complete", "host", "token", "adopted")  # a header's fields ``slots`` summarizes
 # the fields of a parity record ``parity`` summarizes (docs/erasure.md section 7)
 _PARITY_SUMMARY = ("rank", "slot", "step", "token", "world_size", "members", "index", "m", "stripe", "sizes")
 _DATA = re.compile(r"\.r\d+\.s[01]\Z")  # segment names: snapshot data
 _PARITY = re.compile(r"\.r\d+\.p[01]\Z")  # segment names: parity
+_HEADER = re.compile(r"r(\d{1,9})\.s([01])\.json")  # a slot's header file, after the job's prefix
 
 
 class Deferred:
@@ -46,6 +49,9 @@ class Agent:
         self.stopping = threading.Event()
         self.abandon = threading.Event()  # stop waiting for other ranks' files (a shutdown without flush)
         self.started = time.time()
+        self.adopted: dict[str, int] = {}  # "r<rank>.s<slot>" -> step: a dead agent's intact snapshots, taken over
+        self.discarded: dict[str, str] = {}  # "r<rank>.s<slot>" -> why a dead agent's snapshot was not taken over
+        self.predecessor: int | None = None  # the pid of the dead agent whose leftovers this one found
         # persistence (docs/agent.md section 5); every field below is guarded by ``lock``
         self.lock = threading.Condition(threading.RLock())
         self.config: dict[int, dict] = {}  # rank -> where and what it persists
@@ -90,6 +96,7 @@ class Agent:
                 "persisting": sum(self.inflight.values()),
                 "parity": {f"{r}.{s}": {"step": p["step"], "members": p["members"], "m": p["m"]}
                            for (r, s), p in sorted(self.parity.items())},
+                "adopted": dict(self.adopted), "discarded": dict(self.discarded), "predecessor": self.predecessor,
                 "data_bytes": sum(n for name, n in self.segments.items() if _DATA.search(name)),
                 "parity_bytes": sum(n for name, n in self.segments.items() if _PARITY.search(name))}
 
@@ -110,6 +117,77 @@ class Agent:
         existed = self.segments.pop(full, None) is not None
         shm.unlink(full)
         return {"freed": existed}
+
+    def adopt(self) -> None:
+        """Take over what a dead agent of this job left in shared memory (docs/agent.md section 1):
+        each slot whose header is well formed and whose data segment holds every fragment with its
+        checksums is kept, as it was (``adopted``); a damaged one is removed and named with the
+        reason (``discarded``); everything else of the job's prefix (parity, whose records died with
+        the agent, rebuilt segments, temporary files, the old discovery file) is removed."""
+        pre = shm.prefix(self.job)
+        files = shm.listing(pre)
+        keep = set()
+        for name in files:
+            m = _HEADER.fullmatch(name[len(pre):])
+            if m is None:
+                continue
+            rank, slot = int(m.group(1)), int(m.group(2))
+            what = f"r{rank}.s{slot}"
+            try:
+                header, data = self._intact(shm.SHM_DIR / name, pre + what, files, rank, slot)
+            except (AgentError, FormatError) as e:
+                self.discarded[what] = str(e)
+                print(f"ucp agent: discarded the snapshot in {shm.SHM_DIR / name}: {e}", file=sys.stderr, flush=True)
+                continue
+            self.slots[(rank, slot)] = dict(header, adopted=True)
+            self.segments[data] = files[data]
+            self.adopted[what] = header["step"]
+            keep.update((name, data))
+        for name in files:
+            if name not in keep and not name.endswith(".agent.lock"):
+                shm.unlink(name)
+
+    @staticmethod
+    def _intact(path: Path, data: str, files: dict, rank: int, slot: int) -> tuple[dict, str]:
+        """The header in ``path`` of slot ``slot`` of ``rank`` and the name of its data segment,
+        once every fragment is found in the segment with its checksums."""
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise AgentError(f"cannot read the header: {e.strerror or e}") from None
+        header = parse_json(raw, str(path))
+        try:
+            step, size, fragments = header["step"], header["file_size"], header["fragments"]
+            ok = (header["format"] == "ucp.snapshot" and header["rank"] == rank and header["slot"] == slot
+                  and isinstance(step, int) and isinstance(size, int) and isinstance(fragments, list))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise AgentError("its header is not a snapshot header of that slot")
+        if files.get(data) != size:
+            raise AgentError(f"step {step}: its data segment {data} is "
+                             + ("missing" if data not in files else f"{files[data]} bytes, the header says {size}"))
+        seg = shm.attach(data) if fragments else None
+        try:
+            for f in fragments:
+                try:
+                    lo, n, crc, blocks = f["offset"], f["length"], f["crc32c"], tuple(f["blocks"])
+                    if f["file"] != data or not 0 <= lo <= lo + n <= size:
+                        raise ValueError
+                except (KeyError, TypeError, ValueError):
+                    raise AgentError(f"step {step}: fragment {f.get('key') if isinstance(f, dict) else f!r} is "
+                                     "not placed in its data segment") from None
+                view = memoryview(seg.buf)[lo:lo + n]
+                try:
+                    got = fragment_checksums(view)
+                finally:
+                    view.release()
+                if got != (crc, blocks):
+                    raise AgentError(f"step {step}: fragment {f['key']!r} fails its checksum")
+        finally:
+            if seg is not None:
+                seg.close()
+        return header, data
 
     # -- snapshot slots (docs/agent.md section 4) ---------------------------------------------
     def _slot(self, rank: int, slot: int) -> str:

@@ -185,7 +185,7 @@ def ensure_agent(job: str, timeout: float = 30.0, log: Path | None = None) -> Ag
         client = connect(job, timeout)
         if client is not None:
             return client
-        reclaim(job)
+        # (a dead agent's leftovers: the new agent takes over its intact snapshots and removes the rest)
         cmd = [sys.executable, "-m", "ucp.snapshot.agent", "--job", job, "--daemon"]
         if log is not None:
             cmd += ["--log", str(log)]
