@@ -262,3 +262,18 @@ def test_an_agent_killed_during_a_request_is_one_line_at_once_without_cpp_frames
     assert message.startswith(f"snapshot agent on {os.uname().nodename} (pid {agent.pid}) closed the connection "
                               "during 'status'; it died or was killed"), message
     assert "Exception raised from" not in err and "frame #" not in err and "CapturedTraceback" not in err, err
+
+
+def test_a_dead_agents_malformed_or_incomplete_slots_are_discarded_and_named(job):
+    pre = shm.prefix(job)
+    (shm.SHM_DIR / f"{pre}r0.s0.json").write_bytes(b"[[[[")  # not JSON
+    header = {"format": "ucp.snapshot", "rank": 1, "slot": 1, "step": 7, "complete": True, "world_size": 2,
+              "file_size": 128, "fragments": []}
+    (shm.SHM_DIR / f"{pre}r1.s1.json").write_text(json.dumps(header))  # its data segment is gone
+    (shm.SHM_DIR / f"{pre}r0.p0").write_bytes(b"\0" * 64)  # parity: its record died with the agent
+    a = agent_mod.Agent(job)
+    a.adopt()
+    assert sorted(a.discarded) == ["r0.s0", "r1.s1"] and a.adopted == {} and a.slots == {}
+    assert "not JSON" in a.discarded["r0.s0"] or "JSON" in a.discarded["r0.s0"], a.discarded
+    assert a.discarded["r1.s1"] == f"step 7: its data segment {pre}r1.s1 is missing"
+    assert _leftovers(job) == {}

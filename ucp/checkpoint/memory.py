@@ -367,8 +367,10 @@ class Snapshots:
                 self.free_rebuilt()
                 if coll.rank == 0:
                     why = " ".join(str(e).split())
-                    warnings.warn(f"ucp: the snapshot of step {rec.step} cannot be rebuilt from parity ({why}); "
-                                  "loading the newest durable checkpoint instead", RuntimeWarning, stacklevel=3)
+                    then = (f"resuming from durable step {durable}" if durable is not None
+                            else "and there is no durable checkpoint to resume from")
+                    warnings.warn(f"ucp: not resuming from memory: the snapshot of step {rec.step} cannot be rebuilt "
+                                  f"from parity ({why}); {then}", RuntimeWarning, stacklevel=3)
                 return None
             chosen += [h for held in rebuilt for h in held]
             self.rebuilt_ranks = tuple(rec.lost)

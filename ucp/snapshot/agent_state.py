@@ -159,7 +159,9 @@ class Agent:
         try:
             step, size, fragments = header["step"], header["file_size"], header["fragments"]
             ok = (header["format"] == "ucp.snapshot" and header["rank"] == rank and header["slot"] == slot
-                  and isinstance(step, int) and isinstance(size, int) and isinstance(fragments, list))
+                  and isinstance(step, int) and isinstance(size, int) and isinstance(fragments, list)
+                  and isinstance(header["complete"], bool) and isinstance(header["world_size"], int)
+                  and all(isinstance(f, dict) for f in fragments))
         except (KeyError, TypeError):
             ok = False
         if not ok:
@@ -175,15 +177,14 @@ class Agent:
                     if f["file"] != data or not 0 <= lo <= lo + n <= size:
                         raise ValueError
                 except (KeyError, TypeError, ValueError):
-                    raise AgentError(f"step {step}: fragment {f.get('key') if isinstance(f, dict) else f!r} is "
-                                     "not placed in its data segment") from None
+                    raise AgentError(f"step {step}: fragment {f.get('key')!r} is not placed in its data segment") from None
                 view = memoryview(seg.buf)[lo:lo + n]
                 try:
                     got = fragment_checksums(view)
                 finally:
                     view.release()
                 if got != (crc, blocks):
-                    raise AgentError(f"step {step}: fragment {f['key']!r} fails its checksum")
+                    raise AgentError(f"step {step}: fragment {f.get('key')!r} fails its checksum")
         finally:
             if seg is not None:
                 seg.close()
