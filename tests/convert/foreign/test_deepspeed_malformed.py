@@ -24,6 +24,8 @@ CASES = {
     "param_shapes a string": ({"param_shapes": "x"}, {}),
     "param_shapes of strings": ({"param_shapes": ["x"]}, {}),
     "module a list": ({"module": [1]}, {}),
+    "a shape a string": ({"param_shapes": [{"w": "22"}]}, {}),  # (was read as [2, 2])
+    "a shape of floats": ({"param_shapes": [{"w": [4.0]}]}, {}),
     "zero_stage a string": ({}, {"zero_stage": "x"}),
     "flat groups a string": ({}, {"single_partition_of_fp32_groups": "x"}),
     "slice mappings a string": ({}, {"param_slice_mappings": "x"}),

@@ -206,13 +206,39 @@ def flat_sources(entry, g: int, size: int, directory: Path) -> dict:
     return sources
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+
+
 def model_file(directory: Path, name: str):
+    """A model-states file's dict, its fields checked for the types DeepSpeed writes: ``param_shapes`` a
+    list of ``{name: shape}`` with shapes lists of integers >= 0 (never a string read as digits),
+    ``module`` a dict, the world sizes and the step integers."""
     where = directory / name
     model = load_pt(where)
     try:
-        model["param_shapes"], model["module"]  # noqa: B018 - both must be there
+        shapes, module = model["param_shapes"], model["module"]
     except (KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{where}: not a DeepSpeed model-states file (missing {e})") from None
+
+    def refuse(what: str, value) -> None:
+        text = " ".join(repr(value).split())
+        raise CorruptCheckpointError(f"{where}: {what} is {type(value).__name__} "
+                                     f"{text if len(text) <= 40 else text[:37] + '...'}, not what DeepSpeed writes")
+
+    if not isinstance(shapes, list):
+        refuse("param_shapes", shapes)
+    for group in shapes:
+        if not isinstance(group, dict):
+            refuse("a group of param_shapes", group)
+        for fqn, shape in group.items():
+            if not isinstance(fqn, str) or not isinstance(shape, (tuple, list)) or not all(map(_whole, shape)):
+                refuse(f"the shape of {fqn!r}", shape)
+    if module is not None and not isinstance(module, dict):
+        refuse("module", module)
+    for key in ("dp_world_size", "mp_world_size", "global_steps"):
+        if model.get(key) is not None and not _whole(model[key]):
+            refuse(key, model[key])
     return model
 
 
