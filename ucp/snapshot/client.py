@@ -39,7 +39,8 @@ def _c10d_quiet():
     its C++ stack to file descriptor 2, which no Python setting turns off: the descriptor points to a
     memory file during the call, and whatever else was written there meanwhile goes to stderr after."""
     with _stderr_lock:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
         saved = os.dup(2)
         sink = os.memfd_create("ucp-c10d", 0)
         try:
@@ -53,8 +54,9 @@ def _c10d_quiet():
                 os.lseek(sink, 0, os.SEEK_SET)
                 kept = [line for line in os.read(sink, size).splitlines(keepends=True)
                         if not _C10D_NOISE.match(line.rstrip(b"\n"))]
-                if kept:
-                    os.write(2, b"".join(kept))
+                out = memoryview(b"".join(kept))
+                while out:
+                    out = out[os.write(2, out):]
         finally:
             os.close(sink)
             os.close(saved)
