@@ -175,3 +175,20 @@ def test_remove_checkpoint_of_partial_or_missing_dir(tmp_path):
     store.remove_checkpoint(d)
     assert not d.exists()
     store.remove_checkpoint(tmp_path / "missing")  # nothing to do, no error
+
+
+def test_a_snapshot_commit_applies_retention_but_never_retires_a_later_checkpoint(tmp_path):
+    """The memory tier's agents commit durable copies of snapshots in the background: one of step 4
+    committing after the same job's durable save of step 6 must leave step 6 alone (a trainer's save
+    of step 4 would retire it: rule 4b)."""
+    from ucp.storage.rank_files import apply_retention
+
+    for step in (2, 4, 6):
+        d = store.step_dir(tmp_path, step)
+        d.mkdir()
+        (d / store.MANIFEST).write_text("{}")
+    cleared = apply_retention(tmp_path, None, 4, roll_back=False)
+    assert cleared.retired == [] and [s for s, _ in store.list_steps(tmp_path)] == [2, 4, 6]
+    cleared = apply_retention(tmp_path, None, 4)
+    assert [p.name for p, _ in cleared.retired] == ["step_00000006"]
+    assert [s for s, _ in store.list_steps(tmp_path)] == [2, 4]

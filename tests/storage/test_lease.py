@@ -11,6 +11,7 @@ import time
 import pytest
 
 from ucp.errors import LeaseError
+from ucp.storage import lease as lease_module
 from ucp.storage.lease import LEASE, Lease, read_holder
 
 
@@ -143,3 +144,17 @@ def test_without_hard_links_the_lease_is_created_exclusively(tmp_path, monkeypat
     with pytest.raises(LeaseError):
         b.acquire()
     assert read_holder(a.path).token == "a"
+
+
+def test_a_held_lease_keeps_its_heartbeat_fresh_between_saves(tmp_path, monkeypatch):
+    """A job that saves rarely must not look dead: its heartbeat thread refreshes the lease."""
+    monkeypatch.setattr(lease_module, "HEARTBEAT_EVERY", 0.05)
+    a = Lease(tmp_path, token="a")
+    a.acquire()
+    _age(a.path, 1000)
+    deadline = time.time() + 5
+    while time.time() - read_holder(a.path).heartbeat > 100 and time.time() < deadline:
+        time.sleep(0.02)
+    assert time.time() - read_holder(a.path).heartbeat < 100
+    a.release()  # the thread stops with the lease: an aged file stays aged
+    assert read_holder(a.path) is None

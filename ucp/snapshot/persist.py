@@ -109,5 +109,6 @@ def commit_when_written(directory: Path, root: Path, step: int, world_size: int,
     if manifest.step != step:
         raise PersistError(f"{directory}: the rank files hold step {manifest.step}, not {step}")
     commit_step(directory, manifest)
-    apply_retention(root, keep, step)  # (its failure is retried by the next commit)
+    # (its failure is retried by the next commit; no rollback: this job may have saved later steps)
+    apply_retention(root, keep, step, roll_back=False)
     return True

@@ -6,7 +6,10 @@ lease on the root (docs/format-checkpoint.md, rules 4c-4e):
 
 - it is created atomically (a whole temporary file hard-linked to the lease's name, or ``O_EXCL``
   where the file system has no hard links) and names its holder: host, pid, job, a random token;
-- its mtime is the holder's heartbeat, refreshed at every save;
+- its mtime is the holder's heartbeat, refreshed at every save and, while it is held, every
+  :data:`HEARTBEAT_EVERY` seconds by a daemon thread (so a job that died on another host leaves a
+  lease that goes stale in :data:`STALE_AFTER` seconds, and its relaunch, wherever its rank 0 lands,
+  can save again);
 - a second job's save fails with one line naming the root and the holder;
 - a *stale* lease (its holder's pid is dead on this host, or its heartbeat is older than
   :data:`STALE_AFTER`) is taken over under a takeover lock (``ROOT/.ucp-writer.takeover``, a
@@ -37,10 +40,14 @@ from ucp.format.jsonio import parse_json
 from ucp.storage.atomic import fsync_dir
 
 LEASE = ".ucp-writer"
-#: a lease whose heartbeat (its mtime, refreshed at every save) is older than this many seconds is
-#: stale: its holder may be taken over even from another host. A job saving less often than this
-#: loses its lease to another job, and then fails its next save with a :class:`LeaseError`.
-STALE_AFTER = 6 * 3600.0
+#: a lease whose heartbeat (its mtime, refreshed every :data:`HEARTBEAT_EVERY` seconds by its holder's
+#: heartbeat thread and at every save) is older than this many seconds is stale: it may be taken over
+#: even from another host. A holder whose heartbeat thread could not run for this long (a process
+#: stopped, a clock off by this much) may lose its lease, and then fails its next save with a
+#: :class:`LeaseError` naming the new holder.
+STALE_AFTER = 120.0
+#: how often a held lease's heartbeat thread refreshes its mtime
+HEARTBEAT_EVERY = 15.0
 # a lease file that is not a lease (not JSON, fields missing) and this old is stale
 _MALFORMED_AFTER = 10.0
 # a takeover lock this old was left by a contender that died holding it
@@ -124,11 +131,38 @@ class Lease:
         self.pid = pid or os.getpid()
         self.job = _job_id() if job is None else job
         self.stale_after = stale_after
-        self.held = False
+        self._held = False
+        self._beat: threading.Event | None = None  # set to stop the heartbeat thread
         self.committed: set[int] = set()  # the steps saved under this lease: this job's own
         self.users = 0  # the Checkpointers sharing it (see for_process)
 
     # -- taking and keeping it ---------------------------------------------------------------
+
+    @property
+    def held(self) -> bool:
+        """Whether this lease believes it holds the file (:meth:`check` confirms it)."""
+        return self._held
+
+    @held.setter
+    def held(self, value: bool) -> None:
+        self._held = value
+        if value and self._beat is None:
+            self._beat = threading.Event()
+            threading.Thread(target=self._heartbeat, args=(self._beat,), name=f"ucp-lease {self.root}",
+                             daemon=True).start()
+        elif not value and self._beat is not None:
+            self._beat.set()
+            self._beat = None
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Refresh the lease file's mtime every :data:`HEARTBEAT_EVERY` s while it names this lease."""
+        while not stop.wait(HEARTBEAT_EVERY):
+            try:
+                if not self.holds():
+                    return  # taken over or released: the next save says so
+                os.utime(self.path)
+            except OSError:
+                pass  # (storage away for a moment: the next beat tries again)
 
     def acquire(self) -> str | None:
         """Hold the lease, or refresh its heartbeat when held (every save calls this first).

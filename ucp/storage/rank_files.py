@@ -138,14 +138,19 @@ def commit_step(directory: Path, manifest: Manifest) -> None:
     commit_manifest(directory, manifest)
 
 
-def apply_retention(root: Path, keep: int | None, step: int) -> Cleared:
+def apply_retention(root: Path, keep: int | None, step: int, roll_back: bool = True) -> Cleared:
     """After the commit of ``step``: the rollback rule (format rule 4b: complete checkpoints of later
     steps belong to an abandoned run and are retired, whatever ``keep`` is), then retention (keep the
     newest ``keep`` complete checkpoints under ``root``). It never fails a committed checkpoint: an
-    error is returned in :attr:`Cleared.error` for the caller to report, and the next commit retries it."""
+    error is returned in :attr:`Cleared.error` for the caller to report, and the next commit retries it.
+
+    ``roll_back=False`` (the memory tier's agents, whose durable copies of snapshots may commit after
+    a later durable save of the same job) applies retention only: a snapshot's commit never retires
+    a later checkpoint."""
     cleared = Cleared()
     try:
-        cleared.retired.extend(store.roll_back(root, step, keep))
+        if roll_back:
+            cleared.retired.extend(store.roll_back(root, step, keep))
         cleared.pruned.extend(store.prune(root, keep, current=step))
     except OSError as e:
         return replace(cleared, error=e)
