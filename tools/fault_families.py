@@ -443,7 +443,7 @@ def resign(header: dict) -> dict:
 
 
 def hostile_sizes(ctx, rng, i, tdir):
-    kind = rng.choice(["manifest_shape", "manifest_block", "hf_identical", "hf_overlap", "hf_shape_string",
+    kind = rng.choice(["manifest_shape", "manifest_files", "manifest_rows", "hf_identical", "hf_overlap", "hf_shape_string",
                        "hf_header_len", "hf_beyond"])
     found = []
     if kind.startswith("manifest"):
@@ -454,9 +454,13 @@ def hostile_sizes(ctx, rng, i, tdir):
             key = rng.choice(sorted(header["tensors"]))
             header["tensors"][key]["shape"] = [1 << 33] if rng.random() < 0.5 else [1 << 17, 1 << 16]
             what = f"a re-signed manifest declaring {key} of 2^33 elements"
+        elif kind == "manifest_files":
+            name = rng.choice(sorted(header["files"]))
+            header["files"][name] = 1 << 40
+            what = f"a re-signed manifest declaring {name} of 2^40 bytes"
         else:
-            header["block_bytes"] = 1 << 40
-            what = "a re-signed manifest declaring block_bytes 2^40"
+            header["fragment_table"]["rows"] = 1 << 31
+            what = "a re-signed manifest declaring a fragment table of 2^31 rows"
         m.write_text(json.dumps(resign(header), indent=1))
         for cmd in (["verify", root, "--quiet"], ["convert", root, tdir / "out", "--quiet"]):
             r = ctx.ucp(*cmd)
