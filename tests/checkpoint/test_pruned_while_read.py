@@ -1,8 +1,9 @@
 """A checkpoint pruned by retention while it is being read (issue 17, item 6) is not corruption:
 retention deletes ``manifest.json`` first (docs/format-checkpoint.md rule 3), so a reader that finds
 a data file missing and the manifest gone knows the checkpoint was deleted. A load of the newest
-checkpoint finds the newest again and starts over; a load of a given step, and a conversion, say
-that the step was deleted while being read (CheckpointNotFoundError), never CorruptCheckpointError.
+checkpoint (and a conversion of the newest) finds the newest again and starts over; a load or a
+conversion of a given step says that the step was deleted while being read
+(CheckpointNotFoundError), never CorruptCheckpointError.
 
 The race is made deterministic: a hook deletes the checkpoint as retention does (manifest first),
 after the manifest was read and before the data files are opened."""
@@ -126,7 +127,31 @@ def test_a_data_file_missing_from_a_checkpoint_still_listed_is_corruption(ckpt_r
         ckpt.load()
 
 
-def test_convert_of_a_checkpoint_pruned_while_read_says_it_was_deleted(ckpt_root, two_steps, monkeypatch, tmp_path):
+def test_convert_of_the_newest_finds_the_newest_again_when_it_is_pruned_while_read(ckpt_root, two_steps, monkeypatch,
+                                                                                    tmp_path):
+    """Step 4 is the newest when convert starts; retention deletes it (step 5 committed meanwhile):
+    convert starts over on step 5 and converts it, bit-exactly."""
+    _, w5, commit = two_steps
+    victim = store.step_dir(ckpt_root, 4)
+    done = []
+
+    def reading(path):
+        m = read_manifest(path)
+        if not done:
+            done.append(path)
+            commit()
+            store.remove_checkpoint(victim)
+        return m
+
+    monkeypatch.setattr(universal_module, "read_manifest", reading)
+    result = universal_module.convert(ckpt_root, tmp_path / "u", fsync=False)
+    assert result.step == 5 and done == [victim]
+    model, opt, sched = make()
+    ucp.Checkpointer(tmp_path / "u", model=model, optimizer=opt, scheduler=sched, options=FAST).load()
+    assert_bits_equal(model.fc1.weight, w5)
+
+
+def test_convert_of_a_step_pruned_while_read_says_it_was_deleted(ckpt_root, two_steps, monkeypatch, tmp_path):
     victim = store.step_dir(ckpt_root, 4)
 
     def reading(path):
@@ -136,7 +161,7 @@ def test_convert_of_a_checkpoint_pruned_while_read_says_it_was_deleted(ckpt_root
 
     monkeypatch.setattr(universal_module, "read_manifest", reading)
     with pytest.raises(CheckpointNotFoundError) as e:
-        universal_module.convert(ckpt_root, tmp_path / "u", fsync=False)
+        universal_module.convert(ckpt_root, tmp_path / "u", step=4, fsync=False)
     assert not isinstance(e.value, CorruptCheckpointError)
     assert str(e.value).startswith(f"{victim}: the checkpoint was deleted (by retention?) while being read")
     assert not (tmp_path / "u").exists()

@@ -30,7 +30,7 @@ from ucp import __version__
 from ucp.codecs.checksum import crc32c
 from ucp.convert.foreign import IMPORTERS, SOURCES
 from ucp.convert.foreign.source import SourceRecord
-from ucp.errors import CorruptCheckpointError, OptionsError
+from ucp.errors import CheckpointDeletedError, CorruptCheckpointError, OptionsError
 from ucp.format.dtypes import itemsize
 from ucp.format.fragment import fragments_to_parquet
 from ucp.format.keys import MODEL, parse_key
@@ -118,7 +118,27 @@ def convert(src, dst, spec: str | Path | None = None, *, step: int | None = None
         UclError: the spec is malformed or contradicts the checkpoint.
         CorruptCheckpointError: a source fragment fails its checksum (named with file and key), or
             lies past the end of its file or over another fragment's bytes (named with the file).
+        CheckpointDeletedError: the checkpoint of ``step`` was deleted (by retention) while it was
+            read. Without ``step``, a ucp checkpoint deleted meanwhile is not an error: the newest
+            one is found again and converted (:data:`DELETED_RETRIES` times at most).
     """
+    for attempt in range(DELETED_RETRIES + 1):
+        try:
+            return _convert_once(src, dst, spec, step, workers, compressor, chunk_bytes, memory_limit, progress,
+                                 total, fsync, source, settings)
+        except CheckpointDeletedError:
+            if step is not None or source != "ucp" or attempt == DELETED_RETRIES:
+                raise  # (the step asked for is gone: no other checkpoint is what was asked for)
+    raise AssertionError("unreachable")
+
+
+DELETED_RETRIES = 3
+"""How many times :func:`convert` of the newest checkpoint starts over when retention deletes it."""
+
+
+def _convert_once(src, dst, spec, step, workers, compressor, chunk_bytes, memory_limit, progress, total, fsync,
+                  source, settings) -> ConvertResult:
+    """One attempt of :func:`convert` (its arguments, positionally)."""
     t0 = time.perf_counter()
     _check_options(workers, compressor, chunk_bytes, memory_limit)
     record = _source(source, src, step, spec, settings)
