@@ -6,7 +6,8 @@ Two commands, each printing one JSON line per event on stdout (rank 0 only):
 
 * ``run ROOT --actions A,B,...``: the actions in order, each ``load`` (newest), ``load:STEP``,
   ``save:STEP`` (train one step, then save it) or ``sleep:SECONDS``. An event is
-  ``{"action", "ok", "step", "digest", "error", "kind"}``: ``digest`` the sha256 of every saved tensor
+  ``{"action", "ok", "step", "digest", "error", "kind", "t"}``: ``t`` when it ended (a save also has
+``t0``, when ``save`` was called), ``digest`` the sha256 of every saved tensor
   (model and optimizer, by key, bit-exact), ``error`` the first line of a failure and ``lines`` how
   many lines it had, ``kind`` ``"ucp"`` for a :class:`ucp.errors.UcpError` and the class name of
   anything else (then the traceback goes to stderr). A failed save does not end the run unless
@@ -158,6 +159,7 @@ def run(args) -> None:
                     ev["digest"] = digest(model, opt)
                     emit({"action": action, "begin": True, "digest": ev["digest"]}, rank)
                     ARMED[0] = str(arg) == os.environ.get("FAULT_KILL_STEP")
+                    ev["t0"] = time.time()
                     ck.save(int(arg))
                     ARMED[0] = False
                     ev.update(ok=True, step=int(arg))
@@ -165,6 +167,7 @@ def run(args) -> None:
                     raise SystemExit(f"fault_job.py: unknown action {action!r}")
             except Exception as e:  # noqa: BLE001 - reported as an event, judged by the harness
                 ev.update(failure(e))
+            ev["t"] = time.time()
             emit(ev, rank)
             if not ev["ok"] and args.stop_on_error:
                 break
