@@ -62,6 +62,11 @@ class LoadError(UcpError):
     """A checkpoint cannot be applied to the current model and optimizer."""
 
 
+class PeerLostError(UcpError):
+    """A collective of the job's process group failed in its transport (gloo, NCCL): a peer rank
+    died or its connection broke. The process group cannot be used any more."""
+
+
 class DistributedError(UcpError):
     """One or more ranks failed a named phase; carries ``{rank: message}`` and is raised on every rank."""
 

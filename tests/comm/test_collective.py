@@ -150,3 +150,43 @@ def test_on_a_gloo_world_every_rank_raises_the_same_error(world2):
     assert out[0] == out[1]
     assert out[0]["class"] == "DistributedCorruptCheckpointError" and out[0]["corrupt"] and out[0]["exit_code"] == 3
     assert out[0]["failures"] == {0: "broken on rank 0"}
+
+
+# -- a peer that died: the transport's RuntimeError is one PeerLostError line -------------------------
+
+
+GLOO_RESET = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:33845: "
+              "Connection reset by peer\nException raised from recvLoop at ...\nframe #0: c10::Error")
+
+
+class RankZeroWithDeadPeer(Collective):
+    """Rank 0 of a world of two whose peer is gone: torch.distributed's collectives raise gloo's error."""
+
+    def __init__(self):
+        super().__init__()
+        self.world_size = 2
+
+
+@pytest.mark.parametrize("call", ["phase", "broadcast", "barrier"])
+def test_a_dead_peer_is_one_peer_lost_line_naming_the_phase(call, monkeypatch):
+    import torch.distributed as dist
+
+    from ucp.errors import PeerLostError
+
+    def reset(*args, **kwargs):
+        raise RuntimeError(GLOO_RESET)
+
+    for name in ("all_gather_object", "broadcast_object_list", "barrier"):
+        monkeypatch.setattr(dist, name, reset)
+    coll = RankZeroWithDeadPeer()
+    with pytest.raises(PeerLostError) as e:
+        if call == "phase":
+            coll.phase("write", lambda: "mine")
+        else:
+            getattr(coll, call)(*(["x"] if call == "broadcast" else []))
+    msg = str(e.value)
+    assert "\n" not in msg and "Connection reset by peer" in msg and "frame #" not in msg
+    assert msg.startswith("rank 0: the collective ")
+    if call == "phase":
+        assert "of phase 'write' failed: another rank of the job died or became unreachable" in msg
+    assert e.value.__cause__ is None and isinstance(e.value, UcpError)

@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import functools
 import traceback
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch.distributed as dist
 
-from ucp.errors import DistributedError, UcpError
+from ucp.errors import DistributedError, PeerLostError, UcpError
+
+
+@contextmanager
+def transport(what: str, rank: int):
+    """Raise a transport failure of the collective ``what`` (gloo's "Connection reset by peer", a
+    NCCL error: a ``RuntimeError`` from torch.distributed) as one :class:`PeerLostError` line."""
+    try:
+        yield
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise PeerLostError(f"rank {rank}: the {what} failed: another rank of the job died or "
+                            f"became unreachable ({first[:300]}); this process group cannot be used any more: "
+                            "restart the job, which resumes from the newest complete checkpoint") from None
 
 
 class Collective:
@@ -26,13 +40,15 @@ class Collective:
         self.group = group
         self.rank = dist.get_rank(group) if self.active else 0
         self.world_size = dist.get_world_size(group) if self.active else 1
+        self._what = "collective exchange"  # what is running (a phase's name), named in a transport failure
 
     def all_gather(self, obj: Any) -> list:
         """Every rank's ``obj``, in rank order (pickled among this job's ranks by torch.distributed)."""
         if self.world_size == 1:
             return [obj]
         out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        with transport(self._what, self.rank):
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
@@ -40,12 +56,14 @@ class Collective:
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.group)
+        with transport(self._what, self.rank):
+            dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier(group=self.group)
+            with transport(self._what, self.rank):
+                dist.barrier(group=self.group)
 
     def phase(self, name: str, fn: Callable[[], Any]) -> list:
         """Run ``fn`` on every rank; return every rank's result, or raise one error on all ranks.
@@ -63,7 +81,11 @@ class Collective:
             local_error = e
             detail = str(e) if isinstance(e, UcpError) else "".join(traceback.format_exception_only(e)).strip()
             outcome = (False, detail, type(e) if isinstance(e, UcpError) else None)
-        gathered = self.all_gather(outcome)
+        self._what = f"collective of phase '{name}'"
+        try:
+            gathered = self.all_gather(outcome)
+        finally:
+            self._what = "collective exchange"
         failures = {r: msg for r, (ok, msg, _) in enumerate(gathered) if not ok}
         if failures:
             kinds = {kind for ok, _, kind in gathered if not ok}

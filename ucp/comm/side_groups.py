@@ -15,7 +15,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ucp.comm.collective import Collective
+from ucp.comm.collective import Collective, transport
 
 
 class SideGroups:
@@ -54,7 +54,8 @@ def all_reduce_ints(values: list[int], op: str, group) -> list[int]:
     ``group`` is None (a job of one rank)."""
     t = torch.tensor(values, dtype=torch.int64)
     if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX, group=group)
+        with transport("collective all_reduce", dist.get_rank()):
+            dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX, group=group)
     return t.tolist()
 
 
@@ -68,5 +69,6 @@ def all_gather_objects(obj, group, world_size: int) -> list:
     if group is None:
         return [obj]
     out = [None] * world_size
-    dist.all_gather_object(out, obj, group=group)
+    with transport("collective all_gather", dist.get_rank()):
+        dist.all_gather_object(out, obj, group=group)
     return out

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ucp.codecs.erasure import erasure_code
+from ucp.comm.side_groups import all_gather_objects
 from ucp.errors import RedundancyError, few
 from ucp.plan.redundancy import lane_groups, stripe_plan
 from ucp.snapshot import parity as parity_mod
@@ -57,15 +58,10 @@ class SnapshotParity:
     def setup(self, tier, group) -> None:
         """Form the redundancy groups, once per job (a collective of every rank on ``group``): every
         rank's node (its agent), gathered."""
-        import torch.distributed as dist
-
         if self.encoder is not None or self.disabled is not None:
             return
         node = f"{os.uname().nodename}:{tier.client.info.pid}"
-        nodes = [node]
-        if self.coll.world_size > 1:
-            nodes = [None] * self.coll.world_size
-            dist.all_gather_object(nodes, node, group=group)
+        nodes = all_gather_objects(node, group if self.coll.world_size > 1 else None, self.coll.world_size)
         try:
             groups = lane_groups(nodes, self.options.group, self.options.parity)
         except RedundancyError as e:
