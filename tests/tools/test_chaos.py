@@ -119,7 +119,7 @@ def test_two_failures_in_a_group_with_parity_one_fall_back_to_disk_and_say_so():
     check_counts(doc)
     [rec] = doc["recoveries"]
     assert rec["source"] == "durable" and rec["restored_step"] == 2 and rec["bit_exact"] is True, rec
-    assert "cannot be rebuilt" in rec["warning"] and "loading the newest durable checkpoint" in rec["warning"]
+    assert "cannot be rebuilt" in rec["warning"] and "resuming from durable step 2" in rec["warning"]
     assert "\n" not in rec["warning"]
 
 

@@ -34,7 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-from ucp.errors import AgentError, UcpError
+from ucp.errors import AgentError, FormatError, UcpError
+from ucp.format.jsonio import parse_json
 from ucp.snapshot.agent_state import Agent, Deferred
 from ucp.snapshot.discovery import REQUESTS, AgentInfo, discovery_path, is_alive, process_start_time, read_info, reclaim  # noqa: F401 - (re-exported)
 from ucp.storage.atomic import write_atomic
@@ -94,9 +95,9 @@ def serve(job: str, host: str = "127.0.0.1", ready=None) -> None:
             except Exception:  # the store's timeout: look at the stop flag, then wait again
                 continue
             try:
-                request = json.loads(raw)
+                request = parse_json(raw, "request")
                 reply_to = request["reply"]
-            except (ValueError, KeyError, TypeError):
+            except (FormatError, KeyError, TypeError):
                 continue  # not a request: nobody to answer
             rid = request.get("id")
             try:

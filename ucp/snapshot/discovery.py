@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ucp.errors import AgentError, FormatError, UcpError
+from ucp.format.jsonio import parse_json
 from ucp.format.manifest import check_version
 from ucp.snapshot import shm
 
@@ -39,9 +40,9 @@ class AgentInfo:
     def from_json(cls, data: bytes, where: Path) -> "AgentInfo":
         """Parse and validate a discovery file (docs/agent.md)."""
         try:
-            d = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{where}: not a ucp agent discovery file (not JSON: {e})") from None
+            d = parse_json(data, str(where))
+        except FormatError:
+            raise FormatError(f"{where}: not a ucp agent discovery file (not JSON, or JSON nested too deeply)") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise FormatError(f"{where}: not a ucp agent discovery file (format is "
                               f"{d.get('format') if isinstance(d, dict) else None!r})")

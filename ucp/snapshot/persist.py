@@ -26,7 +26,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ucp.errors import PersistError
+from ucp.errors import FormatError, PersistError
+from ucp.format.jsonio import parse_json
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers
 from ucp.storage import directory as store
 from ucp.storage.rank_files import RankFragment, apply_retention, commit_step, entry_name, prepare_step, write_rank_file
@@ -66,7 +67,10 @@ def read_rank(path: Path) -> dict | None:
     raw = header.get("__metadata__", {}).get(META)
     if raw is None:
         raise PersistError(f"{path}: a rank file without the snapshot header ({META!r}); not written by an agent")
-    meta = json.loads(raw)
+    try:
+        meta = parse_json(raw, f"{path}: snapshot header")
+    except FormatError as e:
+        raise PersistError(str(e)) from None
     fragments = []
     for f in meta["fragments"]:
         r = FragmentRecord.from_dict(f)
