@@ -54,7 +54,7 @@ from ucp.convert.foreign.deepspeed_grid import OPTIM_FILE as GRID_OPTIM_FILE
 from ucp.convert.foreign.deepspeed_grid import geometries, grid_degrees, layer_weights
 from ucp.convert.foreign.deepspeed_zero3 import ZERO3_MODEL_FILE, zero3_manifest
 from ucp.convert.foreign.source import SourceRecord, refuse_step
-from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, OptionsError
+from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, OptionsError, UcpError
 from ucp.format.box import Box, FlatRange
 from ucp.format.keys import model_key
 from ucp.format.layout import Layout
@@ -124,6 +124,8 @@ def deepspeed_source(src, step: int | None = None, spec=None, settings: dict | N
             directory, manifest, facts, files, spec_text = zero3_manifest(directory, spec, settings, prefix)
         else:
             directory, manifest, facts, files, spec_text = _zero12(directory, spec, settings, prefix)
+    except UcpError:
+        raise  # (said already: a missing spec, a spec that does not fit, a file named; OptionsError is a ValueError)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
         # The files' pickles are read as plain data (no DeepSpeed classes run): a value of the wrong type or
         # shape where DeepSpeed writes another (a str for a size, a list for a dict) surfaces here, said in
