@@ -213,3 +213,16 @@ def full_state(model, opt) -> dict:
         for k, (t, start) in states.items():  # this rank's flat partitions
             out[f"flat/{fqn}/{k}@{start}"] = t.clone()
     return out
+
+
+def one_rank_snapshot():
+    """A snapshot of one rank holding ``model/w`` (4 float32): its bytes and its slot header."""
+    from ucp.codecs.checksum import crc32c
+    from ucp.format.layout import Layout
+
+    raw = memoryview(torch.arange(4, dtype=torch.float32).numpy()).cast("B")
+    header = {"step": 5, "rank": 0, "world_size": 1, "layout": Layout.single().to_dict(),
+              "tensors": {"model/w": {"shape": [4], "dtype": "float32"}}, "state": {}, "created_by": "test",
+              "fragments": [{"key": "model/w", "offsets": [0], "sizes": [4], "flat": None, "dtype": "float32",
+                             "length": 16, "file": "seg", "offset": 0, "crc32c": crc32c(raw), "blocks": []}]}
+    return raw, header

@@ -21,7 +21,7 @@ from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.safetensors_file import read_header
 from ucp.storage.verify import verify_checkpoint
-from tests.helpers import MLP, bit_diffs, full_state, mlp_optimizer, same_state, state_of, tiny_model, train_step
+from tests.helpers import MLP, bit_diffs, one_rank_snapshot, full_state, mlp_optimizer, same_state, state_of, tiny_model, train_step
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -181,15 +181,7 @@ def test_begin_of_a_slot_being_written_durably_waits_for_the_write():
 
 
 def test_the_committer_takes_only_rank_files_of_its_own_cut(tmp_path):
-    data = torch.arange(4, dtype=torch.float32)
-    from ucp.codecs.checksum import crc32c
-    from ucp.format.layout import Layout
-
-    raw = memoryview(data.numpy()).cast("B")
-    header = {"step": 5, "rank": 0, "world_size": 1, "layout": Layout.single().to_dict(),
-              "tensors": {"model/w": {"shape": [4], "dtype": "float32"}}, "state": {}, "created_by": "test",
-              "fragments": [{"key": "model/w", "offsets": [0], "sizes": [4], "flat": None, "dtype": "float32",
-                             "length": 16, "file": "seg", "offset": 0, "crc32c": crc32c(raw), "blocks": []}]}
+    raw, header = one_rank_snapshot()
     directory = tmp_path / "step_00000005"
     assert persist.prepare(directory)
     persist.write_rank(directory, header, raw, [0], token=111)

@@ -10,12 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from tests.checkpoint.common import saved_checkpoint, write_signed
-from tests.helpers import flip_byte
-from ucp.codecs.checksum import crc32c
-from ucp.format.layout import Layout
+from tests.helpers import flip_byte, one_rank_snapshot
 from ucp.snapshot import persist
 from ucp.storage import directory as store
 from ucp.storage.manifest_io import read_manifest
@@ -55,12 +52,7 @@ def test_verify_cli_passes_a_1_2_checkpoint_and_notes_unchecked_headers_of_a_1_1
 
 
 def test_the_memory_tiers_durable_copy_records_its_rank_files_header_checksums(tmp_path):
-    data = torch.arange(4, dtype=torch.float32)
-    raw = memoryview(data.numpy()).cast("B")
-    header = {"step": 5, "rank": 0, "world_size": 1, "layout": Layout.single().to_dict(),
-              "tensors": {"model/w": {"shape": [4], "dtype": "float32"}}, "state": {}, "created_by": "test",
-              "fragments": [{"key": "model/w", "offsets": [0], "sizes": [4], "flat": None, "dtype": "float32",
-                             "length": 16, "file": "seg", "offset": 0, "crc32c": crc32c(raw), "blocks": []}]}
+    raw, header = one_rank_snapshot()
     directory = store.step_dir(tmp_path, 5)
     assert persist.prepare(directory)
     persist.write_rank(directory, header, raw, [0], token=111)

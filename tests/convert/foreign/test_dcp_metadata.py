@@ -56,24 +56,35 @@ BREAKS = {
 }
 
 
+def _with_metadata(root, md, tmp_path):
+    """A copy of the DCP save ``root`` whose ``.metadata`` is ``md``."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for f in root.iterdir():
+        (ck / f.name).write_bytes(f.read_bytes())
+    (ck / ".metadata").write_bytes(pickle.dumps(md))
+    return ck
+
+
+def _refused(error, ck, match=None):
+    """The ``error`` importing ``ck`` raises, and the peak of memory traced until then."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(error, match=match) as e:
+            dcp_source(ck)
+        return e, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("name", list(BREAKS))
 def test_wrong_types_and_sizes_in_the_metadata_give_one_format_error_line(saved, name, tmp_path):
     root, original = saved
     md = pickle.loads(original)
     breaks, words = BREAKS[name]
     breaks(md)
-    ck = tmp_path / "ck"
-    ck.mkdir()
-    for f in root.iterdir():
-        (ck / f.name).write_bytes(f.read_bytes())
-    (ck / ".metadata").write_bytes(pickle.dumps(md))
-    tracemalloc.start()
-    try:
-        with pytest.raises(UcpError) as e:
-            dcp_source(ck)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    ck = _with_metadata(root, md, tmp_path)
+    e, peak = _refused(UcpError, ck)
     msg = str(e.value)
     assert isinstance(e.value, FormatError) and msg.startswith(f"{ck / '.metadata'}: ") and "\n" not in msg, msg
     assert words in msg, msg
@@ -84,18 +95,8 @@ def test_a_value_blob_declared_past_its_file_is_refused_before_it_is_allocated(s
     root, original = saved
     md = pickle.loads(original)
     _set(_info(md, "optim.param_groups.0.lr"), "length", 1 << 40)
-    ck = tmp_path / "ck"
-    ck.mkdir()
-    for f in root.iterdir():
-        (ck / f.name).write_bytes(f.read_bytes())
-    (ck / ".metadata").write_bytes(pickle.dumps(md))
-    tracemalloc.start()
-    try:
-        with pytest.raises(CorruptCheckpointError, match="lies past the end of the file") as e:
-            dcp_source(ck)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    ck = _with_metadata(root, md, tmp_path)
+    e, peak = _refused(CorruptCheckpointError, ck, match="lies past the end of the file")
     assert str(ck / "__0_0.distcp") in str(e.value) and peak < 64 << 20
 
 
