@@ -50,7 +50,7 @@ from ucp.plan.consolidate import Source, TensorPlan, consolidate_plan, source_ru
 from ucp.storage import directory as store
 from ucp.storage.arena import Arena
 from ucp.storage.fragment_files import FragmentFiles
-from ucp.storage.manifest_io import gone, read_manifest
+from ucp.storage.manifest_io import read_manifest
 from ucp.storage.staging import Staging, UrlTarget, is_url
 from ucp.storage.universal_io import FRAGMENT_TABLE, ZARR_JSON, create_groups, header_document, put_array, shard_rel
 
@@ -144,7 +144,7 @@ def _convert_once(src, dst, spec, step, workers, compressor, chunk_bytes, memory
     record = _source(source, src, step, spec, settings)
     path, manifest, facts = record.path, record.manifest, record.facts
     if record.decode is None:
-        check_fragment_extents(path, manifest.fragments, committed=record.verify)
+        check_fragment_extents(path, manifest, committed=record.verify)
     target = _target(dst, fsync)
     if record.spec_applied:
         spec_text, patterns = record.spec_text, {}  # (the importer made the manifest's patterns)
@@ -179,25 +179,23 @@ def _convert_once(src, dst, spec, step, workers, compressor, chunk_bytes, memory
                          manifest.nbytes, nfiles, time.perf_counter() - t0, arena.size)
 
 
-def check_fragment_extents(directory: Path, fragments, committed: bool = False) -> None:
+def check_fragment_extents(directory: Path, manifest: Manifest, committed: bool = False) -> None:
     """Refuse fragments whose byte ranges the files on disk cannot hold: each must end within its
     file's actual size, and no two of one file may share bytes (so the tensors declared hold at most
-    the bytes the files hold, whatever a manifest says). One ``stat`` per file.
+    the bytes the files hold, whatever a manifest says). One ``stat`` per file; ``committed``: the
+    manifest is a ucp checkpoint's, so a file missing with ``manifest.json`` gone too is a checkpoint
+    deleted while read (:class:`FragmentFiles` tells them apart).
 
     Raises:
         CorruptCheckpointError: naming the file, the fragment and its byte range.
     """
+    files = FragmentFiles(directory, manifest=manifest if committed else None)
     by_file: dict = {}
-    for f in fragments:
+    for f in manifest.fragments:
         by_file.setdefault(f.file, []).append(f)
     for name, frags in by_file.items():
         file = Path(directory) / name
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            if committed and not (Path(directory) / store.MANIFEST).exists():  # (a ucp checkpoint pruned meanwhile)
-                raise gone(Path(directory), name) from None
-            raise CorruptCheckpointError(f"{file}: data file is missing") from None
+        size = files.size(name)
         end, last = 0, None
         for f in sorted((f for f in frags if f.length), key=lambda f: f.offset):
             if f.offset + f.length > size:
