@@ -170,3 +170,37 @@ def load_corrupted(root: str) -> dict:
     except CorruptCheckpointError as e:
         return {"both": isinstance(e, DistributedError), "exit_code": e.exit_code, "msg": str(e)}
     return {"both": None}
+
+
+def save_with_a_reused_plan(root: str, bad_rank: int) -> dict:
+    """Three saves of one Checkpointer: the plan is made for the first and reused by the second;
+    before the third, rank ``bad_rank`` perturbs a replicated tensor: the reused plan still compares
+    the replicas and refuses. Returns the plans made here and the third save's error."""
+    import ucp
+    import ucp.checkpoint.save as save_mod
+    from ucp.errors import DistributedError
+
+    made = []
+    real = save_mod.plan_save
+    save_mod.plan_save = lambda *a, **k: made.append(1) or real(*a, **k)
+    try:
+        model, opt = build_mlp("tp", seed=0)
+        mlp_step(model, opt, 0)
+        ck = ucp.Checkpointer(root, model=model, optimizer=opt)
+        ck.save(1)
+        mlp_step(model, opt, 1)
+        ck.save(2)
+        saved = full_state(model, opt)
+        if dist.get_rank() == bad_rank:
+            with torch.no_grad():
+                model.norm.weight.add_(1e-3)
+        try:
+            ck.save(3)
+            error = "no error"
+        except DistributedError as e:
+            error = str(e)
+        model2, opt2 = build_mlp("tp", seed=1)
+        loaded = ucp.Checkpointer(root, model=model2, optimizer=opt2).load()
+        return {"made": len(made), "error": error, "loaded": loaded.step, "diffs": bit_diffs(saved, full_state(model2, opt2))}
+    finally:
+        save_mod.plan_save = real

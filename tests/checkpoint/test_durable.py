@@ -55,6 +55,15 @@ def test_diverged_replica_is_refused_and_named(world4, tmp_path):
     assert store.list_steps(tmp_path / "ck", complete=False) == [] or not store.list_steps(tmp_path / "ck")
 
 
+def test_a_reused_plan_saves_the_same_and_still_compares_replicas(world4, tmp_path):
+    out = world4.run(workloads.save_with_a_reused_plan, str(tmp_path / "ck"), 1)
+    assert [r["made"] for r in out] == [1, 0, 0, 0]  # once, on the committing rank
+    for r in out:
+        assert "model/norm.weight" in r["error"] and "ranks [1] have crc32c" in r["error"], r["error"]
+        assert r["loaded"] == 2 and r["diffs"] == []
+    assert [s for s, _ in store.list_steps(tmp_path / "ck")] == [1, 2]
+
+
 @pytest.mark.fault
 def test_rank_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     root = tmp_path / "ck"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ucp.comm.collective import Collective, distributed_error_class
-from ucp.errors import CorruptCheckpointError, DistributedError, FormatError, LoadError, UcpError
+from ucp.errors import CorruptCheckpointError, DistributedError, FormatError, LoadError, StorageError, UcpError
 
 # -- a world of one (no torch.distributed) -------------------------------------------------------
 
@@ -116,6 +116,70 @@ def test_the_distributed_class_of_a_ucp_error_is_one_class_of_both():
     assert distributed_error_class(UcpError) is not DistributedError  # UcpError itself is a ucp error class
 
 
+# -- a gather phase: results to one rank, its verdict to every rank ---------------------------------
+
+
+class GatheringRank(Collective):
+    """Rank ``rank`` of a world of two whose gather hands rank 0 the other rank's ``other`` outcome and
+    whose broadcast hands a rank other than 0 rank 0's ``verdict``; what it sends is recorded."""
+
+    def __init__(self, rank, other=None, verdict=None):
+        super().__init__()
+        self.rank, self.world_size, self.other, self.verdict = rank, 2, other, verdict
+        self.sent = []
+
+    def gather(self, obj, dst=0):
+        self.sent.append(("gather", obj))
+        return [obj, self.other] if self.rank == dst else None
+
+    def broadcast(self, obj, src=0):
+        self.sent.append(("broadcast", obj))
+        return obj if self.rank == src else self.verdict
+
+    def all_gather(self, obj):
+        raise AssertionError("a gather phase never all-gathers")
+
+
+def test_a_gather_phase_in_a_world_of_one_decides_on_its_own_result():
+    assert Collective().gather_phase("commit", lambda: 3, lambda rs: rs[0] * 2) == ([3], 6)
+    assert Collective().gather_phase("write", lambda: 3) == ([3], None)
+
+
+def test_a_gather_phase_hands_the_results_to_the_root_alone_and_its_decision_to_every_rank():
+    root = GatheringRank(0, other=(True, "theirs", None))
+    seen = []
+    assert root.gather_phase("plan", lambda: "mine", lambda rs: seen.append(rs) or len(rs)) == (["mine", "theirs"], 2)
+    assert seen == [["mine", "theirs"]] and root.sent == [("gather", (True, "mine", None)), ("broadcast", ({}, 2))]
+    leaf = GatheringRank(1, verdict=({}, 2))
+    decided = []
+    assert leaf.gather_phase("plan", lambda: "theirs", lambda rs: decided.append(rs)) == (None, 2)
+    assert decided == [] and leaf.sent[0] == ("gather", (True, "theirs", None))  # (it decides nothing)
+
+
+def test_a_failure_on_another_rank_fails_the_root_without_deciding():
+    root = GatheringRank(0, other=(False, "disk full", StorageError))
+    decided = []
+    with pytest.raises(StorageError) as e:
+        root.gather_phase("write", lambda: "fine", lambda rs: decided.append(rs))
+    assert decided == [] and e.value.failures == {1: "disk full"} and isinstance(e.value, DistributedError)
+    assert root.sent[-1] == ("broadcast", ({1: ("disk full", StorageError)}, None))
+
+
+def test_a_failed_decision_is_charged_to_the_root_on_every_rank():
+    root = GatheringRank(0, other=(True, 1, None))
+
+    def decide(results):
+        raise LoadError("the plan cannot hold")
+
+    with pytest.raises(LoadError) as e:
+        root.gather_phase("plan", lambda: 0, decide)
+    assert str(e.value) == "phase 'plan' failed on rank 0: the plan cannot hold"
+    leaf = GatheringRank(1, verdict=root.sent[-1][1])
+    with pytest.raises(LoadError) as e:
+        leaf.gather_phase("plan", lambda: 1, decide)
+    assert e.value.failures == {0: "the plan cannot hold"} and e.value.__cause__ is None
+
+
 # -- a real world of two ---------------------------------------------------------------------------
 
 
@@ -136,6 +200,29 @@ def phase_failing_on(rank: int, kind: str) -> dict:
     except DistributedError as e:
         return {"class": type(e).__name__, "corrupt": isinstance(e, CorruptCheckpointError), "phase": e.phase,
                 "failures": e.failures, "message": str(e), "exit_code": e.exit_code}
+
+
+def gather_phase_failing_on(rank: int) -> dict:
+    """A gather phase on a real world: rank ``rank`` fails (-1: none does); rank 0 decides the sum."""
+    from ucp.comm.collective import Collective
+
+    coll = Collective()
+
+    def fn():
+        if coll.rank == rank:
+            raise ValueError(f"broken on rank {rank}")
+        return coll.rank + 1
+
+    try:
+        return {"result": coll.gather_phase("probe", fn, sum)}
+    except DistributedError as e:
+        return {"failures": e.failures}
+
+
+@pytest.mark.dist
+def test_on_a_gloo_world_a_gather_phase_decides_on_the_root(world2):
+    assert world2.run(gather_phase_failing_on, -1) == [{"result": ([1, 2], 3)}, {"result": (None, 3)}]
+    assert world2.run(gather_phase_failing_on, 1) == [{"failures": {1: "ValueError: broken on rank 1"}}] * 2
 
 
 @pytest.mark.dist

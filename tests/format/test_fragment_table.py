@@ -283,3 +283,17 @@ def test_file_name_with_a_trailing_newline_is_rejected():
 
     with pytest.raises(FormatError, match="plain file name"):
         check_file_name("rank_00000.safetensors\n")
+
+
+def test_a_table_built_column_by_column_is_the_table_of_its_fragments():
+    from ucp.format.fragment import fixed_columns, with_checksums
+
+    frags = [frag(),
+             frag(key="optim/w/exp_avg", flat=FlatRange(1, 4), rank=1, file="rank_00001.safetensors", offset=96,
+                  length=16, crc32c=0xFFFFFFFF, blocks=(1, 2, 3)),
+             frag(key="model/s", box=Box((), ()), length=4, offset=8, crc32c=9)]
+    fixed = fixed_columns((f.key, f.box, f.flat, f.dtype, f.rank, f.file, f.length) for f in frags)
+    table = with_checksums(fixed, [f.offset for f in frags], [f.crc32c for f in frags],
+                           [len(f.blocks) for f in frags], [b for f in frags for b in f.blocks])
+    assert table.equals(fragments_to_table(frags))
+    assert table_to_fragments(table) == frags

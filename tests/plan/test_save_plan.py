@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import ReplicaDivergenceError, SpecError
-from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas
+from ucp.plan.save_plan import PieceInfo, assign_writers, compare_replicas, merge_metas, plan_save, structure_signature
 from ucp.format import Box, FlatRange, Pattern, Shard, TensorMeta
 
 
@@ -157,3 +160,78 @@ def test_merge_metas_disagreement_names_both_ranks(other):
         merge_metas([{"model/x": base}, {"model/y": base}, {"model/x": other}])
     msg = str(e.value)
     assert "ranks 0 and 2" in msg and "model/x" in msg
+
+
+# -- the plan made once per layout (plan_save), the replicas compared at each save ------------------
+
+
+def made(pieces_by_rank):
+    sigs = [bytes([r]) for r in range(len(pieces_by_rank))]
+    metas = [{p.key: TensorMeta(p.box.sizes, p.dtype) for p in ps} for ps in pieces_by_rank]
+    return plan_save(pieces_by_rank, metas, sigs, plan_id=7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_a_plan_made_once_writes_what_assign_writers_writes(data):
+    n_ranks = data.draw(st.integers(1, 5), label="ranks")
+    ranks: list[list[PieceInfo]] = [[] for _ in range(n_ranks)]
+    for j in range(data.draw(st.integers(1, 10), label="regions")):
+        n = data.draw(st.integers(0, 100), label=f"size{j}")
+        for r in sorted(data.draw(st.sets(st.integers(0, n_ranks - 1), min_size=1), label=f"holders{j}")):
+            ranks[r].append(PieceInfo(f"model/t{j}", Box((0,), (1,)), None, "uint8", n, None))
+    commit, shares = made(ranks)
+    assert [list(s.writes) for s in shares] == assign_writers([[replace(p, crc32c=0) for p in ps] for ps in ranks])
+    assert [s.plan_id for s in shares] == [7] * n_ranks and [s.signature for s in shares] == list(commit.signatures)
+    held = {}
+    for r, ps in enumerate(ranks):
+        for i, p in enumerate(ps):
+            held.setdefault(p.region, []).append((r, i))
+    for r, s in enumerate(shares):  # a piece is compared exactly when another rank holds its region
+        assert list(s.replicated) == [i for i, p in enumerate(ranks[r]) if len(held[p.region]) > 1]
+    assert [list(w) for w in commit.written] == [[ranks[r][i] for i in s.writes] for r, s in enumerate(shares)]
+    assert commit.nbytes == sum(len(p.key) and p.nbytes for hs in held.values() for p in [ranks[hs[0][0]][hs[0][1]]])
+
+
+def replicated_world():
+    """Three ranks: each its own shard of model/w, and a copy of model/b and model/n."""
+    return [[info("model/w", 16, box=Box((r * 4,), (4,))), info("model/b", 8, box=Box((0,), (2,))),
+             info("model/n", 8, box=Box((0,), (2,)))] for r in range(3)]
+
+
+def test_equal_replicas_pass_and_a_diverged_copy_is_named_with_its_ranks():
+    commit, shares = made(replicated_world())
+    assert [s.replicated for s in shares] == [(1, 2)] * 3
+    same = [np.array([0xB, 0xC], dtype=np.uint32)] * 3
+    compare_replicas(commit, same)
+    with pytest.raises(ReplicaDivergenceError) as e:
+        compare_replicas(commit, [same[0], np.array([0xB, 0xD], dtype=np.uint32), same[0]])
+    msg = str(e.value)
+    assert "model/n [0:2]: ranks [0, 2] have crc32c 0000000c; ranks [1] have crc32c 0000000d" in msg
+    assert "model/b" not in msg
+
+
+def test_a_plan_without_replicas_compares_nothing():
+    commit, shares = made([[info("model/w", 16, box=Box((r * 4,), (4,)))] for r in range(2)])
+    assert [s.replicated for s in shares] == [(), ()]
+    compare_replicas(commit, [np.zeros(0, np.uint32)] * 2)
+
+
+def test_holders_of_one_region_with_different_sizes_are_refused_when_planning():
+    ranks = [[info("model/b", 8, box=Box((0,), (2,)))], [info("model/b", 12, box=Box((0,), (2,)))]]
+    with pytest.raises(ReplicaDivergenceError, match=r"model/b \[0:2\]: ranks \[0\] hold 8 bytes of float32; "
+                                                     r"ranks \[1\] hold 12 bytes"):
+        made(ranks)
+
+
+def test_the_signature_changes_with_the_regions_the_metadata_and_the_layout():
+    from ucp.format import Layout
+    pieces = [info("model/w", 16, box=Box((0,), (4,)))]
+    metas = {"model/w": TensorMeta((8,), "float32")}
+    lay = Layout.from_sizes(dp=2)
+    base = structure_signature(pieces, metas, lay)
+    assert structure_signature(list(pieces), dict(metas), Layout.from_sizes(dp=2)) == base
+    assert structure_signature([info("model/w", 16, box=Box((4,), (4,)))], metas, lay) != base
+    assert structure_signature(pieces, {"model/w": TensorMeta((8,), "bfloat16")}, lay) != base
+    assert structure_signature(pieces, metas, Layout.from_sizes(dp=2, zero=1)) != base
+    assert structure_signature([replace(pieces[0], crc32c=5)], metas, lay) == base  # data is not structure

@@ -15,7 +15,7 @@ import torch
 from ucp.checkpoint.load import load_checkpoint
 from ucp.checkpoint.memory import Snapshots
 from ucp.checkpoint.results import LoadResult, SaveResult
-from ucp.checkpoint.save import save_durable
+from ucp.checkpoint.save import SavePlans, save_durable
 from ucp.comm.collective import Collective
 from ucp.errors import OptionsError, PersistError, UcpError
 from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
@@ -91,6 +91,7 @@ class Checkpointer:
         self._snapshots = Snapshots(self, snapshot, redundancy) if snapshot is not None else None
         self._lease: leases.Lease | None = None  # rank 0's lease on root, taken at its first durable save
         self._closed = False
+        self._save_plans = SavePlans()  # the durable save plan, made once per layout (ucp.checkpoint.save)
 
     def capture(self, extras: dict | None = None) -> tuple[list[Piece], dict]:
         """This rank's pieces and its non-tensor state (typed JSON, one entry per component)."""

@@ -13,138 +13,216 @@ from __future__ import annotations
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from ucp import __version__
 from ucp.checkpoint.results import SaveResult
-from ucp.codecs.checksum import fragment_checksums
-from ucp.errors import StorageError, UcpError
-from ucp.format.fragment import Fragment
+from ucp.codecs.checksum import crc32c, fragment_checksums
+from ucp.errors import StorageError, UcpError, few
+from ucp.format.fragment import fixed_columns, table_to_fragments, table_to_parquet, with_checksums
 from ucp.format.manifest import BLOCK_BYTES, Manifest
 from ucp.format.values import split_state
-from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
+from ucp.plan.save_plan import CommitPlan, PieceInfo, RankPlan, compare_replicas, plan_save, structure_signature
 from ucp.state.tensors import bytes_view, staged
 from ucp.storage import directory as store
 from ucp.storage.rank_files import (Cleared, RankFragment, apply_retention, commit_step, prepare_own_step,
                                     write_rank_file)
 
 
+@dataclass
+class SavePlans:
+    """A Checkpointer's durable save plan, reused while no rank's pieces change (their structure
+    signatures; docs/architecture.md, "Scale"): every rank keeps its own share, the committing rank
+    (0) the plan's commit side and the fragment table's fixed columns."""
+
+    rank: RankPlan | None = None
+    commit: CommitPlan | None = None
+    fixed: object = None  # the fragment table's fixed columns (ucp.format.fragment.fixed_columns), once committed
+    made: int = 0  # plans made on this rank (the next one's id)
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What a rank tells the committing rank of its write: its file (name, size, header checksum;
+    None when it writes nothing), each written fragment's offset, CRC-32C and block checksums (their
+    counts, then all of them), and the CRC-32C of each of its replicated pieces."""
+
+    file: str | None
+    size: int
+    head_crc: int
+    offsets: np.ndarray
+    crcs: np.ndarray
+    block_counts: np.ndarray
+    blocks: np.ndarray
+    replicas: np.ndarray
+
+
 def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
     """Write the checkpoint of ``step`` under ``ckpt.root`` (a :class:`~ucp.Checkpointer`; every
-    rank calls this together); visible only once every rank's data is durable."""
+    rank calls this together); visible only once every rank's data is durable.
+
+    What a rank sends and receives grows with its own share: the ranks' reports go to rank 0 alone,
+    which commits; the save plan is made once per layout, on rank 0, and each rank keeps its share.
+    """
     t0 = time.perf_counter()
     coll, rank = ckpt.coll, ckpt.coll.rank
+    plans: SavePlans = ckpt._save_plans
     directory = store.step_dir(ckpt.root, step)
     local: dict = {}
+    target = (step, str(ckpt.root.resolve()))
 
     def capture():
         pieces, state = ckpt.capture(extras)
         metas = {p.key: p.meta for p in pieces}
         pieces = [p for p in pieces if p.numel]  # empty shards (uneven splits) hold nothing
         buffers = [staged(p.data) for p in pieces]
-        local.update(pieces=pieces, buffers=buffers, views=[bytes_view(b) for b in buffers])
-        infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, v.nbytes) for p, v in zip(pieces, local["views"])]
-        return infos, metas, state, ckpt.layout, (step, str(ckpt.root.resolve()))
+        views = [bytes_view(b) for b in buffers]
+        infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, v.nbytes) for p, v in zip(pieces, views)]
+        signature = structure_signature(infos, metas, ckpt.layout)
+        local.update(pieces=pieces, buffers=buffers, views=views, infos=infos, metas=metas, signature=signature)
+        held = plans.rank.plan_id if plans.rank is not None and plans.rank.signature == signature else None
+        return signature, held, state, target
 
-    gathered = coll.phase("capture", capture)
-    infos_by_rank = [g[0] for g in gathered]
-    layouts = {g[3] for g in gathered}
-    targets = {g[4] for g in gathered}
-    shared = replicated_regions(infos_by_rank)
+    def agree(reports):  # rank 0: the ranks save the same step, and whether the plan still holds
+        if len({r[3] for r in reports}) > 1:
+            seen: dict = {}
+            for r, rep in enumerate(reports):
+                seen.setdefault(rep[3], []).append(r)
+            which = "; ".join(f"ranks {few(rs)}: {t}" for t, rs in seen.items())
+            raise UcpError(f"ranks disagree about what to save (step, root): {which}; every rank must call save() "
+                           "with the same step on the same checkpoint root")
+        plan = plans.commit
+        return plan is None or tuple(r[0] for r in reports) != plan.signatures or \
+            any(r[1] != plan.plan_id for r in reports)
 
-    def compare():
-        # Only copies held by several ranks need checksums now; the rest are summed while written.
-        todo = [i for i, info in enumerate(infos_by_rank[rank]) if info.region in shared]
-        with ThreadPoolExecutor(ckpt.options.io_threads) as pool:
-            return dict(zip(todo, pool.map(fragment_checksums, [local["views"][i] for i in todo])))
+    reports, replan = coll.gather_phase("capture", capture, agree)
+    if replan:
+        def make(shares):  # rank 0, once per layout
+            layouts = {sh[2] for sh in shares}
+            if len(layouts) > 1:
+                raise UcpError(f"ranks disagree about the layout: {sorted(map(str, layouts))}")
+            local["made"] = plan_save([sh[0] for sh in shares], [sh[1] for sh in shares],
+                                      [sh[3] for sh in shares], plans.made)
 
-    early = coll.phase("compare", compare)  # per rank {piece: (crc, block crcs)}
-    infos_by_rank = [[replace(info, crc32c=early[r][i][0] if i in early[r] else None) for i, info in enumerate(infos)]
-                     for r, infos in enumerate(infos_by_rank)]
+        coll.gather_phase("plan", lambda: (local["infos"], local["metas"], ckpt.layout, local["signature"]), make)
+        commit_plan, rank_plans = local.pop("made", (None, None))
+        plans.rank = coll.scatter(rank_plans)
+        if rank == 0:
+            plans.commit, plans.fixed, plans.made = commit_plan, None, plans.made + 1
+    states = None if reports is None else [r[2] for r in reports]
 
-    def plan():
-        if len(targets) > 1:
-            seen = {r: g[4] for r, g in enumerate(gathered)}
-            raise UcpError(f"ranks disagree about what to save (step, root): {seen}; every rank must call "
-                           "save() with the same step on the same checkpoint root")
-        if len(layouts) > 1:
-            raise UcpError(f"ranks disagree about the layout: {sorted(map(str, layouts))}")
-        local["plan"] = merge_metas([g[1] for g in gathered]), assign_writers(infos_by_rank)
-
-    coll.phase("plan", plan)  # every rank computes the same plan from the same input
-    metas, assignments = local.pop("plan")
-
-    def prepare():
-        if rank != 0:
-            return None
+    def prepare(_):
         lease = ckpt._writer_lease()
         took = lease.acquire()  # (a second job stops here, on every rank, with one line naming the holder)
         # with the memory tier, its agents may be writing other steps: only this step's partial goes
         return took, prepare_own_step(ckpt.root, step, ckpt.keep, lease.committed, ckpt.snapshot is None)
 
-    took, cleared = coll.phase("prepare", on_storage(prepare, directory))[0]
+    _, (took, cleared) = coll.gather_phase("prepare", lambda: None, on_storage(prepare, directory))
     if rank == 0:
         report(took, cleared, directory)
 
-    def after_prepare(name, fn, path):
-        """Phase ``name``; if it fails, rank 0 clears the partial save, unless another job holds the
-        lease now (it may be writing there: the root is its)."""
+    def after_prepare(name, fn, decide, path):
+        """Phase ``name`` (its results to rank 0, which runs ``decide``); if it fails, rank 0 clears
+        the partial save, unless another job holds the lease now (it may be writing there: the root
+        is its)."""
         try:
-            return coll.phase(name, on_storage(fn, path))
+            return coll.gather_phase(name, on_storage(fn, path), decide and on_storage(decide, directory))
         except BaseException:
             if rank == 0:
                 discard_partial(ckpt._writer_lease(), directory)
             raise
 
     def write():
-        mine = assignments[rank]
-        if not mine:
-            return None
-        fragments = [RankFragment(p.key, p.box, p.flat, p.meta.dtype, local["views"][i])
-                     for i, p in ((i, local["pieces"][i]) for i in mine)]
-        late = [i for i in mine if infos_by_rank[rank][i].crc32c is None]
-        with ThreadPoolExecutor(1) as pool:  # checksums on a second core while the file streams out
-            sums = pool.map(fragment_checksums, [local["views"][i] for i in late])
-            path, size, offsets, head_crc = write_rank_file(directory, rank, fragments, ckpt.options.fsync)
-            return path.name, size, offsets, dict(zip(late, sums)), head_crc
+        return write_share(directory, rank, plans.rank, local, ckpt.options.fsync)
 
-    written = after_prepare("write", write, directory / store.rank_file(rank))
+    written, _ = after_prepare("write", write, None, directory / store.rank_file(rank))
     local.clear()
 
-    def commit():
-        if rank != 0:
-            return None
-        fragments, files, heads = [], {}, {}
-        for r, w in enumerate(written):
-            if w is None:
-                continue
-            name, size, offsets, late, heads[name] = w
-            files[name] = size
-            for i, off in zip(assignments[r], offsets):
-                info = infos_by_rank[r][i]
-                crc, blocks = early[r][i] if i in early[r] else late[i]
-                fragments.append(Fragment(info.key, info.box, info.flat, info.dtype, r, name, off, info.nbytes,
-                                          crc, blocks))
-        manifest = Manifest(step, ckpt.layout, metas, tuple(fragments), split_state([g[2] for g in gathered]),
-                            files, created_by=f"ucp {__version__}", block_bytes=BLOCK_BYTES, file_headers=heads)
-        manifest.validate()
+    def commit(_):
+        manifest, table = commit_manifest_of(plans, step, ckpt.layout, states, written)
         ckpt._writer_lease().check()  # (publish only while the root is still this job's: rule 4e)
-        commit_step(directory, manifest)  # (what each rank wrote is checked there, whole, before it is published)
-        return manifest.nbytes
+        commit_step(directory, manifest, table)  # (what each rank wrote is checked there, whole, before it is published)
+        return plans.commit.nbytes
 
-    nbytes = after_prepare("commit", commit, directory)[0]
+    _, nbytes = after_prepare("commit", lambda: None, commit, directory)
     if rank == 0:
         ckpt._writer_lease().committed.add(step)
         report(None, apply_retention(ckpt.root, ckpt.keep, step), directory)
     return SaveResult(step, directory, nbytes, time.perf_counter() - t0)
 
 
+def write_share(directory, rank: int, plan: RankPlan, local: dict, fsync: bool) -> WriteReport:
+    """Write this rank's share of the plan (its file, streamed from the staged pieces) while a second
+    thread sums the fragments it writes and the replicated pieces it holds."""
+    views, pieces = local["views"], local["pieces"]
+    mine = list(plan.writes)
+    others = [i for i in plan.replicated if i not in set(mine)]
+    fragments = [RankFragment(pieces[i].key, pieces[i].box, pieces[i].flat, pieces[i].meta.dtype, views[i])
+                 for i in mine]
+    name, size, offsets, head_crc = None, 0, [], 0
+    with ThreadPoolExecutor(1) as pool:  # checksums on a second core while the file streams out
+        sums = pool.map(fragment_checksums, [views[i] for i in mine])
+        other_sums = pool.map(crc32c, [views[i] for i in others])
+        if mine:
+            path, size, offsets, head_crc = write_rank_file(directory, rank, fragments, fsync)
+            name = path.name
+        sums, other_sums = list(sums), list(other_sums)
+    crc_of = dict(zip(mine, (c for c, _ in sums))) | dict(zip(others, other_sums))
+    return WriteReport(name, size, head_crc, np.asarray(offsets, dtype=np.int64),
+                       np.fromiter((c for c, _ in sums), dtype=np.uint32, count=len(sums)),
+                       np.fromiter((len(b) for _, b in sums), dtype=np.int32, count=len(sums)),
+                       np.fromiter((x for _, b in sums for x in b), dtype=np.uint32),
+                       np.fromiter((crc_of[i] for i in plan.replicated), dtype=np.uint32, count=len(plan.replicated)))
+
+
+def commit_manifest_of(plans: SavePlans, step: int, layout, states: list, written: list[WriteReport]):
+    """The manifest of a save (rank 0) and its fragment table, from the plan and the ranks' write
+    reports, after the replicas' checksums compared equal. The first save of a plan validates every
+    fragment against the format's rules; later saves of the same plan, whose fragments are the same
+    regions, check only what the ranks report (offsets inside their files, block counts).
+
+    Returns:
+        (manifest without fragments, (stored fragment table, rows)).
+    """
+    plan = plans.commit
+    compare_replicas(plan, [w.replicas for w in written])
+    files, heads = {}, {}
+    for r, (w, expect) in enumerate(zip(written, plan.written)):
+        if len(w.offsets) != len(expect) or (w.file is None) != (not expect):
+            raise UcpError(f"rank {r} reported {len(w.offsets)} fragments written to {w.file}, its plan has "
+                           f"{len(expect)}")
+        if w.file is not None:
+            files[w.file], heads[w.file] = w.size, w.head_crc
+    manifest = Manifest(step, layout, plan.metas, (), split_state(states), files, created_by=f"ucp {__version__}",
+                        block_bytes=BLOCK_BYTES, file_headers=heads)
+    manifest.validate_header()
+    first = plans.fixed is None
+    if first:
+        plans.fixed = fixed_columns((p.key, p.box, p.flat, p.dtype, r, w.file, p.nbytes)
+                                    for r, (w, ps) in enumerate(zip(written, plan.written)) for p in ps)
+    reports = [w for w in written if w.file is not None]
+    offsets = np.concatenate([w.offsets for w in reports]) if reports else np.zeros(0, np.int64)
+    counts = np.concatenate([w.block_counts for w in reports]) if reports else np.zeros(0, np.int32)
+    lengths = plans.fixed.column("byte_length").to_numpy()
+    ends = np.repeat([w.size for w in reports], [len(w.offsets) for w in reports])
+    blocks_wanted = np.where(lengths > BLOCK_BYTES, -(-lengths // BLOCK_BYTES), 0)
+    if (offsets < 0).any() or (offsets + lengths > ends).any() or (counts != blocks_wanted).any():
+        raise UcpError("a rank reported fragments outside its file or with the wrong number of block checksums")
+    table = with_checksums(plans.fixed, offsets, np.concatenate([w.crcs for w in reports]) if reports else [],
+                           counts, np.concatenate([w.blocks for w in reports]) if reports else [])
+    if first:  # every rule of the format, on every fragment, once per plan
+        replace(manifest, fragments=tuple(table_to_fragments(table))).validate()
+    return manifest, (table_to_parquet(table), table.num_rows)
+
+
 def on_storage(fn, path):
     """``fn``, its OSErrors raised as one-line :class:`StorageError` naming the file (``path`` when
     the error names none: a write or fsync failing on a full disk)."""
-    def run():
+    def run(*args):
         try:
-            return fn()
+            return fn(*args)
         except UcpError:
             raise
         except OSError as e:

@@ -57,8 +57,30 @@ class Collective:
             return obj
         box = [obj]
         with transport(self._what, self.rank):
-            dist.broadcast_object_list(box, src=src, group=self.group)
+            dist.broadcast_object_list(box, src=self._global(src), group=self.group)
         return box[0]
+
+    def gather(self, obj: Any, dst: int = 0) -> list | None:
+        """Every rank's ``obj`` in rank order on rank ``dst``; None on the others."""
+        if self.world_size == 1:
+            return [obj]
+        out: list | None = [None] * self.world_size if self.rank == dst else None
+        with transport(self._what, self.rank):
+            dist.gather_object(obj, out, dst=self._global(dst), group=self.group)
+        return out
+
+    def scatter(self, objs: list | None, src: int = 0) -> Any:
+        """Rank ``src``'s ``objs[r]`` on each rank ``r`` (``objs`` is read on ``src`` only)."""
+        if self.world_size == 1:
+            return objs[0]
+        box: list = [None]
+        with transport(self._what, self.rank):
+            dist.scatter_object_list(box, objs if self.rank == src else None, src=self._global(src), group=self.group)
+        return box[0]
+
+    def _global(self, rank: int) -> int:
+        """The global rank of this group's ``rank`` (torch's object collectives take global ranks)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -79,8 +101,7 @@ class Collective:
             outcome = (True, fn(), None)
         except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
             local_error = e
-            detail = str(e) if isinstance(e, UcpError) else "".join(traceback.format_exception_only(e)).strip()
-            outcome = (False, detail, type(e) if isinstance(e, UcpError) else None)
+            outcome = _failed(e)
         self._what = f"collective of phase '{name}'"
         try:
             gathered = self.all_gather(outcome)
@@ -91,6 +112,51 @@ class Collective:
             kinds = {kind for ok, _, kind in gathered if not ok}
             raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(name, failures) from local_error
         return [value for _, value, _ in gathered]
+
+    def gather_phase(self, name: str, fn: Callable[[], Any], decide: Callable[[list], Any] | None = None,
+                     root: int = 0) -> tuple[list | None, Any]:
+        """Run ``fn`` on every rank and gather the results to ``root`` alone, which runs
+        ``decide(results)`` when every rank succeeded; its value (small: it goes to every rank) is
+        returned on every rank as ``(results on root else None, decision)``. A failure of ``fn`` on
+        any rank, or of ``decide`` (charged to ``root``), is raised on every rank as in :meth:`phase`.
+        """
+        if self.world_size == 1:
+            results = [fn()]
+            return results, decide(results) if decide is not None else None
+        local_error: BaseException | None = None
+        try:
+            outcome = (True, fn(), None)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+            local_error = e
+            outcome = _failed(e)
+        self._what = f"collective of phase '{name}'"
+        try:
+            gathered = self.gather(outcome, root)
+            verdict = None
+            if gathered is not None:
+                failures = {r: (msg, kind) for r, (ok, msg, kind) in enumerate(gathered) if not ok}
+                decision = None
+                if not failures:
+                    try:
+                        decision = decide([value for _, value, _ in gathered]) if decide is not None else None
+                    except Exception as e:  # noqa: BLE001 - the same error on every rank
+                        local_error = e
+                        failures = {root: _failed(e)[1:]}
+                verdict = (failures, decision)
+            failures, decision = self.broadcast(verdict, root)
+        finally:
+            self._what = "collective exchange"
+        if failures:
+            kinds = {kind for _, kind in failures.values()}
+            raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
+                name, {r: msg for r, (msg, _) in failures.items()}) from local_error
+        return (None if gathered is None else [value for _, value, _ in gathered]), decision
+
+
+def _failed(e: BaseException) -> tuple:
+    """A failed outcome as it travels: ``(False, one-line message, ucp error class or None)``."""
+    detail = str(e) if isinstance(e, UcpError) else "".join(traceback.format_exception_only(e)).strip()
+    return False, detail, type(e) if isinstance(e, UcpError) else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,6 +6,7 @@ import io
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -125,6 +126,41 @@ def fragments_to_table(fragments) -> pa.Table:
     return pa.table(cols, schema=FRAGMENT_SCHEMA)
 
 
+#: the columns of a fragment table that a save plan fixes (the others are each save's: where in its
+#: file each fragment's bytes landed, and their checksums)
+FIXED_COLUMNS = ("key", "offsets", "sizes", "flat_start", "flat_numel", "dtype", "rank", "file", "byte_length")
+
+
+def fixed_columns(rows) -> pa.Table:
+    """The :data:`FIXED_COLUMNS` of a fragment table, from ``(key, box, flat, dtype, rank, file,
+    length)`` rows: built once per save plan, completed at each save by :func:`with_checksums`."""
+    cols: dict[str, list] = {name: [] for name in FIXED_COLUMNS}
+    for key, box, flat, dtype, rank, file, length in rows:
+        cols["key"].append(key)
+        cols["offsets"].append(box.offsets)
+        cols["sizes"].append(box.sizes)
+        cols["flat_start"].append(None if flat is None else flat.start)
+        cols["flat_numel"].append(None if flat is None else flat.numel)
+        cols["dtype"].append(dtype)
+        cols["rank"].append(rank)
+        cols["file"].append(file)
+        cols["byte_length"].append(length)
+    return pa.table(cols, schema=pa.schema([FRAGMENT_SCHEMA.field(n) for n in FIXED_COLUMNS]))
+
+
+def with_checksums(fixed: pa.Table, byte_offsets, crcs, block_counts, blocks) -> pa.Table:
+    """The whole fragment table: ``fixed`` (:func:`fixed_columns`) and, row by row, the byte offset,
+    CRC-32C and block checksums (``block_counts[i]`` of ``blocks``, concatenated) of each fragment."""
+    counts = np.asarray(block_counts, dtype=np.int32)
+    starts = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=starts[1:])
+    cols = {n: fixed.column(n) for n in FIXED_COLUMNS}
+    cols["byte_offset"] = pa.array(np.asarray(byte_offsets, dtype=np.int64))
+    cols["crc32c"] = pa.array(np.asarray(crcs, dtype=np.uint32))
+    cols["block_crc32c"] = pa.ListArray.from_arrays(pa.array(starts), pa.array(np.asarray(blocks, dtype=np.uint32)))
+    return pa.table([cols[n] for n in FRAGMENT_SCHEMA.names], schema=FRAGMENT_SCHEMA)
+
+
 def table_to_fragments(table: pa.Table) -> list[Fragment]:
     """Inverse of :func:`fragments_to_table`; checks the schema's columns and types."""
     names = [n for n in FRAGMENT_SCHEMA.names if n in table.column_names or n not in OPTIONAL_COLUMNS]
@@ -166,8 +202,13 @@ def table_to_fragments(table: pa.Table) -> list[Fragment]:
 
 
 def fragments_to_parquet(fragments) -> bytes:
+    return table_to_parquet(fragments_to_table(fragments))
+
+
+def table_to_parquet(table: pa.Table) -> bytes:
+    """A fragment table's stored form."""
     sink = io.BytesIO()
-    pq.write_table(fragments_to_table(fragments), sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
 
 
@@ -184,3 +225,4 @@ def fragments_from_parquet(data: bytes) -> list[Fragment]:
     except (pa.ArrowInvalid, OSError) as e:
         raise FormatError(f"fragment table is not a readable Parquet file: {e}") from e
     return table_to_fragments(table)
+

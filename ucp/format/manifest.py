@@ -87,6 +87,12 @@ class Manifest:
 
     def validate(self) -> None:
         """Enforce the MUST rules of the checkpoint format; raise FormatError/SpecError on the first broken one."""
+        self.validate_header()
+        self.validate_fragments()
+
+    def validate_header(self) -> None:
+        """The rules on everything but the fragments (a save whose fragments were checked once per
+        layout, in its plan, checks only this at each commit)."""
         check_version(self.format_version, FORMAT_VERSION, "checkpoint manifest")
         if isinstance(self.step, bool) or not isinstance(self.step, int) or not 0 <= self.step < MAX_STEP:
             raise FormatError(f"manifest step {_short(self.step)} must be a non-negative integer below 2^63")
@@ -110,6 +116,18 @@ class Manifest:
             meta.pattern.validate(meta.shape, self.layout.names, key)
         if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, int) or self.block_bytes < 0:
             raise FormatError(f"manifest block_bytes {self.block_bytes!r} must be a non-negative integer")
+        if not isinstance(self.state, dict) or set(self.state) - {"shared", "ranks"}:
+            raise FormatError("manifest state must be an object with 'shared' and 'ranks'")
+        ranks = self.state.get("ranks", {})
+        if not isinstance(self.state.get("shared", {}), dict) or not isinstance(ranks, dict) or any(
+            not (isinstance(r, str) and r.isdigit() and int(r) < self.layout.world_size and isinstance(v, dict))
+            for r, v in ranks.items()
+        ):
+            raise FormatError("manifest state: 'shared' must be an object and 'ranks' map rank numbers "
+                              f"below {self.layout.world_size} to objects")
+
+    def validate_fragments(self) -> None:
+        """The rules on the fragments: each in its file and its tensor, every tensor covered exactly once."""
         by_key: dict[str, list[Fragment]] = {}
         for frag in self.fragments:
             meta = self.tensors.get(frag.key)
@@ -130,15 +148,6 @@ class Manifest:
             by_key.setdefault(frag.key, []).append(frag)
         for key, meta in self.tensors.items():
             _check_cover(key, meta, by_key.get(key, []))
-        if not isinstance(self.state, dict) or set(self.state) - {"shared", "ranks"}:
-            raise FormatError("manifest state must be an object with 'shared' and 'ranks'")
-        ranks = self.state.get("ranks", {})
-        if not isinstance(self.state.get("shared", {}), dict) or not isinstance(ranks, dict) or any(
-            not (isinstance(r, str) and r.isdigit() and int(r) < self.layout.world_size and isinstance(v, dict))
-            for r, v in ranks.items()
-        ):
-            raise FormatError("manifest state: 'shared' must be an object and 'ranks' map rank numbers "
-                              f"below {self.layout.world_size} to objects")
 
     def fragments_of(self, key: str) -> list[Fragment]:
         return [f for f in self.fragments if f.key == key]

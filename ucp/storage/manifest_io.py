@@ -45,12 +45,16 @@ def check_signed(header: dict, path, what: str, holder: str = "") -> dict:
     return header
 
 
-def commit_manifest(directory: Path, manifest: Manifest) -> None:
-    """Write the fragment table, then atomically commit ``manifest.json``: the checkpoint becomes visible."""
+def commit_manifest(directory: Path, manifest: Manifest, table: tuple[bytes, int] | None = None) -> None:
+    """Write the fragment table, then atomically commit ``manifest.json``: the checkpoint becomes visible.
+
+    ``table``, when given, is the stored fragment table and its row count, built by the caller
+    (a save's plan, column by column: :func:`ucp.format.fragment.with_checksums`); ``manifest`` then
+    carries no fragments of its own."""
     directory = Path(directory)
-    table = fragments_to_parquet(manifest.fragments)
-    write_atomic(directory / FRAGMENT_TABLE, table)
-    header = manifest.header({"file": FRAGMENT_TABLE, "crc32c": crc32c(table), "rows": len(manifest.fragments)})
+    data, rows = (fragments_to_parquet(manifest.fragments), len(manifest.fragments)) if table is None else table
+    write_atomic(directory / FRAGMENT_TABLE, data)
+    header = manifest.header({"file": FRAGMENT_TABLE, "crc32c": crc32c(data), "rows": rows})
     write_atomic(directory / MANIFEST, header_to_json(sign_header(header)))
 
 

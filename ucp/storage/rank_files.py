@@ -123,9 +123,11 @@ def prepare_own_step(root: Path, step: int, keep: int | None, saved_here: Collec
     return cleared
 
 
-def commit_step(directory: Path, manifest: Manifest) -> None:
+def commit_step(directory: Path, manifest: Manifest, table: tuple[bytes, int] | None = None) -> None:
     """Make the checkpoint in ``directory`` visible: its manifest committed atomically (after the
-    fragment table), once every file it lists is there with the size its writer reported.
+    fragment table: ``table``, when the caller built it, see
+    :func:`~ucp.storage.manifest_io.commit_manifest`), once every file it lists is there with the
+    size its writer reported.
 
     Raises:
         UcpError: a file is missing or of another size (the ranks do not share the storage, say).
@@ -135,7 +137,7 @@ def commit_step(directory: Path, manifest: Manifest) -> None:
         if found != size:
             raise UcpError(f"{directory / name}: {found} bytes on storage, the writing rank reported {size}; "
                            "is the checkpoint root the same storage on every rank?")
-    commit_manifest(directory, manifest)
+    commit_manifest(directory, manifest, table)
 
 
 def apply_retention(root: Path, keep: int | None, step: int, roll_back: bool = True) -> Cleared:
