@@ -99,6 +99,25 @@ def write_signed(mpath, header: dict) -> None:
     mpath.write_text(json.dumps(header))
 
 
+def as_format_1_2(path) -> None:
+    """Rewrite the checkpoint in ``path`` as format 1.2 wrote it (a Parquet fragment table; every file,
+    its header checksum and every rank's state in the header), which readers still read."""
+    import dataclasses
+
+    from ucp.codecs.checksum import crc32c
+    from ucp.format.fragment import fragments_to_parquet
+    from ucp.storage import directory as store
+    from ucp.storage.manifest_io import read_manifest
+
+    m = dataclasses.replace(read_manifest(path), format_version="1.2")
+    table = fragments_to_parquet(m.fragments)
+    (path / store.FRAGMENT_TABLE).write_bytes(table)
+    for name in (store.FRAGMENT_PAGES, store.STATE_PAGES):
+        (path / name).unlink()
+    write_signed(path / store.MANIFEST, m.header({"file": store.FRAGMENT_TABLE, "crc32c": crc32c(table),
+                                                  "rows": len(m.fragments)}))
+
+
 def saved_checkpoint(root, **save_kwargs):
     """A trained model saved at step 5 under ``root``: (checkpoint dir, model, optimizer, scheduler)."""
     model, opt, sched = make()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import ucp
-from tests.checkpoint.common import FAST, fresh_checkpointer, make, saved_checkpoint, train_step, write_signed
+from tests.checkpoint.common import (FAST, as_format_1_2, fresh_checkpointer, make, saved_checkpoint, train_step,
+                                     write_signed)
 from tests.helpers import assert_bits_equal, flip_byte
 from ucp.errors import CorruptCheckpointError, FormatError
 from ucp.storage import directory as store
@@ -94,21 +95,43 @@ def test_rank_file_truncated_to_its_header_raises_corrupt(ckpt_root):
     assert any(f.key in str(e.value) for f in m.fragments)
 
 
-def test_corrupt_fragment_table_raises_corrupt(ckpt_root):
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_corrupt_fragment_table_raises_corrupt(ckpt_root, version):
     path, *_ = saved_checkpoint(ckpt_root)
-    table = path / store.FRAGMENT_TABLE
+    name = legacy(path, version) or store.FRAGMENT_PAGES
+    table = path / name
     flip_byte(table, table.stat().st_size // 2, 0xFF)
     ckpt, _ = fresh_checkpointer(ckpt_root)
-    with pytest.raises(CorruptCheckpointError, match=store.FRAGMENT_TABLE):
+    with pytest.raises(CorruptCheckpointError, match=name):
         ckpt.load()
 
 
-def test_missing_fragment_table_raises_corrupt(ckpt_root):
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_missing_fragment_table_raises_corrupt(ckpt_root, version):
     path, *_ = saved_checkpoint(ckpt_root)
-    (path / store.FRAGMENT_TABLE).unlink()
+    (path / (legacy(path, version) or store.FRAGMENT_PAGES)).unlink()
     ckpt, _ = fresh_checkpointer(ckpt_root)
     with pytest.raises(CorruptCheckpointError, match="missing"):
         ckpt.load()
+
+
+def test_a_missing_or_damaged_state_table_is_named(ckpt_root):
+    path, *_ = saved_checkpoint(ckpt_root)
+    table = path / store.STATE_PAGES
+    flip_byte(table, 3, 0x10)
+    with pytest.raises(CorruptCheckpointError, match=f"{table}: .*checksum mismatch"):
+        fresh_checkpointer(ckpt_root)[0].load()
+    table.unlink()
+    with pytest.raises(CorruptCheckpointError, match=f"{table}: state table is missing"):
+        fresh_checkpointer(ckpt_root)[0].load()
+
+
+def legacy(path, version: str) -> str | None:
+    """Rewrite the checkpoint as ``version`` 1.2 (its fragment table's name), or leave it (None)."""
+    if version == "1.3":
+        return None
+    as_format_1_2(path)
+    return store.FRAGMENT_TABLE
 
 
 def test_deleted_data_file_raises_naming_it(ckpt_root):
@@ -145,20 +168,27 @@ def test_manifest_newer_minor_version_still_loads(ckpt_root):
     assert_bits_equal(model2.fc1.weight, model.fc1.weight)
 
 
-def test_manifest_naming_a_file_outside_the_directory_is_rejected(ckpt_root):
+@pytest.mark.parametrize("version, words", [("1.2", "plain file name"),
+                                             ("1.3", "lacks a valid 'fragment_table' entry .*names fragments.pages")])
+def test_manifest_naming_a_file_outside_the_directory_is_rejected(ckpt_root, version, words):
     path, *_ = saved_checkpoint(ckpt_root)
-    (ckpt_root / "evil.parquet").write_bytes((path / store.FRAGMENT_TABLE).read_bytes())
+    name = legacy(path, version) or store.FRAGMENT_PAGES
+    (ckpt_root / "evil.parquet").write_bytes((path / name).read_bytes())
     mpath = path / store.MANIFEST
     header = json.loads(mpath.read_bytes())
     header["fragment_table"]["file"] = "../evil.parquet"
     write_signed(mpath, header)
     ckpt, _ = fresh_checkpointer(ckpt_root)
-    with pytest.raises(FormatError, match="plain file name"):
+    with pytest.raises(FormatError, match=words):
         ckpt.load()
 
 
 def test_loader_finds_fragments_by_offset_not_by_safetensors_name(ckpt_root):
     # Format rule 18: the fragment table, not the safetensors header, says where bytes are.
+    import dataclasses
+
+    from ucp.storage.manifest_io import commit_manifest
+
     path, model, *_ = saved_checkpoint(ckpt_root)
     data_file = path / store.rank_file(0)
     raw = data_file.read_bytes()
@@ -166,10 +196,9 @@ def test_loader_finds_fragments_by_offset_not_by_safetensors_name(ckpt_root):
     head = raw[8:8 + int(n)].replace(b'"model/', b'"MODEL/').replace(b'"optim/', b'"OPTIM/')
     assert len(head) == n
     data_file.write_bytes(raw[:8] + head + raw[8 + int(n):])
-    mpath = path / store.MANIFEST
-    header = json.loads(mpath.read_bytes())  # a writer that means the new names records their checksum
-    header["file_headers"][data_file.name] = header_checksum(data_file)
-    write_signed(mpath, header)
+    m = read_manifest(path)  # a writer that means the new names records their checksum
+    commit_manifest(path, dataclasses.replace(m, file_headers={**m.file_headers,
+                                                               data_file.name: header_checksum(data_file)}))
     ckpt, fresh = fresh_checkpointer(ckpt_root)
     assert ckpt.load().step == 5
     assert_bits_equal(fresh.fc1.weight, model.fc1.weight)
@@ -194,14 +223,18 @@ def test_a_changed_value_in_the_manifest_is_caught_by_its_checksum(ckpt_root):
         ckpt.load()
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda h: h.update(files=["abc"]), "malformed"),
-    (lambda h: h["state"].update(ranks=[1, 2]), "'ranks' map rank numbers"),
-    (lambda h: h["state"]["ranks"].update({"7": {}}), "'ranks' map rank numbers"),
-    (lambda h: h.update(format_version="1"), "MAJOR.MINOR"),
+@pytest.mark.parametrize("version, edit, words", [
+    ("1.2", lambda h: h.update(files=["abc"]), "malformed"),
+    ("1.2", lambda h: h["state"].update(ranks=[1, 2]), "'ranks' map rank numbers"),
+    ("1.2", lambda h: h["state"]["ranks"].update({"7": {}}), "'ranks' map rank numbers"),
+    ("1.3", lambda h: h.update(format_version="1"), "MAJOR.MINOR"),
+    ("1.3", lambda h: h["fragment_table"].update(root={"offset": -1}), "malformed page reference"),
+    ("1.3", lambda h: h["state_table"].update(depth="deep"), "entry for this table is malformed"),
+    ("1.3", lambda h: h.pop("state_table"), "lacks a valid 'state_table' entry"),
 ])
-def test_malformed_manifests_get_a_format_error(ckpt_root, edit, words):
+def test_malformed_manifests_get_a_format_error(ckpt_root, version, edit, words):
     path, *_ = saved_checkpoint(ckpt_root)
+    legacy(path, version)
     mpath = path / store.MANIFEST
     header = json.loads(mpath.read_bytes())
     edit(header)
@@ -271,7 +304,7 @@ def test_a_damaged_rank_file_header_is_named_by_verify_and_load(ckpt_root, damag
 def test_the_manifest_records_every_rank_files_header_checksum(ckpt_root):
     path, *_ = saved_checkpoint(ckpt_root)
     m = read_manifest(path)
-    assert m.format_version == "1.2" and set(m.file_headers) == set(m.files)
+    assert m.format_version == "1.3" and set(m.file_headers) == set(m.files)
     for name, crc in m.file_headers.items():
         assert crc == header_checksum(path / name)
 
@@ -280,6 +313,7 @@ def test_a_format_1_1_manifest_without_header_checksums_loads_and_verify_says_th
     from ucp.storage.verify import verify_checkpoint
 
     path, model, *_ = saved_checkpoint(ckpt_root)
+    legacy(path, "1.2")
     mpath = path / store.MANIFEST
     header = json.loads(mpath.read_bytes())
     header["format_version"] = "1.1"
@@ -294,6 +328,7 @@ def test_a_format_1_1_manifest_without_header_checksums_loads_and_verify_says_th
 
 def test_a_format_1_2_manifest_lacking_a_files_header_checksum_is_refused(ckpt_root):
     path, *_ = saved_checkpoint(ckpt_root)
+    legacy(path, "1.2")
     mpath = path / store.MANIFEST
     header = json.loads(mpath.read_bytes())
     header["file_headers"] = {}
@@ -371,3 +406,31 @@ def test_a_file_of_another_size_than_recorded_is_refused_when_opened(ckpt_root):
     assert str(e.value).startswith(f"{path / name}: {m.files[name] + 16} bytes on storage, the manifest records {m.files[name]}")
     with FragmentFiles(path) as files:  # (without a manifest: nothing to compare with)
         assert files.open(name)[1] == m.files[name] + 16
+
+
+def test_a_resigned_manifest_declaring_a_tensor_larger_than_its_fragments_is_refused_before_allocating(
+        ckpt_root, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from ucp.format.box import Box
+    from ucp.format.fragment import Fragment
+    from ucp.format.manifest import TensorMeta
+    from ucp.storage.manifest_io import commit_manifest
+
+    path, *_ = saved_checkpoint(ckpt_root)
+    m = read_manifest(path)
+    small = Fragment("extra/big", Box((0,), (2,)), None, "float32", 0, store.rank_file(0), 8, 8, 0, ())
+    commit_manifest(path, dataclasses.replace(m, tensors={**m.tensors, "extra/big": TensorMeta((1 << 33,), "float32")},
+                                              fragments=m.fragments + (small,)))  # (a table of 1.3 is not validated whole on writing)
+    real_empty = torch.empty
+
+    def bounded_empty(*shape, **kw):
+        dims = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        assert np.prod([int(d) for d in dims], dtype=object) < 1 << 28, f"allocation of {dims} elements"
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", bounded_empty)
+    with pytest.raises(FormatError, match="extra/big: fragments hold 2 elements, the tensor has 8589934592"):
+        fresh_checkpointer(ckpt_root)[0].load()

@@ -74,12 +74,12 @@ def test_a_failed_fragment_table_write_names_the_table(ckpt_root, monkeypatch):
     real_fsync = atomic.os.fsync
 
     def fsync(fd):  # the fragment table's write fails, as a full disk fails it: no file name
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".parquet.tmp"):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".pages.tmp"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
     monkeypatch.setattr(atomic.os, "fsync", fsync)
-    with pytest.raises(StorageError, match=r"step_00000001/fragments\.parquet: No space left on device$"):
+    with pytest.raises(StorageError, match=r"step_00000001/fragments\.pages: No space left on device$"):
         ck.save(1)
     monkeypatch.setattr(atomic.os, "fsync", real_fsync)
     assert store.list_steps(ckpt_root, complete=False) == []

@@ -24,7 +24,7 @@ def test_checkpoint_directory_contents_and_byte_counts(ckpt_root):
     model, opt, sched = make()
     train_step(model, opt, sched)
     res = ucp.Checkpointer(ckpt_root, model=model, optimizer=opt, scheduler=sched).save(1)
-    assert sorted(p.name for p in res.path.iterdir()) == [store.FRAGMENT_TABLE, store.MANIFEST, store.rank_file(0)]
+    assert sorted(p.name for p in res.path.iterdir()) == [store.FRAGMENT_PAGES, store.MANIFEST, store.rank_file(0), store.STATE_PAGES]
     m = read_manifest(res.path)
     expected_keys = {f"model/{k}" for k in model.state_dict()} | {
         f"optim/{n}/{s}" for n in dict(model.named_parameters()) for s in ("step", "exp_avg", "exp_avg_sq")}
@@ -86,7 +86,7 @@ def test_manifest_is_strict_json_even_with_non_finite_values(ckpt_root):
 
     path, *_ = saved_checkpoint(ckpt_root, extras={"loss": float("nan"), "best": float("-inf"), "t": (1, 2)})
     header = json.loads((path / store.MANIFEST).read_bytes(), parse_constant=no_constants)
-    assert header["format"] == "ucp.checkpoint" and header["format_version"] == "1.2" and header["step"] == 5
+    assert header["format"] == "ucp.checkpoint" and header["format_version"] == "1.3" and header["step"] == 5
     ckpt, _ = fresh_checkpointer(ckpt_root)
     extras = ckpt.load().extras
     assert math.isnan(extras["loss"]) and extras["best"] == -math.inf and extras["t"] == (1, 2)

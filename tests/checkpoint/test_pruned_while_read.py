@@ -22,7 +22,7 @@ from tests.helpers import assert_bits_equal
 from ucp.checkpoint.readers import FragmentReader
 from ucp.errors import CheckpointDeletedError, CheckpointNotFoundError, CorruptCheckpointError
 from ucp.storage import directory as store
-from ucp.storage.manifest_io import read_manifest
+from ucp.storage.manifest_io import open_manifest, read_manifest
 
 
 @pytest.fixture
@@ -60,10 +60,10 @@ def _prune_on(monkeypatch, where: str, victim, then=lambda: None):
 
     if where == "manifest":
         def reading(path):
-            m = read_manifest(path)
+            m = open_manifest(path)
             prune()
             return m
-        monkeypatch.setattr(load_module, "read_manifest", reading)
+        monkeypatch.setattr(load_module, "open_manifest", reading)
     else:
         class Pruned(FragmentReader):
             def __init__(self, directory, manifest=None):
@@ -106,13 +106,13 @@ def test_a_load_that_keeps_losing_the_race_gives_up_after_a_few_tries(ckpt_root,
         return resolve(root, step)
 
     def reading(path):  # every checkpoint found is pruned as soon as its manifest is read
-        m = read_manifest(path)
+        m = open_manifest(path)
         calls.append(path)
         shutil.copytree(path, tmp_path / "kept")
         store.remove_checkpoint(path)
         return m
 
-    monkeypatch.setattr(load_module, "read_manifest", reading)
+    monkeypatch.setattr(load_module, "open_manifest", reading)
     monkeypatch.setattr(store, "resolve", finding)
     ckpt, _ = fresh_checkpointer(ckpt_root)
     with pytest.raises(CheckpointDeletedError, match="deleted"):
@@ -175,14 +175,14 @@ def test_a_fragment_table_pruned_after_its_manifest_was_read_is_a_deleted_checkp
 
     def checking(header, path, what, holder=""):
         out = check_signed(header, path, what, holder)
-        store.remove_checkpoint(victim)  # between manifest.json and fragments.parquet
+        store.remove_checkpoint(victim)  # between manifest.json and the fragment table
         return out
 
     monkeypatch.setattr(manifest_io, "check_signed", checking)
     with pytest.raises(CheckpointDeletedError) as e:
         read_manifest(victim)
     assert str(e.value) == (f"{victim}: the checkpoint was deleted (by retention?) while being read: "
-                            f"{store.FRAGMENT_TABLE} and {store.MANIFEST} are gone")
+                            f"{store.FRAGMENT_PAGES} and {store.MANIFEST} are gone")
 
 
 def test_verify_of_a_checkpoint_pruned_while_verified_says_it_was_deleted(ckpt_root, two_steps):

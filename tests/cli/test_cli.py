@@ -52,7 +52,7 @@ def test_inspect_table_and_json(saved):
     assert "step        7" in p.stdout and "optim/0.weight/exp_avg" in p.stdout and "dp=1 zero=0" in p.stdout
     p = run("inspect", saved, "--step", "5", "--json")
     doc = json.loads(p.stdout)
-    assert doc["step"] == 5 and doc["format_version"] == "1.2"
+    assert doc["step"] == 5 and doc["format_version"] == "1.3" and set(doc["files"]) == set(doc["file_headers"])
     assert {f["key"] for f in doc["fragments"]} == set(doc["tensors"])
 
 

@@ -34,6 +34,8 @@ from ucp.format.pattern import chunk_bounds
 # --------------------------------------------------------------------------- a builder of valid manifests
 
 
+JSON_VERSION = "1.2"  # the last version whose header holds every file and every rank's state
+
 def build(layout: Layout, tensors: dict, *, step: int = 7, keep_empty: bool = True) -> Manifest:
     """A valid manifest: every tensor written once, by the ranks at coordinate 0 of its replica axes."""
     files: dict[str, int] = {}
@@ -59,7 +61,10 @@ def build(layout: Layout, tensors: dict, *, step: int = 7, keep_empty: bool = Tr
             frags.append(Fragment(key, box, flat, meta.dtype, r, name, off, length, (r * 7919 + off) % 2**32))
             files[name] = off + length
     state = {"shared": {"epoch": 3, "lr": 0.5}, "ranks": {str(r): {"seed": r} for r in range(layout.world_size)}}
-    return Manifest(step, layout, tensors, tuple(frags), state=state, files=files, created_by="ucp tests")
+    # (the header's JSON form of 1.2, which readers still read: the data model's rules are the same in
+    # 1.3, whose header moves files and rank state into paged tables: tests/storage/test_manifest_io.py)
+    return Manifest(step, layout, tensors, tuple(frags), state=state, files=files, created_by="ucp tests",
+                    format_version=JSON_VERSION)
 
 
 LAYOUT = Layout.from_sizes(dp=2, tp=2, zero=1)
@@ -94,7 +99,8 @@ def index_of(m: Manifest, key: str, rank: int) -> int:
 def small(fragments, shape=(4,), dtype="float32") -> Manifest:
     """A one-tensor manifest over dp=4 whose fragments all live in one file."""
     files = {"data.bin": 10**6}
-    return Manifest(1, Layout.from_sizes(dp=4), {"model/x": TensorMeta(shape, dtype)}, tuple(fragments), files=files)
+    return Manifest(1, Layout.from_sizes(dp=4), {"model/x": TensorMeta(shape, dtype)}, tuple(fragments), files=files,
+                    format_version=JSON_VERSION)
 
 
 def f(box: Box, flat: FlatRange | None = None, rank: int = 0, offset: int = 0) -> Fragment:
@@ -106,7 +112,7 @@ def f(box: Box, flat: FlatRange | None = None, rank: int = 0, offset: int = 0) -
 
 
 def test_builder_manifest_is_valid(m):
-    assert m.format_version == FORMAT_VERSION == "1.2"
+    assert FORMAT_VERSION == "1.3" and m.format_version == JSON_VERSION == "1.2"
     assert len(m.fragments_of("model/w")) == 2  # one per tp rank, dp replicas not written
     assert len(m.fragments_of("optim/w/exp_avg")) == 4  # tp x flat(dp)
     assert len(m.fragments_of("optim/w/step")) == 1

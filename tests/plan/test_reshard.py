@@ -201,3 +201,55 @@ def test_a_layout_that_cannot_split_the_fused_heads_is_refused_with_the_reason()
     with pytest.raises(LoadError, match=r"model/a\.qkv\.weight: this layout cannot hold it: fused part\(s\) q, k, v "
                                         r"of dim 0 do not split into 3 equal chunks"):
         check_target("model/a.qkv.weight", (24, 4), qkv, Layout.from_sizes(dp=1, tp=3))
+
+
+# -- what a rank reads of a paged fragment table: load_regions, and a RegionQuery of them -----------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_fragments_a_query_keeps_fill_every_target_as_all_fragments_do(data):
+    from ucp.format.fragment import RegionQuery
+    from ucp.format.manifest import TensorMeta
+    from ucp.plan.reshard import load_regions
+    from ucp.plan.sources import Slice
+
+    parts = (12, 6, 6)
+    rows, cols = sum(parts), data.draw(st.integers(1, 5))
+    u = np.arange(rows * cols, dtype=np.int64).reshape(rows, cols) + 1
+    sl, sp = data.draw(placements(rows, cols, parts, rows))
+    tl, tp = data.draw(placements(rows, cols, parts, rows))
+    rng = np.random.default_rng(2)
+    frags = _fragments(u, sp, sl, rng)
+    s_shape = stored_tensor(u, sp, sl, rng).shape
+    t_shape = stored_tensor(u, tp, tl, rng).shape
+    for rank in range(tl.world_size):
+        box, flat = target_box(t_shape, tp, tl, rank)
+        regions = load_regions(box, flat, t_shape, tp, tl, [Slice("k")], {"k": TensorMeta(s_shape, "int64", sp)}, sl)
+        query = RegionQuery(regions)
+        kept = [f for f, _ in frags if query.wants(f)]
+        targets = target_pieces(box, flat, t_shape, tp, tl)
+        reshard_plan(source_pieces(kept, s_shape, sp, sl), targets, "k")  # raises if an element is missing
+        needed = {id(o.source.ref) for o in reshard_plan(source_pieces([f for f, _ in frags], s_shape, sp, sl),
+                                                          targets, "k")}
+        assert needed <= {id(f) for f in kept}  # every fragment the plan reads is kept
+
+
+@pytest.mark.parametrize("dst, most", [(dict(tp=4, dp=2, zero=1), 1), (dict(tp=2, dp=3, zero=1), 4),
+                                       (dict(dp=1), 8)])
+def test_a_query_keeps_only_the_fragments_near_a_ranks_region(dst, most):
+    from ucp.format.fragment import RegionQuery
+    from ucp.format.manifest import TensorMeta
+    from ucp.plan.reshard import load_regions
+    from ucp.plan.sources import Slice
+
+    u = np.arange(24 * 4, dtype=np.int64).reshape(24, 4)
+    sl, pattern = Layout.from_sizes(tp=4, dp=2, zero=1), Pattern((Shard("tp", 0),), flat="dp", fused=QKV)
+    frags = [f for f, _ in _fragments(u, pattern, sl, np.random.default_rng(0))]
+    tl = Layout.from_sizes(**dst)
+    tpat = Pattern((Shard("tp", 0),) if "tp" in dst else (), flat="dp" if tl.size("dp") > 1 else None, fused=QKV)
+    box, flat = target_box(u.shape, tpat, tl, 0)
+    query = RegionQuery(load_regions(box, flat, u.shape, tpat, tl, [Slice("k")], {"k": TensorMeta(u.shape, "int64",
+                                                                                                  pattern)}, sl))
+    kept = [f for f in frags if query.wants(f)]
+    assert len(frags) == 8 and 1 <= len(kept) <= most

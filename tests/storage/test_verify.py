@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.checkpoint.common import saved_checkpoint, write_signed
+from tests.checkpoint.common import as_format_1_2, saved_checkpoint, write_signed
 from tests.helpers import flip_byte, one_rank_snapshot
 from ucp.snapshot import persist
 from ucp.storage import directory as store
@@ -37,6 +37,9 @@ def test_verify_names_a_rank_file_whose_header_length_was_flipped(ckpt_root):
 
 def test_verify_cli_passes_a_1_2_checkpoint_and_notes_unchecked_headers_of_a_1_1_one(ckpt_root):
     path, *_ = saved_checkpoint(ckpt_root)
+    p = _ucp("verify", ckpt_root, "--quiet")
+    assert p.returncode == 0 and p.stdout.startswith("OK ") and "NOTE" not in p.stdout, p.stderr
+    as_format_1_2(path)
     p = _ucp("verify", ckpt_root, "--quiet")
     assert p.returncode == 0 and p.stdout.startswith("OK ") and "NOTE" not in p.stdout, p.stderr
     mpath = path / store.MANIFEST

@@ -24,12 +24,13 @@ from ucp.checkpoint.results import LoadResult
 from ucp.errors import CheckpointDeletedError, CheckpointNotFoundError, LoadError, few
 from ucp.format import values
 from ucp.format.box import Box
+from ucp.format.fragment import RegionQuery
 from ucp.format.keys import EXTRA, MODEL, OPTIM, extra_key, optim_key, parse_key
 from ucp.format.manifest import TensorMeta
 from ucp.format.universal import universal_shape
 from ucp.format.values import rank_state
 from ucp.plan.load_plan import FragmentIndex, ReadItem
-from ucp.plan.reshard import check_target
+from ucp.plan.reshard import check_target, load_regions
 from ucp.plan.sources import Resolution, SourceIndex
 from ucp.state.capture import Piece, model_pieces, normalize_fqn
 from ucp.state.optimizer import merged_optimizer_state, optimizer_targets, restore_optimizer
@@ -37,7 +38,7 @@ from ucp.state.rng import restore_rng
 from ucp.state.tensors import torch_dtype
 from ucp.storage import directory as store
 from ucp.storage.fragment_files import FragmentFiles
-from ucp.storage.manifest_io import read_manifest
+from ucp.storage.manifest_io import StoredManifest, open_manifest
 from ucp.storage.universal_io import is_universal, read_header
 
 
@@ -120,6 +121,17 @@ def _resolve_targets(pieces: list[Piece], sources: SourceIndex, layout, where: P
     return plans, missing, taken, casts
 
 
+def _regions(plans, manifest, layout) -> dict:
+    """Checkpoint key -> the boxes of it (stored index space) the targets ``plans`` read."""
+    out: dict = {}
+    for p, res in plans:
+        if p.numel:
+            for key, boxes in load_regions(p.box, p.flat, p.meta.shape, p.meta.pattern, layout, res.slices,
+                                           manifest.tensors, manifest.layout).items():
+                out.setdefault(key, []).extend(boxes)
+    return out
+
+
 def _restore_extra_state(model, extra_state: dict) -> None:
     modules = {normalize_fqn(name): m for name, m in model.named_modules()}
     for key, value in extra_state.items():
@@ -176,7 +188,7 @@ def _load_stored(ckpt, coll, t0: float, step: int | None, strict: bool, cast: bo
                 return None
             raise
 
-    path = coll.phase("find", find)[0]
+    _, path = coll.gather_phase("find", find, lambda found: found[0])
     if path is None:
         return None
     result: dict = {}
@@ -185,19 +197,20 @@ def _load_stored(ckpt, coll, t0: float, step: int | None, strict: bool, cast: bo
     def read_source():
         if universal:
             return UniversalSource(Path(path), read_header(path))
-        manifest = read_manifest(path)
-        if coll.rank == 0:  # every file there with its recorded size, before a declared shape drives an allocation
-            FragmentFiles(path, manifest=manifest).check_sizes()
-        return manifest
+        return open_manifest(path)  # (the header; each rank reads the rows it needs in phase "targets")
 
-    coll.phase("manifest", lambda: result.update(manifest=read_source()))
+    coll.gather_phase("manifest", lambda: result.update(manifest=read_source()))
     return _load(ckpt, coll, t0, Path(path), result["manifest"], universal, strict, cast,
                  "universal" if universal else "durable")
 
 
 def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: bool, cast: bool, source: str):
-    """The phases after the manifest: targets, read, restore."""
+    """The phases after the manifest: targets, read, restore. ``manifest`` is a
+    :class:`~ucp.storage.manifest_io.StoredManifest` (a checkpoint on storage: each rank reads the
+    rows it needs), a :class:`~ucp.format.manifest.Manifest` (a snapshot in memory) or a universal
+    checkpoint's :class:`~ucp.checkpoint.readers.UniversalSource`."""
     result: dict = {}
+    stored = manifest
 
     def targets():
         pieces: list[Piece] = []
@@ -212,25 +225,37 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             fqns, op, opt_state = optimizer_targets(ckpt.optimizer, ckpt.model, sources, model_by_key)
             pieces += op
         extras = {}
+        extra_keys = {key: None for key in manifest.tensors if parse_key(key).kind == EXTRA}
+        if extra_keys and isinstance(manifest, StoredManifest):  # their files' sizes back their shapes
+            FragmentFiles(path, manifest=manifest.select(RegionQuery(extra_keys))).check_sizes()
         for key, meta in manifest.tensors.items():
             if parse_key(key).kind == EXTRA:
                 extras[parse_key(key).name] = t = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
                 pieces.append(Piece(extra_key(parse_key(key).name), t, meta, Box.full(meta.shape)))
         plans, missing, taken, casts = _resolve_targets(pieces, sources, ckpt.geometry.layout, path, cast)
         result.update(plans=plans, missing=missing, casts=casts, fqns=fqns, opt_state=opt_state, extras=extras)
+        if isinstance(manifest, StoredManifest):  # the fragments this rank reads, and only those
+            query = RegionQuery(_regions(plans, manifest, ckpt.geometry.layout))
+            result["manifest"] = manifest.select(query)
+            # every file this rank reads there with its recorded size, before a declared shape drives an allocation
+            FragmentFiles(path, manifest=result["manifest"]).check_sizes()
         # a flat-partitioned optimizer vouches for all of its partitions
         flat_owner = ckpt.optimizer is not None and hasattr(ckpt.optimizer, "ucp_flat_state")
         return taken | {k for k, m in manifest.tensors.items() if flat_owner and m.pattern.flat}
 
-    taken_by_rank = coll.phase("targets", targets)
+    def untaken(taken_by_rank):  # rank 0: checkpoint tensors no rank takes
+        taken = set().union(*taken_by_rank)
+        return sorted(k for k in _untaken(manifest.tensors, taken, SourceIndex(manifest.tensors))
+                      if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
+
+    # Strictness is judged for the job: a key is unexpected only if no rank takes it (pipeline stages
+    # and flat partitions spread the keys over ranks; rank 0 alone gathers what each takes), missing
+    # if this rank wants it.
+    _, unexpected = coll.gather_phase("targets", targets, untaken)
 
     def read():
-        # Strictness is judged for the job: a key is unexpected only if no rank takes it (pipeline
-        # stages and flat partitions spread the keys over ranks), missing if this rank wants it.
-        taken = set().union(*taken_by_rank)
         missing = sorted(result["missing"])
-        unexpected = sorted(k for k in _untaken(manifest.tensors, taken, SourceIndex(manifest.tensors))
-                            if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
+        manifest = result.get("manifest", stored)
         if strict and (missing or unexpected):
             raise LoadError(
                 f"{path}: checkpoint and model do not match: missing {few(missing)}, unexpected {few(unexpected)}; "
@@ -263,10 +288,12 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
                 dest.copy_(temp)
         result.update(missing=missing, unexpected=unexpected, nbytes=reader.nbytes)
 
-    coll.phase("read", read)
+    coll.gather_phase("read", read)
 
     def restore():
-        state = {k: values.decode(v, k) for k, v in rank_state(manifest.state, coll.rank).items()}
+        own = manifest.rank_state(coll.rank) if isinstance(manifest, StoredManifest) else \
+            rank_state(manifest.state, coll.rank)
+        state = {k: values.decode(v, k) for k, v in own.items()}
         if universal and manifest.layout.world_size != coll.world_size:
             # Per-rank RNG streams belong to the ranks that saved them: with another number of ranks
             # there is no rank to give them to, so each rank keeps its own (docs/format-universal.md).
@@ -276,7 +303,8 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         if ckpt.optimizer is not None:
             saved = state.get("optimizer", {})
             if manifest.layout != ckpt.geometry.layout:  # parameters moved between ranks: every rank's groups
-                saved = merged_optimizer_state(manifest.state, path)
+                saved = merged_optimizer_state(manifest.states_of("optimizer") if isinstance(manifest, StoredManifest)
+                                               else manifest.state, path)
             restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], saved, path, strict,
                               _renamed_params(result["plans"]))
         if ckpt.scheduler is not None:
@@ -291,7 +319,8 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             restore_rng(state["rng"])
         return state.get("extras", {})
 
-    extras = {**coll.phase("restore", restore)[coll.rank], **result["extras"]}
+    coll.gather_phase("restore", lambda: result.update(restored=restore()))
+    extras = {**result["restored"], **result["extras"]}
     return LoadResult(manifest.step, source, Path(path), extras, tuple(result["missing"]),
                       tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0)
 

@@ -21,7 +21,7 @@ from ucp import __version__
 from ucp.checkpoint.results import SaveResult
 from ucp.codecs.checksum import crc32c, fragment_checksums
 from ucp.errors import StorageError, UcpError, few
-from ucp.format.fragment import fixed_columns, table_to_fragments, table_to_parquet, with_checksums
+from ucp.format.fragment import fixed_columns, table_to_fragments, with_checksums
 from ucp.format.manifest import BLOCK_BYTES, Manifest
 from ucp.format.values import split_state
 from ucp.plan.save_plan import CommitPlan, PieceInfo, RankPlan, compare_replicas, plan_save, structure_signature
@@ -184,7 +184,7 @@ def commit_manifest_of(plans: SavePlans, step: int, layout, states: list, writte
     regions, check only what the ranks report (offsets inside their files, block counts).
 
     Returns:
-        (manifest without fragments, (stored fragment table, rows)).
+        (manifest without fragments, fragment table).
     """
     plan = plans.commit
     compare_replicas(plan, [w.replicas for w in written])
@@ -214,7 +214,7 @@ def commit_manifest_of(plans: SavePlans, step: int, layout, states: list, writte
                            counts, np.concatenate([w.blocks for w in reports]) if reports else [])
     if first:  # every rule of the format, on every fragment, once per plan
         replace(manifest, fragments=tuple(table_to_fragments(table))).validate()
-    return manifest, (table_to_parquet(table), table.num_rows)
+    return manifest, table
 
 
 def on_storage(fn, path):

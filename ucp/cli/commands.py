@@ -13,7 +13,6 @@ from tqdm import tqdm
 from ucp.convert import convert as run_convert
 from ucp.convert.export import export as run_export
 from ucp.errors import CorruptCheckpointError, OptionsError
-from ucp.format.fragment import fragments_to_table
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, discovery, shm
 from ucp.storage import directory as store
@@ -79,9 +78,7 @@ def inspect(args) -> int:
     path = store.resolve(args.path, args.step)
     m = read_manifest(path)
     if args.json:
-        doc = m.header({"rows": len(m.fragments)})
-        doc["fragments"] = fragments_to_table(m.fragments).to_pylist()
-        json.dump(doc, sys.stdout, indent=1)
+        json.dump(m.document(), sys.stdout, indent=1)
         print()
         return 0
     count: dict[str, int] = {}

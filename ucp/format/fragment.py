@@ -6,8 +6,11 @@ import io
 import re
 from dataclasses import dataclass
 
+import bisect
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ucp.errors import FormatError, SpecError
@@ -226,3 +229,153 @@ def fragments_from_parquet(data: bytes) -> list[Fragment]:
         raise FormatError(f"fragment table is not a readable Parquet file: {e}") from e
     return table_to_fragments(table)
 
+
+# -- the fragment table of format 1.3: sorted, paged, searched by region (ucp.storage.paged) -----------
+
+#: a fragment row of format 1.3: the row of :data:`FRAGMENT_SCHEMA` and its file's size and header
+#: checksum (rule 22: a reader of some rows learns of the files it reads from them alone)
+PAGED_SCHEMA = pa.schema(list(FRAGMENT_SCHEMA) + [pa.field("file_size", pa.int64()),
+                                                  pa.field("file_header_crc32c", pa.uint32())])
+
+
+def with_files(table: pa.Table, files: dict[str, int], heads: dict[str, int]) -> pa.Table:
+    """``table`` (:data:`FRAGMENT_SCHEMA`) with each row's file size and header checksum added."""
+    names = table.column("file").to_pylist()
+    try:
+        sizes = [files[n] for n in names]
+        crcs = [heads[n] for n in names]
+    except KeyError as e:
+        raise FormatError(f"fragment table names file {e.args[0]!r}, whose size or header checksum is not known") from None
+    return table.append_column(PAGED_SCHEMA.field("file_size"), pa.array(sizes, pa.int64())).append_column(
+        PAGED_SCHEMA.field("file_header_crc32c"), pa.array(crcs, pa.uint32()))
+
+
+def files_of(table: pa.Table) -> tuple[dict[str, int], dict[str, int]]:
+    """The files a table of :data:`PAGED_SCHEMA` rows names: ``(name -> size, name -> header checksum)``.
+
+    Raises:
+        FormatError: a column is missing or empty, or two rows disagree about one file.
+    """
+    for name in ("file", "file_size", "file_header_crc32c"):
+        if name not in table.column_names or table.column(name).null_count:
+            raise FormatError(f"fragment table lacks column {name!r} or has empty entries in it")
+    files: dict[str, int] = {}
+    heads: dict[str, int] = {}
+    for name, size, crc in zip(*(table.column(c).to_pylist() for c in ("file", "file_size", "file_header_crc32c"))):
+        if files.setdefault(name, size) != size or heads.setdefault(name, crc) != crc:
+            raise FormatError(f"fragment table rows disagree about the size or header checksum of {name}")
+    return files, heads
+
+
+class SortedRows:
+    """A fragment table's rows as arrays, for sorting and for the page summaries of format 1.3.
+
+    Rows are sorted by tensor key, then box offsets, then flat start (docs/format-checkpoint.md
+    rule 21); a page's summary names its first and last key and, when all its rows are of one key,
+    the bounding box of their boxes (``lo``, ``hi``), and when they are of one box too, that box and
+    the span of their flat ranges (``box``, ``flat``): enough for a reader to skip every page that
+    holds none of the regions it loads (:class:`RegionQuery`).
+    """
+
+    def __init__(self, table: pa.Table):
+        self.keys = table.column("key").to_pylist()
+        n = table.num_rows
+        offsets, sizes = table.column("offsets").combine_chunks(), table.column("sizes").combine_chunks()
+        starts = offsets.offsets.to_numpy()
+        self.ndim = np.diff(starts)
+        dims = int(self.ndim.max()) if n else 0
+        self.lo = np.zeros((n, dims), dtype=np.int64)
+        self.hi = np.zeros((n, dims), dtype=np.int64)
+        flat_off, flat_size = offsets.values.to_numpy(), sizes.values.to_numpy()
+        for d in range(dims):
+            has = self.ndim > d
+            self.lo[has, d] = flat_off[starts[:-1][has] + d]
+            self.hi[has, d] = self.lo[has, d] + flat_size[starts[:-1][has] + d]
+        fs = table.column("flat_start").combine_chunks()
+        self.flat = fs.is_valid().to_numpy(zero_copy_only=False)
+        self.flat_lo = fs.fill_null(0).to_numpy()
+        self.flat_hi = self.flat_lo + table.column("flat_numel").combine_chunks().fill_null(0).to_numpy()
+
+    def order(self, table: pa.Table) -> np.ndarray:
+        """The permutation that sorts the rows (by key, box offsets, flat start)."""
+        key_rank = pc.rank(table.column("key"), sort_keys="ascending", tiebreaker="dense").to_numpy()
+        columns = [np.where(self.flat, self.flat_lo, -1)] + [self.lo[:, d] for d in reversed(range(self.lo.shape[1]))]
+        return np.lexsort(columns + [key_rank])
+
+    def summarize(self, start: int, stop: int) -> dict:
+        """The summary of sorted rows ``[start, stop)``."""
+        first, last = self.keys[start], self.keys[stop - 1]
+        out: dict = {"k": [first, last]}
+        if first == last:
+            nd = int(self.ndim[start])
+            lo, hi = self.lo[start:stop, :nd], self.hi[start:stop, :nd]
+            out["lo"], out["hi"] = lo.min(axis=0).tolist(), hi.max(axis=0).tolist()
+            if self.flat[start:stop].all() and (lo == lo[0]).all() and (hi == hi[0]).all():
+                out["box"] = True
+                out["flat"] = [int(self.flat_lo[start:stop].min()), int(self.flat_hi[start:stop].max())]
+        return out
+
+
+def merge_summaries(parts: list[dict]) -> dict:
+    """The summary of consecutive pages from theirs (see :class:`SortedRows`)."""
+    first, last = parts[0]["k"][0], parts[-1]["k"][1]
+    out: dict = {"k": [first, last]}
+    if first == last and all("lo" in p for p in parts):
+        out["lo"] = [min(v) for v in zip(*(p["lo"] for p in parts))]
+        out["hi"] = [max(v) for v in zip(*(p["hi"] for p in parts))]
+        if all(p.get("box") and p["lo"] == parts[0]["lo"] and p["hi"] == parts[0]["hi"] for p in parts):
+            out["box"] = True
+            out["flat"] = [min(p["flat"][0] for p in parts), max(p["flat"][1] for p in parts)]
+    return out
+
+
+class RegionQuery:
+    """The regions of a checkpoint's tensors a reader loads: tensor key -> boxes in the key's stored
+    index space (None: the whole tensor). :meth:`keep` decides from a page's summary whether the page
+    may hold a fragment overlapping them; :meth:`wants` decides for one fragment."""
+
+    def __init__(self, regions: dict[str, list[Box] | None]):
+        self.regions = regions
+        self.keys = sorted(regions)
+
+    def keep(self, summary: dict) -> bool:
+        first, last = summary["k"]
+        i = bisect.bisect_left(self.keys, first)
+        if i == len(self.keys) or self.keys[i] > last:
+            return False
+        if first != last or "lo" not in summary:
+            return True
+        boxes = self.regions[first]
+        if boxes is None:
+            return True
+        span = Box(tuple(summary["lo"]), tuple(h - l for l, h in zip(summary["lo"], summary["hi"])))
+        flat = FlatRange(summary["flat"][0], summary["flat"][1] - summary["flat"][0]) if summary.get("box") else None
+        return any(_touches(span, flat, q) for q in boxes)
+
+    def wants(self, frag: Fragment) -> bool:
+        boxes = self.regions.get(frag.key, ())
+        return boxes is None or any(_touches(frag.box, frag.flat, q) for q in boxes)
+
+
+def _touches(box: Box, flat: FlatRange | None, query: Box) -> bool:
+    """Whether the elements of ``box`` (only its flat range ``flat``, if given) may meet ``query``:
+    exact for boxes; for a flat range, against the span of flat indices the overlap covers in ``box``."""
+    if len(box.offsets) != len(query.offsets):
+        return True  # (a malformed row: kept, so that validation names it)
+    if not box.offsets:
+        return True
+    over = box.intersect(query)
+    if over is None or not over.numel:
+        return False
+    if flat is None:
+        return True
+    first = _ravel(tuple(o - b for o, b in zip(over.offsets, box.offsets)), box.sizes)
+    last = _ravel(tuple(o + s - 1 - b for o, s, b in zip(over.offsets, over.sizes, box.offsets)), box.sizes)
+    return flat.start <= last and flat.start + flat.numel > first
+
+
+def _ravel(index: tuple[int, ...], sizes: tuple[int, ...]) -> int:
+    at = 0
+    for i, n in zip(index, sizes):
+        at = at * n + i
+    return at

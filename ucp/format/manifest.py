@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from ucp.errors import FormatError, SpecError
 from ucp.format.box import Box
 from ucp.format.dtypes import DTYPES
-from ucp.format.fragment import Fragment, check_file_name
+from ucp.format.fragment import Fragment, check_file_name, fragments_to_table
 from ucp.format.jsonio import parse_json
 from ucp.format.keys import parse_key
 from ucp.format.layout import Layout
 from ucp.format.pattern import Pattern
 
 FORMAT = "ucp.checkpoint"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
+PAGED_MINOR = 3  # from format 1.3 on, fragments and per-rank state are paged tables (rules 20-27)
 BLOCK_BYTES = 64 << 10  # block checksums of fragments (format 1.1): one per 64 KiB
 MAX_STEP = 1 << 63  # steps are int64 (the step directory's name, trainers' counters): a step is below this
 
@@ -126,8 +127,9 @@ class Manifest:
             raise FormatError("manifest state: 'shared' must be an object and 'ranks' map rank numbers "
                               f"below {self.layout.world_size} to objects")
 
-    def validate_fragments(self) -> None:
-        """The rules on the fragments: each in its file and its tensor, every tensor covered exactly once."""
+    def validate_fragments(self, cover: bool = True) -> None:
+        """The rules on the fragments: each in its file and its tensor, and (``cover``) every tensor
+        covered exactly once; a reader of part of a table checks its rows without ``cover`` (rule 27)."""
         by_key: dict[str, list[Fragment]] = {}
         for frag in self.fragments:
             meta = self.tensors.get(frag.key)
@@ -146,8 +148,20 @@ class Manifest:
             if frag.rank >= self.layout.world_size:
                 raise FormatError(f"fragment of {frag.key} written by rank {frag.rank}, layout has {self.layout.world_size} ranks")
             by_key.setdefault(frag.key, []).append(frag)
-        for key, meta in self.tensors.items():
-            _check_cover(key, meta, by_key.get(key, []))
+        if cover:
+            for key, meta in self.tensors.items():
+                _check_cover(key, meta, by_key.get(key, []))
+
+    def check_cover(self, keys) -> None:
+        """Rule 7 for the tensors ``keys`` alone: their fragments (all of them are here) hold every
+        element exactly once (a reader that read every row of some keys, of a table it reads in part)."""
+        for key in keys:
+            _check_cover(key, self.tensors[key], self.fragments_of(key))
+
+    @property
+    def paged(self) -> bool:
+        """Whether this version stores fragments and per-rank state as paged tables (1.3 on)."""
+        return int(self.format_version.split(".")[1]) >= PAGED_MINOR
 
     def fragments_of(self, key: str) -> list[Fragment]:
         return [f for f in self.fragments if f.key == key]
@@ -156,8 +170,23 @@ class Manifest:
     def nbytes(self) -> int:
         return sum(f.length for f in self.fragments)
 
-    def header(self, fragment_table: dict) -> dict:
-        """The JSON header; ``fragment_table`` is ``{"file", "crc32c", "rows"}`` of the stored table."""
+    def header(self, fragment_table: dict, state_table: dict | None = None) -> dict:
+        """The JSON header; ``fragment_table`` says where the stored table is (before 1.3:
+        ``{"file", "crc32c", "rows"}``; from 1.3: a paged table, and ``state_table`` the ranks' state:
+        ``{"file", "rows", "depth", "root"}``, :class:`ucp.storage.paged.PagedTable`)."""
+        if self.paged:  # files and their header checksums are columns of the fragment rows (rule 22)
+            return {
+                "format": FORMAT,
+                "format_version": self.format_version,
+                "created_by": self.created_by,
+                "step": self.step,
+                "layout": self.layout.to_dict(),
+                "tensors": {k: m.to_dict() for k, m in self.tensors.items()},
+                "fragment_table": dict(fragment_table),
+                "state": {"shared": self.state.get("shared", {})},
+                "state_table": dict(state_table),
+                "block_bytes": self.block_bytes,
+            }
         return {
             "format": FORMAT,
             "format_version": self.format_version,
@@ -171,9 +200,22 @@ class Manifest:
         } | ({"block_bytes": self.block_bytes} if self.block_bytes else {}) \
           | ({"file_headers": dict(self.file_headers)} if self.file_headers else {})
 
+    def document(self) -> dict:
+        """Everything the manifest says as one JSON document (``ucp inspect --json``): the header's
+        fields, every file, every rank's state and every fragment, whatever the stored form."""
+        return {"format": FORMAT, "format_version": self.format_version, "created_by": self.created_by,
+                "step": self.step, "layout": self.layout.to_dict(),
+                "tensors": {k: m.to_dict() for k, m in self.tensors.items()}, "files": dict(self.files),
+                "file_headers": dict(self.file_headers), "block_bytes": self.block_bytes, "state": self.state,
+                "fragments": fragments_to_table(self.fragments).to_pylist()}
+
     @classmethod
-    def from_header(cls, header: dict, fragments) -> "Manifest":
-        """Build and validate a manifest from its JSON header and fragment list."""
+    def from_header(cls, header: dict, fragments, files: dict | None = None, file_headers: dict | None = None,
+                    ranks: dict | None = None, cover: bool = True) -> "Manifest":
+        """Build and validate a manifest from its JSON header and fragment list; from format 1.3 on,
+        ``files``, ``file_headers`` (from the fragment rows) and ``ranks`` (the per-rank state read)
+        come from its tables. ``cover=False``: the fragments are the part of the table a reader
+        needs, checked row by row (rule 27)."""
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise FormatError(f"not a ucp checkpoint manifest (format is {header.get('format') if isinstance(header, dict) else None!r})")
         check_version(header.get("format_version"), FORMAT_VERSION, "checkpoint manifest")
@@ -183,18 +225,20 @@ class Manifest:
                 layout=Layout.from_dict(header["layout"]),
                 tensors={k: TensorMeta.from_dict(v, k) for k, v in header["tensors"].items()},
                 fragments=tuple(fragments),
-                state=header.get("state", {"shared": {}, "ranks": {}}),
-                files=dict(header["files"]),
+                state=header.get("state", {"shared": {}, "ranks": {}}) if ranks is None else
+                {"shared": (header.get("state") or {}).get("shared", {}), "ranks": ranks},
+                files=dict(header["files"] if files is None else files),
                 format_version=header["format_version"],
                 created_by=header.get("created_by", ""),
                 block_bytes=header.get("block_bytes", 0),
-                file_headers=header.get("file_headers", {}),
+                file_headers=header.get("file_headers", {}) if file_headers is None else file_headers,
             )
         except KeyError as e:
             raise FormatError(f"checkpoint manifest lacks field {e.args[0]!r}") from e
         except (SpecError, AttributeError, TypeError, ValueError) as e:
             raise FormatError(f"checkpoint manifest is malformed: {e}") from e
-        m.validate()
+        m.validate_header()
+        m.validate_fragments(cover)
         return m
 
 

@@ -32,6 +32,7 @@ from ucp.format.box import Box, FlatRange
 from ucp.format.layout import Layout
 from ucp.format.pattern import Pattern, chunk_bounds, local_box
 from ucp.plan.geometry import box_cut, chunk_box, pattern_runs
+from ucp.plan.sources import to_source
 
 
 @dataclass(frozen=True)
@@ -227,3 +228,38 @@ def reshard_plan(sources: list[SourcePiece], targets: list[TargetPiece], key: st
             raise LoadError(f"{key}: the source covers {covered} of the {t.universal.numel} elements of universal "
                             f"region {t.universal} (overlapping or missing fragments)")
     return items
+
+
+def stored_regions(universal: list[Box], shape: tuple[int, ...], pattern: Pattern, layout: Layout) -> list[Box]:
+    """The boxes of a tensor stored as ``shape`` with ``pattern`` under ``layout`` that hold the
+    universal boxes ``universal``: the inverse of the cut :func:`source_pieces` makes (padding
+    dropped, fused parts found in each shard); what a rank loading those boxes must read."""
+    if not shape:
+        return [Box((), ())]
+    runs = pattern_runs(shape, pattern, layout)
+    if not runs:
+        return list(universal)
+    out = []
+    for region, u in box_cut(Box.full(shape), runs):
+        if u is None:
+            continue
+        for want in universal:
+            ov = u.intersect(want)
+            if ov is not None and ov.numel:
+                out.append(Box(tuple(r + o - a for r, o, a in zip(region.offsets, ov.offsets, u.offsets)), ov.sizes))
+    return out
+
+
+def load_regions(box: Box, flat: FlatRange | None, shape: tuple[int, ...], pattern: Pattern, target: Layout,
+                 slices, tensors: dict, source: Layout) -> dict[str, list[Box]]:
+    """What a target rank holding ``box`` (and ``flat``) of a tensor of ``shape`` and ``pattern``
+    under layout ``target`` reads of the checkpoint tensors ``slices`` name (:mod:`ucp.plan.sources`):
+    checkpoint key -> boxes in its stored index space (``tensors``: the checkpoint's metadata, saved
+    under layout ``source``). A reader fetches only the fragments overlapping these."""
+    wanted = [t.universal for t in target_pieces(box, flat, shape, pattern, target) if t.universal is not None]
+    out: dict[str, list[Box]] = {}
+    for s in slices:
+        meta = tensors[s.key]
+        boxes = [b for b in (to_source(u, s) for u in wanted) if b is not None]
+        out.setdefault(s.key, []).extend(stored_regions(boxes, meta.shape, meta.pattern, source))
+    return out

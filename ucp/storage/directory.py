@@ -21,7 +21,9 @@ from ucp.errors import CheckpointNotFoundError
 from ucp.storage.atomic import fsync_dir
 
 MANIFEST = "manifest.json"
-FRAGMENT_TABLE = "fragments.parquet"
+FRAGMENT_TABLE = "fragments.parquet"  # format 1.0-1.2
+FRAGMENT_PAGES = "fragments.pages"  # format 1.3: the paged fragment table
+STATE_PAGES = "states.pages"  # format 1.3: the paged per-rank state
 ABANDONED = ".abandoned"  # where the checkpoints of an abandoned run are moved (never read from)
 _STEP_DIR = re.compile(r"step_([0-9]{8,})")
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pyarrow as pa
+
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CheckpointDeletedError, CorruptCheckpointError, FormatError, SpecError
-from ucp.format.fragment import check_file_name, fragments_from_parquet, fragments_to_parquet
-from ucp.format.manifest import Manifest, canonical_json, header_from_json, header_to_json
+from ucp.format.fragment import (PAGED_SCHEMA, RegionQuery, SortedRows, check_file_name, files_of, fragments_from_parquet,
+                                 fragments_to_table, merge_summaries, table_to_fragments, with_files)
+from ucp.format.manifest import (FORMAT, FORMAT_VERSION, PAGED_MINOR, Manifest, canonical_json, check_version,
+                                 header_from_json, header_to_json)
+from ucp.format.state_table import (LEAF_ROWS as STATE_LEAF_ROWS, STATE_SCHEMA, StateQuery, StateRows, all_ranks,
+                                    merge_state_summaries, rank_entries, rows_of, state_rows)
+from ucp.format.values import rank_state
 from ucp.storage.atomic import write_atomic
-from ucp.storage.directory import FRAGMENT_TABLE, MANIFEST
+from ucp.storage.directory import FRAGMENT_PAGES, MANIFEST, STATE_PAGES
+from ucp.storage.paged import PagedFile, write_paged
 
 #: the header field holding the CRC-32C of the rest of the header (its canonical JSON)
 HEADER_CRC = "header_crc32c"
@@ -45,16 +53,25 @@ def check_signed(header: dict, path, what: str, holder: str = "") -> dict:
     return header
 
 
-def commit_manifest(directory: Path, manifest: Manifest, table: tuple[bytes, int] | None = None) -> None:
-    """Write the fragment table, then atomically commit ``manifest.json``: the checkpoint becomes visible.
+def commit_manifest(directory: Path, manifest: Manifest, table: pa.Table | None = None) -> None:
+    """Write the fragment table and the ranks' state, then atomically commit ``manifest.json``: the
+    checkpoint becomes visible (format 1.3: both tables paged, sorted; docs/format-checkpoint.md
+    rules 20-27).
 
-    ``table``, when given, is the stored fragment table and its row count, built by the caller
-    (a save's plan, column by column: :func:`ucp.format.fragment.with_checksums`); ``manifest`` then
-    carries no fragments of its own."""
+    ``table``, when given, is the fragment table (:data:`~ucp.format.fragment.FRAGMENT_SCHEMA`),
+    built by the caller (a save's plan, column by column: :func:`ucp.format.fragment.with_checksums`);
+    ``manifest`` then carries no fragments of its own."""
     directory = Path(directory)
-    data, rows = (fragments_to_parquet(manifest.fragments), len(manifest.fragments)) if table is None else table
-    write_atomic(directory / FRAGMENT_TABLE, data)
-    header = manifest.header({"file": FRAGMENT_TABLE, "crc32c": crc32c(data), "rows": rows})
+    table = fragments_to_table(manifest.fragments) if table is None else table
+    table = with_files(table, manifest.files, manifest.file_headers)
+    table = table.take(SortedRows(table).order(table))
+    rows = SortedRows(table)
+    fragments = write_paged(table, rows.summarize, merge_summaries)
+    states = state_rows(manifest.state.get("ranks", {}))
+    state_pages = write_paged(states, StateRows(states).summarize, merge_state_summaries, STATE_LEAF_ROWS)
+    write_atomic(directory / FRAGMENT_PAGES, fragments.data)
+    write_atomic(directory / STATE_PAGES, state_pages.data)
+    header = manifest.header(fragments.header(FRAGMENT_PAGES), state_pages.header(STATE_PAGES))
     write_atomic(directory / MANIFEST, header_to_json(sign_header(header)))
 
 
@@ -66,28 +83,160 @@ def gone(directory: Path, what: str) -> CheckpointDeletedError:
 
 
 def read_manifest(directory: Path) -> Manifest:
-    """Read, check and validate the manifest of the checkpoint in ``directory``.
+    """Read, check and validate the whole manifest of the checkpoint in ``directory`` (every fragment
+    and every rank's state; a loader reads only its part: :func:`open_manifest`).
 
     Raises:
-        CheckpointDeletedError: ``manifest.json`` is not there (any more), or the fragment table is
-            gone and the manifest with it (a checkpoint deleted while being read).
-        CorruptCheckpointError: a checksum does not match, or the fragment table is missing.
+        CheckpointDeletedError: ``manifest.json`` is not there (any more), or a table is gone and the
+            manifest with it (a checkpoint deleted while being read).
+        CorruptCheckpointError: a checksum does not match, or a table is missing.
         FormatError: a rule of docs/format-checkpoint.md is broken (named with the manifest's path),
             such as a ``step`` other than the directory's name says.
+    """
+    stored = open_manifest(directory)
+    if stored.whole is not None:
+        return stored.whole
+    return stored.select(None)
+
+
+class StoredManifest:
+    """A committed checkpoint's manifest as a loader reads it: the header now (checked and
+    validated), fragment rows and ranks' state when asked, each read page checked (format 1.3: only
+    the pages holding what is asked; before 1.3, the whole manifest is read at once, :attr:`whole`).
+
+    Attributes:
+        step, layout, tensors, block_bytes, format_version: from the header.
+        whole: the whole :class:`Manifest` (format 1.0-1.2), else None.
+        nbytes_read: bytes of the manifest read so far (header and pages).
+    """
+
+    def __init__(self, directory: Path, header: dict, nbytes: int, whole: Manifest | None):
+        self.directory, self.path = directory, directory / MANIFEST
+        self.header = header
+        self.whole = whole
+        self.nbytes_read = nbytes
+        self._base = whole if whole is not None else Manifest.from_header(header, (), {}, {}, {}, cover=False)
+        self.step, self.layout, self.tensors = self._base.step, self._base.layout, self._base.tensors
+        self.block_bytes, self.format_version = self._base.block_bytes, self._base.format_version
+        self._states: dict | None = None
+
+    def _table(self, entry: str, schema, file: str):
+        meta = self.header.get(entry)
+        if not isinstance(meta, dict) or meta.get("file") != file:
+            raise FormatError(f"{self.path}: lacks a valid {entry!r} entry (format {self.format_version} names {file})")
+        path = self.directory / file
+        try:
+            return PagedFile(path, meta, schema)
+        except FileNotFoundError:
+            if not self.path.exists():
+                raise gone(self.directory, file) from None
+            raise CorruptCheckpointError(f"{path}: {entry.replace('_', ' ')} is missing") from None
+
+    def select(self, query: RegionQuery | None) -> Manifest:
+        """The manifest holding the fragments ``query`` wants (None: all of them, validated as a
+        whole), the files they name and the shared state; rank state is asked separately
+        (:meth:`rank_state`)."""
+        if self.whole is not None:
+            return self.whole
+        with self._table("fragment_table", PAGED_SCHEMA, FRAGMENT_PAGES) as pages:
+            try:
+                if query is None:
+                    table = pages.read_all()
+                else:
+                    leaves = pages.select(query.keep)
+                    table = pa.Table.from_batches(leaves, schema=PAGED_SCHEMA)
+            finally:
+                self.nbytes_read += pages.nbytes
+        try:
+            fragments = table_to_fragments(table)
+            if query is not None:
+                keep = [i for i, f in enumerate(fragments) if query.wants(f)]
+                fragments, table = [fragments[i] for i in keep], table.take(keep)
+            files, heads = files_of(table)
+            ranks = self.all_states() if query is None else {}
+            manifest = Manifest.from_header(self.header, fragments, files, heads, ranks, cover=query is None)
+            if query is not None:  # keys asked whole: every row of theirs is here, and must cover them
+                manifest.check_cover([k for k, boxes in query.regions.items() if boxes is None and k in self.tensors])
+            return manifest
+        except (FormatError, SpecError) as e:
+            raise FormatError(f"{self.path}: {e}") from e
+
+    def _state_rows(self, query: StateQuery | None) -> dict:
+        with self._table("state_table", STATE_SCHEMA, STATE_PAGES) as pages:
+            try:
+                batches = pages.select(query.keep) if query is not None else pages.read_all().to_batches()
+            finally:
+                self.nbytes_read += pages.nbytes
+        return rows_of(batches, str(pages.path))
+
+    def rank_state(self, rank: int) -> dict:
+        """Rank ``rank``'s view of the non-tensor state: the shared entries overlaid with its own."""
+        if self.whole is not None:
+            return rank_state(self.whole.state, rank)
+        rows = self._state_rows(StateQuery(keys=[("", rank)]))
+        held = rows.get(("", rank), {})
+        if held and isinstance(held, dict):
+            rows.update(self._state_rows(StateQuery(keys=[(name, vid) for name, vid in held.items()
+                                                          if isinstance(vid, int)])))
+        return {**self._base.state.get("shared", {}), **rank_entries(rows, rank, str(self.directory / STATE_PAGES))}
+
+    def states_of(self, name: str) -> dict:
+        """A state as :func:`ucp.state.optimizer.merged_optimizer_state` reads it: the shared value of
+        ``name`` and each distinct per-rank value of it (``{"shared": ..., "ranks": ...}``)."""
+        shared = {k: v for k, v in self._base.state.get("shared", {}).items() if k == name}
+        if self.whole is not None:
+            return {"shared": shared, "ranks": {r: {name: v[name]} for r, v in self.whole.state.get("ranks", {}).items()
+                                                if name in v}}
+        rows = self._state_rows(StateQuery(names=[name]))
+        distinct = sorted(n for (nm, n) in rows if nm == name)
+        return {"shared": shared, "ranks": {str(i): {name: rows[(name, n)]} for i, n in enumerate(distinct)}}
+
+    def all_states(self) -> dict[str, dict]:
+        """Every rank's per-rank state."""
+        return all_ranks(self._state_rows(None), str(self.directory / STATE_PAGES))
+
+
+def open_manifest(directory: Path) -> StoredManifest:
+    """Read and check the header of the checkpoint in ``directory`` (format 1.0-1.2: the whole
+    manifest); its fragment rows and ranks' state are read on demand (:class:`StoredManifest`).
+
+    Raises:
+        as :func:`read_manifest`.
     """
     directory = Path(directory)
     path = directory / MANIFEST
     try:
-        header = header_from_json(path.read_bytes(), str(path))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointDeletedError(f"{directory}: no {MANIFEST}; not a complete checkpoint (or one deleted, "
                                      "by retention, while being read)") from None
+    header = header_from_json(data, str(path))
     check_signed(header, path, "manifest")
+    version = header.get("format_version")
+    check_version(version, FORMAT_VERSION, str(path))
+    if header.get("format") != FORMAT:
+        raise FormatError(f"{path}: not a ucp checkpoint manifest (format is {header.get('format')!r})")
+    whole = None if int(version.split(".")[1]) >= PAGED_MINOR else _read_parquet_manifest(directory, path, header)
+    named = step_of(directory)
+    try:
+        stored = StoredManifest(directory, header, len(data), whole)
+    except (FormatError, SpecError) as e:
+        raise FormatError(f"{path}: {e}") from e
+    if named is not None and named != stored.step:
+        raise FormatError(f"{path}: holds step {stored.step}, but its directory {directory.name} is step {named}; "
+                          "the manifest was edited or moved")
+    return stored
+
+
+def _read_parquet_manifest(directory: Path, path: Path, header: dict) -> Manifest:
+    """The whole manifest of format 1.0-1.2: the header and its Parquet fragment table."""
     table_meta = header.get("fragment_table")
     if not isinstance(table_meta, dict) or not isinstance(table_meta.get("file"), str):
         raise FormatError(f"{path}: lacks a valid 'fragment_table' entry")
-
-    table_path = directory / check_file_name(table_meta["file"])
+    try:
+        table_path = directory / check_file_name(table_meta["file"])
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from e
     try:
         data = table_path.read_bytes()
     except FileNotFoundError:
@@ -107,10 +256,6 @@ def read_manifest(directory: Path) -> Manifest:
                               f"in 'file_headers', which lacks {unsigned[0]}")
     except (FormatError, SpecError) as e:
         raise FormatError(f"{path}: {e}") from e
-    named = step_of(directory)
-    if named is not None and named != manifest.step:
-        raise FormatError(f"{path}: holds step {manifest.step}, but its directory {directory.name} is step {named}; "
-                          "the manifest was edited or moved")
     return manifest
 
 

@@ -123,7 +123,7 @@ def prepare_own_step(root: Path, step: int, keep: int | None, saved_here: Collec
     return cleared
 
 
-def commit_step(directory: Path, manifest: Manifest, table: tuple[bytes, int] | None = None) -> None:
+def commit_step(directory: Path, manifest: Manifest, table=None) -> None:
     """Make the checkpoint in ``directory`` visible: its manifest committed atomically (after the
     fragment table: ``table``, when the caller built it, see
     :func:`~ucp.storage.manifest_io.commit_manifest`), once every file it lists is there with the
