@@ -218,7 +218,8 @@ def scramble(model, opt) -> None:
 
 
 class PhaseTimer:
-    """Times ucp's named collective phases by wrapping ``Collective.phase`` (ucp itself is untouched)."""
+    """Times ucp's named collective phases by wrapping ``Collective.phase`` and ``gather_phase`` (ucp
+    itself is untouched)."""
 
     def __init__(self):
         from ucp.comm import collective
@@ -234,7 +235,17 @@ class PhaseTimer:
             finally:
                 timer.current[name] = timer.current.get(name, 0.0) + time.perf_counter() - t0
 
+        orig_gather = collective.Collective.gather_phase
+
+        def gather_phase(self_, name, fn, decide=None, root=0):  # (the phases that report to one rank)
+            t0 = time.perf_counter()
+            try:
+                return orig_gather(self_, name, fn, decide, root)
+            finally:
+                timer.current[name] = timer.current.get(name, 0.0) + time.perf_counter() - t0
+
         collective.Collective.phase = phase
+        collective.Collective.gather_phase = gather_phase
 
     def take(self) -> dict:
         out, self.current = self.current, {}

@@ -5,25 +5,23 @@ Runs ucp's REAL planning, manifest, commit and load-metadata code (not a model o
 every rank of a large job would capture (``tools/scale_layouts.py``: Llama-70B, Llama-405B or an
 MoE under tp x pp x dp [x ep], ZeRO-1 flat optimizer state; real byte sizes, fake CRCs, no tensor
 data), and prints one JSON line per world size W. Every measured phase is one small function
-calling ucp's code, to be pointed at the new code when the save and load are redesigned:
+calling ucp's code:
 
-* :func:`save_exchange` -- a collective phase of ``checkpoint.save.save_durable`` ("capture",
-  "compare", "write"; and "plan", "prepare", "commit", whose outcome is all they gather): each rank's
-  return value in ``Collective.phase``'s outcome tuple, pickled as ``torch.distributed.all_gather_object``
-  pickles it; every rank receives (and unpickles) every rank's object. The bytes received are the sum
-  of the objects' sizes (``*_wire_bytes``: W x the largest, which is what all_gather_object really
-  moves: it pads every object to the largest).
-* :func:`save_plan` -- the checksums merged into the pieces, ``merge_metas`` and ``assign_writers`` on
-  the gathered input, as every rank computes them (``save_plan_s`` adds ``replicated_regions``, which
-  every rank runs between capture and compare).
-* :func:`commit` -- rank 0: the ``Manifest`` built from the gathered write results exactly as
-  ``save_durable``'s commit does (``Fragment`` s, ``split_state``), ``Manifest.validate()``, and
-  ``storage.rank_files.commit_step`` (sizes checked, fragment table, ``manifest.json``) into a work
-  directory whose rank files are sparse files of the recorded sizes.
-* :func:`load_metadata` -- onto a world 25% smaller (dp reduced): ``read_manifest``, the targets phase
-  (``SourceIndex``, ``load._resolve_targets``: ``check_target``, ``resolve``), its all-gather of the
-  keys each rank takes, and what the read phase builds before reading a byte (the strictness check
-  ``_untaken``, ``FragmentIndex``, per piece the exact fragment or ``FragmentReader.read_resharded``'s
+* :func:`save_now` -- a durable save as ``checkpoint.save.save_durable`` runs it: every phase a
+  ``Collective.gather_phase`` (:func:`gather_to_root`): each rank's outcome pickled to rank 0 alone
+  (``gather_object`` also all-gathers each object's size: 8 bytes a rank), rank 0's verdict back to
+  every rank. Capture (the structure signature, the plan held, the state), plan (only for the first
+  save of a layout: each rank's regions to rank 0, ``plan_save`` there, each rank's ``RankPlan``
+  scattered), prepare, write (each rank's ``WriteReport``: numpy arrays of its fragments' offsets
+  and checksums), commit (``commit_manifest_of`` and ``storage.rank_files.commit_step`` on rank 0,
+  into a work directory whose rank files are sparse files of the recorded sizes). It runs twice: the
+  first save of the layout (``save_*``, ``plan_s``, ``commit_first_s``: every fragment validated) and
+  a save reusing the plan (``save_cached_*``, ``commit_s``).
+* :func:`load_now` -- onto a world 25% smaller (dp reduced): ``open_manifest`` (the header), the
+  targets (``load._resolve_targets``), ``StoredManifest.select`` of the regions the rank loads (the
+  pages of the paged fragment table it needs), the files' sizes, its own state row, the targets'
+  report to rank 0 (which judges strictness), and what the read phase builds before reading a byte
+  (``FragmentIndex`` over the rows read, per piece the exact fragment or ``FragmentReader.read_resharded``'s
   plan: ``source_pieces``, ``relocate``, ``target_pieces``, ``reshard_plan``, byte spans and blocks).
 * :func:`restore_metadata` -- ``checkpoint.memory.Snapshots.source``: the all-gather of every node's
   header summaries (8 ranks a node, two slots each), ``restorable`` / ``find_recoverable``, the
@@ -31,17 +29,21 @@ calling ucp's code, to be pointed at the new code when the save and load are red
   ``snapshot.header.manifest_from_headers`` over all of them.
 
 Sampled ranks: rank 1, the middle rank and the last rank (of the target world for the load); rank 0
-commits. What every rank receives is the same, so the unpickling of a gathered phase and the work
-every rank does alike (the plan, ``read_manifest``, ``manifest_from_headers``) are timed once and
-counted for each sampled rank; what differs per rank (pickling its own object, its targets and
-reshard plans) is timed per sampled rank. ``*_s`` of a rank are seconds of one core.
+commits. A non-committing rank's seconds are its own work (pickling what it sends, its signature,
+its targets, the pages it reads); rank 0's are reported apart (``plan_s``, ``commit_*``,
+``commit_root_recv_s``: unpickling every rank's report). What an all-gather of the restore from
+memory moves is what every rank receives, timed once. ``*_s`` of a rank are seconds of one core.
 
-Keys (per W): ``save_metadata_s`` / ``save_bytes_per_rank`` (worst sampled non-committing rank:
-capture exchange + compare exchange + plan + write exchange + the three outcome-only gathers,
-``save_outcomes_*``; bytes sent + received), ``commit_s``, ``manifest_bytes`` (``manifest.json`` +
-fragment table on disk), ``load_metadata_s``, ``manifest_bytes_read_per_rank``, ``restore_metadata_s``,
-``restore_bytes_per_rank``, each phase's seconds and bytes, ``pieces_gathered`` (every rank's pieces),
-``fragments``, ``peak_rss_bytes`` (``ru_maxrss`` of the process running that W), ``load_avg_1m``.
+Keys (per W): ``save_metadata_s`` / ``save_bytes_per_rank`` (worst sampled non-committing rank, the
+first save of a layout: bytes sent + received), ``save_cached_metadata_s`` /
+``save_cached_bytes_per_rank`` (a save reusing the plan), ``save_<phase>_bytes`` and
+``save_<phase>_root_bytes`` (what rank 0 receives), ``plan_s``, ``commit_first_s``, ``commit_s``,
+``manifest_bytes`` (``manifest.json`` + the paged tables on disk), ``load_metadata_s``,
+``manifest_bytes_read_per_rank`` (header and pages), ``load_bytes_per_rank``, ``restore_metadata_s``,
+``restore_bytes_per_rank``, ``pieces_gathered`` (by rank 0, once per layout), ``fragments``,
+``peak_rss_bytes`` (``ru_maxrss`` of the process running that W), ``load_avg_1m``.
+The first version of this tool (commit 385a1a3) drove the all-gather save of ucp <= e10bf50: the
+"before" figures of issue 18.
 When several W ran, a last line holds the least-squares slope of log(metric) over log(W) between
 512 and 16384 (``growth``: 1 is linear in W, 2 quadratic) of every per-rank metric.
 
@@ -79,7 +81,12 @@ import numpy as np
 import scale_layouts
 
 from ucp import __version__
-from ucp.checkpoint.load import _resolve_targets, _untaken
+from ucp.checkpoint.load import _regions, _resolve_targets, _untaken
+from ucp.checkpoint.save import SavePlans, WriteReport, commit_manifest_of
+from ucp.format.fragment import RegionQuery
+from ucp.plan.save_plan import plan_save, structure_signature
+from ucp.storage.fragment_files import FragmentFiles
+from ucp.storage.manifest_io import open_manifest
 from ucp.codecs.checksum import crc32c
 from ucp.format.dtypes import DTYPES, itemsize
 from ucp.format.fragment import Fragment
@@ -200,83 +207,7 @@ def all_gather_object(name: str, make, world: int, sample, keep=None) -> tuple[l
     return out, x
 
 
-# -- what the ranks of a durable save return from its phases (checkpoint.save.save_durable) ---------
-
-
-def capture_result(job, rank: int, root: str, step: int) -> tuple:
-    """What ``save_durable``'s ``capture()`` returns on ``rank``."""
-    pieces = job.pieces(rank)
-    metas = {p.key: p.meta for p in pieces}
-    pieces = [p for p in pieces if p.numel]
-    infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, p.nbytes) for p in pieces]
-    return infos, metas, job.state(rank, step), job.layout, (step, root)
-
-
-def compare_result(infos: list, shared: set, crcs: Checksums) -> dict:
-    """What ``compare()`` returns: ``{piece: (crc, block crcs)}`` of the pieces in replicated regions."""
-    return {i: crcs.of(info.region, info.nbytes) for i, info in enumerate(infos) if info.region in shared}
-
-
-def write_result(rank: int, infos: list, mine: list, crcs: Checksums):
-    """What ``write()`` returns: the rank file's name, size, each fragment's offset (the safetensors
-    header ``write_rank_file`` would write, from ``plan_file``), the late checksums, the header's CRC."""
-    if not mine:
-        return None
-    slots = [Slot(entry_name(i.key, i.box, i.flat), DTYPES[i.dtype][1], (i.flat.numel,) if i.flat else i.box.sizes,
-                  i.nbytes) for i in (infos[k] for k in mine)]
-    head, offsets = plan_file(slots, {"format": RANK_FILE_FORMAT, "rank": str(rank)})
-    late = {k: crcs.of(infos[k].region, infos[k].nbytes) for k in mine if infos[k].crc32c is None}
-    return store.rank_file(rank), len(head) + sum(s.nbytes for s in slots), offsets, late, crc32c(head)
-
-
-# -- the measured phases --------------------------------------------------------------------------------
-
-
-def save_exchange(name: str, make, world: int, sample, keep=None) -> tuple[list, Exchange]:
-    """Phase ``name`` of a durable save: every rank's ``make(rank)``, all-gathered."""
-    return all_gather_object(name, make, world, sample, keep)
-
-
-def save_plan(gathered: list, early: list) -> tuple[list, dict, list, float]:
-    """The plan every rank computes after the compare phase, as ``save_durable`` does: the early
-    checksums merged into the pieces, ``merge_metas``, ``assign_writers``; returns
-    ``(pieces by rank, metas, writers, seconds)``."""
-    t0 = _now()
-    infos_by_rank = [[replace(info, crc32c=early[r][i][0] if i in early[r] else None) for i, info in enumerate(g[0])]
-                     for r, g in enumerate(gathered)]
-    layouts = {g[3] for g in gathered}
-    targets = {g[4] for g in gathered}
-    assert len(layouts) == 1 and len(targets) == 1
-    metas = merge_metas([g[1] for g in gathered])
-    assignments = assign_writers(infos_by_rank)
-    return infos_by_rank, metas, assignments, _now() - t0
-
-
-def commit(directory: Path, step: int, layout, gathered: list, infos_by_rank: list, early: list, written: list,
-           assignments: list, metas: dict) -> tuple[Manifest, dict]:
-    """Rank 0's commit, as ``save_durable``'s ``commit()`` does it (without the lease): the manifest
-    from the gathered write results, validated, then ``commit_step``. Returns the manifest and
-    ``{build_s, write_s}``."""
-    t0 = _now()
-    fragments, files, heads = [], {}, {}
-    for r, w in enumerate(written):
-        if w is None:
-            continue
-        name, size, offsets, late, heads[name] = w
-        files[name] = size
-        for i, off in zip(assignments[r], offsets):
-            info = infos_by_rank[r][i]
-            crc, blocks = early[r][i] if i in early[r] else late[i]
-            fragments.append(Fragment(info.key, info.box, info.flat, info.dtype, r, name, off, info.nbytes, crc,
-                                      blocks))
-    manifest = Manifest(step, layout, metas, tuple(fragments), split_state([g[2] for g in gathered]), files,
-                        created_by=f"ucp {__version__}", block_bytes=BLOCK_BYTES, file_headers=heads)
-    manifest.validate()
-    t1 = _now()
-    sparse_rank_files(directory, files)  # (the writers' files: not timed)
-    t2 = _now()
-    commit_step(directory, manifest)
-    return manifest, {"build_s": t1 - t0, "write_s": _now() - t2}
+# -- the files of a commit --------------------------------------------------------------------------
 
 
 def sparse_rank_files(directory: Path, files: dict) -> None:
@@ -318,22 +249,9 @@ def reshard_read_plan(piece, slices, index: FragmentIndex, manifest, target_layo
     return blocks
 
 
-def load_targets(manifest, target, rank: int, path: Path) -> tuple[list, set]:
-    """The targets phase of ``load._load`` on ``rank`` of ``target``: its pieces resolved to the
-    checkpoint's tensors (a flat-partitioned optimizer vouches for every flat key)."""
-    sources = SourceIndex(manifest.tensors)
-    plans, missing, taken, _ = _resolve_targets(target.pieces(rank), sources, target.layout, path, False)
-    assert not missing, missing[:3]
-    return plans, taken | {k for k, m in manifest.tensors.items() if m.pattern.flat}
-
-
-def load_read_plan(manifest, plans: list, taken_by_rank: list, target_layout) -> dict:
-    """What the read phase of ``load._load`` builds before reading a byte: the strictness check over
-    every rank's taken keys, the fragment index, and each piece's exact fragment or reshard plan."""
-    taken = set().union(*taken_by_rank)
-    unexpected = [k for k in _untaken(manifest.tensors, taken, SourceIndex(manifest.tensors))
-                  if parse_key(k).kind == MODEL or parse_key(k).kind == "optim"]
-    assert not unexpected, unexpected[:3]
+def load_read_plan(manifest, plans: list, target_layout) -> dict:
+    """What the read phase of ``load._load`` builds before reading a byte: the fragment index over the
+    rows the rank read, and each piece's exact fragment or reshard plan."""
     index = FragmentIndex(manifest.fragments)
     exact = resharded = blocks = 0
     for p, res in plans:
@@ -349,37 +267,183 @@ def load_read_plan(manifest, plans: list, taken_by_rank: list, target_layout) ->
     return {"exact": exact, "resharded": resharded, "blocks": blocks}
 
 
-def load_metadata(directory: Path, target, sample) -> dict:
-    """A load of the checkpoint in ``directory`` onto ``target`` up to its first read, on the
-    sampled ranks; returns per-rank seconds and bytes and the parts."""
+# -- the durable save and the load of this ucp: phases that report to rank 0 alone ---------------------
+
+
+@dataclass
+class Gather:
+    """One ``Collective.gather_phase``: every rank's outcome to rank 0 alone (``gather_object``, which
+    first all-gathers each object's size: 8 bytes from every rank), then rank 0's verdict broadcast
+    to every rank. What a non-committing rank sends and receives, and the seconds it spends."""
+
+    name: str
+    world: int
+    verdict_bytes: int = 0
+    sent: dict = field(default_factory=dict)  # sampled rank -> bytes of its pickled outcome
+    pickle_s: dict = field(default_factory=dict)
+    root_recv_bytes: int = 0  # what rank 0 receives
+    root_s: float = 0.0  # rank 0: unpickling every outcome and deciding
+
+    def rank_s(self, rank: int) -> float:
+        return self.pickle_s[rank]
+
+    def rank_bytes(self, rank: int) -> int:
+        return self.sent[rank] + 8 * self.world + self.verdict_bytes
+
+
+def gather_to_root(name: str, make, world: int, sample, decide=None, keep=None) -> tuple[list, object, Gather]:
+    """Phase ``name`` as ``Collective.gather_phase`` runs it: ``make(rank)`` on every rank, pickled
+    as ``gather_object`` pickles it; rank 0 unpickles each (``keep(rank, value)`` may swap a value for
+    a smaller equal one: memory, not time) and runs ``decide(values)``, whose verdict every rank receives."""
+    g = Gather(name, world)
+    values = [None] * world
+    for r in range(world):
+        t0 = _now()
+        blob = pickle.dumps((True, make(r), None))
+        t1 = _now()
+        if r in sample:
+            g.sent[r], g.pickle_s[r] = len(blob), t1 - t0
+        value = pickle.loads(blob)[1]
+        g.root_s += _now() - t1
+        g.root_recv_bytes += len(blob)
+        values[r] = value if keep is None else keep(r, value)
     t0 = _now()
-    manifest = read_manifest(directory)  # (every rank reads the same manifest: timed once)
-    read_s = _now() - t0
-    nbytes = sum(manifest_files(directory).values())
+    decision = decide(values) if decide is not None else None
+    g.root_s += _now() - t0
+    g.verdict_bytes = len(pickle.dumps(({}, decision)))
+    return values, decision, g
+
+
+def capture_message(job, rank: int, root: str, step: int, plan_id) -> tuple[tuple, list, dict]:
+    """What ``save_durable``'s ``capture()`` sends rank 0 (its structure signature, the plan it holds,
+    its state, the step and root), and the rank's pieces and metadata it keeps."""
+    pieces = job.pieces(rank)
+    metas = {p.key: p.meta for p in pieces}
+    pieces = [p for p in pieces if p.numel]
+    infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, p.nbytes) for p in pieces]
+    return (structure_signature(infos, metas, job.layout), plan_id, job.state(rank, step), (step, root)), infos, metas
+
+
+def write_report(rank: int, infos: list, share, crcs: Checksums) -> WriteReport:
+    """The :class:`WriteReport` rank ``rank`` sends after writing its share (``write_share``), with
+    fake checksums: its file's offsets from the header ``write_rank_file`` would write."""
+    mine = list(share.writes)
+    sums = [crcs.of(infos[k].region, infos[k].nbytes) for k in mine]
+    name, size, offsets, head = None, 0, [], 0
+    if mine:
+        slots = [Slot(entry_name(i.key, i.box, i.flat), DTYPES[i.dtype][1], (i.flat.numel,) if i.flat else i.box.sizes,
+                      i.nbytes) for i in (infos[k] for k in mine)]
+        header, offsets = plan_file(slots, {"format": RANK_FILE_FORMAT, "rank": str(rank)})
+        name, size, head = store.rank_file(rank), len(header) + sum(sl.nbytes for sl in slots), crc32c(header)
+    crc_of = {i: crcs.of(infos[i].region, infos[i].nbytes)[0] for i in share.replicated}
+    return WriteReport(name, size, head, np.asarray(offsets, dtype=np.int64),
+                       np.fromiter((c for c, _ in sums), dtype=np.uint32, count=len(sums)),
+                       np.fromiter((len(b) for _, b in sums), dtype=np.int32, count=len(sums)),
+                       np.fromiter((x for _, b in sums for x in b), dtype=np.uint32),
+                       np.fromiter((crc_of[i] for i in share.replicated), dtype=np.uint32, count=len(share.replicated)))
+
+
+def save_now(job, step: int, root: Path, directory: Path, crcs: Checksums, sample, plans: SavePlans) -> dict:
+    """One durable save as ``save_durable`` runs it now, its phases simulated for every rank with
+    ucp's own code: capture (to rank 0), plan (only when rank 0 holds none for these signatures:
+    ``plan_save`` on rank 0, each rank's share scattered), prepare, write (reports to rank 0), commit
+    (``commit_manifest_of`` and ``commit_step`` on rank 0). Returns the exchanges and rank 0's seconds."""
+    world = job.world
+    kept: dict = {}
+
+    def capture(r):
+        held = plans.shares[r].plan_id if plans.shares is not None else None
+        msg, infos, metas = capture_message(job, r, str(root.resolve()), step, held)
+        if plans.shares is None:  # (what the plan phase will send: the rank keeps it)
+            kept[r] = (infos, metas)
+        return msg
+
+    def agree(reports):
+        plan = plans.commit
+        return plan is None or tuple(r[0] for r in reports) != plan.signatures or any(r[1] != plan.plan_id for r in reports)
+
+    reports, replan, g_cap = gather_to_root("capture", capture, world, sample, agree)
+    states = [r[2] for r in reports]
+    out = {"capture": g_cap}
+    if replan:
+        def make(shares):
+            made = plan_save([sh[0] for sh in shares], [sh[1] for sh in shares], [sh[3] for sh in shares], plans.made)
+            kept["made"] = made
+            return None
+
+        _, _, g_plan = gather_to_root("plan", lambda r: (*kept[r], job.layout, reports[r][0]), world, sample, make)
+        commit_plan, shares = kept.pop("made")
+        plans.commit, plans.fixed, plans.made, plans.shares = commit_plan, None, plans.made + 1, shares
+        g_plan.sent_back = {r: len(pickle.dumps(shares[r])) + 8 for r in sample}  # (scatter_object_list)
+        out["plan"] = g_plan
+        plans.infos = {r: kept[r][0] for r in range(world)}
+    _, _, out["prepare"] = gather_to_root("prepare", lambda r: None, world, sample, lambda _: (None, Cleared()))
+    written, _, out["write"] = gather_to_root(
+        "write", lambda r: write_report(r, plans.infos[r], plans.shares[r], crcs), world, sample)
+    sparse_rank_files(directory, {w.file: w.size for w in written if w.file is not None})  # (the writers' files)
+
+    def commit_(_):
+        t0 = _now()
+        manifest, table = commit_manifest_of(plans, step, job.layout, states, written)
+        kept["build_s"] = _now() - t0
+        t0 = _now()
+        commit_step(directory, manifest, table)
+        kept["write_s"] = _now() - t0
+        kept["fragments"], kept["blocks"] = table.num_rows, len(table.column("block_crc32c").combine_chunks().values)
+        return plans.commit.nbytes
+
+    _, nbytes, out["commit"] = gather_to_root("commit", lambda r: None, world, sample, commit_)
+    out.update(build_s=kept["build_s"], write_s=kept["write_s"], fragments=kept["fragments"], blocks=kept["blocks"],
+               nbytes=nbytes)
+    return out
+
+
+def save_keys(prefix: str, res: dict, sample) -> dict:
+    """Per-rank keys of one simulated save: the worst sampled non-committing rank's seconds and bytes."""
+    phases = [res[k] for k in ("capture", "plan", "prepare", "write", "commit") if k in res]
+    back = res["plan"].sent_back if "plan" in res else {}
+    out = {f"{prefix}metadata_s": max(sum(g.rank_s(r) for g in phases) for r in sample),
+           f"{prefix}bytes_per_rank": max(sum(g.rank_bytes(r) for g in phases) + back.get(r, 0) for r in sample)}
+    for g in phases:
+        out[f"{prefix}{g.name}_bytes"] = max(g.rank_bytes(r) for r in sample)
+        out[f"{prefix}{g.name}_root_bytes"] = g.root_recv_bytes
+    return out
+
+
+def load_now(directory: Path, target, sample) -> dict:
+    """A load of the checkpoint in ``directory`` onto ``target`` up to its first read, as ``_load``
+    runs it now, on the sampled ranks: the header (``open_manifest``), the targets, the pages of the
+    regions the rank loads (``StoredManifest.select``) and its files' sizes, the targets' report to
+    rank 0, its own state row, and the read plan over the rows it read."""
     per_rank: dict = {}
     for r in sample:
         t0 = _now()
-        per_rank[r] = load_targets(manifest, target, r, directory)
-        per_rank[r] = (*per_rank[r], _now() - t0)
-    flat_keys = {k for k, m in manifest.tensors.items() if m.pattern.flat}
+        stored = open_manifest(directory)
+        sources = SourceIndex(stored.tensors)
+        plans, missing, taken, _ = _resolve_targets(target.pieces(r), sources, target.layout, directory, False)
+        assert not missing, missing[:3]
+        manifest = stored.select(RegionQuery(_regions(plans, stored, target.layout)))
+        FragmentFiles(directory, manifest=manifest).check_sizes()
+        state = stored.rank_state(r)
+        counts = load_read_plan(manifest, plans, target.layout)
+        per_rank[r] = dict(counts, s=_now() - t0, manifest_bytes=stored.nbytes_read, fragments=len(manifest.fragments),
+                           state_entries=len(state), taken=taken | {k for k, m in stored.tensors.items() if m.pattern.flat})
+    flat_keys = {k for k, m in stored.tensors.items() if m.pattern.flat}
 
-    def taken_of(r):  # every other rank's targets resolve to their own keys ("same"): checked on the sampled ones
-        if r in per_rank:
-            return per_rank[r][1]
-        return {p.key for p in target.pieces(r)} | flat_keys
+    def taken_of(r):  # every other rank's targets resolve to their own keys ("same")
+        return per_rank[r]["taken"] if r in per_rank else {p.key for p in target.pieces(r)} | flat_keys
 
-    for r in sample:
-        assert per_rank[r][1] == {p.key for p in target.pieces(r)} | flat_keys
-    taken_by_rank, x = all_gather_object("targets", taken_of, target.world, sample)
-    out = {"read_manifest_s": read_s, "manifest_bytes_read": nbytes, "exchange": x, "ranks": {}}
-    for r in sample:
-        plans, _, targets_s = per_rank[r]
-        t0 = _now()
-        counts = load_read_plan(manifest, plans, taken_by_rank, target.layout)
-        out["ranks"][r] = dict(counts, targets_s=targets_s, read_plan_s=_now() - t0,
-                               total_s=read_s + targets_s + x.rank_s(r) + (_now() - t0),
-                               bytes=nbytes + x.rank_bytes(r))
-    return out
+    def untaken(taken_by_rank):
+        taken_all = set().union(*taken_by_rank)
+        return [k for k in _untaken(stored.tensors, taken_all, SourceIndex(stored.tensors))
+                if parse_key(k).kind in (MODEL, "optim")]
+
+    _, unexpected, g = gather_to_root("targets", taken_of, target.world, sample, untaken)
+    assert not unexpected, unexpected[:3]
+    ranks = {r: {"total_s": v["s"] + g.rank_s(r), "bytes": v["manifest_bytes"] + g.rank_bytes(r),
+                 "manifest_bytes": v["manifest_bytes"], "fragments": v["fragments"],
+                 **{k: v[k] for k in ("exact", "resharded", "blocks")}} for r, v in per_rank.items()}
+    return {"ranks": ranks, "exchange": g}
 
 
 def snapshot_header(job, rank: int, step: int, slot: int, crcs: Checksums, token: int) -> dict:
@@ -492,80 +556,39 @@ def run_world(layout: str, world: int, work: Path, keep: bool = False, layers: i
                  "committing_rank": 0}
     log(f"W={world} ({layout}: tp {tp} pp {pp} dp {dp} ep {ep}; load onto {target.world}): save")
 
-    # SAVE: capture, (replicated regions), compare, plan, write, commit
-    cap, x_cap = save_exchange("capture", lambda r: capture_result(job, r, str(root.resolve()), step), world, sample)
-    infos_by_rank = [g[0] for g in cap]
-    t0 = _now()
-    shared = replicated_regions(infos_by_rank)
-    regions_s = _now() - t0
-
-    def same_crcs(r, got):  # (the received checksums swapped for the equal shared ones: memory, not time)
-        return {i: crcs.of(infos_by_rank[r][i].region, infos_by_rank[r][i].nbytes) for i in got}
-
-    early, x_cmp = save_exchange("compare", lambda r: compare_result(infos_by_rank[r], shared, crcs), world, sample,
-                                 same_crcs)
-    infos_by_rank, metas, assignments, plan_s = save_plan(cap, early)
-    plan_s += regions_s
-
-    def same_late(r, got):
-        if got is None:
-            return None
-        name, size, offsets, late, head = got
-        return name, size, offsets, {i: crcs.of(infos_by_rank[r][i].region, infos_by_rank[r][i].nbytes)
-                                     for i in late}, head
-
-    written, x_wr = save_exchange("write", lambda r: write_result(r, infos_by_rank[r], assignments[r], crcs), world,
-                                  sample, same_late)
-    log(f"W={world}: commit")
-    manifest, commit_parts = commit(directory, step, job.layout, cap, infos_by_rank, early, written, assignments, metas)
-    # the phases whose outcome is all a rank receives: plan (None), prepare and commit (rank 0's result)
-    _, x_plan = save_exchange("plan", lambda r: None, world, sample)
-    _, x_prep = save_exchange("prepare", lambda r: (None, Cleared()) if r == 0 else None, world, sample)
-    _, x_done = save_exchange("commit", lambda r: manifest.nbytes if r == 0 else None, world, sample)
-    out["pieces_gathered"] = sum(len(i) for i in infos_by_rank)
-    out["fragments"] = len(manifest.fragments)
-    out["replicated_regions"] = len(shared)
-    out["block_crcs"] = sum(len(f.blocks) for f in manifest.fragments)
-    out["checkpoint_bytes"] = manifest.nbytes
-    out["state_ranks_stored"] = len(manifest.state.get("ranks", {}))
-    del cap, early, written, manifest, infos_by_rank, metas, assignments, shared
-    phases = {"capture": x_cap, "compare": x_cmp, "write": x_wr}
-    for name, x in phases.items():
-        out[f"save_{name}_s"] = max(x.rank_s(r) for r in sample)
-        out[f"save_{name}_bytes"] = max(x.rank_bytes(r) for r in sample)
-        out[f"save_{name}_wire_bytes"] = max(x.wire_bytes(r) for r in sample)
-        out[f"save_{name}_largest_object_bytes"] = x.largest
-    out["save_plan_s"] = plan_s
-    small = (x_plan, x_prep, x_done)
-    out["save_outcomes_s"] = max(sum(x.rank_s(r) for x in small) for r in sample)
-    out["save_outcomes_bytes"] = max(sum(x.rank_bytes(r) for x in small) for r in sample)
-    every = (*phases.values(), *small)
-    save_s = {r: sum(x.rank_s(r) for x in every) + plan_s for r in sample}
-    out["save_metadata_s"] = max(save_s.values())
-    out["save_metadata_s_by_rank"] = {str(r): v for r, v in save_s.items()}
-    out["save_bytes_per_rank"] = max(sum(x.rank_bytes(r) for x in every) for r in sample)
-    out["save_wire_bytes_per_rank"] = max(sum(x.wire_bytes(r) for x in every) for r in sample)
-    out["commit_build_s"] = commit_parts["build_s"]
-    out["commit_write_s"] = commit_parts["write_s"]
-    out["commit_s"] = commit_parts["build_s"] + commit_parts["write_s"]
+    # SAVE: the first save of a layout (its plan made on rank 0), then a save reusing the plan
+    plans = SavePlans()
+    plans.shares = None
+    first = save_now(job, step, root, store.step_dir(root, step - 1), crcs, sample, plans)
+    log(f"W={world}: save again (the plan reused)")
+    again = save_now(job, step, root, directory, crcs, sample, plans)
+    out["pieces_gathered"] = sum(len(v) for v in plans.infos.values())  # (by rank 0, once per layout)
+    out["fragments"] = again["fragments"]
+    out["block_crcs"] = again["blocks"]
+    out["checkpoint_bytes"] = again["nbytes"]
+    out.update(save_keys("save_", first, sample))
+    out.update(save_keys("save_cached_", again, sample))
+    out["plan_s"] = first["plan"].root_s  # rank 0, once per layout: the shares' unpickling and plan_save
+    out["commit_first_s"] = first["build_s"] + first["write_s"]  # (every fragment validated: once per plan)
+    out["commit_build_s"] = again["build_s"]
+    out["commit_write_s"] = again["write_s"]
+    out["commit_s"] = again["build_s"] + again["write_s"]
+    out["commit_root_recv_s"] = sum(again[k].root_s for k in ("capture", "write"))
+    del first, again, plans
     sizes = manifest_files(directory)
     out["manifest_json_bytes"] = sizes.pop(MANIFEST)
-    out["manifest_tables_bytes"] = sum(sizes.values())  # the fragment table (and whatever else the commit wrote)
+    out["manifest_tables_bytes"] = sum(sizes.values())  # the paged fragment and state tables
     out["manifest_bytes"] = out["manifest_json_bytes"] + out["manifest_tables_bytes"]
 
     # LOAD onto the smaller world
     log(f"W={world}: load onto {target.world}")
-    ld = load_metadata(directory, target, tsample)
-    out["load_read_manifest_s"] = ld["read_manifest_s"]
-    out["load_targets_s"] = max(v["targets_s"] for v in ld["ranks"].values())
-    out["load_targets_exchange_s"] = max(ld["exchange"].rank_s(r) for r in tsample)
+    ld = load_now(directory, target, tsample)
     out["load_targets_exchange_bytes"] = max(ld["exchange"].rank_bytes(r) for r in tsample)
-    out["load_read_plan_s"] = max(v["read_plan_s"] for v in ld["ranks"].values())
     out["load_metadata_s"] = max(v["total_s"] for v in ld["ranks"].values())
     out["load_metadata_s_by_rank"] = {str(r): v["total_s"] for r, v in ld["ranks"].items()}
-    out["manifest_bytes_read_per_rank"] = ld["manifest_bytes_read"]
+    out["manifest_bytes_read_per_rank"] = max(v["manifest_bytes"] for v in ld["ranks"].values())
     out["load_bytes_per_rank"] = max(v["bytes"] for v in ld["ranks"].values())
-    out["load_pieces_by_rank"] = {str(r): {k: v[k] for k in ("exact", "resharded", "blocks")}
+    out["load_pieces_by_rank"] = {str(r): {k: v[k] for k in ("exact", "resharded", "blocks", "fragments")}
                                   for r, v in ld["ranks"].items()}
     del ld
 
@@ -597,12 +620,11 @@ def run_world(layout: str, world: int, work: Path, keep: bool = False, layers: i
 
 
 #: the per-rank metrics whose growth in W the last line fits
-GROWTH_KEYS = ("save_metadata_s", "save_bytes_per_rank", "save_wire_bytes_per_rank", "save_capture_s",
-               "save_capture_bytes", "save_compare_s", "save_compare_bytes", "save_plan_s", "save_write_s",
-               "save_write_bytes", "commit_s", "manifest_bytes", "load_metadata_s", "load_read_manifest_s",
-               "load_targets_exchange_s", "load_targets_exchange_bytes", "load_read_plan_s",
-               "manifest_bytes_read_per_rank", "load_bytes_per_rank", "restore_metadata_s", "restore_bytes_per_rank",
-               "restore_headers_s", "restore_manifest_s", "peak_rss_bytes")
+GROWTH_KEYS = ("save_metadata_s", "save_bytes_per_rank", "save_cached_metadata_s", "save_cached_bytes_per_rank",
+               "save_capture_bytes", "save_write_bytes", "plan_s", "commit_s", "commit_first_s", "manifest_bytes",
+               "load_metadata_s", "load_targets_exchange_bytes", "manifest_bytes_read_per_rank", "load_bytes_per_rank",
+               "restore_metadata_s", "restore_bytes_per_rank", "restore_headers_s", "restore_manifest_s",
+               "peak_rss_bytes")
 
 
 def growth(docs: list[dict], lo: int = FIT_RANGE[0], hi: int = FIT_RANGE[1]) -> dict:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CheckpointDeletedError, CorruptCheckpointError, FormatError, SpecError
@@ -66,9 +68,11 @@ def commit_manifest(directory: Path, manifest: Manifest, table: pa.Table | None 
     table = with_files(table, manifest.files, manifest.file_headers)
     table = table.take(SortedRows(table).order(table))
     rows = SortedRows(table)
-    fragments = write_paged(table, rows.summarize, merge_summaries)
+    blocks = np.diff(table.column("block_crc32c").combine_chunks().offsets.to_numpy())
+    fragments = write_paged(table, rows.summarize, merge_summaries, row_bytes=96 + 4 * blocks)
     states = state_rows(manifest.state.get("ranks", {}))
-    state_pages = write_paged(states, StateRows(states).summarize, merge_state_summaries, STATE_LEAF_ROWS)
+    state_pages = write_paged(states, StateRows(states).summarize, merge_state_summaries, STATE_LEAF_ROWS,
+                              row_bytes=pc.binary_length(states.column("json")).to_numpy(zero_copy_only=False))
     write_atomic(directory / FRAGMENT_PAGES, fragments.data)
     write_atomic(directory / STATE_PAGES, state_pages.data)
     header = manifest.header(fragments.header(FRAGMENT_PAGES), state_pages.header(STATE_PAGES))

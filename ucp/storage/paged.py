@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError, FormatError
 
-LEAF_ROWS = 64  # rows per leaf page (by default)
+LEAF_ROWS = 64  # rows per leaf page at most (by default)
+LEAF_BYTES = 16 << 10  # and about this many bytes at most (rows with many block checksums: fewer rows)
 FANOUT = 64  # entries per index page
 MAX_DEPTH = 16  # index levels a reader follows at most (32**16 pages: more than any table)
 
@@ -76,13 +78,15 @@ class PagedTable:
 
 
 def write_paged(table: pa.Table, summarize: Callable[[int, int], dict],
-                merge: Callable[[list[dict]], dict], leaf_rows: int | None = None) -> PagedTable:
+                merge: Callable[[list[dict]], dict], leaf_rows: int | None = None, row_bytes=None) -> PagedTable:
     """Store ``table`` (its rows already in sort order) as a paged table.
 
     Args:
         summarize: ``(start, stop) -> summary`` of rows ``[start, stop)`` (JSON-safe).
         merge: the summary of several consecutive pages from theirs.
-        leaf_rows: rows per leaf (fewer for large rows; default :data:`LEAF_ROWS`).
+        leaf_rows: rows per leaf at most (default :data:`LEAF_ROWS`).
+        row_bytes: each row's size, about: a leaf also ends before :data:`LEAF_BYTES` (a reader of
+            one row reads its leaf).
     """
     leaf_rows = leaf_rows or LEAF_ROWS
     batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
@@ -98,10 +102,9 @@ def write_paged(table: pa.Table, summarize: Callable[[int, int], dict],
         return ref
 
     entries: list[tuple[dict, PageRef]] = []
-    for lo in range(0, table.num_rows, leaf_rows):
-        n = min(leaf_rows, table.num_rows - lo)
-        ref = put(batch.slice(lo, n).serialize())
-        entries.append((summarize(lo, lo + n), PageRef(ref.offset, ref.length, ref.crc32c, n)))
+    for lo, hi in _leaves(table.num_rows, leaf_rows, row_bytes):
+        ref = put(batch.slice(lo, hi - lo).serialize())
+        entries.append((summarize(lo, hi), PageRef(ref.offset, ref.length, ref.crc32c, hi - lo)))
     depth = 0
     while True:
         pages = [entries[i:i + FANOUT] for i in range(0, len(entries), FANOUT)] or [[]]
@@ -118,6 +121,21 @@ def write_paged(table: pa.Table, summarize: Callable[[int, int], dict],
         if len(refs) == 1:
             return PagedTable(b"".join(parts), refs[0][1], depth, table.num_rows)
         entries = refs
+
+
+def _leaves(rows: int, most: int, row_bytes) -> list[tuple[int, int]]:
+    """``[lo, hi)`` of each leaf: at most ``most`` rows, and about :data:`LEAF_BYTES` (one row at least)."""
+    if row_bytes is None:
+        return [(lo, min(lo + most, rows)) for lo in range(0, rows, most)]
+    ends = np.cumsum(np.asarray(row_bytes, dtype=np.int64))
+    out, lo = [], 0
+    while lo < rows:
+        base = ends[lo - 1] if lo else 0
+        hi = int(np.searchsorted(ends, base + LEAF_BYTES, side="right"))
+        hi = min(max(hi, lo + 1), lo + most, rows)
+        out.append((lo, hi))
+        lo = hi
+    return out
 
 
 def read_page(data: bytes, schema: pa.Schema, ref: PageRef, where: str) -> pa.RecordBatch:
