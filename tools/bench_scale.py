@@ -9,8 +9,7 @@ calling ucp's code:
 
 * :func:`save_now` -- a durable save as ``checkpoint.save.save_durable`` runs it: every phase a
   ``Collective.gather_phase`` (:func:`gather_to_root`): each rank's outcome pickled to rank 0 alone
-  (``gather_object`` also all-gathers each object's size: 8 bytes a rank), rank 0's verdict back to
-  every rank. Capture (the structure signature, the plan held, the state), plan (only for the first
+  (padded to the largest, whose size an all-reduce agrees), rank 0's verdict back to every rank. Capture (the structure signature, the plan held, the state), plan (only for the first
   save of a layout: each rank's regions to rank 0, ``plan_save`` there, each rank's ``RankPlan``
   scattered), prepare, write (each rank's ``WriteReport``: numpy arrays of its fragments' offsets
   and checksums), commit (``commit_manifest_of`` and ``storage.rank_files.commit_step`` on rank 0,
@@ -23,10 +22,10 @@ calling ucp's code:
   report to rank 0 (which judges strictness), and what the read phase builds before reading a byte
   (``FragmentIndex`` over the rows read, per piece the exact fragment or ``FragmentReader.read_resharded``'s
   plan: ``source_pieces``, ``relocate``, ``target_pieces``, ``reshard_plan``, byte spans and blocks).
-* :func:`restore_metadata` -- ``checkpoint.memory.Snapshots.source``: the all-gather of every node's
-  header summaries (8 ranks a node, two slots each), ``restorable`` / ``find_recoverable``, the
-  all-gather of every rank's full snapshot header (the dict ``MemoryTier.write`` commits), and
-  ``snapshot.header.manifest_from_headers`` over all of them.
+* :func:`restore_metadata` -- ``checkpoint.memory.Snapshots.source`` of a job resuming in place
+  (``_source_own``): every node's header summaries (8 ranks a node, two slots each) to rank 0, which
+  chooses (``restorable``, ``find_recoverable``); each rank's own header (the dict ``MemoryTier.write``
+  commits) and ``snapshot.header.manifest_from_headers`` of it alone.
 
 Sampled ranks: rank 1, the middle rank and the last rank (of the target world for the load); rank 0
 commits. A non-committing rank's seconds are its own work (pickling what it sends, its signature,
@@ -272,9 +271,9 @@ def load_read_plan(manifest, plans: list, target_layout) -> dict:
 
 @dataclass
 class Gather:
-    """One ``Collective.gather_phase``: every rank's outcome to rank 0 alone (``gather_object``, which
-    first all-gathers each object's size: 8 bytes from every rank), then rank 0's verdict broadcast
-    to every rank. What a non-committing rank sends and receives, and the seconds it spends."""
+    """One ``Collective.gather_phase``: every rank's outcome to rank 0 alone (``Collective.gather``:
+    an all-reduce of the largest size, then each rank's pickle padded to it), then rank 0's verdict
+    broadcast to every rank. What a non-committing rank sends and receives, and the seconds it spends."""
 
     name: str
     world: int
@@ -287,8 +286,12 @@ class Gather:
     def rank_s(self, rank: int) -> float:
         return self.pickle_s[rank]
 
+    largest: int = 0
+
     def rank_bytes(self, rank: int) -> int:
-        return self.sent[rank] + 8 * self.world + self.verdict_bytes
+        # its buffer (padded to the largest), the size's all-reduce (8 bytes each way per step of a
+        # recursive doubling), the verdict and its size (broadcast_object_list)
+        return self.largest + 8 + 16 * math.ceil(math.log2(max(self.world, 2))) + 8 + self.verdict_bytes
 
 
 def gather_to_root(name: str, make, world: int, sample, decide=None, keep=None) -> tuple[list, object, Gather]:
@@ -306,6 +309,7 @@ def gather_to_root(name: str, make, world: int, sample, decide=None, keep=None) 
         value = pickle.loads(blob)[1]
         g.root_s += _now() - t1
         g.root_recv_bytes += len(blob)
+        g.largest = max(g.largest, len(blob))
         values[r] = value if keep is None else keep(r, value)
     t0 = _now()
     decision = decide(values) if decide is not None else None
@@ -473,10 +477,12 @@ def node_of(rank: int) -> str:
 
 
 def restore_metadata(job, step: int, crcs: Checksums, sample) -> dict:
-    """``Snapshots.source`` on every rank of ``job`` (each node's agent holding two snapshots of each
-    of its ranks: ``step - 1`` and ``step``, both complete, no parity): the summaries' all-gather and
-    choice, the all-gather of the chosen snapshot's headers (sent by each node's lowest rank), and
-    ``manifest_from_headers``; returns per-rank seconds and bytes."""
+    """``checkpoint.memory.Snapshots.source`` on every rank of ``job`` resuming in place (each node's
+    agent holding two snapshots of each of its ranks: ``step - 1`` and ``step``, both complete, no
+    parity): ``_source_own``: every rank's node summaries to rank 0, which chooses (``restorable``,
+    ``find_recoverable``, each rank's own header on its node); each rank reads its own header from
+    its agent and builds its manifest (``manifest_from_headers`` of it alone); the all-true report
+    to rank 0. Returns per-rank seconds and bytes, and rank 0's."""
     world, token = job.world, 12345
 
     def summaries(r):
@@ -485,41 +491,34 @@ def restore_metadata(job, step: int, crcs: Checksums, sample) -> dict:
         held = [{"rank": q, "slot": s, "step": step - 1 + s, "world_size": world, "complete": True, "host": node,
                  "token": token - 1 + s, "adopted": None}
                 for q in range(first, min(first + RANKS_PER_NODE, world)) for s in (0, 1)]
-        status = {"adopted": {}, "discarded": {}, "predecessor": None}
-        return f"{node}:4242", held, [], status, (step if r == 0 else None)
+        return f"{node}:4242", held, [], False
 
-    gathered, x_memory = all_gather_object("memory", summaries, world, sample)
-    t0 = _now()
-    nodes = [(n, h, rec) for n, h, rec, _, _ in gathered]
-    per_node = {n: (held, records) for n, held, records in nodes}
-    unique = [h for held, _ in per_node.values() for h in held if h["step"] == step]
-    newest = restorable(unique)
-    rec, _ = find_recoverable([(n, held, records) for n, (held, records) in per_node.items()], step)
-    assert newest == (step, world) and rec is None, (newest, rec)
-    choose_s = _now() - t0
-    del gathered, nodes, per_node, unique
+    def decide(gathered):  # as _source_own's
+        unique = [h for g in gathered for h in g[1] if h["step"] == step]
+        newest = restorable(unique)
+        rec, _ = find_recoverable([(g[0], g[1], g[2]) for g in gathered], step)
+        assert newest == (step, world) and rec is None, (newest, rec)
+        for rank, g in enumerate(gathered):
+            assert any(h["rank"] == rank and (h["step"], h["world_size"]) == newest for h in g[1])
+        return newest
 
-    def headers(r):
-        if r % RANKS_PER_NODE:
-            return []
-        return [snapshot_header(job, q, step, 1, crcs, token) for q in range(r, min(r + RANKS_PER_NODE, world))]
-
-    def share(_, held):  # the received block lists swapped for equal shared ones (memory, not time)
-        for h in held:
-            for f in h["fragments"]:
-                flat = None if f["flat"] is None else tuple(f["flat"])
-                f["blocks"] = crcs.as_list((f["key"], tuple(f["offsets"]), tuple(f["sizes"]), flat))
-        return held
-
-    got, x_headers = all_gather_object("memory-headers", headers, world, sample, share)
-    t0 = _now()
-    chosen = list({h["rank"]: h for held in got for h in held}.values())
-    manifest = manifest_from_headers(chosen, node_of(sample[0]))
-    build_s = _now() - t0
-    ranks = {r: {"total_s": x_memory.rank_s(r) + choose_s + x_headers.rank_s(r) + build_s,
-                 "bytes": x_memory.rank_bytes(r) + x_headers.rank_bytes(r)} for r in sample}
-    return {"memory": x_memory, "headers": x_headers, "choose_s": choose_s, "manifest_s": build_s,
-            "fragments": len(manifest.fragments), "ranks": ranks}
+    _, chosen, g_find = gather_to_root("memory", summaries, world, sample, decide)
+    ranks = {}
+    fragments = 0
+    for r in sample:
+        header = snapshot_header(job, r, step, 1, crcs, token)
+        nbytes = len(json.dumps(header))  # (what the rank reads of its agent: its own header)
+        t0 = _now()
+        manifest = manifest_from_headers([header], node_of(r), whole=False)
+        ranks[r] = {"own_s": _now() - t0, "own_bytes": nbytes}
+        fragments = max(fragments, len(manifest.fragments))
+    _, every, g_own = gather_to_root("memory-own", lambda r: True, world, sample, all)
+    assert every
+    for r, v in ranks.items():
+        v["total_s"] = g_find.rank_s(r) + v["own_s"] + g_own.rank_s(r)
+        v["bytes"] = g_find.rank_bytes(r) + v["own_bytes"] + g_own.rank_bytes(r)
+    return {"find": g_find, "own": g_own, "root_s": g_find.root_s + g_own.root_s, "fragments": fragments,
+            "ranks": ranks}
 
 
 # -- one world ----------------------------------------------------------------------------------------
@@ -595,16 +594,13 @@ def run_world(layout: str, world: int, work: Path, keep: bool = False, layers: i
     # RESTORE from memory (same world)
     log(f"W={world}: restore from memory")
     rs = restore_metadata(job, step, crcs, sample)
-    out["restore_summaries_s"] = max(rs["memory"].rank_s(r) for r in sample)
-    out["restore_summaries_bytes"] = max(rs["memory"].rank_bytes(r) for r in sample)
-    out["restore_choose_s"] = rs["choose_s"]
-    out["restore_headers_s"] = max(rs["headers"].rank_s(r) for r in sample)
-    out["restore_headers_bytes"] = max(rs["headers"].rank_bytes(r) for r in sample)
-    out["restore_headers_wire_bytes"] = max(rs["headers"].wire_bytes(r) for r in sample)
-    out["restore_manifest_s"] = rs["manifest_s"]
+    out["restore_summaries_bytes"] = max(rs["find"].rank_bytes(r) for r in sample)
+    out["restore_root_s"] = rs["root_s"]  # rank 0: every node's summaries, the choice
+    out["restore_own_s"] = max(v["own_s"] for v in rs["ranks"].values())
+    out["restore_own_header_bytes"] = max(v["own_bytes"] for v in rs["ranks"].values())
     out["restore_metadata_s"] = max(v["total_s"] for v in rs["ranks"].values())
     out["restore_bytes_per_rank"] = max(v["bytes"] for v in rs["ranks"].values())
-    out["restore_fragments"] = rs["fragments"]
+    out["restore_fragments_per_rank"] = rs["fragments"]
     del rs
 
     if keep:
@@ -623,8 +619,7 @@ def run_world(layout: str, world: int, work: Path, keep: bool = False, layers: i
 GROWTH_KEYS = ("save_metadata_s", "save_bytes_per_rank", "save_cached_metadata_s", "save_cached_bytes_per_rank",
                "save_capture_bytes", "save_write_bytes", "plan_s", "commit_s", "commit_first_s", "manifest_bytes",
                "load_metadata_s", "load_targets_exchange_bytes", "manifest_bytes_read_per_rank", "load_bytes_per_rank",
-               "restore_metadata_s", "restore_bytes_per_rank", "restore_headers_s", "restore_manifest_s",
-               "peak_rss_bytes")
+               "restore_metadata_s", "restore_bytes_per_rank", "restore_own_s", "restore_root_s", "peak_rss_bytes")
 
 
 def growth(docs: list[dict], lo: int = FIT_RANGE[0], hi: int = FIT_RANGE[1]) -> dict:

@@ -358,10 +358,22 @@ def test_a_manifest_step_other_than_its_directory_or_absurd_is_refused_naming_it
 # --- issue 17, item 7: declared sizes are checked against the files before they drive an allocation
 
 
+def forbid_huge_allocations(monkeypatch) -> None:
+    """``torch.empty`` of 2^28 elements or more fails the test."""
+    import torch
+
+    real_empty = torch.empty
+
+    def bounded_empty(*shape, **kw):
+        dims = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        assert np.prod([int(d) for d in dims], dtype=object) < 1 << 28, f"allocation of {dims} elements"
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", bounded_empty)
+
+
 def test_a_resigned_manifest_declaring_a_huge_tensor_is_refused_before_allocating(ckpt_root, monkeypatch):
     import dataclasses
-
-    import torch
 
     from ucp.format.box import Box
     from ucp.format.fragment import Fragment
@@ -377,14 +389,7 @@ def test_a_resigned_manifest_declaring_a_huge_tensor_is_refused_before_allocatin
                                   fragments=m.fragments + (big,), files={**m.files, name: 8 + 4 * numel})
     crafted.validate()
     commit_manifest(path, crafted)  # fragment table and manifest re-signed: only the sizes tell
-    real_empty = torch.empty
-
-    def bounded_empty(*shape, **kw):
-        dims = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        assert np.prod([int(d) for d in dims], dtype=object) < 1 << 28, f"allocation of {dims} elements"
-        return real_empty(*shape, **kw)
-
-    monkeypatch.setattr(torch, "empty", bounded_empty)
+    forbid_huge_allocations(monkeypatch)
     ckpt, _ = fresh_checkpointer(ckpt_root)
     with pytest.raises(CorruptCheckpointError) as e:
         ckpt.load()
@@ -412,8 +417,6 @@ def test_a_resigned_manifest_declaring_a_tensor_larger_than_its_fragments_is_ref
         ckpt_root, monkeypatch):
     import dataclasses
 
-    import torch
-
     from ucp.format.box import Box
     from ucp.format.fragment import Fragment
     from ucp.format.manifest import TensorMeta
@@ -424,13 +427,6 @@ def test_a_resigned_manifest_declaring_a_tensor_larger_than_its_fragments_is_ref
     small = Fragment("extra/big", Box((0,), (2,)), None, "float32", 0, store.rank_file(0), 8, 8, 0, ())
     commit_manifest(path, dataclasses.replace(m, tensors={**m.tensors, "extra/big": TensorMeta((1 << 33,), "float32")},
                                               fragments=m.fragments + (small,)))  # (a table of 1.3 is not validated whole on writing)
-    real_empty = torch.empty
-
-    def bounded_empty(*shape, **kw):
-        dims = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        assert np.prod([int(d) for d in dims], dtype=object) < 1 << 28, f"allocation of {dims} elements"
-        return real_empty(*shape, **kw)
-
-    monkeypatch.setattr(torch, "empty", bounded_empty)
+    forbid_huge_allocations(monkeypatch)
     with pytest.raises(FormatError, match="extra/big: fragments hold 2 elements, the tensor has 8589934592"):
         fresh_checkpointer(ckpt_root)[0].load()

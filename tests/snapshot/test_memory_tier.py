@@ -171,18 +171,42 @@ def test_snapshot_options_are_validated():
 
 
 @pytest.mark.dist
-def test_a_two_rank_snapshot_loads_from_memory_and_onto_one_rank(world2, tmp_path, job):
+def test_a_job_resuming_in_place_reads_only_its_own_snapshot_header(tmp_path, job, monkeypatch):
+    from ucp.checkpoint.memory import Snapshots
+
+    m, opt = tiny_model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+    for s in (1, 2):
+        train_step(m, opt, s)
+        ck.save(s)
+    ck.wait()
+    want = state_of(m, opt)
+
+    def every_header(self, step):
+        raise AssertionError("a job resuming in place gathered every rank's snapshot header")
+
+    monkeypatch.setattr(Snapshots, "_source_all", every_header)
+    m2, opt2 = tiny_model(seed=3)
+    res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    assert res.source == "memory" and res.step == 2 and same_state(state_of(m2, opt2), want)
+
+
+def test_a_two_rank_snapshot_loads_from_memory_and_onto_one_rank(world2, tmp_path, job, monkeypatch):
     from tests.snapshot import memory_workloads as mw
+    from ucp.checkpoint.memory import Snapshots
 
     want = world2.run(mw.snapshot_steps, "fsdp", str(tmp_path), job)[0]
     out = world2.run(mw.load_from_memory, "fsdp", str(tmp_path), job, want)
     for r in out:
         assert r["source"] == "memory" and r["step"] == 3 and r["diffs"] == []
-    # the same snapshot, resharded in memory onto one process holding the whole model
+    # the same snapshot, resharded in memory onto one process holding the whole model: every header read
     model = MLP()
     opt = mlp_optimizer(model)
+    full = []
+    real = Snapshots._source_all
+    monkeypatch.setattr(Snapshots, "_source_all", lambda self, step: full.append(step) or real(self, step))
     res = ucp.Checkpointer(tmp_path, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
-    assert res.source == "memory" and res.step == 3
+    assert res.source == "memory" and res.step == 3 and full == [None]
     assert bit_diffs(want, full_state(model, opt)) == []
 
 

@@ -33,6 +33,9 @@ from ucp.state.tensors import snapshot_source
 from ucp.storage import directory as store
 
 
+_ALL = object()  # (Snapshots._source_own: not the common case; every rank's headers are needed)
+
+
 class Snapshots:
     """A Checkpointer's snapshots in the memory of its nodes' agents.
 
@@ -292,7 +295,69 @@ class Snapshots:
         """``(directory, manifest)`` of the newest snapshot the agents of this job's nodes hold whole
         or can complete from parity (of ``step`` if given; saved by any number of ranks), or None;
         it is marked complete. Ranks rebuilt from parity are listed in ``self.rebuilt_ranks`` and
-        their segments in ``self._rebuilt`` (freed after the load)."""
+        their segments in ``self._rebuilt`` (freed after the load).
+
+        The common case, a job resuming in place (the snapshot whole, saved by as many ranks under
+        this layout, each rank's own on its node), costs a rank its own share
+        (:meth:`_source_own`); any other goes through every rank's headers (:meth:`_source_all`)."""
+        own = self._source_own(step)
+        return self._source_all(step) if own is _ALL else own
+
+    def _source_own(self, step: int | None):
+        """The snapshot to resume as each rank's own header, read from its own node's agent: rank 0
+        alone gathers the nodes' summaries and decides; every rank then checks that its own header
+        is there, of this layout. Returns ``(directory, manifest of this rank's fragments)``, or
+        :data:`_ALL` when the case is not that one (nothing to resume, parity needed, another
+        world or layout, a snapshot elsewhere, something to warn about)."""
+        coll = self.coll
+        tier = self._memory()
+        host = os.uname().nodename
+        world_size, layout = coll.world_size, self.layout.to_dict()
+
+        def held():
+            status = tier.client.status()
+            mine = [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)]
+            return (f"{host}:{tier.client.info.pid}", mine, tier.node_parity(summary=True),
+                    any(status.get(k) for k in ("adopted", "discarded")))
+
+        def decide(gathered):  # rank 0: the snapshot each rank finds on its own node, or the full path
+            if any(g[3] for g in gathered):
+                return None  # (an agent took over or discarded snapshots: the full path says what)
+            unique = [h for g in gathered for h in g[1] if step is None or h["step"] == step]
+            newest = restorable(unique)
+            if newest is None or newest[1] != world_size:
+                return None
+            rec, _ = find_recoverable([(g[0], g[1], g[2]) for g in gathered], step)
+            if rec is not None and rec.step > newest[0]:
+                return None
+            for rank, g in enumerate(gathered):  # every rank's own header on its own node
+                if not any(h["rank"] == rank and (h["step"], h["world_size"]) == newest for h in g[1]):
+                    return None
+            return newest
+
+        _, chosen = coll.gather_phase("memory", held, decide)
+        if chosen is None:
+            return _ALL
+        built: dict = {}
+
+        def own():
+            mine = [h for h in tier.node_headers(step=chosen[0]) if h["world_size"] == chosen[1]
+                    and h["rank"] == coll.rank]
+            if len(mine) != 1 or mine[0]["layout"] != layout:
+                return False
+            if not mine[0]["complete"]:  # the cut finished (some rank marked it): mark it here too
+                tier.complete_rank(coll.rank, mine[0]["slot"], chosen[0])
+            built["manifest"] = manifest_from_headers([dict(mine[0], host=host)], host, whole=False)
+            return True
+
+        _, every = coll.gather_phase("memory-own", own, all)
+        if not every:
+            return _ALL
+        self.rebuilt_ranks = ()
+        return SHM_DIR, built["manifest"]
+
+    def _source_all(self, step: int | None):
+        """:meth:`source` from every rank's headers: parity rebuilds, other worlds and layouts."""
         coll = self.coll
         tier = self._memory()
         host = os.uname().nodename

@@ -10,10 +10,12 @@ initialized process group the same code runs as a world of one and re-raises the
 from __future__ import annotations
 
 import functools
+import pickle
 import traceback
 from contextlib import contextmanager
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 from ucp.errors import DistributedError, PeerLostError, UcpError
@@ -61,12 +63,29 @@ class Collective:
         return box[0]
 
     def gather(self, obj: Any, dst: int = 0) -> list | None:
-        """Every rank's ``obj`` in rank order on rank ``dst``; None on the others."""
+        """Every rank's ``obj`` in rank order on rank ``dst``; None on the others.
+
+        Objects are pickled (among this job's ranks, as torch.distributed's object collectives do)
+        into buffers of the largest one's size, agreed by an all-reduce: unlike
+        ``torch.distributed.gather_object``, which all-gathers every rank's size first, a rank other
+        than ``dst`` then sends its buffer and receives nothing that grows with the world."""
         if self.world_size == 1:
             return [obj]
-        out: list | None = [None] * self.world_size if self.rank == dst else None
+        blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         with transport(self._what, self.rank):
-            dist.gather_object(obj, out, dst=self._global(dst), group=self.group)
+            size = torch.tensor([len(blob)], dtype=torch.int64)
+            dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.group)
+            buf = torch.zeros(int(size.item()) + 8, dtype=torch.uint8)
+            buf[:8] = torch.tensor([len(blob)], dtype=torch.int64).view(torch.uint8)
+            buf[8:8 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            slots = [torch.empty_like(buf) for _ in range(self.world_size)] if self.rank == dst else None
+            dist.gather(buf, slots, dst=self._global(dst), group=self.group)
+        if slots is None:
+            return None
+        out = []
+        for slot in slots:
+            n = int(slot[:8].view(torch.int64).item())
+            out.append(pickle.loads(slot[8:8 + n].numpy().tobytes()))
         return out
 
     def scatter(self, objs: list | None, src: int = 0) -> Any:
@@ -96,12 +115,7 @@ class Collective:
         """
         if self.world_size == 1:
             return [fn()]
-        local_error: BaseException | None = None
-        try:
-            outcome = (True, fn(), None)
-        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
-            local_error = e
-            outcome = _failed(e)
+        outcome, local_error = _run(fn)
         self._what = f"collective of phase '{name}'"
         try:
             gathered = self.all_gather(outcome)
@@ -123,12 +137,7 @@ class Collective:
         if self.world_size == 1:
             results = [fn()]
             return results, decide(results) if decide is not None else None
-        local_error: BaseException | None = None
-        try:
-            outcome = (True, fn(), None)
-        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
-            local_error = e
-            outcome = _failed(e)
+        outcome, local_error = _run(fn)
         self._what = f"collective of phase '{name}'"
         try:
             gathered = self.gather(outcome, root)
@@ -151,6 +160,14 @@ class Collective:
             raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
                 name, {r: msg for r, (msg, _) in failures.items()}) from local_error
         return (None if gathered is None else [value for _, value, _ in gathered]), decision
+
+
+def _run(fn: Callable[[], Any]) -> tuple[tuple, BaseException | None]:
+    """``fn``'s outcome as it travels, ``(True, result, None)`` or :func:`_failed`, and its error."""
+    try:
+        return (True, fn(), None), None
+    except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+        return _failed(e), e
 
 
 def _failed(e: BaseException) -> tuple:

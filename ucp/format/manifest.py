@@ -174,28 +174,20 @@ class Manifest:
         """The JSON header; ``fragment_table`` says where the stored table is (before 1.3:
         ``{"file", "crc32c", "rows"}``; from 1.3: a paged table, and ``state_table`` the ranks' state:
         ``{"file", "rows", "depth", "root"}``, :class:`ucp.storage.paged.PagedTable`)."""
-        if self.paged:  # files and their header checksums are columns of the fragment rows (rule 22)
-            return {
-                "format": FORMAT,
-                "format_version": self.format_version,
-                "created_by": self.created_by,
-                "step": self.step,
-                "layout": self.layout.to_dict(),
-                "tensors": {k: m.to_dict() for k, m in self.tensors.items()},
-                "fragment_table": dict(fragment_table),
-                "state": {"shared": self.state.get("shared", {})},
-                "state_table": dict(state_table),
-                "block_bytes": self.block_bytes,
-            }
-        return {
+        common = {
             "format": FORMAT,
             "format_version": self.format_version,
             "created_by": self.created_by,
             "step": self.step,
             "layout": self.layout.to_dict(),
             "tensors": {k: m.to_dict() for k, m in self.tensors.items()},
-            "files": dict(self.files),
             "fragment_table": dict(fragment_table),
+        }
+        if self.paged:  # files and their header checksums are columns of the fragment rows (rule 22)
+            return common | {"state": {"shared": self.state.get("shared", {})}, "state_table": dict(state_table),
+                             "block_bytes": self.block_bytes}
+        return common | {
+            "files": dict(self.files),
             "state": self.state,
         } | ({"block_bytes": self.block_bytes} if self.block_bytes else {}) \
           | ({"file_headers": dict(self.file_headers)} if self.file_headers else {})

@@ -73,11 +73,12 @@ def restorable(headers: list[dict]) -> tuple[int, int] | None:
     return None
 
 
-def manifest_from_headers(headers: list[dict], host: str) -> Manifest:
+def manifest_from_headers(headers: list[dict], host: str, whole: bool = True) -> Manifest:
     """The snapshot of one step as a :class:`~ucp.format.manifest.Manifest` over the files its
     fragments name (``/dev/shm`` segments, or rank files): every rank's fragments (a region several
     ranks hold, from a rank on ``host`` when one has it), the tensors' metadata, the ranks' non-tensor
-    state."""
+    state. ``whole=False``: the headers of some ranks only (a rank resuming from its own), whose
+    fragments are checked one by one, not for covering every tensor; their state is theirs alone."""
     headers = sorted(headers, key=lambda h: (h["host"] != host, h["rank"]))  # local copies first
     tensors = merge_metas([{k: TensorMeta.from_dict(m, k) for k, m in h["tensors"].items()} for h in headers])
     fragments, seen, files = [], set(), {}
@@ -90,8 +91,10 @@ def manifest_from_headers(headers: list[dict], host: str) -> Manifest:
             fragments.append(frag)
             files[f["file"]] = h["file_size"]
     by_rank = sorted(headers, key=lambda h: h["rank"])
+    state = split_state([h["state"] for h in by_rank]) if whole else \
+        {"shared": {}, "ranks": {str(h["rank"]): h["state"] for h in by_rank}}
     manifest = Manifest(by_rank[0]["step"], Layout.from_dict(by_rank[0]["layout"]), tensors, tuple(fragments),
-                        split_state([h["state"] for h in by_rank]), files, created_by=by_rank[0].get("created_by", ""),
-                        block_bytes=BLOCK_BYTES)
-    manifest.validate()
+                        state, files, created_by=by_rank[0].get("created_by", ""), block_bytes=BLOCK_BYTES)
+    manifest.validate_header()
+    manifest.validate_fragments(cover=whole)
     return manifest
