@@ -277,3 +277,15 @@ def test_a_dead_peer_is_one_peer_lost_line_naming_the_phase(call, monkeypatch):
     if call == "phase":
         assert "of phase 'write' failed: another rank of the job died or became unreachable" in msg
     assert e.value.__cause__ is None and isinstance(e.value, UcpError)
+
+
+def test_a_gather_uses_the_gpu_under_nccl_and_the_cpu_under_gloo(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    coll = RankZeroWithDeadPeer()
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert coll._device() == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert coll._device() == torch.device("cuda", 3)  # (NCCL moves no CPU tensor)

@@ -72,21 +72,30 @@ class Collective:
         if self.world_size == 1:
             return [obj]
         blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        device = self._device()
         with transport(self._what, self.rank):
-            size = torch.tensor([len(blob)], dtype=torch.int64)
+            size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
             dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.group)
             buf = torch.zeros(int(size.item()) + 8, dtype=torch.uint8)
             buf[:8] = torch.tensor([len(blob)], dtype=torch.int64).view(torch.uint8)
             buf[8:8 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            buf = buf.to(device)
             slots = [torch.empty_like(buf) for _ in range(self.world_size)] if self.rank == dst else None
             dist.gather(buf, slots, dst=self._global(dst), group=self.group)
         if slots is None:
             return None
         out = []
         for slot in slots:
+            slot = slot.cpu()
             n = int(slot[:8].view(torch.int64).item())
             out.append(pickle.loads(slot[8:8 + n].numpy().tobytes()))
         return out
+
+    def _device(self) -> torch.device:
+        """Where this group's tensors must be: the current GPU under NCCL, else the CPU."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def scatter(self, objs: list | None, src: int = 0) -> Any:
         """Rank ``src``'s ``objs[r]`` on each rank ``r`` (``objs`` is read on ``src`` only)."""
