@@ -63,7 +63,6 @@ cumulative time to stderr.
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import math
 import os
@@ -81,22 +80,17 @@ import scale_layouts
 
 from ucp import __version__
 from ucp.checkpoint.load import _regions, _resolve_targets, _untaken
+from ucp.checkpoint.readers import byte_spans, resharded_items
 from ucp.checkpoint.save import SavePlans, WriteReport, commit_manifest_of
-from ucp.format.fragment import RegionQuery
-from ucp.plan.save_plan import plan_save, structure_signature
-from ucp.storage.fragment_files import FragmentFiles
-from ucp.storage.manifest_io import open_manifest
 from ucp.codecs.checksum import crc32c
-from ucp.format.dtypes import DTYPES, itemsize
-from ucp.format.fragment import Fragment
+from ucp.format.dtypes import DTYPES
+from ucp.format.fragment import RegionQuery
 from ucp.format.keys import MODEL, parse_key
-from ucp.format.manifest import BLOCK_BYTES, Manifest
-from ucp.format.values import split_state
-from ucp.plan.geometry import byte_span, needed_blocks
+from ucp.format.manifest import BLOCK_BYTES
+from ucp.plan.geometry import needed_blocks
 from ucp.plan.load_plan import FragmentIndex
-from ucp.plan.reshard import reshard_plan, source_pieces, target_pieces
-from ucp.plan.save_plan import PieceInfo, assign_writers, merge_metas, replicated_regions
-from ucp.plan.sources import SourceIndex, relocate
+from ucp.plan.save_plan import PieceInfo, plan_save, structure_signature
+from ucp.plan.sources import SourceIndex
 from ucp.snapshot import shm
 from ucp.snapshot.header import manifest_from_headers, restorable
 from ucp.snapshot.memory import FORMAT as SNAPSHOT_FORMAT
@@ -105,7 +99,8 @@ from ucp.snapshot.memory import place
 from ucp.snapshot.recovery import find_recoverable
 from ucp.storage import directory as store
 from ucp.storage.directory import MANIFEST
-from ucp.storage.manifest_io import read_manifest
+from ucp.storage.fragment_files import FragmentFiles
+from ucp.storage.manifest_io import open_manifest
 from ucp.storage.rank_files import FORMAT as RANK_FILE_FORMAT
 from ucp.storage.rank_files import Cleared, commit_step, entry_name
 from ucp.storage.safetensors_file import Slot, plan_file
@@ -157,55 +152,6 @@ class Checksums:
         return got
 
 
-# -- one collective phase -----------------------------------------------------------------------------
-
-
-@dataclass
-class Exchange:
-    """One all-gather of W objects: what a rank sends and receives, and the seconds it spends."""
-
-    name: str
-    world: int
-    recv_bytes: int = 0  # sum of every rank's pickled object (a rank receives all, its own included)
-    largest: int = 0  # all_gather_object pads every object to the largest
-    recv_s: float = 0.0  # unpickling all W objects (the same on every rank)
-    sent: dict = field(default_factory=dict)  # sampled rank -> bytes of its pickled object
-    pickle_s: dict = field(default_factory=dict)  # sampled rank -> seconds pickling it
-
-    def rank_s(self, rank: int) -> float:
-        return self.recv_s + self.pickle_s[rank]
-
-    def rank_bytes(self, rank: int) -> int:
-        return self.sent[rank] + self.recv_bytes
-
-    def wire_bytes(self, rank: int) -> int:
-        return self.largest + self.world * self.largest
-
-
-def all_gather_object(name: str, make, world: int, sample, keep=None) -> tuple[list, Exchange]:
-    """Every rank's ``make(rank)`` as ``Collective.phase`` all-gathers it (the outcome tuple
-    ``(True, value, None)``, pickled and unpickled as ``torch.distributed.all_gather_object`` does),
-    one rank at a time so that only what a receiver keeps stays in memory; ``keep(rank, value)``
-    (after the timed unpickle) may swap parts of a value for equal shared objects."""
-    x = Exchange(name, world)
-    out = [None] * world
-    for r in range(world):
-        obj = (True, make(r), None)
-        t0 = _now()
-        f = io.BytesIO()
-        pickle.Pickler(f).dump(obj)
-        blob = f.getvalue()
-        t1 = _now()
-        value = pickle.Unpickler(io.BytesIO(blob)).load()[1]
-        x.recv_s += _now() - t1
-        if r in sample:
-            x.sent[r], x.pickle_s[r] = len(blob), t1 - t0
-        x.recv_bytes += len(blob)
-        x.largest = max(x.largest, len(blob))
-        out[r] = value if keep is None else keep(r, value)
-    return out, x
-
-
 # -- the files of a commit --------------------------------------------------------------------------
 
 
@@ -227,22 +173,12 @@ def manifest_files(directory: Path) -> dict[str, int]:
 
 
 def reshard_read_plan(piece, slices, index: FragmentIndex, manifest, target_layout) -> int:
-    """What ``FragmentReader.read_resharded`` computes before its first read: the source and target
-    pieces, the reshard plan, each fragment's byte spans and the blocks holding them; returns the
-    number of blocks it would read."""
-    sources = []
-    for s in slices:
-        meta = manifest.tensors[s.key]
-        sources += relocate(source_pieces(index.by_key.get(s.key, []), meta.shape, meta.pattern, manifest.layout), s)
-    targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
-    items = reshard_plan(sources, targets, piece.key)
-    spans: dict = {}
-    for item in items:
-        f = item.source.ref[1]
-        spans.setdefault(f, []).append(byte_span(item.source.sub.box.sizes, item.src, itemsize(f.dtype),
-                                                 item.source.sub.offset))
+    """What ``FragmentReader.read_resharded`` computes before its first read (its own functions:
+    the reshard plan, each fragment's byte spans) and the blocks holding them; returns the number of
+    blocks it would read."""
+    items, _ = resharded_items(piece, slices, index, manifest, target_layout)
     blocks = 0
-    for f, sp in spans.items():
+    for f, sp in byte_spans(items).items():
         need = needed_blocks(sp, len(f.blocks or ()), manifest.block_bytes)
         blocks += len(f.blocks) if need is None else sum(b - a for a, b in need)
     return blocks

@@ -176,6 +176,27 @@ def _fill_resharded(piece: Piece, items, targets, fetch) -> None:
             dest.copy_(out)
 
 
+def resharded_items(piece: Piece, slices, index: FragmentIndex, manifest, target_layout) -> tuple[list, list]:
+    """The reshard plan of ``piece`` from the fragments of ``index`` that ``slices`` name:
+    ``(overlaps, target pieces)`` (each overlap's source ``ref`` is ``(key, fragment)``)."""
+    sources = []
+    for s in slices:
+        meta = manifest.tensors[s.key]
+        sources += relocate(source_pieces(index.by_key.get(s.key, []), meta.shape, meta.pattern, manifest.layout), s)
+    targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
+    return reshard_plan(sources, targets, piece.key), targets
+
+
+def byte_spans(items) -> dict:
+    """fragment -> the ``[lo, hi)`` byte spans of its data that ``items`` read."""
+    spans: dict = {}
+    for item in items:
+        f = item.source.ref[1]
+        spans.setdefault(f, []).append(byte_span(item.source.sub.box.sizes, item.src, itemsize(f.dtype),
+                                                 item.source.sub.offset))
+    return spans
+
+
 class FragmentReader:
     """Reads fragments of one checkpoint directory into destination tensors, verifying checksums
     (the bytes through :class:`~ucp.storage.fragment_files.FragmentFiles`; with the ``manifest`` of
@@ -217,19 +238,11 @@ class FragmentReader:
         fused parts or padding) or another name (``slices``), through the reshard planner. Of each
         fragment it touches only the blocks holding the elements it needs are read (each block
         checksum verified; fragments without block checksums are read whole)."""
-        sources = []
-        for s in slices:
-            meta = manifest.tensors[s.key]
-            sources += relocate(source_pieces(index.by_key.get(s.key, []), meta.shape, meta.pattern, manifest.layout), s)
-        targets = target_pieces(piece.box, piece.flat, piece.meta.shape, piece.meta.pattern, target_layout)
-        items = reshard_plan(sources, targets, piece.key)
+        items, targets = resharded_items(piece, slices, index, manifest, target_layout)
         dest = piece.data
         if manifest.block_bytes and dest.device.type == "cpu" and dest.is_contiguous():
             items = self._read_runs(dest, items, manifest.block_bytes)
-        spans: dict = {}
-        for item in items:
-            f = item.source.ref[1]
-            spans.setdefault(f, []).append(byte_span(item.source.sub.box.sizes, item.src, itemsize(f.dtype), item.source.sub.offset))
+        spans = byte_spans(items)
         fetch = _cached(lambda ref: self.fetch(ref[1], spans.get(ref[1]), manifest.block_bytes))
         _fill_resharded(piece, items, targets, fetch)
 
