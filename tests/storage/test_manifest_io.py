@@ -61,6 +61,8 @@ def test_a_rank_reads_the_pages_of_its_regions_and_its_own_state(tmp_path, monke
     assert [(f.key, f.box, f.flat) for f in part.fragments] == [(key, Box((0, 0), (32, 8)), FlatRange(0, 32))]
     table = (ckpt / "fragments.pages").stat().st_size
     assert stored.nbytes_read - header_bytes < table / 5
+    # a region whose pages hold rows of the key, none of them overlapping it: no fragment, no error
+    assert stored.select(RegionQuery({key: [Box((64, 0), (0, 8))]})).fragments == ()
     assert set(part.files) == {part.fragments[0].file} and part.file_headers == {
         part.fragments[0].file: whole.file_headers[part.fragments[0].file]}
     before = stored.nbytes_read

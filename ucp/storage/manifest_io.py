@@ -155,7 +155,7 @@ class StoredManifest:
             fragments = table_to_fragments(table)
             if query is not None:
                 keep = [i for i, f in enumerate(fragments) if query.wants(f)]
-                fragments, table = [fragments[i] for i in keep], table.take(keep)
+                fragments, table = [fragments[i] for i in keep], table.take(pa.array(keep, type=pa.int64()))
             files, heads = files_of(table)
             ranks = self.all_states() if query is None else {}
             manifest = Manifest.from_header(self.header, fragments, files, heads, ranks, cover=query is None)
