@@ -26,6 +26,12 @@ calling ucp's code:
   (``_source_own``): every node's header summaries (8 ranks a node, two slots each) to rank 0, which
   chooses (``restorable``, ``find_recoverable``); each rank's own header (the dict ``MemoryTier.write``
   commits) and ``snapshot.header.manifest_from_headers`` of it alone.
+* :func:`restore_resharded` -- the same snapshot resumed from memory onto the smaller world
+  (``Snapshots._source_all``), its headers held by the surviving nodes as after a parity rebuild:
+  the nodes' summaries to rank 0 (``choose_source``), each speaker's fragments to their keys' owners
+  and its metadata and state to rank 0 (``snapshot.index``), the rank's targets and regions, its
+  queries to the owners, their answers and the manifest of its fragments; an owner's answers to every
+  rank that asks (the sampled ranks', and the busiest owner's: ``restore_resharded_busiest_owner``).
 
 Sampled ranks: rank 1, the middle rank and the last rank (of the target world for the load); rank 0
 commits. A non-committing rank's seconds are its own work (pickling what it sends, its signature,
@@ -39,7 +45,8 @@ first save of a layout: bytes sent + received), ``save_cached_metadata_s`` /
 ``save_<phase>_root_bytes`` (what rank 0 receives), ``plan_s``, ``commit_first_s``, ``commit_s``,
 ``manifest_bytes`` (``manifest.json`` + the paged tables on disk), ``load_metadata_s``,
 ``manifest_bytes_read_per_rank`` (header and pages), ``load_bytes_per_rank``, ``restore_metadata_s``,
-``restore_bytes_per_rank``, ``pieces_gathered`` (by rank 0, once per layout), ``fragments``,
+``restore_bytes_per_rank``, ``restore_resharded_metadata_s`` / ``restore_resharded_bytes_per_rank``
+(worst sampled rank, its answers as an owner included), ``restore_resharded_root_s``, ``pieces_gathered`` (by rank 0, once per layout), ``fragments``,
 ``peak_rss_bytes`` (``ru_maxrss`` of the process running that W), ``load_avg_1m``.
 The first version of this tool (commit 385a1a3) drove the all-gather save of ucp <= e10bf50: the
 "before" figures of issue 18.
@@ -92,7 +99,10 @@ from ucp.plan.load_plan import FragmentIndex
 from ucp.plan.save_plan import PieceInfo, plan_save, structure_signature
 from ucp.plan.sources import SourceIndex
 from ucp.snapshot import shm
-from ucp.snapshot.header import manifest_from_headers, restorable
+from ucp.checkpoint.memory import choose_source
+from ucp.format.manifest import Manifest
+from ucp.snapshot.header import FragmentRecord, manifest_from_headers, restorable
+from ucp.snapshot.index import KeyIndex, SnapshotManifest, index_messages, merge_states, node_summary, query_messages
 from ucp.snapshot.memory import FORMAT as SNAPSHOT_FORMAT
 from ucp.snapshot.memory import FORMAT_VERSION as SNAPSHOT_VERSION
 from ucp.snapshot.memory import place
@@ -457,6 +467,140 @@ def restore_metadata(job, step: int, crcs: Checksums, sample) -> dict:
             "ranks": ranks}
 
 
+def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
+    """``Snapshots.source`` on every rank of ``target`` (another world: ``_source_all``) resuming
+    ``job``'s snapshot of ``step``, whose headers the surviving nodes hold (old rank ``q`` on new
+    node ``(q // 8) % nodes``, as after a parity rebuild), on the sampled ranks: the nodes' summaries
+    to rank 0 (``choose_source``), each rank's role, each speaker's fragments to their keys' owners
+    (``index_messages``), the speakers' metadata and state to rank 0 (``node_summary``,
+    ``merge_states``), the rank's own state, its share of the index (``KeyIndex``, in
+    ``SnapshotManifest``), its targets and regions, its queries to the owners and their answers
+    (``KeyIndex.answer``), and the manifest of its fragments. An owner's answers to every rank
+    asking for its keys are timed too (``restore_owner_s``)."""
+    world, nodes = target.world, -(-target.world // RANKS_PER_NODE)
+    old, token = job.world, 12345
+    held_by = {n: [q for q in range(old) if (q // RANKS_PER_NODE) % nodes == n] for n in range(nodes)}
+
+    def node_headers(n):
+        return [dict(snapshot_header(job, q, step, 1, crcs, token), host=node_of(n * RANKS_PER_NODE))
+                for q in held_by[n]]
+
+    def summaries(r):
+        n = r // RANKS_PER_NODE
+        held = [{"rank": q, "slot": s, "step": step - 1 + s, "world_size": old, "complete": True,
+                 "host": node_of(r), "token": token - 1 + s, "adopted": None} for q in held_by[n] for s in (0, 1)]
+        return f"{node_of(r)}:4242", held, [], {}, None
+
+    _, chosen, g_find = gather_to_root("memory", summaries, world, sample, lambda g: choose_source(g, step))
+    assert (chosen["step"], chosen["world"], chosen["rec"]) == (step, old, None), chosen
+    role_bytes = len(pickle.dumps(True)) + 16  # (the scatter of each rank's role)
+    ranks = {r: {"s": g_find.rank_s(r), "bytes": g_find.rank_bytes(r) + role_bytes, "owned": []} for r in sample}
+    summaries_by_node, speaker_of = [], {}
+    load = np.zeros(world, dtype=np.int64)  # index entries per owner
+    for n in range(nodes):  # each speaker: its node's fragments to their owners, its summary to rank 0
+        speaker = n * RANKS_PER_NODE
+        headers = node_headers(n)
+        t0 = _now()
+        msgs = index_messages(headers, world)
+        blobs = {o: pickle.dumps(m) for o, m in msgs.items()} if speaker in ranks else \
+            {o: pickle.dumps(m) for o, m in msgs.items() if o in ranks}
+        t1 = _now()
+        if speaker in ranks:
+            ranks[speaker]["s"] += t1 - t0
+            ranks[speaker]["bytes"] += sum(map(len, blobs.values())) + 8 * world  # (and the counts' all-to-all)
+        for o, m in msgs.items():
+            load[o] += len(m)
+        for o in ranks:
+            if o in msgs:
+                ranks[o]["owned"] += msgs[o]
+                ranks[o]["bytes"] += len(blobs[o])
+        summaries_by_node.append(node_summary(headers))
+        speaker_of[speaker] = n
+        del headers, msgs, blobs
+    kept: dict = {}
+
+    def merge(values):
+        common, own = merge_states([v for v in values if v is not None], old, world)
+        kept["own"] = own
+        return common
+
+    _, common, g_state = gather_to_root(
+        "memory-state", lambda r: summaries_by_node[speaker_of[r]] if r in speaker_of else None, world, sample, merge)
+    del summaries_by_node
+    sources = None
+    queries = {}
+    for r, v in ranks.items():
+        own = kept["own"][r]
+        v["bytes"] += g_state.rank_bytes(r) + len(pickle.dumps(own))
+        v["s"] += g_state.rank_s(r)
+        t0 = _now()
+        manifest = SnapshotManifest(common, r, own, KeyIndex({0: v.pop("owned")}), node_of(r))
+        sources = SourceIndex(manifest.tensors)
+        plans, missing, _, _ = _resolve_targets(target.pieces(r), sources, target.layout, Path("memory"), False)
+        assert not missing, missing[:3]
+        query = RegionQuery(_regions(plans, manifest, target.layout))
+        asked = {o: pickle.dumps((q, node_of(r))) for o, q in query_messages(query.regions, world).items()}
+        v["s"] += _now() - t0
+        v["bytes"] += sum(map(len, asked.values())) + 8 * world
+        v["manifest"], queries[r] = manifest, query
+    # the owners the sampled ranks ask: their entries (a second pass over the headers, keeping those keys)
+    busiest = int(load.argmax())  # the owner of the most entries: its answers are timed as well
+    wanted = {o for q in queries.values() for o in query_messages(q.regions, world)} | {busiest}
+    entries: dict = {o: [] for o in wanted}
+    for n in range(nodes):
+        for o, m in index_messages(node_headers(n), world).items():
+            if o in entries:
+                entries[o] += m
+    owners = {o: KeyIndex({0: e}) for o, e in entries.items()}
+    del entries
+    answer_s = 0.0
+    for r, v in ranks.items():
+        got = {}
+        for o, q in query_messages(queries[r].regions, world).items():
+            t0 = _now()
+            got[o] = owners[o].answer(q, node_of(r))
+            answer_s = max(answer_s, _now() - t0)
+        blobs = [pickle.dumps(a) for a in got.values()]
+        v["bytes"] += sum(map(len, blobs))
+        t0 = _now()
+        fragments, files = [], {}
+        for blob in blobs:
+            for rank, _, size, f in pickle.loads(blob):
+                fragments.append(FragmentRecord.from_dict(f).fragment(rank))
+                files[f["file"]] = size
+        m = v["manifest"]
+        selected = Manifest(m.step, m.layout, m.tensors, tuple(fragments), {"shared": {}, "ranks": {}}, files,
+                            block_bytes=BLOCK_BYTES)
+        selected.validate_header()
+        selected.validate_fragments(cover=False)
+        v["s"] += _now() - t0
+        v["fragments"] = len(fragments)
+    # an owner's work: answering every target rank that asks for its keys
+    timed = [*ranks, busiest]
+    owner_s = {r: 0.0 for r in timed}
+    mine = {r: owners.get(r) or KeyIndex({0: []}) for r in timed}
+    keys = {r: set(index._keys) for r, index in mine.items()}
+    any_manifest = next(iter(ranks.values()))["manifest"]
+    for q in range(world):
+        held = target.pieces(q)
+        for r in timed:
+            pieces = [p for p in held if p.key in keys[r]]
+            if not pieces:
+                continue
+            plans, _, _, _ = _resolve_targets(pieces, sources, target.layout, Path("memory"), False)
+            regions = _regions(plans, any_manifest, target.layout)
+            t0 = _now()
+            mine[r].answer({k: b for k, b in regions.items() if k in keys[r]}, node_of(q))
+            owner_s[r] += _now() - t0
+    for r, v in ranks.items():
+        v["total_s"] = v["s"] + owner_s[r]
+        v.pop("manifest")
+    return {"ranks": ranks, "root_s": g_find.root_s + g_state.root_s, "owner_s": owner_s,
+            "busiest": {"rank": busiest, "entries": int(load[busiest]), "keys": len(keys[busiest]),
+                        "answer_s": owner_s[busiest]},
+            "answer_s": answer_s, "common_bytes": g_state.verdict_bytes}
+
+
 # -- one world ----------------------------------------------------------------------------------------
 
 
@@ -538,6 +682,17 @@ def run_world(layout: str, world: int, work: Path, keep: bool = False, layers: i
     out["restore_bytes_per_rank"] = max(v["bytes"] for v in rs["ranks"].values())
     out["restore_fragments_per_rank"] = rs["fragments"]
     del rs
+    log(f"W={world}: restore from memory onto {target.world} ranks")
+    rr = restore_resharded(job, target, step, crcs, tsample)
+    out["restore_resharded_metadata_s"] = max(v["total_s"] for v in rr["ranks"].values())
+    out["restore_resharded_metadata_s_by_rank"] = {str(r): round(v["total_s"], 4) for r, v in rr["ranks"].items()}
+    out["restore_resharded_bytes_per_rank"] = max(v["bytes"] for v in rr["ranks"].values())
+    out["restore_resharded_owner_s"] = max(rr["owner_s"].values())  # (the busiest owner's included)
+    out["restore_resharded_busiest_owner"] = rr["busiest"]
+    out["restore_resharded_root_s"] = rr["root_s"]
+    out["restore_resharded_common_bytes"] = rr["common_bytes"]
+    out["restore_resharded_fragments_per_rank"] = max(v["fragments"] for v in rr["ranks"].values())
+    del rr
 
     if keep:
         out["checkpoint_dir"] = str(directory)
@@ -555,7 +710,9 @@ def run_world(layout: str, world: int, work: Path, keep: bool = False, layers: i
 GROWTH_KEYS = ("save_metadata_s", "save_bytes_per_rank", "save_cached_metadata_s", "save_cached_bytes_per_rank",
                "save_capture_bytes", "save_write_bytes", "plan_s", "commit_s", "commit_first_s", "manifest_bytes",
                "load_metadata_s", "load_targets_exchange_bytes", "manifest_bytes_read_per_rank", "load_bytes_per_rank",
-               "restore_metadata_s", "restore_bytes_per_rank", "restore_own_s", "restore_root_s", "peak_rss_bytes")
+               "restore_metadata_s", "restore_bytes_per_rank", "restore_own_s", "restore_root_s",
+               "restore_resharded_metadata_s", "restore_resharded_bytes_per_rank", "restore_resharded_owner_s",
+               "restore_resharded_root_s", "peak_rss_bytes")
 
 
 def growth(docs: list[dict], lo: int = FIT_RANGE[0], hi: int = FIT_RANGE[1]) -> dict:

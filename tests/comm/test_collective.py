@@ -239,6 +239,41 @@ def test_on_a_gloo_world_every_rank_raises_the_same_error(world2):
     assert out[0]["failures"] == {0: "broken on rank 0"}
 
 
+def test_an_exchange_in_a_world_of_one_keeps_what_it_sends_itself():
+    assert Collective().exchange({0: "mine"}) == {0: "mine"}
+    assert Collective().exchange({}) == {}
+    assert Collective().exchange_phase("index", lambda: {0: [1, 2]}) == {0: [1, 2]}
+    with pytest.raises(ValueError, match="no index"):
+        Collective().exchange_phase("index", lambda: (_ for _ in ()).throw(ValueError("no index")))
+
+
+def exchange_failing_on(rank: int) -> dict:
+    """A sparse exchange on a real world of three: each rank sends ``(its rank, dst)`` to the ranks
+    above it (rank 2 sends nothing); rank ``rank`` fails instead (-1: none does)."""
+    from ucp.comm.collective import Collective
+
+    coll = Collective()
+
+    def fn():
+        if coll.rank == rank:
+            raise ValueError(f"broken on rank {rank}")
+        return {dst: (coll.rank, dst) for dst in range(coll.rank + 1, coll.world_size)}
+
+    try:
+        return {"got": coll.exchange_phase("index", fn)}
+    except DistributedError as e:
+        return {"failures": e.failures, "phase": e.phase}
+
+
+@pytest.mark.dist
+def test_on_a_gloo_world_an_exchange_delivers_to_each_rank_what_was_sent_to_it(worlds):
+    world3 = worlds(3)
+    assert world3.run(exchange_failing_on, -1) == [{"got": {}}, {"got": {0: (0, 1)}},
+                                                   {"got": {0: (0, 2), 1: (1, 2)}}]
+    assert world3.run(exchange_failing_on, 1) == [{"failures": {1: "ValueError: broken on rank 1"},
+                                                   "phase": "index"}] * 3
+
+
 # -- a peer that died: the transport's RuntimeError is one PeerLostError line -------------------------
 
 

@@ -120,3 +120,32 @@ def agent_killed(root: str, job: str) -> dict:
     res = ucp.Checkpointer(root, model=model2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     return {"tiers": tiers, "warnings": [str(w.message) for w in caught], "source": res.source, "step": res.step,
             "diffs": bit_diffs(want, full_state(model2, opt2))}
+
+
+def load_from_memory_traced(kind: str, root: str, job: str, expected: dict) -> dict:
+    """As :func:`load_from_memory`, tracing what the rank learns of the snapshot's index: the keys
+    it owns, the fragments it selects, and how many fragments the node's headers hold in all."""
+    import ucp
+    from ucp.snapshot import client
+    from ucp.snapshot.index import SnapshotManifest
+
+    seen: dict = {}
+    real = SnapshotManifest.select
+
+    def select(self, coll, query):
+        out = real(self, coll, query)
+        seen.update(owned=sorted(self._index._keys), selected=len(out.fragments),
+                    keys=sorted({f.key for f in out.fragments}))
+        return out
+
+    SnapshotManifest.select = select
+    try:
+        model, opt = build_mlp(kind, seed=1)
+        res = ucp.Checkpointer(root, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
+    finally:
+        SnapshotManifest.select = real
+    step = res.step
+    total = sum(len(h["fragments"]) for h in client.connect(job).request("slots", step=step)["slots"].values()
+                if h["world_size"] != dist.get_world_size())
+    return {"diffs": bit_diffs(expected, full_state(model, opt)), "source": res.source, "step": step,
+            "total": total, **seen}

@@ -11,11 +11,13 @@ from tests.tools.bench import run_bench
 
 SECONDS = ("save_metadata_s", "save_cached_metadata_s", "plan_s", "commit_first_s", "commit_build_s", "commit_write_s",
            "commit_s", "commit_root_recv_s", "load_metadata_s", "restore_root_s", "restore_own_s",
-           "restore_metadata_s")
+           "restore_metadata_s", "restore_resharded_metadata_s", "restore_resharded_owner_s",
+           "restore_resharded_root_s")
 BYTES = ("save_capture_bytes", "save_plan_bytes", "save_write_bytes", "save_bytes_per_rank", "save_cached_bytes_per_rank",
          "save_capture_root_bytes", "save_write_root_bytes", "manifest_bytes", "manifest_json_bytes",
          "manifest_tables_bytes", "manifest_bytes_read_per_rank", "load_targets_exchange_bytes", "load_bytes_per_rank",
-         "restore_summaries_bytes", "restore_own_header_bytes", "restore_bytes_per_rank", "peak_rss_bytes")
+         "restore_summaries_bytes", "restore_own_header_bytes", "restore_bytes_per_rank",
+         "restore_resharded_bytes_per_rank", "restore_resharded_common_bytes", "peak_rss_bytes")
 
 
 def llama70b_bytes(layers: int) -> int:
@@ -34,7 +36,7 @@ def check(doc: dict, world: int) -> None:
     assert doc["clock"] == "cpu"
     for key in SECONDS:
         assert isinstance(doc[key], float) and doc[key] >= 0, key
-    for key in ("save_metadata_s", "commit_s", "load_metadata_s", "restore_metadata_s"):
+    for key in ("save_metadata_s", "commit_s", "load_metadata_s", "restore_metadata_s", "restore_resharded_metadata_s"):
         assert doc[key] > 0, key
     for key in BYTES:
         assert isinstance(doc[key], int) and doc[key] > 0, key
@@ -50,6 +52,11 @@ def check(doc: dict, world: int) -> None:
     assert doc["manifest_bytes_read_per_rank"] < doc["manifest_bytes"] / 2  # the pages of its regions, not all
     assert doc["load_bytes_per_rank"] <= doc["manifest_bytes_read_per_rank"] + doc["load_targets_exchange_bytes"]
     assert doc["restore_bytes_per_rank"] < doc["restore_summaries_bytes"] + 2 * doc["restore_own_header_bytes"]
+    # onto the smaller world, from memory: a rank's fragments come from their keys' owners, not every header
+    assert 0 < doc["restore_resharded_fragments_per_rank"] < doc["fragments"]
+    busiest = doc["restore_resharded_busiest_owner"]
+    assert 0 < busiest["keys"] <= busiest["entries"] < doc["pieces_gathered"] and busiest["answer_s"] > 0
+    assert set(doc["restore_resharded_metadata_s_by_rank"]) == {str(r) for r in doc["target_sampled_ranks"]}
     assert set(doc["load_pieces_by_rank"]) == {str(r) for r in doc["target_sampled_ranks"]}
     for counts in doc["load_pieces_by_rank"].values():
         assert counts["exact"] + counts["resharded"] > 0

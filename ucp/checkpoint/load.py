@@ -32,6 +32,7 @@ from ucp.format.values import rank_state
 from ucp.plan.load_plan import FragmentIndex, ReadItem
 from ucp.plan.reshard import check_target, load_regions
 from ucp.plan.sources import Resolution, SourceIndex
+from ucp.snapshot.index import SnapshotManifest
 from ucp.state.capture import Piece, model_pieces, normalize_fqn
 from ucp.state.optimizer import merged_optimizer_state, optimizer_targets, restore_optimizer
 from ucp.state.rng import restore_rng
@@ -239,6 +240,8 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             result["manifest"] = manifest.select(query)
             # every file this rank reads there with its recorded size, before a declared shape drives an allocation
             FragmentFiles(path, manifest=result["manifest"]).check_sizes()
+        elif isinstance(manifest, SnapshotManifest):  # asked of the index's owners next, on every rank together
+            result["query"] = RegionQuery(_regions(plans, manifest, ckpt.geometry.layout))
         # a flat-partitioned optimizer vouches for all of its partitions
         flat_owner = ckpt.optimizer is not None and hasattr(ckpt.optimizer, "ucp_flat_state")
         return taken | {k for k, m in manifest.tensors.items() if flat_owner and m.pattern.flat}
@@ -252,6 +255,8 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
     # and flat partitions spread the keys over ranks; rank 0 alone gathers what each takes), missing
     # if this rank wants it.
     _, unexpected = coll.gather_phase("targets", targets, untaken)
+    if isinstance(manifest, SnapshotManifest):
+        result["manifest"] = manifest.select(coll, result["query"])
 
     def read():
         missing = sorted(result["missing"])
@@ -291,8 +296,8 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
     coll.gather_phase("read", read)
 
     def restore():
-        own = manifest.rank_state(coll.rank) if isinstance(manifest, StoredManifest) else \
-            rank_state(manifest.state, coll.rank)
+        spread = isinstance(manifest, (StoredManifest, SnapshotManifest))  # (its rank states read on demand)
+        own = manifest.rank_state(coll.rank) if spread else rank_state(manifest.state, coll.rank)
         state = {k: values.decode(v, k) for k, v in own.items()}
         if universal and manifest.layout.world_size != coll.world_size:
             # Per-rank RNG streams belong to the ranks that saved them: with another number of ranks
@@ -303,8 +308,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         if ckpt.optimizer is not None:
             saved = state.get("optimizer", {})
             if manifest.layout != ckpt.geometry.layout:  # parameters moved between ranks: every rank's groups
-                saved = merged_optimizer_state(manifest.states_of("optimizer") if isinstance(manifest, StoredManifest)
-                                               else manifest.state, path)
+                saved = merged_optimizer_state(manifest.states_of("optimizer") if spread else manifest.state, path)
             restore_optimizer(ckpt.optimizer, result["fqns"], result["opt_state"], saved, path, strict,
                               _renamed_params(result["plans"]))
         if ckpt.scheduler is not None:

@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -25,6 +26,7 @@ from ucp.errors import PersistError, UcpError, few
 from ucp.format.keys import model_key
 from ucp.plan.save_plan import assign_writers
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers, restorable
+from ucp.snapshot.index import KeyIndex, SnapshotManifest, index_messages, merge_states, node_summary
 from ucp.snapshot.memory import MemoryTier
 from ucp.snapshot.recovery import SnapshotParity, find_recoverable, rebuild_lost
 from ucp.snapshot.shm import SHM_DIR
@@ -357,11 +359,16 @@ class Snapshots:
         return SHM_DIR, built["manifest"]
 
     def _source_all(self, step: int | None):
-        """:meth:`source` from every rank's headers: parity rebuilds, other worlds and layouts."""
+        """:meth:`source` for parity rebuilds, other worlds and layouts, at a rank's share
+        (:mod:`ucp.snapshot.index`): rank 0 alone gathers the nodes' summaries and decides; the lost
+        ranks are rebuilt from parity; each node's speaker sends its headers' fragments to their keys'
+        owners and their metadata and state to rank 0; each rank gets the tensors' metadata, its own
+        state, and later (:meth:`~ucp.snapshot.index.SnapshotManifest.select`) the fragments it loads."""
         coll = self.coll
         tier = self._memory()
         host = os.uname().nodename
         node = f"{host}:{tier.client.info.pid}"  # a node is an agent
+        seen: dict = {}  # rank 0: what it gathered, for its warnings
 
         def held():  # which snapshots each node holds (summaries), what its agent took over or discarded
             status = tier.client.status()
@@ -370,89 +377,93 @@ class Snapshots:
                     {k: status.get(k) for k in ("adopted", "discarded", "predecessor")},
                     self._durable_step(step) if coll.rank == 0 else None)
 
-        gathered = coll.phase("memory", held)
-        durable = gathered[0][4]
-        nodes = [(n, h, r) for n, h, r, _, _ in gathered]
-        per_node = {n: (held, records) for n, held, records in nodes}
-        unique = [h for held, _ in per_node.values() for h in held if step is None or h["step"] == step]
-        newest = restorable(unique)
-        rec, why = find_recoverable([(n, held, records) for n, (held, records) in per_node.items()], step)
-        if rec is not None and newest is not None and newest[0] >= rec.step:
-            rec = None
-        if newest is not None and rec is None and durable is not None and durable > newest[0] and \
-                any(h.get("adopted") for h in unique if (h["step"], h["world_size"]) == newest):
-            # taken over from a dead agent, while the job went on saving durably: not the newest state
-            why = (f"the newest snapshot in memory (step {newest[0]}, taken over from a dead agent) is older than "
-                   f"durable step {durable}")
-            newest = None
-        if newest is None and rec is None:
-            if coll.rank == 0:
-                self._say_fallback(step, why, unique, {n: st for n, _, _, st, _ in gathered}, durable)
+        def decide(gathered):
+            seen.update(gathered=gathered)
+            return choose_source(gathered, step)
+
+        _, chosen = coll.gather_phase("memory", held, decide)
+        roles = coll.scatter(_roles(seen["gathered"]) if coll.rank == 0 else None)
+        if coll.rank == 0:
+            self._warn_source(step, chosen, seen.pop("gathered"))
+        if chosen["step"] is None:
             return None
-        chosen_step, world = (rec.step, rec.world_size) if rec is not None else newest
-        lost = {n: st["discarded"] for n, _, _, st, _ in gathered if st.get("discarded")}
-        if lost and coll.rank == 0:
-            damaged = "; ".join(f"the snapshot agent on {n.rsplit(':', 1)[0]} had died and its damaged snapshots were "
-                                f"discarded: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.items()))
-                                for n, d in sorted(lost.items()))
-            warnings.warn(" ".join(f"ucp: {damaged}; resuming from step {chosen_step} in memory".split()),
-                          RuntimeWarning, stacklevel=3)
-        speaker = min(r for r, (n, _, _) in enumerate(nodes) if n == node)  # this node's lowest rank
-
-        def headers():
-            if coll.rank != speaker:
-                return []
-            for h in nodes[coll.rank][1]:  # the cut finished (some rank marked it): mark it here too
-                if h["step"] == chosen_step and h["world_size"] == world and not h["complete"]:
+        chosen_step, world, rec = chosen["step"], chosen["world"], chosen["rec"]
+        mine: list[dict] = []  # the headers this rank speaks for: its node's (it is the speaker), those it rebuilt
+        if roles:
+            for h in tier.node_headers(step=chosen_step):  # the cut finished (some rank marked it): mark it here too
+                if h["world_size"] != world:
+                    continue
+                if not h["complete"]:
                     tier.complete_rank(h["rank"], h["slot"], chosen_step)
-            return [dict(h, host=h.get("host") or host) for h in tier.node_headers(step=chosen_step)
-                    if h["world_size"] == world]
-
-        got = coll.phase("memory-headers", headers)
-        chosen = list({h["rank"]: h for held in got for h in held}.values())
+                mine.append(dict(h, host=h.get("host") or host))
         self.rebuilt_ranks = ()
         if rec is not None:
             damaged = {r for g in rec.groups for r in g}
 
             def records():
-                if coll.rank != speaker:
+                if not roles:
                     return []
                 return [r for r in tier.node_parity(step=rec.step) if r["token"] == rec.token and r["rank"] in damaged]
 
-            full = {r["rank"]: r for held in coll.phase("memory-parity", records) for r in held}
+            _, full = coll.gather_phase("memory-parity", records,
+                                        lambda got: {r["rank"]: r for held in got for r in held})
             group = self._groups.get("parity")
-            node_of_rank = [n for n, _, _ in nodes]
             made: list = []
-
             self._rebuilt = made  # freed after the load, or if anything below fails
             try:
-                rebuilt = coll.phase("memory-rebuild", lambda: rebuild_lost(coll, tier, group, rec, node_of_rank,
-                                                                             full, made))
+                coll.gather_phase("memory-rebuild", lambda: mine.extend(
+                    rebuild_lost(coll, tier, group, rec, chosen["speakers"], full, made)))
             except UcpError as e:  # a stripe failed its checksum, say: never loaded from
                 self.free_rebuilt()
                 if coll.rank == 0:
                     why = " ".join(str(e).split())
+                    durable = chosen["durable"]
                     then = (f"resuming from durable step {durable}" if durable is not None
                             else "and there is no durable checkpoint to resume from")
                     warnings.warn(f"ucp: not resuming from memory: the snapshot of step {rec.step} cannot be rebuilt "
                                   f"from parity ({why}); {then}", RuntimeWarning, stacklevel=3)
                 return None
-            chosen += [h for held in rebuilt for h in held]
             self.rebuilt_ranks = tuple(rec.lost)
             if coll.rank == 0:
                 warnings.warn(f"ucp: ranks {few(rec.lost)} of the snapshot of step {rec.step} were lost with their "
                               f"nodes and are rebuilt from parity", RuntimeWarning, stacklevel=3)
-        built: dict = {}
-
-        def build():
-            built["manifest"] = manifest_from_headers(chosen, host)
-
         try:
-            coll.phase("memory-manifest", build)
+            entries = coll.exchange_phase("memory-index", lambda: index_messages(mine, coll.world_size))
+            kept: dict = {}
+
+            def merge(summaries):
+                common, own = merge_states([s for s in summaries if s is not None], world, coll.world_size)
+                kept["own"] = own
+                return common
+
+            _, common = coll.gather_phase("memory-state", lambda: node_summary(mine) if mine else None, merge)
+            own = coll.scatter(kept.pop("own", None))
+            built: dict = {}
+
+            def build():
+                built["manifest"] = SnapshotManifest(common, coll.rank, own, KeyIndex(entries), host)
+
+            coll.gather_phase("memory-manifest", build)
         except BaseException:
             self.free_rebuilt()
             raise
         return SHM_DIR, built["manifest"]
+
+    def _warn_source(self, step, chosen: dict, gathered: list) -> None:
+        """Rank 0's warnings about a load from memory that was decided from ``gathered``: snapshots
+        discarded by agents that died, or why it does not come from memory."""
+        if chosen["step"] is None:
+            unique = [h for _, held, _, _, _ in gathered for h in held if step is None or h["step"] == step]
+            self._say_fallback(step, chosen["why"], unique, {n: st for n, _, _, st, _ in gathered}, chosen["durable"],
+                              stacklevel=5)
+            return
+        lost = {n: st["discarded"] for n, _, _, st, _ in gathered if st.get("discarded")}
+        if lost:
+            damaged = "; ".join(f"the snapshot agent on {n.rsplit(':', 1)[0]} had died and its damaged snapshots were "
+                                f"discarded: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.items()))
+                                for n, d in sorted(lost.items()))
+            warnings.warn(" ".join(f"ucp: {damaged}; resuming from step {chosen['step']} in memory".split()),
+                          RuntimeWarning, stacklevel=4)
 
     def _durable_step(self, step: int | None) -> int | None:
         """The step a load from the durable tier would resume (rank 0): the newest complete
@@ -463,7 +474,7 @@ class Snapshots:
         return steps[-1] if steps else None
 
     @staticmethod
-    def _say_fallback(step, why: str, held: list[dict], status: dict, durable: int | None) -> None:
+    def _say_fallback(step, why: str, held: list[dict], status: dict, durable: int | None, stacklevel: int = 4) -> None:
         """Warn, in one line, that the load does not come from memory: what was lost and why, and
         the durable step it resumes (nothing is said for a job's first start, with nothing anywhere)."""
         reasons = [why] if why else []
@@ -486,7 +497,7 @@ class Snapshots:
         then = (f"resuming from durable step {durable}" if durable is not None
                 else "and there is no durable checkpoint to resume from")
         text = " ".join("; ".join(reasons).split())  # one line
-        warnings.warn(f"ucp: not resuming from memory: {text}; {then}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"ucp: not resuming from memory: {text}; {then}", RuntimeWarning, stacklevel=stacklevel)
 
     def free_rebuilt(self) -> None:
         """Free the segments a load rebuilt from parity (every rank has read them: the load's last
@@ -497,3 +508,51 @@ class Snapshots:
                 self._memory_tier.client.free(name)
             except UcpError:
                 pass
+
+
+def choose_source(gathered: list, step: int | None) -> dict:
+    """Rank 0's choice of the snapshot to load from every node's ``(node, header summaries, parity
+    summaries, agent status, durable step)`` (the durable step on rank 0's entry): ``{"step",
+    "world", "rec", "speakers", "durable", "why"}`` (``step`` None: none to load from memory, ``why``
+    says why). ``rec`` is the :class:`~ucp.snapshot.recovery.Recoverable` to rebuild, trimmed to its
+    damaged groups; ``speakers`` maps the nodes holding them to the rank that reads their segments."""
+    durable = gathered[0][4]
+    per_node = {n: (held, records) for n, held, records, _, _ in gathered}
+    unique = [h for held, _ in per_node.values() for h in held if step is None or h["step"] == step]
+    newest = restorable(unique)
+    rec, why = find_recoverable([(n, held, records) for n, (held, records) in per_node.items()], step)
+    if rec is not None and newest is not None and newest[0] >= rec.step:
+        rec = None
+    if newest is not None and rec is None and durable is not None and durable > newest[0] and \
+            any(h.get("adopted") for h in unique if (h["step"], h["world_size"]) == newest):
+        # taken over from a dead agent, while the job went on saving durably: not the newest state
+        why = (f"the newest snapshot in memory (step {newest[0]}, taken over from a dead agent) is older than "
+               f"durable step {durable}")
+        newest = None
+    out = {"step": None, "world": None, "rec": None, "speakers": {}, "durable": durable, "why": why}
+    if newest is None and rec is None:
+        return out
+    speakers = _speakers(gathered)
+    if rec is not None:
+        members = {r for g in rec.groups for r in g}
+        holder = {r: n for r, n in rec.holder.items() if r in members}
+        rec = replace(rec, holder=holder)
+        out["speakers"] = {n: speakers[n] for n in set(holder.values())}
+        out.update(step=rec.step, world=rec.world_size, rec=rec)
+    else:
+        out.update(step=newest[0], world=newest[1])
+    return out
+
+
+def _speakers(gathered: list) -> dict:
+    """node -> its lowest rank: the one that reads the node's segments and headers."""
+    speakers: dict = {}
+    for rank, g in enumerate(gathered):
+        speakers.setdefault(g[0], rank)
+    return speakers
+
+
+def _roles(gathered: list) -> list[bool]:
+    """Whether each rank is its node's speaker."""
+    speakers = set(_speakers(gathered).values())
+    return [r in speakers for r in range(len(gathered))]

@@ -91,6 +91,61 @@ class Collective:
             out.append(pickle.loads(slot[8:8 + n].numpy().tobytes()))
         return out
 
+    def exchange(self, outgoing: dict[int, Any]) -> dict[int, Any]:
+        """Send ``outgoing[r]`` to each rank ``r`` named; return ``{r: what r sent this rank}``
+        (ranks that sent nothing are absent). A sparse all-to-all: one all-to-all of the byte counts,
+        one of the pickled bytes; a rank's traffic is what it sends and receives, plus one count per
+        rank."""
+        if self.world_size == 1:
+            return {0: outgoing[0]} if 0 in outgoing else {}
+        blobs = {r: pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) for r, obj in sorted(outgoing.items())}
+        if any(not 0 <= r < self.world_size for r in blobs):
+            raise ValueError(f"exchange to ranks {sorted(blobs)} of a world of {self.world_size}")
+        device = self._device()
+        send_sizes = [0] * self.world_size
+        for r, blob in blobs.items():
+            send_sizes[r] = len(blob)
+        with transport(self._what, self.rank):
+            counts = torch.tensor(send_sizes, dtype=torch.int64, device=device)
+            got = torch.empty_like(counts)
+            dist.all_to_all_single(got, counts, group=self.group)
+            recv_sizes = got.cpu().tolist()
+            sendbuf = torch.frombuffer(bytearray(b"".join(blobs.values())) or bytearray(1), dtype=torch.uint8)
+            sendbuf = sendbuf[:sum(send_sizes)].to(device)
+            recvbuf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+            dist.all_to_all_single(recvbuf, sendbuf, recv_sizes, send_sizes, group=self.group)
+        data = recvbuf.cpu().numpy().tobytes()
+        out, at = {}, 0
+        for r, n in enumerate(recv_sizes):
+            if n:
+                out[r] = pickle.loads(data[at:at + n])
+            at += n
+        return out
+
+    def exchange_phase(self, name: str, fn: Callable[[], dict[int, Any]]) -> dict[int, Any]:
+        """Run ``fn`` (-> ``{rank: object}``) on every rank and :meth:`exchange` the objects; a failure
+        on any rank is raised on every rank as in :meth:`phase` (the ranks agree on it with one
+        all-reduce; only then are the failures gathered)."""
+        if self.world_size == 1:
+            return self.exchange(fn())
+        outcome, local_error = _run(fn)
+        self._what = f"collective of phase '{name}'"
+        try:
+            with transport(self._what, self.rank):
+                flag = torch.tensor([0 if outcome[0] else 1], dtype=torch.int64, device=self._device())
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            if not int(flag.item()):
+                return self.exchange(outcome[1])
+            gathered = self.gather(outcome)
+            verdict = None if gathered is None else {r: (msg, kind) for r, (ok, msg, kind) in enumerate(gathered)
+                                                     if not ok}
+            failures = self.broadcast(verdict)
+        finally:
+            self._what = "collective exchange"
+        kinds = {kind for _, kind in failures.values()}
+        raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
+            name, {r: msg for r, (msg, _) in failures.items()}) from local_error
+
     def _device(self) -> torch.device:
         """Where this group's tensors must be: the current GPU under NCCL, else the CPU."""
         if dist.get_backend(self.group) == "nccl":

@@ -179,12 +179,13 @@ def find_recoverable(nodes: list[tuple[str, list[dict], list[dict]]], step: int 
     return None, why
 
 
-def rebuild_lost(coll, tier, group, rec: Recoverable, node_of_rank: list[str], records: dict[int, dict],
+def rebuild_lost(coll, tier, group, rec: Recoverable, speaker: dict[str, int], records: dict[int, dict],
                  made: list[str]) -> list[dict]:
     """Rebuild the lost ranks of ``rec`` (a collective of the new job on ``group``).
 
     Args:
-        node_of_rank: the node id of each rank of the new job.
+        speaker: node id -> the rank of the new job that reads that node's segments (its lowest), for
+            every node holding a member of a damaged group.
         records: the full parity record of every surviving member of a damaged group (old rank ->
             record), the same on every rank.
         made: the segments this rank creates for rebuilt ranks are appended as they are made (to
@@ -195,9 +196,6 @@ def rebuild_lost(coll, tier, group, rec: Recoverable, node_of_rank: list[str], r
     """
     me = coll.rank
     to_global = _global_ranks(coll)
-    speaker = {}  # node -> its lowest new rank: the one that reads the node's segments
-    for r, node in enumerate(node_of_rank):
-        speaker.setdefault(node, r)
     headers: list[dict] = []
     opened = []
     try:

@@ -1,0 +1,255 @@
+"""A snapshot's fragment index, spread over the ranks that load it (docs/agent.md section 4).
+
+A job that resumes from memory in place reads its own header (``Snapshots._source_own``). One that
+resumes on another world or layout, or after a parity rebuild, needs the fragments overlapping the
+regions it loads, wherever the headers holding them are. No rank gathers every header:
+
+1. each node's *speaker* (one rank per node) sends every fragment of the headers its agent holds to
+   the fragment's *owner*, a rank chosen by a hash of the tensor key (:func:`key_owner`,
+   :func:`index_messages`); each owner keeps what it gets as a :class:`KeyIndex`;
+2. the speakers send rank 0 the tensors' metadata and the ranks' non-tensor state of their node's
+   headers; rank 0 merges them (:func:`merge_states`): every rank gets the tensors' metadata, the
+   shared state and the optimizer's distinct per-rank states, and its own rank's state alone;
+3. once a rank knows the regions it loads, it asks the owners of their keys (:func:`query_messages`)
+   and gets the fragments overlapping them (:meth:`KeyIndex.answer`), each region once, from a rank
+   of its own node when one holds it: :meth:`SnapshotManifest.select`.
+
+A rank's traffic is its own share: the fragments of its node's headers, of the keys it owns and of
+the regions it loads; rank 0's merge is the snapshot's metadata, not its fragments.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ucp.codecs.checksum import crc32c
+from ucp.errors import SpecError
+from ucp.format.fragment import RegionQuery
+from ucp.format.layout import Layout
+from ucp.format.manifest import BLOCK_BYTES, Manifest, TensorMeta
+from ucp.format.values import split_state
+from ucp.snapshot.header import FragmentRecord
+
+OPTIMIZER = "optimizer"  # the state every rank needs from every saving rank when the layout changes
+
+
+def key_owner(key: str, world: int) -> int:
+    """The rank (of ``world``) that holds the index entries of tensor ``key``."""
+    return crc32c(key.encode()) % world
+
+
+def index_messages(headers: list[dict], world: int) -> dict[int, list[tuple]]:
+    """A speaker's part of step 1: owner rank -> its entries ``(saving rank, host, file size,
+    fragment dict)`` from ``headers``."""
+    out: dict[int, list[tuple]] = {}
+    for h in headers:
+        for f in h["fragments"]:
+            out.setdefault(key_owner(f["key"], world), []).append((h["rank"], h["host"], h["file_size"], f))
+    return out
+
+
+def query_messages(regions: dict, world: int) -> dict[int, dict]:
+    """A loading rank's part of step 3: owner rank -> ``{key: boxes or None}`` of ``regions``."""
+    out: dict[int, dict] = {}
+    for key, boxes in regions.items():
+        out.setdefault(key_owner(key, world), {})[key] = boxes
+    return out
+
+
+class _KeyEntries:
+    """The entries of one tensor key, as arrays: each fragment's box (``lo``, ``hi``), flat range
+    (``start``, ``end``; -1 for none) and region (equal ids hold the same elements)."""
+
+    def __init__(self, entries: list[tuple]):
+        self.entries = entries
+        frags = [e[3] for e in entries]
+        dims = {len(f["offsets"]) for f in frags}
+        self.ragged = len(dims) != 1  # (a malformed row: every query keeps it, so that validation names it)
+        if self.ragged:
+            return
+        n = dims.pop()
+        self.lo = np.array([f["offsets"] for f in frags], dtype=np.int64).reshape(len(frags), n)
+        self.sizes = np.array([f["sizes"] for f in frags], dtype=np.int64).reshape(len(frags), n)
+        self.hi = self.lo + self.sizes
+        flat = np.array([f["flat"] if f["flat"] is not None else (-1, 0) for f in frags], dtype=np.int64)
+        self.start, self.end = flat[:, 0], flat[:, 0] + flat[:, 1]
+        # row-major strides of each box (for flat ranges): suffix products of its sizes
+        self.strides = np.ones_like(self.sizes)
+        for d in range(n - 2, -1, -1):
+            self.strides[:, d] = self.strides[:, d + 1] * self.sizes[:, d + 1]
+        keys = np.concatenate([self.lo, self.sizes, flat], axis=1)
+        _, self.region = np.unique(keys, axis=0, return_inverse=True)
+        self.region = self.region.reshape(-1)
+        self.rank = np.array([e[0] for e in entries], dtype=np.int64)
+        self.host = np.array([e[1] for e in entries], dtype=object)
+
+    def wanted(self, boxes) -> np.ndarray:
+        """Indices of the entries that may meet any of ``boxes`` (None: all), as
+        :meth:`~ucp.format.fragment.RegionQuery.wants` decides."""
+        if boxes is None or self.ragged:
+            return np.arange(len(self.entries))
+        keep = np.zeros(len(self.entries), dtype=bool)
+        n = self.lo.shape[1]
+        for q in boxes:
+            if len(q.offsets) != n:
+                return np.arange(len(self.entries))
+            if n == 0:
+                return np.arange(len(self.entries))
+            qlo = np.array(q.offsets, dtype=np.int64)
+            qhi = qlo + np.array(q.sizes, dtype=np.int64)
+            olo, ohi = np.maximum(self.lo, qlo), np.minimum(self.hi, qhi)
+            meets = (ohi > olo).all(axis=1)
+            flat = self.start >= 0
+            if flat.any():  # the flat indices the overlap spans in the box, against the flat range
+                first = ((olo - self.lo) * self.strides).sum(axis=1)
+                last = ((ohi - 1 - self.lo) * self.strides).sum(axis=1)
+                meets &= ~flat | ((self.start <= last) & (self.end > first))
+            keep |= meets
+        return np.nonzero(keep)[0]
+
+
+class KeyIndex:
+    """What one owner holds of a snapshot's index: every fragment of the keys it owns."""
+
+    def __init__(self, received: dict[int, list[tuple]]):
+        by_key: dict[str, list[tuple]] = {}
+        for entries in received.values():
+            for e in entries:
+                by_key.setdefault(e[3]["key"], []).append(e)
+        self._keys = {k: _KeyEntries(v) for k, v in by_key.items()}
+
+    def answer(self, regions: dict, host: str) -> list[tuple]:
+        """The entries of the keys ``regions`` names (``{key: boxes or None}``) that overlap their
+        boxes: each region once, from a rank on ``host`` when one holds it, else the lowest rank."""
+        out: list[tuple] = []
+        for key, boxes in regions.items():
+            held = self._keys.get(key)
+            if held is None:
+                continue
+            chosen = held.wanted(boxes)
+            if held.ragged:
+                out += [held.entries[i] for i in chosen]
+                continue
+            if not len(chosen):
+                continue
+            order = np.lexsort((held.rank[chosen], held.host[chosen] != host, held.region[chosen]))
+            ranked = chosen[order]
+            firsts = np.ones(len(ranked), dtype=bool)
+            firsts[1:] = held.region[ranked[1:]] != held.region[ranked[:-1]]
+            out += [held.entries[i] for i in ranked[firsts]]
+        return out
+
+
+def node_metas(headers: list[dict]) -> dict[str, tuple[dict, int]]:
+    """The tensors' metadata of a node's headers: key -> (meta dict, a saving rank that holds it);
+    saving ranks that disagree are named."""
+    out: dict[str, tuple[dict, int]] = {}
+    for h in sorted(headers, key=lambda h: h["rank"]):
+        for key, meta in h["tensors"].items():
+            _merge_meta(out, key, meta, h["rank"])
+    return out
+
+
+def _merge_meta(into: dict, key: str, meta: dict, rank: int) -> None:
+    held = into.get(key)
+    if held is None:
+        into[key] = (meta, rank)
+    elif held[0] != meta:
+        a, b = TensorMeta.from_dict(held[0], key), TensorMeta.from_dict(meta, key)
+        if a != b:
+            raise SpecError(f"ranks {held[1]} and {rank} disagree about tensor {key}: "
+                            f"shape {list(a.shape)} {a.dtype} {a.pattern} vs shape {list(b.shape)} {b.dtype} {b.pattern}")
+
+
+def node_summary(headers: list[dict]) -> dict:
+    """A speaker's part of step 2: its node's headers' metadata and each saving rank's state."""
+    first = min(headers, key=lambda h: h["rank"]) if headers else None
+    return {"metas": node_metas(headers),
+            "states": {h["rank"]: h["state"] for h in headers},
+            "head": None if first is None else {k: first.get(k) for k in ("step", "layout", "created_by")}}
+
+
+def merge_states(summaries: list[dict], world_size: int, new_world: int) -> tuple[dict, list[dict]]:
+    """Rank 0's part of step 2, from every speaker's :func:`node_summary`: ``(common, own)``, what
+    every rank gets (the step, layout, tensors' metadata, shared state and the distinct per-rank values
+    of the optimizer's state) and, per loading rank ``r < new_world``, saving rank ``r``'s own state."""
+    metas: dict[str, tuple[dict, int]] = {}
+    states: dict[int, dict] = {}
+    for s in summaries:
+        for key, (meta, rank) in s["metas"].items():
+            _merge_meta(metas, key, meta, rank)
+        states.update(s["states"])
+    missing = sorted(set(range(world_size)) - set(states))
+    head = min((s for s in summaries if s["states"]), key=lambda s: min(s["states"]), default=None)
+    if missing or head is None:
+        raise SpecError(f"the snapshot's headers of saving ranks {missing[:8]} reached no rank")
+    head = head["head"]
+    state = split_state([states[r] for r in range(world_size)])
+    distinct: dict[str, object] = {}
+    for own in state["ranks"].values():
+        if OPTIMIZER in own:
+            distinct.setdefault(json.dumps(own[OPTIMIZER], sort_keys=True), own[OPTIMIZER])
+    common = {"step": head["step"], "layout": head["layout"], "created_by": head.get("created_by") or "",
+              "tensors": {k: m for k, (m, _) in sorted(metas.items())}, "shared": state["shared"],
+              "optimizer": list(distinct.values())}
+    return common, [state["ranks"].get(str(r), {}) for r in range(new_world)]
+
+
+class SnapshotManifest:
+    """A snapshot in memory as a loader reads it when its headers are spread over the nodes: the
+    header now (:attr:`tensors`, :attr:`layout`), this rank's share of the fragment index, and the
+    fragments a rank loads when it asks (:meth:`select`, a collective).
+
+    Args:
+        common: the part of :func:`merge_states` every rank gets.
+        rank, own: this rank and its own state.
+        index: this rank's share of the index.
+        host: this rank's node (fragments held there are preferred).
+    """
+
+    def __init__(self, common: dict, rank: int, own: dict, index: KeyIndex, host: str):
+        self.step = common["step"]
+        self.layout = Layout.from_dict(common["layout"])
+        self.tensors = {k: TensorMeta.from_dict(m, k) for k, m in common["tensors"].items()}
+        self.block_bytes = BLOCK_BYTES
+        self.created_by = common["created_by"]
+        self._shared, self._own, self._optimizer = common["shared"], own, common["optimizer"]
+        self._rank, self._index, self._host = rank, index, host
+        Manifest(self.step, self.layout, self.tensors, (), {"shared": self._shared, "ranks": {}},
+                 block_bytes=BLOCK_BYTES).validate_header()
+
+    def select(self, coll, query: RegionQuery) -> Manifest:
+        """The manifest of the fragments ``query`` wants, from their keys' owners (two exchanges of
+        ``coll``, on every rank together), checked row by row and, for keys asked whole, for cover."""
+        asked = coll.exchange_phase("memory-query",
+                                    lambda: {r: (q, self._host) for r, q in query_messages(query.regions,
+                                                                                           coll.world_size).items()})
+        got = coll.exchange_phase("memory-answer", lambda: {r: self._index.answer(q, host) for r, (q, host)
+                                                            in asked.items()})
+        fragments, files = [], {}
+        for entries in got.values():
+            for rank, _, file_size, f in entries:
+                fragments.append(FragmentRecord.from_dict(f).fragment(rank))
+                files[f["file"]] = file_size
+        manifest = Manifest(self.step, self.layout, self.tensors, tuple(fragments),
+                            {"shared": self._shared, "ranks": {}}, files, created_by=self.created_by,
+                            block_bytes=BLOCK_BYTES)
+        manifest.validate_header()
+        manifest.validate_fragments(cover=False)
+        manifest.check_cover([k for k, boxes in query.regions.items() if boxes is None and k in self.tensors])
+        return manifest
+
+    def rank_state(self, rank: int) -> dict:
+        """This rank's view of the non-tensor state: the shared entries overlaid with its own."""
+        if rank != self._rank:
+            raise ValueError(f"rank {self._rank} holds its own state, not rank {rank}'s")
+        return {**self._shared, **self._own}
+
+    def states_of(self, name: str) -> dict:
+        """The optimizer's state as :func:`ucp.state.optimizer.merged_optimizer_state` reads it."""
+        if name != OPTIMIZER:
+            raise ValueError(f"a snapshot spread over nodes keeps only the {OPTIMIZER!r} state of every rank")
+        shared = {k: v for k, v in self._shared.items() if k == name}
+        return {"shared": shared, "ranks": {str(i): {name: v} for i, v in enumerate(self._optimizer)}}
