@@ -20,6 +20,7 @@ the regions it loads; rank 0's merge is the snapshot's metadata, not its fragmen
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -163,11 +164,24 @@ def _merge_meta(into: dict, key: str, meta: dict, rank: int) -> None:
                             f"shape {list(a.shape)} {a.dtype} {a.pattern} vs shape {list(b.shape)} {b.dtype} {b.pattern}")
 
 
+def _digest(value) -> str:
+    """A name for a state value (typed JSON): equal values, equal names."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def node_summary(headers: list[dict]) -> dict:
-    """A speaker's part of step 2: its node's headers' metadata and each saving rank's state."""
+    """A speaker's part of step 2: its node's headers' metadata, each saving rank's state as the
+    digests of its values (``states``), and each distinct value once (``values``: digest -> value)."""
     first = min(headers, key=lambda h: h["rank"]) if headers else None
-    return {"metas": node_metas(headers),
-            "states": {h["rank"]: h["state"] for h in headers},
+    states, values = {}, {}
+    for h in headers:
+        named = {}
+        for name, value in h["state"].items():
+            named[name] = d = _digest(value)
+            values.setdefault(d, value)
+        states[h["rank"]] = named
+    return {"metas": node_metas(headers), "states": states, "values": values,
             "head": None if first is None else {k: first.get(k) for k in ("step", "layout", "created_by")}}
 
 
@@ -176,25 +190,26 @@ def merge_states(summaries: list[dict], world_size: int, new_world: int) -> tupl
     every rank gets (the step, layout, tensors' metadata, shared state and the distinct per-rank values
     of the optimizer's state) and, per loading rank ``r < new_world``, saving rank ``r``'s own state."""
     metas: dict[str, tuple[dict, int]] = {}
-    states: dict[int, dict] = {}
+    states: dict[int, dict] = {}  # saving rank -> name -> digest of its value
+    values: dict[str, object] = {}
     for s in summaries:
         for key, (meta, rank) in s["metas"].items():
             _merge_meta(metas, key, meta, rank)
         states.update(s["states"])
+        values.update(s["values"])
     missing = sorted(set(range(world_size)) - set(states))
     head = min((s for s in summaries if s["states"]), key=lambda s: min(s["states"]), default=None)
     if missing or head is None:
         raise SpecError(f"the snapshot's headers of saving ranks {missing[:8]} reached no rank")
     head = head["head"]
-    state = split_state([states[r] for r in range(world_size)])
-    distinct: dict[str, object] = {}
-    for own in state["ranks"].values():
-        if OPTIMIZER in own:
-            distinct.setdefault(json.dumps(own[OPTIMIZER], sort_keys=True), own[OPTIMIZER])
+    state = split_state([states[r] for r in range(world_size)])  # (over digests: equal names, equal values)
+    distinct = {own[OPTIMIZER]: None for own in state["ranks"].values() if OPTIMIZER in own}
     common = {"step": head["step"], "layout": head["layout"], "created_by": head.get("created_by") or "",
-              "tensors": {k: m for k, (m, _) in sorted(metas.items())}, "shared": state["shared"],
-              "optimizer": list(distinct.values())}
-    return common, [state["ranks"].get(str(r), {}) for r in range(new_world)]
+              "tensors": {k: m for k, (m, _) in sorted(metas.items())},
+              "shared": {name: values[d] for name, d in state["shared"].items()},
+              "optimizer": [values[d] for d in distinct]}
+    own = [{name: values[d] for name, d in state["ranks"].get(str(r), {}).items()} for r in range(new_world)]
+    return common, own
 
 
 class SnapshotManifest:
