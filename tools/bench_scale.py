@@ -96,7 +96,7 @@ from ucp.format.keys import MODEL, parse_key
 from ucp.format.manifest import BLOCK_BYTES
 from ucp.plan.geometry import needed_blocks
 from ucp.plan.load_plan import FragmentIndex
-from ucp.plan.save_plan import PieceInfo, plan_save, structure_signature
+from ucp.plan.save_plan import PieceInfo, pack_share, plan_save, structure_signature, unpack_shares
 from ucp.plan.sources import SourceIndex
 from ucp.snapshot import shm
 from ucp.checkpoint.memory import choose_source
@@ -317,11 +317,12 @@ def save_now(job, step: int, root: Path, directory: Path, crcs: Checksums, sampl
     out = {"capture": g_cap}
     if replan:
         def make(shares):
-            made = plan_save([sh[0] for sh in shares], [sh[1] for sh in shares], [sh[3] for sh in shares], plans.made)
-            kept["made"] = made
+            pieces, metas = unpack_shares([sh[0] for sh in shares])
+            kept["made"] = plan_save(pieces, metas, [sh[2] for sh in shares], plans.made)
             return None
 
-        _, _, g_plan = gather_to_root("plan", lambda r: (*kept[r], job.layout, reports[r][0]), world, sample, make)
+        _, _, g_plan = gather_to_root("plan", lambda r: (pack_share(*kept[r]), job.layout, reports[r][0]), world,
+                                      sample, make)
         commit_plan, shares = kept.pop("made")
         plans.commit, plans.fixed, plans.made, plans.shares = commit_plan, None, plans.made + 1, shares
         g_plan.sent_back = {r: len(pickle.dumps(shares[r])) + 8 for r in sample}  # (scatter_object_list)

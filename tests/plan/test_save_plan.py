@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucp.errors import ReplicaDivergenceError, SpecError
-from ucp.plan.save_plan import PieceInfo, assign_writers, compare_replicas, merge_metas, plan_save, structure_signature
+from ucp.plan.save_plan import (PieceInfo, assign_writers, compare_replicas, merge_metas, pack_share, plan_save,
+                                structure_signature, unpack_shares)
 from ucp.format import Box, FlatRange, Pattern, Shard, TensorMeta
 
 
@@ -160,6 +161,30 @@ def test_merge_metas_disagreement_names_both_ranks(other):
         merge_metas([{"model/x": base}, {"model/y": base}, {"model/x": other}])
     msg = str(e.value)
     assert "ranks 0 and 2" in msg and "model/x" in msg
+
+
+def test_shares_alike_are_unpickled_once_and_come_back_in_order():
+    """Ranks of one stage replicated over dp send equal runs of parameters and equal metadata:
+    rank 0 gets each rank's pieces in its own order, sharing the objects of equal bytes."""
+    meta = {"model/w": TensorMeta((8,), "float32"), "optim/w/m": TensorMeta((8,), "float32")}
+    params = [info("model/w", 32), info("model/v", 16)]
+    flats = [[info("optim/w/m", 16, flat=FlatRange(4 * r, 4))] for r in range(2)]
+    ranks = [params + flats[0] + [info("model/z", 8)], params + flats[1] + [info("model/z", 8)]]
+    packed = [pack_share(ps, dict(meta)) for ps in ranks]
+    assert [len(runs) for runs, _ in packed] == [3, 3]  # params, flat, params
+    pieces, metas = unpack_shares(packed)
+    assert pieces == ranks and metas == [meta, meta]
+    assert pieces[0][0] is pieces[1][0] and pieces[0][2] is not pieces[1][2] and metas[0] is metas[1]
+    plan, shares = plan_save(pieces, metas, [b"a", b"b"], plan_id=1)
+    assert sorted(i for s in shares for i in s.replicated) == [0, 0, 1, 1, 3, 3]
+
+
+def test_merge_metas_merges_a_shared_table_once_and_still_names_a_disagreement():
+    a, other = TensorMeta((4,), "float32"), TensorMeta((5,), "float32")
+    table = {"model/x": a}
+    assert merge_metas([table, table, table]) == table
+    with pytest.raises(SpecError, match="ranks 0 and 2"):
+        merge_metas([table, table, {"model/x": other}, table])
 
 
 # -- the plan made once per layout (plan_save), the replicas compared at each save ------------------

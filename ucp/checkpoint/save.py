@@ -24,7 +24,8 @@ from ucp.errors import StorageError, UcpError, few
 from ucp.format.fragment import fixed_columns, table_to_fragments, with_checksums
 from ucp.format.manifest import BLOCK_BYTES, Manifest
 from ucp.format.values import split_state
-from ucp.plan.save_plan import CommitPlan, PieceInfo, RankPlan, compare_replicas, plan_save, structure_signature
+from ucp.plan.save_plan import (CommitPlan, PieceInfo, RankPlan, compare_replicas, pack_share, plan_save,
+                                structure_signature, unpack_shares)
 from ucp.state.tensors import bytes_view, staged
 from ucp.storage import directory as store
 from ucp.storage.rank_files import (Cleared, RankFragment, apply_retention, commit_step, prepare_own_step,
@@ -100,13 +101,14 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
     reports, replan = coll.gather_phase("capture", capture, agree)
     if replan:
         def make(shares):  # rank 0, once per layout
-            layouts = {sh[2] for sh in shares}
+            layouts = {sh[1] for sh in shares}
             if len(layouts) > 1:
                 raise UcpError(f"ranks disagree about the layout: {sorted(map(str, layouts))}")
-            local["made"] = plan_save([sh[0] for sh in shares], [sh[1] for sh in shares],
-                                      [sh[3] for sh in shares], plans.made)
+            pieces, metas = unpack_shares([sh[0] for sh in shares])
+            local["made"] = plan_save(pieces, metas, [sh[2] for sh in shares], plans.made)
 
-        coll.gather_phase("plan", lambda: (local["infos"], local["metas"], ckpt.layout, local["signature"]), make)
+        coll.gather_phase("plan", lambda: (pack_share(local["infos"], local["metas"]), ckpt.layout, local["signature"]),
+                          make)
         commit_plan, rank_plans = local.pop("made", (None, None))
         plans.rank = coll.scatter(rank_plans)
         if rank == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,31 @@ def structure_signature(infos: list[PieceInfo], metas: dict[str, TensorMeta], la
     for key in sorted(metas):
         h.update(repr((key, metas[key])).encode())
     return h.digest()
+
+
+def pack_share(infos: list[PieceInfo], metas: dict[str, TensorMeta]) -> tuple[tuple[bytes, ...], bytes]:
+    """A rank's pieces and tensor metadata as it sends them to the committing rank for the plan:
+    each run of consecutive pieces with (or without) a flat range pickled apart, and the metadata
+    apart, so that what many ranks hold alike (parameters replicated over dp, a pipeline stage's
+    metadata) arrives as equal bytes, unpickled once (:func:`unpack_shares`)."""
+    runs = [list(run) for _, run in itertools.groupby(infos, key=lambda i: i.flat is None)]
+    return tuple(pickle.dumps(run, protocol=pickle.HIGHEST_PROTOCOL) for run in runs), \
+        pickle.dumps(metas, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_shares(packed: list[tuple[tuple[bytes, ...], bytes]]) -> tuple[list[list[PieceInfo]], list[dict]]:
+    """Every rank's pieces and metadata from :func:`pack_share` (what the job's own ranks sent, as
+    torch's object collectives trust them): equal bytes are unpickled once, into shared objects."""
+    cache: dict[bytes, object] = {}
+
+    def load(blob: bytes):
+        value = cache.get(blob)
+        if value is None:
+            value = cache[blob] = pickle.loads(blob)
+        return value
+
+    pieces = [[info for blob in runs for info in load(blob)] for runs, _ in packed]
+    return pieces, [load(metas) for _, metas in packed]
 
 
 @dataclass(frozen=True)
@@ -171,7 +197,11 @@ def merge_metas(metas_by_rank: list[dict[str, TensorMeta]]) -> dict[str, TensorM
     """One metadata table for the job; ranks that disagree about a tensor are named."""
     merged: dict[str, TensorMeta] = {}
     seen_on: dict[str, int] = {}
+    merged_tables: set[int] = set()  # (ranks may share one table object: unpack_shares)
     for rank, metas in enumerate(metas_by_rank):
+        if id(metas) in merged_tables:
+            continue
+        merged_tables.add(id(metas))
         for key, meta in metas.items():
             if key not in merged:
                 merged[key], seen_on[key] = meta, rank
