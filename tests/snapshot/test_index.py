@@ -107,3 +107,14 @@ def test_a_resharded_restore_from_memory_selects_only_its_fragments(world4, worl
         assert all(key_owner(k, 2) == rank for k in r["owned"]), r  # the index holds only the keys it owns
         assert 0 < r["selected"] < r["total"], r  # its own fragments, not the snapshot's
     assert sorted(out[0]["owned"] + out[1]["owned"]) == sorted(set(out[0]["keys"]) | set(out[1]["keys"]))
+
+
+def test_parity_records_go_to_the_ranks_that_rebuild_their_group():
+    from ucp.checkpoint.memory import records_by_rank
+    from ucp.snapshot.recovery import Recoverable
+
+    # old ranks 0-3 form a group; rank 1 was lost; nodes a and b hold the others, read by new ranks 0 and 2
+    rec = Recoverable(step=5, token=9, world_size=8, holder={0: "a", 2: "a", 3: "b"}, lost=[1], groups=[[0, 1, 2, 3]])
+    got = [[{"rank": 0}, {"rank": 2}], [], [{"rank": 3}]]
+    out = records_by_rank(rec, {"a": 0, "b": 2}, got, 3)
+    assert sorted(out[0]) == sorted(out[2]) == [0, 2, 3] and out[1] == {}

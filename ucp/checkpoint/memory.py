@@ -405,8 +405,13 @@ class Snapshots:
                     return []
                 return [r for r in tier.node_parity(step=rec.step) if r["token"] == rec.token and r["rank"] in damaged]
 
-            _, full = coll.gather_phase("memory-parity", records,
-                                        lambda got: {r["rank"]: r for held in got for r in held})
+            shares: dict = {}
+
+            def share(got):  # rank 0: each rank gets the records of the groups whose rebuild it joins
+                shares["records"] = records_by_rank(rec, chosen["speakers"], got, coll.world_size)
+
+            coll.gather_phase("memory-parity", records, share)
+            full = coll.scatter(shares.pop("records", None))
             group = self._groups.get("parity")
             made: list = []
             self._rebuilt = made  # freed after the load, or if anything below fails
@@ -541,6 +546,20 @@ def choose_source(gathered: list, step: int | None) -> dict:
         out.update(step=rec.step, world=rec.world_size, rec=rec)
     else:
         out.update(step=newest[0], world=newest[1])
+    return out
+
+
+def records_by_rank(rec, speakers: dict, got: list[list[dict]], world_size: int) -> list[dict]:
+    """Rank 0's share-out of the parity records of ``rec``'s damaged groups (``got``: what each
+    node's speaker found): each rank's ``{old rank: record}`` of the groups whose rebuild it joins
+    (it reads a surviving member's segments: it speaks for the node holding them), every record of
+    such a group; nothing for the others (``rebuild_lost`` skips a group it has no record of)."""
+    full = {r["rank"]: r for held in got for r in held}
+    out: list[dict] = [{} for _ in range(world_size)]
+    for members in rec.groups:
+        involved = {speakers[rec.holder[m]] for m in members if m in full and m not in rec.lost}
+        for r in involved:
+            out[r].update({m: full[m] for m in members if m in full})
     return out
 
 

@@ -186,8 +186,9 @@ def rebuild_lost(coll, tier, group, rec: Recoverable, speaker: dict[str, int], r
     Args:
         speaker: node id -> the rank of the new job that reads that node's segments (its lowest), for
             every node holding a member of a damaged group.
-        records: the full parity record of every surviving member of a damaged group (old rank ->
-            record), the same on every rank.
+        records: the full parity record of every surviving member of the damaged groups whose
+            rebuild this rank joins (old rank -> record); a group none of whose records are here is
+            rebuilt without this rank.
         made: the segments this rank creates for rebuilt ranks are appended as they are made (to
             free once the load has read them, or on failure).
 
@@ -200,6 +201,8 @@ def rebuild_lost(coll, tier, group, rec: Recoverable, speaker: dict[str, int], r
     opened = []
     try:
         for gi, members in enumerate(rec.groups):
+            if not any(r in records for r in members):
+                continue  # (its rebuild is other ranks')
             lost = [i for i, r in enumerate(members) if r in rec.lost or r not in records]
             alive = [i for i in range(len(members)) if i not in lost]
             servers = {i: speaker[rec.holder[members[i]]] for i in alive}
