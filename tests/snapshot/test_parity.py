@@ -20,6 +20,23 @@ def test_every_loss_pattern_up_to_m_is_rebuilt_bit_exactly(world4, m):
         rebuilder = next(r for r in range(4) if r not in lost)
         got = world4.run(w.encode_then_rebuild, SIZES, m, list(lost), rebuilder, seed)
         assert got[rebuilder]["exact"] == {i: True for i in lost}, (lost, got[rebuilder])
+        assert all(r["chunk_sums_exact"] for r in got)
+
+
+def test_a_long_exchange_in_many_pipeline_steps_is_rebuilt_bit_exactly(world4):
+    # ~40 stripe sets: several steps of the pipeline, each posted while the one before is encoded
+    sizes = [40 * w.STRIPE + 5, 30 * w.STRIPE, 64, 41 * w.STRIPE]
+    for lost in ([1], [3]):
+        got = world4.run(w.encode_then_rebuild, sizes, 1, lost, 0, 11)
+        assert got[0]["exact"] == {lost[0]: True} and all(r["chunk_sums_exact"] for r in got)
+
+
+def test_a_rate_bounds_the_bytes_each_member_sends_per_second(world4):
+    sizes = [16 * w.STRIPE] * 4  # each member sends 16 stripes of 4 KiB: 64 KiB at 256 KiB/s, ~0.25 s
+    got = world4.run(w.encode_then_rebuild, sizes, 1, [2], 0, 5, None, 256 * 1024)
+    assert got[0]["exact"] == {2: True}
+    # paced before the last step's parity is computed: at least the bytes of all steps but the last
+    assert min(r["encode_s"] for r in got) >= 0.15
 
 
 def test_parity_memory_is_about_g_over_k(world4):

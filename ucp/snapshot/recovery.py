@@ -32,7 +32,7 @@ from ucp.errors import RedundancyError, few
 from ucp.plan.redundancy import lane_groups, stripe_plan
 from ucp.snapshot import parity as parity_mod
 from ucp.snapshot import shm
-from ucp.snapshot.parity import FORMAT, FORMAT_VERSION, ParityEncoder, chunk_crcs, exchange_objects
+from ucp.snapshot.parity import FORMAT, FORMAT_VERSION, ParityEncoder, exchange_objects
 
 
 def _global_ranks(coll) -> list[int]:
@@ -102,8 +102,7 @@ class SnapshotParity:
         data = np.frombuffer(tier.data_segment(slot).buf, np.uint8)
         parity = np.frombuffer(pseg.buf, np.uint8)
         try:
-            crcs = enc.encode(prepared["sizes"], data, parity[:nbytes], prepared["sequence"])
-            chunks = chunk_crcs(plan, enc.index, data)
+            crcs, chunks = enc.encode(prepared["sizes"], data, parity[:nbytes], prepared["sequence"])
         finally:
             del data, parity
         record = {"format": FORMAT, "format_version": FORMAT_VERSION, "token": token,
