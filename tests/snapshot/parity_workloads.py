@@ -68,9 +68,9 @@ def node_job(base: str, rank: int, replaced=()) -> str:
     return f"{base}-{rank}" + ("x" if rank in replaced else "")
 
 
-def redundant_snapshots(root: str, base: str, m: int, steps: int = 3, persist_every=None) -> dict:
-    """FSDP over 4 ranks, each rank its own node; a snapshot with parity after every step. The full
-    state at the last step and this node's agent status."""
+def redundant_snapshots(root: str, base: str, m: int, steps: int = 3, persist_every=None, rate=None) -> dict:
+    """FSDP over 4 ranks, each rank its own node; a snapshot with parity after every step (its
+    exchange paced at ``rate``). The full state at the last step and this node's agent status."""
     import ucp
     from tests.helpers import build_mlp, full_state, mlp_step
     from ucp.snapshot import client
@@ -79,7 +79,7 @@ def redundant_snapshots(root: str, base: str, m: int, steps: int = 3, persist_ev
     model, opt = build_mlp("fsdp", seed=0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt,
                           snapshot=ucp.SnapshotOptions(job=node_job(base, rank), persist_every=persist_every),
-                          redundancy=ucp.RedundancyOptions(group=4, parity=m, stripe=STRIPE))
+                          redundancy=ucp.RedundancyOptions(group=4, parity=m, stripe=STRIPE, rate=rate))
     tiers = []
     for s in range(steps):
         mlp_step(model, opt, s)

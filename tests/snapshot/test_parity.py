@@ -117,11 +117,11 @@ def kill_node(job: str) -> None:
     assert agent_mod.reclaim(job)
 
 
-@pytest.mark.parametrize("m,lost", [(1, [1]), (1, [0]), (2, [0, 3])])
-def test_lost_nodes_are_rebuilt_from_parity_bit_exactly(world4, tmp_path, nodes, m, lost):
+@pytest.mark.parametrize("m,lost,rate", [(1, [1], None), (1, [0], 8 << 20), (2, [0, 3], None)])
+def test_lost_nodes_are_rebuilt_from_parity_bit_exactly(world4, tmp_path, nodes, m, lost, rate):
     if m > 1:
         pytest.importorskip("pyeclib")
-    saved = world4.run(w.redundant_snapshots, str(tmp_path), nodes, m)
+    saved = world4.run(w.redundant_snapshots, str(tmp_path), nodes, m, 3, None, rate)
     assert all(r["tiers"] == ["memory"] * 3 for r in saved)
     for r in saved:  # the agent keeps the parity of both slots; g / (g - m) of the data
         st = r["status"]

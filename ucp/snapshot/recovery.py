@@ -72,7 +72,7 @@ class SnapshotParity:
         self.members = next(g for g in groups if self.coll.rank in g)
         to_global = _global_ranks(self.coll)
         self.encoder = ParityEncoder(group, [to_global[r] for r in self.members], to_global[self.coll.rank],
-                                     self.options.parity, self.options.stripe)
+                                     self.options.parity, self.options.stripe, self.options.rate)
 
     def prepare(self, tier, committed: dict, step: int, sequence: int) -> dict | None:
         """The first half of a snapshot's parity: swap headers with the group (point to point) and
