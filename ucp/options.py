@@ -139,11 +139,16 @@ class RedundancyOptions:
         group: nodes per redundancy group (at least ``parity + 1``).
         parity: parity stripes per stripe set: the node failures each group survives.
         stripe: bytes per stripe (default 1 MiB).
+        rate: the most bytes per second each rank sends in the parity exchange, on average (None:
+            as fast as it goes). The exchange runs in the snapshot's background thread, overlapping
+            training; a rate spreads its traffic and CPU over more of the following steps, for a
+            network that training needs too (docs/erasure.md section 7).
     """
 
     group: int = 4
     parity: int = 1
     stripe: int = 1 << 20
+    rate: int | None = None
 
     def __post_init__(self):
         for name, low in (("parity", 1), ("group", 2), ("stripe", 4096)):
@@ -155,3 +160,7 @@ class RedundancyOptions:
                                f"use group >= parity + 1")
         if self.stripe % 64:
             raise OptionsError(f"stripe={self.stripe}: use a multiple of 64 bytes")
+        if self.rate is not None and (isinstance(self.rate, bool) or not isinstance(self.rate, int)
+                                      or self.rate < 1 << 20):
+            raise OptionsError(f"rate={self.rate!r}: use None (unbounded) or bytes per second, an integer >= "
+                               f"{1 << 20} (1 MiB/s)")

@@ -133,8 +133,10 @@ def test_redundancy_options_are_validated():
     from ucp.options import RedundancyOptions
 
     assert RedundancyOptions(group=3, parity=1).stripe == 1 << 20
+    assert RedundancyOptions().rate is None and RedundancyOptions(rate=200 << 20).rate == 200 << 20
     for bad, match in [(dict(group=2, parity=2), "group >= parity"), (dict(parity=0), "parity=0"),
                        (dict(group=True), "group=True"), (dict(stripe=100), "stripe=100"),
-                       (dict(stripe=4096 + 32), "multiple of 64")]:
+                       (dict(stripe=4096 + 32), "multiple of 64"), (dict(rate=1000), "rate=1000"),
+                       (dict(rate=2.5e8), "bytes per second")]:
         with pytest.raises(OptionsError, match=match):
             RedundancyOptions(**bad)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch.distributed as dist
 
 from ucp.errors import ParityError
 
-from ucp.snapshot.parity import ParityEncoder, chunk_crcs, rebuild
+from ucp.codecs.checksum import crc32c
+from ucp.snapshot.parity import ParityEncoder, rebuild
 
 STRIPE = 4096
 
@@ -16,8 +19,13 @@ def member_data(rank: int, seed: int, sizes: list[int]) -> np.ndarray:
     return np.random.default_rng([seed, rank]).integers(0, 256, sizes[rank], dtype=np.uint8)
 
 
+def chunk_crcs(plan, member: int, data: np.ndarray) -> list[int]:
+    """CRC-32C of each chunk of ``member``'s buffer ``data``, one by one (what the encoder must return)."""
+    return [crc32c(data[slice(*plan.chunk_span(member, c))]) for c in range(plan.chunks(member))]
+
+
 def encode_then_rebuild(sizes: list[int], m: int, lost: list[int], rebuilder: int, seed: int,
-                        corrupt: tuple | None = None) -> dict:
+                        corrupt: tuple | None = None, rate: float | None = None) -> dict:
     """Every rank encodes its buffer (one group of the whole world); then the ``lost`` members are
     rebuilt on ``rebuilder`` from the others (``corrupt``: ``(member, "data"|"parity")`` whose stored
     bytes are flipped first). Returns, on the rebuilder, whether each rebuilt buffer is bit-exact,
@@ -25,12 +33,14 @@ def encode_then_rebuild(sizes: list[int], m: int, lost: list[int], rebuilder: in
     me = dist.get_rank()
     members = list(range(dist.get_world_size()))
     group = dist.new_group(backend="gloo")
-    enc = ParityEncoder(group, members, me, m, STRIPE)
+    enc = ParityEncoder(group, members, me, m, STRIPE, rate)
     plan = enc.plan(sizes)
     data = member_data(me, seed, sizes)
     parity = np.zeros(plan.parity_bytes(me), np.uint8)
-    parity_sums = enc.encode(sizes, data, parity)
-    sums = (chunk_crcs(plan, me, data), parity_sums)
+    t0 = time.perf_counter()
+    parity_sums, chunk_sums = enc.encode(sizes, data, parity)
+    encode_s = time.perf_counter() - t0
+    sums = (chunk_sums, parity_sums)
     everyone = [None] * len(members)
     dist.all_gather_object(everyone, sums, group=group)
     if corrupt is not None and corrupt[0] == me:
@@ -39,7 +49,8 @@ def encode_then_rebuild(sizes: list[int], m: int, lost: list[int], rebuilder: in
     held = {me: (data, parity)} if me not in lost else {}
     servers = {i: i for i in members if i not in lost}
     out = {i: np.zeros(sizes[i], np.uint8) for i in lost} if me == rebuilder else None
-    result: dict = {"parity_bytes": int(parity.size)}
+    result: dict = {"parity_bytes": int(parity.size), "chunk_sums_exact": chunk_sums == chunk_crcs(plan, me, data),
+                    "encode_s": encode_s}
     try:
         if me == rebuilder or me not in lost:
             rebuild(group, plan, members, lost, servers, rebuilder, me, held, dict(enumerate(everyone)), out, "group 0")
@@ -57,9 +68,9 @@ def node_job(base: str, rank: int, replaced=()) -> str:
     return f"{base}-{rank}" + ("x" if rank in replaced else "")
 
 
-def redundant_snapshots(root: str, base: str, m: int, steps: int = 3, persist_every=None) -> dict:
-    """FSDP over 4 ranks, each rank its own node; a snapshot with parity after every step. The full
-    state at the last step and this node's agent status."""
+def redundant_snapshots(root: str, base: str, m: int, steps: int = 3, persist_every=None, rate=None) -> dict:
+    """FSDP over 4 ranks, each rank its own node; a snapshot with parity after every step (its
+    exchange paced at ``rate``). The full state at the last step and this node's agent status."""
     import ucp
     from tests.helpers import build_mlp, full_state, mlp_step
     from ucp.snapshot import client
@@ -68,7 +79,7 @@ def redundant_snapshots(root: str, base: str, m: int, steps: int = 3, persist_ev
     model, opt = build_mlp("fsdp", seed=0)
     ck = ucp.Checkpointer(root, model=model, optimizer=opt,
                           snapshot=ucp.SnapshotOptions(job=node_job(base, rank), persist_every=persist_every),
-                          redundancy=ucp.RedundancyOptions(group=4, parity=m, stripe=STRIPE))
+                          redundancy=ucp.RedundancyOptions(group=4, parity=m, stripe=STRIPE, rate=rate))
     tiers = []
     for s in range(steps):
         mlp_step(model, opt, s)

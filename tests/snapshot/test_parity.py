@@ -20,6 +20,23 @@ def test_every_loss_pattern_up_to_m_is_rebuilt_bit_exactly(world4, m):
         rebuilder = next(r for r in range(4) if r not in lost)
         got = world4.run(w.encode_then_rebuild, SIZES, m, list(lost), rebuilder, seed)
         assert got[rebuilder]["exact"] == {i: True for i in lost}, (lost, got[rebuilder])
+        assert all(r["chunk_sums_exact"] for r in got)
+
+
+def test_a_long_exchange_in_many_pipeline_steps_is_rebuilt_bit_exactly(world4):
+    # ~40 stripe sets: several steps of the pipeline, each posted while the one before is encoded
+    sizes = [40 * w.STRIPE + 5, 30 * w.STRIPE, 64, 41 * w.STRIPE]
+    for lost in ([1], [3]):
+        got = world4.run(w.encode_then_rebuild, sizes, 1, lost, 0, 11)
+        assert got[0]["exact"] == {lost[0]: True} and all(r["chunk_sums_exact"] for r in got)
+
+
+def test_a_rate_bounds_the_bytes_each_member_sends_per_second(world4):
+    sizes = [16 * w.STRIPE] * 4  # each member sends 16 stripes of 4 KiB: 64 KiB at 256 KiB/s, ~0.25 s
+    got = world4.run(w.encode_then_rebuild, sizes, 1, [2], 0, 5, None, 256 * 1024)
+    assert got[0]["exact"] == {2: True}
+    # paced before the last step's parity is computed: at least the bytes of all steps but the last
+    assert min(r["encode_s"] for r in got) >= 0.15
 
 
 def test_parity_memory_is_about_g_over_k(world4):
@@ -100,11 +117,11 @@ def kill_node(job: str) -> None:
     assert agent_mod.reclaim(job)
 
 
-@pytest.mark.parametrize("m,lost", [(1, [1]), (1, [0]), (2, [0, 3])])
-def test_lost_nodes_are_rebuilt_from_parity_bit_exactly(world4, tmp_path, nodes, m, lost):
+@pytest.mark.parametrize("m,lost,rate", [(1, [1], None), (1, [0], 8 << 20), (2, [0, 3], None)])
+def test_lost_nodes_are_rebuilt_from_parity_bit_exactly(world4, tmp_path, nodes, m, lost, rate):
     if m > 1:
         pytest.importorskip("pyeclib")
-    saved = world4.run(w.redundant_snapshots, str(tmp_path), nodes, m)
+    saved = world4.run(w.redundant_snapshots, str(tmp_path), nodes, m, 3, None, rate)
     assert all(r["tiers"] == ["memory"] * 3 for r in saved)
     for r in saved:  # the agent keeps the parity of both slots; g / (g - m) of the data
         st = r["status"]

@@ -17,7 +17,9 @@ CRC-32C (a stripe that fails is treated as lost, never decoded from) and decodes
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from ucp.plan.redundancy import StripePlan, stripe_plan
 
 FORMAT = "ucp.parity"
 FORMAT_VERSION = "1.0"
-BATCH = 8  # stripe sets in flight at once (bounds the receive buffers: BATCH x k stripes)
+BATCH = 8  # stripe sets per step of the exchange's pipeline (receive buffers: two steps' held sets x k stripes)
 _SET_BITS = 20  # a message's tag: (exchange sequence mod 1024) << 20 | stripe set (or OBJECTS)
 OBJECTS = (1 << _SET_BITS) - 1
 REBUILD = 1023  # the sequence of a rebuild's messages
@@ -72,17 +74,43 @@ def exchange_objects(group, members: Sequence[int], me: int, obj, message_tag: i
     return out
 
 
-def chunk_crcs(plan: StripePlan, member: int, data: np.ndarray) -> list[int]:
-    """CRC-32C of each chunk of ``member``'s buffer ``data`` (its bytes, without the zero padding)."""
+@dataclass(frozen=True)
+class _Step:
+    """One step of a member's pipeline: ``sends`` ``(chunk, start, end, holders)`` of its own chunks;
+    ``holds`` ``(set, t, position)`` of the parity stripes it computes (stripe ``t`` of ``set``, at
+    ``position`` in its parity segment)."""
+
+    sends: tuple
+    holds: tuple
+
+
+def _steps(plan: StripePlan, me: int) -> tuple[_Step, ...]:
+    """Member ``me``'s part of each step of :data:`BATCH` stripe sets (computed once per plan)."""
+    position = {key: i for i, key in enumerate(plan.parity_slots(me))}
     out = []
-    for c in range(plan.chunks(member)):
-        lo, hi = plan.chunk_span(member, c)
-        out.append(crc32c(data[lo:hi]))
-    return out
+    for lo in range(0, len(plan.sets), BATCH):
+        sends, holds = [], []
+        for s in plan.sets[lo:lo + BATCH]:
+            if me in s.parity:
+                t = s.parity.index(me)
+                holds.append((s, t, position[(s.index, t)]))
+            else:
+                chunk = next(c for member, c in s.data if member == me)
+                a, z = plan.chunk_span(me, chunk)
+                sends.append((s.index, chunk, a, z, s.parity))
+        out.append(_Step(tuple(sends), tuple(holds)))
+    return tuple(out)
 
 
 class ParityEncoder:
     """One rank's side of the parity exchange of its redundancy group; reuses its buffers.
+
+    The exchange is a pipeline of steps of :data:`BATCH` stripe sets: the messages of step ``i + 1``
+    are posted before the parity of step ``i`` is computed, so the network carries one step while the
+    CPU encodes the other (two steps of receive buffers, reused). A member checksums each chunk it
+    sends just after posting it, while the bytes are in cache and the message in flight. With a
+    ``rate``, a member sends at most that many bytes per second on average: it sleeps between steps
+    when ahead, which leaves the CPU and the network to training.
 
     Args:
         group: the gloo process group of the exchange (every member in it).
@@ -90,15 +118,19 @@ class ParityEncoder:
         me: this rank's global rank.
         parity: ``m``, parity stripes per set.
         stripe: bytes per stripe.
+        rate: the most bytes per second this member sends, on average (None: unbounded).
     """
 
-    def __init__(self, group, members: Sequence[int], me: int, parity: int, stripe: int):
+    def __init__(self, group, members: Sequence[int], me: int, parity: int, stripe: int,
+                 rate: float | None = None):
         self.group = group
         self.members = tuple(members)
         self.index = self.members.index(me)
         self.m = parity
         self.stripe = stripe
+        self.rate = rate
         self._plan: StripePlan | None = None
+        self._steps: tuple[_Step, ...] = ()
         self._recv = np.empty((0,), np.uint8)
 
     def plan(self, sizes: Sequence[int]) -> StripePlan:
@@ -110,53 +142,78 @@ class ParityEncoder:
             k = len(sizes) - self.m
             stripe = min(self.stripe, max(64, -(-max(sizes) // max(k, 1) // 64) * 64 if sizes else 64))
             self._plan = stripe_plan(list(sizes), self.m, stripe)
-            if self._recv.shape != (BATCH, self._plan.k, stripe):
-                self._recv = np.empty((BATCH, self._plan.k, stripe), np.uint8)
+            self._steps = _steps(self._plan, self.index)
+            held = max((len(step.holds) for step in self._steps), default=0)
+            shape = (2, held, self._plan.k, stripe) if held else (0,)
+            if self._recv.shape != shape:
+                self._recv = np.empty(shape, np.uint8)
         return self._plan
 
-    def encode(self, sizes: Sequence[int], data: np.ndarray, parity: np.ndarray, sequence: int = 0) -> list[int]:
+    def encode(self, sizes: Sequence[int], data: np.ndarray, parity: np.ndarray,
+               sequence: int = 0) -> tuple[list[int], list[int]]:
         """Send this member's chunks to their sets' parity holders and compute the parity stripes it
         holds into ``parity`` (``plan(sizes).parity_bytes(index)`` bytes, in the order of
-        ``parity_slots``); returns their CRC-32C. ``data`` is this member's buffer. Every member of
-        the group calls it with the same ``sizes`` and ``sequence`` (the exchange's number, in the
-        messages' tags)."""
-        import torch.distributed as dist
+        ``parity_slots``). ``data`` is this member's buffer. Every member of the group calls it with
+        the same ``sizes`` and ``sequence`` (the exchange's number, in the messages' tags).
 
+        Returns:
+            The CRC-32C of each parity stripe computed, and of each chunk of ``data`` (its own
+            bytes, without the zero padding).
+        """
         plan = self.plan(sizes)
-        me, k, m, stripe = self.index, plan.k, self.m, plan.stripe
+        me = self.index
         if data.size != plan.sizes[me] or parity.size != plan.parity_bytes(me):
             raise ParityError(f"member {me}: buffers of {data.size} and {parity.size} bytes, the plan wants "
                               f"{plan.sizes[me]} and {plan.parity_bytes(me)}")
-        position = {key: i for i, key in enumerate(plan.parity_slots(me))}
-        crcs = [0] * len(position)
-        code = erasure_code(k, m)
-        for lo in range(0, len(plan.sets), BATCH):
-            works, mine = [], []
-            for b, s in enumerate(plan.sets[lo:lo + BATCH]):
-                if me in s.parity:
-                    for i, (member, chunk) in enumerate(s.data):
-                        a, z = plan.chunk_span(member, chunk)
-                        buf = self._recv[b, i]
-                        buf[z - a:] = 0
-                        if z > a:
-                            works.append(dist.irecv(_tensor(buf[:z - a]), self.members[member], group=self.group,
-                                                    tag=tag(sequence, s.index)))
-                    mine.append((b, s))
-                else:
-                    chunk = next(c for member, c in s.data if member == me)
-                    a, z = plan.chunk_span(me, chunk)
-                    if z > a:
-                        for holder in s.parity:
-                            works.append(dist.isend(_tensor(data[a:z]), self.members[holder], group=self.group,
-                                                    tag=tag(sequence, s.index)))
-            _wait(works)
-            for b, s in mine:
-                t = s.parity.index(me)
-                pos = position[(s.index, t)]
-                out = parity[pos * stripe:(pos + 1) * stripe]
-                code.decode([self._recv[b, i] for i in range(k)] + [None] * m, out={k + t: out})
-                crcs[pos] = crc32c(out)
-        return crcs
+        parity_sums = [0] * (parity.size // plan.stripe)
+        chunk_sums = [0] * plan.chunks(me)
+        code = erasure_code(plan.k, plan.m)
+        steps = self._steps
+        t0, sent = time.perf_counter(), 0
+        inflight = self._post(steps[0], self._recv[0] if self._recv.size else None, data, sequence, chunk_sums) \
+            if steps else []
+        for i, step in enumerate(steps):
+            following = []
+            if i + 1 < len(steps):
+                following = self._post(steps[i + 1], self._recv[(i + 1) % 2] if self._recv.size else None, data,
+                                       sequence, chunk_sums)
+            _wait(inflight)
+            for b, (_, t, pos) in enumerate(step.holds):
+                out = parity[pos * plan.stripe:(pos + 1) * plan.stripe]
+                code.decode(list(self._recv[i % 2, b]) + [None] * plan.m, out={plan.k + t: out})
+                parity_sums[pos] = crc32c(out)
+            inflight = following
+            if self.rate:
+                sent += sum((z - a) * len(holders) for _, _, a, z, holders in step.sends)
+                ahead = sent / self.rate - (time.perf_counter() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        return parity_sums, chunk_sums
+
+    def _post(self, step: _Step, recv: np.ndarray | None, data: np.ndarray, sequence: int,
+              chunk_sums: list[int]) -> list:
+        """Post the messages of ``step`` (its receives into ``recv``), then checksum the chunks it
+        sends while they travel; the works to wait for."""
+        import torch.distributed as dist
+
+        plan, works = self._plan, []
+        for b, (s, _, _) in enumerate(step.holds):
+            for i, (member, chunk) in enumerate(s.data):
+                a, z = plan.chunk_span(member, chunk)
+                buf = recv[b, i]
+                buf[z - a:] = 0
+                if z > a:
+                    works.append(dist.irecv(_tensor(buf[:z - a]), self.members[member], group=self.group,
+                                            tag=tag(sequence, s.index)))
+        for index, _, a, z, holders in step.sends:
+            if z > a:
+                for holder in holders:
+                    works.append(dist.isend(_tensor(data[a:z]), self.members[holder], group=self.group,
+                                            tag=tag(sequence, index)))
+        for _, chunk, a, z, _ in step.sends:
+            if z > a:
+                chunk_sums[chunk] = crc32c(data[a:z])
+        return works
 
 
 def rebuild(group, plan: StripePlan, members: Sequence[int], lost: Sequence[int], servers: Mapping[int, int],

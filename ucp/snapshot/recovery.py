@@ -32,7 +32,7 @@ from ucp.errors import RedundancyError, few
 from ucp.plan.redundancy import lane_groups, stripe_plan
 from ucp.snapshot import parity as parity_mod
 from ucp.snapshot import shm
-from ucp.snapshot.parity import FORMAT, FORMAT_VERSION, ParityEncoder, chunk_crcs, exchange_objects
+from ucp.snapshot.parity import FORMAT, FORMAT_VERSION, ParityEncoder, exchange_objects
 
 
 def _global_ranks(coll) -> list[int]:
@@ -72,7 +72,7 @@ class SnapshotParity:
         self.members = next(g for g in groups if self.coll.rank in g)
         to_global = _global_ranks(self.coll)
         self.encoder = ParityEncoder(group, [to_global[r] for r in self.members], to_global[self.coll.rank],
-                                     self.options.parity, self.options.stripe)
+                                     self.options.parity, self.options.stripe, self.options.rate)
 
     def prepare(self, tier, committed: dict, step: int, sequence: int) -> dict | None:
         """The first half of a snapshot's parity: swap headers with the group (point to point) and
@@ -102,8 +102,7 @@ class SnapshotParity:
         data = np.frombuffer(tier.data_segment(slot).buf, np.uint8)
         parity = np.frombuffer(pseg.buf, np.uint8)
         try:
-            crcs = enc.encode(prepared["sizes"], data, parity[:nbytes], prepared["sequence"])
-            chunks = chunk_crcs(plan, enc.index, data)
+            crcs, chunks = enc.encode(prepared["sizes"], data, parity[:nbytes], prepared["sequence"])
         finally:
             del data, parity
         record = {"format": FORMAT, "format_version": FORMAT_VERSION, "token": token,
