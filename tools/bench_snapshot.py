@@ -61,7 +61,7 @@ The agent is stopped (its shared memory removed) at the end, also on failure; a 
 of the bench's job fails the run. Output: exactly one JSON line on stdout; progress goes to stderr;
 a failure prints nothing on stdout and exits non-zero.
 
-    python tools/bench_snapshot.py [--size-mb 1000] [--steps 16] [--rounds 8] [--warmup 2] [--repeats 5]
+    python tools/bench_snapshot.py [--size-mb 1000] [--steps 8] [--rounds 4] [--warmup 2] [--repeats 5]
                                    [--batch 8] [--work DIR] [--dcp-dir DIR] [--keep] [--quick]
 """
 
@@ -484,8 +484,8 @@ def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, 
 def parse_args(argv=None):
     ap = benchlib.parser(__doc__)
     benchlib.add_size_mb(ap, 1000.0, "both ranks")
-    ap.add_argument("--steps", type=int, default=16, help="timed training steps of each kind")
-    ap.add_argument("--rounds", type=int, default=8,
+    ap.add_argument("--steps", type=int, default=8, help="timed training steps of each kind")
+    ap.add_argument("--rounds", type=int, default=4,
                     help="the timed steps of the kinds alternate in this many rounds (must divide --steps)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first (>= 2: the slots)")
     benchlib.add_repeats(ap, 5, "rounds of idle snapshots, restores of each kind and floors")
