@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What erasure-coded snapshots cost: snapshot time and memory with and without parity, same run.
+"""What erasure-coded snapshots cost: snapshot time, memory and step time with and without parity, same run.
 
 ``--nodes`` simulated nodes on this machine, one rank each (each rank's own snapshot agent: a node
 is an agent; docs/erasure.md section 6), in one gloo world. Every rank holds a distinct state of
@@ -14,8 +14,22 @@ takes ``--snapshots`` snapshots of it, one after the other, timed from ``save`` 
 
 The two kinds alternate snapshot by snapshot, and each figure is the median. ``parity_extra_s`` =
 parity - plain, the exchange's cost per snapshot; ``exchange_gbps`` = one rank's snapshot bytes over
-it. ``memcpy_gbps``: one rank's copy of the same bytes into a preallocated buffer, in the same run,
-for scale. Every snapshot of the parity kind is checked: after the run, the ranks of node 1 are
+it; ``snapshot_parity_over_plain`` = parity / plain.
+
+What the training loop feels: before those, the ranks train the state (FSDP2 forward, backward,
+``optimizer.step()``) in ``--rounds`` rounds of ``--steps / --rounds`` steps of each kind: ``none`` (no
+snapshot), ``plain`` and ``parity`` (a snapshot after every step), the kinds' order rotated from round
+to round; each series starts with an untimed lead-in step (every timed step overlaps the previous
+snapshot's background work) and ends waiting for its last snapshot. A step's time is the slower
+rank's, from its start to the return of ``save``. ``step_ms_<kind>`` are the medians;
+``step_slowdown_parity`` = median parity step / median plain step - 1 (what parity adds to a step
+that snapshots anyway), ``step_slowdown_parity_rounds`` the same per round, its median
+``step_slowdown_parity_paired`` and quantiles ``step_slowdown_parity_spread``; ``step_slowdown_plain``
+the same for plain snapshots against none. ``load_avg``: the load average (1, 5, 15 min) at the start,
+after the loop and at the end.
+
+``memcpy_gbps``: one rank's copy of the same bytes into a preallocated buffer, in the same run, for
+scale. Every snapshot of the parity kind is checked: after the run, the ranks of node 1 are
 treated as lost and rebuilt from parity (``rebuilt_bit_exact``), so a cheap exchange that stored
 nothing cannot pass. Nothing is left in /dev/shm afterwards (``shm_left``).
 
@@ -24,7 +38,7 @@ the exchange on a loaded machine, not as a network's speed.
 
 Output: one JSON line on stdout, progress on stderr; a failure prints nothing on stdout and exits 1.
 
-    python tools/bench_parity.py [--nodes 4] [--parity 1] [--mb 64] [--snapshots 5]
+    python tools/bench_parity.py [--nodes 4] [--parity 1] [--mb 64] [--snapshots 5] [--steps 8] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -77,12 +91,16 @@ def rank_main(rank: int, args, base: str, root: str) -> dict:
         kinds[kind] = (job, ucp.Checkpointer(Path(root) / kind, model=model, optimizer=opt,
                                              options=ucp.CheckpointOptions(rng=False),
                                              snapshot=ucp.SnapshotOptions(job=job, timeout=120), redundancy=red))
+    step_no = [0]
+    loop = train_loop(args, model, opt, {k: ck for k, (_, ck) in kinds.items()}, step_no)
+    load_after_loop = benchlib.load_average()
     times = {"plain": [], "parity": []}
     for s in range(args.snapshots + 1):  # the first of each kind: untimed (segments created)
         for kind, (_, ck) in kinds.items():
+            step_no[0] += 1
             dist.barrier()
             t0 = time.perf_counter()
-            ck.save(s + 1)
+            ck.save(step_no[0])
             ck.wait()
             dt = time.perf_counter() - t0
             if s:
@@ -123,7 +141,63 @@ def rank_main(rank: int, args, base: str, root: str) -> dict:
     exact = res is not None and res.source == "memory" and res.rebuilt == (1,) and all(
         torch.equal(want[k], got[k]) for k in want)
     ck.close()
-    return {"times": times, "memcpy_s": min(copies), "bytes": n * 12, "status": status, "exact": exact}
+    return {"times": times, "memcpy_s": min(copies), "bytes": n * 12, "status": status, "exact": exact,
+            "loop": loop, "load_avg": load_after_loop}
+
+
+KINDS = ("none", "plain", "parity")
+
+
+def train_loop(args, model, opt, cks: dict, step_no: list) -> dict:
+    """The training loop with each kind of snapshot (module docstring): ``{kind: [step seconds, the slower
+    rank's]}``, the same on every rank. ``cks``: the Checkpointer of each kind that snapshots;
+    ``step_no[0]``: the last step number used (advanced)."""
+    import torch
+    import torch.distributed as dist
+
+    x = torch.ones(2, 1)
+
+    def step(kind: str) -> float:
+        step_no[0] += 1
+        t0 = time.perf_counter()
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if kind in cks:
+            cks[kind].save(step_no[0])
+        return time.perf_counter() - t0
+
+    per = args.steps // args.rounds
+    for kind in KINDS:  # untimed: the slots of each kind, the first all-gathers
+        step(kind)
+        step(kind)
+        if kind in cks:
+            cks[kind].wait()
+    out: dict = {k: [] for k in KINDS}
+    for r in range(args.rounds):
+        for kind in [*KINDS[r % len(KINDS):], *KINDS[:r % len(KINDS)]]:
+            step(kind)  # the lead-in
+            out[kind] += [step(kind) for _ in range(per)]
+            if kind in cks:
+                cks[kind].wait()
+    slower = torch.tensor([out[k] for k in KINDS], dtype=torch.float64)
+    dist.all_reduce(slower, op=dist.ReduceOp.MAX)
+    return {k: row for k, row in zip(KINDS, slower.tolist())}
+
+
+def loop_figures(loop: dict, per: int) -> dict:
+    """The training loop's figures (module docstring) from each kind's step seconds."""
+    med = {k: statistics.median(v) for k, v in loop.items()}
+    rounds = [statistics.median(loop["parity"][i:i + per]) / statistics.median(loop["plain"][i:i + per]) - 1
+              for i in range(0, len(loop["plain"]), per)]
+    out = {f"step_ms_{k}": round(v * 1e3, 2) for k, v in med.items()}
+    out.update({f"step_ms_{k}_all": [round(x * 1e3, 2) for x in v] for k, v in loop.items()})
+    out["step_slowdown_plain"] = round(med["plain"] / med["none"] - 1, 4)
+    out["step_slowdown_parity"] = round(med["parity"] / med["plain"] - 1, 4)
+    out["step_slowdown_parity_rounds"] = [round(x, 4) for x in rounds]
+    out["step_slowdown_parity_paired"] = round(statistics.median(rounds), 4)
+    out["step_slowdown_parity_spread"] = benchlib.summary(rounds)
+    return out
 
 
 def main() -> int:
@@ -132,14 +206,20 @@ def main() -> int:
     p.add_argument("--parity", type=int, default=1, help="parity stripes per set (default 1: XOR)")
     p.add_argument("--mb", type=float, default=64, help="each rank's state, MB (default 64)")
     p.add_argument("--snapshots", type=int, default=5, help="timed snapshots of each kind (default 5)")
+    p.add_argument("--steps", type=int, default=8, help="timed training steps of each kind (default 8)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="the kinds' steps alternate in this many rounds (must divide --steps; default 4)")
     args = p.parse_args()
     if args.nodes < args.parity + 2 or args.mb <= 0 or args.snapshots < 1:
         p.error("use --nodes >= parity + 2 (node 1 is rebuilt from the others), --mb > 0, --snapshots >= 1")
+    if args.rounds < 1 or args.steps < 1 or args.steps % args.rounds:
+        p.error(f"--rounds {args.rounds} must be >= 1 and divide --steps {args.steps} (>= 1)")
     from ucp.snapshot import discovery
     from ucp.snapshot import client, shm
 
     base = "bp" + uuid.uuid4().hex[:8]
     t0 = time.time()
+    load_start = benchlib.load_average()
     with tempfile.TemporaryDirectory(prefix="ucp-bench-parity-") as root:
         try:
             log(f"{args.nodes} nodes, {args.mb:g} MB each, parity {args.parity}, {args.snapshots} snapshots per kind")
@@ -177,6 +257,9 @@ def main() -> int:
            "snapshot_bytes": data, "parity_bytes": par, "memory_overhead": round((data + par) / data, 4),
            "memory_overhead_ideal": round(args.nodes / (args.nodes - args.parity), 4),
            "rebuilt_bit_exact": all(d["exact"] for d in results.values()),
+           **loop_figures(results[0]["loop"], args.steps // args.rounds),
+           "snapshot_parity_over_plain": round(parity / plain, 4),
+           "load_avg": {"start": load_start, "after_loop": results[0]["load_avg"], "end": benchlib.load_average()},
            "cpus": os.cpu_count(), "torch": torch.__version__, "shm_left": left, "wall_s": round(time.time() - t0, 1)}
     if not doc["rebuilt_bit_exact"] or left:
         log(f"FAILED: {doc}")

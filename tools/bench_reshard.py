@@ -134,16 +134,6 @@ def scramble(model, opt) -> None:
                     _local(v).fill_(-3.0)
 
 
-def io_read_bytes() -> int:
-    try:
-        for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def drop_cache(root: Path) -> None:
     """Make the next read of ``root``'s files cold (``tools/bench_save.py``'s cache drop, on rank 0)."""
     import torch.distributed as dist
@@ -283,7 +273,7 @@ def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threa
                     scramble(model, opt)
                     if temp == "cold":
                         drop_cache(Path(dirs[form]))
-                    io0 = io_read_bytes()
+                    io0 = benchlib.io_read_bytes()
                     dist.barrier()
                     t = time.perf_counter()
                     nbytes = one(form)
@@ -293,7 +283,7 @@ def load_target(cfg_fields: dict, layout: dict, paths: dict, repeats: int, threa
                     out["samples"].setdefault(key, []).append(s)
                     out["nbytes"][form] = nbytes
                     if temp == "cold":
-                        out["disk"][form] = io_read_bytes() - io0
+                        out["disk"][form] = benchlib.io_read_bytes() - io0
                     check_sums(checksums(model, opt), paths["checksums"], key, out)
                     if rank == 0:
                         log(f"  world {dist.get_world_size()} {key:<14} {s:7.3f} s  rank0 read "

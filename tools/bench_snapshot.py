@@ -1,72 +1,68 @@
 #!/usr/bin/env python
-"""The memory tier of ucp: per-step stall of snapshots, their throughput, and restore after a crash.
+"""The memory tier of ucp against PyTorch DCP and the memory's floors: per-step stall, snapshot throughput
+and restore after a crash, each figure a median with its spread, taken side by side in one run.
 
 The state: the reference GPT (``ucp.trainer``) widened so that parameters + AdamW ``exp_avg`` +
 ``exp_avg_sq`` come to about ``--size-mb`` MB (10^6 bytes) of fp32 (``tools/bench_convert.py``'s
 sizing), on 2 local ranks (gloo, torch's elastic launcher) as ``TrainLayout(dp=2, zero=3)`` (FSDP2:
 each rank holds half of the state). Each rank uses ``cpu_count // 2`` intra-op threads.
 
-Run 1 (the trainers; rank 0's figures, every per-step time the slower rank's):
+Run 1 (the trainers; every per-step time is the slower rank's):
 
-* **step times.** The reference trainer's step (``ucp.trainer.train.train_steps``: forward,
-  backward, ``optimizer.step()``, the loss all-reduce), without any checkpointing and with
-  ``Checkpointer(snapshot=SnapshotOptions(every=1, persist_every=None)).save(step)`` after each
-  step. First ``--warmup`` untimed steps of each kind (the first two snapshots allocate the agent's
-  two slots); then ``--rounds`` rounds, each of ``--steps / --rounds`` steps without, then as many
-  with snapshots (the two kinds alternate, so that a slow phase of the machine does not fall on one
-  kind only). Each series starts with an untimed lead-in step of its kind, so every timed step with
-  snapshots overlaps exactly one background copy (the previous step's) and makes one ``save``; after
-  each series with snapshots, ``wait()`` (untimed). A step's time runs from its start to the return
-  of its ``save``, so it holds ``save``'s synchronous part (capture; it also joins the previous
-  snapshot's thread), the wait of the optimizer's pre-step hook for the previous copy (also timed
-  alone, ``hook_wait_ms``: a hook registered before ucp's and one after it), and whatever the
-  background copy takes from the step by sharing its cores. ``stall_ms`` = median step with
-  snapshots - median step without (the target's figure); ``stall_ms_paired`` = the median over the
-  rounds of each round's difference of medians (less sensitive to a machine whose speed drifts).
-  On a shared or virtual machine a step's time varies by hundreds of ms from step to step
-  (``step_ms_*_all`` show the spread): use more ``--steps`` before drawing conclusions from the stall.
-* **snapshot throughput.** With the trainers idle, ``--repeats`` times: barrier, ``save(step)``,
-  ``wait()`` (the background copy, checksums and the cross-rank cut: a complete snapshot), on each
-  rank; ``snapshot_gbps`` = the bytes of both ranks' snapshots / the slower rank's best time. The
-  background thread's ``MemoryTier.write`` (copy + CRC-32C + the agent's begin/commit) is also
-  timed alone, and its checksum part (``snapshot_checksum_s``), idle and during training.
-* **memcpy.** On both ranks at once, ``--repeats`` times: ``dst.copy_(src)`` of a uint8 buffer of
-  that rank's snapshot size into a preallocated, already touched destination; ``memcpy_gbps`` = both
-  ranks' bytes / the slower rank's best time (the target's reference). ``memcpy_shm_gbps``: the same
-  into a mapping of a (at once unlinked) tmpfs file, the kind of memory the agent's slots are.
-* **DCP.** ``--repeats`` times after one untimed call: ``get_model_state_dict`` +
-  ``get_optimizer_state_dict``, then ``dcp.async_save`` (default stager and thread executor, to
-  ``--work``); ``dcp_async_block_ms`` is the median time until ``async_save`` returns, i.e. until
-  the state may change again (its staging copy); the state-dict calls are reported apart
-  (``dcp_state_dict_ms``). Each future is waited for before the next call.
-* the state after the last snapshot is checksummed (the full tensors of a few parameters and of
-  the embedding's AdamW moments, AdamW's step count), and saved durably with a plain
-  ``Checkpointer`` to another root (fsynced).
+* **the training loop.** The reference trainer's step (``ucp.trainer.train.train_steps``: forward,
+  backward, ``optimizer.step()``, the loss all-reduce) followed by one of four kinds of checkpoint:
+  ``none``; ``ucp``: ``Checkpointer(snapshot=SnapshotOptions(every=1, persist_every=None)).save(step)``;
+  ``dcp_default`` and ``dcp_best``: ``dcp.async_save`` at DCP's defaults and at its best documented
+  settings (a reused ``DefaultStager`` with async staging into shared memory, the upload in a process;
+  ``benchlib.DcpSaver`` says exactly what), writing to ``--dcp-dir`` (by default a directory in
+  /dev/shm: memory, DCP's most favourable target). First ``--warmup`` untimed steps of each kind; then
+  ``--rounds`` rounds of ``--steps / --rounds`` steps of every kind, the kinds' order rotated from
+  round to round (a slow phase of the machine falls on every kind). Each series starts with an untimed
+  lead-in step, so every timed step overlaps exactly one background save (the previous step's) and
+  makes one; after it, its saves are waited for (untimed). A step's time runs from its start to the
+  return of its save. For each kind K: ``K_step_ms`` (median), ``K_stall_ms`` = median step of K -
+  median step of ``none``, ``K_stall_ms_rounds`` each round's difference of medians,
+  ``K_stall_ms_paired`` their median, ``K_stall_ms_spread`` their quantiles (ucp's keys are unprefixed:
+  ``stall_ms``, ...). ``hook_wait_ms``: the wait of ucp's pre-step hook for the previous copy;
+  ``dcp_best_staging_wait_ms``: DCP's for its staging; ``dcp_*_upload_wait_ms``: DCP's wait for the
+  previous upload before the next call.
+* **snapshot throughput**, trainers idle: ``--repeats`` rounds of (kinds in rotated order) barrier,
+  ``save(step)``, ``wait()`` (the copy, checksums and the cut: a complete snapshot) on both ranks;
+  ``memcpy_2thread`` (both ranks at once, each copying its snapshot's bytes, one thread each: the same
+  bytes as the snapshot, two threads); ``memcpy_1thread`` (rank 0 alone, one thread);
+  ``memcpy_shm_2thread`` (as 2thread, into a mapping of a tmpfs file as the agent's slots are);
+  ``crc32c_2thread`` (both ranks at once, the ``crc32c`` library over their bytes; these floors are
+  ``benchlib.Floors``: numpy's copy, one thread, into touched buffers). Throughputs are
+  both ranks' bytes over the slower rank's median time (``memcpy_1thread``: one rank's bytes), with
+  ``*_spread`` the quantiles of the per-round figures. ``MemoryTier.write`` (copy + CRC-32C + the
+  agent's begin/commit) and its checksum callback are also timed alone where ucp still has them
+  (null otherwise).
+* the state after the last snapshot is checksummed (a few full tensors, the embedding's AdamW moments,
+  AdamW's step count), and saved durably with a plain ``Checkpointer`` to another root (fsynced).
 
 Then the trainers are SIGKILLed from outside (the launcher's workers; the agent, in a session of its
 own, survives) and run 2 starts 2 new ranks that build the same config from another seed, overwrite
 their state with a constant before each load, and time (barrier, load, barrier):
+``restore_memory_first_s`` (the first load: it connects to the agent), then ``--repeats`` rounds (kinds
+in rotated order) of: a restore from memory; a cold durable restore (rank 0 drops the page cache of the
+checkpoint's files: fsync + ``posix_fadvise(DONTNEED)``, which needs no privilege); a warm durable
+restore; and the floors of the same bytes per rank: memcpy (1 and 2 threads), CRC-32C, a write + fsync
+of a file and its cold read (its pages dropped the same way; ``cold_read_disk_gb`` says how much came
+from the device). After every load the checksums must equal the saved ones (``bit_exact``).
+``restore_*_phases`` break the median load down by ucp's collective phases (``tools/bench_save.py``'s
+``PhaseTimer``).
 
-* ``restore_memory_first_s``: the first ``Checkpointer(snapshot=...).load()`` after the restart
-  (it connects to the agent); then ``--repeats`` times each of: from memory (``source ==
-  "memory"``), from the durable checkpoint cold (``os.sync()``, then rank 0 drops the page cache of
-  its files with ``posix_fadvise(DONTNEED)``) and warm (its pages cached). Figures are the best of
-  ``--repeats``. After every load the checksums must equal the saved ones (``bit_exact``).
-  ``restore_*_phases`` break the best load down by ucp's collective phases (``memory`` and
-  ``memory-manifest``: the agents' headers gathered and made a manifest; ``find``, ``manifest``;
-  then ``targets``, ``read``, ``restore``), timed by ``tools/bench_save.py``'s ``PhaseTimer``.
-
-Targets (issue): ``stall_ms`` <= 1/3 of ``dcp_async_block_ms``; ``snapshot_gbps`` >= 50% of
-``memcpy_gbps``; ``restore_memory_s`` >= 10x faster than ``restore_durable_cold_s``. On a machine
-with fewer cores than ranks x 2 the background copy competes with the training step for the CPU,
-so the stall approaches the copy time; that is part of what is measured.
+``floors_gbps`` and ``restore_floors_gbps`` hold the floors; ``ucp_over_floor`` ucp's figures over
+them (the same bytes, the same run). Targets (issue 19): snapshot throughput >= 0.6x ``memcpy_2thread``;
+restore from memory >= 0.5x memcpy of the same bytes and >= 2x a warm durable restore; ucp's stall <=
+``dcp_best``'s. ``load_avg`` records the load average (1, 5, 15 min) as the run goes.
 
 The agent is stopped (its shared memory removed) at the end, also on failure; a leftover segment
 of the bench's job fails the run. Output: exactly one JSON line on stdout; progress goes to stderr;
 a failure prints nothing on stdout and exits non-zero.
 
-    python tools/bench_snapshot.py [--size-mb 1000] [--steps 16] [--rounds 8] [--warmup 2] [--repeats 5]
-                                   [--batch 8] [--work DIR] [--keep]
+    python tools/bench_snapshot.py [--size-mb 1000] [--steps 8] [--rounds 4] [--warmup 2] [--repeats 5]
+                                   [--batch 8] [--work DIR] [--dcp-dir DIR] [--keep] [--quick]
 """
 
 from __future__ import annotations
@@ -77,13 +73,14 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import benchlib
-from benchlib import median, ms
+from benchlib import median, ms, summary
 
 LAYOUT = {"dp": 2, "zero": 3}
 NPROC = 2
@@ -91,6 +88,8 @@ SRC_SEED = 1234
 DST_SEED = 99
 BYTES_PER_PARAM = 12  # fp32 parameter + AdamW exp_avg + exp_avg_sq
 KILL_WAIT_S = 300  # how long a trainer that has reported waits to be killed
+KINDS = ("none", "ucp", "dcp_default", "dcp_best")
+QUICK = {"size_mb": 20.0, "steps": 2, "rounds": 2, "warmup": 2, "repeats": 2}
 log = benchlib.logger("bench_snapshot")
 
 
@@ -106,13 +105,18 @@ def taken_ms(x):
     return None if x is None or x < 0 else ms(x)
 
 
-def taken_s(x):
-    """Seconds of a figure ``WriteTimer`` may have failed to take (negative: None)."""
-    return None if x is None or x < 0 else round(x, 4)
-
-
 def gbps(nbytes: float, seconds) -> float | None:
     return None if seconds is None or seconds <= 0 else round(nbytes / 1e9 / seconds, 3)
+
+
+def rotated(kinds, r: int) -> list:
+    """``kinds`` starting at the ``r``-th (round ``r``'s order)."""
+    r %= len(kinds)
+    return [*kinds[r:], *kinds[:r]]
+
+
+def ratio(a, b) -> float | None:
+    return None if a is None or not b else round(a / b, 4)
 
 
 # -- helpers run inside the ranks -------------------------------------------------------------------
@@ -156,6 +160,20 @@ def rank_sum(value: float) -> float:
     return t.item()
 
 
+def timed(fn, alone: bool = False) -> float:
+    """Seconds ``fn()`` takes on this rank, between barriers (``alone``: on rank 0 only, the others wait;
+    they report 0)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    if not alone or dist.get_rank() == 0:
+        fn()
+    s = time.perf_counter() - t0
+    dist.barrier()
+    return s
+
+
 class WriteTimer:
     """Times ``MemoryTier.write`` (the snapshot's background copy + checksums + agent requests) and its
     checksum callback (its last positional argument when that is callable), per step, by wrapping the
@@ -194,11 +212,11 @@ class WriteTimer:
 
 
 def shm_buffer(nbytes: int):
-    """A uint8 tensor over a fresh mapping of a tmpfs file, as the agent's slots are; the file is
+    """A uint8 array over a fresh mapping of a tmpfs file, as the agent's slots are; the file is
     unlinked at once, so nothing is left behind whatever happens (the pages go with the last view)."""
     import mmap
 
-    import torch
+    import numpy as np
 
     from ucp.snapshot.shm import SHM_DIR
 
@@ -210,7 +228,7 @@ def shm_buffer(nbytes: int):
         buf = mmap.mmap(fd, nbytes)
     finally:
         os.close(fd)
-    return torch.frombuffer(buf, dtype=torch.uint8)
+    return np.frombuffer(buf, dtype=np.uint8)
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -219,16 +237,14 @@ def write_json(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-# -- run 1: train with and without snapshots, measure, then wait to be killed -----------------------
+# -- run 1: train with each kind of checkpoint, measure, then wait to be killed ----------------------
 
 
 def train_and_snapshot(cfg_fields: dict, paths: dict, job: str, steps: int, rounds: int, warmup: int,
                        repeats: int, threads: int) -> None:
     benchlib.init_rank(threads)
-    import torch
+    import numpy as np
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     import ucp
     from bench_reshard import state_bytes
@@ -243,140 +259,127 @@ def train_and_snapshot(cfg_fields: dict, paths: dict, job: str, steps: int, roun
     par, opt = build(cfg, lay, SRC_SEED)
     rank_log(f"  built {sum(p.numel() for p in par.model.parameters()) / 1e6:.1f}M params "
              f"in {time.perf_counter() - t_build:.1f} s")
+    res: dict = {"rank": rank, "pid": os.getpid(), "load_avg": {"start": benchlib.load_average()}}
     writes = WriteTimer()
+    dcp_group = dist.new_group(backend="gloo")
+    dcps = {k: benchlib.DcpSaver(k, par.model, opt, Path(paths["dcp"]), dcp_group) for k in ("dcp_default", "dcp_best")}
+    ck = ucp.Checkpointer(paths["snap"], model=par.model, optimizer=opt, options=lay.checkpoint_options(cfg),
+                          snapshot=ucp.SnapshotOptions(every=1, persist_every=None, job=job))
     marks = {"before": 0.0, "after": 0.0}
     opt.register_step_pre_hook(lambda *a, **k: marks.__setitem__("before", time.perf_counter()))
     after_hook = [None]
     step_no = [0]
-    steps_per_round = steps // rounds
 
-    def one_step(ck=None) -> dict:
+    def one_step(kind: str) -> dict:
         step_no[0] += 1
         i = step_no[0]
         marks["before"] = marks["after"] = 0.0
+        for d in dcps.values():
+            d.last["staging_wait"] = 0.0
         t0 = time.perf_counter()
         train_steps(cfg, lay, par, opt, SRC_SEED, [i])
         t1 = time.perf_counter()
-        if ck is not None:
+        rec = {"step": i, "hook_wait": 0.0}
+        if kind == "ucp":
             saved = ck.save(i)
             if saved is None or saved.tier != "memory":  # the memory tier was lost: ucp warned
                 raise RuntimeError(f"save({i}) returned {saved!r}, not a snapshot in memory")
             if after_hook[0] is None:  # ucp's pre-step hook exists from the first snapshot on: time its wait
                 after_hook[0] = opt.register_step_pre_hook(
                     lambda *a, **k: marks.__setitem__("after", time.perf_counter()))
+            rec["hook_wait"] = marks["after"] - marks["before"] if marks["after"] else 0.0
+        elif kind in dcps:
+            d = dcps[kind]
+            rec["hook_wait"] = d.last["staging_wait"]  # this step's wait for the previous staging
+            d.save(i)
+            rec.update({k: d.last[k] for k in ("state_dict", "upload_wait", "async_save")})
         t2 = time.perf_counter()
-        wait = marks["after"] - marks["before"] if marks["after"] else 0.0
-        return {"step": i, "total": t2 - t0, "save": t2 - t1, "hook_wait": wait}
+        rec.update(total=t2 - t0, save=t2 - t1)
+        return rec
 
-    def series(ck, name: str, n: int, timed: bool = True) -> list[dict]:
+    def drain(kind: str) -> None:
+        if kind == "ucp":
+            ck.wait()
+        elif kind in dcps:
+            dcps[kind].drain()
+
+    def series(kind: str, n: int, timed_: bool = True) -> list[dict]:
         out = []
         for _ in range(n):
-            rec = one_step(ck)
+            rec = one_step(kind)
             out.append(rec)
-            rank_log(f"  {name:<7} step {rec['step']:3d} {rec['total'] * 1e3:9.1f} ms  save {rec['save'] * 1e3:7.1f} ms"
-                     f"  hook wait {rec['hook_wait'] * 1e3:7.1f} ms" + ("" if timed else "  (untimed)"))
-        return out if timed else []
+            rank_log(f"  {kind:<11} step {rec['step']:3d} {rec['total'] * 1e3:9.1f} ms"
+                     f"  save {rec['save'] * 1e3:7.1f} ms"
+                     f"  hook wait {rec['hook_wait'] * 1e3:7.1f} ms" + ("" if timed_ else "  (untimed)"))
+        return out if timed_ else []
 
-    res: dict = {"rank": rank, "pid": os.getpid()}
-    ck = ucp.Checkpointer(paths["snap"], model=par.model, optimizer=opt, options=lay.checkpoint_options(cfg),
-                          snapshot=ucp.SnapshotOptions(every=1, persist_every=None, job=job))
-    rank_log(f"warm-up: {warmup} steps without snapshots, {warmup} with (the first two allocate the slots)")
-    series(None, "without", warmup, timed=False)
-    series(ck, "with", warmup, timed=False)
-    ck.wait()
-    without, with_ = [], []
+    rank_log(f"warm-up: {warmup} untimed steps of each kind {KINDS}")
+    for kind in KINDS:
+        series(kind, warmup, timed_=False)
+        drain(kind)
+    per = steps // rounds
+    loop: dict = {k: [] for k in KINDS}
     for r in range(rounds):
-        # Each series starts with an untimed lead-in step: in the timed steps with snapshots, every
-        # step then overlaps exactly one copy (the previous step's) and makes one save.
-        rank_log(f"round {r + 1}/{rounds}: {steps_per_round} steps without snapshots, then with one every step")
-        series(None, "without", 1, timed=False)
-        without += series(None, "without", steps_per_round)
-        series(ck, "with", 1, timed=False)
-        with_ += series(ck, "with", steps_per_round)
-        ck.wait()
-    total = state_bytes(par.model, opt)
-    res["state_bytes"] = total
-    res["step_without"] = rank_max([r["total"] for r in without])
-    res["step_with"] = rank_max([r["total"] for r in with_])
-    res["save_call_with"] = rank_max([r["save"] for r in with_])
-    res["hook_wait_with"] = rank_max([r["hook_wait"] for r in with_])
-    res["write_in_loop"] = rank_max([writes.get(r["step"], "write_s") for r in with_])
-    res["checksum_in_loop"] = rank_max([writes.get(r["step"], "checksum_s") for r in with_])
+        order = rotated(KINDS, r)
+        rank_log(f"round {r + 1}/{rounds}: {per} steps of each kind, in the order {order}")
+        for kind in order:
+            series(kind, 1, timed_=False)  # the lead-in: each timed step overlaps one earlier save
+            loop[kind] += series(kind, per)
+            drain(kind)
+    res["load_avg"]["after_loop"] = benchlib.load_average()
+    res["state_bytes"] = state_bytes(par.model, opt)
+    for kind, recs in loop.items():
+        for f in ("total", "save", "hook_wait", *(("state_dict", "upload_wait", "async_save") if kind in dcps else ())):
+            res[f"{kind}_{f}"] = rank_max([x[f] for x in recs])
+    res["write_in_loop"] = rank_max([writes.get(x["step"], "write_s") for x in loop["ucp"]])
+    res["checksum_in_loop"] = rank_max([writes.get(x["step"], "checksum_s") for x in loop["ucp"]])
+    for d in dcps.values():
+        d.close()
+    res["dcp_configs"] = {k: d.describe() for k, d in dcps.items()}
+    dist.barrier()
+    if rank == 0:  # DCP's checkpoints are not needed any more: their memory back
+        for k in dcps:
+            shutil.rmtree(Path(paths["dcp"]) / k)
 
-    # -- snapshot throughput, trainers idle --
-    rank_log("snapshots, trainers idle")
-    snap, write, sums, call = [], [], [], []
-    nbytes = 0
-    for _ in range(repeats):
+    # -- snapshot throughput, trainers idle, side by side with the floors of the same bytes --
+    rank_log("snapshots and floors, trainers idle")
+    step_no[0] += 1
+    nbytes = ck.save(step_no[0]).nbytes
+    ck.wait()
+    floors = benchlib.Floors(nbytes)
+    shm_dst = shm_buffer(nbytes)
+    shm_dst[:] = 0  # touched, like the agent's reused slots
+
+    def snapshot() -> None:
         step_no[0] += 1
-        dist.barrier()
-        t0 = time.perf_counter()
         saved = ck.save(step_no[0])
-        t1 = time.perf_counter()
+        if saved is None or saved.tier != "memory":
+            raise RuntimeError(f"save({step_no[0]}) returned {saved!r}, not a snapshot in memory")
         ck.wait()
-        t2 = time.perf_counter()
-        dist.barrier()
-        nbytes = saved.nbytes
-        if saved.tier != "memory":
-            raise RuntimeError(f"save({step_no[0]}) went to the {saved.tier!r} tier, not memory")
-        snap.append(t2 - t0)
-        call.append(t1 - t0)
-        write.append(writes.get(step_no[0], "write_s"))
-        sums.append(writes.get(step_no[0], "checksum_s"))
-        rank_log(f"  snapshot {step_no[0]}: save+wait {(t2 - t0) * 1e3:8.1f} ms (save {(t1 - t0) * 1e3:.1f}, "
-                 f"write {write[-1] * 1e3:.1f}, checksums {sums[-1] * 1e3:.1f}) {nbytes / 1e6:.1f} MB")
+
+    ops = {"snapshot": (snapshot, False), "memcpy_2thread": (floors.memcpy, False),
+           "memcpy_1thread": (floors.memcpy, True),
+           "memcpy_shm_2thread": (lambda: np.copyto(shm_dst, floors.src), False),
+           "crc32c_2thread": (floors.crc32c, False)}
+    idle: dict = {k: [] for k in ops}
+    write, sums = [], []
+    for r in range(repeats):
+        for name in rotated(list(ops), r):
+            fn, alone = ops[name]
+            idle[name].append(timed(fn, alone))
+            if name == "snapshot":
+                write.append(writes.get(step_no[0], "write_s"))
+                sums.append(writes.get(step_no[0], "checksum_s"))
+        rank_log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in idle.items()))
+    del shm_dst
     last = step_no[0]
-    res["snapshot_bytes"] = rank_sum(nbytes)
     res["snapshot_rank_bytes"] = nbytes
-    res["snapshot_s"] = rank_max(snap)
-    res["snapshot_call_s"] = rank_max(call)
+    res["snapshot_bytes"] = rank_sum(nbytes)
+    for name, samples in idle.items():
+        res[f"idle_{name}"] = rank_max(samples)
     res["snapshot_write_s"] = rank_max(write)
     res["snapshot_checksum_s"] = rank_max(sums)
-
-    # -- memcpy of as many bytes, both ranks at once: into private memory, and into a tmpfs mapping --
-    rank_log("memcpy")
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
-    for kind, dst in (("memcpy_s", torch.empty_like(src)), ("memcpy_shm_s", shm_buffer(nbytes))):
-        dst.fill_(0)  # preallocated and touched, like the agent's reused slots
-        copies = []
-        for _ in range(repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            copies.append(time.perf_counter() - t0)
-            dist.barrier()
-        del dst
-        res[kind] = rank_max(copies)
-        rank_log(f"  {kind[:-2]} {nbytes / 1e6:.1f} MB per rank: best {min(res[kind]) * 1e3:.1f} ms")
-    del src
-
-    # -- DCP async_save of the same state --
-    rank_log("dcp.async_save")
-    sd_s, block_s, done_s = [], [], []
-    for r in range(repeats + 1):
-        target = Path(paths["dcp"]) / f"r{r}"
-        dist.barrier()
-        t0 = time.perf_counter()
-        state = {"model": get_model_state_dict(par.model), "optim": get_optimizer_state_dict(par.model, opt)}
-        t1 = time.perf_counter()
-        fut = dcp.async_save(state, checkpoint_id=target)
-        t2 = time.perf_counter()
-        fut.result()
-        t3 = time.perf_counter()
-        del state, fut
-        dist.barrier()
-        if rank == 0:
-            shutil.rmtree(target, ignore_errors=True)
-        if r == 0:  # untimed: first-call costs
-            continue
-        sd_s.append(t1 - t0)
-        block_s.append(t2 - t1)
-        done_s.append(t3 - t1)
-    res["dcp_state_dict_s"] = rank_max(sd_s)
-    res["dcp_block_s"] = rank_max(block_s)
-    res["dcp_done_s"] = rank_max(done_s)
-    rank_log(f"  async_save blocked {[round(x * 1e3, 1) for x in res['dcp_block_s']]} ms, "
-             f"done after {[round(x, 2) for x in res['dcp_done_s']]} s")
+    res["load_avg"]["after_idle"] = benchlib.load_average()
 
     # -- what a restore must give back; the same state durably --
     res["checksums"] = checksums(par.model, opt)
@@ -401,14 +404,14 @@ def train_and_snapshot(cfg_fields: dict, paths: dict, job: str, steps: int, roun
     os._exit(3)
 
 
-# -- run 2: restart, restore from memory and from the durable checkpoint ----------------------------
+# -- run 2: restart, restore from memory and from the durable checkpoint, next to the floors ---------
 
 
-def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, threads: int) -> dict:
+def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, nbytes: int, threads: int) -> dict:
     import torch.distributed as dist
 
     import ucp
-    from bench_reshard import build_target, check_sums, drop_cache, io_read_bytes, scramble
+    from bench_reshard import build_target, check_sums, drop_cache, scramble
     from bench_save import PhaseTimer
 
     with benchlib.elastic_rank(threads):
@@ -417,14 +420,15 @@ def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, 
         memory = ucp.Checkpointer(paths["snap"], model=model, optimizer=opt, options=opts,
                                   snapshot=ucp.SnapshotOptions(every=1, persist_every=None, job=job))
         durable = ucp.Checkpointer(paths["durable"], model=model, optimizer=opt, options=opts)
-        out = {"rank": rank, "samples": {}, "sources": {}, "exact": True, "mismatch": [], "disk": {}, "phases": {}}
+        out = {"rank": rank, "samples": {}, "sources": {}, "exact": True, "mismatch": [], "disk": {}, "phases": {},
+               "floors": {}, "load_avg": {"start": benchlib.load_average()}}
         phases = PhaseTimer()
 
-        def timed(name: str, ck, want: str) -> None:
+        def load(name: str, ck, want: str) -> None:
             scramble(model, opt)
             if name == "durable_cold":
                 drop_cache(Path(paths["durable_path"]))
-            io0 = io_read_bytes()
+            io0 = benchlib.io_read_bytes()
             dist.barrier()
             phases.take()
             t = time.perf_counter()
@@ -434,21 +438,40 @@ def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, 
             ph = phases.take()
             if res is None or res.step != saved["step"] or res.source != want:
                 raise RuntimeError(f"{name}: load returned {res!r}; expected step {saved['step']} from {want!r}")
-            if s <= min(out["samples"].get(name, [s])):
-                out["phases"][name] = ph
             out["samples"].setdefault(name, []).append(s)
+            out["phases"].setdefault(name, []).append(ph)
             out["sources"][name] = res.source
-            out["disk"][name] = io_read_bytes() - io0
+            out["disk"][name] = max(out["disk"].get(name, 0), benchlib.io_read_bytes() - io0)
             check_sums(checksums(model, opt), saved["checksums"], name, out)
             if rank == 0:
                 log(f"  {name:<14} {s:8.3f} s  source {res.source}  step {res.step}  "
                     f"rank0 read {res.nbytes / 1e6:.1f} MB  phases {ph}")
 
-        timed("memory_first", memory, "memory")
-        for _ in range(repeats):
-            timed("memory", memory, "memory")
-            timed("durable_cold", durable, "durable")
-            timed("durable_warm", durable, "durable")
+        floors = benchlib.Floors(nbytes)
+        scratch = Path(paths["floors"]) / f"rank{rank}.bin"
+
+        def write_and_cold_read() -> None:
+            out["floors"].setdefault("write_fsync_2thread", []).append(timed(lambda: floors.write_fsync(scratch)))
+            floors.drop(scratch)
+            out["floors"].setdefault("cold_read_2thread", []).append(timed(lambda: floors.cold_read(scratch)))
+            out["disk"]["cold_read"] = max(out["disk"].get("cold_read", 0), floors.disk_read_bytes)
+
+        def floor(name: str, fn, alone: bool = False) -> None:
+            out["floors"].setdefault(name, []).append(timed(fn, alone))
+
+        load("memory_first", memory, "memory")
+        kinds = {"memory": lambda: load("memory", memory, "memory"),
+                 "durable_cold": lambda: load("durable_cold", durable, "durable"),
+                 "durable_warm": lambda: load("durable_warm", durable, "durable"),
+                 "memcpy_2thread": lambda: floor("memcpy_2thread", floors.memcpy),
+                 "memcpy_1thread": lambda: floor("memcpy_1thread", floors.memcpy, alone=True),
+                 "crc32c_2thread": lambda: floor("crc32c_2thread", floors.crc32c),
+                 "write_fsync_cold_read": write_and_cold_read}
+        for r in range(repeats):
+            for name in rotated(list(kinds), r):
+                kinds[name]()
+        scratch.unlink()
+        out["load_avg"]["end"] = benchlib.load_average()
         memory.close()
         durable.close()
         dist.barrier()
@@ -461,15 +484,23 @@ def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, 
 def parse_args(argv=None):
     ap = benchlib.parser(__doc__)
     benchlib.add_size_mb(ap, 1000.0, "both ranks")
-    ap.add_argument("--steps", type=int, default=16, help="timed training steps with and without snapshots, each")
-    ap.add_argument("--rounds", type=int, default=8,
-                    help="the timed steps alternate between the two kinds in this many rounds (must divide --steps)")
+    ap.add_argument("--steps", type=int, default=8, help="timed training steps of each kind")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="the timed steps of the kinds alternate in this many rounds (must divide --steps)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first (>= 2: the slots)")
-    benchlib.add_repeats(ap, 5, "idle snapshots, memcpys, DCP saves and loads of each kind")
+    benchlib.add_repeats(ap, 5, "rounds of idle snapshots, restores of each kind and floors")
     ap.add_argument("--batch", type=int, default=8, help="global batch (sequences of 32 tokens) of a training step")
     benchlib.add_work(ap)
+    ap.add_argument("--dcp-dir", default=None,
+                    help="where DCP writes (a fresh directory inside it, removed after; default /dev/shm: memory)")
     benchlib.add_keep(ap, "the work directory: the durable checkpoint, the ranks' reports")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: " + " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in QUICK.items())
+                    + " unless given")
     args = ap.parse_args(argv)
+    if args.quick:
+        ap.set_defaults(**QUICK)
+        args = ap.parse_args(argv)
     if args.size_mb <= 0 or args.steps < 1 or args.warmup < 2 or args.repeats < 1 or args.rounds < 1:
         ap.error("--size-mb must be > 0, --steps, --rounds and --repeats >= 1, --warmup >= 2")
     if args.steps % args.rounds:
@@ -520,20 +551,105 @@ def run_and_kill(paths: dict, *launch_args) -> tuple[dict, list[int]]:
     return {r: json.loads((results / f"rank{r}.json").read_text()) for r in range(NPROC)}, killed
 
 
-def bench(args, work: Path, job: str) -> dict:
+def loop_figures(out: dict, r0: dict, steps: int, rounds: int) -> None:
+    """The training loop's figures of each kind into ``out`` (module docstring)."""
+    per = steps // rounds
+    none = r0["none_total"]
+    out["step_ms_without"] = ms(median(none))
+    out["step_ms_without_all"] = [ms(x) for x in none]
+    for kind in KINDS[1:]:
+        pre = "" if kind == "ucp" else f"{kind}_"
+        steps_k = r0[f"{kind}_total"]
+        diffs = [median(steps_k[i:i + per]) - median(none[i:i + per]) for i in range(0, steps, per)]
+        stall = median(steps_k) - median(none)
+        out[f"{pre}step_ms" if pre else "step_ms_with"] = ms(median(steps_k))
+        out[f"{pre}step_ms_all" if pre else "step_ms_with_all"] = [ms(x) for x in steps_k]
+        out[f"{pre}stall_ms"] = ms(stall)
+        out[f"{pre}stall_ms_paired"] = ms(median(diffs))
+        out[f"{pre}stall_ms_rounds"] = [ms(x) for x in diffs]
+        out[f"{pre}stall_ms_spread"] = summary(diffs, 1e3, 2)
+        out[f"{pre}stall_fraction"] = round(stall / median(none), 4)
+        out[f"{pre}save_call_ms"] = ms(median(r0[f"{kind}_save"]))
+    out["hook_wait_ms"] = ms(median(r0["ucp_hook_wait"]))
+    out["hook_wait_ms_all"] = [ms(x) for x in r0["ucp_hook_wait"]]
+    out["snapshot_write_in_loop_ms"] = taken_ms(median(r0["write_in_loop"]))
+    out["snapshot_checksum_in_loop_ms"] = taken_ms(median(r0["checksum_in_loop"]))
+    for kind in ("dcp_default", "dcp_best"):
+        for f in ("state_dict", "upload_wait", "async_save"):
+            out[f"{kind}_{f}_ms"] = ms(median(r0[f"{kind}_{f}"]))
+    out["dcp_best_staging_wait_ms"] = ms(median(r0["dcp_best_hook_wait"]))
+    out["dcp_configs"] = r0["dcp_configs"]
+
+
+def idle_figures(out: dict, r0: dict) -> dict:
+    """The idle snapshots' and the floors' figures into ``out``; returns the floors (GB/s)."""
+    total, rank_bytes = r0["snapshot_bytes"], r0["snapshot_rank_bytes"]
+    snap = r0["idle_snapshot"]
+    out["snapshot_s"] = round(median(snap), 4)
+    out["snapshot_gbps"] = gbps(total, median(snap))
+    out["snapshot_gbps_spread"] = summary([total / 1e9 / s for s in snap], digits=3)
+    out["snapshot_all_s"] = [round(x, 4) for x in snap]
+    out["snapshot_write_s"] = None if median(r0["snapshot_write_s"]) < 0 else round(median(r0["snapshot_write_s"]), 4)
+    out["snapshot_write_gbps"] = gbps(total, out["snapshot_write_s"])
+    out["snapshot_checksum_s"] = (None if median(r0["snapshot_checksum_s"]) < 0
+                                  else round(median(r0["snapshot_checksum_s"]), 4))
+    floors = {}
+    for name in ("memcpy_1thread", "memcpy_2thread", "memcpy_shm_2thread", "crc32c_2thread"):
+        nb = rank_bytes if name.endswith("1thread") else total
+        xs = r0[f"idle_{name}"]
+        floors[name] = gbps(nb, median(xs))
+        out[f"{name}_gbps_spread"] = summary([nb / 1e9 / s for s in xs], digits=3)
+    floors["crc32c_per_core"] = gbps(rank_bytes, median(r0["idle_crc32c_2thread"]))
+    out["floors_gbps"] = floors
+    out["memcpy_gbps"] = floors["memcpy_2thread"]  # the throughput target's reference
+    out["memcpy_shm_gbps"] = floors["memcpy_shm_2thread"]
+    out["snapshot_over_memcpy"] = ratio(out["snapshot_gbps"], floors["memcpy_2thread"])
+    return floors
+
+
+def restore_figures(out: dict, ranks: dict, total: int, rank_bytes: int) -> dict:
+    """The restores' and their floors' figures into ``out``; returns the floors (GB/s)."""
+    rr = ranks[0]
+    out["restore_source_memory"] = rr["sources"]["memory"]
+    out["restore_source_durable"] = rr["sources"]["durable_cold"]
+    out["restore_memory_first_s"] = round(rr["samples"]["memory_first"][0], 4)
+    for name in ("memory", "durable_cold", "durable_warm"):
+        samples = rr["samples"][name]
+        benchlib.median_of(out, f"restore_{name}", samples, total)
+        order = sorted(range(len(samples)), key=samples.__getitem__)
+        out[f"restore_{name}_phases"] = rr["phases"][name][order[(len(order) - 1) // 2]]  # the median load's
+    out["restore_durable_cold_disk_read_gb"] = round(max(r["disk"]["durable_cold"] for r in ranks.values()) / 1e9, 4)
+    # every rank timed each floor between the same barriers: the slower rank's time is the floor's
+    floor_s = {name: [max(r["floors"][name][i] for r in ranks.values()) for i in range(len(xs))]
+               for name, xs in rr["floors"].items()}
+    floors = {}
+    for name, xs in sorted(floor_s.items()):
+        nb = rank_bytes if name.endswith("1thread") else total
+        floors[name] = gbps(nb, median(xs))
+        out[f"restore_floor_{name}_gbps_spread"] = summary([nb / 1e9 / s for s in xs], digits=3)
+    floors["crc32c_per_core"] = gbps(rank_bytes, median(floor_s["crc32c_2thread"]))
+    out["restore_floors_gbps"] = floors
+    out["cold_read_disk_gb"] = round(max(r["disk"]["cold_read"] for r in ranks.values()) / 1e9, 4)
+    return floors
+
+
+def bench(args, work: Path, dcp_dir: Path, job: str) -> dict:
     from ucp.snapshot import discovery
     from ucp.trainer.launch import launch
 
     t_all = time.perf_counter()
+    load_avg = {"start": benchlib.load_average()}
     cfg = model_config(args.size_mb, args.batch)
     threads = max(1, (os.cpu_count() or 1) // NPROC)
-    paths = {"snap": str(work / "snap"), "durable": str(work / "durable"), "dcp": str(work / "dcp"),
-             "results": str(work / "results")}
-    Path(paths["results"]).mkdir()
-    log(f"run 1: {NPROC} ranks, layout {LAYOUT}, config {cfg}, job {job}")
+    paths = {"snap": str(work / "snap"), "durable": str(work / "durable"), "dcp": str(dcp_dir),
+             "results": str(work / "results"), "floors": str(work / "floors")}
+    for p in ("results", "floors"):
+        Path(paths[p]).mkdir()
+    log(f"run 1: {NPROC} ranks, layout {LAYOUT}, config {cfg}, job {job}, DCP writes to {dcp_dir}")
     reports, killed = run_and_kill(paths, cfg, paths, job, args.steps, args.rounds, args.warmup, args.repeats,
                                    threads)
     r0 = reports[0]
+    load_avg.update({f"run1_{k}": v for k, v in r0["load_avg"].items()})
     info = discovery.read_info(job)
     survived = info is not None and discovery.is_alive(info)
     if not survived:
@@ -543,68 +659,49 @@ def bench(args, work: Path, job: str) -> dict:
     log(f"run 2: restart on {NPROC} ranks from seed {DST_SEED}, restore")
     paths["durable_path"] = r0["durable_path"]
     saved = {"step": r0["step"], "checksums": r0["checksums"]}
-    ranks = launch(NPROC, restore, cfg, paths, job, args.repeats, saved, threads, run_id="ucp-bench-snapshot-restore")
-    rr = ranks[0]
+    ranks = launch(NPROC, restore, cfg, paths, job, args.repeats, saved, r0["snapshot_rank_bytes"], threads,
+                   run_id="ucp-bench-snapshot-restore")
+    load_avg.update({f"run2_{k}": v for k, v in ranks[0]["load_avg"].items()})
 
     total = r0["state_bytes"]
-    snap_bytes = r0["snapshot_bytes"]
-    without, with_ = median(r0["step_without"]), median(r0["step_with"])
-    stall = with_ - without
-    per = args.steps // args.rounds
-    paired = median([median(r0["step_with"][i:i + per]) - median(r0["step_without"][i:i + per])
-                     for i in range(0, args.steps, per)])
-    snap_s, memcpy_s = min(r0["snapshot_s"]), min(r0["memcpy_s"])
-    dcp_block = median(r0["dcp_block_s"])
-    best = {k: min(v) for k, v in rr["samples"].items()}
     out = {
         "bench": "ucp_snapshot_memory_tier", "nproc": NPROC, "layout": LAYOUT, "config": cfg, "threads": threads,
-        "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "repeats": args.repeats,
-        "state_gb": round(total / 1e9, 4), "snapshot_gb": round(snap_bytes / 1e9, 4),
-        # per-step stall
-        "step_ms_without": ms(without), "step_ms_with": ms(with_), "stall_ms": ms(stall),
-        "stall_ms_paired": ms(paired),
-        "stall_fraction": round(stall / without, 4),
-        "step_ms_without_all": [ms(x) for x in r0["step_without"]],
-        "step_ms_with_all": [ms(x) for x in r0["step_with"]],
-        "save_call_ms": ms(median(r0["save_call_with"])), "hook_wait_ms": ms(median(r0["hook_wait_with"])),
-        "hook_wait_ms_all": [ms(x) for x in r0["hook_wait_with"]],
-        "snapshot_write_in_loop_ms": taken_ms(median(r0["write_in_loop"])),
-        "snapshot_checksum_in_loop_ms": taken_ms(median(r0["checksum_in_loop"])),
-        # throughput, trainers idle
-        "snapshot_s": round(snap_s, 4), "snapshot_gbps": round(snap_bytes / 1e9 / snap_s, 3),
-        "snapshot_all_s": [round(x, 4) for x in r0["snapshot_s"]],
-        "snapshot_save_call_ms": ms(min(r0["snapshot_call_s"])),
-        "snapshot_write_s": taken_s(min(r0["snapshot_write_s"])),
-        "snapshot_write_gbps": gbps(snap_bytes, taken_s(min(r0["snapshot_write_s"]))),
-        "snapshot_checksum_s": taken_s(min(r0["snapshot_checksum_s"])),
-        "memcpy_s": round(memcpy_s, 4), "memcpy_gbps": round(snap_bytes / 1e9 / memcpy_s, 3),
-        "memcpy_all_s": [round(x, 4) for x in r0["memcpy_s"]],
-        "memcpy_shm_s": round(min(r0["memcpy_shm_s"]), 4),
-        "memcpy_shm_gbps": round(snap_bytes / 1e9 / min(r0["memcpy_shm_s"]), 3),
-        # DCP
-        "dcp_async_block_ms": ms(dcp_block), "dcp_async_block_all_ms": [ms(x) for x in r0["dcp_block_s"]],
-        "dcp_state_dict_ms": ms(median(r0["dcp_state_dict_s"])),
-        "dcp_async_done_s": round(median(r0["dcp_done_s"]), 3),
-        "durable_save_s": round(r0["durable_save_s"], 3),
-        # restore after the kill
-        "trainers_killed": len(killed), "agent_survived_kill": survived, "restored_step": r0["step"],
-        "restore_source_memory": rr["sources"]["memory"], "restore_source_durable": rr["sources"]["durable_cold"],
-        "restore_memory_first_s": round(best["memory_first"], 4),
+        "cpus": os.cpu_count(), "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+        "repeats": args.repeats, "state_gb": round(total / 1e9, 4), "snapshot_gb": round(r0["snapshot_bytes"] / 1e9, 4),
     }
-    for name in ("memory", "durable_cold", "durable_warm"):
-        benchlib.best_of(out, f"restore_{name}", rr["samples"][name], total)
-        out[f"restore_{name}_phases"] = rr["phases"][name]
-    out["restore_durable_cold_disk_read_gb"] = round(max(ranks[r]["disk"]["durable_cold"] for r in ranks) / 1e9, 4)
-    out["speedup_memory_vs_durable_cold"] = round(best["durable_cold"] / best["memory"], 3)
-    out["speedup_memory_vs_durable_warm"] = round(best["durable_warm"] / best["memory"], 3)
-    out["stall_over_dcp_block"] = round(stall / dcp_block, 4)
-    out["snapshot_over_memcpy"] = round(out["snapshot_gbps"] / out["memcpy_gbps"], 4)
-    out["bit_exact"] = rr["exact"]
-    if rr["mismatch"]:
-        out["mismatch"] = rr["mismatch"]
-    out["target_stall_met"] = stall <= dcp_block / 3
-    out["target_throughput_met"] = out["snapshot_gbps"] >= 0.5 * out["memcpy_gbps"]
-    out["target_restore_met"] = best["durable_cold"] >= 10 * best["memory"]
+    loop_figures(out, r0, args.steps, args.rounds)
+    floors = idle_figures(out, r0)
+    out["durable_save_s"] = round(r0["durable_save_s"], 3)
+    out["trainers_killed"] = len(killed)
+    out["agent_survived_kill"] = survived
+    out["restored_step"] = r0["step"]
+    rfloors = restore_figures(out, ranks, total, r0["snapshot_rank_bytes"])
+    mem, warm, cold = (out[f"restore_{k}_gbps"] for k in ("memory", "durable_warm", "durable_cold"))
+    out["speedup_memory_vs_durable_cold"] = ratio(out["restore_durable_cold_s"], out["restore_memory_s"])
+    out["speedup_memory_vs_durable_warm"] = ratio(out["restore_durable_warm_s"], out["restore_memory_s"])
+    out["ucp_over_floor"] = {
+        "snapshot_vs_memcpy_1thread": ratio(out["snapshot_gbps"], floors["memcpy_1thread"]),
+        "snapshot_vs_memcpy_2thread": ratio(out["snapshot_gbps"], floors["memcpy_2thread"]),
+        "snapshot_vs_memcpy_shm_2thread": ratio(out["snapshot_gbps"], floors["memcpy_shm_2thread"]),
+        "snapshot_vs_crc32c_2thread": ratio(out["snapshot_gbps"], floors["crc32c_2thread"]),
+        "restore_memory_vs_memcpy_1thread": ratio(mem, rfloors["memcpy_1thread"]),
+        "restore_memory_vs_memcpy_2thread": ratio(mem, rfloors["memcpy_2thread"]),
+        "restore_memory_vs_crc32c_2thread": ratio(mem, rfloors["crc32c_2thread"]),
+        "restore_durable_warm_vs_memcpy_2thread": ratio(warm, rfloors["memcpy_2thread"]),
+        "restore_durable_cold_vs_cold_read_2thread": ratio(cold, rfloors["cold_read_2thread"]),
+        "durable_save_vs_write_fsync_2thread": ratio(gbps(total, r0["durable_save_s"]), rfloors["write_fsync_2thread"]),
+    }
+    out["stall_over_dcp_best"] = ratio(out["stall_ms"], out["dcp_best_stall_ms"]) \
+        if (out["dcp_best_stall_ms"] or 0) > 0 else None
+    out["bit_exact"] = all(r["exact"] for r in ranks.values())
+    mismatch = [m for r in ranks.values() for m in r["mismatch"]]
+    if mismatch:
+        out["mismatch"] = mismatch
+    out["target_throughput_met"] = out["snapshot_gbps"] >= 0.6 * floors["memcpy_2thread"]
+    out["target_restore_met"] = mem >= 0.5 * rfloors["memcpy_2thread"] and mem >= 2 * warm
+    out["target_stall_met"] = out["stall_ms"] <= out["dcp_best_stall_ms"]
+    load_avg["end"] = benchlib.load_average()
+    out["load_avg"] = load_avg
     return benchlib.versions(out, t_all)
 
 
@@ -632,11 +729,13 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated bench still stops its agent
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     job = f"benchsnap-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    dcp_dir = Path(tempfile.mkdtemp(prefix="ucp-bench-snapshot-dcp.", dir=args.dcp_dir or "/dev/shm"))
     with benchlib.workdir(args.work, "ucp_bench_snapshot_", log, args.keep) as work:
         try:
-            out = benchlib.attempt(bench, args, work, job, log=log)
+            out = benchlib.attempt(bench, args, work, dcp_dir, job, log=log)
         finally:
             left = stop_agent(job)
+            shutil.rmtree(dcp_dir, ignore_errors=True)
     if left:
         log(f"FAILED: the agent left {len(left)} segment(s) behind (removed now): {left}")
         if isinstance(out, dict):

@@ -1,6 +1,8 @@
 """What the benchmark scripts ``tools/bench_*.py`` (and ``tools/chaos.py``) share: their log line, the
 launch of a local gloo world, the start of a rank under torch's elastic launcher, the common flags,
-the work directory, the run-and-report frame of ``main`` and the figures of the JSON line.
+the work directory, the run-and-report frame of ``main``, the figures of the JSON line (medians with
+their spread), PyTorch DCP's ``async_save`` as a training loop calls it (:class:`DcpSaver`) and the
+floors of one pass over the bytes (:class:`Floors`).
 
 The scripts are scripts, not a package: ``python tools/bench_x.py`` puts ``tools/`` first on
 ``sys.path``, so ``import benchlib`` (and ``from bench_reshard import ...``) find this folder's files;
@@ -260,6 +262,29 @@ def spread(xs):
     return (max(xs) - min(xs)) / mid if mid else None
 
 
+def quantile(xs, q: float):
+    """The ``q``-quantile of ``xs`` (linear between the two nearest ranks); None when empty."""
+    xs = sorted(xs)
+    if not xs:
+        return None
+    at = q * (len(xs) - 1)
+    lo = int(at)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (at - lo)
+
+
+def summary(xs, scale: float = 1.0, digits: int = 4) -> dict | None:
+    """The spread of repeated measurements ``xs`` (each times ``scale``, rounded to ``digits``):
+    ``{"min", "p25", "median", "p75", "max", "n"}``; None when empty."""
+    xs = [x * scale for x in xs]
+    if not xs:
+        return None
+    out = {k: round(quantile(xs, q), digits) for k, q in (("min", 0), ("p25", .25), ("median", .5), ("p75", .75),
+                                                          ("max", 1))}
+    out["n"] = len(xs)
+    return out
+
+
 def ms(x):
     """Seconds as milliseconds to 0.01 ms; None stays None."""
     return None if x is None else round(x * 1e3, 2)
@@ -273,6 +298,17 @@ def best_of(out: dict, key: str, samples: list[float], nbytes: float) -> float:
     out[f"{key}_gbps"] = round(nbytes / 1e9 / best, 3)
     out[f"{key}_all_s"] = [round(x, 4) for x in samples]
     return best
+
+
+def median_of(out: dict, key: str, samples: list[float], nbytes: float) -> float:
+    """Set ``key_s`` (the median of ``samples``, seconds), ``key_gbps`` (``nbytes`` / 10^9 over it),
+    ``key_all_s`` (every sample) and ``key_spread_s`` (:func:`summary`) in ``out``; returns the median."""
+    mid = median(samples)
+    out[f"{key}_s"] = round(mid, 4)
+    out[f"{key}_gbps"] = round(nbytes / 1e9 / mid, 3)
+    out[f"{key}_all_s"] = [round(x, 4) for x in samples]
+    out[f"{key}_spread_s"] = summary(samples)
+    return mid
 
 
 def load_average() -> list[float] | None:
@@ -316,3 +352,152 @@ def drop_cache(paths) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+class DcpSaver:
+    """PyTorch DCP's ``async_save`` of an FSDP2 model and its optimizer, called after a training step,
+    as a training loop would: kind ``dcp_default`` (no ``async_stager``: a fresh CPU copy of the state
+    made before the call returns; thread executor) or ``dcp_best`` (DCP's best documented settings: one
+    ``DefaultStager`` reused by every call with ``StagingOptions(use_async_staging=True,
+    use_shared_memory=True)``, pinned memory and non-blocking copies where CUDA is there, the upload in
+    a background process, ``AsyncCheckpointerType.PROCESS``; the staging waited for in an optimizer
+    pre-step hook, so that it overlaps the next forward and backward).
+
+    Each :meth:`save` first waits for the previous upload; the state comes from
+    ``get_model_state_dict`` + ``get_optimizer_state_dict`` every time; collectives run on ``group``
+    (one of their own: a training's must not interleave with them); checkpoints go to
+    ``directory / kind`` (overwritten). ``last`` holds the parts of the newest call, in seconds:
+    ``upload_wait``, ``state_dict``, ``async_save`` (until it returned) and ``staging_wait`` (the pre-step
+    hook's wait; the caller resets it)."""
+
+    def __init__(self, kind: str, model, opt, directory: Path, group):
+        import torch
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        self.kind, self.model, self.opt, self.dir, self.group = kind, model, opt, directory, group
+        self.pending = None  # the previous call's future (dcp_default) or AsyncSaveResponse (dcp_best)
+        self.staging = None  # dcp_best: the staging not yet waited for
+        self.last = {"state_dict": 0.0, "upload_wait": 0.0, "async_save": 0.0, "staging_wait": 0.0}
+        self.kwargs = {"process_group": group}
+        if kind == "dcp_best":
+            cuda = torch.cuda.is_available()
+            self.config = StagingOptions(use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=True,
+                                         use_non_blocking_copy=cuda)
+            self.kwargs.update(async_stager=DefaultStager(self.config),
+                               async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+            opt.register_step_pre_hook(self._wait_staging)
+
+    def describe(self) -> dict:
+        if self.kind == "dcp_default":
+            return {"async_stager": None, "async_checkpointer_type": "thread", "dir": str(self.dir)}
+        return {"async_stager": "DefaultStager, reused", "staging_options": vars(self.config),
+                "async_checkpointer_type": "process", "staging_waited": "optimizer pre-step hook",
+                "dir": str(self.dir)}
+
+    def _wait_staging(self, *_args, **_kwargs) -> None:
+        if self.staging is not None:
+            t0 = time.perf_counter()
+            self.staging.result()
+            self.last["staging_wait"] = time.perf_counter() - t0
+            self.staging = None
+
+    def save(self, step: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        t0 = time.perf_counter()
+        self.drain()
+        t1 = time.perf_counter()
+        state = {"model": get_model_state_dict(self.model), "optim": get_optimizer_state_dict(self.model, self.opt)}
+        t2 = time.perf_counter()
+        self.pending = dcp.async_save(state, checkpoint_id=self.dir / self.kind, **self.kwargs)
+        self.staging = getattr(self.pending, "staging_completion", None)
+        t3 = time.perf_counter()
+        self.last.update(upload_wait=t1 - t0, state_dict=t2 - t1, async_save=t3 - t2)
+
+    def drain(self) -> None:
+        """Wait for the previous save (its staging, then its upload)."""
+        self._wait_staging()
+        if self.pending is not None:
+            getattr(self.pending, "upload_completion", self.pending).result()
+            self.pending = None
+
+    def close(self) -> None:
+        self.drain()
+        stager = self.kwargs.get("async_stager")
+        if stager is not None:
+            stager.close()
+
+
+# -- floors: what one pass over a rank's bytes costs at best ---------------------------------------
+
+
+class Floors:
+    """The single passes a snapshot or a restore of ``nbytes`` per rank can be compared with, each on
+    preallocated, already touched buffers and in one thread: ``memcpy`` (numpy's copy, which never
+    splits a copy over threads), ``crc32c`` (the ``crc32c`` library over the whole buffer),
+    ``write_fsync`` (the buffer written to ``path`` and fsynced) and ``cold_read`` (``path``'s cached
+    pages dropped, then read back into the buffer; ``disk_read_bytes`` says whether the bytes came
+    from the device). The caller times them and decides which ranks run them at once."""
+
+    def __init__(self, nbytes: int):
+        import numpy as np
+
+        self.src = np.full(nbytes, 7, dtype=np.uint8)
+        self.dst = np.empty(nbytes, dtype=np.uint8)
+        self.dst.fill(0)  # touched: np.zeros would leave the pages to the first copy to fault in
+        self.disk_read_bytes = 0
+
+    def memcpy(self) -> None:
+        import numpy as np
+
+        np.copyto(self.dst, self.src)
+
+    def crc32c(self) -> int:
+        import crc32c
+
+        return crc32c.crc32c(self.src)
+
+    def write_fsync(self, path: Path) -> None:
+        view = memoryview(self.src)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            done = 0
+            while done < view.nbytes:
+                done += os.write(fd, view[done:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def drop(self, path: Path) -> None:
+        """Drop ``path``'s cached pages (they are clean: :meth:`write_fsync` synced them)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def cold_read(self, path: Path) -> None:
+        io0 = io_read_bytes()
+        view = memoryview(self.dst)
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < view.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise RuntimeError(f"{path}: {done} bytes, expected {view.nbytes}")
+                done += n
+        self.disk_read_bytes = io_read_bytes() - io0
+
+
+def io_read_bytes() -> int:
+    """Bytes this process has read from block devices so far (``/proc/self/io``; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

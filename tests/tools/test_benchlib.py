@@ -1,0 +1,56 @@
+"""tools/benchlib.py's figures: quantiles and spreads of repeated measurements, and the floors' passes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from tests.tools.bench import TOOLS
+
+
+@pytest.fixture(scope="module")
+def benchlib():
+    spec = importlib.util.spec_from_file_location("benchlib", TOOLS / "benchlib.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quantile_interpolates_between_ranks(benchlib):
+    assert benchlib.quantile([4, 1, 3, 2], 0.5) == 2.5
+    assert benchlib.quantile([4, 1, 3, 2], 0.25) == 1.75
+    assert benchlib.quantile([5], 0.75) == 5
+    assert benchlib.quantile([], 0.5) is None
+
+
+def test_summary_scales_and_orders(benchlib):
+    s = benchlib.summary([0.003, 0.001, 0.002, 0.010], scale=1e3, digits=2)
+    assert s == {"min": 1.0, "p25": 1.75, "median": 2.5, "p75": 4.75, "max": 10.0, "n": 4}
+    assert benchlib.summary([]) is None
+
+
+def test_median_of_sets_median_throughput_and_spread(benchlib):
+    out: dict = {}
+    assert benchlib.median_of(out, "x", [2.0, 1.0, 4.0], 8e9) == 2.0
+    assert (out["x_s"], out["x_gbps"], out["x_all_s"]) == (2.0, 4.0, [2.0, 1.0, 4.0])
+    assert out["x_spread_s"]["min"] == 1.0 and out["x_spread_s"]["max"] == 4.0
+
+
+def test_floors_copy_checksum_write_and_read_back(benchlib, tmp_path):
+    import crc32c
+
+    f = benchlib.Floors(1 << 20)
+    f.memcpy()
+    assert np.array_equal(f.dst, f.src)
+    assert f.crc32c() == crc32c.crc32c(bytes(f.src))
+    path = tmp_path / "floor.bin"
+    f.write_fsync(path)
+    assert os.path.getsize(path) == 1 << 20
+    f.src[:] = 3  # the read must bring back what was written, not what the buffer holds now
+    f.dst[:] = 0
+    f.drop(path)
+    f.cold_read(path)
+    assert (f.dst == 7).all() and f.disk_read_bytes >= 0
