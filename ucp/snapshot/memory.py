@@ -23,6 +23,7 @@ the segment into the destination, checksummed in the same pass).
 from __future__ import annotations
 
 import os
+import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -226,6 +227,9 @@ class MemoryTier:
             sums = copy_block_crc32c(regions, BLOCK_BYTES, self._pool, self.threads - 1)
             if on_copied is not None:
                 on_copied(done)
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # its frames held views of the slot (it stays closable)
+            raise
         finally:
             del data, regions
         fragments = [dict(f, file=seg.name, offset=p.offset, crc32c=crc, blocks=blocks if p.nbytes > BLOCK_BYTES else [])

@@ -247,6 +247,9 @@ class FragmentFiles:
     def _check_blocks(self, f: Fragment, first: int, blocks: list[int], block_bytes: int) -> None:
         """Block checksums ``blocks`` of fragment ``f``, from block ``first`` on, against its own;
         the first that fails is named."""
+        if len(f.blocks) < first + len(blocks):  # (a manifest validated has them all)
+            raise CorruptCheckpointError(f"{describe(self.directory / f.file, f)} has {len(f.blocks)} block checksums, "
+                                         f"its length needs {-(-f.length // block_bytes)}")
         for i, (got, want) in enumerate(zip(blocks, f.blocks[first:])):
             if got != want:
                 b, a = first + i, f.offset + (first + i) * block_bytes
