@@ -31,7 +31,8 @@ class CheckpointOptions:
         patterns: ``{glob: Pattern}`` (first match wins) giving plain (non-DTensor) tensors their
             geometry, e.g. Megatron-style tensor parallel shards; needs ``layout``.
         rng: save and restore each rank's RNG states (python, numpy, torch, CUDA).
-        io_threads: threads used for checksums and reads on each rank.
+        io_threads: threads used for checksums and reads on each rank, and for each snapshot's copy
+            into memory (at most the CPUs the process may use).
         fsync: make data files durable before the manifest is committed (turn off only for tests).
     """
 

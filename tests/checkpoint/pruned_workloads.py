@@ -31,12 +31,12 @@ def load_newest_pruned_on_one_rank(root: str, aside: str) -> tuple:
     pruned = []
 
     class Pruned(FragmentReader):
-        def __init__(self, directory, manifest=None):
+        def __init__(self, directory, manifest=None, **kwargs):
             if dist.get_rank() == 1 and not pruned:
                 pruned.append(directory)
                 os.rename(aside, store.step_dir(root, 5))  # another job's save of step 5, then its keep=1
                 store.remove_checkpoint(store.step_dir(root, 4))
-            super().__init__(directory, manifest)
+            super().__init__(directory, manifest, **kwargs)
 
     fresh, fresh_opt = build_mlp("tp", seed=1)
     real = load_module.FragmentReader

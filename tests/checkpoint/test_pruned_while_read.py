@@ -66,9 +66,9 @@ def _prune_on(monkeypatch, where: str, victim, then=lambda: None):
         monkeypatch.setattr(load_module, "open_manifest", reading)
     else:
         class Pruned(FragmentReader):
-            def __init__(self, directory, manifest=None):
+            def __init__(self, directory, manifest=None, **kwargs):
                 prune()
-                super().__init__(directory, manifest)
+                super().__init__(directory, manifest, **kwargs)
         monkeypatch.setattr(load_module, "FragmentReader", Pruned)
     return done
 

@@ -92,3 +92,73 @@ def test_read_run_gives_exactly_the_bytes_asked(stored, lo, hi):
         files.read_run(f, lo, hi, out, BLOCK)
         assert files.nbytes >= hi - lo
     assert bytes(out) == data[lo:hi]
+
+
+class _Maps:
+    """Maps data files read-only, as the memory tier maps its segments for a load."""
+
+    def __init__(self, directory):
+        self.directory, self.maps = directory, {}
+
+    def __call__(self, name):
+        import mmap
+
+        with open(self.directory / name, "rb") as fh:
+            self.maps[name] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self.maps[name]
+
+
+def _no_preadv(monkeypatch):
+    def refused(*a):
+        raise AssertionError("a mapped file was read with preadv")
+
+    monkeypatch.setattr(fragment_files.os, "preadv", refused)
+
+
+@pytest.mark.parametrize("helpers", [0, 3])
+def test_a_mapped_file_is_copied_from_its_mapping_and_checked(stored, monkeypatch, helpers):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ucp.codecs import checksum
+
+    directory, data, f = stored
+    monkeypatch.setattr(checksum, "CHUNK_BYTES", BLOCK)  # a chunk per block, a span per two
+    monkeypatch.setattr(checksum, "SPAN_BYTES", 2 * BLOCK)
+    _no_preadv(monkeypatch)
+    with ThreadPoolExecutor(3) as pool, FragmentFiles(directory, maps=_Maps(directory), pool=pool,
+                                                      helpers=helpers) as files:
+        out = bytearray(len(data))
+        assert files.read(f, [out], block_bytes=BLOCK) == f.crc32c and bytes(out) == data
+        for lo, hi in [(0, len(data)), (100, 200), (BLOCK - 1, 2 * BLOCK + 1), (BLOCK, 3 * BLOCK + 123)]:
+            run = memoryview(bytearray(hi - lo))
+            files.read_run(f, lo, hi, run, BLOCK)
+            assert bytes(run) == data[lo:hi]
+        whole = memoryview(bytearray(len(data)))
+        files.read_blocks(f, [(0, 1), (2, 4)], whole, BLOCK)
+        assert bytes(whole[:BLOCK]) == data[:BLOCK] and bytes(whole[2 * BLOCK:]) == data[2 * BLOCK:]
+        assert files.nbytes >= 2 * len(data)
+
+
+def test_a_corrupted_block_of_a_mapped_file_is_named(stored, monkeypatch):
+    directory, data, f = stored
+    raw = bytearray((directory / "f").read_bytes())
+    raw[10 + 2 * BLOCK + 7] ^= 1
+    (directory / "f").write_bytes(bytes(raw))
+    _no_preadv(monkeypatch)
+    with FragmentFiles(directory, maps=_Maps(directory)) as files:
+        with pytest.raises(CorruptCheckpointError) as e:
+            files.read(f, [bytearray(len(data))], block_bytes=BLOCK)
+        said = str(e.value)
+        assert str(directory / "f") in said and "model/w" in said and "block 2 at bytes" in said, said
+        assert "fails its checksum" in said
+        out = memoryview(bytearray(BLOCK))
+        files.read_run(f, BLOCK, 2 * BLOCK, out, BLOCK)  # block 1 is intact
+        assert bytes(out) == data[BLOCK:2 * BLOCK]
+        with pytest.raises(CorruptCheckpointError, match="block 2 at bytes"):
+            files.read_run(f, BLOCK, 3 * BLOCK, memoryview(bytearray(2 * BLOCK)), BLOCK)
+        with pytest.raises(CorruptCheckpointError, match="block 2 at bytes"):
+            files.read_blocks(f, [(1, 3)], memoryview(bytearray(len(data))), BLOCK)
+    unblocked = _fragment(data, blocks=False)  # (format 1.0: the whole checksum alone)
+    with FragmentFiles(directory, maps=_Maps(directory)) as files, \
+            pytest.raises(CorruptCheckpointError, match="fails its checksum"):
+        files.read(unblocked, [bytearray(len(data))], block_bytes=BLOCK)

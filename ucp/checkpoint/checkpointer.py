@@ -187,7 +187,7 @@ class Checkpointer:
                 memory = None
             if memory is not None:
                 try:
-                    result = load_checkpoint(self, step, strict, cast, memory=memory)
+                    result = load_checkpoint(self, step, strict, cast, memory=memory, maps=snaps.mapping)
                 finally:
                     snaps.free_rebuilt()
                 return replace(result, rebuilt=snaps.rebuilt_ranks) if snaps.rebuilt_ranks else result

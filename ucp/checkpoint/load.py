@@ -13,7 +13,7 @@ state is filled into its existing tensors when they fit, else into new ones hand
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
@@ -146,9 +146,10 @@ def _restore_extra_state(model, extra_state: dict) -> None:
 RETRIES = 3
 
 
-def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False, memory=None):
+def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False, memory=None, maps=None):
     """Implementation of :meth:`ucp.Checkpointer.load`; ``memory`` is ``(directory, manifest)`` of an
-    in-memory snapshot (its fragments in the agent's segments) to load instead of searching storage.
+    in-memory snapshot (its fragments in the agent's segments) to load instead of searching storage,
+    and ``maps(name)`` the mapping of such a segment to copy from (else the segments are read).
 
     A checkpoint deleted while being read (retention after another job's save: its manifest goes
     first, docs/format-checkpoint.md rules 3 and 16a) is not corruption: a load of the newest checkpoint
@@ -159,7 +160,7 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False, me
     t0 = time.perf_counter()
     coll = ckpt.coll
     if memory is not None:
-        return _load(ckpt, coll, t0, Path(memory[0]), memory[1], False, strict, cast, "memory")
+        return _load(ckpt, coll, t0, Path(memory[0]), memory[1], False, strict, cast, "memory", maps)
     for attempt in range(RETRIES + 1):
         try:
             return _load_stored(ckpt, coll, t0, step, strict, cast)
@@ -205,11 +206,12 @@ def _load_stored(ckpt, coll, t0: float, step: int | None, strict: bool, cast: bo
                  "universal" if universal else "durable")
 
 
-def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: bool, cast: bool, source: str):
+def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: bool, cast: bool, source: str,
+          maps=None):
     """The phases after the manifest: targets, read, restore. ``manifest`` is a
     :class:`~ucp.storage.manifest_io.StoredManifest` (a checkpoint on storage: each rank reads the
-    rows it needs), a :class:`~ucp.format.manifest.Manifest` (a snapshot in memory) or a universal
-    checkpoint's :class:`~ucp.checkpoint.readers.UniversalSource`."""
+    rows it needs), a :class:`~ucp.format.manifest.Manifest` (a snapshot in memory, its segments
+    mapped by ``maps``) or a universal checkpoint's :class:`~ucp.checkpoint.readers.UniversalSource`."""
     result: dict = {}
     stored = manifest
 
@@ -268,26 +270,30 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             )
         target_layout = ckpt.geometry.layout
         plans = [(p, res) for p, res in result["plans"] if p.numel]
-        if universal:
-            reader = UniversalReader(manifest)
-            jobs = [(reader.read, (p, res, target_layout)) for p, res in plans]
-        else:
-            index = FragmentIndex(manifest.fragments)
-            reader = FragmentReader(path, manifest if source == "durable" else None)
-            jobs = []
-            for p, res in plans:
-                only = res.slices[0]
-                exact = index.exact(only.key, p.box, p.flat) if len(res.slices) == 1 and only.dim is None else None
-                if exact is not None:  # the same layout: straight into the destination
-                    jobs.append((reader.read, (ReadItem(exact), p.data)))
-                else:
-                    jobs.append((reader.read_resharded, (p, res.slices, index, manifest, target_layout)))
-        try:
-            with ThreadPoolExecutor(ckpt.options.io_threads) as pool:
-                for f in [pool.submit(fn, *a) for fn, a in jobs]:
+        threads = ckpt.options.io_threads
+        with ThreadPoolExecutor(threads) as pool:
+            if universal:
+                reader = UniversalReader(manifest)
+                jobs = [(reader.read, (p, res, target_layout)) for p, res in plans]
+            else:  # (a read from memory splits its copy over the pool's threads too)
+                index = FragmentIndex(manifest.fragments)
+                reader = FragmentReader(path, manifest if source == "durable" else None, maps=maps, pool=pool,
+                                        helpers=threads - 1, block_bytes=manifest.block_bytes)
+                jobs = []
+                for p, res in plans:
+                    only = res.slices[0]
+                    exact = index.exact(only.key, p.box, p.flat) if len(res.slices) == 1 and only.dim is None else None
+                    if exact is not None:  # the same layout: straight into the destination
+                        jobs.append((reader.read, (ReadItem(exact), p.data)))
+                    else:
+                        jobs.append((reader.read_resharded, (p, res.slices, index, manifest, target_layout)))
+            futures = [pool.submit(fn, *a) for fn, a in jobs]
+            try:
+                for f in futures:
                     f.result()
-        finally:
-            reader.close()
+            finally:
+                wait(futures)  # (every read has stopped before the files close)
+                reader.close()
         with torch.no_grad():
             for temp, dest in result["casts"]:
                 dest.copy_(temp)

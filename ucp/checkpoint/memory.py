@@ -21,7 +21,6 @@ import torch
 from ucp import __version__
 from ucp.checkpoint.results import SaveResult
 from ucp.comm.side_groups import SideGroups, all_gather_objects, all_reduce_ints, all_true
-from ucp.codecs.checksum import fragment_checksums
 from ucp.errors import PersistError, UcpError, few
 from ucp.format.keys import model_key
 from ucp.plan.save_plan import assign_writers
@@ -116,7 +115,7 @@ class Snapshots:
         if self._memory_tier is None:
             # every rank of a node asks; the first starts the node's agent, the others find it
             self._memory_tier = MemoryTier(self.snapshot.job_name(self.root), self.coll.rank, self.snapshot.timeout,
-                                           self.snapshot.persist_timeout)
+                                           self.snapshot.persist_timeout, self.options.io_threads)
         return self._memory_tier
 
     def save(self, step: int, extras: dict | None, persist: bool) -> SaveResult:
@@ -162,8 +161,7 @@ class Snapshots:
         def copy():
             errors = []
             try:
-                committed, errors = tier.write(step, items, header, lambda views: [fragment_checksums(v) for v in views],
-                                               ready=ready, on_copied=copied)
+                committed, errors = tier.write(step, items, header, ready=ready, on_copied=copied)
                 pending["slot"] = committed["slot"]
             except BaseException as e:  # surfaced by the next ucp call, never lost
                 pending["error"] = e
@@ -504,9 +502,17 @@ class Snapshots:
         text = " ".join("; ".join(reasons).split())  # one line
         warnings.warn(f"ucp: not resuming from memory: {text}; {then}", RuntimeWarning, stacklevel=stacklevel)
 
+    def mapping(self, name: str):
+        """Segment ``name`` of this node's agent mapped for a load from memory
+        (:meth:`ucp.snapshot.memory.MemoryTier.mapping`)."""
+        return self._memory().mapping(name)
+
     def free_rebuilt(self) -> None:
-        """Free the segments a load rebuilt from parity (every rank has read them: the load's last
-        phase is collective)."""
+        """After a load from memory: drop its mappings of other ranks' segments, and free the
+        segments it rebuilt from parity (every rank has read them: the load's last phase is
+        collective)."""
+        if self._memory_tier is not None:
+            self._memory_tier.unmap()
         names, self._rebuilt = self._rebuilt, []
         for name in names:
             try:

@@ -201,10 +201,17 @@ class FragmentReader:
     """Reads fragments of one checkpoint directory into destination tensors, verifying checksums
     (the bytes through :class:`~ucp.storage.fragment_files.FragmentFiles`; with the ``manifest`` of
     a committed checkpoint, each file's size and header are checked as it is opened, and a file
-    pruned while being read is told from corruption: :class:`~ucp.errors.CheckpointDeletedError`)."""
+    pruned while being read is told from corruption: :class:`~ucp.errors.CheckpointDeletedError`).
 
-    def __init__(self, directory: Path, manifest=None):
-        self.files = FragmentFiles(directory, manifest=manifest)
+    With ``maps`` (a snapshot in memory: ``maps(name)`` maps an agent's segment), fragments are
+    copied from the mappings straight into their destinations and checksummed in the same pass,
+    each read split over the calling thread and ``helpers`` tasks on ``pool``; ``block_bytes`` is
+    the manifest's block size, whose block checksums are then checked too.
+    """
+
+    def __init__(self, directory: Path, manifest=None, maps=None, pool=None, helpers: int = 0, block_bytes: int = 0):
+        self.files = FragmentFiles(directory, manifest=manifest, maps=maps, pool=pool, helpers=helpers)
+        self.block_bytes = block_bytes
 
     @property
     def nbytes(self) -> int:
@@ -216,7 +223,7 @@ class FragmentReader:
         f = item.fragment
         direct = dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
         buf = dest if direct else torch.empty(f.numel, dtype=torch_dtype(f.dtype))
-        self.files.read(f, [memoryview(buf.reshape(-1).view(torch.uint8).numpy())])
+        self.files.read(f, [memoryview(buf.reshape(-1).view(torch.uint8).numpy())], block_bytes=self.block_bytes)
         if not direct:
             with torch.no_grad():
                 dest.copy_(buf.view(dest.shape))

@@ -6,7 +6,8 @@ once (reused while the state's size stays the same), and a header the agent publ
 slot that does not hold the rank's newest complete snapshot:
 
 1. ``begin``: the agent drops the slot's header, so a half-written slot is never taken for a snapshot;
-2. the pieces are copied into the segment, coalesced per dtype (64-byte aligned), each checksummed;
+2. the pieces are copied into the segment, coalesced per dtype (64-byte aligned), and checksummed
+   in the same pass (:func:`ucp.codecs.checksum.copy_block_crc32c`, over the tier's threads);
 3. ``commit``: the agent publishes the header (fragments with their offsets, the rank's non-tensor
    state), marked incomplete;
 4. ``complete``: after every rank of the job has committed (the caller's collective), the header
@@ -15,24 +16,32 @@ slot that does not hold the rank's newest complete snapshot:
 
 The header's fragments name the data segment as their file, so the whole snapshot of the node is
 an ordinary distributed checkpoint whose directory is ``/dev/shm``: the durable loader (resharding
-included) reads it unchanged.
+included) reads it, from the mappings of :meth:`MemoryTier.mapping` (a restore copies straight from
+the segment into the destination, checksummed in the same pass).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from ucp.codecs.checksum import copy_block_crc32c
+from ucp.format.manifest import BLOCK_BYTES
 from ucp.snapshot import shm
 from ucp.snapshot.client import AgentClient, ensure_agent
 
 ALIGN = 64
 FORMAT = "ucp.snapshot"
 FORMAT_VERSION = "1.0"
+#: bytes of device-to-host copies queued between two CUDA events: checksums of the first pieces
+#: start while the later ones are still being copied
+EVENT_BYTES = 64 << 20
 
 
 def _aligned(n: int) -> int:
@@ -65,12 +74,24 @@ def place(sizes: list[tuple[str, int]]) -> tuple[list[Placement], int]:
 
 
 class MemoryTier:
-    """One rank's two slots in its node's agent."""
+    """One rank's two slots in its node's agent.
 
-    def __init__(self, job: str, rank: int, timeout: float = 30.0, persist_timeout: float = 600.0):
+    Args:
+        job: the job's name on this node.
+        rank: this rank.
+        timeout: seconds to wait for the agent.
+        persist_timeout: seconds a durable write of a snapshot may take.
+        threads: the threads a snapshot's copy and checksums run on (the writing thread and
+            ``threads - 1`` of the tier's pool), at most the CPUs this process may run on.
+    """
+
+    def __init__(self, job: str, rank: int, timeout: float = 30.0, persist_timeout: float = 600.0, threads: int = 1):
         self.job = shm.check_job(job)
         self.rank = rank
         self.persist_timeout = persist_timeout
+        self.threads = max(1, min(threads, len(os.sched_getaffinity(0))))
+        self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="ucp-snapshot") if self.threads > 1 else None
+        self._maps: dict[str, shm.Segment] = {}  # segments of other ranks mapped for a load (see mapping)
         self.client: AgentClient = ensure_agent(job, timeout)
         self.client.hello(rank)
         self._segments: dict[int, shm.Segment] = {}
@@ -127,6 +148,37 @@ class MemoryTier:
         """The mapped data segment of ``slot`` (written by :meth:`write`)."""
         return self._segments[slot]
 
+    def mapping(self, name: str):
+        """The memory of segment ``name`` (its full name, as a snapshot header's fragments give it)
+        mapped into this process, for a load to copy from. This rank's own slots stay mapped (the
+        next snapshot into the slot reuses the mapping and its page tables); other segments stay
+        mapped until :meth:`unmap`."""
+        own = {shm.segment_name(self.job, f"r{self.rank}.s{slot}"): slot for slot in (0, 1)}
+        slot = own.get(name)
+        seg = self._segments.get(slot) if slot is not None else self._maps.get(name)
+        if seg is None or not seg.current():  # (not mapped yet, or the name now names another file)
+            if seg is not None:
+                self._forget(slot, name)
+            seg = shm.attach(name)
+            if slot is not None:
+                self._segments[slot] = seg
+            else:
+                self._maps[name] = seg
+        return seg.buf
+
+    def unmap(self) -> None:
+        """Drop the mappings of other ranks' segments that :meth:`mapping` made (each unmapped once
+        no view of it is left)."""
+        self._maps.clear()
+
+    def _forget(self, slot: int | None, name: str) -> None:
+        """Drop a stale mapping of segment ``name`` (this rank's ``slot``, or another's)."""
+        if slot is None:
+            del self._maps[name]
+            return
+        self._unpin(slot)
+        del self._segments[slot]
+
     def parity_segment(self, slot: int, nbytes: int) -> shm.Segment:
         """The segment (``nbytes``, reused while the size stays) of the parity of ``slot``'s snapshot."""
         return self._segment(slot, max(nbytes, ALIGN), "p")
@@ -139,54 +191,80 @@ class MemoryTier:
         """The parity records (of ``step``, or all) of every rank this node's agent holds."""
         return list(self.client.request("parity", step=step, summary=summary)["parity"].values())
 
-    def write(self, step: int, items: list[tuple[str, torch.Tensor]], header: dict, checksums,
-              ready=None, on_copied=None) -> tuple[dict, list[str]]:
+    def write(self, step: int, items: list[tuple[str, torch.Tensor]], header: dict, ready=None,
+              on_copied=None) -> tuple[dict, list[str]]:
         """Copy ``items`` ``(dtype name, contiguous tensor)`` into a free slot as ``step`` and
-        commit it with ``header`` (to which the fragments' file, offsets and checksums are added by
-        ``checksums(views) -> [(crc, blocks)]``); returns the committed header and the agent's
-        failures to write earlier snapshots durably, not reported before. Waits while the agent
-        writes the slot to the durable tier.
+        commit it with ``header``, to whose fragments their file, offsets and checksums (CRC-32C and
+        block checksums, as :func:`~ucp.codecs.checksum.fragment_checksums` gives them) are added;
+        returns the committed header and the agent's failures to write earlier snapshots durably,
+        not reported before. Waits while the agent writes the slot to the durable tier.
 
-        CUDA tensors are copied on a side stream of this tier, after the CUDA event ``ready`` (recorded
-        by the caller on its stream), into the slot page-locked once (``cudaHostRegister``).
-        ``on_copied(event)`` is called as soon as the sources may change: for CPU tensors once they
-        are copied (``event`` None), for CUDA tensors once the copies are queued (``event`` marks
-        their end on the side stream: make the stream that changes the sources wait for it).
-        Checksums follow, from the slot."""
+        CPU tensors are copied and checksummed in one pass, chunk by chunk over the tier's threads
+        (each chunk summed right after its copy, while in cache). CUDA tensors are copied on a side
+        stream of this tier, after the CUDA event ``ready`` (recorded by the caller on its stream),
+        into the slot page-locked once (``cudaHostRegister``); they are checksummed from the slot
+        as their copies land (an event every :data:`EVENT_BYTES`), by the same threads.
+        ``on_copied(event)`` is called as soon as the sources may change: once the CPU tensors are
+        copied (``event`` None when there are no CUDA tensors), and for CUDA tensors once their
+        copies are queued (``event`` marks their end on the side stream: make the stream that
+        changes the sources wait for it)."""
         slot = self.free_slot()
-        views = [t.reshape(-1).view(torch.uint8) for _, t in items]
+        views = [t.detach().reshape(-1).view(torch.uint8) for _, t in items]
         placements, nbytes = place([(d, v.numel()) for (d, _), v in zip(items, views)])
         seg = self._segment(slot, nbytes)
         errors = self.client.request("begin", wait=self.persist_timeout, rank=self.rank, slot=slot, step=step,
                                      session=self.client.id)["errors"]
-        whole = torch.frombuffer(seg.buf, dtype=torch.uint8)
+        data = np.frombuffer(seg.buf, np.uint8)
+        regions = [(data[p.offset:p.offset + p.nbytes], None if v.is_cuda else v.numpy(), None)
+                   for p, v in zip(placements, views)]
         try:
-            side = self._side_stream(slot, whole) if any(v.is_cuda for v in views) else None
-            targets = []
-            if side is not None:
-                side.wait_event(ready) if ready is not None else side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                for p, v in zip(placements, views):
-                    dst = whole[p.offset:p.offset + p.nbytes]
-                    dst.copy_(v, non_blocking=side is not None)
-                    targets.append(memoryview(dst.numpy()))
             done = None
-            if side is not None:
-                done = torch.cuda.Event()
-                done.record(side)
+            if any(v.is_cuda for v in views):
+                regions, done = self._copy_from_device(slot, seg, placements, views, regions, ready)
+                if all(v.is_cuda for v in views) and on_copied is not None:
+                    on_copied(done)  # the device copies are queued: the training stream waits for ``done``
+                    on_copied = None
+            sums = copy_block_crc32c(regions, BLOCK_BYTES, self._pool, self.threads - 1)
             if on_copied is not None:
                 on_copied(done)
-            if done is not None:
-                done.synchronize()  # the bytes are in the slot: checksum them
-            sums = checksums(targets)
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # its frames held views of the slot (it stays closable)
+            raise
         finally:
-            del whole
-        fragments = [dict(f, file=seg.name, offset=p.offset, crc32c=crc, blocks=list(blocks))
+            del data, regions
+        fragments = [dict(f, file=seg.name, offset=p.offset, crc32c=crc, blocks=blocks if p.nbytes > BLOCK_BYTES else [])
                      for f, p, (crc, blocks) in zip(header["fragments"], placements, sums)]
         full = {**header, "format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank,
                 "slot": slot, "host": os.uname().nodename, "file_size": seg.nbytes, "fragments": fragments}
         self.client.request("commit", rank=self.rank, slot=slot, step=step, header=full)
         return full, errors
+
+    def _copy_from_device(self, slot: int, seg: shm.Segment, placements, views, regions, ready):
+        """Queue the copies of the CUDA ``views`` into ``slot`` on the side stream (after ``ready``,
+        else after what the current stream has queued), an event each :data:`EVENT_BYTES`; returns
+        ``regions`` with those pieces to be summed once their event has passed, and the last event."""
+        whole = torch.frombuffer(seg.buf, dtype=torch.uint8)
+        try:
+            side = self._side_stream(slot, whole)
+            side.wait_event(ready) if ready is not None else side.wait_stream(torch.cuda.current_stream())
+            out, waiting, queued, event = list(regions), [], 0, None
+            last = max(i for i, v in enumerate(views) if v.is_cuda)
+            with torch.cuda.stream(side):
+                for i, (p, v) in enumerate(zip(placements, views)):
+                    if not v.is_cuda:
+                        continue
+                    whole[p.offset:p.offset + p.nbytes].copy_(v, non_blocking=True)
+                    waiting.append(i)
+                    queued += p.nbytes
+                    if queued >= EVENT_BYTES or i == last:
+                        event = torch.cuda.Event(blocking=True)  # (its waiters sleep rather than spin)
+                        event.record(side)
+                        for j in waiting:
+                            out[j] = (regions[j][0], None, event.synchronize)
+                        waiting, queued = [], 0
+            return out, event
+        finally:
+            del whole
 
     def complete(self, slot: int, step: int, token: int | None = None) -> None:
         self.complete_rank(self.rank, slot, step, token)
@@ -228,9 +306,12 @@ class MemoryTier:
             torch.cuda.cudart().cudaHostUnregister(ptr)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         for slot in list(self._pinned):
             self._unpin(slot)
         for seg in [*self._segments.values(), *self._parity.values()]:
             seg.close()
         self._segments.clear()
         self._parity.clear()
+        self._maps.clear()

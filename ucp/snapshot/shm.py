@@ -37,11 +37,21 @@ def segment_name(job: str, what: str) -> str:
 
 @dataclass
 class Segment:
-    """A mapped segment: ``buf`` is its memory (a writable ``mmap``)."""
+    """A mapped segment: ``buf`` is its memory (a writable ``mmap``); ``ino`` the inode of the file
+    mapped (a segment freed and made again under its name is another file)."""
 
     name: str
     nbytes: int
     buf: mmap.mmap = field(repr=False)
+    ino: int = 0
+
+    def current(self) -> bool:
+        """Whether the segment's name still names the file mapped here."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_ino, st.st_size) == (self.ino, self.nbytes)
 
     @property
     def path(self) -> Path:
@@ -72,8 +82,9 @@ def create(name: str, nbytes: int) -> Segment:
         os.close(fd)
         unlink(name)
         raise UcpError(f"{path}: cannot create a {nbytes}-byte shared-memory segment: {e.strerror or e}") from None
+    ino = os.fstat(fd).st_ino
     os.close(fd)
-    return Segment(name, nbytes, buf)
+    return Segment(name, nbytes, buf, ino)
 
 
 def attach(name: str) -> Segment:
@@ -84,10 +95,10 @@ def attach(name: str) -> Segment:
     except FileNotFoundError:
         raise UcpError(f"{path}: no such shared-memory segment (was the snapshot agent restarted?)") from None
     try:
-        nbytes = os.fstat(fd).st_size
-        if nbytes < 1:
+        st = os.fstat(fd)
+        if st.st_size < 1:
             raise UcpError(f"{path}: the shared-memory segment is empty")
-        return Segment(name, nbytes, _map(fd, nbytes))
+        return Segment(name, st.st_size, _map(fd, st.st_size), st.st_ino)
     finally:
         os.close(fd)
 

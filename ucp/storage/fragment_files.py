@@ -5,6 +5,10 @@ Loads (:mod:`ucp.checkpoint.readers`), conversion (:mod:`ucp.convert.universal`)
 positional (threads share the open files), a short read is retried from where it stopped, a file
 that ends early is named as truncated, and every byte read is checksummed: a fragment's CRC-32C
 against the manifest's, or each 64 KiB block's (format 1.1) when only some blocks are read.
+
+Files already in memory (the memory tier's segments) are read from their mappings instead: copied
+straight into the destination and checksummed in the same pass, chunk by chunk while in cache
+(:func:`ucp.codecs.checksum.copy_block_crc32c`), over the threads the caller lends.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import os
 import threading
 from pathlib import Path
 
-from ucp.codecs.checksum import crc32c
+import numpy as np
+
+from ucp.codecs.checksum import copy_block_crc32c, crc32c
 from ucp.errors import CorruptCheckpointError
 from ucp.format.fragment import Fragment
-from ucp.format.manifest import Manifest
+from ucp.format.manifest import BLOCK_BYTES, Manifest
 from ucp.storage.directory import MANIFEST
 from ucp.storage.manifest_io import gone
 from ucp.storage.safetensors_file import header_bytes
@@ -50,14 +56,24 @@ class FragmentFiles:
             (format 1.2: one small pread); and a file found missing while ``manifest.json`` is gone
             too is a checkpoint deleted while being read (:class:`CheckpointDeletedError`), not
             corruption.
+        maps: ``maps(name)`` -> the memory of data file ``name`` mapped by the caller (a buffer of
+            the file's bytes, valid while this object is open), to read from instead of the file;
+            None: read every file.
+        pool: an executor whose threads help copy and checksum a read from a mapping (``helpers``
+            tasks per read; it may be the executor the reads run on).
+        helpers: see ``pool``.
 
     ``nbytes`` counts the bytes read. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, directory: Path, names=(), manifest: Manifest | None = None):
+    def __init__(self, directory: Path, names=(), manifest: Manifest | None = None, maps=None, pool=None,
+                 helpers: int = 0):
         self.directory = Path(directory)
         self.manifest = manifest
         self._files: dict[str, tuple[int, int]] = {}
+        self._maps = maps
+        self._mapped: dict[str, np.ndarray] = {}  # name -> its mapped bytes (files read from memory)
+        self._pool, self._helpers = pool, helpers
         self._lock = threading.Lock()
         self.nbytes = 0
         try:
@@ -78,6 +94,7 @@ class FragmentFiles:
             for fd, _ in self._files.values():
                 os.close(fd)
             self._files.clear()
+            self._mapped.clear()  # (no view of a mapping outlives the reads)
 
     def open(self, name: str, what: str = "") -> tuple[int, int]:
         """``(fd, size)`` of data file ``name``; a missing file is corruption, named (with ``what`` it holds)."""
@@ -91,6 +108,10 @@ class FragmentFiles:
                 try:
                     size = os.fstat(fd).st_size
                     self._check(fd, name, size)
+                    if self._maps is not None:
+                        mapped = np.frombuffer(self._maps(name), np.uint8)
+                        if len(mapped) == size:  # (else the file changed since it was mapped: read it)
+                            self._mapped[name] = mapped
                 except BaseException:
                     os.close(fd)
                     raise
@@ -145,6 +166,7 @@ class FragmentFiles:
         """Close data file ``name`` (reopened if read again): a reader going file by file holds one."""
         with self._lock:
             entry = self._files.pop(name, None)
+            self._mapped.pop(name, None)
         if entry is not None:
             os.close(entry[0])
 
@@ -192,15 +214,49 @@ class FragmentFiles:
             self._count(want)
         return crc
 
-    def read(self, f: Fragment, views: list, verify: bool = True) -> int:
+    def read(self, f: Fragment, views: list, verify: bool = True, block_bytes: int = 0) -> int:
         """Fragment ``f``'s bytes, in order, into ``views``; returns their CRC-32C, checked against
-        the manifest's unless ``verify`` is off (sources that carry no checksums)."""
+        the manifest's unless ``verify`` is off (sources that carry no checksums). From a mapping
+        into one view, the block checksums (of ``block_bytes``, the manifest's; 0: none) are checked
+        as well, and a failure names the first block that fails."""
         _, path = self.locate(f)
+        if f.file in self._mapped and len(views) == 1:
+            [(crc, blocks)] = self._copy(f.file, [(views[0], f.offset, f.offset + f.length)], block_bytes or BLOCK_BYTES)
+            if verify and block_bytes and f.blocks:
+                self._check_blocks(f, 0, blocks, block_bytes)
+            if verify and crc != f.crc32c:
+                raise CorruptCheckpointError(f"{describe(path, f)} fails its checksum (crc32c {crc:08x}, expected "
+                                             f"{f.crc32c:08x}); the file is corrupted")
+            return crc
         crc = self.pread(f.file, f.offset, views, fragment_name(f), crc=0)
         if verify and crc != f.crc32c:
             raise CorruptCheckpointError(f"{describe(path, f)} fails its checksum (crc32c {crc:08x}, expected "
                                          f"{f.crc32c:08x}); the file is corrupted")
         return crc
+
+    def _copy(self, name: str, pieces: list, block_bytes: int) -> list[tuple[int, list[int]]]:
+        """Copy bytes ``[lo, hi)`` of mapped file ``name`` into ``out`` for each ``(out, lo, hi)`` of
+        ``pieces``, checksummed in the same pass: each piece's CRC-32C and ``block_bytes`` block
+        checksums (from ``lo``)."""
+        src = self._mapped[name]
+        regions = [(np.frombuffer(out, np.uint8), src[lo:hi], None) for out, lo, hi in pieces]
+        sums = copy_block_crc32c(regions, block_bytes, self._pool, self._helpers)
+        self._count(sum(hi - lo for _, lo, hi in pieces))
+        return sums
+
+    def _check_blocks(self, f: Fragment, first: int, blocks: list[int], block_bytes: int) -> None:
+        """Block checksums ``blocks`` of fragment ``f``, from block ``first`` on, against its own;
+        the first that fails is named."""
+        if len(f.blocks) < first + len(blocks):  # (a manifest validated has them all)
+            raise CorruptCheckpointError(f"{describe(self.directory / f.file, f)} has {len(f.blocks)} block checksums, "
+                                         f"its length needs {-(-f.length // block_bytes)}")
+        for i, (got, want) in enumerate(zip(blocks, f.blocks[first:])):
+            if got != want:
+                b, a = first + i, f.offset + (first + i) * block_bytes
+                raise CorruptCheckpointError(
+                    f"{self.directory / f.file}: {fragment_name(f)}, block {b} at bytes [{a}, "
+                    f"{min(a + block_bytes, f.offset + f.length)}) fails its checksum (crc32c {got:08x}, expected "
+                    f"{f.blocks[b]:08x}); the file is corrupted")
 
     def check_block(self, f: Fragment, b: int, data, block_bytes: int) -> None:
         """Verify block ``b`` of fragment ``f`` against its checksum; name file, key and block if it fails."""
@@ -215,6 +271,12 @@ class FragmentFiles:
         """The block ``runs`` (``(first, last)`` pairs) of fragment ``f`` into ``out`` (the whole
         fragment's bytes; the rest is left unset), each block verified."""
         self.locate(f)
+        if f.file in self._mapped:
+            spans = [(first, first * block_bytes, min(last * block_bytes, f.length)) for first, last in runs]
+            sums = self._copy(f.file, [(out[lo:hi], f.offset + lo, f.offset + hi) for _, lo, hi in spans], block_bytes)
+            for (first, _, _), (_, blocks) in zip(spans, sums):
+                self._check_blocks(f, first, blocks, block_bytes)
+            return
         for first, last in runs:
             lo, hi = first * block_bytes, min(last * block_bytes, f.length)
             self.pread(f.file, f.offset + lo, [out[lo:hi]])
@@ -235,14 +297,22 @@ class FragmentFiles:
                 while e < end and min((e + 1) * bb, f.length) <= hi:
                     e += 1
                 rh = min(e * bb, f.length)
-                self.pread(f.file, f.offset + bl, [out[bl - lo:rh - lo]])
-                for k in range(b, e):
-                    self.check_block(f, k, out[k * bb - lo:min((k + 1) * bb, f.length) - lo], bb)
+                if f.file in self._mapped:  # copied and checksummed in one pass
+                    [(_, blocks)] = self._copy(f.file, [(out[bl - lo:rh - lo], f.offset + bl, f.offset + rh)], bb)
+                    self._check_blocks(f, b, blocks, bb)
+                else:
+                    self.pread(f.file, f.offset + bl, [out[bl - lo:rh - lo]])
+                    for k in range(b, e):
+                        self.check_block(f, k, out[k * bb - lo:min((k + 1) * bb, f.length) - lo], bb)
                 b = e
                 continue
             scratch = scratch if scratch is not None else memoryview(bytearray(bb))
             block = scratch[:bh - bl]
-            self.pread(f.file, f.offset + bl, [block])
+            if f.file in self._mapped:
+                block[:] = self._mapped[f.file][f.offset + bl:f.offset + bh]
+                self._count(bh - bl)
+            else:
+                self.pread(f.file, f.offset + bl, [block])
             self.check_block(f, b, block, bb)
             a, z = max(lo, bl), min(hi, bh)
             out[a - lo:z - lo] = block[a - bl:z - bl]
