@@ -34,9 +34,8 @@ Run 1 (the trainers; every per-step time is the slower rank's):
   ``crc32c_2thread`` (both ranks at once, the ``crc32c`` library over their bytes; these floors are
   ``benchlib.Floors``: numpy's copy, one thread, into touched buffers). Throughputs are
   both ranks' bytes over the slower rank's median time (``memcpy_1thread``: one rank's bytes), with
-  ``*_spread`` the quantiles of the per-round figures. ``MemoryTier.write`` (copy + CRC-32C + the
-  agent's begin/commit) and its checksum callback are also timed alone where ucp still has them
-  (null otherwise).
+  ``*_spread`` the quantiles of the per-round figures. ``MemoryTier.write`` (the one pass of copy and
+  CRC-32C, and the agent's begin/commit) is also timed alone (null when it could not be taken).
 * the state after the last snapshot is checksummed (a few full tensors, the embedding's AdamW moments,
   AdamW's step count), and saved durably with a plain ``Checkpointer`` to another root (fsynced).
 
@@ -175,9 +174,9 @@ def timed(fn, alone: bool = False) -> float:
 
 
 class WriteTimer:
-    """Times ``MemoryTier.write`` (the snapshot's background copy + checksums + agent requests) and its
-    checksum callback (its last positional argument when that is callable), per step, by wrapping the
-    method (ucp itself is untouched). A figure it could not take reads -1 (reported as null)."""
+    """Times ``MemoryTier.write`` (the snapshot's background copy and checksums, fused, and the agent
+    requests) per step, by wrapping the method (ucp itself is untouched). A figure it could not take
+    reads -1 (reported as null)."""
 
     def __init__(self):
         from ucp.snapshot.memory import MemoryTier
@@ -187,18 +186,7 @@ class WriteTimer:
         timer = self
 
         def write(self_, step, *args, **kwargs):
-            rec = timer.by_step[step] = {"checksum_s": -1.0, "write_s": -1.0}
-            if args and callable(args[-1]):
-                sums = args[-1]
-
-                def timed_sums(views):
-                    t = time.perf_counter()
-                    try:
-                        return sums(views)
-                    finally:
-                        rec["checksum_s"] = max(rec["checksum_s"], 0.0) + time.perf_counter() - t
-
-                args = (*args[:-1], timed_sums)
+            rec = timer.by_step[step] = {"write_s": -1.0}
             t0 = time.perf_counter()
             try:
                 return orig(self_, step, *args, **kwargs)
@@ -332,7 +320,6 @@ def train_and_snapshot(cfg_fields: dict, paths: dict, job: str, steps: int, roun
         for f in ("total", "save", "hook_wait", *(("state_dict", "upload_wait", "async_save") if kind in dcps else ())):
             res[f"{kind}_{f}"] = rank_max([x[f] for x in recs])
     res["write_in_loop"] = rank_max([writes.get(x["step"], "write_s") for x in loop["ucp"]])
-    res["checksum_in_loop"] = rank_max([writes.get(x["step"], "checksum_s") for x in loop["ucp"]])
     for d in dcps.values():
         d.close()
     res["dcp_configs"] = {k: d.describe() for k, d in dcps.items()}
@@ -362,14 +349,13 @@ def train_and_snapshot(cfg_fields: dict, paths: dict, job: str, steps: int, roun
            "memcpy_shm_2thread": (lambda: np.copyto(shm_dst, floors.src), False),
            "crc32c_2thread": (floors.crc32c, False)}
     idle: dict = {k: [] for k in ops}
-    write, sums = [], []
+    write = []
     for r in range(repeats):
         for name in rotated(list(ops), r):
             fn, alone = ops[name]
             idle[name].append(timed(fn, alone))
             if name == "snapshot":
                 write.append(writes.get(step_no[0], "write_s"))
-                sums.append(writes.get(step_no[0], "checksum_s"))
         rank_log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in idle.items()))
     del shm_dst
     last = step_no[0]
@@ -378,7 +364,6 @@ def train_and_snapshot(cfg_fields: dict, paths: dict, job: str, steps: int, roun
     for name, samples in idle.items():
         res[f"idle_{name}"] = rank_max(samples)
     res["snapshot_write_s"] = rank_max(write)
-    res["snapshot_checksum_s"] = rank_max(sums)
     res["load_avg"]["after_idle"] = benchlib.load_average()
 
     # -- what a restore must give back; the same state durably --
@@ -573,7 +558,6 @@ def loop_figures(out: dict, r0: dict, steps: int, rounds: int) -> None:
     out["hook_wait_ms"] = ms(median(r0["ucp_hook_wait"]))
     out["hook_wait_ms_all"] = [ms(x) for x in r0["ucp_hook_wait"]]
     out["snapshot_write_in_loop_ms"] = taken_ms(median(r0["write_in_loop"]))
-    out["snapshot_checksum_in_loop_ms"] = taken_ms(median(r0["checksum_in_loop"]))
     for kind in ("dcp_default", "dcp_best"):
         for f in ("state_dict", "upload_wait", "async_save"):
             out[f"{kind}_{f}_ms"] = ms(median(r0[f"{kind}_{f}"]))
@@ -591,8 +575,6 @@ def idle_figures(out: dict, r0: dict) -> dict:
     out["snapshot_all_s"] = [round(x, 4) for x in snap]
     out["snapshot_write_s"] = None if median(r0["snapshot_write_s"]) < 0 else round(median(r0["snapshot_write_s"]), 4)
     out["snapshot_write_gbps"] = gbps(total, out["snapshot_write_s"])
-    out["snapshot_checksum_s"] = (None if median(r0["snapshot_checksum_s"]) < 0
-                                  else round(median(r0["snapshot_checksum_s"]), 4))
     floors = {}
     for name in ("memcpy_1thread", "memcpy_2thread", "memcpy_shm_2thread", "crc32c_2thread"):
         nb = rank_bytes if name.endswith("1thread") else total
