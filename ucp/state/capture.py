@@ -59,12 +59,13 @@ class Geometry:
         return REPLICATED
 
 
-def _dtensor_pattern(t: DTensor, where: str) -> tuple[Pattern, dict, dict]:
-    mesh = t.device_mesh
+def _dtensor_pattern(mesh, placements: tuple, coord, where: str) -> tuple[Pattern, dict, dict]:
+    """The pattern of a DTensor placed by ``placements`` on ``mesh``, the mesh's axis sizes and this
+    rank's coordinates (``coord``) on it."""
     names = mesh.mesh_dim_names or tuple(f"mesh{i}" for i in range(mesh.ndim))
     sizes = dict(zip(names, mesh.shape))
     plain, strided = [], []
-    for name, p in zip(names, t.placements):
+    for name, p in zip(names, placements):
         if p.is_partial():
             raise CaptureError(f"{where}: DTensor has a Partial placement on mesh dim {name!r}; reduce it before saving")
         if isinstance(p, _StridedShard):
@@ -78,37 +79,41 @@ def _dtensor_pattern(t: DTensor, where: str) -> tuple[Pattern, dict, dict]:
             if q.dim == s.dim and names.index(q.axis) > names.index(s.axis):
                 later *= sizes[q.axis]
         if factor != later:
-            raise CaptureError(f"{where}: placements {t.placements} (strided split factor {factor}) are not supported yet")
-    coord = mesh.get_coordinate()
+            raise CaptureError(f"{where}: placements {placements} (strided split factor {factor}) are not supported yet")
     if coord is None:
         raise CaptureError(f"{where}: this rank is not part of the tensor's device mesh")
     return Pattern(tuple(plain) + tuple(s for s, _ in strided)), sizes, dict(zip(names, coord))
 
 
-@lru_cache(maxsize=1024)
-def _torch_local_box(shape: tuple, mesh, placements: tuple, coordinate: tuple) -> tuple[tuple, tuple]:
-    """torch's own local shape and global offset of a DTensor of ``shape`` on ``mesh`` (where this
-    rank sits at ``coordinate``) under ``placements``: what :func:`dtensor_piece` checks its box
-    against, computed once per kind of tensor (some 75 us each) rather than at every capture and load."""
+@lru_cache(maxsize=8192)
+def _dtensor_geometry(shape: tuple, mesh, placements: tuple, coordinate: tuple) -> tuple[Pattern, Box, tuple, tuple]:
+    """The pattern and box of a DTensor of global ``shape`` on ``mesh`` (where this rank sits at
+    ``coordinate``) under ``placements``, and torch's own local shape and global offset of it (what
+    :func:`dtensor_piece` checks the box against): computed once per kind of tensor (some 100 us)
+    rather than at every capture and load. Placements ucp cannot express raise :class:`CaptureError`
+    (never cached) with ``"<key>"`` for the caller to fill in."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    pattern, sizes, coords = _dtensor_pattern(mesh, placements, coordinate, "<key>")
     local, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
-    return tuple(local), tuple(offset)
+    return pattern, local_box(pattern, shape, sizes, coords), tuple(local), tuple(offset)
 
 
 def dtensor_piece(key: str, t: DTensor) -> Piece:
     """A piece from a DTensor's placements; its box is checked against torch's own computation."""
-    pattern, sizes, coords = _dtensor_pattern(t, key)
     shape = tuple(t.shape)
-    box = local_box(pattern, shape, sizes, coords)
-    local = t.to_local()
-    want_shape, want_offset = _torch_local_box(shape, t.device_mesh, tuple(t.placements),
-                                               tuple(t.device_mesh.get_coordinate()))
-    if tuple(local.shape) != box.sizes or tuple(want_shape) != box.sizes or (
-        box.numel and tuple(want_offset) != box.offsets
-    ):
+    mesh = t.device_mesh
+    coordinate = mesh.get_coordinate()
+    try:
+        pattern, box, want_shape, want_offset = _dtensor_geometry(shape, mesh, tuple(t.placements),
+                                                                  None if coordinate is None else tuple(coordinate))
+    except CaptureError as e:
+        raise CaptureError(str(e).replace("<key>", key, 1)) from None
+    # (the local tensor itself, without to_local()'s autograd node: a piece is read or written in place)
+    local = t._local_tensor if isinstance(getattr(t, "_local_tensor", None), torch.Tensor) else t.to_local()
+    if tuple(local.shape) != box.sizes or want_shape != box.sizes or (box.numel and want_offset != box.offsets):
         raise CaptureError(
-            f"{key}: placements {t.placements} give local shape {tuple(want_shape)} at {tuple(want_offset)}, "
+            f"{key}: placements {t.placements} give local shape {want_shape} at {want_offset}, "
             f"ucp computed {box}; this sharding is not supported yet"
         )
     return Piece(key, local, TensorMeta(shape, dtype_name(t.dtype), pattern), box)
