@@ -12,7 +12,7 @@ import ucp
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, shm
 from ucp.snapshot.header import restorable
-from ucp.snapshot.memory import place
+from ucp.snapshot.memory import cpu_threads, place
 from tests.helpers import MLP, bit_diffs, full_state, mlp_optimizer, same_state, state_of, tiny_model, train_step
 
 pytestmark = pytest.mark.timeout(180)
@@ -22,6 +22,16 @@ def test_place_coalesces_pieces_per_dtype_aligned():
     placements, size = place([("float32", 10), ("bfloat16", 6), ("float32", 64), ("bfloat16", 2)])
     assert [(p.offset, p.nbytes) for p in placements] == [(0, 10), (128, 6), (64, 64), (192, 2)]
     assert size == 256
+
+
+def test_cpu_threads_is_the_ranks_share_of_its_cpus(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [cpu_threads(n) for n in (1, 4, 16)] == [1, 4, 8]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks on the node's 8 CPUs: 2 each
+    assert [cpu_threads(n) for n in (1, 4)] == [1, 2]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # more ranks than CPUs: still one thread
+    assert cpu_threads(4) == 1
 
 
 def test_restorable_needs_every_saving_rank_committed_and_one_complete():

@@ -33,6 +33,7 @@ from ucp.plan.load_plan import FragmentIndex, ReadItem
 from ucp.plan.reshard import check_target, load_regions
 from ucp.plan.sources import Resolution, SourceIndex
 from ucp.snapshot.index import SnapshotManifest
+from ucp.snapshot.memory import cpu_threads
 from ucp.state.capture import Piece, model_pieces, normalize_fqn
 from ucp.state.optimizer import merged_optimizer_state, optimizer_targets, restore_optimizer
 from ucp.state.rng import restore_rng
@@ -271,6 +272,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         target_layout = ckpt.geometry.layout
         plans = [(p, res) for p, res in result["plans"] if p.numel]
         threads = ckpt.options.io_threads
+        together = []  # exact reads from memory: in one pass over them all (read_all), on this thread and helpers
         with ThreadPoolExecutor(threads) as pool:
             if universal:
                 reader = UniversalReader(manifest)
@@ -278,17 +280,21 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             else:  # (a read from memory splits its copy over the pool's threads too)
                 index = FragmentIndex(manifest.fragments)
                 reader = FragmentReader(path, manifest if source == "durable" else None, maps=maps, pool=pool,
-                                        helpers=threads - 1, block_bytes=manifest.block_bytes)
+                                        helpers=cpu_threads(threads) - 1, block_bytes=manifest.block_bytes)
                 jobs = []
                 for p, res in plans:
                     only = res.slices[0]
                     exact = index.exact(only.key, p.box, p.flat) if len(res.slices) == 1 and only.dim is None else None
-                    if exact is not None:  # the same layout: straight into the destination
+                    if exact is not None and maps is not None:
+                        together.append((ReadItem(exact), p.data))
+                    elif exact is not None:  # the same layout: straight into the destination
                         jobs.append((reader.read, (ReadItem(exact), p.data)))
                     else:
                         jobs.append((reader.read_resharded, (p, res.slices, index, manifest, target_layout)))
             futures = [pool.submit(fn, *a) for fn, a in jobs]
             try:
+                if together:
+                    reader.read_all(together)
                 for f in futures:
                     f.result()
             finally:

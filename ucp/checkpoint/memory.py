@@ -341,8 +341,7 @@ class Snapshots:
         built: dict = {}
 
         def own():
-            mine = [h for h in tier.node_headers(step=chosen[0]) if h["world_size"] == chosen[1]
-                    and h["rank"] == coll.rank]
+            mine = [h for h in tier.headers(step=chosen[0]).values() if h["world_size"] == chosen[1]]
             if len(mine) != 1 or mine[0]["layout"] != layout:
                 return False
             if not mine[0]["complete"]:  # the cut finished (some rank marked it): mark it here too

@@ -228,6 +228,19 @@ class FragmentReader:
             with torch.no_grad():
                 dest.copy_(buf.view(dest.shape))
 
+    def read_all(self, reads: list) -> None:
+        """Fill each ``(item, dest)`` of ``reads`` as :meth:`read` does; those copied from a mapping
+        straight into their destination in one pass over them all (:meth:`FragmentFiles.read_mapped`)."""
+        mapped = []
+        for item, dest in reads:
+            f = item.fragment
+            if (dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
+                    and self.files.mapped(f)):
+                mapped.append((f, memoryview(dest.reshape(-1).view(torch.uint8).numpy())))
+            else:
+                self.read(item, dest)
+        self.files.read_mapped(mapped, self.block_bytes)
+
     def fetch(self, f, spans=None, block_bytes: int = 0) -> torch.Tensor:
         """Fragment ``f`` as a flat tensor of its dtype: whole, its checksum verified; or, when it has
         block checksums, only the blocks holding the byte ``spans`` (``[lo, hi)`` pairs of its data),
