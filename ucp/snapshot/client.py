@@ -27,8 +27,6 @@ from ucp.snapshot import shm
 from ucp.snapshot.discovery import REQUESTS, AgentInfo, discovery_path, is_alive, lock_path, read_info, reclaim
 
 
-#: the longest a request waits on the store at a time before it looks at the agent's process again
-WAIT_TURN_S = 0.05
 _C10D_NOISE = re.compile(rb"^(\[[WE]\d{4} [^]]*\] \[c10d\] .*|Exception raised from .*|frame #\d+: .*|#\d+ .*|"
                          rb"C\+\+ CapturedTraceback:|<omitting python frames>|\s*)$")
 _stderr_lock = threading.Lock()
@@ -87,11 +85,10 @@ class AgentClient:
         A request the agent answers later (``begin`` of a slot being written durably, ``drain``)
         may take longer than ``timeout``: pass ``wait``.
 
-        The answer is waited for on the store (``wait`` on the reply queue, woken as soon as the agent
-        pushes it) in turns of :data:`WAIT_TURN_S`, and the agent's process is looked at before every
-        turn: a store call on a connection the agent closed makes c10d log the C++ stack of its error
-        to stderr, and a store wait cannot tell that closed connection from a timeout. An agent that
-        dies is reported at once, in one line.
+        The answer is polled for (``queue_len``, then a pop that cannot block), and the agent's
+        process is looked at before every call on the store: a store call on a connection the agent
+        closed makes c10d log the C++ stack of its error to stderr, and a blocking pop cannot tell
+        that closed connection from a timeout. An agent that dies is reported at once, in one line.
 
         Raises:
             AgentError: the agent died (or was killed), refused the request, or did not answer in time.
@@ -103,29 +100,22 @@ class AgentClient:
         self._call(op, self._store.queue_push, REQUESTS, json.dumps({"op": op, "args": args, "reply": self._reply,
                                                                        "id": rid, "timeout": wait}))
         deadline = time.monotonic() + wait
+        pause = 0.0001
         while True:
             self._check_alive(op)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AgentError(f"the snapshot agent of job {self.info.job!r} on {os.uname().nodename} (pid "
-                                 f"{self.info.pid}, still running) did not answer {op!r} within {wait:g} s")
-            if self._answered(op, min(left, WAIT_TURN_S)):
+            if self._call(op, self._store.queue_len, self._reply):
                 reply = json.loads(self._call(op, self._store.queue_pop, self._reply, False))
                 if reply.get("id") == rid:
                     break
-                # an answer to an earlier request that timed out: dropped
+                continue  # an answer to an earlier request that timed out: dropped
+            if time.monotonic() > deadline:
+                raise AgentError(f"the snapshot agent of job {self.info.job!r} on {os.uname().nodename} (pid "
+                                 f"{self.info.pid}, still running) did not answer {op!r} within {wait:g} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
         if not reply.get("ok"):
             raise AgentError(f"the agent of job {self.info.job!r} refused {op!r}: {reply.get('error')}")
         return reply["result"]
-
-    def _answered(self, op: str, seconds: float) -> bool:
-        """Whether an answer is on this client's reply queue, waiting ``seconds`` at most for one."""
-        try:
-            with _c10d_quiet():
-                self._store.wait([self._reply], datetime.timedelta(seconds=seconds))
-            return True
-        except Exception:  # the wait's timeout, or the connection closed: queue_len tells them apart
-            return bool(self._call(op, self._store.queue_len, self._reply))
 
     def _closed(self, op: str) -> AgentError:
         return AgentError(f"snapshot agent on {os.uname().nodename} (pid {self.info.pid}) closed the connection during "
