@@ -13,6 +13,7 @@ state is filled into its existing tensors when they fit, else into new ones hand
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
@@ -224,7 +225,8 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             model_by_key = {p.key: p for p in mp}
             pieces += mp
         fqns, opt_state = [], {}
-        if ckpt.optimizer is not None:
+        restores = ckpt.optimizer is not None and _holds_optimizer(manifest)
+        if restores:
             fqns, op, opt_state = optimizer_targets(ckpt.optimizer, ckpt.model, sources, model_by_key)
             pieces += op
         extras = {}
@@ -236,7 +238,8 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
                 extras[parse_key(key).name] = t = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
                 pieces.append(Piece(extra_key(parse_key(key).name), t, meta, Box.full(meta.shape)))
         plans, missing, taken, casts = _resolve_targets(pieces, sources, ckpt.geometry.layout, path, cast)
-        result.update(plans=plans, missing=missing, casts=casts, fqns=fqns, opt_state=opt_state, extras=extras)
+        result.update(plans=plans, missing=missing, casts=casts, fqns=fqns, opt_state=opt_state, extras=extras,
+                      optimizer_restored=restores)
         if isinstance(manifest, StoredManifest):  # the fragments this rank reads, and only those
             query = RegionQuery(_regions(plans, manifest, ckpt.geometry.layout))
             result["manifest"] = manifest.select(query)
@@ -311,7 +314,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             state.pop("rng", None)
         if ckpt.model is not None and "model" in state:
             _restore_extra_state(ckpt.model, state["model"].get("extra_state", {}))
-        if ckpt.optimizer is not None:
+        if result["optimizer_restored"]:
             saved = state.get("optimizer", {})
             if manifest.layout != ckpt.geometry.layout:  # parameters moved between ranks: every rank's groups
                 saved = merged_optimizer_state(manifest.states_of("optimizer") if spread else manifest.state, path)
@@ -331,6 +334,21 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
 
     coll.gather_phase("restore", lambda: result.update(restored=restore()))
     extras = {**result["restored"], **result["extras"]}
+    if ckpt.optimizer is not None and not result["optimizer_restored"]:
+        warnings.warn(f"ucp: {path} holds weights only (no optimizer state): the optimizer keeps its own state, "
+                      "fresh for a new one", RuntimeWarning, stacklevel=3)
     return LoadResult(manifest.step, source, Path(path), extras, tuple(result["missing"]),
-                      tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0)
+                      tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0,
+                      optimizer_restored=result["optimizer_restored"])
+
+
+def _holds_optimizer(manifest) -> bool:
+    """Whether a checkpoint holds optimizer state: optimizer tensors, or the optimizer's param groups
+    saved by some rank. One without either (Hugging Face weights, a save of the model alone) is
+    *weights only*: a load leaves the optimizer as it is instead of matching it against nothing."""
+    if any(parse_key(key).kind == OPTIM for key in manifest.tensors):
+        return True
+    spread = isinstance(manifest, (StoredManifest, SnapshotManifest))  # (its rank states read on demand)
+    state = manifest.states_of("optimizer") if spread else manifest.state
+    return "optimizer" in state.get("shared", {}) or any("optimizer" in r for r in state.get("ranks", {}).values())
 
