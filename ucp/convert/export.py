@@ -196,10 +196,20 @@ def _write_group(stage: Path, prefix: str, items: list[_Item], universal: Path, 
     for name, shard in zip(names, shards):
         slots = [Slot(i.name, DTYPES[i.dtype][1], i.shape, i.nbytes) for i in shard]
 
-        def produce(j: int, shard=shard):
+        held: dict = {}  # the fused expert tensor being cut: read once, not once per expert
+
+        def produce(j: int, shard=shard, held=held):
             item = shard[j]
-            with array_reader(universal, item.key, item.meta) as reader:
-                data = reader.read(item.region())
+            if item.cut.squeeze:  # (an expert's chunks hold the other experts too)
+                if held.get("key") != item.key:
+                    held.clear()
+                    with array_reader(universal, item.key, item.meta) as reader:
+                        held.update(key=item.key, data=reader.read(tuple(slice(0, n) for n in item.meta.shape)))
+                data = held["data"][item.region()]
+            else:
+                held.clear()
+                with array_reader(universal, item.key, item.meta) as reader:
+                    data = reader.read(item.region())
             data = _cast(data, item.meta.dtype, item.dtype)
             if progress is not None:
                 progress(item.nbytes)
