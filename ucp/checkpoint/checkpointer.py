@@ -156,8 +156,8 @@ class Checkpointer:
         master and an fp32 parameter), and Adam's step count moves between per-parameter and
         per-group optimizers (:mod:`ucp.state.optimizer`). A target layout that cannot hold a tensor is
         refused before any read. A checkpoint of weights only (no optimizer tensors and no saved
-        param groups: Hugging Face weights, a save without an optimizer) leaves the optimizer as it
-        is, fresh for a new one, with a warning and ``optimizer_restored=False`` in the result.
+        param groups: Hugging Face weights, a save without an optimizer) leaves a new optimizer
+        fresh, with a warning and ``optimizer_restored=False`` in the result.
 
         Args:
             step: the step to load; None for the newest complete checkpoint.

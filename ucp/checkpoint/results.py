@@ -36,7 +36,7 @@ class LoadResult:
             shares were rebuilt from parity (docs/erasure.md section 8).
         optimizer_restored: whether the optimizer's state came from the checkpoint. False without
             an optimizer, and for a checkpoint of weights only (Hugging Face weights, a save without
-            an optimizer), which leaves the optimizer as it was (fresh for a new one) with a warning.
+            an optimizer), which leaves a new optimizer fresh, with a warning.
     """
 
     step: int
