@@ -155,7 +155,9 @@ class Checkpointer:
         rules of :mod:`ucp.plan.sources` (a fused ``qkv`` and its ``q``/``k``/``v`` parts, an fp32
         master and an fp32 parameter), and Adam's step count moves between per-parameter and
         per-group optimizers (:mod:`ucp.state.optimizer`). A target layout that cannot hold a tensor is
-        refused before any read.
+        refused before any read. A checkpoint of weights only (no optimizer tensors and no saved
+        param groups: Hugging Face weights, a save without an optimizer) leaves a new optimizer
+        fresh, with a warning and ``optimizer_restored=False`` in the result.
 
         Args:
             step: the step to load; None for the newest complete checkpoint.

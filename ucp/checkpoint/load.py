@@ -13,6 +13,7 @@ state is filled into its existing tensors when they fit, else into new ones hand
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
@@ -161,16 +162,24 @@ def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False, me
     t0 = time.perf_counter()
     coll = ckpt.coll
     if memory is not None:
-        return _load(ckpt, coll, t0, Path(memory[0]), memory[1], False, strict, cast, "memory", maps)
+        return _said(ckpt, _load(ckpt, coll, t0, Path(memory[0]), memory[1], False, strict, cast, "memory", maps))
     for attempt in range(RETRIES + 1):
         try:
-            return _load_stored(ckpt, coll, t0, step, strict, cast)
+            return _said(ckpt, _load_stored(ckpt, coll, t0, step, strict, cast))
         except CheckpointDeletedError as e:
             if step is not None:
                 raise CheckpointDeletedError(f"{ckpt.root}: the checkpoint of step {step} was deleted (by retention?) "
                                              f"while being read; load another step ({e})") from e
             if attempt == RETRIES:
                 raise
+
+
+def _said(ckpt, result: LoadResult | None) -> LoadResult | None:
+    """``result``, warning (at the caller of ``Checkpointer.load``) when it left an optimizer unrestored."""
+    if result is not None and ckpt.optimizer is not None and not result.optimizer_restored:
+        warnings.warn(f"ucp: {result.path} holds weights only (no optimizer state): the optimizer's state is not "
+                      "restored (a new optimizer stays fresh)", RuntimeWarning, stacklevel=4)
+    return result
 
 
 def _load_stored(ckpt, coll, t0: float, step: int | None, strict: bool, cast: bool):
@@ -237,7 +246,8 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
                 extras[parse_key(key).name] = t = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
                 pieces.append(Piece(extra_key(parse_key(key).name), t, meta, Box.full(meta.shape)))
         plans, missing, taken, casts = _resolve_targets(pieces, sources, ckpt.geometry.layout, path, cast)
-        result.update(plans=plans, missing=missing, casts=casts, fqns=fqns, opt_state=opt_state, extras=extras)
+        result.update(plans=plans, missing=missing, casts=casts, fqns=fqns, opt_state=opt_state, extras=extras,
+                      optimizer_restored=ckpt.optimizer is not None and _holds_optimizer(manifest))
         if isinstance(manifest, StoredManifest):  # the fragments this rank reads, and only those
             query = RegionQuery(_regions(plans, manifest, ckpt.geometry.layout))
             result["manifest"] = manifest.select(query)
@@ -317,7 +327,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             state.pop("rng", None)
         if ckpt.model is not None and "model" in state:
             _restore_extra_state(ckpt.model, state["model"].get("extra_state", {}))
-        if ckpt.optimizer is not None:
+        if result["optimizer_restored"]:
             saved = state.get("optimizer", {})
             if manifest.layout != ckpt.geometry.layout:  # parameters moved between ranks: every rank's groups
                 saved = merged_optimizer_state(manifest.states_of("optimizer") if spread else manifest.state, path)
@@ -338,5 +348,19 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
     coll.gather_phase("restore", lambda: result.update(restored=restore()))
     extras = {**result["restored"], **result["extras"]}
     return LoadResult(manifest.step, source, Path(path), extras, tuple(result["missing"]),
-                      tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0)
+                      tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0,
+                      optimizer_restored=result["optimizer_restored"])
+
+
+def _holds_optimizer(manifest) -> bool:
+    """Whether a checkpoint holds optimizer state: optimizer tensors, or the optimizer's param groups
+    saved by some rank. One without either (Hugging Face weights, a save of the model alone) is
+    *weights only*: a load does not match the optimizer's param groups and state against nothing,
+    but leaves them as they are (state the checkpoint's weights fill, fp32 masters of parameters
+    held in another dtype, is filled all the same)."""
+    if any(parse_key(key).kind == OPTIM for key in manifest.tensors):
+        return True
+    spread = isinstance(manifest, (StoredManifest, SnapshotManifest))  # (its rank states read on demand)
+    state = manifest.states_of("optimizer") if spread else manifest.state
+    return "optimizer" in state.get("shared", {}) or any("optimizer" in r for r in state.get("ranks", {}).values())
 

@@ -34,6 +34,9 @@ class LoadResult:
         seconds: wall time of the load.
         rebuilt: ranks of the snapshot (``source == "memory"``) whose nodes were lost and whose
             shares were rebuilt from parity (docs/erasure.md section 8).
+        optimizer_restored: whether the optimizer's state came from the checkpoint. False without
+            an optimizer, and for a checkpoint of weights only (Hugging Face weights, a save without
+            an optimizer), which leaves a new optimizer fresh, with a warning.
     """
 
     step: int
@@ -45,3 +48,4 @@ class LoadResult:
     nbytes: int = 0
     seconds: float = 0.0
     rebuilt: tuple = ()
+    optimizer_restored: bool = False

@@ -224,11 +224,12 @@ def export(args) -> int:
     max_shard_bytes = parse_size(args.max_shard_size)
     result = _with_progress("export", args.quiet, lambda progress, total: run_export(
         args.universal, args.out, args.spec, optimizer=args.optimizer, max_shard_bytes=max_shard_bytes,
-        dtype=args.dtype, progress=progress, total=total))
+        dtype=args.dtype, config=args.config, progress=progress, total=total))
     index = f", listed by {', '.join(result.indexes)}" if result.indexes else ""
+    configs = f", with {', '.join(result.configs)}" if result.configs else ""
     return _summary(args, result, f"OK   {result.out}: {result.tensors} tensor(s), {_human(result.nbytes)} in "
                                   f"{len(result.files)} safetensors file(s): {', '.join(result.files[:4])}"
-                                  f"{' ...' if len(result.files) > 4 else ''}{index}")
+                                  f"{' ...' if len(result.files) > 4 else ''}{index}{configs}")
 
 
 def demo(args) -> int:

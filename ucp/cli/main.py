@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write the model weights of a universal checkpoint (made by convert) as Hugging "
                                    "Face-style safetensors: OUT/model.safetensors, or model-0000i-of-0000n.safetensors "
                                    "shards with model.safetensors.index.json above --max-shard-size. Names and fused "
-                                   "splits follow the UCL spec's export rules (rename, split).",
+                                   "splits follow the UCL spec's export rules (rename, split); config.json and "
+                                   "generation_config.json are written beside them when the source had them or "
+                                   "--config names them.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("universal", metavar="UNIVERSAL", help="universal checkpoint directory")
     p.add_argument("out", metavar="OUT", help="directory to create (must not exist)")
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the optimizer states (optimizer*.safetensors, names <weight>/<state>)")
     p.add_argument("--max-shard-size", default="5GB", help="split files above this size, e.g. 500MB, 2GiB; default 5GB")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast floating-point tensors")
+    p.add_argument("--config", metavar="PATH", action="append",
+                   help="a model directory (its config.json, generation_config.json) or one of those files, "
+                        "written beside the weights (default: those convert --from hf kept); repeatable. Its "
+                        "model_type chooses Hugging Face names for MoE experts (docs/foreign.md section 1a)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

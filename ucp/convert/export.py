@@ -4,7 +4,10 @@ One ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
 ``model.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map": {name: file}}``)
 when the weights exceed the shard size; with ``optimizer=True`` the optimizer states alike, as
 ``optimizer*.safetensors`` named ``<export name>/<state>``. Names and splits follow the UCL
-spec's export rules (:mod:`ucp.lang.names`). Tensors stream one at a time from the universal
+spec's export rules (:mod:`ucp.lang.names`), then the Hugging Face names of the model its
+``config.json`` describes (fused experts cut back into per-expert tensors,
+:mod:`ucp.convert.foreign.hf_experts`); the config files are written beside the weights, so that
+``from_pretrained`` takes the directory as it is. Tensors stream one at a time from the universal
 arrays into the files; the output directory appears only when complete.
 """
 
@@ -18,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from ucp.convert.foreign.hf import config_rules, read_configs
+from ucp.convert.foreign.hf_experts import Cut, ExpertRules, unstacked
 from ucp.errors import CheckpointNotFoundError, OptionsError
 from ucp.format.dtypes import DTYPES, itemsize
 from ucp.format.keys import MODEL, OPTIM, parse_key
@@ -37,7 +42,8 @@ CAST_DTYPES = ("float32", "bfloat16", "float16")
 @dataclass(frozen=True)
 class ExportResult:
     """What an export wrote: ``files`` the safetensors files holding the tensors, ``indexes`` the
-    ``*.safetensors.index.json`` files listing a sharded group's files (none when each group fits one)."""
+    ``*.safetensors.index.json`` files listing a sharded group's files (none when each group fits one),
+    ``configs`` the model config files written beside them."""
 
     out: str
     files: tuple[str, ...]
@@ -45,6 +51,7 @@ class ExportResult:
     nbytes: int
     seconds: float
     indexes: tuple[str, ...] = ()
+    configs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,34 +59,44 @@ class ExportResult:
 
 @dataclass(frozen=True)
 class _Item:
-    """One exported tensor: a region of one universal array."""
+    """One exported tensor: a region of one universal array (``cut`` names it and says where)."""
 
-    name: str
     key: str
     meta: ArrayMeta
-    part: ExportName
+    cut: Cut
     dtype: str
+    suffix: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.cut.name + self.suffix
 
     @property
     def shape(self) -> tuple[int, ...]:
-        shape = list(self.meta.shape)
-        if self.part.dim is not None:
-            shape[self.part.dim] = self.part.stop - self.part.start
-        return tuple(shape)
+        return self.cut.shape
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * itemsize(self.dtype)
 
     def region(self) -> tuple[slice, ...]:
-        region = [slice(0, s) for s in self.meta.shape]
-        if self.part.dim is not None:
-            region[self.part.dim] = slice(self.part.start, self.part.stop)
-        return tuple(region)
+        return tuple(slice(a, a + n) for a, n in zip(self.cut.starts, self.cut.sizes))
+
+
+def _cuts(part: ExportName, shape: tuple[int, ...], rules: ExpertRules | None) -> list[Cut]:
+    """The exported tensors of export name ``part`` of a tensor of ``shape``: under the Hugging Face
+    names of ``rules`` when given (a fused expert tensor cut into its experts)."""
+    if part.dim is None:
+        if rules is not None:
+            return unstacked(part.name, shape, rules)
+        return [Cut(part.name, (0,) * len(shape), tuple(shape), False)]
+    starts, sizes = [0] * len(shape), list(shape)
+    starts[part.dim], sizes[part.dim] = part.start, part.stop - part.start
+    return [Cut(rules.file_name(part.name) if rules is not None else part.name, tuple(starts), tuple(sizes), False)]
 
 
 def export(universal, out, spec: str | Path | None = None, *, optimizer: bool = False,
-           max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str | None = None,
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str | None = None, config=None,
            progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None,
            fsync: bool = True) -> ExportResult:
     """Write the model weights (and with ``optimizer`` the optimizer states) of a universal checkpoint.
@@ -92,13 +109,18 @@ def export(universal, out, spec: str | Path | None = None, *, optimizer: bool = 
         optimizer: also write the optimizer states.
         max_shard_bytes: start a new file when the next tensor would pass this size.
         dtype: cast floating-point weights to ``float32``, ``bfloat16`` or ``float16``; default: keep.
+        config: paths of model config files to write beside the weights: model directories (their
+            ``config.json`` and ``generation_config.json``) or those files; default: the ones the
+            checkpoint kept from a Hugging Face source (``convert --from hf``). A ``config.json``
+            whose ``model_type`` has packaged expert rules (Mixtral, Qwen2/3-MoE, DeepSeek-V3) also
+            gives the weights their Hugging Face names (fused experts cut into one tensor each).
         progress: called with byte counts as tensors are written; ``total`` once with the sum.
 
     Raises:
         CheckpointNotFoundError: ``universal`` is not a universal checkpoint.
         OptionsError: ``out`` exists, or an option is out of range.
         UclError: the export rules are malformed or make names collide.
-        CorruptCheckpointError: a chunk fails its checksum.
+        CorruptCheckpointError: a chunk fails its checksum, or a config file is not a JSON object.
     """
     t0 = time.perf_counter()
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
@@ -112,7 +134,8 @@ def export(universal, out, spec: str | Path | None = None, *, optimizer: bool = 
             else "not a universal checkpoint (no zarr.json)" if universal.exists() else "no such directory"
         raise CheckpointNotFoundError(f"{universal}: {what}")
     header = read_header(universal)
-    groups = _items(header, read_program(spec, header.spec), optimizer, dtype)
+    configs = read_configs(config) if config else dict(header.source.get("config_files", {}))
+    groups = _items(header, read_program(spec, header.spec), optimizer, dtype, config_rules(configs))
     if total is not None:
         total(sum(i.nbytes for items in groups.values() for i in items))
     staging = Staging(out, fsync=fsync)
@@ -123,13 +146,17 @@ def export(universal, out, spec: str | Path | None = None, *, optimizer: bool = 
             data, index = _write_group(staging.path, prefix, items, universal, header, max_shard_bytes, progress, fsync)
             files += data
             indexes += index
+        for name, text in configs.items():
+            (staging.path / name).write_bytes(text.encode())
         staging.commit()
     count = sum(len(v) for v in groups.values())
     nbytes = sum(i.nbytes for items in groups.values() for i in items)
-    return ExportResult(str(out), tuple(files), count, nbytes, time.perf_counter() - t0, tuple(indexes))
+    return ExportResult(str(out), tuple(files), count, nbytes, time.perf_counter() - t0, tuple(indexes),
+                        tuple(configs))
 
 
-def _items(header: UniversalHeader, program, optimizer: bool, dtype: str | None) -> dict[str, list[_Item]]:
+def _items(header: UniversalHeader, program, optimizer: bool, dtype: str | None,
+           rules: ExpertRules | None) -> dict[str, list[_Item]]:
     prog, file = program if program is not None else (None, "<ucl>")
     params = {parse_key(k).name: a.pattern for k, a in header.tensors.items() if k.startswith(MODEL + "/")}
     names = export_names(prog, params, file)
@@ -138,13 +165,18 @@ def _items(header: UniversalHeader, program, optimizer: bool, dtype: str | None)
         kind, fqn, state = parse_key(key)
         out_dtype = dtype if dtype is not None and meta.dtype in CAST_DTYPES else meta.dtype
         if kind == MODEL:
-            groups["model"] += [_Item(n.name, key, meta, n, out_dtype) for n in names[fqn]]
+            groups["model"] += [_Item(key, meta, c, out_dtype) for n in names[fqn] for c in _cuts(n, meta.shape, rules)]
         elif kind == OPTIM and optimizer:
             parts = names.get(fqn)
             model = header.tensors.get(f"{MODEL}/{fqn}")
-            if parts is None or model is None or model.shape != meta.shape:
-                parts = [ExportName(parts[0].name if parts and len(parts) == 1 else renamed(prog, fqn, file))]
-            groups["optimizer"] += [_Item(f"{n.name}/{state}", key, meta, n, out_dtype) for n in parts]
+            if parts is not None and model is not None and meta.shape == () and len(parts) == 1:
+                # a 0-d state (a step count) goes with each tensor its parameter is cut into
+                cuts = [Cut(c.name, (), (), False) for c in _cuts(parts[0], model.shape, rules)]
+            else:
+                if parts is None or model is None or model.shape != meta.shape:
+                    parts = [ExportName(parts[0].name if parts and len(parts) == 1 else renamed(prog, fqn, file))]
+                cuts = [c for n in parts for c in _cuts(n, meta.shape, rules)]
+            groups["optimizer"] += [_Item(key, meta, c, out_dtype, f"/{state}") for c in cuts]
     return {k: v for k, v in groups.items() if v}
 
 
@@ -164,10 +196,20 @@ def _write_group(stage: Path, prefix: str, items: list[_Item], universal: Path, 
     for name, shard in zip(names, shards):
         slots = [Slot(i.name, DTYPES[i.dtype][1], i.shape, i.nbytes) for i in shard]
 
-        def produce(j: int, shard=shard):
+        held: dict = {}  # the fused expert tensor being cut: read once, not once per expert
+
+        def produce(j: int, shard=shard, held=held):
             item = shard[j]
-            with array_reader(universal, item.key, item.meta) as reader:
-                data = reader.read(item.region())
+            if item.cut.squeeze:  # (an expert's chunks hold the other experts too)
+                if held.get("key") != item.key:
+                    held.clear()
+                    with array_reader(universal, item.key, item.meta) as reader:
+                        held.update(key=item.key, data=reader.read(tuple(slice(0, n) for n in item.meta.shape)))
+                data = held["data"][item.region()]
+            else:
+                held.clear()
+                with array_reader(universal, item.key, item.meta) as reader:
+                    data = reader.read(item.region())
             data = _cast(data, item.meta.dtype, item.dtype)
             if progress is not None:
                 progress(item.nbytes)

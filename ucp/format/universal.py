@@ -37,6 +37,10 @@ COMPRESSORS = ("none", "zstd")
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 
 
+#: the model config files a universal checkpoint may keep (``source.config_files``) for ``export``
+CONFIG_FILES = ("config.json", "generation_config.json")
+
+
 def stored_dtype(dtype: str) -> str:
     """The zarr data type of a tensor of ``dtype``: itself, or the unsigned type of its raw bits."""
     itemsize(dtype)
@@ -237,6 +241,11 @@ class UniversalHeader:
                               "(rank number -> object)")
         if self.spec is not None and not isinstance(self.spec, str):
             raise FormatError("universal checkpoint: spec must be the UCL text or null")
+        configs = self.source.get("config_files", {}) if isinstance(self.source, dict) else None
+        if (not isinstance(configs, dict) or set(configs) - set(CONFIG_FILES)
+                or not all(isinstance(v, str) for v in configs.values())):
+            raise FormatError(f"universal checkpoint: source.config_files must map {' and/or '.join(CONFIG_FILES)} "
+                              "to their text")
 
     def to_dict(self) -> dict:
         return {

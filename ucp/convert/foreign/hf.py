@@ -6,6 +6,11 @@ tensor key ``model/<name>``, a whole fragment of a one-rank checkpoint at its by
 file, so the ordinary converter streams it into the universal format. The files carry no
 checksums: the converter computes each fragment's CRC-32C as it reads (recorded in the universal
 checkpoint's fragment table) instead of checking one.
+
+A model directory's ``config.json`` and ``generation_config.json`` are kept in the universal
+header (its ``source.config_files``), so that ``export`` writes them back; the config's
+``model_type`` chooses the rules of :mod:`ucp.convert.foreign.hf_experts` that stack per-expert
+tensors into the fused ones transformers holds in memory.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ucp.convert.foreign.hf_experts import Placed, rules_for, stacked
 from ucp.convert.foreign.source import SourceRecord, refuse_step
-from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ucp.errors import CheckpointNotFoundError, CorruptCheckpointError, OptionsError
 from ucp.format.box import Box
 from ucp.format.dtypes import SAFETENSORS_TO_NAME, itemsize
 from ucp.format.fragment import Fragment
@@ -23,11 +29,55 @@ from ucp.format.keys import model_key
 from ucp.format.layout import Layout
 from ucp.format.manifest import Manifest, TensorMeta
 from ucp.format.pattern import Pattern
+from ucp.format.universal import CONFIG_FILES
 from ucp.storage.safetensors_file import read_header
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 FORMAT = "huggingface.safetensors"
+#: the largest config file kept (they are a few KiB; the universal header holds them)
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_configs(paths) -> dict[str, str]:
+    """``{file name: text}`` of the config files at ``paths``: each a model directory (its files of
+    :data:`CONFIG_FILES` that exist) or one of those files. A later path's file replaces an earlier one's.
+
+    Raises:
+        CheckpointNotFoundError: a path that does not exist.
+        CorruptCheckpointError: a file that is not a JSON object, or larger than :data:`MAX_CONFIG_BYTES`.
+        OptionsError: a file named other than :data:`CONFIG_FILES`.
+    """
+    out = {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = [path / n for n in CONFIG_FILES if (path / n).is_file()]
+        elif path.is_file():
+            if path.name not in CONFIG_FILES:
+                raise OptionsError(f"{path}: a config file is named {' or '.join(CONFIG_FILES)} (or give the "
+                                   "model directory that holds them)")
+            found = [path]
+        else:
+            raise CheckpointNotFoundError(f"{path}: no such file or directory")
+        for f in found:
+            if f.stat().st_size > MAX_CONFIG_BYTES:
+                raise CorruptCheckpointError(f"{f}: {f.stat().st_size} bytes; a config file is at most "
+                                             f"{MAX_CONFIG_BYTES} bytes")
+            data = f.read_bytes()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorruptCheckpointError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if not isinstance(parse_json(data, str(f)), dict):
+                raise CorruptCheckpointError(f"{f}: not a JSON object")
+            out[f.name] = text
+    return out
+
+
+def config_rules(configs: dict[str, str]):
+    """The expert rules (:mod:`ucp.convert.foreign.hf_experts`) of the model ``configs`` describe, or None."""
+    text = configs.get(CONFIG_FILES[0])
+    return rules_for(parse_json(text.encode(), CONFIG_FILES[0])) if text is not None else None
 
 
 def hf_files(src) -> tuple[Path, dict[str, str] | None, list[str]]:
@@ -98,16 +148,19 @@ def _refuse_overlaps(path: Path, spans: list[tuple[int, int, str]]) -> None:
 
 def hf_source(src, step: int | None = None, spec=None, settings: dict | None = None) -> SourceRecord:
     """The Hugging Face weights at ``src`` described for ``convert`` (one checkpoint: no ``step``; a
-    ``spec`` is applied by the converter).
+    ``spec`` is applied by the converter). A model directory's config files are kept in the facts
+    (``config_files``), and per-expert tensors of a MoE model it describes are stacked as
+    transformers holds them (:mod:`ucp.convert.foreign.hf_experts`).
 
     Raises:
         CheckpointNotFoundError: no weights there, or a file the index lists is missing.
-        CorruptCheckpointError: a malformed index or header, an unknown dtype, a tensor whose bytes
-            do not fit its shape or its file, or an index naming a tensor its file lacks.
+        CorruptCheckpointError: a malformed index, header or config file, an unknown dtype, a tensor
+            whose bytes do not fit its shape or its file, an index naming a tensor its file lacks, or
+            experts that do not stack (one missing, shapes that differ).
     """
     refuse_step(step, "Hugging Face weights have no steps; leave it out")
     directory, weight_map, files = hf_files(src)
-    tensors, fragments, sizes, found = {}, [], {}, {}
+    found, sizes, held = {}, {}, {}  # held: tensor name -> (dtype, shape, file, offset, length)
     for name in files:
         path = directory / name
         header, start = read_header(path)
@@ -128,17 +181,31 @@ def hf_source(src, step: int | None = None, spec=None, settings: dict | None = N
             found[tname] = name
             if weight_map is not None and weight_map.get(tname) != name:
                 continue  # the index places it elsewhere (or nowhere): not part of the model
-            key = model_key(tname)
-            tensors[key] = TensorMeta(shape, dtype, Pattern())
-            fragments.append(Fragment(key, Box.full(shape), None, dtype, 0, name, start + begin, end - begin, 0))
+            held[tname] = (dtype, shape, name, start + begin, end - begin)
         _refuse_overlaps(path, spans)
     if weight_map is not None:
         missing = sorted(t for t, f in weight_map.items() if found.get(t) != f)
         if missing:
             raise CorruptCheckpointError(f"{directory / INDEX}: {len(missing)} tensor(s) not in the file the index "
                                          f"names, e.g. {missing[0]!r} in {weight_map[missing[0]]}")
-    if not tensors:
+    if not held:
         raise CheckpointNotFoundError(f"{directory}: the safetensors file(s) {files} hold no tensor")
+    configs = read_configs([src]) if Path(src).is_dir() else {}
+    rules = config_rules(configs)
+    if rules is not None:
+        shapes, places = stacked({t: (h[0], h[1]) for t, h in held.items()}, rules, str(directory))
+    else:
+        shapes = {t: (h[0], h[1]) for t, h in held.items()}
+        places = {t: Placed(t, (0,) * len(h[1]), h[1]) for t, h in held.items()}
+    tensors = {model_key(t): TensorMeta(shape, dtype, Pattern()) for t, (dtype, shape) in shapes.items()}
+    fragments = []
+    for tname, (dtype, _, name, offset, length) in held.items():
+        place = places[tname]
+        fragments.append(Fragment(model_key(place.name), Box(place.offsets, place.sizes), None, dtype, 0, name,
+                                  offset, length, 0))
     manifest = Manifest(0, Layout.single(), tensors, tuple(fragments), files=sizes, created_by=FORMAT)
     manifest.validate()
-    return SourceRecord(directory, manifest, {"format": FORMAT, "path": str(directory.resolve()), "files": files})
+    facts = {"format": FORMAT, "path": str(directory.resolve()), "files": files}
+    if configs:
+        facts["config_files"] = configs
+    return SourceRecord(directory, manifest, facts)
