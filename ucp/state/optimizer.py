@@ -30,7 +30,7 @@ from ucp.format.pattern import Pattern
 from ucp.format.universal import universal_shape
 from ucp.lang.names import part_name
 from ucp.plan.sources import SourceIndex
-from ucp.state.capture import Piece, flat_state_pieces, optimizer_param_fqns, param_names, tensor_piece
+from ucp.state.capture import Piece, detached, flat_state_pieces, optimizer_param_fqns, param_names, tensor_piece
 from ucp.state.tensors import torch_dtype
 
 STEP = "step"
@@ -98,7 +98,7 @@ def optimizer_targets(optimizer, model, sources: SourceIndex, model_by_key: dict
             if isinstance(cur, torch.Tensor) and tuple(cur.shape) == tuple(meta.shape) and cur.dtype == torch_dtype(meta.dtype):
                 value = cur
                 if isinstance(cur, DTensor):
-                    piece = tensor_piece(key, fqn, cur.detach(), None)
+                    piece = tensor_piece(key, fqn, detached(cur), None)
                 elif param_piece is not None and tuple(meta.shape) == tuple(param_piece.meta.shape):
                     piece = Piece(key, cur.detach(), meta, param_piece.box, param_piece.flat)
                 else:
@@ -144,7 +144,7 @@ def _existing_piece(key: str, fqn: str, cur: torch.Tensor, param_piece: Piece | 
     """A piece for state the optimizer holds and the checkpoint lacks (reported missing; with
     ``strict=False`` it keeps its value)."""
     if isinstance(cur, DTensor):
-        return tensor_piece(key, fqn, cur.detach(), None)
+        return tensor_piece(key, fqn, detached(cur), None)
     dtype = dtype_name(cur.dtype)
     if param_piece is not None and tuple(cur.shape) == tuple(param_piece.data.shape):
         pm = param_piece.meta
