@@ -10,6 +10,8 @@ from __future__ import annotations
 
 E = 4
 SPEC = 'ucl 1\n"experts.{e}.*" : expert(ep, experts=4)\n"*" : replicate(ep)\n'
+#: the same model as a pipeline would hold it: ``experts`` are then the stage's layers, local to its ``pp`` rank
+STAGE_SPEC = 'ucl 1\n"experts.{i}.*" : stage(pp, layers=4)\n"*" : replicate(pp)\n'
 
 
 def _build(seed: int):
@@ -77,7 +79,8 @@ def _checkpointer(root: str, model, opt, spec):
 
     import ucp
 
-    options = ucp.CheckpointOptions(layout=ucp.Layout.from_sizes(ep=dist.get_world_size()), fsync=False)
+    axis = "pp" if spec is not None and "stage(" in spec else "ep"
+    options = ucp.CheckpointOptions(layout=ucp.Layout.from_sizes(**{axis: dist.get_world_size()}), fsync=False)
     return ucp.Checkpointer(root, model=model, optimizer=opt, options=options, spec=spec)
 
 

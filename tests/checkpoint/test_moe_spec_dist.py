@@ -55,3 +55,30 @@ def test_a_global_checkpoint_saved_without_spec_loads_locally_only_through_a_spe
         assert "model/experts.2.w1.weight" in state["error"]
     for rank, state in enumerate(worlds(2).run(w.load_global, str(root))):
         assert bit_diffs({k: expected[k] for k in state}, state) == [], f"rank {rank}"
+
+
+@pytest.mark.parametrize("size", [1, 4])
+def test_its_universal_form_converted_with_the_same_spec_loads_alike(worlds, saved, tmp_path, size):
+    from ucp.convert import convert
+
+    root, expected = saved
+    spec = tmp_path / "moe.ucl"
+    spec.write_text(w.SPEC)
+    convert(root, tmp_path / "u", spec, fsync=False, workers=2)
+    seen = set()
+    for rank, state in enumerate(worlds(size).run(w.load_global, str(tmp_path / "u"))):
+        assert "error" not in state, state
+        assert bit_diffs({k: expected[k] for k in state}, state) == [], f"rank {rank} at ep={size}"
+        seen |= set(state)
+    assert seen == set(expected)
+
+
+def test_stage_local_layers_reshard_across_pp(worlds, tmp_path):
+    """stage(): each pp rank holds its stage's layers by a local index; saved at pp=2, loaded at pp=1."""
+    root = tmp_path / "pp"
+    expected: dict = {}
+    for state in worlds(2).run(w.train_and_save, str(root), w.STAGE_SPEC):
+        expected.update(state)
+    (state,) = worlds(1).run(w.load_global, str(root), w.STAGE_SPEC)
+    assert "error" not in state, state
+    assert bit_diffs(expected, state) == []
