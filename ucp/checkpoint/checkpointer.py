@@ -18,11 +18,29 @@ from ucp.checkpoint.results import LoadResult, SaveResult
 from ucp.checkpoint.save import SavePlans, save_durable
 from ucp.comm.collective import Collective
 from ucp.errors import OptionsError, PersistError, UcpError
+from ucp.lang.apply import LiveSpec
+from ucp.lang.specs import read_spec
 from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
 from ucp.state.capture import Geometry, Piece, capture_state, infer_layout
 from ucp.storage import lease as leases
 
 __all__ = ["Checkpointer", "CheckpointOptions", "SaveResult", "LoadResult"]
+
+
+def _live_spec(spec, options: CheckpointOptions, layout, coords) -> LiveSpec | None:
+    """The ``spec=`` of a Checkpointer, read and checked against its layout (None without one)."""
+    if spec is None:
+        return None
+    if options.patterns:
+        raise OptionsError("spec= and options.patterns both say how tensors are laid out: give one (a spec rule "
+                           '"glob" : shard(axis, dim=D) is what a Pattern says)')
+    if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".ucl")):
+        text, file = read_spec(spec, packaged=False)
+    elif isinstance(spec, str):
+        text, file = spec, "<spec>"
+    else:
+        raise OptionsError(f"spec must be UCL text or the path of a .ucl file, got {type(spec).__name__}")
+    return LiveSpec(text, file, layout, coords)
 
 
 class Checkpointer:
@@ -47,14 +65,21 @@ class Checkpointer:
         redundancy: :class:`~ucp.options.RedundancyOptions` to erasure-code the snapshots across
             nodes (needs ``snapshot``): a snapshot is complete only once its parity is, and ``load``
             after nodes failed rebuilds their share from parity (docs/erasure.md).
+        spec: a UCL program (docs/ucl.md), the path of a ``.ucl`` file (a ``Path`` or a string ending
+            in ``.ucl``) or its text: the same language as ``ucp convert --spec``. Its first matching
+            rule gives each plain tensor its pattern (``shard``, ``fused``, ``pad``), and ``expert()`` /
+            ``stage()`` rules give tensors held by a local index their global names, at save and at
+            load (a checkpoint saved at ``ep=2`` loads at ``ep=4`` or ``ep=1``). Its axes are the
+            layout's (``options.layout``); not together with ``options.patterns``.
 
     Raises:
         OptionsError: an argument is invalid; the message says how to fix it.
+        UclError: the spec is malformed or does not fit the layout (names file, line and column).
     """
 
     def __init__(self, root, model=None, optimizer=None, scheduler=None, state=None, keep=None,
                  options: CheckpointOptions | None = None, process_group=None, snapshot=None,
-                 redundancy=None):
+                 redundancy=None, spec=None):
         self.root = Path(root)
         self.model = model
         self.optimizer = optimizer
@@ -78,7 +103,8 @@ class Checkpointer:
                 f"layout {self.layout} has {self.layout.world_size} ranks but the job has {self.coll.world_size}; "
                 "give a layout whose axis sizes multiply to the world size"
             )
-        self.geometry = Geometry(self.layout, self.layout.coords(self.coll.rank), self.options.patterns)
+        coords = self.layout.coords(self.coll.rank)
+        self.geometry = Geometry(self.layout, coords, self.options.patterns, _live_spec(spec, self.options, self.layout, coords))
         if snapshot is not None and not isinstance(snapshot, SnapshotOptions):
             raise OptionsError("snapshot must be a ucp.SnapshotOptions")
         self.snapshot = snapshot

@@ -12,6 +12,7 @@ state is filled into its existing tensors when they fit, else into new ones hand
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -30,12 +31,13 @@ from ucp.format.keys import EXTRA, MODEL, OPTIM, extra_key, optim_key, parse_key
 from ucp.format.manifest import TensorMeta
 from ucp.format.universal import universal_shape
 from ucp.format.values import rank_state
+from ucp.lang.apply import recorded_mapping
 from ucp.plan.load_plan import FragmentIndex, ReadItem
 from ucp.plan.reshard import check_target, load_regions
 from ucp.plan.sources import Resolution, SourceIndex
 from ucp.snapshot.index import SnapshotManifest
 from ucp.snapshot.memory import cpu_threads
-from ucp.state.capture import Piece, model_pieces, normalize_fqn
+from ucp.state.capture import SPEC_STATE, Piece, model_pieces, normalize_fqn
 from ucp.state.optimizer import merged_optimizer_state, optimizer_targets, restore_optimizer
 from ucp.state.rng import restore_rng
 from ucp.state.tensors import torch_dtype
@@ -144,6 +146,45 @@ def _restore_extra_state(model, extra_state: dict) -> None:
         modules[prefix].set_extra_state(value)
 
 
+def _check_mapping(ckpt, manifest, path: Path) -> None:
+    """The checkpoint's ``expert()`` / ``stage()`` rules (recorded by a live save with ``spec=``) must be
+    this Checkpointer's: other rules would put tensors under other global indices, whatever ``strict``."""
+    shared = manifest.shared_state() if hasattr(manifest, "shared_state") else manifest.state.get("shared", {})
+    theirs = recorded_mapping(shared.get(SPEC_STATE))
+    mine = ckpt.geometry.spec.mapping() if ckpt.geometry.spec is not None else ()
+    if theirs and theirs != mine:
+        def show(mapping):
+            return "; ".join(f"{', '.join(g)}: {kind}(experts/layers={n}{', strided' if s else ''})"
+                             for g, kind, n, s in mapping) or "none"
+        raise LoadError(f"{path}: the checkpoint names tensors by the expert()/stage() rules [{show(theirs)}], this "
+                        f"Checkpointer by [{show(mine)}]: tensors would land under the wrong global indices (strict=False "
+                        "does not change that); give spec= with the rules the checkpoint was saved with (docs/ucl.md)")
+
+
+_INDEX = re.compile(r"(?<=[./])[0-9]+(?=\.)")
+
+
+def _family(key: str) -> str:
+    """``key`` with its numbered components (``experts.3.``, ``layers.12.``) as ``#``."""
+    return _INDEX.sub("#", key)
+
+
+def _check_local_indices(unexpected: list[str], taken: set, world_size: int, path: Path) -> None:
+    """Refuse, whatever ``strict``, a job of several ranks that takes some numbered tensors of a family
+    and leaves others (``experts.0-3`` taken, ``experts.4-7`` not): its ranks hold them by a local
+    index, so loading what matches would give ranks the wrong experts or layers."""
+    if world_size < 2 or not unexpected:
+        return
+    families = {_family(t if isinstance(t, str) else t[0]) for t in taken}
+    left = [k for k in unexpected if parse_key(k).kind == MODEL and _INDEX.search(k)
+            and _family(k) in families]
+    if left:
+        raise LoadError(f"{path}: this job's ranks take some numbered tensors and leave their siblings ({few(left)}): "
+                        "ranks holding experts or layers by a local index would get the wrong ones, so this is refused "
+                        "even with strict=False; give Checkpointer(spec=...) with expert()/stage() rules (docs/ucl.md) "
+                        "so that each rank's tensors take their global names")
+
+
 #: how many times a load of the newest checkpoint starts over when retention prunes the one it reads
 RETRIES = 3
 
@@ -229,13 +270,14 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         pieces: list[Piece] = []
         model_by_key: dict[str, Piece] = {}
         sources = SourceIndex(manifest.tensors)
+        _check_mapping(ckpt, manifest, path)
         if ckpt.model is not None:
             mp, _, _ = model_pieces(ckpt.model, ckpt.geometry)
             model_by_key = {p.key: p for p in mp}
             pieces += mp
         fqns, opt_state = [], {}
         if ckpt.optimizer is not None:
-            fqns, op, opt_state = optimizer_targets(ckpt.optimizer, ckpt.model, sources, model_by_key)
+            fqns, op, opt_state = optimizer_targets(ckpt.optimizer, ckpt.model, sources, model_by_key, ckpt.geometry)
             pieces += op
         extras = {}
         extra_keys = {key: None for key in manifest.tensors if parse_key(key).kind == EXTRA}
@@ -261,8 +303,11 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
 
     def untaken(taken_by_rank):  # rank 0: checkpoint tensors no rank takes
         taken = set().union(*taken_by_rank)
-        return sorted(k for k in _untaken(manifest.tensors, taken, SourceIndex(manifest.tensors))
-                      if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
+        out = sorted(k for k in _untaken(manifest.tensors, taken, SourceIndex(manifest.tensors))
+                     if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
+        if ckpt.geometry.spec is None or not ckpt.geometry.spec.mapping():
+            _check_local_indices(out, taken, coll.world_size, path)
+        return out
 
     # Strictness is judged for the job: a key is unexpected only if no rank takes it (pipeline stages
     # and flat partitions spread the keys over ranks; rank 0 alone gathers what each takes), missing
@@ -277,7 +322,9 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         if strict and (missing or unexpected):
             raise LoadError(
                 f"{path}: checkpoint and model do not match: missing {few(missing)}, unexpected {few(unexpected)}; "
-                "pass strict=False to load what matches"
+                "if the names differ only by a rank's local index (experts, pipeline layers), give Checkpointer(spec=...) "
+                "with expert()/stage() rules (docs/ucl.md); if the model really lacks or adds these tensors, "
+                "strict=False loads the ones both have"
             )
         target_layout = ckpt.geometry.layout
         plans = [(p, res) for p, res in result["plans"] if p.numel]

@@ -253,7 +253,8 @@ class Snapshots:
         if self.model is None:
             return set()
         params = {id(p) for p in self.model.parameters()}
-        return {model_key(normalize_fqn(n)) for n, b in self.model.named_buffers() if id(b) not in params}
+        geometry = self._ckpt.geometry
+        return {model_key(geometry.name(normalize_fqn(n))) for n, b in self.model.named_buffers() if id(b) not in params}
 
     def _hook_optimizer(self) -> None:
         if self.optimizer is not None and self._hook is None:

@@ -46,6 +46,7 @@ from ucp.format.universal import (
     universal_shape,
 )
 from ucp.lang.apply import apply_spec, merge_patterns
+from ucp.lang.indices import place_manifest
 from ucp.plan.consolidate import Source, TensorPlan, consolidate_plan, source_runs
 from ucp.storage import directory as store
 from ucp.storage.arena import Arena
@@ -149,7 +150,7 @@ def _convert_once(src, dst, spec, step, workers, compressor, chunk_bytes, memory
     if record.spec_applied:
         spec_text, patterns = record.spec_text, {}  # (the importer made the manifest's patterns)
     else:
-        spec_text, patterns = _spec_patterns(spec, manifest, settings)
+        spec_text, patterns, manifest = _spec_patterns(spec, manifest, settings)
     plans, arrays = _plans(manifest, patterns, compressor, chunk_bytes)
     largest = max((arrays[k].nbytes for k in plans), default=0)
     arena_size = memory_limit if memory_limit is not None else 2 * largest
@@ -244,10 +245,12 @@ def _check_options(workers, compressor, chunk_bytes, memory_limit) -> None:
 
 
 def _spec_patterns(spec, manifest: Manifest, settings: dict | None):
-    """The spec's text and ``{tensor key: pattern}`` after applying it (None, {} without a spec)."""
+    """The spec's text, ``{tensor key: pattern}`` after applying it and the manifest with the tensors of
+    its ``expert()`` / ``stage()`` rules under their global names (None, {}, ``manifest`` without a spec)."""
     if spec is None:
-        return None, {}
+        return None, {}, manifest
     checked, text = apply_spec(spec, manifest.layout, settings)
+    manifest = place_manifest(checked, manifest)
     params = {parse_key(k).name: (m.shape, m.pattern) for k, m in manifest.tensors.items() if k.startswith(MODEL + "/")}
     merged = merge_patterns(checked, params)
     out = {}
@@ -256,7 +259,7 @@ def _spec_patterns(spec, manifest: Manifest, settings: dict | None):
         if fqn in merged and parse_key(key).kind != "extra" and meta.shape == params[fqn][0]:
             p = merged[fqn]
             out[key] = type(p)(meta.pattern.shards, meta.pattern.flat, p.fused, p.pad)
-    return text, out
+    return text, out, manifest
 
 
 def _plans(manifest: Manifest, patterns: dict, compressor: str, chunk_bytes: int):

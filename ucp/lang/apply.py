@@ -15,10 +15,11 @@ from ucp.errors import UclError
 from ucp.format.layout import Layout
 from ucp.format.pattern import Pattern
 from ucp.lang import ast
+from ucp.lang.indices import first_match, index_rules, renamed
 from ucp.lang.parse import parse
 from ucp.lang.printer import print_program
 from ucp.lang.specs import read_spec
-from ucp.lang.validate import CheckedProgram, bind_layout, check, match
+from ucp.lang.validate import CheckedProgram, bind_layout, check, lower, match
 
 
 def apply_spec(spec: str | Path, layout, settings: dict | None = None, defaults: dict | None = None):
@@ -104,3 +105,86 @@ def _show(value) -> str:
     if isinstance(value, tuple):
         return " ".join(f"shard({s.axis}, dim={s.dim})" for s in value) or "none (replicated)"
     return str(value)
+
+
+#: transforms that describe how a foreign or converted checkpoint was written, not a live model
+_NOT_LIVE = {
+    "flat": "a live optimizer reports its flat partitions itself (ucp_flat_state)",
+    "average": "a live save refuses replicas that differ; average them before saving",
+    "tied": "ucp finds tied parameters of a live model by identity",
+}
+
+
+class LiveSpec:
+    """A UCL program applied to a live model on one rank: the global name and pattern of each of its
+    tensors (``Checkpointer(spec=...)``), the same language as ``ucp convert --spec``.
+
+    Args:
+        text: the program's text.
+        file: its name in messages.
+        layout: the job's layout; the program's axes must be its axes (a ``source layout`` line, if
+            any, must be this layout).
+        coords: this rank's coordinates on the layout's axes.
+
+    Raises:
+        UclError: a malformed program, an axis the layout lacks, a transform a live model cannot take
+            (``flat``, ``average``, ``tied``), or a count that does not split over its axis.
+    """
+
+    def __init__(self, text: str, file: str, layout: Layout, coords: dict):
+        checked = check(parse(text, file), file)
+        if checked.layout is not None:
+            check_layout(checked, layout)
+        self.checked = bind_layout(checked, layout)
+        self.layout, self.coords, self.file = layout, dict(coords), file
+        self.text = print_program(checked.program)
+        for cr in self.checked.rules:
+            for t in cr.rule.transforms:
+                if t.name in _NOT_LIVE:
+                    raise UclError(f"{t.name}() cannot describe a live model: {_NOT_LIVE[t.name]}; remove it (it is "
+                                   "for ucp convert)", file, t.pos.line, t.pos.column)
+            for ir in index_rules(cr.rule, file):
+                ir.per_rank(layout.size(ir.axis))
+                if any(s.axis == ir.axis for s in lower(cr.rule).shards):
+                    raise ir.error(f"{ir.transform.name}({ir.axis}, ...) and shard({ir.axis}, ...) in one rule: the "
+                                   f"axis either places whole tensors or splits them; keep one")
+        self._placed: dict[str, tuple[str, Pattern]] = {}
+
+    def place(self, fqn: str) -> tuple[str, Pattern]:
+        """``(global name, pattern)`` of this rank's tensor ``fqn``: the first rule matching it gives its
+        pattern, and its ``expert()`` / ``stage()`` transforms its global index.
+
+        Raises:
+            UclError: no rule matches ``fqn``, or its local index is out of range.
+        """
+        placed = self._placed.get(fqn)
+        if placed is None:
+            found = first_match(self.checked, fqn)
+            if found is None:
+                axis = self.layout.names[0]
+                raise UclError(f"tensor {fqn!r} is matched by no rule of the spec; add one, e.g. "
+                               f'"{fqn}" : replicate({axis})', self.file, 0, 0)
+            cr, rx, m = found
+            indices = {ir.group(rx): ir.to_global(int(m.group(ir.group(rx))), self.coords.get(ir.axis, 0),
+                                                  self.layout.size(ir.axis), fqn)
+                       for ir in index_rules(cr.rule, self.file)}
+            placed = self._placed[fqn] = (renamed(fqn, m, indices) if indices else fqn, lower(cr.rule))
+        return placed
+
+    def mapping(self) -> tuple:
+        """What the program's ``expert()`` / ``stage()`` rules mean whatever the layout (see
+        :func:`index_mapping`)."""
+        return index_mapping(self.checked)
+
+
+def index_mapping(checked: CheckedProgram) -> tuple:
+    """The ``expert()`` / ``stage()`` mappings of a checked program (globs, transform, count, placement):
+    two programs with equal mappings give tensors the same global names on any layout."""
+    return tuple(ir.key() for cr in checked.rules for ir in index_rules(cr.rule, checked.file))
+
+
+def recorded_mapping(text: str | None) -> tuple:
+    """:func:`index_mapping` of the spec text a checkpoint records (none: no mapping)."""
+    if not text:
+        return ()
+    return index_mapping(check(parse(text, "<spec recorded in the checkpoint>"), "<spec recorded in the checkpoint>"))

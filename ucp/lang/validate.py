@@ -27,12 +27,16 @@ SIGNATURES = {
     "pad": (0, ("dim", "to", "keep"), (), False),
     "average": (1, (), (), False),
     "stage": (1, ("layers",), (), False),
-    "expert": (1, ("experts",), (), False),
+    "expert": (1, ("experts",), ("placement",), False),
     "tied": (1, (), (), False),
     "flat": (1, (), (), False),
 }
 _AXIS_ARG = {"replicate", "shard", "average", "stage", "expert", "flat"}
 _CAPTURE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: keywords whose value is a word of their own, not a model setting: keyword -> the words it takes
+_WORDS = {("expert", "placement"): ("contiguous", "strided")}
+#: transforms that rename a tensor by the rank holding it: the captured index is local to the axis
+INDEX_TRANSFORMS = ("stage", "expert")
 
 
 def _err(msg: str, file: str, pos: ast.Pos) -> UclError:
@@ -120,7 +124,7 @@ def _resolve(t: ast.Transform, model: dict, file: str) -> ast.Transform:
     """``t`` with keyword values that name a model setting replaced by the setting's integer."""
     kwargs = []
     for key, value in t.kwargs:
-        if isinstance(value, str) and not isinstance(value, bool):
+        if isinstance(value, str) and (t.name, key) not in _WORDS:
             if value not in model:
                 known = f" (settings: {', '.join(sorted(model))})" if model else ""
                 raise _err(f"{t.name}({key}={value}): {value!r} is not a model setting{known}; declare it with "
@@ -145,7 +149,11 @@ def _check_call(t: ast.Transform, axes: tuple[str, ...] | None, file: str) -> No
     for key, value in kw.items():
         if key not in required and key not in optional and not extra_ints:
             raise _err(f"{t.name}() takes no argument {key!r}", file, t.pos)
-        if not isinstance(value, int):
+        words = _WORDS.get((t.name, key))
+        if words is not None:
+            if value not in words:
+                raise _err(f"{t.name}({key}={value}): use {key}={' or '.join(words)}", file, t.pos)
+        elif not isinstance(value, int):
             raise _err(f"{t.name}({key}=...) must be an integer, got {value!r}", file, t.pos)
     if t.name in _AXIS_ARG:
         axis = t.args[0]
@@ -160,6 +168,22 @@ def _check_call(t: ast.Transform, axes: tuple[str, ...] | None, file: str) -> No
             raise _err("fused() needs the sizes of its parts, e.g. fused(dim=0, q=4096, k=1024, v=1024)", file, t.pos)
     if t.name == "pad" and not 0 < kw["keep"] <= kw["to"]:
         raise _err(f"pad(): keep={kw['keep']} must be between 1 and to={kw['to']}", file, t.pos)
+    if t.name in INDEX_TRANSFORMS and kw[SIGNATURES[t.name][1][0]] < 1:
+        raise _err(f"{t.name}(): {SIGNATURES[t.name][1][0]}={kw[SIGNATURES[t.name][1][0]]} must be at least 1", file, t.pos)
+
+
+def _check_captures(rule: ast.Rule, regexes, file: str) -> None:
+    """A rule with ``stage()`` or ``expert()`` takes the index from a capture of each of its globs:
+    ``stage`` the first, ``expert`` the last; with both, each glob needs two captures."""
+    wanted = sum(t.name in INDEX_TRANSFORMS for t in rule.transforms)
+    if not wanted:
+        return
+    for glob, rx in zip(rule.globs, regexes):
+        if len(rx.groupindex) < wanted:
+            which = " and ".join(t.name + "()" for t in rule.transforms if t.name in INDEX_TRANSFORMS)
+            example = '"layers.{i}.experts.{e}.*"' if wanted == 2 else '"experts.{e}.*"'
+            raise _err(f"glob {glob!r} captures {len(rx.groupindex)} index(es) but {which} map(s) {wanted}: capture "
+                       f"the index with {{name}}, e.g. {example}", file, rule.pos)
 
 
 def check(program: ast.Program, file: str = "<ucl>", settings: dict | None = None,
@@ -220,7 +244,9 @@ def check(program: ast.Program, file: str = "<ucl>", settings: dict | None = Non
         for n in set(names):
             if names.count(n) > 1 and n not in ("shard",):
                 raise _err(f"{n}() appears twice in one rule", file, rule.pos)
-        rules.append(CompiledRule(rule, tuple(compile_glob(g, file, rule.pos) for g in rule.globs)))
+        regexes = tuple(compile_glob(g, file, rule.pos) for g in rule.globs)
+        _check_captures(rule, regexes, file)
+        rules.append(CompiledRule(rule, regexes))
     for opt in program.of(ast.Optimizer):
         if len(set(opt.states)) != len(opt.states):
             raise _err("optimizer states are listed twice", file, opt.pos)
@@ -238,7 +264,9 @@ class Match:
     pattern: Pattern
 
 
-def _lower(rule: ast.Rule) -> Pattern:
+def lower(rule: ast.Rule) -> Pattern:
+    """The pattern a rule's ``shard``, ``flat``, ``fused`` and ``pad`` transforms make (``expert`` and
+    ``stage`` rename tensors instead: :mod:`ucp.lang.indices`)."""
     shards, flat, fused, pad = [], None, None, None
     for t in rule.transforms:
         kw = dict(t.kwargs)
@@ -266,7 +294,7 @@ def match_names(checked: CheckedProgram, names) -> dict[str, tuple[ast.Rule, Pat
         for i, cr in enumerate(checked.rules):
             if any(rx.fullmatch(name) for rx in cr.regexes):
                 used[i] = True
-                out[name] = (cr.rule, _lower(cr.rule))
+                out[name] = (cr.rule, lower(cr.rule))
                 break
         else:
             raise UclError(f"tensor {name!r} is matched by no rule; add a rule for it", checked.file, 0, 0)
@@ -300,7 +328,7 @@ def match(checked: CheckedProgram, shapes: dict[str, tuple[int, ...]]) -> dict[s
                 continue
             used[i] = True
             try:
-                pattern = _lower(cr.rule)
+                pattern = lower(cr.rule)
                 pattern.validate(tuple(shape), axes, name)
             except Exception as e:  # noqa: BLE001 - SpecError from the data model, placed at the rule
                 raise _err(f"{e} (the rule matches tensor {name!r} of shape {list(shape)})", file, cr.rule.pos) from None

@@ -256,6 +256,10 @@ class SnapshotManifest:
         manifest.check_cover([k for k, boxes in query.regions.items() if boxes is None and k in self.tensors])
         return manifest
 
+    def shared_state(self) -> dict:
+        """The non-tensor state every rank saved alike."""
+        return self._shared
+
     def rank_state(self, rank: int) -> dict:
         """This rank's view of the non-tensor state: the shared entries overlaid with its own."""
         if rank != self._rank:

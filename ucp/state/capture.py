@@ -25,6 +25,7 @@ from ucp.format.keys import extra_key, model_key, optim_key
 from ucp.format.layout import Layout
 from ucp.format.manifest import TensorMeta
 from ucp.format.pattern import REPLICATED, Pattern, Shard, local_box
+from ucp.lang.apply import LiveSpec
 from ucp.state.rng import capture_rng
 
 
@@ -45,18 +46,28 @@ class Piece:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where plain (non-DTensor) tensors live: a layout, this rank's coordinates, glob -> pattern."""
+    """Where plain (non-DTensor) tensors live and what they are called: a layout, this rank's
+    coordinates, and glob -> pattern or a UCL spec (``Checkpointer(spec=...)``), which also gives
+    tensors held by a local index (``expert()``, ``stage()``) their global names."""
 
     layout: Layout
     coords: dict
     patterns: tuple[tuple[str, Pattern], ...] = ()
+    spec: LiveSpec | None = None
 
     def pattern_for(self, fqn: str) -> Pattern:
-        """First matching pattern wins; tensors no pattern matches are replicated."""
+        """The spec's first matching rule, else the first matching pattern; tensors no pattern
+        matches are replicated."""
+        if self.spec is not None:
+            return self.spec.place(fqn)[1]
         for glob, pattern in self.patterns:
             if fnmatch.fnmatchcase(fqn, glob):
                 return pattern
         return REPLICATED
+
+    def name(self, fqn: str) -> str:
+        """The checkpoint's (global) name of this rank's tensor ``fqn``."""
+        return self.spec.place(fqn)[0] if self.spec is not None else fqn
 
 
 def _dtensor_pattern(mesh, placements: tuple, coord, where: str) -> tuple[Pattern, dict, dict]:
@@ -152,6 +163,9 @@ def tensor_piece(key: str, fqn: str, t: torch.Tensor, geometry: Geometry | None)
     return plain_piece(key, fqn, t, geometry)
 
 
+#: the non-tensor state entry holding the UCL spec a live save named its tensors with
+SPEC_STATE = "spec"
+
 #: module names that wrappers insert into parameter names: torch.compile, activation checkpointing, FSDP1
 WRAPPER_NAMES = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
 
@@ -166,7 +180,8 @@ def normalize_fqn(fqn: str) -> str:
 
 
 def model_pieces(model: torch.nn.Module, geometry: Geometry | None) -> tuple[list[Piece], dict[str, str], dict]:
-    """Pieces of every parameter and persistent buffer, the aliases of tied tensors, and extra state.
+    """Pieces of every parameter and persistent buffer (keyed by their global names, see
+    :meth:`Geometry.name`), the aliases of tied tensors, and extra state.
 
     Returns:
         (pieces, aliases ``{fqn: fqn_it_is_tied_to}``, ``{key: value}`` of modules' extra state).
@@ -178,17 +193,31 @@ def model_pieces(model: torch.nn.Module, geometry: Geometry | None) -> tuple[lis
         if not isinstance(value, torch.Tensor) or fqn.endswith("_extra_state"):
             extra[fqn] = value  # get_extra_state() may return a tensor (FP8 scales): state, not a parameter
             continue
+        name = geometry.name(fqn) if geometry is not None else fqn
         if id(value) in first_name:
-            aliases[fqn] = first_name[id(value)]
+            aliases[name] = first_name[id(value)]
             continue
-        first_name[id(value)] = fqn
-        pieces.append(tensor_piece(model_key(fqn), fqn, detached(value), geometry))
+        first_name[id(value)] = name
+        piece = tensor_piece(model_key(name), fqn, detached(value), geometry)
+        if isinstance(value, DTensor) and geometry is not None and geometry.spec is not None:
+            _check_dtensor_rule(geometry.spec, fqn, piece)
+        pieces.append(piece)
     return pieces, aliases, extra
 
 
-def param_names(model: torch.nn.Module) -> dict[int, str]:
-    """id(parameter) -> fqn, tied parameters under their first name."""
-    return {id(p): normalize_fqn(n) for n, p in model.named_parameters()}
+def _check_dtensor_rule(spec: LiveSpec, fqn: str, piece: Piece) -> None:
+    """A DTensor's placements give its shards; a spec rule that shards it must say the same."""
+    rule_shards = spec.place(fqn)[1].shards
+    if rule_shards and rule_shards != piece.meta.pattern.shards:
+        raise CaptureError(f"{piece.key}: the spec shards it as {Pattern(rule_shards)}, its DTensor placements as "
+                           f"{Pattern(piece.meta.pattern.shards)}; remove shard() from its rule (placements say it)")
+
+
+def param_names(model: torch.nn.Module, geometry: Geometry | None = None) -> dict[int, str]:
+    """id(parameter) -> its global fqn (:meth:`Geometry.name`), tied parameters under their first name."""
+    if geometry is None:
+        return {id(p): normalize_fqn(n) for n, p in model.named_parameters()}
+    return {id(p): geometry.name(normalize_fqn(n)) for n, p in model.named_parameters()}
 
 
 def optimizer_param_fqns(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
@@ -214,7 +243,7 @@ def state_piece(fqn: str, state: str, value: torch.Tensor, param_piece: Piece | 
     return plain_piece(key, fqn + "/" + state, value, None)
 
 
-def flat_state_pieces(optimizer, by_fqn: dict[str, Piece]) -> list[Piece]:
+def flat_state_pieces(optimizer, by_fqn: dict[str, Piece], geometry: Geometry | None = None) -> list[Piece]:
     """Pieces of state an optimizer keeps as flat partitions of its parameters (ZeRO-1 style).
 
     An optimizer opts in by defining ``ucp_flat_state()`` returning ``{fqn: {state: (tensor, start)}}``:
@@ -229,6 +258,7 @@ def flat_state_pieces(optimizer, by_fqn: dict[str, Piece]) -> list[Piece]:
     pieces = []
     for fqn, states in optimizer.ucp_flat_state().items():
         fqn = normalize_fqn(fqn)
+        fqn = geometry.name(fqn) if geometry is not None else fqn
         param = by_fqn.get(model_key(fqn))
         if param is None:
             raise CaptureError(f"optimizer reports flat state for {fqn!r}, which the model does not have")
@@ -249,7 +279,7 @@ def optimizer_pieces(optimizer, fqns: list[str], by_fqn: dict[str, Piece], geome
         (pieces, ``{fqn: {state: value}}`` of non-tensor state, param groups with ``params`` as fqns).
     """
     sd = optimizer.state_dict()
-    pieces, scalars = flat_state_pieces(optimizer, by_fqn), {}
+    pieces, scalars = flat_state_pieces(optimizer, by_fqn, geometry), {}
     for idx, states in sd["state"].items():
         fqn = fqns[idx]
         for name, value in states.items():
@@ -278,7 +308,7 @@ def capture_state(model, optimizer, scheduler, stateful: dict, extras: dict | No
         pieces += mp
         state["model"] = values.encode({"aliases": aliases, "extra_state": extra_state}, "model")
         if optimizer is not None:
-            fqns = optimizer_param_fqns(optimizer, param_names(model))
+            fqns = optimizer_param_fqns(optimizer, param_names(model, geometry))
             op, scalars, groups = optimizer_pieces(optimizer, fqns, {p.key: p for p in mp}, geometry)
             pieces += op
             state["optimizer"] = values.encode({"scalars": scalars, "param_groups": groups}, "optimizer")
@@ -293,6 +323,8 @@ def capture_state(model, optimizer, scheduler, stateful: dict, extras: dict | No
         else:
             plain_extras[name] = value
     state["extras"] = values.encode(plain_extras, "extras")
+    if geometry is not None and geometry.spec is not None:
+        state[SPEC_STATE] = geometry.spec.text  # (what a load checks its own expert()/stage() rules against)
     if rng:
         state["rng"] = values.encode(capture_rng(), "rng")
     return pieces, state

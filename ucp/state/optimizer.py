@@ -52,16 +52,17 @@ def _new_like(key: str, meta: TensorMeta, param_piece: Piece | None, param) -> t
     return value, Piece(key, value, meta, Box.full(meta.shape))
 
 
-def optimizer_targets(optimizer, model, sources: SourceIndex, model_by_key: dict[str, Piece]):
-    """Destination pieces for the optimizer's state, and the index-keyed state they will form.
+def optimizer_targets(optimizer, model, sources: SourceIndex, model_by_key: dict[str, Piece], geometry=None):
+    """Destination pieces for the optimizer's state, and the index-keyed state they will form; ``geometry``
+    (a :class:`~ucp.state.capture.Geometry`) names parameters as the checkpoint does.
 
     Returns:
         ``(fqns, pieces, state)``: the fqn of every optimizer parameter in index order, the pieces
         to read, and ``{index: {state: tensor}}`` for ``optimizer.load_state_dict``.
     """
-    fqns = optimizer_param_fqns(optimizer, param_names(model))
+    fqns = optimizer_param_fqns(optimizer, param_names(model, geometry))
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    pieces = flat_state_pieces(optimizer, model_by_key)  # filled in place, outside state_dict()
+    pieces = flat_state_pieces(optimizer, model_by_key, geometry)  # filled in place, outside state_dict()
     # States a flat-partitioned optimizer keeps in its flat buffers, for its parameters here and
     # (partitions of other ranks) elsewhere: never per-parameter state.
     flat_states = {parse_key(p.key).state for p in pieces}

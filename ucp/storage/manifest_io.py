@@ -173,6 +173,10 @@ class StoredManifest:
                 self.nbytes_read += pages.nbytes
         return rows_of(batches, str(pages.path))
 
+    def shared_state(self) -> dict:
+        """The non-tensor state every rank saved alike (read with the header)."""
+        return self._base.state.get("shared", {})
+
     def rank_state(self, rank: int) -> dict:
         """Rank ``rank``'s view of the non-tensor state: the shared entries overlaid with its own."""
         if self.whole is not None:

@@ -22,6 +22,7 @@ from ucp.format.fragment import Fragment
 from ucp.format.layout import Layout
 from ucp.format.manifest import Manifest, TensorMeta
 from ucp.lang.apply import apply_spec
+from ucp.lang.indices import index_rules
 
 FORMAT = "deepspeed"
 STATES = ("exp_avg", "exp_avg_sq")
@@ -141,7 +142,11 @@ def checked_spec(spec, settings: dict | None, layout: Layout, model: dict):
     to ``layout``; ``(None, None)`` without a spec."""
     if spec is None:
         return None, None
-    return apply_spec(spec, layout, settings, model_settings(model))
+    checked, text = apply_spec(spec, layout, settings, model_settings(model))
+    for cr in checked.rules:
+        for ir in index_rules(cr.rule, checked.file):
+            raise ir.error(f"{ir.transform.name}() is not applied to DeepSpeed saves yet; remove the rule")
+    return checked, text
 
 
 class ManifestParts:
