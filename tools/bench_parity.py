@@ -29,7 +29,10 @@ the same for plain snapshots against none. ``load_avg``: the load average (1, 5,
 after the loop and at the end.
 
 ``memcpy_gbps``: one rank's copy of the same bytes into a preallocated buffer, in the same run, for
-scale. Every snapshot of the parity kind is checked: after the run, the ranks of node 1 are
+scale. ``exchange_floor_s``: the exchange's floor, gloo moving the same bytes with no coding: every
+rank sends its state to the next rank while receiving the previous one's (a ring, all at once; about
+what a rank sends and receives in the exchange), the median of 3, slowest rank;
+``parity_extra_over_exchange_floor`` = ``parity_extra_s`` over it. Every snapshot of the parity kind is checked: after the run, the ranks of node 1 are
 treated as lost and rebuilt from parity (``rebuilt_bit_exact``), so a cheap exchange that stored
 nothing cannot pass. Nothing is left in /dev/shm afterwards (``shm_left``).
 
@@ -113,6 +116,18 @@ def rank_main(rank: int, args, base: str, root: str) -> dict:
         t0 = time.perf_counter()
         np.copyto(dst, src)
         copies.append(time.perf_counter() - t0)
+    # the exchange's floor: gloo moving the same bytes, every rank sending its state to the next rank
+    # while receiving the previous one's (about what a rank sends and receives in the exchange), no coding
+    world = dist.get_world_size()
+    sbuf, rbuf = torch.from_numpy(src), torch.from_numpy(dst)
+    rings = []
+    for _ in range(3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for work in (dist.isend(sbuf, (rank + 1) % world), dist.irecv(rbuf, (rank - 1) % world)):
+            work.wait()
+        dist.barrier()
+        rings.append(time.perf_counter() - t0)
     status = client.connect(kinds["parity"][0]).status()
     for _, ck in kinds.values():
         ck.close()
@@ -141,7 +156,7 @@ def rank_main(rank: int, args, base: str, root: str) -> dict:
     exact = res is not None and res.source == "memory" and res.rebuilt == (1,) and all(
         torch.equal(want[k], got[k]) for k in want)
     ck.close()
-    return {"times": times, "memcpy_s": min(copies), "bytes": n * 12, "status": status, "exact": exact,
+    return {"times": times, "memcpy_s": min(copies), "ring_s": statistics.median(rings), "bytes": n * 12, "status": status, "exact": exact,
             "loop": loop, "load_avg": load_after_loop}
 
 
@@ -245,6 +260,7 @@ def main() -> int:
     par = sum(d["status"]["parity_bytes"] for d in results.values())
     extra = parity - plain
     memcpy = min(d["memcpy_s"] for d in results.values())
+    ring = max(d["ring_s"] for d in results.values())
     import torch
 
     doc = {"bench": "ucp_parity_exchange", "nodes": args.nodes, "ranks_per_node": 1, "group": args.nodes,
@@ -254,6 +270,7 @@ def main() -> int:
            "parity_extra_s": round(extra, 4),
            "exchange_gbps": round(nbytes / extra / 1e9, 3) if extra > 0 else None,
            "memcpy_gbps": round(nbytes / memcpy / 1e9, 3),
+           "exchange_floor_s": round(ring, 4), "parity_extra_over_exchange_floor": round(extra / ring, 4),
            "snapshot_bytes": data, "parity_bytes": par, "memory_overhead": round((data + par) / data, 4),
            "memory_overhead_ideal": round(args.nodes / (args.nodes - args.parity), 4),
            "rebuilt_bit_exact": all(d["exact"] for d in results.values()),

@@ -74,12 +74,12 @@ def global_state(model, opt) -> dict:
     return out
 
 
-def _checkpointer(root: str, model, opt, spec):
+def _checkpointer(root: str, model, opt, spec, axis: str | None = None):
     import torch.distributed as dist
 
     import ucp
 
-    axis = "pp" if spec is not None and "stage(" in spec else "ep"
+    axis = axis or ("pp" if spec is not None and "stage(" in spec else "ep")
     options = ucp.CheckpointOptions(layout=ucp.Layout.from_sizes(**{axis: dist.get_world_size()}), fsync=False)
     return ucp.Checkpointer(root, model=model, optimizer=opt, options=options, spec=spec)
 
@@ -102,3 +102,15 @@ def load_global(root: str, spec: str | None = SPEC, strict: bool = True) -> dict
     except Exception as e:  # noqa: BLE001 - the test checks the message
         return {"error": f"{type(e).__name__}: {e}"}
     return global_state(model, opt)
+
+
+def load_smaller_under_dp(root: str) -> dict:
+    """The model with fewer experts (E / world) under data parallelism (layout dp = the world size, no
+    spec) loads ``root`` with strict=False: a smaller model, not local indices, so not refused; its
+    state by its own names, or the error's one line."""
+    model, opt = _build(seed=1)
+    try:
+        _checkpointer(root, model, opt, None, axis="dp").load(strict=False)
+    except Exception as e:  # noqa: BLE001 - the test checks the message
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {f"model/{n}": p.detach().clone() for n, p in model.named_parameters()}

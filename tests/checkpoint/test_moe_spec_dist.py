@@ -57,6 +57,16 @@ def test_a_global_checkpoint_saved_without_spec_loads_locally_only_through_a_spe
         assert bit_diffs({k: expected[k] for k in state}, state) == [], f"rank {rank}"
 
 
+def test_a_smaller_model_under_data_parallelism_still_loads_with_strict_false(worlds, tmp_path):
+    """The local-index refusal is for layouts with ep or pp: under dp, a model with fewer experts than
+    the checkpoint takes the ones it has (experts 0-1 of 0-3) with strict=False, on every rank."""
+    root = tmp_path / "one"
+    (expected,) = worlds(1).run(w.train_and_save, str(root), None)
+    for rank, state in enumerate(worlds(2).run(w.load_smaller_under_dp, str(root))):
+        assert "error" not in state, state
+        assert bit_diffs({k: expected[k] for k in state}, state) == [], f"rank {rank}"
+
+
 @pytest.mark.parametrize("size", [1, 4])
 def test_its_universal_form_converted_with_the_same_spec_loads_alike(worlds, saved, tmp_path, size):
     from ucp.convert import convert

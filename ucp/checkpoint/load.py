@@ -172,7 +172,9 @@ def _family(key: str) -> str:
 def _check_local_indices(unexpected: list[str], taken: set, world_size: int, path: Path) -> None:
     """Refuse, whatever ``strict``, a job of several ranks that takes some numbered tensors of a family
     and leaves others (``experts.0-3`` taken, ``experts.4-7`` not): its ranks hold them by a local
-    index, so loading what matches would give ranks the wrong experts or layers."""
+    index, so loading what matches would give ranks the wrong experts or layers. (Called only for a
+    layout with expert or pipeline parallelism, where ranks may hold tensors by a local index: a
+    smaller model loaded with ``strict=False`` under data or tensor parallelism is not refused.)"""
     if world_size < 2 or not unexpected:
         return
     families = {_family(t if isinstance(t, str) else t[0]) for t in taken}
@@ -305,7 +307,9 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         taken = set().union(*taken_by_rank)
         out = sorted(k for k in _untaken(manifest.tensors, taken, SourceIndex(manifest.tensors))
                      if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
-        if ckpt.geometry.spec is None or not ckpt.geometry.spec.mapping():
+        layout = ckpt.geometry.layout
+        if (ckpt.geometry.spec is None or not ckpt.geometry.spec.mapping()) and layout is not None \
+                and any(layout.size(axis) > 1 for axis in ("ep", "pp")):
             _check_local_indices(out, taken, coll.world_size, path)
         return out
 
