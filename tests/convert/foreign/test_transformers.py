@@ -17,8 +17,15 @@ from tests.convert.foreign.test_hf import read_all
 from tests.helpers import same_state
 from ucp.cli.main import main
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.transformers
+
+
+def _transformers():
+    """The transformers package, imported by the tests themselves: the fast tier deselects them (a
+    module-level import would count as a skip there), and this tier fails if it is missing."""
+    import transformers
+
+    return transformers
 
 TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=64)
@@ -26,7 +33,7 @@ TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_he
 
 def tiny(kind: str):
     """A tiny model of ``kind`` with weights of a fixed seed (experts different from each other)."""
-    t = transformers
+    t = _transformers()
     configs = {
         "llama": lambda: t.LlamaConfig(intermediate_size=24, tie_word_embeddings=True, **TINY),
         "mixtral": lambda: t.MixtralConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **TINY),
@@ -39,7 +46,7 @@ def tiny(kind: str):
                                                   qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, **TINY),
     }
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(configs[kind]())
+    model = _transformers().AutoModelForCausalLM.from_config(configs[kind]())
     with torch.no_grad():
         for p in model.parameters():  # (some initialisations leave zeros or ones: make every element count)
             p.copy_(torch.randn_like(p) * 0.2)
@@ -64,7 +71,7 @@ def test_save_pretrained_convert_export_from_pretrained_gives_identical_logits(t
     assert (tmp_path / "back" / "config.json").read_text() == (tmp_path / "hf" / "config.json").read_text()
     assert (tmp_path / "back" / "generation_config.json").is_file()
     assert same_state(read_all(tmp_path / "back"), read_all(tmp_path / "hf"))  # the files' names, bit for bit
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    again = _transformers().AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert torch.equal(logits(again, ids()), logits(model, ids()))
 
 
@@ -75,7 +82,7 @@ def test_moe_weights_load_live_into_the_fused_experts_train_and_export_back(tmp_
     assert main(["convert", "--from", "hf", str(tmp_path / "hf"), str(tmp_path / "u"), "--quiet"]) == 0
 
     torch.manual_seed(5)
-    live = transformers.AutoModelForCausalLM.from_config(model.config)  # other weights: the load must set them all
+    live = _transformers().AutoModelForCausalLM.from_config(model.config)  # other weights: the load must set them all
     opt = torch.optim.AdamW(live.parameters(), lr=1e-3)
     with pytest.warns(RuntimeWarning, match="weights only"):
         res = ucp.Checkpointer(tmp_path / "u", model=live, optimizer=opt).load()
@@ -95,7 +102,7 @@ def test_moe_weights_load_live_into_the_fused_experts_train_and_export_back(tmp_
                  "--quiet"]) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == kind
     assert set(read_all(tmp_path / "back")) == set(read_all(tmp_path / "hf"))  # per-expert names again
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    again = _transformers().AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     live.eval()
     assert torch.equal(logits(again, ids()), logits(live, ids()))
     with warnings.catch_warnings():
