@@ -471,13 +471,8 @@ class Floors:
             os.close(fd)
 
     def drop(self, path: Path) -> None:
-        """Drop ``path``'s cached pages (they are clean: :meth:`write_fsync` synced them)."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        """Drop ``path``'s cached pages (:func:`drop_cache`)."""
+        drop_cache([path])
 
     def cold_read(self, path: Path) -> None:
         io0 = io_read_bytes()

@@ -219,17 +219,24 @@ class FragmentFiles:
         the manifest's unless ``verify`` is off (sources that carry no checksums). From a mapping
         into one view, the block checksums (of ``block_bytes``, the manifest's; 0: none) are checked
         as well, and a failure names the first block that fails."""
-        _, path = self.locate(f)
+        self.locate(f)
+        blocks: list[int] = []
         if f.file in self._mapped and len(views) == 1:
             [(crc, blocks)] = self._copy(f.file, [(views[0], f.offset, f.offset + f.length)], block_bytes or BLOCK_BYTES)
-            if verify and block_bytes and f.blocks:
-                self._check_blocks(f, 0, blocks, block_bytes)
         else:
             crc = self.pread(f.file, f.offset, views, fragment_name(f), crc=0)
-        if verify and crc != f.crc32c:
-            raise CorruptCheckpointError(f"{describe(path, f)} fails its checksum (crc32c {crc:08x}, expected "
-                                         f"{f.crc32c:08x}); the file is corrupted")
+        if verify:
+            self._verify(f, crc, blocks, block_bytes)
         return crc
+
+    def _verify(self, f: Fragment, crc: int, blocks: list[int], block_bytes: int) -> None:
+        """Fragment ``f`` read with checksum ``crc`` and block checksums ``blocks`` (of ``block_bytes``;
+        none when read from a file) against the manifest's: the first failing block is named."""
+        if blocks and block_bytes and f.blocks:
+            self._check_blocks(f, 0, blocks, block_bytes)
+        if crc != f.crc32c:
+            raise CorruptCheckpointError(f"{describe(self.directory / f.file, f)} fails its checksum (crc32c {crc:08x}, "
+                                         f"expected {f.crc32c:08x}); the file is corrupted")
 
     def mapped(self, f: Fragment) -> bool:
         """Whether fragment ``f`` is read from a mapping (its file located, so mapped if it can be)."""
@@ -249,11 +256,7 @@ class FragmentFiles:
         del regions
         self._count(sum(f.length for f, _ in reads))
         for (f, _), (crc, blocks) in zip(reads, sums):
-            if block_bytes and f.blocks:
-                self._check_blocks(f, 0, blocks, block_bytes)
-            if crc != f.crc32c:
-                raise CorruptCheckpointError(f"{describe(self.directory / f.file, f)} fails its checksum (crc32c "
-                                             f"{crc:08x}, expected {f.crc32c:08x}); the file is corrupted")
+            self._verify(f, crc, blocks, block_bytes)
 
     def _copy(self, name: str, pieces: list, block_bytes: int) -> list[tuple[int, list[int]]]:
         """Copy bytes ``[lo, hi)`` of mapped file ``name`` into ``out`` for each ``(out, lo, hi)`` of
