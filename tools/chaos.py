@@ -77,31 +77,34 @@ class Parser(argparse.ArgumentParser):
 class Kill:
     node: int
     step: int
+    kind: str = "kill"  # "kill" (SIGKILL) or "hang" (SIGSTOP, with --inprocess)
 
 
-def parse_kills(text: str, nodes: int, steps: int) -> list[Kill]:
-    """``NODE@STEP[,...]`` -> kills; raises ValueError with what to fix."""
-    kills = []
+def parse_kills(text: str, nodes: int, steps: int, kind: str = "kill", also: list[Kill] = ()) -> list[Kill]:
+    """``NODE@STEP[,...]`` -> kills (``kind`` "kill", or "hang" for --hang), with ``also`` (those of the
+    other flag); raises ValueError with what to fix."""
+    flag = f"--{kind}"
+    kills = list(also)
     for part in text.split(","):
         node, at, step = part.strip().partition("@")
         if not at:
-            raise ValueError(f"--kill {part!r}: write NODE@STEP, e.g. 1@5")
+            raise ValueError(f"{flag} {part!r}: write NODE@STEP, e.g. 1@5")
         try:
-            k = Kill(int(node), int(step))
+            k = Kill(int(node), int(step), kind)
         except ValueError:
-            raise ValueError(f"--kill {part!r}: NODE and STEP must be integers, e.g. 1@5") from None
+            raise ValueError(f"{flag} {part!r}: NODE and STEP must be integers, e.g. 1@5") from None
         if not 0 <= k.node < nodes:
-            raise ValueError(f"--kill {part!r}: node {k.node} does not exist; nodes are 0..{nodes - 1}")
+            raise ValueError(f"{flag} {part!r}: node {k.node} does not exist; nodes are 0..{nodes - 1}")
         if not 1 <= k.step <= steps - 1:
-            raise ValueError(f"--kill {part!r}: step {k.step} is out of 1..{steps - 1} (a kill needs a step before "
-                             f"the last of --steps {steps})")
+            raise ValueError(f"{flag} {part!r}: step {k.step} is out of 1..{steps - 1} (a failure needs a step "
+                             f"before the last of --steps {steps})")
         kills.append(k)
     seen = [k.node for k in kills]
     dup = sorted({n for n in seen if seen.count(n) > 1})
     if dup:
-        raise ValueError(f"--kill: node {dup[0]} is killed twice; a dead node stays dead")
+        raise ValueError(f"{flag}: node {dup[0]} fails twice; a dead node stays dead")
     if len(kills) >= nodes:
-        raise ValueError(f"--kill kills all {nodes} nodes: leave at least one alive")
+        raise ValueError(f"{flag} fails all {nodes} nodes: leave at least one alive")
     return sorted(kills, key=lambda k: (k.step, k.node))
 
 
@@ -143,6 +146,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     which.add_argument("--random-failures", type=int, metavar="K",
                        help="K kills of random surviving nodes at random steps (seeded by --seed); without --kill or "
                             "--random-failures nothing is killed (a baseline)")
+    p.add_argument("--hang", metavar="NODE@STEP[,...]",
+                   help="with --inprocess: stop (SIGSTOP) node NODE's trainers and agent once step STEP is done; the "
+                        "survivors detect it at --detect-timeout and go on without it (the node is then killed)")
+    p.add_argument("--inprocess", action="store_true",
+                   help="recover in-process (ucp.run_in_process): the survivors keep their processes, re-form the "
+                        "process group, rebuild the model and restore from memory; a failure they cannot recover "
+                        "in-process falls back to the relaunch")
+    p.add_argument("--compare", action="store_true",
+                   help="run the failures twice, relaunching then in-process, and report both side by side")
+    p.add_argument("--step-seconds", type=float, default=0.0,
+                   help="emulated step time: each step takes at least this long (for effective training time); "
+                        "default 0")
+    p.add_argument("--detect-timeout", type=float, default=10.0,
+                   help="with --inprocess: the process group's timeout, which bounds hang detection; default 10")
+    p.add_argument("--heartbeat", type=float, default=0.1,
+                   help="with --inprocess: seconds between heartbeats (a rank silent 3 heartbeats is lost); "
+                        "default 0.1")
     p.add_argument("--kill-in-flight", action="store_true",
                    help="kill as soon as every rank has handed step STEP to save(), without waiting for its snapshot "
                         "to complete and the agents' durable writes to finish (the source restored and the steps "
@@ -164,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, low in (("nodes", 1), ("ranks_per_node", 1), ("steps", 1), ("persist_every", 1), ("rows_per_rank", 1)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: use an integer >= {low}")
-    for name in ("attempt_timeout", "timeout"):
+    for name in ("attempt_timeout", "timeout", "detect_timeout", "heartbeat"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: use a positive number of seconds")
     from ucp.errors import OptionsError
@@ -177,9 +197,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.nodes < args.parity + 1:
         p.error(f"--nodes {args.nodes} cannot hold --parity {args.parity} parity stripe(s) and any data: "
                 f"use --nodes >= {args.parity + 1}")
+    if args.step_seconds < 0:
+        p.error(f"--step-seconds {args.step_seconds}: use a number >= 0")
+    if args.hang is not None and not (args.inprocess or args.compare):
+        p.error("--hang needs --inprocess: a relaunch cannot detect a hung rank (torchrun watches exits only)")
+    if args.hang is not None and args.random_failures is not None:
+        p.error("--hang with --random-failures: give the failures one way (--kill/--hang, or --random-failures)")
+    if args.hang is not None and args.compare:
+        p.error("--hang with --compare: the relaunch path cannot detect a hang; compare kills only")
     try:
         if args.kill is not None:
             args.kills = parse_kills(args.kill, args.nodes, args.steps)
+            if args.hang is not None:
+                args.kills = parse_kills(args.hang, args.nodes, args.steps, "hang", args.kills)
+        elif args.hang is not None:
+            args.kills = parse_kills(args.hang, args.nodes, args.steps, "hang")
         elif args.random_failures is not None:
             k = args.random_failures
             if k < 0:
@@ -218,6 +250,7 @@ class Attempt:
     hold: int  # the step it is killed after (0: none)
     ranks: list[Rank] = field(default_factory=list)
     started: float = 0.0
+    holds: list[int] = field(default_factory=list)  # with --inprocess: every step a failure follows
 
 
 def job_of(run_id: str, node: int) -> str:
@@ -263,7 +296,10 @@ class Harness:
                        "--steps", str(args.steps), "--seed", str(args.seed), "--persist-every", str(args.persist_every),
                        "--group", str(args.group), "--parity", str(args.parity), "--rows-per-rank",
                        str(args.rows_per_rank), "--hold", str(a.hold), "--timeout", str(args.timeout),
-                       "--hold-timeout", str(args.attempt_timeout)]
+                       "--hold-timeout", str(args.attempt_timeout), "--step-seconds", str(args.step_seconds)]
+                if args.inprocess:
+                    cmd += ["--inprocess", "--holds", ",".join(map(str, a.holds)), "--detect-timeout",
+                            str(args.detect_timeout), "--heartbeat", str(args.heartbeat)]
                 with open(path, "wb") as out:
                     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                             env=dict(env, RANK=str(rank), LOCAL_RANK=str(local)),
@@ -297,17 +333,18 @@ class Harness:
                                  f"{self.args.attempt_timeout:g} s (--keep-workdir keeps the trainers' logs)")
             time.sleep(0.05)
 
-    def settle(self, a: Attempt) -> None:
-        """Wait, the ranks holding at ``a.hold``, until the job is at rest: no agent has a durable
-        write or commit in flight, and (at most SETTLE_S seconds) every rank's snapshot of the hold
-        step is complete and, if that step persists, written durably. So the kill point is the same
-        from run to run: the step boundary, everything before it where it would have gone."""
+    def settle(self, a: Attempt, step: int | None = None, ranks: dict[int, list[int]] | None = None) -> None:
+        """Wait, the ranks holding at ``step`` (default ``a.hold``), until the job is at rest: no agent
+        has a durable write or commit in flight, and (at most SETTLE_S seconds) every rank's snapshot
+        of the hold step is complete and, if that step persists, written durably. So the kill point
+        is the same from run to run: the step boundary, everything before it where it would have
+        gone. ``ranks``: node -> its ranks' numbers now (default: as launched)."""
         from ucp.snapshot import client
 
-        step = a.hold
+        step = a.hold if step is None else step
         persists = step % self.args.persist_every == 0
-        agents = {n: client.connect(self.jobs[n], timeout=self.args.timeout) for n in a.nodes}
-        ranks = {n: [r.rank for r in a.ranks if r.node == n] for n in a.nodes}
+        ranks = ranks or {n: [r.rank for r in a.ranks if r.node == n] for n in a.nodes}
+        agents = {n: client.connect(self.jobs[n], timeout=self.args.timeout) for n in ranks}
         soft = time.monotonic() + SETTLE_S
         hard = time.monotonic() + self.args.attempt_timeout
         while True:
@@ -359,6 +396,17 @@ class Harness:
             if r.node == node:
                 kill(r.proc.pid)
         self.kill_agent(self.jobs[node])
+
+    def stop_node(self, node: int) -> None:
+        """SIGSTOP the node's trainers and its agent: a hung node (killed later, by :meth:`kill_node`)."""
+        from ucp.snapshot import discovery
+
+        for r in self.live:
+            if r.node == node and r.proc.poll() is None:
+                os.kill(r.proc.pid, signal.SIGSTOP)
+        info = agent_info(self.jobs[node])
+        if info is not None and discovery.is_alive(info):
+            os.kill(info.pid, signal.SIGSTOP)
 
     def kill_agent(self, job: str) -> None:
         from ucp.snapshot import discovery
@@ -553,6 +601,178 @@ def run(args, harness: Harness, doc: dict) -> None:
         doc["useful_step_s"] = sum((step_s.get(s, 0.0) for s in range(1, doc["final_step"] + 1)), 0.0)
 
 
+FALLBACK_STATUS = 3  # chaos_trainer.py's exit status when in-process recovery falls back to a relaunch
+
+
+def run_inprocess(args, harness: Harness, doc: dict) -> None:
+    """--inprocess: one launch whose survivors recover each failure in their own processes
+    (``ucp.run_in_process``); a failure they cannot recover there (their exit status
+    FALLBACK_STATUS) relaunches the job on the nodes alive, as the relaunch path does."""
+    events = grouped(args.kills)
+    alive = list(range(args.nodes))
+    known: dict[int, str] = {}
+    step_s: dict[int, float] = {}
+    number = 0
+    t_start = time.time()
+    pending = None  # a failure whose survivors fell back: the next attempt's restore is its recovery
+    try:
+        while True:
+            a = Attempt(number, list(alive), 0, holds=[step for step, _ in events])
+            log(f"attempt {number} (in-process recovery): nodes {a.nodes} x {args.ranks_per_node} rank(s)"
+                + (f", failures after steps {a.holds}" if a.holds else ""))
+            harness.launch(a)
+            report = harness.report(number)
+            generation = 0
+            wait_for(harness, a, alive, lambda: report.check(["g0/restored"]), "the first restore")
+            if pending is not None:  # the relaunch after a fallback
+                restored, _ = gen_records(report, 0)
+                wait_for(harness, a, alive, lambda: report.check([f"g0/step/{restored['step'] + 1}"])
+                         or restored["step"] >= args.steps, "the first step after the relaunch")
+                restored, steps = gen_records(report, 0)
+                rec = recovery(pending, restored, steps, known, fallback_line(a))
+                rec.update(path="relaunch (fallback)", fallback=pending["why"])
+                doc["recoveries"].append(rec)
+                pending = None
+            fell_back = False
+            while events:
+                step, failing = events[0]
+                members = gen_records(report, generation)[0]["members"]
+                nodes_now = {n: [members.index(r.rank) for r in a.ranks if r.node == n] for n in alive}
+                keys = [f"held/{r.rank}/{step}" for r in a.ranks if r.node in alive]
+                wait_for(harness, a, alive, lambda: report.check(keys), f"every rank at step {step}")
+                if not args.kill_in_flight:
+                    harness.settle(a, step, nodes_now)
+                if not doc["recoveries"] and doc["snapshot_bytes"] is None:
+                    doc.update(harness.memory(Attempt(a.number, alive, step)))
+                t_kill = time.time()
+                for k in failing:
+                    (harness.stop_node if k.kind == "hang" else harness.kill_node)(k.node)
+                report.set(f"release/{step}", "1")
+                events.pop(0)
+                alive = [n for n in alive if n not in {k.node for k in failing}]
+                doc["failures_injected"] += len(failing)
+                log(f"{'/'.join(sorted({k.kind for k in failing}))} nodes {[k.node for k in failing]} after step {step}")
+                fell = wait_for(harness, a, alive, lambda: report.check([f"g{generation + 1}/restored"]),
+                                "the recovery", fallback=True)
+                for k in failing:
+                    if k.kind == "hang":  # fenced: a stopped node is killed once the job went on without it
+                        harness.kill_node(k.node)
+                _, steps = gen_records(report, generation)
+                for s_, r in steps.items():
+                    known[s_] = r["digest"]
+                    step_s[s_] = r["dt"]
+                progress = max(steps, default=step)
+                if fell:
+                    why = said(a, "fell back to a relaunch: ")
+                    log(f"the survivors fell back to a relaunch: {why or '(no line)'}")
+                    harness.stop_trainers()
+                    pending = {"nodes": [k.node for k in failing], "t_kill": t_kill, "step": progress, "why": why}
+                    fell_back = True
+                    break
+                generation += 1
+                restored, steps = gen_records(report, generation)
+                wait_for(harness, a, alive, lambda: report.check([f"g{generation}/step/{restored['step'] + 1}"])
+                         or restored["step"] >= args.steps, "the first step after the recovery")
+                restored, steps = gen_records(report, generation)
+                rec = recovery({"nodes": [k.node for k in failing], "t_kill": t_kill, "step": progress}, restored,
+                               steps, known, fallback_line(a))
+                rec.update(path="in-process", kind=sorted({k.kind for k in failing}),
+                           phases=phases_of(t_kill, restored, steps))
+                doc["recoveries"].append(rec)
+                log(f"recovered in-process from {rec['source']} at step {rec['restored_step']} in "
+                    f"{rec['time_to_resume_s']:.3f} s (bit-exact: {rec['bit_exact']})")
+            if fell_back:
+                number += 1
+                continue
+            wait_for(harness, a, alive, lambda: all(r.proc.poll() == 0 for r in a.ranks if r.node in alive), "the end")
+            _, steps = gen_records(report, generation)
+            for s_, r in steps.items():
+                known[s_] = r["digest"]
+                step_s[s_] = r["dt"]
+            doc["final_step"] = max(known, default=0)
+            if doc["snapshot_bytes"] is None:
+                doc.update(harness.memory(a))
+            break
+    finally:
+        doc["wall_s"] = time.time() - t_start
+        doc["useful_step_s"] = sum((step_s.get(s, 0.0) for s in range(1, doc["final_step"] + 1)), 0.0)
+
+
+def said(a: Attempt, marker: str) -> str | None:
+    """What follows ``marker`` on the first line of the attempt's trainer logs that has it."""
+    for r in a.ranks:
+        try:
+            text = r.log.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].strip()
+    return None
+
+
+def grouped(kills: list[Kill]) -> list[tuple[int, list[Kill]]]:
+    """Failures at the same step, together, in step order."""
+    events: list[tuple[int, list[Kill]]] = []
+    for k in kills:
+        if events and events[-1][0] == k.step:
+            events[-1][1].append(k)
+        else:
+            events.append((k.step, [k]))
+    return events
+
+
+def wait_for(harness: Harness, a: Attempt, alive: list[int], done, what: str, fallback: bool = False) -> bool:
+    """Poll ``done()`` while the trainers of the ``alive`` nodes run; True when they all exited with
+    FALLBACK_STATUS (only with ``fallback``). Raises ChaosError when one fails otherwise, or at
+    --attempt-timeout."""
+    deadline = time.monotonic() + harness.args.attempt_timeout
+    ranks = [r for r in a.ranks if r.node in alive]
+    while True:
+        if done():
+            return False
+        codes = [r.proc.poll() for r in ranks]
+        if fallback and codes and all(c == FALLBACK_STATUS for c in codes):
+            return True
+        bad = [(r, c) for r, c in zip(ranks, codes) if c not in (None, 0, FALLBACK_STATUS)
+               or c == FALLBACK_STATUS and not fallback]
+        if bad:
+            r, c = bad[0]
+            log(f"rank {r.rank} (node {r.node}) failed; the end of its log:\n" + tail(r.log))
+            raise ChaosError(f"attempt {a.number}: member {r.rank} (node {r.node}) exited with status {c} waiting for "
+                             f"{what}: {last_line(r.log)}")
+        if time.monotonic() > deadline:
+            for r in ranks:
+                log(f"rank {r.rank} (node {r.node}) at the timeout: {last_line(r.log)}")
+            raise ChaosError(f"attempt {a.number}: waited over --attempt-timeout {harness.args.attempt_timeout:g} s "
+                             f"for {what} (--keep-workdir keeps the trainers' logs)")
+        time.sleep(0.005)
+
+
+def gen_records(report, generation: int) -> tuple[dict, dict[int, dict]]:
+    """Generation ``generation``'s restore record and its step records (step -> record)."""
+    restored = json.loads(report.get(f"g{generation}/restored"))
+    steps = {}
+    s = restored["step"] + 1
+    while report.check([f"g{generation}/step/{s}"]):
+        steps[s] = json.loads(report.get(f"g{generation}/step/{s}"))
+        s += 1
+    return restored, steps
+
+
+def phases_of(t_kill: float, restored: dict, steps: dict[int, dict]) -> dict:
+    """An in-process recovery's phases in seconds: detect (the kill to rank 0 seeing the failure),
+    re-form (the membership protocol and the new process group), build (model and optimizer),
+    load (from memory, rebuilt from parity), first step."""
+    ph = restored.get("phases") or {}
+    first = steps.get(restored["step"] + 1)
+    if not {"failed", "reformed", "built", "loaded"} <= ph.keys():
+        return {}
+    return {"detect": ph["failed"] - t_kill, "reform": ph["reformed"] - ph["failed"],
+            "build": ph["built"] - ph["reformed"], "load": ph["loaded"] - ph["built"],
+            "first_step": None if first is None else first["t"] - ph["loaded"]}
+
+
 def recovery(pending: dict, restored: dict, steps: dict[int, dict], known: dict[int, str], warning) -> dict:
     source, step = restored["source"], restored["step"]
     first = steps.get(step + 1)
@@ -592,24 +812,25 @@ def summarize(args, doc: dict, shm_left: int) -> dict:
     return {**{k: doc[k] for k in head}, **{k: v for k, v in doc.items() if k not in head}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below still cleans up
+def one_run(args) -> dict:
+    """One run of the failures on the path ``args.inprocess`` says; its summary."""
     run_id = "chaos-" + uuid.uuid4().hex[:10]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ucp-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     doc = {"tool": "ucp_chaos", "nodes": args.nodes, "ranks_per_node": args.ranks_per_node, "group": args.group,
            "parity": args.parity, "steps": args.steps, "seed": args.seed, "persist_every": args.persist_every,
-           "kills": [{"node": k.node, "step": k.step} for k in args.kills], "failures_injected": 0,
+           "kills": [{"node": k.node, "step": k.step, "kind": k.kind} for k in args.kills], "failures_injected": 0,
+           "path": "in-process" if args.inprocess else "relaunch", "step_seconds": args.step_seconds,
+           "detect_timeout": args.detect_timeout if args.inprocess else None,
            "recoveries": [], "final_step": 0, "wall_s": 0.0, "useful_step_s": 0.0, "run_id": run_id,
            "snapshot_bytes": None, "parity_bytes": None, "memory_overhead": None,
-           "kill_in_flight": args.kill_in_flight}
-    log(f"run {run_id}: {args.nodes} node(s) x {args.ranks_per_node} rank(s), {args.steps} steps, kills "
-        f"{[f'{k.node}@{k.step}' for k in args.kills]}; work directory {workdir}")
+           "kill_in_flight": args.kill_in_flight, "load_avg": os.getloadavg()}
+    log(f"run {run_id} ({doc['path']}): {args.nodes} node(s) x {args.ranks_per_node} rank(s), {args.steps} steps, "
+        f"failures {[f'{k.kind} {k.node}@{k.step}' for k in args.kills]}; work directory {workdir}")
     harness = None
     try:
         harness = Harness(args, run_id, workdir)
-        run(args, harness, doc)
+        (run_inprocess if args.inprocess else run)(args, harness, doc)
     except ChaosError as e:
         doc["error"] = str(e)
         log(f"FAILED: {e}")
@@ -625,7 +846,35 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the user's directory: only what the run put there goes
             for sub in ("ckpt", "logs"):
                 shutil.rmtree(workdir / sub, ignore_errors=True)
-    out = summarize(args, doc, shm_left)
+    return summarize(args, doc, shm_left)
+
+
+def compare(args) -> dict:
+    """--compare: the same failures relaunching, then in-process, in one run; both summaries and
+    the ratios of their medians."""
+    import statistics
+
+    docs = {}
+    for path, inprocess in (("relaunch", False), ("inprocess", True)):
+        workdir = args.workdir / path if args.workdir is not None else None  # (never one run's checkpoints in the other)
+        docs[path] = one_run(argparse.Namespace(**{**vars(args), "inprocess": inprocess, "workdir": workdir}))
+
+    def median(doc, key):
+        values = [v for v in doc[key] if v is not None] if isinstance(doc[key], list) else [doc[key]]
+        return statistics.median(values) if values and None not in values else None
+
+    a, b = median(docs["relaunch"], "time_to_resume_s"), median(docs["inprocess"], "time_to_resume_s")
+    return {"tool": "ucp_chaos_compare", "ok": docs["relaunch"]["ok"] and docs["inprocess"]["ok"],
+            "time_to_resume_s": {"relaunch": a, "inprocess": b},
+            "inprocess_speedup": a / b if a and b else None,
+            "effective_training_time": {k: d["effective_training_time"] for k, d in docs.items()},
+            "load_avg": os.getloadavg(), **docs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below still cleans up
+    out = compare(args) if args.compare else one_run(args)
     benchlib.emit(out, compact=False)
     return 0 if out["ok"] else 1
 

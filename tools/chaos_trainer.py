@@ -63,6 +63,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hold", type=int, default=0, help="stop after this step (snapshot handed over) and wait to be killed")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for gloo collectives, the agent's requests and its durable writes")
     p.add_argument("--hold-timeout", type=float, default=300.0, help="seconds to wait at --hold before giving up")
+    p.add_argument("--inprocess", action="store_true",
+                   help="recover in-process (ucp.run_in_process) instead of exiting: --hold is then a list of steps, "
+                        "after each of which the rank waits for the harness's release/<step> and trains on")
+    p.add_argument("--holds", default="", help="with --inprocess: the steps to hold at, comma-separated")
+    p.add_argument("--detect-timeout", type=float, default=10.0,
+                   help="with --inprocess: the process group's timeout (bounds hang detection)")
+    p.add_argument("--heartbeat", type=float, default=0.1, help="with --inprocess: seconds between heartbeats")
+    p.add_argument("--step-seconds", type=float, default=0.0,
+                   help="emulated step time: each step sleeps until it took at least this long")
     return p.parse_args(argv)
 
 
@@ -123,12 +132,17 @@ def digest(model, opt, step: int) -> str | None:
     return h.hexdigest()
 
 
+FALLBACK_STATUS = 3  # the exit status of a rank whose in-process recovery fell back to a relaunch
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(seconds=args.timeout)
     base = dist.TCPStore(args.store_host, args.store_port, is_master=False, timeout=timeout)
+    if args.inprocess:
+        return main_inprocess(args, rank, world, base)
     dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt{args.attempt}", base), rank=rank,
                             world_size=world, timeout=timeout)
     report = dist.PrefixStore(f"attempt{args.attempt}/chaos", base)
@@ -143,10 +157,102 @@ def main(argv: list[str] | None = None) -> int:
     os._exit(0)
 
 
+def main_inprocess(args, rank: int, world: int, base) -> int:
+    """The rank under ``ucp.run_in_process``: a lost node makes the survivors recover in this
+    process. Records go under ``g<generation>/`` of the attempt's report (``restored`` with the
+    recovery's phases, ``step/<s>``), holds under ``held/<member>/<step>``."""
+    import ucp
+    from ucp.errors import RecoveryFallbackError
+    from ucp.trainer.layouts import TrainLayout
+    from ucp.trainer.train import build as build_gpt
+
+    report = dist.PrefixStore(f"attempt{args.attempt}/chaos", base)
+    holds = {int(s) for s in args.holds.split(",") if s}
+    held: dict = {}
+
+    def build(w):
+        cfg = config(w.world_size, args.rows_per_rank)
+        lay = TrainLayout(dp=w.world_size, zero=3)
+        held.update(cfg=cfg, lay=lay)
+        held["par"], held["opt"] = build_gpt(cfg, lay, args.seed)
+        return ucp.Checkpointer(
+            args.root, model=held["par"].model, optimizer=held["opt"], options=lay.checkpoint_options(cfg),
+            snapshot=ucp.SnapshotOptions(every=1, persist_every=args.persist_every, job=args.job,
+                                         timeout=args.timeout, persist_timeout=args.timeout),
+            redundancy=ucp.RedundancyOptions(group=args.group, parity=args.parity))
+
+    def train_loop(ck, res, w):
+        g = dist.PrefixStore(f"g{w.generation}", report)
+        restored = res.step if res is not None else 0
+        d = digest(held["par"].model, held["opt"], restored) if res is not None else None
+        if w.rank == 0:
+            g.set("restored", json.dumps({"step": restored, "source": res.source if res is not None else "none",
+                                          "digest": d, "t": time.time(), "phases": w.phases, "lost": list(w.lost),
+                                          "members": list(w.members)}))
+            report.set("generation", str(w.generation))
+        print(f"[chaos node {args.node} member {w.member} rank {w.rank}/{w.world_size}] generation {w.generation}: "
+              f"restored step {restored} from {res.source if res is not None else 'nothing'}", file=sys.stderr,
+              flush=True)
+        loop(args, held["cfg"], held["lay"], held["par"], held["opt"], ck, restored, g, w.rank,
+             lambda step: hold_inprocess(args, report, w.member, step) if step in holds else None)
+        ck.wait()
+
+    try:
+        ucp.run_in_process(build, train_loop, store=base, member=rank, world_size=world, timeout=args.detect_timeout,
+                           heartbeat=args.heartbeat, namespace=f"attempt{args.attempt}")
+    except RecoveryFallbackError as e:
+        print(f"[chaos node {args.node} member {rank}] in-process recovery fell back to a relaunch: {e}",
+              file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(FALLBACK_STATUS)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def hold_inprocess(args, report, member: int, step: int) -> None:
+    """Wait at ``step`` until the harness has killed (or stopped) the nodes it fails there and
+    says ``release/<step>``."""
+    report.set(f"held/{member}/{step}", "1")
+    deadline = time.monotonic() + args.hold_timeout
+    while not report.check([f"release/{step}"]):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"chaos_trainer: held at step {step} for {args.hold_timeout:g} s and nobody released me")
+        time.sleep(0.002)
+
+
+def loop(args, cfg, lay, par, opt, ck, restored: int, report, rank: int, after_step) -> None:
+    """Train steps ``restored + 1 .. --steps``, a snapshot after each, with a record per step on
+    ``report`` (rank 0); ``after_step(step)`` runs once a step is recorded."""
+    from ucp.trainer.model import batch, loss_fn
+
+    world = dist.get_world_size()
+    rows = cfg.global_batch // lay.dp
+    for step in range(restored + 1, args.steps + 1):
+        t0 = time.perf_counter()
+        x, y = batch(cfg, args.seed, step)
+        lo = par.dp_rank * rows
+        loss = loss_fn(par.module(x[lo:lo + rows]), y[lo:lo + rows])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ck.save(step)
+        if args.step_seconds:
+            time.sleep(max(0.0, args.step_seconds - (time.perf_counter() - t0)))
+        dt = time.perf_counter() - t0
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        d = digest(par.model, opt, step)  # the state save(step) snapshots: nothing changed it since
+        if rank == 0:
+            report.set(f"step/{step}", json.dumps({"t": time.time(), "dt": dt, "digest": d,
+                                                   "loss": total.item() / world}))
+            report.set("progress", str(step))
+        after_step(step)
+
+
 def train(args, rank: int, world: int, report) -> None:
     import ucp
     from ucp.trainer.layouts import TrainLayout
-    from ucp.trainer.model import batch, loss_fn
     from ucp.trainer.train import build
 
     cfg = config(world, args.rows_per_rank)
@@ -165,32 +271,20 @@ def train(args, rank: int, world: int, report) -> None:
                                            "digest": d, "t": time.time()}))
     print(f"[chaos node {args.node} rank {rank}/{world}] attempt {args.attempt}: restored step {restored} "
           f"from {res.source if res is not None else 'nothing'}", file=sys.stderr, flush=True)
-    rows = cfg.global_batch // lay.dp
-    for step in range(restored + 1, args.steps + 1):
-        t0 = time.perf_counter()
-        x, y = batch(cfg, args.seed, step)
-        lo = par.dp_rank * rows
-        loss = loss_fn(par.module(x[lo:lo + rows]), y[lo:lo + rows])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        ck.save(step)
-        dt = time.perf_counter() - t0
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        d = digest(par.model, opt, step)  # the state save(step) snapshots: nothing changed it since
-        if rank == 0:
-            report.set(f"step/{step}", json.dumps({"t": time.time(), "dt": dt, "digest": d,
-                                                   "loss": total.item() / world}))
-            report.set("progress", str(step))
-        if step == args.hold:
-            report.set(f"held/{rank}", str(step))
-            deadline = time.monotonic() + args.hold_timeout
-            while time.monotonic() < deadline:  # the harness kills this process here
-                time.sleep(0.05)
-            raise SystemExit(f"chaos_trainer: held at step {step} for {args.hold_timeout:g} s and nobody killed me")
+    loop(args, cfg, lay, par, opt, ck, restored, report, rank, lambda step: hold(args, report, rank, step))
     ck.wait()
     ck.close()
+
+
+def hold(args, report, rank: int, step: int) -> None:
+    """At ``--hold``: say so and wait to be killed (the relaunch path)."""
+    if step != args.hold:
+        return
+    report.set(f"held/{rank}", str(step))
+    deadline = time.monotonic() + args.hold_timeout
+    while time.monotonic() < deadline:  # the harness kills this process here
+        time.sleep(0.05)
+    raise SystemExit(f"chaos_trainer: held at step {step} for {args.hold_timeout:g} s and nobody killed me")
 
 
 if __name__ == "__main__":

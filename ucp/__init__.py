@@ -5,7 +5,8 @@ The public API, everything a user passes in or gets back, is importable from her
 (:class:`CheckpointOptions`, :class:`SnapshotOptions`, :class:`RedundancyOptions`) and results
 (:class:`SaveResult`, :class:`LoadResult`); the layout and pattern types a user describes a job with
 (:class:`Layout`, :class:`Pattern`, :class:`Shard`, :class:`Fused`, :class:`Pad`, ``REPLICATED``);
-:func:`export` (``ucp.convert.convert`` converts); the errors (:mod:`ucp.errors`). The package's
+:func:`export` (``ucp.convert.convert`` converts); :func:`run_in_process` (recovery in-process after
+ranks are lost) with its :class:`World`; the errors (:mod:`ucp.errors`). The package's
 layers are described in ``docs/architecture.md``.
 """
 
@@ -29,6 +30,8 @@ _PUBLIC = {
     "Pad": "ucp.format.pattern",
     "REPLICATED": "ucp.format.pattern",
     "export": "ucp.convert.export",
+    "run_in_process": "ucp.checkpoint.inprocess",
+    "World": "ucp.checkpoint.inprocess",
 }
 
 __all__ = ["__version__", "UcpError", *_PUBLIC]

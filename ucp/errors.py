@@ -78,6 +78,17 @@ class DistributedError(UcpError):
         super().__init__(f"phase '{phase}' failed on rank {first_rank}: {first}{more}")
 
 
+class NotInMemoryError(UcpError):
+    """A load from memory only (``Checkpointer.load(memory_only=True)``) found no snapshot in the
+    agents' memory that restores the job (more nodes lost than parity, say); nothing was read."""
+
+
+class RecoveryFallbackError(UcpError):
+    """In-process recovery cannot go on (too many ranks lost, the store lost, a snapshot memory
+    cannot restore): the process should exit so the launcher relaunches the job, which resumes from
+    the newest complete checkpoint. The message says why."""
+
+
 class StorageError(UcpError):
     """Storage refused a write or a rename (disk full, permissions); the message names the path."""
 

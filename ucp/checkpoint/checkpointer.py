@@ -17,7 +17,7 @@ from ucp.checkpoint.memory import Snapshots
 from ucp.checkpoint.results import LoadResult, SaveResult
 from ucp.checkpoint.save import SavePlans, save_durable
 from ucp.comm.collective import Collective
-from ucp.errors import OptionsError, PersistError, UcpError
+from ucp.errors import NotInMemoryError, OptionsError, PersistError, UcpError
 from ucp.lang.apply import LiveSpec
 from ucp.lang.specs import read_spec
 from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
@@ -173,7 +173,8 @@ class Checkpointer:
 
     # -- load --------------------------------------------------------------------------------
 
-    def load(self, step: int | None = None, strict: bool = True, cast: bool = False) -> LoadResult | None:
+    def load(self, step: int | None = None, strict: bool = True, cast: bool = False,
+             memory_only: bool = False) -> LoadResult | None:
         """Restore the newest complete checkpoint (or ``step``) into the model, optimizer and state.
 
         The checkpoint may come from any layout and number of ranks, or be a universal one; each
@@ -193,6 +194,9 @@ class Checkpointer:
             cast: allow dtypes to differ: a parameter whose checkpoint also holds an fp32 master
                 (``optim/<fqn>/master``) of the wanted dtype is loaded from the master, exactly;
                 anything else is converted as ``Tensor.to`` converts (bf16 from fp32 rounds).
+            memory_only: restore from the snapshot agents' memory only (in-process recovery): when
+                memory cannot restore the job, raise :class:`NotInMemoryError` instead of reading
+                the durable tier. Needs ``snapshot=``.
 
         Returns:
             :class:`LoadResult`, or None when ``root`` holds no complete checkpoint and ``step`` is None.
@@ -201,13 +205,16 @@ class Checkpointer:
             CheckpointNotFoundError: ``step`` was given and no complete checkpoint has it.
             CorruptCheckpointError: a fragment fails its checksum or is truncated (names file and key).
             LoadError: the checkpoint does not fit the model or optimizer.
+            NotInMemoryError: ``memory_only`` and no snapshot in memory restores the job.
         """
         self._check_open()
         snaps = self._snapshots
+        if memory_only and snaps is None:
+            raise OptionsError("load(memory_only=True) restores from the memory tier: pass snapshot=ucp.SnapshotOptions(...)")
         if snaps is not None and snaps.lost is None:
             try:
                 snaps.finish()
-                memory = snaps.source(step)
+                memory = snaps.source(step, memory_only)
             except PersistError:
                 raise
             except UcpError as e:
@@ -219,6 +226,9 @@ class Checkpointer:
                 finally:
                     snaps.free_rebuilt()
                 return replace(result, rebuilt=snaps.rebuilt_ranks) if snaps.rebuilt_ranks else result
+        if memory_only:
+            raise NotInMemoryError(f"no snapshot in the agents' memory restores this job "
+                                   f"({snaps.lost or snaps.why_not or 'none is held'}); the durable tier was not read")
         return load_checkpoint(self, step, strict, cast)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -234,6 +244,19 @@ class Checkpointer:
         self._check_open()
         if self._snapshots is not None:
             self._snapshots.wait()
+
+    def abandon(self) -> None:
+        """Drop this Checkpointer after its job's process group broke (in-process recovery): no
+        collective, no waiting for peers. The snapshot in flight is left to fail on its own (its
+        thread is a daemon); its mappings of the agent's memory are released once it has. The
+        snapshots already complete stay with the agent; later calls raise."""
+        if not self._closed:
+            self._closed = True
+            if self._lease is not None:
+                leases.leave(self._lease)
+                self._lease = None
+            if self._snapshots is not None:
+                self._snapshots.abandon()
 
     def close(self) -> None:
         """Finish pending work (a collective with snapshots: every rank calls it), release the

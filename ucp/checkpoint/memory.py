@@ -60,6 +60,7 @@ class Snapshots:
         self.rebuilt_ranks: tuple = ()  # ranks a load rebuilt from parity; their segments freed once read
         self._hook = None
         self._persist_regions = None  # the pieces the agent was configured with (durable writes)
+        self.why_not: str | None = None  # why the last source() found nothing (its memory_only form)
 
     coll = property(lambda self: self._ckpt.coll)
     layout = property(lambda self: self._ckpt.layout)
@@ -102,6 +103,28 @@ class Snapshots:
         self._groups.destroy()
         if self._memory_tier is not None:
             self._memory_tier.close()
+
+    def abandon(self) -> None:
+        """:meth:`close` without collectives, after the job's process group broke: the snapshot
+        in flight may still be blocked on a dead peer; once its thread ends, this rank's mappings
+        are released (by a thread of its own, so nothing here waits)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._groups.forget()
+        pending, tier = self._pending, self._memory_tier
+        self._pending = None
+        if tier is None:
+            return
+        if pending is None or not pending["thread"].is_alive():
+            tier.close()
+            return
+
+        def release():
+            pending["thread"].join()
+            tier.close()
+
+        threading.Thread(target=release, name="ucp-abandon", daemon=True).start()
 
     def lose(self, error: Exception, stacklevel: int = 3) -> None:
         """The memory tier failed (its agent killed, say): say so once, at the user's call
@@ -292,7 +315,7 @@ class Snapshots:
 
     # -- loads from memory ---------------------------------------------------------------
 
-    def source(self, step: int | None):
+    def source(self, step: int | None, memory_only: bool = False):
         """``(directory, manifest)`` of the newest snapshot the agents of this job's nodes hold whole
         or can complete from parity (of ``step`` if given; saved by any number of ranks), or None;
         it is marked complete. Ranks rebuilt from parity are listed in ``self.rebuilt_ranks`` and
@@ -300,9 +323,13 @@ class Snapshots:
 
         The common case, a job resuming in place (the snapshot whole, saved by as many ranks under
         this layout, each rank's own on its node), costs a rank its own share
-        (:meth:`_source_own`); any other goes through every rank's headers (:meth:`_source_all`)."""
+        (:meth:`_source_own`); any other goes through every rank's headers (:meth:`_source_all`).
+
+        With ``memory_only`` (the load reads nothing else), why memory cannot restore the job goes
+        to ``self.why_not`` (the same on every rank) instead of a warning about the durable tier."""
+        self.why_not = None
         own = self._source_own(step)
-        return self._source_all(step) if own is _ALL else own
+        return self._source_all(step, memory_only) if own is _ALL else own
 
     def _source_own(self, step: int | None):
         """The snapshot to resume as each rank's own header, read from its own node's agent: rank 0
@@ -356,7 +383,7 @@ class Snapshots:
         self.rebuilt_ranks = ()
         return SHM_DIR, built["manifest"]
 
-    def _source_all(self, step: int | None):
+    def _source_all(self, step: int | None, memory_only: bool = False):
         """:meth:`source` for parity rebuilds, other worlds and layouts, at a rank's share
         (:mod:`ucp.snapshot.index`): rank 0 alone gathers the nodes' summaries and decides; the lost
         ranks are rebuilt from parity; each node's speaker sends its headers' fragments to their keys'
@@ -381,9 +408,10 @@ class Snapshots:
 
         _, chosen = coll.gather_phase("memory", held, decide)
         roles = coll.scatter(_roles(seen["gathered"]) if coll.rank == 0 else None)
-        if coll.rank == 0:
+        if coll.rank == 0 and not (memory_only and chosen["step"] is None):
             self._warn_source(step, chosen, seen.pop("gathered"))
         if chosen["step"] is None:
+            self.why_not = chosen["why"] or "no snapshot is held"
             return None
         chosen_step, world, rec = chosen["step"], chosen["world"], chosen["rec"]
         mine: list[dict] = []  # the headers this rank speaks for: its node's (it is the speaker), those it rebuilt
@@ -418,8 +446,9 @@ class Snapshots:
                     rebuild_lost(coll, tier, group, rec, chosen["speakers"], full, made)))
             except UcpError as e:  # a stripe failed its checksum, say: never loaded from
                 self.free_rebuilt()
-                if coll.rank == 0:
-                    why = " ".join(str(e).split())
+                why = " ".join(str(e).split())
+                self.why_not = f"the snapshot of step {rec.step} cannot be rebuilt from parity ({why})"
+                if coll.rank == 0 and not memory_only:
                     durable = chosen["durable"]
                     then = (f"resuming from durable step {durable}" if durable is not None
                             else "and there is no durable checkpoint to resume from")

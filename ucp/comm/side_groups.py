@@ -40,6 +40,11 @@ class SideGroups:
             self._refs[name] = weakref.ref(group)
         return group
 
+    def forget(self) -> None:
+        """Drop the groups without destroying them (their job's process group broke: every group
+        is destroyed together by ``destroy_process_group()``)."""
+        self._refs.clear()
+
     def destroy(self) -> None:
         """Destroy every group still alive."""
         for ref in self._refs.values():

@@ -1,0 +1,318 @@
+"""In-process recovery: when ranks are lost, the survivors keep their processes, re-form the job's
+process group over themselves through the job's store, rebuild model and optimizer for the smaller
+world, restore from the snapshot agents' memory (the lost ranks' shares rebuilt from parity,
+resharded) and go on (docs/recovery.md).
+
+    def build(world: ucp.World) -> ucp.Checkpointer:       # model, optimizer for world.world_size
+        ...
+        return ucp.Checkpointer(root, model=model, optimizer=opt, snapshot=..., redundancy=...)
+
+    def train(ckpt: ucp.Checkpointer, restored: ucp.LoadResult | None, world: ucp.World):
+        ...                                                  # the loop, calling ckpt.save(step)
+
+    ucp.run_in_process(build, train, store=store)
+
+**Detection.** A dead peer makes the survivors' next collective raise (gloo: within milliseconds
+for most; a rank blocked sending to the dead peer waits for the group's ``timeout``, since gloo
+cannot abort a collective in flight); a hung one (SIGSTOP, a stuck kernel) makes it raise at the
+process group's ``timeout``. Any exception out of ``build``, the load or ``train`` starts the
+membership protocol. When it lost no member, the generation is retried (re-formed, restored,
+from memory when it holds the snapshot) if every member failed in a collective's transport (a timeout with nobody lost: a slow
+step, not a hang); otherwise (a bug, bad input on some rank) the exception is raised again.
+
+**Membership.** Each member (a process, named by its rank at the start) beats a heartbeat into the
+store every ``heartbeat`` seconds, from a thread with a store connection of its own. After a
+failure, each survivor destroys its process groups (so peers blocked with it fail at once too),
+registers for the next generation ``g``, and the first to register leads: it waits until every
+member of the last generation has registered or is silent (no heartbeat for ``dead_after``
+seconds), then publishes the new members in their old order; their index is the new rank. A
+member that registers after that is not in the new world: it raises :class:`RecoveryFallbackError`.
+The store (``TCPStore``) must outlive the lost ranks: torchrun's agent store, or one the job hosts
+away from its workers; a lost store is a fallback too.
+
+**Fallback.** What the survivors cannot recover in-process raises
+:class:`~ucp.errors.RecoveryFallbackError` on every survivor, with one line saying why: fewer than
+``min_world_size`` survivors, a store that stopped answering, more recoveries than
+``max_recoveries``, or (``memory_only``) a snapshot that memory cannot restore (more nodes lost
+than parity). The process then exits; torchrun's restart (the relaunch path) resumes the job from
+the newest checkpoint, memory or durable.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from ucp.errors import DistributedError, NotInMemoryError, OptionsError, PeerLostError, RecoveryFallbackError
+
+PREFIX = "ucp/inprocess"
+
+
+@dataclass(frozen=True)
+class World:
+    """The job as it stands in one generation of :func:`run_in_process`.
+
+    Attributes:
+        rank: this process's rank in the current process group.
+        world_size: ranks in it.
+        generation: 0 at the start, +1 for each recovery.
+        member: this process's id: its rank in generation 0.
+        members: the ids of the current ranks, in rank order.
+        lost: the ids the last recovery lost (empty in generation 0).
+        phases: wall-clock times (``time.time()``) of the last recovery: ``failed`` (this rank saw
+            the failure), ``reformed`` (the new process group formed), ``built`` (``build``
+            returned), ``loaded`` (the load returned); empty in generation 0.
+    """
+
+    rank: int
+    world_size: int
+    generation: int
+    member: int
+    members: tuple[int, ...]
+    lost: tuple[int, ...] = ()
+    phases: dict = field(default_factory=dict)
+
+
+def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, World], Any], *, store=None,
+                   member: int | None = None, world_size: int | None = None, backend: str = "gloo",
+                   timeout: float = 10.0, heartbeat: float = 1.0, dead_after: float | None = None,
+                   min_world_size: int = 1, max_recoveries: int | None = None, memory_only: bool = True,
+                   namespace: str | None = None) -> Any:
+    """Run ``train`` under in-process recovery; returns what ``train`` returns.
+
+    Initializes torch.distributed itself (and destroys it at the end): the caller must not have.
+
+    Args:
+        build: ``build(world)`` makes the model and optimizer for ``world.world_size`` ranks (a
+            new process group is the default one) and returns the :class:`~ucp.Checkpointer` over
+            them (with ``snapshot=`` and usually ``redundancy=``).
+        train: ``train(ckpt, restored, world)``: the training loop from ``restored.step + 1`` (or
+            from the start when ``restored`` is None), saving with ``ckpt.save``.
+        store: the job's ``torch.distributed.TCPStore``; default: torchrun's (``MASTER_ADDR`` /
+            ``MASTER_PORT``, as a client when ``TORCHELASTIC_USE_AGENT_STORE`` says torchrun's
+            agent hosts it, else hosted by rank 0, which then cannot be recovered from).
+        member: this process's rank at the start (default ``RANK``).
+        world_size: ranks at the start (default ``WORLD_SIZE``).
+        backend: the process groups' backend ("gloo", or "nccl" with one GPU per rank).
+        timeout: seconds a collective waits (the process group's timeout): the bound on detecting
+            a hung rank; also the bound on the membership protocol's waits.
+        heartbeat: seconds between heartbeats.
+        dead_after: seconds without a heartbeat after which a member that did not register is
+            lost (default 3 x ``heartbeat``).
+        min_world_size: fewer survivors fall back to a relaunch.
+        max_recoveries: recoveries in-process at most (None: no limit); the next falls back.
+        memory_only: a recovery that lost members restores from memory only (no disk read); when memory cannot
+            restore the job (more nodes lost than parity), fall back to a relaunch. With False,
+            the recovery's load may come from the durable tier in-process.
+        namespace: where in the store this launch's keys go (``ucp/inprocess/<namespace>/``): a
+            relaunch must not see the keys of the launch before it. Default: torchrun's restart
+            count (``attempt<TORCHELASTIC_RESTART_COUNT>``).
+
+    Raises:
+        RecoveryFallbackError: the survivors cannot go on in-process; the message says why.
+        Exception: a failure that lost no member (raised again on every rank), or one of
+            ``build``/``train`` before any recovery could start.
+    """
+    if heartbeat <= 0 or timeout <= 0:
+        raise OptionsError(f"heartbeat={heartbeat!r}, timeout={timeout!r}: use positive seconds")
+    dead_after = 3 * heartbeat if dead_after is None else dead_after
+    if dead_after <= heartbeat:
+        raise OptionsError(f"dead_after={dead_after!r} must be longer than heartbeat={heartbeat!r}: a member is "
+                           "lost after several missed heartbeats")
+    if dist.is_initialized():
+        raise OptionsError("run_in_process initializes torch.distributed itself: call it before "
+                           "init_process_group, not after")
+    member = int(os.environ["RANK"]) if member is None else member
+    world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
+    store = default_store(world_size, member, timeout) if store is None else store
+    if namespace is None:
+        namespace = f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    prefix = f"{PREFIX}/{namespace}"
+    job = Membership(store, prefix, member, world_size, timeout, heartbeat, dead_after)
+    recoveries = 0
+    phases: dict = {}
+    lost: tuple[int, ...] = ()
+    try:
+        job.start()
+        while True:
+            generation, members = job.generation, job.members
+            rank = members.index(member)
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(len(members)))  # (for code that reads them)
+            world = World(rank, len(members), generation, member, members, lost, phases)
+            ckpt = None
+            try:
+                dist.init_process_group(backend, store=dist.PrefixStore(f"{prefix}/g{generation}/pg", store),
+                                        rank=rank, world_size=len(members), timeout=datetime.timedelta(seconds=timeout))
+                if generation:
+                    phases["reformed"] = time.time()
+                ckpt = build(world)
+                if generation:
+                    phases["built"] = time.time()
+                try:
+                    restored = ckpt.load(memory_only=bool(lost) and memory_only)  # (a retry: from anywhere)
+                except NotInMemoryError as e:  # (on every rank: the source is decided together)
+                    raise RecoveryFallbackError(f"members {list(lost)} lost: {e}") from e
+                if generation:
+                    phases["loaded"] = time.time()
+                result = train(ckpt, restored, world)
+                ckpt.close()
+                return result
+            except (KeyboardInterrupt, SystemExit, RecoveryFallbackError):
+                raise
+            except Exception as error:  # noqa: BLE001 - a peer failure, or raised again below
+                failed = time.time()
+                if ckpt is not None:
+                    ckpt.abandon()
+                _destroy()
+                after, retry = job.next_generation(transport_failure(error))
+                lost = tuple(m for m in members if m not in after)
+                if not lost and not retry:
+                    raise  # every member is here and one failed on its own: a bug, not a peer's failure
+                if member not in after:
+                    raise RecoveryFallbackError(f"member {member} registered after the survivors of generation "
+                                                f"{generation} had formed the next one without it") from error
+                if len(after) < min_world_size:
+                    raise RecoveryFallbackError(f"{len(after)} rank(s) survive (lost {list(lost)}), fewer than "
+                                                f"min_world_size={min_world_size}") from error
+                recoveries += 1
+                if max_recoveries is not None and recoveries > max_recoveries:
+                    raise RecoveryFallbackError(f"members {list(lost)} lost: more recoveries in-process than "
+                                                f"max_recoveries={max_recoveries}") from error
+                phases = {"failed": failed}
+    finally:
+        _destroy()
+        job.stop()
+
+
+def default_store(world_size: int, rank: int, timeout: float):
+    """torchrun's store, as ``init_process_group("env://")`` would find it."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    return dist.TCPStore(host, port, world_size, is_master=not agent and rank == 0, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout), multi_tenant=not agent)
+
+
+def transport_failure(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a collective's transport failing: torch's
+    distributed errors, ucp's PeerLostError, gloo/NCCL runtime errors (a peer gone, a timeout)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (dist.DistError, PeerLostError)):
+            return True
+        text = str(error)
+        if isinstance(error, (RuntimeError, DistributedError)) and any(
+                w in text for w in ("gloo", "NCCL", "Connection", "Timed out", "timed out", "died or became unreachable")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _destroy() -> None:
+    """Destroy every process group, whatever state it is in (a failed one may raise)."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - broken already: it is dropped all the same
+            pass
+
+
+class Membership:
+    """Who is in the job, generation by generation, agreed through ``store`` (docs/recovery.md).
+
+    Keys (under ``prefix``, ``ucp/inprocess/<namespace>``): ``hb/<member>`` each member's heartbeat (its wall-clock time);
+    ``g<g>/here/<member>`` registrations for generation ``g``, ``g<g>/leader`` the first to
+    register, ``g<g>/members`` the new members (JSON, in rank order) once the leader has decided.
+    """
+
+    def __init__(self, store, prefix: str, member: int, world_size: int, timeout: float, heartbeat: float,
+                 dead_after: float):
+        self.prefix = prefix
+        self.store = dist.PrefixStore(prefix, store)
+        self._tcp = store
+        self.member = member
+        self.generation = 0
+        self.members = tuple(range(world_size))
+        self.timeout = timeout
+        self.heartbeat = heartbeat
+        self.dead_after = dead_after
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Beat the first heartbeat, then one every ``heartbeat`` seconds from a thread with a
+        store connection of its own (a blocking wait on the main one would hold the beats back)."""
+        try:
+            own = dist.PrefixStore(self.prefix, dist.TCPStore(self._tcp.host, self._tcp.port, is_master=False,
+                                                         wait_for_workers=False,
+                                                         timeout=datetime.timedelta(seconds=self.timeout)))
+            own.set(f"hb/{self.member}", repr(time.time()))
+        except Exception as e:  # noqa: BLE001
+            raise RecoveryFallbackError(f"the job's store at {self._tcp.host}:{self._tcp.port} does not answer "
+                                        f"({e})") from e
+
+        def beat():
+            while not self._stop.wait(self.heartbeat):
+                try:
+                    own.set(f"hb/{self.member}", repr(time.time()))
+                except Exception:  # noqa: BLE001 - the store is gone: the next recovery says so
+                    return
+
+        self._thread = threading.Thread(target=beat, name="ucp-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def next_generation(self, transport: bool) -> tuple[tuple[int, ...], bool]:
+        """Register for the next generation (``transport``: this member failed in a collective's
+        transport) and return its members (agreed by every survivor) and whether every one of them
+        failed in a transport; raises RecoveryFallbackError when the store does not answer or
+        nobody decides in time."""
+        g = self.generation + 1
+        s = self.store
+        try:
+            s.set(f"g{g}/here/{self.member}", "t" if transport else "o")
+            if not transport:
+                s.add(f"g{g}/own", 1)
+            s.add(f"g{g}/count", 1)
+            leader = s.compare_set(f"g{g}/leader", "", str(self.member)).decode() == str(self.member)
+            if leader:
+                s.set(f"g{g}/members", json.dumps(self._decide(g)))
+            s.wait([f"g{g}/members"], datetime.timedelta(seconds=3 * self.timeout))
+            members = tuple(json.loads(s.get(f"g{g}/members")))
+            retry = s.add(f"g{g}/own", 0) == 0
+        except RecoveryFallbackError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store's failures: no agreement without it
+            raise RecoveryFallbackError(f"in-process recovery needs the job's store, which failed: "
+                                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        self.generation, self.members = g, members
+        return members, retry
+
+    def _decide(self, g: int) -> list[int]:
+        """The leader: wait until every member of the last generation has registered for ``g`` or
+        is silent (its heartbeat older than ``dead_after``), at most twice ``timeout`` (a live
+        member blocked in a collective sees the failure within ``timeout`` at the latest); the
+        registered ones, in their old order. A poll reads one counter; who is missing is read
+        (a key per member) only while the count is short."""
+        s = self.store
+        deadline = time.monotonic() + 2 * self.timeout
+        while True:
+            if s.add(f"g{g}/count", 0) < len(self.members):
+                here = [m for m in self.members if s.check([f"g{g}/here/{m}"])]
+                missing = [m for m in self.members if m not in here]
+                beats = s.multi_get([f"hb/{m}" for m in missing]) if missing else []
+                if time.monotonic() > deadline or all(time.time() - float(b.decode() or 0) > self.dead_after
+                                                      for b in beats):
+                    return here
+                time.sleep(min(0.01, self.heartbeat / 10))
+                continue
+            return list(self.members)
