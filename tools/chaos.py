@@ -160,9 +160,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default 0")
     p.add_argument("--detect-timeout", type=float, default=10.0,
                    help="with --inprocess: the process group's timeout, which bounds hang detection; default 10")
-    p.add_argument("--heartbeat", type=float, default=0.1,
-                   help="with --inprocess: seconds between heartbeats (a rank silent 3 heartbeats is lost); "
-                        "default 0.1")
+    p.add_argument("--heartbeat", type=float, default=0.2,
+                   help="with --inprocess: seconds between heartbeats; default 0.2")
+    p.add_argument("--dead-after", type=float, default=1.0,
+                   help="with --inprocess: seconds without a heartbeat after which a rank that did not rejoin is lost "
+                        "(longer than --heartbeat: a loaded machine delays heartbeats); default 1")
     p.add_argument("--kill-in-flight", action="store_true",
                    help="kill as soon as every rank has handed step STEP to save(), without waiting for its snapshot "
                         "to complete and the agents' durable writes to finish (the source restored and the steps "
@@ -184,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, low in (("nodes", 1), ("ranks_per_node", 1), ("steps", 1), ("persist_every", 1), ("rows_per_rank", 1)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: use an integer >= {low}")
-    for name in ("attempt_timeout", "timeout", "detect_timeout", "heartbeat"):
+    for name in ("attempt_timeout", "timeout", "detect_timeout", "heartbeat", "dead_after"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: use a positive number of seconds")
     from ucp.errors import OptionsError
@@ -197,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.nodes < args.parity + 1:
         p.error(f"--nodes {args.nodes} cannot hold --parity {args.parity} parity stripe(s) and any data: "
                 f"use --nodes >= {args.parity + 1}")
+    if args.dead_after <= args.heartbeat:
+        p.error(f"--dead-after {args.dead_after} must be longer than --heartbeat {args.heartbeat}")
     if args.step_seconds < 0:
         p.error(f"--step-seconds {args.step_seconds}: use a number >= 0")
     if args.hang is not None and not (args.inprocess or args.compare):
@@ -299,7 +303,7 @@ class Harness:
                        "--hold-timeout", str(args.attempt_timeout), "--step-seconds", str(args.step_seconds)]
                 if args.inprocess:
                     cmd += ["--inprocess", "--holds", ",".join(map(str, a.holds)), "--detect-timeout",
-                            str(args.detect_timeout), "--heartbeat", str(args.heartbeat)]
+                            str(args.detect_timeout), "--heartbeat", str(args.heartbeat), "--dead-after", str(args.dead_after)]
                 with open(path, "wb") as out:
                     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                             env=dict(env, RANK=str(rank), LOCAL_RANK=str(local)),

@@ -69,7 +69,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holds", default="", help="with --inprocess: the steps to hold at, comma-separated")
     p.add_argument("--detect-timeout", type=float, default=10.0,
                    help="with --inprocess: the process group's timeout (bounds hang detection)")
-    p.add_argument("--heartbeat", type=float, default=0.1, help="with --inprocess: seconds between heartbeats")
+    p.add_argument("--heartbeat", type=float, default=0.2, help="with --inprocess: seconds between heartbeats")
+    p.add_argument("--dead-after", type=float, default=1.0,
+                   help="with --inprocess: seconds without a heartbeat after which a rank that did not rejoin is lost")
     p.add_argument("--step-seconds", type=float, default=0.0,
                    help="emulated step time: each step sleeps until it took at least this long")
     return p.parse_args(argv)
@@ -199,7 +201,7 @@ def main_inprocess(args, rank: int, world: int, base) -> int:
 
     try:
         ucp.run_in_process(build, train_loop, store=base, member=rank, world_size=world, timeout=args.detect_timeout,
-                           heartbeat=args.heartbeat, namespace=f"attempt{args.attempt}")
+                           heartbeat=args.heartbeat, dead_after=args.dead_after, namespace=f"attempt{args.attempt}")
     except RecoveryFallbackError as e:
         print(f"[chaos node {args.node} member {rank}] in-process recovery fell back to a relaunch: {e}",
               file=sys.stderr, flush=True)

@@ -79,7 +79,7 @@ def test_a_node_killed_mid_run_is_recovered_on_the_survivors_bit_exactly():
     doc = chaos("--nodes", 4, "--ranks-per-node", 1, "--group", 4, "--parity", 1, "--steps", 8, "--kill", "1@5")
     assert (doc["tool"], doc["nodes"], doc["ranks_per_node"], doc["group"], doc["parity"], doc["persist_every"]) == \
         ("ucp_chaos", 4, 1, 4, 1, 4)
-    assert doc["kills"] == [{"node": 1, "step": 5}]
+    assert doc["kills"] == [{"node": 1, "step": 5, "kind": "kill"}] and doc["path"] == "relaunch"
     # the agents' memory: snapshots and parity, g / (g - m) of the snapshots (as `ucp agent status` says)
     assert doc["snapshot_bytes"] > 0 and doc["memory_overhead"] == pytest.approx(4 / 3, rel=0.02), doc
     check_counts(doc)
@@ -144,7 +144,11 @@ def test_a_run_that_fails_still_prints_its_line_and_leaves_nothing_behind():
     (["--kill", "1@8"], "step 8 is out of 1..7"),
     (["--kill", "1@0"], "step 0 is out of 1..7"),
     (["--kill", "0@2,1@3,2@4,3@5"], "leave at least one alive"),
-    (["--kill", "1@2,1@3"], "node 1 is killed twice"),
+    (["--kill", "1@2,1@3"], "node 1 fails twice"),
+    (["--kill", "1@2", "--hang", "1@3", "--inprocess"], "--hang: node 1 fails twice"),
+    (["--hang", "1@3", "--random-failures", "1", "--inprocess"], "give the failures one way"),
+    (["--inprocess", "--heartbeat", "1", "--dead-after", "0.5"], "must be longer than --heartbeat"),
+    (["--step-seconds", "-1"], "use a number >= 0"),
     (["--kill", "one@5"], "must be integers"),
     (["--kill", "1-5"], "write NODE@STEP"),
     (["--random-failures", "4"], "would kill all 4 nodes"),

@@ -45,6 +45,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -168,6 +169,10 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                 raise
             except Exception as error:  # noqa: BLE001 - a peer failure, or raised again below
                 failed = time.time()
+                first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+                warnings.warn(f"ucp: member {member} (rank {rank} of generation {generation}) failed: "
+                              f"{type(error).__name__}: {first[:300]}; recovering in-process", RuntimeWarning,
+                              stacklevel=2)
                 if ckpt is not None:
                     ckpt.abandon()
                 _destroy()
