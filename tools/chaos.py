@@ -22,6 +22,17 @@ relaunch) and whether the restored state is bit-exactly the one recorded at that
 failure (a layout-independent sha256 of the whole model and optimizer state, see chaos_trainer.py),
 and the first line of the relaunched trainers' stderr that says they fell back ("fall", "durable").
 
+With ``--inprocess`` the trainers run under ``ucp.run_in_process`` (docs/recovery.md): the job is
+launched once; at a failure's step the harness kills (``--kill``) or stops (``--hang``, SIGSTOP)
+the node and lets the others go on; the survivors detect it, re-form the process group in their own
+processes, rebuild the model and restore from memory. Each such recovery reports its ``phases``
+(``detect``, ``reform``, ``build``, ``load``, ``first_step``; their sum is the time to resume), and
+a stopped node is killed once the job went on without it. Survivors that cannot recover in-process
+(more losses than parity) exit with status 3 and the harness relaunches them: that recovery's
+``path`` is ``"relaunch (fallback)"``. ``--compare`` runs the failures relaunching, then
+in-process, and prints one line with both (``relaunch``, ``inprocess``) and the ratio of their
+median times to resume. ``--step-seconds`` makes each step last at least that long.
+
 Output: exactly one JSON line on stdout (also when the run fails: ``ok`` false, ``error`` says why);
 progress and the trainers' failures go to stderr, the trainers' own output to per-attempt logs in the
 work directory. ``effective_training_time`` = ``useful_step_s`` / ``wall_s``: the step times of the
@@ -33,6 +44,8 @@ killed or stopped and every shared-memory file of the run removed at the end, al
 
     python tools/chaos.py --nodes 4 --ranks-per-node 1 --group 4 --parity 1 --steps 8 --kill 1@5
     python tools/chaos.py --nodes 4 --steps 12 --random-failures 2 --seed 3
+    python tools/chaos.py --nodes 4 --steps 8 --kill 1@5 --compare --detect-timeout 2
+    python tools/chaos.py --nodes 8 --steps 150 --kill 1@50,6@100 --inprocess --step-seconds 2
 """
 
 from __future__ import annotations

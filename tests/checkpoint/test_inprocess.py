@@ -137,3 +137,38 @@ def test_transport_failures_are_told_from_the_programs_own(error, expected):
 def test_dist_error_is_a_transport_failure():
     assert transport_failure(dist.DistNetworkError("store gone"))
     assert not transport_failure(KeyError("x"))
+
+
+def test_an_abandoned_checkpointer_refuses_work_and_its_complete_snapshots_stay(tmp_path, job):  # noqa: F811
+    model, opt = tiny_model()
+    ck = ucp.Checkpointer(tmp_path, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job, persist_every=None))
+    train_step(model, opt, 1)
+    ck.save(1)
+    ck.wait()
+    at1 = state_of(model, opt)
+    train_step(model, opt, 2)
+    ck.save(2)  # in flight when abandoned: no collective, no wait
+    ck.abandon()
+    with pytest.raises(UcpError, match="closed"):
+        ck.save(3)
+    ck.abandon()  # (twice is fine)
+    model2, opt2 = tiny_model(seed=1)
+    res = ucp.Checkpointer(tmp_path, model=model2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load(step=1)
+    assert res.source == "memory" and same_state(state_of(model2, opt2), at1)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+def test_under_torchrun_it_finds_the_agent_store_by_itself(tmp_path, job):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("inprocess_job.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), str(tmp_path), job], capture_output=True, text=True, timeout=150, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    said = sorted(line for line in p.stdout.splitlines() if line.startswith("rank "))
+    assert said == ["rank 0/2 generation 0 agent-store True", "rank 1/2 generation 0 agent-store True"], p.stdout
