@@ -172,3 +172,9 @@ def test_under_torchrun_it_finds_the_agent_store_by_itself(tmp_path, job):  # no
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     said = sorted(line for line in p.stdout.splitlines() if line.startswith("rank "))
     assert said == ["rank 0/2 generation 0 agent-store True", "rank 1/2 generation 0 agent-store True"], p.stdout
+
+
+def test_a_store_other_than_a_tcpstore_is_refused(tmp_path):
+    with pytest.raises(OptionsError, match="TCPStore"):
+        ucp.run_in_process(lambda w: None, lambda *a: None, store=dist.FileStore(str(tmp_path / "f"), 1), member=0,
+                           world_size=1)

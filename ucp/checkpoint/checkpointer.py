@@ -251,12 +251,7 @@ class Checkpointer:
         thread is a daemon); its mappings of the agent's memory are released once it has. The
         snapshots already complete stay with the agent; later calls raise."""
         if not self._closed:
-            self._closed = True
-            if self._lease is not None:
-                leases.leave(self._lease)
-                self._lease = None
-            if self._snapshots is not None:
-                self._snapshots.abandon()
+            self._release(abandon=True)
 
     def close(self) -> None:
         """Finish pending work (a collective with snapshots: every rank calls it), release the
@@ -266,12 +261,17 @@ class Checkpointer:
             try:
                 self.wait()
             finally:
-                self._closed = True
-                if self._lease is not None:
-                    leases.leave(self._lease)
-                    self._lease = None
-                if self._snapshots is not None:
-                    self._snapshots.close()
+                self._release(abandon=False)
+
+    def _release(self, abandon: bool) -> None:
+        """Mark closed; leave the writer lease; close (or, after a broken process group, abandon)
+        the memory tier's part."""
+        self._closed = True
+        if self._lease is not None:
+            leases.leave(self._lease)
+            self._lease = None
+        if self._snapshots is not None:
+            (self._snapshots.abandon if abandon else self._snapshots.close)()
 
     def _writer_lease(self) -> leases.Lease:
         """Rank 0's lease on ``root`` (shared by the Checkpointers of this process writing there),

@@ -118,8 +118,9 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
 
     Raises:
         RecoveryFallbackError: the survivors cannot go on in-process; the message says why.
-        Exception: a failure that lost no member (raised again on every rank), or one of
-            ``build``/``train`` before any recovery could start.
+        OptionsError: an argument is invalid, or torch.distributed is initialized already.
+        Exception: what ``build``, the load or ``train`` raised, when no member was lost and not
+            every member failed in a collective's transport (a bug, bad input).
     """
     if heartbeat <= 0 or timeout <= 0:
         raise OptionsError(f"heartbeat={heartbeat!r}, timeout={timeout!r}: use positive seconds")
@@ -133,6 +134,9 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
     member = int(os.environ["RANK"]) if member is None else member
     world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
     store = default_store(world_size, member, timeout) if store is None else store
+    if not isinstance(store, dist.TCPStore):
+        raise OptionsError(f"store must be a torch.distributed.TCPStore (the heartbeats open a connection of their "
+                           f"own to it), got {type(store).__name__}")
     if namespace is None:
         namespace = f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     prefix = f"{PREFIX}/{namespace}"
