@@ -592,6 +592,8 @@ def run(args, harness: Harness, doc: dict) -> None:
             for s, r in steps.items():
                 known[s] = r["digest"]
                 step_s[s] = r["dt"]
+                if s == 1:
+                    doc.setdefault("first_step_at", r["t"])
             doc["final_step"] = max(steps, default=restored["step"])
             if outcome == "done":
                 if number == 0:
@@ -614,8 +616,10 @@ def run(args, harness: Harness, doc: dict) -> None:
             doc["failures_injected"] += len(nodes)
             number += 1
     finally:
-        doc["wall_s"] = time.time() - t_start
+        doc["t_end"] = time.time()
+        doc["wall_s"] = doc["t_end"] - t_start
         doc["useful_step_s"] = sum((step_s.get(s, 0.0) for s in range(1, doc["final_step"] + 1)), 0.0)
+        doc["step1_s"] = step_s.get(1)
 
 
 FALLBACK_STATUS = 3  # chaos_trainer.py's exit status when in-process recovery falls back to a relaunch
@@ -678,6 +682,8 @@ def run_inprocess(args, harness: Harness, doc: dict) -> None:
                 for s_, r in steps.items():
                     known[s_] = r["digest"]
                     step_s[s_] = r["dt"]
+                    if s_ == 1:
+                        doc.setdefault("first_step_at", r["t"])
                 progress = max(steps, default=step)
                 if fell:
                     why = said(a, "fell back to a relaunch: ")
@@ -706,13 +712,17 @@ def run_inprocess(args, harness: Harness, doc: dict) -> None:
             for s_, r in steps.items():
                 known[s_] = r["digest"]
                 step_s[s_] = r["dt"]
+                if s_ == 1:
+                    doc.setdefault("first_step_at", r["t"])
             doc["final_step"] = max(known, default=0)
             if doc["snapshot_bytes"] is None:
                 doc.update(harness.memory(a))
             break
     finally:
-        doc["wall_s"] = time.time() - t_start
+        doc["t_end"] = time.time()
+        doc["wall_s"] = doc["t_end"] - t_start
         doc["useful_step_s"] = sum((step_s.get(s, 0.0) for s in range(1, doc["final_step"] + 1)), 0.0)
+        doc["step1_s"] = step_s.get(1)
 
 
 def said(a: Attempt, marker: str) -> str | None:
@@ -816,6 +826,10 @@ def summarize(args, doc: dict, shm_left: int) -> dict:
         steps_lost=sum(r["steps_lost"] for r in recs),
         time_to_resume_s=[r["time_to_resume_s"] for r in recs],
         effective_training_time=doc["useful_step_s"] / doc["wall_s"] if doc["wall_s"] > 0 else None,
+        # the same from the end of the first step on: the job's start (imports, build) left out
+        effective_training_time_after_start=(
+            (doc["useful_step_s"] - step1) / (doc["t_end"] - doc["first_step_at"])
+            if (step1 := doc.pop("step1_s", None)) is not None and doc.get("first_step_at") else None),
         all_bit_exact=all(r["bit_exact"] for r in with_source),
         shm_left=shm_left,
     )
