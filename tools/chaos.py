@@ -592,6 +592,7 @@ def run(args, harness: Harness, doc: dict) -> None:
             for s, r in steps.items():
                 known[s] = r["digest"]
                 step_s[s] = r["dt"]
+                doc["check_s"] += r.get("check", 0.0)
                 if s == 1:
                     doc.setdefault("first_step_at", r["t"])
             doc["final_step"] = max(steps, default=restored["step"])
@@ -682,6 +683,7 @@ def run_inprocess(args, harness: Harness, doc: dict) -> None:
                 for s_, r in steps.items():
                     known[s_] = r["digest"]
                     step_s[s_] = r["dt"]
+                    doc["check_s"] += r.get("check", 0.0)
                     if s_ == 1:
                         doc.setdefault("first_step_at", r["t"])
                 progress = max(steps, default=step)
@@ -712,6 +714,7 @@ def run_inprocess(args, harness: Harness, doc: dict) -> None:
             for s_, r in steps.items():
                 known[s_] = r["digest"]
                 step_s[s_] = r["dt"]
+                doc["check_s"] += r.get("check", 0.0)
                 if s_ == 1:
                     doc.setdefault("first_step_at", r["t"])
             doc["final_step"] = max(known, default=0)
@@ -826,9 +829,10 @@ def summarize(args, doc: dict, shm_left: int) -> dict:
         steps_lost=sum(r["steps_lost"] for r in recs),
         time_to_resume_s=[r["time_to_resume_s"] for r in recs],
         effective_training_time=doc["useful_step_s"] / doc["wall_s"] if doc["wall_s"] > 0 else None,
-        # the same from the end of the first step on: the job's start (imports, build) left out
+        # the same from the end of the first step on (the job's start, imports and build, left out),
+        # without the harness's own checks after each step (the global loss, the state's digest)
         effective_training_time_after_start=(
-            (doc["useful_step_s"] - step1) / (doc["t_end"] - doc["first_step_at"])
+            (doc["useful_step_s"] - step1) / (doc["t_end"] - doc["first_step_at"] - doc["check_s"])
             if (step1 := doc.pop("step1_s", None)) is not None and doc.get("first_step_at") else None),
         all_bit_exact=all(r["bit_exact"] for r in with_source),
         shm_left=shm_left,
@@ -853,7 +857,7 @@ def one_run(args) -> dict:
            "kills": [{"node": k.node, "step": k.step, "kind": k.kind} for k in args.kills], "failures_injected": 0,
            "path": "in-process" if args.inprocess else "relaunch", "step_seconds": args.step_seconds,
            "detect_timeout": args.detect_timeout if args.inprocess else None,
-           "recoveries": [], "final_step": 0, "wall_s": 0.0, "useful_step_s": 0.0, "run_id": run_id,
+           "recoveries": [], "final_step": 0, "wall_s": 0.0, "useful_step_s": 0.0, "check_s": 0.0, "run_id": run_id,
            "snapshot_bytes": None, "parity_bytes": None, "memory_overhead": None,
            "kill_in_flight": args.kill_in_flight, "load_avg": os.getloadavg()}
     log(f"run {run_id} ({doc['path']}): {args.nodes} node(s) x {args.ranks_per_node} rank(s), {args.steps} steps, "

@@ -9,9 +9,11 @@ any node dies, node 0 included. Attempt ``a`` joins the process group under the 
 * ``restored``: ``{"step", "source", "digest", "t"}`` after ``Checkpointer.load()``; ``source`` is
   ``"memory"``, ``"durable"`` or ``"none"`` (nothing to restore: training starts at step 1, the
   digest is null);
-* ``step/<s>``: ``{"t", "dt", "digest", "loss"}`` once step ``s`` is trained and handed to ``save(s)``:
-  ``t`` the wall-clock time then, ``dt`` the step's time (batch, forward, backward, optimizer step,
-  ``save``), ``digest`` the digest of the state ``save(s)`` snapshots; then ``progress`` = ``s``;
+* ``step/<s>``: ``{"t", "dt", "check", "digest", "loss"}`` once step ``s`` is trained and handed to
+  ``save(s)``: ``t`` the wall-clock time then, ``dt`` the step's time (batch, forward, backward,
+  optimizer step, ``save``, and the wait of ``--step-seconds``), ``check`` the time of the harness's
+  checks after it (the global loss, the digest), ``digest`` the digest of the state ``save(s)``
+  snapshots; then ``progress`` = ``s``;
 * ``held/<rank>`` (every rank): the rank reached the hold step (``--hold``) and waits there to be
   killed: the harness kills nodes at step boundaries (the snapshot of the hold step finishes in the
   background meanwhile).
@@ -241,13 +243,14 @@ def loop(args, cfg, lay, par, opt, ck, restored: int, report, rank: int, after_s
         ck.save(step)
         if args.step_seconds:
             time.sleep(max(0.0, args.step_seconds - (time.perf_counter() - t0)))
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt, done = t1 - t0, time.time()
         total = loss.detach().clone()
         dist.all_reduce(total)
         d = digest(par.model, opt, step)  # the state save(step) snapshots: nothing changed it since
-        if rank == 0:
-            report.set(f"step/{step}", json.dumps({"t": time.time(), "dt": dt, "digest": d,
-                                                   "loss": total.item() / world}))
+        if rank == 0:  # (the loss and the digest are the harness's checks, not training: timed apart)
+            report.set(f"step/{step}", json.dumps({"t": done, "dt": dt, "check": time.perf_counter() - t1,
+                                                   "digest": d, "loss": total.item() / world}))
             report.set("progress", str(step))
         after_step(step)
 
