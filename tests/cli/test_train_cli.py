@@ -44,7 +44,7 @@ def test_train_prints_one_json_line_per_step_and_resumes(tmp_path):
     (["--nproc", "2", "--moe", "8", "--ep", "0"], "--ep 0: use an integer >= 1"),
     (["--nproc", "2", "--moe", "-1"], "--moe -1: use the number of experts"),
     (["--nproc", "2", "--moe", "8", "--tp", "2"], "--moe with tensor or pipeline parallelism is not supported yet"),
-    (["--nproc", "2", "--moe", "8", "--ep", "2", "--zero", "3"], "--moe with --zero 3 is not supported yet; use --zero 0"),
+    (["--nproc", "2", "--moe", "8", "--ep", "2", "--zero", "1"], "--moe with --zero 1 (the flat ZeRO-1 optimizer) is not"),
 ])
 def test_train_refuses_impossible_layouts_in_one_line(args, words):
     p = run("train", *args)
@@ -114,7 +114,8 @@ def test_pipeline_checkpoint_has_the_whole_models_keys(tmp_path):
 @pytest.mark.dist
 def test_moe_checkpoint_at_ep2_resumes_at_ep4_and_ep1(tmp_path):
     """Issue 20's acceptance: ``--moe 8 --ep 2`` (world 2) saves at step 2; resumed with ``--ep 4``
-    (world 4) and ``--ep 1`` (world 1), the loss of step 3 is the uninterrupted run's within 1e-5."""
+    (world 4) and ``--ep 1`` (world 1), the loss of step 3 is the uninterrupted run's within 1e-5; and
+    so under FSDP2 at ``--ep 2`` on 4 ranks (each expert sharded over its 2 replicas)."""
     ck = tmp_path / "ck"
     p = run("train", "--nproc", "2", "--moe", "8", "--ep", "2", "--steps", "3", "--save-every", "2", "--ckpt", ck,
             timeout=300)
@@ -126,11 +127,11 @@ def test_moe_checkpoint_at_ep2_resumes_at_ep4_and_ep1(tmp_path):
     # local experts.0-3 of each rank saved under their global names 0-7
     assert {k for k in doc["tensors"] if k.startswith("model/blocks.0.mlp.experts.") and k.endswith("fc1.weight")} \
         == {f"model/blocks.0.mlp.experts.{g}.fc1.weight" for g in range(8)}
-    for nproc in ("4", "1"):
-        r = run("train", "--nproc", nproc, "--moe", "8", "--ep", nproc, "--steps", "3", "--resume",
+    for nproc, ep, zero in (("4", "4", "0"), ("1", "1", "0"), ("4", "2", "3")):
+        r = run("train", "--nproc", nproc, "--moe", "8", "--ep", ep, "--zero", zero, "--steps", "3", "--resume",
                 store.step_dir(ck, 2), timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         resumed = [json.loads(line) for line in r.stdout.splitlines()]
         assert [d["step"] for d in resumed] == [3], resumed
-        assert resumed[0]["loss"] == pytest.approx(uninterrupted[3], rel=1e-5), (nproc, resumed, uninterrupted)
+        assert resumed[0]["loss"] == pytest.approx(uninterrupted[3], rel=1e-5), (nproc, ep, zero, resumed, uninterrupted)
         assert "resumed from step 2" in r.stderr

@@ -60,9 +60,10 @@ def train_losses(world: int, ep: int, steps: int = 3) -> list[float]:
     return train_steps(cfg, lay, par, opt, 0, range(1, steps + 1))
 
 
-def synced_grads(world: int, ep: int) -> dict:
-    """The reference GPT with 8 experts at ``dp = world``, ``ep``: this rank's gradients of step 1 after
-    the trainer's reduction, by global name (experts by their global index)."""
+def synced_grads(world: int, ep: int, zero: int = 0) -> dict:
+    """The reference GPT with 8 experts at ``dp = world``, ``ep``, ``zero``: this rank's gradients of step
+    1 after the trainer's reduction (whole, where FSDP2 shards them), by global name (experts by their
+    global index)."""
     import torch.distributed as dist
 
     from ucp.trainer.layouts import TrainLayout
@@ -70,14 +71,16 @@ def synced_grads(world: int, ep: int) -> dict:
     from ucp.trainer.train import build
 
     assert dist.get_world_size() == world
-    cfg, lay = GPTConfig(experts=8), TrainLayout(dp=world, ep=ep)
+    cfg, lay = GPTConfig(experts=8), TrainLayout(dp=world, ep=ep, zero=zero)
     par, _ = build(cfg, lay, seed=0)
     rows = cfg.global_batch // world
     x, y = batch(cfg, 0, 1)
     lo = par.dp_rank * rows
     loss_fn(par.module(x[lo:lo + rows]), y[lo:lo + rows]).backward()
-    par.after_backward()
-    return {global_name(par.model, n): p.grad.detach().clone() for n, p in par.model.named_parameters()}
+    if par.after_backward is not None:
+        par.after_backward()
+    return {global_name(par.model, n): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+            for n, p in par.model.named_parameters()}
 
 
 def global_name(model, name: str) -> str:

@@ -24,7 +24,7 @@ from ucp import CheckpointOptions, Layout
 from ucp.errors import OptionsError
 from ucp.trainer.manual_tp import ManualTPGPT, ucp_patterns
 from ucp.trainer.model import GPTConfig, loss_fn
-from ucp.trainer.moe import sync_moe_grads
+from ucp.trainer.moe import scale_expert_grads, sync_moe_grads
 from ucp.trainer.pipeline import PipelineTrainer, default_microbatches, pipeline_groups, shard_stage, stage_module
 
 
@@ -96,9 +96,9 @@ class TrainLayout:
         if self.tp > 1 or self.pp > 1 or self.manual_tp:
             raise OptionsError("--moe with tensor or pipeline parallelism is not supported yet; use --moe E --ep N "
                                "over data parallelism alone (--nproc = dp, a multiple of --ep)")
-        if self.zero:
-            raise OptionsError(f"--moe with --zero {self.zero} is not supported yet; use --zero 0 (replicated "
-                               "gradients averaged over dp, each expert's over its dp replicas)")
+        if self.zero == 1:
+            raise OptionsError("--moe with --zero 1 (the flat ZeRO-1 optimizer) is not supported yet; use --zero 0, "
+                               "2 or 3")
 
     def spec(self, cfg: GPTConfig) -> str | None:
         """The UCL program this layout's checkpoints are saved and loaded with (``Checkpointer(spec=...)``):
@@ -191,15 +191,32 @@ def _pipeline(model: nn.Module, lay: TrainLayout) -> Parallel:
 
 
 def _expert_parallel(model: nn.Module, lay: TrainLayout) -> Parallel:
-    """Each ep group of consecutive ranks (ucp's ``ep`` axis, innermost) holds every expert once; the
-    gradients are reduced by :func:`ucp.trainer.moe.sync_moe_grads` (DDP cannot hold parameters
-    that differ between its ranks)."""
+    """Each ep group of consecutive ranks (ucp's ``ep`` axis, innermost) holds every expert once.
+
+    zero 0: gradients reduced by :func:`ucp.trainer.moe.sync_moe_grads` (DDP cannot hold parameters
+    that differ between its ranks). zero 2/3: FSDP2 shards each expert over its replicas (the ``dp``
+    mesh dim; their gradients averaged there, then divided by ep: summed over the replicas and divided
+    by the whole dp size; gloo has no pre-multiplied reduce-scatter for FSDP's own divide factor), and
+    the rest HSDP-style over the (dp, ep) mesh: sharded within the ep group, replicated across
+    groups, gradients averaged over all (at ep 1, sharded over dp: FSDP2 of the whole model).
+    """
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (lay.dp // lay.ep, lay.ep), mesh_dim_names=("dp", "ep"))
     for block in model.blocks:
         block.mlp.place(mesh["ep"].get_group())
     dp_group = dist.group.WORLD  # tp = pp = 1: every rank is a data-parallel rank
+    if lay.zero in (2, 3):
+        from torch.distributed.fsdp import fully_shard
+
+        reshard, rest = lay.zero == 3, mesh if lay.ep > 1 else mesh["dp"]
+        for block in model.blocks:
+            for expert in block.mlp.experts:
+                fully_shard(expert, mesh=mesh["dp"], reshard_after_forward=reshard)
+            fully_shard(block, mesh=rest, reshard_after_forward=reshard)
+        fully_shard(model, mesh=rest, reshard_after_forward=reshard)
+        return Parallel(model, model, dist.get_rank(), dp_group,
+                        after_backward=partial(scale_expert_grads, model, 1 / lay.ep) if lay.ep > 1 else None)
     return Parallel(model, model, dist.get_rank(), dp_group,
                     after_backward=partial(sync_moe_grads, model, dp_group, mesh["dp"].get_group()))
 

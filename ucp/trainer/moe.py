@@ -119,6 +119,16 @@ def expert_parameters(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()}
 
 
+def scale_expert_grads(model: nn.Module, factor: float) -> None:
+    """Multiply the gradients of ``model``'s experts by ``factor`` (FSDP2 averaged them over the
+    expert's replicas; :func:`sync_moe_grads` says what they should be)."""
+    experts = expert_parameters(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) in experts and p.grad is not None:
+                p.grad.mul_(factor)
+
+
 def sync_moe_grads(model: nn.Module, dp_group, expert_dp_group) -> None:
     """After backward: average replicated gradients over ``dp_group``; sum each expert's over
     ``expert_dp_group`` (the ranks holding its replicas) and divide by the dp size.

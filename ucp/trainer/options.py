@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="with --moe: expert-parallel size, dividing E and the data-parallel size; each group of N "
                         "consecutive ranks holds every expert once, as experts.{j} with a local index j (global "
                         "expert rank_in_group x E/N + j), the rest replicated; default 1. Checkpoints name experts "
-                        "globally (a UCL expert() rule), so they resume at any --ep dividing E. Data parallelism "
-                        "with --zero 0 only for now")
+                        "globally (a UCL expert() rule), so they resume at any --ep dividing E. With --zero 0, 2 or "
+                        "3; not with --tp, --pp or --zero 1 yet")
     p.add_argument("--steps", type=int, default=20, help="train until this step, default 20")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into --ckpt (0: never)")
     p.add_argument("--ckpt", default=None, help="checkpoint root to save into")
