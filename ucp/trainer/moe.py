@@ -22,7 +22,9 @@ Gradients (:func:`sync_moe_grads`): the loss is the mean of the dp ranks' local 
 replicated parameter's gradient is averaged over every data-parallel rank. An expert's gradient
 already holds the contributions of its whole ep group's tokens (through the exchange's backward),
 so it is summed over the ranks holding a replica of that expert (the same ep coordinate in the
-other ep groups) and divided by the number of data-parallel ranks, not by its replicas.
+other ep groups) and divided by the number of data-parallel ranks, not by its replicas. Under
+FSDP2 (``--zero 2/3``) FSDP reduces them, averaging an expert's over its replicas, and
+:func:`scale_expert_grads` divides those by ``ep`` (:func:`ucp.trainer.layouts.parallelize`).
 """
 
 from __future__ import annotations
