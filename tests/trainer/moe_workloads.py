@@ -89,3 +89,44 @@ def global_name(model, name: str) -> str:
     if len(parts) > 4 and parts[2:4] == ["mlp", "experts"]:
         parts[4] = str(model.blocks[int(parts[1])].mlp.first + int(parts[4]))
     return ".".join(parts)
+
+
+def _job(world: int, ep: int, zero: int, seed: int):
+    import torch.distributed as dist
+
+    from ucp.trainer.layouts import TrainLayout
+    from ucp.trainer.model import GPTConfig
+    from ucp.trainer.train import build
+
+    assert dist.get_world_size() == world
+    cfg, lay = GPTConfig(experts=8), TrainLayout(dp=world, ep=ep, zero=zero)
+    par, opt = build(cfg, lay, seed=seed)
+    return cfg, lay, par, opt
+
+
+def _checkpointer(root: str, cfg, lay, par, opt):
+    from dataclasses import replace
+
+    import ucp
+
+    return ucp.Checkpointer(root, model=par.model, optimizer=opt, options=replace(lay.checkpoint_options(cfg), fsync=False),
+                            spec=lay.spec(cfg))
+
+
+def train_save_continue(world: int, ep: int, zero: int, root: str) -> list[float]:
+    """Steps 1-2, a save, step 3: the losses of the uninterrupted run."""
+    from ucp.trainer.train import train_steps
+
+    cfg, lay, par, opt = _job(world, ep, zero, seed=0)
+    losses = train_steps(cfg, lay, par, opt, 0, range(1, 3))
+    _checkpointer(root, cfg, lay, par, opt).save(2)
+    return losses + train_steps(cfg, lay, par, opt, 0, range(3, 4))
+
+
+def resume(world: int, ep: int, zero: int, root: str) -> list[float]:
+    """A job of another seed loads step 2 and trains step 3: its loss."""
+    from ucp.trainer.train import train_steps
+
+    cfg, lay, par, opt = _job(world, ep, zero, seed=1)
+    assert _checkpointer(root, cfg, lay, par, opt).load().step == 2
+    return train_steps(cfg, lay, par, opt, 0, range(3, 4))

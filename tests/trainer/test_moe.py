@@ -135,3 +135,14 @@ def test_training_goes_the_same_way_with_experts_placed(worlds):
     assert ref[2] < ref[0]
     for rank, losses in enumerate(worlds(4).run(w.train_losses, 4, 2)):
         assert losses == pytest.approx(ref, rel=1e-5), f"rank {rank}: {losses} vs {ref}"
+
+
+@pytest.mark.dist
+def test_an_fsdp2_checkpoint_of_placed_experts_resumes_at_other_ep_and_zero(worlds, tmp_path):
+    """Saved under FSDP2 at ep 2 on 2 ranks (experts and the rest as DTensors), resumed under DDP-style
+    zero 0 at ep 4 on 4 ranks and at ep 1 on one: step 3's loss is the uninterrupted run's (1e-5)."""
+    root = str(tmp_path / "ck")
+    uninterrupted = worlds(2).run(w.train_save_continue, 2, 2, 3, root)[0]
+    for world, ep, zero in ((4, 4, 0), (1, 1, 0)):
+        for rank, losses in enumerate(worlds(world).run(w.resume, world, ep, zero, root)):
+            assert losses == pytest.approx(uninterrupted[2:], rel=1e-5), f"world {world} ep {ep} rank {rank}"
