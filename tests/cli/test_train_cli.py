@@ -36,6 +36,15 @@ def test_train_prints_one_json_line_per_step_and_resumes(tmp_path):
     (["--nproc", "4", "--pp", "2", "--tp", "2"], "--pp with DTensor --tp is not supported"),
     (["--nproc", "2", "--save-every", "2"], "--save-every needs --ckpt"),
     (["--nproc", "5"], "does not divide the global batch"),
+    (["--nproc", "3", "--moe", "8", "--ep", "3"], "--ep 3 cannot hold 8 experts in equal shares; use an --ep dividing"),
+    # resuming at an ep that does not divide the experts: refused before any rank starts
+    (["--nproc", "3", "--moe", "8", "--ep", "3", "--resume", "no/such/checkpoint"], "--ep 3 cannot hold 8 experts"),
+    (["--nproc", "2", "--moe", "8", "--ep", "4"], "--ep 4 must divide the data-parallel size 2"),
+    (["--nproc", "2", "--ep", "2"], "--ep 2 places experts: add --moe E"),
+    (["--nproc", "2", "--moe", "8", "--ep", "0"], "--ep 0: use an integer >= 1"),
+    (["--nproc", "2", "--moe", "-1"], "--moe -1: use the number of experts"),
+    (["--nproc", "2", "--moe", "8", "--tp", "2"], "--moe with tensor or pipeline parallelism is not supported yet"),
+    (["--nproc", "2", "--moe", "8", "--ep", "2", "--zero", "1"], "--moe with --zero 1 (the flat ZeRO-1 optimizer) is not"),
 ])
 def test_train_refuses_impossible_layouts_in_one_line(args, words):
     p = run("train", *args)
@@ -100,3 +109,29 @@ def test_pipeline_checkpoint_has_the_whole_models_keys(tmp_path):
     # the tied embedding lives on both stages but is stored once (FSDP: one fragment per dp shard)
     wte = [f for f in doc["fragments"] if f["key"] == "model/wte.weight"]
     assert sum(f["sizes"][0] for f in wte) == 250
+
+
+@pytest.mark.dist
+def test_moe_checkpoint_at_ep2_resumes_at_ep4_and_ep1(tmp_path):
+    """Issue 20's acceptance: ``--moe 8 --ep 2`` (world 2) saves at step 2; resumed with ``--ep 4``
+    (world 4) and ``--ep 1`` (world 1), the loss of step 3 is the uninterrupted run's within 1e-5; and
+    so under FSDP2 on 2 ranks at ``--ep 1`` (each expert sharded over its 2 replicas)."""
+    ck = tmp_path / "ck"
+    p = run("train", "--nproc", "2", "--moe", "8", "--ep", "2", "--steps", "3", "--save-every", "2", "--ckpt", ck,
+            timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    uninterrupted = {d["step"]: d["loss"] for d in map(json.loads, p.stdout.splitlines())}
+    assert sorted(uninterrupted) == [1, 2, 3]
+    doc = json.loads(run("inspect", store.step_dir(ck, 2), "--json").stdout)
+    assert doc["layout"] == {"axes": [["dp", 1], ["ep", 2]], "zero": 0}
+    # local experts.0-3 of each rank saved under their global names 0-7
+    assert {k for k in doc["tensors"] if k.startswith("model/blocks.0.mlp.experts.") and k.endswith("fc1.weight")} \
+        == {f"model/blocks.0.mlp.experts.{g}.fc1.weight" for g in range(8)}
+    for nproc, ep, zero in (("4", "4", "0"), ("1", "1", "0"), ("2", "1", "3")):
+        r = run("train", "--nproc", nproc, "--moe", "8", "--ep", ep, "--zero", zero, "--steps", "3", "--resume",
+                store.step_dir(ck, 2), timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        resumed = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [d["step"] for d in resumed] == [3], resumed
+        assert resumed[0]["loss"] == pytest.approx(uninterrupted[3], rel=1e-5), (nproc, ep, zero, resumed, uninterrupted)
+        assert "resumed from step 2" in r.stderr

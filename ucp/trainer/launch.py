@@ -45,14 +45,14 @@ def launch_training(args) -> int:
     """``ucp train``: check the layout here (one clear line if it cannot work), then launch."""
     if args.nproc < 1:
         raise OptionsError(f"--nproc {args.nproc}: run at least one process")
-    for name in ("tp", "pp", "steps"):
+    for name in ("tp", "pp", "steps") + (("ep",) if args.ep is not None else ()):
         if getattr(args, name) < 1:
             raise OptionsError(f"--{name} {getattr(args, name)}: use an integer >= 1")
+    if args.moe < 0:
+        raise OptionsError(f"--moe {args.moe}: use the number of experts (0: a dense MLP)")
     if args.dp is None and args.nproc % (args.tp * args.pp):
         raise OptionsError(f"--nproc {args.nproc} is not a multiple of tp x pp = {args.tp * args.pp}")
-    lay = TrainLayout(dp=args.dp or args.nproc // (args.tp * args.pp), tp=args.tp, pp=args.pp, zero=args.zero,
-                      manual_tp=args.manual_tp)
-    lay.check(GPTConfig(), args.nproc)
+    TrainLayout.of(args, args.nproc).check(GPTConfig(experts=args.moe), args.nproc)
     if args.save_every and not args.ckpt:
         raise OptionsError("--save-every needs --ckpt ROOT to save into")
     launch(args.nproc, sys.executable, "-u", "-m", "ucp.trainer.train", *forward_argv(args), run_id="ucp-train")

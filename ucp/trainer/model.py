@@ -1,8 +1,9 @@
 """A small GPT and its synthetic data.
 
-The model: token + position embeddings, pre-norm blocks (causal self-attention, GELU MLP), a final
-norm and an output head tied to the token embedding; no dropout. It is always initialized *whole*
-from the seed, before any sharding, so every layout starts from the same parameters.
+The model: token + position embeddings, pre-norm blocks (causal self-attention, a GELU MLP or a
+top-2 mixture of GELU-MLP experts), a final norm and an output head tied to the token embedding; no
+dropout. It is always initialized *whole* from the seed, before any sharding (or placing of
+experts), so every layout starts from the same parameters.
 
 The data: sequences drawn from a fixed random Markov chain (each token has a few likely
 successors, so the loss has something to learn), generated from the seed and the step alone: the
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ucp.trainer.moe import MoE
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -27,6 +30,7 @@ class GPTConfig:
     n_heads: int = 4
     n_layers: int = 4
     global_batch: int = 24  # divisible by 2, 3 and 4
+    experts: int = 0  # > 0: each block's MLP is a top-2 mixture of this many experts (ucp.trainer.moe)
 
     @property
     def head_dim(self) -> int:
@@ -66,7 +70,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg.d_model, cfg.experts, lambda: MLP(cfg)) if cfg.experts else MLP(cfg)
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))

@@ -48,6 +48,8 @@ def train_steps(cfg: GPTConfig, lay: TrainLayout, par, opt, seed: int, steps, on
         else:
             loss = loss_fn(par.module(x[lo:lo + rows]), y[lo:lo + rows])
             loss.backward()
+            if par.after_backward is not None:
+                par.after_backward()
             opt.step()
             opt.zero_grad()
             total = loss.detach().clone()
@@ -60,22 +62,21 @@ def train_steps(cfg: GPTConfig, lay: TrainLayout, par, opt, seed: int, steps, on
 
 def run(args) -> list[float]:
     """Train on the already initialized process group; returns the losses."""
-    cfg = GPTConfig()
-    world = dist.get_world_size()
-    lay = TrainLayout(dp=args.dp or world // (args.tp * args.pp), tp=args.tp, pp=args.pp, zero=args.zero,
-                      manual_tp=args.manual_tp)
+    cfg, lay = GPTConfig(experts=args.moe), TrainLayout.of(args, dist.get_world_size())
     par, opt = build(cfg, lay, args.seed, args.lr)
-    options = lay.checkpoint_options(cfg)
+    options, spec = lay.checkpoint_options(cfg), lay.spec(cfg)
     start = 1
     if args.resume:
         # cast: --manual-tp trains bf16 with fp32 masters, the other layouts fp32 (see ucp.load's cast)
-        res = ucp.Checkpointer(args.resume, model=par.model, optimizer=opt, options=options).load(cast=True)
+        res = ucp.Checkpointer(args.resume, model=par.model, optimizer=opt, options=options,
+                               spec=spec).load(cast=True)
         if res is None:
             raise ucp.UcpError(f"{args.resume}: no checkpoint to resume from")
         start = res.step + 1
         if dist.get_rank() == 0:  # every rank loaded the same checkpoint: said once
             print(f"resumed from step {res.step} ({res.path})", file=sys.stderr)
-    ckpt = ucp.Checkpointer(args.ckpt, model=par.model, optimizer=opt, keep=args.keep, options=options) if args.ckpt else None
+    ckpt = ucp.Checkpointer(args.ckpt, model=par.model, optimizer=opt, keep=args.keep, options=options,
+                             spec=spec) if args.ckpt else None
 
     def on_step(step, loss):
         if dist.get_rank() == 0:
