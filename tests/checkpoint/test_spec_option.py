@@ -55,7 +55,8 @@ def test_the_strict_error_advises_a_spec_for_local_indices(tmp_path):
     ucp.Checkpointer(tmp_path, model(), options=options(), spec=SPEC).save(1)
     with pytest.raises(LoadError) as e:
         ucp.Checkpointer(tmp_path, model(3), options=options(), spec=SPEC.replace("=2", "=3")).load()
-    assert "give spec= with the rules the checkpoint was saved with" in str(e.value)
+    assert "expert(experts=2)" in str(e.value) and "expert(experts=3)" in str(e.value)
+    assert "load it with a model of the same number of experts/layers and a spec= with those rules" in str(e.value)
     other = torch.nn.Module()
     other.qkv = torch.nn.Linear(3, 4, bias=False)
     with pytest.raises(LoadError) as e:

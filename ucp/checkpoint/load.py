@@ -154,11 +154,12 @@ def _check_mapping(ckpt, manifest, path: Path) -> None:
     mine = ckpt.geometry.spec.mapping() if ckpt.geometry.spec is not None else ()
     if theirs and theirs != mine:
         def show(mapping):
-            return "; ".join(f"{', '.join(g)}: {kind}(experts/layers={n}{', strided' if s else ''})"
-                             for g, kind, n, s in mapping) or "none"
+            return "; ".join(f"{', '.join(g)}: {kind}({'experts' if kind == 'expert' else 'layers'}={n}"
+                             f"{', placement=strided' if s else ''})" for g, kind, n, s in mapping) or "none"
         raise LoadError(f"{path}: the checkpoint names tensors by the expert()/stage() rules [{show(theirs)}], this "
                         f"Checkpointer by [{show(mine)}]: tensors would land under the wrong global indices (strict=False "
-                        "does not change that); give spec= with the rules the checkpoint was saved with (docs/ucl.md)")
+                        "does not change that); load it with a model of the same number of experts/layers and a spec= "
+                        "with those rules (docs/ucl.md)")
 
 
 _INDEX = re.compile(r"(?<=[./])[0-9]+(?=\.)")
