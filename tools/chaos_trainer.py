@@ -172,23 +172,24 @@ def main_inprocess(args, rank: int, world: int, base) -> int:
 
     report = dist.PrefixStore(f"attempt{args.attempt}/chaos", base)
     holds = {int(s) for s in args.holds.split(",") if s}
-    held: dict = {}
 
     def build(w):
         cfg = config(w.world_size, args.rows_per_rank)
         lay = TrainLayout(dp=w.world_size, zero=3)
-        held.update(cfg=cfg, lay=lay)
-        held["par"], held["opt"] = build_gpt(cfg, lay, args.seed)
-        return ucp.Checkpointer(
-            args.root, model=held["par"].model, optimizer=held["opt"], options=lay.checkpoint_options(cfg),
+        par, opt = build_gpt(cfg, lay, args.seed)
+        ck = ucp.Checkpointer(
+            args.root, model=par.model, optimizer=opt, options=lay.checkpoint_options(cfg),
             snapshot=ucp.SnapshotOptions(every=1, persist_every=args.persist_every, job=args.job,
                                          timeout=args.timeout, persist_timeout=args.timeout),
             redundancy=ucp.RedundancyOptions(group=args.group, parity=args.parity))
+        ck.trainer = (cfg, lay, par)  # (held by the Checkpointer only: freed with it when the generation breaks)
+        return ck
 
     def train_loop(ck, res, w):
+        cfg, lay, par = ck.trainer
         g = dist.PrefixStore(f"g{w.generation}", report)
         restored = res.step if res is not None else 0
-        d = digest(held["par"].model, held["opt"], restored) if res is not None else None
+        d = digest(par.model, ck.optimizer, restored) if res is not None else None
         if w.rank == 0:
             g.set("restored", json.dumps({"step": restored, "source": res.source if res is not None else "none",
                                           "digest": d, "t": time.time(), "phases": w.phases, "lost": list(w.lost),
@@ -197,7 +198,7 @@ def main_inprocess(args, rank: int, world: int, base) -> int:
         print(f"[chaos node {args.node} member {w.member} rank {w.rank}/{w.world_size}] generation {w.generation}: "
               f"restored step {restored} from {res.source if res is not None else 'nothing'}", file=sys.stderr,
               flush=True)
-        loop(args, held["cfg"], held["lay"], held["par"], held["opt"], ck, restored, g, w.rank,
+        loop(args, cfg, lay, par, ck.optimizer, ck, restored, g, w.rank,
              lambda step: hold_inprocess(args, report, w.member, step) if step in holds else None)
         ck.wait()
 

@@ -68,9 +68,11 @@ def test_a_failure_of_the_program_itself_is_raised_not_retried(tmp_path, store, 
         calls.append(world.generation)
         raise ValueError("a bug in the training loop")
 
-    with pytest.raises(ValueError, match="a bug in the training loop"):
+    with pytest.raises(ValueError, match="a bug in the training loop") as e:
         run(store, build, train)
     assert calls == [0]
+    # its frames were freed (they held the model); the traceback is kept as a note, the bug's line in it
+    assert any("raise ValueError" in note and "as text" in note for note in e.value.__notes__)
 
 
 def test_max_recoveries_bounds_the_retries(tmp_path, store, job):  # noqa: F811

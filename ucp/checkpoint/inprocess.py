@@ -20,6 +20,14 @@ membership protocol. When it lost no member, the generation is retried (re-forme
 from memory when it holds the snapshot) if every member failed in a collective's transport (a timeout with nobody lost: a slow
 step, not a hang); otherwise (a bug, bad input on some rank) the exception is raised again.
 
+**Freeing the broken generation.** The survivors drop the Checkpointer, the exception's frames
+(its traceback is kept as text, in a note) and the process groups, and collect, so that the broken
+generation's model and optimizer are freed before ``build`` makes the next (not two models in
+memory): ``build`` must keep them reachable only from the Checkpointer it returns (and ``train``'s
+locals). A peer blocked *sending* to a survivor still waits for the timeout: gloo closes a group's
+connections only when the group is freed, and torch 2.13 keeps an FSDP2 job's default group
+alive from C++ after ``destroy_process_group()`` (measured: no Python object refers to it).
+
 **Membership.** Each member (a process, named by its rank at the start) beats a heartbeat into the
 store every ``heartbeat`` seconds, from a thread with a store connection of its own. After a
 failure, each survivor destroys its process groups (so peers blocked with it fail at once too),
@@ -41,10 +49,12 @@ the newest checkpoint, memory or durable.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -179,8 +189,12 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                               stacklevel=2)
                 if ckpt is not None:
                     ckpt.abandon()
+                ckpt = None
+                transport = transport_failure(error)
+                drop_traceback(error)  # (its frames hold the broken generation's model)
                 _destroy()
-                after, retry = job.next_generation(transport_failure(error))
+                gc.collect()  # that model and optimizer are freed before build makes the next
+                after, retry = job.next_generation(transport)
                 lost = tuple(m for m in members if m not in after)
                 if not lost and not retry:
                     raise  # every member is here and one failed on its own: a bug, not a peer's failure
@@ -222,6 +236,20 @@ def transport_failure(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def drop_traceback(error: BaseException) -> None:
+    """Free the frames of ``error``'s traceback and of the exceptions it chains (they hold the
+    broken generation's model, and through it its process groups), keeping the traceback as a note
+    on ``error`` for when it is raised again."""
+    error.add_note("".join(traceback.format_exception(error)).rstrip()
+                   + "\n(the traceback above, as text: its frames were freed to close the broken process group)")
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 def _destroy() -> None:

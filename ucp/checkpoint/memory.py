@@ -114,6 +114,7 @@ class Snapshots:
         self._groups.forget()
         pending, tier = self._pending, self._memory_tier
         self._pending = None
+        self._ckpt = None  # (the thread in flight would keep the model, and so its process groups, alive)
         if tier is None:
             return
         if pending is None or not pending["thread"].is_alive():
