@@ -23,6 +23,7 @@ from ucp.lang.specs import read_spec
 from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
 from ucp.state.capture import Geometry, Piece, capture_state, infer_layout
 from ucp.storage import lease as leases
+from ucp.storage.location import local_path
 
 __all__ = ["Checkpointer", "CheckpointOptions", "SaveResult", "LoadResult"]
 
@@ -80,7 +81,7 @@ class Checkpointer:
     def __init__(self, root, model=None, optimizer=None, scheduler=None, state=None, keep=None,
                  options: CheckpointOptions | None = None, process_group=None, snapshot=None,
                  redundancy=None, spec=None):
-        self.root = Path(root)
+        self.root = local_path(root, "Checkpointer")
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler

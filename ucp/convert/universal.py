@@ -52,7 +52,8 @@ from ucp.storage import directory as store
 from ucp.storage.arena import Arena
 from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.manifest_io import read_manifest
-from ucp.storage.staging import Staging, UrlTarget, is_url
+from ucp.storage.location import is_url, local_path
+from ucp.storage.staging import Staging, UrlTarget
 from ucp.storage.universal_io import FRAGMENT_TABLE, ZARR_JSON, create_groups, header_document, put_array, shard_rel
 
 #: runs shorter than this (bytes) are gathered through a temporary box instead of one read each
@@ -213,6 +214,7 @@ def check_fragment_extents(directory: Path, manifest: Manifest, committed: bool 
 def _source(source: str, src, step: int | None, spec, settings: dict | None) -> SourceRecord:
     """``src`` described for conversion: a ucp checkpoint (the newest complete one, or ``step``, under a
     root), or a foreign one through its importer."""
+    src = local_path(src, "convert's source")
     if source == "ucp":
         path = store.resolve(src, step)
         manifest = read_manifest(path)
@@ -230,7 +232,7 @@ def _target(dst, fsync: bool):
         def committed(data: bytes) -> bool:
             return b'"ucp"' in data
         return UrlTarget(dst, ZARR_JSON, committed)
-    return Staging(str(dst).removeprefix("file://"), fsync=fsync)
+    return Staging(local_path(dst, "convert"), fsync=fsync)
 
 
 def _check_options(workers, compressor, chunk_bytes, memory_limit) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ucp.errors import CheckpointNotFoundError
 from ucp.storage.atomic import fsync_dir
+from ucp.storage.location import local_path
 
 MANIFEST = "manifest.json"
 FRAGMENT_TABLE = "fragments.parquet"  # format 1.0-1.2
@@ -55,7 +56,7 @@ def list_steps(root: Path, complete: bool = True) -> list[tuple[int, Path]]:
 
 def resolve(path: Path, step: int | None = None) -> Path:
     """The complete checkpoint directory ``path`` names: itself, or the newest (or ``step``) under a root."""
-    path = Path(path)
+    path = local_path(path, "a reader of checkpoints")
     if is_complete(path) and step is None:
         return path
     if not path.exists():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ucp.errors import OptionsError
 from ucp.storage.atomic import fsync_dir, write_atomic
+from ucp.storage.location import local_path
 from ucp.storage.universal_io import fsync_tree, local_put
 from ucp.storage.zarr_shard import write_shard
 
@@ -30,7 +31,7 @@ class Staging:
     """
 
     def __init__(self, dst, fsync: bool = True):
-        self.dst = Path(dst)
+        self.dst = local_path(dst, "a staged write")
         self.fsync = fsync
         if self.dst.exists():
             raise OptionsError(f"{self.dst}: already exists; give a new path (ucp never overwrites it)")
@@ -94,11 +95,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def is_url(dst) -> bool:
-    """Whether ``dst`` names a location through fsspec (``memory://x``, ``s3://b/x``), not a local path."""
-    return isinstance(dst, str) and "://" in dst and not dst.startswith("file://")
 
 
 class UrlTarget:
