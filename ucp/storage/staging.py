@@ -131,10 +131,15 @@ class UrlTarget:
             if self.committed_test(self.fs.cat_file(marker)):
                 raise OptionsError(f"{self.url}: already holds a complete checkpoint; give a new location")
             self.fs.rm(self.root, recursive=True)  # an uncommitted leftover of an interrupted run
-        elif self.fs.exists(self.root) and self.fs.find(self.root):
+        elif self.fs.exists(self.root) and self._holds_objects():
             raise OptionsError(f"{self.url}: not empty and not an unfinished ucp checkpoint; give a new location "
                                "(ucp never deletes data it did not write)")
         return self
+
+    def _holds_objects(self) -> bool:
+        """Whether any object lies under the location: empty directories do not count (some stores,
+        SeaweedFS's among them, keep a directory entry after its last object is deleted)."""
+        return any(info.get("type") != "directory" for info in self.fs.find(self.root, detail=True).values())
 
     def put(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self._path(rel), data)
