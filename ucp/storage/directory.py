@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ucp.errors import CheckpointNotFoundError
 from ucp.storage.atomic import fsync_dir
-from ucp.storage.location import local_path
+from ucp.storage.objstore import as_location, is_object
 
 MANIFEST = "manifest.json"
 FRAGMENT_TABLE = "fragments.parquet"  # format 1.0-1.2
@@ -30,7 +30,7 @@ _STEP_DIR = re.compile(r"step_([0-9]{8,})")
 
 
 def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step_{step:08d}"
+    return as_location(root) / f"step_{step:08d}"
 
 
 def rank_file(rank: int) -> str:
@@ -38,12 +38,12 @@ def rank_file(rank: int) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    return (as_location(path) / MANIFEST).is_file()
 
 
 def list_steps(root: Path, complete: bool = True) -> list[tuple[int, Path]]:
     """``(step, dir)`` of the checkpoints under ``root``, oldest first; only complete ones by default."""
-    root = Path(root)
+    root = as_location(root)
     if not root.is_dir():
         return []
     out = []
@@ -56,7 +56,7 @@ def list_steps(root: Path, complete: bool = True) -> list[tuple[int, Path]]:
 
 def resolve(path: Path, step: int | None = None) -> Path:
     """The complete checkpoint directory ``path`` names: itself, or the newest (or ``step``) under a root."""
-    path = local_path(path, "a reader of checkpoints")
+    path = as_location(path)
     if is_complete(path) and step is None:
         return path
     if not path.exists():
@@ -79,8 +79,12 @@ def resolve(path: Path, step: int | None = None) -> Path:
 
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint so that it is never seen half-deleted: the manifest goes first."""
-    path = Path(path)
+    path = as_location(path)
     manifest = path / MANIFEST
+    if is_object(path):
+        manifest.unlink(missing_ok=True)
+        path.remove_tree()
+        return
     if manifest.exists():
         manifest.unlink()
         fsync_dir(path)
@@ -89,14 +93,19 @@ def remove_checkpoint(path: Path) -> None:
 
 def retire(path: Path) -> Path:
     """Move a complete checkpoint, whole, out of its readers' sight: to
-    ``root/.abandoned/<its name>.<UTC time>`` (one rename). Returns where it went."""
-    path = Path(path)
+    ``root/.abandoned/<its name>.<UTC time>`` (one rename; on an object store, which has none, a
+    server-side copy, then the checkpoint's deletion, manifest first). Returns where it went."""
+    path = as_location(path)
     into = path.parent / ABANDONED
     into.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest, n = into / f"{path.name}.{stamp}", 1
     while dest.exists():
         dest, n = into / f"{path.name}.{stamp}.{n}", n + 1
+    if is_object(path):
+        path.copy_tree(dest)
+        remove_checkpoint(path)
+        return dest
     os.rename(path, dest)
     fsync_dir(into)
     fsync_dir(path.parent)

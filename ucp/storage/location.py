@@ -8,6 +8,7 @@ relative path ``s3:/bucket/run``, and a writer taking it would save into a direc
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def local_path(location, what: str) -> Path:
                             "universal one on object storage with 'ucp convert SRC URL'")
     if isinstance(location, str):
         location = location.removeprefix("file://")
+    elif not isinstance(location, os.PathLike):  # (an object store's location, ucp.storage.objstore.ObjectPath)
+        raise LocationError(f"{location}: {what} takes a local path, not a location on an object store")
     path = Path(location)
     if not path.is_absolute() and path.parts and _MANGLED.fullmatch(path.parts[0]):
         raise LocationError(f"{path}: looks like a URL made into a path ({path.parts[0]}/ lost a '/'); {what} takes a "

@@ -34,6 +34,7 @@ from ucp.format.jsonio import parse_json
 from ucp.format.manifest import header_from_json
 from ucp.format.universal import ArrayMeta, UniversalHeader, shard_shape
 from ucp.storage.location import local_path
+from ucp.storage.objstore import as_location
 from ucp.storage.manifest_io import check_signed, sign_header
 from ucp.storage.verify import Report
 from ucp.storage.zarr_shard import ZSTD_LEVEL, ShardReader, chunk_count, shard_key
@@ -47,7 +48,7 @@ CHUNK_CRCS = "chunk_crc32c"
 
 def is_universal(path) -> bool:
     """Whether ``path`` is a directory holding a zarr group (complete or not) rather than a ucp manifest."""
-    path = local_path(path, "a reader of universal checkpoints")
+    path = as_location(path)  # (a universal checkpoint on an object store: read_header refuses it, for now)
     return (path / ZARR_JSON).is_file() and not (path / "manifest.json").exists()
 
 
