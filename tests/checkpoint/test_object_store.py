@@ -173,3 +173,24 @@ def test_fsdp_save_on_2_ranks_loads_on_3_bit_exact(s3, worlds):
     for out in loaded:
         assert out["step"] == 3
         assert bit_diffs(saved[0], out["state"]) == []
+
+
+def test_convert_from_s3_to_s3_bit_exact(s3, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    src, dst = s3.url("src"), s3.url("universal")
+    model, opt, sched = make()
+    train_step(model, opt, sched)
+    with ucp.Checkpointer(src, model=model, optimizer=opt, scheduler=sched) as ck:
+        ck.save(6)
+    saved = state_of(model, opt)
+    r = subprocess.run([sys.executable, "-m", "ucp.cli.main", "convert", src, dst, "--quiet", "--json"],
+                       env=dict(os.environ), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r
+    assert json.loads(r.stdout)["src"] == f"{src}/step_00000006" and list(tmp_path.iterdir()) == []
+    group = zarr.open_group(dst, mode="r")
+    header = group.attrs["ucp"]
+    assert header["step"] == 6 and header["source"]["path"] == f"{src}/step_00000006"
+    for key, tensor in saved.items():
+        if tensor.dtype == torch.float32:
+            stored = group[header["tensors"][key]["path"]][...]
+            assert stored.tobytes() == tensor.numpy().tobytes(), key

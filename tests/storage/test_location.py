@@ -71,9 +71,12 @@ def test_a_url_is_served_on_its_store_never_from_its_path_twin(decoy):
         read_header(url)  # (universal checkpoints on object storage: not served yet)
 
 
-def test_convert_and_export_refuse_url_sources(decoy):
-    with pytest.raises(LocationError, match="convert's source"):
-        convert(URL, decoy / "u", fsync=False)
+def test_convert_reads_a_url_source_from_its_store_and_export_refuses_urls(decoy):
+    url = f"memory://ucp-test-{decoy.name}/run"
+    with pytest.raises(CheckpointNotFoundError):
+        convert(url, decoy / "u", fsync=False)  # (empty there: never the decoy at ./memory:/...)
+    with pytest.raises(LocationError, match="convert --from hf"):
+        convert(url, decoy / "u", fsync=False, source="hf")
     assert not (decoy / "u").exists()
     convert(decoy / "s3:/bucket/run", decoy / "u", fsync=False)
     with pytest.raises(LocationError, match="export"):
