@@ -208,7 +208,8 @@ class PagedFile:
         self.root = PageRef.from_dict(header.get("root"), where)
         self.leaf_schema = leaf_schema
         self.nbytes = 0
-        if is_object(self.path):  # (each page one ranged GET; a missing table raises here, as os.open does)
+        self._object = is_object(self.path)  # (then each page is one ranged GET)
+        if self._object:  # (a missing table raises FileNotFoundError here, as os.open does)
             self._fd, self._size = None, self.path.stat().st_size
         else:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -225,7 +226,7 @@ class PagedFile:
         self.close()
 
     def fetch(self, ref: PageRef, schema: pa.Schema, what: str) -> pa.RecordBatch:
-        if self._fd is None:
+        if self._object:
             data = self.path.read_range(ref.offset, min(ref.offset + ref.length, self._size))
         else:
             data = os.pread(self._fd, ref.length, ref.offset)
