@@ -121,8 +121,10 @@ SAVER = textwrap.dedent("""
 
 def test_saves_killed_at_random_points_never_leave_a_torn_checkpoint(s3):
     """20 saver processes, each killed (SIGKILL) at a random moment of its saves; after each, every
-    complete checkpoint verifies and the newest loads; the next saver takes over the dead one's lease."""
-    url, rng, step, visible = s3.url("killed"), random.Random(22), 1, []
+    complete checkpoint verifies and the newest loads; the next saver takes over the dead one's lease
+    and clears what it left. (Retention runs after a commit, so a kill between the two leaves more
+    than ``keep`` complete checkpoints: not a torn one.)"""
+    url, rng, step, visible, partial = s3.url("killed"), random.Random(22), 1, [], 0
     for trial in range(20):
         p = subprocess.Popen([sys.executable, "-c", SAVER, url, str(step)], stdout=subprocess.PIPE, text=True,
                              env=dict(os.environ))
@@ -136,13 +138,14 @@ def test_saves_killed_at_random_points_never_leave_a_torn_checkpoint(s3):
         step = max([step, *saved]) + 1  # (a step may have been committed after its last "saved" line)
         complete = _verified(url)
         if saved:  # (the last step reported saved is there, or a later one committed before the kill)
-            assert complete and complete[-1] >= saved[-1] and len(complete) <= 2, (saved, complete)
+            assert complete and complete[-1] >= saved[-1], (saved, complete)
+        partial += len(store.list_steps(url, complete=False)) > len(complete)  # (killed mid-save: objects, no manifest)
         visible.append(len(complete))
         if complete:
             model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
             with ucp.Checkpointer(url, model=model) as ck:
                 assert ck.load(strict=False).step == complete[-1]
-    assert max(visible) > 0
+    assert max(visible) > 0 and partial > 0  # (some kills landed mid-save, and readers skipped what they left)
 
 
 def test_a_second_job_is_refused_while_the_first_holds_the_lease(s3):

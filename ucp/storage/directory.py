@@ -44,6 +44,8 @@ def is_complete(path: Path) -> bool:
 def list_steps(root: Path, complete: bool = True) -> list[tuple[int, Path]]:
     """``(step, dir)`` of the checkpoints under ``root``, oldest first; only complete ones by default."""
     root = as_location(root)
+    if is_object(root):
+        return _object_steps(root, complete)
     if not root.is_dir():
         return []
     out = []
@@ -52,6 +54,22 @@ def list_steps(root: Path, complete: bool = True) -> list[tuple[int, Path]]:
         if m and p.is_dir() and (is_complete(p) or not complete):
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def _object_steps(root, complete: bool) -> list[tuple[int, Path]]:
+    """:func:`list_steps` on an object store: one listing of the objects under ``root`` (no request per
+    step), a step counted by its objects only, never by a prefix an empty directory leaves (format
+    rule 29), complete by its manifest object."""
+    try:
+        found = root.fs.find(root.key, detail=True)
+    except FileNotFoundError:
+        return []
+    done: dict[str, bool] = {}
+    for key, info in found.items():
+        parts = key[len(root.key) + 1:].split("/")
+        if info.get("type") != "directory" and len(parts) >= 2 and _STEP_DIR.fullmatch(parts[0]):
+            done[parts[0]] = done.get(parts[0], False) or parts[1:] == [MANIFEST]
+    return sorted((int(name[5:]), root / name) for name, whole in done.items() if whole or not complete)
 
 
 def resolve(path: Path, step: int | None = None) -> Path:
