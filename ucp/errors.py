@@ -29,6 +29,11 @@ class OptionsError(UcpError, ValueError):
     """An option passed to a public constructor is invalid; the message says how to fix it."""
 
 
+class LocationError(OptionsError):
+    """A location ucp does not serve there: a URL (``s3://...``) given where a local path is taken.
+    Refused, never reinterpreted as a local path."""
+
+
 class FormatError(UcpError):
     """A file does not follow its format spec (wrong version, missing field, escaping path)."""
 

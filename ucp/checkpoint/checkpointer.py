@@ -17,12 +17,13 @@ from ucp.checkpoint.memory import Snapshots
 from ucp.checkpoint.results import LoadResult, SaveResult
 from ucp.checkpoint.save import SavePlans, save_durable
 from ucp.comm.collective import Collective
-from ucp.errors import NotInMemoryError, OptionsError, PersistError, UcpError
+from ucp.errors import LocationError, NotInMemoryError, OptionsError, PersistError, UcpError
 from ucp.lang.apply import LiveSpec
 from ucp.lang.specs import read_spec
 from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
 from ucp.state.capture import Geometry, Piece, capture_state, infer_layout
 from ucp.storage import lease as leases
+from ucp.storage.objstore import as_location, is_object
 
 __all__ = ["Checkpointer", "CheckpointOptions", "SaveResult", "LoadResult"]
 
@@ -50,7 +51,9 @@ class Checkpointer:
     together. Works in one process and under ``torch.distributed`` (DTensor tensor parallel, FSDP2).
 
     Args:
-        root: directory holding one ``step_<N>/`` directory per checkpoint.
+        root: directory holding one ``step_<N>/`` directory per checkpoint, or a URL (``s3://bucket/run``,
+            any fsspec URL) holding them as objects (docs/format-checkpoint.md, section 7; not with
+            ``snapshot``). A ``Path`` made of a URL (``s3:/bucket/run``) is refused, never written to.
         model: the module whose parameters and persistent buffers are saved.
         optimizer: its optimizer; state is keyed by parameter name, not index.
         scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``).
@@ -73,14 +76,15 @@ class Checkpointer:
             layout's (``options.layout``); not together with ``options.patterns``.
 
     Raises:
-        OptionsError: an argument is invalid; the message says how to fix it.
+        OptionsError: an argument is invalid; the message says how to fix it (:class:`LocationError`:
+            a root ucp cannot serve, or s3fs missing for an ``s3://`` one).
         UclError: the spec is malformed or does not fit the layout (names file, line and column).
     """
 
     def __init__(self, root, model=None, optimizer=None, scheduler=None, state=None, keep=None,
                  options: CheckpointOptions | None = None, process_group=None, snapshot=None,
                  redundancy=None, spec=None):
-        self.root = Path(root)
+        self.root = as_location(root)  # (a local path, or an ObjectPath for a URL: s3://bucket/run)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -107,6 +111,9 @@ class Checkpointer:
         self.geometry = Geometry(self.layout, coords, self.options.patterns, _live_spec(spec, self.options, self.layout, coords))
         if snapshot is not None and not isinstance(snapshot, SnapshotOptions):
             raise OptionsError("snapshot must be a ucp.SnapshotOptions")
+        if snapshot is not None and is_object(self.root):
+            raise LocationError(f"{self.root}: the snapshot agents persist to a local root only, for now; give "
+                                "snapshot= with a local root, or save to the URL without snapshots")
         self.snapshot = snapshot
         if redundancy is not None and not isinstance(redundancy, RedundancyOptions):
             raise OptionsError("redundancy must be a ucp.RedundancyOptions")

@@ -236,7 +236,7 @@ def _load_stored(ckpt, coll, t0: float, step: int | None, strict: bool, cast: bo
             if step is not None and step != read_header(ckpt.root).step:
                 raise CheckpointNotFoundError(f"{ckpt.root}: a universal checkpoint of step "
                                               f"{read_header(ckpt.root).step}, not {step}")
-            return Path(ckpt.root)
+            return ckpt.root
         try:
             return store.resolve(ckpt.root, step)
         except CheckpointNotFoundError:
@@ -252,11 +252,11 @@ def _load_stored(ckpt, coll, t0: float, step: int | None, strict: bool, cast: bo
 
     def read_source():
         if universal:
-            return UniversalSource(Path(path), read_header(path))
+            return UniversalSource(path, read_header(path))
         return open_manifest(path)  # (the header; each rank reads the rows it needs in phase "targets")
 
     coll.gather_phase("manifest", lambda: result.update(manifest=read_source()))
-    return _load(ckpt, coll, t0, Path(path), result["manifest"], universal, strict, cast,
+    return _load(ckpt, coll, t0, path, result["manifest"], universal, strict, cast,
                  "universal" if universal else "durable")
 
 
@@ -399,7 +399,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
 
     coll.gather_phase("restore", lambda: result.update(restored=restore()))
     extras = {**result["restored"], **result["extras"]}
-    return LoadResult(manifest.step, source, Path(path), extras, tuple(result["missing"]),
+    return LoadResult(manifest.step, source, path, extras, tuple(result["missing"]),
                       tuple(result["unexpected"]), result["nbytes"], time.perf_counter() - t0,
                       optimizer_restored=result["optimizer_restored"])
 

@@ -16,6 +16,7 @@ from ucp.errors import CorruptCheckpointError, OptionsError
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, discovery, shm
 from ucp.storage import directory as store
+from ucp.storage.objstore import as_location
 from ucp.storage.manifest_io import read_manifest
 from ucp.storage.universal_io import is_universal, read_header, verify_universal
 from ucp.storage.verify import verify_checkpoint
@@ -63,7 +64,9 @@ def _sharding(layout, tensors: dict) -> str:
 
 
 def _universal_path(args):
-    """The universal checkpoint ``args.path`` names, or None when it is a distributed one."""
+    """The universal checkpoint ``args.path`` names, or None when it is a distributed one (``args.path``
+    made a location: a local path, or an object store's for a URL)."""
+    args.path = as_location(args.path)
     if is_universal(args.path):
         if args.step is not None:
             raise OptionsError(f"{args.path} is a universal checkpoint (one step); --step applies to roots of "

@@ -52,7 +52,8 @@ from ucp.storage import directory as store
 from ucp.storage.arena import Arena
 from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.manifest_io import read_manifest
-from ucp.storage.staging import Staging, UrlTarget, is_url
+from ucp.storage.location import is_url, local_path
+from ucp.storage.staging import Staging, UrlTarget
 from ucp.storage.universal_io import FRAGMENT_TABLE, ZARR_JSON, create_groups, header_document, put_array, shard_rel
 
 #: runs shorter than this (bytes) are gathered through a temporary box instead of one read each
@@ -195,7 +196,7 @@ def check_fragment_extents(directory: Path, manifest: Manifest, committed: bool 
     for f in manifest.fragments:
         by_file.setdefault(f.file, []).append(f)
     for name, frags in by_file.items():
-        file = Path(directory) / name
+        file = directory / name
         size = files.size(name)
         end, last = 0, None
         for f in sorted((f for f in frags if f.length), key=lambda f: f.offset):
@@ -213,12 +214,13 @@ def check_fragment_extents(directory: Path, manifest: Manifest, committed: bool 
 def _source(source: str, src, step: int | None, spec, settings: dict | None) -> SourceRecord:
     """``src`` described for conversion: a ucp checkpoint (the newest complete one, or ``step``, under a
     root), or a foreign one through its importer."""
-    if source == "ucp":
+    if source == "ucp":  # (a local path, or a URL: read by ranged GETs)
         path = store.resolve(src, step)
         manifest = read_manifest(path)
         facts = {"format": "ucp.checkpoint", "format_version": manifest.format_version,
-                 "path": str(Path(path).resolve()), "created_by": manifest.created_by}
+                 "path": str(path.resolve()), "created_by": manifest.created_by}
         return SourceRecord(path, manifest, facts, verify=True)
+    src = local_path(src, f"convert --from {source}")
     if source not in IMPORTERS:
         raise OptionsError(f"source={source!r}: use one of {', '.join(SOURCES)}")
     return IMPORTERS[source](src, step, spec, settings)
@@ -230,7 +232,7 @@ def _target(dst, fsync: bool):
         def committed(data: bytes) -> bool:
             return b'"ucp"' in data
         return UrlTarget(dst, ZARR_JSON, committed)
-    return Staging(str(dst).removeprefix("file://"), fsync=fsync)
+    return Staging(local_path(dst, "convert"), fsync=fsync)
 
 
 def _check_options(workers, compressor, chunk_bytes, memory_limit) -> None:

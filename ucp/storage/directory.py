@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ucp.errors import CheckpointNotFoundError
 from ucp.storage.atomic import fsync_dir
+from ucp.storage.objstore import as_location, is_object
 
 MANIFEST = "manifest.json"
 FRAGMENT_TABLE = "fragments.parquet"  # format 1.0-1.2
@@ -29,7 +30,7 @@ _STEP_DIR = re.compile(r"step_([0-9]{8,})")
 
 
 def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step_{step:08d}"
+    return as_location(root) / f"step_{step:08d}"
 
 
 def rank_file(rank: int) -> str:
@@ -37,12 +38,14 @@ def rank_file(rank: int) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    return (as_location(path) / MANIFEST).is_file()
 
 
 def list_steps(root: Path, complete: bool = True) -> list[tuple[int, Path]]:
     """``(step, dir)`` of the checkpoints under ``root``, oldest first; only complete ones by default."""
-    root = Path(root)
+    root = as_location(root)
+    if is_object(root):
+        return _object_steps(root, complete)
     if not root.is_dir():
         return []
     out = []
@@ -53,9 +56,25 @@ def list_steps(root: Path, complete: bool = True) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _object_steps(root, complete: bool) -> list[tuple[int, Path]]:
+    """:func:`list_steps` on an object store: one listing of the objects under ``root`` (no request per
+    step), a step counted by its objects only, never by a prefix an empty directory leaves (format
+    rule 29), complete by its manifest object."""
+    try:
+        found = root.fs.find(root.key, detail=True)
+    except FileNotFoundError:
+        return []
+    done: dict[str, bool] = {}
+    for key, info in found.items():
+        parts = key[len(root.key) + 1:].split("/")
+        if info.get("type") != "directory" and len(parts) >= 2 and _STEP_DIR.fullmatch(parts[0]):
+            done[parts[0]] = done.get(parts[0], False) or parts[1:] == [MANIFEST]
+    return sorted((int(name[5:]), root / name) for name, whole in done.items() if whole or not complete)
+
+
 def resolve(path: Path, step: int | None = None) -> Path:
     """The complete checkpoint directory ``path`` names: itself, or the newest (or ``step``) under a root."""
-    path = Path(path)
+    path = as_location(path)
     if is_complete(path) and step is None:
         return path
     if not path.exists():
@@ -78,8 +97,12 @@ def resolve(path: Path, step: int | None = None) -> Path:
 
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint so that it is never seen half-deleted: the manifest goes first."""
-    path = Path(path)
+    path = as_location(path)
     manifest = path / MANIFEST
+    if is_object(path):
+        manifest.unlink(missing_ok=True)
+        path.remove_tree()
+        return
     if manifest.exists():
         manifest.unlink()
         fsync_dir(path)
@@ -88,14 +111,19 @@ def remove_checkpoint(path: Path) -> None:
 
 def retire(path: Path) -> Path:
     """Move a complete checkpoint, whole, out of its readers' sight: to
-    ``root/.abandoned/<its name>.<UTC time>`` (one rename). Returns where it went."""
-    path = Path(path)
+    ``root/.abandoned/<its name>.<UTC time>`` (one rename; on an object store, which has none, a
+    server-side copy, then the checkpoint's deletion, manifest first). Returns where it went."""
+    path = as_location(path)
     into = path.parent / ABANDONED
     into.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest, n = into / f"{path.name}.{stamp}", 1
     while dest.exists():
         dest, n = into / f"{path.name}.{stamp}.{n}", n + 1
+    if is_object(path):
+        path.copy_tree(dest)
+        remove_checkpoint(path)
+        return dest
     os.rename(path, dest)
     fsync_dir(into)
     fsync_dir(path.parent)

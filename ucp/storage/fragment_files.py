@@ -25,6 +25,7 @@ from ucp.format.fragment import Fragment
 from ucp.format.manifest import BLOCK_BYTES, Manifest
 from ucp.storage.directory import MANIFEST
 from ucp.storage.manifest_io import gone
+from ucp.storage.objstore import is_object
 from ucp.storage.safetensors_file import header_bytes
 
 IOV_MAX = 512  # buffers per preadv call (the kernel's UIO_MAXIOV is 1024)
@@ -68,7 +69,8 @@ class FragmentFiles:
 
     def __init__(self, directory: Path, names=(), manifest: Manifest | None = None, maps=None, pool=None,
                  helpers: int = 0):
-        self.directory = Path(directory)
+        self.directory = directory if is_object(directory) else Path(directory)
+        self._object = is_object(directory)  # (then every read is a ranged GET of the bytes it needs)
         self.manifest = manifest
         self._files: dict[str, tuple[int, int]] = {}
         self._maps = maps
@@ -92,13 +94,18 @@ class FragmentFiles:
     def close(self) -> None:
         with self._lock:
             for fd, _ in self._files.values():
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             self._files.clear()
             self._mapped.clear()  # (no view of a mapping outlives the reads)
 
     def open(self, name: str, what: str = "") -> tuple[int, int]:
         """``(fd, size)`` of data file ``name``; a missing file is corruption, named (with ``what`` it holds)."""
         with self._lock:
+            if name not in self._files and self._object:
+                size = self.size(name, what)
+                self._check(-1, name, size)
+                self._files[name] = (-1, size)
             if name not in self._files:
                 path = self.directory / name
                 try:
@@ -134,7 +141,8 @@ class FragmentFiles:
             raise self._size_error(name, size, expected)
         recorded = self.manifest.file_headers.get(name)
         if recorded is not None:
-            got = crc32c(header_bytes(fd, size, path))
+            pread = os.pread if fd >= 0 else lambda _, n, offset: path.read_range(offset, offset + n)
+            got = crc32c(header_bytes(fd, size, path, pread))
             if got != recorded:
                 raise CorruptCheckpointError(f"{path}: safetensors header fails its checksum (crc32c {got:08x}, "
                                              f"recorded {recorded:08x}); the file's header is corrupted")
@@ -147,12 +155,12 @@ class FragmentFiles:
         return CorruptCheckpointError(f"{self.directory / name}: {size} bytes on storage, the manifest records "
                                       f"{expected}; the file is truncated{held} or overwritten")
 
-    def size(self, name: str) -> int:
+    def size(self, name: str, what: str = "") -> int:
         """The size of data file ``name`` (not opened); a missing file is corruption, named."""
         try:
             return (self.directory / name).stat().st_size
         except FileNotFoundError:
-            raise self._missing(name) from None
+            raise self._missing(name, what) from None
 
     def check_sizes(self) -> None:
         """Every file the manifest lists is there with the size it records (one stat each): what a
@@ -167,8 +175,19 @@ class FragmentFiles:
         with self._lock:
             entry = self._files.pop(name, None)
             self._mapped.pop(name, None)
-        if entry is not None:
+        if entry is not None and entry[0] >= 0:
             os.close(entry[0])
+
+    def _get_into(self, name: str, views: list, offset: int) -> int:
+        """``os.preadv`` on an object: one ranged GET of the bytes ``views`` hold, scattered into them;
+        the count of bytes the object had (fewer at its end)."""
+        data = (self.directory / name).read_range(offset, offset + sum(_nbytes(v) for v in views))
+        at = 0
+        for v in views:
+            n = min(_nbytes(v), len(data) - at)
+            memoryview(v).cast("B")[:n] = data[at:at + n]
+            at += n
+        return at
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -202,7 +221,7 @@ class FragmentFiles:
                         continue
                     rest.append(memoryview(v)[skip:])
                     skip = 0
-                n = os.preadv(fd, rest, offset + got)
+                n = os.preadv(fd, rest, offset + got) if fd >= 0 else self._get_into(name, rest, offset + got)
                 if n == 0:
                     raise CorruptCheckpointError(f"{self.directory / name}: {what + ': ' if what else ''}the file ends at "
                                                  f"byte {offset + got}, {want - got} bytes early (truncated?)")
@@ -350,9 +369,10 @@ class FragmentFiles:
         than ``f.length`` when its file ends early. Verification compares these with the manifest."""
         fd, _ = self.open(f.file)
         value, done, view, blocks = 0, 0, memoryview(buf), []
+        read = os.preadv if fd >= 0 else lambda _, views, offset: self._get_into(f.file, views, offset)
         current, filled = 0, 0  # the block being summed and its bytes so far
         while done < f.length:
-            n = os.preadv(fd, [view[: min(len(buf), f.length - done)]], f.offset + done)
+            n = read(fd, [view[: min(len(buf), f.length - done)]], f.offset + done)
             if n == 0:
                 break
             value = crc32c(view[:n], value)

@@ -38,6 +38,7 @@ from pathlib import Path
 from ucp.errors import LeaseError, UcpError
 from ucp.format.jsonio import parse_json
 from ucp.storage.atomic import fsync_dir
+from ucp.storage.objstore import is_object
 
 LEASE = ".ucp-writer"
 #: a lease whose heartbeat (its mtime, refreshed every :data:`HEARTBEAT_EVERY` seconds by its holder's
@@ -67,6 +68,7 @@ class Holder:
     since: float
     heartbeat: float
     malformed: bool = False
+    version: str = ""  # on an object store: the lease object's version tag (ETag) when read
 
     def describe(self) -> str:
         if self.malformed:
@@ -87,11 +89,16 @@ def read_holder(path: Path) -> Holder | None:
             mtime = os.fstat(f.fileno()).st_mtime
     except FileNotFoundError:
         return None
+    return _holder_of(data, path, mtime)
+
+
+def _holder_of(data: bytes, path, heartbeat: float, version: str = "") -> Holder:
     try:
         d = parse_json(data, str(path))
-        return Holder(str(d["host"]), int(d["pid"]), str(d["token"]), str(d.get("job", "")), float(d["since"]), mtime)
+        return Holder(str(d["host"]), int(d["pid"]), str(d["token"]), str(d.get("job", "")), float(d["since"]),
+                      heartbeat, version=version)
     except (UcpError, KeyError, TypeError, ValueError, OverflowError):
-        return Holder("", 0, "", "", mtime, mtime, malformed=True)
+        return Holder("", 0, "", "", heartbeat, heartbeat, malformed=True, version=version)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -124,7 +131,7 @@ class Lease:
 
     def __init__(self, root, *, token: str | None = None, host: str | None = None, pid: int | None = None,
                  job: str | None = None, stale_after: float = STALE_AFTER):
-        self.root = Path(root)
+        self.root = root if is_object(root) else Path(root)
         self.path = self.root / LEASE
         self.token = token or secrets.token_hex(8)
         self.host = host or socket.gethostname()
@@ -160,7 +167,7 @@ class Lease:
             try:
                 if not self.holds():
                     return  # taken over or released: the next save says so
-                os.utime(self.path)
+                self._touch()
             except OSError:
                 pass  # (storage away for a moment: the next beat tries again)
 
@@ -176,7 +183,7 @@ class Lease:
         """
         if self.held:
             self.check()
-            os.utime(self.path)
+            self._touch()
             return None
         self.root.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + _ACQUIRE_FOR
@@ -184,12 +191,12 @@ class Lease:
             if self._create():
                 self.held = True
                 return None
-            holder = read_holder(self.path)
+            holder = self._read()
             if holder is None:
                 continue  # released meanwhile
             if holder.token == self.token:  # (ours, from before a check that failed to read it)
                 self.held = True
-                os.utime(self.path)
+                self._touch()
                 return None
             why = self.stale(holder)
             if why is None:
@@ -207,7 +214,7 @@ class Lease:
         Raises:
             LeaseError: the lease was taken over or removed.
         """
-        holder = read_holder(self.path)
+        holder = self._read()
         if holder is None or holder.token != self.token:
             self.held = False
             who = holder.describe() if holder is not None else "nobody: its file was removed"
@@ -216,7 +223,7 @@ class Lease:
 
     def holds(self) -> bool:
         """Whether the lease file names this lease now."""
-        holder = read_holder(self.path)
+        holder = self._read()
         return holder is not None and holder.token == self.token
 
     def release(self) -> None:
@@ -224,11 +231,11 @@ class Lease:
         if not self.held:
             return
         self.held = False
-        holder = read_holder(self.path)
+        holder = self._read()
         if holder is not None and holder.token == self.token:
             deadline = time.monotonic() + _ACQUIRE_FOR
             while not self._replace(holder, None) and time.monotonic() < deadline:
-                holder = read_holder(self.path)
+                holder = self._read()
                 if holder is None or holder.token != self.token:
                     return  # taken over meanwhile: not ours to remove
 
@@ -252,6 +259,14 @@ class Lease:
                 f"(or wait: the lease goes stale {self.stale_after:g} s after its last heartbeat)")
 
     # -- files ---------------------------------------------------------------------------------
+
+    def _read(self) -> Holder | None:
+        """The holder the lease file names now (None: no lease file)."""
+        return read_holder(self.path)
+
+    def _touch(self) -> None:
+        """The heartbeat: the lease file's mtime set to now."""
+        os.utime(self.path)
 
     def _content(self) -> bytes:
         return json.dumps({"host": self.host, "pid": self.pid, "job": self.job, "token": self.token,
@@ -306,7 +321,7 @@ class Lease:
             time.sleep(0.01)
             return False
         try:
-            now = read_holder(self.path)
+            now = self._read()
             if now is None or now.token != holder.token or now.heartbeat != holder.heartbeat:
                 return False  # taken, refreshed or released meanwhile
             if content is None:
@@ -330,6 +345,40 @@ class Lease:
                 pass
 
 
+class ObjectLease(Lease):
+    """A lease on a checkpoint root on an object store (docs/format-checkpoint.md, rule 31): the
+    object ``ROOT/.ucp-writer``, created only if absent (``If-None-Match``); its heartbeat, takeover
+    and release overwrite or delete it only if its version tag (ETag) is still the one read
+    (``If-Match``), so no takeover lock is needed; its heartbeat is its last-modified time."""
+
+    def _read(self) -> Holder | None:
+        try:
+            stat = self.path.stat()  # (first: a change after it fails the If-Match of what follows)
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return _holder_of(data[:64 << 10], self.path, stat.st_mtime, stat.etag)
+
+    def _touch(self) -> None:
+        holder = self._read()
+        if holder is not None and holder.token == self.token:
+            self.path.replace_if(holder.version, self._content())
+
+    def __init__(self, root, **kwargs):
+        super().__init__(root, **kwargs)
+        self.since = time.time()
+
+    def _content(self) -> bytes:  # ("beat" changes the bytes, so the ETag, at every heartbeat)
+        return json.dumps({"host": self.host, "pid": self.pid, "job": self.job, "token": self.token,
+                           "since": self.since, "beat": time.time()}).encode()
+
+    def _create(self) -> bool:
+        return self.path.create(self._content())
+
+    def _replace(self, holder: Holder, content: bytes | None) -> bool:
+        return self.path.replace_if(holder.version, content)
+
+
 # -- one lease per process and root -------------------------------------------------------------
 
 _SHARED: dict[tuple[int, str], Lease] = {}
@@ -339,11 +388,11 @@ _LOCK = threading.Lock()
 def for_process(root) -> Lease:
     """The lease this process holds (or will hold) on ``root``, shared by every caller in the
     process; each call is matched by one :func:`leave`."""
-    key = (os.getpid(), os.path.realpath(root))
+    key = (os.getpid(), str(root) if is_object(root) else os.path.realpath(root))
     with _LOCK:
         lease = _SHARED.get(key)
         if lease is None:
-            lease = _SHARED[key] = Lease(root)
+            lease = _SHARED[key] = ObjectLease(root) if is_object(root) else Lease(root)
         lease.users += 1
         return lease
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ucp.format.state_table import (LEAF_ROWS as STATE_LEAF_ROWS, STATE_SCHEMA, 
 from ucp.format.values import rank_state
 from ucp.storage.atomic import write_atomic
 from ucp.storage.directory import FRAGMENT_PAGES, MANIFEST, STATE_PAGES
+from ucp.storage.objstore import as_location, is_object
 from ucp.storage.paged import PagedFile, write_paged
 
 #: the header field holding the CRC-32C of the rest of the header (its canonical JSON)
@@ -63,7 +65,7 @@ def commit_manifest(directory: Path, manifest: Manifest, table: pa.Table | None 
     ``table``, when given, is the fragment table (:data:`~ucp.format.fragment.FRAGMENT_SCHEMA`),
     built by the caller (a save's plan, column by column: :func:`ucp.format.fragment.with_checksums`);
     ``manifest`` then carries no fragments of its own."""
-    directory = Path(directory)
+    directory = as_location(directory)
     table = fragments_to_table(manifest.fragments) if table is None else table
     table = with_files(table, manifest.files, manifest.file_headers)
     table = table.take(SortedRows(table).order(table))
@@ -73,10 +75,18 @@ def commit_manifest(directory: Path, manifest: Manifest, table: pa.Table | None 
     states = state_rows(manifest.state.get("ranks", {}))
     state_pages = write_paged(states, StateRows(states).summarize, merge_state_summaries, STATE_LEAF_ROWS,
                               row_bytes=pc.binary_length(states.column("json")).to_numpy(zero_copy_only=False))
+    header = manifest.header(fragments.header(FRAGMENT_PAGES), state_pages.header(STATE_PAGES))
+    document = header_to_json(sign_header(header))
+    if is_object(directory):  # no rename: the manifest's conditional creation is the commit (format rule 28)
+        (directory / FRAGMENT_PAGES).write_bytes(fragments.data)
+        (directory / STATE_PAGES).write_bytes(state_pages.data)
+        if not (directory / MANIFEST).create(document):
+            raise FileExistsError(errno.EEXIST, "a manifest is there already (another writer committed this step)",
+                                  str(directory / MANIFEST))
+        return
     write_atomic(directory / FRAGMENT_PAGES, fragments.data)
     write_atomic(directory / STATE_PAGES, state_pages.data)
-    header = manifest.header(fragments.header(FRAGMENT_PAGES), state_pages.header(STATE_PAGES))
-    write_atomic(directory / MANIFEST, header_to_json(sign_header(header)))
+    write_atomic(directory / MANIFEST, document)
 
 
 def gone(directory: Path, what: str) -> CheckpointDeletedError:
@@ -211,7 +221,7 @@ def open_manifest(directory: Path) -> StoredManifest:
     Raises:
         as :func:`read_manifest`.
     """
-    directory = Path(directory)
+    directory = as_location(directory)
     path = directory / MANIFEST
     try:
         data = path.read_bytes()

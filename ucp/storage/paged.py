@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError, FormatError
+from ucp.storage.objstore import is_object
 
 LEAF_ROWS = 64  # rows per leaf page at most (by default)
 LEAF_BYTES = 16 << 10  # and about this many bytes at most (rows with many block checksums: fewer rows)
@@ -198,7 +199,7 @@ class PagedFile:
     """
 
     def __init__(self, path: Path, header: dict, leaf_schema: pa.Schema):
-        self.path = Path(path)
+        self.path = path if is_object(path) else Path(path)
         where = str(self.path)
         try:
             self.rows, self.depth = int(header["rows"]), int(header["depth"])
@@ -207,7 +208,11 @@ class PagedFile:
         self.root = PageRef.from_dict(header.get("root"), where)
         self.leaf_schema = leaf_schema
         self.nbytes = 0
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._object = is_object(self.path)  # (then each page is one ranged GET)
+        if self._object:  # (a missing table raises FileNotFoundError here, as os.open does)
+            self._fd, self._size = None, self.path.stat().st_size
+        else:
+            self._fd = os.open(self.path, os.O_RDONLY)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -221,7 +226,10 @@ class PagedFile:
         self.close()
 
     def fetch(self, ref: PageRef, schema: pa.Schema, what: str) -> pa.RecordBatch:
-        data = os.pread(self._fd, ref.length, ref.offset)
+        if self._object:
+            data = self.path.read_range(ref.offset, min(ref.offset + ref.length, self._size))
+        else:
+            data = os.pread(self._fd, ref.length, ref.offset)
         self.nbytes += len(data)
         if len(data) != ref.length:
             raise CorruptCheckpointError(f"{self.path}: {what} ends past the end of the file (truncated)")

@@ -16,6 +16,7 @@ from ucp.format.manifest import Manifest
 from ucp.storage import directory as store
 from ucp.storage.atomic import fsync_dir
 from ucp.storage.manifest_io import commit_manifest
+from ucp.storage.objstore import is_object
 from ucp.storage.safetensors_file import Entry, write_file
 
 FORMAT = "ucp.checkpoint"  # a rank file's ``format`` metadata entry
@@ -118,8 +119,9 @@ def prepare_own_step(root: Path, step: int, keep: int | None, saved_here: Collec
     elif directory.exists():
         store.remove_checkpoint(directory)
         cleared.partial.append(directory)
-    directory.mkdir(parents=True)
-    fsync_dir(directory.parent)
+    if not is_object(directory):  # (an object store has no directories to make)
+        directory.mkdir(parents=True)
+        fsync_dir(directory.parent)
     return cleared
 
 

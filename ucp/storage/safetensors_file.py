@@ -21,6 +21,7 @@ from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError, FormatError
 from ucp.format.jsonio import parse_json
 from ucp.storage.atomic import WRITEBACK_EVERY, start_writeback, with_path
+from ucp.storage.objstore import is_object
 
 _ALIGN = 8
 # Beyond this a header is not a header: refuse to allocate for it (the library uses 100 MB too).
@@ -94,8 +95,10 @@ def write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | No
 
 def _write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | None, fsync: bool):
     head, offsets = plan_file(slots, metadata)
-    with open(path, "wb", buffering=0) as f:
-        fd = f.fileno()
+    local = not is_object(path)  # (an object is streamed up in parts, and appears whole when closed)
+    fsync = fsync and local
+    with open(path, "wb", buffering=0) if local else path.open_write() as f:
+        fd = f.fileno() if local else -1
         f.write(head)
         flushed = 0
         for i, slot in enumerate(slots):
@@ -116,17 +119,18 @@ def _write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | N
     return size, offsets, crc32c(head)
 
 
-def header_bytes(fd: int, size: int, path: Path | str) -> bytes:
+def header_bytes(fd: int, size: int, path, pread=os.pread) -> bytes:
     """The header of open file ``fd`` (``size`` bytes long) as stored: the 8-byte length and the JSON
-    (two small preads; its declared length is checked against ``size`` before anything is allocated)."""
-    prefix = os.pread(fd, 8, 0)
+    (two small reads, ``pread(fd, n, offset)``; its declared length is checked against ``size`` before
+    anything is allocated)."""
+    prefix = pread(fd, 8, 0)
     if len(prefix) < 8:
         raise CorruptCheckpointError(f"{path}: too short to be a safetensors file ({len(prefix)} bytes)")
     (n,) = struct.unpack("<Q", prefix)
     if n > min(MAX_HEADER, size - 8):
         raise CorruptCheckpointError(f"{path}: header length {n} is implausible for a file of {size} bytes; "
                                      "the file is corrupted")
-    raw = os.pread(fd, n, 8)
+    raw = pread(fd, n, 8)
     if len(raw) < n:
         raise CorruptCheckpointError(f"{path}: header truncated ({len(raw)} of {n} bytes)")
     return prefix + raw

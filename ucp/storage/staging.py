@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ucp.errors import OptionsError
 from ucp.storage.atomic import fsync_dir, write_atomic
+from ucp.storage.location import local_path
 from ucp.storage.universal_io import fsync_tree, local_put
 from ucp.storage.zarr_shard import write_shard
 
@@ -30,7 +31,7 @@ class Staging:
     """
 
     def __init__(self, dst, fsync: bool = True):
-        self.dst = Path(dst)
+        self.dst = local_path(dst, "a staged write")
         self.fsync = fsync
         if self.dst.exists():
             raise OptionsError(f"{self.dst}: already exists; give a new path (ucp never overwrites it)")
@@ -96,11 +97,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def is_url(dst) -> bool:
-    """Whether ``dst`` names a location through fsspec (``memory://x``, ``s3://b/x``), not a local path."""
-    return isinstance(dst, str) and "://" in dst and not dst.startswith("file://")
-
-
 class UrlTarget:
     """``with UrlTarget(url, marker) as target: ...; target.commit((marker, data))``: files written in
     place through fsspec; the checkpoint is complete once ``marker`` holds the commit data.
@@ -135,10 +131,15 @@ class UrlTarget:
             if self.committed_test(self.fs.cat_file(marker)):
                 raise OptionsError(f"{self.url}: already holds a complete checkpoint; give a new location")
             self.fs.rm(self.root, recursive=True)  # an uncommitted leftover of an interrupted run
-        elif self.fs.exists(self.root) and self.fs.find(self.root):
+        elif self.fs.exists(self.root) and self._holds_objects():
             raise OptionsError(f"{self.url}: not empty and not an unfinished ucp checkpoint; give a new location "
                                "(ucp never deletes data it did not write)")
         return self
+
+    def _holds_objects(self) -> bool:
+        """Whether any object lies under the location: empty directories do not count (some stores,
+        SeaweedFS's among them, keep a directory entry after its last object is deleted)."""
+        return any(info.get("type") != "directory" for info in self.fs.find(self.root, detail=True).values())
 
     def put(self, rel: str, data: bytes) -> None:
         self.fs.pipe_file(self._path(rel), data)

@@ -33,6 +33,8 @@ from ucp.format.fragment import check_file_name, fragments_from_parquet
 from ucp.format.jsonio import parse_json
 from ucp.format.manifest import header_from_json
 from ucp.format.universal import ArrayMeta, UniversalHeader, shard_shape
+from ucp.storage.location import local_path
+from ucp.storage.objstore import as_location
 from ucp.storage.manifest_io import check_signed, sign_header
 from ucp.storage.verify import Report
 from ucp.storage.zarr_shard import ZSTD_LEVEL, ShardReader, chunk_count, shard_key
@@ -46,7 +48,7 @@ CHUNK_CRCS = "chunk_crc32c"
 
 def is_universal(path) -> bool:
     """Whether ``path`` is a directory holding a zarr group (complete or not) rather than a ucp manifest."""
-    path = Path(path)
+    path = as_location(path)  # (a universal checkpoint on an object store: read_header refuses it, for now)
     return (path / ZARR_JSON).is_file() and not (path / "manifest.json").exists()
 
 
@@ -176,7 +178,7 @@ def fsync_tree(root: Path, threads: int = 8) -> None:
 
 def read_header(root: Path) -> UniversalHeader:
     """Read, check and validate a universal checkpoint's header."""
-    root = Path(root)
+    root = local_path(root, "a reader of universal checkpoints")
     path = root / ZARR_JSON
     try:
         group = header_from_json(path.read_bytes(), str(path))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ from ucp.format.manifest import Manifest
 from ucp.storage.directory import MANIFEST
 from ucp.storage.fragment_files import FragmentFiles, describe
 from ucp.storage.manifest_io import gone
+from ucp.storage.objstore import is_object
 from ucp.storage.safetensors_file import header_bytes
 
 _CHUNK = 8 << 20
@@ -42,7 +44,7 @@ class VerifyReport(Report):
 
 def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check every data file and fragment the manifest lists; ``progress(nbytes)`` after each fragment."""
-    report = VerifyReport(Path(directory))
+    report = VerifyReport(directory if is_object(directory) else Path(directory))
     if manifest.files and not manifest.file_headers:
         report.notes.append(f"the data files' safetensors headers are unchecked: a format {manifest.format_version} "
                             "manifest records no checksums of them (1.2 does)")
@@ -88,7 +90,8 @@ def verify_checkpoint(directory: Path, manifest: Manifest, progress: Callable[[i
 def _check_header(fd: int, size: int, path: Path, recorded: int, report: VerifyReport) -> None:
     """The CRC-32C of file ``path``'s safetensors header against the manifest's ``recorded`` one."""
     try:
-        got = crc32c(header_bytes(fd, size, path))
+        pread = os.pread if fd >= 0 else lambda _, n, offset: path.read_range(offset, offset + n)  # (an object)
+        got = crc32c(header_bytes(fd, size, path, pread))
     except CorruptCheckpointError as e:
         report.problems.append(str(e))
         return

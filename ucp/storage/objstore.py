@@ -1,0 +1,248 @@
+"""Checkpoints on object storage (S3 and its compatibles, any fsspec URL): :class:`ObjectPath`.
+
+An object store has keys, not directories, and no rename: a checkpoint there is the objects under
+``ROOT/step_<N>/``, written in place, and becomes visible by one last *conditional* write, its
+``manifest.json`` created only if absent (S3's ``If-None-Match: *``); docs/format-checkpoint.md,
+section 7. :class:`ObjectPath` gives the durable tier the few operations of :class:`pathlib.Path` it
+uses (``/``, ``name``, ``parent``, ``exists``, ``is_file``, ``is_dir``, ``iterdir``, ``read_bytes``,
+``stat``), plus ranged reads (:meth:`ObjectPath.read_range`: a loading rank GETs only the bytes it
+needs), streamed writes and conditional ones; local paths stay :class:`~pathlib.Path` and keep
+their code (fsync, rename, ``preadv``). It has no ``__fspath__``: an ``os`` call handed one fails
+instead of writing a local file named after the URL.
+
+Credentials and the endpoint come from the usual places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``~/.aws``); s3fs is ucp's optional ``[s3]`` dependency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ucp.errors import LocationError
+from ucp.storage.location import is_url, local_path
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    """What :meth:`ObjectPath.stat` tells: the object's size, its version tag and its age."""
+
+    st_size: int
+    st_mtime: float
+    etag: str
+
+
+#: file system options by protocol: s3fs must not answer from a cached listing, as other ranks and
+#: jobs write under the same prefixes
+_OPTIONS = {"s3": {"use_listings_cache": False}, "s3a": {"use_listings_cache": False}}
+
+
+def _filesystem(url: str):
+    """``(fsspec file system, path without the protocol)`` of ``url``; the instance caches no
+    listing (other ranks and jobs write the same prefixes)."""
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, **_OPTIONS.get(url.split("://", 1)[0], {}))
+    except ImportError as e:
+        raise LocationError(f"{url}: ucp reaches this URL through fsspec, and {e} (for s3://: pip install "
+                            "'ucp[s3]', which installs s3fs)") from None
+    except (ValueError, TypeError) as e:
+        raise LocationError(f"{url}: fsspec cannot open this URL ({e})") from None
+    return fs, path.rstrip("/")
+
+
+class ObjectPath:
+    """A key prefix (a "directory") or a key on an object store; see the module's docstring.
+
+    Args:
+        url: ``scheme://bucket/prefix``.
+    """
+
+    def __init__(self, url: str, _fs=None, _path: str | None = None):
+        if _fs is None:
+            _fs, _path = _filesystem(url)
+        self.fs, self.key = _fs, _path
+        self.protocol = url.split("://", 1)[0]
+
+    # -- naming ------------------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        return f"{self.protocol}://{self.key}"
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({str(self)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectPath) and str(other) == str(self)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __lt__(self, other) -> bool:
+        return str(self) < str(other)
+
+    def __truediv__(self, name: str) -> "ObjectPath":
+        return ObjectPath(f"{self}/{name}", self.fs, f"{self.key}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "ObjectPath":
+        up = self.key.rsplit("/", 1)[0]
+        return ObjectPath(f"{self.protocol}://{up}", self.fs, up)
+
+    def resolve(self) -> "ObjectPath":
+        return self
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.key)
+
+    def is_file(self) -> bool:
+        return self.fs.isfile(self.key)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self.key)
+
+    def iterdir(self) -> list["ObjectPath"]:
+        """The objects and prefixes right under this prefix (none when there is none)."""
+        try:
+            names = self.fs.ls(self.key, detail=False)
+        except FileNotFoundError:
+            return []
+        return [self / n.rstrip("/").rsplit("/", 1)[-1] for n in names if n.rstrip("/") != self.key]
+
+    def stat(self) -> ObjectStat:
+        """Size, age and version tag of the object (:class:`FileNotFoundError` when there is none)."""
+        info = self.fs.info(self.key)
+        if info.get("type") == "directory":
+            raise FileNotFoundError(f"{self}: a prefix, not an object")
+        modified = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
+        when = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+        return ObjectStat(int(info["size"]), when, str(info.get("ETag") or info.get("etag") or ""))
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.key)
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object, in one ranged GET (fewer at its end)."""
+        if end <= start:
+            return b""
+        return self.fs.cat_file(self.key, start=start, end=end)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to make: a prefix exists while an object is under it."""
+
+    def open_write(self):
+        """A binary file object writing the object, streamed (multipart uploads of bounded parts);
+        the object appears whole when it is closed, never in part."""
+        return self.fs.open(self.key, "wb")
+
+    def write_bytes(self, data: bytes) -> None:
+        self.fs.pipe_file(self.key, bytes(data))
+
+    def create(self, data: bytes) -> bool:
+        """Write the object iff there is none (a conditional PUT, ``If-None-Match: *``): whether this
+        call created it. The one operation that publishes (a manifest) or takes (a lease) on an
+        object store.
+
+        Raises:
+            OSError: the store refused for another reason.
+        """
+        data = bytes(data)
+        try:
+            self.fs.pipe_file(self.key, data, mode="create")
+            return True
+        except OSError:  # (s3fs reports a failed precondition as FileExistsError or, from some servers, EINVAL)
+            try:
+                there = self.fs.cat_file(self.key)
+            except FileNotFoundError:
+                raise  # (the original error: the write failed, and nothing is there)
+            return there == data  # (ours: a retried PUT whose first try had landed, its answer lost)
+
+    def replace_if(self, version: str, data: bytes | None) -> bool:
+        """Overwrite the object with ``data`` (None: delete it) iff its version tag is still
+        ``version`` (S3's ``If-Match``): whether it was done. The lease's heartbeat, takeover and
+        release (:mod:`ucp.storage.object_lease`). A store without conditional writes (fsspec's
+        memory file system, in tests) compares, then writes: not atomic.
+
+        Raises:
+            OSError: the store refused for another reason.
+        """
+        call = getattr(self.fs, "_call_s3", None)
+        if call is None:
+            try:
+                if self.stat().etag != version:
+                    return False
+            except FileNotFoundError:
+                return False
+            if data is None:
+                self.unlink(missing_ok=True)
+            else:
+                self.write_bytes(data)
+            return True
+        from fsspec.asyn import sync
+
+        bucket, key = self.key.split("/", 1)
+        try:
+            if data is None:
+                sync(self.fs.loop, call, "delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            else:
+                sync(self.fs.loop, call, "put_object", Bucket=bucket, Key=key, Body=bytes(data), IfMatch=version)
+            return True
+        except OSError:
+            try:
+                changed = self.stat().etag != version
+            except FileNotFoundError:
+                changed = True
+            if changed:
+                return False  # (the precondition failed: someone else's version is there, or none)
+            raise
+
+    def __reduce__(self):
+        return ObjectPath, (str(self),)  # (sent between ranks by its URL: each opens its own file system)
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.rm_file(self.key)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def remove_tree(self) -> None:
+        """Delete every object under this prefix (best effort: a vanished object is no error)."""
+        try:
+            keys = [k for k, info in self.fs.find(self.key, detail=True, withdirs=False).items()
+                    if info.get("type") != "directory"]
+        except FileNotFoundError:
+            return
+        if keys:
+            self.fs.rm(keys)
+
+    def copy_tree(self, dest: "ObjectPath") -> None:
+        """Copy every object under this prefix to the same names under ``dest`` (server-side)."""
+        for key, info in self.fs.find(self.key, detail=True, withdirs=False).items():
+            if info.get("type") != "directory":
+                self.fs.copy(key, dest.key + key[len(self.key):])
+
+
+def as_location(where) -> Path | ObjectPath:
+    """A checkpoint location: an :class:`ObjectPath` for a URL (``s3://bucket/run``), an ObjectPath
+    as it is, else a local path (``file://`` stripped; a ``Path`` made of a URL refused, see
+    :func:`~ucp.storage.location.local_path`)."""
+    if isinstance(where, ObjectPath):
+        return where
+    if is_url(where):
+        return ObjectPath(where)
+    return local_path(where, "ucp")
+
+
+def is_object(where) -> bool:
+    """Whether ``where`` is on an object store (an :class:`ObjectPath`)."""
+    return isinstance(where, ObjectPath)
