@@ -589,12 +589,7 @@ def run(args, harness: Harness, doc: dict) -> None:
                 log(f"recovered from {rec['source']} at step {rec['restored_step']} "
                     f"({rec['steps_lost']} step(s) lost, bit-exact: {rec['bit_exact']})")
                 pending = None
-            for s, r in steps.items():
-                known[s] = r["digest"]
-                step_s[s] = r["dt"]
-                doc["check_s"] += r.get("check", 0.0)
-                if s == 1:
-                    doc.setdefault("first_step_at", r["t"])
+            take_steps(doc, steps, known, step_s)
             doc["final_step"] = max(steps, default=restored["step"])
             if outcome == "done":
                 if number == 0:
@@ -680,12 +675,7 @@ def run_inprocess(args, harness: Harness, doc: dict) -> None:
                     if k.kind == "hang":  # fenced: a stopped node is killed once the job went on without it
                         harness.kill_node(k.node)
                 _, steps = gen_records(report, generation)
-                for s_, r in steps.items():
-                    known[s_] = r["digest"]
-                    step_s[s_] = r["dt"]
-                    doc["check_s"] += r.get("check", 0.0)
-                    if s_ == 1:
-                        doc.setdefault("first_step_at", r["t"])
+                take_steps(doc, steps, known, step_s)
                 progress = max(steps, default=step)
                 if fell:
                     why = said(a, "fell back to a relaunch: ")
@@ -711,12 +701,7 @@ def run_inprocess(args, harness: Harness, doc: dict) -> None:
                 continue
             wait_for(harness, a, alive, lambda: all(r.proc.poll() == 0 for r in a.ranks if r.node in alive), "the end")
             _, steps = gen_records(report, generation)
-            for s_, r in steps.items():
-                known[s_] = r["digest"]
-                step_s[s_] = r["dt"]
-                doc["check_s"] += r.get("check", 0.0)
-                if s_ == 1:
-                    doc.setdefault("first_step_at", r["t"])
+            take_steps(doc, steps, known, step_s)
             doc["final_step"] = max(known, default=0)
             if doc["snapshot_bytes"] is None:
                 doc.update(harness.memory(a))
@@ -739,6 +724,17 @@ def said(a: Attempt, marker: str) -> str | None:
             if marker in line:
                 return line.split(marker, 1)[1].strip()
     return None
+
+
+def take_steps(doc: dict, steps: dict[int, dict], known: dict[int, str], step_s: dict[int, float]) -> None:
+    """Record step records read from the trainers: each step's digest and time (its last execution's),
+    the time of the harness's checks, and when step 1 first ended."""
+    for s, r in steps.items():
+        known[s] = r["digest"]
+        step_s[s] = r["dt"]
+        doc["check_s"] += r.get("check", 0.0)
+        if s == 1:
+            doc.setdefault("first_step_at", r["t"])
 
 
 def grouped(kills: list[Kill]) -> list[tuple[int, list[Kill]]]:
