@@ -185,7 +185,7 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                 failed = time.time()
                 first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
                 warnings.warn(f"ucp: member {member} (rank {rank} of generation {generation}) failed: "
-                              f"{type(error).__name__}: {first[:300]}; recovering in-process", RuntimeWarning,
+                              f"{type(error).__name__}: {first[:300]}; asking the job who is lost (in-process recovery)", RuntimeWarning,
                               stacklevel=2)
                 if ckpt is not None:
                     ckpt.abandon()
