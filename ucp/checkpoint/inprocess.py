@@ -17,8 +17,9 @@ for most; a rank blocked sending to the dead peer waits for the group's ``timeou
 cannot abort a collective in flight); a hung one (SIGSTOP, a stuck kernel) makes it raise at the
 process group's ``timeout``. Any exception out of ``build``, the load or ``train`` starts the
 membership protocol. When it lost no member, the generation is retried (re-formed, restored,
-from memory when it holds the snapshot) if every member failed in a collective's transport (a timeout with nobody lost: a slow
-step, not a hang); otherwise (a bug, bad input on some rank) the exception is raised again.
+from memory when it holds the snapshot) if every member failed in a collective's transport (a
+timeout with nobody lost: a slow step, not a hang); otherwise (a bug, bad input on some rank) the
+exception is raised again.
 
 **Freeing the broken generation.** The survivors drop the Checkpointer, the exception's frames
 (its traceback is kept as text, in a note) and the process groups, and collect, so that the broken
@@ -185,8 +186,8 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                 failed = time.time()
                 first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
                 warnings.warn(f"ucp: member {member} (rank {rank} of generation {generation}) failed: "
-                              f"{type(error).__name__}: {first[:300]}; asking the job who is lost (in-process recovery)", RuntimeWarning,
-                              stacklevel=2)
+                              f"{type(error).__name__}: {first[:300]}; asking the job who is lost (in-process "
+                              "recovery)", RuntimeWarning, stacklevel=2)
                 if ckpt is not None:
                     ckpt.abandon()
                 ckpt = None
@@ -232,7 +233,8 @@ def transport_failure(error: BaseException) -> bool:
             return True
         text = str(error)
         if isinstance(error, (RuntimeError, DistributedError)) and any(
-                w in text for w in ("gloo", "NCCL", "Connection", "Timed out", "timed out", "died or became unreachable")):
+                w in text for w in ("gloo", "NCCL", "Connection", "Timed out", "timed out",
+                                    "died or became unreachable")):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -264,7 +266,8 @@ def _destroy() -> None:
 class Membership:
     """Who is in the job, generation by generation, agreed through ``store`` (docs/recovery.md).
 
-    Keys (under ``prefix``, ``ucp/inprocess/<namespace>``): ``hb/<member>`` each member's heartbeat (its wall-clock time);
+    Keys (under ``prefix``, ``ucp/inprocess/<namespace>``): ``hb/<member>`` each member's heartbeat
+    (its wall-clock time);
     ``g<g>/here/<member>`` registrations for generation ``g``, ``g<g>/leader`` the first to
     register, ``g<g>/members`` the new members (JSON, in rank order) once the leader has decided.
     """
