@@ -175,9 +175,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --inprocess: the process group's timeout, which bounds hang detection; default 10")
     p.add_argument("--heartbeat", type=float, default=0.2,
                    help="with --inprocess: seconds between heartbeats; default 0.2")
-    p.add_argument("--dead-after", type=float, default=1.0,
+    p.add_argument("--dead-after", type=float, default=2.0,
                    help="with --inprocess: seconds without a heartbeat after which a rank that did not rejoin is lost "
-                        "(longer than --heartbeat: a loaded machine delays heartbeats); default 1")
+                        "(longer than --heartbeat: a loaded machine delays heartbeats; 1 s left live ranks out at load 20); "
+                        "default 2")
     p.add_argument("--kill-in-flight", action="store_true",
                    help="kill as soon as every rank has handed step STEP to save(), without waiting for its snapshot "
                         "to complete and the agents' durable writes to finish (the source restored and the steps "

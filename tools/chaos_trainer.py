@@ -72,7 +72,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--detect-timeout", type=float, default=10.0,
                    help="with --inprocess: the process group's timeout (bounds hang detection)")
     p.add_argument("--heartbeat", type=float, default=0.2, help="with --inprocess: seconds between heartbeats")
-    p.add_argument("--dead-after", type=float, default=1.0,
+    p.add_argument("--dead-after", type=float, default=2.0,
                    help="with --inprocess: seconds without a heartbeat after which a rank that did not rejoin is lost")
     p.add_argument("--step-seconds", type=float, default=0.0,
                    help="emulated step time: each step sleeps until it took at least this long")
