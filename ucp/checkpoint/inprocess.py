@@ -341,18 +341,22 @@ class Membership:
         """The leader: wait until every member of the last generation has registered for ``g`` or
         is silent (its heartbeat older than ``dead_after``), at most twice ``timeout`` (a live
         member blocked in a collective sees the failure within ``timeout`` at the latest); the
-        registered ones, in their old order. A poll reads one counter; who is missing is read
-        (a key per member) only while the count is short."""
+        registered ones, in their old order. A poll reads the counter and the heartbeats of the
+        members still missing; only when the counter moved are those missing members' keys read
+        again (registrations only add), so a poll costs the missing, not the whole job."""
         s = self.store
         deadline = time.monotonic() + 2 * self.timeout
+        missing, counted = list(self.members), 0
         while True:
-            if s.add(f"g{g}/count", 0) < len(self.members):
-                here = [m for m in self.members if s.check([f"g{g}/here/{m}"])]
-                missing = [m for m in self.members if m not in here]
-                beats = s.multi_get([f"hb/{m}" for m in missing]) if missing else []
-                if time.monotonic() > deadline or all(time.time() - float(b.decode() or 0) > self.dead_after
-                                                      for b in beats):
-                    return here
-                time.sleep(min(0.01, self.heartbeat / 10))
-                continue
-            return list(self.members)
+            count = s.add(f"g{g}/count", 0)
+            if count != counted:
+                counted = count
+                missing = [m for m in missing if not s.check([f"g{g}/here/{m}"])]
+            if not missing:
+                return list(self.members)
+            beats = s.multi_get([f"hb/{m}" for m in missing])
+            silent = all(time.time() - float(b.decode() or 0) > self.dead_after for b in beats)
+            if silent or time.monotonic() > deadline:
+                gone = set(missing)
+                return [m for m in self.members if m not in gone]
+            time.sleep(min(0.01, self.heartbeat / 10))
