@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node 2 tests/checkpoint/inprocess_job.py ROOT JOB
 
-Each rank prints ``rank R/W generation G agent-store S`` once it has trained and snapshot two steps."""
+Each rank writes ``rank R/W generation G agent-store S`` to ``ROOT/said-R`` once it has trained and snapshot two
+steps (a file per rank: the ranks share torchrun's stdout, where two lines can run together)."""
 
 import os
 import sys
@@ -31,8 +32,9 @@ def main(root: str, job: str) -> int:
             assert total.item() == world.world_size
             ckpt.save(step)
         ckpt.wait()
-        print(f"rank {world.rank}/{world.world_size} generation {world.generation} "
-              f"agent-store {os.environ.get('TORCHELASTIC_USE_AGENT_STORE')}", flush=True)
+        Path(root, f"said-{world.rank}").write_text(
+            f"rank {world.rank}/{world.world_size} generation {world.generation} "
+            f"agent-store {os.environ.get('TORCHELASTIC_USE_AGENT_STORE')}")
         return 0
 
     return ucp.run_in_process(build, train, timeout=20)

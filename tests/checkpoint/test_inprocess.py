@@ -172,7 +172,7 @@ def test_under_torchrun_it_finds_the_agent_store_by_itself(tmp_path, job):  # no
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         str(script), str(tmp_path), job], capture_output=True, text=True, timeout=150, env=env)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    said = sorted(line for line in p.stdout.splitlines() if line.startswith("rank "))
+    said = sorted(f.read_text() for f in tmp_path.glob("said-*"))
     assert said == ["rank 0/2 generation 0 agent-store True", "rank 1/2 generation 0 agent-store True"], p.stdout
 
 
