@@ -31,6 +31,11 @@ Run 1 (the trainers; every per-step time is the slower rank's):
   ``memcpy_2thread`` (both ranks at once, each copying its snapshot's bytes, one thread each: the same
   bytes as the snapshot, two threads); ``memcpy_1thread`` (rank 0 alone, one thread);
   ``memcpy_shm_2thread`` (as 2thread, into a mapping of a tmpfs file as the agent's slots are);
+  ``memcpy_4k_2thread`` (as 2thread, between buffers in 4 KiB pages: numpy's large buffers get
+  transparent huge pages, a model's tensors and tmpfs segments do not);
+  ``verified_copy_shm_2thread`` (from 4 KiB-page buffers into the tmpfs mapping, each 1 MiB chunk
+  checksummed right after its copy: the least a checksummed copy costs, since a whole-buffer memcpy
+  this large streams with non-temporal stores that a checksum of the copy cannot use);
   ``crc32c_2thread`` (both ranks at once, the ``crc32c`` library over their bytes; these floors are
   ``benchlib.Floors``: numpy's copy, one thread, into touched buffers). Throughputs are
   both ranks' bytes over the slower rank's median time (``memcpy_1thread``: one rank's bytes), with
@@ -45,7 +50,8 @@ their state with a constant before each load, and time (barrier, load, barrier):
 ``restore_memory_first_s`` (the first load: it connects to the agent), then ``--repeats`` rounds (kinds
 in rotated order) of: a restore from memory; a cold durable restore (rank 0 drops the page cache of the
 checkpoint's files: fsync + ``posix_fadvise(DONTNEED)``, which needs no privilege); a warm durable
-restore; and the floors of the same bytes per rank: memcpy (1 and 2 threads), CRC-32C, a write + fsync
+restore; and the floors of the same bytes per rank: memcpy (1 and 2 threads, and 2 threads in 4 KiB
+pages), the verified copy (from a tmpfs mapping, as a restore from memory reads), CRC-32C, a write + fsync
 of a file and its cold read (its pages dropped the same way; ``cold_read_disk_gb`` says how much came
 from the device). After every load the checksums must equal the saved ones (``bit_exact``).
 ``restore_*_phases`` break the median load down by ucp's collective phases (``tools/bench_save.py``'s
@@ -347,6 +353,8 @@ def train_and_snapshot(cfg_fields: dict, paths: dict, job: str, steps: int, roun
     ops = {"snapshot": (snapshot, False), "memcpy_2thread": (floors.memcpy, False),
            "memcpy_1thread": (floors.memcpy, True),
            "memcpy_shm_2thread": (lambda: np.copyto(shm_dst, floors.src), False),
+           "memcpy_4k_2thread": (floors.memcpy_4k, False),
+           "verified_copy_shm_2thread": (lambda: floors.verified_copy(shm_dst), False),
            "crc32c_2thread": (floors.crc32c, False)}
     idle: dict = {k: [] for k in ops}
     write = []
@@ -433,6 +441,8 @@ def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, 
                     f"rank0 read {res.nbytes / 1e6:.1f} MB  phases {ph}")
 
         floors = benchlib.Floors(nbytes)
+        slot = shm_buffer(nbytes)  # what a restore from memory reads: a mapping of a tmpfs file
+        slot[:] = 7
         scratch = Path(paths["floors"]) / f"rank{rank}.bin"
 
         def write_and_cold_read() -> None:
@@ -451,11 +461,15 @@ def restore(cfg_fields: dict, paths: dict, job: str, repeats: int, saved: dict, 
                  "memcpy_2thread": lambda: floor("memcpy_2thread", floors.memcpy),
                  "memcpy_1thread": lambda: floor("memcpy_1thread", floors.memcpy, alone=True),
                  "crc32c_2thread": lambda: floor("crc32c_2thread", floors.crc32c),
+                 "memcpy_4k_2thread": lambda: floor("memcpy_4k_2thread", floors.memcpy_4k),
+                 "verified_copy_shm_2thread": lambda: floor("verified_copy_shm_2thread",
+                                                            lambda: floors.verified_copy(src=slot)),
                  "write_fsync_cold_read": write_and_cold_read}
         for r in range(repeats):
             for name in rotated(list(kinds), r):
                 kinds[name]()
         scratch.unlink()
+        del slot
         out["load_avg"]["end"] = benchlib.load_average()
         memory.close()
         durable.close()
@@ -576,7 +590,8 @@ def idle_figures(out: dict, r0: dict) -> dict:
     out["snapshot_write_s"] = None if median(r0["snapshot_write_s"]) < 0 else round(median(r0["snapshot_write_s"]), 4)
     out["snapshot_write_gbps"] = gbps(total, out["snapshot_write_s"])
     floors = {}
-    for name in ("memcpy_1thread", "memcpy_2thread", "memcpy_shm_2thread", "crc32c_2thread"):
+    for name in ("memcpy_1thread", "memcpy_2thread", "memcpy_shm_2thread", "memcpy_4k_2thread",
+                 "verified_copy_shm_2thread", "crc32c_2thread"):
         nb = rank_bytes if name.endswith("1thread") else total
         xs = r0[f"idle_{name}"]
         floors[name] = gbps(nb, median(xs))
@@ -666,9 +681,13 @@ def bench(args, work: Path, dcp_dir: Path, job: str) -> dict:
         "snapshot_vs_memcpy_2thread": ratio(out["snapshot_gbps"], floors["memcpy_2thread"]),
         "snapshot_vs_memcpy_shm_2thread": ratio(out["snapshot_gbps"], floors["memcpy_shm_2thread"]),
         "snapshot_vs_crc32c_2thread": ratio(out["snapshot_gbps"], floors["crc32c_2thread"]),
+        "snapshot_vs_memcpy_4k_2thread": ratio(out["snapshot_gbps"], floors["memcpy_4k_2thread"]),
+        "snapshot_vs_verified_copy_shm_2thread": ratio(out["snapshot_gbps"], floors["verified_copy_shm_2thread"]),
         "restore_memory_vs_memcpy_1thread": ratio(mem, rfloors["memcpy_1thread"]),
         "restore_memory_vs_memcpy_2thread": ratio(mem, rfloors["memcpy_2thread"]),
         "restore_memory_vs_crc32c_2thread": ratio(mem, rfloors["crc32c_2thread"]),
+        "restore_memory_vs_memcpy_4k_2thread": ratio(mem, rfloors["memcpy_4k_2thread"]),
+        "restore_memory_vs_verified_copy_shm_2thread": ratio(mem, rfloors["verified_copy_shm_2thread"]),
         "restore_durable_warm_vs_memcpy_2thread": ratio(warm, rfloors["memcpy_2thread"]),
         "restore_durable_cold_vs_cold_read_2thread": ratio(cold, rfloors["cold_read_2thread"]),
         "durable_save_vs_write_fsync_2thread": ratio(gbps(total, r0["durable_save_s"]), rfloors["write_fsync_2thread"]),

@@ -433,26 +433,59 @@ class DcpSaver:
 # -- floors: what one pass over a rank's bytes costs at best ---------------------------------------
 
 
+VERIFIED_CHUNK = 1 << 20  # Floors.verified_copy's chunk: fits in a core's L2 cache
+
+
 class Floors:
     """The single passes a snapshot or a restore of ``nbytes`` per rank can be compared with, each on
     preallocated, already touched buffers and in one thread: ``memcpy`` (numpy's copy, which never
-    splits a copy over threads), ``crc32c`` (the ``crc32c`` library over the whole buffer),
+    splits a copy over threads), ``memcpy_4k`` (the same between buffers in 4 KiB pages),
+    ``verified_copy`` (a copy checksummed chunk by chunk as it goes), ``crc32c`` (the ``crc32c`` library over the whole buffer),
     ``write_fsync`` (the buffer written to ``path`` and fsynced) and ``cold_read`` (``path``'s cached
     pages dropped, then read back into the buffer; ``disk_read_bytes`` says whether the bytes came
     from the device). The caller times them and decides which ranks run them at once."""
 
     def __init__(self, nbytes: int):
         import numpy as np
+        import torch
 
         self.src = np.full(nbytes, 7, dtype=np.uint8)
         self.dst = np.empty(nbytes, dtype=np.uint8)
         self.dst.fill(0)  # touched: np.zeros would leave the pages to the first copy to fault in
+        # numpy asks for transparent huge pages for buffers this large; torch's allocator does not, so
+        # a model's tensors (and tmpfs segments) are in 4 KiB pages: these are.
+        self.tsrc = torch.full((nbytes,), 7, dtype=torch.uint8).numpy()
+        self.tdst = torch.zeros(nbytes, dtype=torch.uint8).numpy()
         self.disk_read_bytes = 0
 
     def memcpy(self) -> None:
         import numpy as np
 
         np.copyto(self.dst, self.src)
+
+    def memcpy_4k(self) -> None:
+        """memcpy between buffers in 4 KiB pages (allocated by torch, as a model's tensors are)."""
+        import numpy as np
+
+        np.copyto(self.tdst, self.tsrc)
+
+    def verified_copy(self, dst=None, src=None, chunk: int = VERIFIED_CHUNK) -> int:
+        """The least a copy whose destination is checksummed can cost in one thread: ``src`` (default
+        :attr:`tsrc`) copied into ``dst`` (default :attr:`tdst`) ``chunk`` bytes at a time, each chunk
+        checksummed (one ``crc32c`` call) right after its copy, while it is in cache. Returns the CRC.
+
+        A whole-buffer memcpy this large uses non-temporal stores, which a checksum of the copy cannot
+        (the bytes must come back through the cache), so this floor sits well above :meth:`memcpy`."""
+        import crc32c
+        import numpy as np
+
+        dst = self.tdst if dst is None else dst
+        src = self.tsrc if src is None else src
+        crc = 0
+        for a in range(0, len(dst), chunk):
+            np.copyto(dst[a:a + chunk], src[a:a + chunk])
+            crc = crc32c.crc32c(dst[a:a + chunk], crc)
+        return crc
 
     def crc32c(self) -> int:
         import crc32c

@@ -61,9 +61,11 @@ def test_bench_snapshot_quick(tmp_path):
     assert doc["snapshot_gbps"] == pytest.approx(doc["snapshot_gb"] / doc["snapshot_s"], rel=0.02, abs=1e-3)
     _check_spread(doc["snapshot_gbps_spread"], 2)
     floors = doc["floors_gbps"]
-    for name in ("memcpy_1thread", "memcpy_2thread", "memcpy_shm_2thread", "crc32c_2thread", "crc32c_per_core"):
+    for name in ("memcpy_1thread", "memcpy_2thread", "memcpy_shm_2thread", "memcpy_4k_2thread",
+                 "verified_copy_shm_2thread", "crc32c_2thread", "crc32c_per_core"):
         assert floors[name] > 0, name
-    for name in ("memcpy_1thread", "memcpy_2thread", "memcpy_shm_2thread", "crc32c_2thread"):
+    for name in ("memcpy_1thread", "memcpy_2thread", "memcpy_shm_2thread", "memcpy_4k_2thread",
+                 "verified_copy_shm_2thread", "crc32c_2thread"):
         _check_spread(doc[f"{name}_gbps_spread"], 2)
     assert doc["memcpy_gbps"] == floors["memcpy_2thread"]
     assert doc["snapshot_over_memcpy"] == pytest.approx(doc["snapshot_gbps"] / floors["memcpy_2thread"], rel=0.01,
@@ -78,7 +80,7 @@ def test_bench_snapshot_quick(tmp_path):
     assert "memory" in doc["restore_memory_phases"] and "find" in doc["restore_durable_cold_phases"]
     rfloors = doc["restore_floors_gbps"]
     for name in ("memcpy_1thread", "memcpy_2thread", "crc32c_2thread", "crc32c_per_core", "write_fsync_2thread",
-                 "cold_read_2thread"):
+                 "cold_read_2thread", "memcpy_4k_2thread", "verified_copy_shm_2thread"):
         assert rfloors[name] > 0, name
     assert doc["restore_memory_first_s"] > 0 and doc["durable_save_s"] > 0
     assert doc["speedup_memory_vs_durable_warm"] == pytest.approx(

@@ -46,6 +46,11 @@ def test_floors_copy_checksum_write_and_read_back(benchlib, tmp_path):
     f.memcpy()
     assert np.array_equal(f.dst, f.src)
     assert f.crc32c() == crc32c.crc32c(bytes(f.src))
+    f.memcpy_4k()
+    assert (f.tdst == 7).all()
+    f.tdst[:] = 0
+    f.tsrc[5] = 9  # the verified copy's checksum is of what it copied, over every chunk
+    assert f.verified_copy(chunk=1000) == crc32c.crc32c(bytes(f.tsrc)) and np.array_equal(f.tdst, f.tsrc)
     path = tmp_path / "floor.bin"
     f.write_fsync(path)
     assert os.path.getsize(path) == 1 << 20
