@@ -13,9 +13,10 @@ resharded) and go on (docs/recovery.md).
     ucp.run_in_process(build, train, store=store)
 
 **Detection.** A dead peer makes the survivors' next collective raise (gloo: within milliseconds
-for most; a rank blocked sending to the dead peer waits for the group's ``timeout``, since gloo
-cannot abort a collective in flight); a hung one (SIGSTOP, a stuck kernel) makes it raise at the
-process group's ``timeout``. Any exception out of ``build``, the load or ``train`` starts the
+for most); a hung one (SIGSTOP, a stuck kernel) makes it raise at the process group's ``timeout``.
+A survivor that gives up shuts down the TCP connections its generation's groups opened
+(:mod:`ucp.comm.connections`), so that a peer blocked on one of them (sending to it, waiting for
+it) fails at once too instead of at the ``timeout``: gloo cannot abort a collective in flight. Any exception out of ``build``, the load or ``train`` starts the
 membership protocol. When it lost no member, the generation is retried (re-formed, restored,
 from memory when it holds the snapshot) if every member failed in a collective's transport (a
 timeout with nobody lost: a slow step, not a hang); otherwise (a bug, bad input on some rank) the
@@ -25,14 +26,16 @@ exception is raised again.
 (its traceback is kept as text, in a note) and the process groups, and collect, so that the broken
 generation's model and optimizer are freed before ``build`` makes the next (not two models in
 memory): ``build`` must keep them reachable only from the Checkpointer it returns (and ``train``'s
-locals). A peer blocked *sending* to a survivor still waits for the timeout: gloo closes a group's
-connections only when the group is freed, and torch 2.13 keeps an FSDP2 job's default group
-alive from C++ after ``destroy_process_group()`` (measured: no Python object refers to it).
+locals). Freeing alone would not release a peer blocked on a connection to a survivor: gloo closes
+a group's connections only when the group is freed, and torch 2.13 keeps an FSDP2 job's default
+group alive from C++ after ``destroy_process_group()`` (measured: no Python object refers to it);
+hence the shut connections above.
 
 **Membership.** Each member (a process, named by its rank at the start) beats a heartbeat into the
 store every ``heartbeat`` seconds, from a thread with a store connection of its own. After a
-failure, each survivor destroys its process groups (so peers blocked with it fail at once too),
-registers for the next generation ``g``, and the first to register leads: it waits until every
+failure, each survivor shuts its generation's connections (so peers blocked with it fail at once
+too), registers for the next generation ``g`` (at once: a registered member is not waited for by
+its heartbeat), frees the broken generation, and the first to be done leads: it waits until every
 member of the last generation has registered or is silent (no heartbeat for ``dead_after``
 seconds), then publishes the new members in their old order; their index is the new rank. A
 member that registers after that is not in the new world: it raises :class:`RecoveryFallbackError`.
@@ -62,6 +65,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
+from ucp.comm.connections import OpenedConnections
 from ucp.errors import DistributedError, NotInMemoryError, OptionsError, PeerLostError, RecoveryFallbackError
 
 PREFIX = "ucp/inprocess"
@@ -163,12 +167,15 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(len(members)))  # (for code that reads them)
             world = World(rank, len(members), generation, member, members, lost, phases)
             ckpt = None
+            made = OpenedConnections(keep_port=store.port)  # the connections this generation's groups open
+            made.start()
             try:
                 dist.init_process_group(backend, store=dist.PrefixStore(f"{prefix}/g{generation}/pg", store),
                                         rank=rank, world_size=len(members), timeout=datetime.timedelta(seconds=timeout))
                 if generation:
                     phases["reformed"] = time.time()
                 ckpt = build(world)
+                made.stop()
                 if generation:
                     phases["built"] = time.time()
                 try:
@@ -188,14 +195,17 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                 warnings.warn(f"ucp: member {member} (rank {rank} of generation {generation}) failed: "
                               f"{type(error).__name__}: {first[:300]}; asking the job who is lost (in-process "
                               "recovery)", RuntimeWarning, stacklevel=2)
+                if ckpt is None:  # (build did not finish: what it opened so far)
+                    made.stop()
+                made.shut()  # peers blocked on their connections to this rank fail now, not at the timeout
+                job.register(transport_failure(error))
                 if ckpt is not None:
                     ckpt.abandon()
                 ckpt = None
-                transport = transport_failure(error)
                 drop_traceback(error)  # (its frames hold the broken generation's model)
                 _destroy()
                 gc.collect()  # that model and optimizer are freed before build makes the next
-                after, retry = job.next_generation(transport)
+                after, retry = job.next_generation()
                 lost = tuple(m for m in members if m not in after)
                 if not lost and not retry:
                     raise  # every member is here and one failed on its own: a bug, not a peer's failure
@@ -311,11 +321,10 @@ class Membership:
     def stop(self) -> None:
         self._stop.set()
 
-    def next_generation(self, transport: bool) -> tuple[tuple[int, ...], bool]:
+    def register(self, transport: bool) -> None:
         """Register for the next generation (``transport``: this member failed in a collective's
-        transport) and return its members (agreed by every survivor) and whether every one of them
-        failed in a transport; raises RecoveryFallbackError when the store does not answer or
-        nobody decides in time."""
+        transport), at once on a failure: a member registered is not waited for by its heartbeat,
+        so the slow work of giving up the broken generation (freeing it, collecting) comes after."""
         g = self.generation + 1
         s = self.store
         try:
@@ -323,6 +332,17 @@ class Membership:
             if not transport:
                 s.add(f"g{g}/own", 1)
             s.add(f"g{g}/count", 1)
+        except Exception as e:  # noqa: BLE001 - the store's failures: no agreement without it
+            raise RecoveryFallbackError(f"in-process recovery needs the job's store, which failed: "
+                                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+    def next_generation(self) -> tuple[tuple[int, ...], bool]:
+        """After :meth:`register`: the next generation's members (agreed by every survivor; the first
+        to get here leads and decides) and whether every one of them failed in a transport; raises
+        RecoveryFallbackError when the store does not answer or nobody decides in time."""
+        g = self.generation + 1
+        s = self.store
+        try:
             leader = s.compare_set(f"g{g}/leader", "", str(self.member)).decode() == str(self.member)
             if leader:
                 s.set(f"g{g}/members", json.dumps(self._decide(g)))
