@@ -37,8 +37,9 @@ def test_a_killed_node_is_recovered_in_process_from_memory(node):
     doc = inprocess("--nodes", 4, "--group", 4, "--parity", 1, "--kill", f"{node}@4")
     (rec,) = doc["recoveries"]
     check_inprocess(rec, [node], 4)
-    # a dead peer is seen at once by a rank in a collective with it (gloo); a rank blocked sending
-    # to it waits for the group's timeout: the re-forming waits for that rank at most
+    # a dead peer is seen at once by a rank in a collective with it (gloo), and a rank blocked on a
+    # connection to a survivor is released by the survivor's shut of its connections; the re-forming
+    # waits for the dead member's heartbeat to be --dead-after old, well under the group's timeout
     assert rec["phases"]["detect"] < 1.0
     assert rec["phases"]["detect"] + rec["phases"]["reform"] < DETECT_TIMEOUT + 2.0
 
