@@ -18,7 +18,7 @@ from the newest durable checkpoint (``"durable"``), or from nothing (``"none"``:
 
 Per recovery it records the nodes lost, the step restored and its source, the steps lost (step at
 the kill - step restored), the time to resume (from the kill to the first step finished after the
-relaunch) and whether the restored state is bit-exactly the one recorded at that step before the
+relaunch, less the harness's digest of the restored state, taken before that step) and whether the restored state is bit-exactly the one recorded at that step before the
 failure (a layout-independent sha256 of the whole model and optimizer state, see chaos_trainer.py),
 and the first line of the relaunched trainers' stderr that says they fell back ("fall", "durable").
 
@@ -791,14 +791,15 @@ def gen_records(report, generation: int) -> tuple[dict, dict[int, dict]]:
 def phases_of(t_kill: float, restored: dict, steps: dict[int, dict]) -> dict:
     """An in-process recovery's phases in seconds: detect (the kill to rank 0 seeing the failure),
     re-form (the membership protocol and the new process group), build (model and optimizer),
-    load (from memory, rebuilt from parity), first step."""
+    load (from memory, rebuilt from parity), first step (without the harness's digest of the
+    restored state, taken before it)."""
     ph = restored.get("phases") or {}
     first = steps.get(restored["step"] + 1)
     if not {"failed", "reformed", "built", "loaded"} <= ph.keys():
         return {}
     return {"detect": ph["failed"] - t_kill, "reform": ph["reformed"] - ph["failed"],
             "build": ph["built"] - ph["reformed"], "load": ph["loaded"] - ph["built"],
-            "first_step": None if first is None else first["t"] - ph["loaded"]}
+            "first_step": None if first is None else first["t"] - ph["loaded"] - restored.get("check", 0.0)}
 
 
 def recovery(pending: dict, restored: dict, steps: dict[int, dict], known: dict[int, str], warning) -> dict:
@@ -810,7 +811,7 @@ def recovery(pending: dict, restored: dict, steps: dict[int, dict], known: dict[
         "restored_step": step,
         "source": source,
         "steps_lost": pending["step"] - step,
-        "time_to_resume_s": None if first is None else first["t"] - pending["t_kill"],
+        "time_to_resume_s": None if first is None else first["t"] - pending["t_kill"] - restored.get("check", 0.0),
         "bit_exact": None if source == "none" else (restored["digest"] is not None
                                                     and restored["digest"] == known.get(step)),
         "warning": warning,
