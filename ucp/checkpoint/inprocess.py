@@ -116,7 +116,8 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
             agent hosts it, else hosted by rank 0, which then cannot be recovered from).
         member: this process's rank at the start (default ``RANK``).
         world_size: ranks at the start (default ``WORLD_SIZE``).
-        backend: the process groups' backend ("gloo", or "nccl" with one GPU per rank).
+        backend: the process groups' backend ("gloo", or "nccl" with one GPU per rank). Only with
+            "gloo" are a broken generation's connections shut (:mod:`ucp.comm.connections`).
         timeout: seconds a collective waits (the process group's timeout): the bound on detecting
             a hung rank; also the bound on the membership protocol's waits.
         heartbeat: seconds between heartbeats.
@@ -168,7 +169,8 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
             world = World(rank, len(members), generation, member, members, lost, phases)
             ckpt = None
             made = OpenedConnections(keep_port=store.port)  # the connections this generation's groups open
-            made.start()
+            if backend == "gloo":  # (NCCL's own sockets are not ours to shut: its communicators are aborted)
+                made.start()
             try:
                 dist.init_process_group(backend, store=dist.PrefixStore(f"{prefix}/g{generation}/pg", store),
                                         rank=rank, world_size=len(members), timeout=datetime.timedelta(seconds=timeout))
