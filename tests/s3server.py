@@ -58,6 +58,7 @@ class S3Server:
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
+        self.ports: dict[str, int] = {}  # (chosen at the first start, kept by a restart: the same endpoint)
 
     def environ(self) -> dict[str, str]:
         """The environment that points S3 clients (boto, s3fs) at this server."""
@@ -84,11 +85,11 @@ class S3Server:
         config = self.directory / "s3.json"
         config.write_text(json.dumps({"identities": [{"name": "ucp", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
                                                        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = dict(zip(_PORTS, _free_ports(len(_PORTS))))
+        ports = self.ports = self.ports or dict(zip(_PORTS, _free_ports(len(_PORTS))))
         args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={config}",
                 f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
                 "-s3.port.iceberg=0", *(f"-{k}={v}" for k, v in ports.items())]
-        self.log = open(self.directory / "weed.log", "wb")
+        self.log = open(self.directory / "weed.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=self.directory, start_new_session=True, preexec_fn=_die_with_parent)
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
@@ -129,6 +130,15 @@ class S3Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=15)
         if self.proc is not None:
+            self.log.close()
+        self.proc = None
+
+    def kill(self) -> None:
+        """Kill the server outright (SIGKILL to its process group), as a crash would; :meth:`start`
+        brings it back on the same data and endpoint."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
             self.log.close()
         self.proc = None
 

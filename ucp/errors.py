@@ -95,7 +95,8 @@ class RecoveryFallbackError(UcpError):
 
 
 class StorageError(UcpError):
-    """Storage refused a write or a rename (disk full, permissions); the message names the path."""
+    """Storage refused a write or a rename (disk full, permissions), or an object store a request
+    (unreachable after its retries); the message names the path or URL."""
 
 
 class LeaseError(UcpError):

@@ -1,5 +1,5 @@
-"""The CLI on a URL: served from its store (inspect, verify, convert's ucp source) or refused in one
-line (convert's foreign sources, export), with a non-zero exit and no traceback, and never read from the local directory the URL would
+"""The CLI on a URL: served from its store (inspect, verify, convert's ucp source, export's source) or
+refused in one line (convert's foreign sources, export's output), with a non-zero exit and no traceback, and never read from the local directory the URL would
 name as a path (``./memory:/bucket/run``), even when one exists there. (fsspec's memory:// is empty in
 a new process: the s3 tier serves real checkpoints, tests/checkpoint/test_object_store.py.)"""
 
@@ -40,7 +40,7 @@ def test_a_url_is_read_from_its_store(decoy, args):
     assert "OK" not in r.stdout
 
 
-@pytest.mark.parametrize("args", [("convert", URL, "out", "--from", "hf", "--quiet"), ("export", URL, "hf", "--quiet")])
+@pytest.mark.parametrize("args", [("convert", URL, "out", "--from", "hf", "--quiet")])
 def test_a_url_not_served_is_refused_in_one_line(decoy, args):
     r = _ucp(decoy, *args)
     assert r.returncode == 1, r
@@ -53,6 +53,12 @@ def test_convert_reads_a_url_source_from_its_store(decoy):
     r = _ucp(decoy, "convert", URL, "out", "--quiet")
     assert r.returncode == 2 and r.stderr.startswith(f"ucp: error: memory://") and "no " in r.stderr, r
     assert not (decoy / "out").exists()
+
+
+def test_export_reads_a_url_source_from_its_store(decoy):
+    r = _ucp(decoy, "export", URL, "hf", "--quiet")
+    assert r.returncode == 2 and r.stderr.startswith("ucp: error: memory://") and "no such directory" in r.stderr, r
+    assert not (decoy / "hf").exists()
 
 
 def test_export_to_a_url_is_refused(decoy):

@@ -13,7 +13,7 @@ from tests.synthetic import write_checkpoint
 from ucp import Checkpointer
 from ucp.convert import convert
 from ucp.convert.export import export
-from ucp.errors import CheckpointNotFoundError, LocationError, OptionsError, UcpError
+from ucp.errors import CheckpointNotFoundError, FormatError, LocationError, OptionsError, UcpError
 from ucp.format import Layout, Pattern
 from ucp.storage import directory as store
 from ucp.storage.location import is_url, local_path
@@ -67,11 +67,11 @@ def test_a_url_is_served_on_its_store_never_from_its_path_twin(decoy):
     with pytest.raises(CheckpointNotFoundError):
         store.resolve(url)
     assert not is_universal(url) and store.list_steps(url) == []
-    with pytest.raises(LocationError):
-        read_header(url)  # (universal checkpoints on object storage: not served yet)
+    with pytest.raises(FormatError, match="no zarr.json"):
+        read_header(url)  # (read there: nothing)
 
 
-def test_convert_reads_a_url_source_from_its_store_and_export_refuses_urls(decoy):
+def test_convert_and_export_read_a_url_source_from_its_store_and_export_refuses_a_url_output(decoy):
     url = f"memory://ucp-test-{decoy.name}/run"
     with pytest.raises(CheckpointNotFoundError):
         convert(url, decoy / "u", fsync=False)  # (empty there: never the decoy at ./memory:/...)
@@ -79,8 +79,8 @@ def test_convert_reads_a_url_source_from_its_store_and_export_refuses_urls(decoy
         convert(url, decoy / "u", fsync=False, source="hf")
     assert not (decoy / "u").exists()
     convert(decoy / "s3:/bucket/run", decoy / "u", fsync=False)
-    with pytest.raises(LocationError, match="export"):
-        export(URL, decoy / "hf")
+    with pytest.raises(CheckpointNotFoundError, match="no such directory"):
+        export(url, decoy / "hf")  # (empty there: never the decoy)
     with pytest.raises(LocationError, match="export"):
         export(decoy / "u", "s3://bucket/hf")
     assert not (decoy / "hf").exists() and not Path("s3:/bucket/hf").exists()

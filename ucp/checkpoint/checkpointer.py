@@ -15,7 +15,7 @@ import torch
 from ucp.checkpoint.load import load_checkpoint
 from ucp.checkpoint.memory import Snapshots
 from ucp.checkpoint.results import LoadResult, SaveResult
-from ucp.checkpoint.save import SavePlans, save_durable
+from ucp.checkpoint.save import SavePlans, on_storage, save_durable
 from ucp.comm.collective import Collective
 from ucp.errors import LocationError, NotInMemoryError, OptionsError, PersistError, UcpError
 from ucp.lang.apply import LiveSpec
@@ -213,6 +213,8 @@ class Checkpointer:
             CorruptCheckpointError: a fragment fails its checksum or is truncated (names file and key).
             LoadError: the checkpoint does not fit the model or optimizer.
             NotInMemoryError: ``memory_only`` and no snapshot in memory restores the job.
+            StorageError: an object store failed a read (unreachable after the retries); names the
+                object. (A local disk's errors are raised as they are.)
         """
         self._check_open()
         snaps = self._snapshots
@@ -236,6 +238,8 @@ class Checkpointer:
         if memory_only:
             raise NotInMemoryError(f"no snapshot in the agents' memory restores this job "
                                    f"({snaps.lost or snaps.why_not or 'none is held'}); the durable tier was not read")
+        if is_object(self.root):
+            return on_storage(load_checkpoint, self.root)(self, step, strict, cast)
         return load_checkpoint(self, step, strict, cast)
 
     # -- lifecycle ---------------------------------------------------------------------------

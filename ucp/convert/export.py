@@ -32,6 +32,7 @@ from ucp.lang.names import ExportName, export_names, renamed
 from ucp.storage.directory import list_steps
 from ucp.storage.safetensors_file import Slot, write_stream
 from ucp.storage.location import local_path
+from ucp.storage.objstore import as_location
 from ucp.storage.staging import Staging
 from ucp.storage.universal_io import array_reader, is_universal, read_header
 
@@ -128,7 +129,7 @@ def export(universal, out, spec: str | Path | None = None, *, optimizer: bool = 
         raise OptionsError(f"max_shard_bytes={max_shard_bytes!r}: use a positive number of bytes")
     if dtype is not None and dtype not in CAST_DTYPES:
         raise OptionsError(f"dtype={dtype!r}: use one of {', '.join(CAST_DTYPES)}, or None to keep each tensor's")
-    universal, out = local_path(universal, "export"), local_path(out, "export")
+    universal, out = as_location(universal), local_path(out, "export")
     if not is_universal(universal):
         distributed = (universal / "manifest.json").exists() or bool(list_steps(universal))
         what = "a distributed checkpoint; run 'ucp convert' on it first" if distributed \

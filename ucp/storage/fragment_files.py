@@ -178,17 +178,6 @@ class FragmentFiles:
         if entry is not None and entry[0] >= 0:
             os.close(entry[0])
 
-    def _get_into(self, name: str, views: list, offset: int) -> int:
-        """``os.preadv`` on an object: one ranged GET of the bytes ``views`` hold, scattered into them;
-        the count of bytes the object had (fewer at its end)."""
-        data = (self.directory / name).read_range(offset, offset + sum(_nbytes(v) for v in views))
-        at = 0
-        for v in views:
-            n = min(_nbytes(v), len(data) - at)
-            memoryview(v).cast("B")[:n] = data[at:at + n]
-            at += n
-        return at
-
     def _count(self, n: int) -> None:
         with self._lock:
             self.nbytes += n
@@ -221,7 +210,10 @@ class FragmentFiles:
                         continue
                     rest.append(memoryview(v)[skip:])
                     skip = 0
-                n = os.preadv(fd, rest, offset + got) if fd >= 0 else self._get_into(name, rest, offset + got)
+                if fd >= 0:
+                    n = os.preadv(fd, rest, offset + got)
+                else:  # (an object: ranged GETs)
+                    n = (self.directory / name).read_into(offset + got, rest)
                 if n == 0:
                     raise CorruptCheckpointError(f"{self.directory / name}: {what + ': ' if what else ''}the file ends at "
                                                  f"byte {offset + got}, {want - got} bytes early (truncated?)")
@@ -369,7 +361,7 @@ class FragmentFiles:
         than ``f.length`` when its file ends early. Verification compares these with the manifest."""
         fd, _ = self.open(f.file)
         value, done, view, blocks = 0, 0, memoryview(buf), []
-        read = os.preadv if fd >= 0 else lambda _, views, offset: self._get_into(f.file, views, offset)
+        read = os.preadv if fd >= 0 else lambda _, views, offset: (self.directory / f.file).read_into(offset, views)
         current, filled = 0, 0  # the block being summed and its bytes so far
         while done < f.length:
             n = read(fd, [view[: min(len(buf), f.length - done)]], f.offset + done)

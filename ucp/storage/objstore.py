@@ -16,11 +16,15 @@ Credentials and the endpoint come from the usual places (``AWS_ENDPOINT_URL``, `
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ucp.errors import LocationError
 from ucp.storage.location import is_url, local_path
+from ucp.storage.multipart import MultipartWriter, as_oserror
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,27 @@ class ObjectStat:
     etag: str
 
 
-#: file system options by protocol: s3fs must not answer from a cached listing, as other ranks and
-#: jobs write under the same prefixes
-_OPTIONS = {"s3": {"use_listings_cache": False}, "s3a": {"use_listings_cache": False}}
+#: botocore's retries of every S3 request unless the environment sets them (``AWS_RETRY_MODE``,
+#: ``AWS_MAX_ATTEMPTS``): throttling (SlowDown, 503) and transient errors (5xx, connection errors,
+#: timeouts) retried up to 5 attempts with exponential backoff and jitter (1, 2, 4, 8 s at most),
+#: s3fs adding its own retries of dropped connections; a request still failing after them fails
+#: the save or load, in one line naming the object
+RETRIES = {"mode": "standard", "max_attempts": 5}
+
+
+def _options(protocol: str) -> dict:
+    """fsspec options by protocol: s3fs must not answer from a cached listing (other ranks and jobs
+    write under the same prefixes), and retries as :data:`RETRIES` says."""
+    if protocol not in ("s3", "s3a"):
+        return {}
+    if "AWS_RETRY_MODE" in os.environ or "AWS_MAX_ATTEMPTS" in os.environ:
+        return {"use_listings_cache": False}
+    return {"use_listings_cache": False, "config_kwargs": {"retries": RETRIES}}
+
+
+#: a read over this many bytes is split into ranged GETs of this size, ``GETS`` of them at a time
+GET_BYTES = 16 << 20
+GETS = 4
 
 
 def _filesystem(url: str):
@@ -43,13 +65,23 @@ def _filesystem(url: str):
     try:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(url, **_OPTIONS.get(url.split("://", 1)[0], {}))
+        fs, path = fsspec.core.url_to_fs(url, **_options(url.split("://", 1)[0]))
     except ImportError as e:
         raise LocationError(f"{url}: ucp reaches this URL through fsspec, and {e} (for s3://: pip install "
                             "'ucp[s3]', which installs s3fs)") from None
     except (ValueError, TypeError) as e:
         raise LocationError(f"{url}: fsspec cannot open this URL ({e})") from None
     return fs, path.rstrip("/")
+
+
+def _io(method):
+    """``method`` of an :class:`ObjectPath` with the S3 client's errors raised as OSErrors naming it
+    (:func:`~ucp.storage.multipart.as_oserror`)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with as_oserror(str(self)):
+            return method(self, *args, **kwargs)
+    return run
 
 
 class ObjectPath:
@@ -99,15 +131,19 @@ class ObjectPath:
 
     # -- reading -----------------------------------------------------------------------------
 
+    @_io
     def exists(self) -> bool:
         return self.fs.exists(self.key)
 
+    @_io
     def is_file(self) -> bool:
         return self.fs.isfile(self.key)
 
+    @_io
     def is_dir(self) -> bool:
         return self.fs.isdir(self.key)
 
+    @_io
     def iterdir(self) -> list["ObjectPath"]:
         """The objects and prefixes right under this prefix (none when there is none)."""
         try:
@@ -116,6 +152,7 @@ class ObjectPath:
             return []
         return [self / n.rstrip("/").rsplit("/", 1)[-1] for n in names if n.rstrip("/") != self.key]
 
+    @_io
     def stat(self) -> ObjectStat:
         """Size, age and version tag of the object (:class:`FileNotFoundError` when there is none)."""
         info = self.fs.info(self.key)
@@ -125,14 +162,51 @@ class ObjectPath:
         when = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
         return ObjectStat(int(info["size"]), when, str(info.get("ETag") or info.get("etag") or ""))
 
+    @_io
     def read_bytes(self) -> bytes:
         return self.fs.cat_file(self.key)
 
+    @_io
     def read_range(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object, in one ranged GET (fewer at its end)."""
         if end <= start:
             return b""
         return self.fs.cat_file(self.key, start=start, end=end)
+
+    @_io
+    def read_into(self, offset: int, views: list) -> int:
+        """Fill ``views`` (buffers) in order with the object's bytes from ``offset``; the count of
+        bytes the object had (fewer at its end). A read over :data:`GET_BYTES` is ranged GETs of that
+        size, :data:`GETS` in flight at once (on an asynchronous file system, s3fs), each copied into
+        place as it arrives: one connection's speed does not bound a large fragment's read, and the
+        memory held is at most ``GETS * GET_BYTES``. The range must start inside the object."""
+        out = [memoryview(v).cast("B") for v in views]
+        total = sum(v.nbytes for v in out)
+        if total <= GET_BYTES or not getattr(self.fs, "async_impl", False):
+            data = self.fs.cat_file(self.key, start=offset, end=offset + total) if total else b""
+            _scatter(out, 0, data)
+            return len(data)
+        from fsspec.asyn import sync
+
+        pieces = [(lo, min(lo + GET_BYTES, total)) for lo in range(0, total, GET_BYTES)]
+
+        async def fetch() -> list[int]:
+            gate = asyncio.Semaphore(GETS)
+
+            async def one(lo: int, hi: int) -> int:
+                async with gate:
+                    data = await self.fs._cat_file(self.key, start=offset + lo, end=offset + hi)
+                _scatter(out, lo, data)
+                return len(data)
+
+            return await asyncio.gather(*(one(lo, hi) for lo, hi in pieces))
+
+        got = 0
+        for (lo, hi), n in zip(pieces, sync(self.fs.loop, fetch)):
+            got += n
+            if n < hi - lo:  # (the object ends here)
+                break
+        return got
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -140,13 +214,19 @@ class ObjectPath:
         """Nothing to make: a prefix exists while an object is under it."""
 
     def open_write(self):
-        """A binary file object writing the object, streamed (multipart uploads of bounded parts);
-        the object appears whole when it is closed, never in part."""
+        """A binary file object writing the object, streamed; the object appears whole when it is
+        closed, never in part, and not at all if the ``with`` block that writes it raises. On S3 a
+        :class:`~ucp.storage.multipart.MultipartWriter` (parts uploaded concurrently, in bounded
+        memory); elsewhere the file system's own."""
+        if hasattr(self.fs, "_call_s3"):
+            return MultipartWriter(self.fs, self.key)
         return self.fs.open(self.key, "wb")
 
+    @_io
     def write_bytes(self, data: bytes) -> None:
         self.fs.pipe_file(self.key, bytes(data))
 
+    @_io
     def create(self, data: bytes) -> bool:
         """Write the object iff there is none (a conditional PUT, ``If-None-Match: *``): whether this
         call created it. The one operation that publishes (a manifest) or takes (a lease) on an
@@ -166,6 +246,7 @@ class ObjectPath:
                 raise  # (the original error: the write failed, and nothing is there)
             return there == data  # (ours: a retried PUT whose first try had landed, its answer lost)
 
+    @_io
     def replace_if(self, version: str, data: bytes | None) -> bool:
         """Overwrite the object with ``data`` (None: delete it) iff its version tag is still
         ``version`` (S3's ``If-Match``): whether it was done. The lease's heartbeat, takeover and
@@ -208,6 +289,7 @@ class ObjectPath:
     def __reduce__(self):
         return ObjectPath, (str(self),)  # (sent between ranks by its URL: each opens its own file system)
 
+    @_io
     def unlink(self, missing_ok: bool = False) -> None:
         try:
             self.fs.rm_file(self.key)
@@ -215,6 +297,7 @@ class ObjectPath:
             if not missing_ok:
                 raise
 
+    @_io
     def remove_tree(self) -> None:
         """Delete every object under this prefix (best effort: a vanished object is no error)."""
         try:
@@ -225,11 +308,26 @@ class ObjectPath:
         if keys:
             self.fs.rm(keys)
 
+    @_io
     def copy_tree(self, dest: "ObjectPath") -> None:
         """Copy every object under this prefix to the same names under ``dest`` (server-side)."""
         for key, info in self.fs.find(self.key, detail=True, withdirs=False).items():
             if info.get("type") != "directory":
                 self.fs.copy(key, dest.key + key[len(self.key):])
+
+
+def _scatter(views: list[memoryview], at: int, data: bytes) -> None:
+    """Copy ``data`` to byte ``at`` of the concatenation of ``views``."""
+    src = memoryview(data)
+    for v in views:
+        if at >= v.nbytes:
+            at -= v.nbytes
+            continue
+        k = min(v.nbytes - at, src.nbytes)
+        v[at:at + k] = src[:k]
+        src, at = src[k:], 0
+        if not src.nbytes:
+            return
 
 
 def as_location(where) -> Path | ObjectPath:

@@ -33,7 +33,6 @@ from ucp.format.fragment import check_file_name, fragments_from_parquet
 from ucp.format.jsonio import parse_json
 from ucp.format.manifest import header_from_json
 from ucp.format.universal import ArrayMeta, UniversalHeader, shard_shape
-from ucp.storage.location import local_path
 from ucp.storage.objstore import as_location
 from ucp.storage.manifest_io import check_signed, sign_header
 from ucp.storage.verify import Report
@@ -48,7 +47,7 @@ CHUNK_CRCS = "chunk_crc32c"
 
 def is_universal(path) -> bool:
     """Whether ``path`` is a directory holding a zarr group (complete or not) rather than a ucp manifest."""
-    path = as_location(path)  # (a universal checkpoint on an object store: read_header refuses it, for now)
+    path = as_location(path)
     return (path / ZARR_JSON).is_file() and not (path / "manifest.json").exists()
 
 
@@ -58,7 +57,7 @@ def shard_rel(meta: ArrayMeta) -> str:
 
 
 def shard_path(root: Path, meta: ArrayMeta) -> Path:
-    return Path(root) / shard_rel(meta)
+    return as_location(root) / str(shard_rel(meta))
 
 
 #: chunk keys are ``c.0.0``: the shard sits in the array's directory, no ``c/0/`` directories
@@ -177,8 +176,8 @@ def fsync_tree(root: Path, threads: int = 8) -> None:
 
 
 def read_header(root: Path) -> UniversalHeader:
-    """Read, check and validate a universal checkpoint's header."""
-    root = local_path(root, "a reader of universal checkpoints")
+    """Read, check and validate a universal checkpoint's header (a local directory, or a URL)."""
+    root = as_location(root)
     path = root / ZARR_JSON
     try:
         group = header_from_json(path.read_bytes(), str(path))
@@ -223,7 +222,7 @@ def array_crcs(root: Path, key: str, meta: ArrayMeta) -> tuple[int, ...] | None:
         CorruptCheckpointError: the file is missing or its checksum does not match the header's.
         FormatError: it matches the header's checksum but disagrees with the header's entry.
     """
-    path = Path(root) / meta.path / ZARR_JSON
+    path = as_location(root) / f"{meta.path}/{ZARR_JSON}"
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -33,6 +33,7 @@ import numpy as np
 from ucp.codecs.checksum import crc32c
 from ucp.errors import CorruptCheckpointError
 from ucp.storage.atomic import WRITEBACK_EVERY, start_writeback
+from ucp.storage.objstore import ObjectPath, is_object
 
 #: index entry of a chunk that is not stored
 _EMPTY = 2**64 - 1
@@ -146,14 +147,15 @@ def _write_all(f, data) -> None:
         done += view.nbytes - done if n is None else n
 
 
-def read_index(fd: int, shape, chunks, where: str) -> np.ndarray:
-    """The shard's ``(offset, nbytes)`` index over the chunk grid, checksum verified."""
+def read_index(fd: int, shape, chunks, where: str, obj: ObjectPath | None = None) -> np.ndarray:
+    """The shard's ``(offset, nbytes)`` index over the chunk grid, checksum verified: of open file
+    ``fd``, or of object ``obj`` (one ranged GET)."""
     grid = _grid(shape, chunks)
     n = math.prod(grid) * 16
-    size = os.fstat(fd).st_size
+    size = os.fstat(fd).st_size if obj is None else obj.stat().st_size
     if size < n + 4:
         raise CorruptCheckpointError(f"{where}: {size} bytes, too short for its shard index of {n + 4} bytes (truncated?)")
-    raw = os.pread(fd, n + 4, size - n - 4)
+    raw = os.pread(fd, n + 4, size - n - 4) if obj is None else obj.read_range(size - n - 4, size)
     if struct.unpack("<I", raw[n:])[0] != crc32c(raw[:n]):
         raise CorruptCheckpointError(f"{where}: shard index checksum mismatch; the file is corrupted")
     index = np.frombuffer(raw[:n], dtype="<u8").reshape(grid + (2,))
@@ -172,7 +174,7 @@ class ShardReader:
     """Reads regions of one array's shard, chunk by chunk, checking every chunk's CRC-32C.
 
     Args:
-        path: the shard file.
+        path: the shard file (or object: :class:`~ucp.storage.objstore.ObjectPath`, read by ranged GETs).
         shape: the array's shape; chunks: its inner chunk shape; dtype: numpy dtype of the stored data.
         compressor: ``none`` or ``zstd``.
         label: how errors name the array (its tensor key).
@@ -184,7 +186,8 @@ class ShardReader:
 
     def __init__(self, path: Path, shape, chunks, dtype, compressor: str = "none", label: str = "",
                  expected: Sequence[int] | None = None):
-        self.path, self.shape, self.chunks = Path(path), tuple(shape), tuple(chunks)
+        self.path = path if is_object(path) else Path(path)
+        self.shape, self.chunks = tuple(shape), tuple(chunks)
         if expected is not None and len(expected) != chunk_count(self.shape, self.chunks):
             n = chunk_count(self.shape, self.chunks)
             raise ValueError(f"{len(expected)} expected chunk checksums for {n} chunks")
@@ -204,6 +207,12 @@ class ShardReader:
         self.close()
 
     def open(self) -> None:
+        if self._fd is None and math.prod(self.shape) and is_object(self.path):
+            try:
+                self._index = read_index(-1, self.shape, self.chunks, f"{self.path} ({self.label})", self.path)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"{self.path}: the shard of {self.label} is missing") from None
+            self._fd = -1  # (an object: no descriptor, every chunk one ranged GET)
         if self._fd is None and math.prod(self.shape):
             try:
                 self._fd = os.open(self.path, os.O_RDONLY)
@@ -217,9 +226,9 @@ class ShardReader:
                 raise
 
     def close(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._fd >= 0:
             os.close(self._fd)
-            self._fd = None
+        self._fd = None
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -237,10 +246,10 @@ class ShardReader:
             if nbytes != self.chunk_nbytes + 4:
                 raise CorruptCheckpointError(f"{where}: {nbytes} bytes recorded, {self.chunk_nbytes + 4} expected")
             payload = memoryview(out.reshape(-1).view(np.uint8))
-            got = os.preadv(self._fd, [payload, crc_buf := bytearray(4)], offset)
+            got = self._preadv([payload, crc_buf := bytearray(4)], offset)
             stored = crc_buf
         else:
-            got = os.preadv(self._fd, [raw], offset)
+            got = self._preadv([raw], offset)
             payload, stored = memoryview(raw)[:-4], raw[-4:]
         if got != nbytes:
             raise CorruptCheckpointError(f"{where}: file ends early ({got} of {nbytes} bytes)")
@@ -268,6 +277,9 @@ class ShardReader:
         if out is None:
             return np.frombuffer(payload, dtype=self.dtype).reshape(self.chunks)
         return out
+
+    def _preadv(self, views: list, offset: int) -> int:
+        return os.preadv(self._fd, views, offset) if self._fd >= 0 else self.path.read_into(offset, views)
 
     def read(self, region: tuple[slice, ...] | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """The array's ``region`` (default: all of it), reading only the chunks it overlaps."""

@@ -1,0 +1,131 @@
+"""The S3 server itself failing (SeaweedFS killed outright, tests/s3server.py) in the middle of a save and
+of a load: the error is one line naming the URL (a StorageError; the CLI exits non-zero without a
+traceback), nothing torn becomes visible, and after the server's restart the previous checkpoint loads
+bit-exactly. (Savers killed at random points: test_object_store.py.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ucp
+from tests.helpers import bit_diffs
+from ucp.errors import StorageError
+from ucp.storage import directory as store
+from ucp.storage.multipart import MultipartWriter
+from ucp.storage.objstore import ObjectPath
+
+pytestmark = [pytest.mark.s3, pytest.mark.fault]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, s3_server):
+    """A server of this module's own (the session's must not die), stopped at its end."""
+    from tests.s3server import S3Server
+
+    with S3Server(tmp_path_factory.mktemp("s3-faults")) as server:
+        yield server
+
+
+@pytest.fixture
+def dying(server, monkeypatch):
+    """The module's server, up, the environment pointing at it, botocore's attempts at 2 (the usual
+    AWS_MAX_ATTEMPTS: a dead server fails a request in seconds); up again after the test."""
+    import s3fs
+
+    for name, value in server.environ().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    s3fs.S3FileSystem.clear_instance_cache()  # (no client of another server's endpoint)
+    if server.proc is None:
+        server.start()
+    yield server
+    if server.proc is None:
+        server.start()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _model(seed: int):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(10)])  # (40 MB: 3 parts)
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _one_line_naming(e: BaseException, url: str) -> None:
+    assert "\n" not in str(e) and url in str(e), str(e)
+
+
+def test_server_killed_mid_save_leaves_the_previous_checkpoint(dying, monkeypatch):
+    url = dying.url("save")
+    model = _model(0)
+    ck = ucp.Checkpointer(url, model=model)
+    ck.save(1)
+    saved = _state(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    send = MultipartWriter._send
+
+    def killing(self, body):  # (the server dies as the rank file's second part goes out)
+        if self._parts or self._inflight:
+            dying.kill()
+        return send(self, body)
+
+    monkeypatch.setattr(MultipartWriter, "_send", killing)
+    with pytest.raises(StorageError) as e:
+        ck.save(2)
+    _one_line_naming(e.value, f"{url}/step_00000002/rank_00000.safetensors")
+    monkeypatch.setattr(MultipartWriter, "_send", send)
+    dying.start()
+    ck.close()
+    assert [s for s, _ in store.list_steps(url)] == [1]  # (step 2: never visible)
+    fresh = _model(1)
+    with ucp.Checkpointer(url, model=fresh) as ck2:
+        assert ck2.load().step == 1
+    assert bit_diffs(saved, _state(fresh)) == []
+
+
+def test_server_killed_mid_load_then_the_load_succeeds_after_restart(dying, monkeypatch):
+    url = dying.url("load")
+    model = _model(0)
+    with ucp.Checkpointer(url, model=model) as ck:
+        ck.save(1)
+    saved = _state(model)
+    read_into, calls = ObjectPath.read_into, []
+
+    def killing(self, offset, views):  # (the server dies at the third fragment read)
+        calls.append(offset)
+        if len(calls) == 3:
+            dying.kill()
+        return read_into(self, offset, views)
+
+    monkeypatch.setattr(ObjectPath, "read_into", killing)
+    fresh = _model(1)
+    with pytest.raises(StorageError) as e:
+        ucp.Checkpointer(url, model=fresh).load()
+    _one_line_naming(e.value, url)
+    monkeypatch.setattr(ObjectPath, "read_into", read_into)
+    dying.start()
+    with ucp.Checkpointer(url, model=fresh) as ck:
+        assert ck.load().step == 1
+    assert bit_diffs(saved, _state(fresh)) == []
+
+
+def test_the_cli_fails_in_one_line_while_the_server_is_down(dying, tmp_path):
+    url = dying.url("cli")
+    with ucp.Checkpointer(url, model=torch.nn.Linear(4, 4)) as ck:
+        ck.save(1)
+    dying.kill()
+    for command in ("verify", "inspect"):
+        r = subprocess.run([sys.executable, "-m", "ucp.cli.main", command, url], env=dict(os.environ), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and r.stdout == "", r
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and url in lines[0] and "Traceback" not in r.stderr, r.stderr

@@ -1,0 +1,77 @@
+"""Objects on a real S3 server (SeaweedFS, tests/s3server.py) written by MultipartWriter (parts uploaded
+concurrently, the object visible only once complete, none after a failure) and read by
+ObjectPath.read_into (ranged GETs in parallel, short at the object's end)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from fsspec.asyn import sync
+
+from ucp.storage import objstore
+from ucp.storage.multipart import MultipartWriter
+from ucp.storage.objstore import ObjectPath
+
+pytestmark = pytest.mark.s3
+
+MIB = 1 << 20
+
+
+def _uploads(fs, key: str) -> list:
+    bucket, name = key.split("/", 1)
+    out = sync(fs.loop, fs._call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=name)
+    return out.get("Uploads", [])
+
+
+def test_parts_uploaded_concurrently_make_one_whole_object(s3):
+    path = ObjectPath(s3.url("mp") + "/rank.bin")
+    data = os.urandom(5 * MIB) * 3 + os.urandom(MIB + 7)  # (3 full parts and a short last one)
+    with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB, concurrency=2) as w:
+        for at in range(0, len(data), 3 * MIB + 1):  # (writes that straddle parts)
+            w.write(memoryview(data)[at:at + 3 * MIB + 1])
+            assert not path.exists()  # (nothing visible before it is complete)
+        assert w.tell() == len(data)
+    assert path.read_bytes() == data
+    assert path.stat().etag.strip('"').endswith("-4")  # (S3's multipart ETag: 4 parts)
+    assert _uploads(path.fs, path.key) == []
+
+
+def test_a_small_object_is_one_put(s3):
+    path = ObjectPath(s3.url("small") + "/x")
+    with path.open_write() as w:
+        assert isinstance(w, MultipartWriter)
+        w.write(b"abc")
+    assert path.read_bytes() == b"abc" and "-" not in path.stat().etag
+
+
+def test_a_failed_write_leaves_no_object_and_no_upload(s3):
+    path = ObjectPath(s3.url("failed") + "/rank.bin")
+    with pytest.raises(RuntimeError, match="producer failed"):
+        with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB, concurrency=2) as w:
+            w.write(os.urandom(11 * MIB))  # (two parts sent)
+            raise RuntimeError("producer failed")
+    assert not path.exists()
+    assert _uploads(path.fs, path.key) == []  # (aborted: the parts are gone too)
+
+
+def test_read_into_splits_a_large_read_and_stops_at_the_end(s3, monkeypatch):
+    monkeypatch.setattr(objstore, "GET_BYTES", MIB)
+    path = ObjectPath(s3.url("read") + "/obj")
+    data = os.urandom(5 * MIB + 123)
+    path.write_bytes(data)
+    got: list = []
+    cat = path.fs._cat_file
+
+    async def counted(key, start=None, end=None, **kw):
+        got.append((start, end))
+        return await cat(key, start=start, end=end, **kw)
+
+    monkeypatch.setattr(path.fs, "_cat_file", counted)
+    a, b = bytearray(2 * MIB + 5), memoryview(bytearray(2 * MIB))
+    assert path.read_into(1000, [a, b]) == len(a) + len(b)
+    assert bytes(a) + bytes(b) == data[1000:1000 + len(a) + len(b)]
+    assert len(got) == 5 and all(e - s <= MIB for s, e in got)  # (ranged GETs of at most GET_BYTES)
+    tail = bytearray(3 * MIB)
+    assert path.read_into(3 * MIB, [tail]) == 2 * MIB + 123  # (short: the object ends)
+    assert bytes(tail[:2 * MIB + 123]) == data[3 * MIB:]

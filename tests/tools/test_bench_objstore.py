@@ -1,0 +1,26 @@
+"""tools/bench_objstore.py runs end to end on a tiny state against the test's S3 server and prints one
+JSON line with every figure."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tools.bench import run_bench
+
+
+@pytest.mark.s3
+def test_bench_objstore_quick(s3, tmp_path):
+    doc = run_bench("bench_objstore.py", "--quick", "--endpoint", s3.endpoint, "--dir", tmp_path, timeout=300)
+    assert doc["verified"] is True and doc["repeats"] == 1
+    for kind in ("ucp_s3", "ucp_local", "dcp_s3"):
+        for fig in ("save", "load"):
+            assert doc[f"{kind}_{fig}_s"] > 0 and doc[f"{kind}_{fig}_spread_s"]["n"] == 1
+    for fig in ("save", "load"):
+        assert doc[f"speedup_{fig}"] == pytest.approx(doc[f"dcp_s3_{fig}_s"] / doc[f"ucp_s3_{fig}_s"], rel=0.02)
+    assert 1.0 <= doc["ucp_s3_read_amplification"] <= 1.1
+    assert abs(doc["gb"]["ucp_s3"] - doc["state_gb"]) / doc["state_gb"] < 0.01
+    assert list(tmp_path.iterdir()) == []  # (the local checkpoints removed)
+    fs = s3.filesystem()
+    left = [k for d in fs.ls("ucp", detail=False) if "bench-objstore" in d
+            for k, info in fs.find(d, detail=True).items() if info["type"] != "directory"]
+    assert left == []  # (and its objects on the server)

