@@ -440,7 +440,8 @@ class Floors:
     """The single passes a snapshot or a restore of ``nbytes`` per rank can be compared with, each on
     preallocated, already touched buffers and in one thread: ``memcpy`` (numpy's copy, which never
     splits a copy over threads), ``memcpy_4k`` (the same between buffers in 4 KiB pages),
-    ``verified_copy`` (a copy checksummed chunk by chunk as it goes), ``crc32c`` (the ``crc32c`` library over the whole buffer),
+    ``verified_copy`` (a copy checksummed chunk by chunk as it goes), ``crc32c`` (the ``crc32c``
+    library over the whole buffer),
     ``write_fsync`` (the buffer written to ``path`` and fsynced) and ``cold_read`` (``path``'s cached
     pages dropped, then read back into the buffer; ``disk_read_bytes`` says whether the bytes came
     from the device). The caller times them and decides which ranks run them at once."""

@@ -18,8 +18,9 @@ from the newest durable checkpoint (``"durable"``), or from nothing (``"none"``:
 
 Per recovery it records the nodes lost, the step restored and its source, the steps lost (step at
 the kill - step restored), the time to resume (from the kill to the first step finished after the
-relaunch, less the harness's digest of the restored state, taken before that step) and whether the restored state is bit-exactly the one recorded at that step before the
-failure (a layout-independent sha256 of the whole model and optimizer state, see chaos_trainer.py),
+relaunch, less the harness's digest of the restored state, taken before that step) and whether
+the restored state is bit-exactly the one recorded at that step before the failure (a
+layout-independent sha256 of the whole model and optimizer state, see chaos_trainer.py),
 and the first line of the relaunched trainers' stderr that says they fell back ("fall", "durable").
 
 With ``--inprocess`` the trainers run under ``ucp.run_in_process`` (docs/recovery.md): the job is

@@ -17,9 +17,10 @@ for most); a hung one (SIGSTOP, a stuck kernel) makes it raise at the process gr
 A survivor that gives up shuts down the TCP connections its generation's groups opened
 (:mod:`ucp.comm.connections`), so that a peer blocked on one of them (sending to it, waiting for
 it) fails at once too instead of at the ``timeout``: gloo cannot abort a collective in flight.
-Any exception out of ``build``, the load or ``train`` starts the membership protocol. When it lost no member, the generation is retried (re-formed, restored,
-from memory when it holds the snapshot) if every member failed in a collective's transport (a
-timeout with nobody lost: a slow step, not a hang); otherwise (a bug, bad input on some rank) the
+Any exception out of ``build``, the load or ``train`` starts the membership protocol. When it
+lost no member, the generation is retried (re-formed, restored, from memory when it holds the
+snapshot) if every member failed in a collective's transport (a timeout with nobody lost: a slow
+step, not a hang); otherwise (a bug, bad input on some rank) the
 exception is raised again.
 
 **Freeing the broken generation.** The survivors drop the Checkpointer, the exception's frames
