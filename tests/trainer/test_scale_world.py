@@ -29,10 +29,13 @@ from tests.trainer.test_reshard_layouts import _union
 from tests.world import World
 from ucp.convert import convert
 
-pytestmark = [pytest.mark.dist, pytest.mark.timeout(200)]
+# The first test also starts the world (33 s when the machine is quiet) and saves the checkpoint:
+# a CI run on a loaded host once took over 200 s for that, so a test has 450 s.
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(450)]
 
 STEPS = 2
 RUN_TIMEOUT = 150.0  # seconds for one function on every rank (24 torch processes share 2 cores)
+START_TIMEOUT = 240.0  # seconds for every rank to start and join the process group
 
 
 def _lay(tp: int, pp: int, dp: int) -> dict:
@@ -53,10 +56,10 @@ def pytest_generate_tests(metafunc):
 def world(request):
     """A gloo world of the class's ``SIZE`` ranks, closed after the class's tests even when one
     fails (a broken world's processes are killed): one world at a time."""
-    w = World(request.cls.SIZE)
+    w = World(request.cls.SIZE, pg_timeout=START_TIMEOUT)  # (the rendezvous waits for the last rank to start)
     try:
         t0 = time.monotonic()
-        w.run(int, timeout=RUN_TIMEOUT)  # every rank has started and joined the process group
+        w.run(int, timeout=START_TIMEOUT)  # every rank has started and joined the process group
         print(f"\n{w.size} ranks up in {time.monotonic() - t0:.1f} s")
         yield w
     finally:
