@@ -45,7 +45,7 @@ import uuid
 from pathlib import Path
 
 import benchlib
-from bench_save import build_state, checksum, scramble
+from bench_save import built_state, checksum, scramble
 
 KINDS = ("ucp_s3", "ucp_local", "dcp_s3")
 QUICK = {"gb": 0.02, "repeats": 1}
@@ -96,13 +96,9 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
     from ucp.storage.objstore import ObjectPath
 
     t0 = time.perf_counter()
-    model, opt, dims = build_state(args, rank)
-    n_params = sum(p.numel() for p in model.parameters())
-    state_gb = 3 * 4 * n_params / 1e9
+    model, opt, dims, _, state_gb, reference = built_state(args, rank, log)
     if rank == 0:
-        log(f"layout={args.layout} nproc={args.nproc} dims={dims} state={state_gb:.3f} GB "
-            f"built in {time.perf_counter() - t0:.1f}s; s3 root {s3_root}")
-    reference = checksum(model, opt)
+        log(f"s3 root {s3_root}")
     gets = GetCounter()
     s3 = fsspec.core.url_to_fs(s3_root, use_listings_cache=False)[0]
     local_root = Path(workdir) / "ucp"

@@ -182,6 +182,19 @@ def build_state(args, rank: int):
     return model, opt, dims
 
 
+def built_state(args, rank: int, say=None) -> tuple:
+    """:func:`build_state`, timed, its size said on rank 0 through ``say`` (a logger) with the
+    figures every bench prints: ``(model, opt, dims, parameter count, state GB, checksum)``."""
+    t0 = time.perf_counter()
+    model, opt, dims = build_state(args, rank)
+    n_params = sum(p.numel() for p in model.parameters())
+    state_gb = 3 * 4 * n_params / 1e9  # fp32 parameters + AdamW's two moments
+    if rank == 0 and say is not None:
+        say(f"layout={args.layout} nproc={args.nproc} dims={dims} params={n_params / 1e6:.1f}M "
+            f"state={state_gb:.3f} GB built in {time.perf_counter() - t0:.1f}s")
+    return model, opt, dims, n_params, state_gb, checksum(model, opt)
+
+
 def local_tensors(model, opt):
     """(name, local tensor) of everything a checkpoint must restore on this rank."""
     out = [(f"model.{n}", local(t)) for n, t in model.state_dict().items()]
@@ -306,13 +319,7 @@ def worker(rank: int, args, workdir: str) -> dict | None:
     import ucp
 
     t0 = time.perf_counter()
-    model, opt, dims = build_state(args, rank)
-    n_params = sum(p.numel() for p in model.parameters())
-    state_gb = 3 * 4 * n_params / 1e9
-    if rank == 0:
-        log(f"layout={args.layout} nproc={args.nproc} dims={dims} params={n_params / 1e6:.1f}M "
-            f"state={state_gb:.3f} GB built in {time.perf_counter() - t0:.1f}s")
-    reference = checksum(model, opt)
+    model, opt, dims, n_params, state_gb, reference = built_state(args, rank, log)
     phases = PhaseTimer()
     root = Path(workdir)
     ckpt = ucp.Checkpointer(root / "ucp", model=model, optimizer=opt)

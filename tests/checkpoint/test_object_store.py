@@ -178,14 +178,19 @@ def test_fsdp_save_on_2_ranks_loads_on_3_bit_exact(s3, worlds):
         assert bit_diffs(saved[0], out["state"]) == []
 
 
+def trained_and_saved(url: str, step: int) -> dict:
+    """A model trained one step and saved to ``url`` as ``step``: its state (``state_of``)."""
+    model, opt, sched = make()
+    train_step(model, opt, sched)
+    with ucp.Checkpointer(url, model=model, optimizer=opt, scheduler=sched) as ck:
+        ck.save(step)
+    return state_of(model, opt)
+
+
 def test_convert_from_s3_to_s3_bit_exact(s3, tmp_path):
     zarr = pytest.importorskip("zarr")
     src, dst = s3.url("src"), s3.url("universal")
-    model, opt, sched = make()
-    train_step(model, opt, sched)
-    with ucp.Checkpointer(src, model=model, optimizer=opt, scheduler=sched) as ck:
-        ck.save(6)
-    saved = state_of(model, opt)
+    saved = trained_and_saved(src, 6)
     r = subprocess.run([sys.executable, "-m", "ucp.cli.main", "convert", src, dst, "--quiet", "--json"],
                        env=dict(os.environ), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r
@@ -206,11 +211,7 @@ def test_export_and_load_of_a_universal_checkpoint_on_s3_bit_exact(s3, tmp_path)
     from safetensors.numpy import load_file
 
     src, universal = s3.url("src"), s3.url("universal")
-    model, opt, sched = make()
-    train_step(model, opt, sched)
-    with ucp.Checkpointer(src, model=model, optimizer=opt, scheduler=sched) as ck:
-        ck.save(4)
-    saved = state_of(model, opt)
+    saved = trained_and_saved(src, 4)
     env = dict(os.environ)
     for args in (("convert", src, universal), ("export", universal, str(tmp_path / "hf"), "--optimizer")):
         r = subprocess.run([sys.executable, "-m", "ucp.cli.main", *args, "--quiet"], env=env, cwd=tmp_path,
