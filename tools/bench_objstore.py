@@ -109,13 +109,6 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
     nbytes: dict = {}
     warming = [True]
 
-    def timed(fn):
-        dist.barrier()
-        t = time.perf_counter()
-        out = fn()
-        dist.barrier()
-        return time.perf_counter() - t, out
-
     def verify(what: str) -> None:
         ok = torch.tensor([int(checksum(model, opt) == reference)])
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -135,12 +128,12 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
 
     def ucp_round(kind: str, step: int) -> None:
         ck = checkpointers[kind]
-        s, res = timed(lambda: ck.save(step))
+        s, res = benchlib.barrier_timed(lambda: ck.save(step))
         record(f"{kind}_save", s)
         nbytes[kind] = res.nbytes
         scramble(model, opt)
         gets.take()
-        s, loaded = timed(lambda: ck.load())
+        s, loaded = benchlib.barrier_timed(lambda: ck.load())
         record(f"{kind}_load", s)
         requested = total(gets.take())
         if loaded is None or loaded.step != step:
@@ -171,12 +164,12 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
             dcp.load(sd, storage_reader=FsspecReader(path, use_listings_cache=False))
             set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
-        s, _ = timed(save)
+        s, _ = benchlib.barrier_timed(save)
         record("dcp_s3_save", s)
         if rank == 0:
             nbytes["dcp_s3"] = sum(s3.du(path.split("://", 1)[1], total=False).values())
         scramble(model, opt)
-        s, _ = timed(load)
+        s, _ = benchlib.barrier_timed(load)
         record("dcp_s3_load", s)
         verify("dcp_s3")
         dist.barrier()

@@ -329,13 +329,6 @@ def worker(rank: int, args, workdir: str) -> dict | None:
     ucp_phases: dict = {}
     nbytes = {"ucp": 0, "dcp": 0, "raw": 0}
 
-    def timed(fn):
-        dist.barrier()
-        t = time.perf_counter()
-        out = fn()
-        dist.barrier()
-        return time.perf_counter() - t, out
-
     def verify(what: str) -> None:
         got = checksum(model, opt)
         ok = torch.tensor([int(got == reference)])
@@ -356,7 +349,7 @@ def worker(rank: int, args, workdir: str) -> dict | None:
     # --- ucp -------------------------------------------------------------------------------
     def ucp_round(step: int) -> Path:
         phases.take()
-        s, res = timed(lambda: ckpt.save(step))
+        s, res = benchlib.barrier_timed(lambda: ckpt.save(step))
         record("ucp_save", s, phases.take())
         nbytes["ucp"] = res.nbytes
         for figure in ("load_warm", "load_cold"):
@@ -364,7 +357,7 @@ def worker(rank: int, args, workdir: str) -> dict | None:
             if figure == "load_cold":
                 drop_cache(files_under(res.path), rank)
             phases.take()
-            s, loaded = timed(lambda: ckpt.load())
+            s, loaded = benchlib.barrier_timed(lambda: ckpt.load())
             record(f"ucp_{figure}", s, phases.take())
             if loaded is None or loaded.step != step:
                 raise RuntimeError(f"ucp load returned {loaded!r}, expected step {step}")
@@ -386,14 +379,14 @@ def worker(rank: int, args, workdir: str) -> dict | None:
 
     def dcp_round(step: int) -> Path:
         path = root / "dcp" / f"step_{step:08d}"
-        s, _ = timed(lambda: dcp_save(path))
+        s, _ = benchlib.barrier_timed(lambda: dcp_save(path))
         record("dcp_save", s)
         nbytes["dcp"] = sum(p.stat().st_size for p in files_under(path))
         for figure in ("load_warm", "load_cold"):
             scramble(model, opt)
             if figure == "load_cold":
                 drop_cache(files_under(path), rank)
-            s, _ = timed(lambda: dcp_load(path))
+            s, _ = benchlib.barrier_timed(lambda: dcp_load(path))
             record(f"dcp_{figure}", s)
             verify(f"dcp {figure}")
         return path
@@ -405,11 +398,11 @@ def worker(rank: int, args, workdir: str) -> dict | None:
             path.mkdir(parents=True)
         dist.barrier()
         tensors = [t for _, t in local_tensors(model, opt)]
-        s, _ = timed(lambda: raw_write(path / f"rank_{rank}", tensors))
+        s, _ = benchlib.barrier_timed(lambda: raw_write(path / f"rank_{rank}", tensors))
         record("raw_save", s)
         nbytes["raw"] = sum(p.stat().st_size for p in files_under(path))
         drop_cache(files_under(path), rank)
-        s, _ = timed(lambda: raw_read(path / f"rank_{rank}", tensors))
+        s, _ = benchlib.barrier_timed(lambda: raw_read(path / f"rank_{rank}", tensors))
         record("raw_load_cold", s)
         verify("raw read")
         return path

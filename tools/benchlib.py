@@ -530,3 +530,15 @@ def io_read_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def barrier_timed(fn) -> tuple[float, object]:
+    """``fn()`` between two barriers of the default process group: (seconds, its result). The
+    slowest rank sets the time, as a job waits for it."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t = time.perf_counter()
+    out = fn()
+    dist.barrier()
+    return time.perf_counter() - t, out
