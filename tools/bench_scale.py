@@ -24,7 +24,7 @@ calling ucp's code:
   plan: ``source_pieces``, ``relocate``, ``target_pieces``, ``reshard_plan``, byte spans and blocks).
 * :func:`restore_metadata` -- ``checkpoint.memory.Snapshots.source`` of a job resuming in place
   (``_source_own``): every node's header summaries (8 ranks a node, two slots each) to rank 0, which
-  chooses (``restorable``, ``find_recoverable``); each rank's own header (the dict ``MemoryTier.write``
+  chooses (``checkpoint.memory.choose_own``); each rank's own header (the dict ``MemoryTier.write``
   commits) and ``snapshot.header.manifest_from_headers`` of it alone.
 * :func:`restore_resharded` -- the same snapshot resumed from memory onto the smaller world
   (``Snapshots._source_all``), its headers held by the surviving nodes as after a parity rebuild:
@@ -99,14 +99,13 @@ from ucp.plan.load_plan import FragmentIndex
 from ucp.plan.save_plan import PieceInfo, pack_share, plan_save, structure_signature, unpack_shares
 from ucp.plan.sources import SourceIndex
 from ucp.snapshot import shm
-from ucp.checkpoint.memory import choose_source
+from ucp.checkpoint.memory import choose_own, choose_source
 from ucp.format.manifest import Manifest
-from ucp.snapshot.header import FragmentRecord, manifest_from_headers, restorable
+from ucp.snapshot.header import FragmentRecord, manifest_from_headers
 from ucp.snapshot.index import KeyIndex, SnapshotManifest, index_messages, merge_states, node_summary, query_messages
 from ucp.snapshot.memory import FORMAT as SNAPSHOT_FORMAT
 from ucp.snapshot.memory import FORMAT_VERSION as SNAPSHOT_VERSION
 from ucp.snapshot.memory import place
-from ucp.snapshot.recovery import find_recoverable
 from ucp.storage import directory as store
 from ucp.storage.directory import MANIFEST
 from ucp.storage.fragment_files import FragmentFiles
@@ -426,7 +425,7 @@ def node_of(rank: int) -> str:
 def restore_metadata(job, step: int, crcs: Checksums, sample) -> dict:
     """``checkpoint.memory.Snapshots.source`` on every rank of ``job`` resuming in place (each node's
     agent holding two snapshots of each of its ranks: ``step - 1`` and ``step``, both complete, no
-    parity): ``_source_own``: every rank's node summaries to rank 0, which chooses (``restorable``,
+    parity): ``_choose``: every rank's node summaries to rank 0, which chooses (``choose_own``: ``restorable``,
     ``find_recoverable``, each rank's own header on its node); each rank reads its own header from
     its agent and builds its manifest (``manifest_from_headers`` of it alone); the all-true report
     to rank 0. Returns per-rank seconds and bytes, and rank 0's."""
@@ -438,15 +437,11 @@ def restore_metadata(job, step: int, crcs: Checksums, sample) -> dict:
         held = [{"rank": q, "slot": s, "step": step - 1 + s, "world_size": world, "complete": True, "host": node,
                  "token": token - 1 + s, "adopted": None}
                 for q in range(first, min(first + RANKS_PER_NODE, world)) for s in (0, 1)]
-        return f"{node}:4242", held, [], False
+        return f"{node}:4242", held, [], {}
 
-    def decide(gathered):  # as _source_own's
-        unique = [h for g in gathered for h in g[1] if h["step"] == step]
-        newest = restorable(unique)
-        rec, _ = find_recoverable([(g[0], g[1], g[2]) for g in gathered], step)
-        assert newest == (step, world) and rec is None, (newest, rec)
-        for rank, g in enumerate(gathered):
-            assert any(h["rank"] == rank and (h["step"], h["world_size"]) == newest for h in g[1])
+    def decide(gathered):  # Snapshots._choose's, resuming in place
+        newest = choose_own(gathered, step, world)
+        assert newest == (step, world), newest
         return newest
 
     _, chosen, g_find = gather_to_root("memory", summaries, world, sample, decide)

@@ -136,6 +136,10 @@ class GatheringRank(Collective):
         self.sent.append(("broadcast", obj))
         return obj if self.rank == src else self.verdict
 
+    def scatter(self, objs, src=0):
+        self.sent.append(("scatter", objs))
+        return objs[self.rank] if self.rank == src else self.verdict
+
     def all_gather(self, obj):
         raise AssertionError("a gather phase never all-gathers")
 
@@ -180,6 +184,27 @@ def test_a_failed_decision_is_charged_to_the_root_on_every_rank():
     assert e.value.failures == {0: "the plan cannot hold"} and e.value.__cause__ is None
 
 
+def test_a_gather_scatter_phase_hands_each_rank_its_own_share_of_the_decision():
+    root = GatheringRank(0, other=(True, "theirs", None))
+    got = root.gather_scatter_phase("plan", lambda: "mine", lambda rs: [f"{rs[0]} for 0", f"{rs[1]} for 1"])
+    assert got == (["mine", "theirs"], "mine for 0")
+    assert root.sent[-1] == ("scatter", [({}, "mine for 0"), ({}, "theirs for 1")])  # no broadcast first
+    assert [kind for kind, _ in root.sent] == ["gather", "scatter"]
+    leaf = GatheringRank(1, verdict=root.sent[-1][1][1])
+    assert leaf.gather_scatter_phase("plan", lambda: "theirs", lambda rs: 1 / 0) == (None, "theirs for 1")
+    assert Collective().gather_scatter_phase("plan", lambda: 5, lambda rs: [rs[0] + 1]) == ([5], 6)
+
+
+def test_a_gather_scatter_decision_that_is_not_one_value_per_rank_fails_on_every_rank():
+    root = GatheringRank(0, other=(True, 1, None))
+    with pytest.raises(DistributedError, match="not a list of 2 value"):
+        root.gather_scatter_phase("plan", lambda: 0, lambda rs: ["only one"])
+    assert root.sent[-1] == ("scatter", [({0: root.sent[-1][1][0][0][0]}, None)] * 2)
+    leaf = GatheringRank(1, verdict=root.sent[-1][1][1])
+    with pytest.raises(DistributedError, match="not a list of 2 value"):
+        leaf.gather_scatter_phase("plan", lambda: 1, lambda rs: rs)
+
+
 # -- a real world of two ---------------------------------------------------------------------------
 
 
@@ -217,6 +242,29 @@ def gather_phase_failing_on(rank: int) -> dict:
         return {"result": coll.gather_phase("probe", fn, sum)}
     except DistributedError as e:
         return {"failures": e.failures}
+
+
+def gather_scatter_on_a_world(rank: int) -> dict:
+    """A gather-scatter phase on a real world: rank 0 hands rank r the sum of the results plus r."""
+    from ucp.comm.collective import Collective
+
+    coll = Collective()
+
+    def fn():
+        if coll.rank == rank:
+            raise ValueError(f"broken on rank {rank}")
+        return coll.rank + 1
+
+    try:
+        return {"result": coll.gather_scatter_phase("probe", fn, lambda rs: [sum(rs) + r for r in range(len(rs))])}
+    except DistributedError as e:
+        return {"failures": e.failures}
+
+
+@pytest.mark.dist
+def test_on_a_gloo_world_a_gather_scatter_phase_gives_each_rank_its_share(world2):
+    assert world2.run(gather_scatter_on_a_world, -1) == [{"result": ([1, 2], 3)}, {"result": (None, 4)}]
+    assert world2.run(gather_scatter_on_a_world, 0) == [{"failures": {0: "ValueError: broken on rank 0"}}] * 2
 
 
 @pytest.mark.dist

@@ -188,7 +188,7 @@ def test_a_job_resuming_in_place_reads_only_its_own_snapshot_header(tmp_path, jo
     ck.wait()
     want = state_of(m, opt)
 
-    def every_header(self, step, memory_only=False):
+    def every_header(self, step, memory_only, choice):
         raise AssertionError("a job resuming in place gathered every rank's snapshot header")
 
     monkeypatch.setattr(Snapshots, "_source_all", every_header)
@@ -211,7 +211,7 @@ def test_a_two_rank_snapshot_loads_from_memory_and_onto_one_rank(world2, tmp_pat
     full = []
     real = Snapshots._source_all
     monkeypatch.setattr(Snapshots, "_source_all",
-                        lambda self, step, memory_only=False: full.append(step) or real(self, step, memory_only))
+                        lambda self, step, memory_only, choice: full.append(step) or real(self, step, memory_only, choice))
     res = ucp.Checkpointer(tmp_path, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "memory" and res.step == 3 and full == [None]
     assert bit_diffs(want, full_state(model, opt)) == []

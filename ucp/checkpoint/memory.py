@@ -61,6 +61,7 @@ class Snapshots:
         self._hook = None
         self._persist_regions = None  # the pieces the agent was configured with (durable writes)
         self.why_not: str | None = None  # why the last source() found nothing (its memory_only form)
+        self._gathered: list | None = None  # rank 0: what the last choice of a source gathered, for its warnings
 
     coll = property(lambda self: self._ckpt.coll)
     layout = property(lambda self: self._ckpt.layout)
@@ -329,44 +330,51 @@ class Snapshots:
         With ``memory_only`` (the load reads nothing else), why memory cannot restore the job goes
         to ``self.why_not`` (the same on every rank) instead of a warning about the durable tier."""
         self.why_not = None
-        own = self._source_own(step)
-        return self._source_all(step, memory_only) if own is _ALL else own
+        choice = self._choose(step, own=True)
+        if choice[0] == "own":
+            own = self._source_own(choice[1])
+            if own is not _ALL:
+                return own
+            choice = self._choose(step, own=False)  # (not every rank found its own header: all of them)
+        return self._source_all(step, memory_only, choice)
 
-    def _source_own(self, step: int | None):
-        """The snapshot to resume as each rank's own header, read from its own node's agent: rank 0
-        alone gathers the nodes' summaries and decides; every rank then checks that its own header
-        is there, of this layout. Returns ``(directory, manifest of this rank's fragments)``, or
-        :data:`_ALL` when the case is not that one (nothing to resume, parity needed, another
-        world or layout, a snapshot elsewhere, something to warn about)."""
+    def _choose(self, step: int | None, own: bool) -> tuple:
+        """One gather of every node's holdings (header and parity summaries, its agent's status) to
+        rank 0, which decides, and one scatter of the decision: this rank's share of it. With ``own``,
+        the snapshot every rank finds whole on its own node under this world (:func:`choose_own`)
+        gives ``("own", (step, world size))``; otherwise ``("all", choose_source's choice, whether
+        this rank is its node's speaker)``."""
         coll = self.coll
         tier = self._memory()
         host = os.uname().nodename
-        world_size, layout = coll.world_size, self.layout.to_dict()
+        node = f"{host}:{tier.client.info.pid}"  # a node is an agent
 
         def held():
             status = tier.client.status()
-            mine = [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)]
-            return (f"{host}:{tier.client.info.pid}", mine, tier.node_parity(summary=True),
-                    any(status.get(k) for k in ("adopted", "discarded")))
+            return (node, [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)],
+                    tier.node_parity(summary=True), {k: status.get(k) for k in ("adopted", "discarded", "predecessor")})
 
-        def decide(gathered):  # rank 0: the snapshot each rank finds on its own node, or the full path
-            if any(g[3] for g in gathered):
-                return None  # (an agent took over or discarded snapshots: the full path says what)
-            unique = [h for g in gathered for h in g[1] if step is None or h["step"] == step]
-            newest = restorable(unique)
-            if newest is None or newest[1] != world_size:
-                return None
-            rec, _ = find_recoverable([(g[0], g[1], g[2]) for g in gathered], step)
-            if rec is not None and rec.step > newest[0]:
-                return None
-            for rank, g in enumerate(gathered):  # every rank's own header on its own node
-                if not any(h["rank"] == rank and (h["step"], h["world_size"]) == newest for h in g[1]):
-                    return None
-            return newest
+        def decide(gathered):  # rank 0
+            newest = choose_own(gathered, step, coll.world_size) if own else None
+            if newest is not None:
+                return [("own", newest)] * coll.world_size
+            durable = self._durable_step(step)
+            full = [(*g, durable if r == 0 else None) for r, g in enumerate(gathered)]
+            chosen = choose_source(full, step)
+            self._gathered = full  # (for rank 0's warnings)
+            return [("all", chosen, speaker) for speaker in _roles(gathered)]
 
-        _, chosen = coll.gather_phase("memory", held, decide)
-        if chosen is None:
-            return _ALL
+        return coll.gather_scatter_phase("memory", held, decide)[1]
+
+    def _source_own(self, chosen: tuple[int, int]):
+        """:meth:`source` when every rank holds its own header of snapshot ``chosen`` (step, world
+        size) on its node: each rank checks that its header is there, of this layout, and builds its
+        manifest alone. Returns ``(directory, manifest of this rank's fragments)``, or :data:`_ALL`
+        when some rank cannot (every header is then needed)."""
+        coll = self.coll
+        tier = self._memory()
+        host = os.uname().nodename
+        layout = self.layout.to_dict()
         built: dict = {}
 
         def own():
@@ -384,39 +392,25 @@ class Snapshots:
         self.rebuilt_ranks = ()
         return SHM_DIR, built["manifest"]
 
-    def _source_all(self, step: int | None, memory_only: bool = False):
+    def _source_all(self, step: int | None, memory_only: bool, choice: tuple):
         """:meth:`source` for parity rebuilds, other worlds and layouts, at a rank's share
-        (:mod:`ucp.snapshot.index`): rank 0 alone gathers the nodes' summaries and decides; the lost
-        ranks are rebuilt from parity; each node's speaker sends its headers' fragments to their keys'
-        owners and their metadata and state to rank 0; each rank gets the tensors' metadata, its own
-        state, and later (:meth:`~ucp.snapshot.index.SnapshotManifest.select`) the fragments it loads."""
+        (:mod:`ucp.snapshot.index`), from ``choice`` (:meth:`_choose`'s, not own): the lost ranks are
+        rebuilt from parity; each node's speaker sends its headers' fragments to their keys' owners
+        and their metadata and state to rank 0; each rank gets the tensors' metadata, its own state,
+        and later (:meth:`~ucp.snapshot.index.SnapshotManifest.select`) the fragments it loads."""
         coll = self.coll
         tier = self._memory()
         host = os.uname().nodename
-        node = f"{host}:{tier.client.info.pid}"  # a node is an agent
-        seen: dict = {}  # rank 0: what it gathered, for its warnings
-
-        def held():  # which snapshots each node holds (summaries), what its agent took over or discarded
-            status = tier.client.status()
-            return (node, [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)],
-                    tier.node_parity(summary=True),
-                    {k: status.get(k) for k in ("adopted", "discarded", "predecessor")},
-                    self._durable_step(step) if coll.rank == 0 else None)
-
-        def decide(gathered):
-            seen.update(gathered=gathered)
-            return choose_source(gathered, step)
-
-        _, chosen = coll.gather_phase("memory", held, decide)
-        roles = coll.scatter(_roles(seen["gathered"]) if coll.rank == 0 else None)
+        _, chosen, speaker = choice
         if coll.rank == 0 and not (memory_only and chosen["step"] is None):
-            self._warn_source(step, chosen, seen.pop("gathered"))
+            self._warn_source(step, chosen, self._gathered)
+        self._gathered = None
         if chosen["step"] is None:
             self.why_not = chosen["why"] or "no snapshot is held"
             return None
         chosen_step, world, rec = chosen["step"], chosen["world"], chosen["rec"]
         mine: list[dict] = []  # the headers this rank speaks for: its node's (it is the speaker), those it rebuilt
-        if roles:
+        if speaker:
             for h in tier.node_headers(step=chosen_step):  # the cut finished (some rank marked it): mark it here too
                 if h["world_size"] != world:
                     continue
@@ -428,17 +422,14 @@ class Snapshots:
             damaged = {r for g in rec.groups for r in g}
 
             def records():
-                if not roles:
+                if not speaker:
                     return []
                 return [r for r in tier.node_parity(step=rec.step) if r["token"] == rec.token and r["rank"] in damaged]
 
-            shares: dict = {}
-
             def share(got):  # rank 0: each rank gets the records of the groups whose rebuild it joins
-                shares["records"] = records_by_rank(rec, chosen["speakers"], got, coll.world_size)
+                return records_by_rank(rec, chosen["speakers"], got, coll.world_size)
 
-            coll.gather_phase("memory-parity", records, share)
-            full = coll.scatter(shares.pop("records", None))
+            _, full = coll.gather_scatter_phase("memory-parity", records, share)
             group = self._groups.get("parity")
             made: list = []
             self._rebuilt = made  # freed after the load, or if anything below fails
@@ -462,15 +453,13 @@ class Snapshots:
                               f"nodes and are rebuilt from parity", RuntimeWarning, stacklevel=3)
         try:
             entries = coll.exchange_phase("memory-index", lambda: index_messages(mine, coll.world_size))
-            kept: dict = {}
 
-            def merge(summaries):
+            def merge(summaries):  # rank 0: the tensors' metadata for every rank, each rank's own state
                 common, own = merge_states([s for s in summaries if s is not None], world, coll.world_size)
-                kept["own"] = own
-                return common
+                return [(common, o) for o in own]
 
-            _, common = coll.gather_phase("memory-state", lambda: node_summary(mine) if mine else None, merge)
-            own = coll.scatter(kept.pop("own", None))
+            _, (common, own) = coll.gather_scatter_phase("memory-state", lambda: node_summary(mine) if mine else None,
+                                                         merge)
             built: dict = {}
 
             def build():
@@ -549,6 +538,27 @@ class Snapshots:
                 self._memory_tier.client.free(name)
             except UcpError:
                 pass
+
+
+def choose_own(gathered: list, step: int | None, world_size: int) -> tuple[int, int] | None:
+    """Rank 0's choice of the snapshot a job resuming in place loads, each rank its own header on its
+    own node, from every node's ``(node, header summaries, parity summaries, agent status)``: the
+    newest restorable ``(step, world size)`` (of ``step`` if given) saved by ``world_size`` ranks,
+    when every rank's header of it is on the node that rank runs on; None when the case is not that
+    one (an agent took over or discarded snapshots, parity would restore a newer one, another world)."""
+    if any(g[3].get(k) for g in gathered for k in ("adopted", "discarded")):
+        return None  # (an agent took over or discarded snapshots: the full path says what)
+    unique = [h for g in gathered for h in g[1] if step is None or h["step"] == step]
+    newest = restorable(unique)
+    if newest is None or newest[1] != world_size:
+        return None
+    rec, _ = find_recoverable([(g[0], g[1], g[2]) for g in gathered], step)
+    if rec is not None and rec.step > newest[0]:
+        return None
+    for rank, g in enumerate(gathered):  # every rank's own header on its own node
+        if not any(h["rank"] == rank and (h["step"], h["world_size"]) == newest for h in g[1]):
+            return None
+    return newest
 
 
 def choose_source(gathered: list, step: int | None) -> dict:
