@@ -146,6 +146,11 @@ def _restore_extra_state(model, extra_state: dict) -> None:
         modules[prefix].set_extra_state(value)
 
 
+def _piece_bytes(piece: Piece) -> int:
+    """The bytes a load writes into ``piece``."""
+    return piece.numel * piece.data.element_size()
+
+
 def _check_mapping(ckpt, manifest, path: Path) -> None:
     """The checkpoint's ``expert()`` / ``stage()`` rules (recorded by a live save with ``spec=``) must be
     this Checkpointer's: other rules would put tensors under other global indices, whatever ``strict``."""
@@ -190,6 +195,9 @@ def _check_local_indices(unexpected: list[str], taken: set, world_size: int, pat
 
 #: how many times a load of the newest checkpoint starts over when retention prunes the one it reads
 RETRIES = 3
+#: a read of fewer bytes than this runs on the loading thread: handing it to a helper thread costs
+#: more than its copy (a resharded load from memory of a small model is hundreds of such reads)
+INLINE_READ_BYTES = 1 << 20
 
 
 def load_checkpoint(ckpt, step: int | None, strict: bool, cast: bool = False, memory=None, maps=None):
@@ -338,7 +346,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         with ThreadPoolExecutor(threads) as pool:
             if universal:
                 reader = UniversalReader(manifest)
-                jobs = [(reader.read, (p, res, target_layout)) for p, res in plans]
+                jobs = [(reader.read, (p, res, target_layout), _piece_bytes(p)) for p, res in plans]
             else:  # (a read from memory splits its copy over the pool's threads too)
                 index = FragmentIndex(manifest.fragments)
                 reader = FragmentReader(path, manifest if source == "durable" else None, maps=maps, pool=pool,
@@ -350,13 +358,17 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
                     if exact is not None and maps is not None:
                         together.append((ReadItem(exact), p.data))
                     elif exact is not None:  # the same layout: straight into the destination
-                        jobs.append((reader.read, (ReadItem(exact), p.data)))
+                        jobs.append((reader.read, (ReadItem(exact), p.data), _piece_bytes(p)))
                     else:
-                        jobs.append((reader.read_resharded, (p, res.slices, index, manifest, target_layout)))
-            futures = [pool.submit(fn, *a) for fn, a in jobs]
+                        jobs.append((reader.read_resharded, (p, res.slices, index, manifest, target_layout),
+                                     _piece_bytes(p)))
+            small = [(fn, a) for fn, a, n in jobs if n < INLINE_READ_BYTES]
+            futures = [pool.submit(fn, *a) for fn, a, n in jobs if n >= INLINE_READ_BYTES]
             try:
                 if together:
                     reader.read_all(together)
+                for fn, a in small:
+                    fn(*a)
                 for f in futures:
                     f.result()
             finally:
