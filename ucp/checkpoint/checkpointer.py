@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ucp.checkpoint.collector import collector_paused
 from ucp.checkpoint.load import load_checkpoint
 from ucp.checkpoint.memory import Snapshots
 from ucp.checkpoint.results import LoadResult, SaveResult
@@ -158,25 +159,26 @@ class Checkpointer:
         later steps, belong to an abandoned run: they are retired (moved to ``root/.abandoned/``, or
         deleted when ``keep`` is set) with a warning, so the checkpoint just saved is the newest.
         """
-        self._check_open()
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise OptionsError(f"step={step!r}: use a non-negative integer")
-        snaps = self._snapshots
-        if snaps is None:
-            return save_durable(self, step, extras)
-        if step % self.snapshot.every:
+        with collector_paused():  # (in the body: a wrapper's frame would shift the warnings' stacklevel)
+            self._check_open()
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise OptionsError(f"step={step!r}: use a non-negative integer")
+            snaps = self._snapshots
+            if snaps is None:
+                return save_durable(self, step, extras)
+            if step % self.snapshot.every:
+                return None
+            persist = self.snapshot.persists(step)
+            if snaps.lost is None:
+                try:
+                    return snaps.save(step, extras, persist)
+                except PersistError:
+                    raise  # the snapshots go on; the durable tier failed
+                except UcpError as e:
+                    snaps.lose(e)
+            if self.snapshot.persist_every is None or persist:
+                return save_durable(self, step, extras)
             return None
-        persist = self.snapshot.persists(step)
-        if snaps.lost is None:
-            try:
-                return snaps.save(step, extras, persist)
-            except PersistError:
-                raise  # the snapshots go on; the durable tier failed
-            except UcpError as e:
-                snaps.lose(e)
-        if self.snapshot.persist_every is None or persist:
-            return save_durable(self, step, extras)
-        return None
 
     # -- load --------------------------------------------------------------------------------
 
@@ -216,31 +218,34 @@ class Checkpointer:
             StorageError: an object store failed a read (unreachable after the retries); names the
                 object. (A local disk's errors are raised as they are.)
         """
-        self._check_open()
-        snaps = self._snapshots
-        if memory_only and snaps is None:
-            raise OptionsError("load(memory_only=True) restores from the memory tier: pass snapshot=ucp.SnapshotOptions(...)")
-        if snaps is not None and snaps.lost is None:
-            try:
-                snaps.finish()
-                memory = snaps.source(step, memory_only)
-            except PersistError:
-                raise
-            except UcpError as e:
-                snaps.lose(e)
-                memory = None
-            if memory is not None:
+        with collector_paused():  # (in the body: a wrapper's frame would shift the warnings' stacklevel)
+            self._check_open()
+            snaps = self._snapshots
+            if memory_only and snaps is None:
+                raise OptionsError("load(memory_only=True) restores from the memory tier: pass "
+                                   "snapshot=ucp.SnapshotOptions(...)")
+            if snaps is not None and snaps.lost is None:
                 try:
-                    result = load_checkpoint(self, step, strict, cast, memory=memory, maps=snaps.mapping)
-                finally:
-                    snaps.free_rebuilt()
-                return replace(result, rebuilt=snaps.rebuilt_ranks) if snaps.rebuilt_ranks else result
-        if memory_only:
-            raise NotInMemoryError(f"no snapshot in the agents' memory restores this job "
-                                   f"({snaps.lost or snaps.why_not or 'none is held'}); the durable tier was not read")
-        if is_object(self.root):
-            return on_storage(load_checkpoint, self.root)(self, step, strict, cast)
-        return load_checkpoint(self, step, strict, cast)
+                    snaps.finish()
+                    memory = snaps.source(step, memory_only)
+                except PersistError:
+                    raise
+                except UcpError as e:
+                    snaps.lose(e)
+                    memory = None
+                if memory is not None:
+                    try:
+                        result = load_checkpoint(self, step, strict, cast, memory=memory, maps=snaps.mapping)
+                    finally:
+                        snaps.free_rebuilt()
+                    return replace(result, rebuilt=snaps.rebuilt_ranks) if snaps.rebuilt_ranks else result
+            if memory_only:
+                why = snaps.lost or snaps.why_not or "none is held"
+                raise NotInMemoryError(f"no snapshot in the agents' memory restores this job ({why}); the durable tier "
+                                       "was not read")
+            if is_object(self.root):
+                return on_storage(load_checkpoint, self.root)(self, step, strict, cast)
+            return load_checkpoint(self, step, strict, cast)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

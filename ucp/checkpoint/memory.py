@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 
 from ucp import __version__
+from ucp.checkpoint.collector import pausing_collector
 from ucp.checkpoint.results import SaveResult
 from ucp.comm.side_groups import SideGroups, all_gather_objects, all_reduce_ints, all_true
 from ucp.errors import PersistError, UcpError, few
@@ -183,6 +184,7 @@ class Snapshots:
 
         regions = [(f["key"], f["offsets"], f["sizes"], f["flat"], f["dtype"], f["length"]) for f in fragments]
 
+        @pausing_collector  # (its collections would hold the GIL against the training thread)
         def copy():
             errors = []
             try:
