@@ -231,8 +231,8 @@ def scramble(model, opt) -> None:
 
 
 class PhaseTimer:
-    """Times ucp's named collective phases by wrapping ``Collective.phase`` and ``gather_phase`` (ucp
-    itself is untouched)."""
+    """Times ucp's named collective phases by wrapping ``Collective.phase``, ``gather_phase`` and
+    ``gather_scatter_phase`` (ucp itself is untouched)."""
 
     def __init__(self):
         from ucp.comm import collective
@@ -257,8 +257,18 @@ class PhaseTimer:
             finally:
                 timer.current[name] = timer.current.get(name, 0.0) + time.perf_counter() - t0
 
+        orig_scatter = collective.Collective.gather_scatter_phase
+
+        def gather_scatter_phase(self_, name, fn, decide, root=0):  # (each rank gets its own share of the verdict)
+            t0 = time.perf_counter()
+            try:
+                return orig_scatter(self_, name, fn, decide, root)
+            finally:
+                timer.current[name] = timer.current.get(name, 0.0) + time.perf_counter() - t0
+
         collective.Collective.phase = phase
         collective.Collective.gather_phase = gather_phase
+        collective.Collective.gather_scatter_phase = gather_scatter_phase
 
     def take(self) -> dict:
         out, self.current = self.current, {}
