@@ -153,6 +153,17 @@ class ObjectPath:
         return [self / n.rstrip("/").rsplit("/", 1)[-1] for n in names if n.rstrip("/") != self.key]
 
     @_io
+    def versions(self) -> dict[str, str]:
+        """``{name: version tag (ETag)}`` of the objects right under this prefix, in one listing (none
+        when there is none); a prefix below it is not listed."""
+        try:
+            found = self.fs.ls(self.key, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {info["name"].rstrip("/").rsplit("/", 1)[-1]: str(info.get("ETag") or info.get("etag") or "")
+                for info in found if info.get("type") != "directory" and info["name"].rstrip("/") != self.key}
+
+    @_io
     def stat(self) -> ObjectStat:
         """Size, age and version tag of the object (:class:`FileNotFoundError` when there is none)."""
         info = self.fs.info(self.key)

@@ -136,13 +136,29 @@ def header_bytes(fd: int, size: int, path, pread=os.pread) -> bytes:
     return prefix + raw
 
 
-def header_checksum(path: Path) -> int:
-    """CRC-32C of the header of the safetensors file at ``path``, the one a manifest records."""
+def stored_header(path) -> tuple[bytes, int]:
+    """The header of the safetensors file at ``path`` as stored (the 8-byte length and the JSON) and
+    the file's size; ``path`` a local path or an object (:class:`~ucp.storage.objstore.ObjectPath`,
+    read by two ranged GETs).
+
+    Raises:
+        FileNotFoundError: there is no such file or object.
+        CorruptCheckpointError: the header's length is implausible, or the file ends inside it.
+    """
+    if is_object(path):
+        size = path.stat().st_size
+        return header_bytes(-1, size, path, lambda _, n, offset: path.read_range(offset, offset + n)), size
     fd = os.open(path, os.O_RDONLY)
     try:
-        return crc32c(header_bytes(fd, os.fstat(fd).st_size, path))
+        size = os.fstat(fd).st_size
+        return header_bytes(fd, size, path), size
     finally:
         os.close(fd)
+
+
+def header_checksum(path: Path) -> int:
+    """CRC-32C of the header of the safetensors file (or object) at ``path``, the one a manifest records."""
+    return crc32c(stored_header(path)[0])
 
 
 def read_header(path: Path) -> tuple[dict, int]:
