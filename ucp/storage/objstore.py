@@ -154,13 +154,15 @@ class ObjectPath:
 
     @_io
     def versions(self) -> dict[str, str]:
-        """``{name: version tag (ETag)}`` of the objects right under this prefix, in one listing (none
-        when there is none); a prefix below it is not listed."""
+        """``{name: version}`` of the objects right under this prefix, in one listing (none when there
+        is none; a prefix below it is not listed): the version tag (ETag), or where the store has none
+        (fsspec's ``memory://``) the size and time of the object's creation."""
         try:
             found = self.fs.ls(self.key, detail=True)
         except FileNotFoundError:
             return {}
-        return {info["name"].rstrip("/").rsplit("/", 1)[-1]: str(info.get("ETag") or info.get("etag") or "")
+        return {info["name"].rstrip("/").rsplit("/", 1)[-1]:
+                str(info.get("ETag") or info.get("etag") or f"{info.get('size')}@{info.get('created')}")
                 for info in found if info.get("type") != "directory" and info["name"].rstrip("/") != self.key}
 
     @_io
