@@ -30,15 +30,23 @@ _MAX_PARTS = 10_000
 _CLIENT = frozenset({"botocore", "aiobotocore", "aiohttp"})
 
 
+#: the errno of an OSError s3fs raises without one (a refused request: ``PermissionError('Forbidden')``)
+_ERRNO = {PermissionError: errno.EACCES, FileNotFoundError: errno.ENOENT, FileExistsError: errno.EEXIST}
+
+
 @contextmanager
 def as_oserror(name: str):
     """The S3 client's own errors raised as ``OSError(EIO)`` naming ``name`` (a URL): ucp's callers
     handle a storage failure as an OSError (a save's becomes one line, a :class:`~ucp.errors.StorageError`;
-    the CLI prints one line), whatever library failed below fsspec."""
+    the CLI prints one line), whatever library failed below fsspec. An OSError naming no object (s3fs
+    translates a refusal to ``PermissionError('Forbidden')``) is raised as the same type, naming ``name``."""
     try:
         yield
-    except OSError:
-        raise
+    except OSError as e:
+        if e.filename is not None or type(e).__module__ != "builtins":
+            raise
+        code = e.errno if e.errno is not None else _ERRNO.get(type(e), errno.EIO)
+        raise type(e)(code, e.strerror or str(e), name) from e
     except Exception as e:
         if type(e).__module__.split(".")[0] not in _CLIENT:
             raise
