@@ -256,13 +256,15 @@ class ObjectPath:
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to make: a prefix exists while an object is under it."""
 
-    def open_write(self):
+    def open_write(self, size: int | None = None):
         """A binary file object writing the object, streamed; the object appears whole when it is
         closed, never in part, and not at all if the ``with`` block that writes it raises. On S3 a
         :class:`~ucp.storage.multipart.MultipartWriter` (parts uploaded concurrently, in bounded
-        memory); elsewhere the file system's own."""
+        memory; ``size``, the object's size when known, chooses the part size); elsewhere the file
+        system's own."""
         if hasattr(self.fs, "_call_s3"):
-            return MultipartWriter(self.fs, self.key)
+            with as_oserror(str(self)):
+                return MultipartWriter(self.fs, self.key, size=size)
         return self.fs.open(self.key, "wb")
 
     @_io

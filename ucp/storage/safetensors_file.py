@@ -97,7 +97,8 @@ def _write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | N
     head, offsets = plan_file(slots, metadata)
     local = not is_object(path)  # (an object is streamed up in parts, and appears whole when closed)
     fsync = fsync and local
-    with open(path, "wb", buffering=0) if local else path.open_write() as f:
+    total = len(head) + sum(slot.nbytes for slot in slots)  # (an object's part size is chosen from it)
+    with open(path, "wb", buffering=0) if local else path.open_write(total) as f:
         fd = f.fileno() if local else -1
         f.write(head)
         flushed = 0
