@@ -102,21 +102,26 @@ def dying(server, monkeypatch):
 
 def _model(seed: int):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(10)])  # (40 MB: 3 parts)
+    return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(20)])  # (80 MB: 5 parts)
 
 
 def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _uploading(server, url: str, step: int) -> bool:
-    """Whether an upload under ``step``'s prefix is in flight (a multipart upload begun, not completed)."""
+def _uploading(fs, url: str, step: int) -> bool:
+    """Whether an upload under ``step``'s prefix is in flight (a multipart upload begun, not completed);
+    ``fs``: an s3fs file system on the server. Raises when the step's rank file is there already (the
+    upload was missed)."""
     from fsspec.asyn import sync
 
-    fs = server.filesystem()
     bucket, key = url.removeprefix("s3://").split("/", 1)
-    out = sync(fs.loop, fs._call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=f"{key}/step_{step:08d}/")
-    return bool(out.get("Uploads"))
+    prefix = f"{key}/step_{step:08d}/"
+    out = sync(fs.loop, fs._call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+    if out.get("Uploads"):
+        return True
+    assert not fs.find(f"{bucket}/{prefix}"), "the agent's upload finished before the test saw it in flight"
+    return False
 
 
 @pytest.mark.fault
@@ -132,8 +137,8 @@ def test_the_server_killed_mid_persist_leaves_the_previous_checkpoint_and_one_li
         for p in model.parameters():
             p.add_(1.0)
     assert ck.save(2).tier == "memory"
-    deadline = time.monotonic() + 60
-    while not _uploading(dying, url, 2):  # the agent's upload of step 2's rank file has begun
+    deadline, fs = time.monotonic() + 60, dying.filesystem()
+    while not _uploading(fs, url, 2):  # the agent's upload of step 2's rank file has begun
         assert time.monotonic() < deadline, "the agent never began to upload step 2"
         time.sleep(0.01)
     dying.kill()
