@@ -52,12 +52,13 @@ def test_two_ranks_agents_persist_to_a_url_and_a_fresh_job_loads_it_bit_exactly(
 
     monkeypatch.chdir(tmp_path)  # (nothing may land in a local directory named after the URL)
     url = s3.url("agents")
+    ObjectPath(f"{url}/notes.txt").write_bytes(b"not a checkpoint")  # (retention deletes only checkpoints)
     want = world2.run(mw.persist_to_url, "fsdp", url, job, s3.environ(), timeout=240)[0]
     _stop_agent(job)  # the trainers are done (their Checkpointers closed); now the agent
     assert list(tmp_path.iterdir()) == []
     keys = _keys(s3, url)
     assert LEASE not in keys and not [k for k in keys if k.endswith(".tmp")], keys
-    assert {k.split("/")[0] for k in keys} == {"step_00000002", "step_00000003"}  # keep=2
+    assert {k.split("/")[0] for k in keys} == {"notes.txt", "step_00000002", "step_00000003"}  # keep=2
     assert [s for s, _ in store.list_steps(url)] == [2, 3]
     directory = store.step_dir(url, 3)
     assert isinstance(directory, ObjectPath)
