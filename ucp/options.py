@@ -115,7 +115,9 @@ class SnapshotOptions:
             safe = "".join(c if c.isalnum() or c in "_-" else "-" for c in run_id)[:64]
             if safe:
                 return safe
-        return "ckpt-" + hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:16]
+        # (a local root by its real path; one on an object store, which is no path, by its URL)
+        where = os.path.realpath(root) if isinstance(root, (str, os.PathLike)) else str(root)
+        return "ckpt-" + hashlib.sha1(where.encode()).hexdigest()[:16]
 
 
 def check_keep(keep) -> int | None:

@@ -35,18 +35,14 @@ def server(tmp_path_factory, s3_server):
 def dying(server, monkeypatch):
     """The module's server, up, the environment pointing at it, botocore's attempts at 2 (the usual
     AWS_MAX_ATTEMPTS: a dead server fails a request in seconds); up again after the test."""
-    import s3fs
-
-    for name, value in server.environ().items():
+    for name, value in server.environ().items():  # (a location opened now gets a client of this endpoint)
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    s3fs.S3FileSystem.clear_instance_cache()  # (no client of another server's endpoint)
     if server.proc is None:
         server.start()
     yield server
     if server.proc is None:
         server.start()
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _model(seed: int):

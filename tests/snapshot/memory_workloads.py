@@ -149,3 +149,22 @@ def load_from_memory_traced(kind: str, root: str, job: str, expected: dict) -> d
                 if h["world_size"] != dist.get_world_size())
     return {"diffs": bit_diffs(expected, full_state(model, opt)), "source": res.source, "step": step,
             "total": total, **seen}
+
+
+def persist_to_url(kind: str, url: str, job: str, env: dict, steps: int = 3) -> dict:
+    """:func:`persist_steps` onto an object store: the rank (and so the node's agent it starts) first
+    points its S3 client at the test server (``env``); the Checkpointer is closed at the end. The
+    full state at the last step."""
+    import os
+
+    import ucp
+
+    os.environ.update(env)
+    model, opt = build_mlp(kind, seed=0)
+    with ucp.Checkpointer(url, model=model, optimizer=opt, keep=2,
+                          snapshot=ucp.SnapshotOptions(persist_every=1, job=job)) as ck:
+        for s in range(steps):
+            mlp_step(model, opt, s)
+            assert ck.save(s + 1).tier == "memory"
+        ck.wait()
+    return {k: v.detach().clone() for k, v in full_state(model, opt).items() if not k.startswith("flat/")}

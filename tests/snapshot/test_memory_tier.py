@@ -176,6 +176,16 @@ def test_snapshot_options_are_validated():
     assert ucp.SnapshotOptions().job_name("/x") == ucp.SnapshotOptions().job_name("/x/")
 
 
+def test_a_root_on_an_object_store_names_its_job_by_its_url(monkeypatch):
+    from ucp.storage.objstore import as_location
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    options = ucp.SnapshotOptions()
+    name = options.job_name(as_location("memory://bucket/run"))  # (an ObjectPath: no path to resolve)
+    assert name.startswith("ckpt-") and name == options.job_name(as_location("memory://bucket/run"))
+    assert name != options.job_name(as_location("memory://bucket/other"))
+
+
 @pytest.mark.dist
 def test_a_job_resuming_in_place_reads_only_its_own_snapshot_header(tmp_path, job, monkeypatch):
     from ucp.checkpoint.memory import Snapshots

@@ -180,20 +180,45 @@ def test_begin_of_a_slot_being_written_durably_waits_for_the_write():
         a.cleanup()
 
 
-def test_the_committer_takes_only_rank_files_of_its_own_cut(tmp_path):
+@pytest.mark.parametrize("where", ["disk", "object store"])
+def test_the_committer_takes_only_rank_files_of_its_own_cut(tmp_path, where):
+    from ucp.storage.objstore import as_location
+
+    root = tmp_path if where == "disk" else as_location(f"memory://persist-{uuid.uuid4().hex[:12]}/run")
     raw, header = one_rank_snapshot()
-    directory = tmp_path / "step_00000005"
+    directory = store.step_dir(root, 5)
     assert persist.prepare(directory)
     persist.write_rank(directory, header, raw, [0], token=111)
     with pytest.raises(persist.PersistError, match=r"rank\(s\) \[0\] did not arrive"):
-        persist.commit_when_written(directory, tmp_path, 5, 1, token=222, keep=None, timeout=0.3)
+        persist.commit_when_written(directory, root, 5, 1, token=222, keep=None, timeout=0.3)
     with pytest.raises(persist.PersistError, match=r"agent was stopped while it waited for the files of rank\(s\) \[1\]"):
-        persist.commit_when_written(directory, tmp_path, 5, 2, token=111, keep=None, timeout=60, abandon=lambda: True)
+        persist.commit_when_written(directory, root, 5, 2, token=111, keep=None, timeout=60, abandon=lambda: True)
     assert not store.is_complete(directory)
-    assert persist.commit_when_written(directory, tmp_path, 5, 1, token=111, keep=None, timeout=5)
+    assert not [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+    assert persist.commit_when_written(directory, root, 5, 1, token=111, keep=None, timeout=5)
     res_manifest = read_manifest(directory)
     assert res_manifest.step == 5 and [f.key for f in res_manifest.fragments] == ["model/w"]
     assert not persist.prepare(directory)  # complete already: nothing more is written
+
+
+def test_on_an_object_store_a_rank_file_rewritten_by_the_right_cut_is_read_again():
+    """The committer on an object store reads a rank file once per version (one listing a look): a
+    file of another cut, replaced by its own cut's file, is taken once it is there."""
+    import threading
+
+    from ucp.storage.objstore import as_location
+
+    root = as_location(f"memory://persist-{uuid.uuid4().hex[:12]}/run")
+    raw, header = one_rank_snapshot()
+    directory = store.step_dir(root, 5)
+    persist.write_rank(directory, header, raw, [0], token=111)
+    later = threading.Timer(0.6, lambda: persist.write_rank(directory, header, raw, [0], token=222))
+    later.start()
+    try:
+        assert persist.commit_when_written(directory, root, 5, 1, token=222, keep=None, timeout=10)
+    finally:
+        later.join()
+    assert read_manifest(directory).step == 5
 
 
 @pytest.mark.dist
@@ -265,5 +290,20 @@ def test_a_smaller_jobs_first_complete_snapshot_frees_the_old_jobs_snapshots():
         left = sorted(n.removeprefix(shm.prefix(a.job)) for n in shm.listing(shm.prefix(a.job)))
         assert [n.removeprefix(shm.prefix(a.job)) for n in a.segments] == ["r1.s0"]
         assert left == ["r1.s0", "r1.s0.json"]
+    finally:
+        a.cleanup()
+
+
+def test_configure_refuses_a_root_the_agent_cannot_serve_in_one_line():
+    """A root travels to the agent as a string; one that is a URL made into a path is refused at
+    ``configure``, never written to as a local directory named ``s3:``."""
+    a = agent_mod.Agent("u" + uuid.uuid4().hex[:12])
+    try:
+        with pytest.raises(ucp.UcpError) as e:
+            a.handle({"op": "configure", "args": {"rank": 0, "root": "s3:/bucket/run", "write": [], "world_size": 1}})
+        assert "\n" not in str(e.value) and "s3:/bucket/run" in str(e.value)
+        assert 0 not in a.config
+        a.handle({"op": "configure", "args": {"rank": 0, "root": "memory://bucket/run", "write": [], "world_size": 1}})
+        assert a.config[0]["root"] == "memory://bucket/run"  # (a URL stays a URL)
     finally:
         a.cleanup()

@@ -37,6 +37,36 @@ def test_parts_uploaded_concurrently_make_one_whole_object(s3):
     assert _uploads(path.fs, path.key) == []
 
 
+def test_a_rank_file_of_known_size_goes_up_in_parts_sized_for_10000(s3, monkeypatch, tmp_path):
+    """A safetensors file written to an object is of known size, and its parts are sized from it: with
+    S3's limit lowered to 2 parts (so the test stays small), 40 MiB and a header go up as 2 parts of
+    21 MiB (16 MiB parts would need 3), round trip bit-exact."""
+    import numpy as np
+
+    from ucp.storage import multipart
+    from ucp.storage.safetensors_file import Entry, read_header, write_file
+
+    monkeypatch.setattr(multipart, "_MAX_PARTS", 2)
+    sizes = []
+    real = MultipartWriter.__init__
+
+    def recorded(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        sizes.append(self.part_bytes)
+
+    monkeypatch.setattr(MultipartWriter, "__init__", recorded)
+    path = ObjectPath(s3.url("sized") + "/rank_00000.safetensors")
+    data = np.frombuffer(os.urandom(40 * MIB), dtype=np.uint8)
+    write_file(path, [Entry("model/w", "U8", data.shape, memoryview(data))], {"format": "test"})
+    assert sizes == [21 * MIB]  # (40 MiB and the header in 2 parts: over 20 MiB each, in whole MiB)
+    assert path.stat().etag.strip('"').endswith("-2")  # (S3's multipart ETag: 2 parts)
+    raw = path.read_bytes()
+    local = tmp_path / "sized.safetensors"
+    local.write_bytes(raw)
+    header, start = read_header(local)
+    assert raw[start:] == data.tobytes() and header["model/w"]["data_offsets"] == [0, 40 * MIB]
+
+
 def test_a_small_object_is_one_put(s3):
     path = ObjectPath(s3.url("small") + "/x")
     with path.open_write() as w:

@@ -18,7 +18,7 @@ from ucp.checkpoint.memory import Snapshots
 from ucp.checkpoint.results import LoadResult, SaveResult
 from ucp.checkpoint.save import SavePlans, on_storage, save_durable
 from ucp.comm.collective import Collective
-from ucp.errors import LocationError, NotInMemoryError, OptionsError, PersistError, UcpError
+from ucp.errors import NotInMemoryError, OptionsError, PersistError, UcpError
 from ucp.lang.apply import LiveSpec
 from ucp.lang.specs import read_spec
 from ucp.options import CheckpointOptions, RedundancyOptions, SnapshotOptions, check_keep
@@ -53,8 +53,10 @@ class Checkpointer:
 
     Args:
         root: directory holding one ``step_<N>/`` directory per checkpoint, or a URL (``s3://bucket/run``,
-            any fsspec URL) holding them as objects (docs/format-checkpoint.md, section 7; not with
-            ``snapshot``). A ``Path`` made of a URL (``s3:/bucket/run``) is refused, never written to.
+            any fsspec URL) holding them as objects (docs/format-checkpoint.md, section 7; with
+            ``snapshot``, the agents write the persisted snapshots there, with the credentials and
+            endpoint of the environment they were started in: docs/agent.md, section 5). A ``Path``
+            made of a URL (``s3:/bucket/run``) is refused, never written to.
         model: the module whose parameters and persistent buffers are saved.
         optimizer: its optimizer; state is keyed by parameter name, not index.
         scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``).
@@ -112,9 +114,6 @@ class Checkpointer:
         self.geometry = Geometry(self.layout, coords, self.options.patterns, _live_spec(spec, self.options, self.layout, coords))
         if snapshot is not None and not isinstance(snapshot, SnapshotOptions):
             raise OptionsError("snapshot must be a ucp.SnapshotOptions")
-        if snapshot is not None and is_object(self.root):
-            raise LocationError(f"{self.root}: the snapshot agents persist to a local root only, for now; give "
-                                "snapshot= with a local root, or save to the URL without snapshots")
         self.snapshot = snapshot
         if redundancy is not None and not isinstance(redundancy, RedundancyOptions):
             raise OptionsError("redundancy must be a ucp.RedundancyOptions")

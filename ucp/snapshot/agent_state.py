@@ -19,6 +19,7 @@ from ucp.snapshot import persist, shm
 from ucp.snapshot.discovery import discovery_path, lock_path, read_info
 from ucp.storage.atomic import write_atomic
 from ucp.storage.directory import step_dir
+from ucp.storage.objstore import as_location
 
 _SUMMARY = ("rank", "slot", "step", "world_size", "complete", "host", "token", "adopted")  # a header's fields ``slots`` summarizes
 # the fields of a parity record ``parity`` summarizes (docs/erasure.md section 7)
@@ -272,7 +273,12 @@ class Agent:
         fragments it writes there (indices into its header's fragments; the save plan's share).
         ``session`` names the trainer's connection: the failures of writes it asked for are its own.
         The failures of another session's writes of this rank not yet reported are dropped (said in
-        the agent's log): they belong to a job that is gone."""
+        the agent's log): they belong to a job that is gone.
+
+        ``root`` is a local path or a URL (``s3://bucket/run``, any fsspec URL), which stays a URL: the
+        agent reaches it with the credentials and endpoint of its own environment (inherited from
+        the trainer that started it). A root the agent cannot serve is refused here, in one line."""
+        as_location(root)  # (LocationError: a URL made into a path, or fsspec/s3fs missing for the URL)
         if session is not None:
             for other, error in self.errors.get(rank, []):
                 if other != session:
@@ -346,7 +352,7 @@ class Agent:
                 self._done(rank, error, cfg.get("session"))
 
     def _write(self, header: dict, cfg: dict) -> None:
-        directory = step_dir(Path(cfg["root"]), header["step"])
+        directory = step_dir(as_location(cfg["root"]), header["step"])
         if not persist.prepare(directory):
             return  # that step is durable already
         seg = shm.attach(header["fragments"][0]["file"]) if header["fragments"] else None
@@ -372,7 +378,8 @@ class Agent:
         error = None
         world = cfg["world_size"]
         try:
-            persist.commit_when_written(step_dir(Path(cfg["root"]), header["step"]), Path(cfg["root"]), header["step"],
+            root = as_location(cfg["root"])
+            persist.commit_when_written(step_dir(root, header["step"]), root, header["step"],
                                         world, header["token"], cfg["keep"], cfg["timeout"],
                                         abandon=lambda: self.abandon.is_set() or self._superseded(world))
         except Exception as e:

@@ -11,7 +11,8 @@ their code (fsync, rename, ``preadv``). It has no ``__fspath__``: an ``os`` call
 instead of writing a local file named after the URL.
 
 Credentials and the endpoint come from the usual places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``~/.aws``); s3fs is ucp's optional ``[s3]`` dependency.
+``AWS_SECRET_ACCESS_KEY``, ``~/.aws``), read when a location is opened: a process that changes them
+gets a client of the new ones (:func:`_in_effect`); s3fs is ucp's optional ``[s3]`` dependency.
 """
 
 from __future__ import annotations
@@ -46,12 +47,40 @@ RETRIES = {"mode": "standard", "max_attempts": 5}
 
 def _options(protocol: str) -> dict:
     """fsspec options by protocol: s3fs must not answer from a cached listing (other ranks and jobs
-    write under the same prefixes), and retries as :data:`RETRIES` says."""
+    write under the same prefixes), retries as :data:`RETRIES` says, and the endpoint and
+    credentials in effect now (:func:`_in_effect`)."""
     if protocol not in ("s3", "s3a"):
         return {}
-    if "AWS_RETRY_MODE" in os.environ or "AWS_MAX_ATTEMPTS" in os.environ:
-        return {"use_listings_cache": False}
-    return {"use_listings_cache": False, "config_kwargs": {"retries": RETRIES}}
+    options = {"use_listings_cache": False, **_in_effect()}
+    if "AWS_RETRY_MODE" not in os.environ and "AWS_MAX_ATTEMPTS" not in os.environ:
+        options["config_kwargs"] = {"retries": RETRIES}
+    return options
+
+
+def _in_effect() -> dict:
+    """The S3 endpoint and credentials the environment sets now, as s3fs options.
+
+    fsspec keeps one file system instance per set of options (its instance cache), and an s3fs
+    instance reads the environment once, when it is made: a process that changes ``AWS_ENDPOINT_URL``
+    or the credentials after its first use would get the first instance, talking to the old endpoint
+    as the old user. Passed as options, they are what botocore would read from the environment, and
+    the cache tells them apart: ``AWS_ENDPOINT_URL_S3`` (else ``AWS_ENDPOINT_URL``, unless
+    ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is true), ``AWS_ACCESS_KEY_ID`` with
+    ``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN``), and ``AWS_PROFILE``. What is not set is left
+    to botocore's own chain (``~/.aws``, instance roles)."""
+    env = os.environ
+    out = {}
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() != "true":
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            out["endpoint_url"] = endpoint
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        out.update(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
+        if env.get("AWS_SESSION_TOKEN"):
+            out["token"] = env["AWS_SESSION_TOKEN"]
+    if env.get("AWS_PROFILE"):
+        out["profile"] = env["AWS_PROFILE"]
+    return out
 
 
 #: a read over this many bytes is split into ranged GETs of this size, ``GETS`` of them at a time
@@ -61,7 +90,8 @@ GETS = 4
 
 def _filesystem(url: str):
     """``(fsspec file system, path without the protocol)`` of ``url``; the instance caches no
-    listing (other ranks and jobs write the same prefixes)."""
+    listing (other ranks and jobs write the same prefixes), and is the one of the endpoint and
+    credentials in effect now (:func:`_in_effect`)."""
     try:
         import fsspec
 
@@ -153,6 +183,19 @@ class ObjectPath:
         return [self / n.rstrip("/").rsplit("/", 1)[-1] for n in names if n.rstrip("/") != self.key]
 
     @_io
+    def versions(self) -> dict[str, str]:
+        """``{name: version}`` of the objects right under this prefix, in one listing (none when there
+        is none; a prefix below it is not listed): the version tag (ETag), or where the store has none
+        (fsspec's ``memory://``) the size and time of the object's creation."""
+        try:
+            found = self.fs.ls(self.key, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {info["name"].rstrip("/").rsplit("/", 1)[-1]:
+                str(info.get("ETag") or info.get("etag") or f"{info.get('size')}@{info.get('created')}")
+                for info in found if info.get("type") != "directory" and info["name"].rstrip("/") != self.key}
+
+    @_io
     def stat(self) -> ObjectStat:
         """Size, age and version tag of the object (:class:`FileNotFoundError` when there is none)."""
         info = self.fs.info(self.key)
@@ -213,13 +256,15 @@ class ObjectPath:
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to make: a prefix exists while an object is under it."""
 
-    def open_write(self):
+    def open_write(self, size: int | None = None):
         """A binary file object writing the object, streamed; the object appears whole when it is
         closed, never in part, and not at all if the ``with`` block that writes it raises. On S3 a
         :class:`~ucp.storage.multipart.MultipartWriter` (parts uploaded concurrently, in bounded
-        memory); elsewhere the file system's own."""
+        memory; ``size``, the object's size when known, chooses the part size); elsewhere the file
+        system's own."""
         if hasattr(self.fs, "_call_s3"):
-            return MultipartWriter(self.fs, self.key)
+            with as_oserror(str(self)):
+                return MultipartWriter(self.fs, self.key, size=size)
         return self.fs.open(self.key, "wb")
 
     @_io

@@ -44,6 +44,7 @@ def write_rank_file(directory: Path, rank: int, fragments: list[RankFragment], f
     """Stream rank ``rank``'s fragments into its file in ``directory`` (``metadata`` added to the
     file's own). With a ``token``, the file is written under a temporary name and renamed: a rank
     file under its own name is then whole (the agents' writes, which another agent's commit reads).
+    On an object store it is written under its own name: the object appears whole or not at all.
 
     Returns:
         (path, file size, each fragment's data offset in the file, CRC-32C of the file's safetensors
@@ -53,7 +54,7 @@ def write_rank_file(directory: Path, rank: int, fragments: list[RankFragment], f
                      (f.flat.numel,) if f.flat is not None else f.box.sizes, f.data) for f in fragments]
     meta = {"format": FORMAT, "rank": str(rank), **(metadata or {})}
     path = directory / store.rank_file(rank)
-    if token is None:
+    if token is None or is_object(path):  # (an object appears whole when its upload completes: no rename to do)
         size, offsets, head_crc = write_file(path, entries, meta, fsync)
         return path, size, offsets, head_crc
     tmp = directory / f".{path.name}.{token}.tmp"
@@ -76,6 +77,8 @@ def prepare_step(directory: Path, clear_partial: bool) -> bool:
         return False
     if clear_partial and directory.exists():
         store.remove_checkpoint(directory)
+    if is_object(directory):
+        return True  # (an object store has no directories to make)
     if clear_partial or not directory.exists():
         directory.mkdir(parents=True, exist_ok=not clear_partial)  # (a partial that would not go: an error)
         fsync_dir(directory.parent)

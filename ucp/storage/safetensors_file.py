@@ -97,7 +97,8 @@ def _write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | N
     head, offsets = plan_file(slots, metadata)
     local = not is_object(path)  # (an object is streamed up in parts, and appears whole when closed)
     fsync = fsync and local
-    with open(path, "wb", buffering=0) if local else path.open_write() as f:
+    total = len(head) + sum(slot.nbytes for slot in slots)  # (an object's part size is chosen from it)
+    with open(path, "wb", buffering=0) if local else path.open_write(total) as f:
         fd = f.fileno() if local else -1
         f.write(head)
         flushed = 0
@@ -136,13 +137,29 @@ def header_bytes(fd: int, size: int, path, pread=os.pread) -> bytes:
     return prefix + raw
 
 
-def header_checksum(path: Path) -> int:
-    """CRC-32C of the header of the safetensors file at ``path``, the one a manifest records."""
+def stored_header(path) -> tuple[bytes, int]:
+    """The header of the safetensors file at ``path`` as stored (the 8-byte length and the JSON) and
+    the file's size; ``path`` a local path or an object (:class:`~ucp.storage.objstore.ObjectPath`,
+    read by two ranged GETs).
+
+    Raises:
+        FileNotFoundError: there is no such file or object.
+        CorruptCheckpointError: the header's length is implausible, or the file ends inside it.
+    """
+    if is_object(path):
+        size = path.stat().st_size
+        return header_bytes(-1, size, path, lambda _, n, offset: path.read_range(offset, offset + n)), size
     fd = os.open(path, os.O_RDONLY)
     try:
-        return crc32c(header_bytes(fd, os.fstat(fd).st_size, path))
+        size = os.fstat(fd).st_size
+        return header_bytes(fd, size, path), size
     finally:
         os.close(fd)
+
+
+def header_checksum(path: Path) -> int:
+    """CRC-32C of the header of the safetensors file (or object) at ``path``, the one a manifest records."""
+    return crc32c(stored_header(path)[0])
 
 
 def read_header(path: Path) -> tuple[dict, int]:
