@@ -7,6 +7,7 @@ tensors the user adds to a checkpoint.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 from ucp.errors import SpecError
@@ -40,7 +41,17 @@ def extra_key(name: str) -> str:
 
 def parse_key(key: str) -> ParsedKey:
     """Split a tensor key into kind, fqn or name, and optimizer state name."""
-    parts = key.split("/") if isinstance(key, str) else []
+    if isinstance(key, str):
+        return _parse_str_key(key)
+    return _parse_parts(key, [])
+
+
+@lru_cache(maxsize=1 << 16)  # (a load parses each of its keys several times, tens of thousands in all)
+def _parse_str_key(key: str) -> ParsedKey:
+    return _parse_parts(key, key.split("/"))
+
+
+def _parse_parts(key, parts: list[str]) -> ParsedKey:
     if len(parts) == 2 and parts[0] in (MODEL, EXTRA) and parts[1]:
         return ParsedKey(parts[0], parts[1])
     if len(parts) == 3 and parts[0] == OPTIM and parts[1] and parts[2]:

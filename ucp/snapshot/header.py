@@ -6,7 +6,7 @@ fragment of a header, and :func:`manifest_from_headers` turns the headers of one
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ucp.format.box import Box, FlatRange
 from ucp.format.fragment import Fragment
@@ -43,10 +43,10 @@ class FragmentRecord:
     @classmethod
     def from_dict(cls, d: dict) -> "FragmentRecord":
         flat = None if d["flat"] is None else FlatRange(*d["flat"])
-        record = cls(d["key"], Box(tuple(d["offsets"]), tuple(d["sizes"])), flat, d["dtype"], d["length"])
+        box = Box(tuple(d["offsets"]), tuple(d["sizes"]))
         if "file" not in d:
-            return record
-        return replace(record, file=d["file"], offset=d["offset"], crc32c=d["crc32c"], blocks=tuple(d["blocks"]))
+            return cls(d["key"], box, flat, d["dtype"], d["length"])
+        return cls(d["key"], box, flat, d["dtype"], d["length"], d["file"], d["offset"], d["crc32c"], tuple(d["blocks"]))
 
     def piece_info(self) -> PieceInfo:
         """What the durable save plan needs of it (its region, size and checksum)."""

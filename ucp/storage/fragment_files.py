@@ -182,15 +182,14 @@ class FragmentFiles:
         with self._lock:
             self.nbytes += n
 
-    def locate(self, f: Fragment) -> tuple[int, Path]:
-        """The open file holding fragment ``f`` and its path; a file that ends before ``f`` does is
-        corruption (truncated), named."""
+    def locate(self, f: Fragment) -> int:
+        """The open file holding fragment ``f``; a file that ends before ``f`` does is corruption
+        (truncated), named."""
         fd, size = self.open(f.file)
-        path = self.directory / f.file
         if f.offset + f.length > size:
-            raise CorruptCheckpointError(f"{describe(path, f)} lies past the end of the file ({size} bytes); "
-                                         "the file is truncated")
-        return fd, path
+            raise CorruptCheckpointError(f"{describe(self.directory / f.file, f)} lies past the end of the file "
+                                         f"({size} bytes); the file is truncated")
+        return fd
 
     def pread(self, name: str, offset: int, views: list, what: str = "", crc: int | None = None) -> int | None:
         """Fill ``views`` in order with the bytes of file ``name`` from ``offset`` (``what`` they hold,
