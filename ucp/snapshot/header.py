@@ -46,7 +46,8 @@ class FragmentRecord:
         box = Box(tuple(d["offsets"]), tuple(d["sizes"]))
         if "file" not in d:
             return cls(d["key"], box, flat, d["dtype"], d["length"])
-        return cls(d["key"], box, flat, d["dtype"], d["length"], d["file"], d["offset"], d["crc32c"], tuple(d["blocks"]))
+        return cls(d["key"], box, flat, d["dtype"], d["length"], d["file"], d["offset"], d["crc32c"],
+                   tuple(d["blocks"]))
 
     def piece_info(self) -> PieceInfo:
         """What the durable save plan needs of it (its region, size and checksum)."""
