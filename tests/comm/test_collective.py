@@ -261,6 +261,19 @@ def gather_scatter_on_a_world(rank: int) -> dict:
         return {"failures": e.failures}
 
 
+def scatter_uneven() -> object:
+    """Rank 1 scatters objects of very different sizes: a list of 10,000 ints to rank 0, None to itself."""
+    from ucp.comm.collective import Collective
+
+    coll = Collective()
+    return coll.scatter([list(range(10_000)), None] if coll.rank == 1 else None, src=1)
+
+
+@pytest.mark.dist
+def test_on_a_gloo_world_a_scatter_gives_each_rank_its_own_object_whatever_its_size(world2):
+    assert world2.run(scatter_uneven) == [list(range(10_000)), None]
+
+
 @pytest.mark.dist
 def test_on_a_gloo_world_a_gather_scatter_phase_gives_each_rank_its_share(world2):
     assert world2.run(gather_scatter_on_a_world, -1) == [{"result": ([1, 2], 3)}, {"result": (None, 4)}]

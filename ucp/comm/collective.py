@@ -159,13 +159,32 @@ class Collective:
         return torch.device("cpu")
 
     def scatter(self, objs: list | None, src: int = 0) -> Any:
-        """Rank ``src``'s ``objs[r]`` on each rank ``r`` (``objs`` is read on ``src`` only)."""
+        """Rank ``src``'s ``objs[r]`` on each rank ``r`` (``objs`` is read on ``src`` only).
+
+        Two collectives (``torch.distributed.scatter_object_list`` takes three): a broadcast of the
+        largest pickled size, then one scatter of buffers of that size, each holding its length and
+        its bytes."""
         if self.world_size == 1:
             return objs[0]
-        box: list = [None]
+        device = self._device()
         with transport(self._what, self.rank):
-            dist.scatter_object_list(box, objs if self.rank == src else None, src=self._global(src), group=self.group)
-        return box[0]
+            blobs = [pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL) for o in objs] if self.rank == src else None
+            size = torch.tensor([max(map(len, blobs)) if blobs else 0], dtype=torch.int64, device=device)
+            dist.broadcast(size, src=self._global(src), group=self.group)
+            n = int(size.item()) + 8
+            chunks = None
+            if blobs is not None:
+                chunks = []
+                for blob in blobs:
+                    buf = torch.zeros(n, dtype=torch.uint8)
+                    buf[:8] = torch.tensor([len(blob)], dtype=torch.int64).view(torch.uint8)
+                    buf[8:8 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+                    chunks.append(buf.to(device))
+            out = torch.empty(n, dtype=torch.uint8, device=device)
+            dist.scatter(out, chunks, src=self._global(src), group=self.group)
+        out = out.cpu()
+        k = int(out[:8].view(torch.int64).item())
+        return pickle.loads(out[8:8 + k].numpy().tobytes())
 
     def _global(self, rank: int) -> int:
         """The global rank of this group's ``rank`` (torch's object collectives take global ranks)."""
