@@ -147,3 +147,30 @@ class S3Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def dying_server(server: "S3Server", monkeypatch):
+    """The body of a ``dying`` fixture (tests that kill the server): ``server`` up, the environment (a
+    trainer's, and so its agent's) pointing at it with botocore's attempts at 2, the usual
+    AWS_MAX_ATTEMPTS, so that a dead server fails a request in seconds; up again after the test."""
+    for name, value in server.environ().items():  # (a location opened now gets a client of this endpoint)
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    if server.proc is None:
+        server.start()
+    yield server
+    if server.proc is None:
+        server.start()
+
+
+def linear_stack(seed: int, layers: int):
+    """``layers`` bias-free 1024 x 1024 fp32 Linear layers (4 MB each) from ``seed``: a state of several
+    16 MiB upload parts."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(layers)])
+
+
+def cloned_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -14,6 +14,7 @@ import torch
 
 import ucp
 from tests.helpers import bit_diffs
+from tests.s3server import cloned_state, dying_server, linear_stack
 from ucp.errors import StorageError
 from ucp.storage import directory as store
 from ucp.storage.multipart import MultipartWriter
@@ -33,25 +34,15 @@ def server(tmp_path_factory, s3_server):
 
 @pytest.fixture
 def dying(server, monkeypatch):
-    """The module's server, up, the environment pointing at it, botocore's attempts at 2 (the usual
-    AWS_MAX_ATTEMPTS: a dead server fails a request in seconds); up again after the test."""
-    for name, value in server.environ().items():  # (a location opened now gets a client of this endpoint)
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    if server.proc is None:
-        server.start()
-    yield server
-    if server.proc is None:
-        server.start()
+    yield from dying_server(server, monkeypatch)
 
 
 def _model(seed: int):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(10)])  # (40 MB: 3 parts)
+    return linear_stack(seed, 10)  # (40 MB: 3 parts)
 
 
 def _state(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return cloned_state(model)
 
 
 def _one_line_naming(e: BaseException, url: str) -> None:

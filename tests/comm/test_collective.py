@@ -227,8 +227,9 @@ def phase_failing_on(rank: int, kind: str) -> dict:
                 "failures": e.failures, "message": str(e), "exit_code": e.exit_code}
 
 
-def gather_phase_failing_on(rank: int) -> dict:
-    """A gather phase on a real world: rank ``rank`` fails (-1: none does); rank 0 decides the sum."""
+def gather_phase_failing_on(rank: int, per_rank: bool = False) -> dict:
+    """A gather phase on a real world: rank ``rank`` fails (-1: none does); rank 0 decides the sum
+    (``per_rank``: a gather-scatter phase handing rank r the sum plus r)."""
     from ucp.comm.collective import Collective
 
     coll = Collective()
@@ -239,24 +240,9 @@ def gather_phase_failing_on(rank: int) -> dict:
         return coll.rank + 1
 
     try:
+        if per_rank:
+            return {"result": coll.gather_scatter_phase("probe", fn, lambda rs: [sum(rs) + r for r in range(len(rs))])}
         return {"result": coll.gather_phase("probe", fn, sum)}
-    except DistributedError as e:
-        return {"failures": e.failures}
-
-
-def gather_scatter_on_a_world(rank: int) -> dict:
-    """A gather-scatter phase on a real world: rank 0 hands rank r the sum of the results plus r."""
-    from ucp.comm.collective import Collective
-
-    coll = Collective()
-
-    def fn():
-        if coll.rank == rank:
-            raise ValueError(f"broken on rank {rank}")
-        return coll.rank + 1
-
-    try:
-        return {"result": coll.gather_scatter_phase("probe", fn, lambda rs: [sum(rs) + r for r in range(len(rs))])}
     except DistributedError as e:
         return {"failures": e.failures}
 
@@ -276,8 +262,8 @@ def test_on_a_gloo_world_a_scatter_gives_each_rank_its_own_object_whatever_its_s
 
 @pytest.mark.dist
 def test_on_a_gloo_world_a_gather_scatter_phase_gives_each_rank_its_share(world2):
-    assert world2.run(gather_scatter_on_a_world, -1) == [{"result": ([1, 2], 3)}, {"result": (None, 4)}]
-    assert world2.run(gather_scatter_on_a_world, 0) == [{"failures": {0: "ValueError: broken on rank 0"}}] * 2
+    assert world2.run(gather_phase_failing_on, -1, True) == [{"result": ([1, 2], 3)}, {"result": (None, 4)}]
+    assert world2.run(gather_phase_failing_on, 0, True) == [{"failures": {0: "ValueError: broken on rank 0"}}] * 2
 
 
 @pytest.mark.dist

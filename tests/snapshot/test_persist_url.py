@@ -14,6 +14,7 @@ import torch
 
 import ucp
 from tests.helpers import MLP, bit_diffs, full_state, mlp_optimizer
+from tests.s3server import cloned_state, dying_server, linear_stack
 from ucp.errors import PersistError
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, persist, shm
@@ -89,25 +90,15 @@ def server(tmp_path_factory, s3_server):
 
 @pytest.fixture
 def dying(server, monkeypatch):
-    """The module's server, up, the environment (the trainer's, and so its agent's) pointing at it with
-    botocore's attempts at 2 (a dead server fails a request in seconds); up again after the test."""
-    for name, value in server.environ().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    if server.proc is None:
-        server.start()
-    yield server
-    if server.proc is None:
-        server.start()
+    yield from dying_server(server, monkeypatch)
 
 
 def _model(seed: int):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(20)])  # (80 MB: 5 parts)
+    return linear_stack(seed, 20)  # (80 MB: 5 parts)
 
 
 def _state(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return cloned_state(model)
 
 
 def _uploading(fs, url: str, step: int) -> bool:
