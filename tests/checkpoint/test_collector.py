@@ -9,7 +9,7 @@ import pytest
 
 import ucp
 from ucp.checkpoint import collector
-from ucp.checkpoint.collector import collector_paused, pausing_collector
+from ucp.checkpoint.collector import collector_paused
 
 
 @pytest.fixture(autouse=True)
@@ -55,16 +55,6 @@ def test_it_stays_paused_until_the_outermost_call_in_any_thread_returns():
     leave.set()
     t.join(10)
     assert gc.isenabled()
-
-
-def test_a_decorated_function_runs_paused_and_keeps_its_name():
-    @pausing_collector
-    def probe(x):
-        """Doc."""
-        return x, gc.isenabled()
-
-    assert probe(3) == (3, False) and gc.isenabled()
-    assert probe.__name__ == "probe" and probe.__doc__ == "Doc."
 
 
 def test_a_checkpointer_loads_and_saves_with_the_collector_paused(tmp_path, monkeypatch):

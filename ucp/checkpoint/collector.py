@@ -6,13 +6,13 @@ the middle generation, each tenth of those the whole heap: the model's modules a
 torch's objects, everything the training loop holds. On 2 ranks of 4,112 pieces each, a load from
 memory spent half of its 1.0 CPU-second in those scans. What these calls make is freed by reference
 counting when they return (it is not cyclic garbage), so pausing the collector for their length
-frees the same memory, later by nothing. The collector is restored as the outermost paused call
-found it, so a caller's own ``gc.disable()`` stands.
+loses nothing. The collector is restored as the outermost paused call found it, so a caller's own
+``gc.disable()`` stands. A snapshot's background copy is not paused: a copy stuck on a broken process
+group would keep the collector paused with it.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import threading
 from contextlib import contextmanager
@@ -38,14 +38,3 @@ def collector_paused():
             _depth -= 1
             if _depth == 0 and _was_enabled:
                 gc.enable()
-
-
-def pausing_collector(fn):
-    """``fn`` run under :func:`collector_paused`."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with collector_paused():
-            return fn(*args, **kwargs)
-
-    return run

@@ -19,7 +19,6 @@ from dataclasses import replace
 import torch
 
 from ucp import __version__
-from ucp.checkpoint.collector import pausing_collector
 from ucp.checkpoint.results import SaveResult
 from ucp.comm.side_groups import SideGroups, all_gather_objects, all_reduce_ints, all_true
 from ucp.errors import PersistError, UcpError, few
@@ -184,8 +183,7 @@ class Snapshots:
 
         regions = [(f["key"], f["offsets"], f["sizes"], f["flat"], f["dtype"], f["length"]) for f in fragments]
 
-        @pausing_collector  # (its collections would hold the GIL against the training thread)
-        def copy():
+        def copy():  # (the collector is not paused here: a copy stuck on a broken group would keep it paused)
             errors = []
             try:
                 committed, errors = tier.write(step, items, header, ready=ready, on_copied=copied)
