@@ -371,9 +371,9 @@ class ObjectPath:
         while True:
             page = request("list_multipart_uploads", Prefix=prefix + "step_", **marker)
             found += [u for u in page.get("Uploads", []) if _STEP_KEY.match(u["Key"][len(prefix):])]
-            if not page.get("IsTruncated"):
+            if not page.get("IsTruncated") or not page.get("NextKeyMarker"):
                 break
-            marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+            marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page.get("NextUploadIdMarker", "")}
         aborted = []
         for upload in found:
             key, upload_id = upload["Key"], upload["UploadId"]
@@ -424,7 +424,7 @@ def _last_activity(request, key: str, upload_id: str, initiated) -> float:
         page = request("list_parts", Key=key, UploadId=upload_id, **marker)
         for part in page.get("Parts", []):
             newest = max(newest, part["LastModified"].timestamp())
-        if not page.get("IsTruncated"):
+        if not page.get("IsTruncated") or not page.get("NextPartNumberMarker"):
             return newest
         marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
 
