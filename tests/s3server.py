@@ -53,8 +53,9 @@ def _die_with_parent() -> None:
 class S3Server:
     """``with S3Server(tmp_dir) as server: server.endpoint, server.url("run")``."""
 
-    def __init__(self, directory: Path, start_timeout: float = 90.0):
+    def __init__(self, directory: Path, start_timeout: float = 90.0, options: tuple[str, ...] = ()):
         self.directory = Path(directory)
+        self.options = tuple(options)  # (more ``weed mini`` flags, e.g. ``("-filer.maxMB=64",)``)
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
@@ -88,7 +89,7 @@ class S3Server:
         ports = self.ports = self.ports or dict(zip(_PORTS, _free_ports(len(_PORTS))))
         args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={config}",
                 f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
-                "-s3.port.iceberg=0", *(f"-{k}={v}" for k, v in ports.items())]
+                "-s3.port.iceberg=0", *(f"-{k}={v}" for k, v in ports.items()), *self.options]
         self.log = open(self.directory / "weed.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=self.directory, start_new_session=True, preexec_fn=_die_with_parent)

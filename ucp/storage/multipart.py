@@ -9,7 +9,8 @@ the oldest. The part size grows with an object's size when the writer is told it
 parts at most): :func:`part_size`. The object appears only when :meth:`MultipartWriter.close`
 completes the upload, whole; a failure (or an exception in the ``with`` block) aborts it, so a
 partial object is never visible: a writer killed outright leaves an incomplete upload, which no
-listing or read sees (a bucket's lifecycle rule for incomplete uploads reclaims its parts).
+listing or read sees, and which the next commit under its root aborts once it is idle
+(:meth:`ucp.storage.objstore.ObjectPath.abort_orphan_uploads`, format rule 33).
 
 Retries: each request goes through s3fs (``_call_s3``), which retries connection errors and
 throttling with backoff, over botocore's own retries (:data:`ucp.storage.objstore.RETRIES`).

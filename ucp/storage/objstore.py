@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +84,14 @@ def _in_effect() -> dict:
         out["profile"] = env["AWS_PROFILE"]
     return out
 
+
+#: an incomplete multipart upload under a root's step prefixes that shows no activity (neither its
+#: creation nor its newest part) for this many seconds is an orphan, aborted by the next commit's
+#: retention (format rule 33): a writer killed mid-upload left it. A live upload adds a part every
+#: few seconds (16 MiB parts; a part over 15 minutes would need a link under 20 KB/s)
+ORPHAN_AFTER = 900.0
+#: the keys (below a root) whose incomplete uploads a root's writer owns: its checkpoints' objects
+_STEP_KEY = re.compile(r"step_\d+/")
 
 #: a read over this many bytes is split into ranged GETs of this size, ``GETS`` of them at a time
 GET_BYTES = 16 << 20
@@ -331,6 +341,52 @@ class ObjectPath:
                 return False  # (the precondition failed: someone else's version is there, or none)
             raise
 
+    @_io
+    def abort_orphan_uploads(self, idle: float | None = None) -> list[str]:
+        """Abort the incomplete multipart uploads of this root's checkpoint objects (keys
+        ``step_<N>/...`` below this prefix) idle for ``idle`` seconds (None: :data:`ORPHAN_AFTER`):
+        neither created nor given a part since, by the store's clock compared with this host's (as
+        the lease's heartbeat is; format rule 33).
+        A writer killed mid-upload leaves one (its parts cost storage and no reader ever sees them);
+        an upload in progress is never idle that long, and one that completes or is aborted meanwhile
+        is left alone. The URLs of the objects whose uploads were aborted; none on a store without
+        multipart uploads (not S3).
+
+        Raises:
+            OSError: the store refused a listing or an abort.
+        """
+        call = getattr(self.fs, "_call_s3", None)
+        if call is None:
+            return []
+        from fsspec.asyn import sync
+
+        idle = ORPHAN_AFTER if idle is None else idle
+        bucket, _, base = self.key.partition("/")
+        prefix = f"{base}/" if base else ""
+
+        def request(method: str, **kwargs):
+            return sync(self.fs.loop, call, method, Bucket=bucket, **kwargs)
+
+        found, marker = [], {}
+        while True:
+            page = request("list_multipart_uploads", Prefix=prefix + "step_", **marker)
+            found += [u for u in page.get("Uploads", []) if _STEP_KEY.match(u["Key"][len(prefix):])]
+            if not page.get("IsTruncated") or not page.get("NextKeyMarker"):
+                break
+            marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+        aborted = []
+        for upload in found:
+            key, upload_id = upload["Key"], upload["UploadId"]
+            try:
+                if (time.time() - upload["Initiated"].timestamp() < idle  # (young: no need to list its parts)
+                        or time.time() - _last_activity(request, key, upload_id, upload["Initiated"]) < idle):
+                    continue
+                request("abort_multipart_upload", Key=key, UploadId=upload_id)
+            except FileNotFoundError:
+                continue  # (completed or aborted since the listing)
+            aborted.append(f"{self.protocol}://{bucket}/{key}")
+        return aborted
+
     def __reduce__(self):
         return ObjectPath, (str(self),)  # (sent between ranks by its URL: each opens its own file system)
 
@@ -359,6 +415,18 @@ class ObjectPath:
         for key, info in self.fs.find(self.key, detail=True, withdirs=False).items():
             if info.get("type") != "directory":
                 self.fs.copy(key, dest.key + key[len(self.key):])
+
+
+def _last_activity(request, key: str, upload_id: str, initiated) -> float:
+    """The time of the newest event of an incomplete upload: its creation or its newest part."""
+    newest, marker = initiated.timestamp(), {}
+    while True:
+        page = request("list_parts", Key=key, UploadId=upload_id, **marker)
+        for part in page.get("Parts", []):
+            newest = max(newest, part["LastModified"].timestamp())
+        if not page.get("IsTruncated") or not page.get("NextPartNumberMarker"):
+            return newest
+        marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
 
 
 def _scatter(views: list[memoryview], at: int, data: bytes) -> None:

@@ -92,6 +92,7 @@ class Cleared:
     partial: list[Path] = field(default_factory=list)  # incomplete saves removed (failed or killed)
     retired: list[tuple[Path, Path | None]] = field(default_factory=list)  # (checkpoint, moved to; None: deleted)
     pruned: list[Path] = field(default_factory=list)  # removed by retention (``keep``)
+    aborted: list[str] = field(default_factory=list)  # orphaned multipart uploads aborted (format rule 33)
     error: OSError | None = None  # retention failed (retried by the next commit)
 
 
@@ -153,12 +154,18 @@ def apply_retention(root: Path, keep: int | None, step: int, roll_back: bool = T
 
     ``roll_back=False`` (the memory tier's agents, whose durable copies of snapshots may commit after
     a later durable save of the same job) applies retention only: a snapshot's commit never retires
-    a later checkpoint."""
+    a later checkpoint.
+
+    On an object store it then aborts the incomplete multipart uploads under the root's step prefixes
+    that writers killed mid-upload left (idle for :data:`~ucp.storage.objstore.ORPHAN_AFTER`, format
+    rule 33), whatever ``keep`` is."""
     cleared = Cleared()
     try:
         if roll_back:
             cleared.retired.extend(store.roll_back(root, step, keep))
         cleared.pruned.extend(store.prune(root, keep, current=step))
+        if is_object(root):
+            cleared.aborted.extend(root.abort_orphan_uploads())
     except OSError as e:
         return replace(cleared, error=e)
     return cleared
