@@ -37,12 +37,7 @@ def dying(server, monkeypatch):
     yield from dying_server(server, monkeypatch)
 
 
-def _model(seed: int):
-    return linear_stack(seed, 10)  # (40 MB: 3 parts)
-
-
-def _state(model) -> dict:
-    return cloned_state(model)
+LAYERS = 10  # (of 4 MB each: 40 MB, 3 parts of 16 MiB)
 
 
 def _one_line_naming(e: BaseException, url: str) -> None:
@@ -51,10 +46,10 @@ def _one_line_naming(e: BaseException, url: str) -> None:
 
 def test_server_killed_mid_save_leaves_the_previous_checkpoint(dying, monkeypatch):
     url = dying.url("save")
-    model = _model(0)
+    model = linear_stack(0, LAYERS)
     ck = ucp.Checkpointer(url, model=model)
     ck.save(1)
-    saved = _state(model)
+    saved = cloned_state(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -73,18 +68,18 @@ def test_server_killed_mid_save_leaves_the_previous_checkpoint(dying, monkeypatc
     dying.start()
     ck.close()
     assert [s for s, _ in store.list_steps(url)] == [1]  # (step 2: never visible)
-    fresh = _model(1)
+    fresh = linear_stack(1, LAYERS)
     with ucp.Checkpointer(url, model=fresh) as ck2:
         assert ck2.load().step == 1
-    assert bit_diffs(saved, _state(fresh)) == []
+    assert bit_diffs(saved, cloned_state(fresh)) == []
 
 
 def test_server_killed_mid_load_then_the_load_succeeds_after_restart(dying, monkeypatch):
     url = dying.url("load")
-    model = _model(0)
+    model = linear_stack(0, LAYERS)
     with ucp.Checkpointer(url, model=model) as ck:
         ck.save(1)
-    saved = _state(model)
+    saved = cloned_state(model)
     read_into, calls = ObjectPath.read_into, []
 
     def killing(self, offset, views):  # (the server dies at the third fragment read)
@@ -94,7 +89,7 @@ def test_server_killed_mid_load_then_the_load_succeeds_after_restart(dying, monk
         return read_into(self, offset, views)
 
     monkeypatch.setattr(ObjectPath, "read_into", killing)
-    fresh = _model(1)
+    fresh = linear_stack(1, LAYERS)
     with pytest.raises(StorageError) as e:
         ucp.Checkpointer(url, model=fresh).load()
     _one_line_naming(e.value, url)
@@ -102,7 +97,7 @@ def test_server_killed_mid_load_then_the_load_succeeds_after_restart(dying, monk
     dying.start()
     with ucp.Checkpointer(url, model=fresh) as ck:
         assert ck.load().step == 1
-    assert bit_diffs(saved, _state(fresh)) == []
+    assert bit_diffs(saved, cloned_state(fresh)) == []
 
 
 def test_the_cli_fails_in_one_line_while_the_server_is_down(dying, tmp_path):

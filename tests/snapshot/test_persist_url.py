@@ -93,12 +93,7 @@ def dying(server, monkeypatch):
     yield from dying_server(server, monkeypatch)
 
 
-def _model(seed: int):
-    return linear_stack(seed, 20)  # (80 MB: 5 parts)
-
-
-def _state(model) -> dict:
-    return cloned_state(model)
+LAYERS = 20  # (of 4 MB each: 80 MB, 5 parts of 16 MiB)
 
 
 def _uploading(fs, url: str, step: int) -> bool:
@@ -120,11 +115,11 @@ def _uploading(fs, url: str, step: int) -> bool:
 def test_the_server_killed_mid_persist_leaves_the_previous_checkpoint_and_one_line(dying, job, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = dying.url("persist")
-    model = _model(0)
+    model = linear_stack(0, LAYERS)
     ck = ucp.Checkpointer(url, model=model, snapshot=ucp.SnapshotOptions(persist_every=1, job=job, persist_timeout=60))
     ck.save(1)
     ck.wait()  # step 1: durable, by the agent
-    saved = _state(model)
+    saved = cloned_state(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -144,8 +139,8 @@ def test_the_server_killed_mid_persist_leaves_the_previous_checkpoint_and_one_li
     _stop_agent(job)
     assert [s for s, _ in store.list_steps(url)] == [1]  # step 2: never visible
     assert not [k for k in _keys(dying, url) if k.startswith("step_00000002/")]
-    fresh = _model(1)
+    fresh = linear_stack(1, LAYERS)
     with ucp.Checkpointer(url, model=fresh) as ck2:
         assert ck2.load().step == 1
-    assert bit_diffs(saved, _state(fresh)) == []
+    assert bit_diffs(saved, cloned_state(fresh)) == []
     assert list(tmp_path.iterdir()) == []
