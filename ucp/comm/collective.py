@@ -76,20 +76,12 @@ class Collective:
         with transport(self._what, self.rank):
             size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
             dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.group)
-            buf = torch.zeros(int(size.item()) + 8, dtype=torch.uint8)
-            buf[:8] = torch.tensor([len(blob)], dtype=torch.int64).view(torch.uint8)
-            buf[8:8 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-            buf = buf.to(device)
+            buf = _framed(blob, int(size.item()) + 8).to(device)
             slots = [torch.empty_like(buf) for _ in range(self.world_size)] if self.rank == dst else None
             dist.gather(buf, slots, dst=self._global(dst), group=self.group)
         if slots is None:
             return None
-        out = []
-        for slot in slots:
-            slot = slot.cpu()
-            n = int(slot[:8].view(torch.int64).item())
-            out.append(pickle.loads(slot[8:8 + n].numpy().tobytes()))
-        return out
+        return [_unframed(slot) for slot in slots]
 
     def exchange(self, outgoing: dict[int, Any]) -> dict[int, Any]:
         """Send ``outgoing[r]`` to each rank ``r`` named; return ``{r: what r sent this rank}``
@@ -172,19 +164,10 @@ class Collective:
             size = torch.tensor([max(map(len, blobs)) if blobs else 0], dtype=torch.int64, device=device)
             dist.broadcast(size, src=self._global(src), group=self.group)
             n = int(size.item()) + 8
-            chunks = None
-            if blobs is not None:
-                chunks = []
-                for blob in blobs:
-                    buf = torch.zeros(n, dtype=torch.uint8)
-                    buf[:8] = torch.tensor([len(blob)], dtype=torch.int64).view(torch.uint8)
-                    buf[8:8 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-                    chunks.append(buf.to(device))
+            chunks = None if blobs is None else [_framed(blob, n).to(device) for blob in blobs]
             out = torch.empty(n, dtype=torch.uint8, device=device)
             dist.scatter(out, chunks, src=self._global(src), group=self.group)
-        out = out.cpu()
-        k = int(out[:8].view(torch.int64).item())
-        return pickle.loads(out[8:8 + k].numpy().tobytes())
+        return _unframed(out)
 
     def _global(self, rank: int) -> int:
         """The global rank of this group's ``rank`` (torch's object collectives take global ranks)."""
@@ -269,6 +252,23 @@ class Collective:
             raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
                 name, {r: msg for r, (msg, _) in failures.items()}) from local_error
         return (None if gathered is None else [value for _, value, _ in gathered]), decision
+
+
+def _framed(blob: bytes, n: int) -> torch.Tensor:
+    """``blob`` in a zeroed CPU buffer of ``n`` bytes (at least ``len(blob) + 8``): its length as an
+    int64, then its bytes (the buffers of :meth:`Collective.gather` and :meth:`Collective.scatter`)."""
+    buf = torch.zeros(n, dtype=torch.uint8)
+    buf[:8] = torch.tensor([len(blob)], dtype=torch.int64).view(torch.uint8)
+    buf[8:8 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return buf
+
+
+def _unframed(buf: torch.Tensor) -> Any:
+    """The object a :func:`_framed` buffer holds (pickled among this job's ranks, as
+    torch.distributed's object collectives do)."""
+    buf = buf.cpu()
+    n = int(buf[:8].view(torch.int64).item())
+    return pickle.loads(buf[8:8 + n].numpy().tobytes())
 
 
 def _run(fn: Callable[[], Any]) -> tuple[tuple, BaseException | None]:
