@@ -24,7 +24,7 @@ calling ucp's code:
   plan: ``source_pieces``, ``relocate``, ``target_pieces``, ``reshard_plan``, byte spans and blocks).
 * :func:`restore_metadata` -- ``checkpoint.memory.Snapshots.source`` of a job resuming in place
   (``_source_own``): every node's header summaries (8 ranks a node, two slots each) to rank 0, which
-  chooses (``checkpoint.memory.choose_own``); each rank's own header (the dict ``MemoryTier.write``
+  chooses (``checkpoint.memory_source.choose_own``); each rank's own header (the dict ``MemoryTier.write``
   commits) and ``snapshot.header.manifest_from_headers`` of it alone.
 * :func:`restore_resharded` -- the same snapshot resumed from memory onto the smaller world
   (``Snapshots._source_all``), its headers held by the surviving nodes as after a parity rebuild:
@@ -99,7 +99,7 @@ from ucp.plan.load_plan import FragmentIndex
 from ucp.plan.save_plan import PieceInfo, pack_share, plan_save, structure_signature, unpack_shares
 from ucp.plan.sources import SourceIndex
 from ucp.snapshot import shm
-from ucp.checkpoint.memory import choose_own, choose_source
+from ucp.checkpoint.memory_source import choose_own, choose_source
 from ucp.format.manifest import Manifest
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers
 from ucp.snapshot.index import KeyIndex, SnapshotManifest, index_messages, merge_states, node_summary, query_messages

@@ -110,7 +110,7 @@ def test_a_resharded_restore_from_memory_selects_only_its_fragments(world4, worl
 
 
 def test_parity_records_go_to_the_ranks_that_rebuild_their_group():
-    from ucp.checkpoint.memory import records_by_rank
+    from ucp.checkpoint.memory_source import records_by_rank
     from ucp.snapshot.recovery import Recoverable
 
     # old ranks 0-3 form a group; rank 1 was lost; nodes a and b hold the others, read by new ranks 0 and 2
