@@ -182,33 +182,7 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                 if generation:
                     phases["built"] = time.time()
                 try:
-                    _pd = os.environ.get("UCP_PROF_DIR")
-                    if _pd and generation:
-                        import cProfile
-                        from ucp.comm import collective as _c
-                        _ev = []
-                        _t0 = time.perf_counter()
-                        for _n in ("gather_phase", "exchange_phase", "scatter", "phase"):
-                            def _w(o, _n=_n):
-                                def f(self, *a, **k):
-                                    t = time.perf_counter()
-                                    try:
-                                        return o(self, *a, **k)
-                                    finally:
-                                        _ev.append((_n, a[0] if a and isinstance(a[0], str) else "",
-                                                    round(t - _t0, 4), round(time.perf_counter() - _t0, 4)))
-                                return f
-                            setattr(_c.Collective, _n, _w(getattr(_c.Collective, _n)))
-                        _cpu0 = time.process_time()
-                        _pr = cProfile.Profile()
-                        if os.environ.get("UCP_PROF_C"):
-                            _pr.enable()
                     restored = ckpt.load(memory_only=bool(lost) and memory_only)  # (a retry: from anywhere)
-                    if _pd and generation:
-                        _pr.disable()
-                        _pr.dump_stats(f"{_pd}/load.m{member}.prof")
-                        _ev.append(("cpu", "", 0, round(time.process_time() - _cpu0, 4)))
-                        json.dump(_ev, open(f"{_pd}/ev.m{member}.json", "w"))
                 except NotInMemoryError as e:  # (on every rank: the source is decided together)
                     raise RecoveryFallbackError(f"members {list(lost)} lost: {e}") from e
                 if generation:
