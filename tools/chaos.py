@@ -180,6 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --inprocess: seconds without a heartbeat after which a rank that did not rejoin is lost "
                         "(longer than --heartbeat: a loaded machine delays heartbeats; 1 s left live ranks out at load 20); "
                         "default 2")
+    p.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="with --inprocess: no liveness ports (run_in_process(probe=False)): a killed rank is lost only "
+                        "after --dead-after of heartbeat silence, as a hung one")
     p.add_argument("--kill-in-flight", action="store_true",
                    help="kill as soon as every rank has handed step STEP to save(), without waiting for its snapshot "
                         "to complete and the agents' durable writes to finish (the source restored and the steps "
@@ -319,6 +322,8 @@ class Harness:
                 if args.inprocess:
                     cmd += ["--inprocess", "--holds", ",".join(map(str, a.holds)), "--detect-timeout",
                             str(args.detect_timeout), "--heartbeat", str(args.heartbeat), "--dead-after", str(args.dead_after)]
+                    if not args.probe:
+                        cmd.append("--no-probe")
                 with open(path, "wb") as out:
                     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                             env=dict(env, RANK=str(rank), LOCAL_RANK=str(local)),
@@ -857,6 +862,8 @@ def one_run(args) -> dict:
            "kills": [{"node": k.node, "step": k.step, "kind": k.kind} for k in args.kills], "failures_injected": 0,
            "path": "in-process" if args.inprocess else "relaunch", "step_seconds": args.step_seconds,
            "detect_timeout": args.detect_timeout if args.inprocess else None,
+           "heartbeat": args.heartbeat if args.inprocess else None,
+           "dead_after": args.dead_after if args.inprocess else None, "probe": args.probe if args.inprocess else None,
            "recoveries": [], "final_step": 0, "wall_s": 0.0, "useful_step_s": 0.0, "check_s": 0.0, "run_id": run_id,
            "snapshot_bytes": None, "parity_bytes": None, "memory_overhead": None,
            "kill_in_flight": args.kill_in_flight, "load_avg": os.getloadavg()}

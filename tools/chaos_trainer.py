@@ -76,6 +76,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --inprocess: seconds without a heartbeat after which a rank that did not rejoin is lost")
     p.add_argument("--step-seconds", type=float, default=0.0,
                    help="emulated step time: each step sleeps until it took at least this long")
+    p.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="with --inprocess: run_in_process(probe=False) (no liveness ports)")
     return p.parse_args(argv)
 
 
@@ -206,7 +208,8 @@ def main_inprocess(args, rank: int, world: int, base) -> int:
 
     try:
         ucp.run_in_process(build, train_loop, store=base, member=rank, world_size=world, timeout=args.detect_timeout,
-                           heartbeat=args.heartbeat, dead_after=args.dead_after, namespace=f"attempt{args.attempt}")
+                           heartbeat=args.heartbeat, dead_after=args.dead_after, namespace=f"attempt{args.attempt}",
+                           probe=args.probe)
     except RecoveryFallbackError as e:
         print(f"[chaos node {args.node} member {rank}] in-process recovery fell back to a relaunch: {e}",
               file=sys.stderr, flush=True)

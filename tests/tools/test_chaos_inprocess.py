@@ -44,6 +44,15 @@ def test_a_killed_node_is_recovered_in_process_from_memory(node):
     assert rec["phases"]["detect"] + rec["phases"]["reform"] < DETECT_TIMEOUT + 2.0
 
 
+def test_a_killed_node_is_lost_at_once_by_its_closed_liveness_port_not_after_its_silence():
+    # --dead-after far beyond the leader's own bound (twice the timeout): only the probe can lose it sooner
+    doc = inprocess("--nodes", 4, "--group", 4, "--parity", 1, "--kill", "2@4", "--dead-after", 60)
+    assert (doc["probe"], doc["dead_after"]) == (True, 60.0)
+    (rec,) = doc["recoveries"]
+    check_inprocess(rec, [2], 4)
+    assert rec["phases"]["reform"] < DETECT_TIMEOUT, rec
+
+
 def test_a_hung_node_is_detected_at_the_timeout_and_left_behind():
     doc = inprocess("--nodes", 4, "--group", 4, "--parity", 1, "--hang", "2@4")
     (rec,) = doc["recoveries"]

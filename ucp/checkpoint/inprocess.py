@@ -30,16 +30,22 @@ memory): ``build`` must keep them reachable only from the Checkpointer it return
 locals). Freeing alone would not release a peer blocked on a connection to a survivor: gloo closes
 a group's connections only when the group is freed, and torch 2.13 keeps an FSDP2 job's default
 group alive from C++ after ``destroy_process_group()`` (measured: no Python object refers to it);
-hence the shut connections above.
+hence the shut connections above. The collection scans only what the job made: the objects that
+existed when ``run_in_process`` was called (torch's modules, the program's imports) are frozen
+(``gc.freeze``, undone at the end) and are not scanned (a whole-heap collection took 0.2-0.25 s of
+the re-forming under load); a reference cycle among them made before the call is collected only
+after the job.
 
 **Membership.** Each member (a process, named by its rank at the start) beats a heartbeat into the
 store every ``heartbeat`` seconds, from a thread with a store connection of its own. After a
 failure, each survivor shuts its generation's connections (so peers blocked with it fail at once
 too), registers for the next generation ``g`` (at once: a registered member is not waited for by
 its heartbeat), frees the broken generation, and the first to be done leads: it waits until every
-member of the last generation has registered or is silent (no heartbeat for ``dead_after``
-seconds), then publishes the new members in their old order; their index is the new rank. A
-member that registers after that is not in the new world: it raises :class:`RecoveryFallbackError`.
+member of the last generation has registered or is lost: its process exited (its liveness port
+refuses a connection, :mod:`ucp.comm.liveness`: milliseconds after a crash or a kill while its host
+lives) or it is silent (no heartbeat for ``dead_after`` seconds: a hung process, a lost host),
+then publishes the new members in their old order; their index is the new rank. A member that
+registers after that is not in the new world: it raises :class:`RecoveryFallbackError`.
 The store (``TCPStore``) must outlive the lost ranks: torchrun's agent store, or one the job hosts
 away from its workers; a lost store is a fallback too.
 
@@ -67,9 +73,12 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from ucp.comm.connections import OpenedConnections
+from ucp.comm.liveness import LivenessPort, refused
 from ucp.errors import DistributedError, NotInMemoryError, OptionsError, PeerLostError, RecoveryFallbackError
 
 PREFIX = "ucp/inprocess"
+PROBE_EVERY = 0.05  # seconds between probes of a missing member's liveness port (Membership._decide)
+PROBE_TIMEOUT = 0.05  # seconds a round of probes waits for answers (a lost host never answers)
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,7 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                    member: int | None = None, world_size: int | None = None, backend: str = "gloo",
                    timeout: float = 10.0, heartbeat: float = 1.0, dead_after: float | None = None,
                    min_world_size: int = 1, max_recoveries: int | None = None, memory_only: bool = True,
-                   namespace: str | None = None) -> Any:
+                   namespace: str | None = None, probe: bool = True) -> Any:
     """Run ``train`` under in-process recovery; returns what ``train`` returns.
 
     Initializes torch.distributed itself (and destroys it at the end): the caller must not have.
@@ -132,6 +141,10 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
         namespace: where in the store this launch's keys go (``ucp/inprocess/<namespace>/``): a
             relaunch must not see the keys of the launch before it. Default: torchrun's restart
             count (``attempt<TORCHELASTIC_RESTART_COUNT>``).
+        probe: each member listens on a liveness port (:mod:`ucp.comm.liveness`) that its host's
+            kernel closes when the process exits, and a member whose port refuses a connection is
+            lost at once instead of after ``dead_after`` of silence. Set False on every member where
+            a firewall between hosts rejects connections (a refusal would then lose a live member).
 
     Raises:
         RecoveryFallbackError: the survivors cannot go on in-process; the message says why.
@@ -157,10 +170,13 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
     if namespace is None:
         namespace = f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     prefix = f"{PREFIX}/{namespace}"
-    job = Membership(store, prefix, member, world_size, timeout, heartbeat, dead_after)
+    job = Membership(store, prefix, member, world_size, timeout, heartbeat, dead_after, probe)
     recoveries = 0
     phases: dict = {}
     lost: tuple[int, ...] = ()
+    froze = gc.get_freeze_count() == 0
+    if froze:
+        gc.freeze()  # (what the program made before the job: the recovery's collection does not scan it)
     try:
         job.start()
         while True:
@@ -207,7 +223,8 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                 ckpt = None
                 drop_traceback(error)  # (its frames hold the broken generation's model)
                 _destroy()
-                gc.collect()  # that model and optimizer are freed before build makes the next
+                gc.collect()  # that model and optimizer are freed before build makes the next (the objects
+                # made before the job, torch's among them, are frozen: this scans the job's own only)
                 after, retry = job.next_generation()
                 lost = tuple(m for m in members if m not in after)
                 if not lost and not retry:
@@ -226,6 +243,8 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
     finally:
         _destroy()
         job.stop()
+        if froze:
+            gc.unfreeze()
 
 
 def default_store(world_size: int, rank: int, timeout: float):
@@ -280,13 +299,13 @@ class Membership:
     """Who is in the job, generation by generation, agreed through ``store`` (docs/recovery.md).
 
     Keys (under ``prefix``, ``ucp/inprocess/<namespace>``): ``hb/<member>`` each member's heartbeat
-    (its wall-clock time);
+    (its wall-clock time), ``port/<member>`` its liveness port's address (with ``probe``);
     ``g<g>/here/<member>`` registrations for generation ``g``, ``g<g>/leader`` the first to
     register, ``g<g>/members`` the new members (JSON, in rank order) once the leader has decided.
     """
 
     def __init__(self, store, prefix: str, member: int, world_size: int, timeout: float, heartbeat: float,
-                 dead_after: float):
+                 dead_after: float, probe: bool = True):
         self.prefix = prefix
         self.store = dist.PrefixStore(prefix, store)
         self._tcp = store
@@ -296,6 +315,8 @@ class Membership:
         self.timeout = timeout
         self.heartbeat = heartbeat
         self.dead_after = dead_after
+        self.probe = probe
+        self._port: LivenessPort | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -306,13 +327,19 @@ class Membership:
             own = dist.PrefixStore(self.prefix, dist.TCPStore(self._tcp.host, self._tcp.port, is_master=False,
                                                          wait_for_workers=False,
                                                          timeout=datetime.timedelta(seconds=self.timeout)))
+            if self.probe:
+                self._port = LivenessPort((self._tcp.host, self._tcp.port))
+                own.set(f"port/{self.member}", self._port.address)
             own.set(f"hb/{self.member}", repr(time.time()))
         except Exception as e:  # noqa: BLE001
             raise RecoveryFallbackError(f"the job's store at {self._tcp.host}:{self._tcp.port} does not answer "
                                         f"({e})") from e
+        port = self._port
 
         def beat():
             while not self._stop.wait(self.heartbeat):
+                if port is not None:
+                    port.drain()
                 try:
                     own.set(f"hb/{self.member}", repr(time.time()))
                 except Exception:  # noqa: BLE001 - the store is gone: the next recovery says so
@@ -323,6 +350,8 @@ class Membership:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._port is not None:
+            self._port.close()  # (a member that left the job is gone to a probe)
 
     def register(self, transport: bool) -> None:
         """Register for the next generation (``transport``: this member failed in a collective's
@@ -362,14 +391,20 @@ class Membership:
 
     def _decide(self, g: int) -> list[int]:
         """The leader: wait until every member of the last generation has registered for ``g`` or
-        is silent (its heartbeat older than ``dead_after``), at most twice ``timeout`` (a live
-        member blocked in a collective sees the failure within ``timeout`` at the latest); the
-        registered ones, in their old order. A poll reads the counter and the heartbeats of the
-        members still missing; only when the counter moved are those missing members' keys read
-        again (registrations only add), so a poll costs the missing, not the whole job."""
+        is lost, at most twice ``timeout`` (a live member blocked in a collective sees the failure
+        within ``timeout`` at the latest); the registered ones, in their old order. A member is
+        lost when its liveness port refuses a probe (its process exited:
+        :mod:`ucp.comm.liveness`) or when it is silent (its heartbeat older than ``dead_after``:
+        a hung process, a lost host). A poll reads the counter and the heartbeats of the members
+        still missing; only when the counter moved are those missing members' keys read again
+        (registrations only add), and the missing are probed at most every ``PROBE_EVERY`` seconds,
+        so a poll costs the missing, not the whole job."""
         s = self.store
         deadline = time.monotonic() + 2 * self.timeout
         missing, counted = list(self.members), 0
+        ports: dict[int, str] = {}
+        exited: set[int] = set()
+        probed = -PROBE_EVERY
         while True:
             count = s.add(f"g{g}/count", 0)
             if count != counted:
@@ -377,9 +412,21 @@ class Membership:
                 missing = [m for m in missing if not s.check([f"g{g}/here/{m}"])]
             if not missing:
                 return list(self.members)
+            if self.probe and time.monotonic() - probed >= PROBE_EVERY:
+                probed = time.monotonic()
+                exited |= self._probe([m for m in missing if m not in exited], ports)
             beats = s.multi_get([f"hb/{m}" for m in missing])
-            silent = all(time.time() - float(b.decode() or 0) > self.dead_after for b in beats)
+            silent = all(m in exited or time.time() - float(b.decode() or 0) > self.dead_after
+                         for m, b in zip(missing, beats))
             if silent or time.monotonic() > deadline:
                 gone = set(missing)
                 return [m for m in self.members if m not in gone]
             time.sleep(min(0.01, self.heartbeat / 10))
+
+    def _probe(self, members: list[int], ports: dict[int, str]) -> set[int]:
+        """Those of ``members`` whose liveness port refuses a connection (``ports`` caches their
+        addresses, read from the store on first need)."""
+        unknown = [m for m in members if m not in ports]
+        if unknown:
+            ports.update(zip(unknown, (v.decode() for v in self.store.multi_get([f"port/{m}" for m in unknown]))))
+        return refused({m: ports[m] for m in members if ports[m]}, PROBE_TIMEOUT)

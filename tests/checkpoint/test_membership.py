@@ -1,0 +1,90 @@
+"""The membership protocol of in-process recovery (ucp.checkpoint.inprocess.Membership), two members
+in one process over a real TCPStore: a member whose process is gone (its liveness port closed) is
+lost at once although its heartbeat is fresh; without the probe it is waited for; a stopped member
+(port open) is waited for either way until it registers."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+
+from ucp.checkpoint.inprocess import Membership
+from ucp.comm.liveness import LivenessPort
+
+DEAD_AFTER = 20.0  # seconds of silence: far longer than any of these tests waits for an answer
+TIMEOUT = 15.0  # the leader gives up at twice this
+
+
+@pytest.fixture
+def store():
+    s = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False,
+                      timeout=datetime.timedelta(seconds=60))
+    yield s
+
+
+def members(store, probe: bool) -> tuple[Membership, Membership]:
+    made = [Membership(store, "ucp/inprocess/test", m, 2, TIMEOUT, 0.05, DEAD_AFTER, probe) for m in (0, 1)]
+    for m in made:
+        m.start()
+    return made[0], made[1]
+
+
+def decide_in_thread(member: Membership) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run():
+        start = time.monotonic()
+        out["members"] = member.next_generation()[0]
+        out["s"] = time.monotonic() - start
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_member_whose_port_closed_is_lost_at_once_though_its_heartbeat_is_fresh(store):
+    leader, gone = members(store, probe=True)
+    try:
+        gone._port.close()  # its process exited: the kernel closed the port (its heartbeat thread beats on here)
+        leader.register(transport=True)
+        start = time.monotonic()
+        assert leader.next_generation() == ((0,), True)
+        assert time.monotonic() - start < DEAD_AFTER / 2
+    finally:
+        leader.stop()
+        gone.stop()
+
+
+@pytest.mark.parametrize("probe", [True, False], ids=["port-open", "no-probe-port-refuses"])
+def test_a_member_is_waited_for_until_it_registers_while_alive_to_a_probe_or_without_probes(store, probe):
+    leader, late = members(store, probe=probe)
+    try:
+        if not probe:  # a refusing address where a probe would look: only silence may lose a member now
+            assert late._port is None and leader._port is None
+            closed = LivenessPort(("127.0.0.1", store.port))
+            closed.close()
+            dist.PrefixStore("ucp/inprocess/test", store).set("port/1", closed.address)
+        leader.register(transport=True)
+        t, out = decide_in_thread(leader)
+        time.sleep(1.0)
+        assert "members" not in out, out  # neither gone nor silent: still waited for
+        late.register(transport=True)
+        t.join(10)
+        assert out["members"] == (0, 1), out
+    finally:
+        leader.stop()
+        late.stop()
+
+
+def test_a_member_that_stopped_is_gone_to_the_next_leader(store):
+    leader, left = members(store, probe=True)
+    try:
+        left.stop()  # (left the job: its port closes with it)
+        leader.register(transport=False)
+        assert leader.next_generation()[0] == (0,)
+    finally:
+        leader.stop()
