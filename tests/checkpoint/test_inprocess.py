@@ -5,6 +5,7 @@ recoveries (kills, hangs, parity rebuilds, fallbacks) are in tests/tools/test_ch
 from __future__ import annotations
 
 import datetime
+import gc
 
 import pytest
 import torch.distributed as dist
@@ -73,6 +74,28 @@ def test_a_failure_of_the_program_itself_is_raised_not_retried(tmp_path, store, 
     assert calls == [0]
     # its frames were freed (they held the model); the traceback is kept as a note, the bug's line in it
     assert any("raise ValueError" in note and "as text" in note for note in e.value.__notes__)
+
+
+def test_the_objects_made_before_the_job_are_frozen_during_it_only(tmp_path, store, job):  # noqa: F811
+    """The recovery's collection scans what the job made, not the whole heap: the objects that
+    existed at the call are frozen over the job and unfrozen after it (also after a failure)."""
+    before = object()  # (tracked? a plain object is not: a list is)
+    made_before = [before]
+    seen = []
+
+    def build(world):
+        model, opt = tiny_model()
+        return ucp.Checkpointer(tmp_path, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+
+    def train(ckpt, restored, world):
+        seen.append((gc.get_freeze_count() > 0, any(o is made_before for o in gc.get_objects())))
+        raise ValueError("stop")
+
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(ValueError, match="stop"):
+        run(store, build, train)
+    assert seen == [(True, False)]  # the list made before the call is frozen: no generation holds it
+    assert gc.get_freeze_count() == 0
 
 
 def test_max_recoveries_bounds_the_retries(tmp_path, store, job):  # noqa: F811
