@@ -37,6 +37,7 @@ from ucp.plan.reshard import check_target, load_regions
 from ucp.plan.sources import Resolution, SourceIndex
 from ucp.snapshot.index import SnapshotManifest
 from ucp.snapshot.memory import cpu_threads
+from ucp.state import pages
 from ucp.state.capture import SPEC_STATE, Piece, model_pieces, normalize_fqn
 from ucp.state.optimizer import merged_optimizer_state, optimizer_targets, restore_optimizer
 from ucp.state.rng import restore_rng
@@ -58,7 +59,7 @@ def _cast_target(p: Piece, res: Resolution, sources: SourceIndex, casts: list) -
         if master is not None and master.dtype == p.meta.dtype and master.rule != "master" and \
                 all(s.dim is not None or sources.shape(s.key) == shape for s in master.slices):
             return p, master
-    temp = torch.empty(p.data.shape, dtype=torch_dtype(res.dtype), device=p.data.device)
+    temp = pages.empty(p.data.shape, torch_dtype(res.dtype), p.data.device)
     casts.append((temp, p.data))
     return replace(p, data=temp, meta=TensorMeta(p.meta.shape, res.dtype, p.meta.pattern)), res
 
@@ -296,7 +297,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             FragmentFiles(path, manifest=manifest.select(RegionQuery(extra_keys))).check_sizes()
         for key, meta in manifest.tensors.items():
             if parse_key(key).kind == EXTRA:
-                extras[parse_key(key).name] = t = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
+                extras[parse_key(key).name] = t = pages.empty(meta.shape, torch_dtype(meta.dtype))
                 pieces.append(Piece(extra_key(parse_key(key).name), t, meta, Box.full(meta.shape)))
         plans, missing, taken, casts = _resolve_targets(pieces, sources, ckpt.geometry.layout, path, cast)
         result.update(plans=plans, missing=missing, casts=casts, fqns=fqns, opt_state=opt_state, extras=extras,

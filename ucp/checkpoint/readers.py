@@ -24,6 +24,7 @@ from ucp.plan.geometry import box_slices, byte_span, chunk_box, is_contiguous, n
 from ucp.plan.load_plan import FragmentIndex, ReadItem
 from ucp.plan.reshard import chunk_pieces, reshard_plan, source_pieces, target_pieces
 from ucp.plan.sources import Resolution, relocate, to_source
+from ucp.state import pages
 from ucp.state.capture import Piece
 from ucp.state.tensors import torch_dtype
 from ucp.storage.fragment_files import FragmentFiles
@@ -72,7 +73,7 @@ class UniversalReader:
         meta = self.source.header.tensors[only.key]
         dest = piece.data
         direct = dest.device.type == "cpu" and dest.is_contiguous()
-        out = dest if direct else torch.empty(tuple(piece.box.sizes), dtype=dest.dtype)
+        out = dest if direct else pages.empty(tuple(piece.box.sizes), dest.dtype)
         raw = out.reshape(-1).view(torch.uint8).numpy().view(np.dtype(meta.stored_dtype)).reshape(piece.box.sizes)
         with array_reader(self.source.path, only.key, meta) as reader:
             reader.read(box_slices(piece.box), out=raw)
@@ -155,7 +156,7 @@ def _fill_resharded(piece: Piece, items, targets, fetch) -> None:
     """
     dest = piece.data
     direct = dest.device.type == "cpu" and dest.is_contiguous()
-    out = dest if direct else torch.empty(dest.shape, dtype=dest.dtype)
+    out = dest if direct else pages.empty(dest.shape, dest.dtype)
     flat = out.reshape(-1)
     with torch.no_grad():
         for t in targets:
@@ -222,7 +223,7 @@ class FragmentReader:
         """Fill ``dest`` (the destination piece's local tensor) from ``item``."""
         f = item.fragment
         direct = dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
-        buf = dest if direct else torch.empty(f.numel, dtype=torch_dtype(f.dtype))
+        buf = dest if direct else pages.empty(f.numel, torch_dtype(f.dtype))
         self.files.read(f, [memoryview(buf.reshape(-1).view(torch.uint8).numpy())], block_bytes=self.block_bytes)
         if not direct:
             with torch.no_grad():
@@ -245,7 +246,7 @@ class FragmentReader:
         """Fragment ``f`` as a flat tensor of its dtype: whole, its checksum verified; or, when it has
         block checksums, only the blocks holding the byte ``spans`` (``[lo, hi)`` pairs of its data),
         each block verified (the rest of the tensor is left unset)."""
-        buf = torch.empty(f.numel, dtype=torch_dtype(f.dtype))
+        buf = pages.empty(f.numel, torch_dtype(f.dtype))
         blocks = needed_blocks(spans, len(f.blocks or ()), block_bytes)
         if blocks is None:
             self.read(ReadItem(f), buf)

@@ -31,6 +31,7 @@ from ucp.format.universal import universal_shape
 from ucp.lang.names import part_name
 from ucp.plan.sources import SourceIndex
 from ucp.state.capture import Piece, detached, flat_state_pieces, optimizer_param_fqns, param_names, tensor_piece
+from ucp.state import pages
 from ucp.state.tensors import torch_dtype
 
 STEP = "step"
@@ -41,14 +42,14 @@ def _new_like(key: str, meta: TensorMeta, param_piece: Piece | None, param) -> t
     dtype = torch_dtype(meta.dtype)
     if param_piece is not None and tuple(meta.shape) == tuple(param_piece.meta.shape):
         if isinstance(param, DTensor):
-            local = torch.empty(param.to_local().shape, dtype=dtype, device=param.device)
+            local = pages.empty(param.to_local().shape, dtype, param.device)
             value = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                        shape=param.shape, stride=param.stride())
             return value, tensor_piece(key, "", value, None)
-        local = torch.empty(param_piece.data.shape, dtype=dtype, device=param_piece.data.device)
+        local = pages.empty(param_piece.data.shape, dtype, param_piece.data.device)
         return local, Piece(key, local, TensorMeta(meta.shape, meta.dtype, param_piece.meta.pattern),
                             param_piece.box, param_piece.flat)
-    value = torch.empty(meta.shape, dtype=dtype)
+    value = pages.empty(meta.shape, dtype)
     return value, Piece(key, value, meta, Box.full(meta.shape))
 
 
