@@ -307,3 +307,30 @@ def test_configure_refuses_a_root_the_agent_cannot_serve_in_one_line():
         assert a.config[0]["root"] == "memory://bucket/run"  # (a URL stays a URL)
     finally:
         a.cleanup()
+
+
+def test_a_commit_returns_what_retention_cleared(tmp_path):
+    raw, header = one_rank_snapshot()
+    for step in (4, 5):
+        directory = store.step_dir(tmp_path, step)
+        assert persist.prepare(directory)
+        persist.write_rank(directory, dict(header, step=step), raw, [0], token=111)
+        cleared = persist.commit_when_written(directory, tmp_path, step, 1, token=111, keep=1, timeout=5)
+    assert cleared.error is None and [p.name for p in cleared.pruned] == [store.step_dir(tmp_path, 4).name]
+    assert persist.commit_when_written(directory, tmp_path, 5, 1, token=111, keep=1, timeout=5) is None  # (done)
+
+
+def test_a_commit_whose_retention_fails_stands_and_the_agent_says_why(tmp_path, monkeypatch, capsys):
+    """Retention failing after the commit is no failure of the save (nothing is reported to the
+    job), but the agent's log says it in one line (format rule 33: retried by the next commit)."""
+    from ucp.snapshot.agent_state import Agent
+    from ucp.storage.rank_files import Cleared
+
+    agent = Agent("retention-fails")
+    agent.inflight[0] = 1
+    monkeypatch.setattr(persist, "commit_when_written",
+                        lambda *a, **k: Cleared(error=PermissionError(13, "Permission denied", "step_00000003")))
+    agent._commit({"step": 5, "token": 1}, {"world_size": 1, "root": str(tmp_path), "keep": 1, "timeout": 5})
+    err = capsys.readouterr().err
+    assert "step 5 is committed" in err and "pruning old checkpoints failed" in err and "step_00000003" in err, err
+    assert agent.errors == {} and agent.inflight[0] == 0

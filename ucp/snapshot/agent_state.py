@@ -379,9 +379,12 @@ class Agent:
         world = cfg["world_size"]
         try:
             root = as_location(cfg["root"])
-            persist.commit_when_written(step_dir(root, header["step"]), root, header["step"],
-                                        world, header["token"], cfg["keep"], cfg["timeout"],
-                                        abandon=lambda: self.abandon.is_set() or self._superseded(world))
+            cleared = persist.commit_when_written(step_dir(root, header["step"]), root, header["step"],
+                                                  world, header["token"], cfg["keep"], cfg["timeout"],
+                                                  abandon=lambda: self.abandon.is_set() or self._superseded(world))
+            if cleared is not None and cleared.error is not None:  # (committed: not the save's failure)
+                print(f"ucp agent: step {header['step']} is committed under {cfg['root']}, but pruning old "
+                      f"checkpoints failed (the next commit retries): {cleared.error}", file=sys.stderr, flush=True)
         except Exception as e:
             error = f"committing step {header['step']} to the durable tier failed: {e}"
             if self._superseded(world):  # the job that saved it is gone (a recovery on fewer ranks): not the new job's

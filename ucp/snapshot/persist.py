@@ -34,7 +34,8 @@ from ucp.format.jsonio import parse_json
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers
 from ucp.storage import directory as store
 from ucp.storage.objstore import is_object
-from ucp.storage.rank_files import RankFragment, apply_retention, commit_step, entry_name, prepare_step, write_rank_file
+from ucp.storage.rank_files import (Cleared, RankFragment, apply_retention, commit_step, entry_name, prepare_step,
+                                     write_rank_file)
 from ucp.storage.safetensors_file import stored_header
 
 META = "ucp.snapshot"  # the safetensors metadata entry holding the rank's header
@@ -117,15 +118,16 @@ POLL, POLL_OBJECTS = 0.05, 0.25
 
 
 def commit_when_written(directory: Path, root: Path, step: int, world_size: int, token: int, keep: int | None,
-                        timeout: float, abandon=None) -> bool:
+                        timeout: float, abandon=None) -> Cleared | None:
     """Wait (``timeout`` seconds at most, polling; until ``abandon()`` is true, if given) until every
     rank's file of snapshot ``token`` is in ``directory``, then commit the checkpoint of ``step`` and
-    apply retention ``keep`` under ``root``. Returns False when a complete checkpoint of that step was
-    there already. ``directory`` and ``root`` are local paths or locations on an object store
+    apply retention ``keep`` under ``root``. Returns what retention cleared (its ``error`` set when it
+    failed: retried by the next commit), or None when a complete checkpoint of that step was there
+    already. ``directory`` and ``root`` are local paths or locations on an object store
     (:class:`~ucp.storage.objstore.ObjectPath`), where the commit is the manifest's conditional
     creation (docs/format-checkpoint.md, rule 28)."""
     if store.is_complete(directory):
-        return False
+        return None
     deadline = time.monotonic() + timeout
     headers: dict[int, dict] = {}
     crcs: dict[str, int] = {}
@@ -152,5 +154,4 @@ def commit_when_written(directory: Path, root: Path, step: int, world_size: int,
         raise PersistError(f"{directory}: the rank files hold step {manifest.step}, not {step}")
     commit_step(directory, manifest)
     # (its failure is retried by the next commit; no rollback: this job may have saved later steps)
-    apply_retention(root, keep, step, roll_back=False)
-    return True
+    return apply_retention(root, keep, step, roll_back=False)
