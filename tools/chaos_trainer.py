@@ -171,6 +171,10 @@ def main_inprocess(args, rank: int, world: int, base) -> int:
     from ucp.errors import RecoveryFallbackError
     from ucp.trainer.layouts import TrainLayout
     from ucp.trainer.train import build as build_gpt
+    # what build imports on first use, imported before the job (docs/recovery.md): the recovery's
+    # collection then does not scan these modules' objects
+    import torch.distributed.device_mesh  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
 
     report = dist.PrefixStore(f"attempt{args.attempt}/chaos", base)
     holds = {int(s) for s in args.holds.split(",") if s}

@@ -78,23 +78,34 @@ def test_a_failure_of_the_program_itself_is_raised_not_retried(tmp_path, store, 
 
 def test_the_objects_made_before_the_job_are_frozen_during_it_only(tmp_path, store, job):  # noqa: F811
     """The recovery's collection scans what the job made, not the whole heap: the objects that
-    existed at the call are frozen over the job and unfrozen after it (also after a failure)."""
-    before = object()  # (tracked? a plain object is not: a list is)
-    made_before = [before]
-    seen = []
+    existed at the call are frozen over the job, and so is what survived a recovery's collection;
+    all are unfrozen after the job (also after a failure)."""
+    made_before = [object()]
+    seen, kept = [], {}
 
     def build(world):
         model, opt = tiny_model()
         return ucp.Checkpointer(tmp_path, model=model, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
 
+    def frozen(obj) -> bool:
+        return not any(o is obj for o in gc.get_objects())
+
     def train(ckpt, restored, world):
-        seen.append((gc.get_freeze_count() > 0, any(o is made_before for o in gc.get_objects())))
+        if world.generation == 0:
+            kept["gen0"] = [world.generation]  # made in the job, alive after its recovery
+            seen.append((gc.get_freeze_count() > 0, frozen(made_before), frozen(kept["gen0"])))
+            train_step(ckpt.model, ckpt.optimizer, 1)
+            ckpt.save(1)
+            ckpt.wait()
+            raise PeerLostError("rank 0: the collective all_reduce failed: another rank of the job died")
+        seen.append((gc.get_freeze_count() > 0, frozen(made_before), frozen(kept["gen0"])))
         raise ValueError("stop")
 
     assert gc.get_freeze_count() == 0
     with pytest.raises(ValueError, match="stop"):
         run(store, build, train)
-    assert seen == [(True, False)]  # the list made before the call is frozen: no generation holds it
+    # generation 0: only what was made before the call is frozen; generation 1: what survived too
+    assert seen == [(True, True, False), (True, True, True)]
     assert gc.get_freeze_count() == 0
 
 

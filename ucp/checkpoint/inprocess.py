@@ -33,8 +33,9 @@ group alive from C++ after ``destroy_process_group()`` (measured: no Python obje
 hence the shut connections above. The collection scans only what the job made: the objects that
 existed when ``run_in_process`` was called (torch's modules, the program's imports) are frozen
 (``gc.freeze``, undone at the end) and are not scanned (a whole-heap collection took 0.2-0.25 s of
-the re-forming under load); a reference cycle among them made before the call is collected only
-after the job.
+the re-forming under load), and so is what survives each recovery's collection. Modules that
+``build`` imports the first time are scanned by the first recovery: import them before the call. A
+reference cycle among frozen objects that becomes garbage is collected only after the job.
 
 **Membership.** Each member (a process, named by its rank at the start) beats a heartbeat into the
 store every ``heartbeat`` seconds, from a thread with a store connection of its own. After a
@@ -225,6 +226,8 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                 _destroy()
                 gc.collect()  # that model and optimizer are freed before build makes the next (the objects
                 # made before the job, torch's among them, are frozen: this scans the job's own only)
+                if froze:
+                    gc.freeze()  # (what survived it, modules imported since among them: not scanned again)
                 after, retry = job.next_generation()
                 lost = tuple(m for m in members if m not in after)
                 if not lost and not retry:
