@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.world import free_port
+from ucp.storage import objstore
 from ucp.storage.objstore import ObjectPath, _options
 
 pytestmark = pytest.mark.s3
@@ -52,3 +53,41 @@ def test_a_changed_endpoint_or_secret_gets_a_client_of_its_own_in_one_process(s3
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.environ()["AWS_SECRET_ACCESS_KEY"])
     assert ObjectPath(url).read_bytes() == b"one"
+
+
+def checksum_headers(url: str, data: bytes) -> dict:
+    """The checksum and signature headers of the S3 requests that write ``data`` to ``url`` through
+    ucp's writer (recorded by a botocore event hook on the client ucp uses)."""
+    ObjectPath(f"{url}.first").write_bytes(b"-")  # (the client exists after a first use)
+    fs, _ = objstore._filesystem(url)
+    seen: list = []
+
+    def record(request, **_):
+        seen.append({k.lower(): v for k, v in request.headers.items()
+                     if "checksum" in k.lower() or "content-sha256" in k.lower()})
+
+    fs.s3.meta.events.register("before-send.s3", record)
+    try:
+        ObjectPath(url).write_bytes(data)
+    finally:
+        fs.s3.meta.events.unregister("before-send.s3", record)
+    assert seen, "no request was recorded"
+    return {k: v for h in seen for k, v in h.items()}
+
+
+def test_over_plain_http_an_upload_is_hashed_once_unless_the_environment_says_otherwise(s3, monkeypatch):
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    headers = checksum_headers(f"{s3.url('hash')}/object", b"x" * 1000)
+    assert headers["x-amz-content-sha256"] not in (b"UNSIGNED-PAYLOAD", "UNSIGNED-PAYLOAD")  # SigV4's SHA-256
+    assert not [k for k in headers if k.startswith("x-amz-checksum-")], headers  # and no second pass
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")  # the user's choice wins
+    assert "x-amz-checksum-crc32" in checksum_headers(f"{s3.url('hash')}/object", b"x" * 1000)
+
+
+def test_the_one_hash_option_is_for_plain_http_endpoints_only(monkeypatch):
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.example:443")
+    assert "request_checksum_calculation" not in _options("s3").get("config_kwargs", {})  # (TLS: CRC32 is it)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    assert _options("s3")["config_kwargs"]["request_checksum_calculation"] == "when_required"

@@ -54,8 +54,16 @@ def _options(protocol: str) -> dict:
     if protocol not in ("s3", "s3a"):
         return {}
     options = {"use_listings_cache": False, **_in_effect()}
+    config = {}
     if "AWS_RETRY_MODE" not in os.environ and "AWS_MAX_ATTEMPTS" not in os.environ:
-        options["config_kwargs"] = {"retries": RETRIES}
+        config["retries"] = RETRIES
+    if str(options.get("endpoint_url", "")).lower().startswith("http://") \
+            and "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ:
+        # one client-side hash per byte uploaded, not two: over plain HTTP botocore signs every payload
+        # with SHA-256 (SigV4; the server checks it), and its default CRC32 checksum would be a second pass
+        config["request_checksum_calculation"] = "when_required"
+    if config:
+        options["config_kwargs"] = config
     return options
 
 
