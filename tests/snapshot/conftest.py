@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 
 import pytest
@@ -34,3 +35,15 @@ def job():
     for n in left:
         shm.unlink(n)
     assert not left or left == {f"{shm.prefix(name)}agent.lock": 0}, f"left behind: {left}"
+
+
+def preempt_agent(job: str, timeout: float) -> None:
+    """SIGTERM job ``job``'s agent (a preemption: it flushes what it holds, then exits), wait
+    ``timeout`` seconds at most for it to exit, and check its shared memory went with it."""
+    info = agent_mod.read_info(job)
+    os.kill(info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while agent_mod.is_alive(info):
+        assert time.monotonic() < deadline, "the agent did not exit after SIGTERM"
+        time.sleep(0.02)
+    assert not shm.listing(shm.prefix(job))  # its memory is gone with it

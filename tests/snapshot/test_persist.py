@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 import uuid
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import ucp
+from tests.snapshot.conftest import preempt_agent
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, persist, shm
 from ucp.storage import directory as store
@@ -156,13 +156,7 @@ def test_sigterm_flushes_the_newest_snapshot_before_the_agent_exits(tmp_path, jo
     ck.wait()
     want = state_of(m, opt)
     assert not list(tmp_path.iterdir())
-    info = agent_mod.read_info(job)
-    os.kill(info.pid, signal.SIGTERM)  # preemption
-    deadline = time.monotonic() + 30
-    while agent_mod.is_alive(info):
-        assert time.monotonic() < deadline, "the agent did not exit after SIGTERM"
-        time.sleep(0.02)
-    assert not shm.listing(shm.prefix(job))  # its memory is gone ...
+    preempt_agent(job, 30)  # its memory is gone ...
     res, got = _load_durable(tmp_path)  # ... and the newest snapshot is on the durable tier
     assert res.step == 3 and same_state(got, want)
 

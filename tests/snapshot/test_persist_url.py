@@ -25,6 +25,7 @@ import ucp
 from tests.helpers import MLP, bit_diffs, full_state, mlp_optimizer, state_of, tiny_model, train_step
 from tests.s3server import cloned_state, dying_server, linear_stack
 from ucp.errors import PersistError
+from tests.snapshot.conftest import preempt_agent
 from ucp.snapshot import agent as agent_mod
 from ucp.snapshot import client, persist, shm
 from ucp.storage import directory as store
@@ -222,13 +223,7 @@ def test_sigterm_flushes_the_pending_snapshot_to_the_url_and_a_fresh_process_loa
     ck.wait()
     want = state_of(m, opt)
     assert [s for s, _ in store.list_steps(url)] == [2]  # step 3: in the agent's memory only
-    info = agent_mod.read_info(job)
-    os.kill(info.pid, signal.SIGTERM)  # preemption
-    deadline = time.monotonic() + 60
-    while agent_mod.is_alive(info):
-        assert time.monotonic() < deadline, "the agent did not exit after SIGTERM"
-        time.sleep(0.02)
-    assert not shm.listing(shm.prefix(job))  # its memory is gone ...
+    preempt_agent(job, 60)  # its memory is gone ...
     keys = _keys(s3, url)  # ... and step 3 is on the store, complete
     assert "step_00000003/manifest.json" in keys and "step_00000003/rank_00000.safetensors" in keys, keys
     assert not [k for k in keys if k.endswith(".tmp")], keys
