@@ -88,3 +88,27 @@ def test_a_member_that_stopped_is_gone_to_the_next_leader(store):
         assert leader.next_generation()[0] == (0,)
     finally:
         leader.stop()
+
+
+def test_a_member_without_a_liveness_port_is_told_by_its_silence_and_never_blocks_the_leader(store, monkeypatch):
+    import ucp.checkpoint.inprocess as inprocess
+
+    def no_route(toward):
+        raise OSError(101, "Network is unreachable")
+
+    leader = Membership(store, "ucp/inprocess/test", 0, 2, TIMEOUT, 0.05, 0.5, True)
+    leader.start()
+    monkeypatch.setattr(inprocess, "LivenessPort", no_route)
+    portless = Membership(store, "ucp/inprocess/test", 1, 2, TIMEOUT, 0.05, 0.5, True)
+    with pytest.warns(RuntimeWarning, match="member 1 has no liveness port .*Network is unreachable"):
+        portless.start()
+    try:
+        assert portless._port is None
+        portless.stop()  # (its heartbeat stops: silent from now on)
+        leader.register(transport=True)
+        start = time.monotonic()
+        assert leader.next_generation()[0] == (0,)  # lost by its silence (0.5 s), the probe skipping it
+        assert time.monotonic() - start < TIMEOUT
+    finally:
+        leader.stop()
+        portless.stop()

@@ -326,12 +326,17 @@ class Membership:
     def start(self) -> None:
         """Beat the first heartbeat, then one every ``heartbeat`` seconds from a thread with a
         store connection of its own (a blocking wait on the main one would hold the beats back)."""
+        if self.probe:
+            try:
+                self._port = LivenessPort((self._tcp.host, self._tcp.port))
+            except OSError as e:  # (no IPv4 route to the store, say): this member is told by its silence only
+                warnings.warn(f"ucp: member {self.member} has no liveness port ({e}): if it dies, the job "
+                              f"waits dead_after={self.dead_after:g} s of its silence", RuntimeWarning, stacklevel=3)
         try:
             own = dist.PrefixStore(self.prefix, dist.TCPStore(self._tcp.host, self._tcp.port, is_master=False,
                                                          wait_for_workers=False,
                                                          timeout=datetime.timedelta(seconds=self.timeout)))
-            if self.probe:
-                self._port = LivenessPort((self._tcp.host, self._tcp.port))
+            if self._port is not None:
                 own.set(f"port/{self.member}", self._port.address)
             own.set(f"hb/{self.member}", repr(time.time()))
         except Exception as e:  # noqa: BLE001
@@ -428,8 +433,8 @@ class Membership:
 
     def _probe(self, members: list[int], ports: dict[int, str]) -> set[int]:
         """Those of ``members`` whose liveness port refuses a connection (``ports`` caches their
-        addresses, read from the store on first need)."""
-        unknown = [m for m in members if m not in ports]
+        addresses, read from the store on first need; a member that published none is not probed)."""
+        unknown = [m for m in members if m not in ports and self.store.check([f"port/{m}"])]  # (none: no port)
         if unknown:
             ports.update(zip(unknown, (v.decode() for v in self.store.multi_get([f"port/{m}" for m in unknown]))))
-        return refused({m: ports[m] for m in members if ports[m]}, PROBE_TIMEOUT)
+        return refused({m: ports[m] for m in members if ports.get(m)}, PROBE_TIMEOUT)
