@@ -67,7 +67,7 @@ def test_a_member_is_waited_for_until_it_registers_while_alive_to_a_probe_or_wit
             assert late._port is None and leader._port is None
             closed = LivenessPort(("127.0.0.1", store.port))
             closed.close()
-            dist.PrefixStore("ucp/inprocess/test", store).set("port/1", closed.address)
+            dist.PrefixStore("ucp/inprocess/test", store).set("port/1", closed.record)
         leader.register(transport=True)
         t, out = decide_in_thread(leader)
         time.sleep(1.0)
@@ -85,7 +85,9 @@ def test_a_member_that_stopped_is_gone_to_the_next_leader(store):
     try:
         left.stop()  # (left the job: its port closes with it)
         leader.register(transport=False)
+        start = time.monotonic()
         assert leader.next_generation()[0] == (0,)
+        assert time.monotonic() - start < DEAD_AFTER / 2  # (by its port, not its silence)
     finally:
         leader.stop()
 
@@ -112,3 +114,34 @@ def test_a_member_without_a_liveness_port_is_told_by_its_silence_and_never_block
     finally:
         leader.stop()
         portless.stop()
+
+
+def test_the_leader_probes_few_members_a_round_the_oldest_heartbeats_first(store, monkeypatch):
+    """At scale, a probe round opens a bounded number of connections: the missing members with the
+    oldest heartbeats (a dead member's stops), and a member that answered not again for a heartbeat."""
+    import ucp.checkpoint.inprocess as inprocess
+
+    monkeypatch.setattr(inprocess, "MAX_PROBES", 2)
+    rounds: list[list[int]] = []
+    real = inprocess.refused
+    monkeypatch.setattr(inprocess, "refused", lambda addresses, timeout: (rounds.append(sorted(addresses)),
+                                                                          real(addresses, timeout))[1])
+    made = [Membership(store, "ucp/inprocess/wide", m, 6, TIMEOUT, 0.5, DEAD_AFTER, True) for m in range(6)]
+    for m in made:
+        m.start()
+    try:
+        made[4]._stop.set()  # member 4 stops beating (its process "dies" below)
+        time.sleep(1.2)  # (its heartbeat is now the oldest)
+        made[4]._port.close()
+        made[0].register(transport=True)
+        t, out = decide_in_thread(made[0])
+        time.sleep(0.5)
+        for m in (1, 2, 3, 5):
+            made[m].register(transport=True)
+        t.join(10)
+        assert out["members"] == (0, 1, 2, 3, 5), out
+        assert rounds and all(len(r) <= 2 for r in rounds), rounds
+        assert 4 in rounds[0], rounds  # the oldest heartbeat first
+    finally:
+        for m in made:
+            m.stop()

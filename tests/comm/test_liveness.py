@@ -97,3 +97,49 @@ def test_bad_and_unanswered_addresses_are_not_reported_and_the_wait_is_bounded()
         for s in fill:
             s.close()
         deaf.close()
+
+
+FORKER = """
+import os, sys, time
+from ucp.comm.liveness import LivenessPort
+port = LivenessPort(("127.0.0.1", 29500))
+child = os.fork()
+if child == 0:  # a data loader's worker, say: it outlives its parent here
+    time.sleep(60)
+    os._exit(0)
+print(port.address, child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_keep_a_dead_parents_port_open():
+    proc = subprocess.Popen([sys.executable, "-c", FORKER], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        address, child = proc.stdout.readline().split()
+        child = int(child)
+        assert refused({1: address}, 1.0) == set()
+        proc.kill()
+        proc.wait(timeout=10)
+        os.kill(child, 0)  # (the child lives on)
+        assert refused({1: address}, 1.0) == {1}
+    finally:
+        proc.kill()
+        if child:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_loopback_address_is_probed_only_from_its_own_host_and_namespace():
+    port = LivenessPort(TOWARD)
+    try:
+        assert port.record == f"{port.address} {liveness.identity()}"
+        assert liveness.probe_address(port.record) == port.address
+        elsewhere = f"{port.address} another-boot/4026531840"
+        assert liveness.probe_address(elsewhere) is None  # (its loopback is not ours)
+        assert liveness.probe_address("10.1.2.3:4567 another-boot/1") == "10.1.2.3:4567"  # routable: anywhere
+        assert liveness.probe_address("no-address") is None
+    finally:
+        port.close()

@@ -91,3 +91,13 @@ def test_the_one_hash_option_is_for_plain_http_endpoints_only(monkeypatch):
     assert "request_checksum_calculation" not in _options("s3").get("config_kwargs", {})  # (TLS: CRC32 is it)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
     assert _options("s3")["config_kwargs"]["request_checksum_calculation"] == "when_required"
+
+
+def test_a_botocore_without_the_option_is_not_given_it(monkeypatch):
+    from botocore.config import Config
+
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    monkeypatch.setattr(Config, "OPTION_DEFAULTS", {k: v for k, v in Config.OPTION_DEFAULTS.items()
+                                                    if k != "request_checksum_calculation"})
+    assert "request_checksum_calculation" not in _options("s3").get("config_kwargs", {})  # (it would raise)

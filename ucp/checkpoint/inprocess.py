@@ -74,7 +74,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from ucp.comm.connections import OpenedConnections
-from ucp.comm.liveness import LivenessPort, refused
+from ucp.comm.liveness import MAX_PROBES, LivenessPort, probe_address, refused
 from ucp.errors import DistributedError, NotInMemoryError, OptionsError, PeerLostError, RecoveryFallbackError
 
 PREFIX = "ucp/inprocess"
@@ -221,7 +221,7 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
                 job.register(transport_failure(error))
                 if ckpt is not None:
                     ckpt.abandon()
-                ckpt = None
+                ckpt = restored = made = None  # (what the broken generation left here is not frozen below)
                 drop_traceback(error)  # (its frames hold the broken generation's model)
                 _destroy()
                 gc.collect()  # that model and optimizer are freed before build makes the next (the objects
@@ -337,7 +337,7 @@ class Membership:
                                                          wait_for_workers=False,
                                                          timeout=datetime.timedelta(seconds=self.timeout)))
             if self._port is not None:
-                own.set(f"port/{self.member}", self._port.address)
+                own.set(f"port/{self.member}", self._port.record)
             own.set(f"hb/{self.member}", repr(time.time()))
         except Exception as e:  # noqa: BLE001
             raise RecoveryFallbackError(f"the job's store at {self._tcp.host}:{self._tcp.port} does not answer "
@@ -405,13 +405,16 @@ class Membership:
         :mod:`ucp.comm.liveness`) or when it is silent (its heartbeat older than ``dead_after``:
         a hung process, a lost host). A poll reads the counter and the heartbeats of the members
         still missing; only when the counter moved are those missing members' keys read again
-        (registrations only add), and the missing are probed at most every ``PROBE_EVERY`` seconds,
-        so a poll costs the missing, not the whole job."""
+        (registrations only add). Every ``PROBE_EVERY`` seconds the missing members with the oldest
+        heartbeats (a dead one's stops) are probed, :data:`~ucp.comm.liveness.MAX_PROBES` at most, a
+        member that answered not again within a heartbeat; so a poll costs the missing, not the
+        whole job, and a probe round a bounded number of connections."""
         s = self.store
         deadline = time.monotonic() + 2 * self.timeout
         missing, counted = list(self.members), 0
-        ports: dict[int, str] = {}
+        ports: dict[int, str | None] = {}
         exited: set[int] = set()
+        due: dict[int, float] = {}  # member -> when it may be probed again (it answered)
         probed = -PROBE_EVERY
         while True:
             count = s.add(f"g{g}/count", 0)
@@ -420,21 +423,28 @@ class Membership:
                 missing = [m for m in missing if not s.check([f"g{g}/here/{m}"])]
             if not missing:
                 return list(self.members)
+            beats = s.multi_get([f"hb/{m}" for m in missing])
+            now = time.time()
+            age = {m: now - float(b.decode() or 0) for m, b in zip(missing, beats)}
             if self.probe and time.monotonic() - probed >= PROBE_EVERY:
                 probed = time.monotonic()
-                exited |= self._probe([m for m in missing if m not in exited], ports)
-            beats = s.multi_get([f"hb/{m}" for m in missing])
-            silent = all(m in exited or time.time() - float(b.decode() or 0) > self.dead_after
-                         for m, b in zip(missing, beats))
+                ready = [m for m in missing if m not in exited and due.get(m, 0.0) <= probed]
+                oldest = sorted(ready, key=lambda m: -age[m])[:MAX_PROBES]
+                gone = self._probe(oldest, ports)
+                exited |= gone
+                due.update((m, probed + self.heartbeat) for m in oldest if m not in gone)
+            silent = all(m in exited or age[m] > self.dead_after for m in missing)
             if silent or time.monotonic() > deadline:
                 gone = set(missing)
                 return [m for m in self.members if m not in gone]
             time.sleep(min(0.01, self.heartbeat / 10))
 
-    def _probe(self, members: list[int], ports: dict[int, str]) -> set[int]:
-        """Those of ``members`` whose liveness port refuses a connection (``ports`` caches their
-        addresses, read from the store on first need; a member that published none is not probed)."""
-        unknown = [m for m in members if m not in ports and self.store.check([f"port/{m}"])]  # (none: no port)
-        if unknown:
-            ports.update(zip(unknown, (v.decode() for v in self.store.multi_get([f"port/{m}" for m in unknown]))))
-        return refused({m: ports[m] for m in members if ports.get(m)}, PROBE_TIMEOUT)
+    def _probe(self, members: list[int], ports: dict[int, str | None]) -> set[int]:
+        """Those of ``members`` whose liveness port refuses a connection. ``ports`` caches their
+        addresses, read from the store on first need: None for a member that published no port or
+        one that cannot be probed from here (:func:`~ucp.comm.liveness.probe_address`)."""
+        for m in members:
+            if m not in ports:
+                key = f"port/{m}"
+                ports[m] = probe_address(self.store.get(key).decode()) if self.store.check([key]) else None
+        return refused({m: ports[m] for m in members if ports[m]}, PROBE_TIMEOUT)

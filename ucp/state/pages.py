@@ -8,10 +8,11 @@ into the page: copying 333 MB took 0.28 s into a fresh tensor and 0.04 s into on
 ``MADV_HUGEPAGE``: one fault per 2 MiB), the same copy into a fresh tensor took 0.07 s.
 
 :func:`empty` is ``torch.empty`` that so advises a CPU tensor of at least :data:`MIN_BYTES`. Only
-the 2 MiB-aligned pages wholly inside the tensor are advised (never memory the allocator may hand to
-someone else). Where the kernel has no transparent huge pages (not Linux, or ``never`` in
-``/sys/kernel/mm/transparent_hugepage/enabled``) the advice does nothing and the tensor is an
-ordinary one.
+the 2 MiB-aligned pages wholly inside the tensor's storage are advised. The advice outlives the
+tensor: once it is freed, the allocator may hand those pages to other allocations, which then get
+huge pages too (more memory touched at a fault, never other contents). Where the kernel has no
+transparent huge pages (not Linux, or ``never`` in ``/sys/kernel/mm/transparent_hugepage/enabled``)
+the advice does nothing and the tensor is an ordinary one.
 """
 
 from __future__ import annotations

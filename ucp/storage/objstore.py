@@ -57,14 +57,25 @@ def _options(protocol: str) -> dict:
     config = {}
     if "AWS_RETRY_MODE" not in os.environ and "AWS_MAX_ATTEMPTS" not in os.environ:
         config["retries"] = RETRIES
-    if str(options.get("endpoint_url", "")).lower().startswith("http://") \
-            and "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ:
+    plain = str(options.get("endpoint_url", "")).lower().startswith("http://")
+    if plain and "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ \
+            and _botocore_knows("request_checksum_calculation"):
         # one client-side hash per byte uploaded, not two: over plain HTTP botocore signs every payload
         # with SHA-256 (SigV4; the server checks it), and its default CRC32 checksum would be a second pass
         config["request_checksum_calculation"] = "when_required"
     if config:
         options["config_kwargs"] = config
     return options
+
+
+def _botocore_knows(option: str) -> bool:
+    """Whether the installed botocore's ``Config`` takes ``option`` (older ones raise on one they
+    do not know, at the client's creation)."""
+    try:
+        from botocore.config import Config
+    except ImportError:
+        return False
+    return option in getattr(Config, "OPTION_DEFAULTS", {})
 
 
 def _in_effect() -> dict:
