@@ -416,10 +416,17 @@ class Harness:
 
     def kill_node(self, node: int) -> None:
         """SIGKILL the node's trainers and its agent, then remove its shared memory."""
+        self.kill_nodes([node])
+
+    def kill_nodes(self, nodes: list[int]) -> None:
+        """SIGKILL the trainers of every node in ``nodes`` first, then their agents (each waited for and
+        its shared memory removed): nodes failing at one step die together, so that a fast detector
+        cannot see one of them dead while another still lives."""
         for r in self.live:
-            if r.node == node:
+            if r.node in nodes:
                 kill(r.proc.pid)
-        self.kill_agent(self.jobs[node])
+        for node in nodes:
+            self.kill_agent(self.jobs[node])
 
     def stop_node(self, node: int) -> None:
         """SIGSTOP the node's trainers and its agent: a hung node (killed later, by :meth:`kill_node`)."""
@@ -608,8 +615,7 @@ def run(args, harness: Harness, doc: dict) -> None:
             if number == 0:  # every node alive, nothing of an earlier job in memory
                 doc.update(harness.memory(a))
             t_kill = time.time()
-            for node in nodes:
-                harness.kill_node(node)
+            harness.kill_nodes(nodes)
             harness.stop_trainers()  # the survivors' trainers: restarted, as torchrun would
             _, steps = harness.records(a)  # (nothing moves now)
             progress = max(steps, default=restored["step"])
@@ -671,7 +677,9 @@ def run_inprocess(args, harness: Harness, doc: dict) -> None:
                     doc.update(harness.memory(Attempt(a.number, alive, step)))
                 t_kill = time.time()
                 for k in failing:
-                    (harness.stop_node if k.kind == "hang" else harness.kill_node)(k.node)
+                    if k.kind == "hang":
+                        harness.stop_node(k.node)
+                harness.kill_nodes([k.node for k in failing if k.kind != "hang"])
                 report.set(f"release/{step}", "1")
                 events.pop(0)
                 alive = [n for n in alive if n not in {k.node for k in failing}]
