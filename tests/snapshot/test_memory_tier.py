@@ -428,3 +428,51 @@ def test_a_corrupted_byte_in_memory_fails_the_load_naming_segment_key_and_block(
     assert str(shm.SHM_DIR / f["file"]) in said and "model/0.weight" in said and "block 2 at bytes" in said, said
     assert "fails its checksum" in said and "\n" not in said
     ck.close()
+
+
+def test_loading_the_same_snapshot_again_reuses_its_manifest_and_a_new_snapshot_is_read_anew(tmp_path, job,
+                                                                                            monkeypatch):
+    from ucp.snapshot.memory import MemoryTier
+
+    fetched = []
+    headers = MemoryTier.headers
+
+    def counted(self, step=None, summary=False):
+        if not summary:
+            fetched.append(step)
+        return headers(self, step, summary)
+
+    monkeypatch.setattr(MemoryTier, "headers", counted)
+    m, opt = tiny_model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+    for s in (1, 2):
+        train_step(m, opt, s)
+        ck.save(s, extras={"data": {"epoch": s}})
+    ck.wait()
+    want = state_of(m, opt)
+    for i in range(3):  # a job rolling back to its snapshot again and again: its header fetched once
+        train_step(m, opt, 10 + i)
+        res = ck.load()
+        assert res.source == "memory" and res.step == 2 and same_state(state_of(m, opt), want)
+        assert res.extras == {"data": {"epoch": 2}}, res.extras
+        res.extras["data"]["epoch"] = -1  # (what the caller does with it is not the next load's)
+    assert fetched == [2], fetched
+    for s in (3, 4):  # both slots written again, with the same steps' numbers reused below
+        train_step(m, opt, s)
+        ck.save(s, extras={"data": {"epoch": s}})
+    ck.wait()
+    want4 = state_of(m, opt)
+    train_step(m, opt, 20)
+    res = ck.load()
+    assert res.step == 4 and same_state(state_of(m, opt), want4) and res.extras == {"data": {"epoch": 4}}
+    assert fetched == [2, 4], fetched
+    ck.save(2, extras={"data": {"epoch": 22}})  # step 2 again, into the slot step 4's header was not in
+    ck.wait()
+    train_step(m, opt, 21)
+    ck.save(4, extras={"data": {"epoch": 44}})  # and step 4 again, over the manifest cached just now
+    ck.wait()
+    want44 = state_of(m, opt)
+    train_step(m, opt, 22)
+    res = ck.load()
+    assert res.step == 4 and same_state(state_of(m, opt), want44) and res.extras == {"data": {"epoch": 44}}
+    assert fetched == [2, 4, 4], fetched

@@ -62,6 +62,8 @@ class Snapshots:
         self._persist_regions = None  # the pieces the agent was configured with (durable writes)
         self.why_not: str | None = None  # why the last source() found nothing (its memory_only form)
         self._gathered: list | None = None  # rank 0: what the last choice of a source gathered, for its warnings
+        self._node_held: list[dict] = []  # this node's header summaries, as the last choice of a source saw them
+        self._own: tuple | None = None  # ((slot, step, world, token), layout, manifest): the last own header built
 
     coll = property(lambda self: self._ckpt.coll)
     layout = property(lambda self: self._ckpt.layout)
@@ -351,8 +353,9 @@ class Snapshots:
 
         def held():
             status = tier.client.status()
-            return (node, [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)],
-                    tier.node_parity(summary=True), {k: status.get(k) for k in ("adopted", "discarded", "predecessor")})
+            self._node_held = [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)]
+            return (node, self._node_held, tier.node_parity(summary=True),
+                    {k: status.get(k) for k in ("adopted", "discarded", "predecessor")})
 
         def decide(gathered):  # rank 0
             newest = choose_own(gathered, step, coll.world_size) if own else None
@@ -378,12 +381,20 @@ class Snapshots:
         built: dict = {}
 
         def own():
+            cached = self._own_manifest(chosen, layout)
+            if cached is not None:
+                summary, built["manifest"] = cached
+                if not summary["complete"]:
+                    tier.complete_rank(coll.rank, summary["slot"], chosen[0])
+                return True
             mine = [h for h in tier.headers(step=chosen[0]).values() if h["world_size"] == chosen[1]]
             if len(mine) != 1 or mine[0]["layout"] != layout:
                 return False
             if not mine[0]["complete"]:  # the cut finished (some rank marked it): mark it here too
                 tier.complete_rank(coll.rank, mine[0]["slot"], chosen[0])
             built["manifest"] = manifest_from_headers([dict(mine[0], host=host)], host, whole=False)
+            if mine[0].get("token") is not None:
+                self._own = ((mine[0]["slot"], *chosen, mine[0]["token"]), layout, built["manifest"])
             return True
 
         _, every = coll.gather_phase("memory-own", own, all)
@@ -391,6 +402,20 @@ class Snapshots:
             return _ALL
         self.rebuilt_ranks = ()
         return SHM_DIR, built["manifest"]
+
+    def _own_manifest(self, chosen: tuple[int, int], layout: dict) -> tuple[dict, object] | None:
+        """``(this rank's header summary, manifest)`` of snapshot ``chosen`` (step, world size) when the
+        manifest last built from this rank's own header is of that very snapshot: the same slot, step,
+        world, layout and snapshot token (a slot written again gets a new token). A job that rolls back
+        to the snapshot it took, or loads it again, then fetches and parses no header; None otherwise."""
+        if self._own is None:
+            return None
+        key, built_layout, manifest = self._own
+        for h in self._node_held:
+            if h["rank"] == self.coll.rank and (h["step"], h["world_size"]) == chosen:
+                if (h["slot"], *chosen, h.get("token")) == key and built_layout == layout:
+                    return h, manifest  # (its state is decoded anew by each load)
+        return None
 
     def _source_all(self, step: int | None, memory_only: bool, choice: tuple):
         """:meth:`source` for parity rebuilds, other worlds and layouts, at a rank's share
