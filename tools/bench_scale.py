@@ -18,8 +18,10 @@ calling ucp's code:
   a save reusing the plan (``save_cached_*``, ``commit_s``).
 * :func:`load_now` -- onto a world 25% smaller (dp reduced): ``open_manifest`` (the header), the
   targets (``load._resolve_targets``), ``StoredManifest.select`` of the regions the rank loads (the
-  pages of the paged fragment table it needs), the files' sizes, its own state row, the targets'
-  report to rank 0 (which judges strictness), and what the read phase builds before reading a byte
+  pages of the paged fragment table it needs), the files' sizes, its own state row, what the ranks
+  take folded up a binomial tree to rank 0, which judges strictness (``Collective.reduce_phase``:
+  :func:`fold_to_root`; ``load_targets_root_bytes`` and ``load_targets_root_s`` are rank 0's share of
+  it; they were every rank's taken keys before), and what the read phase builds before reading a byte
   (``FragmentIndex`` over the rows read, per piece the exact fragment or ``FragmentReader.read_resharded``'s
   plan: ``source_pieces``, ``relocate``, ``target_pieces``, ``reshard_plan``, byte spans and blocks).
 * :func:`restore_metadata` -- ``checkpoint.memory.Snapshots.source`` of a job resuming in place
@@ -44,6 +46,8 @@ first save of a layout: bytes sent + received), ``save_cached_metadata_s`` /
 ``save_cached_bytes_per_rank`` (a save reusing the plan), ``save_<phase>_bytes`` and
 ``save_<phase>_root_bytes`` (what rank 0 receives), ``plan_s``, ``commit_first_s``, ``commit_s``,
 ``manifest_bytes`` (``manifest.json`` + the paged tables on disk), ``load_metadata_s``,
+``load_targets_exchange_bytes`` (a sampled rank's share of the targets phase), ``load_targets_root_bytes`` /
+``load_targets_root_s`` (rank 0's),
 ``manifest_bytes_read_per_rank`` (header and pages), ``load_bytes_per_rank``, ``restore_metadata_s``,
 ``restore_bytes_per_rank``, ``restore_resharded_metadata_s`` / ``restore_resharded_bytes_per_rank``
 (worst sampled rank, its answers as an owner included), ``restore_resharded_root_s``, ``pieces_gathered`` (by rank 0, once per layout), ``fragments``,
@@ -72,6 +76,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import operator
 import os
 import pickle
 import resource
@@ -263,6 +268,77 @@ def gather_to_root(name: str, make, world: int, sample, decide=None, keep=None) 
     return values, decision, g
 
 
+@dataclass
+class Fold:
+    """One ``Collective.reduce_phase``: every rank's value folded to rank 0 up a binomial tree (rank ``r``
+    sends its subtree's folded value to ``r - lowbit(r)``: its pickled size, then its bytes; a rank
+    receives one value from each child, at most ``ceil(log2 W)``), then rank 0's verdict broadcast to
+    every rank. What a sampled rank (and rank 0) sends and receives, and its seconds: pickling what it
+    sends, unpickling and folding what it receives (rank 0: and deciding)."""
+
+    name: str
+    world: int
+    verdict_bytes: int = 0
+    sent: dict = field(default_factory=dict)  # rank -> bytes it sends (its subtree's value, and the size)
+    received: dict = field(default_factory=dict)  # rank -> bytes it receives from its children
+    seconds: dict = field(default_factory=dict)
+    root_recv_bytes: int = 0
+    root_s: float = 0.0
+
+    def rank_s(self, rank: int) -> float:
+        return self.seconds.get(rank, 0.0)
+
+    def rank_bytes(self, rank: int) -> int:
+        # what it sends and receives, the verdict and its size (broadcast_object_list)
+        return self.sent.get(rank, 0) + self.received.get(rank, 0) + 8 + self.verdict_bytes
+
+
+def _children(rank: int, world: int) -> list[int]:
+    """``rank``'s children in the binomial tree of ``Collective.reduce_phase``."""
+    low = rank & -rank if rank else 1 << max(world - 1, 1).bit_length()
+    out, step = [], 1
+    while step < low and rank + step < world:
+        out.append(rank + step)
+        step *= 2
+    return out
+
+
+def fold_to_root(name: str, make, world: int, sample, combine, decide=None) -> tuple[object, Fold]:
+    """Phase ``name`` as ``Collective.reduce_phase`` runs it: ``make(rank)`` on every rank, folded by
+    ``combine`` from the leaves up (ranks in descending order: a rank's children are above it, so each
+    subtree's value is ready when its parent folds it; only the values not yet folded are held);
+    ``decide(folded)`` on rank 0, whose verdict every rank receives. The sends of sampled ranks and
+    of rank 0's and the sampled ranks' children are pickled and timed."""
+    f = Fold(name, world)
+    watched = set(sample) | {0}
+    pending: dict[int, object] = {}
+    for r in range(world - 1, -1, -1):
+        value = make(r)
+        for c in _children(r, world):
+            got = pending.pop(c)
+            if r in watched:
+                blob = pickle.dumps((({}), got))
+                t0 = _now()
+                got = pickle.loads(blob)[1]
+                f.seconds[r] = f.seconds.get(r, 0.0) + _now() - t0
+                f.received[r] = f.received.get(r, 0) + len(blob) + 8
+            t0 = _now()
+            value = combine(value, got)
+            if r in watched:
+                f.seconds[r] = f.seconds.get(r, 0.0) + _now() - t0
+        if r in watched and r:
+            t0 = _now()
+            f.sent[r] = len(pickle.dumps(({}, value))) + 8
+            f.seconds[r] = f.seconds.get(r, 0.0) + _now() - t0
+        pending[r] = value
+    t0 = _now()
+    decision = decide(pending[0]) if decide is not None else None
+    f.seconds[0] = f.seconds.get(0, 0.0) + _now() - t0
+    f.root_s, f.root_recv_bytes = f.seconds[0], f.received.get(0, 0)
+    f.verdict_bytes = len(pickle.dumps(({}, decision)))
+    return decision, f
+
+
 def capture_message(job, rank: int, root: str, step: int, plan_id) -> tuple[tuple, list, dict]:
     """What ``save_durable``'s ``capture()`` sends rank 0 (its structure signature, the plan it holds,
     its state, the step and root), and the rank's pieces and metadata it keeps."""
@@ -383,12 +459,11 @@ def load_now(directory: Path, target, sample) -> dict:
     def taken_of(r):  # every other rank's targets resolve to their own keys ("same")
         return per_rank[r]["taken"] if r in per_rank else {p.key for p in target.pieces(r)} | flat_keys
 
-    def untaken(taken_by_rank):
-        taken_all = set().union(*taken_by_rank)
+    def untaken(taken_all):
         return [k for k in _untaken(stored.tensors, taken_all, SourceIndex(stored.tensors))
                 if parse_key(k).kind in (MODEL, "optim")]
 
-    _, unexpected, g = gather_to_root("targets", taken_of, target.world, sample, untaken)
+    unexpected, g = fold_to_root("targets", taken_of, target.world, sample, operator.or_, untaken)
     assert not unexpected, unexpected[:3]
     ranks = {r: {"total_s": v["s"] + g.rank_s(r), "bytes": v["manifest_bytes"] + g.rank_bytes(r),
                  "manifest_bytes": v["manifest_bytes"], "fragments": v["fragments"],
@@ -659,6 +734,8 @@ def run_world(layout: str, world: int, work: Path, keep: bool = False, layers: i
     log(f"W={world}: load onto {target.world}")
     ld = load_now(directory, target, tsample)
     out["load_targets_exchange_bytes"] = max(ld["exchange"].rank_bytes(r) for r in tsample)
+    out["load_targets_root_bytes"] = ld["exchange"].root_recv_bytes  # what rank 0 receives of the targets phase
+    out["load_targets_root_s"] = ld["exchange"].root_s
     out["load_metadata_s"] = max(v["total_s"] for v in ld["ranks"].values())
     out["load_metadata_s_by_rank"] = {str(r): v["total_s"] for r, v in ld["ranks"].items()}
     out["manifest_bytes_read_per_rank"] = max(v["manifest_bytes"] for v in ld["ranks"].values())

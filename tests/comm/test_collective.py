@@ -205,6 +205,73 @@ def test_a_gather_scatter_decision_that_is_not_one_value_per_rank_fails_on_every
         leaf.gather_scatter_phase("plan", lambda: 1, lambda rs: rs)
 
 
+class FoldingRank(Collective):
+    """Rank ``rank`` of a world of ``world`` ranks whose receives from the tree's children hand back
+    ``received[src]`` and whose broadcast hands a rank other than 0 ``verdict``; what it sends is recorded."""
+
+    def __init__(self, rank, world, received=None, verdict=None):
+        super().__init__()
+        self.rank, self.world_size, self.received, self.verdict = rank, world, received or {}, verdict
+        self.sent, self.asked = [], []
+
+    def _send_object(self, obj, dst):
+        self.sent.append(("send", dst, obj))
+
+    def _recv_object(self, src):
+        self.asked.append(src)
+        return self.received[src]
+
+    def broadcast(self, obj, src=0):
+        self.sent.append(("broadcast", obj))
+        return obj if self.rank == src else self.verdict
+
+    def gather(self, obj, dst=0):
+        raise AssertionError("a reduce phase never gathers")
+
+
+def test_a_reduce_phase_in_a_world_of_one_decides_on_its_own_result():
+    assert Collective().reduce_phase("targets", lambda: {1}, set.union, sorted) == ({1}, [1])
+    with pytest.raises(KeyError):
+        Collective().reduce_phase("targets", lambda: {}["k"], set.union)
+
+
+def test_a_reduce_phase_folds_up_a_binomial_tree_each_rank_receiving_log2_world_values():
+    # world 8: rank 0 receives from 1, 2 and 4 (each a folded subtree), rank 4 from 5 and 6, rank 6 from 7
+    root = FoldingRank(0, 8, received={1: ({}, {"b"}), 2: ({}, {"c", "d"}), 4: ({}, {"e", "f", "g", "h"})})
+    assert root.reduce_phase("targets", lambda: {"a"}, set.union, sorted) == \
+        ({"a", "b", "c", "d", "e", "f", "g", "h"}, list("abcdefgh"))
+    assert root.asked == [1, 2, 4] and root.sent == [("broadcast", ({}, list("abcdefgh")))]
+    middle = FoldingRank(4, 8, received={5: ({}, {"f"}), 6: ({}, {"g", "h"})}, verdict=({}, ["any"]))
+    assert middle.reduce_phase("targets", lambda: {"e"}, set.union, sorted) == (None, ["any"])
+    assert middle.asked == [5, 6] and middle.sent[0] == ("send", 0, ({}, {"e", "f", "g", "h"}))
+    leaf = FoldingRank(7, 8, verdict=({}, ["any"]))
+    assert leaf.reduce_phase("targets", lambda: {"h"}, set.union, sorted) == (None, ["any"])
+    assert leaf.asked == [] and leaf.sent[0] == ("send", 6, ({}, {"h"}))
+    odd = FoldingRank(0, 5, received={1: ({}, {1}), 2: ({}, {2, 3}), 4: ({}, {4})})  # a world of 5
+    assert odd.reduce_phase("targets", lambda: {0}, set.union, sorted)[1] == [0, 1, 2, 3, 4] and odd.asked == [1, 2, 4]
+
+
+def test_a_reduce_phase_names_every_failing_rank_on_every_rank_and_decides_nothing():
+    decided = []
+    root = FoldingRank(0, 4, received={1: ({1: ("disk full", StorageError)}, None),
+                                       2: ({3: ("disk full", StorageError)}, None)})
+    with pytest.raises(StorageError) as e:
+        root.reduce_phase("targets", lambda: {0}, set.union, decided.append)
+    assert decided == [] and e.value.failures == {1: "disk full", 3: "disk full"}
+    mine = FoldingRank(2, 4, received={3: ({}, {3})}, verdict=root.sent[-1][1])
+    with pytest.raises(StorageError):
+        mine.reduce_phase("targets", lambda: (_ for _ in ()).throw(ValueError("bad")), set.union)
+    assert mine.sent[0] == ("send", 0, ({2: ("ValueError: bad", None)}, None))  # (its value dropped)
+
+    def decide(value):
+        raise LoadError("the layout cannot hold it")
+
+    root = FoldingRank(0, 2, received={1: ({}, {1})})
+    with pytest.raises(LoadError) as e:
+        root.reduce_phase("targets", lambda: {0}, set.union, decide)
+    assert e.value.failures == {0: "the layout cannot hold it"}
+
+
 # -- a real world of two ---------------------------------------------------------------------------
 
 
@@ -284,6 +351,42 @@ def test_on_a_gloo_world_every_rank_raises_the_same_error(world2):
     assert out[0] == out[1]
     assert out[0]["class"] == "DistributedCorruptCheckpointError" and out[0]["corrupt"] and out[0]["exit_code"] == 3
     assert out[0]["failures"] == {0: "broken on rank 0"}
+
+
+def reduce_phase_failing_on(rank: int) -> dict:
+    """A reduce phase on a real world: each rank gives ``{its rank, "all"}`` (rank ``rank`` fails
+    instead; -1: none does), folded by union; rank 0 decides the sorted union. What this rank got,
+    and the ranks it received from."""
+    from ucp.comm.collective import Collective
+
+    coll = Collective()
+    asked = []
+    recv = coll._recv_object
+    coll._recv_object = lambda src: asked.append(src) or recv(src)
+
+    def fn():
+        if coll.rank == rank:
+            raise ValueError(f"broken on rank {rank}")
+        return {coll.rank, "all"}
+
+    try:
+        return {"result": coll.reduce_phase("probe", fn, set.union, lambda s: sorted(s, key=str)), "asked": asked}
+    except DistributedError as e:
+        return {"failures": e.failures}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("size", [3, 4])
+def test_on_a_gloo_world_a_reduce_phase_folds_every_ranks_value_to_the_root(worlds, size):
+    world = worlds(size)
+    union = sorted({*range(size), "all"}, key=str)
+    want = {3: [([1, 2], union), ([], None), ([], None)],
+            4: [([1, 2], union), ([], None), ([3], None), ([], None)]}[size]
+    got = world.run(reduce_phase_failing_on, -1)
+    assert [(g["asked"], g["result"][0] and sorted(g["result"][0], key=str)) for g in got] == want
+    assert all(g["result"][1] == union for g in got)
+    assert world.run(reduce_phase_failing_on, size - 1) == \
+        [{"failures": {size - 1: f"ValueError: broken on rank {size - 1}"}}] * size
 
 
 def test_an_exchange_in_a_world_of_one_keeps_what_it_sends_itself():

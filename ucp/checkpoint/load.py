@@ -12,6 +12,7 @@ state is filled into its existing tensors when they fit, else into new ones hand
 
 from __future__ import annotations
 
+import operator
 import re
 import time
 import warnings
@@ -313,8 +314,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         flat_owner = ckpt.optimizer is not None and hasattr(ckpt.optimizer, "ucp_flat_state")
         return taken | {k for k, m in manifest.tensors.items() if flat_owner and m.pattern.flat}
 
-    def untaken(taken_by_rank):  # rank 0: checkpoint tensors no rank takes
-        taken = set().union(*taken_by_rank)
+    def untaken(taken):  # rank 0: checkpoint tensors no rank takes (``taken``: what every rank takes, folded)
         out = sorted(k for k in _untaken(manifest.tensors, taken, SourceIndex(manifest.tensors))
                      if parse_key(k).kind == MODEL or (parse_key(k).kind == OPTIM and ckpt.optimizer is not None))
         layout = ckpt.geometry.layout
@@ -324,9 +324,9 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         return out
 
     # Strictness is judged for the job: a key is unexpected only if no rank takes it (pipeline stages
-    # and flat partitions spread the keys over ranks; rank 0 alone gathers what each takes), missing
+    # and flat partitions spread the keys over ranks; what they take is folded up a tree to rank 0), missing
     # if this rank wants it.
-    _, unexpected = coll.gather_phase("targets", targets, untaken)
+    _, unexpected = coll.reduce_phase("targets", targets, operator.or_, untaken)
     if isinstance(manifest, SnapshotManifest):
         result["manifest"] = manifest.select(coll, result["query"])
 

@@ -215,6 +215,68 @@ class Collective:
         rank receives its own share only)."""
         return self._decided_phase(name, fn, decide, root, per_rank=True)
 
+    def reduce_phase(self, name: str, fn: Callable[[], Any], combine: Callable[[Any, Any], Any],
+                     decide: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
+        """Run ``fn`` on every rank and fold the results into one on rank 0 with ``combine(a, b)``
+        (associative, and its value about the size of either: a union of sets, a sum), pairwise up a
+        binomial tree; rank 0 runs ``decide(combined)`` and every rank gets its value. A rank
+        receives at most ``ceil(log2(world))`` folded values and sends one, so no rank, rank 0
+        included, receives anything that grows with the world (a :meth:`gather_phase` brings every
+        rank's value to the root). Returns ``(combined on rank 0 else None, decision)``; failures are
+        raised on every rank as in :meth:`phase` (every failing rank named)."""
+        if self.world_size == 1:
+            value = fn()
+            return value, decide(value) if decide is not None else None
+        (ok, value, kind), local_error = _run(fn)
+        failures = {} if ok else {self.rank: (value, kind)}
+        self._what = f"collective of phase '{name}'"
+        try:
+            with transport(self._what, self.rank):
+                step = 1
+                while step < self.world_size:
+                    if self.rank & step:  # (this rank's subtree is folded: up to its parent, and done)
+                        self._send_object((failures, None if failures else value), self.rank - step)
+                        break
+                    if self.rank + step < self.world_size:
+                        got_failures, got = self._recv_object(self.rank + step)
+                        failures.update(got_failures)
+                        value = None if failures else combine(value, got)
+                    step *= 2
+            verdict = None
+            if self.rank == 0:
+                decision = None
+                if not failures:
+                    try:
+                        decision = decide(value) if decide is not None else None
+                    except Exception as e:  # noqa: BLE001 - the same error on every rank
+                        local_error = e
+                        failures = {0: _failed(e)[1:]}
+                verdict = (failures, decision)
+            failures, decision = self.broadcast(verdict)
+        finally:
+            self._what = "collective exchange"
+        if failures:
+            kinds = {kind for _, kind in failures.values()}
+            raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
+                name, {r: msg for r, (msg, _) in failures.items()}) from local_error
+        return (value if self.rank == 0 else None), decision
+
+    def _send_object(self, obj: Any, dst: int) -> None:
+        """``obj`` to group rank ``dst`` (which calls :meth:`_recv_object`): its pickled size, then its bytes."""
+        device = self._device()
+        blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        dist.send(torch.tensor([len(blob)], dtype=torch.int64, device=device), self._global(dst), group=self.group)
+        dist.send(torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device), self._global(dst), group=self.group)
+
+    def _recv_object(self, src: int) -> Any:
+        """The object group rank ``src`` sends with :meth:`_send_object`."""
+        device = self._device()
+        size = torch.empty(1, dtype=torch.int64, device=device)
+        dist.recv(size, self._global(src), group=self.group)
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        dist.recv(buf, self._global(src), group=self.group)
+        return pickle.loads(buf.cpu().numpy().tobytes())
+
     def _decided_phase(self, name: str, fn: Callable[[], Any], decide: Callable[[list], Any] | None, root: int,
                        per_rank: bool) -> tuple[list | None, Any]:
         if self.world_size == 1:
