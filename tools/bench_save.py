@@ -231,44 +231,29 @@ def scramble(model, opt) -> None:
 
 
 class PhaseTimer:
-    """Times ucp's named collective phases by wrapping ``Collective.phase``, ``gather_phase`` and
-    ``gather_scatter_phase`` (ucp itself is untouched)."""
+    """Times ucp's named collective phases by wrapping ``Collective.phase``, ``gather_phase``,
+    ``gather_scatter_phase``, ``reduce_phase`` and ``exchange_phase`` (ucp itself is untouched)."""
+
+    KINDS = ("phase", "gather_phase", "gather_scatter_phase", "reduce_phase", "exchange_phase")
 
     def __init__(self):
         from ucp.comm import collective
 
         self.current: dict = {}
-        orig = collective.Collective.phase
+        for kind in self.KINDS:
+            setattr(collective.Collective, kind, self._timed(getattr(collective.Collective, kind)))
+
+    def _timed(self, orig):
         timer = self
 
-        def phase(self_, name, fn):
+        def timed(self_, name, *args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return orig(self_, name, fn)
+                return orig(self_, name, *args, **kwargs)
             finally:
                 timer.current[name] = timer.current.get(name, 0.0) + time.perf_counter() - t0
 
-        orig_gather = collective.Collective.gather_phase
-
-        def gather_phase(self_, name, fn, decide=None, root=0):  # (the phases that report to one rank)
-            t0 = time.perf_counter()
-            try:
-                return orig_gather(self_, name, fn, decide, root)
-            finally:
-                timer.current[name] = timer.current.get(name, 0.0) + time.perf_counter() - t0
-
-        orig_scatter = collective.Collective.gather_scatter_phase
-
-        def gather_scatter_phase(self_, name, fn, decide, root=0):  # (each rank gets its own share of the verdict)
-            t0 = time.perf_counter()
-            try:
-                return orig_scatter(self_, name, fn, decide, root)
-            finally:
-                timer.current[name] = timer.current.get(name, 0.0) + time.perf_counter() - t0
-
-        collective.Collective.phase = phase
-        collective.Collective.gather_phase = gather_phase
-        collective.Collective.gather_scatter_phase = gather_scatter_phase
+        return timed
 
     def take(self) -> dict:
         out, self.current = self.current, {}

@@ -25,9 +25,10 @@ calling ucp's code:
   (``FragmentIndex`` over the rows read, per piece the exact fragment or ``FragmentReader.read_resharded``'s
   plan: ``source_pieces``, ``relocate``, ``target_pieces``, ``reshard_plan``, byte spans and blocks).
 * :func:`restore_metadata` -- ``checkpoint.memory.Snapshots.source`` of a job resuming in place
-  (``_source_own``): every node's header summaries (8 ranks a node, two slots each) to rank 0, which
-  chooses (``checkpoint.memory_source.choose_own``); each rank's own header (the dict ``MemoryTier.write``
-  commits) and ``snapshot.header.manifest_from_headers`` of it alone.
+  (``_source_own``): every rank's offer from its node's header summaries (8 ranks a node, two slots
+  each) folded up a tree to rank 0, which chooses (``checkpoint.memory_source.decide_own``); each
+  rank's own header (the dict ``MemoryTier.write`` commits) and ``snapshot.header.manifest_from_headers``
+  of it alone.
 * :func:`restore_resharded` -- the same snapshot resumed from memory onto the smaller world
   (``Snapshots._source_all``), its headers held by the surviving nodes as after a parity rebuild:
   the nodes' summaries to rank 0 (``choose_source``), each speaker's fragments to their keys' owners
@@ -104,7 +105,7 @@ from ucp.plan.load_plan import FragmentIndex
 from ucp.plan.save_plan import PieceInfo, pack_share, plan_save, structure_signature, unpack_shares
 from ucp.plan.sources import SourceIndex
 from ucp.snapshot import shm
-from ucp.checkpoint.memory_source import choose_own, choose_source
+from ucp.checkpoint.memory_source import choose_source, decide_own, fold_own, own_offer
 from ucp.format.manifest import Manifest
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers
 from ucp.snapshot.index import KeyIndex, SnapshotManifest, index_messages, merge_states, node_summary, query_messages
@@ -500,26 +501,26 @@ def node_of(rank: int) -> str:
 def restore_metadata(job, step: int, crcs: Checksums, sample) -> dict:
     """``checkpoint.memory.Snapshots.source`` on every rank of ``job`` resuming in place (each node's
     agent holding two snapshots of each of its ranks: ``step - 1`` and ``step``, both complete, no
-    parity): ``_choose``: every rank's node summaries to rank 0, which chooses (``choose_own``: ``restorable``,
-    ``find_recoverable``, each rank's own header on its node); each rank reads its own header from
+    parity): ``_choose_own``: every rank's offer (``own_offer``: from its node's summaries) folded up
+    a tree to rank 0 (``fold_own``), which chooses (``decide_own``); each rank reads its own header from
     its agent and builds its manifest (``manifest_from_headers`` of it alone); the all-true report
-    to rank 0. Returns per-rank seconds and bytes, and rank 0's."""
+    folded to rank 0. Returns per-rank seconds and bytes, and rank 0's."""
     world, token = job.world, 12345
 
-    def summaries(r):
+    def offer(r):  # Snapshots._choose_own's: the rank's offer from its node's summaries
         node = node_of(r)
         first = r - r % RANKS_PER_NODE
         held = [{"rank": q, "slot": s, "step": step - 1 + s, "world_size": world, "complete": True, "host": node,
                  "token": token - 1 + s, "adopted": None}
                 for q in range(first, min(first + RANKS_PER_NODE, world)) for s in (0, 1)]
-        return f"{node}:4242", held, [], {}
+        return own_offer(r, world, None, held, {})
 
-    def decide(gathered):  # Snapshots._choose's, resuming in place
-        newest = choose_own(gathered, step, world)
+    def decide(folded):  # resuming in place
+        newest = decide_own(folded, world)
         assert newest == (step, world), newest
         return newest
 
-    _, chosen, g_find = gather_to_root("memory", summaries, world, sample, decide)
+    chosen, g_find = fold_to_root("memory", offer, world, sample, fold_own, decide)
     ranks = {}
     fragments = 0
     for r in sample:
@@ -529,7 +530,7 @@ def restore_metadata(job, step: int, crcs: Checksums, sample) -> dict:
         manifest = manifest_from_headers([header], node_of(r), whole=False)
         ranks[r] = {"own_s": _now() - t0, "own_bytes": nbytes}
         fragments = max(fragments, len(manifest.fragments))
-    _, every, g_own = gather_to_root("memory-own", lambda r: True, world, sample, all)
+    every, g_own = fold_to_root("memory-own", lambda r: True, world, sample, operator.and_, bool)
     assert every
     for r, v in ranks.items():
         v["total_s"] = g_find.rank_s(r) + v["own_s"] + g_own.rank_s(r)
@@ -542,7 +543,8 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
     """``Snapshots.source`` on every rank of ``target`` (another world: ``_source_all``) resuming
     ``job``'s snapshot of ``step``, whose headers the surviving nodes hold (old rank ``q`` on new
     node ``(q // 8) % nodes``, as after a parity rebuild), on the sampled ranks: the nodes' summaries
-    to rank 0 (``choose_source``), each rank's role, each speaker's fragments to their keys' owners
+    to rank 0 (``choose_source``, after the fold of ``_choose_own`` found no in-place case), each
+    rank's role, each speaker's fragments to their keys' owners
     (``index_messages``), the speakers' metadata and state to rank 0 (``node_summary``,
     ``merge_states``), the rank's own state, its share of the index (``KeyIndex``, in
     ``SnapshotManifest``), its targets and regions, its queries to the owners and their answers
@@ -562,10 +564,15 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
                  "host": node_of(r), "token": token - 1 + s, "adopted": None} for q in held_by[n] for s in (0, 1)]
         return f"{node_of(r)}:4242", held, [], {}, None
 
-    _, chosen, g_find = gather_to_root("memory", summaries, world, sample, lambda g: choose_source(g, step))
+    # first the fold that looks for the in-place case (``_choose_own``): none here, another world
+    own, g_try = fold_to_root("memory", lambda r: own_offer(r, world, None, summaries(r)[1], {}), world, sample,
+                              fold_own, lambda folded: decide_own(folded, world))
+    assert own is None, own
+    _, chosen, g_find = gather_to_root("memory-all", summaries, world, sample, lambda g: choose_source(g, step))
     assert (chosen["step"], chosen["world"], chosen["rec"]) == (step, old, None), chosen
     role_bytes = len(pickle.dumps(True)) + 16  # (the scatter of each rank's role)
-    ranks = {r: {"s": g_find.rank_s(r), "bytes": g_find.rank_bytes(r) + role_bytes, "owned": []} for r in sample}
+    ranks = {r: {"s": g_try.rank_s(r) + g_find.rank_s(r),
+                 "bytes": g_try.rank_bytes(r) + g_find.rank_bytes(r) + role_bytes, "owned": []} for r in sample}
     summaries_by_node, speaker_of = [], {}
     load = np.zeros(world, dtype=np.int64)  # index entries per owner
     for n in range(nodes):  # each speaker: its node's fragments to their owners, its summary to rank 0
@@ -666,7 +673,7 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
     for r, v in ranks.items():
         v["total_s"] = v["s"] + owner_s[r]
         v.pop("manifest")
-    return {"ranks": ranks, "root_s": g_find.root_s + g_state.root_s, "owner_s": owner_s,
+    return {"ranks": ranks, "root_s": g_try.root_s + g_find.root_s + g_state.root_s, "owner_s": owner_s,
             "busiest": {"rank": busiest, "entries": int(load[busiest]), "keys": len(keys[busiest]),
                         "answer_s": owner_s[busiest]},
             "answer_s": answer_s, "common_bytes": g_state.verdict_bytes}

@@ -8,6 +8,7 @@ and calls it from ``save``, ``load``, ``wait`` and ``close``; the durable tier i
 
 from __future__ import annotations
 
+import operator
 import os
 import random
 import threading
@@ -18,7 +19,7 @@ import warnings
 import torch
 
 from ucp import __version__
-from ucp.checkpoint.memory_source import speaker_roles, choose_own, choose_source, records_by_rank
+from ucp.checkpoint.memory_source import speaker_roles, choose_source, decide_own, fold_own, own_offer, records_by_rank
 from ucp.checkpoint.results import SaveResult
 from ucp.comm.side_groups import SideGroups, all_gather_objects, all_reduce_ints, all_true
 from ucp.errors import PersistError, UcpError, few
@@ -332,42 +333,49 @@ class Snapshots:
         With ``memory_only`` (the load reads nothing else), why memory cannot restore the job goes
         to ``self.why_not`` (the same on every rank) instead of a warning about the durable tier."""
         self.why_not = None
-        choice = self._choose(step, own=True)
-        if choice[0] == "own":
-            own = self._source_own(choice[1])
+        chosen = self._choose_own(step)
+        if chosen is not None:
+            own = self._source_own(chosen)
             if own is not _ALL:
                 return own
-            choice = self._choose(step, own=False)  # (not every rank found its own header: all of them)
-        return self._source_all(step, memory_only, choice)
+        return self._source_all(step, memory_only, self._choose(step))  # (every rank's holdings to rank 0)
 
-    def _choose(self, step: int | None, own: bool) -> tuple:
-        """One gather of every node's holdings (header and parity summaries, its agent's status) to
-        rank 0, which decides, and one scatter of the decision: this rank's share of it. With ``own``,
-        the snapshot every rank finds whole on its own node under this world (:func:`choose_own`)
-        gives ``("own", (step, world size))``; otherwise ``("all", choose_source's choice, whether
-        this rank is its node's speaker)``."""
-        coll = self.coll
+    def _holdings(self, parity: bool = True) -> tuple:
+        """``(node, header summaries, parity summaries, agent status)`` of this rank's node (a node is
+        an agent); without ``parity``, no parity summaries (``[]``)."""
         tier = self._memory()
         host = os.uname().nodename
-        node = f"{host}:{tier.client.info.pid}"  # a node is an agent
+        status = tier.client.status()
+        self._node_held = [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)]
+        return (f"{host}:{tier.client.info.pid}", self._node_held, tier.node_parity(summary=True) if parity else [],
+                {k: status.get(k) for k in ("adopted", "discarded", "predecessor")})
 
-        def held():
-            status = tier.client.status()
-            self._node_held = [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)]
-            return (node, self._node_held, tier.node_parity(summary=True),
-                    {k: status.get(k) for k in ("adopted", "discarded", "predecessor")})
+    def _choose_own(self, step: int | None) -> tuple[int, int] | None:
+        """``(step, world size)`` of the snapshot every rank finds whole on its own node under this
+        world, when that is the one to load, else None: every rank's :func:`own_offer` folded up a
+        tree to rank 0, which decides (:func:`decide_own`); a few numbers per message, whatever the world."""
+        coll = self.coll
+
+        def offer():
+            _, held, _, status = self._holdings(parity=False)
+            return own_offer(coll.rank, coll.world_size, step, held, status)
+
+        return coll.reduce_phase("memory", offer, fold_own, lambda folded: decide_own(folded, coll.world_size))[1]
+
+    def _choose(self, step: int | None) -> tuple:
+        """One gather of every node's holdings (header and parity summaries, its agent's status) to
+        rank 0, which decides (:func:`choose_source`), and one scatter of the decision: this rank's
+        share of it, ``("all", the choice, whether this rank is its node's speaker)``."""
+        coll = self.coll
 
         def decide(gathered):  # rank 0
-            newest = choose_own(gathered, step, coll.world_size) if own else None
-            if newest is not None:
-                return [("own", newest)] * coll.world_size
             durable = self._durable_step(step)
             full = [(*g, durable if r == 0 else None) for r, g in enumerate(gathered)]
             chosen = choose_source(full, step)
             self._gathered = full  # (for rank 0's warnings)
             return [("all", chosen, speaker) for speaker in speaker_roles(gathered)]
 
-        return coll.gather_scatter_phase("memory", held, decide)[1]
+        return coll.gather_scatter_phase("memory-all", self._holdings, decide)[1]
 
     def _source_own(self, chosen: tuple[int, int]):
         """:meth:`source` when every rank holds its own header of snapshot ``chosen`` (step, world
@@ -397,7 +405,7 @@ class Snapshots:
                 self._own = ((mine[0]["slot"], *chosen, mine[0]["token"]), layout, built["manifest"])
             return True
 
-        _, every = coll.gather_phase("memory-own", own, all)
+        _, every = coll.reduce_phase("memory-own", own, operator.and_, bool)
         if not every:
             return _ALL
         self.rebuilt_ranks = ()

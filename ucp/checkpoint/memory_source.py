@@ -10,24 +10,41 @@ from ucp.snapshot.header import restorable
 from ucp.snapshot.recovery import find_recoverable
 
 
-def choose_own(gathered: list, step: int | None, world_size: int) -> tuple[int, int] | None:
-    """Rank 0's choice of the snapshot a job resuming in place loads, each rank its own header on its
-    own node, from every node's ``(node, header summaries, parity summaries, agent status)``: the
-    newest restorable ``(step, world size)`` (of ``step`` if given) saved by ``world_size`` ranks,
-    when every rank's header of it is on the node that rank runs on; None when the case is not that
-    one (an agent took over or discarded snapshots, parity would restore a newer one, another world)."""
-    if any(g[3].get(k) for g in gathered for k in ("adopted", "discarded")):
-        return None  # (an agent took over or discarded snapshots: the full path says what)
-    unique = [h for g in gathered for h in g[1] if step is None or h["step"] == step]
-    newest = restorable(unique)
-    if newest is None or newest[1] != world_size:
+def own_offer(rank: int, world_size: int, step: int | None, held: list, status: dict) -> dict:
+    """What rank ``rank`` of a job of ``world_size`` ranks adds to the fold that decides whether the
+    job resumes in place (:func:`fold_own`, :func:`decide_own`), from its node's header summaries
+    ``held`` and agent ``status`` (only headers of ``step`` when given): the steps of which it holds
+    its own header of this world on its node; the newest ``(step, world size)`` of a complete header
+    there; whether its agent took over or discarded snapshots. A few numbers, whatever the world."""
+    held = [h for h in held if step is None or h["step"] == step]
+    return {"mine": frozenset(h["step"] for h in held if h["rank"] == rank and h["world_size"] == world_size),
+            "complete": max(((h["step"], h["world_size"]) for h in held if h["complete"]), default=None),
+            "taken_over": any(status.get(k) for k in ("adopted", "discarded"))}
+
+
+def fold_own(a: dict, b: dict) -> dict:
+    """Two offers (or folds of offers) as one: the steps both hold, the newer of each maximum."""
+    def newer(x, y):
+        return y if x is None else x if y is None else max(x, y)
+
+    return {"mine": a["mine"] & b["mine"], "complete": newer(a["complete"], b["complete"]),
+            "taken_over": a["taken_over"] or b["taken_over"]}
+
+
+def decide_own(folded: dict, world_size: int) -> tuple[int, int] | None:
+    """Rank 0's decision on the fold of every rank's :func:`own_offer`: ``(step, world size)`` of the
+    snapshot a job resuming in place loads, each rank its own header on its own node, or None when
+    the case is not that one (an agent took over or discarded snapshots; the newest complete snapshot
+    is of another world, or some rank's header of it is not on its node), which the full path
+    (:func:`choose_source`) then decides.
+
+    The newest restorable snapshot has a complete header, so none is newer than the newest complete
+    header; when every rank holds its own header of that one, it is restorable, hence the newest; a
+    parity rebuild (:func:`~ucp.snapshot.recovery.find_recoverable`) completes only a snapshot with a
+    complete header, so none newer either. This choice is :func:`choose_source`'s whenever it makes one."""
+    newest = folded["complete"]
+    if folded["taken_over"] or newest is None or newest[1] != world_size or newest[0] not in folded["mine"]:
         return None
-    rec, _ = find_recoverable([(g[0], g[1], g[2]) for g in gathered], step)
-    if rec is not None and rec.step > newest[0]:
-        return None
-    for rank, g in enumerate(gathered):  # every rank's own header on its own node
-        if not any(h["rank"] == rank and (h["step"], h["world_size"]) == newest for h in g[1]):
-            return None
     return newest
 
 
