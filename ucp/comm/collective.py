@@ -134,9 +134,7 @@ class Collective:
             failures = self.broadcast(verdict)
         finally:
             self._what = "collective exchange"
-        kinds = {kind for _, kind in failures.values()}
-        raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
-            name, {r: msg for r, (msg, _) in failures.items()}) from local_error
+        raise _shared_error(name, failures) from local_error
 
     def _own_share(self, name: str, decision) -> list:
         """``decision``, checked to be a list of one value per rank (:meth:`gather_scatter_phase`)."""
@@ -256,9 +254,7 @@ class Collective:
         finally:
             self._what = "collective exchange"
         if failures:
-            kinds = {kind for _, kind in failures.values()}
-            raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
-                name, {r: msg for r, (msg, _) in failures.items()}) from local_error
+            raise _shared_error(name, failures) from local_error
         return (value if self.rank == 0 else None), decision
 
     def _send_object(self, obj: Any, dst: int) -> None:
@@ -310,9 +306,7 @@ class Collective:
         finally:
             self._what = "collective exchange"
         if failures:
-            kinds = {kind for _, kind in failures.values()}
-            raise distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
-                name, {r: msg for r, (msg, _) in failures.items()}) from local_error
+            raise _shared_error(name, failures) from local_error
         return (None if gathered is None else [value for _, value, _ in gathered]), decision
 
 
@@ -345,6 +339,13 @@ def _failed(e: BaseException) -> tuple:
     """A failed outcome as it travels: ``(False, one-line message, ucp error class or None)``."""
     detail = str(e) if isinstance(e, UcpError) else "".join(traceback.format_exception_only(e)).strip()
     return False, detail, type(e) if isinstance(e, UcpError) else None
+
+
+def _shared_error(name: str, failures: dict) -> DistributedError:
+    """The error every rank raises for phase ``name``'s ``failures`` (``{rank: (message, ucp error class or None)}``)."""
+    kinds = {kind for _, kind in failures.values()}
+    return distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
+        name, {r: msg for r, (msg, _) in failures.items()})
 
 
 @functools.lru_cache(maxsize=None)
