@@ -342,7 +342,7 @@ def _failed(e: BaseException) -> tuple:
 
 
 def _shared_error(name: str, failures: dict) -> DistributedError:
-    """The error every rank raises for phase ``name``'s ``failures`` (``{rank: (message, ucp error class or None)}``)."""
+    """The error every rank raises for phase ``name``'s ``failures`` ({rank: (message, ucp class or None)})."""
     kinds = {kind for _, kind in failures.values()}
     return distributed_error_class(kinds.pop() if len(kinds) == 1 else None)(
         name, {r: msg for r, (msg, _) in failures.items()})
