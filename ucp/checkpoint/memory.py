@@ -63,7 +63,6 @@ class Snapshots:
         self._persist_regions = None  # the pieces the agent was configured with (durable writes)
         self.why_not: str | None = None  # why the last source() found nothing (its memory_only form)
         self._gathered: list | None = None  # rank 0: what the last choice of a source gathered, for its warnings
-        self._node_held: list[dict] = []  # this node's header summaries, as the last choice of a source saw them
         self._own: tuple | None = None  # ((slot, step, world, token), layout, manifest): the last own header built
 
     coll = property(lambda self: self._ckpt.coll)
@@ -333,40 +332,45 @@ class Snapshots:
         With ``memory_only`` (the load reads nothing else), why memory cannot restore the job goes
         to ``self.why_not`` (the same on every rank) instead of a warning about the durable tier."""
         self.why_not = None
-        chosen = self._choose_own(step)
+        chosen, holdings = self._choose_own(step)
         if chosen is not None:
-            own = self._source_own(chosen)
+            own = self._source_own(chosen, holdings[1])
             if own is not _ALL:
                 return own
-        return self._source_all(step, memory_only, self._choose(step))  # (every rank's holdings to rank 0)
+        return self._source_all(step, memory_only, self._choose(step, holdings))  # (every rank's holdings to rank 0)
 
-    def _holdings(self, parity: bool = True) -> tuple:
-        """``(node, header summaries, parity summaries, agent status)`` of this rank's node (a node is
-        an agent); without ``parity``, no parity summaries (``[]``)."""
+    def _holdings(self) -> tuple:
+        """``(node, header summaries, agent status)`` of this rank's node (a node is an agent)."""
         tier = self._memory()
         host = os.uname().nodename
         status = tier.client.status()
-        self._node_held = [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)]
-        return (f"{host}:{tier.client.info.pid}", self._node_held, tier.node_parity(summary=True) if parity else [],
+        return (f"{host}:{tier.client.info.pid}",
+                [dict(h, host=h.get("host") or host) for h in tier.node_headers(summary=True)],
                 {k: status.get(k) for k in ("adopted", "discarded", "predecessor")})
 
-    def _choose_own(self, step: int | None) -> tuple[int, int] | None:
+    def _choose_own(self, step: int | None) -> tuple[tuple[int, int] | None, tuple]:
         """``(step, world size)`` of the snapshot every rank finds whole on its own node under this
         world, when that is the one to load, else None: every rank's :func:`own_offer` folded up a
-        tree to rank 0, which decides (:func:`decide_own`); a few numbers per message, whatever the world."""
+        tree to rank 0, which decides (:func:`decide_own`); a few numbers per message, whatever the
+        world. Returned with this rank's :meth:`_holdings`, which the next phase reuses."""
         coll = self.coll
+        seen = []
 
         def offer():
-            _, held, _, status = self._holdings(parity=False)
+            seen.append(self._holdings())
+            _, held, status = seen[0]
             return own_offer(coll.rank, coll.world_size, step, held, status)
 
-        return coll.reduce_phase("memory", offer, fold_own, lambda folded: decide_own(folded, coll.world_size))[1]
+        _, chosen = coll.reduce_phase("memory", offer, fold_own, lambda folded: decide_own(folded, coll.world_size))
+        return chosen, seen[0]
 
-    def _choose(self, step: int | None) -> tuple:
-        """One gather of every node's holdings (header and parity summaries, its agent's status) to
-        rank 0, which decides (:func:`choose_source`), and one scatter of the decision: this rank's
-        share of it, ``("all", the choice, whether this rank is its node's speaker)``."""
+    def _choose(self, step: int | None, holdings: tuple) -> tuple:
+        """One gather of every node's holdings (``holdings``: this rank's node's :meth:`_holdings`,
+        and its parity summaries) to rank 0, which decides (:func:`choose_source`), and one scatter of
+        the decision: this rank's share of it, ``("all", the choice, whether this rank is its node's
+        speaker)``."""
         coll = self.coll
+        node, held, status = holdings
 
         def decide(gathered):  # rank 0
             durable = self._durable_step(step)
@@ -375,13 +379,15 @@ class Snapshots:
             self._gathered = full  # (for rank 0's warnings)
             return [("all", chosen, speaker) for speaker in speaker_roles(gathered)]
 
-        return coll.gather_scatter_phase("memory-all", self._holdings, decide)[1]
+        return coll.gather_scatter_phase("memory-all", lambda: (node, held, self._memory().node_parity(summary=True),
+                                                                status), decide)[1]
 
-    def _source_own(self, chosen: tuple[int, int]):
+    def _source_own(self, chosen: tuple[int, int], held: list[dict]):
         """:meth:`source` when every rank holds its own header of snapshot ``chosen`` (step, world
         size) on its node: each rank checks that its header is there, of this layout, and builds its
-        manifest alone. Returns ``(directory, manifest of this rank's fragments)``, or :data:`_ALL`
-        when some rank cannot (every header is then needed)."""
+        manifest alone (or reuses the one it built last, when ``held``, its node's header summaries,
+        show the same snapshot). Returns ``(directory, manifest of this rank's fragments)``, or
+        :data:`_ALL` when some rank cannot (every header is then needed)."""
         coll = self.coll
         tier = self._memory()
         host = os.uname().nodename
@@ -389,7 +395,7 @@ class Snapshots:
         built: dict = {}
 
         def own():
-            cached = self._own_manifest(chosen, layout)
+            cached = self._own_manifest(chosen, layout, held)
             if cached is not None:
                 summary, built["manifest"] = cached
                 if not summary["complete"]:
@@ -411,7 +417,7 @@ class Snapshots:
         self.rebuilt_ranks = ()
         return SHM_DIR, built["manifest"]
 
-    def _own_manifest(self, chosen: tuple[int, int], layout: dict) -> tuple[dict, object] | None:
+    def _own_manifest(self, chosen: tuple[int, int], layout: dict, held: list[dict]) -> tuple[dict, object] | None:
         """``(this rank's header summary, manifest)`` of snapshot ``chosen`` (step, world size) when the
         manifest last built from this rank's own header is of that very snapshot: the same slot, step,
         world, layout and snapshot token (a slot written again gets a new token). A job that rolls back
@@ -419,7 +425,7 @@ class Snapshots:
         if self._own is None:
             return None
         key, built_layout, manifest = self._own
-        for h in self._node_held:
+        for h in held:
             if h["rank"] == self.coll.rank and (h["step"], h["world_size"]) == chosen:
                 if (h["slot"], *chosen, h.get("token")) == key and built_layout == layout:
                     return h, manifest  # (its state is decoded anew by each load)
