@@ -31,7 +31,8 @@ calling ucp's code:
   of it alone.
 * :func:`restore_resharded` -- the same snapshot resumed from memory onto the smaller world
   (``Snapshots._source_all``), its headers held by the surviving nodes as after a parity rebuild:
-  the nodes' summaries to rank 0 (``choose_source``), each speaker's fragments to their keys' owners
+  the nodes' summaries folded to rank 0, each node's once (``fold_nodes``, ``choose_source``), each
+  speaker's fragments to their keys' owners
   and its metadata and state to rank 0 (``snapshot.index``), the rank's targets and regions, its
   queries to the owners, their answers and the manifest of its fragments; an owner's answers to every
   rank that asks (the sampled ranks', and the busiest owner's: ``restore_resharded_busiest_owner``).
@@ -51,7 +52,9 @@ first save of a layout: bytes sent + received), ``save_cached_metadata_s`` /
 ``load_targets_root_s`` (rank 0's),
 ``manifest_bytes_read_per_rank`` (header and pages), ``load_bytes_per_rank``, ``restore_metadata_s``,
 ``restore_bytes_per_rank``, ``restore_resharded_metadata_s`` / ``restore_resharded_bytes_per_rank``
-(worst sampled rank, its answers as an owner included), ``restore_resharded_root_s``, ``pieces_gathered`` (by rank 0, once per layout), ``fragments``,
+(worst sampled rank, its answers as an owner included), ``restore_resharded_root_s`` (rank 0's, split into
+``restore_resharded_root_choice_s`` / ``_choice_bytes``, the choice's folds, and ``_state_s`` / ``_state_bytes``, the
+speakers' metadata and state), ``pieces_gathered`` (by rank 0, once per layout), ``fragments``,
 ``peak_rss_bytes`` (``ru_maxrss`` of the process running that W), ``load_avg_1m``.
 The first version of this tool (commit 385a1a3) drove the all-gather save of ucp <= e10bf50: the
 "before" figures of issue 18.
@@ -105,7 +108,8 @@ from ucp.plan.load_plan import FragmentIndex
 from ucp.plan.save_plan import PieceInfo, pack_share, plan_save, structure_signature, unpack_shares
 from ucp.plan.sources import SourceIndex
 from ucp.snapshot import shm
-from ucp.checkpoint.memory_source import choose_source, decide_own, fold_own, own_offer
+from ucp.checkpoint.memory_source import (choose_source, decide_own, fold_nodes, fold_own, node_offer, own_offer,
+                                         speaker_mask)
 from ucp.format.manifest import Manifest
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers
 from ucp.snapshot.index import KeyIndex, SnapshotManifest, index_messages, merge_states, node_summary, query_messages
@@ -560,19 +564,20 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
 
     def summaries(r):
         n = r // RANKS_PER_NODE
-        held = [{"rank": q, "slot": s, "step": step - 1 + s, "world_size": old, "complete": True,
+        return [{"rank": q, "slot": s, "step": step - 1 + s, "world_size": old, "complete": True,
                  "host": node_of(r), "token": token - 1 + s, "adopted": None} for q in held_by[n] for s in (0, 1)]
-        return f"{node_of(r)}:4242", held, [], {}, None
 
     # first the fold that looks for the in-place case (``_choose_own``): none here, another world
-    own, g_try = fold_to_root("memory", lambda r: own_offer(r, world, None, summaries(r)[1], {}), world, sample,
+    own, g_try = fold_to_root("memory", lambda r: own_offer(r, world, None, summaries(r), {}), world, sample,
                               fold_own, lambda folded: decide_own(folded, world))
     assert own is None, own
-    _, chosen, g_find = gather_to_root("memory-all", summaries, world, sample, lambda g: choose_source(g, step))
+    (chosen, speakers), g_find = fold_to_root(
+        "memory-all", lambda r: node_offer(r, f"{node_of(r)}:4242", summaries(r), [], {}), world, sample, fold_nodes,
+        lambda folded: (choose_source(folded, None, step), speaker_mask(folded)))
     assert (chosen["step"], chosen["world"], chosen["rec"]) == (step, old, None), chosen
-    role_bytes = len(pickle.dumps(True)) + 16  # (the scatter of each rank's role)
+    assert [r for r in range(world) if speakers >> r & 1] == list(range(0, world, RANKS_PER_NODE))
     ranks = {r: {"s": g_try.rank_s(r) + g_find.rank_s(r),
-                 "bytes": g_try.rank_bytes(r) + g_find.rank_bytes(r) + role_bytes, "owned": []} for r in sample}
+                 "bytes": g_try.rank_bytes(r) + g_find.rank_bytes(r), "owned": []} for r in sample}
     summaries_by_node, speaker_of = [], {}
     load = np.zeros(world, dtype=np.int64)  # index entries per owner
     for n in range(nodes):  # each speaker: its node's fragments to their owners, its summary to rank 0
@@ -674,6 +679,8 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
         v["total_s"] = v["s"] + owner_s[r]
         v.pop("manifest")
     return {"ranks": ranks, "root_s": g_try.root_s + g_find.root_s + g_state.root_s, "owner_s": owner_s,
+            "root_choice_s": g_try.root_s + g_find.root_s, "root_choice_bytes": g_find.root_recv_bytes,
+            "root_state_s": g_state.root_s, "root_state_bytes": g_state.root_recv_bytes,
             "busiest": {"rank": busiest, "entries": int(load[busiest]), "keys": len(keys[busiest]),
                         "answer_s": owner_s[busiest]},
             "answer_s": answer_s, "common_bytes": g_state.verdict_bytes}
@@ -770,6 +777,8 @@ def run_world(layout: str, world: int, work: Path, keep: bool = False, layers: i
     out["restore_resharded_owner_s"] = max(rr["owner_s"].values())  # (the busiest owner's included)
     out["restore_resharded_busiest_owner"] = rr["busiest"]
     out["restore_resharded_root_s"] = rr["root_s"]
+    for k in ("choice_s", "choice_bytes", "state_s", "state_bytes"):  # (the choice's folds; the state's gather)
+        out[f"restore_resharded_root_{k}"] = rr[f"root_{k}"]
     out["restore_resharded_common_bytes"] = rr["common_bytes"]
     out["restore_resharded_fragments_per_rank"] = max(v["fragments"] for v in rr["ranks"].values())
     del rr

@@ -19,7 +19,8 @@ import warnings
 import torch
 
 from ucp import __version__
-from ucp.checkpoint.memory_source import speaker_roles, choose_source, decide_own, fold_own, own_offer, records_by_rank
+from ucp.checkpoint.memory_source import (choose_source, decide_own, fold_nodes, fold_own, node_offer, own_offer,
+                                         records_by_rank, speaker_mask)
 from ucp.checkpoint.results import SaveResult
 from ucp.comm.side_groups import SideGroups, all_gather_objects, all_reduce_ints, all_true
 from ucp.errors import PersistError, UcpError, few
@@ -62,7 +63,7 @@ class Snapshots:
         self._hook = None
         self._persist_regions = None  # the pieces the agent was configured with (durable writes)
         self.why_not: str | None = None  # why the last source() found nothing (its memory_only form)
-        self._gathered: list | None = None  # rank 0: what the last choice of a source gathered, for its warnings
+        self._folded: dict | None = None  # rank 0: every node's holdings the last choice of a source saw, for its warnings
         self._own: tuple | None = None  # ((slot, step, world, token), layout, manifest): the last own header built
 
     coll = property(lambda self: self._ckpt.coll)
@@ -337,7 +338,7 @@ class Snapshots:
             own = self._source_own(chosen, holdings[1])
             if own is not _ALL:
                 return own
-        return self._source_all(step, memory_only, self._choose(step, holdings))  # (every rank's holdings to rank 0)
+        return self._source_all(step, memory_only, self._choose(step, holdings))  # (every node's holdings to rank 0)
 
     def _holdings(self) -> tuple:
         """``(node, header summaries, agent status)`` of this rank's node (a node is an agent)."""
@@ -365,22 +366,22 @@ class Snapshots:
         return chosen, seen[0]
 
     def _choose(self, step: int | None, holdings: tuple) -> tuple:
-        """One gather of every node's holdings (``holdings``: this rank's node's :meth:`_holdings`,
-        and its parity summaries) to rank 0, which decides (:func:`choose_source`), and one scatter of
-        the decision: this rank's share of it, ``("all", the choice, whether this rank is its node's
-        speaker)``."""
+        """Every node's holdings (``holdings``: this rank's node's :meth:`_holdings`, with its parity
+        summaries) folded to rank 0, each node once (:func:`fold_nodes`), which decides
+        (:func:`choose_source`); the decision is broadcast with the speakers' ranks as bits. Returns
+        this rank's share of it: ``("all", the choice, whether this rank is its node's speaker)``."""
         coll = self.coll
         node, held, status = holdings
 
-        def decide(gathered):  # rank 0
-            durable = self._durable_step(step)
-            full = [(*g, durable if r == 0 else None) for r, g in enumerate(gathered)]
-            chosen = choose_source(full, step)
-            self._gathered = full  # (for rank 0's warnings)
-            return [("all", chosen, speaker) for speaker in speaker_roles(gathered)]
+        def offer():
+            return node_offer(coll.rank, node, held, self._memory().node_parity(summary=True), status)
 
-        return coll.gather_scatter_phase("memory-all", lambda: (node, held, self._memory().node_parity(summary=True),
-                                                                status), decide)[1]
+        def decide(folded):  # rank 0
+            self._folded = folded  # (for rank 0's warnings)
+            return choose_source(folded, self._durable_step(step), step), speaker_mask(folded)
+
+        _, (chosen, speakers) = coll.reduce_phase("memory-all", offer, fold_nodes, decide)
+        return "all", chosen, bool(speakers >> coll.rank & 1)
 
     def _source_own(self, chosen: tuple[int, int], held: list[dict]):
         """:meth:`source` when every rank holds its own header of snapshot ``chosen`` (step, world
@@ -442,8 +443,8 @@ class Snapshots:
         host = os.uname().nodename
         _, chosen, speaker = choice
         if coll.rank == 0 and not (memory_only and chosen["step"] is None):
-            self._warn_source(step, chosen, self._gathered)
-        self._gathered = None
+            self._warn_source(step, chosen, self._folded)
+        self._folded = None
         if chosen["step"] is None:
             self.why_not = chosen["why"] or "no snapshot is held"
             return None
@@ -510,15 +511,16 @@ class Snapshots:
             raise
         return SHM_DIR, built["manifest"]
 
-    def _warn_source(self, step, chosen: dict, gathered: list) -> None:
-        """Rank 0's warnings about a load from memory that was decided from ``gathered``: snapshots
-        discarded by agents that died, or why it does not come from memory."""
+    def _warn_source(self, step, chosen: dict, nodes: dict) -> None:
+        """Rank 0's warnings about a load from memory that was decided from every node's holdings
+        (``nodes``, :meth:`_choose`'s fold): snapshots discarded by agents that died, or why it does
+        not come from memory."""
         if chosen["step"] is None:
-            unique = [h for _, held, _, _, _ in gathered for h in held if step is None or h["step"] == step]
-            self._say_fallback(step, chosen["why"], unique, {n: st for n, _, _, st, _ in gathered}, chosen["durable"],
-                              stacklevel=5)
+            unique = [h for _, held, _, _ in nodes.values() for h in held if step is None or h["step"] == step]
+            self._say_fallback(step, chosen["why"], unique, {n: st for n, (_, _, _, st) in nodes.items()},
+                               chosen["durable"], stacklevel=5)
             return
-        lost = {n: st["discarded"] for n, _, _, st, _ in gathered if st.get("discarded")}
+        lost = {n: st["discarded"] for n, (_, _, _, st) in nodes.items() if st.get("discarded")}
         if lost:
             damaged = "; ".join(f"the snapshot agent on {n.rsplit(':', 1)[0]} had died and its damaged snapshots were "
                                 f"discarded: " + ", ".join(f"{k} ({v})" for k, v in sorted(d.items()))

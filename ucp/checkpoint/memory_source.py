@@ -1,5 +1,6 @@
 """How a load from memory chooses its snapshot: rank 0's decisions over what every node holds
-(:meth:`ucp.checkpoint.memory.Snapshots.source`), pure functions of the gathered summaries.
+(:meth:`ucp.checkpoint.memory.Snapshots.source`), and the folds that bring it to rank 0; pure functions
+of the ranks' summaries.
 """
 
 from __future__ import annotations
@@ -48,17 +49,43 @@ def decide_own(folded: dict, world_size: int) -> tuple[int, int] | None:
     return newest
 
 
-def choose_source(gathered: list, step: int | None) -> dict:
-    """Rank 0's choice of the snapshot to load from every node's ``(node, header summaries, parity
-    summaries, agent status, durable step)`` (the durable step on rank 0's entry): ``{"step",
-    "world", "rec", "speakers", "durable", "why"}`` (``step`` None: none to load from memory, ``why``
-    says why). ``rec`` is the :class:`~ucp.snapshot.recovery.Recoverable` to rebuild, trimmed to its
-    damaged groups; ``speakers`` maps the nodes holding them to the rank that reads their segments."""
-    durable = gathered[0][4]
-    per_node = {n: (held, records) for n, held, records, _, _ in gathered}
-    unique = [h for held, _ in per_node.values() for h in held if step is None or h["step"] == step]
+def node_offer(rank: int, node: str, held: list, records: list, status: dict) -> dict:
+    """What rank ``rank`` adds to the fold of every node's holdings (:func:`fold_nodes`), when the
+    job does not resume in place: its node's header and parity summaries and agent status, under the
+    node's id (a node is an agent), with the rank as a candidate to speak for the node."""
+    return {node: (rank, held, records, status)}
+
+
+def fold_nodes(a: dict, b: dict) -> dict:
+    """Two folds of :func:`node_offer` s as one: each node once, held by its lowest rank, the rank
+    that speaks for it (reads its segments and headers). The ranks of a node hold the same summaries,
+    so rank 0 receives each node's once, not once per rank."""
+    out = dict(a)
+    for node, offer in b.items():
+        if node not in out or offer[0] < out[node][0]:
+            out[node] = offer
+    return out
+
+
+def speaker_mask(nodes: dict) -> int:
+    """The ranks that speak for their nodes (the fold's lowest rank of each), as bits of one integer:
+    rank ``r`` speaks when bit ``r`` is set (one bit per rank in the broadcast decision)."""
+    mask = 0
+    for rank, *_ in nodes.values():
+        mask |= 1 << rank
+    return mask
+
+
+def choose_source(nodes: dict, durable: int | None, step: int | None) -> dict:
+    """Rank 0's choice of the snapshot to load from every node's holdings, ``{node: (speaker rank,
+    header summaries, parity summaries, agent status)}`` (the fold of :func:`node_offer` s), and the
+    step a durable load would resume (``durable``): ``{"step", "world", "rec", "speakers", "durable",
+    "why"}`` (``step`` None: none to load from memory, ``why`` says why). ``rec`` is the
+    :class:`~ucp.snapshot.recovery.Recoverable` to rebuild, trimmed to its damaged groups; ``speakers``
+    maps the nodes holding them to the rank that reads their segments."""
+    unique = [h for _, held, _, _ in nodes.values() for h in held if step is None or h["step"] == step]
     newest = restorable(unique)
-    rec, why = find_recoverable([(n, held, records) for n, (held, records) in per_node.items()], step)
+    rec, why = find_recoverable([(n, held, records) for n, (_, held, records, _) in nodes.items()], step)
     if rec is not None and newest is not None and newest[0] >= rec.step:
         rec = None
     if newest is not None and rec is None and durable is not None and durable > newest[0] and \
@@ -70,12 +97,11 @@ def choose_source(gathered: list, step: int | None) -> dict:
     out = {"step": None, "world": None, "rec": None, "speakers": {}, "durable": durable, "why": why}
     if newest is None and rec is None:
         return out
-    speakers = _speakers(gathered)
     if rec is not None:
         members = {r for g in rec.groups for r in g}
         holder = {r: n for r, n in rec.holder.items() if r in members}
         rec = replace(rec, holder=holder)
-        out["speakers"] = {n: speakers[n] for n in set(holder.values())}
+        out["speakers"] = {n: nodes[n][0] for n in set(holder.values())}
         out.update(step=rec.step, world=rec.world_size, rec=rec)
     else:
         out.update(step=newest[0], world=newest[1])
@@ -94,17 +120,3 @@ def records_by_rank(rec, speakers: dict, got: list[list[dict]], world_size: int)
         for r in involved:
             out[r].update({m: full[m] for m in members if m in full})
     return out
-
-
-def _speakers(gathered: list) -> dict:
-    """node -> its lowest rank: the one that reads the node's segments and headers."""
-    speakers: dict = {}
-    for rank, g in enumerate(gathered):
-        speakers.setdefault(g[0], rank)
-    return speakers
-
-
-def speaker_roles(gathered: list) -> list[bool]:
-    """Whether each rank is its node's speaker."""
-    speakers = set(_speakers(gathered).values())
-    return [r in speakers for r in range(len(gathered))]
