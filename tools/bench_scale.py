@@ -112,7 +112,8 @@ from ucp.checkpoint.memory_source import (choose_source, decide_own, fold_nodes,
                                          speaker_mask)
 from ucp.format.manifest import Manifest
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers
-from ucp.snapshot.index import KeyIndex, SnapshotManifest, index_messages, merge_states, node_summary, query_messages
+from ucp.snapshot.index import (KeyIndex, SnapshotManifest, decide_states, fold_states, index_messages, own_state,
+                               query_messages, state_offer)
 from ucp.snapshot.memory import FORMAT as SNAPSHOT_FORMAT
 from ucp.snapshot.memory import FORMAT_VERSION as SNAPSHOT_VERSION
 from ucp.snapshot.memory import place
@@ -338,9 +339,9 @@ def fold_to_root(name: str, make, world: int, sample, combine, decide=None) -> t
         pending[r] = value
     t0 = _now()
     decision = decide(pending[0]) if decide is not None else None
+    f.verdict_bytes = len(pickle.dumps(({}, decision)))  # (pickled once, by rank 0, for the broadcast)
     f.seconds[0] = f.seconds.get(0, 0.0) + _now() - t0
     f.root_s, f.root_recv_bytes = f.seconds[0], f.received.get(0, 0)
-    f.verdict_bytes = len(pickle.dumps(({}, decision)))
     return decision, f
 
 
@@ -549,8 +550,9 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
     node ``(q // 8) % nodes``, as after a parity rebuild), on the sampled ranks: the nodes' summaries
     to rank 0 (``choose_source``, after the fold of ``_choose_own`` found no in-place case), each
     rank's role, each speaker's fragments to their keys' owners
-    (``index_messages``), the speakers' metadata and state to rank 0 (``node_summary``,
-    ``merge_states``), the rank's own state, its share of the index (``KeyIndex``, in
+    (``index_messages``, which carry each saving rank's state to the rank of its number), the speakers'
+    metadata and states' digests folded to rank 0 (``state_offer``, ``fold_states``, ``decide_states``),
+    the rank's own state, its share of the index (``KeyIndex``, in
     ``SnapshotManifest``), its targets and regions, its queries to the owners and their answers
     (``KeyIndex.answer``), and the manifest of its fragments. An owner's answers to every rank
     asking for its keys are timed too (``restore_owner_s``)."""
@@ -578,9 +580,11 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
     assert [r for r in range(world) if speakers >> r & 1] == list(range(0, world, RANKS_PER_NODE))
     ranks = {r: {"s": g_try.rank_s(r) + g_find.rank_s(r),
                  "bytes": g_try.rank_bytes(r) + g_find.rank_bytes(r), "owned": []} for r in sample}
-    summaries_by_node, speaker_of = [], {}
+    offers, speaker_of = [], {}
     load = np.zeros(world, dtype=np.int64)  # index entries per owner
-    for n in range(nodes):  # each speaker: its node's fragments to their owners, its summary to rank 0
+    for r in ranks:
+        ranks[r]["received"] = {}
+    for n in range(nodes):  # each speaker: its node's fragments to their owners (and states to their ranks)
         speaker = n * RANKS_PER_NODE
         headers = node_headers(n)
         t0 = _now()
@@ -588,36 +592,29 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
         blobs = {o: pickle.dumps(m) for o, m in msgs.items()} if speaker in ranks else \
             {o: pickle.dumps(m) for o, m in msgs.items() if o in ranks}
         t1 = _now()
+        offers.append(state_offer(headers))  # (its part of the state's fold)
         if speaker in ranks:
-            ranks[speaker]["s"] += t1 - t0
+            ranks[speaker]["s"] += _now() - t0
             ranks[speaker]["bytes"] += sum(map(len, blobs.values())) + 8 * world  # (and the counts' all-to-all)
         for o, m in msgs.items():
-            load[o] += len(m)
+            load[o] += len(m[0])
         for o in ranks:
             if o in msgs:
-                ranks[o]["owned"] += msgs[o]
+                ranks[o]["received"][speaker] = msgs[o]
                 ranks[o]["bytes"] += len(blobs[o])
-        summaries_by_node.append(node_summary(headers))
         speaker_of[speaker] = n
         del headers, msgs, blobs
-    kept: dict = {}
-
-    def merge(values):
-        common, own = merge_states([v for v in values if v is not None], old, world)
-        kept["own"] = own
-        return common
-
-    _, common, g_state = gather_to_root(
-        "memory-state", lambda r: summaries_by_node[speaker_of[r]] if r in speaker_of else None, world, sample, merge)
-    del summaries_by_node
+    common, g_state = fold_to_root("memory-state", lambda r: offers[speaker_of[r]] if r in speaker_of else None,
+                                   world, sample, fold_states, lambda folded: decide_states(folded, old))
+    del offers
     sources = None
     queries = {}
     for r, v in ranks.items():
-        own = kept["own"][r]
-        v["bytes"] += g_state.rank_bytes(r) + len(pickle.dumps(own))
+        v["bytes"] += g_state.rank_bytes(r)
         v["s"] += g_state.rank_s(r)
         t0 = _now()
-        manifest = SnapshotManifest(common, r, own, KeyIndex({0: v.pop("owned")}), node_of(r))
+        received = v.pop("received")
+        manifest = SnapshotManifest(common, r, own_state(received, r, common), KeyIndex(received), node_of(r))
         sources = SourceIndex(manifest.tensors)
         plans, missing, _, _ = _resolve_targets(target.pieces(r), sources, target.layout, Path("memory"), False)
         assert not missing, missing[:3]
@@ -631,10 +628,10 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
     wanted = {o for q in queries.values() for o in query_messages(q.regions, world)} | {busiest}
     entries: dict = {o: [] for o in wanted}
     for n in range(nodes):
-        for o, m in index_messages(node_headers(n), world).items():
+        for o, (m, _) in index_messages(node_headers(n), world).items():
             if o in entries:
                 entries[o] += m
-    owners = {o: KeyIndex({0: e}) for o, e in entries.items()}
+    owners = {o: KeyIndex({0: (e, {})}) for o, e in entries.items()}
     del entries
     answer_s = 0.0
     for r, v in ranks.items():
@@ -661,7 +658,7 @@ def restore_resharded(job, target, step: int, crcs: Checksums, sample) -> dict:
     # an owner's work: answering every target rank that asks for its keys
     timed = [*ranks, busiest]
     owner_s = {r: 0.0 for r in timed}
-    mine = {r: owners.get(r) or KeyIndex({0: []}) for r in timed}
+    mine = {r: owners.get(r) or KeyIndex({0: ([], {})}) for r in timed}
     keys = {r: set(index._keys) for r, index in mine.items()}
     any_manifest = next(iter(ranks.values()))["manifest"]
     for q in range(world):

@@ -263,6 +263,15 @@ def test_a_reduce_phase_names_every_failing_rank_on_every_rank_and_decides_nothi
         mine.reduce_phase("targets", lambda: (_ for _ in ()).throw(ValueError("bad")), set.union)
     assert mine.sent[0] == ("send", 0, ({2: ("ValueError: bad", None)}, None))  # (its value dropped)
 
+    def clash(a, b):
+        raise LoadError("ranks 2 and 3 disagree")
+
+    inner = FoldingRank(2, 4, received={3: ({}, {3})}, verdict=({2: ("ranks 2 and 3 disagree", LoadError)}, None))
+    with pytest.raises(LoadError) as e:  # a fold that fails is sent up the tree, never left hanging
+        inner.reduce_phase("targets", lambda: {2}, clash)
+    assert inner.sent[0] == ("send", 0, ({2: ("ranks 2 and 3 disagree", LoadError)}, None))
+    assert e.value.failures == {2: "ranks 2 and 3 disagree"}
+
     def decide(value):
         raise LoadError("the layout cannot hold it")
 

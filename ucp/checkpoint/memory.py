@@ -20,14 +20,15 @@ import torch
 
 from ucp import __version__
 from ucp.checkpoint.memory_source import (choose_source, decide_own, fold_nodes, fold_own, node_offer, own_offer,
-                                         records_by_rank, speaker_mask)
+                                         records_of_rank, speaker_mask)
 from ucp.checkpoint.results import SaveResult
 from ucp.comm.side_groups import SideGroups, all_gather_objects, all_reduce_ints, all_true
 from ucp.errors import PersistError, UcpError, few
 from ucp.format.keys import model_key
 from ucp.plan.save_plan import assign_writers
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers
-from ucp.snapshot.index import KeyIndex, SnapshotManifest, index_messages, merge_states, node_summary
+from ucp.snapshot.index import (KeyIndex, SnapshotManifest, decide_states, fold_states, index_messages, own_state,
+                               state_offer)
 from ucp.snapshot.memory import MemoryTier
 from ucp.snapshot.recovery import SnapshotParity, rebuild_lost
 from ucp.snapshot.shm import SHM_DIR
@@ -63,7 +64,7 @@ class Snapshots:
         self._hook = None
         self._persist_regions = None  # the pieces the agent was configured with (durable writes)
         self.why_not: str | None = None  # why the last source() found nothing (its memory_only form)
-        self._folded: dict | None = None  # rank 0: every node's holdings the last choice of a source saw, for its warnings
+        self._folded: dict | None = None  # rank 0: every node's holdings the last choice saw (for its warnings)
         self._own: tuple | None = None  # ((slot, step, world, token), layout, manifest): the last own header built
 
     coll = property(lambda self: self._ckpt.coll)
@@ -436,7 +437,8 @@ class Snapshots:
         """:meth:`source` for parity rebuilds, other worlds and layouts, at a rank's share
         (:mod:`ucp.snapshot.index`), from ``choice`` (:meth:`_choose`'s, not own): the lost ranks are
         rebuilt from parity; each node's speaker sends its headers' fragments to their keys' owners
-        and their metadata and state to rank 0; each rank gets the tensors' metadata, its own state,
+        and their ranks' states to their new ranks; their metadata and states' digests are folded to
+        rank 0 (:mod:`ucp.snapshot.index`); each rank gets the tensors' metadata, its own state,
         and later (:meth:`~ucp.snapshot.index.SnapshotManifest.select`) the fragments it loads."""
         coll = self.coll
         tier = self._memory()
@@ -466,10 +468,10 @@ class Snapshots:
                     return []
                 return [r for r in tier.node_parity(step=rec.step) if r["token"] == rec.token and r["rank"] in damaged]
 
-            def share(got):  # rank 0: each rank gets the records of the groups whose rebuild it joins
-                return records_by_rank(rec, chosen["speakers"], got, coll.world_size)
-
-            _, full = coll.gather_scatter_phase("memory-parity", records, share)
+            # the damaged groups' records (a few per lost rank) folded to rank 0 and broadcast; each
+            # rank keeps those of the groups whose rebuild it joins
+            _, found = coll.reduce_phase("memory-parity", records, operator.add, lambda got: got)
+            full = records_of_rank(rec, chosen["speakers"], found, coll.rank)
             group = self._groups.get("parity")
             made: list = []
             self._rebuilt = made  # freed after the load, or if anything below fails
@@ -492,18 +494,14 @@ class Snapshots:
                 warnings.warn(f"ucp: ranks {few(rec.lost)} of the snapshot of step {rec.step} were lost with their "
                               f"nodes and are rebuilt from parity", RuntimeWarning, stacklevel=3)
         try:
-            entries = coll.exchange_phase("memory-index", lambda: index_messages(mine, coll.world_size))
-
-            def merge(summaries):  # rank 0: the tensors' metadata for every rank, each rank's own state
-                common, own = merge_states([s for s in summaries if s is not None], world, coll.world_size)
-                return [(common, o) for o in own]
-
-            _, (common, own) = coll.gather_scatter_phase("memory-state", lambda: node_summary(mine) if mine else None,
-                                                         merge)
+            received = coll.exchange_phase("memory-index", lambda: index_messages(mine, coll.world_size))
+            _, common = coll.reduce_phase("memory-state", lambda: state_offer(mine), fold_states,
+                                          lambda folded: decide_states(folded, world))
             built: dict = {}
 
             def build():
-                built["manifest"] = SnapshotManifest(common, coll.rank, own, KeyIndex(entries), host)
+                built["manifest"] = SnapshotManifest(common, coll.rank, own_state(received, coll.rank, common),
+                                                     KeyIndex(received), host)
 
             coll.gather_phase("memory-manifest", build)
         except BaseException:

@@ -108,15 +108,14 @@ def choose_source(nodes: dict, durable: int | None, step: int | None) -> dict:
     return out
 
 
-def records_by_rank(rec, speakers: dict, got: list[list[dict]], world_size: int) -> list[dict]:
-    """Rank 0's share-out of the parity records of ``rec``'s damaged groups (``got``: what each
-    node's speaker found): each rank's ``{old rank: record}`` of the groups whose rebuild it joins
-    (it reads a surviving member's segments: it speaks for the node holding them), every record of
-    such a group; nothing for the others (``rebuild_lost`` skips a group it has no record of)."""
-    full = {r["rank"]: r for held in got for r in held}
-    out: list[dict] = [{} for _ in range(world_size)]
+def records_of_rank(rec, speakers: dict, found: list[dict], rank: int) -> dict:
+    """The parity records of ``rec``'s damaged groups (``found``: what the nodes' speakers found) that
+    rank ``rank`` needs: ``{old rank: record}`` of every group whose rebuild it joins (it reads a
+    surviving member's segments: it speaks for the node holding them); nothing for the others
+    (``rebuild_lost`` skips a group it has no record of)."""
+    full = {r["rank"]: r for r in found}
+    out: dict = {}
     for members in rec.groups:
-        involved = {speakers[rec.holder[m]] for m in members if m in full and m not in rec.lost}
-        for r in involved:
-            out[r].update({m: full[m] for m in members if m in full})
+        if any(speakers[rec.holder[m]] == rank for m in members if m in full and m not in rec.lost):
+            out.update({m: full[m] for m in members if m in full})
     return out

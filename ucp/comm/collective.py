@@ -238,7 +238,12 @@ class Collective:
                     if self.rank + step < self.world_size:
                         got_failures, got = self._recv_object(self.rank + step)
                         failures.update(got_failures)
-                        value = None if failures else combine(value, got)
+                        if not failures:
+                            try:
+                                value = combine(value, got)
+                            except Exception as e:  # noqa: BLE001 - sent up the tree, raised on every rank
+                                local_error, value = e, None
+                                failures = {self.rank: _failed(e)[1:]}
                     step *= 2
             verdict = None
             if self.rank == 0:

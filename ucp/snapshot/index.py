@@ -6,16 +6,18 @@ regions it loads, wherever the headers holding them are. No rank gathers every h
 
 1. each node's *speaker* (one rank per node) sends every fragment of the headers its agent holds to
    the fragment's *owner*, a rank chosen by a hash of the tensor key (:func:`key_owner`,
-   :func:`index_messages`); each owner keeps what it gets as a :class:`KeyIndex`;
-2. the speakers send rank 0 the tensors' metadata and the ranks' non-tensor state of their node's
-   headers; rank 0 merges them (:func:`merge_states`): every rank gets the tensors' metadata, the
-   shared state and the optimizer's distinct per-rank states, and its own rank's state alone;
+   :func:`index_messages`); each owner keeps what it gets as a :class:`KeyIndex`. In the same
+   messages, saving rank ``q``'s non-tensor state goes to loading rank ``q`` (:func:`own_state`);
+2. the speakers' tensors' metadata and the digests of their ranks' states are folded up a tree to
+   rank 0 (:func:`state_offer`, :func:`fold_states`), which decides what every rank gets
+   (:func:`decide_states`): the tensors' metadata, the state every rank saved alike and the
+   optimizer's distinct per-rank states; a fold carries the model's metadata, not one copy per node;
 3. once a rank knows the regions it loads, it asks the owners of their keys (:func:`query_messages`)
    and gets the fragments overlapping them (:meth:`KeyIndex.answer`), each region once, from a rank
    of its own node when one holds it: :meth:`SnapshotManifest.select`.
 
 A rank's traffic is its own share: the fragments of its node's headers, of the keys it owns and of
-the regions it loads; rank 0's merge is the snapshot's metadata, not its fragments.
+the regions it loads, and its own state; rank 0's is the snapshot's metadata, not its fragments.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from ucp.errors import SpecError
 from ucp.format.fragment import RegionQuery
 from ucp.format.layout import Layout
 from ucp.format.manifest import BLOCK_BYTES, Manifest, TensorMeta
-from ucp.format.values import split_state
 from ucp.snapshot.header import FragmentRecord
 
 OPTIMIZER = "optimizer"  # the state every rank needs from every saving rank when the layout changes
@@ -41,13 +42,16 @@ def key_owner(key: str, world: int) -> int:
     return crc32c(key.encode()) % world
 
 
-def index_messages(headers: list[dict], world: int) -> dict[int, list[tuple]]:
-    """A speaker's part of step 1: owner rank -> its entries ``(saving rank, host, file size,
-    fragment dict)`` from ``headers``."""
-    out: dict[int, list[tuple]] = {}
+def index_messages(headers: list[dict], world: int) -> dict[int, tuple[list[tuple], dict]]:
+    """A speaker's part of step 1: loading rank -> ``(entries, states)``: the index entries it owns
+    ``(saving rank, host, file size, fragment dict)`` from ``headers``, and ``{saving rank: its state}``
+    for the saving rank of its own number."""
+    out: dict[int, tuple[list[tuple], dict]] = {}
     for h in headers:
         for f in h["fragments"]:
-            out.setdefault(key_owner(f["key"], world), []).append((h["rank"], h["host"], h["file_size"], f))
+            out.setdefault(key_owner(f["key"], world), ([], {}))[0].append((h["rank"], h["host"], h["file_size"], f))
+        if h["rank"] < world:
+            out.setdefault(h["rank"], ([], {}))[1][h["rank"]] = h["state"]
     return out
 
 
@@ -112,11 +116,12 @@ class _KeyEntries:
 
 
 class KeyIndex:
-    """What one owner holds of a snapshot's index: every fragment of the keys it owns."""
+    """What one owner holds of a snapshot's index: every fragment of the keys it owns (``received``:
+    source rank -> ``(entries, states)`` of :func:`index_messages`)."""
 
-    def __init__(self, received: dict[int, list[tuple]]):
+    def __init__(self, received: dict[int, tuple[list[tuple], dict]]):
         by_key: dict[str, list[tuple]] = {}
-        for entries in received.values():
+        for entries, _ in received.values():
             for e in entries:
                 by_key.setdefault(e[3]["key"], []).append(e)
         self._keys = {k: _KeyEntries(v) for k, v in by_key.items()}
@@ -143,25 +148,18 @@ class KeyIndex:
         return out
 
 
-def node_metas(headers: list[dict]) -> dict[str, tuple[dict, int]]:
-    """The tensors' metadata of a node's headers: key -> (meta dict, a saving rank that holds it);
-    saving ranks that disagree are named."""
-    out: dict[str, tuple[dict, int]] = {}
-    for h in sorted(headers, key=lambda h: h["rank"]):
-        for key, meta in h["tensors"].items():
-            _merge_meta(out, key, meta, h["rank"])
-    return out
-
-
 def _merge_meta(into: dict, key: str, meta: dict, rank: int) -> None:
-    held = into.get(key)
-    if held is None:
-        into[key] = (meta, rank)
+    """Tensor ``key``'s ``meta`` from saving rank ``rank`` into a fold's ``metas`` (the first
+    disagreement is kept in its ``conflict``; each key keeps the lowest rank's)."""
+    held = into["metas"].get(key)
+    if held is None or (rank < held[1] and held[0] == meta):
+        into["metas"][key] = (meta, rank)
     elif held[0] != meta:
         a, b = TensorMeta.from_dict(held[0], key), TensorMeta.from_dict(meta, key)
-        if a != b:
-            raise SpecError(f"ranks {held[1]} and {rank} disagree about tensor {key}: "
-                            f"shape {list(a.shape)} {a.dtype} {a.pattern} vs shape {list(b.shape)} {b.dtype} {b.pattern}")
+        if a != b and into["conflict"] is None:
+            (r1, m1), (r2, m2) = sorted([(held[1], a), (rank, b)], key=_first)
+            into["conflict"] = (f"ranks {r1} and {r2} disagree about tensor {key}: shape {list(m1.shape)} {m1.dtype} "
+                                f"{m1.pattern} vs shape {list(m2.shape)} {m2.dtype} {m2.pattern}")
 
 
 def _digest(value) -> str:
@@ -170,46 +168,76 @@ def _digest(value) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def node_summary(headers: list[dict]) -> dict:
-    """A speaker's part of step 2: its node's headers' metadata, each saving rank's state as the
-    digests of its values (``states``), and each distinct value once (``values``: digest -> value)."""
-    first = min(headers, key=lambda h: h["rank"]) if headers else None
-    states, values = {}, {}
-    for h in headers:
-        named = {}
-        for name, value in h["state"].items():
-            named[name] = d = _digest(value)
-            values.setdefault(d, value)
-        states[h["rank"]] = named
-    return {"metas": node_metas(headers), "states": states, "values": values,
-            "head": None if first is None else {k: first.get(k) for k in ("step", "layout", "created_by")}}
+def state_offer(headers: list[dict]) -> dict | None:
+    """A speaker's part of step 2, folded up a tree to rank 0 (:func:`fold_states`): its node's
+    headers' tensors' metadata, which saving ranks they are, each state name's digest while every rank
+    seen so far holds it alike (None once they differ), the values of those digests, and the distinct
+    values of the optimizer's state; None for a rank that speaks for no header."""
+    out = None
+    for h in sorted(headers, key=lambda h: h["rank"]):
+        rank, state = h["rank"], h["state"]
+        digests = {name: _digest(value) for name, value in state.items()}
+        one = {"ranks": 1 << rank, "metas": {key: (meta, rank) for key, meta in h["tensors"].items()},
+               "names": digests, "values": {d: state[name] for name, d in digests.items()},
+               "optimizer": {digests[OPTIMIZER]: (rank, state[OPTIMIZER])} if OPTIMIZER in state else {},
+               "head": (rank, {k: h.get(k) for k in ("step", "layout", "created_by")}), "conflict": None}
+        out = fold_states(out, one)
+    return out
 
 
-def merge_states(summaries: list[dict], world_size: int, new_world: int) -> tuple[dict, list[dict]]:
-    """Rank 0's part of step 2, from every speaker's :func:`node_summary`: ``(common, own)``, what
-    every rank gets (the step, layout, tensors' metadata, shared state and the distinct per-rank values
-    of the optimizer's state) and, per loading rank ``r < new_world``, saving rank ``r``'s own state."""
-    metas: dict[str, tuple[dict, int]] = {}
-    states: dict[int, dict] = {}  # saving rank -> name -> digest of its value
-    values: dict[str, object] = {}
-    for s in summaries:
-        for key, (meta, rank) in s["metas"].items():
-            _merge_meta(metas, key, meta, rank)
-        states.update(s["states"])
-        values.update(s["values"])
-    missing = sorted(set(range(world_size)) - set(states))
-    head = min((s for s in summaries if s["states"]), key=lambda s: min(s["states"]), default=None)
-    if missing or head is None:
+def fold_states(a: dict | None, b: dict | None) -> dict | None:
+    """Two :func:`state_offer` s (or folds of them) as one, never raising (a disagreement about a
+    tensor is kept in ``conflict``, for :func:`decide_states` to name): metadata once per key, a
+    name's digest kept while both sides hold it alike, the optimizer's distinct values with the
+    lowest rank holding each. Its size is the model's metadata and the state's distinct values, and
+    one bit per saving rank."""
+    if a is None or b is None:
+        return a if b is None else b
+    out = {"ranks": a["ranks"] | b["ranks"], "metas": dict(a["metas"]), "conflict": a["conflict"] or b["conflict"],
+           "head": min(a["head"], b["head"], key=lambda h: h[0]), "optimizer": dict(a["optimizer"])}
+    for key, (meta, rank) in b["metas"].items():
+        _merge_meta(out, key, meta, rank)
+    for d, (rank, value) in b["optimizer"].items():
+        if d not in out["optimizer"] or rank < out["optimizer"][d][0]:
+            out["optimizer"][d] = (rank, value)
+    names = {name: d if b["names"].get(name, None) == d else None for name, d in a["names"].items()}
+    names.update({name: None for name in b["names"] if name not in names})
+    out["names"] = names
+    out["values"] = {d: a["values"].get(d, b["values"].get(d)) for d in names.values() if d is not None}
+    return out
+
+
+def decide_states(folded: dict | None, world_size: int) -> dict:
+    """Rank 0's part of step 2, from the fold of every speaker's :func:`state_offer`: what every rank
+    gets (the step, layout, tensors' metadata, the state every saving rank holds alike, and the
+    distinct values of the optimizer's state where they differ). A rank's own state comes to it with
+    the index (:func:`index_messages`, :func:`own_state`)."""
+    held = 0 if folded is None else folded["ranks"]
+    missing = [r for r in range(world_size) if not held >> r & 1]
+    if missing or folded is None:
         raise SpecError(f"the snapshot's headers of saving ranks {missing[:8]} reached no rank")
-    head = head["head"]
-    state = split_state([states[r] for r in range(world_size)])  # (over digests: equal names, equal values)
-    distinct = {own[OPTIMIZER]: None for own in state["ranks"].values() if OPTIMIZER in own}
-    common = {"step": head["step"], "layout": head["layout"], "created_by": head.get("created_by") or "",
-              "tensors": {k: m for k, (m, _) in sorted(metas.items())},
-              "shared": {name: values[d] for name, d in state["shared"].items()},
-              "optimizer": [values[d] for d in distinct]}
-    own = [{name: values[d] for name, d in state["ranks"].get(str(r), {}).items()} for r in range(new_world)]
-    return common, own
+    if folded["conflict"] is not None:
+        raise SpecError(folded["conflict"])
+    head = folded["head"][1]
+    shared = {name: folded["values"][d] for name, d in sorted(folded["names"].items()) if d is not None}
+    optimizer = [] if OPTIMIZER in shared else [v for _, v in sorted(folded["optimizer"].values(), key=_first)]
+    return {"step": head["step"], "layout": head["layout"], "created_by": head.get("created_by") or "",
+            "tensors": {k: m for k, (m, _) in sorted(folded["metas"].items())}, "shared": shared,
+            "optimizer": optimizer}
+
+
+def own_state(received: dict, rank: int, common: dict) -> dict:
+    """This loading rank's own state from what the index exchange brought it (:func:`index_messages`):
+    saving rank ``rank``'s state less what :func:`decide_states` found shared (nothing when no saving
+    rank of that number exists)."""
+    for _, states in received.values():
+        if rank in states:
+            return {name: v for name, v in states[rank].items() if name not in common["shared"]}
+    return {}
+
+
+def _first(entry):
+    return entry[0]
 
 
 class SnapshotManifest:
@@ -218,8 +246,8 @@ class SnapshotManifest:
     fragments a rank loads when it asks (:meth:`select`, a collective).
 
     Args:
-        common: the part of :func:`merge_states` every rank gets.
-        rank, own: this rank and its own state.
+        common: what :func:`decide_states` gives every rank.
+        rank, own: this rank and its own state (:func:`own_state`).
         index: this rank's share of the index.
         host: this rank's node (fragments held there are preferred).
     """
