@@ -232,9 +232,9 @@ def scramble(model, opt) -> None:
 
 class PhaseTimer:
     """Times ucp's named collective phases by wrapping ``Collective.phase``, ``gather_phase``,
-    ``gather_scatter_phase``, ``reduce_phase`` and ``exchange_phase`` (ucp itself is untouched)."""
+    ``reduce_phase`` and ``exchange_phase`` (ucp itself is untouched)."""
 
-    KINDS = ("phase", "gather_phase", "gather_scatter_phase", "reduce_phase", "exchange_phase")
+    KINDS = ("phase", "gather_phase", "reduce_phase", "exchange_phase")
 
     def __init__(self):
         from ucp.comm import collective

@@ -184,27 +184,6 @@ def test_a_failed_decision_is_charged_to_the_root_on_every_rank():
     assert e.value.failures == {0: "the plan cannot hold"} and e.value.__cause__ is None
 
 
-def test_a_gather_scatter_phase_hands_each_rank_its_own_share_of_the_decision():
-    root = GatheringRank(0, other=(True, "theirs", None))
-    got = root.gather_scatter_phase("plan", lambda: "mine", lambda rs: [f"{rs[0]} for 0", f"{rs[1]} for 1"])
-    assert got == (["mine", "theirs"], "mine for 0")
-    assert root.sent[-1] == ("scatter", [({}, "mine for 0"), ({}, "theirs for 1")])  # no broadcast first
-    assert [kind for kind, _ in root.sent] == ["gather", "scatter"]
-    leaf = GatheringRank(1, verdict=root.sent[-1][1][1])
-    assert leaf.gather_scatter_phase("plan", lambda: "theirs", lambda rs: 1 / 0) == (None, "theirs for 1")
-    assert Collective().gather_scatter_phase("plan", lambda: 5, lambda rs: [rs[0] + 1]) == ([5], 6)
-
-
-def test_a_gather_scatter_decision_that_is_not_one_value_per_rank_fails_on_every_rank():
-    root = GatheringRank(0, other=(True, 1, None))
-    with pytest.raises(DistributedError, match="not a list of 2 value"):
-        root.gather_scatter_phase("plan", lambda: 0, lambda rs: ["only one"])
-    assert root.sent[-1] == ("scatter", [({0: root.sent[-1][1][0][0][0]}, None)] * 2)
-    leaf = GatheringRank(1, verdict=root.sent[-1][1][1])
-    with pytest.raises(DistributedError, match="not a list of 2 value"):
-        leaf.gather_scatter_phase("plan", lambda: 1, lambda rs: rs)
-
-
 class FoldingRank(Collective):
     """Rank ``rank`` of a world of ``world`` ranks whose receives from the tree's children hand back
     ``received[src]`` and whose broadcast hands a rank other than 0 ``verdict``; what it sends is recorded."""
@@ -303,9 +282,8 @@ def phase_failing_on(rank: int, kind: str) -> dict:
                 "failures": e.failures, "message": str(e), "exit_code": e.exit_code}
 
 
-def gather_phase_failing_on(rank: int, per_rank: bool = False) -> dict:
-    """A gather phase on a real world: rank ``rank`` fails (-1: none does); rank 0 decides the sum
-    (``per_rank``: a gather-scatter phase handing rank r the sum plus r)."""
+def gather_phase_failing_on(rank: int) -> dict:
+    """A gather phase on a real world: rank ``rank`` fails (-1: none does); rank 0 decides the sum."""
     from ucp.comm.collective import Collective
 
     coll = Collective()
@@ -316,8 +294,6 @@ def gather_phase_failing_on(rank: int, per_rank: bool = False) -> dict:
         return coll.rank + 1
 
     try:
-        if per_rank:
-            return {"result": coll.gather_scatter_phase("probe", fn, lambda rs: [sum(rs) + r for r in range(len(rs))])}
         return {"result": coll.gather_phase("probe", fn, sum)}
     except DistributedError as e:
         return {"failures": e.failures}
@@ -334,12 +310,6 @@ def scatter_uneven() -> object:
 @pytest.mark.dist
 def test_on_a_gloo_world_a_scatter_gives_each_rank_its_own_object_whatever_its_size(world2):
     assert world2.run(scatter_uneven) == [list(range(10_000)), None]
-
-
-@pytest.mark.dist
-def test_on_a_gloo_world_a_gather_scatter_phase_gives_each_rank_its_share(world2):
-    assert world2.run(gather_phase_failing_on, -1, True) == [{"result": ([1, 2], 3)}, {"result": (None, 4)}]
-    assert world2.run(gather_phase_failing_on, 0, True) == [{"failures": {0: "ValueError: broken on rank 0"}}] * 2
 
 
 @pytest.mark.dist

@@ -136,12 +136,6 @@ class Collective:
             self._what = "collective exchange"
         raise _shared_error(name, failures) from local_error
 
-    def _own_share(self, name: str, decision) -> list:
-        """``decision``, checked to be a list of one value per rank (:meth:`gather_scatter_phase`)."""
-        if not isinstance(decision, list) or len(decision) != self.world_size:
-            raise ValueError(f"phase {name!r}: the decision is not a list of {self.world_size} value(s), one per rank")
-        return decision
-
     def _device(self) -> torch.device:
         """Where this group's tensors must be: the current GPU under NCCL, else the CPU."""
         if dist.get_backend(self.group) == "nccl":
@@ -204,14 +198,30 @@ class Collective:
         returned on every rank as ``(results on root else None, decision)``. A failure of ``fn`` on
         any rank, or of ``decide`` (charged to ``root``), is raised on every rank as in :meth:`phase`.
         """
-        return self._decided_phase(name, fn, decide, root, per_rank=False)
-
-    def gather_scatter_phase(self, name: str, fn: Callable[[], Any], decide: Callable[[list], list],
-                             root: int = 0) -> tuple[list | None, Any]:
-        """:meth:`gather_phase` whose ``decide`` returns one value per rank: rank ``r`` gets the
-        ``r``-th as its decision (one scatter instead of a broadcast followed by a scatter, so a
-        rank receives its own share only)."""
-        return self._decided_phase(name, fn, decide, root, per_rank=True)
+        if self.world_size == 1:
+            results = [fn()]
+            return results, decide(results) if decide is not None else None
+        outcome, local_error = _run(fn)
+        self._what = f"collective of phase '{name}'"
+        try:
+            gathered = self.gather(outcome, root)
+            verdict = None
+            if gathered is not None:
+                failures = {r: (msg, kind) for r, (ok, msg, kind) in enumerate(gathered) if not ok}
+                decision = None
+                if not failures:
+                    try:
+                        decision = decide([value for _, value, _ in gathered]) if decide is not None else None
+                    except Exception as e:  # noqa: BLE001 - the same error on every rank
+                        local_error = e
+                        failures = {root: _failed(e)[1:]}
+                verdict = (failures, None if failures else decision)
+            failures, decision = self.broadcast(verdict, root)
+        finally:
+            self._what = "collective exchange"
+        if failures:
+            raise _shared_error(name, failures) from local_error
+        return (None if gathered is None else [value for _, value, _ in gathered]), decision
 
     def reduce_phase(self, name: str, fn: Callable[[], Any], combine: Callable[[Any, Any], Any],
                      decide: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
@@ -277,42 +287,6 @@ class Collective:
         buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
         dist.recv(buf, self._global(src), group=self.group)
         return pickle.loads(buf.cpu().numpy().tobytes())
-
-    def _decided_phase(self, name: str, fn: Callable[[], Any], decide: Callable[[list], Any] | None, root: int,
-                       per_rank: bool) -> tuple[list | None, Any]:
-        if self.world_size == 1:
-            results = [fn()]
-            decision = decide(results) if decide is not None else None
-            return results, self._own_share(name, decision)[0] if per_rank else decision
-        outcome, local_error = _run(fn)
-        self._what = f"collective of phase '{name}'"
-        try:
-            gathered = self.gather(outcome, root)
-            verdicts = None
-            if gathered is not None:
-                failures = {r: (msg, kind) for r, (ok, msg, kind) in enumerate(gathered) if not ok}
-                decision = None
-                if not failures:
-                    try:
-                        decision = decide([value for _, value, _ in gathered]) if decide is not None else None
-                        if per_rank:
-                            self._own_share(name, decision)
-                    except Exception as e:  # noqa: BLE001 - the same error on every rank
-                        local_error = e
-                        failures = {root: _failed(e)[1:]}
-                if failures:
-                    verdicts = [(failures, None)] * self.world_size
-                else:
-                    verdicts = [({}, d) for d in decision] if per_rank else [({}, decision)]
-            if per_rank:
-                failures, decision = self.scatter(verdicts, root)
-            else:
-                failures, decision = self.broadcast(None if verdicts is None else verdicts[0], root)
-        finally:
-            self._what = "collective exchange"
-        if failures:
-            raise _shared_error(name, failures) from local_error
-        return (None if gathered is None else [value for _, value, _ in gathered]), decision
 
 
 def _framed(blob: bytes, n: int) -> torch.Tensor:
