@@ -7,9 +7,11 @@ MoE under tp x pp x dp [x ep], ZeRO-1 flat optimizer state; real byte sizes, fak
 data), and prints one JSON line per world size W. Every measured phase is one small function
 calling ucp's code:
 
-* :func:`save_now` -- a durable save as ``checkpoint.save.save_durable`` runs it: every phase a
-  ``Collective.gather_phase`` (:func:`gather_to_root`): each rank's outcome pickled to rank 0 alone
-  (padded to the largest, whose size an all-reduce agrees), rank 0's verdict back to every rank. Capture (the structure signature, the plan held, the state), plan (only for the first
+* :func:`save_now` -- a durable save as ``checkpoint.save.save_durable`` runs it: capture folded up a
+  tree to rank 0 (:func:`fold_to_root`: the plan held, the step and root, the state's digests and each
+  distinct value once), every other phase a ``Collective.gather_phase`` (:func:`gather_to_root`): each
+  rank's outcome pickled to rank 0 alone (padded to the largest, whose size an all-reduce agrees),
+  rank 0's verdict back to every rank. Plan (only for the first
   save of a layout: each rank's regions to rank 0, ``plan_save`` there, each rank's ``RankPlan``
   scattered), prepare, write (each rank's ``WriteReport``: numpy arrays of its fragments' offsets
   and checksums), commit (``commit_manifest_of`` and ``storage.rank_files.commit_step`` on rank 0,
@@ -46,7 +48,8 @@ memory moves is what every rank receives, timed once. ``*_s`` of a rank are seco
 Keys (per W): ``save_metadata_s`` / ``save_bytes_per_rank`` (worst sampled non-committing rank, the
 first save of a layout: bytes sent + received), ``save_cached_metadata_s`` /
 ``save_cached_bytes_per_rank`` (a save reusing the plan), ``save_<phase>_bytes`` and
-``save_<phase>_root_bytes`` (what rank 0 receives), ``plan_s``, ``commit_first_s``, ``commit_s``,
+``save_<phase>_root_bytes`` (what rank 0 receives), ``save_states_bytes`` (every rank's state pickled: what a
+gather of them would bring rank 0), ``plan_s``, ``commit_first_s``, ``commit_s``,
 ``manifest_bytes`` (``manifest.json`` + the paged tables on disk), ``load_metadata_s``,
 ``load_targets_exchange_bytes`` (a sampled rank's share of the targets phase), ``load_targets_root_bytes`` /
 ``load_targets_root_s`` (rank 0's),
@@ -97,7 +100,8 @@ import scale_layouts
 from ucp import __version__
 from ucp.checkpoint.load import _regions, _resolve_targets, _untaken
 from ucp.checkpoint.readers import byte_spans, resharded_items
-from ucp.checkpoint.save import SavePlans, WriteReport, commit_manifest_of
+from ucp.checkpoint.save import SavePlans, WriteReport, capture_offer, commit_manifest_of, fold_capture
+from ucp.format.values import split_folded_state
 from ucp.codecs.checksum import crc32c
 from ucp.format.dtypes import DTYPES
 from ucp.format.fragment import RegionQuery
@@ -345,14 +349,16 @@ def fold_to_root(name: str, make, world: int, sample, combine, decide=None) -> t
     return decision, f
 
 
-def capture_message(job, rank: int, root: str, step: int, plan_id) -> tuple[tuple, list, dict]:
-    """What ``save_durable``'s ``capture()`` sends rank 0 (its structure signature, the plan it holds,
-    its state, the step and root), and the rank's pieces and metadata it keeps."""
+def capture_message(job, rank: int, root: str, step: int, plan_id) -> tuple[dict, tuple, list, dict]:
+    """What ``save_durable``'s ``capture()`` folds to rank 0 (``capture_offer``: the plan it holds, the
+    step and root, its state's digests and values), and what the rank keeps: its structure signature,
+    pieces and metadata."""
     pieces = job.pieces(rank)
     metas = {p.key: p.meta for p in pieces}
     pieces = [p for p in pieces if p.numel]
     infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, p.nbytes) for p in pieces]
-    return (structure_signature(infos, metas, job.layout), plan_id, job.state(rank, step), (step, root)), infos, metas
+    offer = capture_offer(rank, plan_id, (step, root), job.state(rank, step))
+    return offer, structure_signature(infos, metas, job.layout), infos, metas
 
 
 def write_report(rank: int, infos: list, share, crcs: Checksums) -> WriteReport:
@@ -384,17 +390,20 @@ def save_now(job, step: int, root: Path, directory: Path, crcs: Checksums, sampl
 
     def capture(r):
         held = plans.shares[r].plan_id if plans.shares is not None else None
-        msg, infos, metas = capture_message(job, r, str(root.resolve()), step, held)
+        offer, signature, infos, metas = capture_message(job, r, str(root.resolve()), step, held)
         if plans.shares is None:  # (what the plan phase will send: the rank keeps it)
-            kept[r] = (infos, metas)
-        return msg
+            kept[r] = (infos, metas, signature)
+        return offer
 
-    def agree(reports):
-        plan = plans.commit
-        return plan is None or tuple(r[0] for r in reports) != plan.signatures or any(r[1] != plan.plan_id for r in reports)
+    def agree(folded):  # (save_durable's: one target here)
+        kept["folded"] = folded
+        return plans.commit is None or folded["held"] != {plans.commit.plan_id}
 
-    reports, replan, g_cap = gather_to_root("capture", capture, world, sample, agree)
-    states = [r[2] for r in reports]
+    replan, g_cap = fold_to_root("capture", capture, world, sample, fold_capture, agree)
+    t0 = _now()
+    state = split_folded_state(kept.pop("folded")["state"], world)
+    g_cap.seconds[0] += _now() - t0
+    g_cap.root_s = g_cap.seconds[0]
     out = {"capture": g_cap}
     if replan:
         def make(shares):
@@ -402,7 +411,7 @@ def save_now(job, step: int, root: Path, directory: Path, crcs: Checksums, sampl
             kept["made"] = plan_save(pieces, metas, [sh[2] for sh in shares], plans.made)
             return None
 
-        _, _, g_plan = gather_to_root("plan", lambda r: (pack_share(*kept[r]), job.layout, reports[r][0]), world,
+        _, _, g_plan = gather_to_root("plan", lambda r: (pack_share(*kept[r][:2]), job.layout, kept[r][2]), world,
                                       sample, make)
         commit_plan, shares = kept.pop("made")
         plans.commit, plans.fixed, plans.made, plans.shares = commit_plan, None, plans.made + 1, shares
@@ -416,7 +425,7 @@ def save_now(job, step: int, root: Path, directory: Path, crcs: Checksums, sampl
 
     def commit_(_):
         t0 = _now()
-        manifest, table = commit_manifest_of(plans, step, job.layout, states, written)
+        manifest, table = commit_manifest_of(plans, step, job.layout, state, written)
         kept["build_s"] = _now() - t0
         t0 = _now()
         commit_step(directory, manifest, table)
@@ -735,6 +744,8 @@ def run_world(layout: str, world: int, work: Path, keep: bool = False, layers: i
     out["commit_write_s"] = again["write_s"]
     out["commit_s"] = again["build_s"] + again["write_s"]
     out["commit_root_recv_s"] = sum(again[k].root_s for k in ("capture", "write"))
+    # what a gather of every rank's whole state would bring rank 0 (each pickled, as before the fold)
+    out["save_states_bytes"] = sum(len(pickle.dumps(job.state(r, step))) for r in range(world))
     del first, again, plans
     sizes = manifest_files(directory)
     out["manifest_json_bytes"] = sizes.pop(MANIFEST)

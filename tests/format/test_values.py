@@ -283,3 +283,29 @@ def test_a_tensor_declaring_a_shape_without_its_bytes_is_refused():
     with pytest.raises(FormatError, match=r"state: malformed \$tensor value \(shape \[1073741824\] without data\)"):
         decode({"$tensor": {"dtype": "float32", "shape": [1 << 30], "data": ""}})
     assert decode({"$tensor": {"dtype": "float32", "shape": [0, 3], "data": ""}}).shape == (0, 3)
+
+
+def test_the_folded_state_splits_as_the_gathered_one_with_each_distinct_value_once():
+    from functools import reduce
+
+    from ucp.format.values import fold_state, split_folded_state, split_state, state_offer
+
+    rng = random.Random(3)
+    for _ in range(200):
+        world = rng.randint(1, 9)
+        stage = [encode({"lr": rng.choice([1e-3, 2e-3]), "params": [f"p{i}"]}) for i in range(3)]
+        states = []
+        for r in range(world):
+            state = {"sched": {"step": 5}, "rng": encode(torch.tensor([r], dtype=torch.uint8)),
+                     "optimizer": stage[rng.randrange(3)]}
+            if rng.random() < 0.2:
+                del state["sched"]  # (a name some rank lacks is shared by none)
+            states.append(state)
+        offers = [state_offer(r, s) for r, s in enumerate(states)]
+        rng.shuffle(offers)  # (any order of the fold: keyed by rank)
+        folded = reduce(fold_state, offers)
+        assert split_folded_state(folded, world) == split_state(states)
+        distinct = {json.dumps(v, sort_keys=True) for s in states for v in s.values()}
+        assert len(folded["values"]) == len(distinct)  # (a value many ranks hold travels once)
+    with pytest.raises(ValueError, match=r"ranks \[1\]"):
+        split_folded_state(fold_state(state_offer(0, {}), state_offer(2, {})), 3)

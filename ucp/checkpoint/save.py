@@ -23,7 +23,7 @@ from ucp.codecs.checksum import crc32c, fragment_checksums
 from ucp.errors import StorageError, UcpError, few
 from ucp.format.fragment import fixed_columns, table_to_fragments, with_checksums
 from ucp.format.manifest import BLOCK_BYTES, Manifest
-from ucp.format.values import split_state
+from ucp.format.values import fold_state, split_folded_state, state_offer
 from ucp.plan.save_plan import (CommitPlan, PieceInfo, RankPlan, compare_replicas, pack_share, plan_save,
                                 structure_signature, unpack_shares)
 from ucp.state.tensors import bytes_view, staged
@@ -83,22 +83,20 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
         infos = [PieceInfo(p.key, p.box, p.flat, p.meta.dtype, v.nbytes) for p, v in zip(pieces, views)]
         signature = structure_signature(infos, metas, ckpt.layout)
         local.update(pieces=pieces, buffers=buffers, views=views, infos=infos, metas=metas, signature=signature)
+        # the plan this rank holds, while its pieces are those it was made for (their signature)
         held = plans.rank.plan_id if plans.rank is not None and plans.rank.signature == signature else None
-        return signature, held, state, target
+        return capture_offer(rank, held, target, state)
 
-    def agree(reports):  # rank 0: the ranks save the same step, and whether the plan still holds
-        if len({r[3] for r in reports}) > 1:
-            seen: dict = {}
-            for r, rep in enumerate(reports):
-                seen.setdefault(rep[3], []).append(r)
-            which = "; ".join(f"ranks {few(rs)}: {t}" for t, rs in seen.items())
+    def agree(folded):  # rank 0: the ranks save the same step, and whether the plan still holds
+        if len(folded["targets"]) > 1:
+            which = "; ".join(f"ranks {', '.join(map(str, rs[:5]))}{f' and {n - 5} more' if n > 5 else ''}: {t}"
+                              for t, (n, rs) in sorted(folded["targets"].items(), key=lambda kv: kv[1][1]))
             raise UcpError(f"ranks disagree about what to save (step, root): {which}; every rank must call save() "
                            "with the same step on the same checkpoint root")
-        plan = plans.commit
-        return plan is None or tuple(r[0] for r in reports) != plan.signatures or \
-            any(r[1] != plan.plan_id for r in reports)
+        return plans.commit is None or folded["held"] != {plans.commit.plan_id}
 
-    reports, replan = coll.gather_phase("capture", capture, agree)
+    # every rank's report folded up a tree to rank 0: its state's distinct values once, not a copy per rank
+    folded, replan = coll.reduce_phase("capture", capture, fold_capture, agree)
     if replan:
         def make(shares):  # rank 0, once per layout
             layouts = {sh[1] for sh in shares}
@@ -113,7 +111,7 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
         plans.rank = coll.scatter(rank_plans)
         if rank == 0:
             plans.commit, plans.fixed, plans.made = commit_plan, None, plans.made + 1
-    states = None if reports is None else [r[2] for r in reports]
+    state = None if folded is None else split_folded_state(folded["state"], coll.world_size)
 
     def prepare(_):
         lease = ckpt._writer_lease()
@@ -143,7 +141,7 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
     local.clear()
 
     def commit(_):
-        manifest, table = commit_manifest_of(plans, step, ckpt.layout, states, written)
+        manifest, table = commit_manifest_of(plans, step, ckpt.layout, state, written)
         ckpt._writer_lease().check()  # (publish only while the root is still this job's: rule 4e)
         commit_step(directory, manifest, table)  # (what each rank wrote is checked there, whole, before it is published)
         return plans.commit.nbytes
@@ -179,9 +177,27 @@ def write_share(directory, rank: int, plan: RankPlan, local: dict, fsync: bool) 
                        np.fromiter((crc_of[i] for i in plan.replicated), dtype=np.uint32, count=len(plan.replicated)))
 
 
-def commit_manifest_of(plans: SavePlans, step: int, layout, states: list, written: list[WriteReport]):
-    """The manifest of a save (rank 0) and its fragment table, from the plan and the ranks' write
-    reports, after the replicas' checksums compared equal. The first save of a plan validates every
+def capture_offer(rank: int, held, target: tuple, state: dict) -> dict:
+    """What rank ``rank`` reports of its capture, folded to rank 0 (:func:`fold_capture`): the save
+    plan it holds (None: none, or its pieces changed), what it saves (step, root) and its non-tensor
+    state (:func:`~ucp.format.values.state_offer`)."""
+    return {"held": {held}, "targets": {target: (1, [rank])}, "state": state_offer(rank, state)}
+
+
+def fold_capture(a: dict, b: dict) -> dict:
+    """Two folds of :func:`capture_offer` s as one: the plans held, each target with how many ranks
+    save it and the first few of them (for the error when they disagree), the ranks' states."""
+    targets = dict(a["targets"])
+    for t, (n, ranks) in b["targets"].items():
+        m, first = targets.get(t, (0, []))
+        targets[t] = (m + n, sorted(first + ranks)[:8])
+    return {"held": a["held"] | b["held"], "targets": targets, "state": fold_state(a["state"], b["state"])}
+
+
+def commit_manifest_of(plans: SavePlans, step: int, layout, state: dict, written: list[WriteReport]):
+    """The manifest of a save (rank 0) and its fragment table, from the plan, the ranks' non-tensor
+    ``state`` (:func:`~ucp.format.values.split_state`'s form) and their write reports, after the
+    replicas' checksums compared equal. The first save of a plan validates every
     fragment against the format's rules; later saves of the same plan, whose fragments are the same
     regions, check only what the ranks report (offsets inside their files, block counts).
 
@@ -197,7 +213,7 @@ def commit_manifest_of(plans: SavePlans, step: int, layout, states: list, writte
                            f"{len(expect)}")
         if w.file is not None:
             files[w.file], heads[w.file] = w.size, w.head_crc
-    manifest = Manifest(step, layout, plan.metas, (), split_state(states), files, created_by=f"ucp {__version__}",
+    manifest = Manifest(step, layout, plan.metas, (), state, files, created_by=f"ucp {__version__}",
                         block_bytes=BLOCK_BYTES, file_headers=heads)
     manifest.validate_header()
     first = plans.fixed is None

@@ -29,10 +29,15 @@ def state_rows(ranks: dict[str, dict]) -> pa.Table:
     ids: dict[str, dict[str, int]] = {}
     values: list[tuple[str, int, str]] = []
     rank_rows: list[tuple[str, int, str]] = []
+    texts: dict[int, tuple[object, str]] = {}  # id(value) -> (value, its text): a value many ranks share, once
     for rank in sorted(ranks, key=int):
         held = {}
         for name, value in sorted(ranks[rank].items()):
-            text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            known_text = texts.get(id(value))
+            if known_text is None or known_text[0] is not value:
+                known_text = texts[id(value)] = (value, json.dumps(value, sort_keys=True, separators=(",", ":"),
+                                                                   allow_nan=False))
+            text = known_text[1]
             known = ids.setdefault(name, {})
             if text not in known:
                 known[text] = len(known)

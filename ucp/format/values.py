@@ -10,6 +10,8 @@ Plain JSON values stay as they are. Values JSON lacks are tagged objects with a 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import math
 import sys
 from typing import TYPE_CHECKING
@@ -129,6 +131,46 @@ def split_state(per_rank: list[dict]) -> dict:
                 if name in s:
                     ranks[str(r)][name] = s[name]
     return {"shared": shared, "ranks": {r: v for r, v in ranks.items() if v}}
+
+
+def value_digest(value) -> bytes:
+    """A name for a typed JSON value: equal values (as JSON), equal names (16 bytes of BLAKE2b)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def state_offer(rank: int, state: dict) -> dict:
+    """Rank ``rank``'s non-tensor ``state`` as it is folded to the committing rank (:func:`fold_state`):
+    the digest of each of its values, and each distinct value once."""
+    digests = {name: value_digest(value) for name, value in state.items()}
+    return {"ranks": {rank: digests}, "values": {d: state[name] for name, d in digests.items()}}
+
+
+def fold_state(a: dict, b: dict) -> dict:
+    """Two folds of :func:`state_offer` s as one: every rank's digests, each distinct value once (the
+    ranks of a pipeline stage, say, hold their optimizer's param groups alike: one copy travels)."""
+    return {"ranks": {**a["ranks"], **b["ranks"]}, "values": {**a["values"], **b["values"]}}
+
+
+def split_folded_state(folded: dict, world_size: int) -> dict:
+    """:func:`split_state` of the states of ranks ``0 .. world_size - 1`` from their fold: a value
+    is shared when every rank holds it alike (the same digest); equal values of several ranks are
+    the same object."""
+    ranks, values = folded["ranks"], folded["values"]
+    missing = [r for r in range(world_size) if r not in ranks]
+    if missing:
+        raise ValueError(f"the states of ranks {missing[:8]} are missing from the fold")
+    shared, per = {}, {str(r): {} for r in range(world_size)}
+    for name in sorted(set().union(*ranks.values())):
+        held = {ranks[r].get(name) for r in range(world_size)}
+        if None not in held and len(held) == 1:
+            shared[name] = values[held.pop()]
+            continue
+        for r in range(world_size):
+            d = ranks[r].get(name)
+            if d is not None:
+                per[str(r)][name] = values[d]
+    return {"shared": shared, "ranks": {r: v for r, v in per.items() if v}}
 
 
 def rank_state(state: dict, rank: int) -> dict:

@@ -22,9 +22,6 @@ the regions it loads, and its own state; rank 0's is the snapshot's metadata, no
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 
 from ucp.codecs.checksum import crc32c
@@ -32,6 +29,7 @@ from ucp.errors import SpecError
 from ucp.format.fragment import RegionQuery
 from ucp.format.layout import Layout
 from ucp.format.manifest import BLOCK_BYTES, Manifest, TensorMeta
+from ucp.format.values import value_digest
 from ucp.snapshot.header import FragmentRecord
 
 OPTIMIZER = "optimizer"  # the state every rank needs from every saving rank when the layout changes
@@ -162,12 +160,6 @@ def _merge_meta(into: dict, key: str, meta: dict, rank: int) -> None:
                                 f"{m1.pattern} vs shape {list(m2.shape)} {m2.dtype} {m2.pattern}")
 
 
-def _digest(value) -> str:
-    """A name for a state value (typed JSON): equal values, equal names."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
 def state_offer(headers: list[dict]) -> dict | None:
     """A speaker's part of step 2, folded up a tree to rank 0 (:func:`fold_states`): its node's
     headers' tensors' metadata, which saving ranks they are, each state name's digest while every rank
@@ -176,7 +168,7 @@ def state_offer(headers: list[dict]) -> dict | None:
     out = None
     for h in sorted(headers, key=lambda h: h["rank"]):
         rank, state = h["rank"], h["state"]
-        digests = {name: _digest(value) for name, value in state.items()}
+        digests = {name: value_digest(value) for name, value in state.items()}
         one = {"ranks": 1 << rank, "metas": {key: (meta, rank) for key, meta in h["tensors"].items()},
                "names": digests, "values": {d: state[name] for name, d in digests.items()},
                "optimizer": {digests[OPTIMIZER]: (rank, state[OPTIMIZER])} if OPTIMIZER in state else {},
