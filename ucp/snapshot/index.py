@@ -62,8 +62,11 @@ def query_messages(regions: dict, world: int) -> dict[int, dict]:
 
 
 class _KeyEntries:
-    """The entries of one tensor key, as arrays: each fragment's box (``lo``, ``hi``), flat range
-    (``start``, ``end``; -1 for none) and region (equal ids hold the same elements)."""
+    """The entries of one tensor key by region (equal boxes and flat ranges hold the same elements):
+    each region's box (``lo``, ``hi``) and flat range (``start``, ``end``; -1 for none), and which
+    entry serves it to a rank on a given host (the lowest rank there, else the lowest rank). A query
+    costs the key's regions, not its entries: a tensor replicated over every data-parallel rank is
+    one region however many ranks hold it."""
 
     def __init__(self, entries: list[tuple]):
         self.entries = entries
@@ -73,33 +76,45 @@ class _KeyEntries:
         if self.ragged:
             return
         n = dims.pop()
-        self.lo = np.array([f["offsets"] for f in frags], dtype=np.int64).reshape(len(frags), n)
-        self.sizes = np.array([f["sizes"] for f in frags], dtype=np.int64).reshape(len(frags), n)
-        self.hi = self.lo + self.sizes
+        lo = np.array([f["offsets"] for f in frags], dtype=np.int64).reshape(len(frags), n)
+        sizes = np.array([f["sizes"] for f in frags], dtype=np.int64).reshape(len(frags), n)
         flat = np.array([f["flat"] if f["flat"] is not None else (-1, 0) for f in frags], dtype=np.int64)
-        self.start, self.end = flat[:, 0], flat[:, 0] + flat[:, 1]
+        _, first, region = np.unique(np.concatenate([lo, sizes, flat], axis=1), axis=0, return_index=True,
+                                     return_inverse=True)
+        region = region.reshape(-1)
+        self.lo, self.sizes = lo[first], sizes[first]
+        self.hi = self.lo + self.sizes
+        self.start, self.end = flat[first, 0], flat[first, 0] + flat[first, 1]
         # row-major strides of each box (for flat ranges): suffix products of its sizes
         self.strides = np.ones_like(self.sizes)
         for d in range(n - 2, -1, -1):
             self.strides[:, d] = self.strides[:, d + 1] * self.sizes[:, d + 1]
-        keys = np.concatenate([self.lo, self.sizes, flat], axis=1)
-        _, self.region = np.unique(keys, axis=0, return_inverse=True)
-        self.region = self.region.reshape(-1)
-        self.rank = np.array([e[0] for e in entries], dtype=np.int64)
-        self.host = np.array([e[1] for e in entries], dtype=object)
+        self.lowest: list[int] = [-1] * len(first)  # region -> the entry of its lowest rank
+        self.on_host: dict[tuple[int, str], int] = {}  # (region, host) -> the entry of its lowest rank there
+        for i in np.lexsort((np.array([e[0] for e in entries], dtype=np.int64), region)).tolist():  # by rank
+            r = int(region[i])
+            self.on_host.setdefault((r, entries[i][1]), i)
+            if self.lowest[r] < 0:
+                self.lowest[r] = i
 
-    def wanted(self, boxes) -> np.ndarray:
-        """Indices of the entries that may meet any of ``boxes`` (None: all), as
-        :meth:`~ucp.format.fragment.RegionQuery.wants` decides."""
-        if boxes is None or self.ragged:
-            return np.arange(len(self.entries))
-        keep = np.zeros(len(self.entries), dtype=bool)
+    def answer(self, boxes, host: str) -> list[tuple]:
+        """The entries meeting any of ``boxes`` (None: all), as
+        :meth:`~ucp.format.fragment.RegionQuery.wants` decides: each region once, from a rank on
+        ``host`` when one holds it, else the lowest rank (a ragged key: every entry)."""
+        if self.ragged:
+            return list(self.entries)
+        return [self.entries[self.on_host.get((r, host), self.lowest[r])] for r in self._regions(boxes).tolist()]
+
+    def _regions(self, boxes) -> np.ndarray:
+        """The regions (ascending) that may meet any of ``boxes`` (None: all)."""
+        every = np.arange(len(self.lowest))
+        if boxes is None:
+            return every
+        keep = np.zeros(len(self.lowest), dtype=bool)
         n = self.lo.shape[1]
         for q in boxes:
-            if len(q.offsets) != n:
-                return np.arange(len(self.entries))
-            if n == 0:
-                return np.arange(len(self.entries))
+            if len(q.offsets) != n or n == 0:
+                return every
             qlo = np.array(q.offsets, dtype=np.int64)
             qhi = qlo + np.array(q.sizes, dtype=np.int64)
             olo, ohi = np.maximum(self.lo, qlo), np.minimum(self.hi, qhi)
@@ -130,19 +145,8 @@ class KeyIndex:
         out: list[tuple] = []
         for key, boxes in regions.items():
             held = self._keys.get(key)
-            if held is None:
-                continue
-            chosen = held.wanted(boxes)
-            if held.ragged:
-                out += [held.entries[i] for i in chosen]
-                continue
-            if not len(chosen):
-                continue
-            order = np.lexsort((held.rank[chosen], held.host[chosen] != host, held.region[chosen]))
-            ranked = chosen[order]
-            firsts = np.ones(len(ranked), dtype=bool)
-            firsts[1:] = held.region[ranked[1:]] != held.region[ranked[:-1]]
-            out += [held.entries[i] for i in ranked[firsts]]
+            if held is not None:
+                out += held.answer(boxes, host)
         return out
 
 
