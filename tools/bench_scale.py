@@ -48,7 +48,8 @@ memory moves is what every rank receives, timed once. ``*_s`` of a rank are seco
 Keys (per W): ``save_metadata_s`` / ``save_bytes_per_rank`` (worst sampled non-committing rank, the
 first save of a layout: bytes sent + received), ``save_cached_metadata_s`` /
 ``save_cached_bytes_per_rank`` (a save reusing the plan), ``save_<phase>_bytes`` and
-``save_<phase>_root_bytes`` (what rank 0 receives), ``save_states_bytes`` (every rank's state pickled: what a
+``save_<phase>_root_bytes`` (what rank 0 receives; ``_root_padded_bytes``: what its gather moves, every
+buffer padded to the largest), ``save_states_bytes`` (every rank's state pickled: what a
 gather of them would bring rank 0), ``plan_s``, ``commit_first_s``, ``commit_s``,
 ``manifest_bytes`` (``manifest.json`` + the paged tables on disk), ``load_metadata_s``,
 ``load_targets_exchange_bytes`` (a sampled rank's share of the targets phase), ``load_targets_root_bytes`` /
@@ -448,6 +449,8 @@ def save_keys(prefix: str, res: dict, sample) -> dict:
     for g in phases:
         out[f"{prefix}{g.name}_bytes"] = max(g.rank_bytes(r) for r in sample)
         out[f"{prefix}{g.name}_root_bytes"] = g.root_recv_bytes
+        if isinstance(g, Gather):  # (every buffer padded to the largest: what rank 0's gather moves)
+            out[f"{prefix}{g.name}_root_padded_bytes"] = g.world * (g.largest + 8)
     return out
 
 

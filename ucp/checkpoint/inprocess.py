@@ -303,8 +303,10 @@ class Membership:
 
     Keys (under ``prefix``, ``ucp/inprocess/<namespace>``): ``hb/<member>`` each member's heartbeat
     (its wall-clock time), ``port/<member>`` its liveness port's address (with ``probe``);
-    ``g<g>/here/<member>`` registrations for generation ``g``, ``g<g>/leader`` the first to
-    register, ``g<g>/members`` the new members (JSON, in rank order) once the leader has decided.
+    ``g<g>/here`` the members registered for generation ``g`` (appended to, ``"<member>,"`` each),
+    ``g<g>/count`` how many, ``g<g>/leader`` the first to register, ``g<g>/lost`` the members of the
+    last generation lost (JSON) once the leader has decided: each member reads the size of the failure,
+    not of the job, and the leader one key per poll for the registrations.
     """
 
     def __init__(self, store, prefix: str, member: int, world_size: int, timeout: float, heartbeat: float,
@@ -368,7 +370,7 @@ class Membership:
         g = self.generation + 1
         s = self.store
         try:
-            s.set(f"g{g}/here/{self.member}", "t" if transport else "o")
+            s.append(f"g{g}/here", f"{self.member},")  # (the leader reads who registered in one request)
             if not transport:
                 s.add(f"g{g}/own", 1)
             s.add(f"g{g}/count", 1)
@@ -384,10 +386,12 @@ class Membership:
         s = self.store
         try:
             leader = s.compare_set(f"g{g}/leader", "", str(self.member)).decode() == str(self.member)
-            if leader:
-                s.set(f"g{g}/members", json.dumps(self._decide(g)))
-            s.wait([f"g{g}/members"], datetime.timedelta(seconds=3 * self.timeout))
-            members = tuple(json.loads(s.get(f"g{g}/members")))
+            if leader:  # (the members lost, not the members: what each member reads is the failure's size)
+                kept = set(self._decide(g))
+                s.set(f"g{g}/lost", json.dumps([m for m in self.members if m not in kept]))
+            s.wait([f"g{g}/lost"], datetime.timedelta(seconds=3 * self.timeout))
+            lost = set(json.loads(s.get(f"g{g}/lost")))
+            members = tuple(m for m in self.members if m not in lost)
             retry = s.add(f"g{g}/own", 0) == 0
         except RecoveryFallbackError:
             raise
@@ -403,12 +407,13 @@ class Membership:
         within ``timeout`` at the latest); the registered ones, in their old order. A member is
         lost when its liveness port refuses a probe (its process exited:
         :mod:`ucp.comm.liveness`) or when it is silent (its heartbeat older than ``dead_after``:
-        a hung process, a lost host). A poll reads the counter and the heartbeats of the members
-        still missing; only when the counter moved are those missing members' keys read again
-        (registrations only add). Every ``PROBE_EVERY`` seconds the missing members with the oldest
-        heartbeats (a dead one's stops) are probed, :data:`~ucp.comm.liveness.MAX_PROBES` at most, a
-        member that answered not again within a heartbeat; so a poll costs the missing, not the
-        whole job, and a probe round a bounded number of connections."""
+        a hung process, a lost host). A poll reads the counter; only when it moved is the list of
+        registered members read again (one key: registrations only add). The heartbeats of the
+        members still missing are read every quarter heartbeat (they change once a heartbeat), and
+        again before any is judged silent. Every ``PROBE_EVERY`` seconds the missing members with the
+        oldest heartbeats (a dead one's stops) are probed, :data:`~ucp.comm.liveness.MAX_PROBES` at
+        most, a member that answered not again within a heartbeat; so a poll costs the missing, not
+        the whole job, and a probe round a bounded number of connections."""
         s = self.store
         deadline = time.monotonic() + 2 * self.timeout
         missing, counted = list(self.members), 0
@@ -416,16 +421,22 @@ class Membership:
         exited: set[int] = set()
         due: dict[int, float] = {}  # member -> when it may be probed again (it answered)
         probed = -PROBE_EVERY
+        beats: dict[int, float] = {}  # member -> its last heartbeat read (beats change once a heartbeat)
+        read = -self.heartbeat
         while True:
             count = s.add(f"g{g}/count", 0)
             if count != counted:
                 counted = count
-                missing = [m for m in missing if not s.check([f"g{g}/here/{m}"])]
+                here = {int(m) for m in s.get(f"g{g}/here").decode().split(",") if m}
+                missing = [m for m in missing if m not in here]
             if not missing:
                 return list(self.members)
-            beats = s.multi_get([f"hb/{m}" for m in missing])
+            fresh = time.monotonic() - read >= self.heartbeat / 4
+            if fresh:
+                read = time.monotonic()
+                beats = self._beats(missing)
             now = time.time()
-            age = {m: now - float(b.decode() or 0) for m, b in zip(missing, beats)}
+            age = {m: now - beats[m] for m in missing}
             if self.probe and time.monotonic() - probed >= PROBE_EVERY:
                 probed = time.monotonic()
                 ready = [m for m in missing if m not in exited and due.get(m, 0.0) <= probed]
@@ -434,10 +445,20 @@ class Membership:
                 exited |= gone
                 due.update((m, probed + self.heartbeat) for m in oldest if m not in gone)
             silent = all(m in exited or age[m] > self.dead_after for m in missing)
+            if silent and not fresh:  # (decided on heartbeats read now only)
+                read = time.monotonic()
+                beats = self._beats(missing)
+                now = time.time()
+                age = {m: now - beats[m] for m in missing}
+                silent = all(m in exited or age[m] > self.dead_after for m in missing)
             if silent or time.monotonic() > deadline:
                 gone = set(missing)
                 return [m for m in self.members if m not in gone]
             time.sleep(min(0.01, self.heartbeat / 10))
+
+    def _beats(self, members: list[int]) -> dict[int, float]:
+        """The last heartbeat (wall-clock time) of each of ``members``, in one request."""
+        return {m: float(b.decode() or 0) for m, b in zip(members, self.store.multi_get([f"hb/{m}" for m in members]))}
 
     def _probe(self, members: list[int], ports: dict[int, str | None]) -> set[int]:
         """Those of ``members`` whose liveness port refuses a connection. ``ports`` caches their
