@@ -145,3 +145,48 @@ def test_the_leader_probes_few_members_a_round_the_oldest_heartbeats_first(store
     finally:
         for m in made:
             m.stop()
+
+
+class CountingStore:
+    """A store that counts the requests made through it and the bytes of the values it returns."""
+
+    def __init__(self, store):
+        self._store, self.requests, self.read = store, [], 0
+
+    def __getattr__(self, name):
+        call = getattr(self._store, name)
+
+        def counted(*args):
+            self.requests.append(name)
+            got = call(*args)
+            if isinstance(got, bytes):
+                self.read += len(got)
+            elif isinstance(got, list):
+                self.read += sum(len(v) for v in got)
+            return got
+        return counted
+
+
+def test_what_the_store_serves_a_recovery_grows_with_the_failure_not_the_job(store):
+    """2,000 members, 3 lost: the leader reads the registrations in one request, not one per member;
+    each survivor reads the list of the lost, not of the 1,997 survivors."""
+    world, lost = 2000, {7, 1000, 1999}
+    prefix = "ucp/inprocess/big"
+    shared = dist.PrefixStore(prefix, store)
+    for m in range(world):  # (every member's heartbeat, old: the lost ones are silent)
+        shared.set(f"hb/{m}", repr(time.time() - (100.0 if m in lost else 0.0)))
+    made = {m: Membership(store, prefix, m, world, TIMEOUT, 0.5, 5.0, probe=False) for m in range(world)
+            if m not in lost}
+    for m, member in made.items():
+        if m:
+            member.register(transport=True)
+    leader = made[0]
+    leader.store = counting = CountingStore(leader.store)
+    leader.register(transport=True)
+    assert leader.next_generation()[0] == tuple(m for m in range(world) if m not in lost)
+    assert len(counting.requests) <= 12 and counting.requests.count("get") <= 2, counting.requests
+    follower = made[1]
+    follower.store = counting = CountingStore(follower.store)
+    members, _ = follower.next_generation()
+    assert len(members) == world - 3 and 1 in members
+    assert counting.read < 200, counting.read  # (the lost: a few bytes; the members would be ~10 KB)
