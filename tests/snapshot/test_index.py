@@ -76,6 +76,11 @@ def test_a_region_held_by_several_ranks_comes_once_from_the_askers_node():
     assert sorted(e[0] for e in index.answer({"model/w": None}, "b")) == [2, 5]
     assert sorted(e[0] for e in index.answer({"model/w": None}, "a")) == [0, 5]
     assert sorted(e[0] for e in index.answer({"model/w": [Box((5, 0), (1, 1))]}, "a")) == [5]
+    # a query asked again (its regions remembered) is answered for the asker's own host
+    assert sorted(e[0] for e in index.answer({"model/w": None}, "b")) == [2, 5]
+    assert sorted(e[0] for e in index.answer({"model/w": [Box((5, 0), (1, 1))]}, "b")) == [5]
+    assert sorted(e[0] for e in index.answer({"model/w": [Box((0, 0), (1, 1))]}, "b")) == [2]
+    assert sorted(e[0] for e in index.answer({"model/w": [Box((0, 0), (1, 1))]}, "c")) == [0]
     assert index.answer({"model/other": None}, "a") == []
 
 

@@ -61,6 +61,9 @@ def query_messages(regions: dict, world: int) -> dict[int, dict]:
     return out
 
 
+_ASKED_MAX = 4096  # distinct queries whose regions a key remembers
+
+
 class _KeyEntries:
     """The entries of one tensor key by region (equal boxes and flat ranges hold the same elements):
     each region's box (``lo``, ``hi``) and flat range (``start``, ``end``; -1 for none), and which
@@ -89,6 +92,7 @@ class _KeyEntries:
         self.strides = np.ones_like(self.sizes)
         for d in range(n - 2, -1, -1):
             self.strides[:, d] = self.strides[:, d + 1] * self.sizes[:, d + 1]
+        self._asked: dict = {}  # the regions each query met (boxes -> region ids)
         self.lowest: list[int] = [-1] * len(first)  # region -> the entry of its lowest rank
         self.on_host: dict[tuple[int, str], int] = {}  # (region, host) -> the entry of its lowest rank there
         for i in np.lexsort((np.array([e[0] for e in entries], dtype=np.int64), region)).tolist():  # by rank
@@ -103,7 +107,13 @@ class _KeyEntries:
         ``host`` when one holds it, else the lowest rank (a ragged key: every entry)."""
         if self.ragged:
             return list(self.entries)
-        return [self.entries[self.on_host.get((r, host), self.lowest[r])] for r in self._regions(boxes).tolist()]
+        query = None if boxes is None else tuple(boxes)
+        regions = self._asked.get(query)
+        if regions is None:  # (the ranks of one coordinate in every data-parallel replica ask alike)
+            regions = self._regions(boxes).tolist()
+            if len(self._asked) < _ASKED_MAX:
+                self._asked[query] = regions
+        return [self.entries[self.on_host.get((r, host), self.lowest[r])] for r in regions]
 
     def _regions(self, boxes) -> np.ndarray:
         """The regions (ascending) that may meet any of ``boxes`` (None: all)."""
