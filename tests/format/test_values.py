@@ -286,8 +286,6 @@ def test_a_tensor_declaring_a_shape_without_its_bytes_is_refused():
 
 
 def test_the_folded_state_splits_as_the_gathered_one_with_each_distinct_value_once():
-    from functools import reduce
-
     from ucp.format.values import fold_state, split_folded_state, split_state, state_offer
 
     rng = random.Random(3)
@@ -302,10 +300,18 @@ def test_the_folded_state_splits_as_the_gathered_one_with_each_distinct_value_on
                 del state["sched"]  # (a name some rank lacks is shared by none)
             states.append(state)
         offers = [state_offer(r, s) for r, s in enumerate(states)]
-        rng.shuffle(offers)  # (any order of the fold: keyed by rank)
-        folded = reduce(fold_state, offers)
+        step = 1  # folded as Collective.reduce_phase folds them: pairwise up a binomial tree
+        while step < world:
+            for r in range(0, world, 2 * step):
+                if r + step < world:
+                    offers[r] = fold_state(offers[r], offers[r + step])
+            step *= 2
+        folded = offers[0]
         assert split_folded_state(folded, world) == split_state(states)
         distinct = {json.dumps(v, sort_keys=True) for s in states for v in s.values()}
         assert len(folded["values"]) == len(distinct)  # (a value many ranks hold travels once)
-    with pytest.raises(ValueError, match=r"ranks \[1\]"):
-        split_folded_state(fold_state(state_offer(0, {}), state_offer(2, {})), 3)
+        assert all(len(blob) == 16 * world for blob in folded["names"].values())  # (16 bytes a rank and name)
+    with pytest.raises(ValueError, match=r"ranks 0..0 and 2..2 are not adjacent"):
+        fold_state(state_offer(0, {}), state_offer(2, {}))
+    with pytest.raises(ValueError, match=r"ranks 0..1, not of 0..2"):
+        split_folded_state(fold_state(state_offer(0, {}), state_offer(1, {})), 3)

@@ -139,36 +139,47 @@ def value_digest(value) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
+_ABSENT = bytes(16)  # the digest of a name a rank does not hold
+
+
 def state_offer(rank: int, state: dict) -> dict:
     """Rank ``rank``'s non-tensor ``state`` as it is folded to the committing rank (:func:`fold_state`):
     the digest of each of its values, and each distinct value once."""
     digests = {name: value_digest(value) for name, value in state.items()}
-    return {"ranks": {rank: digests}, "values": {d: state[name] for name, d in digests.items()}}
+    return {"lo": rank, "n": 1, "names": digests, "values": {d: state[name] for name, d in digests.items()}}
 
 
 def fold_state(a: dict, b: dict) -> dict:
-    """Two folds of :func:`state_offer` s as one: every rank's digests, each distinct value once (the
-    ranks of a pipeline stage, say, hold their optimizer's param groups alike: one copy travels)."""
-    return {"ranks": {**a["ranks"], **b["ranks"]}, "values": {**a["values"], **b["values"]}}
+    """Two folds of :func:`state_offer` s as one, ``a`` of the ranks just below ``b``'s (as a binomial
+    tree folds them): each name's digests, rank after rank, in one byte string (16 bytes a rank; what
+    travels is a few bytes per rank, however large the state), and each distinct value once (the ranks
+    of a pipeline stage, say, hold their optimizer's param groups alike: one copy travels)."""
+    if a["lo"] + a["n"] != b["lo"]:
+        raise ValueError(f"the states of ranks {a['lo']}..{a['lo'] + a['n'] - 1} and {b['lo']}.."
+                         f"{b['lo'] + b['n'] - 1} are not adjacent")
+    names = {name: a["names"].get(name, _ABSENT * a["n"]) + b["names"].get(name, _ABSENT * b["n"])
+             for name in {**a["names"], **b["names"]}}
+    return {"lo": a["lo"], "n": a["n"] + b["n"], "names": names, "values": {**a["values"], **b["values"]}}
 
 
 def split_folded_state(folded: dict, world_size: int) -> dict:
     """:func:`split_state` of the states of ranks ``0 .. world_size - 1`` from their fold: a value
     is shared when every rank holds it alike (the same digest); equal values of several ranks are
     the same object."""
-    ranks, values = folded["ranks"], folded["values"]
-    missing = [r for r in range(world_size) if r not in ranks]
-    if missing:
-        raise ValueError(f"the states of ranks {missing[:8]} are missing from the fold")
+    if (folded["lo"], folded["n"]) != (0, world_size):
+        raise ValueError(f"the fold holds the states of ranks {folded['lo']}..{folded['lo'] + folded['n'] - 1}, "
+                         f"not of 0..{world_size - 1}")
+    values = folded["values"]
     shared, per = {}, {str(r): {} for r in range(world_size)}
-    for name in sorted(set().union(*ranks.values())):
-        held = {ranks[r].get(name) for r in range(world_size)}
-        if None not in held and len(held) == 1:
-            shared[name] = values[held.pop()]
+    for name in sorted(folded["names"]):
+        blob = folded["names"][name]
+        digests = [blob[i:i + 16] for i in range(0, 16 * world_size, 16)]
+        held = set(digests)
+        if _ABSENT not in held and len(held) == 1:
+            shared[name] = values[digests[0]]
             continue
-        for r in range(world_size):
-            d = ranks[r].get(name)
-            if d is not None:
+        for r, d in enumerate(digests):
+            if d != _ABSENT:
                 per[str(r)][name] = values[d]
     return {"shared": shared, "ranks": {r: v for r, v in per.items() if v}}
 
