@@ -10,8 +10,8 @@ calling ucp's code:
 * :func:`save_now` -- a durable save as ``checkpoint.save.save_durable`` runs it: capture folded up a
   tree to rank 0 (:func:`fold_to_root`: the plan held, the step and root, the state's digests and each
   distinct value once), every other phase a ``Collective.gather_phase`` (:func:`gather_to_root`): each
-  rank's outcome pickled to rank 0 alone (padded to the largest, whose size an all-reduce agrees),
-  rank 0's verdict back to every rank. Plan (only for the first
+  rank's outcome pickled to rank 0 alone (its size gathered first, then its bytes), rank 0's verdict
+  back to every rank. Plan (only for the first
   save of a layout: each rank's regions to rank 0, ``plan_save`` there, each rank's ``RankPlan``
   scattered), prepare, write (each rank's ``WriteReport``: numpy arrays of its fragments' offsets
   and checksums), commit (``commit_manifest_of`` and ``storage.rank_files.commit_step`` on rank 0,
@@ -48,8 +48,8 @@ memory moves is what every rank receives, timed once. ``*_s`` of a rank are seco
 Keys (per W): ``save_metadata_s`` / ``save_bytes_per_rank`` (worst sampled non-committing rank, the
 first save of a layout: bytes sent + received), ``save_cached_metadata_s`` /
 ``save_cached_bytes_per_rank`` (a save reusing the plan), ``save_<phase>_bytes`` and
-``save_<phase>_root_bytes`` (what rank 0 receives; ``_root_padded_bytes``: what its gather moves, every
-buffer padded to the largest), ``save_states_bytes`` (every rank's state pickled: what a
+``save_<phase>_root_bytes`` (what rank 0 receives; ``_root_padded_bytes``: what a gather of buffers padded
+to the largest, ucp's before its gather sent sizes first, would move), ``save_states_bytes`` (every rank's state pickled: what a
 gather of them would bring rank 0), ``plan_s``, ``commit_first_s``, ``commit_s``,
 ``manifest_bytes`` (``manifest.json`` + the paged tables on disk), ``load_metadata_s``,
 ``load_targets_exchange_bytes`` (a sampled rank's share of the targets phase), ``load_targets_root_bytes`` /
@@ -233,8 +233,8 @@ def load_read_plan(manifest, plans: list, target_layout) -> dict:
 @dataclass
 class Gather:
     """One ``Collective.gather_phase``: every rank's outcome to rank 0 alone (``Collective.gather``:
-    an all-reduce of the largest size, then each rank's pickle padded to it), then rank 0's verdict
-    broadcast to every rank. What a non-committing rank sends and receives, and the seconds it spends."""
+    the sizes gathered, then each rank's pickle sent on its own), then rank 0's verdict broadcast to
+    every rank. What a non-committing rank sends and receives, and the seconds it spends."""
 
     name: str
     world: int
@@ -250,9 +250,8 @@ class Gather:
     largest: int = 0
 
     def rank_bytes(self, rank: int) -> int:
-        # its buffer (padded to the largest), the size's all-reduce (8 bytes each way per step of a
-        # recursive doubling), the verdict and its size (broadcast_object_list)
-        return self.largest + 8 + 16 * math.ceil(math.log2(max(self.world, 2))) + 8 + self.verdict_bytes
+        # its size (8 bytes, gathered) and its pickle, the verdict and its size (broadcast_object_list)
+        return 8 + self.sent[rank] + 8 + self.verdict_bytes
 
 
 def gather_to_root(name: str, make, world: int, sample, decide=None, keep=None) -> tuple[list, object, Gather]:
@@ -449,7 +448,7 @@ def save_keys(prefix: str, res: dict, sample) -> dict:
     for g in phases:
         out[f"{prefix}{g.name}_bytes"] = max(g.rank_bytes(r) for r in sample)
         out[f"{prefix}{g.name}_root_bytes"] = g.root_recv_bytes
-        if isinstance(g, Gather):  # (every buffer padded to the largest: what rank 0's gather moves)
+        if isinstance(g, Gather):  # (what a gather of every buffer padded to the largest would move)
             out[f"{prefix}{g.name}_root_padded_bytes"] = g.world * (g.largest + 8)
     return out
 
