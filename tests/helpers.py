@@ -226,3 +226,15 @@ def one_rank_snapshot():
               "fragments": [{"key": "model/w", "offsets": [0], "sizes": [4], "flat": None, "dtype": "float32",
                              "length": 16, "file": "seg", "offset": 0, "crc32c": crc32c(raw), "blocks": []}]}
     return raw, header
+
+
+def binomial_fold(values: list, combine):
+    """``values`` (one per rank) folded as ``Collective.reduce_phase`` folds them: pairwise up a
+    binomial tree, each subtree's fold combined into its parent's (the lower ranks' on the left)."""
+    values, step = list(values), 1
+    while step < len(values):
+        for r in range(0, len(values), 2 * step):
+            if r + step < len(values):
+                values[r] = combine(values[r], values[r + step])
+        step *= 2
+    return values[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from functools import reduce
 
+from tests.helpers import binomial_fold
 from ucp.checkpoint.memory_source import choose_source, decide_own, fold_nodes, fold_own, node_offer, own_offer, \
     speaker_mask
 
@@ -24,20 +25,8 @@ def decide(nodes: dict, node_of, world: int, step=None, status=None):
     gathered = [(node_of(r), *nodes[node_of(r)], status.get(node_of(r), STATUS)) for r in range(world)]
     offers = [own_offer(r, world, step, held, st) for r, (_, held, _, st) in enumerate(gathered)]
     own = decide_own(reduce(fold_own, offers), world)  # (any order: fold_own is commutative)
-    full = choose_source(fold_tree([node_offer(r, *g) for r, g in enumerate(gathered)]), None, step)
+    full = choose_source(binomial_fold([node_offer(r, *g) for r, g in enumerate(gathered)], fold_nodes), None, step)
     return own, full
-
-
-def fold_tree(values: list):
-    """``values`` folded as ``Collective.reduce_phase`` folds them: pairwise up a binomial tree, each
-    subtree's fold combined into its parent's (the lower ranks' on the left)."""
-    values, step = list(values), 1
-    while step < len(values):
-        for r in range(0, len(values), 2 * step):
-            if r + step < len(values):
-                values[r] = fold_nodes(values[r], values[r + step])
-        step *= 2
-    return values[0]
 
 
 def test_a_job_resuming_in_place_is_decided_by_the_fold_even_with_a_torn_newest_snapshot():
@@ -95,7 +84,7 @@ def test_whenever_the_fold_chooses_the_full_path_chooses_the_same_snapshot():
 def test_the_fold_of_node_holdings_keeps_each_node_once_with_its_lowest_rank_as_speaker():
     node_of = lambda r: f"n{(r // 2) % 3}"  # noqa: E731 - nodes 0, 1, 2, 0, 1, 2 (ranks 0-1, 2-3, ..., 10-11)
     offers = [node_offer(r, node_of(r), [header(r, 5, 12, node_of(r))], [], STATUS) for r in range(12)]
-    folded = fold_tree(offers)
+    folded = binomial_fold(offers, fold_nodes)
     assert {n: v[0] for n, v in folded.items()} == {"n0": 0, "n1": 2, "n2": 4}
     assert [h["rank"] for h in folded["n1"][1]] == [2]  # the speaker's own summaries (the node's, in a job)
     assert speaker_mask(folded) == 0b10101
@@ -114,6 +103,6 @@ def test_the_speakers_of_a_rebuild_are_the_lowest_ranks_of_the_nodes_holding_its
     offers = [node_offer(r, node_of[r], held[node_of[r]], [parity(q, node_of[r]) for q in members
                                                            if q != 3 and (q < 2) == (node_of[r] == "a")], STATUS)
               for r in range(4)]
-    chosen = choose_source(fold_tree(offers), None, None)
+    chosen = choose_source(binomial_fold(offers, fold_nodes), None, None)
     assert (chosen["step"], chosen["world"], chosen["rec"].lost) == (5, 4, [3])
     assert chosen["speakers"] == {"a": 0, "b": 2}

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import same
+from tests.helpers import binomial_fold, same
 from ucp.errors import CaptureError, FormatError
 from ucp.state.rng import capture_rng, restore_rng
 from ucp.format.jsonio import parse_json
@@ -299,14 +299,7 @@ def test_the_folded_state_splits_as_the_gathered_one_with_each_distinct_value_on
             if rng.random() < 0.2:
                 del state["sched"]  # (a name some rank lacks is shared by none)
             states.append(state)
-        offers = [state_offer(r, s) for r, s in enumerate(states)]
-        step = 1  # folded as Collective.reduce_phase folds them: pairwise up a binomial tree
-        while step < world:
-            for r in range(0, world, 2 * step):
-                if r + step < world:
-                    offers[r] = fold_state(offers[r], offers[r + step])
-            step *= 2
-        folded = offers[0]
+        folded = binomial_fold([state_offer(r, s) for r, s in enumerate(states)], fold_state)
         assert split_folded_state(folded, world) == split_state(states)
         distinct = {json.dumps(v, sort_keys=True) for s in states for v in s.values()}
         assert len(folded["values"]) == len(distinct)  # (a value many ranks hold travels once)

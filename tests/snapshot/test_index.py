@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from tests.helpers import binomial_fold
 from ucp.errors import SpecError
 from ucp.format.box import Box
 from ucp.format.fragment import RegionQuery
@@ -84,17 +85,6 @@ def test_a_region_held_by_several_ranks_comes_once_from_the_askers_node():
     assert index.answer({"model/other": None}, "a") == []
 
 
-def _fold(offers: list):
-    """``offers`` folded pairwise up a binomial tree, as ``Collective.reduce_phase`` folds them."""
-    values, step = list(offers), 1
-    while step < len(values):
-        for r in range(0, len(values), 2 * step):
-            if r + step < len(values):
-                values[r] = fold_states(values[r], values[r + step])
-        step *= 2
-    return values[0]
-
-
 def test_the_state_fold_gives_every_rank_the_shared_state_and_the_index_its_own():
     meta = {"shape": [4], "dtype": "float32", "pattern": {}}
     opt_a, opt_b = {"param_groups": [{"lr": 1, "params": ["a"]}]}, {"param_groups": [{"lr": 1, "params": ["b"]}]}
@@ -103,7 +93,7 @@ def test_the_state_fold_gives_every_rank_the_shared_state_and_the_index_its_own(
              [_header(2, "b", [], {"rng": 2, "sched": 5, "optimizer": opt_a}, {"model/v": meta})]]
     # loading ranks 0-3 of a new world of 4: rank 1 speaks for no node; rank 3 for node b
     for order in ([nodes[0], [], [], nodes[1]], [[], nodes[1], nodes[0], []]):
-        common = decide_states(_fold([state_offer(h) for h in order]), world_size=3)
+        common = decide_states(binomial_fold([state_offer(h) for h in order], fold_states), world_size=3)
         assert common["shared"] == {"sched": 5} and common["step"] == 7
         assert sorted(common["tensors"]) == ["model/v", "model/w"]
         assert common["optimizer"] == [opt_a, opt_b]  # distinct values once, ordered by the first rank holding each
@@ -112,25 +102,27 @@ def test_the_state_fold_gives_every_rank_the_shared_state_and_the_index_its_own(
         assert [own_state(received[r], r, common) for r in range(4)] == \
             [{"rng": 0, "optimizer": opt_a}, {"rng": 1, "optimizer": opt_b}, {"rng": 2, "optimizer": opt_a}, {}]
     every = dict(nodes[1][0], state={"rng": 2, "sched": 5, "optimizer": opt_a})
-    same = decide_states(_fold([state_offer([dict(h, state=dict(h["state"], optimizer=opt_a)) for h in nodes[0]]),
-                                state_offer([every])]), 3)
+    alike = [dict(h, state=dict(h["state"], optimizer=opt_a)) for h in nodes[0]]
+    same = decide_states(binomial_fold([state_offer(alike), state_offer([every])], fold_states), 3)
     assert same["shared"] == {"optimizer": opt_a, "sched": 5} and same["optimizer"] == []
-    missing_name = decide_states(_fold([state_offer(nodes[0]), state_offer([dict(every, state={"rng": 2})])]), 3)
+    lacking = [state_offer(nodes[0]), state_offer([dict(every, state={"rng": 2})])]
+    missing_name = decide_states(binomial_fold(lacking, fold_states), 3)
     assert missing_name["shared"] == {}  # (a name some rank lacks is no rank's shared state)
     with pytest.raises(SpecError, match=r"saving ranks \[2\]"):
-        decide_states(_fold([state_offer(nodes[0]), None]), world_size=3)
+        decide_states(binomial_fold([state_offer(nodes[0]), None], fold_states), world_size=3)
     other = dict(meta, shape=[5])
     for order in ([nodes[0], [_header(2, "b", [], {}, {"model/w": other})]],
                   [[_header(2, "b", [], {}, {"model/w": other})], nodes[0]]):
         with pytest.raises(SpecError, match="ranks 0 and 2 disagree about tensor model/w"):
-            decide_states(_fold([state_offer(h) for h in order]), 3)
+            decide_states(binomial_fold([state_offer(h) for h in order], fold_states), 3)
 
 
 def test_the_state_fold_carries_the_models_metadata_not_a_copy_per_node():
     meta = {"shape": [4], "dtype": "float32", "pattern": {}}
     tensors = {f"model/w{k}": meta for k in range(20)}
     one = state_offer([_header(0, "a", [], {"sched": 5, "rng": 0}, tensors)])
-    folded = _fold([state_offer([_header(r, f"n{r}", [], {"sched": 5, "rng": r}, tensors)]) for r in range(64)])
+    offers = [state_offer([_header(r, f"n{r}", [], {"sched": 5, "rng": r}, tensors)]) for r in range(64)]
+    folded = binomial_fold(offers, fold_states)
     assert len(folded["metas"]) == 20 and set(folded["values"]) == set(one["values"]) - {one["names"]["rng"]}
     assert folded["ranks"] == (1 << 64) - 1 and folded["names"]["rng"] is None
 
