@@ -8,11 +8,13 @@ non-zero exit code; library callers can catch the base class or a precise subcla
 from __future__ import annotations
 
 
-def few(items: list, n: int = 5) -> str:
-    """Up to ``n`` of ``items`` for an error message, and how many more there are ("none" if empty)."""
+def few(items: list, n: int = 5, total: int | None = None) -> str:
+    """Up to ``n`` of ``items`` for an error message, and how many more there are ("none" if empty);
+    ``total``: how many there are when ``items`` holds only the first of them."""
     if not items:
         return "none"
-    return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+    total = len(items) if total is None else total
+    return ", ".join(map(str, items[:n])) + (f" and {total - n} more" if total > n else "")
 
 
 class UcpError(Exception):

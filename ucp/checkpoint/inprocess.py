@@ -250,6 +250,12 @@ def run_in_process(build: Callable[[World], Any], train: Callable[[Any, Any, Wor
             gc.unfreeze()
 
 
+def _ages(beats: dict[int, float], members: list[int]) -> dict[int, float]:
+    """Seconds since each of ``members``' heartbeat (``beats``: its wall-clock time)."""
+    now = time.time()
+    return {m: now - beats[m] for m in members}
+
+
 def default_store(world_size: int, rank: int, timeout: float):
     """torchrun's store, as ``init_process_group("env://")`` would find it."""
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
@@ -433,10 +439,8 @@ class Membership:
                 return list(self.members)
             fresh = time.monotonic() - read >= self.heartbeat / 4
             if fresh:
-                read = time.monotonic()
-                beats = self._beats(missing)
-            now = time.time()
-            age = {m: now - beats[m] for m in missing}
+                read, beats = time.monotonic(), self._beats(missing)
+            age = _ages(beats, missing)
             if self.probe and time.monotonic() - probed >= PROBE_EVERY:
                 probed = time.monotonic()
                 ready = [m for m in missing if m not in exited and due.get(m, 0.0) <= probed]
@@ -446,10 +450,8 @@ class Membership:
                 due.update((m, probed + self.heartbeat) for m in oldest if m not in gone)
             silent = all(m in exited or age[m] > self.dead_after for m in missing)
             if silent and not fresh:  # (decided on heartbeats read now only)
-                read = time.monotonic()
-                beats = self._beats(missing)
-                now = time.time()
-                age = {m: now - beats[m] for m in missing}
+                read, beats = time.monotonic(), self._beats(missing)
+                age = _ages(beats, missing)
                 silent = all(m in exited or age[m] > self.dead_after for m in missing)
             if silent or time.monotonic() > deadline:
                 gone = set(missing)

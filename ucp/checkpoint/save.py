@@ -89,7 +89,7 @@ def save_durable(ckpt, step: int, extras: dict | None) -> SaveResult:
 
     def agree(folded):  # rank 0: the ranks save the same step, and whether the plan still holds
         if len(folded["targets"]) > 1:
-            which = "; ".join(f"ranks {', '.join(map(str, rs[:5]))}{f' and {n - 5} more' if n > 5 else ''}: {t}"
+            which = "; ".join(f"ranks {few(rs, total=n)}: {t}"
                               for t, (n, rs) in sorted(folded["targets"].items(), key=lambda kv: kv[1][1]))
             raise UcpError(f"ranks disagree about what to save (step, root): {which}; every rank must call save() "
                            "with the same step on the same checkpoint root")

@@ -22,6 +22,8 @@ the regions it loads, and its own state; rank 0's is the snapshot's metadata, no
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import numpy as np
 
 from ucp.codecs.checksum import crc32c
@@ -169,7 +171,7 @@ def _merge_meta(into: dict, key: str, meta: dict, rank: int) -> None:
     elif held[0] != meta:
         a, b = TensorMeta.from_dict(held[0], key), TensorMeta.from_dict(meta, key)
         if a != b and into["conflict"] is None:
-            (r1, m1), (r2, m2) = sorted([(held[1], a), (rank, b)], key=_first)
+            (r1, m1), (r2, m2) = sorted([(held[1], a), (rank, b)], key=itemgetter(0))
             into["conflict"] = (f"ranks {r1} and {r2} disagree about tensor {key}: shape {list(m1.shape)} {m1.dtype} "
                                 f"{m1.pattern} vs shape {list(m2.shape)} {m2.dtype} {m2.pattern}")
 
@@ -226,7 +228,7 @@ def decide_states(folded: dict | None, world_size: int) -> dict:
         raise SpecError(folded["conflict"])
     head = folded["head"][1]
     shared = {name: folded["values"][d] for name, d in sorted(folded["names"].items()) if d is not None}
-    optimizer = [] if OPTIMIZER in shared else [v for _, v in sorted(folded["optimizer"].values(), key=_first)]
+    optimizer = [] if OPTIMIZER in shared else [v for _, v in sorted(folded["optimizer"].values(), key=itemgetter(0))]
     return {"step": head["step"], "layout": head["layout"], "created_by": head.get("created_by") or "",
             "tensors": {k: m for k, (m, _) in sorted(folded["metas"].items())}, "shared": shared,
             "optimizer": optimizer}
@@ -240,10 +242,6 @@ def own_state(received: dict, rank: int, common: dict) -> dict:
         if rank in states:
             return {name: v for name, v in states[rank].items() if name not in common["shared"]}
     return {}
-
-
-def _first(entry):
-    return entry[0]
 
 
 class SnapshotManifest:
