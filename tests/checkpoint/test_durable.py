@@ -114,10 +114,3 @@ def test_corruption_under_torch_distributed_keeps_its_error_class(world2, tmp_pa
         assert r["both"] is True, r  # caught as CorruptCheckpointError, and it is a DistributedError
         assert r["exit_code"] == 3 and "fails its checksum" in r["msg"]
 
-
-def test_few_names_the_first_items_and_how_many_more_there_are():
-    from ucp.errors import few
-
-    assert few([]) == "none" and few([1, 2]) == "1, 2"
-    assert few(list(range(7))) == "0, 1, 2, 3, 4 and 2 more"
-    assert few([0, 1, 2, 3, 4, 5, 6, 7], total=100) == "0, 1, 2, 3, 4 and 95 more"  # (only the first 8 kept)
