@@ -354,6 +354,35 @@ def drop_cache(paths) -> None:
             os.close(fd)
 
 
+def _stager_copies_classes() -> None:
+    """Some torch releases (2.11 among them) fail the second staging of a reused ``DefaultStager`` when
+    the state holds a class object (AdamW's does): ``StateDictStager.close()`` empties its copy table
+    after each staging and the next one indexes it (``KeyError: <class 'type'>``). Each stager made
+    from now on gets its table back before every staging (once per process; where the table is never
+    emptied this changes nothing)."""
+    try:
+        from torch.distributed.checkpoint import _state_dict_stager as module
+    except ImportError:
+        return
+    cls = getattr(module, "StateDictStager", None)
+    if cls is None or getattr(cls.stage, "ucp_keeps_table", False):
+        return
+    init, stage = cls.__init__, cls.stage
+
+    def patched_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.ucp_table = dict(getattr(self, "_deepcopy_dispatch", None) or {})
+
+    def patched_stage(self, *args, **kwargs):
+        table = getattr(self, "_deepcopy_dispatch", None)
+        if table is not None and not table:
+            table.update(getattr(self, "ucp_table", {}))
+        return stage(self, *args, **kwargs)
+
+    patched_stage.ucp_keeps_table = True
+    cls.__init__, cls.stage = patched_init, patched_stage
+
+
 class DcpSaver:
     """PyTorch DCP's ``async_save`` of an FSDP2 model and its optimizer, called after a training step,
     as a training loop would: kind ``dcp_default`` (no ``async_stager``: a fresh CPU copy of the state
@@ -384,6 +413,7 @@ class DcpSaver:
             cuda = torch.cuda.is_available()
             self.config = StagingOptions(use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=True,
                                          use_non_blocking_copy=cuda)
+            _stager_copies_classes()
             self.kwargs.update(async_stager=DefaultStager(self.config),
                                async_checkpointer_type=AsyncCheckpointerType.PROCESS)
             opt.register_step_pre_hook(self._wait_staging)

@@ -59,3 +59,18 @@ def test_floors_copy_checksum_write_and_read_back(benchlib, tmp_path):
     f.drop(path)
     f.cold_read(path)
     assert (f.dst == 7).all() and f.disk_read_bytes >= 0
+
+
+def test_a_reused_dcp_stager_copies_a_class_after_its_table_was_emptied(benchlib):
+    """torch 2.11's StateDictStager empties its copy table when closed, after every staging, and the
+    next staging of a state holding a class (AdamW's does) fails on it: the bench gives it back."""
+    import torch
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+    benchlib._stager_copies_classes()
+    stager = StateDictStager(pin_memory=False, share_memory=False)
+    state = {"w": torch.arange(4.0), "kind": torch.optim.AdamW}
+    stager.stage(state)
+    stager._deepcopy_dispatch.clear()  # what torch 2.11's close() does
+    again = stager.stage(state)
+    assert again["kind"] is torch.optim.AdamW and torch.equal(again["w"], state["w"])

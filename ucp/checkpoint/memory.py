@@ -29,7 +29,7 @@ from ucp.plan.save_plan import assign_writers
 from ucp.snapshot.header import FragmentRecord, manifest_from_headers
 from ucp.snapshot.index import (KeyIndex, SnapshotManifest, decide_states, fold_states, index_messages, own_state,
                                state_offer)
-from ucp.snapshot.memory import MemoryTier
+from ucp.snapshot.memory import MemoryTier, cuda_device
 from ucp.snapshot.recovery import SnapshotParity, rebuild_lost
 from ucp.snapshot.shm import SHM_DIR
 from ucp.state.capture import normalize_fqn
@@ -166,15 +166,15 @@ class Snapshots:
         pieces = [p for p in pieces if p.numel]
         buffers = self._buffer_keys()
         items = [(p.meta.dtype, snapshot_source(p.data, p.key in buffers)) for p in pieces]
-        ready = None
-        if any(t.is_cuda for _, t in items):  # the side stream's copies start after what is queued now
+        ready, device = None, cuda_device([t for _, t in items])
+        if device is not None:  # the side stream's copies start after what is queued now on the tensors' GPU
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(device))
         fragments = [FragmentRecord(p.key, p.box, p.flat, p.meta.dtype, t.numel() * t.element_size()).to_dict()
                      for p, (_, t) in zip(pieces, items)]
         header = {"layout": self.layout.to_dict(), "world_size": self.coll.world_size, "tensors": metas,
                   "state": state, "fragments": fragments, "created_by": f"ucp {__version__}"}
-        pending = {"step": step, "copied": threading.Event(), "device_copied": None}
+        pending = {"step": step, "copied": threading.Event(), "device_copied": None, "device": device}
         cut = self._cut_group()
         if self.redundancy is not None:
             self._groups.get("parity")  # (created here, in the training thread, by every rank together)
@@ -297,7 +297,7 @@ class Snapshots:
         if pending is not None:
             pending["copied"].wait()
             if pending["device_copied"] is not None:  # copies from the GPU: its next kernels wait, not the host
-                torch.cuda.current_stream().wait_event(pending["device_copied"])
+                torch.cuda.current_stream(pending["device"]).wait_event(pending["device_copied"])
 
     def finish(self) -> None:
         """Wait for the snapshot in flight (copy and cut) and raise its error, if any, then a

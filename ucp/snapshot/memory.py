@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ucp.codecs.checksum import copy_block_crc32c
+from ucp.errors import UcpError
 from ucp.format.manifest import BLOCK_BYTES
 from ucp.snapshot import shm
 from ucp.snapshot.client import AgentClient, ensure_agent
@@ -42,6 +43,17 @@ FORMAT_VERSION = "1.0"
 #: bytes of device-to-host copies queued between two CUDA events: checksums of the first pieces
 #: start while the later ones are still being copied
 EVENT_BYTES = 64 << 20
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: the slot counts as pinned for every device's copies
+
+
+def cuda_device(tensors) -> torch.device | None:
+    """The one CUDA device of ``tensors`` (None when none is on a GPU); UcpError when they are on
+    several: a rank snapshots the tensors of one GPU."""
+    devices = sorted({str(t.device) for t in tensors if t.is_cuda})
+    if len(devices) > 1:
+        raise UcpError(f"a rank's snapshot holds tensors of several GPUs ({', '.join(devices)}); "
+                       "ucp snapshots one GPU's tensors per rank")
+    return torch.device(devices[0]) if devices else None
 
 
 def cpu_threads(wanted: int) -> int:
@@ -109,7 +121,7 @@ class MemoryTier:
         self._segments: dict[int, shm.Segment] = {}
         self._parity: dict[int, shm.Segment] = {}  # slot -> the segment of that snapshot's parity stripes
         self._newest: int | None = None  # the slot of this rank's newest complete snapshot, if known
-        self._stream = None  # the CUDA side stream of snapshots of device tensors
+        self._streams: dict = {}  # device -> the CUDA side stream of snapshots of that device's tensors
         self._pinned: dict[int, int | None] = {}  # slot -> address page-locked for CUDA copies
 
     def headers(self, step: int | None = None, summary: bool = False) -> dict[int, dict]:
@@ -218,9 +230,9 @@ class MemoryTier:
         into the slot page-locked once (``cudaHostRegister``); they are checksummed from the slot
         as their copies land (an event every :data:`EVENT_BYTES`), by the same threads.
         ``on_copied(event)`` is called as soon as the sources may change: once the CPU tensors are
-        copied (``event`` None when there are no CUDA tensors), and for CUDA tensors once their
-        copies are queued (``event`` marks their end on the side stream: make the stream that
-        changes the sources wait for it)."""
+        copied and the CUDA tensors' copies queued, before those are summed (``event``, None without
+        CUDA tensors, marks the copies' end on the side stream: make the stream that changes the
+        sources wait for it; the host never waits for the GPU there)."""
         slot = self.free_slot()
         views = [t.detach().reshape(-1).view(torch.uint8) for _, t in items]
         placements, nbytes = place([(d, v.numel()) for (d, _), v in zip(items, views)])
@@ -231,15 +243,20 @@ class MemoryTier:
         regions = [(data[p.offset:p.offset + p.nbytes], None if v.is_cuda else v.numpy(), None)
                    for p, v in zip(placements, views)]
         try:
+            on_device = [v.is_cuda for v in views]
             done = None
-            if any(v.is_cuda for v in views):
+            if any(on_device):
                 regions, done = self._copy_from_device(slot, seg, placements, views, regions, ready)
-                if all(v.is_cuda for v in views) and on_copied is not None:
-                    on_copied(done)  # the device copies are queued: the training stream waits for ``done``
-                    on_copied = None
-            sums = copy_block_crc32c(regions, BLOCK_BYTES, self._pool, self.threads - 1)
+            # the host's tensors first (a GPU's optimizer keeps its step counts there), then the sources
+            # may change (the training stream waits for ``done``: its next kernels queue behind the
+            # copies), then the device copies are summed as they land
+            host = [r for r, d in zip(regions, on_device) if not d]
+            sums = iter(copy_block_crc32c(host, BLOCK_BYTES, self._pool, self.threads - 1))
             if on_copied is not None:
                 on_copied(done)
+            device = iter(copy_block_crc32c([r for r, d in zip(regions, on_device) if d], BLOCK_BYTES, self._pool,
+                                            self.threads - 1))
+            sums = [next(device) if d else next(sums) for d in on_device]
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # its frames held views of the slot (it stays closable)
             raise
@@ -258,11 +275,12 @@ class MemoryTier:
         ``regions`` with those pieces to be summed once their event has passed, and the last event."""
         whole = torch.frombuffer(seg.buf, dtype=torch.uint8)
         try:
-            side = self._side_stream(slot, whole)
-            side.wait_event(ready) if ready is not None else side.wait_stream(torch.cuda.current_stream())
+            device = cuda_device(views)
+            side = self._side_stream(device, slot, whole)
+            side.wait_event(ready) if ready is not None else side.wait_stream(torch.cuda.current_stream(device))
             out, waiting, queued, event = list(regions), [], 0, None
             last = max(i for i, v in enumerate(views) if v.is_cuda)
-            with torch.cuda.stream(side):
+            with torch.cuda.device(device), torch.cuda.stream(side):
                 for i, (p, v) in enumerate(zip(placements, views)):
                     if not v.is_cuda:
                         continue
@@ -298,20 +316,23 @@ class MemoryTier:
         tier asked for (a failure of an earlier job's is never this job's)."""
         return self.client.request("drain", wait=self.persist_timeout, rank=self.rank, session=self.client.id)["errors"]
 
-    def _side_stream(self, slot: int, whole: torch.Tensor):
-        """This tier's CUDA side stream, with slot ``slot`` (``whole``) page-locked for it."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
+    def _side_stream(self, device: torch.device, slot: int, whole: torch.Tensor):
+        """This tier's CUDA side stream on ``device`` (the copying thread's own current device may be
+        another), with slot ``slot`` (``whole``) page-locked for every device (``cudaHostRegisterPortable``)."""
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
         if slot not in self._pinned:
             cudart = torch.cuda.cudart()
             ptr = whole.data_ptr()
-            if int(cudart.cudaHostRegister(ptr, whole.numel(), 0)) == 0:
+            with torch.cuda.device(device):
+                registered = int(cudart.cudaHostRegister(ptr, whole.numel(), HOST_REGISTER_PORTABLE)) == 0
+            if registered:
                 self._pinned[slot] = ptr
             else:  # copies still work, synchronously staged by the driver
                 warnings.warn(f"ucp: could not page-lock snapshot slot {slot} ({whole.numel()} bytes); "
                               "device-to-host copies of snapshots will not overlap", RuntimeWarning, stacklevel=2)
                 self._pinned[slot] = None
-        return self._stream
+        return self._streams[device]
 
     def _unpin(self, slot: int) -> None:
         ptr = self._pinned.pop(slot, None)
