@@ -9,7 +9,7 @@ import random
 import pytest
 
 from tests.helpers import binomial_fold
-from ucp.errors import SpecError
+from ucp.errors import FormatError, SpecError
 from ucp.format.box import Box
 from ucp.format.fragment import RegionQuery
 from ucp.snapshot.header import FragmentRecord
@@ -115,6 +115,12 @@ def test_the_state_fold_gives_every_rank_the_shared_state_and_the_index_its_own(
                   [[_header(2, "b", [], {}, {"model/w": other})], nodes[0]]):
         with pytest.raises(SpecError, match="ranks 0 and 2 disagree about tensor model/w"):
             decide_states(binomial_fold([state_offer(h) for h in order], fold_states), 3)
+    assert common["block_bytes"] == 64 << 10  # headers without block_bytes (format 1.0)
+    newer = [dict(h, block_bytes=1 << 20) for h in (*nodes[0], *nodes[1])]
+    assert decide_states(binomial_fold([state_offer(newer[:2]), state_offer(newer[2:])], fold_states),
+                         3)["block_bytes"] == 1 << 20
+    with pytest.raises(FormatError, match=r"disagree about their block size: \[65536, 1048576\]"):
+        decide_states(binomial_fold([state_offer(newer[:2]), state_offer(nodes[1])], fold_states), 3)
 
 
 def test_the_state_fold_carries_the_models_metadata_not_a_copy_per_node():

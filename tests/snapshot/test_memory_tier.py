@@ -339,39 +339,38 @@ def test_redundancy_needs_snapshots():
 
 def test_a_snapshot_header_holds_the_checksums_of_the_bytes_in_its_slot(job):
     """Copied and checksummed in one pass over two threads, the header's checksums are those of the
-    bytes: CRC-32C and 64 KiB block checksums as the durable format has them (summed here by the
-    crc32c package directly), for pieces around block and span sizes, of several dtypes."""
+    bytes: CRC-32C and block checksums of the block size the header names (1 MiB, format 1.1; summed
+    here by the crc32c package directly), for pieces around block and span sizes, of several dtypes."""
     import crc32c
 
-    from ucp.codecs.checksum import SPAN_BYTES, fragment_checksums
-    from ucp.format.manifest import BLOCK_BYTES
+    from ucp.codecs.checksum import SPAN_BYTES
+    from ucp.snapshot.header import SNAPSHOT_BLOCK_BYTES as BLOCK
     from ucp.snapshot.memory import MemoryTier
 
     g = torch.Generator().manual_seed(0)
-    floats = [1, BLOCK_BYTES // 4 - 1, BLOCK_BYTES // 4, BLOCK_BYTES // 4 + 1, (2 * SPAN_BYTES + 12) // 4]
+    floats = [1, BLOCK // 4 - 1, BLOCK // 4, BLOCK // 4 + 1, (2 * SPAN_BYTES + 12) // 4]
     items = [("float32", torch.randn(n, generator=g)) for n in floats]
-    items += [("bfloat16", torch.randn(3 * BLOCK_BYTES + 5, generator=g).bfloat16()),
+    items += [("bfloat16", torch.randn(3 * BLOCK // 2 + 5, generator=g).bfloat16()),
               ("uint8", torch.randint(0, 256, (7,), generator=g, dtype=torch.uint8))]
     tier = MemoryTier(job, 0, threads=2)
     try:
         full, errors = tier.write(1, items, {"fragments": [{"key": f"k{i}"} for i in range(len(items))]})
         data = tier.data_segment(full["slot"]).buf
         assert errors == [] and len(full["fragments"]) == len(items)
+        assert full["format_version"] == "1.1" and full["block_bytes"] == BLOCK == 1 << 20
         for f, (_, t) in zip(full["fragments"], items):
             raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
             assert bytes(data[f["offset"]:f["offset"] + len(raw)]) == raw
-            blocks = [crc32c.crc32c(raw[i:i + BLOCK_BYTES]) for i in range(0, len(raw), BLOCK_BYTES)]
-            want = (crc32c.crc32c(raw), blocks if len(raw) > BLOCK_BYTES else [])
+            blocks = [crc32c.crc32c(raw[i:i + BLOCK]) for i in range(0, len(raw), BLOCK)]
+            want = (crc32c.crc32c(raw), blocks if len(raw) > BLOCK else [])
             assert (f["crc32c"], f["blocks"]) == want
-            crc, made = fragment_checksums(raw)  # what the durable tier writes for the same bytes
-            assert (crc, list(made)) == want
     finally:
         tier.close()
 
 
 def _wide_model():
-    """A model with a weight of several 64 KiB blocks (256 KiB), and its AdamW."""
-    return tiny_model(sizes=(256, 256, 3))
+    """A model with a weight of several of a snapshot's 1 MiB blocks (4 MiB), and its AdamW."""
+    return tiny_model(sizes=(1024, 1024, 3))
 
 
 def test_a_load_from_memory_copies_from_the_mapped_segments(tmp_path, job, monkeypatch):
@@ -406,7 +405,7 @@ def test_a_corrupted_byte_in_memory_fails_the_load_naming_segment_key_and_block(
     import json
 
     from ucp.errors import CorruptCheckpointError
-    from ucp.format.manifest import BLOCK_BYTES
+    from ucp.snapshot.header import SNAPSHOT_BLOCK_BYTES as BLOCK_BYTES
 
     m, opt = _wide_model()
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
@@ -476,3 +475,41 @@ def test_loading_the_same_snapshot_again_reuses_its_manifest_and_a_new_snapshot_
     res = ck.load()
     assert res.step == 4 and same_state(state_of(m, opt), want44) and res.extras == {"data": {"epoch": 44}}
     assert fetched == [2, 4, 4], fetched
+
+
+def test_a_load_from_memory_checks_blocks_of_the_size_its_headers_name(tmp_path, job, monkeypatch):
+    """Headers written with 64 KiB blocks (as format 1.0 had them) load, their blocks checked at that
+    size: a corrupted byte is named by its 64 KiB block; headers without ``block_bytes`` are 64 KiB."""
+    import json
+
+    from ucp.errors import CorruptCheckpointError, FormatError
+    from ucp.snapshot import header as header_mod
+    from ucp.snapshot import memory as memory_mod
+
+    assert header_mod.block_bytes_of({"rank": 0}) == 64 << 10  # format 1.0: no block_bytes
+    with pytest.raises(FormatError, match="block_bytes 1000 must be a positive multiple of 4096"):
+        header_mod.block_bytes_of({"rank": 3, "block_bytes": 1000})
+    with pytest.raises(FormatError, match=r"disagree about their block size: \[65536, 1048576\]"):
+        header_mod.common_block_bytes([{"rank": 0}, {"rank": 1, "block_bytes": 1 << 20}])
+    monkeypatch.setattr(memory_mod, "SNAPSHOT_BLOCK_BYTES", 64 << 10)
+    m, opt = _wide_model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+    train_step(m, opt, 1)
+    ck.save(1)
+    ck.wait()
+    want = state_of(m, opt)
+    [path] = [p for p in shm.SHM_DIR.glob(f"{shm.prefix(job)}r0.s*.json") if json.loads(p.read_text())["step"] == 1]
+    head = json.loads(path.read_text())
+    f = next(f for f in head["fragments"] if f["key"] == "model/0.weight")
+    assert head["block_bytes"] == 64 << 10 and len(f["blocks"]) == 64
+    m2, opt2 = _wide_model()
+    res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    assert res.source == "memory" and same_state(state_of(m2, opt2), want)
+    with open(shm.SHM_DIR / f["file"], "r+b") as data:
+        data.seek(f["offset"] + 5 * (64 << 10) + 9)
+        byte = data.read(1)
+        data.seek(-1, 1)
+        data.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(CorruptCheckpointError, match="block 5 at bytes"):
+        ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    ck.close()

@@ -11,9 +11,35 @@ from dataclasses import dataclass
 from ucp.format.box import Box, FlatRange
 from ucp.format.fragment import Fragment
 from ucp.format.layout import Layout
+from ucp.errors import FormatError
 from ucp.format.manifest import BLOCK_BYTES, Manifest, TensorMeta
 from ucp.format.values import split_state
 from ucp.plan.save_plan import PieceInfo, merge_metas
+
+
+#: the block size of a snapshot's block checksums (format 1.1; 1.0 headers, without ``block_bytes``,
+#: used the durable format's 64 KiB): one library call per MiB, so a snapshot's threads spend their
+#: time in the checksum, not in taking turns for the interpreter between calls
+SNAPSHOT_BLOCK_BYTES = 1 << 20
+
+
+def block_bytes_of(header: dict) -> int:
+    """The block size of ``header``'s block checksums: its ``block_bytes`` (format 1.1), or the 64 KiB
+    of format 1.0 headers, which have none; FormatError for a size that is not a positive multiple
+    of 4 KiB."""
+    size = header.get("block_bytes", BLOCK_BYTES)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 4096:
+        raise FormatError(f"snapshot header of rank {header.get('rank')}: block_bytes {size!r} must be a positive "
+                          "multiple of 4096")
+    return size
+
+
+def common_block_bytes(headers) -> int:
+    """The one block size of a snapshot's ``headers`` (FormatError when they differ)."""
+    sizes = {block_bytes_of(h) for h in headers}
+    if len(sizes) > 1:
+        raise FormatError(f"the snapshot's headers disagree about their block size: {sorted(sizes)} bytes")
+    return sizes.pop() if sizes else SNAPSHOT_BLOCK_BYTES
 
 
 @dataclass(frozen=True)
@@ -95,7 +121,8 @@ def manifest_from_headers(headers: list[dict], host: str, whole: bool = True) ->
     state = split_state([h["state"] for h in by_rank]) if whole else \
         {"shared": {}, "ranks": {str(h["rank"]): h["state"] for h in by_rank}}
     manifest = Manifest(by_rank[0]["step"], Layout.from_dict(by_rank[0]["layout"]), tensors, tuple(fragments),
-                        state, files, created_by=by_rank[0].get("created_by", ""), block_bytes=BLOCK_BYTES)
+                        state, files, created_by=by_rank[0].get("created_by", ""),
+                        block_bytes=common_block_bytes(headers))
     manifest.validate_header()
     manifest.validate_fragments(cover=whole)
     return manifest

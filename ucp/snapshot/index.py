@@ -27,12 +27,12 @@ from operator import itemgetter
 import numpy as np
 
 from ucp.codecs.checksum import crc32c
-from ucp.errors import SpecError
+from ucp.errors import FormatError, SpecError
 from ucp.format.fragment import RegionQuery
 from ucp.format.layout import Layout
-from ucp.format.manifest import BLOCK_BYTES, Manifest, TensorMeta
+from ucp.format.manifest import Manifest, TensorMeta
 from ucp.format.values import value_digest
-from ucp.snapshot.header import FragmentRecord
+from ucp.snapshot.header import FragmentRecord, block_bytes_of
 
 OPTIMIZER = "optimizer"  # the state every rank needs from every saving rank when the layout changes
 
@@ -188,7 +188,8 @@ def state_offer(headers: list[dict]) -> dict | None:
         one = {"ranks": 1 << rank, "metas": {key: (meta, rank) for key, meta in h["tensors"].items()},
                "names": digests, "values": {d: state[name] for name, d in digests.items()},
                "optimizer": {digests[OPTIMIZER]: (rank, state[OPTIMIZER])} if OPTIMIZER in state else {},
-               "head": (rank, {k: h.get(k) for k in ("step", "layout", "created_by")}), "conflict": None}
+               "head": (rank, {k: h.get(k) for k in ("step", "layout", "created_by")}), "conflict": None,
+               "block_bytes": (block_bytes_of(h),)}
         out = fold_states(out, one)
     return out
 
@@ -202,7 +203,8 @@ def fold_states(a: dict | None, b: dict | None) -> dict | None:
     if a is None or b is None:
         return a if b is None else b
     out = {"ranks": a["ranks"] | b["ranks"], "metas": dict(a["metas"]), "conflict": a["conflict"] or b["conflict"],
-           "head": min(a["head"], b["head"], key=lambda h: h[0]), "optimizer": dict(a["optimizer"])}
+           "head": min(a["head"], b["head"], key=lambda h: h[0]), "optimizer": dict(a["optimizer"]),
+           "block_bytes": tuple(sorted({*a["block_bytes"], *b["block_bytes"]}))}
     for key, (meta, rank) in b["metas"].items():
         _merge_meta(out, key, meta, rank)
     for d, (rank, value) in b["optimizer"].items():
@@ -226,10 +228,13 @@ def decide_states(folded: dict | None, world_size: int) -> dict:
         raise SpecError(f"the snapshot's headers of saving ranks {missing[:8]} reached no rank")
     if folded["conflict"] is not None:
         raise SpecError(folded["conflict"])
+    if len(folded["block_bytes"]) > 1:
+        raise FormatError(f"the snapshot's headers disagree about their block size: {list(folded['block_bytes'])} bytes")
     head = folded["head"][1]
     shared = {name: folded["values"][d] for name, d in sorted(folded["names"].items()) if d is not None}
     optimizer = [] if OPTIMIZER in shared else [v for _, v in sorted(folded["optimizer"].values(), key=itemgetter(0))]
     return {"step": head["step"], "layout": head["layout"], "created_by": head.get("created_by") or "",
+            "block_bytes": folded["block_bytes"][0],
             "tensors": {k: m for k, (m, _) in sorted(folded["metas"].items())}, "shared": shared,
             "optimizer": optimizer}
 
@@ -260,12 +265,12 @@ class SnapshotManifest:
         self.step = common["step"]
         self.layout = Layout.from_dict(common["layout"])
         self.tensors = {k: TensorMeta.from_dict(m, k) for k, m in common["tensors"].items()}
-        self.block_bytes = BLOCK_BYTES
+        self.block_bytes = common["block_bytes"]
         self.created_by = common["created_by"]
         self._shared, self._own, self._optimizer = common["shared"], own, common["optimizer"]
         self._rank, self._index, self._host = rank, index, host
         Manifest(self.step, self.layout, self.tensors, (), {"shared": self._shared, "ranks": {}},
-                 block_bytes=BLOCK_BYTES).validate_header()
+                 block_bytes=self.block_bytes).validate_header()
 
     def select(self, coll, query: RegionQuery) -> Manifest:
         """The manifest of the fragments ``query`` wants, from their keys' owners (two exchanges of
@@ -282,7 +287,7 @@ class SnapshotManifest:
                 files[f["file"]] = file_size
         manifest = Manifest(self.step, self.layout, self.tensors, tuple(fragments),
                             {"shared": self._shared, "ranks": {}}, files, created_by=self.created_by,
-                            block_bytes=BLOCK_BYTES)
+                            block_bytes=self.block_bytes)
         manifest.validate_header()
         manifest.validate_fragments(cover=False)
         manifest.check_cover([k for k, boxes in query.regions.items() if boxes is None and k in self.tensors])

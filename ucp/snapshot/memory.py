@@ -33,13 +33,13 @@ import torch
 
 from ucp.codecs.checksum import copy_block_crc32c
 from ucp.errors import UcpError
-from ucp.format.manifest import BLOCK_BYTES
 from ucp.snapshot import shm
 from ucp.snapshot.client import AgentClient, ensure_agent
+from ucp.snapshot.header import SNAPSHOT_BLOCK_BYTES
 
 ALIGN = 64
 FORMAT = "ucp.snapshot"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 #: bytes of device-to-host copies queued between two CUDA events: checksums of the first pieces
 #: start while the later ones are still being copied
 EVENT_BYTES = 64 << 20
@@ -251,20 +251,22 @@ class MemoryTier:
             # may change (the training stream waits for ``done``: its next kernels queue behind the
             # copies), then the device copies are summed as they land
             host = [r for r, d in zip(regions, on_device) if not d]
-            sums = iter(copy_block_crc32c(host, BLOCK_BYTES, self._pool, self.threads - 1))
+            sums = iter(copy_block_crc32c(host, SNAPSHOT_BLOCK_BYTES, self._pool, self.threads - 1))
             if on_copied is not None:
                 on_copied(done)
-            device = iter(copy_block_crc32c([r for r, d in zip(regions, on_device) if d], BLOCK_BYTES, self._pool,
-                                            self.threads - 1))
+            device = iter(copy_block_crc32c([r for r, d in zip(regions, on_device) if d], SNAPSHOT_BLOCK_BYTES,
+                                            self._pool, self.threads - 1))
             sums = [next(device) if d else next(sums) for d in on_device]
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # its frames held views of the slot (it stays closable)
             raise
         finally:
             del data, regions
-        fragments = [dict(f, file=seg.name, offset=p.offset, crc32c=crc, blocks=blocks if p.nbytes > BLOCK_BYTES else [])
+        fragments = [dict(f, file=seg.name, offset=p.offset, crc32c=crc,
+                          blocks=blocks if p.nbytes > SNAPSHOT_BLOCK_BYTES else [])
                      for f, p, (crc, blocks) in zip(header["fragments"], placements, sums)]
         full = {**header, "format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank,
+                "block_bytes": SNAPSHOT_BLOCK_BYTES,
                 "slot": slot, "host": os.uname().nodename, "file_size": seg.nbytes, "fragments": fragments}
         self.client.request("commit", rank=self.rank, slot=slot, step=step, header=full)
         return full, errors

@@ -39,7 +39,7 @@ from ucp.storage.rank_files import (Cleared, RankFragment, apply_retention, comm
 from ucp.storage.safetensors_file import stored_header
 
 META = "ucp.snapshot"  # the safetensors metadata entry holding the rank's header
-_HEADER_FIELDS = ("step", "rank", "world_size", "layout", "tensors", "state", "created_by")
+_HEADER_FIELDS = ("step", "rank", "world_size", "layout", "tensors", "state", "created_by", "block_bytes")
 
 
 def prepare(directory: Path) -> bool:
