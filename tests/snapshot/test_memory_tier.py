@@ -368,9 +368,34 @@ def test_a_snapshot_header_holds_the_checksums_of_the_bytes_in_its_slot(job):
         tier.close()
 
 
+def _flip_in_place(path, offset: int) -> None:
+    """Flip one bit of the byte at ``offset`` of a shared-memory segment, in place (the segment stays
+    mapped by the agent and the trainer: it is never truncated)."""
+    with open(path, "r+b") as data:
+        data.seek(offset)
+        byte = data.read(1)
+        data.seek(-1, 1)
+        data.write(bytes([byte[0] ^ 0x01]))
+
+
 def _wide_model():
     """A model with a weight of several of a snapshot's 1 MiB blocks (4 MiB), and its AdamW."""
     return tiny_model(sizes=(1024, 1024, 3))
+
+
+def _wide_snapshot(tmp_path, job):
+    """A :func:`_wide_model` snapshotted after its step 1: the Checkpointer, that state, rank 0's header
+    of the snapshot and its fragment of ``model/0.weight``."""
+    import json
+
+    m, opt = _wide_model()
+    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
+    train_step(m, opt, 1)
+    ck.save(1)
+    ck.wait()
+    [path] = [p for p in shm.SHM_DIR.glob(f"{shm.prefix(job)}r0.s*.json") if json.loads(p.read_text())["step"] == 1]
+    head = json.loads(path.read_text())
+    return ck, state_of(m, opt), head, next(f for f in head["fragments"] if f["key"] == "model/0.weight")
 
 
 def test_a_load_from_memory_copies_from_the_mapped_segments(tmp_path, job, monkeypatch):
@@ -402,24 +427,12 @@ def test_a_load_from_memory_copies_from_the_mapped_segments(tmp_path, job, monke
 
 
 def test_a_corrupted_byte_in_memory_fails_the_load_naming_segment_key_and_block(tmp_path, job):
-    import json
-
     from ucp.errors import CorruptCheckpointError
     from ucp.snapshot.header import SNAPSHOT_BLOCK_BYTES as BLOCK_BYTES
 
-    m, opt = _wide_model()
-    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
-    train_step(m, opt, 1)
-    ck.save(1)
-    ck.wait()
-    [path] = [p for p in shm.SHM_DIR.glob(f"{shm.prefix(job)}r0.s*.json") if json.loads(p.read_text())["step"] == 1]
-    f = next(f for f in json.loads(path.read_text())["fragments"] if f["key"] == "model/0.weight")
+    ck, _, _, f = _wide_snapshot(tmp_path, job)
     assert len(f["blocks"]) == 4
-    with open(shm.SHM_DIR / f["file"], "r+b") as data:
-        data.seek(f["offset"] + 2 * BLOCK_BYTES + 9)
-        byte = data.read(1)
-        data.seek(-1, 1)
-        data.write(bytes([byte[0] ^ 0x01]))
+    _flip_in_place(shm.SHM_DIR / f["file"], f["offset"] + 2 * BLOCK_BYTES + 9)
     m2, opt2 = _wide_model()
     with pytest.raises(CorruptCheckpointError) as e:
         ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
@@ -480,8 +493,6 @@ def test_loading_the_same_snapshot_again_reuses_its_manifest_and_a_new_snapshot_
 def test_a_load_from_memory_checks_blocks_of_the_size_its_headers_name(tmp_path, job, monkeypatch):
     """Headers written with 64 KiB blocks (as format 1.0 had them) load, their blocks checked at that
     size: a corrupted byte is named by its 64 KiB block; headers without ``block_bytes`` are 64 KiB."""
-    import json
-
     from ucp.errors import CorruptCheckpointError, FormatError
     from ucp.snapshot import header as header_mod
     from ucp.snapshot import memory as memory_mod
@@ -492,24 +503,12 @@ def test_a_load_from_memory_checks_blocks_of_the_size_its_headers_name(tmp_path,
     with pytest.raises(FormatError, match=r"disagree about their block size: \[65536, 1048576\]"):
         header_mod.common_block_bytes([{"rank": 0}, {"rank": 1, "block_bytes": 1 << 20}])
     monkeypatch.setattr(memory_mod, "SNAPSHOT_BLOCK_BYTES", 64 << 10)
-    m, opt = _wide_model()
-    ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job))
-    train_step(m, opt, 1)
-    ck.save(1)
-    ck.wait()
-    want = state_of(m, opt)
-    [path] = [p for p in shm.SHM_DIR.glob(f"{shm.prefix(job)}r0.s*.json") if json.loads(p.read_text())["step"] == 1]
-    head = json.loads(path.read_text())
-    f = next(f for f in head["fragments"] if f["key"] == "model/0.weight")
+    ck, want, head, f = _wide_snapshot(tmp_path, job)
     assert head["block_bytes"] == 64 << 10 and len(f["blocks"]) == 64
     m2, opt2 = _wide_model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "memory" and same_state(state_of(m2, opt2), want)
-    with open(shm.SHM_DIR / f["file"], "r+b") as data:
-        data.seek(f["offset"] + 5 * (64 << 10) + 9)
-        byte = data.read(1)
-        data.seek(-1, 1)
-        data.write(bytes([byte[0] ^ 0x01]))
+    _flip_in_place(shm.SHM_DIR / f["file"], f["offset"] + 5 * (64 << 10) + 9)
     with pytest.raises(CorruptCheckpointError, match="block 5 at bytes"):
         ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     ck.close()
