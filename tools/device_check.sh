@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one call of the lent machine (see docs/benchmarks.md): the gpu tests,
+# The checks that need a GPU, in one call of the lent machine (docs/agent.md, the memory tier on a GPU): the gpu tests,
 # whether NCCL runs two ranks on one GPU, the CUDA snapshot bench, and the CPU snapshot bench on that
-# machine's cores. Wheels of the packages its image lacks travel in .whl/. Logs and JSON lines go to $OUT.
+# machine's cores. Wheels of the packages its image lacks travel in .whl/ (listed in .git/info/exclude, carried
+# by the device tool), made here with:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     crc32c donfig lark numcodecs pyeclib zarr google-crc32c
+# Logs and JSON lines go to $OUT.
 set -u
 OUT=${OUT:-/tmp/ucp-device-out}
 mkdir -p "$OUT"
