@@ -35,7 +35,7 @@ def _run(code: str, *args, **kw) -> subprocess.CompletedProcess:
 def test_one_agent_per_job_found_again_by_a_restarted_trainer(job):
     first = client.ensure_agent(job)
     info = json.loads(agent_mod.discovery_path(job).read_bytes())
-    assert info["format"] == "ucp.agent" and info["format_version"] == "1.0" and info["pid"] == first.info.pid
+    assert info["format"] == "ucp.agent" and info["format_version"] == "1.1" and info["pid"] == first.info.pid
     # another process (a restarted trainer) finds the same agent, and does not start a second one
     p = _run("""
         import sys
@@ -277,3 +277,24 @@ def test_a_dead_agents_malformed_or_incomplete_slots_are_discarded_and_named(job
     assert "not JSON" in a.discarded["r0.s0"] or "JSON" in a.discarded["r0.s0"], a.discarded
     assert a.discarded["r1.s1"] == f"step 7: its data segment {pre}r1.s1 is missing"
     assert _leftovers(job) == {}
+
+
+def test_an_agent_of_another_snapshot_format_is_refused_with_a_safe_remedy(job):
+    """An agent outlives its trainers, so it may run an older ucp: a trainer refuses an agent whose
+    discovery file says it reads another snapshot format (1.0 when the field is absent), names it and
+    the way out; the CLI's stop still reaches it."""
+    from ucp.snapshot.discovery import discovery_path
+    from ucp.snapshot.header import SNAPSHOT_FORMAT_VERSION
+
+    first = client.ensure_agent(job)
+    assert first.info.snapshot_format_version == SNAPSHOT_FORMAT_VERSION == "1.1"
+    path = discovery_path(job)
+    old = json.loads(path.read_text())
+    del old["snapshot_format_version"]  # what an agent of format 1.0 wrote
+    path.write_text(json.dumps(old))
+    with pytest.raises(AgentError) as e:
+        client.ensure_agent(job)
+    said = str(e.value)
+    assert f"pid {first.info.pid}" in said and "reads snapshot format 1.0, this ucp writes 1.1" in said, said
+    assert f"`ucp agent stop --job {job}`" in said and "durable checkpoints stay" in said
+    assert "stopped" in client.stop(job, timeout=10)

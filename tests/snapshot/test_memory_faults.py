@@ -180,9 +180,12 @@ def _kill_agent(job: str) -> None:
         time.sleep(0.02)
 
 
-def _snapshots(tmp_path, job: str, steps, **options):
-    """A trainer's snapshots of ``steps``; the state after each."""
-    m, opt = tiny_model()
+WIDE = (1024, 1024, 3)  # a 4 MiB weight: several of a snapshot's 1 MiB checksum blocks
+
+
+def _snapshots(tmp_path, job: str, steps, sizes=(32, 200, 3), **options):
+    """A trainer's snapshots of ``steps`` (a model of Linear layers of ``sizes``); the state after each."""
+    m, opt = tiny_model(sizes=sizes)
     ck = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job, **options))
     states = {}
     for s in steps:
@@ -193,11 +196,11 @@ def _snapshots(tmp_path, job: str, steps, **options):
     return states
 
 
-def _restart_and_load(tmp_path, job: str):
+def _restart_and_load(tmp_path, job: str, sizes=(32, 200, 3)):
     """A relaunched trainer's load (its agent started afresh): the result, the state, the warnings."""
     import warnings
 
-    m, opt = tiny_model(seed=5)
+    m, opt = tiny_model(seed=5, sizes=sizes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)).load()
@@ -220,10 +223,12 @@ def _corrupt(job: str, step: int) -> str:
     raise AssertionError(f"no slot holds step {step}")
 
 
-def test_a_killed_agents_intact_snapshots_are_taken_over_and_load_bit_exactly(tmp_path, job):
-    states = _snapshots(tmp_path, job, (1, 2, 3))
+@pytest.mark.parametrize("sizes", [(32, 200, 3), WIDE], ids=["small", "blocks"])
+def test_a_killed_agents_intact_snapshots_are_taken_over_and_load_bit_exactly(tmp_path, job, sizes):
+    """The new agent checks each slot's checksums, block checksums at the header's block size."""
+    states = _snapshots(tmp_path, job, (1, 2, 3), sizes)
     _kill_agent(job)  # SIGKILL: its snapshots stay in /dev/shm
-    res, got, said = _restart_and_load(tmp_path, job)
+    res, got, said = _restart_and_load(tmp_path, job, sizes)
     assert res.source == "memory" and res.step == 3, res
     assert bit_diffs(states[3], got) == []
     assert said == []

@@ -12,11 +12,12 @@ import threading
 import time
 from pathlib import Path
 
-from ucp.codecs.checksum import fragment_checksums
+from ucp.codecs.checksum import block_crc32c
 from ucp.errors import AgentError, FormatError
 from ucp.format.jsonio import parse_json
 from ucp.snapshot import persist, shm
 from ucp.snapshot.discovery import discovery_path, lock_path, read_info
+from ucp.snapshot.header import block_bytes_of
 from ucp.storage.atomic import write_atomic
 from ucp.storage.directory import step_dir
 from ucp.storage.objstore import as_location
@@ -170,6 +171,10 @@ class Agent:
         if files.get(data) != size:
             raise AgentError(f"step {step}: its data segment {data} is "
                              + ("missing" if data not in files else f"{files[data]} bytes, the header says {size}"))
+        try:
+            block = block_bytes_of(header)  # (the header's own: 1 MiB since format 1.1, 64 KiB before)
+        except FormatError as e:
+            raise AgentError(str(e)) from None
         seg = shm.attach(data) if fragments else None
         try:
             for f in fragments:
@@ -181,7 +186,7 @@ class Agent:
                     raise AgentError(f"step {step}: fragment {f.get('key')!r} is not placed in its data segment") from None
                 view = memoryview(seg.buf)[lo:lo + n]
                 try:
-                    got = fragment_checksums(view)
+                    got = block_crc32c(view, block)
                 finally:
                     view.release()
                 if got != (crc, blocks):

@@ -25,6 +25,7 @@ from pathlib import Path
 from ucp.errors import AgentError
 from ucp.snapshot import shm
 from ucp.snapshot.discovery import REQUESTS, AgentInfo, discovery_path, is_alive, lock_path, read_info, reclaim
+from ucp.snapshot.header import SNAPSHOT_FORMAT_VERSION
 
 
 _C10D_NOISE = re.compile(rb"^(\[[WE]\d{4} [^]]*\] \[c10d\] .*|Exception raised from .*|frame #\d+: .*|#\d+ .*|"
@@ -186,6 +187,7 @@ def ensure_agent(job: str, timeout: float = 30.0, log: Path | None = None) -> Ag
     with _start_lock(job):
         client = connect(job, timeout)
         if client is not None:
+            _check_formats(client.info)
             return client
         # (a dead agent's leftovers: the new agent takes over its intact snapshots and removes the rest)
         cmd = [sys.executable, "-m", "ucp.snapshot.agent", "--job", job, "--daemon"]
@@ -205,6 +207,16 @@ def ensure_agent(job: str, timeout: float = 30.0, log: Path | None = None) -> Ag
                 raise AgentError(f"the agent of job {job!r} did not come up within {timeout:g} s"
                                  + (f"; see {log}" if log else ""))
             time.sleep(0.02)
+
+
+def _check_formats(info: AgentInfo) -> None:
+    """Refuse an agent whose code reads and writes other snapshot headers than this process (an agent
+    outlives its trainers: it may have been started by an older ucp)."""
+    if info.snapshot_format_version != SNAPSHOT_FORMAT_VERSION:
+        raise AgentError(f"the snapshot agent of job {info.job!r} (pid {info.pid}) reads snapshot format "
+                         f"{info.snapshot_format_version}, this ucp writes {SNAPSHOT_FORMAT_VERSION}: stop it with "
+                         f"`ucp agent stop --job {info.job}` (its snapshots in memory are dropped; durable checkpoints "
+                         "stay) and start the job again")
 
 
 def stop(job: str, timeout: float = 30.0) -> str:

@@ -14,9 +14,10 @@ from ucp.errors import AgentError, FormatError, UcpError
 from ucp.format.jsonio import parse_json
 from ucp.format.manifest import check_version
 from ucp.snapshot import shm
+from ucp.snapshot.header import SNAPSHOT_FORMAT_VERSION
 
 FORMAT = "ucp.agent"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 REQUESTS = "ucp/requests"  # the store queue the agent serves
 
 
@@ -32,6 +33,7 @@ class AgentInfo:
     started: float  # wall clock (time.time())
     format: str = FORMAT
     format_version: str = FORMAT_VERSION
+    snapshot_format_version: str = SNAPSHOT_FORMAT_VERSION  # the snapshot headers its code reads (1.0 if absent)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -50,7 +52,8 @@ class AgentInfo:
         try:
             info = cls(job=shm.check_job(d["job"]), pid=int(d["pid"]), start_time=int(d["start_time"]),
                        host=str(d["host"]), port=int(d["port"]), started=float(d["started"]),
-                       format_version=d["format_version"])
+                       format_version=d["format_version"],
+                       snapshot_format_version=str(d.get("snapshot_format_version", "1.0")))
         except (KeyError, TypeError, ValueError, UcpError) as e:
             raise FormatError(f"{where}: malformed agent discovery file: {e}") from None
         if info.pid <= 0 or not 0 < info.port < 65536:

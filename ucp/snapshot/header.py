@@ -17,6 +17,9 @@ from ucp.format.values import split_state
 from ucp.plan.save_plan import PieceInfo, merge_metas
 
 
+#: the snapshot header format this code writes and reads (docs/agent.md section 4); an agent
+#: reports it, and a trainer refuses an agent of another
+SNAPSHOT_FORMAT_VERSION = "1.1"
 #: the block size of a snapshot's block checksums (format 1.1; 1.0 headers, without ``block_bytes``,
 #: used the durable format's 64 KiB): one library call per MiB, so a snapshot's threads spend their
 #: time in the checksum, not in taking turns for the interpreter between calls

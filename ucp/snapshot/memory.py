@@ -35,11 +35,11 @@ from ucp.codecs.checksum import copy_block_crc32c
 from ucp.errors import UcpError
 from ucp.snapshot import shm
 from ucp.snapshot.client import AgentClient, ensure_agent
-from ucp.snapshot.header import SNAPSHOT_BLOCK_BYTES
+from ucp.snapshot.header import SNAPSHOT_BLOCK_BYTES, SNAPSHOT_FORMAT_VERSION
 
 ALIGN = 64
 FORMAT = "ucp.snapshot"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = SNAPSHOT_FORMAT_VERSION
 #: bytes of device-to-host copies queued between two CUDA events: checksums of the first pieces
 #: start while the later ones are still being copied
 EVENT_BYTES = 64 << 20
@@ -220,7 +220,7 @@ class MemoryTier:
               on_copied=None) -> tuple[dict, list[str]]:
         """Copy ``items`` ``(dtype name, contiguous tensor)`` into a free slot as ``step`` and
         commit it with ``header``, to whose fragments their file, offsets and checksums (CRC-32C and
-        block checksums, as :func:`~ucp.codecs.checksum.fragment_checksums` gives them) are added;
+        block checksums of :data:`~ucp.snapshot.header.SNAPSHOT_BLOCK_BYTES` blocks) are added;
         returns the committed header and the agent's failures to write earlier snapshots durably,
         not reported before. Waits while the agent writes the slot to the durable tier.
 
@@ -259,6 +259,8 @@ class MemoryTier:
             sums = [next(device) if d else next(sums) for d in on_device]
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # its frames held views of the slot (it stays closable)
+            for side in self._streams.values():  # no copy queued before the failure still reads the sources or
+                side.synchronize()               # writes the slot once the caller lets the sources change
             raise
         finally:
             del data, regions
