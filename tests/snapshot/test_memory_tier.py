@@ -490,12 +490,14 @@ def test_loading_the_same_snapshot_again_reuses_its_manifest_and_a_new_snapshot_
     assert fetched == [2, 4, 4], fetched
 
 
-def test_a_load_from_memory_checks_blocks_of_the_size_its_headers_name(tmp_path, job, monkeypatch):
-    """Headers written with 64 KiB blocks (as format 1.0 had them) load, their blocks checked at that
-    size: a corrupted byte is named by its 64 KiB block; headers without ``block_bytes`` are 64 KiB."""
+@pytest.mark.parametrize("written_as", ["1.1", "1.0"])
+def test_a_load_from_memory_checks_blocks_of_the_size_its_headers_name(tmp_path, job, monkeypatch, written_as):
+    """Headers written with 64 KiB blocks load, their blocks checked at that size (a corrupted byte is
+    named by its 64 KiB block): a 1.1 header saying so, and a 1.0 header, which has no ``block_bytes``."""
     from ucp.errors import CorruptCheckpointError, FormatError
     from ucp.snapshot import header as header_mod
     from ucp.snapshot import memory as memory_mod
+    from ucp.snapshot.client import AgentClient
 
     assert header_mod.block_bytes_of({"rank": 0}) == 64 << 10  # format 1.0: no block_bytes
     with pytest.raises(FormatError, match="block_bytes 1000 must be a positive multiple of 4096"):
@@ -503,8 +505,19 @@ def test_a_load_from_memory_checks_blocks_of_the_size_its_headers_name(tmp_path,
     with pytest.raises(FormatError, match=r"disagree about their block size: \[65536, 1048576\]"):
         header_mod.common_block_bytes([{"rank": 0}, {"rank": 1, "block_bytes": 1 << 20}])
     monkeypatch.setattr(memory_mod, "SNAPSHOT_BLOCK_BYTES", 64 << 10)
+    if written_as == "1.0":  # the header as a 1.0 writer committed it
+        request = AgentClient.request
+
+        def as_10(self, op, wait=None, **args):
+            if op == "commit":
+                args["header"] = {k: v for k, v in args["header"].items() if k != "block_bytes"}
+                args["header"]["format_version"] = "1.0"
+            return request(self, op, wait, **args)
+
+        monkeypatch.setattr(AgentClient, "request", as_10)
     ck, want, head, f = _wide_snapshot(tmp_path, job)
-    assert head["block_bytes"] == 64 << 10 and len(f["blocks"]) == 64
+    assert head.get("block_bytes", "absent") == (64 << 10 if written_as == "1.1" else "absent")
+    assert head["format_version"] == written_as and len(f["blocks"]) == 64
     m2, opt2 = _wide_model()
     res = ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
     assert res.source == "memory" and same_state(state_of(m2, opt2), want)
