@@ -40,15 +40,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import benchlib
-from benchlib import median, ms, summary
+from benchlib import median, ms, rotated, summary
 
 KINDS = ("none", "ucp", "dcp_best", "dcp_default")
 log = benchlib.logger("bench_cuda_snapshot")
-
-
-def rotated(kinds, r: int) -> list:
-    r %= len(kinds)
-    return [*kinds[r:], *kinds[:r]]
 
 
 def build(width: int, layers: int, seed: int):

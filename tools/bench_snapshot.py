@@ -85,7 +85,7 @@ import uuid
 from pathlib import Path
 
 import benchlib
-from benchlib import median, ms, summary
+from benchlib import median, ms, rotated, summary
 
 LAYOUT = {"dp": 2, "zero": 3}
 NPROC = 2
@@ -112,12 +112,6 @@ def taken_ms(x):
 
 def gbps(nbytes: float, seconds) -> float | None:
     return None if seconds is None or seconds <= 0 else round(nbytes / 1e9 / seconds, 3)
-
-
-def rotated(kinds, r: int) -> list:
-    """``kinds`` starting at the ``r``-th (round ``r``'s order)."""
-    r %= len(kinds)
-    return [*kinds[r:], *kinds[:r]]
 
 
 def ratio(a, b) -> float | None:

@@ -247,6 +247,13 @@ def finish(out, compact: bool = True) -> int:
 # -- figures ----------------------------------------------------------------------------------------
 
 
+def rotated(kinds, r: int) -> list:
+    """``kinds`` starting at the ``r``-th (round ``r``'s order: a slow phase of the machine falls on
+    every kind in turn)."""
+    r %= len(kinds)
+    return [*kinds[r:], *kinds[:r]]
+
+
 def median(xs):
     """The median of ``xs``; None when empty."""
     xs = list(xs)
@@ -354,7 +361,7 @@ def drop_cache(paths) -> None:
             os.close(fd)
 
 
-def _stager_copies_classes() -> None:
+def _stagers_keep_their_copy_table() -> None:
     """Some torch releases (2.11 among them) fail the second staging of a reused ``DefaultStager`` when
     the state holds a class object (AdamW's does): ``StateDictStager.close()`` empties its copy table
     after each staging and the next one indexes it (``KeyError: <class 'type'>``). Each stager made
@@ -413,7 +420,7 @@ class DcpSaver:
             cuda = torch.cuda.is_available()
             self.config = StagingOptions(use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=True,
                                          use_non_blocking_copy=cuda)
-            _stager_copies_classes()
+            _stagers_keep_their_copy_table()
             self.kwargs.update(async_stager=DefaultStager(self.config),
                                async_checkpointer_type=AsyncCheckpointerType.PROCESS)
             opt.register_step_pre_hook(self._wait_staging)

@@ -113,4 +113,3 @@ def test_corruption_under_torch_distributed_keeps_its_error_class(world2, tmp_pa
     for r in out:
         assert r["both"] is True, r  # caught as CorruptCheckpointError, and it is a DistributedError
         assert r["exit_code"] == 3 and "fails its checksum" in r["msg"]
-

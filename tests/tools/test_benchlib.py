@@ -67,7 +67,7 @@ def test_a_reused_dcp_stager_copies_a_class_after_its_table_was_emptied(benchlib
     import torch
     from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
-    benchlib._stager_copies_classes()
+    benchlib._stagers_keep_their_copy_table()
     stager = StateDictStager(pin_memory=False, share_memory=False)
     state = {"w": torch.arange(4.0), "kind": torch.optim.AdamW}
     stager.stage(state)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ucp.errors import FormatError
 from ucp.format.box import Box, FlatRange
 from ucp.format.fragment import Fragment
 from ucp.format.layout import Layout
-from ucp.errors import FormatError
 from ucp.format.manifest import BLOCK_BYTES, Manifest, TensorMeta
 from ucp.format.values import split_state
 from ucp.plan.save_plan import PieceInfo, merge_metas
@@ -37,12 +37,17 @@ def block_bytes_of(header: dict) -> int:
     return size
 
 
+def one_block_size(sizes) -> int:
+    """The one block size among a snapshot's headers' ``sizes`` (FormatError when they differ)."""
+    sizes = sorted(set(sizes))
+    if len(sizes) > 1:
+        raise FormatError(f"the snapshot's headers disagree about their block size: {sizes} bytes")
+    return sizes[0] if sizes else SNAPSHOT_BLOCK_BYTES
+
+
 def common_block_bytes(headers) -> int:
     """The one block size of a snapshot's ``headers`` (FormatError when they differ)."""
-    sizes = {block_bytes_of(h) for h in headers}
-    if len(sizes) > 1:
-        raise FormatError(f"the snapshot's headers disagree about their block size: {sorted(sizes)} bytes")
-    return sizes.pop() if sizes else SNAPSHOT_BLOCK_BYTES
+    return one_block_size(block_bytes_of(h) for h in headers)
 
 
 @dataclass(frozen=True)

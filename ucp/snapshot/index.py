@@ -27,12 +27,12 @@ from operator import itemgetter
 import numpy as np
 
 from ucp.codecs.checksum import crc32c
-from ucp.errors import FormatError, SpecError
+from ucp.errors import SpecError
 from ucp.format.fragment import RegionQuery
 from ucp.format.layout import Layout
 from ucp.format.manifest import Manifest, TensorMeta
 from ucp.format.values import value_digest
-from ucp.snapshot.header import FragmentRecord, block_bytes_of
+from ucp.snapshot.header import FragmentRecord, block_bytes_of, one_block_size
 
 OPTIMIZER = "optimizer"  # the state every rank needs from every saving rank when the layout changes
 
@@ -228,13 +228,11 @@ def decide_states(folded: dict | None, world_size: int) -> dict:
         raise SpecError(f"the snapshot's headers of saving ranks {missing[:8]} reached no rank")
     if folded["conflict"] is not None:
         raise SpecError(folded["conflict"])
-    if len(folded["block_bytes"]) > 1:
-        raise FormatError(f"the snapshot's headers disagree about their block size: {list(folded['block_bytes'])} bytes")
     head = folded["head"][1]
     shared = {name: folded["values"][d] for name, d in sorted(folded["names"].items()) if d is not None}
     optimizer = [] if OPTIMIZER in shared else [v for _, v in sorted(folded["optimizer"].values(), key=itemgetter(0))]
     return {"step": head["step"], "layout": head["layout"], "created_by": head.get("created_by") or "",
-            "block_bytes": folded["block_bytes"][0],
+            "block_bytes": one_block_size(folded["block_bytes"]),
             "tensors": {k: m for k, (m, _) in sorted(folded["metas"].items())}, "shared": shared,
             "optimizer": optimizer}
 
