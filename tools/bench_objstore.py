@@ -32,6 +32,12 @@ average before and after); progress on stderr; a failure prints nothing on stdou
 ``speedup_save``/``speedup_load`` are ``dcp_s3`` seconds over ``ucp_s3`` seconds (target >= 1.5);
 ``s3_over_local_*`` are ``ucp_s3`` seconds over ``ucp_local`` seconds.
 
+Where the CPU goes (the server shares this machine's cores with the ranks): ``cpu_s`` holds, per kind
+and operation, the medians of the ranks' CPU seconds (all their threads, summed over the ranks) and
+the local server's (its process, from ``/proc``). ``server_floor_s`` is the server's CPU seconds over
+the machine's cores: the least time any client could take for that operation here, with the server's
+work as it is and none of its own; ``*_over_server_floor`` is the operation's time over it.
+
     python tools/bench_objstore.py [--gb 1.0] [--nproc 2] [--repeats 3] [--dir DIR] [--dcp-threads 4]
                                    [--endpoint URL --bucket NAME] [--quick]
 """
@@ -84,6 +90,14 @@ class GetCounter:
         return out
 
 
+def server_cpu(pid: int | None) -> float:
+    """CPU seconds the process ``pid`` (and its reaped children) has used so far; 0 without one."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
     """One rank of the world ``benchlib.spawn_world`` launched; rank 0 returns the figures."""
     import fsspec
@@ -106,6 +120,7 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
     checkpointers = {"ucp_s3": ucp.Checkpointer(f"{s3_root}/ucp", model=model, optimizer=opt),
                      "ucp_local": ucp.Checkpointer(local_root, model=model, optimizer=opt)}
     samples: dict = {f"{k}_{f}": [] for k in KINDS for f in ("save", "load")}
+    cpu: dict = {name: {"client": [], "server": []} for name in samples}
     amplification: list[float] = []
     nbytes: dict = {}
     warming = [True]
@@ -116,11 +131,23 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
         if not ok.item():
             raise RuntimeError(f"{what}: the loaded state differs from the saved one")
 
-    def record(name: str, seconds: float) -> None:
+    def timed(name: str, fn):
+        """``fn()`` timed between barriers (:func:`benchlib.barrier_timed`), its seconds and the CPU
+        seconds of the ranks and of the server recorded under ``name``; its result."""
+        server0 = server_cpu(args.server_pid) if rank == 0 else 0.0
+        client0 = time.process_time()
+        seconds, out = benchlib.barrier_timed(fn)
+        client = torch.tensor([time.process_time() - client0], dtype=torch.float64)
+        dist.all_reduce(client)
+        server = server_cpu(args.server_pid) - server0 if rank == 0 else 0.0
         if not warming[0]:
             samples[name].append(seconds)
+            cpu[name]["client"].append(client.item())
+            cpu[name]["server"].append(server)
         if rank == 0:
-            log(f"  {name:<16} {seconds:7.3f} s{'  (warm-up)' if warming[0] else ''}")
+            log(f"  {name:<16} {seconds:7.3f} s  cpu: ranks {client.item():6.2f} s, server {server:6.2f} s"
+                f"{'  (warm-up)' if warming[0] else ''}")
+        return out
 
     def total(n: int) -> int:
         t = torch.tensor([n], dtype=torch.int64)
@@ -129,13 +156,11 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
 
     def ucp_round(kind: str, step: int) -> None:
         ck = checkpointers[kind]
-        s, res = benchlib.barrier_timed(lambda: ck.save(step))
-        record(f"{kind}_save", s)
+        res = timed(f"{kind}_save", lambda: ck.save(step))
         nbytes[kind] = res.nbytes
         scramble(model, opt)
         gets.take()
-        s, loaded = benchlib.barrier_timed(lambda: ck.load())
-        record(f"{kind}_load", s)
+        loaded = timed(f"{kind}_load", lambda: ck.load())
         requested = total(gets.take())
         if loaded is None or loaded.step != step:
             raise RuntimeError(f"{kind}: load returned {loaded!r}, expected step {step}")
@@ -165,13 +190,11 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
             dcp.load(sd, storage_reader=FsspecReader(path, use_listings_cache=False))
             set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
-        s, _ = benchlib.barrier_timed(save)
-        record("dcp_s3_save", s)
+        timed("dcp_s3_save", save)
         if rank == 0:
             nbytes["dcp_s3"] = sum(s3.du(path.split("://", 1)[1], total=False).values())
         scramble(model, opt)
-        s, _ = benchlib.barrier_timed(load)
-        record("dcp_s3_load", s)
+        timed("dcp_s3_load", load)
         verify("dcp_s3")
         dist.barrier()
         if rank == 0:
@@ -208,6 +231,14 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
             out[f"speedup_{f}"] = round(out[f"dcp_s3_{f}_s"] / out[f"ucp_s3_{f}_s"], 3)
             out[f"s3_over_local_{f}"] = round(out[f"ucp_s3_{f}_s"] / out[f"ucp_local_{f}_s"], 3)
         out["target_met"] = out["speedup_save"] >= 1.5 and out["speedup_load"] >= 1.5
+        out["cpu_s"] = {name: {side: round(benchlib.median(xs), 3) for side, xs in sides.items()}
+                        for name, sides in cpu.items()}
+        if args.server_pid is not None:
+            cores = os.cpu_count() or 1
+            out["server_floor_s"] = {name: round(c["server"] / cores, 3) for name, c in out["cpu_s"].items()}
+            for name, floor in out["server_floor_s"].items():
+                if floor > 0:
+                    out[f"{name}_over_server_floor"] = round(out[f"{name}_s"] / floor, 3)
         out["ucp_s3_read_amplification"] = round(benchlib.median(amplification), 4)
         out["verified"] = True
         out["load_average"] = {"before": load_before, "after": benchlib.load_average()}
@@ -252,9 +283,11 @@ def run_world(args, work: Path) -> dict:
         server = S3Server(work / "s3", options=args.server_option).start()
         os.environ.update(server.environ())
         bucket = BUCKET
+        args.server_pid = server.proc.pid
     else:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint
         bucket = args.bucket
+        args.server_pid = None  # (a remote server's CPU is not seen from here)
     root = f"s3://{bucket}/bench-objstore-{uuid.uuid4().hex[:12]}"
     try:
         threads = max(1, (os.cpu_count() or 1) // args.nproc)

@@ -18,6 +18,9 @@ def test_bench_objstore_quick(s3, tmp_path):
     for fig in ("save", "load"):
         assert doc[f"speedup_{fig}"] == pytest.approx(doc[f"dcp_s3_{fig}_s"] / doc[f"ucp_s3_{fig}_s"], rel=0.02)
     assert 1.0 <= doc["ucp_s3_read_amplification"] <= 1.1
+    for name, sides in doc["cpu_s"].items():  # (the ranks' CPU is counted; a remote server's is not seen)
+        assert sides["client"] > 0 and sides["server"] == 0, name
+    assert "server_floor_s" not in doc
     assert abs(doc["gb"]["ucp_s3"] - doc["state_gb"]) / doc["state_gb"] < 0.01
     assert list(tmp_path.iterdir()) == []  # (the local checkpoints removed)
     fs = s3.filesystem()
