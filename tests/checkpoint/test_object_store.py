@@ -304,3 +304,54 @@ def test_export_and_load_of_a_universal_checkpoint_on_s3_bit_exact(s3, tmp_path)
     with ucp.Checkpointer(universal, model=model2, optimizer=opt2, scheduler=sched2) as ck:
         assert ck.load().step == 4
     assert bit_diffs(saved, state_of(model2, opt2)) == []
+
+
+def _many_tensors(layers: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_a_load_fetches_many_small_fragments_in_a_few_gets_and_names_a_corrupted_one(s3, monkeypatch):
+    """A rank's fragments lie side by side in its file: a load fetches them in ranged GETs that each span
+    many (FragmentFiles.read_spans), so its GETs do not grow with the number of tensors (one per fragment
+    before: 6 layers of AdamW are 48 fragments and 12 step counts); each fragment is still checked on its
+    own, and a flipped byte is named by its tensor."""
+    import s3fs
+
+    gets: list = []
+    real = s3fs.S3FileSystem._cat_file
+
+    async def counted(self, path, start=None, end=None, **kw):
+        gets.append((path, start, end))
+        return await real(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counted)
+    counts = {}
+    for layers in (2, 12):
+        url = s3.url(f"many{layers}")
+        model, opt = _many_tensors(layers)
+        with ucp.Checkpointer(url, model=model, optimizer=opt) as ck:
+            ck.save(1)
+        saved = state_of(model, opt)
+        model2, opt2 = _many_tensors(layers, seed=5)
+        gets.clear()
+        with ucp.Checkpointer(url, model=model2, optimizer=opt2) as ck:
+            assert ck.load().step == 1
+        data = [g for g in gets if g[0].endswith(".safetensors")]
+        counts[layers] = len(data)
+        assert bit_diffs(saved, state_of(model2, opt2)) == []
+    assert counts[12] == counts[2] <= 3, counts  # (the header's check and one span; 96 fragments are not 96 GETs)
+
+    manifest = read_manifest(ObjectPath(f"{url}/step_00000001"))
+    f = next(f for f in manifest.fragments if f.key == "optim/5.bias/exp_avg_sq")
+    fs, key = s3.filesystem(), f"{url.removeprefix('s3://')}/step_00000001/{f.file}"
+    raw = bytearray(fs.cat_file(key))
+    raw[f.offset + 5] ^= 0x01
+    fs.pipe_file(key, bytes(raw))
+    model3, opt3 = _many_tensors(12, seed=9)
+    with pytest.raises(CorruptCheckpointError, match=f"fragment of {f.key}.*fails its checksum"):
+        ucp.Checkpointer(url, model=model3, optimizer=opt3).load()

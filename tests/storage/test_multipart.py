@@ -105,3 +105,30 @@ def test_read_into_splits_a_large_read_and_stops_at_the_end(s3, monkeypatch):
     tail = bytearray(3 * MIB)
     assert path.read_into(3 * MIB, [tail]) == 2 * MIB + 123  # (short: the object ends)
     assert bytes(tail[:2 * MIB + 123]) == data[3 * MIB:]
+
+
+def test_read_spans_fetches_every_span_with_at_most_gets_in_flight(s3, monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr(objstore, "GET_BYTES", MIB)
+    path = ObjectPath(s3.url("spans") + "/obj")
+    data = os.urandom(4 * MIB)
+    path.write_bytes(data)
+    cat, flying, most = path.fs._cat_file, [0], [0]
+
+    async def counted(key, start=None, end=None, **kw):
+        flying[0] += 1
+        most[0] = max(most[0], flying[0])
+        await asyncio.sleep(0.01)
+        try:
+            return await cat(key, start=start, end=end, **kw)
+        finally:
+            flying[0] -= 1
+
+    monkeypatch.setattr(path.fs, "_cat_file", counted)
+    spans = [(0, [bytearray(10), bytearray(20)]), (100, [bytearray(2 * MIB + 1)]), (4 * MIB - 5, [bytearray(9)])]
+    assert path.read_spans(spans, gets=2) == [30, 2 * MIB + 1, 5]  # (the last is short: the object ends)
+    assert bytes(spans[0][1][0] + spans[0][1][1]) == data[:30]
+    assert bytes(spans[1][1][0]) == data[100:100 + 2 * MIB + 1]
+    assert bytes(spans[2][1][0][:5]) == data[-5:]
+    assert most[0] == 2  # (5 GETs, 2 at a time)

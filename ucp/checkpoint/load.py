@@ -46,6 +46,7 @@ from ucp.state.tensors import torch_dtype
 from ucp.storage import directory as store
 from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.manifest_io import StoredManifest, open_manifest
+from ucp.storage.objstore import GETS
 from ucp.storage.universal_io import is_universal, read_header
 
 
@@ -343,7 +344,8 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         target_layout = ckpt.geometry.layout
         plans = [(p, res) for p, res in result["plans"] if p.numel]
         threads = ckpt.options.io_threads
-        together = []  # exact reads from memory: in one pass over them all (read_all), on this thread and helpers
+        together = []  # exact reads from memory (one pass over them all, on this thread and helpers) or from an
+        # object store (ranged GETs each fetching many): read_all
         with ThreadPoolExecutor(threads) as pool:
             if universal:
                 reader = UniversalReader(manifest)
@@ -351,12 +353,13 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             else:  # (a read from memory splits its copy over the pool's threads too)
                 index = FragmentIndex(manifest.fragments)
                 reader = FragmentReader(path, manifest if source == "durable" else None, maps=maps, pool=pool,
-                                        helpers=cpu_threads(threads) - 1, block_bytes=manifest.block_bytes)
+                                        helpers=cpu_threads(threads) - 1, block_bytes=manifest.block_bytes,
+                                        gets=threads * GETS)
                 jobs = []
                 for p, res in plans:
                     only = res.slices[0]
                     exact = index.exact(only.key, p.box, p.flat) if len(res.slices) == 1 and only.dim is None else None
-                    if exact is not None and maps is not None:
+                    if exact is not None and reader.batches(ReadItem(exact), p.data):
                         together.append((ReadItem(exact), p.data))
                     elif exact is not None:  # the same layout: straight into the destination
                         jobs.append((reader.read, (ReadItem(exact), p.data), _piece_bytes(p)))

@@ -28,6 +28,7 @@ from ucp.state import pages
 from ucp.state.capture import Piece
 from ucp.state.tensors import torch_dtype
 from ucp.storage.fragment_files import FragmentFiles
+from ucp.storage.objstore import GETS
 from ucp.storage.universal_io import array_reader
 
 
@@ -198,6 +199,16 @@ def byte_spans(items) -> dict:
     return spans
 
 
+def _direct(f, dest: torch.Tensor) -> bool:
+    """Whether fragment ``f``'s bytes are read straight into ``dest``: a contiguous CPU tensor of its dtype."""
+    return dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of contiguous CPU tensor ``t``, writable."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 class FragmentReader:
     """Reads fragments of one checkpoint directory into destination tensors, verifying checksums
     (the bytes through :class:`~ucp.storage.fragment_files.FragmentFiles`; with the ``manifest`` of
@@ -210,9 +221,10 @@ class FragmentReader:
     the manifest's block size, whose block checksums are then checked too.
     """
 
-    def __init__(self, directory: Path, manifest=None, maps=None, pool=None, helpers: int = 0, block_bytes: int = 0):
+    def __init__(self, directory: Path, manifest=None, maps=None, pool=None, helpers: int = 0, block_bytes: int = 0,
+                 gets: int = GETS):
         self.files = FragmentFiles(directory, manifest=manifest, maps=maps, pool=pool, helpers=helpers)
-        self.block_bytes = block_bytes
+        self.block_bytes, self.gets = block_bytes, gets
 
     @property
     def nbytes(self) -> int:
@@ -222,25 +234,33 @@ class FragmentReader:
     def read(self, item: ReadItem, dest: torch.Tensor) -> None:
         """Fill ``dest`` (the destination piece's local tensor) from ``item``."""
         f = item.fragment
-        direct = dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
+        direct = _direct(f, dest)
         buf = dest if direct else pages.empty(f.numel, torch_dtype(f.dtype))
-        self.files.read(f, [memoryview(buf.reshape(-1).view(torch.uint8).numpy())], block_bytes=self.block_bytes)
+        self.files.read(f, [_bytes_of(buf)], block_bytes=self.block_bytes)
         if not direct:
             with torch.no_grad():
                 dest.copy_(buf.view(dest.shape))
 
+    def batches(self, item: ReadItem, dest: torch.Tensor) -> bool:
+        """Whether :meth:`read_all` reads ``item`` into ``dest`` together with the others: always
+        from a snapshot in memory, and from an object store into a destination of the fragment's
+        bytes (a CPU tensor, contiguous, of its dtype)."""
+        return self.files.has_maps or (self.files.remote and _direct(item.fragment, dest))
+
     def read_all(self, reads: list) -> None:
         """Fill each ``(item, dest)`` of ``reads`` as :meth:`read` does; those copied from a mapping
-        straight into their destination in one pass over them all (:meth:`FragmentFiles.read_mapped`)."""
-        mapped = []
+        straight into their destination in one pass over them all (:meth:`FragmentFiles.read_mapped`),
+        those on an object store in ranged GETs that each fetch many (:meth:`FragmentFiles.read_spans`,
+        ``gets`` in flight)."""
+        mapped, remote = [], []
         for item, dest in reads:
             f = item.fragment
-            if (dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
-                    and self.files.mapped(f)):
-                mapped.append((f, memoryview(dest.reshape(-1).view(torch.uint8).numpy())))
+            if _direct(f, dest) and (self.files.remote or self.files.mapped(f)):
+                (remote if self.files.remote else mapped).append((f, _bytes_of(dest)))
             else:
                 self.read(item, dest)
         self.files.read_mapped(mapped, self.block_bytes)
+        self.files.read_spans(remote, self.gets)
 
     def fetch(self, f, spans=None, block_bytes: int = 0) -> torch.Tensor:
         """Fragment ``f`` as a flat tensor of its dtype: whole, its checksum verified; or, when it has
@@ -270,7 +290,7 @@ class FragmentReader:
     def _read_runs(self, dest: torch.Tensor, items, block_bytes: int) -> list:
         """Read the items that are one contiguous run both in their fragment (with block checksums,
         same dtype) and in ``dest`` straight into ``dest``; returns the others."""
-        out = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+        out = _bytes_of(dest)
         rest = []
         for item in items:
             f, sp, tp = item.source.ref[1], item.source, item.target

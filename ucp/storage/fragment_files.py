@@ -25,7 +25,7 @@ from ucp.format.fragment import Fragment
 from ucp.format.manifest import BLOCK_BYTES, Manifest
 from ucp.storage.directory import MANIFEST
 from ucp.storage.manifest_io import gone
-from ucp.storage.objstore import is_object
+from ucp.storage.objstore import GETS, coalesced, is_object
 from ucp.storage.safetensors_file import header_bytes
 
 IOV_MAX = 512  # buffers per preadv call (the kernel's UIO_MAXIOV is 1024)
@@ -247,6 +247,46 @@ class FragmentFiles:
         if crc != f.crc32c:
             raise CorruptCheckpointError(f"{describe(self.directory / f.file, f)} fails its checksum (crc32c {crc:08x}, "
                                          f"expected {f.crc32c:08x}); the file is corrupted")
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether files may be read from the caller's mappings (a snapshot in memory)."""
+        return self._maps is not None
+
+    @property
+    def remote(self) -> bool:
+        """Whether the files are objects on an object store (each read a ranged GET)."""
+        return self._object
+
+    def read_spans(self, reads: list, gets: int = GETS) -> None:
+        """Each ``(fragment, view)`` of ``reads`` (views of the fragments' lengths) from an object
+        store: the fragments of one object close together fetched by one ranged GET spanning them
+        (:func:`~ucp.storage.objstore.coalesced`: the bytes between, at most a tenth more, go to a
+        scratch buffer), ``gets`` GETs in flight at once; each fragment then checked against its
+        CRC-32C. A rank's many small fragments cost a few round trips, not one each."""
+        by_file: dict[str, list] = {}
+        for f, view in reads:
+            self.locate(f)
+            by_file.setdefault(f.file, []).append((f, view))
+        for name, items in by_file.items():
+            spans = []
+            for start, end, indices in coalesced([(f.offset, f.length) for f, _ in items]):
+                views, at = [], start
+                for i in indices:
+                    f, view = items[i]
+                    if f.offset > at:
+                        views.append(bytearray(f.offset - at))
+                    views.append(view)
+                    at = f.offset + f.length
+                spans.append((start, end, views))
+            got = (self.directory / name).read_spans([(start, views) for start, _, views in spans], gets)
+            for (start, end, _), n in zip(spans, got):
+                if n < end - start:
+                    raise CorruptCheckpointError(f"{self.directory / name}: the file ends at byte {start + n}, "
+                                                 f"{end - start - n} bytes early (truncated?)")
+            self._count(sum(end - start for start, end, _ in spans))
+        for f, view in reads:
+            self._verify(f, crc32c(view), [], 0)
 
     def mapped(self, f: Fragment) -> bool:
         """Whether fragment ``f`` is read from a mapping (its file located, so mapped if it can be)."""

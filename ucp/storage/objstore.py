@@ -115,6 +115,9 @@ _STEP_KEY = re.compile(r"step_\d+/")
 #: a read over this many bytes is split into ranged GETs of this size, ``GETS`` of them at a time
 GET_BYTES = 16 << 20
 GETS = 4
+#: fragments of one object at most this far apart are fetched by one ranged GET spanning them and the
+#: bytes between (:func:`coalesced`): a request's round trip costs more than reading that much more
+COALESCE_GAP = 256 << 10
 
 
 def _filesystem(url: str):
@@ -252,32 +255,44 @@ class ObjectPath:
         size, :data:`GETS` in flight at once (on an asynchronous file system, s3fs), each copied into
         place as it arrives: one connection's speed does not bound a large fragment's read, and the
         memory held is at most ``GETS * GET_BYTES``. The range must start inside the object."""
-        out = [memoryview(v).cast("B") for v in views]
-        total = sum(v.nbytes for v in out)
-        if total <= GET_BYTES or not getattr(self.fs, "async_impl", False):
-            data = self.fs.cat_file(self.key, start=offset, end=offset + total) if total else b""
-            _scatter(out, 0, data)
-            return len(data)
+        return self.read_spans([(offset, views)])[0]
+
+    @_io
+    def read_spans(self, spans: list, gets: int = GETS) -> list[int]:
+        """Fill the ``views`` of each ``(offset, views)`` of ``spans`` as :meth:`read_into` does, all
+        the spans' ranged GETs (of at most :data:`GET_BYTES`) ``gets`` in flight at once: many small
+        reads cost about one round trip, not one each. The count of bytes each span had."""
+        outs = [[memoryview(v).cast("B") for v in views] for _, views in spans]
+        totals = [sum(v.nbytes for v in out) for out in outs]
+        if not getattr(self.fs, "async_impl", False):
+            got = []
+            for (offset, _), out, total in zip(spans, outs, totals):
+                data = self.fs.cat_file(self.key, start=offset, end=offset + total) if total else b""
+                _scatter(out, 0, data)
+                got.append(len(data))
+            return got
         from fsspec.asyn import sync
 
-        pieces = [(lo, min(lo + GET_BYTES, total)) for lo in range(0, total, GET_BYTES)]
+        pieces = [(i, lo, min(lo + GET_BYTES, total)) for i, total in enumerate(totals)
+                  for lo in range(0, total, GET_BYTES)]
 
         async def fetch() -> list[int]:
-            gate = asyncio.Semaphore(GETS)
+            gate = asyncio.Semaphore(max(1, gets))
 
-            async def one(lo: int, hi: int) -> int:
+            async def one(i: int, lo: int, hi: int) -> int:
+                start = spans[i][0]
                 async with gate:
-                    data = await self.fs._cat_file(self.key, start=offset + lo, end=offset + hi)
-                _scatter(out, lo, data)
+                    data = await self.fs._cat_file(self.key, start=start + lo, end=start + hi)
+                _scatter(outs[i], lo, data)
                 return len(data)
 
-            return await asyncio.gather(*(one(lo, hi) for lo, hi in pieces))
+            return await asyncio.gather(*(one(*piece) for piece in pieces))
 
-        got = 0
-        for (lo, hi), n in zip(pieces, sync(self.fs.loop, fetch)):
-            got += n
-            if n < hi - lo:  # (the object ends here)
-                break
+        got, ended = [0] * len(spans), [False] * len(spans)
+        for (i, lo, hi), n in zip(pieces, sync(self.fs.loop, fetch) if pieces else ()):
+            if not ended[i]:
+                got[i] += n
+            ended[i] = ended[i] or n < hi - lo  # (the object ends here)
         return got
 
     # -- writing -----------------------------------------------------------------------------
@@ -460,6 +475,29 @@ def _scatter(views: list[memoryview], at: int, data: bytes) -> None:
         src, at = src[k:], 0
         if not src.nbytes:
             return
+
+
+def coalesced(extents: list[tuple[int, int]], gap: int = COALESCE_GAP) -> list[tuple[int, int, list[int]]]:
+    """The ranges to fetch for byte ranges ``extents`` (``(offset, length)`` pairs of one object, in
+    any order): ``(start, end, indices)`` each, ``indices`` the extents it holds in order of offset.
+    An extent joins the range before it when the bytes between them are at most ``gap`` and the
+    range's skipped bytes stay within a tenth of those it holds: the bytes fetched are at most 1.1x
+    those asked for. Overlapping extents are fetched apart."""
+    out: list[tuple[int, int, list[int]]] = []
+    held = skipped = 0
+    for i in sorted(range(len(extents)), key=lambda k: extents[k][0]):
+        offset, length = extents[i]
+        if out:
+            start, end, indices = out[-1]
+            between = offset - end
+            if 0 <= between <= gap and (skipped + between) * 10 <= held + length:
+                indices.append(i)
+                out[-1] = (start, offset + length, indices)
+                held, skipped = held + length, skipped + between
+                continue
+        out.append((offset, offset + length, [i]))
+        held, skipped = length, 0
+    return out
 
 
 def as_location(where) -> Path | ObjectPath:
