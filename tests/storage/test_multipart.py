@@ -132,3 +132,29 @@ def test_read_spans_fetches_every_span_with_at_most_gets_in_flight(s3, monkeypat
     assert bytes(spans[1][1][0]) == data[100:100 + 2 * MIB + 1]
     assert bytes(spans[2][1][0][:5]) == data[-5:]
     assert most[0] == 2  # (5 GETs, 2 at a time)
+
+
+def test_a_failed_get_stops_the_others_before_read_spans_raises(s3, monkeypatch):
+    """The views belong to the caller (a model's tensors): once read_spans has raised, no GET still in
+    flight may write into them."""
+    import asyncio
+    import time
+
+    monkeypatch.setattr(objstore, "GET_BYTES", MIB)
+    path = ObjectPath(s3.url("failing") + "/obj")
+    path.write_bytes(os.urandom(3 * MIB))
+    cat = path.fs._cat_file
+
+    async def failing(key, start=None, end=None, **kw):
+        if start == 0:
+            await asyncio.sleep(0.05)
+            raise OSError("connection reset")
+        await asyncio.sleep(0.3)
+        return await cat(key, start=start, end=end, **kw)
+
+    monkeypatch.setattr(path.fs, "_cat_file", failing)
+    views = [bytearray(3 * MIB)]
+    with pytest.raises(OSError, match="connection reset"):
+        path.read_spans([(0, views)], gets=3)
+    time.sleep(0.5)
+    assert not any(views[0])  # (the two slower GETs were cancelled, not left to land)

@@ -286,7 +286,14 @@ class ObjectPath:
                 _scatter(outs[i], lo, data)
                 return len(data)
 
-            return await asyncio.gather(*(one(*piece) for piece in pieces))
+            tasks = [asyncio.ensure_future(one(*piece)) for piece in pieces]
+            try:
+                return await asyncio.gather(*tasks)
+            except BaseException:  # (the first failure: the others stopped before the views go back to the caller)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
 
         got, ended = [0] * len(spans), [False] * len(spans)
         for (i, lo, hi), n in zip(pieces, sync(self.fs.loop, fetch) if pieces else ()):
