@@ -24,7 +24,7 @@ object path costs over the same disk, those to ``dcp_s3`` what ucp gains on the 
 Before each load the local state is overwritten, and after it its checksum must equal the one taken
 before the save. Every timing is a barrier, the operation, a barrier, on rank 0; one untimed round of
 each kind comes first; each round's checkpoint is deleted after it, outside the timings. For
-``ucp_s3`` the load's GETs are counted (``ObjectPath.read_range``/``read_into``/``read_bytes``, all ranks):
+``ucp_s3`` the load's GETs are counted (``ObjectPath.read_range``/``read_spans``/``read_bytes``, all ranks):
 ``ucp_s3_read_amplification`` is the bytes requested over the checkpoint's bytes.
 
 Output: one JSON line on stdout (figures are medians, with ``*_spread_s`` and every sample; the load
@@ -67,23 +67,23 @@ class GetCounter:
         from ucp.storage.objstore import ObjectPath
 
         self.nbytes = 0
-        read_range, read_into, read_bytes = ObjectPath.read_range, ObjectPath.read_into, ObjectPath.read_bytes
+        read_range, read_spans, read_bytes = ObjectPath.read_range, ObjectPath.read_spans, ObjectPath.read_bytes
         counter = self
 
         def counted_range(self_, start, end):
             counter.nbytes += max(0, end - start)
             return read_range(self_, start, end)
 
-        def counted_into(self_, offset, views):
-            counter.nbytes += sum(memoryview(v).nbytes for v in views)
-            return read_into(self_, offset, views)
+        def counted_spans(self_, spans, *args, **kwargs):  # (read_into is one span)
+            counter.nbytes += sum(memoryview(v).nbytes for _, views in spans for v in views)
+            return read_spans(self_, spans, *args, **kwargs)
 
         def counted_bytes(self_):
             data = read_bytes(self_)
             counter.nbytes += len(data)
             return data
 
-        ObjectPath.read_range, ObjectPath.read_into, ObjectPath.read_bytes = counted_range, counted_into, counted_bytes
+        ObjectPath.read_range, ObjectPath.read_spans, ObjectPath.read_bytes = counted_range, counted_spans, counted_bytes
 
     def take(self) -> int:
         out, self.nbytes = self.nbytes, 0
