@@ -34,3 +34,24 @@ def fsdp_load(env: dict, url: str) -> dict:
 
 def _detached(state: dict) -> dict:
     return {k: v.detach() for k, v in state.items()}  # (a tensor that requires grad does not cross processes)
+
+
+def fsdp_load_counted(env: dict, url: str) -> dict:
+    """:func:`fsdp_load`, with the S3 requests this rank made during the load: ``requests``, a list of
+    ``(operation, key below the checkpoint's root, range asked or "")``."""
+    import s3fs
+
+    made: list = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        key = kwargs.get("Key") or kwargs.get("Prefix") or ""
+        made.append((method, key.split(url.removeprefix("s3://").split("/", 1)[1], 1)[-1].lstrip("/"),
+                     kwargs.get("Range", "")))
+        return await real(self, method, *args, **kwargs)
+
+    s3fs.S3FileSystem._call_s3 = counted
+    try:
+        return {**fsdp_load(env, url), "requests": made}
+    finally:
+        s3fs.S3FileSystem._call_s3 = real

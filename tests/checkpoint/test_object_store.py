@@ -23,7 +23,7 @@ import ucp
 from tests.checkpoint import object_workloads as workloads
 from tests.checkpoint.common import make, train_step
 from tests.helpers import bit_diffs, state_of
-from ucp.errors import CorruptCheckpointError, LeaseError
+from ucp.errors import CheckpointDeletedError, CorruptCheckpointError, LeaseError
 from ucp.storage import directory as store
 from ucp.storage import objstore
 from ucp.storage.lease import LEASE
@@ -355,3 +355,61 @@ def test_a_load_fetches_many_small_fragments_in_a_few_gets_and_names_a_corrupted
     model3, opt3 = _many_tensors(12, seed=9)
     with pytest.raises(CorruptCheckpointError, match=f"fragment of {f.key}.*fails its checksum"):
         ucp.Checkpointer(url, model=model3, optimizer=opt3).load()
+    raw[f.offset + 5] ^= 0x01
+    raw[20] ^= 0x01  # (in the safetensors header, which comes in the same GET as the fragments)
+    fs.pipe_file(key, bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="safetensors header fails its checksum"):
+        ucp.Checkpointer(url, model=model3, optimizer=opt3).load()
+
+
+def test_a_checkpoint_deleted_while_its_objects_are_read_is_told_as_deleted(s3, monkeypatch):
+    """Retention deletes a checkpoint's manifest first: a rank file found missing at its GET (its size
+    was asked before) with the manifest gone is a checkpoint deleted while being read, not corruption."""
+    from ucp.checkpoint import load as load_module
+    from ucp.checkpoint.readers import FragmentReader
+
+    url = s3.url("pruned")
+    model, opt = _many_tensors(3)
+    with ucp.Checkpointer(url, model=model, optimizer=opt) as ck:
+        ck.save(1)
+
+    class Pruned(FragmentReader):
+        def __init__(self, directory, manifest=None, **kwargs):
+            store.remove_checkpoint(directory)  # (as retention does: the manifest first)
+            super().__init__(directory, manifest, **kwargs)
+
+    monkeypatch.setattr(load_module, "FragmentReader", Pruned)
+    model2, opt2 = _many_tensors(3, seed=4)
+    with pytest.raises(CheckpointDeletedError, match="step 1 was deleted") as e:
+        ucp.Checkpointer(url, model=model2, optimizer=opt2).load(step=1)
+    assert not isinstance(e.value, CorruptCheckpointError)
+
+
+def test_a_load_asks_the_shared_objects_once_and_each_rank_file_in_one_round_trip(s3, worlds):
+    """At 16,384 ranks an object store throttles requests on one key: rank 0 alone finds the checkpoint
+    and reads its manifest.json (sent to the others with the phase's answer); a rank asks nothing of the
+    root's listing, zarr.json or manifest.json, and reads each rank file it needs in one HEAD (its size)
+    and one ranged GET, the safetensors header checked from the GET's first bytes (another rank's file,
+    whose fragments lie far from its header: a GET of its first bytes sent beside the fragments' GETs,
+    in the same round trip). Only the paged tables' pages (index and the rank's leaves) are read on
+    every rank."""
+    url = s3.url("requests")
+    saved = worlds(2).run(workloads.fsdp_save, s3.environ(), url)
+    loaded = worlds(2).run(workloads.fsdp_load_counted, s3.environ(), url)
+    for rank, out in enumerate(loaded):
+        assert out["step"] == 3 and bit_diffs(saved[0], out["state"]) == []
+        made = out["requests"]
+        shared = [(op, key) for op, key, _ in made if not key.startswith("step_00000003/")
+                  or key.endswith(("manifest.json", "zarr.json", "zarr.json/"))]
+        if rank > 0:
+            assert shared == [], made
+        files = {key for _, key, _ in made if key.endswith(".safetensors")}
+        mine = f"step_00000003/rank_{rank:05d}.safetensors"
+        assert mine in files, made
+        for name in files:  # (each header comes with the data: in its GET, or in a GET sent beside them)
+            asked = [(op, at) for op, key, at in made if key == name]
+            assert [op for op, _ in asked].count("head_object") == 1, (name, asked)
+            assert ("get_object", "bytes=0-7") not in asked, (name, asked)  # (no GETs of the header alone)
+        assert [op for op, key, _ in made if key == mine] == ["head_object", "get_object"], made
+        tables = [key for _, key, _ in made if key.endswith(".pages")]
+        assert all(op == "get_object" for op, key, _ in made if key.endswith(".pages")) and len(tables) <= 8, made

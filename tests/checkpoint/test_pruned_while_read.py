@@ -59,8 +59,8 @@ def _prune_on(monkeypatch, where: str, victim, then=lambda: None):
             store.remove_checkpoint(victim)
 
     if where == "manifest":
-        def reading(path):
-            m = open_manifest(path)
+        def reading(path, data=None):
+            m = open_manifest(path, data)
             prune()
             return m
         monkeypatch.setattr(load_module, "open_manifest", reading)
@@ -105,8 +105,8 @@ def test_a_load_that_keeps_losing_the_race_gives_up_after_a_few_tries(ckpt_root,
             (tmp_path / "kept").rename(store.step_dir(ckpt_root, 4))
         return resolve(root, step)
 
-    def reading(path):  # every checkpoint found is pruned as soon as its manifest is read
-        m = open_manifest(path)
+    def reading(path, data=None):  # every checkpoint found is pruned as soon as its manifest is read
+        m = open_manifest(path, data)
         calls.append(path)
         shutil.copytree(path, tmp_path / "kept")
         store.remove_checkpoint(path)

@@ -1,12 +1,12 @@
 """objstore.coalesced: which byte ranges of an object one ranged GET fetches together (fragments side by
-side, or a little apart; never more than 1.1x the bytes asked for)."""
+side, or a little apart; never more than 1.1x the bytes asked for, or 64 KiB more)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ucp.storage.objstore import COALESCE_GAP, coalesced
+from ucp.storage.objstore import COALESCE_GAP, COALESCE_SLACK, coalesced
 
 
 def test_fragments_side_by_side_are_one_range_in_order_of_offset():
@@ -20,11 +20,17 @@ def test_a_gap_over_the_limit_starts_a_new_range():
                                                                                    big + COALESCE_GAP + 11, [1])]
 
 
-def test_small_fragments_far_apart_are_not_joined_past_a_tenth_more_bytes():
-    # 1 KiB fragments 64 KiB apart: joining them would fetch 65x the bytes asked for
-    assert [r[2] for r in coalesced([(0, 1024), (65 * 1024, 1024)])] == [[0], [1]]
-    assert [r[2] for r in coalesced([(0, 1024), (1024 + 204, 1024)])] == [[0, 1]]  # (204 bytes <= 2048 / 10)
-    assert [r[2] for r in coalesced([(0, 1024), (1024 + 205, 1024)])] == [[0], [1]]
+def test_fragments_far_apart_are_joined_within_a_tenth_more_bytes_or_64_kib():
+    # tiny fragments (step counts) a few hundred bytes apart: one GET
+    assert [r[2] for r in coalesced([(0, 4), (268, 4), (536, 4)])] == [[0, 1, 2]]
+    # 1 KiB fragments: up to 64 KiB skipped in all, then a new range
+    assert [r[2] for r in coalesced([(0, 1024), (1024 + COALESCE_SLACK, 1024)])] == [[0, 1]]
+    assert [r[2] for r in coalesced([(0, 1024), (1025 + COALESCE_SLACK, 1024)])] == [[0], [1]]
+    assert [r[2] for r in coalesced([(0, 1024), (2048, 1024), (3072 + COALESCE_SLACK, 1024)])] == [[0, 1], [2]]
+    # large fragments: a tenth of the bytes held
+    mib = 1 << 20
+    assert [r[2] for r in coalesced([(0, 2 * mib), (2 * mib + 200_000, mib)])] == [[0, 1]]  # (<= 3 MiB / 10)
+    assert [r[2] for r in coalesced([(0, mib), (mib + 120_000, mib // 8)])] == [[0], [1]]  # (> 1.125 MiB / 10)
 
 
 def test_overlapping_ranges_are_fetched_apart():
@@ -32,7 +38,7 @@ def test_overlapping_ranges_are_fetched_apart():
 
 
 @given(st.lists(st.tuples(st.integers(0, 1 << 22), st.integers(1, 1 << 16)), max_size=40))
-def test_every_extent_is_held_once_and_at_most_a_tenth_more_is_fetched(extents):
+def test_every_extent_is_held_once_and_at_most_a_tenth_or_64_kib_more_is_fetched(extents):
     ranges = coalesced(extents)
     assert sorted(i for _, _, held in ranges for i in held) == list(range(len(extents)))
     for start, end, held in ranges:
@@ -40,4 +46,4 @@ def test_every_extent_is_held_once_and_at_most_a_tenth_more_is_fetched(extents):
         for a, b in zip(held, held[1:]):
             assert sum(extents[a]) <= extents[b][0]  # (in order, apart)
         asked = sum(extents[i][1] for i in held)
-        assert (end - start) * 10 <= asked * 11
+        assert end - start - asked <= max(asked // 10, COALESCE_SLACK)

@@ -45,7 +45,7 @@ from ucp.state.rng import restore_rng
 from ucp.state.tensors import torch_dtype
 from ucp.storage import directory as store
 from ucp.storage.fragment_files import FragmentFiles
-from ucp.storage.manifest_io import StoredManifest, open_manifest
+from ucp.storage.manifest_io import StoredManifest, manifest_bytes, open_manifest
 from ucp.storage.objstore import GETS
 from ucp.storage.universal_io import is_universal, read_header
 
@@ -238,7 +238,10 @@ def _said(ckpt, result: LoadResult | None) -> LoadResult | None:
 
 
 def _load_stored(ckpt, coll, t0: float, step: int | None, strict: bool, cast: bool):
-    """A load from storage: the phases *find* and *manifest*, then :func:`_load`."""
+    """A load from storage: the phases *find* and *manifest*, then :func:`_load`. Rank 0 alone finds
+    the checkpoint and reads what every rank needs alike (whether it is universal, the manifest's
+    header), sent to all in the phase's answer: at 16,384 ranks, one request for a shared object,
+    not one per rank (an object store throttles requests on one key)."""
 
     def find():
         if coll.rank != 0:
@@ -247,24 +250,26 @@ def _load_stored(ckpt, coll, t0: float, step: int | None, strict: bool, cast: bo
             if step is not None and step != read_header(ckpt.root).step:
                 raise CheckpointNotFoundError(f"{ckpt.root}: a universal checkpoint of step "
                                               f"{read_header(ckpt.root).step}, not {step}")
-            return ckpt.root
+            return ckpt.root, True, None
         try:
-            return store.resolve(ckpt.root, step)
+            path = store.resolve(ckpt.root, step)
         except CheckpointNotFoundError:
             if step is None and not store.list_steps(ckpt.root):
                 return None
             raise
+        universal = is_universal(path)
+        return path, universal, None if universal else manifest_bytes(path)
 
-    _, path = coll.gather_phase("find", find, lambda found: found[0])
-    if path is None:
+    _, found = coll.gather_phase("find", find, lambda found: found[0])
+    if found is None:
         return None
+    path, universal, header = found
     result: dict = {}
-    universal = is_universal(path)
 
     def read_source():
         if universal:
             return UniversalSource(path, read_header(path))
-        return open_manifest(path)  # (the header; each rank reads the rows it needs in phase "targets")
+        return open_manifest(path, header)  # (the header; each rank reads the rows it needs in phase "targets")
 
     coll.gather_phase("manifest", lambda: result.update(manifest=read_source()))
     return _load(ckpt, coll, t0, path, result["manifest"], universal, strict, cast,
@@ -308,7 +313,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
             query = RegionQuery(_regions(plans, manifest, ckpt.geometry.layout))
             result["manifest"] = manifest.select(query)
             # every file this rank reads there with its recorded size, before a declared shape drives an allocation
-            FragmentFiles(path, manifest=result["manifest"]).check_sizes()
+            result["sizes"] = FragmentFiles(path, manifest=result["manifest"]).check_sizes()
         elif isinstance(manifest, SnapshotManifest):  # asked of the index's owners next, on every rank together
             result["query"] = RegionQuery(_regions(plans, manifest, ckpt.geometry.layout))
         # a flat-partitioned optimizer vouches for all of its partitions
@@ -354,7 +359,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
                 index = FragmentIndex(manifest.fragments)
                 reader = FragmentReader(path, manifest if source == "durable" else None, maps=maps, pool=pool,
                                         helpers=cpu_threads(threads) - 1, block_bytes=manifest.block_bytes,
-                                        gets=threads * GETS)
+                                        gets=threads * GETS, sizes=result.get("sizes"))
                 jobs = []
                 for p, res in plans:
                     only = res.slices[0]

@@ -218,12 +218,14 @@ class FragmentReader:
     With ``maps`` (a snapshot in memory: ``maps(name)`` maps an agent's segment), fragments are
     copied from the mappings straight into their destinations and checksummed in the same pass,
     each read split over the calling thread and ``helpers`` tasks on ``pool``; ``block_bytes`` is
-    the manifest's block size, whose block checksums are then checked too.
+    the manifest's block size, whose block checksums are then checked too. On an object store,
+    :meth:`read_all` has ``gets`` ranged GETs in flight, and ``sizes`` are the objects' sizes found
+    already (``FragmentFiles.check_sizes``), not asked again.
     """
 
     def __init__(self, directory: Path, manifest=None, maps=None, pool=None, helpers: int = 0, block_bytes: int = 0,
-                 gets: int = GETS):
-        self.files = FragmentFiles(directory, manifest=manifest, maps=maps, pool=pool, helpers=helpers)
+                 gets: int = GETS, sizes: dict[str, int] | None = None):
+        self.files = FragmentFiles(directory, manifest=manifest, maps=maps, pool=pool, helpers=helpers, sizes=sizes)
         self.block_bytes, self.gets = block_bytes, gets
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,12 @@ from ucp.storage.objstore import GETS, coalesced, is_object
 from ucp.storage.safetensors_file import header_bytes
 
 IOV_MAX = 512  # buffers per preadv call (the kernel's UIO_MAXIOV is 1024)
+#: an object's header is read in the GET of the first fragments wanted when they start within this
+#: many bytes of the object's start (a rank's own file: right after the header); else its first
+#: ``HEAD_GUESS`` bytes are fetched beside them, in the same round trip (a header longer than that
+#: takes two GETs more)
+HEAD_WITH_DATA = 256 << 10
+HEAD_GUESS = 64 << 10
 
 
 def _nbytes(v) -> int:
@@ -68,10 +75,12 @@ class FragmentFiles:
     """
 
     def __init__(self, directory: Path, names=(), manifest: Manifest | None = None, maps=None, pool=None,
-                 helpers: int = 0):
+                 helpers: int = 0, sizes: dict[str, int] | None = None):
         self.directory = directory if is_object(directory) else Path(directory)
         self._object = is_object(directory)  # (then every read is a ranged GET of the bytes it needs)
         self.manifest = manifest
+        self._sizes = dict(sizes or {})  # objects' sizes found already (check_sizes), not asked again
+        self._unchecked: set[str] = set()  # objects whose header is checked at their first read
         self._files: dict[str, tuple[int, int]] = {}
         self._maps = maps
         self._mapped: dict[str, np.ndarray] = {}  # name -> its mapped bytes (files read from memory)
@@ -103,8 +112,10 @@ class FragmentFiles:
         """``(fd, size)`` of data file ``name``; a missing file is corruption, named (with ``what`` it holds)."""
         with self._lock:
             if name not in self._files and self._object:
-                size = self.size(name, what)
-                self._check(-1, name, size)
+                size = self._sizes[name] if name in self._sizes else self.size(name, what)
+                self._check_size(name, size)
+                if self.manifest is not None and self.manifest.file_headers.get(name) is not None:
+                    self._unchecked.add(name)  # (read with the first bytes wanted if it can: _read_head)
                 self._files[name] = (-1, size)
             if name not in self._files:
                 path = self.directory / name
@@ -133,19 +144,51 @@ class FragmentFiles:
     def _check(self, fd: int, name: str, size: int) -> None:
         """What the manifest records of file ``name``, open as ``fd`` with ``size`` bytes: its size
         and its header's CRC-32C (checked before any allocation or read its contents would drive)."""
-        if self.manifest is None:
-            return
-        path = self.directory / name
-        expected = self.manifest.files.get(name)
+        self._check_size(name, size)
+        recorded = None if self.manifest is None else self.manifest.file_headers.get(name)
+        if recorded is not None:
+            path = self.directory / name
+            pread = os.pread if fd >= 0 else lambda _, n, offset: path.read_range(offset, offset + n)
+            with self._reading(name):
+                self._check_header(name, header_bytes(fd, size, path, pread))
+
+    def _check_size(self, name: str, size: int) -> None:
+        expected = None if self.manifest is None else self.manifest.files.get(name)
         if expected is not None and size != expected:
             raise self._size_error(name, size, expected)
-        recorded = self.manifest.file_headers.get(name)
-        if recorded is not None:
-            pread = os.pread if fd >= 0 else lambda _, n, offset: path.read_range(offset, offset + n)
-            got = crc32c(header_bytes(fd, size, path, pread))
-            if got != recorded:
-                raise CorruptCheckpointError(f"{path}: safetensors header fails its checksum (crc32c {got:08x}, "
-                                             f"recorded {recorded:08x}); the file's header is corrupted")
+
+    def _check_header(self, name: str, header: bytes) -> None:
+        """File ``name``'s safetensors ``header`` as stored against the CRC-32C the manifest records."""
+        got, recorded = crc32c(header), self.manifest.file_headers[name]
+        if got != recorded:
+            raise CorruptCheckpointError(f"{self.directory / name}: safetensors header fails its checksum (crc32c "
+                                         f"{got:08x}, recorded {recorded:08x}); the file's header is corrupted")
+
+    def _header_checked(self, name: str) -> None:
+        """Check object ``name``'s header now if that is still to do (two small ranged GETs)."""
+        if name in self._unchecked:
+            self._check(-1, name, self._files[name][1])
+            self._unchecked.discard(name)
+
+    def _read_head(self, name: str, head) -> None:
+        """Check object ``name``'s header from ``head``, its first bytes (read with its first fragments);
+        if they do not hold it whole, from two ranged GETs of its own."""
+        view = memoryview(head)
+        n = int.from_bytes(view[:8], "little") if len(view) >= 8 else len(view)
+        if 8 + n > len(view):
+            self._header_checked(name)
+            return
+        self._check_header(name, view[:8 + n])
+        self._unchecked.discard(name)
+
+    @contextmanager
+    def _reading(self, name: str):
+        """Data file ``name`` gone while being read (an object found missing at its read) is told as
+        :meth:`_missing` tells it: deleted with its checkpoint, or corruption."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise self._missing(name) from None
 
     def _size_error(self, name: str, size: int, expected: int) -> CorruptCheckpointError:
         """File ``name`` is ``size`` bytes, not the ``expected`` the manifest records: named with the
@@ -162,13 +205,16 @@ class FragmentFiles:
         except FileNotFoundError:
             raise self._missing(name, what) from None
 
-    def check_sizes(self) -> None:
+    def check_sizes(self) -> dict[str, int]:
         """Every file the manifest lists is there with the size it records (one stat each): what a
-        tensor's declared size may drive (an allocation) is then backed by bytes that exist."""
+        tensor's declared size may drive (an allocation) is then backed by bytes that exist. The
+        sizes, by name (a reader of objects given them asks no size again: ``sizes``)."""
+        found = {}
         for name, expected in self.manifest.files.items() if self.manifest is not None else ():
-            found = self.size(name)
-            if found != expected:
-                raise self._size_error(name, found, expected)
+            found[name] = self.size(name)
+            if found[name] != expected:
+                raise self._size_error(name, found[name], expected)
+        return found
 
     def release(self, name: str) -> None:
         """Close data file ``name`` (reopened if read again): a reader going file by file holds one."""
@@ -212,7 +258,9 @@ class FragmentFiles:
                 if fd >= 0:
                     n = os.preadv(fd, rest, offset + got)
                 else:  # (an object: ranged GETs)
-                    n = (self.directory / name).read_into(offset + got, rest)
+                    self._header_checked(name)
+                    with self._reading(name):
+                        n = (self.directory / name).read_into(offset + got, rest)
                 if n == 0:
                     raise CorruptCheckpointError(f"{self.directory / name}: {what + ': ' if what else ''}the file ends at "
                                                  f"byte {offset + got}, {want - got} bytes early (truncated?)")
@@ -279,11 +327,24 @@ class FragmentFiles:
                     views.append(view)
                     at = f.offset + f.length
                 spans.append((start, end, views))
-            got = (self.directory / name).read_spans([(start, views) for start, _, views in spans], gets)
+            head = None
+            if name in self._unchecked and spans:  # (the header, still to be checked, comes in the same GETs:
+                # with the first span when that starts near the object's start, else as a span of its own)
+                start, end, views = spans[0]
+                if start <= HEAD_WITH_DATA:
+                    head = bytearray(start)
+                    spans[0] = (0, end, [head, *views])
+                else:
+                    head = bytearray(min(HEAD_GUESS, self._files[name][1]))
+                    spans.insert(0, (0, len(head), [head]))
+            with self._reading(name):
+                got = (self.directory / name).read_spans([(start, views) for start, _, views in spans], gets)
             for (start, end, _), n in zip(spans, got):
                 if n < end - start:
                     raise CorruptCheckpointError(f"{self.directory / name}: the file ends at byte {start + n}, "
                                                  f"{end - start - n} bytes early (truncated?)")
+            if head is not None:
+                self._read_head(name, head)
             self._count(sum(end - start for start, end, _ in spans))
         for f, view in reads:
             self._verify(f, crc32c(view), [], 0)
@@ -399,6 +460,8 @@ class FragmentFiles:
         ``block``-byte block when ``block`` > 0; returns (crc, bytes there, block crcs): fewer bytes
         than ``f.length`` when its file ends early. Verification compares these with the manifest."""
         fd, _ = self.open(f.file)
+        if fd < 0:
+            self._header_checked(f.file)
         value, done, view, blocks = 0, 0, memoryview(buf), []
         read = os.preadv if fd >= 0 else lambda _, views, offset: (self.directory / f.file).read_into(offset, views)
         current, filled = 0, 0  # the block being summed and its bytes so far

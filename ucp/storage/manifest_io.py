@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +135,19 @@ class StoredManifest:
         self.block_bytes, self.format_version = self._base.block_bytes, self._base.format_version
         self._states: dict | None = None
 
+    @contextmanager
     def _table(self, entry: str, schema, file: str):
+        """The :class:`PagedFile` of table ``entry`` (in ``file``), open while the block runs; the
+        table missing, there or at a page read in the block (an object store asks nothing before the
+        first page), is a checkpoint deleted while being read if the manifest is gone too, else
+        corruption."""
         meta = self.header.get(entry)
         if not isinstance(meta, dict) or meta.get("file") != file:
             raise FormatError(f"{self.path}: lacks a valid {entry!r} entry (format {self.format_version} names {file})")
         path = self.directory / file
         try:
-            return PagedFile(path, meta, schema)
+            with PagedFile(path, meta, schema) as pages:
+                yield pages
         except FileNotFoundError:
             if not self.path.exists():
                 raise gone(self.directory, file) from None
@@ -214,20 +221,33 @@ class StoredManifest:
         return all_ranks(self._state_rows(None), str(self.directory / STATE_PAGES))
 
 
-def open_manifest(directory: Path) -> StoredManifest:
+def manifest_bytes(directory: Path) -> bytes:
+    """The bytes of ``manifest.json`` of the checkpoint in ``directory``, unchecked (:func:`open_manifest`
+    checks them).
+
+    Raises:
+        CheckpointDeletedError: there is none (any more).
+    """
+    directory = as_location(directory)
+    try:
+        return (directory / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointDeletedError(f"{directory}: no {MANIFEST}; not a complete checkpoint (or one deleted, "
+                                     "by retention, while being read)") from None
+
+
+def open_manifest(directory: Path, data: bytes | None = None) -> StoredManifest:
     """Read and check the header of the checkpoint in ``directory`` (format 1.0-1.2: the whole
     manifest); its fragment rows and ranks' state are read on demand (:class:`StoredManifest`).
+    ``data``: the bytes of its ``manifest.json`` already read (:func:`manifest_bytes`, by one rank for
+    all), else read here; they are checked all the same.
 
     Raises:
         as :func:`read_manifest`.
     """
     directory = as_location(directory)
     path = directory / MANIFEST
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointDeletedError(f"{directory}: no {MANIFEST}; not a complete checkpoint (or one deleted, "
-                                     "by retention, while being read)") from None
+    data = manifest_bytes(directory) if data is None else data
     header = header_from_json(data, str(path))
     check_signed(header, path, "manifest")
     version = header.get("format_version")

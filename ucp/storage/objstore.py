@@ -118,6 +118,9 @@ GETS = 4
 #: fragments of one object at most this far apart are fetched by one ranged GET spanning them and the
 #: bytes between (:func:`coalesced`): a request's round trip costs more than reading that much more
 COALESCE_GAP = 256 << 10
+#: the bytes between fragments a GET may fetch in vain whatever its size (past a tenth of those it
+#: holds): tiny fragments (step counts) a few hundred bytes apart cost one GET, not one each
+COALESCE_SLACK = 64 << 10
 
 
 def _filesystem(url: str):
@@ -488,8 +491,8 @@ def coalesced(extents: list[tuple[int, int]], gap: int = COALESCE_GAP) -> list[t
     """The ranges to fetch for byte ranges ``extents`` (``(offset, length)`` pairs of one object, in
     any order): ``(start, end, indices)`` each, ``indices`` the extents it holds in order of offset.
     An extent joins the range before it when the bytes between them are at most ``gap`` and the
-    range's skipped bytes stay within a tenth of those it holds: the bytes fetched are at most 1.1x
-    those asked for. Overlapping extents are fetched apart."""
+    range's skipped bytes stay within a tenth of those it holds or :data:`COALESCE_SLACK`: a range
+    fetches at most 1.1x the bytes asked of it, or 64 KiB more. Overlapping extents are fetched apart."""
     out: list[tuple[int, int, list[int]]] = []
     held = skipped = 0
     for i in sorted(range(len(extents)), key=lambda k: extents[k][0]):
@@ -497,7 +500,7 @@ def coalesced(extents: list[tuple[int, int]], gap: int = COALESCE_GAP) -> list[t
         if out:
             start, end, indices = out[-1]
             between = offset - end
-            if 0 <= between <= gap and (skipped + between) * 10 <= held + length:
+            if 0 <= between <= gap and skipped + between <= max((held + length) // 10, COALESCE_SLACK):
                 indices.append(i)
                 out[-1] = (start, offset + length, indices)
                 held, skipped = held + length, skipped + between

@@ -208,11 +208,9 @@ class PagedFile:
         self.root = PageRef.from_dict(header.get("root"), where)
         self.leaf_schema = leaf_schema
         self.nbytes = 0
-        self._object = is_object(self.path)  # (then each page is one ranged GET)
-        if self._object:  # (a missing table raises FileNotFoundError here, as os.open does)
-            self._fd, self._size = None, self.path.stat().st_size
-        else:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        self._object = is_object(self.path)  # (then each page is one ranged GET, and nothing is asked before:
+        # a missing table raises FileNotFoundError at the first page, where a file's os.open raises it here)
+        self._fd = None if self._object else os.open(self.path, os.O_RDONLY)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -227,7 +225,7 @@ class PagedFile:
 
     def fetch(self, ref: PageRef, schema: pa.Schema, what: str) -> pa.RecordBatch:
         if self._object:
-            data = self.path.read_range(ref.offset, min(ref.offset + ref.length, self._size))
+            data = self.path.read_range(ref.offset, ref.offset + ref.length)  # (fewer bytes past its end)
         else:
             data = os.pread(self._fd, ref.length, ref.offset)
         self.nbytes += len(data)
