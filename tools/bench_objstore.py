@@ -24,7 +24,8 @@ object path costs over the same disk, those to ``dcp_s3`` what ucp gains on the 
 Before each load the local state is overwritten, and after it its checksum must equal the one taken
 before the save. Every timing is a barrier, the operation, a barrier, on rank 0; one untimed round of
 each kind comes first; each round's checkpoint is deleted after it, outside the timings. For
-``ucp_s3`` the load's GETs are counted (``ObjectPath.read_range``/``read_spans``/``read_bytes``, all ranks):
+``ucp_s3`` the load's GETs are counted (``ObjectPath.read_range``/``read_spans``/``read_bytes`` and the
+loader's ``read_objects``, all ranks):
 ``ucp_s3_read_amplification`` is the bytes requested over the checkpoint's bytes.
 
 Output: one JSON line on stdout (figures are medians, with ``*_spread_s`` and every sample; the load
@@ -67,16 +68,26 @@ class GetCounter:
         from ucp.storage.objstore import ObjectPath
 
         self.nbytes = 0
+        from ucp.storage import fragment_files
+
         read_range, read_spans, read_bytes = ObjectPath.read_range, ObjectPath.read_spans, ObjectPath.read_bytes
+        read_objects = fragment_files.read_objects
         counter = self
+
+        def asked(spans) -> int:
+            return sum(memoryview(v).nbytes for _, views in spans for v in views)
 
         def counted_range(self_, start, end):
             counter.nbytes += max(0, end - start)
             return read_range(self_, start, end)
 
         def counted_spans(self_, spans, *args, **kwargs):  # (read_into is one span)
-            counter.nbytes += sum(memoryview(v).nbytes for _, views in spans for v in views)
+            counter.nbytes += asked(spans)
             return read_spans(self_, spans, *args, **kwargs)
+
+        def counted_objects(requests, *args, **kwargs):  # (the loader's reads of fragments)
+            counter.nbytes += sum(asked(spans) for _, spans in requests)
+            return read_objects(requests, *args, **kwargs)
 
         def counted_bytes(self_):
             data = read_bytes(self_)
@@ -84,6 +95,7 @@ class GetCounter:
             return data
 
         ObjectPath.read_range, ObjectPath.read_spans, ObjectPath.read_bytes = counted_range, counted_spans, counted_bytes
+        fragment_files.read_objects = counted_objects
 
     def take(self) -> int:
         out, self.nbytes = self.nbytes, 0

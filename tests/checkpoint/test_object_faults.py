@@ -17,7 +17,7 @@ from tests.helpers import bit_diffs
 from tests.s3server import cloned_state, dying_server, linear_stack
 from ucp.errors import StorageError
 from ucp.storage import directory as store
-from ucp.storage import objstore
+from ucp.storage import fragment_files, objstore
 from ucp.storage.multipart import MultipartWriter
 from ucp.storage.objstore import ObjectPath
 
@@ -81,20 +81,20 @@ def test_server_killed_mid_load_then_the_load_succeeds_after_restart(dying, monk
     with ucp.Checkpointer(url, model=model) as ck:
         ck.save(1)
     saved = cloned_state(model)
-    read_spans, calls = ObjectPath.read_spans, []
+    read_objects, calls = fragment_files.read_objects, []
 
-    def killing(self, spans, gets=objstore.GETS):  # (the server dies as the fragments' GETs go out)
-        calls.append(len(spans))
+    def killing(requests, gets=objstore.GETS):  # (the server dies as the fragments' GETs go out)
+        calls.append(len(requests))
         dying.kill()
-        return read_spans(self, spans, gets)
+        return read_objects(requests, gets)
 
-    monkeypatch.setattr(ObjectPath, "read_spans", killing)
+    monkeypatch.setattr(fragment_files, "read_objects", killing)
     fresh = linear_stack(1, LAYERS)
     with pytest.raises(StorageError) as e:
         ucp.Checkpointer(url, model=fresh).load()
     assert calls  # (it died in the middle of the load, after the manifest)
     _one_line_naming(e.value, url)
-    monkeypatch.setattr(ObjectPath, "read_spans", read_spans)
+    monkeypatch.setattr(fragment_files, "read_objects", read_objects)
     dying.start()
     with ucp.Checkpointer(url, model=fresh) as ck:
         assert ck.load().step == 1

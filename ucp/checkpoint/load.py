@@ -46,7 +46,7 @@ from ucp.state.tensors import torch_dtype
 from ucp.storage import directory as store
 from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.manifest_io import StoredManifest, manifest_bytes, open_manifest
-from ucp.storage.objstore import GETS
+from ucp.storage.objstore import GETS, is_object
 from ucp.storage.universal_io import is_universal, read_header
 
 
@@ -351,7 +351,9 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
         threads = ckpt.options.io_threads
         together = []  # exact reads from memory (one pass over them all, on this thread and helpers) or from an
         # object store (ranged GETs each fetching many): read_all
-        with ThreadPoolExecutor(threads) as pool:
+        remote = is_object(path)  # (a read there waits on round trips, not on the CPU: threads * GETS at once,
+        # none inline on this thread)
+        with ThreadPoolExecutor(threads * GETS if remote else threads) as pool:
             if universal:
                 reader = UniversalReader(manifest)
                 jobs = [(reader.read, (p, res, target_layout), _piece_bytes(p)) for p, res in plans]
@@ -360,7 +362,7 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
                 reader = FragmentReader(path, manifest if source == "durable" else None, maps=maps, pool=pool,
                                         helpers=cpu_threads(threads) - 1, block_bytes=manifest.block_bytes,
                                         gets=threads * GETS, sizes=result.get("sizes"))
-                jobs = []
+                jobs, resharded = [], []
                 for p, res in plans:
                     only = res.slices[0]
                     exact = index.exact(only.key, p.box, p.flat) if len(res.slices) == 1 and only.dim is None else None
@@ -368,11 +370,17 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
                         together.append((ReadItem(exact), p.data))
                     elif exact is not None:  # the same layout: straight into the destination
                         jobs.append((reader.read, (ReadItem(exact), p.data), _piece_bytes(p)))
+                    elif remote:  # (fetched together, below)
+                        resharded.append((p, res.slices))
                     else:
                         jobs.append((reader.read_resharded, (p, res.slices, index, manifest, target_layout),
                                      _piece_bytes(p)))
-            small = [(fn, a) for fn, a, n in jobs if n < INLINE_READ_BYTES]
-            futures = [pool.submit(fn, *a) for fn, a, n in jobs if n >= INLINE_READ_BYTES]
+                if resharded:
+                    jobs.append((reader.read_resharded_all, (resharded, index, manifest, target_layout),
+                                 sum(_piece_bytes(p) for p, _ in resharded)))
+            inline = 0 if remote else INLINE_READ_BYTES
+            small = [(fn, a) for fn, a, n in jobs if n < inline]
+            futures = [pool.submit(fn, *a) for fn, a, n in jobs if n >= inline]
             try:
                 if together:
                     reader.read_all(together)

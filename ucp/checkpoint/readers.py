@@ -199,6 +199,15 @@ def byte_spans(items) -> dict:
     return spans
 
 
+#: pieces read from an object store by :meth:`FragmentReader.read_resharded_all` are fetched together up to
+#: this many bytes of destination at a time
+BATCH_BYTES = 256 << 20
+
+
+def _piece_nbytes(piece: Piece) -> int:
+    return piece.data.numel() * piece.data.element_size()
+
+
 def _direct(f, dest: torch.Tensor) -> bool:
     """Whether fragment ``f``'s bytes are read straight into ``dest``: a contiguous CPU tensor of its dtype."""
     return dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
@@ -281,6 +290,9 @@ class FragmentReader:
         fused parts or padding) or another name (``slices``), through the reshard planner. Of each
         fragment it touches only the blocks holding the elements it needs are read (each block
         checksum verified; fragments without block checksums are read whole)."""
+        if self.files.remote:
+            self.read_resharded_all([(piece, slices)], index, manifest, target_layout)
+            return
         items, targets = resharded_items(piece, slices, index, manifest, target_layout)
         dest = piece.data
         if manifest.block_bytes and dest.device.type == "cpu" and dest.is_contiguous():
@@ -288,6 +300,76 @@ class FragmentReader:
         spans = byte_spans(items)
         fetch = _cached(lambda ref: self.fetch(ref[1], spans.get(ref[1]), manifest.block_bytes))
         _fill_resharded(piece, items, targets, fetch)
+
+    def read_resharded_all(self, pieces: list, index: FragmentIndex, manifest, target_layout) -> None:
+        """:meth:`read_resharded` for each ``(piece, slices)`` of ``pieces`` from an object store: the
+        runs of blocks they need asked first (straight into a destination where a run is contiguous on
+        both sides, else into a buffer per fragment), then fetched together for pieces of up to
+        :data:`BATCH_BYTES` at a time (:meth:`FragmentFiles.read_block_runs`: fragments side by side in
+        few GETs, ``gets`` in flight), so a resharded load costs a few round trips and GETs, not one
+        GET per run of every piece; the memory held is about a batch's bytes."""
+        batch, held = [], 0
+        for piece, slices in pieces:
+            items, targets = resharded_items(piece, slices, index, manifest, target_layout)
+            batch.append((piece, items, targets))
+            held += _piece_nbytes(piece)
+            if held >= BATCH_BYTES:
+                self._fill_remote(batch, manifest.block_bytes)
+                batch, held = [], 0
+        if batch:
+            self._fill_remote(batch, manifest.block_bytes)
+
+    def _fill_remote(self, batch: list, block_bytes: int) -> None:
+        """Fill each ``(piece, items, targets)`` of ``batch`` from its fragments on an object store,
+        every block run fetched in one go (see :meth:`read_resharded_all`)."""
+        runs, after, planned = [], [], []
+        for piece, items, targets in batch:
+            dest = piece.data
+            if block_bytes and dest.device.type == "cpu" and dest.is_contiguous():
+                items = self._plan_runs(dest, items, block_bytes, runs, after)
+            planned.append((piece, items, targets))
+        spans, buffers = byte_spans(item for _, items, _ in planned for item in items), {}
+        for f, wanted in spans.items():
+            buffers[f] = buf = pages.empty(f.numel, torch_dtype(f.dtype))
+            view = _bytes_of(buf)
+            blocks = needed_blocks(wanted, len(f.blocks or ()), block_bytes)
+            if blocks is None:
+                runs.append((f, None, None, view))
+            else:
+                runs += [(f, first, last, view[first * block_bytes:min(last * block_bytes, f.length)])
+                         for first, last in blocks]
+        self.files.read_block_runs(runs, block_bytes, self.gets)
+        for copy in after:
+            copy()
+        for piece, items, targets in planned:
+            _fill_resharded(piece, items, targets, lambda ref: buffers[ref[1]])
+
+    def _plan_runs(self, dest: torch.Tensor, items, block_bytes: int, runs: list, after: list) -> list:
+        """:meth:`_read_runs` planned rather than read: for each item that is one contiguous run in
+        its fragment (with block checksums, same dtype) and in ``dest``, its whole blocks asked
+        straight into ``dest`` and the (at most two) blocks it cuts through into scratch buffers
+        (added to ``runs``), whose bytes ``after`` copies into ``dest`` once read; returns the others."""
+        out, rest, bb = _bytes_of(dest), [], block_bytes
+        for item in items:
+            f, sp, tp = item.source.ref[1], item.source, item.target
+            if not (f.blocks and f.dtype == dtype_name(dest.dtype)
+                    and is_contiguous(sp.sub.box.sizes, item.src) and is_contiguous(tp.sub.box.sizes, item.dst)):
+                rest.append(item)
+                continue
+            size = itemsize(f.dtype)
+            lo = (sp.sub.offset + ravel(sp.sub.box.sizes, item.src.offsets)) * size
+            at = (tp.sub.offset + ravel(tp.sub.box.sizes, item.dst.offsets)) * size
+            hi = lo + item.src.numel * size
+            first, last = -(-lo // bb), hi // bb + (hi == f.length and hi % bb != 0)  # (blocks wholly inside)
+            if first < last:
+                runs.append((f, first, last, out[at + first * bb - lo:at + min(last * bb, f.length) - lo]))
+            for b in sorted({lo // bb, (hi - 1) // bb} - set(range(first, last))):
+                bl, bh = b * bb, min((b + 1) * bb, f.length)
+                scratch = memoryview(bytearray(bh - bl))
+                runs.append((f, b, b + 1, scratch))
+                a, z = max(lo, bl), min(hi, bh)
+                after.append(lambda o=out[at + a - lo:at + z - lo], s=scratch[a - bl:z - bl]: o.__setitem__(slice(None), s))
+        return rest
 
     def _read_runs(self, dest: torch.Tensor, items, block_bytes: int) -> list:
         """Read the items that are one contiguous run both in their fragment (with block checksums,

@@ -26,7 +26,7 @@ from ucp.format.fragment import Fragment
 from ucp.format.manifest import BLOCK_BYTES, Manifest
 from ucp.storage.directory import MANIFEST
 from ucp.storage.manifest_io import gone
-from ucp.storage.objstore import GETS, coalesced, is_object
+from ucp.storage.objstore import GETS, coalesced, is_object, read_objects
 from ucp.storage.safetensors_file import header_bytes
 
 IOV_MAX = 512  # buffers per preadv call (the kernel's UIO_MAXIOV is 1024)
@@ -81,6 +81,7 @@ class FragmentFiles:
         self.manifest = manifest
         self._sizes = dict(sizes or {})  # objects' sizes found already (check_sizes), not asked again
         self._unchecked: set[str] = set()  # objects whose header is checked at their first read
+        self._claimed: set[str] = set()  # (of those, the ones a read is checking)
         self._files: dict[str, tuple[int, int]] = {}
         self._maps = maps
         self._mapped: dict[str, np.ndarray] = {}  # name -> its mapped bytes (files read from memory)
@@ -166,7 +167,7 @@ class FragmentFiles:
 
     def _header_checked(self, name: str) -> None:
         """Check object ``name``'s header now if that is still to do (two small ranged GETs)."""
-        if name in self._unchecked:
+        if self._claim_header(name):
             self._check(-1, name, self._files[name][1])
             self._unchecked.discard(name)
 
@@ -176,9 +177,9 @@ class FragmentFiles:
         view = memoryview(head)
         n = int.from_bytes(view[:8], "little") if len(view) >= 8 else len(view)
         if 8 + n > len(view):
-            self._header_checked(name)
-            return
-        self._check_header(name, view[:8 + n])
+            self._check(-1, name, self._files[name][1])
+        else:
+            self._check_header(name, view[:8 + n])
         self._unchecked.discard(name)
 
     @contextmanager
@@ -308,46 +309,83 @@ class FragmentFiles:
 
     def read_spans(self, reads: list, gets: int = GETS) -> None:
         """Each ``(fragment, view)`` of ``reads`` (views of the fragments' lengths) from an object
-        store: the fragments of one object close together fetched by one ranged GET spanning them
-        (:func:`~ucp.storage.objstore.coalesced`: the bytes between, at most a tenth more, go to a
-        scratch buffer), ``gets`` GETs in flight at once; each fragment then checked against its
-        CRC-32C. A rank's many small fragments cost a few round trips, not one each."""
-        by_file: dict[str, list] = {}
+        store, fetched together (:meth:`_fetch`); each fragment then checked against its CRC-32C. A
+        rank's many small fragments cost a few round trips, not one each."""
+        wanted: dict[str, list] = {}
         for f, view in reads:
             self.locate(f)
-            by_file.setdefault(f.file, []).append((f, view))
-        for name, items in by_file.items():
+            wanted.setdefault(f.file, []).append((f.offset, view))
+        self._fetch(wanted, gets)
+        for f, view in reads:
+            self._verify(f, crc32c(view), [], 0)
+
+    def read_block_runs(self, runs: list, block_bytes: int, gets: int = GETS) -> None:
+        """Each ``(fragment, first, last, view)`` of ``runs`` from an object store: blocks ``[first,
+        last)`` of the fragment (of ``block_bytes``) into ``view``, each block checked against its
+        checksum (``first`` None: the whole fragment, checked against its CRC-32C), all fetched
+        together (:meth:`_fetch`): a resharded piece's runs cost one round trip, not one each."""
+        wanted: dict[str, list] = {}
+        for f, first, _, view in runs:
+            self.locate(f)
+            wanted.setdefault(f.file, []).append((f.offset + (first or 0) * block_bytes, view))
+        self._fetch(wanted, gets)
+        for f, first, last, view in runs:
+            if first is None:
+                self._verify(f, crc32c(view), [], 0)
+            else:
+                data = memoryview(view)
+                blocks = [crc32c(data[at:at + block_bytes]) for at in range(0, data.nbytes, block_bytes)]
+                self._check_blocks(f, first, blocks, block_bytes)
+
+    def _fetch(self, wanted: dict[str, list], gets: int) -> None:
+        """Fill the views of ``wanted`` (file name -> ``(offset, view)`` extents in it) from the object
+        store in one go: the extents of a file close together fetched by one ranged GET spanning them
+        (:func:`~ucp.storage.objstore.coalesced`: the bytes between, within a tenth more or 64 KiB, go
+        to a scratch buffer), its header (if still to be checked) with them, every file's GETs ``gets``
+        in flight at once (:func:`~ucp.storage.objstore.read_objects`)."""
+        requests, heads = [], []
+        for name, extents in wanted.items():
             spans = []
-            for start, end, indices in coalesced([(f.offset, f.length) for f, _ in items]):
-                views, at = [], start
+            for start, end, indices in coalesced([(at, _nbytes(view)) for at, view in extents]):
+                views, pos = [], start
                 for i in indices:
-                    f, view = items[i]
-                    if f.offset > at:
-                        views.append(bytearray(f.offset - at))
+                    at, view = extents[i]
+                    if at > pos:
+                        views.append(bytearray(at - pos))
                     views.append(view)
-                    at = f.offset + f.length
+                    pos = at + _nbytes(view)
                 spans.append((start, end, views))
-            head = None
-            if name in self._unchecked and spans:  # (the header, still to be checked, comes in the same GETs:
-                # with the first span when that starts near the object's start, else as a span of its own)
-                start, end, views = spans[0]
+            if self._claim_header(name):  # (the header comes in the same GETs: with the first span when that
+                start, end, views = spans[0]  # starts near the object's start, else as a span of its own)
                 if start <= HEAD_WITH_DATA:
-                    head = bytearray(start)
-                    spans[0] = (0, end, [head, *views])
+                    heads.append((name, bytearray(start)))
+                    spans[0] = (0, end, [heads[-1][1], *views])
                 else:
-                    head = bytearray(min(HEAD_GUESS, self._files[name][1]))
-                    spans.insert(0, (0, len(head), [head]))
-            with self._reading(name):
-                got = (self.directory / name).read_spans([(start, views) for start, _, views in spans], gets)
-            for (start, end, _), n in zip(spans, got):
+                    heads.append((name, bytearray(min(HEAD_GUESS, self._files[name][1]))))
+                    spans.insert(0, (0, len(heads[-1][1]), [heads[-1][1]]))
+            requests.append((name, spans))
+        try:
+            got = read_objects([(self.directory / name, [(start, views) for start, _, views in spans])
+                                for name, spans in requests], gets)
+        except FileNotFoundError as e:
+            raise self._missing(str(e.filename).rsplit("/", 1)[-1]) from None
+        for (name, spans), counts in zip(requests, got):
+            for (start, end, _), n in zip(spans, counts):
                 if n < end - start:
                     raise CorruptCheckpointError(f"{self.directory / name}: the file ends at byte {start + n}, "
                                                  f"{end - start - n} bytes early (truncated?)")
-            if head is not None:
-                self._read_head(name, head)
             self._count(sum(end - start for start, end, _ in spans))
-        for f, view in reads:
-            self._verify(f, crc32c(view), [], 0)
+        for name, head in heads:
+            self._read_head(name, head)
+
+    def _claim_header(self, name: str) -> bool:
+        """Whether this read checks object ``name``'s header (still to be checked, and no other
+        thread's read has taken it on)."""
+        with self._lock:
+            if name not in self._unchecked or name in self._claimed:
+                return False
+            self._claimed.add(name)
+            return True
 
     def mapped(self, f: Fragment) -> bool:
         """Whether fragment ``f`` is read from a mapping (its file located, so mapped if it can be)."""

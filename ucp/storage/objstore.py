@@ -18,10 +18,12 @@ gets a client of the new ones (:func:`_in_effect`); s3fs is ucp's optional ``[s3
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,45 +267,7 @@ class ObjectPath:
         """Fill the ``views`` of each ``(offset, views)`` of ``spans`` as :meth:`read_into` does, all
         the spans' ranged GETs (of at most :data:`GET_BYTES`) ``gets`` in flight at once: many small
         reads cost about one round trip, not one each. The count of bytes each span had."""
-        outs = [[memoryview(v).cast("B") for v in views] for _, views in spans]
-        totals = [sum(v.nbytes for v in out) for out in outs]
-        if not getattr(self.fs, "async_impl", False):
-            got = []
-            for (offset, _), out, total in zip(spans, outs, totals):
-                data = self.fs.cat_file(self.key, start=offset, end=offset + total) if total else b""
-                _scatter(out, 0, data)
-                got.append(len(data))
-            return got
-        from fsspec.asyn import sync
-
-        pieces = [(i, lo, min(lo + GET_BYTES, total)) for i, total in enumerate(totals)
-                  for lo in range(0, total, GET_BYTES)]
-
-        async def fetch() -> list[int]:
-            gate = asyncio.Semaphore(max(1, gets))
-
-            async def one(i: int, lo: int, hi: int) -> int:
-                start = spans[i][0]
-                async with gate:
-                    data = await self.fs._cat_file(self.key, start=start + lo, end=start + hi)
-                _scatter(outs[i], lo, data)
-                return len(data)
-
-            tasks = [asyncio.ensure_future(one(*piece)) for piece in pieces]
-            try:
-                return await asyncio.gather(*tasks)
-            except BaseException:  # (the first failure: the others stopped before the views go back to the caller)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-
-        got, ended = [0] * len(spans), [False] * len(spans)
-        for (i, lo, hi), n in zip(pieces, sync(self.fs.loop, fetch) if pieces else ()):
-            if not ended[i]:
-                got[i] += n
-            ended[i] = ended[i] or n < hi - lo  # (the object ends here)
-        return got
+        return read_objects([(self, spans)], gets)[0]
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -485,6 +449,73 @@ def _scatter(views: list[memoryview], at: int, data: bytes) -> None:
         src, at = src[k:], 0
         if not src.nbytes:
             return
+
+
+def read_objects(requests: list, gets: int = GETS) -> list[list[int]]:
+    """Fill the views of the spans of several objects at once: ``requests`` is ``[(object, spans)]``,
+    objects (:class:`ObjectPath`) of one file system, ``spans`` as :meth:`ObjectPath.read_spans` takes
+    them; every span's ranged GETs (of at most :data:`GET_BYTES`, each copied into place as it
+    arrives) ``gets`` in flight at once over all of them. The count of bytes each span had, per
+    object. A failed GET stops the others before this raises (the views are the caller's); its error
+    names its object (a missing one: :class:`FileNotFoundError` with the object's URL as filename)."""
+    outs = [[[memoryview(v).cast("B") for v in views] for _, views in spans] for _, spans in requests]
+    totals = [[sum(v.nbytes for v in out) for out in spans] for spans in outs]
+    fs = requests[0][0].fs if requests else None
+    if fs is None or not getattr(fs, "async_impl", False):
+        got = []
+        for (path, spans), out, total in zip(requests, outs, totals):
+            got.append([])
+            for (offset, _), views, n in zip(spans, out, total):
+                with _named(path):
+                    data = path.fs.cat_file(path.key, start=offset, end=offset + n) if n else b""
+                _scatter(views, 0, data)
+                got[-1].append(len(data))
+        return got
+    from fsspec.asyn import sync
+
+    pieces = [(j, i, lo, min(lo + GET_BYTES, n)) for j, total in enumerate(totals) for i, n in enumerate(total)
+              for lo in range(0, n, GET_BYTES)]
+
+    async def fetch() -> list[int]:
+        gate = asyncio.Semaphore(max(1, gets))
+
+        async def one(j: int, i: int, lo: int, hi: int) -> int:
+            path, start = requests[j][0], requests[j][1][i][0]
+            async with gate:
+                with _named(path):
+                    data = await fs._cat_file(path.key, start=start + lo, end=start + hi)
+            _scatter(outs[j][i], lo, data)
+            return len(data)
+
+        tasks = [asyncio.ensure_future(one(*piece)) for piece in pieces]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:  # (the first failure: the others stopped before the views go back to the caller)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    got = [[0] * len(total) for total in totals]
+    ended = [[False] * len(total) for total in totals]
+    for (j, i, lo, hi), n in zip(pieces, sync(fs.loop, fetch) if pieces else ()):
+        if not ended[j][i]:
+            got[j][i] += n
+        ended[j][i] = ended[j][i] or n < hi - lo  # (the object ends here)
+    return got
+
+
+@contextmanager
+def _named(path: ObjectPath):
+    """A request's failure named by its object: the client's errors as :func:`as_oserror` raises
+    them, a missing object as :class:`FileNotFoundError` whose filename is the object's URL."""
+    try:
+        with as_oserror(str(path)):
+            yield
+    except FileNotFoundError as e:
+        if e.filename == str(path):
+            raise
+        raise FileNotFoundError(errno.ENOENT, "no such object", str(path)) from e
 
 
 def coalesced(extents: list[tuple[int, int]], gap: int = COALESCE_GAP) -> list[tuple[int, int, list[int]]]:
