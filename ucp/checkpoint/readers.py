@@ -9,6 +9,7 @@ fill pieces of the live state that the loader (:mod:`ucp.checkpoint.load`) plann
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -208,6 +209,22 @@ def _piece_nbytes(piece: Piece) -> int:
     return piece.data.numel() * piece.data.element_size()
 
 
+def _contiguous_runs(dest: torch.Tensor, items, rest: list):
+    """``(fragment, lo, hi, at)`` for each of ``items`` that is one contiguous run both in its fragment
+    (with block checksums, of ``dest``'s dtype) and in ``dest``: its bytes ``[lo, hi)`` of the
+    fragment's data go to byte ``at`` of ``dest``; the other items are appended to ``rest``."""
+    for item in items:
+        f, sp, tp = item.source.ref[1], item.source, item.target
+        if not (f.blocks and f.dtype == dtype_name(dest.dtype)
+                and is_contiguous(sp.sub.box.sizes, item.src) and is_contiguous(tp.sub.box.sizes, item.dst)):
+            rest.append(item)
+            continue
+        size = itemsize(f.dtype)
+        lo = (sp.sub.offset + ravel(sp.sub.box.sizes, item.src.offsets)) * size
+        at = (tp.sub.offset + ravel(tp.sub.box.sizes, item.dst.offsets)) * size
+        yield f, lo, lo + item.src.numel * size, at
+
+
 def _direct(f, dest: torch.Tensor) -> bool:
     """Whether fragment ``f``'s bytes are read straight into ``dest``: a contiguous CPU tensor of its dtype."""
     return dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
@@ -350,16 +367,7 @@ class FragmentReader:
         straight into ``dest`` and the (at most two) blocks it cuts through into scratch buffers
         (added to ``runs``), whose bytes ``after`` copies into ``dest`` once read; returns the others."""
         out, rest, bb = _bytes_of(dest), [], block_bytes
-        for item in items:
-            f, sp, tp = item.source.ref[1], item.source, item.target
-            if not (f.blocks and f.dtype == dtype_name(dest.dtype)
-                    and is_contiguous(sp.sub.box.sizes, item.src) and is_contiguous(tp.sub.box.sizes, item.dst)):
-                rest.append(item)
-                continue
-            size = itemsize(f.dtype)
-            lo = (sp.sub.offset + ravel(sp.sub.box.sizes, item.src.offsets)) * size
-            at = (tp.sub.offset + ravel(tp.sub.box.sizes, item.dst.offsets)) * size
-            hi = lo + item.src.numel * size
+        for f, lo, hi, at in _contiguous_runs(dest, items, rest):
             first, last = -(-lo // bb), hi // bb + (hi == f.length and hi % bb != 0)  # (blocks wholly inside)
             if first < last:
                 runs.append((f, first, last, out[at + first * bb - lo:at + min(last * bb, f.length) - lo]))
@@ -368,25 +376,16 @@ class FragmentReader:
                 scratch = memoryview(bytearray(bh - bl))
                 runs.append((f, b, b + 1, scratch))
                 a, z = max(lo, bl), min(hi, bh)
-                after.append(lambda o=out[at + a - lo:at + z - lo], s=scratch[a - bl:z - bl]: o.__setitem__(slice(None), s))
+                into, part = out[at + a - lo:at + z - lo], scratch[a - bl:z - bl]
+                after.append(functools.partial(into.__setitem__, slice(None), part))
         return rest
 
     def _read_runs(self, dest: torch.Tensor, items, block_bytes: int) -> list:
         """Read the items that are one contiguous run both in their fragment (with block checksums,
         same dtype) and in ``dest`` straight into ``dest``; returns the others."""
-        out = _bytes_of(dest)
-        rest = []
-        for item in items:
-            f, sp, tp = item.source.ref[1], item.source, item.target
-            if not (f.blocks and f.dtype == dtype_name(dest.dtype)
-                    and is_contiguous(sp.sub.box.sizes, item.src) and is_contiguous(tp.sub.box.sizes, item.dst)):
-                rest.append(item)
-                continue
-            size = itemsize(f.dtype)
-            lo = (sp.sub.offset + ravel(sp.sub.box.sizes, item.src.offsets)) * size
-            at = (tp.sub.offset + ravel(tp.sub.box.sizes, item.dst.offsets)) * size
-            n = item.src.numel * size
-            self.files.read_run(f, lo, lo + n, out[at:at + n], block_bytes)
+        out, rest = _bytes_of(dest), []
+        for f, lo, hi, at in _contiguous_runs(dest, items, rest):
+            self.files.read_run(f, lo, hi, out[at:at + hi - lo], block_bytes)
         return rest
 
     def close(self) -> None:
