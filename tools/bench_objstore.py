@@ -50,6 +50,7 @@ import shutil
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import benchlib
@@ -286,37 +287,45 @@ def parse_args(argv=None):
     return args
 
 
-def run_world(args, work: Path) -> dict:
-    """Start the server (unless ``--endpoint``), run the ranks, remove what they left on the server."""
+@contextmanager
+def s3_location(args, work: Path, prefix: str, options=()):
+    """``(root URL, label of the server)`` for a bench's objects: a local SeaweedFS started on ``work``
+    (with ``weed mini`` flags ``options``; its pid in ``args.server_pid``) unless ``args.endpoint`` names
+    one (``args.bucket``; ``args.server_pid`` None: a remote server's CPU is not seen from here). On
+    leaving, the objects under the root are removed and the local server stopped."""
     from tests.s3server import BUCKET, S3Server
 
     server = None
     if args.endpoint is None:
-        server = S3Server(work / "s3", options=args.server_option).start()
+        server = S3Server(work / "s3", options=options).start()
         os.environ.update(server.environ())
-        bucket = BUCKET
-        args.server_pid = server.proc.pid
+        bucket, args.server_pid, label = BUCKET, server.proc.pid, f"weed mini {' '.join(options) or '(defaults)'}"
     else:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint
-        bucket = args.bucket
-        args.server_pid = None  # (a remote server's CPU is not seen from here)
-    root = f"s3://{bucket}/bench-objstore-{uuid.uuid4().hex[:12]}"
+        bucket, args.server_pid, label = args.bucket, None, args.endpoint
+    root = f"s3://{bucket}/{prefix}-{uuid.uuid4().hex[:12]}"
     try:
-        threads = max(1, (os.cpu_count() or 1) // args.nproc)
-        out = benchlib.spawn_world(worker, args.nproc, args, str(work), root, threads=threads,
-                                   pg_timeout=args.timeout)[0]
-        out["server"] = (f"weed mini {' '.join(args.server_option) or '(defaults)'}" if server is not None
-                         else args.endpoint)
-        return out
+        yield root, label
     finally:
-        if server is None:
+        try:
             import fsspec
 
             fs = fsspec.core.url_to_fs(root, use_listings_cache=False)[0]
             if fs.exists(root.split("://", 1)[1]):
                 fs.rm(root.split("://", 1)[1], recursive=True)
-        else:
-            server.stop()
+        finally:
+            if server is not None:
+                server.stop()
+
+
+def run_world(args, work: Path) -> dict:
+    """Start the server (unless ``--endpoint``), run the ranks, remove what they left on the server."""
+    with s3_location(args, work, "bench-objstore", args.server_option) as (root, label):
+        threads = max(1, (os.cpu_count() or 1) // args.nproc)
+        out = benchlib.spawn_world(worker, args.nproc, args, str(work), root, threads=threads,
+                                   pg_timeout=args.timeout)[0]
+        out["server"] = label
+        return out
 
 
 def main(argv=None) -> int:

@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import benchlib
+from bench_objstore import s3_location
 
 QUICK = {"gb": 0.02, "repeats": 1}
 log = benchlib.logger("bench_objstore_reshard")
@@ -186,31 +185,13 @@ def parse_args(argv=None):
 
 
 def run_worlds(args, work: Path) -> dict:
-    from tests.s3server import BUCKET, S3Server
-
+    """The saving world, then the loading one, on the server of :func:`bench_objstore.s3_location`."""
     t0 = time.perf_counter()
-    server = None
-    if args.endpoint is None:
-        server = S3Server(work / "s3").start()
-        os.environ.update(server.environ())
-        bucket = BUCKET
-    else:
-        os.environ["AWS_ENDPOINT_URL"] = args.endpoint
-        bucket = args.bucket
-    root = f"s3://{bucket}/bench-reshard-{uuid.uuid4().hex[:12]}"
     before = benchlib.load_average()
-    try:
+    with s3_location(args, work, "bench-reshard") as (root, label):
         saved = benchlib.spawn_world(saver, args.save_nproc, args, root, threads=1)[0]
         log(f"saved {saved['nbytes'] / 1e9:.3f} GB on {args.save_nproc} ranks, dims {saved['dims']}")
         res = benchlib.spawn_world(loader, args.load_nproc, args, root, saved, threads=1)[0]
-    finally:
-        import fsspec
-
-        fs = fsspec.core.url_to_fs(root, use_listings_cache=False)[0]
-        if fs.exists(root.split("://", 1)[1]):
-            fs.rm(root.split("://", 1)[1], recursive=True)
-        if server is not None:
-            server.stop()
     out = {"bench": "objstore_reshard_load", "save_nproc": args.save_nproc, "load_nproc": args.load_nproc,
            "repeats": args.repeats, "dims": saved["dims"], "gb": round(saved["nbytes"] / 1e9, 4),
            "dcp_threads": args.dcp_threads, "latency_ms": args.latency_ms}
@@ -220,7 +201,7 @@ def run_worlds(args, work: Path) -> dict:
     out["ucp_gets_per_rank"] = res["gets"][len(res["gets"]) // 2]
     out["bit_exact"] = True
     out["load_average"] = {"before": before, "after": benchlib.load_average()}
-    out["server"] = "weed mini (defaults)" if server is not None else args.endpoint
+    out["server"] = label
     return benchlib.versions(out, t0)
 
 
