@@ -351,9 +351,9 @@ class FragmentReader:
             view = _bytes_of(buf)
             blocks = needed_blocks(wanted, len(f.blocks or ()), block_bytes)
             if blocks is None:
-                runs.append((f, None, None, view))
+                runs.append((f, None, view))
             else:
-                runs += [(f, first, last, view[first * block_bytes:min(last * block_bytes, f.length)])
+                runs += [(f, first, view[first * block_bytes:min(last * block_bytes, f.length)])
                          for first, last in blocks]
         self.files.read_block_runs(runs, block_bytes, self.gets)
         for copy in after:
@@ -370,11 +370,11 @@ class FragmentReader:
         for f, lo, hi, at in _contiguous_runs(dest, items, rest):
             first, last = -(-lo // bb), hi // bb + (hi == f.length and hi % bb != 0)  # (blocks wholly inside)
             if first < last:
-                runs.append((f, first, last, out[at + first * bb - lo:at + min(last * bb, f.length) - lo]))
+                runs.append((f, first, out[at + first * bb - lo:at + min(last * bb, f.length) - lo]))
             for b in sorted({lo // bb, (hi - 1) // bb} - set(range(first, last))):
                 bl, bh = b * bb, min((b + 1) * bb, f.length)
                 scratch = memoryview(bytearray(bh - bl))
-                runs.append((f, b, b + 1, scratch))
+                runs.append((f, b, scratch))
                 a, z = max(lo, bl), min(hi, bh)
                 into, part = out[at + a - lo:at + z - lo], scratch[a - bl:z - bl]
                 after.append(functools.partial(into.__setitem__, slice(None), part))

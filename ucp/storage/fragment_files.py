@@ -320,16 +320,16 @@ class FragmentFiles:
             self._verify(f, crc32c(view), [], 0)
 
     def read_block_runs(self, runs: list, block_bytes: int, gets: int = GETS) -> None:
-        """Each ``(fragment, first, last, view)`` of ``runs`` from an object store: blocks ``[first,
-        last)`` of the fragment (of ``block_bytes``) into ``view``, each block checked against its
-        checksum (``first`` None: the whole fragment, checked against its CRC-32C), all fetched
-        together (:meth:`_fetch`): a resharded piece's runs cost one round trip, not one each."""
+        """Each ``(fragment, first, view)`` of ``runs`` from an object store: the fragment's blocks (of
+        ``block_bytes``) from block ``first`` on into ``view`` (as many as it holds), each block checked
+        against its checksum (``first`` None: the whole fragment, checked against its CRC-32C), all
+        fetched together (:meth:`_fetch`): a resharded piece's runs cost one round trip, not one each."""
         wanted: dict[str, list] = {}
-        for f, first, _, view in runs:
+        for f, first, view in runs:
             self.locate(f)
             wanted.setdefault(f.file, []).append((f.offset + (first or 0) * block_bytes, view))
         self._fetch(wanted, gets)
-        for f, first, last, view in runs:
+        for f, first, view in runs:
             if first is None:
                 self._verify(f, crc32c(view), [], 0)
             else:
