@@ -158,8 +158,8 @@ STALLED = textwrap.dedent("""
     from ucp.storage.multipart import MultipartWriter
     send = MultipartWriter._send
 
-    def stalling(self, body):  # (once a part of the rank file has landed, the writer hangs: killed mid-upload)
-        send(self, body)
+    def stalling(self):  # (once a part of the rank file has landed, the writer hangs: killed mid-upload)
+        send(self)
         self._inflight[0][0].result()
         print("uploading", self.name, flush=True)
         time.sleep(600)

@@ -67,6 +67,35 @@ def test_a_rank_file_of_known_size_goes_up_in_parts_sized_for_10000(s3, monkeypa
     assert raw[start:] == data.tobytes() and header["model/w"]["data_offsets"] == [0, 40 * MIB]
 
 
+def test_held_bytes_go_up_from_where_they_lie_between_copied_ones(s3):
+    """write_held sends the caller's bytes without a copy (no part buffer is made for them: the
+    traced peak stays under one part for 24 MiB in 5 MiB parts), in order with copied writes
+    (tiny ones, gathered on the wire), across part boundaries; the object is bit-exact."""
+    import tracemalloc
+
+    path = ObjectPath(s3.url("held") + "/rank.bin")
+    held = [os.urandom(n) for n in (7 * MIB + 5, 3, 9 * MIB, 100, 8 * MIB - 1)]
+    copied = [b"head", b"x" * 1000, b"", b"y" * 60_000, b"tail" * 3]
+    with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB, concurrency=2) as w:
+        w.write_held(held[0])
+        for h in held[1:]:
+            w.write_held(h)
+    assert path.read_bytes() == b"".join(held)
+    tracemalloc.start()
+    try:
+        path = ObjectPath(s3.url("held") + "/mixed.bin")
+        with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB, concurrency=2) as w:
+            for c, h in zip(copied, held):
+                w.write(c)
+                w.write_held(h)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert path.read_bytes() == b"".join(c + h for c, h in zip(copied, held))
+    assert path.stat().etag.strip('"').endswith("-5")  # (24 MiB and a few bytes in 5 MiB parts)
+    assert peak < 5 * MIB, peak  # (copied writes fill part buffers: one at least, were held bytes copied too)
+
+
 def test_a_small_object_is_one_put(s3):
     path = ObjectPath(s3.url("small") + "/x")
     with path.open_write() as w:
@@ -158,3 +187,55 @@ def test_a_failed_get_stops_the_others_before_read_spans_raises(s3, monkeypatch)
         path.read_spans([(0, views)], gets=3)
     time.sleep(0.5)
     assert not any(views[0])  # (the two slower GETs were cancelled, not left to land)
+
+
+class _Sink:
+    """A stream writer that only counts what a payload writes to it."""
+
+    def __init__(self):
+        self.nbytes = 0
+
+    async def write(self, chunk, *_args, **_kwargs) -> None:
+        self.nbytes += memoryview(chunk).nbytes
+
+
+@pytest.mark.parametrize("retried_by,checksums", [("botocore", None), ("s3fs", None), ("s3fs", "when_supported")])
+def test_a_part_whose_connection_drops_after_its_body_goes_again_whole(s3, monkeypatch, retried_by, checksums):
+    """A part's request whose body went out (read as aiohttp reads a body) and whose connection then
+    dropped is sent again, every byte of it: by botocore (which rewinds the body), or, with botocore's
+    retries off (``AWS_MAX_ATTEMPTS=1``), by s3fs, which calls again with the same body object. The
+    object is bit-exact; a body read from where the last attempt left it would go again short, or empty.
+    Parts go as views of the writer's buffers (PartBody) unless botocore adds checksums of its own,
+    which wrap the body in a chunked stream: then as bytes."""
+    from aiobotocore.httpsession import AIOHTTPSession
+    from aiohttp.payload import get_payload
+    from botocore.exceptions import ConnectionClosedError
+
+    from ucp.storage.multipart import PartBody
+
+    if retried_by == "s3fs":
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    if checksums:
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", checksums)
+    real, dropped, bodies = AIOHTTPSession.send, [], set()
+
+    async def send(self, request):
+        if request.method == "PUT" and "partNumber=" in request.url:
+            bodies.add(type(request.body))
+        if not dropped and request.method == "PUT" and "partNumber=" in request.url:
+            sink = _Sink()
+            dropped.append(sink)
+            await get_payload(request.body).write(sink)
+            raise ConnectionClosedError(endpoint_url=request.url)
+        return await real(self, request)
+
+    monkeypatch.setattr(AIOHTTPSession, "send", send)
+    path = ObjectPath(s3.url("retry") + "/rank.bin")
+    data = os.urandom(5 * MIB) * 2 + os.urandom(MIB + 3)
+    with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB, concurrency=2) as w:
+        w.write(data[:MIB + 1])  # (parts of copied and held bytes together)
+        w.write_held(memoryview(data)[MIB + 1:])
+    assert [sink.nbytes for sink in dropped] == [5 * MIB]  # (a part's whole body went out, then its connection dropped)
+    assert path.read_bytes() == data
+    assert path.stat().etag.strip('"').endswith("-3")
+    assert (bodies == {PartBody}) is (checksums is None)

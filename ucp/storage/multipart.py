@@ -1,27 +1,41 @@
 """An object on S3 written as a stream of parts uploaded concurrently, in bounded memory: :class:`MultipartWriter`.
 
 s3fs's own file object uploads a streamed object one part at a time, from a buffer it copies twice
-per part; a rank file of several GB then waits on one connection. Here each part is filled in a
-preallocated buffer and handed to s3fs's event loop at once, up to ``concurrency`` parts in flight:
-memory is ``(concurrency + 1) * part_bytes`` per object (16 MiB parts, 4 in flight: 80 MiB; capped
-at :data:`MEMORY_BYTES`), the buffers reused, and a writer that gets ahead of the uploads waits for
-the oldest. The part size grows with an object's size when the writer is told it (S3 takes 10,000
-parts at most): :func:`part_size`. The object appears only when :meth:`MultipartWriter.close`
-completes the upload, whole; a failure (or an exception in the ``with`` block) aborts it, so a
-partial object is never visible: a writer killed outright leaves an incomplete upload, which no
-listing or read sees, and which the next commit under its root aborts once it is idle
-(:meth:`ucp.storage.objstore.ObjectPath.abort_orphan_uploads`, format rule 33).
+per part; a rank file of several GB then waits on one connection. Here each part is handed to s3fs's
+event loop as soon as it is full, up to ``concurrency`` parts in flight, and a writer that gets ahead
+of the uploads waits for the oldest. A part is made of the bytes given to
+:meth:`MultipartWriter.write_held`, sent from where they lie (a save's tensors: no copy, no buffer),
+and of copies of those given to :meth:`MultipartWriter.write` (bytes that change once written: a
+preallocated part buffer, reused; memory ``(concurrency + 1) * part_bytes`` per object at most, 16 MiB
+parts and 4 in flight: 80 MiB, capped at :data:`MEMORY_BYTES`). The part size grows with an object's
+size when the writer is told it (S3 takes 10,000 parts at most): :func:`part_size`. The object appears
+only when :meth:`MultipartWriter.close` completes the upload, whole; a failure (or an exception in the
+``with`` block) aborts it, so a partial object is never visible: a writer killed outright leaves an
+incomplete upload, which no listing or read sees, and which the next commit under its root aborts once
+it is idle (:meth:`ucp.storage.objstore.ObjectPath.abort_orphan_uploads`, format rule 33).
 
 Retries: each request goes through s3fs (``_call_s3``), which retries connection errors and
 throttling with backoff, over botocore's own retries (:data:`ucp.storage.objstore.RETRIES`).
+
+A part goes out as views of its bytes (:class:`PartBody`) where the S3 client hands the body to aiohttp
+as it is (no checksum wrapper: ``request_checksum_calculation`` ``when_required``, ucp's setting on
+plain HTTP): aiohttp would otherwise copy a bytearray body twice per request (slicing it to its length,
+then joining it to the headers), each copy a fresh 16 MiB allocation whose pages the kernel zeroes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
+import itertools
 from collections import deque
 from contextlib import contextmanager
+
+try:
+    from aiohttp.payload import Payload as _Payload
+except ImportError:  # (no aiohttp below s3fs: parts go out as bytes-like bodies)
+    _Payload = None
 
 #: bytes per part, the least (S3 takes parts of 5 MiB to 5 GiB, at most 10,000 of them): an object of
 #: up to 156 GiB; a larger one whose size is known gets larger parts (:func:`part_size`)
@@ -58,6 +72,105 @@ def uploads(part_bytes: int, concurrency: int = UPLOADS) -> int:
     """Parts in flight at once for parts of ``part_bytes``: ``concurrency``, fewer where
     ``(concurrency + 1) * part_bytes`` would exceed :data:`MEMORY_BYTES`, and at least 1."""
     return max(1, min(concurrency, MEMORY_BYTES // part_bytes - 1))
+#: the bytes a :class:`PartBody` hands aiohttp's writer at a time (each waits for the socket to drain)
+SEND_BYTES = 1 << 20
+#: a part's pieces under this many bytes go to the socket gathered, not one send each
+GATHER_BYTES = 64 << 10
+
+
+if _Payload is not None:
+    class PartBody(_Payload):
+        """A part's bytes as an S3 request body, sent from where they lie (the writer's buffer, or the
+        caller's memory given to :meth:`MultipartWriter.write_held`) without a copy.
+
+        botocore sees a seekable file (``read``, ``seek``, ``tell``, ``len``): it hashes it for the
+        signature from the current position and seeks back; aiohttp sees a payload and writes it whole,
+        whatever that position, in :data:`SEND_BYTES` views (pieces under :data:`GATHER_BYTES` gathered
+        first). A request retried with the same body (botocore rewinds it; s3fs calls again with the
+        same arguments) therefore sends every byte again. The bytes must not change until the request
+        is done (the writer reuses a buffer only after the part's upload has returned or failed for good).
+
+        Args:
+            pieces: the part's bytes, in order (buffers).
+        """
+
+        _autoclose = True  # (nothing to close: views of memory others own)
+
+        def __init__(self, pieces: list):
+            views = [memoryview(x).cast("B") for x in pieces]
+            super().__init__(views, content_type="application/octet-stream")
+            self._pieces = views
+            self._starts = list(itertools.accumulate((v.nbytes for v in views), initial=0))
+            self._size, self._pos = self._starts[-1], 0
+
+        def __len__(self) -> int:
+            return self._size
+
+        def __bool__(self) -> bool:  # (botocore takes a false body for none)
+            return True
+
+        def read(self, n: int | None = -1):
+            """Up to ``n`` bytes from the position (fewer at a piece's end; ``b""`` at the end), a view."""
+            if self._pos >= self._size or n == 0:
+                return b""
+            i = bisect.bisect_right(self._starts, self._pos) - 1
+            at = self._pos - self._starts[i]
+            piece = self._pieces[i]
+            end = piece.nbytes if n is None or n < 0 else min(piece.nbytes, at + n)
+            self._pos += end - at
+            return piece[at:end]
+
+        def seek(self, offset: int, whence: int = 0) -> int:
+            base = (0, self._pos, self._size)[whence]
+            self._pos = max(0, min(self._size, base + offset))
+            return self._pos
+
+        def tell(self) -> int:
+            return self._pos
+
+        def seekable(self) -> bool:
+            return True
+
+        def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+            return b"".join(self._pieces).decode(encoding, errors)
+
+        async def write(self, writer) -> None:
+            await self.write_with_length(writer, None)
+
+        async def write_with_length(self, writer, content_length: int | None) -> None:
+            left = self._size if content_length is None else min(self._size, content_length)
+            small = bytearray()
+            for piece in self._pieces:
+                if left <= 0:
+                    break
+                piece = piece[:left]
+                left -= piece.nbytes
+                if piece.nbytes < GATHER_BYTES:
+                    small += piece
+                    if len(small) < GATHER_BYTES:
+                        continue
+                    piece, small = memoryview(small), bytearray()
+                elif small:
+                    await writer.write(bytes(small))
+                    small = bytearray()
+                for at in range(0, piece.nbytes, SEND_BYTES):
+                    await writer.write(piece[at:at + SEND_BYTES])
+            if small:
+                await writer.write(bytes(small))
+else:
+    PartBody = None
+
+
+def sends_views(fs) -> bool:
+    """Whether parts go to ``fs`` (an s3fs file system whose client exists) as :class:`PartBody`: aiohttp
+    is there, and botocore computes no checksum of its own for an upload (``when_required``), which
+    would wrap the body in a chunked stream that reads it once from where it stands (an s3fs retry
+    would then send it short)."""
+    if PartBody is None or getattr(fs, "s3", None) is None:
+        return False
+    return getattr(fs.s3.meta.config, "request_checksum_calculation", None) == "when_required"
+
+
 #: the S3 client's packages below fsspec, whose errors (a refused connection after botocore's
 #: retries, say) are not OSErrors
 _CLIENT = frozenset({"botocore", "aiobotocore", "aiohttp"})
@@ -90,10 +203,14 @@ class MultipartWriter:
     """A binary file object (``write``, ``tell``, ``close``; a context manager) writing object ``key``
     of s3fs file system ``fs``: see the module's docstring. An object smaller than one part is one PUT.
 
+    Bytes given to :meth:`write` are copied into a part buffer; bytes given to :meth:`write_held` are
+    sent from where they lie, and must stay unchanged until :meth:`close` returns.
+
     Memory: ``(concurrency + 1) * part_bytes`` at most (the parts in flight and the one being filled),
     and ``concurrency`` is lowered so that this stays within :data:`MEMORY_BYTES`, down to one part in
     flight: parts over half of it (256 MiB, which only objects over 2.5 TiB get) hold two parts' memory,
-    over the cap.
+    over the cap. A part buffer is made when a :meth:`write` first needs one: an object written held
+    takes none.
 
     Args:
         fs: an ``s3fs.S3FileSystem``.
@@ -118,11 +235,18 @@ class MultipartWriter:
             except ValueError as e:
                 raise OSError(errno.EFBIG, str(e), self.name) from None
         self.part_bytes, self.concurrency = part_bytes, uploads(part_bytes, concurrency)
-        self._buf, self._fill, self._pos = bytearray(part_bytes), 0, 0
+        self._pos = 0
+        self._pieces: list[memoryview] = []  # (the part being filled, in order: views of the buffer and held bytes)
+        self._filled = 0  # (its bytes)
+        self._buf: bytearray | None = None  # (the buffer copied writes fill, from _fill; made when first needed)
+        self._fill = 0
+        self._run: int | None = None  # (where in the buffer the part's last piece starts, if it is the buffer's)
+        self._buffers = 0  # (part buffers made)
         self._spare: list[bytearray] = []
-        self._inflight: deque = deque()  # (future, buffer) of the parts being uploaded, oldest first
+        self._inflight: deque = deque()  # (future, buffer or None) of the parts being uploaded, oldest first
         self._parts: list[dict] = []
         self._upload_id: str | None = None
+        self._views = False  # (parts sent as PartBody: known once the upload is created)
         self.closed = False
 
     def __enter__(self) -> "MultipartWriter":
@@ -141,19 +265,60 @@ class MultipartWriter:
         return self._pos
 
     def write(self, data) -> int:
-        """Append ``data`` (any buffer); a full part goes out at once, and waits only when
-        ``concurrency`` parts are in flight already."""
+        """Append a copy of ``data`` (any buffer, free to change once this returns); a full part goes
+        out at once, and waits only when ``concurrency`` parts are in flight already. A write under
+        :data:`GATHER_BYTES` (a file's header) is a copy of its own: it takes no part buffer."""
+        view = memoryview(data).cast("B")
+        n, at = view.nbytes, 0
+        if n < GATHER_BYTES:
+            return self.write_held(bytes(view))
+        while at < n:
+            if self._buf is None:
+                self._buf = self._take_buffer()
+            k = min(n - at, self.part_bytes - self._filled)
+            start = self._fill
+            self._buf[start:start + k] = view[at:at + k]
+            self._fill += k
+            if self._run is None:  # (a new run of the buffer's bytes in the part)
+                self._run = start
+                self._pieces.append(memoryview(self._buf)[start:self._fill])
+            else:
+                self._pieces[-1] = memoryview(self._buf)[self._run:self._fill]
+            self._add(k)
+            at += k
+        self._pos += n
+        return n
+
+    def write_held(self, data) -> int:
+        """Append ``data`` (any buffer) without a copy: its bytes are sent from where they lie, so
+        they must not change until :meth:`close` returns (a blocking save's tensors)."""
         view = memoryview(data).cast("B")
         n, at = view.nbytes, 0
         while at < n:
-            k = min(n - at, self.part_bytes - self._fill)
-            self._buf[self._fill:self._fill + k] = view[at:at + k]
-            self._fill += k
+            k = min(n - at, self.part_bytes - self._filled)
+            self._pieces.append(view[at:at + k])
+            self._run = None
+            self._add(k)
             at += k
-            if self._fill == self.part_bytes:
-                self._send(self._buf)
         self._pos += n
         return n
+
+    def _add(self, k: int) -> None:
+        self._filled += k
+        if self._filled == self.part_bytes:
+            self._send()
+
+    def _take_buffer(self) -> bytearray:
+        """A part buffer to fill: a spare one, a new one while fewer than ``concurrency + 1`` exist,
+        else the first freed by the oldest uploads."""
+        if self._spare:
+            return self._spare.pop()
+        if self._buffers <= self.concurrency:
+            self._buffers += 1
+            return bytearray(self.part_bytes)
+        while not self._spare:
+            self._retire()
+        return self._spare.pop()
 
     def _call(self, method: str, **kwargs):
         """Request ``method`` on the object, sent to s3fs's event loop: its future (see :meth:`_wait`)."""
@@ -164,34 +329,45 @@ class MultipartWriter:
         with as_oserror(self.name):
             return future.result()
 
-    def _send(self, body: bytearray | bytes) -> None:
-        """Upload ``body`` as the next part; the buffer to fill next is a spare one, a new one while
-        fewer than ``concurrency`` exist, else the oldest upload's once it is done."""
+    def _body(self, views: bool):
+        """The part being filled as a request body: a :class:`PartBody` of its pieces where ``views``;
+        else bytes-like (the buffer itself where the part is all of it, else the pieces joined)."""
+        if views:
+            return PartBody(self._pieces)
+        if len(self._pieces) == 1 and self._pieces[0].obj is self._buf and self._pieces[0].nbytes == len(self._buf):
+            return self._buf
+        return b"".join(self._pieces)
+
+    def _send(self) -> None:
+        """Upload the part being filled as the next part; then wait for the oldest while more than
+        ``concurrency`` are in flight. The buffer it used, if any, is the part's until its upload is done."""
         try:
             if self._upload_id is None:
                 self._upload_id = self._wait(self._call("create_multipart_upload"))["UploadId"]
+                self._views = sends_views(self.fs)
             number = len(self._parts) + len(self._inflight) + 1
             if number > _MAX_PARTS:
                 raise OSError(f"{self.name}: over {_MAX_PARTS} parts of {self.part_bytes} bytes")
+            body = self._body(self._views)
+            used = self._buf if self._fill else None
             self._inflight.append((self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body),
-                                   body))
-            self._fill = 0
-            if self._spare:
-                self._buf = self._spare.pop()
-            elif len(self._inflight) <= self.concurrency:
-                self._buf = bytearray(self.part_bytes)
-            else:
-                self._buf = self._retire()
+                                   used))
+            self._pieces, self._filled, self._run = [], 0, None
+            if used is not None:
+                self._buf, self._fill = None, 0
+            while len(self._inflight) > self.concurrency:
+                self._retire()
         except BaseException:
             self.abort()
             raise
 
-    def _retire(self):
-        """Wait for the oldest part in flight, record it; its buffer."""
-        future, body = self._inflight.popleft()
+    def _retire(self) -> None:
+        """Wait for the oldest part in flight, record it; its buffer becomes a spare."""
+        future, buffer = self._inflight.popleft()
         out = self._wait(future)
         self._parts.append({"PartNumber": len(self._parts) + 1, "ETag": out["ETag"]})
-        return body
+        if buffer is not None:
+            self._spare.append(buffer)
 
     def close(self) -> None:
         """Upload what is left and complete the object (it appears now, whole).
@@ -203,12 +379,12 @@ class MultipartWriter:
             return
         try:
             if self._upload_id is None:  # (smaller than a part: one PUT)
-                self._wait(self._call("put_object", Body=bytes(memoryview(self._buf)[:self._fill])))
+                self._wait(self._call("put_object", Body=b"".join(self._pieces)))
             else:
-                if self._fill:
-                    self._send(bytes(memoryview(self._buf)[:self._fill]))
+                if self._filled:
+                    self._send()
                 while self._inflight:
-                    self._spare.append(self._retire())
+                    self._retire()
                 self._wait(self._call("complete_multipart_upload", UploadId=self._upload_id,
                                       MultipartUpload={"Parts": self._parts}))
         except BaseException:
@@ -238,4 +414,4 @@ class MultipartWriter:
     def _release(self) -> None:
         self.closed = True
         self._inflight.clear()
-        self._buf, self._spare = bytearray(), []
+        self._pieces, self._buf, self._spare = [], None, []

@@ -73,33 +73,37 @@ def plan_file(entries: list, metadata: dict[str, str] | None = None) -> tuple[by
 def write_file(path: Path, entries: list[Entry], metadata: dict[str, str] | None = None,
                fsync: bool = True) -> tuple[int, list[int], int]:
     """Write ``entries`` to ``path`` (overwriting), fsync it, and return (file size, entry offsets,
-    CRC-32C of the header: the 8-byte length and the JSON, as :func:`header_checksum` reads it)."""
-    return write_stream(path, entries, lambda i: entries[i].data, metadata, fsync)
+    CRC-32C of the header: the 8-byte length and the JSON, as :func:`header_checksum` reads it).
+    The entries' bytes must not change until it returns: an object is sent from them, not from a copy."""
+    return write_stream(path, entries, lambda i: entries[i].data, metadata, fsync, held=True)
 
 
 def write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | None = None,
-                 fsync: bool = True) -> tuple[int, list[int], int]:
+                 fsync: bool = True, held: bool = False) -> tuple[int, list[int], int]:
     """Write a file whose tensors' bytes come one at a time: ``produce(i)`` returns slot ``i``'s bytes
     (exactly ``slots[i].nbytes`` of them) and may reuse one buffer, as each is written before the next
-    is asked for. Returns (file size, entry offsets, header CRC-32C).
+    is asked for; unless ``held``: then every slot's bytes stay as they are until this returns, and an
+    object's parts are sent from them without a copy (:meth:`~ucp.storage.multipart.MultipartWriter.write_held`).
+    Returns (file size, entry offsets, header CRC-32C).
 
     Raises:
         OSError: naming ``path`` (a file object's ``write`` and ``os.fsync`` raise a full disk's
             ENOSPC without a file name).
     """
     try:
-        return _write_stream(path, slots, produce, metadata, fsync)
+        return _write_stream(path, slots, produce, metadata, fsync, held)
     except OSError as e:
         raise with_path(e, path) from e
 
 
-def _write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | None, fsync: bool):
+def _write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | None, fsync: bool, held: bool):
     head, offsets = plan_file(slots, metadata)
     local = not is_object(path)  # (an object is streamed up in parts, and appears whole when closed)
     fsync = fsync and local
     total = len(head) + sum(slot.nbytes for slot in slots)  # (an object's part size is chosen from it)
     with open(path, "wb", buffering=0) if local else path.open_write(total) as f:
         fd = f.fileno() if local else -1
+        put = getattr(f, "write_held", f.write) if held else f.write  # (only an S3 writer sends bytes uncopied)
         f.write(head)
         flushed = 0
         for i, slot in enumerate(slots):
@@ -109,7 +113,7 @@ def _write_stream(path: Path, slots: list, produce, metadata: dict[str, str] | N
                 raise ValueError(f"{path}: tensor {slot.name} has {view.nbytes} bytes, its slot {slot.nbytes}")
             written = 0
             while written < view.nbytes:
-                written += f.write(view[written:])
+                written += put(view[written:])
             pos = f.tell()
             if fsync and pos - flushed >= WRITEBACK_EVERY:
                 start_writeback(fd, flushed, pos - flushed)
