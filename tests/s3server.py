@@ -166,7 +166,7 @@ def dying_server(server: "S3Server", monkeypatch):
 
 def linear_stack(seed: int, layers: int):
     """``layers`` bias-free 1024 x 1024 fp32 Linear layers (4 MB each) from ``seed``: a state of several
-    16 MiB upload parts."""
+    8 MiB upload parts."""
     import torch
 
     torch.manual_seed(seed)

@@ -38,7 +38,7 @@ def dying(server, monkeypatch):
     yield from dying_server(server, monkeypatch)
 
 
-LAYERS = 10  # (of 4 MB each: 40 MB, 3 parts of 16 MiB)
+LAYERS = 10  # (of 4 MB each: 40 MB, 5 parts of 8 MiB)
 
 
 def _one_line_naming(e: BaseException, url: str) -> None:

@@ -253,7 +253,7 @@ def dying(server, monkeypatch):
     yield from dying_server(server, monkeypatch)
 
 
-LAYERS = 20  # (of 4 MB each: 80 MB, 5 parts of 16 MiB)
+LAYERS = 20  # (of 4 MB each: 80 MB, 10 parts of 8 MiB)
 
 
 def _uploading(fs, url: str, step: int) -> bool:

@@ -40,7 +40,7 @@ def test_parts_uploaded_concurrently_make_one_whole_object(s3):
 def test_a_rank_file_of_known_size_goes_up_in_parts_sized_for_10000(s3, monkeypatch, tmp_path):
     """A safetensors file written to an object is of known size, and its parts are sized from it: with
     S3's limit lowered to 2 parts (so the test stays small), 40 MiB and a header go up as 2 parts of
-    21 MiB (16 MiB parts would need 3), round trip bit-exact."""
+    21 MiB (8 MiB parts would need 6), round trip bit-exact."""
     import numpy as np
 
     from ucp.storage import multipart

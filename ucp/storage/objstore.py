@@ -109,7 +109,7 @@ def _in_effect() -> dict:
 #: an incomplete multipart upload under a root's step prefixes that shows no activity (neither its
 #: creation nor its newest part) for this many seconds is an orphan, aborted by the next commit's
 #: retention (format rule 33): a writer killed mid-upload left it. A live upload adds a part every
-#: few seconds (16 MiB parts; a part over 15 minutes would need a link under 20 KB/s)
+#: few seconds (8 MiB parts; a part over 15 minutes would need a link under 20 KB/s)
 ORPHAN_AFTER = 900.0
 #: the keys (below a root) whose incomplete uploads a root's writer owns: its checkpoints' objects
 _STEP_KEY = re.compile(r"step_\d+/")
