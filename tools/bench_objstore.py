@@ -37,7 +37,16 @@ Where the CPU goes (the server shares this machine's cores with the ranks): ``cp
 and operation, the medians of the ranks' CPU seconds (all their threads, summed over the ranks) and
 the local server's (its process, from ``/proc``). ``server_floor_s`` is the server's CPU seconds over
 the machine's cores: the least time any client could take for that operation here, with the server's
-work as it is and none of its own; ``*_over_server_floor`` is the operation's time over it.
+work as it is and none of its own; ``*_over_server_floor`` is the operation's time over it. The local
+server is plain HTTP, where the S3 client signs every byte it uploads with SHA-256: ``floors_gbps``
+has SHA-256's rate on one core, and ``*_save_signed_floor_s`` the server's CPU seconds plus the
+hashing of the bytes saved, over the cores: the least time a signing client could take for the save.
+
+Before every timed operation the machine is brought to one state, whoever's operation it is
+(:func:`quiesce`): dirty pages written back (the server does not fsync; its writes would otherwise go
+to disk during the next operation) and the local server idle (it deletes and compacts in the
+background). ``speedup_*_paired`` is the median of the rounds' own ratios (the two kinds of a round
+ran minutes apart at most, under the same load).
 
     python tools/bench_objstore.py [--gb 1.0] [--nproc 2] [--repeats 3] [--dir DIR] [--dcp-threads 4]
                                    [--endpoint URL --bucket NAME] [--quick]
@@ -111,6 +120,46 @@ def server_cpu(pid: int | None) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+#: the local server is quiet when it used under this share of one core over :data:`QUIET_WINDOW_S`
+QUIET_SHARE = 0.05
+QUIET_WINDOW_S = 0.25
+#: the longest a bench waits for the server to go quiet before an operation (then it goes on, logged)
+QUIET_MAX_S = 20.0
+
+
+def quiesce(pid: int | None) -> float:
+    """Bring the machine to the same state before every timed operation, whoever's it is: the dirty
+    pages written back (``os.sync``: the server does not fsync, and its writes would otherwise go to
+    disk during the next operation, charged to it), then the local server idle (its CPU under
+    :data:`QUIET_SHARE` of a core over :data:`QUIET_WINDOW_S`: deletions of the last round's objects and
+    compactions run in its background). Returns the seconds waited."""
+    t0 = time.perf_counter()
+    os.sync()
+    if pid is not None:
+        while time.perf_counter() - t0 < QUIET_MAX_S:
+            before = server_cpu(pid)
+            time.sleep(QUIET_WINDOW_S)
+            if server_cpu(pid) - before < QUIET_SHARE * QUIET_WINDOW_S:
+                break
+        else:
+            log(f"the server was still busy after {QUIET_MAX_S:g} s; going on")
+    return time.perf_counter() - t0
+
+
+def sha256_gbps(nbytes: int = 256 << 20) -> float:
+    """GB/s of SHA-256 on one core (hashlib): the rate at which an S3 client on plain HTTP signs its
+    payloads (SigV4 hashes every byte it uploads)."""
+    import hashlib
+
+    data = bytearray(os.urandom(1 << 20)) * (nbytes >> 20)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        hashlib.sha256(data).digest()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / 1e9 / best
+
+
 def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
     """One rank of the world ``benchlib.spawn_world`` launched; rank 0 returns the figures."""
     import fsspec
@@ -147,6 +196,8 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
     def timed(name: str, fn):
         """``fn()`` timed between barriers (:func:`benchlib.barrier_timed`), its seconds and the CPU
         seconds of the ranks and of the server recorded under ``name``; its result."""
+        if rank == 0:
+            quiesce(args.server_pid)
         server0 = server_cpu(args.server_pid) if rank == 0 else 0.0
         client0 = time.process_time()
         seconds, out = benchlib.barrier_timed(fn)
@@ -242,6 +293,8 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
                 benchlib.median_of(out, f"{k}_{f}", samples[f"{k}_{f}"], nbytes[k])
         for f in ("save", "load"):
             out[f"speedup_{f}"] = round(out[f"dcp_s3_{f}_s"] / out[f"ucp_s3_{f}_s"], 3)
+            out[f"speedup_{f}_paired"] = round(benchlib.median(
+                [d / u for d, u in zip(samples[f"dcp_s3_{f}"], samples[f"ucp_s3_{f}"])]), 3)
             out[f"s3_over_local_{f}"] = round(out[f"ucp_s3_{f}_s"] / out[f"ucp_local_{f}_s"], 3)
         out["target_met"] = out["speedup_save"] >= 1.5 and out["speedup_load"] >= 1.5
         out["cpu_s"] = {name: {side: round(benchlib.median(xs), 3) for side, xs in sides.items()}
@@ -252,6 +305,13 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
             for name, floor in out["server_floor_s"].items():
                 if floor > 0:
                     out[f"{name}_over_server_floor"] = round(out[f"{name}_s"] / floor, 3)
+            # the local server is plain HTTP, where botocore signs every uploaded byte with SHA-256
+            # (SigV4): the least any such client adds to the server's work for a save
+            gbps = out["floors_gbps"] = {"sha256_1core": round(sha256_gbps(), 3)}
+            for kind in ("ucp_s3", "dcp_s3"):
+                cpu_s = out["cpu_s"][f"{kind}_save"]["server"] + nbytes[kind] / 1e9 / gbps["sha256_1core"]
+                out[f"{kind}_save_signed_floor_s"] = round(cpu_s / cores, 3)
+                out[f"{kind}_save_over_signed_floor"] = round(out[f"{kind}_save_s"] / (cpu_s / cores), 3)
         out["ucp_s3_read_amplification"] = round(benchlib.median(amplification), 4)
         out["verified"] = True
         out["load_average"] = {"before": load_before, "after": benchlib.load_average()}

@@ -104,6 +104,23 @@ def test_a_small_object_is_one_put(s3):
     assert path.read_bytes() == b"abc" and "-" not in path.stat().etag
 
 
+@pytest.mark.parametrize("mib,parts", [(0, 0), (12, 0), (17, 3)])
+def test_an_object_of_known_size_under_16_mib_is_one_put(s3, mib, parts):
+    """Told its size, a writer sends an object under SINGLE_PUT_BYTES (16 MiB) in one PUT, held bytes
+    and all (no multipart upload's two more round trips); 17 MiB goes up in 8 MiB parts."""
+    from ucp.storage.multipart import SINGLE_PUT_BYTES
+
+    assert SINGLE_PUT_BYTES == 16 * MIB
+    path = ObjectPath(s3.url("sized") + "/rank.bin")
+    data = os.urandom(mib * MIB) + b"end"
+    with path.open_write(len(data)) as w:
+        w.write(b"head")
+        w.write_held(memoryview(data)[4:])
+    assert path.read_bytes() == b"head" + data[4:]
+    etag = path.stat().etag.strip('"')
+    assert (etag.endswith(f"-{parts}") if parts else "-" not in etag), etag
+
+
 def test_a_failed_write_leaves_no_object_and_no_upload(s3):
     path = ObjectPath(s3.url("failed") + "/rank.bin")
     with pytest.raises(RuntimeError, match="producer failed"):

@@ -43,6 +43,9 @@ except ImportError:  # (no aiohttp below s3fs: parts go out as bytes-like bodies
 #: went up in 6.7 s with 8 MiB parts against 7.1 s with 16 MiB (the server's CPU seconds 10.9 against
 #: 11.9; 32 MiB: 7.9 s, 13.7): the server's work per byte grows with the part
 PART_BYTES = 8 << 20
+#: an object of known size under this many bytes goes up in one PUT, not a multipart upload of a few
+#: parts (whose creation and completion are two more round trips: ~0.1 s on the benchmarks' server)
+SINGLE_PUT_BYTES = 16 << 20
 #: the largest part S3 takes, and the most parts of one object
 MAX_PART_BYTES = 5 << 30
 _MAX_PARTS = 10_000
@@ -224,7 +227,8 @@ class MultipartWriter:
             ``size`` (:func:`part_size`).
         concurrency: parts uploaded at once, at most (:func:`uploads`).
         size: the object's size in bytes when known (a rank file's is): a part size that takes it in
-            10,000 parts. Unknown, an object over 78 GiB fails at its 10,001st part.
+            10,000 parts, or one PUT under :data:`SINGLE_PUT_BYTES`. Unknown, an object over 78 GiB
+            fails at its 10,001st part.
 
     Raises:
         OSError: ``size`` is more than one S3 object holds (naming the object).
@@ -239,6 +243,8 @@ class MultipartWriter:
                 part_bytes = part_size(size)
             except ValueError as e:
                 raise OSError(errno.EFBIG, str(e), self.name) from None
+        if size is not None and size < SINGLE_PUT_BYTES:
+            part_bytes = max(part_bytes, size + 1)  # (the whole object is the part being filled: one PUT at close)
         self.part_bytes, self.concurrency = part_bytes, uploads(part_bytes, concurrency)
         self._pos = 0
         self._pieces: list[memoryview] = []  # (the part being filled, in order: views of the buffer and held bytes)
@@ -337,7 +343,7 @@ class MultipartWriter:
     def _body(self, views: bool):
         """The part being filled as a request body: a :class:`PartBody` of its pieces where ``views``;
         else bytes-like (the buffer itself where the part is all of it, else the pieces joined)."""
-        if views:
+        if views and self._filled:
             return PartBody(self._pieces)
         if len(self._pieces) == 1 and self._pieces[0].obj is self._buf and self._pieces[0].nbytes == len(self._buf):
             return self._buf
@@ -384,7 +390,7 @@ class MultipartWriter:
             return
         try:
             if self._upload_id is None:  # (smaller than a part: one PUT)
-                self._wait(self._call("put_object", Body=b"".join(self._pieces)))
+                self._wait(self._call("put_object", Body=self._body(sends_views(self.fs))))
             else:
                 if self._filled:
                     self._send()
