@@ -215,6 +215,27 @@ def test_on_an_object_store_a_rank_file_rewritten_by_the_right_cut_is_read_again
     assert read_manifest(directory).step == 5
 
 
+def test_the_committer_reads_the_rank_files_that_arrived_together(monkeypatch):
+    """New rank files are read READERS at a time, not one after another (a committer of 16,384 ranks
+    reads every header): four reads that each wait for the other three all return."""
+    import threading
+
+    from ucp.storage.objstore import as_location
+
+    directory = store.step_dir(as_location(f"memory://persist-{uuid.uuid4().hex[:12]}/run"), 5)
+    for r in range(4):
+        (directory / store.rank_file(r)).write_bytes(b"x")
+    together, read = threading.Barrier(4), []
+
+    def reading(path):
+        together.wait(timeout=10)  # (read one after another, the first would wait here in vain)
+        read.append(path.name)
+
+    monkeypatch.setattr(persist, "_read_rank", reading)
+    persist._arrived(directory, 4, {}, {}, 111, {})
+    assert sorted(read) == [store.rank_file(r) for r in range(4)]
+
+
 @pytest.mark.dist
 def test_two_ranks_persist_one_checkpoint_with_each_region_written_once(world2, tmp_path, job):
     from tests.snapshot import memory_workloads as mw

@@ -219,18 +219,29 @@ class ObjectPath:
             return []
         return [self / n.rstrip("/").rsplit("/", 1)[-1] for n in names if n.rstrip("/") != self.key]
 
-    @_io
-    def versions(self) -> dict[str, str]:
-        """``{name: version}`` of the objects right under this prefix, in one listing (none when there
-        is none; a prefix below it is not listed): the version tag (ETag), or where the store has none
-        (fsspec's ``memory://``) the size and time of the object's creation."""
+    def _objects(self) -> dict[str, dict]:
+        """``{name: listing entry}`` of the objects right under this prefix, in one listing (S3: a LIST
+        per 1,000 objects; none when there is none; a prefix below it is not listed)."""
         try:
             found = self.fs.ls(self.key, detail=True)
         except FileNotFoundError:
             return {}
-        return {info["name"].rstrip("/").rsplit("/", 1)[-1]:
-                str(info.get("ETag") or info.get("etag") or f"{info.get('size')}@{info.get('created')}")
+        return {info["name"].rstrip("/").rsplit("/", 1)[-1]: info
                 for info in found if info.get("type") != "directory" and info["name"].rstrip("/") != self.key}
+
+    @_io
+    def versions(self) -> dict[str, str]:
+        """``{name: version}`` of the objects right under this prefix, in one listing: the version tag
+        (ETag), or where the store has none (fsspec's ``memory://``) the size and time of the object's
+        creation."""
+        return {name: str(info.get("ETag") or info.get("etag") or f"{info.get('size')}@{info.get('created')}")
+                for name, info in self._objects().items()}
+
+    @_io
+    def sizes(self) -> dict[str, int]:
+        """``{name: size in bytes}`` of the objects right under this prefix, in one listing, not a
+        HEAD per object."""
+        return {name: int(info["size"]) for name, info in self._objects().items()}
 
     @_io
     def stat(self) -> ObjectStat:

@@ -138,12 +138,26 @@ def commit_step(directory: Path, manifest: Manifest, table=None) -> None:
     Raises:
         UcpError: a file is missing or of another size (the ranks do not share the storage, say).
     """
+    stored = stored_sizes(directory)
     for name, size in manifest.files.items():
-        found = (directory / name).stat().st_size if (directory / name).exists() else None
+        found = stored.get(name)
         if found != size:
             raise UcpError(f"{directory / name}: {found} bytes on storage, the writing rank reported {size}; "
                            "is the checkpoint root the same storage on every rank?")
     commit_manifest(directory, manifest, table)
+
+
+def stored_sizes(directory: Path) -> dict[str, int]:
+    """``{name: size}`` of the files in ``directory`` (none when it is not there), from one listing: on
+    an object store a LIST per 1,000 objects, not two HEADs per file (a commit of 16,384 ranks' files
+    would otherwise wait on 32,768 round trips)."""
+    if is_object(directory):
+        return directory.sizes()
+    try:
+        with os.scandir(directory) as entries:
+            return {e.name: e.stat().st_size for e in entries if e.is_file(follow_symlinks=False)}
+    except FileNotFoundError:
+        return {}
 
 
 def apply_retention(root: Path, keep: int | None, step: int, roll_back: bool = True) -> Cleared:
