@@ -303,6 +303,23 @@ def test_every_part_and_put_carries_its_crc32c_and_is_signed_over_plain_http(s3)
     assert head["ChecksumCRC32C"].endswith("-3")  # (S3's composite checksum: of 3 parts)
 
 
+def test_no_checksum_goes_with_a_part_where_the_environment_asks_for_none(s3, monkeypatch):
+    """``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` (the AWS SDKs' setting for a store that takes no
+    flexible checksums): parts and PUTs carry no CRC-32C, still go as views, and the object is whole."""
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    path = ObjectPath(s3.url("nocrc") + "/rank.bin")
+    sync(path.fs.loop, path.fs.set_session)
+    seen = _uploads_seen(path.fs)
+    data = os.urandom(5 * MIB) + os.urandom(7)
+    with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB) as w:
+        w.write_held(data)
+    small = ObjectPath(s3.url("nocrc") + "/small.bin")
+    with MultipartWriter(small.fs, small.key, size=10) as w:
+        w.write(data[:10])
+    assert path.read_bytes() == data and small.read_bytes() == data[:10]
+    assert [(r["crc32c"], r["body"]) for r in seen] == [("", "PartBody")] * 3
+
+
 @pytest.mark.parametrize("size", [20 * MIB, 1000])
 def test_a_part_whose_crc32c_does_not_match_is_refused_and_nothing_appears(s3, monkeypatch, size):
     """The store checks each part (or PUT) against the CRC-32C it carries: a mismatch fails the write,

@@ -91,6 +91,10 @@ def test_the_one_hash_option_is_for_plain_http_endpoints_only(monkeypatch):
     assert "request_checksum_calculation" not in _options("s3").get("config_kwargs", {})  # (TLS: CRC32 is it)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
     assert _options("s3")["config_kwargs"]["request_checksum_calculation"] == "when_required"
+    # the user's setting is passed on, so a client made under another one (fsspec caches instances by
+    # their options; botocore reads the environment once, when the client is made) is not reused
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_SUPPORTED")
+    assert _options("s3")["config_kwargs"]["request_checksum_calculation"] == "when_supported"
 
 
 def test_a_botocore_without_the_option_is_not_given_it(monkeypatch):

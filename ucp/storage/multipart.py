@@ -32,6 +32,7 @@ import base64
 import bisect
 import errno
 import itertools
+import os
 from collections import deque
 from contextlib import contextmanager
 
@@ -176,9 +177,10 @@ else:
 
 def sends_views(fs) -> bool:
     """Whether parts go to ``fs`` (an s3fs file system whose client exists) as :class:`PartBody`: aiohttp
-    is there. A part's request carries its CRC-32C (:func:`part_checksum`), so botocore computes no
-    checksum of its own, which would wrap the body in a chunked stream that reads it once from where
-    it stands (an s3fs retry would then send it short)."""
+    is there. botocore computes no checksum of its own for a part, which would wrap the body in a
+    chunked stream that reads it once from where it stands (an s3fs retry would then send it short):
+    the part carries its CRC-32C (:func:`part_checksum`), or the environment asks for no checksums
+    (:func:`checksums_sent`)."""
     return PartBody is not None and getattr(fs, "s3", None) is not None
 
 
@@ -207,6 +209,13 @@ def _prepare(fs) -> None:
     for operation in _UPLOADS:
         client.meta.events.register(f"before-sign.s3.{operation}", _unsigned_over_tls,
                                     unique_id=f"ucp-unsigned-over-tls-{operation}")
+
+
+def checksums_sent() -> bool:
+    """Whether uploads carry their CRC-32C (:func:`part_checksum`): unless the environment sets
+    ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``, the AWS SDKs' setting for a store that takes
+    no flexible checksums (botocore then adds none either, and signs every body, over HTTPS too)."""
+    return os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "").strip().lower() != "when_required"
 
 
 def part_checksum(pieces: list) -> str:
@@ -298,10 +307,11 @@ class MultipartWriter:
         self._run: int | None = None  # (where in the buffer the part's last piece starts, if it is the buffer's)
         self._buffers = 0  # (part buffers made)
         self._spare: list[bytearray] = []
-        self._inflight: deque = deque()  # (future, buffer or None, checksum) of the parts being uploaded, oldest first
+        self._inflight: deque = deque()  # (future, buffer or None, checksum parameter) of the parts being uploaded, oldest first
         self._parts: list[dict] = []
         self._upload_id: str | None = None
         self._views = False  # (parts sent as PartBody: known once the upload is created)
+        self._checksums = checksums_sent()
         self.closed = False
 
     def __enter__(self) -> "MultipartWriter":
@@ -393,23 +403,28 @@ class MultipartWriter:
             return self._buf
         return b"".join(self._pieces)
 
+    def _checksum(self) -> dict:
+        """The request parameter carrying the CRC-32C of the part being filled (none if
+        :func:`checksums_sent` says not)."""
+        return {"ChecksumCRC32C": part_checksum(self._pieces)} if self._checksums else {}
+
     def _send(self) -> None:
         """Upload the part being filled as the next part; then wait for the oldest while more than
         ``concurrency`` are in flight. The buffer it used, if any, is the part's until its upload is done."""
         try:
             if self._upload_id is None:
-                self._upload_id = self._wait(self._call("create_multipart_upload",
-                                                        ChecksumAlgorithm="CRC32C"))["UploadId"]
+                algorithm = {"ChecksumAlgorithm": "CRC32C"} if self._checksums else {}
+                self._upload_id = self._wait(self._call("create_multipart_upload", **algorithm))["UploadId"]
                 self._views = sends_views(self.fs)
                 _prepare(self.fs)
             number = len(self._parts) + len(self._inflight) + 1
             if number > _MAX_PARTS:
                 raise OSError(f"{self.name}: over {_MAX_PARTS} parts of {self.part_bytes} bytes")
-            checksum = part_checksum(self._pieces)
+            checksum = self._checksum()
             body = self._body(self._views)
             used = self._buf if self._fill else None
             self._inflight.append((self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body,
-                                              ChecksumCRC32C=checksum), used, checksum))
+                                              **checksum), used, checksum))
             self._pieces, self._filled, self._run = [], 0, None
             if used is not None:
                 self._buf, self._fill = None, 0
@@ -423,7 +438,7 @@ class MultipartWriter:
         """Wait for the oldest part in flight, record it; its buffer becomes a spare."""
         future, buffer, checksum = self._inflight.popleft()
         out = self._wait(future)
-        self._parts.append({"PartNumber": len(self._parts) + 1, "ETag": out["ETag"], "ChecksumCRC32C": checksum})
+        self._parts.append({"PartNumber": len(self._parts) + 1, "ETag": out["ETag"], **checksum})
         if buffer is not None:
             self._spare.append(buffer)
 
@@ -438,8 +453,7 @@ class MultipartWriter:
         try:
             if self._upload_id is None:  # (smaller than a part: one PUT)
                 _prepare(self.fs)
-                self._wait(self._call("put_object", Body=self._body(sends_views(self.fs)),
-                                      ChecksumCRC32C=part_checksum(self._pieces)))
+                self._wait(self._call("put_object", Body=self._body(sends_views(self.fs)), **self._checksum()))
             else:
                 if self._filled:
                     self._send()

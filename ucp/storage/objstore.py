@@ -60,11 +60,14 @@ def _options(protocol: str) -> dict:
     if "AWS_RETRY_MODE" not in os.environ and "AWS_MAX_ATTEMPTS" not in os.environ:
         config["retries"] = RETRIES
     plain = str(options.get("endpoint_url", "")).lower().startswith("http://")
-    if plain and "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ \
-            and _botocore_knows("request_checksum_calculation"):
-        # one client-side hash per byte uploaded, not two: over plain HTTP botocore signs every payload
-        # with SHA-256 (SigV4; the server checks it), and its default CRC32 checksum would be a second pass
-        config["request_checksum_calculation"] = "when_required"
+    chosen = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "").strip().lower()
+    if _botocore_knows("request_checksum_calculation"):
+        if chosen:  # (the user's, passed on: a client made under another setting is another instance)
+            config["request_checksum_calculation"] = chosen
+        elif plain:
+            # one client-side hash per byte uploaded, not two: over plain HTTP botocore signs every payload
+            # with SHA-256 (SigV4), and its default CRC32 checksum would be a second pass
+            config["request_checksum_calculation"] = "when_required"
     if config:
         options["config_kwargs"] = config
     return options
