@@ -137,13 +137,13 @@ def test_read_into_splits_a_large_read_and_stops_at_the_end(s3, monkeypatch):
     data = os.urandom(5 * MIB + 123)
     path.write_bytes(data)
     got: list = []
-    cat = path.fs._cat_file
+    get = objstore._get_into
 
-    async def counted(key, start=None, end=None, **kw):
+    async def counted(fs, key, start, end, *args):
         got.append((start, end))
-        return await cat(key, start=start, end=end, **kw)
+        return await get(fs, key, start, end, *args)
 
-    monkeypatch.setattr(path.fs, "_cat_file", counted)
+    monkeypatch.setattr(objstore, "_get_into", counted)
     a, b = bytearray(2 * MIB + 5), memoryview(bytearray(2 * MIB))
     assert path.read_into(1000, [a, b]) == len(a) + len(b)
     assert bytes(a) + bytes(b) == data[1000:1000 + len(a) + len(b)]
@@ -160,18 +160,18 @@ def test_read_spans_fetches_every_span_with_at_most_gets_in_flight(s3, monkeypat
     path = ObjectPath(s3.url("spans") + "/obj")
     data = os.urandom(4 * MIB)
     path.write_bytes(data)
-    cat, flying, most = path.fs._cat_file, [0], [0]
+    get, flying, most = objstore._get_into, [0], [0]
 
-    async def counted(key, start=None, end=None, **kw):
+    async def counted(*args):
         flying[0] += 1
         most[0] = max(most[0], flying[0])
         await asyncio.sleep(0.01)
         try:
-            return await cat(key, start=start, end=end, **kw)
+            return await get(*args)
         finally:
             flying[0] -= 1
 
-    monkeypatch.setattr(path.fs, "_cat_file", counted)
+    monkeypatch.setattr(objstore, "_get_into", counted)
     spans = [(0, [bytearray(10), bytearray(20)]), (100, [bytearray(2 * MIB + 1)]), (4 * MIB - 5, [bytearray(9)])]
     assert path.read_spans(spans, gets=2) == [30, 2 * MIB + 1, 5]  # (the last is short: the object ends)
     assert bytes(spans[0][1][0] + spans[0][1][1]) == data[:30]
@@ -189,21 +189,64 @@ def test_a_failed_get_stops_the_others_before_read_spans_raises(s3, monkeypatch)
     monkeypatch.setattr(objstore, "GET_BYTES", MIB)
     path = ObjectPath(s3.url("failing") + "/obj")
     path.write_bytes(os.urandom(3 * MIB))
-    cat = path.fs._cat_file
+    get = objstore._get_into
 
-    async def failing(key, start=None, end=None, **kw):
+    async def failing(fs, key, start, end, *args):
         if start == 0:
             await asyncio.sleep(0.05)
             raise OSError("connection reset")
         await asyncio.sleep(0.3)
-        return await cat(key, start=start, end=end, **kw)
+        return await get(fs, key, start, end, *args)
 
-    monkeypatch.setattr(path.fs, "_cat_file", failing)
+    monkeypatch.setattr(objstore, "_get_into", failing)
     views = [bytearray(3 * MIB)]
     with pytest.raises(OSError, match="connection reset"):
         path.read_spans([(0, views)], gets=3)
     time.sleep(0.5)
     assert not any(views[0])  # (the two slower GETs were cancelled, not left to land)
+
+
+def test_a_get_is_read_into_place_as_it_arrives_not_copied_whole_first(s3):
+    """A ranged GET's bytes go straight into the caller's views: the read's traced memory stays far
+    under the GET's size (s3fs's cat_file would hold the whole range as one bytes, then copy it)."""
+    import tracemalloc
+
+    path = ObjectPath(s3.url("into") + "/obj")
+    data = os.urandom(objstore.GET_BYTES)
+    path.write_bytes(data)
+    views = [bytearray(5), memoryview(bytearray(len(data) - 5))]
+    path.read_into(0, views[:1])  # (the client made, its first request's allocations done)
+    tracemalloc.start()
+    try:
+        assert path.read_into(0, views) == len(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert bytes(views[0]) + bytes(views[1]) == data
+    assert peak < len(data) // 4, peak
+
+
+def test_a_get_whose_body_breaks_off_is_read_again_whole(s3, monkeypatch):
+    """The connection drops after part of a GET's body arrived: the GET is sent again (as s3fs retries
+    its reads) and the views hold the object's bytes, every one from the second answer onward."""
+    from aiobotocore.response import AioStreamingBody
+    from botocore.exceptions import ResponseStreamingError
+
+    path = ObjectPath(s3.url("broken") + "/obj")
+    data = os.urandom(3 * MIB + 11)
+    path.write_bytes(data)
+    real, calls = AioStreamingBody.readinto, []
+
+    async def readinto(self, b):
+        calls.append(id(self))
+        if len(set(calls)) == 1 and len(calls) == 3:  # (the first GET: two reads landed, then it breaks)
+            raise ResponseStreamingError(error="connection reset by peer")
+        return await real(self, b)
+
+    monkeypatch.setattr(AioStreamingBody, "readinto", readinto)
+    view = bytearray(len(data))
+    assert path.read_into(0, [view]) == len(data)
+    assert bytes(view) == data and len(set(calls)) == 2
 
 
 class _Sink:

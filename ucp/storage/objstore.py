@@ -271,9 +271,11 @@ class ObjectPath:
     def read_into(self, offset: int, views: list) -> int:
         """Fill ``views`` (buffers) in order with the object's bytes from ``offset``; the count of
         bytes the object had (fewer at its end). A read over :data:`GET_BYTES` is ranged GETs of that
-        size, :data:`GETS` in flight at once (on an asynchronous file system, s3fs), each copied into
-        place as it arrives: one connection's speed does not bound a large fragment's read, and the
-        memory held is at most ``GETS * GET_BYTES``. The range must start inside the object."""
+        size, :data:`GETS` in flight at once (on an asynchronous file system, s3fs), each read into
+        place as its bytes arrive: one connection's speed does not bound a large fragment's read, and
+        no memory of the read's size is held besides the views (on S3; another asynchronous file
+        system's GETs are held whole, ``GETS * GET_BYTES`` at most, then copied). The range must start
+        inside the object."""
         return self.read_spans([(offset, views)])[0]
 
     @_io
@@ -465,11 +467,50 @@ def _scatter(views: list[memoryview], at: int, data: bytes) -> None:
             return
 
 
+def _slices(views: list[memoryview], at: int, n: int):
+    """The pieces of ``views`` that hold bytes ``[at, at + n)`` of their concatenation, in order."""
+    for v in views:
+        if n <= 0:
+            return
+        if at >= v.nbytes:
+            at -= v.nbytes
+            continue
+        k = min(v.nbytes - at, n)
+        yield v[at:at + k]
+        at, n = 0, n - k
+
+
+async def _get_into(fs, key: str, start: int, end: int, views: list[memoryview], at: int) -> int:
+    """Bytes ``[start, end)`` of object ``key`` (``bucket/name``) of s3fs file system ``fs``, in one
+    ranged GET, read straight into byte ``at`` of the concatenation of ``views`` as they arrive (no
+    copy of the whole range first, as s3fs's ``cat_file`` makes); the count of bytes the object had
+    (fewer at its end). Retried whole, and its errors translated, as s3fs does for its own reads."""
+    from s3fs.core import _error_wrapper
+
+    bucket, name = key.split("/", 1)
+
+    async def call_and_read() -> int:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=name, Range=f"bytes={start}-{end - 1}")
+        body, got = response["Body"], 0
+        try:
+            for view in _slices(views, at, end - start):
+                while view.nbytes:
+                    k = await body.readinto(view)
+                    if not k:
+                        return got  # (the object ends here)
+                    got, view = got + k, view[k:]
+            return got
+        finally:
+            body.close()
+
+    return await _error_wrapper(call_and_read, retries=fs.retries)
+
+
 def read_objects(requests: list, gets: int = GETS) -> list[list[int]]:
     """Fill the views of the spans of several objects at once: ``requests`` is ``[(object, spans)]``,
     objects (:class:`ObjectPath`) of one file system, ``spans`` as :meth:`ObjectPath.read_spans` takes
-    them; every span's ranged GETs (of at most :data:`GET_BYTES`, each copied into place as it
-    arrives) ``gets`` in flight at once over all of them. The count of bytes each span had, per
+    them; every span's ranged GETs (of at most :data:`GET_BYTES`, each read into place as its bytes
+    arrive: :func:`_get_into` on S3) ``gets`` in flight at once over all of them. The count of bytes each span had, per
     object. A failed GET stops the others before this raises (the views are the caller's); its error
     names its object (a missing one: :class:`FileNotFoundError` with the object's URL as filename)."""
     outs = [[[memoryview(v).cast("B") for v in views] for _, views in spans] for _, spans in requests]
@@ -489,6 +530,7 @@ def read_objects(requests: list, gets: int = GETS) -> list[list[int]]:
 
     pieces = [(j, i, lo, min(lo + GET_BYTES, n)) for j, total in enumerate(totals) for i, n in enumerate(total)
               for lo in range(0, n, GET_BYTES)]
+    direct = hasattr(fs, "_call_s3")  # (s3fs: each GET read into place as it arrives)
 
     async def fetch() -> list[int]:
         gate = asyncio.Semaphore(max(1, gets))
@@ -497,6 +539,8 @@ def read_objects(requests: list, gets: int = GETS) -> list[list[int]]:
             path, start = requests[j][0], requests[j][1][i][0]
             async with gate:
                 with _named(path):
+                    if direct:
+                        return await _get_into(fs, path.key, start + lo, start + hi, outs[j][i], lo)
                     data = await fs._cat_file(path.key, start=start + lo, end=start + hi)
             _scatter(outs[j][i], lo, data)
             return len(data)
