@@ -117,8 +117,23 @@ def elastic_rank(threads: int | None = None):
         dist.destroy_process_group()
 
 
+def _die_with_launcher() -> None:
+    """This process dies (SIGKILL) when the one that spawned it does, however that ends (a SIGTERM runs
+    no ``finally``): no rank is left running alone (Linux; elsewhere nothing)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # (the launcher was gone already)
+        os._exit(1)
+
+
 def _world_rank(fn, rank: int, nproc: int, port: int, pg_timeout, threads, results, args) -> None:
     """One process of :func:`spawn_world`: join the world, run ``fn``, leave it, report the value."""
+    _die_with_launcher()
     to_stderr()
     import torch
     import torch.distributed as dist
@@ -146,7 +161,8 @@ def spawn_world(fn, nproc: int, *args, timeout: float | None = None, pg_timeout:
 
     Raises:
         RuntimeError: a rank failed (its traceback is on stderr), or the world took over ``timeout``
-            seconds. Whatever happens, also on ``KeyboardInterrupt``, no process of the world is left.
+            seconds. Whatever happens, also on ``KeyboardInterrupt``, no process of the world is left;
+            a launcher killed outright takes its ranks with it.
     """
     import multiprocessing as mp
 

@@ -74,3 +74,59 @@ def test_a_reused_dcp_stager_copies_a_class_after_its_table_was_emptied(benchlib
     stager._deepcopy_dispatch.clear()  # what torch 2.11's close() does
     again = stager.stage(state)
     assert again["kind"] is torch.optim.AdamW and torch.equal(again["w"], state["w"])
+
+
+_LAUNCHER = """
+import sys, time
+sys.path.insert(0, {tools!r})
+import benchlib
+
+def sleeper(rank, out):
+    import os
+    open(f"{{out}}/rank{{rank}}.pid", "w").write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    benchlib.spawn_world(sleeper, 2, {out!r})
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_a_launcher_killed_outright_takes_its_ranks_with_it(tmp_path):
+    """A SIGTERM runs no ``finally``: the ranks die with their launcher all the same (PR_SET_PDEATHSIG),
+    never left running alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "launch.py"
+    script.write_text(_LAUNCHER.format(tools=str(TOOLS), out=str(tmp_path)))
+    launcher = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(tmp_path.glob("rank*.pid"))) < 2:
+            assert time.monotonic() < deadline and launcher.poll() is None, "the ranks did not start"
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(30)
+        deadline = time.monotonic() + 20
+        while any(_running(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a rank outlived its launcher"
+            time.sleep(0.2)
+    finally:
+        launcher.kill()
+        for p in tmp_path.glob("rank*.pid"):
+            try:
+                os.kill(int(p.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
