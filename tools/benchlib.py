@@ -117,9 +117,9 @@ def elastic_rank(threads: int | None = None):
         dist.destroy_process_group()
 
 
-def _die_with_launcher() -> None:
-    """This process dies (SIGKILL) when the one that spawned it does, however that ends (a SIGTERM runs
-    no ``finally``): no rank is left running alone (Linux; elsewhere nothing)."""
+def _die_with_launcher(launcher: int) -> None:
+    """This process dies (SIGKILL) when the one that spawned it (pid ``launcher``) does, however that
+    ends (a SIGTERM runs no ``finally``): no rank is left running alone (Linux; elsewhere nothing)."""
     import ctypes
     import signal
 
@@ -127,13 +127,13 @@ def _die_with_launcher() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # (the launcher was gone already)
+    if os.getppid() != launcher:  # (the launcher was gone already: this process has another parent now)
         os._exit(1)
 
 
-def _world_rank(fn, rank: int, nproc: int, port: int, pg_timeout, threads, results, args) -> None:
+def _world_rank(fn, rank: int, nproc: int, port: int, pg_timeout, threads, results, args, launcher: int) -> None:
     """One process of :func:`spawn_world`: join the world, run ``fn``, leave it, report the value."""
-    _die_with_launcher()
+    _die_with_launcher(launcher)
     to_stderr()
     import torch
     import torch.distributed as dist
@@ -170,8 +170,8 @@ def spawn_world(fn, nproc: int, *args, timeout: float | None = None, pg_timeout:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_world_rank, args=(fn, r, nproc, port, pg_timeout, threads, results, args),
-                         name=f"rank{r}") for r in range(nproc)]
+    procs = [ctx.Process(target=_world_rank, args=(fn, r, nproc, port, pg_timeout, threads, results, args,
+                                                   os.getpid()), name=f"rank{r}") for r in range(nproc)]
     deadline = None if timeout is None else time.monotonic() + timeout
     out: dict = {}
     try:

@@ -363,19 +363,62 @@ def test_no_checksum_goes_with_a_part_where_the_environment_asks_for_none(s3, mo
     assert [(r["crc32c"], r["body"]) for r in seen] == [("", "PartBody")] * 3
 
 
+@pytest.mark.parametrize("server", ["s3", "s3_tls"])
 @pytest.mark.parametrize("size", [20 * MIB, 1000])
-def test_a_part_whose_crc32c_does_not_match_is_refused_and_nothing_appears(s3, monkeypatch, size):
+def test_a_part_whose_crc32c_does_not_match_is_refused_and_nothing_appears(request, monkeypatch, size, server):
     """The store checks each part (or PUT) against the CRC-32C it carries: a mismatch fails the write,
-    naming the object, and leaves neither an object nor an upload."""
+    naming the object, and leaves neither an object nor an upload. Over HTTPS, where the body goes
+    unsigned, the CRC-32C is what the store checks it by."""
     from ucp.storage import multipart
 
+    store = request.getfixturevalue(server)
+    for name, value in store.environ().items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setattr(multipart, "part_checksum", lambda pieces: "AAAAAA==")  # (the CRC-32C of no bytes)
-    path = ObjectPath(s3.url("badcrc") + "/rank.bin")
+    path = ObjectPath(store.url("badcrc") + "/rank.bin")
     with pytest.raises(OSError) as info:
         with MultipartWriter(path.fs, path.key, size=size) as w:
             w.write_held(os.urandom(size))
     assert str(path) in str(info.value)
     assert not path.exists() and _uploads(path.fs, path.key) == []
+
+
+def test_a_refused_upload_creation_says_how_to_turn_checksums_off(s3, monkeypatch):
+    """A store that refuses the upload's creation (which asks for CRC-32C checksums) gets the one line
+    with the AWS SDKs' switch for stores without flexible checksums; a refusal for want of permission
+    does not."""
+    from concurrent.futures import Future
+
+    def refusing(error):
+        def call(self, method, **kwargs):
+            future = Future()
+            future.set_exception(error if method == "create_multipart_upload" else AssertionError(method))
+            return future
+        return call
+
+    path = ObjectPath(s3.url("refused") + "/rank.bin")
+    monkeypatch.setattr(MultipartWriter, "_call", refusing(OSError(22, "NotImplemented: ChecksumAlgorithm")))
+    with pytest.raises(OSError, match="AWS_REQUEST_CHECKSUM_CALCULATION=when_required") as info:
+        with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB) as w:
+            w.write_held(bytes(5 * MIB))
+    assert "NotImplemented" in str(info.value)
+    monkeypatch.setattr(MultipartWriter, "_call", refusing(PermissionError(13, "Forbidden")))
+    with pytest.raises(PermissionError) as info:
+        with MultipartWriter(path.fs, path.key, part_bytes=5 * MIB) as w:
+            w.write_held(bytes(5 * MIB))
+    assert "AWS_REQUEST_CHECKSUM_CALCULATION" not in str(info.value)
+
+
+def test_gets_are_read_whole_then_copied_where_aiobotocore_cannot_read_into(s3, monkeypatch):
+    """An aiobotocore before 2.23 has no ``readinto``: a load's GETs then go through s3fs's cat_file,
+    bytes still exact."""
+    monkeypatch.setattr(objstore, "_reads_into", lambda: False)
+    monkeypatch.setattr(objstore, "_get_into", None)  # (not called)
+    path = ObjectPath(s3.url("whole") + "/obj")
+    data = os.urandom(MIB + 3)
+    path.write_bytes(data)
+    view = bytearray(len(data) + 10)
+    assert path.read_into(0, [view]) == len(data) and bytes(view[:len(data)]) == data
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,26 @@ def test_the_one_hash_option_is_for_plain_http_endpoints_only(monkeypatch):
     assert _options("s3")["config_kwargs"]["request_checksum_calculation"] == "when_supported"
 
 
+def test_the_config_files_checksum_setting_counts_as_the_users(tmp_path, monkeypatch):
+    """``request_checksum_calculation = when_required`` in the AWS config file (the profile in effect),
+    as botocore reads it: uploads carry no CRC-32C and the client is given that setting."""
+    from ucp.storage.multipart import checksum_setting, checksums_sent
+
+    config = tmp_path / "config"
+    config.write_text("[default]\nrequest_checksum_calculation = when_required\n[profile other]\nregion = x\n")
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.example:443")
+    assert checksum_setting() == "when_required" and not checksums_sent()
+    assert _options("s3")["config_kwargs"]["request_checksum_calculation"] == "when_required"
+    monkeypatch.setenv("AWS_PROFILE", "other")  # (a profile that says nothing)
+    assert checksum_setting() == "" and checksums_sent()
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")  # (the environment first)
+    monkeypatch.setenv("AWS_PROFILE", "default")
+    assert checksum_setting() == "when_supported"
+
+
 def test_a_botocore_without_the_option_is_not_given_it(monkeypatch):
     from botocore.config import Config
 

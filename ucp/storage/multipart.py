@@ -31,8 +31,10 @@ import asyncio
 import base64
 import bisect
 import errno
+import functools
 import itertools
 import os
+import weakref
 from collections import deque
 from contextlib import contextmanager
 
@@ -201,21 +203,53 @@ def _unsigned_over_tls(request, **_) -> None:
     checksum.setdefault("request_algorithm", {"in": "header", "name": CHECKSUM_HEADER, "algorithm": "crc32c"})
 
 
+_HOOKED: "weakref.WeakSet" = weakref.WeakSet()  # (the clients whose hook is registered, or about to be)
+
+
 def _prepare(fs) -> None:
-    """Register :func:`_unsigned_over_tls` on ``fs``'s S3 client (once per client)."""
+    """Register :func:`_unsigned_over_tls` on ``fs``'s S3 client, once per client, from the client's
+    event loop: botocore's event emitter is not thread-safe (a registration from a writer's thread
+    while the loop emits could leave a stale handler list cached for the client's life). Scheduled
+    before the writer's first request, so it runs first."""
     client = getattr(fs, "s3", None)
-    if client is None:
+    if client is None or client in _HOOKED:
         return
-    for operation in _UPLOADS:
-        client.meta.events.register(f"before-sign.s3.{operation}", _unsigned_over_tls,
-                                    unique_id=f"ucp-unsigned-over-tls-{operation}")
+    _HOOKED.add(client)
+
+    def register() -> None:
+        for operation in _UPLOADS:
+            client.meta.events.register(f"before-sign.s3.{operation}", _unsigned_over_tls,
+                                        unique_id=f"ucp-unsigned-over-tls-{operation}")
+
+    fs.loop.call_soon_threadsafe(register)
+
+
+def checksum_setting() -> str:
+    """The user's ``request_checksum_calculation`` (lower case; ``""``: none): the environment's
+    ``AWS_REQUEST_CHECKSUM_CALCULATION``, else the AWS config file's for the profile in effect, as
+    botocore reads them."""
+    chosen = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "").strip().lower()
+    return chosen or _configured(os.environ.get("AWS_PROFILE"), os.environ.get("AWS_CONFIG_FILE"))
+
+
+@functools.lru_cache(maxsize=8)
+def _configured(profile: str | None, config_file: str | None) -> str:
+    """The config file's ``request_checksum_calculation`` for ``profile`` (read once per process)."""
+    try:
+        import botocore.session
+
+        value = botocore.session.Session(profile=profile).get_scoped_config().get("request_checksum_calculation")
+    except Exception:  # noqa: BLE001 - no botocore, no such profile, an unreadable file: nothing chosen
+        return ""
+    return str(value or "").strip().lower()
 
 
 def checksums_sent() -> bool:
-    """Whether uploads carry their CRC-32C (:func:`part_checksum`): unless the environment sets
-    ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``, the AWS SDKs' setting for a store that takes
-    no flexible checksums (botocore then adds none either, and signs every body, over HTTPS too)."""
-    return os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "").strip().lower() != "when_required"
+    """Whether uploads carry their CRC-32C (:func:`part_checksum`): unless the user's setting
+    (:func:`checksum_setting`: ``AWS_REQUEST_CHECKSUM_CALCULATION`` or the config file's
+    ``request_checksum_calculation``) is ``when_required``, the AWS SDKs' setting for a store that
+    takes no flexible checksums (botocore then adds none either, and signs every body, over HTTPS too)."""
+    return checksum_setting() != "when_required"
 
 
 def part_checksum(pieces: list) -> str:
@@ -414,7 +448,15 @@ class MultipartWriter:
         try:
             if self._upload_id is None:
                 algorithm = {"ChecksumAlgorithm": "CRC32C"} if self._checksums else {}
-                self._upload_id = self._wait(self._call("create_multipart_upload", **algorithm))["UploadId"]
+                try:
+                    self._upload_id = self._wait(self._call("create_multipart_upload", **algorithm))["UploadId"]
+                except (PermissionError, FileNotFoundError):
+                    raise
+                except OSError as e:
+                    if not algorithm:
+                        raise
+                    raise type(e)(e.errno, f"{e.strerror or e} (a store that takes no flexible checksums: set "
+                                           "AWS_REQUEST_CHECKSUM_CALCULATION=when_required)", e.filename) from e
                 self._views = sends_views(self.fs)
                 _prepare(self.fs)
             number = len(self._parts) + len(self._inflight) + 1

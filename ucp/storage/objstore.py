@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ucp.errors import LocationError
 from ucp.storage.location import is_url, local_path
-from ucp.storage.multipart import MultipartWriter, as_oserror
+from ucp.storage.multipart import MultipartWriter, as_oserror, checksum_setting
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,13 @@ def _options(protocol: str) -> dict:
     if "AWS_RETRY_MODE" not in os.environ and "AWS_MAX_ATTEMPTS" not in os.environ:
         config["retries"] = RETRIES
     plain = str(options.get("endpoint_url", "")).lower().startswith("http://")
-    chosen = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "").strip().lower()
+    chosen = checksum_setting()
     if _botocore_knows("request_checksum_calculation"):
         if chosen:  # (the user's, passed on: a client made under another setting is another instance)
             config["request_checksum_calculation"] = chosen
         elif plain:
-            # one client-side hash per byte uploaded, not two: over plain HTTP botocore signs every payload
-            # with SHA-256 (SigV4), and its default CRC32 checksum would be a second pass
+            # over plain HTTP botocore signs every payload with SHA-256 (SigV4): its default CRC32 of the
+            # requests ucp sends no checksum with would be a second hash of their bytes
             config["request_checksum_calculation"] = "when_required"
     if config:
         options["config_kwargs"] = config
@@ -480,6 +480,16 @@ def _slices(views: list[memoryview], at: int, n: int):
         at, n = 0, n - k
 
 
+def _reads_into() -> bool:
+    """Whether aiobotocore's response bodies take ``readinto`` (2.23 on; s3fs may bring an older one,
+    whose GETs are then read whole by s3fs's ``cat_file`` and copied into place)."""
+    try:
+        from aiobotocore.response import AioStreamingBody
+    except ImportError:
+        return False
+    return hasattr(AioStreamingBody, "readinto")
+
+
 async def _get_into(fs, key: str, start: int, end: int, views: list[memoryview], at: int) -> int:
     """Bytes ``[start, end)`` of object ``key`` (``bucket/name``) of s3fs file system ``fs``, in one
     ranged GET, read straight into byte ``at`` of the concatenation of ``views`` as they arrive (no
@@ -487,18 +497,21 @@ async def _get_into(fs, key: str, start: int, end: int, views: list[memoryview],
     (fewer at its end). Retried whole, and its errors translated, as s3fs does for its own reads."""
     from s3fs.core import _error_wrapper
 
-    bucket, name = key.split("/", 1)
+    bucket, name, version = fs.split_path(key)
+    version = {"VersionId": version} if version else {}
 
     async def call_and_read() -> int:
-        response = await fs._call_s3("get_object", Bucket=bucket, Key=name, Range=f"bytes={start}-{end - 1}")
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=name, Range=f"bytes={start}-{end - 1}",
+                                     **version)
         body, got = response["Body"], 0
         try:
             for view in _slices(views, at, end - start):
                 while view.nbytes:
                     k = await body.readinto(view)
                     if not k:
-                        return got  # (the object ends here)
+                        return got  # (the object ends here; the body's length was checked by that empty read)
                     got, view = got + k, view[k:]
+            await body.readinto(bytearray(1))  # (its end: botocore checks the body's length, and any checksum)
             return got
         finally:
             body.close()
@@ -530,7 +543,7 @@ def read_objects(requests: list, gets: int = GETS) -> list[list[int]]:
 
     pieces = [(j, i, lo, min(lo + GET_BYTES, n)) for j, total in enumerate(totals) for i, n in enumerate(total)
               for lo in range(0, n, GET_BYTES)]
-    direct = hasattr(fs, "_call_s3")  # (s3fs: each GET read into place as it arrives)
+    direct = hasattr(fs, "_call_s3") and _reads_into()  # (s3fs: each GET read into place as it arrives)
 
     async def fetch() -> list[int]:
         gate = asyncio.Semaphore(max(1, gets))
