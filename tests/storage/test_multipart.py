@@ -324,10 +324,18 @@ def _crc32c_b64(data: bytes) -> str:
     return base64.b64encode(crc32c.crc32c(data).to_bytes(4, "big")).decode()
 
 
-def test_every_part_and_put_carries_its_crc32c_and_is_signed_over_plain_http(s3):
-    """Each part, and a small object's one PUT, carries the CRC-32C of its bytes (``x-amz-checksum-crc32c``,
-    checked by the store); over plain HTTP botocore still signs the body (a SHA-256 payload hash), and
-    the object records the checksum (a composite of its parts')."""
+@pytest.mark.parametrize("setting", [None, "when_supported"])
+def test_over_plain_http_parts_are_signed_and_carry_a_crc32c_where_botocore_would_add_one(s3, monkeypatch,
+                                                                                           setting):
+    """Over plain HTTP botocore signs every body (a SHA-256 payload hash), and ucp's client adds no
+    checksum there (``when_required``): parts go without one. Where the user asks botocore for checksums
+    (``when_supported``), each part and a small object's one PUT carries the CRC-32C of its bytes
+    (``x-amz-checksum-crc32c``, checked by the store, in place of botocore's CRC32), and the object
+    records it (a composite of its parts')."""
+    if setting:
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", setting)
+    else:
+        monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
     path = ObjectPath(s3.url("crc") + "/rank.bin")
     sync(path.fs.loop, path.fs.set_session)
     seen = _uploads_seen(path.fs)
@@ -338,18 +346,25 @@ def test_every_part_and_put_carries_its_crc32c_and_is_signed_over_plain_http(s3)
     with MultipartWriter(small.fs, small.key, size=100) as w:
         w.write(data[:100])
     assert path.read_bytes() == data and small.read_bytes() == data[:100]
-    parts = [data[:5 * MIB], data[5 * MIB:10 * MIB], data[10 * MIB:]]
-    assert [r["crc32c"] for r in seen] == [_crc32c_b64(b) for b in parts] + [_crc32c_b64(data[:100])]
+    parts = [data[:5 * MIB], data[5 * MIB:10 * MIB], data[10 * MIB:], data[:100]]
     assert all(len(r["sha256"]) == 64 and r["body"] == "PartBody" for r in seen), seen
+    if setting is None:
+        assert [r["crc32c"] for r in seen] == [""] * 4
+        return
+    assert [r["crc32c"] for r in seen] == [_crc32c_b64(b) for b in parts]
     bucket, key = path.key.split("/", 1)
     head = sync(path.fs.loop, path.fs._call_s3, "head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     assert head["ChecksumCRC32C"].endswith("-3")  # (S3's composite checksum: of 3 parts)
 
 
-def test_no_checksum_goes_with_a_part_where_the_environment_asks_for_none(s3, monkeypatch):
+def test_no_checksum_goes_with_a_part_where_the_environment_asks_for_none(s3_tls, monkeypatch):
     """``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` (the AWS SDKs' setting for a store that takes no
-    flexible checksums): parts and PUTs carry no CRC-32C, still go as views, and the object is whole."""
+    flexible checksums), over HTTPS: parts and PUTs carry no CRC-32C, their bodies signed (SHA-256), still
+    go as views, and the object is whole."""
+    for name, value in s3_tls.environ().items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    s3 = s3_tls
     path = ObjectPath(s3.url("nocrc") + "/rank.bin")
     sync(path.fs.loop, path.fs.set_session)
     seen = _uploads_seen(path.fs)
@@ -361,6 +376,7 @@ def test_no_checksum_goes_with_a_part_where_the_environment_asks_for_none(s3, mo
         w.write(data[:10])
     assert path.read_bytes() == data and small.read_bytes() == data[:10]
     assert [(r["crc32c"], r["body"]) for r in seen] == [("", "PartBody")] * 3
+    assert all(len(r["sha256"]) == 64 for r in seen), seen
 
 
 @pytest.mark.parametrize("server", ["s3", "s3_tls"])
@@ -374,6 +390,7 @@ def test_a_part_whose_crc32c_does_not_match_is_refused_and_nothing_appears(reque
     store = request.getfixturevalue(server)
     for name, value in store.environ().items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")  # (plain HTTP: asked for)
     monkeypatch.setattr(multipart, "part_checksum", lambda pieces: "AAAAAA==")  # (the CRC-32C of no bytes)
     path = ObjectPath(store.url("badcrc") + "/rank.bin")
     with pytest.raises(OSError) as info:
@@ -396,6 +413,7 @@ def test_a_refused_upload_creation_says_how_to_turn_checksums_off(s3, monkeypatc
             return future
         return call
 
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")  # (plain HTTP: asked for)
     path = ObjectPath(s3.url("refused") + "/rank.bin")
     monkeypatch.setattr(MultipartWriter, "_call", refusing(OSError(22, "NotImplemented: ChecksumAlgorithm")))
     with pytest.raises(OSError, match="AWS_REQUEST_CHECKSUM_CALCULATION=when_required") as info:

@@ -100,6 +100,8 @@ def test_the_one_hash_option_is_for_plain_http_endpoints_only(monkeypatch):
 def test_the_config_files_checksum_setting_counts_as_the_users(tmp_path, monkeypatch):
     """``request_checksum_calculation = when_required`` in the AWS config file (the profile in effect),
     as botocore reads it: uploads carry no CRC-32C and the client is given that setting."""
+    from fsspec.asyn import sync
+
     from ucp.storage.multipart import checksum_setting, checksums_sent
 
     config = tmp_path / "config"
@@ -108,10 +110,14 @@ def test_the_config_files_checksum_setting_counts_as_the_users(tmp_path, monkeyp
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.example:443")
-    assert checksum_setting() == "when_required" and not checksums_sent()
+    assert checksum_setting() == "when_required"
     assert _options("s3")["config_kwargs"]["request_checksum_calculation"] == "when_required"
+    fs = ObjectPath("s3://bucket/run").fs  # (its client made without a request)
+    assert not checksums_sent(sync(fs.loop, fs.set_session))
     monkeypatch.setenv("AWS_PROFILE", "other")  # (a profile that says nothing)
-    assert checksum_setting() == "" and checksums_sent()
+    assert checksum_setting() == "" and "request_checksum_calculation" not in _options("s3")["config_kwargs"]
+    fs = ObjectPath("s3://bucket/run").fs
+    assert checksums_sent(sync(fs.loop, fs.set_session))  # (botocore's default over HTTPS: when_supported)
     monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")  # (the environment first)
     monkeypatch.setenv("AWS_PROFILE", "default")
     assert checksum_setting() == "when_supported"

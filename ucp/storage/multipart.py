@@ -17,9 +17,11 @@ it is idle (:meth:`ucp.storage.objstore.ObjectPath.abort_orphan_uploads`, format
 Retries: each request goes through s3fs (``_call_s3``), which retries connection errors and
 throttling with backoff, over botocore's own retries (:data:`ucp.storage.objstore.RETRIES`).
 
-Each part (and a small object's one PUT) carries the CRC-32C of its bytes, which the store checks
-(:func:`part_checksum`); botocore, given it, wraps no body in a checksum stream of its own, and over
-HTTPS signs the request without hashing the body (:func:`_unsigned_over_tls`). A part goes out as views
+Each part (and a small object's one PUT) carries the CRC-32C of its bytes where botocore would add a
+checksum of its own (:func:`checksums_sent`: over HTTPS by default; over plain HTTP botocore signs every
+body with SHA-256 instead), which the store checks (:func:`part_checksum`); botocore, given it, wraps no
+body in a checksum stream of its own, and over HTTPS signs the request without hashing the body
+(:func:`_unsigned_over_tls`). A part goes out as views
 of its bytes (:class:`PartBody`): aiohttp would otherwise copy a bytearray body twice per request
 (slicing it to its length, then joining it to the headers), each copy a fresh allocation of a part's
 size whose pages the kernel zeroes.
@@ -181,7 +183,7 @@ def sends_views(fs) -> bool:
     """Whether parts go to ``fs`` (an s3fs file system whose client exists) as :class:`PartBody`: aiohttp
     is there. botocore computes no checksum of its own for a part, which would wrap the body in a
     chunked stream that reads it once from where it stands (an s3fs retry would then send it short):
-    the part carries its CRC-32C (:func:`part_checksum`), or the environment asks for no checksums
+    the part carries its CRC-32C (:func:`part_checksum`), or the client asks for no checksums
     (:func:`checksums_sent`)."""
     return PartBody is not None and getattr(fs, "s3", None) is not None
 
@@ -244,22 +246,24 @@ def _configured(profile: str | None, config_file: str | None) -> str:
     return str(value or "").strip().lower()
 
 
-def checksums_sent() -> bool:
-    """Whether uploads carry their CRC-32C (:func:`part_checksum`): unless the user's setting
-    (:func:`checksum_setting`: ``AWS_REQUEST_CHECKSUM_CALCULATION`` or the config file's
-    ``request_checksum_calculation``) is ``when_required``, the AWS SDKs' setting for a store that
-    takes no flexible checksums (botocore then adds none either, and signs every body, over HTTPS too)."""
-    return checksum_setting() != "when_required"
+def checksums_sent(client) -> bool:
+    """Whether uploads through botocore client ``client`` carry their CRC-32C (:func:`part_checksum`):
+    where botocore would add a checksum of its own, its ``request_checksum_calculation`` being
+    ``when_supported`` (its default; over HTTPS the CRC-32C then stands in for the body's SHA-256). Not
+    where it is ``when_required``: the user's setting (:func:`checksum_setting`) for a store that takes
+    no flexible checksums, or ucp's own over plain HTTP, where botocore signs every body with SHA-256
+    anyway (:func:`ucp.storage.objstore._options`)."""
+    return getattr(client.meta.config, "request_checksum_calculation", None) != "when_required"
 
 
 def part_checksum(pieces: list) -> str:
     """The ``x-amz-checksum-crc32c`` of a part made of ``pieces`` (buffers, in order): the base64 of
-    its CRC-32C, big-endian. Sent with every part and single PUT: the store checks the bytes it
-    received against it (a part damaged on the way is refused: the upload fails, naming the object,
-    and nothing appears), and botocore, seeing a checksum given, computes none of its own; over HTTPS
-    the request is then signed without hashing the body (``UNSIGNED-PAYLOAD``, the SDKs' way for
-    uploads that carry a checksum: :func:`_unsigned_over_tls`), so a part costs the client one
-    CRC-32C pass (~14 GB/s per core here), not a SHA-256 (~1.1 GB/s)."""
+    its CRC-32C, big-endian. Sent with every part and single PUT where :func:`checksums_sent`: the
+    store checks the bytes it received against it (a part damaged on the way is refused: the upload
+    fails, naming the object, and nothing appears), and botocore, seeing a checksum given, computes
+    none of its own; over HTTPS the request is then signed without hashing the body
+    (``UNSIGNED-PAYLOAD``, the SDKs' way for uploads that carry a checksum: :func:`_unsigned_over_tls`),
+    so a part costs the client one CRC-32C pass (~14 GB/s per core here), not a SHA-256 (~1.1 GB/s)."""
     value = 0
     for piece in pieces:
         value = crc32c(piece, value)
@@ -341,11 +345,11 @@ class MultipartWriter:
         self._run: int | None = None  # (where in the buffer the part's last piece starts, if it is the buffer's)
         self._buffers = 0  # (part buffers made)
         self._spare: list[bytearray] = []
-        self._inflight: deque = deque()  # (future, buffer or None, checksum parameter) of the parts being uploaded, oldest first
+        self._inflight: deque = deque()  # (future, buffer or None, checksum parameter) per part in flight, oldest first
         self._parts: list[dict] = []
         self._upload_id: str | None = None
-        self._views = False  # (parts sent as PartBody: known once the upload is created)
-        self._checksums = checksums_sent()
+        self._views = self._checksums = False  # (parts sent as PartBody, with their CRC-32C: known at the first request)
+        self._started = False
         self.closed = False
 
     def __enter__(self) -> "MultipartWriter":
@@ -437,8 +441,18 @@ class MultipartWriter:
             return self._buf
         return b"".join(self._pieces)
 
+    def _start(self) -> None:
+        """Before the first request: the S3 client made (s3fs makes it at its first call) and asked
+        whether parts carry their CRC-32C and go as views; the signing hook registered."""
+        if self._started:
+            return
+        client = self._wait(asyncio.run_coroutine_threadsafe(self.fs.set_session(), self.fs.loop))
+        self._checksums, self._views = checksums_sent(client), sends_views(self.fs)
+        _prepare(self.fs)
+        self._started = True
+
     def _checksum(self) -> dict:
-        """The request parameter carrying the CRC-32C of the part being filled (none if
+        """The request parameter carrying the CRC-32C of the part being filled (none where
         :func:`checksums_sent` says not)."""
         return {"ChecksumCRC32C": part_checksum(self._pieces)} if self._checksums else {}
 
@@ -447,6 +461,7 @@ class MultipartWriter:
         ``concurrency`` are in flight. The buffer it used, if any, is the part's until its upload is done."""
         try:
             if self._upload_id is None:
+                self._start()
                 algorithm = {"ChecksumAlgorithm": "CRC32C"} if self._checksums else {}
                 try:
                     self._upload_id = self._wait(self._call("create_multipart_upload", **algorithm))["UploadId"]
@@ -457,8 +472,6 @@ class MultipartWriter:
                         raise
                     raise type(e)(e.errno, f"{e.strerror or e} (a store that takes no flexible checksums: set "
                                            "AWS_REQUEST_CHECKSUM_CALCULATION=when_required)", e.filename) from e
-                self._views = sends_views(self.fs)
-                _prepare(self.fs)
             number = len(self._parts) + len(self._inflight) + 1
             if number > _MAX_PARTS:
                 raise OSError(f"{self.name}: over {_MAX_PARTS} parts of {self.part_bytes} bytes")
@@ -494,8 +507,8 @@ class MultipartWriter:
             return
         try:
             if self._upload_id is None:  # (smaller than a part: one PUT)
-                _prepare(self.fs)
-                self._wait(self._call("put_object", Body=self._body(sends_views(self.fs)), **self._checksum()))
+                self._start()
+                self._wait(self._call("put_object", Body=self._body(self._views), **self._checksum()))
             else:
                 if self._filled:
                     self._send()

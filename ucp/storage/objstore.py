@@ -523,8 +523,8 @@ def read_objects(requests: list, gets: int = GETS) -> list[list[int]]:
     """Fill the views of the spans of several objects at once: ``requests`` is ``[(object, spans)]``,
     objects (:class:`ObjectPath`) of one file system, ``spans`` as :meth:`ObjectPath.read_spans` takes
     them; every span's ranged GETs (of at most :data:`GET_BYTES`, each read into place as its bytes
-    arrive: :func:`_get_into` on S3) ``gets`` in flight at once over all of them. The count of bytes each span had, per
-    object. A failed GET stops the others before this raises (the views are the caller's); its error
+    arrive: :func:`_get_into` on S3) ``gets`` in flight at once over all of them. The count of bytes
+    each span had, per object. A failed GET stops the others before this raises (the views are the caller's); its error
     names its object (a missing one: :class:`FileNotFoundError` with the object's URL as filename)."""
     outs = [[[memoryview(v).cast("B") for v in views] for _, views in spans] for _, spans in requests]
     totals = [[sum(v.nbytes for v in out) for out in spans] for spans in outs]
