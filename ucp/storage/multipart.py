@@ -21,10 +21,9 @@ Each part (and a small object's one PUT) carries the CRC-32C of its bytes where 
 checksum of its own (:func:`checksums_sent`: over HTTPS by default; over plain HTTP botocore signs every
 body with SHA-256 instead), which the store checks (:func:`part_checksum`); botocore, given it, wraps no
 body in a checksum stream of its own, and over HTTPS signs the request without hashing the body
-(:func:`_unsigned_over_tls`). A part goes out as views
-of its bytes (:class:`PartBody`): aiohttp would otherwise copy a bytearray body twice per request
-(slicing it to its length, then joining it to the headers), each copy a fresh allocation of a part's
-size whose pages the kernel zeroes.
+(:func:`_unsigned_over_tls`). A part goes out as views of its bytes (:class:`PartBody`): aiohttp
+would otherwise copy a bytearray body twice per request (slicing it to its length, then joining it to
+the headers), each copy a fresh allocation of a part's size whose pages the kernel zeroes.
 """
 
 from __future__ import annotations
@@ -179,15 +178,6 @@ else:
     PartBody = None
 
 
-def sends_views(fs) -> bool:
-    """Whether parts go to ``fs`` (an s3fs file system whose client exists) as :class:`PartBody`: aiohttp
-    is there. botocore computes no checksum of its own for a part, which would wrap the body in a
-    chunked stream that reads it once from where it stands (an s3fs retry would then send it short):
-    the part carries its CRC-32C (:func:`part_checksum`), or the client asks for no checksums
-    (:func:`checksums_sent`)."""
-    return PartBody is not None and getattr(fs, "s3", None) is not None
-
-
 #: the header a part's CRC-32C travels in (:func:`part_checksum`)
 CHECKSUM_HEADER = "x-amz-checksum-crc32c"
 _UPLOADS = ("UploadPart", "PutObject")
@@ -208,13 +198,12 @@ def _unsigned_over_tls(request, **_) -> None:
 _HOOKED: "weakref.WeakSet" = weakref.WeakSet()  # (the clients whose hook is registered, or about to be)
 
 
-def _prepare(fs) -> None:
-    """Register :func:`_unsigned_over_tls` on ``fs``'s S3 client, once per client, from the client's
-    event loop: botocore's event emitter is not thread-safe (a registration from a writer's thread
+def _prepare(client, loop) -> None:
+    """Register :func:`_unsigned_over_tls` on S3 client ``client``, once per client, from its event
+    loop ``loop``: botocore's event emitter is not thread-safe (a registration from a writer's thread
     while the loop emits could leave a stale handler list cached for the client's life). Scheduled
     before the writer's first request, so it runs first."""
-    client = getattr(fs, "s3", None)
-    if client is None or client in _HOOKED:
+    if client in _HOOKED:
         return
     _HOOKED.add(client)
 
@@ -223,7 +212,7 @@ def _prepare(fs) -> None:
             client.meta.events.register(f"before-sign.s3.{operation}", _unsigned_over_tls,
                                         unique_id=f"ucp-unsigned-over-tls-{operation}")
 
-    fs.loop.call_soon_threadsafe(register)
+    loop.call_soon_threadsafe(register)
 
 
 def checksum_setting() -> str:
@@ -348,8 +337,7 @@ class MultipartWriter:
         self._inflight: deque = deque()  # (future, buffer or None, checksum parameter) per part in flight, oldest first
         self._parts: list[dict] = []
         self._upload_id: str | None = None
-        self._views = self._checksums = False  # (parts sent as PartBody, with their CRC-32C: known at the first request)
-        self._started = False
+        self._checksums: bool | None = None  # (parts sent with their CRC-32C: known at the first request)
         self.closed = False
 
     def __enter__(self) -> "MultipartWriter":
@@ -432,10 +420,14 @@ class MultipartWriter:
         with as_oserror(self.name):
             return future.result()
 
-    def _body(self, views: bool):
-        """The part being filled as a request body: a :class:`PartBody` of its pieces where ``views``;
-        else bytes-like (the buffer itself where the part is all of it, else the pieces joined)."""
-        if views and self._filled:
+    def _body(self):
+        """The part being filled as a request body: a :class:`PartBody` of its pieces (aiohttp there);
+        else bytes-like (the buffer itself where the part is all of it, else the pieces joined). A
+        PartBody is safe to hand botocore: it computes no checksum of its own for a part, which would
+        wrap the body in a chunked stream that reads it once from where it stands (an s3fs retry would
+        then send it short), as the part carries its CRC-32C or the client asks for no checksums
+        (:func:`checksums_sent`)."""
+        if PartBody is not None and self._filled:
             return PartBody(self._pieces)
         if len(self._pieces) == 1 and self._pieces[0].obj is self._buf and self._pieces[0].nbytes == len(self._buf):
             return self._buf
@@ -443,13 +435,27 @@ class MultipartWriter:
 
     def _start(self) -> None:
         """Before the first request: the S3 client made (s3fs makes it at its first call) and asked
-        whether parts carry their CRC-32C and go as views; the signing hook registered."""
-        if self._started:
-            return
-        client = self._wait(asyncio.run_coroutine_threadsafe(self.fs.set_session(), self.fs.loop))
-        self._checksums, self._views = checksums_sent(client), sends_views(self.fs)
-        _prepare(self.fs)
-        self._started = True
+        whether parts carry their CRC-32C; the signing hook registered."""
+        if self._checksums is None:
+            client = self._wait(asyncio.run_coroutine_threadsafe(self.fs.set_session(), self.fs.loop))
+            self._checksums = checksums_sent(client)
+            _prepare(client, self.fs.loop)
+
+    def _create(self) -> str:
+        """Start the multipart upload (asking for CRC-32C checksums where :func:`checksums_sent`): its
+        id. A store that refuses the creation so asked is told how to turn the checksums off (not where
+        the refusal is for want of permission, or of the bucket)."""
+        self._start()
+        algorithm = {"ChecksumAlgorithm": "CRC32C"} if self._checksums else {}
+        try:
+            return self._wait(self._call("create_multipart_upload", **algorithm))["UploadId"]
+        except (PermissionError, FileNotFoundError):
+            raise
+        except OSError as e:
+            if not algorithm:
+                raise
+            raise type(e)(e.errno, f"{e.strerror or e} (a store that takes no flexible checksums: set "
+                                   "AWS_REQUEST_CHECKSUM_CALCULATION=when_required)", e.filename) from e
 
     def _checksum(self) -> dict:
         """The request parameter carrying the CRC-32C of the part being filled (none where
@@ -461,22 +467,12 @@ class MultipartWriter:
         ``concurrency`` are in flight. The buffer it used, if any, is the part's until its upload is done."""
         try:
             if self._upload_id is None:
-                self._start()
-                algorithm = {"ChecksumAlgorithm": "CRC32C"} if self._checksums else {}
-                try:
-                    self._upload_id = self._wait(self._call("create_multipart_upload", **algorithm))["UploadId"]
-                except (PermissionError, FileNotFoundError):
-                    raise
-                except OSError as e:
-                    if not algorithm:
-                        raise
-                    raise type(e)(e.errno, f"{e.strerror or e} (a store that takes no flexible checksums: set "
-                                           "AWS_REQUEST_CHECKSUM_CALCULATION=when_required)", e.filename) from e
+                self._upload_id = self._create()
             number = len(self._parts) + len(self._inflight) + 1
             if number > _MAX_PARTS:
                 raise OSError(f"{self.name}: over {_MAX_PARTS} parts of {self.part_bytes} bytes")
             checksum = self._checksum()
-            body = self._body(self._views)
+            body = self._body()
             used = self._buf if self._fill else None
             self._inflight.append((self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body,
                                               **checksum), used, checksum))
@@ -508,7 +504,7 @@ class MultipartWriter:
         try:
             if self._upload_id is None:  # (smaller than a part: one PUT)
                 self._start()
-                self._wait(self._call("put_object", Body=self._body(self._views), **self._checksum()))
+                self._wait(self._call("put_object", Body=self._body(), **self._checksum()))
             else:
                 if self._filled:
                     self._send()
