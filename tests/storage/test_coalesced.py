@@ -1,4 +1,4 @@
-"""objstore.coalesced: which byte ranges of an object one ranged GET fetches together (fragments side by
+"""object_reads.coalesced: which byte ranges of an object one ranged GET fetches together (fragments side by
 side, or a little apart; never more than 1.1x the bytes asked for, or 64 KiB more)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ucp.storage.objstore import COALESCE_GAP, COALESCE_SLACK, coalesced
+from ucp.storage.object_reads import COALESCE_GAP, COALESCE_SLACK, coalesced
 
 
 def test_fragments_side_by_side_are_one_range_in_order_of_offset():

@@ -9,7 +9,7 @@ import os
 import pytest
 from fsspec.asyn import sync
 
-from ucp.storage import objstore
+from ucp.storage import object_reads
 from ucp.storage.multipart import MultipartWriter
 from ucp.storage.objstore import ObjectPath
 
@@ -132,18 +132,18 @@ def test_a_failed_write_leaves_no_object_and_no_upload(s3):
 
 
 def test_read_into_splits_a_large_read_and_stops_at_the_end(s3, monkeypatch):
-    monkeypatch.setattr(objstore, "GET_BYTES", MIB)
+    monkeypatch.setattr(object_reads, "GET_BYTES", MIB)
     path = ObjectPath(s3.url("read") + "/obj")
     data = os.urandom(5 * MIB + 123)
     path.write_bytes(data)
     got: list = []
-    get = objstore._get_into
+    get = object_reads._get_into
 
     async def counted(fs, key, start, end, *args):
         got.append((start, end))
         return await get(fs, key, start, end, *args)
 
-    monkeypatch.setattr(objstore, "_get_into", counted)
+    monkeypatch.setattr(object_reads, "_get_into", counted)
     a, b = bytearray(2 * MIB + 5), memoryview(bytearray(2 * MIB))
     assert path.read_into(1000, [a, b]) == len(a) + len(b)
     assert bytes(a) + bytes(b) == data[1000:1000 + len(a) + len(b)]
@@ -156,11 +156,11 @@ def test_read_into_splits_a_large_read_and_stops_at_the_end(s3, monkeypatch):
 def test_read_spans_fetches_every_span_with_at_most_gets_in_flight(s3, monkeypatch):
     import asyncio
 
-    monkeypatch.setattr(objstore, "GET_BYTES", MIB)
+    monkeypatch.setattr(object_reads, "GET_BYTES", MIB)
     path = ObjectPath(s3.url("spans") + "/obj")
     data = os.urandom(4 * MIB)
     path.write_bytes(data)
-    get, flying, most = objstore._get_into, [0], [0]
+    get, flying, most = object_reads._get_into, [0], [0]
 
     async def counted(*args):
         flying[0] += 1
@@ -171,7 +171,7 @@ def test_read_spans_fetches_every_span_with_at_most_gets_in_flight(s3, monkeypat
         finally:
             flying[0] -= 1
 
-    monkeypatch.setattr(objstore, "_get_into", counted)
+    monkeypatch.setattr(object_reads, "_get_into", counted)
     spans = [(0, [bytearray(10), bytearray(20)]), (100, [bytearray(2 * MIB + 1)]), (4 * MIB - 5, [bytearray(9)])]
     assert path.read_spans(spans, gets=2) == [30, 2 * MIB + 1, 5]  # (the last is short: the object ends)
     assert bytes(spans[0][1][0] + spans[0][1][1]) == data[:30]
@@ -186,10 +186,10 @@ def test_a_failed_get_stops_the_others_before_read_spans_raises(s3, monkeypatch)
     import asyncio
     import time
 
-    monkeypatch.setattr(objstore, "GET_BYTES", MIB)
+    monkeypatch.setattr(object_reads, "GET_BYTES", MIB)
     path = ObjectPath(s3.url("failing") + "/obj")
     path.write_bytes(os.urandom(3 * MIB))
-    get = objstore._get_into
+    get = object_reads._get_into
 
     async def failing(fs, key, start, end, *args):
         if start == 0:
@@ -198,7 +198,7 @@ def test_a_failed_get_stops_the_others_before_read_spans_raises(s3, monkeypatch)
         await asyncio.sleep(0.3)
         return await get(fs, key, start, end, *args)
 
-    monkeypatch.setattr(objstore, "_get_into", failing)
+    monkeypatch.setattr(object_reads, "_get_into", failing)
     views = [bytearray(3 * MIB)]
     with pytest.raises(OSError, match="connection reset"):
         path.read_spans([(0, views)], gets=3)
@@ -212,7 +212,7 @@ def test_a_get_is_read_into_place_as_it_arrives_not_copied_whole_first(s3):
     import tracemalloc
 
     path = ObjectPath(s3.url("into") + "/obj")
-    data = os.urandom(objstore.GET_BYTES)
+    data = os.urandom(object_reads.GET_BYTES)
     path.write_bytes(data)
     views = [bytearray(5), memoryview(bytearray(len(data) - 5))]
     path.read_into(0, views[:1])  # (the client made, its first request's allocations done)
@@ -430,8 +430,8 @@ def test_a_refused_upload_creation_says_how_to_turn_checksums_off(s3, monkeypatc
 def test_gets_are_read_whole_then_copied_where_aiobotocore_cannot_read_into(s3, monkeypatch):
     """An aiobotocore before 2.23 has no ``readinto``: a load's GETs then go through s3fs's cat_file,
     bytes still exact."""
-    monkeypatch.setattr(objstore, "_reads_into", lambda: False)
-    monkeypatch.setattr(objstore, "_get_into", None)  # (not called)
+    monkeypatch.setattr(object_reads, "_reads_into", lambda: False)
+    monkeypatch.setattr(object_reads, "_get_into", None)  # (not called)
     path = ObjectPath(s3.url("whole") + "/obj")
     data = os.urandom(MIB + 3)
     path.write_bytes(data)

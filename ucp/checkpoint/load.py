@@ -46,7 +46,8 @@ from ucp.state.tensors import torch_dtype
 from ucp.storage import directory as store
 from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.manifest_io import StoredManifest, manifest_bytes, open_manifest
-from ucp.storage.objstore import GETS, is_object
+from ucp.storage.object_reads import GETS
+from ucp.storage.objstore import is_object
 from ucp.storage.universal_io import is_universal, read_header
 
 

@@ -29,7 +29,7 @@ from ucp.state import pages
 from ucp.state.capture import Piece
 from ucp.state.tensors import torch_dtype
 from ucp.storage.fragment_files import FragmentFiles
-from ucp.storage.objstore import GETS
+from ucp.storage.object_reads import GETS
 from ucp.storage.universal_io import array_reader
 
 

@@ -26,7 +26,8 @@ from ucp.format.fragment import Fragment
 from ucp.format.manifest import BLOCK_BYTES, Manifest
 from ucp.storage.directory import MANIFEST
 from ucp.storage.manifest_io import gone
-from ucp.storage.objstore import GETS, coalesced, is_object, read_objects
+from ucp.storage.object_reads import GETS, coalesced, read_objects
+from ucp.storage.objstore import is_object
 from ucp.storage.safetensors_file import header_bytes
 
 IOV_MAX = 512  # buffers per preadv call (the kernel's UIO_MAXIOV is 1024)
@@ -340,9 +341,9 @@ class FragmentFiles:
     def _fetch(self, wanted: dict[str, list], gets: int) -> None:
         """Fill the views of ``wanted`` (file name -> ``(offset, view)`` extents in it) from the object
         store in one go: the extents of a file close together fetched by one ranged GET spanning them
-        (:func:`~ucp.storage.objstore.coalesced`: the bytes between, within a tenth more or 64 KiB, go
+        (:func:`~ucp.storage.object_reads.coalesced`: the bytes between, within a tenth more or 64 KiB, go
         to a scratch buffer), its header (if still to be checked) with them, every file's GETs ``gets``
-        in flight at once (:func:`~ucp.storage.objstore.read_objects`)."""
+        in flight at once (:func:`~ucp.storage.object_reads.read_objects`)."""
         requests, heads = [], []
         for name, extents in wanted.items():
             spans = []
