@@ -23,7 +23,9 @@ only (ucp's side stream is not waited for: that is the point of it). A world of 
   bytes on ``io_threads`` threads; what a verified snapshot at least costs when the checksum follows
   the copy), ``h2d_pinned`` (the way back).
 * **restore.** ``--repeats`` loads from memory (a new ``Checkpointer``, the model scrambled first) onto
-  the GPU, each checked bit-exact against the saved state.
+  the GPU, each checked bit-exact against the saved state; then as many from a durable checkpoint of
+  the same state, its files warm in the page cache (``restore_durable_warm_s``), and
+  ``restore_memory_vs_durable_warm``, their medians' ratio (the memory tier's target: >= 2).
 
 Output: one JSON line on stdout (medians, ``*_spread``, ``load_avg``, the GPU's name); progress on stderr.
 """
@@ -203,26 +205,36 @@ def bench(args, work: Path, dcp_dir: Path) -> dict:
         out["snapshot_over_d2h_crc"] = round(out["snapshot_gbps"] / out["floors_gbps"]["d2h_pinned_crc"], 3)
         ck.close()
 
-        # -- restore from memory onto the GPU --
-        loads, exact = [], True
-        for i in range(args.repeats):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.fill_(0.5 + i)
-                for st in opt.state.values():
-                    for v in st.values():
-                        v.fill_(0.25)  # (the step counts on the host too)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            with ucp.Checkpointer(work / "snap", model=model, optimizer=opt, snapshot=snap) as restorer:
-                res = restorer.load()
+        # -- restores onto the GPU: from memory, then from a durable checkpoint of the same state (warm) --
+        def restores(root, snapshot, source: str) -> tuple[list, bool]:
+            loads, exact = [], True
+            for i in range(args.repeats):
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(0.5 + i)
+                    for st in opt.state.values():
+                        for v in st.values():
+                            v.fill_(0.25)  # (the step counts on the host too)
                 torch.cuda.synchronize()
-            loads.append(time.perf_counter() - t)
-            if res is None or res.source != "memory":
-                raise RuntimeError(f"load returned {res!r}, not a restore from memory")
-            exact = exact and same_bits(state_copy(model, opt), want)
+                t = time.perf_counter()
+                with ucp.Checkpointer(root, model=model, optimizer=opt, snapshot=snapshot) as restorer:
+                    res = restorer.load()
+                    torch.cuda.synchronize()
+                loads.append(time.perf_counter() - t)
+                if res is None or res.source != source:
+                    raise RuntimeError(f"load returned {res!r}, not a restore from {source}")
+                exact = exact and same_bits(state_copy(model, opt), want)
+            return loads, exact
+
+        loads, exact = restores(work / "snap", snap, "memory")
         out.update(restore_s=summary(loads), restore_gbps=round(nbytes / 1e9 / median(loads), 3), bit_exact=exact)
         out["restore_over_h2d"] = round(out["restore_gbps"] / out["floors_gbps"]["h2d_pinned"], 3)
+        with ucp.Checkpointer(work / "durable", model=model, optimizer=opt,
+                              options=ucp.CheckpointOptions(fsync=False)) as saver:
+            saver.save(step_no[0])  # (the state is ``want`` again; its files stay in the page cache)
+        warm, exact = restores(work / "durable", None, "durable")
+        out.update(restore_durable_warm_s=summary(warm), bit_exact=out["bit_exact"] and exact,
+                   restore_memory_vs_durable_warm=round(median(warm) / median(loads), 3))
         out["load_avg"]["end"] = benchlib.load_average()
         return out
     finally:

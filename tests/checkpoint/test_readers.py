@@ -71,3 +71,66 @@ def test_a_flipped_byte_is_named_by_block_and_only_when_read(saved):
             reader.read(ReadItem(f), torch.empty(600, 512))
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_reads_through_staging_buffers_are_chunked_by_whole_blocks_and_bit_exact(saved, threads, mapped):
+    """The path of a load onto a GPU (here with CPU buffers): a fragment larger than a buffer goes
+    in chunks of whole blocks, each verified; a small one whole; buffers are reused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.storage.test_fragment_files import _Maps
+    from ucp.state.staging import DeviceStaging
+
+    path, frags, tensors = saved
+    assert frags["model/0.weight"].length > 6 * 3 * BLOCK_BYTES  # (seven chunks or more through two buffers)
+    pool = ThreadPoolExecutor(threads) if threads else None
+    reader = FragmentReader(path, maps=_Maps(path) if mapped else None, pool=pool, helpers=max(threads - 1, 0),
+                            block_bytes=BLOCK_BYTES)
+    staging = DeviceStaging("cpu", buffers=2, nbytes=3 * BLOCK_BYTES)
+    try:
+        dests = {k: torch.full_like(t, float("nan")) for k, t in tensors.items()}
+        reader.read_staged([(frags[k], d) for k, d in dests.items()], staging)
+        for k, t in tensors.items():
+            assert torch.equal(dests[k].view(torch.int32), t.view(torch.int32)), k
+        assert staging.staged == sum(f.length for f in frags.values())
+    finally:
+        reader.close()
+        if pool is not None:
+            pool.shutdown()
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_a_corrupted_block_read_through_staging_is_named(saved, mapped):
+    from tests.storage.test_fragment_files import _Maps
+    from ucp.state.staging import DeviceStaging
+
+    path, frags, tensors = saved
+    f = frags["model/0.weight"]
+    data = bytearray((path / f.file).read_bytes())
+    data[f.offset + 7 * BLOCK_BYTES + 5] ^= 1
+    (path / f.file).write_bytes(bytes(data))
+    reader = FragmentReader(path, maps=_Maps(path) if mapped else None, block_bytes=BLOCK_BYTES)
+    try:
+        with pytest.raises(CorruptCheckpointError, match=r"model/0\.weight .*block 7 at bytes"):
+            reader.read_staged([(f, torch.empty(600, 512))], DeviceStaging("cpu", buffers=2, nbytes=2 * BLOCK_BYTES))
+        intact = torch.empty(3, 600)
+        reader.read_staged([(frags["model/1.weight"], intact)], DeviceStaging("cpu", buffers=2, nbytes=2 * BLOCK_BYTES))
+        assert torch.equal(intact, tensors["model/1.weight"])
+    finally:
+        reader.close()
+
+
+def test_a_fragment_without_block_checksums_and_larger_than_a_buffer_is_read_whole(saved):
+    from ucp.state.staging import DeviceStaging
+
+    path, frags, tensors = saved
+    reader = FragmentReader(path)  # (no block size: the blocks cannot be checked, so no chunks)
+    staging = DeviceStaging("cpu", buffers=1, nbytes=BLOCK_BYTES)
+    try:
+        dest = torch.empty(600, 512)
+        reader.read_staged([(frags["model/0.weight"], dest)], staging)
+        assert torch.equal(dest, tensors["model/0.weight"]) and staging.staged == 0
+    finally:
+        reader.close()

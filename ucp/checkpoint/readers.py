@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from concurrent.futures import wait
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ucp.plan.reshard import chunk_pieces, reshard_plan, source_pieces, target_p
 from ucp.plan.sources import Resolution, relocate, to_source
 from ucp.state import pages
 from ucp.state.capture import Piece
+from ucp.state.staging import STAGE_BYTES, DeviceStaging
 from ucp.state.tensors import torch_dtype
 from ucp.storage.fragment_files import FragmentFiles
 from ucp.storage.object_reads import GETS
@@ -230,6 +232,12 @@ def _direct(f, dest: torch.Tensor) -> bool:
     return dest.device.type == "cpu" and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
 
 
+def _staged(f, dest: torch.Tensor) -> bool:
+    """Whether fragment ``f``'s bytes reach ``dest`` through page-locked staging buffers
+    (:class:`~ucp.state.staging.DeviceStaging`): a contiguous tensor of its dtype on a GPU."""
+    return dest.is_cuda and dest.is_contiguous() and dtype_name(dest.dtype) == f.dtype
+
+
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of contiguous CPU tensor ``t``, writable."""
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
@@ -246,13 +254,15 @@ class FragmentReader:
     each read split over the calling thread and ``helpers`` tasks on ``pool``; ``block_bytes`` is
     the manifest's block size, whose block checksums are then checked too. On an object store,
     :meth:`read_all` has ``gets`` ranged GETs in flight, and ``sizes`` are the objects' sizes found
-    already (``FragmentFiles.check_sizes``), not asked again.
+    already (``FragmentFiles.check_sizes``), not asked again. Destinations on a GPU are filled through
+    page-locked staging buffers (:meth:`read_staged`), read on the calling thread and ``pool``'s.
     """
 
     def __init__(self, directory: Path, manifest=None, maps=None, pool=None, helpers: int = 0, block_bytes: int = 0,
                  gets: int = GETS, sizes: dict[str, int] | None = None):
         self.files = FragmentFiles(directory, manifest=manifest, maps=maps, pool=pool, helpers=helpers, sizes=sizes)
         self.block_bytes, self.gets = block_bytes, gets
+        self._pool, self._helpers = pool, helpers
 
     @property
     def nbytes(self) -> int:
@@ -271,24 +281,82 @@ class FragmentReader:
 
     def batches(self, item: ReadItem, dest: torch.Tensor) -> bool:
         """Whether :meth:`read_all` reads ``item`` into ``dest`` together with the others: always
-        from a snapshot in memory, and from an object store into a destination of the fragment's
-        bytes (a CPU tensor, contiguous, of its dtype)."""
-        return self.files.has_maps or (self.files.remote and _direct(item.fragment, dest))
+        from a snapshot in memory; from an object store into a destination of the fragment's bytes
+        (a CPU tensor, contiguous, of its dtype); from files into a GPU's tensor of its bytes
+        (through staging buffers)."""
+        f = item.fragment
+        return self.files.has_maps or (_direct(f, dest) if self.files.remote else _staged(f, dest))
 
     def read_all(self, reads: list) -> None:
-        """Fill each ``(item, dest)`` of ``reads`` as :meth:`read` does; those copied from a mapping
-        straight into their destination in one pass over them all (:meth:`FragmentFiles.read_mapped`),
-        those on an object store in ranged GETs that each fetch many (:meth:`FragmentFiles.read_spans`,
-        ``gets`` in flight)."""
-        mapped, remote = [], []
+        """Fill each ``(item, dest)`` of ``reads`` as :meth:`read` does; those on a GPU through
+        staging buffers (:meth:`read_staged`); those copied from a mapping straight into their
+        destination in one pass over them all (:meth:`FragmentFiles.read_mapped`), those on an
+        object store in ranged GETs that each fetch many (:meth:`FragmentFiles.read_spans`, ``gets``
+        in flight)."""
+        mapped, remote, staged = [], [], []
         for item, dest in reads:
             f = item.fragment
             if _direct(f, dest) and (self.files.remote or self.files.mapped(f)):
                 (remote if self.files.remote else mapped).append((f, _bytes_of(dest)))
+            elif _staged(f, dest) and not self.files.remote:
+                staged.append((f, dest))
             else:
                 self.read(item, dest)
+        self.read_staged(staged)
         self.files.read_mapped(mapped, self.block_bytes)
         self.files.read_spans(remote, self.gets)
+
+    def read_staged(self, reads: list, staging: DeviceStaging | None = None) -> None:
+        """Fill each ``(fragment, dest)`` of ``reads`` (``dest`` contiguous, of the fragment's dtype,
+        on a device) through page-locked staging buffers, so that the copies to the device are
+        asynchronous and overlap the reads: the fragment in chunks of whole blocks, each block
+        verified by its checksum, or whole (its CRC-32C) when it fits a buffer, read into a free
+        buffer by this thread or one of the pool's, and its copy queued behind. A fragment larger
+        than a buffer and without block checksums is read as :meth:`read` does. ``staging``: the
+        buffers to use (else one :class:`~ucp.state.staging.DeviceStaging` per device, made here);
+        returns once every copy has landed."""
+        if not reads:
+            return
+        made: dict = {}
+        jobs, futures = [], []
+        try:
+            for f, dest in reads:
+                into = staging or made.get(dest.device)
+                if into is None:
+                    into = made[dest.device] = DeviceStaging(dest.device, self._helpers + 3,
+                                                             max(STAGE_BYTES, self.block_bytes))
+                chunks = self._chunks(f, into.nbytes)
+                if chunks is None:
+                    self.read(ReadItem(f), dest)
+                    continue
+                out = dest.reshape(-1).view(torch.uint8)
+                jobs += [(into.put, out[lo:hi], fill) for lo, hi, fill in chunks]
+            if self._pool is None or len(jobs) < 2:
+                for put, out, fill in jobs:
+                    put(out, fill)
+            else:
+                futures = [self._pool.submit(put, out, fill) for put, out, fill in jobs]
+                for future in futures:
+                    future.result()
+        finally:
+            wait(futures)  # (no read still writes a buffer, nor a copy reads one, once this returns)
+            for into in (staging, *made.values()):
+                if into is not None:
+                    into.close()
+
+    def _chunks(self, f, cap: int) -> list | None:
+        """``(lo, hi, fill)`` for chunks ``[lo, hi)`` of fragment ``f``'s bytes of at most ``cap``
+        bytes each, ``fill(view)`` reading one and verifying it: the whole fragment (its CRC-32C)
+        when it fits, else runs of whole blocks (their block checksums); None when neither can."""
+        bb = self.block_bytes
+        if f.length <= cap:
+            return [(0, f.length, lambda view: self.files.read(f, [view], block_bytes=bb))]
+        if not (f.blocks and bb) or cap < bb:
+            return None
+        step = cap // bb * bb
+        return [(lo, min(lo + step, f.length),
+                 lambda view, lo=lo: self.files.read_run(f, lo, min(lo + step, f.length), view, bb))
+                for lo in range(0, f.length, step)]
 
     def fetch(self, f, spans=None, block_bytes: int = 0) -> torch.Tensor:
         """Fragment ``f`` as a flat tensor of its dtype: whole, its checksum verified; or, when it has
