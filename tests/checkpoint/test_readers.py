@@ -134,3 +134,93 @@ def test_a_fragment_without_block_checksums_and_larger_than_a_buffer_is_read_who
         assert torch.equal(dest, tensors["model/0.weight"]) and staging.staged == 0
     finally:
         reader.close()
+
+
+@pytest.fixture
+def staged_on_cpu(monkeypatch):
+    """Destinations on the CPU routed as a GPU's are (through staging), for the path without a GPU."""
+    from ucp.checkpoint import readers
+
+    monkeypatch.setattr(readers, "_staged", lambda f, dest: dest.is_contiguous() and readers.dtype_name(dest.dtype) == f.dtype)
+    monkeypatch.setattr(readers, "STAGE_BYTES", 3 * BLOCK_BYTES)
+
+
+def test_read_all_sends_device_destinations_through_staging_in_parallel(saved, staged_on_cpu):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, frags, tensors = saved
+    with ThreadPoolExecutor(3) as pool:
+        reader = FragmentReader(path, pool=pool, helpers=2, block_bytes=BLOCK_BYTES)
+        try:
+            dests = {k: torch.full_like(t, float("nan")) for k, t in tensors.items()}
+            items = [(ReadItem(frags[k]), d) for k, d in dests.items()]
+            assert all(reader.batches(item, d) for item, d in items)
+            reader.read_all(items)
+            for k, t in tensors.items():
+                assert torch.equal(dests[k], t), k
+            assert reader.staging("cpu").staged == sum(f.length for f in frags.values())
+        finally:
+            reader.close()
+
+
+def test_a_failed_chunk_stops_the_other_readers(saved, staged_on_cpu):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, frags, _ = saved
+    f = frags["model/0.weight"]
+    data = bytearray((path / f.file).read_bytes())
+    data[f.offset + BLOCK_BYTES + 5] ^= 1  # in the first chunk
+    (path / f.file).write_bytes(bytes(data))
+    with ThreadPoolExecutor(3) as pool:
+        reader = FragmentReader(path, pool=pool, helpers=2, block_bytes=BLOCK_BYTES)
+        try:
+            with pytest.raises(CorruptCheckpointError, match="block 1 at bytes"):
+                reader.read_all([(ReadItem(f), torch.empty(600, 512))])
+            # (the chunks taken while the first failed, at most one per other reader, not the rest)
+            assert reader.staging("cpu").staged <= 3 * 3 * BLOCK_BYTES < f.length // 2
+        finally:
+            reader.close()
+
+
+def test_a_corrupted_small_fragment_read_whole_through_staging_is_named(saved, staged_on_cpu):
+    path, frags, _ = saved
+    f = frags["model/1.weight"]  # 7,200 bytes: one chunk, its CRC-32C checked
+    data = bytearray((path / f.file).read_bytes())
+    data[f.offset + 100] ^= 1
+    (path / f.file).write_bytes(bytes(data))
+    reader = FragmentReader(path, block_bytes=BLOCK_BYTES)
+    try:
+        with pytest.raises(CorruptCheckpointError, match=r"model/1\.weight.*fails its checksum"):
+            reader.read_all([(ReadItem(f), torch.empty(3, 600))])
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_runs_of_a_resharded_read_go_through_staging_in_chunks_ending_on_blocks(saved, mapped):
+    """A resharded read onto a GPU sends the runs contiguous on both sides through staging; each
+    chunk's end is a block boundary of the fragment (or the run's end), so every block is read once."""
+    from tests.storage.test_fragment_files import _Maps
+    from ucp.state.staging import DeviceStaging
+
+    path, frags, tensors = saved
+    f = frags["model/0.weight"]
+    whole = tensors["model/0.weight"].reshape(-1).view(torch.uint8)
+    reader = FragmentReader(path, maps=_Maps(path) if mapped else None, block_bytes=BLOCK_BYTES)
+    calls = []
+    read_run = reader.files.read_run
+    reader.files.read_run = lambda f_, lo, hi, out, bb: (calls.append((lo, hi)), read_run(f_, lo, hi, out, bb))[1]
+    reader._stagings[torch.device("cpu")] = staging = DeviceStaging("cpu", buffers=2, nbytes=2 * BLOCK_BYTES)
+    try:
+        dest = torch.zeros(f.length, dtype=torch.uint8)
+        runs = [(f, 1000, 5 * BLOCK_BYTES + 17, 0), (f, 7 * BLOCK_BYTES + 3, f.length, 6 * BLOCK_BYTES)]
+        reader._stage_runs(dest, runs, BLOCK_BYTES)
+        n0 = 5 * BLOCK_BYTES + 17 - 1000
+        assert torch.equal(dest[:n0], whole[1000:5 * BLOCK_BYTES + 17])
+        n1 = f.length - 7 * BLOCK_BYTES - 3
+        assert torch.equal(dest[6 * BLOCK_BYTES:6 * BLOCK_BYTES + n1], whole[7 * BLOCK_BYTES + 3:])
+        assert all(hi - lo <= 2 * BLOCK_BYTES and (hi % BLOCK_BYTES == 0 or hi in (5 * BLOCK_BYTES + 17, f.length))
+                   for lo, hi in calls), calls
+        assert staging.staged == n0 + n1
+    finally:
+        reader.close()

@@ -36,9 +36,13 @@ def _gpu_bytes(state: dict) -> int:
 
 
 @pytest.mark.parametrize("tier", ["memory", "durable"])
-def test_a_load_onto_the_gpu_goes_through_pinned_staging_bit_exactly(tmp_path, job, tier, staged):  # noqa: F811
+def test_a_load_onto_the_gpu_goes_through_pinned_staging_bit_exactly(tmp_path, job, tier, staged,  # noqa: F811
+                                                                      monkeypatch):
+    from ucp.checkpoint import readers
+
     assert torch.cuda.is_available(), "the gpu tests need a CUDA device"
-    m, opt = gpu_model(sizes=(1024, 4096, 1024))  # 4 MiB weights: chunks of whole blocks, several buffers
+    monkeypatch.setattr(readers, "STAGE_BYTES", 2 << 20)  # 16 MiB tensors: chunks of whole blocks, buffers reused
+    m, opt = gpu_model(sizes=(1024, 4096, 1024))
     snap = ucp.SnapshotOptions(job=job) if tier == "memory" else None
     with ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=snap) as ck:
         gpu_step(m, opt, 1)
@@ -54,7 +58,34 @@ def test_a_load_onto_the_gpu_goes_through_pinned_staging_bit_exactly(tmp_path, j
     assert sum(n for _, n in staged) == _gpu_bytes(got)  # every byte on the GPU came through staging
 
 
+def test_the_copies_follow_what_the_current_stream_had_queued_and_have_landed_on_return(tmp_path, job):  # noqa: F811
+    """A load starts its copies after the kernels queued on the loading thread's stream (which may
+    still write the destinations) and returns once they have landed: another stream reads them at once."""
+    from tests.gpu.test_cuda_snapshot import SLEEP_CYCLES
+
+    m, opt = gpu_model(sizes=(1024, 4096, 1024))
+    with ucp.Checkpointer(tmp_path, model=m, optimizer=opt, snapshot=ucp.SnapshotOptions(job=job)) as ck:
+        gpu_step(m, opt, 1)
+        ck.save(1)
+        ck.wait()
+        want = state_of(m, opt)
+    m2, opt2 = gpu_model(seed=1, sizes=(1024, 4096, 1024))
+    gpu_step(m2, opt2, 0)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)  # the current stream is a second behind...
+    with torch.no_grad():
+        for p in m2.parameters():
+            p.fill_(float("nan"))  # ...and then overwrites the destinations
+    ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2, snapshot=ucp.SnapshotOptions(job=job)).load()
+    other = torch.cuda.Stream()
+    with torch.cuda.stream(other):  # (no wait on the loading stream)
+        got = {k: v.clone() for k, v in state_of(m2, opt2).items()}
+    other.synchronize()
+    assert same_state(got, want), bit_diffs(got, want)
+
+
 def test_a_corrupted_durable_fragment_loaded_onto_the_gpu_is_named(tmp_path, staged):
+    assert torch.cuda.is_available(), "the gpu tests need a CUDA device"
     m, opt = gpu_model(sizes=(1024, 4096, 1024))
     gpu_step(m, opt, 1)
     res = ucp.Checkpointer(tmp_path, model=m, optimizer=opt).save(1)
@@ -65,3 +96,4 @@ def test_a_corrupted_durable_fragment_loaded_onto_the_gpu_is_named(tmp_path, sta
     m2, opt2 = gpu_model(seed=1, sizes=(1024, 4096, 1024))
     with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
         ucp.Checkpointer(tmp_path, model=m2, optimizer=opt2).load()
+    assert staged and all(pinned for pinned, _ in staged)  # (found on the staged path)

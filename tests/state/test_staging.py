@@ -32,6 +32,8 @@ def test_a_chunk_larger_than_a_buffer_is_refused():
         staging.put(torch.zeros(9, dtype=torch.uint8), _fill(1))
     with pytest.raises(ValueError, match="at least one buffer"):
         DeviceStaging("cpu", buffers=0)
+    with DeviceStaging("cpu", buffers=1, nbytes=8) as staging, pytest.raises(ValueError, match="meta"):
+        staging.put(torch.zeros(4, dtype=torch.uint8, device="meta"), _fill(1))  # another device's chunk
 
 
 def test_a_failed_read_copies_nothing_and_gives_its_buffer_back():

@@ -10,6 +10,7 @@ fill pieces of the live state that the loader (:mod:`ucp.checkpoint.load`) plann
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from concurrent.futures import wait
 from contextlib import ExitStack
@@ -159,7 +160,8 @@ def _fill_resharded(piece: Piece, items, targets, fetch) -> None:
     source sub-box lies row-major from ``sub.offset`` in it.
     """
     dest = piece.data
-    direct = dest.device.type == "cpu" and dest.is_contiguous()
+    # (with nothing to gather, e.g. a GPU's runs read through staging after this, only padding is zeroed, in place)
+    direct = dest.is_contiguous() and (dest.device.type == "cpu" or not items)
     out = dest if direct else pages.empty(dest.shape, dest.dtype)
     flat = out.reshape(-1)
     with torch.no_grad():
@@ -263,6 +265,8 @@ class FragmentReader:
         self.files = FragmentFiles(directory, manifest=manifest, maps=maps, pool=pool, helpers=helpers, sizes=sizes)
         self.block_bytes, self.gets = block_bytes, gets
         self._pool, self._helpers = pool, helpers
+        self._stagings: dict = {}  # device -> DeviceStaging (see staging)
+        self._staging_lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
@@ -285,7 +289,8 @@ class FragmentReader:
         (a CPU tensor, contiguous, of its dtype); from files into a GPU's tensor of its bytes
         (through staging buffers)."""
         f = item.fragment
-        return self.files.has_maps or (_direct(f, dest) if self.files.remote else _staged(f, dest))
+        return self.files.has_maps or (_direct(f, dest) if self.files.remote else
+                                       _staged(f, dest) and self._stageable(f))
 
     def read_all(self, reads: list) -> None:
         """Fill each ``(item, dest)`` of ``reads`` as :meth:`read` does; those on a GPU through
@@ -298,7 +303,7 @@ class FragmentReader:
             f = item.fragment
             if _direct(f, dest) and (self.files.remote or self.files.mapped(f)):
                 (remote if self.files.remote else mapped).append((f, _bytes_of(dest)))
-            elif _staged(f, dest) and not self.files.remote:
+            elif _staged(f, dest) and not self.files.remote and self._stageable(f):
                 staged.append((f, dest))
             else:
                 self.read(item, dest)
@@ -310,39 +315,80 @@ class FragmentReader:
         """Fill each ``(fragment, dest)`` of ``reads`` (``dest`` contiguous, of the fragment's dtype,
         on a device) through page-locked staging buffers, so that the copies to the device are
         asynchronous and overlap the reads: the fragment in chunks of whole blocks, each block
-        verified by its checksum, or whole (its CRC-32C) when it fits a buffer, read into a free
-        buffer by this thread or one of the pool's, and its copy queued behind. A fragment larger
-        than a buffer and without block checksums is read as :meth:`read` does. ``staging``: the
-        buffers to use (else one :class:`~ucp.state.staging.DeviceStaging` per device, made here);
-        returns once every copy has landed."""
-        if not reads:
-            return
-        made: dict = {}
-        jobs, futures = [], []
+        verified by its checksum, or whole (its CRC-32C) when it fits a buffer. This thread and up
+        to ``helpers + 1`` of the pool's take the chunks in turn, each reading one into a free buffer
+        and queueing its copy; the first failure stops them and is raised. A fragment larger than a
+        buffer and without block checksums is read as :meth:`read` does. ``staging``: the buffers
+        to use (else this reader's for the destination's device, :meth:`staging`); returns once
+        every copy has landed."""
+        jobs, used = [], {}
+        for f, dest in reads:
+            into = staging or self.staging(dest.device)
+            chunks = self._chunks(f, into.nbytes)
+            if chunks is None:
+                self.read(ReadItem(f), dest)
+                continue
+            if id(into) not in used:
+                used[id(into)] = into
+                into.follow()
+            out = dest.reshape(-1).view(torch.uint8)
+            jobs += [(into, out[lo:hi], fill) for lo, hi, fill in chunks]
         try:
-            for f, dest in reads:
-                into = staging or made.get(dest.device)
-                if into is None:
-                    into = made[dest.device] = DeviceStaging(dest.device, self._helpers + 3,
-                                                             max(STAGE_BYTES, self.block_bytes))
-                chunks = self._chunks(f, into.nbytes)
-                if chunks is None:
-                    self.read(ReadItem(f), dest)
-                    continue
-                out = dest.reshape(-1).view(torch.uint8)
-                jobs += [(into.put, out[lo:hi], fill) for lo, hi, fill in chunks]
-            if self._pool is None or len(jobs) < 2:
-                for put, out, fill in jobs:
-                    put(out, fill)
-            else:
-                futures = [self._pool.submit(put, out, fill) for put, out, fill in jobs]
-                for future in futures:
-                    future.result()
+            self._take_turns(jobs)
         finally:
-            wait(futures)  # (no read still writes a buffer, nor a copy reads one, once this returns)
-            for into in (staging, *made.values()):
-                if into is not None:
-                    into.close()
+            for into in used.values():  # (no copy still reads a buffer, nor is one still to land, after this)
+                into.wait()
+
+    def _take_turns(self, jobs: list) -> None:
+        """Run each ``(staging, dest, fill)`` of ``jobs`` (``staging.put(dest, fill)``) on this thread
+        and up to ``helpers + 1`` pool tasks, each taking the next job in turn (a staging of this
+        reader has ``helpers + 3`` buffers: no read waits for one that another read holds); after a
+        failure no job is started, and the first failure is raised once every task has stopped."""
+        turns, failed = itertools.count(), []
+
+        def take() -> None:
+            while not failed:
+                i = next(turns)  # (one call under the GIL: each job is taken once)
+                if i >= len(jobs):
+                    return
+                into, dest, fill = jobs[i]
+                try:
+                    into.put(dest, fill)
+                except BaseException as e:
+                    failed.append(e)
+
+        tasks = min(len(jobs) - 1, self._helpers + 1) if self._pool is not None else 0
+        futures = [self._pool.submit(take) for _ in range(max(tasks, 0))]
+        try:
+            take()
+        finally:
+            for future in futures:  # a task not started yet is not needed: this thread took its jobs
+                future.cancel()
+            wait(futures)
+        if failed:
+            raise failed[0]
+
+    def staging(self, device) -> DeviceStaging:
+        """This reader's staging buffers for ``device`` (made on first use: on the loading thread
+        first, :meth:`stage_to`, so that their copies follow what its current stream had queued),
+        ``helpers + 3`` buffers of :data:`~ucp.state.staging.STAGE_BYTES` (or a block, if larger)."""
+        device = torch.device(device)
+        with self._staging_lock:
+            into = self._stagings.get(device)
+            if into is None:
+                into = self._stagings[device] = DeviceStaging(device, self._helpers + 3,
+                                                              max(STAGE_BYTES, self.block_bytes))
+            return into
+
+    def stage_to(self, devices) -> None:
+        """Make the staging buffers of each GPU of ``devices`` now (see :meth:`staging`)."""
+        for device in set(devices):
+            if torch.device(device).type == "cuda":
+                self.staging(device)
+
+    def _stageable(self, f) -> bool:
+        """Whether fragment ``f`` can go through staging buffers: it fits one, or has block checksums."""
+        return f.length <= max(STAGE_BYTES, self.block_bytes) or bool(f.blocks and self.block_bytes)
 
     def _chunks(self, f, cap: int) -> list | None:
         """``(lo, hi, fill)`` for chunks ``[lo, hi)`` of fragment ``f``'s bytes of at most ``cap``
@@ -357,6 +403,21 @@ class FragmentReader:
         return [(lo, min(lo + step, f.length),
                  lambda view, lo=lo: self.files.read_run(f, lo, min(lo + step, f.length), view, bb))
                 for lo in range(0, f.length, step)]
+
+    def _stage_runs(self, dest: torch.Tensor, runs, block_bytes: int) -> None:
+        """Each ``(fragment, lo, hi, at)`` of ``runs`` (bytes ``[lo, hi)`` of the fragment's data, for
+        byte ``at`` of ``dest``: contiguous, on a GPU) through this reader's staging buffers, on this
+        thread, in chunks that end on the fragment's block boundaries (every block read verified)."""
+        into = self.staging(dest.device)
+        out = dest.reshape(-1).view(torch.uint8)
+        per = into.nbytes // block_bytes  # (whole blocks per chunk: a staging holds at least one)
+        for f, lo, hi, at in runs:
+            a = lo
+            while a < hi:
+                z = min((a // block_bytes + per) * block_bytes, hi)
+                into.put(out[at + a - lo:at + z - lo],
+                         lambda view, f=f, a=a, z=z: self.files.read_run(f, a, z, view, block_bytes))
+                a = z
 
     def fetch(self, f, spans=None, block_bytes: int = 0) -> torch.Tensor:
         """Fragment ``f`` as a flat tensor of its dtype: whole, its checksum verified; or, when it has
@@ -379,12 +440,18 @@ class FragmentReader:
             self.read_resharded_all([(piece, slices)], index, manifest, target_layout)
             return
         items, targets = resharded_items(piece, slices, index, manifest, target_layout)
-        dest = piece.data
+        dest, runs = piece.data, []
         if manifest.block_bytes and dest.device.type == "cpu" and dest.is_contiguous():
             items = self._read_runs(dest, items, manifest.block_bytes)
+        elif manifest.block_bytes and dest.is_cuda and dest.is_contiguous():  # (after the rest, below)
+            rest: list = []
+            runs = list(_contiguous_runs(dest, items, rest))
+            items = rest
         spans = byte_spans(items)
         fetch = _cached(lambda ref: self.fetch(ref[1], spans.get(ref[1]), manifest.block_bytes))
-        _fill_resharded(piece, items, targets, fetch)
+        _fill_resharded(piece, items, targets, fetch)  # (a copy of its whole buffer, if any: before the runs)
+        if runs:
+            self._stage_runs(dest, runs, manifest.block_bytes)
 
     def read_resharded_all(self, pieces: list, index: FragmentIndex, manifest, target_layout) -> None:
         """:meth:`read_resharded` for each ``(piece, slices)`` of ``pieces`` from an object store: the
@@ -457,4 +524,9 @@ class FragmentReader:
         return rest
 
     def close(self) -> None:
-        self.files.close()
+        """Wait for every copy to a device still in flight, then close the files."""
+        try:
+            for into in self._stagings.values():
+                into.close()
+        finally:
+            self.files.close()

@@ -39,19 +39,26 @@ class DeviceStaging:
     def __init__(self, device, buffers: int = 3, nbytes: int = STAGE_BYTES):
         if buffers < 1 or nbytes < 1:
             raise ValueError(f"staging needs at least one buffer of at least one byte, not {buffers} of {nbytes}")
-        self.device = torch.device(device)
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        if cuda and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.nbytes = nbytes
         self.staged = 0  # bytes copied to the device so far
         self._lock = threading.Lock()
-        cuda = self.device.type == "cuda"
-        self._stream = None
-        if cuda:
-            self._stream = torch.cuda.Stream(self.device)
-            # (the destinations may still be written by what the device's current stream has queued)
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._stream = torch.cuda.Stream(device) if cuda else None
+        self.follow()
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # (buffer, event of its last copy or None)
         for _ in range(buffers):
             self._free.put((torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda), None))
+
+    def follow(self) -> None:
+        """Order the copies queued from now on after what the device's current stream (the calling
+        thread's) has queued so far: the destinations may still be written there. Called when made,
+        and by a reader each time it starts on destinations of this device."""
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
 
     @property
     def pinned(self) -> bool:
@@ -64,6 +71,8 @@ class DeviceStaging:
         free buffer, and for that buffer's previous copy to land; safe to call from several threads.
         An exception of ``fill`` is raised with nothing copied."""
         n = dest.numel()
+        if dest.device != self.device:  # (a copy to another GPU would run on that GPU's stream, not this one's)
+            raise ValueError(f"a chunk for {dest.device} given to the staging buffers of {self.device}")
         if n > self.nbytes:
             raise ValueError(f"a chunk of {n} bytes does not fit a staging buffer of {self.nbytes}")
         buf, event = self._free.get()
@@ -84,11 +93,15 @@ class DeviceStaging:
         finally:
             self._free.put((buf, event))
 
-    def close(self) -> None:
+    def wait(self) -> None:
         """Wait until every copy queued has landed: the destinations hold their bytes for any stream,
-        and the buffers may be reused or freed."""
+        and the buffers may be filled again or freed."""
         if self._stream is not None:
             self._stream.synchronize()
+
+    def close(self) -> None:
+        """:meth:`wait` (the buffers are freed with the object)."""
+        self.wait()
 
     def __enter__(self) -> "DeviceStaging":
         return self
