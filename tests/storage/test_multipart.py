@@ -480,3 +480,37 @@ def test_over_https_a_part_with_its_crc32c_goes_unsigned_from_where_it_lies(s3_t
     with ucp.Checkpointer(url, model=fresh) as ck:
         assert ck.load().step == 1
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+
+
+def test_with_cache_regions_the_bucket_clients_uploads_go_unsigned_over_https(s3_tls, monkeypatch):
+    """s3fs with ``cache_regions`` sends each bucket's requests through a client of the bucket's region,
+    not its own: that client is the one asked whether parts carry their CRC-32C and given the hook."""
+    import s3fs
+
+    for name, value in s3_tls.environ().items():
+        monkeypatch.setenv(name, value)
+    plain = ObjectPath(s3_tls.url("regions") + "/rank.bin")
+    fs = s3fs.S3FileSystem(cache_regions=True, skip_instance_cache=True, client_kwargs=plain.fs.client_kwargs,
+                           config_kwargs=plain.fs.config_kwargs)
+    fs.mkdir("regions")
+
+    async def regional():  # what s3fs does for a bucket whose HEAD names another region (SeaweedFS names none)
+        cache = fs._s3creator
+        cache._buckets["regions"] = await cache._stack.enter_async_context(
+            cache._session.create_client("s3", region_name="eu-north-1", **cache._client_kwargs))
+        return await fs.get_s3("regions")
+
+    bucket_client = sync(fs.loop, regional)
+    assert bucket_client is not fs.s3  # (else this test would not tell the two apart)
+    seen = []
+
+    def record(request, **_):
+        if "partNumber=" in request.url:
+            seen.append(request.headers.get("X-Amz-Content-SHA256", b"").decode())
+
+    bucket_client.meta.events.register("before-send.s3", record)
+    data = os.urandom(5 * MIB + 7)
+    with MultipartWriter(fs, "regions/rank.bin", part_bytes=5 * MIB) as w:
+        w.write_held(data)
+    assert fs.cat_file("regions/rank.bin") == data
+    assert seen == ["UNSIGNED-PAYLOAD"] * 2

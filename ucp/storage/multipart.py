@@ -437,9 +437,15 @@ class MultipartWriter:
         """Before the first request: the S3 client made (s3fs makes it at its first call) and asked
         whether parts carry their CRC-32C; the signing hook registered."""
         if self._checksums is None:
-            client = self._wait(asyncio.run_coroutine_threadsafe(self.fs.set_session(), self.fs.loop))
+            client = self._wait(asyncio.run_coroutine_threadsafe(self._client(), self.fs.loop))
             self._checksums = checksums_sent(client)
             _prepare(client, self.fs.loop)
+
+    async def _client(self):
+        """The S3 client this upload's requests go through: s3fs's, or with ``cache_regions`` its
+        client for the bucket's region (made on first use)."""
+        await self.fs.set_session()
+        return await self.fs.get_s3(self.bucket)
 
     def _create(self) -> str:
         """Start the multipart upload (asking for CRC-32C checksums where :func:`checksums_sent`): its
