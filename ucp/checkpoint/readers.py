@@ -169,6 +169,8 @@ def _fill_resharded(piece: Piece, items, targets, fetch) -> None:
             if t.universal is None:  # padding the target layout adds (e.g. vocabulary rows): zeros
                 view = flat[t.sub.offset:t.sub.offset + t.sub.box.numel].view(t.sub.box.sizes)
                 view[box_slices(t.region)].zero_()
+        if out.is_cuda and any(t.universal is None for t in targets):  # (zeroed before the load returns, as a
+            torch.cuda.current_stream(out.device).synchronize()        # copy from the host would have been)
         by_ref: dict = {}
         for item in items:
             by_ref.setdefault(item.source.ref, []).append(item)
