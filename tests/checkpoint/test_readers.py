@@ -164,6 +164,7 @@ def test_read_all_sends_device_destinations_through_staging_in_parallel(saved, s
 
 
 def test_a_failed_chunk_stops_the_other_readers(saved, staged_on_cpu):
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     path, frags, _ = saved
@@ -173,10 +174,18 @@ def test_a_failed_chunk_stops_the_other_readers(saved, staged_on_cpu):
     (path / f.file).write_bytes(bytes(data))
     with ThreadPoolExecutor(3) as pool:
         reader = FragmentReader(path, pool=pool, helpers=2, block_bytes=BLOCK_BYTES)
+        read_run = reader.files.read_run
+
+        def slow_but_the_first(f_, lo, hi, out, bb):  # (the other readers' chunks still in progress when it fails)
+            if lo:
+                time.sleep(0.2)
+            return read_run(f_, lo, hi, out, bb)
+
+        reader.files.read_run = slow_but_the_first
         try:
             with pytest.raises(CorruptCheckpointError, match="block 1 at bytes"):
                 reader.read_all([(ReadItem(f), torch.empty(600, 512))])
-            # (the chunks taken while the first failed, at most one per other reader, not the rest)
+            # (the chunks taken while the first failed, one per other reader, not the rest)
             assert reader.staging("cpu").staged <= 3 * 3 * BLOCK_BYTES < f.length // 2
         finally:
             reader.close()
@@ -222,5 +231,7 @@ def test_runs_of_a_resharded_read_go_through_staging_in_chunks_ending_on_blocks(
         assert all(hi - lo <= 2 * BLOCK_BYTES and (hi % BLOCK_BYTES == 0 or hi in (5 * BLOCK_BYTES + 17, f.length))
                    for lo, hi in calls), calls
         assert staging.staged == n0 + n1
+        with pytest.raises(ValueError, match="do not fit staging buffers"):  # (not a loop that never ends)
+            reader._stage_runs(dest, runs, 4 * BLOCK_BYTES)
     finally:
         reader.close()

@@ -363,7 +363,12 @@ def _load(ckpt, coll, t0: float, path: Path, manifest, universal: bool, strict: 
                 reader = FragmentReader(path, manifest if source == "durable" else None, maps=maps, pool=pool,
                                         helpers=cpu_threads(threads) - 1, block_bytes=manifest.block_bytes,
                                         gets=threads * GETS, sizes=result.get("sizes"))
-                reader.stage_to(p.data.device for p, _ in plans)  # (on this thread: after what its streams queued)
+                if not remote:  # (GPUs' staging buffers, made on this thread: after what its streams queued)
+                    try:
+                        reader.stage_to(p.data.device for p, _ in plans)
+                    except BaseException:
+                        reader.close()
+                        raise
                 jobs, resharded = [], []
                 for p, res in plans:
                     only = res.slices[0]

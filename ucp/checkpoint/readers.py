@@ -344,8 +344,9 @@ class FragmentReader:
     def _take_turns(self, jobs: list) -> None:
         """Run each ``(staging, dest, fill)`` of ``jobs`` (``staging.put(dest, fill)``) on this thread
         and up to ``helpers + 1`` pool tasks, each taking the next job in turn (a staging of this
-        reader has ``helpers + 3`` buffers: no read waits for one that another read holds); after a
-        failure no job is started, and the first failure is raised once every task has stopped."""
+        reader has ``helpers + 3`` buffers; a read beyond those, e.g. a resharded piece's on the pool at
+        the same time, waits for one); after a failure no job is started, and the first failure is
+        raised once every task has stopped."""
         turns, failed = itertools.count(), []
 
         def take() -> None:
@@ -412,7 +413,9 @@ class FragmentReader:
         thread, in chunks that end on the fragment's block boundaries (every block read verified)."""
         into = self.staging(dest.device)
         out = dest.reshape(-1).view(torch.uint8)
-        per = into.nbytes // block_bytes  # (whole blocks per chunk: a staging holds at least one)
+        per = into.nbytes // block_bytes  # whole blocks per chunk
+        if per < 1:
+            raise ValueError(f"blocks of {block_bytes} bytes do not fit staging buffers of {into.nbytes}")
         for f, lo, hi, at in runs:
             a = lo
             while a < hi:

@@ -46,8 +46,10 @@ class DeviceStaging:
         self.device = device
         self.nbytes = nbytes
         self.staged = 0  # bytes copied to the device so far
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # (copies queued, and their count and last event, one thread at a time)
+        # (a stream of torch's pool, which other work may share: waits are for this staging's own events)
         self._stream = torch.cuda.Stream(device) if cuda else None
+        self._last = None  # the event of the copy queued last
         self.follow()
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # (buffer, event of its last copy or None)
         for _ in range(buffers):
@@ -81,14 +83,14 @@ class DeviceStaging:
                 event.synchronize()
             host = buf[:n]
             fill(memoryview(host.numpy()))
-            if self._stream is None:
-                dest.copy_(host)
-            else:
-                with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-                    dest.copy_(host, non_blocking=True)
-                    event = torch.cuda.Event(blocking=True)  # (its waiters sleep rather than spin)
-                    event.record(self._stream)
             with self._lock:
+                if self._stream is None:
+                    dest.copy_(host)
+                else:
+                    with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                        dest.copy_(host, non_blocking=True)
+                        event = self._last = torch.cuda.Event(blocking=True)  # (its waiters sleep, not spin)
+                        event.record(self._stream)
                 self.staged += n
         finally:
             self._free.put((buf, event))
@@ -96,8 +98,10 @@ class DeviceStaging:
     def wait(self) -> None:
         """Wait until every copy queued has landed: the destinations hold their bytes for any stream,
         and the buffers may be filled again or freed."""
-        if self._stream is not None:
-            self._stream.synchronize()
+        with self._lock:
+            last = self._last
+        if last is not None:  # (copies on one stream land in order: the last one's event covers them all)
+            last.synchronize()
 
     def close(self) -> None:
         """:meth:`wait` (the buffers are freed with the object)."""
