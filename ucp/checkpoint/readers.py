@@ -10,9 +10,7 @@ fill pieces of the live state that the loader (:mod:`ucp.checkpoint.load`) plann
 from __future__ import annotations
 
 import functools
-import itertools
 import threading
-from concurrent.futures import wait
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ucp.codecs.turns import in_turns
 from ucp.format.dtypes import dtype_name, itemsize
 from ucp.format.manifest import TensorMeta
 from ucp.format.universal import UniversalHeader
@@ -335,41 +334,11 @@ class FragmentReader:
                 into.follow()
             out = dest.reshape(-1).view(torch.uint8)
             jobs += [(into, out[lo:hi], fill) for lo, hi, fill in chunks]
-        try:
-            self._take_turns(jobs)
+        try:  # (a staging has helpers + 3 buffers: a read beyond those, a resharded piece's on the pool, waits)
+            in_turns(lambda i: jobs[i][0].put(jobs[i][1], jobs[i][2]), len(jobs), self._pool, self._helpers + 1)
         finally:
             for into in used.values():  # (no copy still reads a buffer, nor is one still to land, after this)
                 into.wait()
-
-    def _take_turns(self, jobs: list) -> None:
-        """Run each ``(staging, dest, fill)`` of ``jobs`` (``staging.put(dest, fill)``) on this thread
-        and up to ``helpers + 1`` pool tasks, each taking the next job in turn (a staging of this
-        reader has ``helpers + 3`` buffers; a read beyond those, e.g. a resharded piece's on the pool at
-        the same time, waits for one); after a failure no job is started, and the first failure is
-        raised once every task has stopped."""
-        turns, failed = itertools.count(), []
-
-        def take() -> None:
-            while not failed:
-                i = next(turns)  # (one call under the GIL: each job is taken once)
-                if i >= len(jobs):
-                    return
-                into, dest, fill = jobs[i]
-                try:
-                    into.put(dest, fill)
-                except BaseException as e:
-                    failed.append(e)
-
-        tasks = min(len(jobs) - 1, self._helpers + 1) if self._pool is not None else 0
-        futures = [self._pool.submit(take) for _ in range(max(tasks, 0))]
-        try:
-            take()
-        finally:
-            for future in futures:  # a task not started yet is not needed: this thread took its jobs
-                future.cancel()
-            wait(futures)
-        if failed:
-            raise failed[0]
 
     def staging(self, device) -> DeviceStaging:
         """This reader's staging buffers for ``device`` (made on first use: on the loading thread
@@ -379,8 +348,7 @@ class FragmentReader:
         with self._staging_lock:
             into = self._stagings.get(device)
             if into is None:
-                into = self._stagings[device] = DeviceStaging(device, self._helpers + 3,
-                                                              max(STAGE_BYTES, self.block_bytes))
+                into = self._stagings[device] = DeviceStaging(device, self._helpers + 3, self._stage_bytes)
             return into
 
     def stage_to(self, devices) -> None:
@@ -391,7 +359,12 @@ class FragmentReader:
 
     def _stageable(self, f) -> bool:
         """Whether fragment ``f`` can go through staging buffers: it fits one, or has block checksums."""
-        return f.length <= max(STAGE_BYTES, self.block_bytes) or bool(f.blocks and self.block_bytes)
+        return f.length <= self._stage_bytes or bool(f.blocks and self.block_bytes)
+
+    @property
+    def _stage_bytes(self) -> int:
+        """Bytes of this reader's staging buffers: :data:`~ucp.state.staging.STAGE_BYTES`, or a block if larger."""
+        return max(STAGE_BYTES, self.block_bytes)
 
     def _chunks(self, f, cap: int) -> list | None:
         """``(lo, hi, fill)`` for chunks ``[lo, hi)`` of fragment ``f``'s bytes of at most ``cap``

@@ -13,12 +13,12 @@ summed again.
 
 from __future__ import annotations
 
-import itertools
 from functools import lru_cache
 
 import crc32c as _crc32c
 import numpy as np
 
+from ucp.codecs.turns import in_turns
 from ucp.format.manifest import BLOCK_BYTES
 
 #: bytes copied, then checksummed, at a time: still in the core's cache (L2) when summed
@@ -132,8 +132,6 @@ def copy_block_crc32c(regions, block: int = BLOCK_BYTES, pool=None, helpers: int
     if current:
         tasks.append(current)
     results: list = [None] * len(tasks)
-    claim = itertools.count()  # (its next() is atomic: one C call under the GIL)
-    failed: list[BaseException] = []
 
     def run(r: int, lo: int, hi: int) -> tuple[list[int], int, int]:
         dst, src, ready = regions[r]
@@ -152,26 +150,10 @@ def copy_block_crc32c(regions, block: int = BLOCK_BYTES, pool=None, helpers: int
             fold = t0[fold & 255] ^ t1[fold >> 8 & 255] ^ t2[fold >> 16 & 255] ^ t3[fold >> 24] ^ c
         return blocks, fold, full
 
-    def work() -> None:
-        try:
-            while not failed:
-                i = next(claim)
-                if i >= len(tasks):
-                    return
-                results[i] = [run(*t) for t in tasks[i]]
-        except BaseException as e:
-            failed.append(e)
-            raise
+    def one(i: int) -> None:
+        results[i] = [run(*t) for t in tasks[i]]
 
-    futures = [pool.submit(work) for _ in range(min(helpers, len(tasks) - 1))] if pool is not None else []
-    try:
-        work()
-    finally:
-        for f in futures:
-            if not f.cancel():
-                f.exception()  # (waits: a helper still running may be touching the buffers)
-    if failed:
-        raise failed[0]
+    in_turns(one, len(tasks), pool, helpers)
     out: list = [[0, []] for _ in regions]
     for task, parts in zip(tasks, results):
         for (r, _, _), (blocks, fold, full) in zip(task, parts):
