@@ -141,7 +141,8 @@ def staged_on_cpu(monkeypatch):
     """Destinations on the CPU routed as a GPU's are (through staging), for the path without a GPU."""
     from ucp.checkpoint import readers
 
-    monkeypatch.setattr(readers, "_staged", lambda f, dest: dest.is_contiguous() and readers.dtype_name(dest.dtype) == f.dtype)
+    monkeypatch.setattr(readers, "_staged",
+                        lambda f, dest: dest.is_contiguous() and readers.dtype_name(dest.dtype) == f.dtype)
     monkeypatch.setattr(readers, "STAGE_BYTES", 3 * BLOCK_BYTES)
 
 

@@ -258,19 +258,21 @@ class ObjectPath:
     @_io
     def read_into(self, offset: int, views: list) -> int:
         """Fill ``views`` (buffers) in order with the object's bytes from ``offset``; the count of
-        bytes the object had (fewer at its end). A read over :data:`~ucp.storage.object_reads.GET_BYTES` is ranged GETs of that
-        size, :data:`~ucp.storage.object_reads.GETS` in flight at once (on an asynchronous file system, s3fs), each read into
-        place as its bytes arrive: one connection's speed does not bound a large fragment's read, and
-        no memory of the read's size is held besides the views (on S3; another asynchronous file
-        system's GETs are held whole, ``GETS * GET_BYTES`` at most, then copied). The range must start
-        inside the object."""
+        bytes the object had (fewer at its end). A read over
+        :data:`~ucp.storage.object_reads.GET_BYTES` is ranged GETs of that size,
+        :data:`~ucp.storage.object_reads.GETS` in flight at once (on an asynchronous file system,
+        s3fs), each read into place as its bytes arrive: one connection's speed does not bound a large
+        fragment's read, and no memory of the read's size is held besides the views (on S3; another
+        asynchronous file system's GETs are held whole, ``GETS * GET_BYTES`` at most, then copied).
+        The range must start inside the object."""
         return self.read_spans([(offset, views)])[0]
 
     @_io
     def read_spans(self, spans: list, gets: int = GETS) -> list[int]:
         """Fill the ``views`` of each ``(offset, views)`` of ``spans`` as :meth:`read_into` does, all
-        the spans' ranged GETs (of at most :data:`~ucp.storage.object_reads.GET_BYTES`) ``gets`` in flight at once: many small
-        reads cost about one round trip, not one each. The count of bytes each span had."""
+        the spans' ranged GETs (of at most :data:`~ucp.storage.object_reads.GET_BYTES`) ``gets`` in
+        flight at once: many small reads cost about one round trip, not one each. The count of bytes
+        each span had."""
         return read_objects([(self, spans)], gets)[0]
 
     # -- writing -----------------------------------------------------------------------------
@@ -439,8 +441,6 @@ def _last_activity(request, key: str, upload_id: str, initiated) -> float:
         if not page.get("IsTruncated") or not page.get("NextPartNumberMarker"):
             return newest
         marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
-
-
 
 
 def as_location(where) -> Path | ObjectPath:
